@@ -1,0 +1,28 @@
+"""Prompt conditioning as plain tensors, so it moves through Ray's object store unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """What a text encoder hands the denoiser (the SD3 interface)."""
+
+    tokens: torch.Tensor  # [B, L, D] encoder_hidden_states
+    pooled: torch.Tensor  # [B, P] pooled_projections
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return Conditioning(self.tokens.to(device), self.pooled.to(device))
+
+    def detach(self) -> "Conditioning":
+        return Conditioning(self.tokens.detach(), self.pooled.detach())
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))

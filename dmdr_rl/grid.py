@@ -1,0 +1,39 @@
+"""Sample grids: images with their prompts underneath, written as one PNG for a quick look."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, columns: int = 8, scale: int = 4) -> Path:
+    """images [B, 3, H, W] in [0, 1]; each tile is upscaled `scale` times (nearest) above its caption."""
+    if images.shape[0] != len(captions):
+        raise ValueError(f"save_grid got {images.shape[0]} images but {len(captions)} captions")
+    if images.shape[0] == 0:
+        raise ValueError("save_grid got no images")
+    font = ImageFont.load_default()
+    tile_w, tile_h = images.shape[3] * scale, images.shape[2] * scale
+    chars_per_line = max(8, tile_w // 6)
+    wrapped = [textwrap.wrap(c, chars_per_line)[:4] or [""] for c in captions]
+    caption_h = 12 * max(len(lines) for lines in wrapped) + 4
+    rows = (len(captions) + columns - 1) // columns
+    pad = 4
+    canvas = Image.new("RGB", (columns * (tile_w + pad) + pad, rows * (tile_h + caption_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    pixels = (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for i, (tile, lines) in enumerate(zip(pixels, wrapped)):
+        x = pad + (i % columns) * (tile_w + pad)
+        y = pad + (i // columns) * (tile_h + caption_h + pad)
+        canvas.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x, y + tile_h + 2 + 12 * j), line, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,0 +1,75 @@
+"""Where the shipped toy-world weights live and how each is loaded, with errors that say what to do.
+
+Every component is a directory holding a config JSON and safetensors, saved and loaded with the
+`save_pretrained` / `from_pretrained` of its library (diffusers, transformers), so nothing here
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, TypeVar
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+COMPONENTS = ("text_encoder", "teacher", "align", "judge")
+# The component each build target trains; the teacher target also trains the text encoder.
+BUILD_TARGET = {"text_encoder": "teacher", "teacher": "teacher", "align": "align", "judge": "judge"}
+
+T = TypeVar("T")
+
+
+class ToyWeightsError(RuntimeError):
+    """A toy-world weights directory is missing or unreadable."""
+
+
+def component_dir(component: str, root: str | Path | None = None) -> Path:
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown toy component {component!r}; allowed: {', '.join(COMPONENTS)}")
+    return Path(root or WEIGHTS_DIR) / component
+
+
+def load_component(component: str, loader: Callable[[Path], T], root: str | Path | None = None) -> T:
+    directory = component_dir(component, root)
+    rebuild = f"rebuild it with `python -m dmdr_rl.toy.build {BUILD_TARGET[component]}`"
+    if not directory.is_dir() or not any(directory.glob("*.safetensors")):
+        raise ToyWeightsError(f"toy {component} weights not found in {directory}; {rebuild}")
+    try:
+        return loader(directory)
+    except Exception as err:  # a truncated or foreign file surfaces as many library error types
+        raise ToyWeightsError(
+            f"toy {component} weights in {directory} could not be loaded ({type(err).__name__}: {err}); "
+            f"the files may be corrupt: {rebuild}"
+        ) from err
+
+
+def load_text_encoder(root: str | Path | None = None):
+    from .text import ToyTextEncoder
+
+    return load_component("text_encoder", ToyTextEncoder.from_pretrained, root).eval().requires_grad_(False)
+
+
+def load_teacher_transformer(root: str | Path | None = None):
+    from diffusers import SD3Transformer2DModel
+
+    return load_component("teacher", SD3Transformer2DModel.from_pretrained, root).eval().requires_grad_(False)
+
+
+def load_teacher(root: str | Path | None = None):
+    """The frozen toy teacher as a `ToyPipeline` (transformer + text encoder)."""
+    from .teacher import ToyPipeline
+
+    return ToyPipeline(load_teacher_transformer(root), load_text_encoder(root))
+
+
+def load_align(root: str | Path | None = None):
+    """The `toy-align` reward model (differentiable with respect to the image)."""
+    from .classifier import AlignReward, AttributeClassifier
+
+    return AlignReward(load_component("align", AttributeClassifier.from_pretrained, root).eval().requires_grad_(False))
+
+
+def load_judge(root: str | Path | None = None):
+    """The held-out judge: evaluation only, never a training reward."""
+    from .classifier import AttributeClassifier
+
+    return load_component("judge", AttributeClassifier.from_pretrained, root).eval().requires_grad_(False)

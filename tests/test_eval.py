@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from dmdr_rl import eval as toy_eval
+from dmdr_rl import run
+
+REPORT_KEYS = {"judge_accuracy", "judge_accuracy_by_category", "fid", "rewards", "num_images", "steps", "cfg", "split"}
+
+
+def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
+    toy_eval.main(["--steps", "2", "--cfg", "1,2.5", "--num-images", "8", "--batch-size", "4", "--out", str(tmp_path)])
+    for cfg in ("1", "2.5"):
+        directory = tmp_path / f"teacher-steps2-cfg{cfg}-held-in"
+        report = json.loads((directory / "report.json").read_text())
+        assert REPORT_KEYS <= set(report)
+        assert report["num_images"] == 8 and report["steps"] == 2 and report["split"] == "held-in"
+        assert 0.0 <= report["judge_accuracy"] <= 1.0 and report["fid"] >= 0
+        assert "toy-align" in report["rewards"]
+        assert (directory / "grid.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
+    assert "| teacher | held-in | 2 | 2.5 |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--split", "train"], "unknown split 'train'"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--steps", "four"], "comma-separated int"),
+        (["--num-images", "1"], "--num-images must be >= 2"),
+    ],
+)
+def test_eval_rejects_bad_arguments_with_a_reason(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        toy_eval.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_main_job_says_it_trains_nothing_and_where_outputs_are(tmp_path, capsys):
+    run.main(["--num-images", "4", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "training is not built yet" in out and "trains nothing" in out
+    assert f"Outputs: {tmp_path.resolve()}" in out
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3  # 32, 4 and 1 steps
+
+
+def test_main_job_refuses_trainer_overrides(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["trainer.max_steps=10"])
+    assert "arrive with issue 3" in capsys.readouterr().err

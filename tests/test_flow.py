@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from dmdr_rl.flow import add_noise, sample_euler, sampling_timesteps, shift_timesteps, velocity_target, x0_from_velocity
+
+
+def test_noise_and_x0_recovery_are_inverse():
+    x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    x_t = add_noise(x0, eps, t)
+    assert torch.allclose(x_t[0], x0[0]) and torch.allclose(x_t[3], eps[3])
+    assert torch.allclose(x0_from_velocity(x_t, t, velocity_target(x0, eps)), x0, atol=1e-6)
+
+
+def test_shift_formula_and_endpoints():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shift_timesteps(t, 1.0), t)
+    assert torch.allclose(shift_timesteps(t, 3.0), 3 * t / (1 + 2 * t))
+    assert shift_timesteps(torch.tensor(0.5), 3.0) > 0.5
+
+
+def test_sampling_timesteps_are_the_linspace_without_the_last_point():
+    assert torch.allclose(sampling_timesteps(4), torch.tensor([1.0, 0.75, 0.5, 0.25]))
+    assert torch.allclose(sampling_timesteps(1), torch.tensor([1.0]))
+    with pytest.raises(ValueError):
+        sampling_timesteps(0)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 32])
+def test_euler_with_the_exact_velocity_of_a_point_mass_reaches_it(steps):
+    # For data concentrated at x*, the exact flow velocity is v(x_t, t) = (x_t - x*) / t.
+    target = torch.randn(2, 3, 4, 4)
+    x = sample_euler(lambda x_t, t: (x_t - target) / t.view(-1, 1, 1, 1), torch.randn(2, 3, 4, 4), steps, shift=2.0)
+    assert torch.allclose(x, target, atol=1e-5)
