@@ -6,6 +6,7 @@ Every trainer, sampler and evaluator uses these functions, never its own copy of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,24 +41,55 @@ def sampling_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift)
 
 
-def sample_euler(
+@dataclass
+class Trajectory:
+    """A K-step sampling run: the output and, when kept, what each step saw and predicted."""
+
+    x0: torch.Tensor  # [B, C, H, W] the final sample x0_{K-1}
+    timesteps: torch.Tensor  # [K] t_0 = 1 > ... > t_{K-1}
+    inputs: torch.Tensor | None = None  # [K, B, C, H, W] x at each step (the network's input)
+    x0_steps: torch.Tensor | None = None  # [K, B, C, H, W] x0_k = x - t_k v
+
+
+def sample(
     velocity: VelocityFn,
     noise: torch.Tensor,
     steps: int,
     shift: float = 1.0,
+    mode: str = "ode",
+    generator: torch.Generator | None = None,
+    keep_steps: bool = False,
     progress: bool = False,
-) -> torch.Tensor:
-    """Integrate the probability-flow ODE from t=1 to t=0 with K Euler steps; returns x0.
+) -> Trajectory:
+    """K-step sampling (DESIGN section 2): each step predicts x0_k = x - t_k v, then moves to t_{k+1}
+    along the ODE (x + (t_{k+1} - t_k) v, i.e. Euler) or by re-noising x0_k with fresh noise (SDE).
 
-    The last step lands exactly on the x0 prediction x_{K-1} - t_{K-1} v, which is also the
-    few-step generator's output in DESIGN section 2.
+    Both land on x0_{K-1} after the last step. Teacher sampling (many steps, ODE) and the few-step
+    generator's backward simulation are this one function.
     """
-    timesteps = sampling_timesteps(steps, shift).tolist() + [0.0]
-    x = noise
-    for t_now, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), desc="sampling", disable=not progress, leave=False):
+    if mode not in ("ode", "sde"):
+        raise ValueError(f"sampling mode must be 'ode' or 'sde', got {mode!r}")
+    timesteps = sampling_timesteps(steps, shift).to(noise.device)
+    targets = timesteps.tolist()[1:] + [0.0]
+    x, inputs, x0_steps = noise, [], []
+    for t_now, t_next in tqdm(list(zip(timesteps.tolist(), targets)), desc="sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), t_now, dtype=x.dtype, device=x.device)
-        x = x + (t_next - t_now) * velocity(x, t)
-    return x
+        v = velocity(x, t)
+        x0_k = x - t_now * v
+        if keep_steps:
+            inputs.append(x)
+            x0_steps.append(x0_k)
+        if mode == "ode" or t_next == 0.0:
+            x = x + (t_next - t_now) * v
+        else:
+            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            x = (1.0 - t_next) * x0_k + t_next * fresh
+    return Trajectory(
+        x0=x,
+        timesteps=timesteps,
+        inputs=torch.stack(inputs) if keep_steps else None,
+        x0_steps=torch.stack(x0_steps) if keep_steps else None,
+    )
 
 
 def _broadcast(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmdr_rl.flow import add_noise, sample_euler, sampling_timesteps, shift_timesteps, velocity_target, x0_from_velocity
+from dmdr_rl.flow import add_noise, sample, sampling_timesteps, shift_timesteps, velocity_target, x0_from_velocity
 
 
 def test_noise_and_x0_recovery_are_inverse():
@@ -26,9 +26,26 @@ def test_sampling_timesteps_are_the_linspace_without_the_last_point():
         sampling_timesteps(0)
 
 
+@pytest.mark.parametrize("mode", ["ode", "sde"])
 @pytest.mark.parametrize("steps", [1, 4, 32])
-def test_euler_with_the_exact_velocity_of_a_point_mass_reaches_it(steps):
+def test_sampling_with_the_exact_velocity_of_a_point_mass_reaches_it(steps, mode):
     # For data concentrated at x*, the exact flow velocity is v(x_t, t) = (x_t - x*) / t.
     target = torch.randn(2, 3, 4, 4)
-    x = sample_euler(lambda x_t, t: (x_t - target) / t.view(-1, 1, 1, 1), torch.randn(2, 3, 4, 4), steps, shift=2.0)
-    assert torch.allclose(x, target, atol=1e-5)
+    exact = lambda x_t, t: (x_t - target) / t.view(-1, 1, 1, 1)
+    traj = sample(exact, torch.randn(2, 3, 4, 4), steps, shift=2.0, mode=mode, keep_steps=True)
+    assert torch.allclose(traj.x0, target, atol=1e-5)
+    assert traj.x0_steps.shape == (steps, 2, 3, 4, 4) and torch.allclose(traj.x0_steps, target.expand(steps, -1, -1, -1, -1), atol=1e-5)
+
+
+def test_ode_step_is_euler_and_sde_step_renoises_the_x0_prediction():
+    noise = torch.randn(3, 2)
+    v_const = torch.randn(3, 2)
+    ode = sample(lambda x, t: v_const, noise, 2, keep_steps=True)
+    # t = [1, 0.5]: x_1 = eps + (0.5 - 1) v; x0 = x_1 - 0.5 v = eps - v
+    assert torch.allclose(ode.inputs[1], noise - 0.5 * v_const) and torch.allclose(ode.x0, noise - v_const)
+    g = torch.Generator().manual_seed(0)
+    sde = sample(lambda x, t: v_const, noise, 2, mode="sde", generator=g, keep_steps=True)
+    fresh = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sde.inputs[1], 0.5 * (noise - v_const) + 0.5 * fresh)
+    with pytest.raises(ValueError, match="'ode' or 'sde'"):
+        sample(lambda x, t: v_const, noise, 2, mode="dpm")

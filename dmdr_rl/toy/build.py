@@ -46,7 +46,7 @@ class BuildConfig:
 # The recipes that produced the shipped weights.
 RECIPES: dict[str, BuildConfig] = {
     "teacher": BuildConfig(
-        steps=20000, batch_size=32, lr=5e-4, seed=1, ema_decay=0.999, extra={"cfg_dropout": 0.1, "split": "held-in"}
+        steps=20000, batch_size=32, lr=5e-4, seed=1, ema_decay=0.999, extra={"cfg_dropout": 0.1, "split": "held-in", "variant": "p4w96"}
     ),
     "align": BuildConfig(steps=2500, batch_size=64, lr=2e-3, seed=2, extra={"augment": False, "arch": "align"}),
     "judge": BuildConfig(steps=3000, batch_size=64, lr=2e-3, seed=3, extra={"augment": True, "arch": "judge"}),
@@ -157,7 +157,7 @@ def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = 
     from .teacher import ToyPipeline, create_teacher_transformer, images_to_model_space
     from .text import ToyTextEncoder
 
-    transformer = create_teacher_transformer(cfg.seed)
+    transformer = create_teacher_transformer(cfg.seed, cfg.extra.get("variant", "p4w96"))
     text_encoder = ToyTextEncoder.create(cfg.seed)
     pipeline = ToyPipeline(transformer, text_encoder)
     split = PromptSplit(cfg.extra["split"])
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where finished weights are written")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (smoke tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--variant", default=None, help="teacher architecture variant (see teacher.TEACHER_VARIANTS)")
     parser.add_argument("--snapshot", action="store_true", help="write weights from the last checkpoint without training")
     args = parser.parse_args(argv)
     if args.threads:
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = RECIPES[target]
         if args.steps is not None:
             cfg = BuildConfig(**{**asdict(cfg), "steps": args.steps, "warmup": min(cfg.warmup, args.steps)})
+        if args.variant is not None:
+            cfg = BuildConfig(**{**asdict(cfg), "extra": {**cfg.extra, "variant": args.variant}})
         work_dir = args.work_dir / target
         if target == "teacher":
             build_teacher(cfg, work_dir, args.out, args.snapshot)

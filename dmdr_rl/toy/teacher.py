@@ -13,7 +13,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ..conditioning import Conditioning
-from ..flow import sample_euler
+from ..flow import sample
 from .render import RESOLUTION
 from .text import ToyTextEncoder
 
@@ -36,9 +36,18 @@ TEACHER_CONFIG = dict(
 DEFAULT_CFG = 3.0
 
 
-def create_teacher_transformer(seed: int = 0) -> SD3Transformer2DModel:
+# Alternatives tried while building the shipped teacher (see README, "Rebuilding the shipped weights").
+TEACHER_VARIANTS: dict[str, dict] = {
+    "p4w96": {},
+    "p2w64": dict(patch_size=2, pos_embed_max_size=RESOLUTION // 2, num_attention_heads=2, caption_projection_dim=64),
+}
+
+
+def create_teacher_transformer(seed: int = 0, variant: str = "p4w96") -> SD3Transformer2DModel:
+    if variant not in TEACHER_VARIANTS:
+        raise ValueError(f"unknown teacher variant {variant!r}; allowed: {', '.join(TEACHER_VARIANTS)}")
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**TEACHER_CONFIG)
+    return SD3Transformer2DModel(**{**TEACHER_CONFIG, **TEACHER_VARIANTS[variant]})
 
 
 def images_to_model_space(images: torch.Tensor) -> torch.Tensor:
@@ -92,5 +101,5 @@ class ToyPipeline:
         null = self.null(len(prompts)) if cfg != 1.0 else None
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts), *self.sample_shape), generator=generator)
-        x0 = sample_euler(lambda x, t: self.velocity(x, t, cond, null, cfg), noise, steps, shift, progress)
+        x0 = sample(lambda x, t: self.velocity(x, t, cond, null, cfg), noise, steps, shift, progress=progress).x0
         return model_space_to_images(x0)

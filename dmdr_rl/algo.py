@@ -1,0 +1,90 @@
+"""The DMDR math core (DESIGN section 2): schedules, the critic and DMD losses, reward shaping and
+the two time-scale update rule. Every trainer, local or distributed, calls these functions; none
+keeps its own copy of the formulas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def cosine_factor(step: int, dynamic_steps: int) -> float:
+    """c(s) = 0.5 (1 + cos(pi min(s / S_dyn, 1))): 1 at the start, 0 from S_dyn on."""
+    if dynamic_steps <= 0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / dynamic_steps, 1.0)))
+
+
+def real_score_scale(step: int, s_r0: float, dynamic_steps: int) -> float:
+    """Dynamic distribution guidance: the real score's LoRA scale s_r(s) = s_r0 c(s), ending at the teacher."""
+    return s_r0 * cosine_factor(step, dynamic_steps)
+
+
+def renoise_beta(step: int, a0: float, b0: float, dynamic_steps: int) -> tuple[float, float]:
+    """Dynamic renoise sampling: tau ~ Beta(a, b) with a = 1 + (a0 - 1) c(s), b = 1 + (b0 - 1) c(s);
+    Beta(a0, b0) (high noise) at the start, uniform from S_dyn on."""
+    c = cosine_factor(step, dynamic_steps)
+    return 1.0 + (a0 - 1.0) * c, 1.0 + (b0 - 1.0) * c
+
+
+def sample_renoise_timesteps(
+    batch: int, step: int, a0: float, b0: float, dynamic_steps: int, generator: torch.Generator | None = None,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    """tau ~ DynaRS(step), one per sample, kept inside [eps, 1 - eps] so that x0 = x_tau - tau v is defined."""
+    a, b = renoise_beta(step, a0, b0, dynamic_steps)
+    # torch's Beta sampler takes no generator: draw a seed from it and let numpy sample.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    tau = torch.from_numpy(np.random.default_rng(seed).beta(a, b, size=batch)).float()
+    return tau.clamp(eps, 1.0 - eps)
+
+
+def critic_loss(v_fake: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Flow matching on the generator's (detached) samples: || F(x_tau, tau, c; s_f) - (eps - x0) ||^2."""
+    return torch.mean((v_fake - (eps - x0.detach())) ** 2)
+
+
+def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """g = (x0_fake - x0_real) / (mean_CHW |x0 - x0_real| + 1e-8), with non-finite values zeroed."""
+    with torch.no_grad():
+        dims = tuple(range(1, x0.dim()))
+        weight = (x0 - x0_real).abs().mean(dim=dims, keepdim=True) + 1e-8
+        return torch.nan_to_num((x0_fake - x0_real) / weight)
+
+
+def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """L_dmd = 0.5 mean((x0 - stopgrad(x0 - g))^2); its gradient with respect to x0 is g / numel."""
+    target = (x0 - dmd_gradient(x0, x0_real, x0_fake)).detach()
+    return 0.5 * torch.mean((x0 - target) ** 2)
+
+
+def shape_reward(reward: torch.Tensor, shaping: str, margin: float = 0.7) -> torch.Tensor:
+    """phi(r) per sample, a loss to minimise: hinge relu(m - r) (paper: m = 0.7) or linear -r."""
+    if shaping == "hinge":
+        return torch.relu(margin - reward)
+    if shaping == "linear":
+        return -reward
+    raise ValueError(f"unknown reward shaping {shaping!r}; allowed: hinge, linear")
+
+
+class UpdateSchedule:
+    """The two time-scale update rule and the two stages: the critic learns every iteration, the
+    generator every `ratio`-th; the reward term joins after `cold_start` generator steps."""
+
+    def __init__(self, ratio: int, cold_start: int):
+        if ratio < 1:
+            raise ValueError(f"dmd.ratio must be >= 1, got {ratio}")
+        if cold_start < 0:
+            raise ValueError(f"trainer.cold_start must be >= 0, got {cold_start}")
+        self.ratio = ratio
+        self.cold_start = cold_start
+
+    def generator_updates(self, iteration: int) -> bool:
+        """Iterations count from 0; the generator moves after each `ratio` critic updates."""
+        return (iteration + 1) % self.ratio == 0
+
+    def reward_active(self, generator_step: int) -> bool:
+        return generator_step >= self.cold_start

@@ -1,0 +1,108 @@
+"""The DMDR math core against the equations of DESIGN section 2."""
+
+import math
+
+import pytest
+import torch
+
+from dmdr_rl import algo
+
+
+def test_cosine_factor_start_middle_end():
+    assert algo.cosine_factor(0, 2000) == pytest.approx(1.0)
+    assert algo.cosine_factor(1000, 2000) == pytest.approx(0.5)
+    assert algo.cosine_factor(2000, 2000) == pytest.approx(0.0)
+    assert algo.cosine_factor(5000, 2000) == pytest.approx(0.0)
+
+
+def test_dynamic_distribution_guidance_ends_at_the_teacher():
+    assert algo.real_score_scale(0, 0.5, 2000) == pytest.approx(0.5)
+    assert algo.real_score_scale(1000, 0.5, 2000) == pytest.approx(0.25)
+    assert algo.real_score_scale(2000, 0.5, 2000) == 0.0
+
+
+def test_dynamic_renoise_starts_at_beta_4_1p5_and_ends_uniform():
+    a, b = algo.renoise_beta(0, 4.0, 1.5, 2000)
+    assert (a, b) == pytest.approx((4.0, 1.5)) and a / (a + b) == pytest.approx(0.727, abs=1e-3)
+    assert algo.renoise_beta(1000, 4.0, 1.5, 2000) == pytest.approx((2.5, 1.25))
+    assert algo.renoise_beta(2000, 4.0, 1.5, 2000) == pytest.approx((1.0, 1.0))
+
+
+def test_renoise_samples_follow_the_schedule_and_are_seeded():
+    early = algo.sample_renoise_timesteps(20000, 0, 4.0, 1.5, 2000, torch.Generator().manual_seed(0))
+    late = algo.sample_renoise_timesteps(20000, 2000, 4.0, 1.5, 2000, torch.Generator().manual_seed(0))
+    assert early.mean().item() == pytest.approx(4 / 5.5, abs=0.01)
+    assert late.mean().item() == pytest.approx(0.5, abs=0.01) and late.std().item() == pytest.approx(1 / math.sqrt(12), abs=0.01)
+    again = algo.sample_renoise_timesteps(20000, 0, 4.0, 1.5, 2000, torch.Generator().manual_seed(0))
+    assert torch.equal(early, again) and 0 < early.min() and early.max() < 1
+
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    x0_real, x0_fake = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    algo.dmd_loss(x0, x0_real, x0_fake).backward()
+    weight = (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8
+    expected = (x0_fake - x0_real) / weight / x0.numel()
+    assert torch.allclose(x0.grad, expected, atol=1e-7)
+
+
+def test_dmd_loss_does_not_differentiate_through_the_scores_and_survives_nan():
+    x0 = torch.randn(1, 3, 2, 2, requires_grad=True)
+    x0_real = torch.randn(1, 3, 2, 2, requires_grad=True)
+    x0_fake = torch.full((1, 3, 2, 2), float("nan"))
+    loss = algo.dmd_loss(x0, x0_real, x0_fake)
+    loss.backward()
+    assert torch.isfinite(loss) and x0_real.grad is None and torch.isfinite(x0.grad).all()
+
+
+def _posterior_mean(x_tau, tau, mu, sigma):
+    """E[x0 | x_tau] for x0 ~ N(mu, sigma^2 I) under x_tau = (1 - tau) x0 + tau eps."""
+    var = (1 - tau) ** 2 * sigma**2 + tau**2
+    return mu + (1 - tau) * sigma**2 / var * (x_tau - (1 - tau) * mu)
+
+
+def test_dmd_gradient_moves_generator_samples_toward_the_real_distribution():
+    # Real data N(mu_r, 0.5^2); the generator is x0 = theta + 0.5 z. With the exact real and fake
+    # (= current generator) denoisers, gradient descent on L_dmd must pull theta to mu_r.
+    torch.manual_seed(0)
+    mu_real, sigma = torch.tensor([2.0, -1.0, 0.5]), 0.5
+    theta = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.SGD([theta], lr=0.5)
+    start = (theta.detach() - mu_real).norm().item()
+    for step in range(300):
+        x0 = theta + sigma * torch.randn(64, 3)
+        tau = algo.sample_renoise_timesteps(64, step, 4.0, 1.5, 100)[:, None]
+        x_tau = (1 - tau) * x0.detach() + tau * torch.randn(64, 3)
+        x0_real = _posterior_mean(x_tau, tau, mu_real, sigma)
+        x0_fake = _posterior_mean(x_tau, tau, theta.detach(), sigma)
+        optimizer.zero_grad()
+        algo.dmd_loss(x0, x0_real, x0_fake).backward()
+        optimizer.step()
+    assert (theta.detach() - mu_real).norm().item() < 0.05 * start
+
+
+def test_critic_loss_is_flow_matching_on_detached_samples():
+    x0 = torch.randn(4, 3, requires_grad=True)
+    eps, v = torch.randn(4, 3), torch.randn(4, 3, requires_grad=True)
+    loss = algo.critic_loss(v, x0, eps)
+    loss.backward()
+    assert loss.item() == pytest.approx(torch.mean((v - (eps - x0)) ** 2).item())
+    assert x0.grad is None
+
+
+def test_reward_shaping():
+    r = torch.tensor([0.2, 0.7, 0.9])
+    assert torch.allclose(algo.shape_reward(r, "hinge", 0.7), torch.tensor([0.5, 0.0, 0.0]))
+    assert torch.allclose(algo.shape_reward(r, "linear"), -r)
+    with pytest.raises(ValueError, match="hinge, linear"):
+        algo.shape_reward(r, "square")
+
+
+def test_generator_updates_once_per_ratio_critic_updates_and_reward_waits_for_cold_start():
+    schedule = algo.UpdateSchedule(ratio=5, cold_start=3)
+    updates = [i for i in range(50) if schedule.generator_updates(i)]
+    assert len(updates) == 10 and updates[:2] == [4, 9]
+    assert [schedule.reward_active(s) for s in range(5)] == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="dmd.ratio"):
+        algo.UpdateSchedule(ratio=0, cold_start=0)
