@@ -154,12 +154,11 @@ def _batch_seed(cfg: BuildConfig, step: int) -> int:
 
 
 def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = False) -> None:
-    from .teacher import ToyPipeline, create_teacher_transformer, images_to_model_space
+    from .teacher import create_teacher_transformer, images_to_model_space
     from .text import ToyTextEncoder
 
     transformer = create_teacher_transformer(cfg.seed, cfg.extra.get("variant", "p4w96"))
     text_encoder = ToyTextEncoder.create(cfg.seed)
-    pipeline = ToyPipeline(transformer, text_encoder)
     split = PromptSplit(cfg.extra["split"])
 
     def loss_fn(step: int):
@@ -171,7 +170,11 @@ def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = 
         prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts_of(scenes))]
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(len(scenes), generator=gen))  # logit-normal, as SD3
-        v = pipeline.velocity(add_noise(x0, eps, t), t, pipeline.encode(prompts))
+        cond = text_encoder(prompts)  # trained jointly with the transformer, then frozen
+        v = transformer(
+            hidden_states=add_noise(x0, eps, t), encoder_hidden_states=cond.tokens,
+            pooled_projections=cond.pooled, timestep=t * 1000.0,
+        ).sample
         loss = torch.mean((v - velocity_target(x0, eps)) ** 2)
         return loss, {"loss": loss.item()}
 

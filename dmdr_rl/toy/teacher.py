@@ -1,19 +1,13 @@
-"""The toy teacher: a tiny diffusers SD3 transformer in pixel space plus the toy text encoder.
-
-`ToyPipeline` composes them the way a diffusers pipeline composes a transformer and a scheduler:
-encode prompts, predict velocity with classifier-free guidance, sample with `flow.sample_euler`,
-and map between images in [0, 1] and model space in [-1, 1].
+"""The toy teacher: a tiny diffusers SD3 transformer in pixel space plus the toy text encoder,
+wrapped as the toy `Backbone` (the same class family and code path as a real SD3 backbone).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from diffusers import SD3Transformer2DModel
 
-from ..conditioning import Conditioning
-from ..flow import sample
+from ..backbone import TransformerBackbone
 from .render import RESOLUTION
 from .text import ToyTextEncoder
 
@@ -59,47 +53,10 @@ def model_space_to_images(x: torch.Tensor) -> torch.Tensor:
     return (x * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
-class ToyPipeline:
-    """Sampling from the toy teacher (or any transformer of its family) with CFG."""
+class ToyBackbone(TransformerBackbone):
+    """The toy teacher as a `Backbone`: the pixel-space transformer, the toy text encoder, and the
+    identity "VAE" (model space [-1, 1] <-> images [0, 1])."""
 
     def __init__(self, transformer: SD3Transformer2DModel, text_encoder: ToyTextEncoder):
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.transformer.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        return self.text_encoder.encode(prompts)
-
-    def null(self, batch: int) -> Conditioning:
-        return self.text_encoder.encode([""] * batch)
-
-    def velocity(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, null: Conditioning | None = None, cfg: float = 1.0
-    ) -> torch.Tensor:
-        """v(x_t, t | c); with cfg != 1, v_null + cfg (v_cond - v_null) from one batched call."""
-        if cfg == 1.0 or null is None:
-            return self._forward(x_t, t, cond)
-        both = Conditioning.cat([null, cond])
-        v_null, v_cond = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        return v_null + cfg * (v_cond - v_null)
-
-    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled, timestep=t * 1000.0
-        ).sample
-
-    @torch.no_grad()
-    def sample(
-        self, prompts: Sequence[str], steps: int, cfg: float, seed: int, shift: float = 1.0, progress: bool = False
-    ) -> torch.Tensor:
-        """Images [B, 3, 32, 32] in [0, 1]; the same (prompts, seed) gives the same images."""
-        cond = self.encode(prompts)
-        null = self.null(len(prompts)) if cfg != 1.0 else None
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(prompts), *self.sample_shape), generator=generator)
-        x0 = sample(lambda x, t: self.velocity(x, t, cond, null, cfg), noise, steps, shift, progress=progress).x0
-        return model_space_to_images(x0)
+        super().__init__(transformer, text_encoder.encode, model_space_to_images)
+        self.text_encoder = text_encoder.requires_grad_(False)

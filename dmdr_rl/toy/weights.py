@@ -55,10 +55,10 @@ def load_teacher_transformer(root: str | Path | None = None):
 
 
 def load_teacher(root: str | Path | None = None):
-    """The frozen toy teacher as a `ToyPipeline` (transformer + text encoder)."""
-    from .teacher import ToyPipeline
+    """The frozen toy teacher as a `ToyBackbone` (transformer + text encoder)."""
+    from .teacher import ToyBackbone
 
-    return ToyPipeline(load_teacher_transformer(root), load_text_encoder(root))
+    return ToyBackbone(load_teacher_transformer(root), load_text_encoder(root))
 
 
 def load_align(root: str | Path | None = None):

@@ -1,0 +1,150 @@
+"""Backbones hide model families from the algorithm (DESIGN section 6).
+
+The algorithm sees a `Backbone`: encode prompts, predict velocity with a named LoRA adapter at a
+given scale and with classifier-free guidance, and decode to images in [0, 1]. `TransformerBackbone`
+implements it for diffusers SD3-family transformers: generator and critic are peft LoRA adapters
+on one shared frozen base, switched per call; scale 0 (or no adapter) is exactly the base model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+from peft import LoraConfig
+
+from .conditioning import Conditioning
+from .flow import sample
+
+# The attention projections of SD3 joint blocks (image and context streams).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    sample_shape: tuple[int, int, int]
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning: ...
+
+    def null(self, batch: int) -> Conditioning: ...
+
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, adapter: str | None = None,
+        scale: float = 1.0, cfg: float = 1.0, null: Conditioning | None = None,
+    ) -> torch.Tensor: ...
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+
+class TransformerBackbone:
+    """A diffusers SD3-family transformer, a prompt encoder, and named LoRA adapters on the transformer."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        encoder: Callable[[Sequence[str]], Conditioning],
+        decoder: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        self.transformer = transformer.requires_grad_(False)
+        self._encoder = encoder
+        self._decoder = decoder
+        self._null: Conditioning | None = None
+        self._trainable: dict[str, bool] = {}
+        self._active: str | None = None
+
+    # -- conditioning -------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.transformer.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        with torch.no_grad():
+            return self._encoder(prompts)
+
+    def null(self, batch: int) -> Conditioning:
+        """The empty prompt's conditioning, encoded once and repeated."""
+        if self._null is None:
+            self._null = self.encode([""])
+        return Conditioning(self._null.tokens.expand(batch, -1, -1), self._null.pooled.expand(batch, -1))
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self._decoder(x0)
+
+    # -- adapters -----------------------------------------------------------------------------
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._trainable)
+
+    def add_lora(self, name: str, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> None:
+        if name in self._trainable:
+            raise ValueError(f"adapter {name!r} exists already")
+        missing = [t for t in targets if not any(n.endswith(t) for n, _ in self.transformer.named_modules())]
+        if missing:
+            raise ValueError(f"LoRA target module(s) {missing} do not exist in {type(self.transformer).__name__}")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+        with warnings.catch_warnings():  # several adapters on one base is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            self.transformer.add_adapter(config, adapter_name=name)
+        self._trainable[name] = True
+        self._activate(name, force=True)
+
+    def lora_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        self._check_adapter(name)
+        return [p for n, p in self.transformer.named_parameters() if "lora_" in n and f".{name}." in n]
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self._trainable:
+            raise ValueError(f"no adapter {name!r}; adapters: {', '.join(self._trainable) or 'none'}")
+
+    def _activate(self, name: str, force: bool = False) -> None:
+        if name == self._active and not force:
+            return
+        self.transformer.set_adapter(name)
+        # peft's set_adapter freezes every inactive adapter; keep each one trainable as declared.
+        for adapter, trainable in self._trainable.items():
+            for p in self.lora_parameters(adapter):
+                p.requires_grad_(trainable)
+        self._active = name
+
+    # -- prediction ---------------------------------------------------------------------------
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, adapter: str | None = None,
+        scale: float = 1.0, cfg: float = 1.0, null: Conditioning | None = None,
+    ) -> torch.Tensor:
+        """v(x_t, t | c) of the base with `adapter` at LoRA `scale` (None or scale 0: the base itself);
+        with cfg != 1, v_null + cfg (v_cond - v_null) from one batched call."""
+        if adapter is not None:
+            self._check_adapter(adapter)
+            self._activate(adapter)
+        elif self._trainable:
+            scale = 0.0  # any adapter at scale 0 is exactly the base
+        if cfg == 1.0:
+            return self._forward(x_t, t, cond, scale)
+        null = null if null is not None else self.null(x_t.shape[0])
+        v_null, v_cond = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond]), scale).chunk(2)
+        return v_null + cfg * (v_cond - v_null)
+
+    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
+        kwargs = {"joint_attention_kwargs": {"scale": scale}} if self._trainable else {}
+        return self.transformer(
+            hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
+            timestep=t * 1000.0, **kwargs,
+        ).sample
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: Sequence[str], steps: int, cfg: float, seed: int, shift: float = 1.0,
+        adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
+    ) -> torch.Tensor:
+        """Images [B, C, H, W] in [0, 1]; the same (prompts, seed) gives the same images."""
+        cond = self.encode(prompts)
+        null = self.null(len(prompts)) if cfg != 1.0 else None
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(prompts), *self.sample_shape), generator=generator)
+        trajectory = sample(
+            lambda x, t: self.velocity(x, t, cond, adapter=adapter, scale=scale, cfg=cfg, null=null),
+            noise, steps, shift, mode=mode, generator=generator, progress=progress,
+        )
+        return self.decode(trajectory.x0)
