@@ -1,0 +1,208 @@
+"""The one typed configuration of a DMDR run (DESIGN section 6): YAML presets plus dotted overrides.
+
+    cfg = load_config("toy-dmdr", ["student.steps=1", "trainer.backend=local"])
+
+Every section is a pydantic model that forbids unknown keys, so a typo or a bad value fails at
+start-up with the field's dotted name, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(_Section):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128.0, gt=0)
+
+
+class ModelSection(_Section):
+    backbone: str = "toy"  # a registered backbone name or an import path "package.module:factory"
+    path: Optional[str] = None  # weights directory or hub id; null = the backbone's default
+    resolution: int = Field(32, ge=8)
+
+
+class StudentSection(_Section):
+    steps: int = Field(4, ge=1, le=8)
+    shift: float = Field(1.0, gt=0)
+    sampler: Literal["ode", "sde"] = "ode"
+    lora: Optional[LoraSpec] = LoraSpec(rank=64, alpha=128)  # null: full fine-tune
+
+
+class CriticSection(_Section):
+    lora: LoraSpec = LoraSpec(rank=32, alpha=32)
+    fake_scale: float = 2.0
+    real_scale0: float = 0.5
+
+
+class DmdSection(_Section):
+    weight: float = Field(1.0, ge=0)  # 0 turns the DMD term off (the RL-only ablation)
+    real_cfg: float = 4.0
+    cfg_jitter: float = Field(0.5, ge=0)
+    ratio: int = Field(5, ge=1)
+    dynamic_steps: int = Field(2000, ge=0)
+    renoise_beta: tuple[float, float] = (4.0, 1.5)
+
+    @field_validator("renoise_beta")
+    @classmethod
+    def _positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"both Beta parameters must be > 0, got {list(value)}")
+        return value
+
+
+class RewardSpec(_Section):
+    name: str  # a registered reward name or an import path "package.module:Class"
+    weight: float = 1.0
+    shaping: Literal["hinge", "linear"] = "hinge"
+    margin: float = 0.7
+    placement: Literal["local", "serve"] = "local"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainerSection(_Section):
+    backend: Literal["local", "ray"] = "local"
+    max_steps: int = Field(3000, ge=1)  # generator steps
+    cold_start: int = Field(2000, ge=0)  # generator steps with DMD only
+    batch_size: int = Field(32, ge=1)
+    lr_generator: float = Field(1e-6, gt=0)
+    lr_critic: float = Field(5e-7, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+
+
+class RaySection(_Section):
+    address: Optional[str] = None
+    learner_workers: int = Field(1, ge=1)
+    rollout_actors: int = Field(1, ge=1)
+    max_staleness: int = Field(1, ge=0)
+
+
+class DataSection(_Section):
+    prompts: str = "toy:held-in"  # toy:<split>, or a .txt/.csv/.parquet/.jsonl file
+
+
+class OutputSection(_Section):
+    dir: str = "runs/{name}"
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class StoreSection(_Section):
+    url: Optional[str] = None  # null: files under output.dir; redis://host:port/db
+
+
+class RunConfig(_Section):
+    name: str = "dmdr"
+    model: ModelSection = ModelSection()
+    student: StudentSection = StudentSection()
+    critic: CriticSection = CriticSection()
+    dmd: DmdSection = DmdSection()
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    trainer: TrainerSection = TrainerSection()
+    ray: RaySection = RaySection()
+    data: DataSection = DataSection()
+    output: OutputSection = OutputSection()
+    store: StoreSection = StoreSection()
+
+    @model_validator(mode="after")
+    def _has_a_loss(self) -> "RunConfig":
+        if self.dmd.weight == 0 and not self.rewards:
+            raise ValueError("dmd.weight is 0 and no rewards are configured: the generator would have no loss")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A preset name (see `available_presets()`) or a YAML file, then `section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESETS_DIR / f"{preset}.yaml"
+            if not path.exists():
+                raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        elif not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. student.steps=1)")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.split(".")
+    node: Any = data
+    schema: Any = RunConfig  # a pydantic model, ("list", item schema), or None (free-form mapping)
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(schema, tuple):  # inside a list: the part is an index
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key!r}: {part!r} is not an index into a list of {len(node)}")
+            slot, schema = int(part), schema[1]
+        else:
+            fields = getattr(schema, "model_fields", None)
+            if fields is not None and part not in fields:
+                where = ".".join(parts[:depth]) or "the top level"
+                raise ConfigError(f"unknown config key {key!r}: {where} has {', '.join(fields)}")
+            slot = part
+            schema = _schema_of(fields[part].annotation) if fields is not None else None
+            if not last and (part not in node or node[part] is None):
+                node[part] = [] if isinstance(schema, tuple) else {}
+        if last:
+            node[slot] = value
+        else:
+            node = node[slot]
+
+
+def _schema_of(annotation: Any) -> Any:
+    """What a field holds, for navigating overrides: a model, ("list", item schema), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if getattr(annotation, "__origin__", None) is list:
+        return ("list", _schema_of(annotation.__args__[0]))
+    for arg in getattr(annotation, "__args__", ()) or ():  # Optional[Model]
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        given = e.get("input")
+        lines.append(f"{field}: {e['msg']} (got {given!r})" if e["type"] != "missing" else f"{field}: required")
+    return "invalid config:\n  " + "\n  ".join(lines)

@@ -1,0 +1,45 @@
+import pytest
+
+from dmdr_rl.config import ConfigError, RunConfig, available_presets, load_config
+
+
+def test_presets_exist_and_validate():
+    assert {"toy-dmd", "toy-dmdr", "toy-rl-only"} <= set(available_presets())
+    for preset in available_presets():
+        assert isinstance(load_config(preset), RunConfig)
+    assert load_config("toy-rl-only").dmd.weight == 0
+    assert load_config("toy-dmdr").rewards[0].name == "toy-align"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("toy-dmdr", ["student.steps=1", "dmd.renoise_beta=[3, 1.2]", "rewards.0.weight=0.5", "ray.address=null"])
+    assert cfg.student.steps == 1 and cfg.dmd.renoise_beta == (3.0, 1.2)
+    assert cfg.rewards[0].weight == 0.5 and cfg.ray.address is None
+    assert load_config("toy-dmd", ["student.lora=null"]).student.lora is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["student.steps=0"], r"student.steps: Input should be greater than or equal to 1 \(got 0\)"),
+        (["student.sampler=dpm"], r"student.sampler: Input should be 'ode' or 'sde' \(got 'dpm'\)"),
+        (["student.stepz=2"], r"unknown config key 'student.stepz': student has steps, shift, sampler, lora"),
+        (["trainer.backend=slurm"], r"trainer.backend: .*'local' or 'ray'"),
+        (["dmd.renoise_beta=[0, 1]"], r"both Beta parameters must be > 0"),
+        (["rewards.3.weight=1"], r"not an index into a list of 1"),
+        (["studentsteps"], r"must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("toy-dmdr", overrides)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'toy-fast'; available: .*toy-dmdr"):
+        load_config("toy-fast")
+
+
+def test_a_run_needs_a_loss():
+    with pytest.raises(ConfigError, match="no rewards are configured"):
+        load_config("toy-rl-only", ["rewards=[]"])
