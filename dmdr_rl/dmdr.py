@@ -1,0 +1,119 @@
+"""One DMDR training iteration, as loss functions over a `Backbone` (DESIGN section 2, steps 1-3).
+
+These are the only implementation of the step: the local trainer and the distributed learner call
+them and own nothing but optimizers, data and bookkeeping. The backbone carries two LoRA adapters on
+its frozen base: "generator" (the student) and "critic" (fake score at `fake_scale`, real score at
+`real_score_scale(step)`; scale 0 is the teacher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from . import algo
+from .backbone import Backbone
+from .conditioning import Conditioning
+from .config import CriticSection, DmdSection, RewardSpec, StudentSection
+from .flow import Trajectory, add_noise, sample, x0_from_velocity
+
+GENERATOR, CRITIC = "generator", "critic"
+
+
+class RewardModel(Protocol):
+    """What every reward model implements (built-in or a user's own); images [B, 3, H, W] in [0, 1]."""
+
+    name: str
+    differentiable: bool
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+@dataclass
+class WeightedReward:
+    """A reward model with its weight and shaping from the config."""
+
+    model: RewardModel
+    spec: RewardSpec
+
+    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used)."""
+        scores = self.model.score(images, prompts)
+        finite = torch.isfinite(scores)
+        metrics = {f"reward/{self.spec.name}": float(scores[finite].mean()) if finite.any() else float("nan"),
+                   f"reward/{self.spec.name}/non_finite": float((~finite).sum())}
+        if not finite.any():
+            return images.sum() * 0.0, metrics
+        shaped = algo.shape_reward(scores[finite], self.spec.shaping, self.spec.margin)
+        return self.spec.weight * shaped.mean(), metrics
+
+
+def backward_simulation(
+    backbone: Backbone, cond: Conditioning, student: StudentSection, generator: torch.Generator
+) -> Trajectory:
+    """Step 1: sample K steps with the current generator, no gradients, keeping every step's x0."""
+    noise = torch.randn((len(cond), *backbone.sample_shape), generator=generator)
+    with torch.no_grad():
+        return sample(
+            lambda x, t: backbone.velocity(x, t, cond, adapter=GENERATOR),
+            noise, student.steps, student.shift, mode=student.sampler, generator=generator, keep_steps=True,
+        )
+
+
+def critic_loss(
+    backbone: Backbone, x0: torch.Tensor, cond: Conditioning, generator_step: int,
+    critic: CriticSection, dmd: DmdSection, generator: torch.Generator,
+) -> torch.Tensor:
+    """Step 2: flow matching of the fake score on detached generator samples at tau ~ DynaRS."""
+    tau = algo.sample_renoise_timesteps(x0.shape[0], generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    v_fake = backbone.velocity(add_noise(x0.detach(), eps, tau), tau, cond, adapter=CRITIC, scale=critic.fake_scale)
+    return algo.critic_loss(v_fake, x0, eps)
+
+
+def generator_loss(
+    backbone: Backbone,
+    trajectory: Trajectory,
+    cond: Conditioning,
+    prompts: Sequence[str],
+    generator_step: int,
+    student: StudentSection,
+    critic: CriticSection,
+    dmd: DmdSection,
+    rewards: Sequence[WeightedReward],
+    reward_active: bool,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Step 3: re-noise at a random student timestep, predict x0 with gradient, then
+    L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start)."""
+    batch = trajectory.x0.shape[0]
+    k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator)
+    t_k = trajectory.timesteps[k]
+    x0_source = trajectory.x0 if student.sampler == "ode" else trajectory.x0_steps[k, torch.arange(batch)]
+    x_in = add_noise(x0_source, torch.randn(x0_source.shape, generator=generator), t_k)
+    x0 = x0_from_velocity(x_in, t_k, backbone.velocity(x_in, t_k, cond, adapter=GENERATOR))
+
+    loss = x0.sum() * 0.0
+    metrics: dict[str, float] = {}
+    if dmd.weight > 0:
+        tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator)
+        x_tau = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator), tau)
+        guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
+        real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
+        with torch.no_grad():
+            v_real = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=real_scale, cfg=guidance)
+            v_fake = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=critic.fake_scale)
+        dmd_term = algo.dmd_loss(x0, x0_from_velocity(x_tau, tau, v_real), x0_from_velocity(x_tau, tau, v_fake))
+        loss = loss + dmd.weight * dmd_term
+        metrics.update({"loss/dmd": dmd_term.item(), "schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
+    if reward_active and rewards:
+        images = backbone.decode(x0)
+        for reward in rewards:
+            term, reward_metrics = reward.loss(images, prompts)
+            loss = loss + term
+            metrics.update(reward_metrics)
+            metrics[f"loss/reward/{reward.spec.name}"] = term.item()
+    metrics["loss/generator"] = loss.item()
+    return loss, metrics

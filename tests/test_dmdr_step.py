@@ -1,0 +1,92 @@
+"""The DMDR step functions on a tiny random toy backbone: which parameters each loss reaches, and
+when the reward term is (not) used."""
+
+import pytest
+import torch
+
+from dmdr_rl import dmdr
+from dmdr_rl.config import CriticSection, DmdSection, RewardSpec, StudentSection
+from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
+from dmdr_rl.toy.text import ToyTextEncoder
+
+PROMPTS = ["a small red circle in the center", "a blue square above a green triangle"]
+
+
+class CountingReward:
+    name, differentiable = "mean-red", True
+
+    def __init__(self, scores=None):
+        self.calls, self.scores = 0, scores
+
+    def score(self, images, prompts):
+        self.calls += 1
+        return images[:, 0].mean(dim=(1, 2)) if self.scores is None else self.scores
+
+
+@pytest.fixture()
+def backbone():
+    torch.manual_seed(0)
+    b = ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0))
+    b.add_lora(dmdr.GENERATOR, rank=4, alpha=8)
+    b.add_lora(dmdr.CRITIC, rank=4, alpha=4)
+    with torch.no_grad():  # non-zero adapters, so that every path carries gradient
+        for p in b.lora_parameters(dmdr.GENERATOR) + b.lora_parameters(dmdr.CRITIC):
+            p.add_(0.02 * torch.randn_like(p))
+    return b
+
+
+def _grads(params):
+    return [p.grad is not None and p.grad.abs().sum().item() > 0 for p in params]
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_backward_simulation_keeps_every_step(backbone, sampler):
+    student = StudentSection(steps=3, sampler=sampler)
+    traj = dmdr.backward_simulation(backbone, backbone.encode(PROMPTS), student, torch.Generator().manual_seed(0))
+    assert traj.x0.shape == (2, 3, 32, 32) and traj.x0_steps.shape == (3, 2, 3, 32, 32)
+    assert not traj.x0.requires_grad
+    assert torch.allclose(traj.x0, traj.x0_steps[-1], atol=1e-5)
+
+
+def test_critic_loss_trains_only_the_critic(backbone):
+    cond = backbone.encode(PROMPTS)
+    traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=2), torch.Generator().manual_seed(0))
+    dmdr.critic_loss(backbone, traj.x0, cond, 0, CriticSection(), DmdSection(), torch.Generator().manual_seed(1)).backward()
+    critic_grads = _grads(backbone.lora_parameters(dmdr.CRITIC))
+    assert sum(critic_grads) > 0.8 * len(critic_grads)  # all but the last block's unused context outputs
+    assert not any(_grads(backbone.lora_parameters(dmdr.GENERATOR)))
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_generator_loss_trains_only_the_generator_and_waits_for_the_reward(backbone, sampler):
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2, sampler=sampler)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    reward = CountingReward()
+    rewards = [dmdr.WeightedReward(reward, RewardSpec(name="mean-red", weight=2.0, shaping="linear"))]
+    args = (backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(), rewards)
+    loss, metrics = dmdr.generator_loss(*args, reward_active=False, generator=torch.Generator().manual_seed(2))
+    assert reward.calls == 0 and "loss/dmd" in metrics and not any(k.startswith("reward/") for k in metrics)
+    loss.backward()
+    assert any(_grads(backbone.lora_parameters(dmdr.GENERATOR)))
+    assert not any(_grads(backbone.lora_parameters(dmdr.CRITIC)))
+
+    loss_with_reward, metrics = dmdr.generator_loss(*args, reward_active=True, generator=torch.Generator().manual_seed(2))
+    assert reward.calls == 1
+    # Same seed, same x0: the difference is exactly the weighted, shaped reward term.
+    assert loss_with_reward.item() - loss.item() == pytest.approx(metrics["loss/reward/mean-red"], abs=1e-6)
+    assert metrics["loss/reward/mean-red"] == pytest.approx(-2.0 * metrics["reward/mean-red"], abs=1e-6)
+
+
+def test_rl_only_has_no_dmd_term(backbone):
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    rewards = [dmdr.WeightedReward(CountingReward(), RewardSpec(name="mean-red", shaping="linear"))]
+    loss, metrics = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(weight=0.0),
+                                        rewards, True, torch.Generator().manual_seed(2))
+    assert "loss/dmd" not in metrics and loss.item() == pytest.approx(metrics["loss/reward/mean-red"])
+
+
+def test_non_finite_scores_are_dropped_and_counted():
+    reward = dmdr.WeightedReward(CountingReward(torch.tensor([0.2, float("nan"), 0.4])), RewardSpec(name="r", shaping="linear"))
+    loss, metrics = reward.loss(torch.zeros(3, 3, 4, 4, requires_grad=True), ["p"] * 3)
+    assert loss.item() == pytest.approx(-0.3) and metrics["reward/r/non_finite"] == 1.0
