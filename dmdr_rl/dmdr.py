@@ -42,7 +42,7 @@ class WeightedReward:
         """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used)."""
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
-        metrics = {f"reward/{self.spec.name}": float(scores[finite].mean()) if finite.any() else float("nan"),
+        metrics = {f"reward/{self.spec.name}": scores[finite].mean().item() if finite.any() else float("nan"),
                    f"reward/{self.spec.name}/non_finite": float((~finite).sum())}
         if not finite.any():
             return images.sum() * 0.0, metrics

@@ -1,45 +1,36 @@
-"""The main job: `python -m dmdr_rl.run` (and, once the runtime exists, `ray job submit -- python -m dmdr_rl.run`).
+"""The main job: `python -m dmdr_rl.run [--preset NAME] [section.key=value ...]`.
 
-The DMDR trainer is not built yet (issue 3; the Ray runtime is issue 4). Until it is, the main job
-does not train anything: it samples the shipped toy teacher with 32, 4 and 1 steps, evaluates the
-samples with the held-out judge, and reports where the results went. The 4- and 1-step rows are the
-gap that distillation is meant to close.
+With a preset (e.g. `--preset toy-dmdr trainer.backend=local`) it trains with the single-process
+DMDR trainer, then evaluates the student. The Ray runtime (`trainer.backend=ray`, `ray job submit`)
+is issue 4 and not built yet. Without a preset it trains nothing: it samples the shipped toy teacher
+at 32, 4 and 1 steps and evaluates the samples with the held-out judge.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from . import eval as toy_eval
+from .config import ConfigError, available_presets, load_config
 from .toy.teacher import DEFAULT_CFG
 
-BANNER = (
-    "dmdr_rl: training is not built yet (the DMDR trainer is issue 3, the Ray runtime issue 4).\n"
-    "This run trains nothing: it samples the shipped toy teacher at 32, 4 and 1 steps and evaluates\n"
-    "the samples with the held-out judge (judge accuracy, FID against fresh renders, toy-align reward)."
+TEACHER_ONLY_BANNER = (
+    "dmdr_rl: no preset given, so this run trains nothing: it samples the shipped toy teacher at 32, 4\n"
+    "and 1 steps and evaluates the samples with the held-out judge (judge accuracy, FID against fresh\n"
+    "renders, toy-align reward). Training: `--preset toy-dmdr trainer.backend=local` (the presets are not\n"
+    "tuned yet: issue 3); the Ray runtime (`trainer.backend=ray`) is not built yet (issue 4)."
 )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo-TIMESTAMP)")
-    parser.add_argument("--num-images", type=int, default=256, help="images per evaluated setting")
-    parser.add_argument("--split", default="held-in", choices=["held-in", "held-out"])
-    parser.add_argument("overrides", nargs="*", help="config overrides (section.key=value): arrive with the trainer")
-    args = parser.parse_args(argv)
-    if args.overrides:
-        parser.error(
-            f"config overrides {args.overrides} are not accepted yet: the trainer and its typed config "
-            "arrive with issue 3; today the main job only evaluates the toy teacher"
-        )
-    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(BANNER, flush=True)
+def evaluate_teacher(out: Path, num_images: int, split: str) -> None:
+    print(TEACHER_ONLY_BANNER, flush=True)
     eval_args = toy_eval.parse_args([
-        "--steps", "32,4,1", "--cfg", str(DEFAULT_CFG), "--split", args.split,
-        "--num-images", str(args.num_images), "--out", str(out),
+        "--steps", "32,4,1", "--cfg", str(DEFAULT_CFG), "--split", split,
+        "--num-images", str(num_images), "--out", str(out),
     ])
     reports = toy_eval.run_sweep(eval_args)
     print("\n" + (out / "summary.md").read_text())
@@ -47,7 +38,51 @@ def main(argv: list[str] | None = None) -> None:
     print("  summary.md / summary.json   the table above")
     for r in reports:
         print(f"  {Path(r['grid']).parent.name}/   report.json, grid.png")
-    print("Nothing was trained (see the banner above).")
+    print("Nothing was trained (see the note above).")
+
+
+def train(preset: str, overrides: list[str], num_images: int) -> None:
+    from .evaluation import evaluate
+    from .trainer import LocalTrainer
+    from .toy.weights import load_align, load_judge
+
+    cfg = load_config(preset, overrides)
+    if cfg.trainer.backend != "local":
+        raise ConfigError(
+            f"trainer.backend={cfg.trainer.backend!r}: the Ray runtime is not built yet (issue 4); "
+            "pass trainer.backend=local for the single-process trainer"
+        )
+    trainer = LocalTrainer(cfg)
+    started = time.time()
+    summary = trainer.train()
+    summary["train_seconds"] = round(time.time() - started, 1)
+    report = evaluate(trainer.sample, "held-in", num_images, 0, load_judge(), [load_align()],
+                      grid_path=trainer.out / "eval" / "grid.png", desc="evaluating the student")
+    (trainer.out / "eval" / "report.json").write_text(json.dumps({**report, "steps": cfg.student.steps}, indent=2) + "\n")
+    print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, FID {report['fid']:.2f}, "
+          f"toy-align {report['rewards']['toy-align']:.3f}")
+    print(f"Outputs: {trainer.out.resolve()}")
+    print("  metrics.jsonl, tensorboard/, samples/, checkpoints/, eval/report.json, eval/grid.png")
+    print(json.dumps(summary))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default=None, help=f"run preset or YAML file; presets: {', '.join(available_presets())}")
+    parser.add_argument("--out", type=Path, default=None, help="teacher evaluation: output directory (default runs/demo-TIMESTAMP)")
+    parser.add_argument("--num-images", type=int, default=256, help="images per evaluated setting")
+    parser.add_argument("--split", default="held-in", choices=["held-in", "held-out"])
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        if args.preset is None:
+            if args.overrides:
+                parser.error(f"config overrides {args.overrides} need a --preset to apply to")
+            evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)
+        else:
+            train(args.preset, args.overrides, args.num_images)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

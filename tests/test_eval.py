@@ -40,12 +40,18 @@ def test_eval_rejects_bad_arguments_with_a_reason(argv, message, capsys):
 def test_main_job_says_it_trains_nothing_and_where_outputs_are(tmp_path, capsys):
     run.main(["--num-images", "4", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "training is not built yet" in out and "trains nothing" in out
+    assert "trains nothing" in out and "Nothing was trained" in out
     assert f"Outputs: {tmp_path.resolve()}" in out
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 3  # 32, 4 and 1 steps
 
 
-def test_main_job_refuses_trainer_overrides(capsys):
+def test_main_job_needs_a_preset_for_overrides_and_refuses_the_unbuilt_ray_backend(capsys):
     with pytest.raises(SystemExit):
         run.main(["trainer.max_steps=10"])
-    assert "arrive with issue 3" in capsys.readouterr().err
+    assert "need a --preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "toy-dmdr", "trainer.backend=ray"])
+    assert "Ray runtime is not built yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "toy-dmdr", "student.steps=9"])
+    assert "student.steps: Input should be less than or equal to 8" in capsys.readouterr().err

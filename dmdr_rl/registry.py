@@ -1,0 +1,68 @@
+"""Plugins by name or import path: backbones and reward models are chosen in config, never by
+`if name == ...` chains. A name is looked up in its registry; "package.module:attr" is imported."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorate(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._factories[name] = factory
+            return factory
+
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def resolve(self, name: str) -> Callable[..., T]:
+        if name in self._factories:
+            return self._factories[name]
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as err:
+                raise ValueError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({err})") from err
+            if not hasattr(module, attr):
+                raise ValueError(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
+            return getattr(module, attr)
+        raise ValueError(
+            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
+            "or give an import path 'package.module:Name'"
+        )
+
+    def build(self, name: str, **kwargs: Any) -> T:
+        return self.resolve(name)(**kwargs)
+
+
+BACKBONES: Registry = Registry("backbone")
+REWARDS: Registry = Registry("reward model")
+
+
+@BACKBONES.register("toy")
+def _toy_backbone(path: str | None = None, resolution: int = 32):
+    from .toy.render import RESOLUTION
+    from .toy.weights import load_teacher
+
+    if resolution != RESOLUTION:
+        raise ValueError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
+    return load_teacher(path)
+
+
+@REWARDS.register("toy-align")
+def _toy_align(path: str | None = None):
+    from .toy.weights import load_align
+
+    return load_align(path)

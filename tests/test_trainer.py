@@ -1,0 +1,89 @@
+"""The local trainer on a tiny random toy backbone: update ratio, cold start, outputs, exact resume."""
+
+import json
+
+import pytest
+import torch
+
+from dmdr_rl import dmdr
+from dmdr_rl.config import ConfigError, RewardSpec, load_config
+from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
+from dmdr_rl.toy.text import ToyTextEncoder
+from dmdr_rl.trainer import LocalTrainer
+
+
+class CountingReward:
+    name, differentiable = "mean-red", True
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        return images[:, 0].mean(dim=(1, 2))
+
+
+def _trainer(tmp_path, reward=None, **overrides):
+    settings = {"trainer.batch_size": 2, "trainer.max_steps": 4, "trainer.cold_start": 2, "dmd.ratio": 3,
+                "student.steps": 2, "output.log_every": 1, "output.sample_every": 100, "output.checkpoint_every": 2,
+                "output.dir": str(tmp_path), "trainer.lr_generator": 1e-3, "trainer.lr_critic": 1e-3, **overrides}
+    cfg = load_config("toy-dmdr", [f"{k}={v}" for k, v in settings.items()])
+    torch.manual_seed(0)
+    backbone = ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0))
+    reward = reward or CountingReward()
+    return LocalTrainer(cfg, backbone, [dmdr.WeightedReward(reward, RewardSpec(name="mean-red", shaping="linear"))]), reward
+
+
+def _snapshot(trainer, adapter):
+    return [p.detach().clone() for p in trainer.backbone.lora_parameters(adapter)]
+
+
+def _changed(before, after):
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_generator_moves_once_per_ratio_iterations_and_reward_waits_for_cold_start(tmp_path):
+    trainer, reward = _trainer(tmp_path)
+    generator_moved, reward_calls = [], []
+    for _ in range(12):
+        before = _snapshot(trainer, dmdr.GENERATOR)
+        critic_before = _snapshot(trainer, dmdr.CRITIC)
+        trainer.train_iteration()
+        generator_moved.append(_changed(before, _snapshot(trainer, dmdr.GENERATOR)))
+        assert _changed(critic_before, _snapshot(trainer, dmdr.CRITIC))  # every iteration
+        reward_calls.append(reward.calls)
+    assert generator_moved == [False, False, True] * 4
+    assert trainer.generator_step == 4
+    # Generator steps 0 and 1 are the cold start; the reward is scored from generator step 2 on.
+    assert reward_calls == [0] * 6 + [0, 0, 1, 1, 1, 2]
+
+
+def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
+    trainer, _ = _trainer(tmp_path, **{"output.sample_every": 2})
+    summary = trainer.train()
+    assert summary["generator_steps"] == 4 and summary["iterations"] == 12
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "loss/dmd" in rows[0] and "reward/mean-red" not in rows[1] and "reward/mean-red" in rows[2]
+    assert (tmp_path / "samples" / "step_000004.png").exists()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, _ = _trainer(tmp_path / "a")
+    straight.train()
+    first, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 2})
+    first.train()
+    resumed, _ = _trainer(tmp_path / "b")
+    resumed.load_checkpoint(tmp_path / "b" / "checkpoints")
+    assert resumed.generator_step == 2 and resumed.iteration == 6
+    resumed.train()
+    for adapter in (dmdr.GENERATOR, dmdr.CRITIC):
+        for a, b in zip(_snapshot(straight, adapter), _snapshot(resumed, adapter)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_full_fine_tune_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ConfigError, match="full fine-tune"):
+        _trainer(tmp_path, **{"student.lora": "null"})
