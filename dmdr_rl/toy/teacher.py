@@ -27,7 +27,7 @@ TEACHER_CONFIG = dict(
     pos_embed_max_size=RESOLUTION // 4,
 )
 # The guidance scale the main job and the docs use for the teacher (chosen by the CFG sweep in the README).
-DEFAULT_CFG = 3.0
+DEFAULT_CFG = 4.0
 
 
 # Alternatives tried while building the shipped teacher (see README, "Rebuilding the shipped weights").
