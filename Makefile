@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,11 @@ install: $(STAMP)
 demo: install  ## the main job on the embedded toy world
 	$(PY) -m dmdr_rl.run
 
-test: install  ## the fast suite (CI runs this)
-	$(PY) -m pytest -q -m "not slow"
+test: install  ## every test, the quality checks of the shipped models included (CI runs this)
+	$(PY) -m pytest -q
 
-test-slow: install  ## quality checks of the shipped models (minutes)
-	$(PY) -m pytest -q -m slow
+test-fast: install  ## without the tests marked slow
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
