@@ -21,6 +21,14 @@ from .flow import sample
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
+def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                         **kwargs) -> torch.Tensor:
+    """One SD3-family transformer call with the project's conventions (diffusers takes timestep = 1000 t)."""
+    return transformer(
+        hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled, timestep=t * 1000.0, **kwargs
+    ).sample
+
+
 @runtime_checkable
 class Backbone(Protocol):
     sample_shape: tuple[int, int, int]
@@ -128,10 +136,7 @@ class TransformerBackbone:
 
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
         kwargs = {"joint_attention_kwargs": {"scale": scale}} if self._trainable else {}
-        return self.transformer(
-            hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
-            timestep=t * 1000.0, **kwargs,
-        ).sample
+        return transformer_velocity(self.transformer, x_t, t, cond, **kwargs)
 
     @torch.no_grad()
     def sample(

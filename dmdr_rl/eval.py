@@ -65,14 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    pipeline = load_teacher(args.weights)
+    teacher = load_teacher(args.weights)
     judge, align = load_judge(args.weights), load_align(args.weights)
     reports = []
     for split, steps, cfg in itertools.product(args.split, args.steps, args.cfg):
         name = f"{args.model}-steps{steps}-cfg{cfg:g}-{split}"
         started = time.time()
         report = evaluate(
-            lambda prompts, seed: pipeline.sample(prompts, steps=steps, cfg=cfg, seed=seed, shift=args.shift),
+            lambda prompts, seed, steps=steps, cfg=cfg: teacher.sample(prompts, steps=steps, cfg=cfg, seed=seed, shift=args.shift),
             split=split,
             num_images=args.num_images,
             seed=args.seed,

@@ -1,7 +1,6 @@
 """Quality thresholds of the shipped toy-world models (issue 2's 'must reach' list)."""
 
 import pytest
-import torch
 
 from dmdr_rl.evaluation import evaluate
 from dmdr_rl.toy.check import check_evaluators

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from dmdr_rl.toy.render import RESOLUTION, render, render_batch
 from dmdr_rl.toy.scene import COLOURS, POSITIONS, PairScene, SingleScene, ToyObject

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from dmdr_rl.toy.weights import COMPONENTS, WEIGHTS_DIR, ToyWeightsError, load_align, load_judge, load_teacher, load_text_encoder
+from dmdr_rl.toy.weights import COMPONENTS, WEIGHTS_DIR, ToyWeightsError, load_judge, load_teacher, load_text_encoder
 
 
 def test_every_component_ships_with_config_and_safetensors():

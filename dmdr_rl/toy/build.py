@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..backbone import transformer_velocity
 from ..flow import add_noise, velocity_target
 from .grammar import PromptSplit, prompts_of
 from .render import render_batch
@@ -171,10 +172,7 @@ def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = 
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(len(scenes), generator=gen))  # logit-normal, as SD3
         cond = text_encoder(prompts)  # trained jointly with the transformer, then frozen
-        v = transformer(
-            hidden_states=add_noise(x0, eps, t), encoder_hidden_states=cond.tokens,
-            pooled_projections=cond.pooled, timestep=t * 1000.0,
-        ).sample
+        v = transformer_velocity(transformer, add_noise(x0, eps, t), t, cond)
         loss = torch.mean((v - velocity_target(x0, eps)) ** 2)
         return loss, {"loss": loss.item()}
 

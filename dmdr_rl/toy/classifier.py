@@ -17,7 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .grammar import prompt_to_scene
-from .scene import COLOUR_NAMES, LAYOUTS, POSITION_NAMES, SHAPES, SIZES, PairScene, Scene, SingleScene
+from .scene import COLOUR_NAMES, LAYOUTS, POSITION_NAMES, SHAPES, SIZES, Scene, SingleScene
 
 HEADS: dict[str, tuple[str, ...]] = {
     "count": ("one", "two"),
