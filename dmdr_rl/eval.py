@@ -45,8 +45,10 @@ def _splits(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dmdr_rl.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["teacher"], default="teacher",
-                   help="what to evaluate (students join once the trainer exists)")
+    p.add_argument("--model", choices=["teacher", "student"], default="teacher",
+                   help="the toy teacher (with --steps/--cfg), or a trained student (with --run)")
+    p.add_argument("--run", type=Path, default=None,
+                   help="student: a run directory (latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--weights", type=Path, default=None, help="toy weights root (default: the shipped weights)")
     p.add_argument("--steps", type=_list_of(int), default=[32], help="sampling steps, e.g. 32 or 32,4,1")
     p.add_argument("--cfg", type=_list_of(float), default=[3.0], help="classifier-free guidance scale(s)")
@@ -61,18 +63,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 2:
         p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
+    if (args.model == "student") != (args.run is not None):
+        p.error("--run goes with --model student (and a student needs --run)")
     return args
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict]:
+def load_student(run: Path):
+    """A trained student as (sample_fn, steps): the run's own config, its generator adapter restored."""
+    from .config import load_config
+    from .trainer import LocalTrainer
+
+    checkpoint = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    run_dir = run if checkpoint != run else run.parent.parent
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run} is not a training run: no config.yaml in {run_dir}")
+    trainer = LocalTrainer(load_config(run_dir / "config.yaml"))
+    trainer.load_checkpoint(checkpoint)
+    return trainer.sample, trainer.cfg.student.steps
+
+
+def samplers(args: argparse.Namespace):
+    """(name, steps, cfg, sample_fn) for every setting to evaluate."""
+    if args.model == "student":
+        sample_fn, steps = load_student(args.run)
+        return [(f"student-{args.run.name}-steps{steps}", steps, 1.0, sample_fn)]
     teacher = load_teacher(args.weights)
+    return [
+        (f"teacher-steps{steps}-cfg{cfg:g}", steps, cfg,
+         lambda prompts, seed, steps=steps, cfg=cfg: teacher.sample(prompts, steps=steps, cfg=cfg, seed=seed, shift=args.shift))
+        for steps, cfg in itertools.product(args.steps, args.cfg)
+    ]
+
+
+def run_sweep(args: argparse.Namespace) -> list[dict]:
     judge, align = load_judge(args.weights), load_align(args.weights)
     reports = []
-    for split, steps, cfg in itertools.product(args.split, args.steps, args.cfg):
-        name = f"{args.model}-steps{steps}-cfg{cfg:g}-{split}"
+    for split, (setting, steps, cfg, sample_fn) in itertools.product(args.split, samplers(args)):
+        name = f"{setting}-{split}"
         started = time.time()
         report = evaluate(
-            lambda prompts, seed, steps=steps, cfg=cfg: teacher.sample(prompts, steps=steps, cfg=cfg, seed=seed, shift=args.shift),
+            sample_fn,
             split=split,
             num_images=args.num_images,
             seed=args.seed,

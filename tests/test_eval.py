@@ -55,3 +55,16 @@ def test_main_job_needs_a_preset_for_overrides_and_refuses_the_unbuilt_ray_backe
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr", "student.steps=9"])
     assert "student.steps: Input should be less than or equal to 8" in capsys.readouterr().err
+
+
+def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    run.main(["--preset", "toy-dmd", "--num-images", "4", "trainer.max_steps=1", "trainer.batch_size=2", "dmd.ratio=1",
+              "student.steps=2", f"output.dir={run_dir}"])
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["steps"] == 2
+    out = tmp_path / "eval"
+    toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(out)])
+    report = json.loads((out / "student-run-steps2-held-in" / "report.json").read_text())
+    assert report["model"] == "student" and report["steps"] == 2 and report["cfg"] == 1.0
+    with pytest.raises(SystemExit):
+        toy_eval.parse_args(["--model", "student"])
