@@ -59,6 +59,7 @@ class TransformerBackbone:
         self._decoder = decoder
         self._null: Conditioning | None = None
         self._trainable: dict[str, bool] = {}
+        self._adapter_params: dict[str, list[torch.nn.Parameter]] = {}
         self._active: str | None = None
 
     # -- conditioning -------------------------------------------------------------------------
@@ -96,11 +97,14 @@ class TransformerBackbone:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             self.transformer.add_adapter(config, adapter_name=name)
         self._trainable[name] = True
+        self._adapter_params[name] = [
+            p for n, p in self.transformer.named_parameters() if "lora_" in n and f".{name}." in n
+        ]
         self._activate(name, force=True)
 
     def lora_parameters(self, name: str) -> list[torch.nn.Parameter]:
         self._check_adapter(name)
-        return [p for n, p in self.transformer.named_parameters() if "lora_" in n and f".{name}." in n]
+        return list(self._adapter_params[name])
 
     def _check_adapter(self, name: str) -> None:
         if name not in self._trainable:

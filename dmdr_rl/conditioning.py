@@ -20,9 +20,6 @@ class Conditioning:
     def to(self, device: torch.device | str) -> "Conditioning":
         return Conditioning(self.tokens.to(device), self.pooled.to(device))
 
-    def detach(self) -> "Conditioning":
-        return Conditioning(self.tokens.detach(), self.pooled.detach())
-
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         return Conditioning(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
