@@ -19,6 +19,7 @@ import torch
 
 from .evaluation import evaluate
 from .toy.grammar import SPLITS
+from .toy.teacher import DEFAULT_CFG
 from .toy.weights import load_align, load_judge, load_teacher
 
 
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="student: a run directory (latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--weights", type=Path, default=None, help="toy weights root (default: the shipped weights)")
     p.add_argument("--steps", type=_list_of(int), default=[32], help="sampling steps, e.g. 32 or 32,4,1")
-    p.add_argument("--cfg", type=_list_of(float), default=[3.0], help="classifier-free guidance scale(s)")
+    p.add_argument("--cfg", type=_list_of(float), default=[DEFAULT_CFG], help="classifier-free guidance scale(s)")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
     p.add_argument("--split", type=_splits, default=["held-in"], help="prompt split(s): held-in, held-out")
     p.add_argument("--num-images", type=int, default=1000)

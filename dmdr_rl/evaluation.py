@@ -22,6 +22,11 @@ SampleFn = Callable[[Sequence[str], int], torch.Tensor]
 REFERENCE_SEED_OFFSET = 10**12
 
 
+def fresh_renders(scenes: Sequence, seed: int, offset: int = REFERENCE_SEED_OFFSET) -> torch.Tensor:
+    """Renders of `scenes` from seeds no build used: the FID reference set (or, with another offset, a check set)."""
+    return render_batch(scenes, [offset + seed * len(scenes) + i for i in range(len(scenes))])
+
+
 def generate(sample_fn: SampleFn, prompts: Sequence[str], seed: int, batch_size: int, desc: str = "sampling") -> torch.Tensor:
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
@@ -47,7 +52,7 @@ def evaluate(
     scenes = PromptSplit(split).sample(num_images, seed)
     prompts = prompts_of(scenes)
     images = generate(sample_fn, prompts, seed, batch_size, desc)
-    reference = render_batch(scenes, [REFERENCE_SEED_OFFSET + seed * num_images + i for i in range(num_images)])
+    reference = fresh_renders(scenes, seed)
     with torch.no_grad():
         verdicts = [v for s in range(0, num_images, batch_size)
                     for v in judge_verdicts(judge, images[s : s + batch_size], scenes[s : s + batch_size])]

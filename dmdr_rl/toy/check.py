@@ -14,10 +14,9 @@ import json
 
 import torch
 
-from ..evaluation import REFERENCE_SEED_OFFSET
+from ..evaluation import REFERENCE_SEED_OFFSET, fresh_renders
 from .grammar import SPLITS, PromptSplit
 from .metrics import judge_fid, judge_verdicts, reward_discrimination, summarise_verdicts
-from .render import render_batch
 from .weights import load_align, load_judge
 
 CHECK_SEED_OFFSET = 2 * REFERENCE_SEED_OFFSET  # renders no build and no evaluation used
@@ -29,7 +28,7 @@ def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=No
     report: dict = {"num_images_per_split": num_images}
     for split in SPLITS:
         scenes = PromptSplit(split).sample(num_images, seed)
-        images = render_batch(scenes, [CHECK_SEED_OFFSET + seed * num_images + i for i in range(num_images)])
+        images = fresh_renders(scenes, seed, offset=CHECK_SEED_OFFSET)
         with torch.no_grad():
             accuracy, by_category = summarise_verdicts(judge_verdicts(judge, images, scenes))
         report[split] = {
@@ -38,9 +37,7 @@ def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=No
             "align_true_over_random_mismatch": reward_discrimination(align, images, scenes, seed, hard=False),
             "align_true_over_one_attribute_changed": reward_discrimination(align, images, scenes, seed, hard=True),
             # The floor any sampler's FID is measured against: two independent render sets, same prompts.
-            "fid_renders_vs_renders": judge_fid(
-                judge, images, render_batch(scenes, [REFERENCE_SEED_OFFSET + seed * num_images + i for i in range(num_images)])
-            ),
+            "fid_renders_vs_renders": judge_fid(judge, images, fresh_renders(scenes, seed)),
         }
     return report
 

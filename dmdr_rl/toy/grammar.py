@@ -73,20 +73,22 @@ def prompt_to_scene(prompt: str) -> Scene:
     return scene
 
 
-def all_single_scenes() -> list[SingleScene]:
-    return [
+@lru_cache(maxsize=1)
+def all_single_scenes() -> tuple[SingleScene, ...]:
+    return tuple(
         SingleScene(ToyObject(shape, colour), size, position)
         for shape, colour, size, position in itertools.product(SHAPES, COLOUR_NAMES, SIZES, POSITION_NAMES)
-    ]
+    )
 
 
-def all_pair_scenes() -> list[PairScene]:
+@lru_cache(maxsize=1)
+def all_pair_scenes() -> tuple[PairScene, ...]:
     objects = [ToyObject(s, c) for s, c in itertools.product(SHAPES, COLOUR_NAMES)]
-    return [
+    return tuple(
         PairScene(a, rel, b)
         for a, rel, b in itertools.product(objects, RELATIONS, objects)
         if a != b
-    ]
+    )
 
 
 def is_held_out(scene: Scene) -> bool:

@@ -4,6 +4,8 @@ and reward means. All take images [B, 3, 32, 32] in [0, 1] and the scenes their 
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections import defaultdict
 from typing import Sequence
 
@@ -11,7 +13,8 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import HEADS, AttributeClassifier, JudgeFeatures
-from .scene import PairScene, Scene, SingleScene, ToyObject
+from .grammar import all_pair_scenes, all_single_scenes, prompts_of
+from .scene import COLOUR_NAMES, POSITION_NAMES, RELATIONS, SHAPES, SIZES, PairScene, Scene, SingleScene, ToyObject
 
 
 def judge_verdicts(judge: AttributeClassifier, images: torch.Tensor, scenes: Sequence[Scene]) -> list[dict[str, bool]]:
@@ -82,11 +85,6 @@ def judge_fid(judge: AttributeClassifier, generated: torch.Tensor, reference: to
 def mismatch(scene: Scene, rng, hard: bool) -> Scene:
     """Another scene for the same image: any other scene of the same kind, or (hard) one with
     exactly one attribute changed (for pairs: one object's shape or colour, or the relation)."""
-    import dataclasses
-
-    from .grammar import all_pair_scenes, all_single_scenes
-    from .scene import COLOUR_NAMES, POSITION_NAMES, RELATIONS, SHAPES, SIZES
-
     if not hard:
         pool = all_single_scenes() if isinstance(scene, SingleScene) else all_pair_scenes()
         while (other := rng.choice(pool)) == scene:
@@ -122,10 +120,6 @@ def mismatch(scene: Scene, rng, hard: bool) -> Scene:
 @torch.no_grad()
 def reward_discrimination(reward, images: torch.Tensor, scenes: Sequence[Scene], seed: int, hard: bool) -> float:
     """How often the reward scores an image's own prompt above a mismatched prompt."""
-    import random
-
-    from .grammar import prompts_of
-
     rng = random.Random(seed)
     wrong = [mismatch(s, rng, hard) for s in scenes]
     true_scores = reward.score(images, prompts_of(scenes))
