@@ -4,10 +4,13 @@ The algorithm sees a `Backbone`: encode prompts, predict velocity with a named L
 given scale and with classifier-free guidance, and decode to images in [0, 1]. `TransformerBackbone`
 implements it for diffusers SD3-family transformers: generator and critic are peft LoRA adapters
 on one shared frozen base, switched per call; scale 0 (or no adapter) is exactly the base model.
+A generator may instead be a full trainable copy of the base (`add_full_copy`, config `student.lora:
+null`); the algorithm does not see the difference.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
@@ -58,8 +61,8 @@ class TransformerBackbone:
         self._encoder = encoder
         self._decoder = decoder
         self._null: Conditioning | None = None
-        self._trainable: dict[str, bool] = {}
-        self._adapter_params: dict[str, list[torch.nn.Parameter]] = {}
+        self._lora_params: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+        self._copies: dict[str, torch.nn.Module] = {}
         self._active: str | None = None
 
     # -- conditioning -------------------------------------------------------------------------
@@ -84,11 +87,10 @@ class TransformerBackbone:
     # -- adapters -----------------------------------------------------------------------------
     @property
     def adapters(self) -> tuple[str, ...]:
-        return tuple(self._trainable)
+        return (*self._copies, *self._lora_params)
 
     def add_lora(self, name: str, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> None:
-        if name in self._trainable:
-            raise ValueError(f"adapter {name!r} exists already")
+        self._check_new(name)
         missing = [t for t in targets if not any(n.endswith(t) for n, _ in self.transformer.named_modules())]
         if missing:
             raise ValueError(f"LoRA target module(s) {missing} do not exist in {type(self.transformer).__name__}")
@@ -96,28 +98,45 @@ class TransformerBackbone:
         with warnings.catch_warnings():  # several adapters on one base is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             self.transformer.add_adapter(config, adapter_name=name)
-        self._trainable[name] = True
-        self._adapter_params[name] = [
-            p for n, p in self.transformer.named_parameters() if "lora_" in n and f".{name}." in n
+        self._lora_params[name] = [
+            (n, p) for n, p in self.transformer.named_parameters() if "lora_" in n and f".{name}." in n
         ]
         self._activate(name, force=True)
 
-    def lora_parameters(self, name: str) -> list[torch.nn.Parameter]:
+    def add_full_copy(self, name: str) -> None:
+        """A trainable copy of the whole base under `name` (a full fine-tune); the base stays frozen.
+        Added before any LoRA adapter, so the copy is the plain base."""
+        self._check_new(name)
+        if self._lora_params:
+            raise ValueError(f"add the full copy {name!r} before any LoRA adapter (it would copy them too)")
+        self._copies[name] = copy.deepcopy(self.transformer).requires_grad_(True)
+
+    def named_trainable_parameters(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters an adapter trains, with names stable across processes (for checkpoints)."""
         self._check_adapter(name)
-        return list(self._adapter_params[name])
+        if name in self._copies:
+            return list(self._copies[name].named_parameters())
+        return list(self._lora_params[name])
+
+    def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters(name)]
+
+    def _check_new(self, name: str) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} exists already")
 
     def _check_adapter(self, name: str) -> None:
-        if name not in self._trainable:
-            raise ValueError(f"no adapter {name!r}; adapters: {', '.join(self._trainable) or 'none'}")
+        if name not in self.adapters:
+            raise ValueError(f"no adapter {name!r}; adapters: {', '.join(self.adapters) or 'none'}")
 
     def _activate(self, name: str, force: bool = False) -> None:
         if name == self._active and not force:
             return
         self.transformer.set_adapter(name)
-        # peft's set_adapter freezes every inactive adapter; keep each one trainable as declared.
-        for adapter, trainable in self._trainable.items():
-            for p in self.lora_parameters(adapter):
-                p.requires_grad_(trainable)
+        # peft's set_adapter freezes every inactive adapter; keep each one trainable.
+        for params in self._lora_params.values():
+            for _, p in params:
+                p.requires_grad_(True)
         self._active = name
 
     # -- prediction ---------------------------------------------------------------------------
@@ -126,21 +145,31 @@ class TransformerBackbone:
         scale: float = 1.0, cfg: float = 1.0, null: Conditioning | None = None,
     ) -> torch.Tensor:
         """v(x_t, t | c) of the base with `adapter` at LoRA `scale` (None or scale 0: the base itself);
-        with cfg != 1, v_null + cfg (v_cond - v_null) from one batched call."""
-        if adapter is not None:
-            self._check_adapter(adapter)
-            self._activate(adapter)
-        elif self._trainable:
-            scale = 0.0  # any adapter at scale 0 is exactly the base
+        with cfg != 1, v_null + cfg (v_cond - v_null) from one batched call. A full copy has no scale."""
+        if adapter in self._copies:
+            if scale != 1.0:
+                raise ValueError(f"adapter {adapter!r} is a full copy of the model: it has no LoRA scale (got {scale})")
+            forward = self._copy_forward(self._copies[adapter])
+        else:
+            if adapter is not None:
+                self._check_adapter(adapter)
+                self._activate(adapter)
+            elif self._lora_params:
+                scale = 0.0  # any adapter at scale 0 is exactly the base
+            forward = self._lora_forward(scale)
         if cfg == 1.0:
-            return self._forward(x_t, t, cond, scale)
+            return forward(x_t, t, cond)
         null = null if null is not None else self.null(x_t.shape[0])
-        v_null, v_cond = self._forward(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond]), scale).chunk(2)
+        v_null, v_cond = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond])).chunk(2)
         return v_null + cfg * (v_cond - v_null)
 
-    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, scale: float) -> torch.Tensor:
-        kwargs = {"joint_attention_kwargs": {"scale": scale}} if self._trainable else {}
-        return transformer_velocity(self.transformer, x_t, t, cond, **kwargs)
+    def _lora_forward(self, scale: float):
+        kwargs = {"joint_attention_kwargs": {"scale": scale}} if self._lora_params else {}
+        return lambda x_t, t, cond: transformer_velocity(self.transformer, x_t, t, cond, **kwargs)
+
+    @staticmethod
+    def _copy_forward(module: torch.nn.Module):
+        return lambda x_t, t, cond: transformer_velocity(module, x_t, t, cond)
 
     @torch.no_grad()
     def sample(

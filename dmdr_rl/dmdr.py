@@ -50,6 +50,15 @@ class WeightedReward:
         return self.spec.weight * shaped.mean(), metrics
 
 
+def add_adapters(backbone, student: StudentSection, critic: CriticSection) -> None:
+    """The generator (its own LoRA, or a full copy when `student.lora` is null) and the critic LoRA."""
+    if student.lora is None:
+        backbone.add_full_copy(GENERATOR)
+    else:
+        backbone.add_lora(GENERATOR, student.lora.rank, student.lora.alpha)
+    backbone.add_lora(CRITIC, critic.lora.rank, critic.lora.alpha)
+
+
 def backward_simulation(
     backbone: Backbone, cond: Conditioning, student: StudentSection, generator: torch.Generator
 ) -> Trajectory:

@@ -69,21 +69,18 @@ class MetricsLog:
 
 class LocalTrainer:
     def __init__(self, cfg: RunConfig, backbone=None, rewards: Sequence[dmdr.WeightedReward] | None = None):
-        if cfg.student.lora is None:
-            raise ConfigError("student.lora: null (full fine-tune) is not supported by the trainer yet; give a LoRA rank/alpha")
         self.cfg = cfg
         self.out = cfg.output_dir
         self.backbone = backbone or BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution)
-        self.backbone.add_lora(dmdr.GENERATOR, cfg.student.lora.rank, cfg.student.lora.alpha)
-        self.backbone.add_lora(dmdr.CRITIC, cfg.critic.lora.rank, cfg.critic.lora.alpha)
+        dmdr.add_adapters(self.backbone, cfg.student, cfg.critic)
         self.rewards = list(rewards) if rewards is not None else [
             dmdr.WeightedReward(REWARDS.build(spec.name, **spec.kwargs), spec) for spec in cfg.rewards
         ]
         self.schedule = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start)
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)
         self.rng = torch.Generator().manual_seed(cfg.trainer.seed)
-        self.opt_generator = torch.optim.AdamW(self.backbone.lora_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
-        self.opt_critic = torch.optim.AdamW(self.backbone.lora_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
+        self.opt_generator = torch.optim.AdamW(self.backbone.trainable_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
+        self.opt_critic = torch.optim.AdamW(self.backbone.trainable_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
         self.iteration = 0
         self.generator_step = 0
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
@@ -188,7 +185,7 @@ class LocalTrainer:
             raise FileNotFoundError(f"no trainer checkpoint in {directory} (expected trainer_state.pt)")
         for adapter in (dmdr.GENERATOR, dmdr.CRITIC):
             saved = load_file(str(directory / f"{adapter}.safetensors"))
-            params = dict(self._named_adapter_params(adapter))
+            params = dict(self.backbone.named_trainable_parameters(adapter))
             if set(saved) != set(params):
                 raise ValueError(f"checkpoint {directory} does not match this model's {adapter} adapter")
             with torch.no_grad():
@@ -200,9 +197,5 @@ class LocalTrainer:
         self.opt_generator.load_state_dict(state["opt_generator"])
         self.opt_critic.load_state_dict(state["opt_critic"])
 
-    def _named_adapter_params(self, adapter: str):
-        wanted = {id(p) for p in self.backbone.lora_parameters(adapter)}
-        return [(n, p) for n, p in self.backbone.transformer.named_parameters() if id(p) in wanted]
-
     def _adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in self._named_adapter_params(adapter)}
+        return {n: p.detach().contiguous() for n, p in self.backbone.named_trainable_parameters(adapter)}

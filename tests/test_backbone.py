@@ -23,7 +23,7 @@ def _inputs(backbone):
 
 def _perturb(backbone, name):
     with torch.no_grad():
-        for p in backbone.lora_parameters(name):
+        for p in backbone.trainable_parameters(name):
             p.add_(0.05 * torch.randn_like(p))
 
 
@@ -72,9 +72,9 @@ def test_adapters_keep_their_own_gradients_when_switched(backbone):
     with torch.no_grad():
         v_critic = backbone.velocity(x, t, cond, adapter="critic", scale=2.0)
     ((v_gen - v_critic - 1.0) ** 2).mean().backward()  # fresh adapters are equal: offset the target
-    assert all(p.requires_grad for p in backbone.lora_parameters("generator") + backbone.lora_parameters("critic"))
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.lora_parameters("generator"))
-    assert all(p.grad is None for p in backbone.lora_parameters("critic"))
+    assert all(p.requires_grad for p in backbone.trainable_parameters("generator") + backbone.trainable_parameters("critic"))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.trainable_parameters("generator"))
+    assert all(p.grad is None for p in backbone.trainable_parameters("critic"))
     assert all(p.grad is None for n, p in backbone.transformer.named_parameters() if "lora_" not in n)
 
 
@@ -87,3 +87,37 @@ def test_adapter_errors_name_the_problem(backbone):
     backbone.add_lora("critic", rank=4, alpha=4)
     with pytest.raises(ValueError, match="exists already"):
         backbone.add_lora("critic", rank=4, alpha=4)
+
+
+def test_full_copy_starts_at_the_teacher_trains_alone_and_leaves_the_base_frozen(backbone):
+    x, t, cond = _inputs(backbone)
+    with torch.no_grad():
+        teacher = backbone.velocity(x, t, cond)
+    backbone.add_full_copy("generator")
+    backbone.add_lora("critic", rank=4, alpha=4)
+    assert backbone.adapters == ("generator", "critic")
+    v_gen = backbone.velocity(x, t, cond, adapter="generator")
+    assert torch.equal(v_gen.detach(), teacher)
+    names = [n for n, _ in backbone.named_trainable_parameters("generator")]
+    assert len(names) == len(list(backbone.transformer.parameters())) - len(backbone.trainable_parameters("critic"))
+    v_gen.square().mean().backward()
+    assert all(p.grad is not None for p in backbone.trainable_parameters("generator"))
+    assert all(p.grad is None for p in backbone.transformer.parameters())
+    with torch.no_grad():
+        for p in backbone.trainable_parameters("generator"):
+            p.add_(0.01)
+        assert torch.equal(backbone.velocity(x, t, cond), teacher)
+        assert not torch.allclose(backbone.velocity(x, t, cond, adapter="generator"), teacher)
+
+
+def test_full_copy_errors_name_the_problem(backbone):
+    backbone.add_lora("critic", rank=4, alpha=4)
+    with pytest.raises(ValueError, match="before any LoRA adapter"):
+        backbone.add_full_copy("generator")
+
+
+def test_full_copy_has_no_scale(backbone):
+    backbone.add_full_copy("generator")
+    x, t, cond = _inputs(backbone)
+    with pytest.raises(ValueError, match="full copy.*no LoRA scale"):
+        backbone.velocity(x, t, cond, adapter="generator", scale=0.5)

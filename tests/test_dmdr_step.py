@@ -30,7 +30,7 @@ def backbone():
     b.add_lora(dmdr.GENERATOR, rank=4, alpha=8)
     b.add_lora(dmdr.CRITIC, rank=4, alpha=4)
     with torch.no_grad():  # non-zero adapters, so that every path carries gradient
-        for p in b.lora_parameters(dmdr.GENERATOR) + b.lora_parameters(dmdr.CRITIC):
+        for p in b.trainable_parameters(dmdr.GENERATOR) + b.trainable_parameters(dmdr.CRITIC):
             p.add_(0.02 * torch.randn_like(p))
     return b
 
@@ -52,9 +52,9 @@ def test_critic_loss_trains_only_the_critic(backbone):
     cond = backbone.encode(PROMPTS)
     traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=2), torch.Generator().manual_seed(0))
     dmdr.critic_loss(backbone, traj.x0, cond, 0, CriticSection(), DmdSection(), torch.Generator().manual_seed(1)).backward()
-    critic_grads = _grads(backbone.lora_parameters(dmdr.CRITIC))
+    critic_grads = _grads(backbone.trainable_parameters(dmdr.CRITIC))
     assert sum(critic_grads) > 0.8 * len(critic_grads)  # all but the last block's unused context outputs
-    assert not any(_grads(backbone.lora_parameters(dmdr.GENERATOR)))
+    assert not any(_grads(backbone.trainable_parameters(dmdr.GENERATOR)))
 
 
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
@@ -67,8 +67,8 @@ def test_generator_loss_trains_only_the_generator_and_waits_for_the_reward(backb
     loss, metrics = dmdr.generator_loss(*args, reward_active=False, generator=torch.Generator().manual_seed(2))
     assert reward.calls == 0 and "loss/dmd" in metrics and not any(k.startswith("reward/") for k in metrics)
     loss.backward()
-    assert any(_grads(backbone.lora_parameters(dmdr.GENERATOR)))
-    assert not any(_grads(backbone.lora_parameters(dmdr.CRITIC)))
+    assert any(_grads(backbone.trainable_parameters(dmdr.GENERATOR)))
+    assert not any(_grads(backbone.trainable_parameters(dmdr.CRITIC)))
 
     loss_with_reward, metrics = dmdr.generator_loss(*args, reward_active=True, generator=torch.Generator().manual_seed(2))
     assert reward.calls == 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dmdr_rl import dmdr
-from dmdr_rl.config import ConfigError, RewardSpec, load_config
+from dmdr_rl.config import RewardSpec, load_config
 from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
 from dmdr_rl.toy.text import ToyTextEncoder
 from dmdr_rl.trainer import LocalTrainer
@@ -35,7 +35,7 @@ def _trainer(tmp_path, reward=None, **overrides):
 
 
 def _snapshot(trainer, adapter):
-    return [p.detach().clone() for p in trainer.backbone.lora_parameters(adapter)]
+    return [p.detach().clone() for p in trainer.backbone.trainable_parameters(adapter)]
 
 
 def _changed(before, after):
@@ -70,20 +70,29 @@ def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight, _ = _trainer(tmp_path / "a")
+@pytest.mark.parametrize("generator", [{}, {"student.lora": "null"}], ids=["lora", "full-fine-tune"])
+def test_resume_continues_exactly(tmp_path, generator):
+    straight, _ = _trainer(tmp_path / "a", **generator)
     straight.train()
-    first, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 2})
+    first, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 2, **generator})
     first.train()
-    resumed, _ = _trainer(tmp_path / "b")
+    resumed, _ = _trainer(tmp_path / "b", **generator)
     resumed.load_checkpoint(tmp_path / "b" / "checkpoints")
     assert resumed.generator_step == 2 and resumed.iteration == 6
     resumed.train()
     for adapter in (dmdr.GENERATOR, dmdr.CRITIC):
+        assert _changed(_snapshot(_trainer(tmp_path / "c", **generator)[0], adapter), _snapshot(straight, adapter))
         for a, b in zip(_snapshot(straight, adapter), _snapshot(resumed, adapter)):
             assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_full_fine_tune_is_refused_with_a_reason(tmp_path):
-    with pytest.raises(ConfigError, match="full fine-tune"):
-        _trainer(tmp_path, **{"student.lora": "null"})
+def test_full_fine_tune_trains_a_copy_and_never_the_base(tmp_path):
+    trainer, _ = _trainer(tmp_path, **{"student.lora": "null"})
+    base = [p.detach().clone() for n, p in trainer.backbone.transformer.named_parameters() if "lora_" not in n]
+    trainer.train()
+    after = [p.detach() for n, p in trainer.backbone.transformer.named_parameters() if "lora_" not in n]
+    assert all(torch.equal(a, b) for a, b in zip(base, after))
+    copy = trainer.backbone.trainable_parameters(dmdr.GENERATOR)
+    assert len(copy) == len(base)
+    assert _changed(base, copy)
+    assert (tmp_path / "checkpoints" / "step_000004" / "generator.safetensors").stat().st_size > 4 * sum(p.numel() for p in base) * 0.9
