@@ -138,24 +138,47 @@ def available_presets() -> list[str]:
 
 def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """A preset name (see `available_presets()`) or a YAML file, then `section.key=value` overrides."""
-    data: dict[str, Any] = {}
-    if preset is not None:
-        path = Path(preset)
-        if not path.suffix:
-            path = PRESETS_DIR / f"{preset}.yaml"
-            if not path.exists():
-                raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
-        elif not path.exists():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    data = _read_preset(preset, ()) if preset is not None else {}
     for override in overrides:
         _apply_override(data, override)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
+
+
+def _read_preset(preset: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A preset's mapping; a `base: <preset or file>` key inherits another preset, merged section by
+    section (mappings merge, everything else replaces)."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {str(preset)!r}; available: {', '.join(available_presets())}")
+    elif not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base` presets form a cycle ({' -> '.join(p.name for p in chain)} -> {path.name})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
+    if Path(base).suffix and not Path(base).is_absolute():
+        base = str(path.parent / base)
+    return _merge(_read_preset(base, (*chain, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

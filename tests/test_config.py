@@ -43,3 +43,32 @@ def test_unknown_preset_lists_the_available_ones():
 def test_a_run_needs_a_loss():
     with pytest.raises(ConfigError, match="no rewards are configured"):
         load_config("toy-rl-only", ["rewards=[]"])
+
+
+def test_a_preset_inherits_its_base_section_by_section(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: toy-dmdr\nname: child\nstudent: {steps: 1}\ntrainer: {max_steps: 7}\n")
+    cfg, parent = load_config(child), load_config("toy-dmdr")
+    assert (cfg.name, cfg.student.steps, cfg.trainer.max_steps) == ("child", 1, 7)
+    assert cfg.student.lora == parent.student.lora and cfg.trainer.cold_start == parent.trainer.cold_start
+    assert cfg.rewards == parent.rewards
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text("base: child.yaml\nrewards: []\ndmd: {weight: 1.0}\n")
+    cfg = load_config(grandchild, ["trainer.max_steps=9"])
+    assert (cfg.name, cfg.student.steps, cfg.trainer.max_steps, cfg.rewards) == ("child", 1, 9, [])
+
+
+def test_one_step_presets_differ_from_their_bases_only_in_steps_and_name():
+    for one_step, base in (("toy-dmd-1step", "toy-dmd"), ("toy-dmdr-1step", "toy-dmdr")):
+        a, b = load_config(one_step).model_dump(), load_config(base).model_dump()
+        assert a["student"].pop("steps") == 1 and b["student"].pop("steps") == 4
+        assert a.pop("name") == one_step
+        b.pop("name")
+        assert a == b
+
+
+def test_a_cycle_of_bases_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")

@@ -1,0 +1,281 @@
+"""Reproduce the toy-world results table: `docs/results/toy.md`, its JSON twin and a grid per row.
+
+    python -m dmdr_rl.results                # train what is missing, evaluate every row, write the table
+    python -m dmdr_rl.results --jobs 2       # two trainings at a time (one thread each)
+    python -m dmdr_rl.results --rows teacher-32,dmd-4 --num-images 200   # a quick partial table
+
+Rows: the teacher at 32, 4 and 1 steps (CFG 4), and students trained from the presets (DMD, DMDR,
+RL-only at 4 steps; DMD and DMDR at 1 step). Trainings live under --runs and are reused when finished
+(resumed from their last checkpoint when interrupted), so a second call only re-evaluates. Every row
+is evaluated on both prompt splits by `dmdr_rl.evaluation.evaluate`, the same function as
+`python -m dmdr_rl.eval`. The paper's claims (issue 3's targets) are checked against the measured
+numbers and written under the table, pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+SPLITS = ("held-in", "held-out")
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    steps: int
+    preset: str | None = None  # None: the teacher
+
+
+ROWS = (
+    Row("teacher-32", "Teacher, 32 steps", 32),
+    Row("teacher-4", "Teacher, 4 steps", 4),
+    Row("teacher-1", "Teacher, 1 step", 1),
+    Row("dmd-4", "DMD, 4-step", 4, "toy-dmd"),
+    Row("dmdr-4", "DMDR, 4-step", 4, "toy-dmdr"),
+    Row("rl-only-4", "RL only (no DMD), 4-step", 4, "toy-rl-only"),
+    Row("dmd-1", "DMD, 1-step", 1, "toy-dmd-1step"),
+    Row("dmdr-1", "DMDR, 1-step", 1, "toy-dmdr-1step"),
+)
+ROWS_BY_KEY = {row.key: row for row in ROWS}
+
+
+# -- training -----------------------------------------------------------------------------------
+def _finished(run_dir: Path, max_steps: int) -> bool:
+    summary = run_dir / "train_summary.json"
+    return summary.exists() and json.loads(summary.read_text())["generator_steps"] >= max_steps
+
+
+def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...] = ()) -> dict:
+    """Train (or finish training) one preset into `run_dir`; returns the training summary. Runs in a
+    worker process when trainings go in parallel."""
+    from .config import load_config
+    from .trainer import LocalTrainer
+
+    torch.set_num_threads(threads)
+    run_path = Path(run_dir)
+    cfg = load_config(preset, [f"output.dir={run_path}", *overrides])
+    if _finished(run_path, cfg.trainer.max_steps):
+        return json.loads((run_path / "train_summary.json").read_text())
+    trainer = LocalTrainer(cfg)
+    previous_seconds = 0.0
+    if (run_path / "checkpoints" / "latest").exists():
+        trainer.load_checkpoint(run_path / "checkpoints")
+        if (run_path / "train_partial.json").exists():
+            previous_seconds = json.loads((run_path / "train_partial.json").read_text())["seconds"]
+    started = time.time()
+    try:
+        summary = trainer.train()
+    finally:
+        elapsed = previous_seconds + time.time() - started
+        (run_path / "train_partial.json").write_text(json.dumps({"seconds": round(elapsed, 1)}) + "\n")
+    summary.update({"preset": preset, "train_seconds": round(elapsed, 1), "threads": threads,
+                    "resumed": previous_seconds > 0})
+    (run_path / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_all(rows: list[Row], runs: Path, jobs: int, overrides: tuple[str, ...]) -> dict[str, dict]:
+    """Train every student row; `jobs` at a time, the machine's threads shared between them."""
+    students = [row for row in rows if row.preset is not None]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs <= 1 or len(students) <= 1:
+        return {row.key: train_row(row.preset, str(runs / row.key), threads, overrides) for row in students}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {row.key: pool.submit(train_row, row.preset, str(runs / row.key), threads, overrides) for row in students}
+        return {key: future.result() for key, future in futures.items()}
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def _sampler(row: Row, runs: Path):
+    from .eval import load_student
+    from .toy.teacher import DEFAULT_CFG
+    from .toy.weights import load_teacher
+
+    if row.preset is None:
+        teacher = load_teacher()
+        return DEFAULT_CFG, lambda prompts, seed: teacher.sample(prompts, steps=row.steps, cfg=DEFAULT_CFG, seed=seed)
+    sample_fn, steps = load_student(runs / row.key)
+    if steps != row.steps:
+        raise ValueError(f"{runs / row.key} trains a {steps}-step student, but row {row.key} is {row.steps}-step")
+    return 1.0, sample_fn
+
+
+def evaluate_row(row: Row, runs: Path, out: Path, num_images: int, seed: int, judge, align) -> dict:
+    from .evaluation import evaluate
+
+    cfg, sample_fn = _sampler(row, runs)
+    result = {"key": row.key, "label": row.label, "steps": row.steps, "cfg": cfg, "preset": row.preset}
+    for split in SPLITS:
+        grid = out / "toy" / f"{row.key}-{split}.png"
+        report = evaluate(sample_fn, split, num_images, seed, judge, [align], grid_path=grid, grid_size=16,
+                          desc=f"{row.key} {split}")
+        report["grid"] = str(grid.relative_to(out))
+        result[split] = report
+        print(f"{row.key} {split}: judge accuracy {report['judge_accuracy']:.3f}  FID {report['fid']:.1f}  "
+              f"toy-align {report['rewards']['toy-align']:.3f}", flush=True)
+    return result
+
+
+# -- the claims ---------------------------------------------------------------------------------
+def check_claims(results: dict[str, dict]) -> list[dict]:
+    """Issue 3's targets, each as {claim, measured, passed}; rows that were not run are skipped."""
+
+    def acc(key, split):
+        return results[key][split]["judge_accuracy"]
+
+    def fid(key, split="held-in"):
+        return results[key][split]["fid"]
+
+    def reward(key):
+        return results[key]["held-in"]["rewards"]["toy-align"]
+
+    claims = []
+
+    def claim(text, needs, test, measured):
+        if all(k in results for k in needs):
+            claims.append({"claim": text, "measured": measured(), "passed": bool(test())})
+
+    claim("DMD 4-step: FID <= 1.5x the 32-step teacher's (held-in)", ("dmd-4", "teacher-32"),
+          lambda: fid("dmd-4") <= 1.5 * fid("teacher-32"),
+          lambda: f"{fid('dmd-4'):.1f} vs 1.5 x {fid('teacher-32'):.1f} = {1.5 * fid('teacher-32'):.1f}")
+    for split in SPLITS:
+        claim(f"DMD 4-step: judge accuracy >= 0.9x the 32-step teacher's ({split})", ("dmd-4", "teacher-32"),
+              lambda s=split: acc("dmd-4", s) >= 0.9 * acc("teacher-32", s),
+              lambda s=split: f"{acc('dmd-4', s):.3f} vs 0.9 x {acc('teacher-32', s):.3f} = {0.9 * acc('teacher-32', s):.3f}")
+    claim("DMD 1-step far better than the teacher at 1 step (accuracy +0.1 and FID halved, held-in)",
+          ("dmd-1", "teacher-1"),
+          lambda: acc("dmd-1", "held-in") >= acc("teacher-1", "held-in") + 0.1 and fid("dmd-1") <= 0.5 * fid("teacher-1"),
+          lambda: f"accuracy {acc('dmd-1', 'held-in'):.3f} vs {acc('teacher-1', 'held-in'):.3f}; "
+                  f"FID {fid('dmd-1'):.1f} vs {fid('teacher-1'):.1f}")
+    for split in SPLITS:
+        claim(f"DMDR 4-step: judge accuracy above the 32-step teacher's ({split})", ("dmdr-4", "teacher-32"),
+              lambda s=split: acc("dmdr-4", s) > acc("teacher-32", s),
+              lambda s=split: f"{acc('dmdr-4', s):.3f} vs {acc('teacher-32', s):.3f}")
+    claim("DMDR 4-step: FID <= 1.5x the 32-step teacher's (held-in)", ("dmdr-4", "teacher-32"),
+          lambda: fid("dmdr-4") <= 1.5 * fid("teacher-32"),
+          lambda: f"{fid('dmdr-4'):.1f} vs {1.5 * fid('teacher-32'):.1f}")
+    claim("RL-only 4-step: toy-align reward at least DMDR's (held-in)", ("rl-only-4", "dmdr-4"),
+          lambda: reward("rl-only-4") >= reward("dmdr-4"),
+          lambda: f"{reward('rl-only-4'):.3f} vs {reward('dmdr-4'):.3f}")
+    claim("RL-only 4-step: reward hacking visible (judge accuracy 0.05 below DMDR's or FID 1.5x DMDR's, held-in)",
+          ("rl-only-4", "dmdr-4"),
+          lambda: acc("rl-only-4", "held-in") <= acc("dmdr-4", "held-in") - 0.05 or fid("rl-only-4") >= 1.5 * fid("dmdr-4"),
+          lambda: f"accuracy {acc('rl-only-4', 'held-in'):.3f} vs {acc('dmdr-4', 'held-in'):.3f}; "
+                  f"FID {fid('rl-only-4'):.1f} vs {fid('dmdr-4'):.1f}")
+    return claims
+
+
+# -- the table ----------------------------------------------------------------------------------
+def hacking_sentence(results: dict[str, dict]) -> str | None:
+    if "rl-only-4" not in results or "dmdr-4" not in results:
+        return None
+    rl, dmdr = results["rl-only-4"]["held-in"], results["dmdr-4"]["held-in"]
+    return (
+        f"RL-only (the reward with no DMD term) reaches a toy-align reward of {rl['rewards']['toy-align']:.3f} against "
+        f"DMDR's {dmdr['rewards']['toy-align']:.3f}, yet the held-out judge gives it {rl['judge_accuracy']:.3f} accuracy "
+        f"(DMDR {dmdr['judge_accuracy']:.3f}) and an FID of {rl['fid']:.1f} (DMDR {dmdr['fid']:.1f}): "
+        + ("the reward is hacked, and the DMD term is what prevents it."
+           if rl["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 or rl["fid"] >= 1.5 * dmdr["fid"]
+           else "on this run the gap is too small to call it reward hacking.")
+    )
+
+
+def render_markdown(table: dict) -> str:
+    results, meta = table["rows"], table["meta"]
+    lines = [
+        "# Toy-world results",
+        "",
+        f"Reproduce: `{meta['command']}` ({meta['num_images']} images per split and row, seed {meta['seed']}; "
+        f"written {meta['date']}). Judge accuracy is strict (every attribute and the object count right); FID uses "
+        "the judge's features against fresh renders of the same prompts (lower is better; renders against renders "
+        "give about 12); toy-align is the RL reward (the judge never trains anything). Students train on held-in "
+        "prompts only; held-out prompts contain colour-shape pairs no training prompt has. Teacher rows use CFG 4, "
+        "students no guidance.",
+        "",
+        "| row | steps | judge acc. held-in | judge acc. held-out | FID held-in | FID held-out | toy-align held-in "
+        "| toy-align held-out | train time | grid (held-in) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in results.items():
+        train = r.get("training")
+        train_time = f"{train['train_seconds'] / 60:.1f} min ({train['threads']} thr)" if train else "-"
+        a, b = r["held-in"], r["held-out"]
+        lines.append(
+            f"| {r['label']} | {r['steps']} | {a['judge_accuracy']:.3f} | {b['judge_accuracy']:.3f} | {a['fid']:.1f} "
+            f"| {b['fid']:.1f} | {a['rewards']['toy-align']:.3f} | {b['rewards']['toy-align']:.3f} | {train_time} "
+            f"| [{key}]({a['grid']}) |"
+        )
+    sentence = hacking_sentence(results)
+    if sentence:
+        lines += ["", sentence]
+    if table["claims"]:
+        lines += ["", "## The paper's claims on the toy world (issue 3's targets)", "",
+                  "| claim | measured | met |", "|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['passed'] else '**no**'} |" for c in table["claims"]]
+    lines += ["", "Per-category judge accuracies are in the JSON twin (`toy.json`)."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dmdr_rl.results", description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)}")
+    p.add_argument("--num-images", type=int, default=1000, help="images per split and row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=Path, default=Path("runs/results"), help="where the trainings live (reused when finished)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"), help="where toy.md, toy.json and the grids go")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at a time (the CPU threads are split between them)")
+    p.add_argument("--retrain", action="store_true", help="delete the rows' runs under --runs and train them again")
+    p.add_argument("overrides", nargs="*", help="config overrides for every training, e.g. trainer.max_steps=50")
+    args = p.parse_args(argv)
+    unknown = [k for k in args.rows.split(",") if k not in ROWS_BY_KEY]
+    if unknown:
+        p.error(f"unknown row(s) {unknown}; allowed: {', '.join(ROWS_BY_KEY)}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .toy.weights import load_align, load_judge
+
+    args = parse_args(argv)
+    rows = [ROWS_BY_KEY[k] for k in args.rows.split(",")]
+    if args.retrain:
+        for row in rows:
+            if row.preset is not None:
+                shutil.rmtree(args.runs / row.key, ignore_errors=True)
+    training = train_all(rows, args.runs, args.jobs, tuple(args.overrides))
+    judge, align = load_judge(), load_align()
+    results = {}
+    for row in rows:
+        results[row.key] = evaluate_row(row, args.runs, args.out, args.num_images, args.seed, judge, align)
+        if row.key in training:
+            results[row.key]["training"] = training[row.key]
+    command = "python -m dmdr_rl.results " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = {
+        "meta": {"command": command.strip(), "num_images": args.num_images, "seed": args.seed,
+                 "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "rows": results,
+        "claims": check_claims(results),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "toy.json").write_text(json.dumps(table, indent=2) + "\n")
+    (args.out / "toy.md").write_text(render_markdown(table))
+    print(f"\n{render_markdown(table)}\nwrote {args.out / 'toy.md'} and {args.out / 'toy.json'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

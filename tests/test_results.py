@@ -1,0 +1,51 @@
+"""The results-table command: trains missing rows (in parallel when asked), reuses finished ones,
+evaluates both splits, and checks the claims against the measured numbers."""
+
+import json
+
+from dmdr_rl import results
+
+TINY = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.cold_start=1", "dmd.ratio=2",
+        "output.checkpoint_every=1", "output.sample_every=100"]
+
+
+def test_the_table_trains_evaluates_and_reuses_finished_runs(tmp_path):
+    argv = ["--rows", "teacher-1,dmd-1,dmdr-1", "--num-images", "8", "--jobs", "2",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *TINY]
+    table = results.main(argv)
+    assert list(table["rows"]) == ["teacher-1", "dmd-1", "dmdr-1"]
+    for key, row in table["rows"].items():
+        for split in ("held-in", "held-out"):
+            assert 0.0 <= row[split]["judge_accuracy"] <= 1.0 and row[split]["num_images"] == 8
+            assert (tmp_path / "out" / row[split]["grid"]).exists()
+    assert table["rows"]["dmd-1"]["training"]["generator_steps"] == 2
+    assert table["rows"]["teacher-1"]["cfg"] == 4.0 and table["rows"]["dmd-1"]["cfg"] == 1.0
+    saved = json.loads((tmp_path / "out" / "toy.json").read_text())
+    assert saved["rows"]["dmdr-1"]["held-out"]["fid"] == table["rows"]["dmdr-1"]["held-out"]["fid"]
+    markdown = (tmp_path / "out" / "toy.md").read_text()
+    assert "| DMDR, 1-step | 1 |" in markdown and "DMD 1-step far better" in markdown
+    checkpoint = tmp_path / "runs" / "dmd-1" / "checkpoints" / "step_000002" / "generator.safetensors"
+    stamp = checkpoint.stat().st_mtime_ns
+    again = results.main(argv)  # finished runs are reused, not retrained
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert again["rows"]["dmd-1"]["held-in"] == table["rows"]["dmd-1"]["held-in"]
+
+
+def _row(acc_in, acc_out, fid, reward):
+    split = lambda acc: {"judge_accuracy": acc, "fid": fid, "rewards": {"toy-align": reward}, "grid": "g.png"}  # noqa: E731
+    return {"held-in": split(acc_in), "held-out": split(acc_out)}
+
+
+def test_claims_pass_and_fail_on_the_numbers():
+    rows = {"teacher-32": _row(0.70, 0.64, 200.0, -0.5), "dmd-4": _row(0.66, 0.56, 310.0, -0.6),
+            "dmdr-4": _row(0.80, 0.70, 280.0, -0.1), "rl-only-4": _row(0.60, 0.50, 900.0, -0.05)}
+    claims = {c["claim"]: c["passed"] for c in results.check_claims(rows)}
+    assert claims["DMD 4-step: FID <= 1.5x the 32-step teacher's (held-in)"] is False  # 310 > 300
+    assert claims["DMD 4-step: judge accuracy >= 0.9x the 32-step teacher's (held-in)"] is True
+    assert claims["DMD 4-step: judge accuracy >= 0.9x the 32-step teacher's (held-out)"] is False  # 0.56 < 0.576
+    assert claims["DMDR 4-step: judge accuracy above the 32-step teacher's (held-out)"] is True
+    assert all(v for k, v in claims.items() if k.startswith("RL-only"))
+    assert not any(c.startswith("DMD 1-step") for c in claims)  # rows not run are not judged
+    assert "the reward is hacked" in results.hacking_sentence(rows)
+    rows["rl-only-4"] = _row(0.79, 0.69, 290.0, -0.05)
+    assert "too small to call it reward hacking" in results.hacking_sentence(rows)
