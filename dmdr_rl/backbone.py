@@ -54,7 +54,7 @@ class TransformerBackbone:
     def __init__(
         self,
         transformer: torch.nn.Module,
-        encoder: Callable[[Sequence[str]], Conditioning],
+        encoder: Callable[[Sequence[str]], Conditioning] | None,
         decoder: Callable[[torch.Tensor], torch.Tensor],
     ):
         self.transformer = transformer.requires_grad_(False)
@@ -72,8 +72,15 @@ class TransformerBackbone:
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
+        if self._encoder is None:
+            raise RuntimeError("this backbone was built without prompt encoders (a learner's): conditioning comes "
+                               "with each RolloutBatch, and the empty prompt's through set_null()")
         with torch.no_grad():
             return self._encoder(prompts)
+
+    def set_null(self, null: Conditioning) -> None:
+        """The empty prompt's conditioning [1, ...], for a backbone without encoders."""
+        self._null = Conditioning(null.tokens[:1].detach(), null.pooled[:1].detach())
 
     def null(self, batch: int) -> Conditioning:
         """The empty prompt's conditioning, encoded once and repeated."""

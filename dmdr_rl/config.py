@@ -87,10 +87,16 @@ class TrainerSection(_Section):
 
 
 class RaySection(_Section):
-    address: Optional[str] = None
-    learner_workers: int = Field(1, ge=1)
+    address: Optional[str] = None  # null: the cluster of `ray job submit` / RAY_ADDRESS, else a local one
+    learner_workers: int = Field(1, ge=1)  # Ray Train workers (data parallel)
     rollout_actors: int = Field(1, ge=1)
-    max_staleness: int = Field(1, ge=0)
+    max_staleness: int = Field(1, ge=0)  # generator versions a rollout may lag behind (0: on-policy)
+    learner_cpus: float = Field(1.0, gt=0)  # per learner worker
+    learner_gpus: float = Field(0.0, ge=0)  # per learner worker; > 0 trains on GPUs with NCCL
+    rollout_cpus: float = Field(1.0, gt=0)  # per rollout actor
+    rollout_gpus: float = Field(0.0, ge=0)  # per rollout actor (fractions share a GPU)
+    local_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local Ray (null: enough for the actors)
+    max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
 
 
 class DataSection(_Section):

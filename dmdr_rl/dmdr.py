@@ -50,12 +50,17 @@ class WeightedReward:
         return self.spec.weight * shaped.mean(), metrics
 
 
-def add_adapters(backbone, student: StudentSection, critic: CriticSection) -> None:
-    """The generator (its own LoRA, or a full copy when `student.lora` is null) and the critic LoRA."""
+def add_generator(backbone, student: StudentSection) -> None:
+    """The generator: its own LoRA, or a full copy of the base when `student.lora` is null."""
     if student.lora is None:
         backbone.add_full_copy(GENERATOR)
     else:
         backbone.add_lora(GENERATOR, student.lora.rank, student.lora.alpha)
+
+
+def add_adapters(backbone, student: StudentSection, critic: CriticSection) -> None:
+    """Both trained networks on one backbone: the generator, then the critic LoRA."""
+    add_generator(backbone, student)
     backbone.add_lora(CRITIC, critic.lora.rank, critic.lora.alpha)
 
 

@@ -52,13 +52,13 @@ REWARDS: Registry = Registry("reward model")
 
 
 @BACKBONES.register("toy")
-def _toy_backbone(path: str | None = None, resolution: int = 32):
+def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool = True):
     from .toy.render import RESOLUTION
     from .toy.weights import load_teacher
 
     if resolution != RESOLUTION:
         raise ValueError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
-    return load_teacher(path)
+    return load_teacher(path, encoders=encoders)
 
 
 @REWARDS.register("toy-align")

@@ -47,22 +47,26 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .toy.weights import load_align, load_judge
 
     cfg = load_config(preset, overrides)
-    if cfg.trainer.backend != "local":
-        raise ConfigError(
-            f"trainer.backend={cfg.trainer.backend!r}: the Ray runtime is not built yet (issue 4); "
-            "pass trainer.backend=local for the single-process trainer"
-        )
-    trainer = LocalTrainer(cfg)
-    started = time.time()
-    summary = trainer.train()
-    summary["train_seconds"] = round(time.time() - started, 1)
-    report = evaluate(trainer.sample, "held-in", num_images, 0, load_judge(), [load_align()],
-                      grid_path=trainer.out / "eval" / "grid.png", desc="evaluating the student")
-    (trainer.out / "eval" / "report.json").write_text(json.dumps({**report, "steps": cfg.student.steps}, indent=2) + "\n")
+    if cfg.trainer.backend == "ray":
+        from .distributed import train_distributed
+
+        summary = train_distributed(cfg)
+        sample_fn, _ = toy_eval.load_student(cfg.output_dir)
+    else:
+        trainer = LocalTrainer(cfg)
+        started = time.time()
+        summary = trainer.train()
+        summary["train_seconds"] = round(time.time() - started, 1)
+        sample_fn = trainer.sample
+    out = cfg.output_dir
+    report = evaluate(sample_fn, "held-in", num_images, 0, load_judge(), [load_align()],
+                      grid_path=out / "eval" / "grid.png", desc="evaluating the student")
+    (out / "eval" / "report.json").write_text(json.dumps({**report, "steps": cfg.student.steps}, indent=2) + "\n")
     print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, FID {report['fid']:.2f}, "
           f"toy-align {report['rewards']['toy-align']:.3f}")
-    print(f"Outputs: {trainer.out.resolve()}")
-    print("  metrics.jsonl, tensorboard/, samples/, checkpoints/, eval/report.json, eval/grid.png")
+    print(f"Outputs: {out.resolve()}")
+    print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png"
+          + (", ledger.jsonl, ray_train/" if cfg.trainer.backend == "ray" else ", samples/"))
     print(json.dumps(summary))
 
 

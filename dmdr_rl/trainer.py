@@ -17,28 +17,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import dmdr
-from .algo import UpdateSchedule
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .grid import save_grid
+from .learning import ADAPTERS, DMDRLearner
+from .prompts import PromptSource
 from .registry import BACKBONES, REWARDS
-from .toy.grammar import PromptSplit, prompts_of
+from .rollout import make_rollout
 
 GRID_PROMPTS = 16
-
-
-class PromptSource:
-    """Prompt batches by iteration number: the same run and iteration always get the same batch, so a
-    resumed run continues the exact sequence without a separate cursor."""
-
-    def __init__(self, spec: str, seed: int):
-        kind, _, name = spec.partition(":")
-        if kind != "toy":
-            raise ConfigError(f"data.prompts {spec!r}: only toy:<split> sources exist so far (toy:held-in, toy:held-out)")
-        self.split = PromptSplit(name)
-        self.seed = seed
-
-    def batch(self, iteration: int, size: int) -> list[str]:
-        return prompts_of(self.split.sample(size, seed=self.seed * 1_000_003 + iteration))
 
 
 class MetricsLog:
@@ -68,68 +54,44 @@ class MetricsLog:
 
 
 class LocalTrainer:
+    """Rollouts made in-process by `make_rollout`, consumed by a `DMDRLearner`; the Ray runtime swaps
+    the first for rollout actors and wraps the second in Ray Train, nothing else."""
+
     def __init__(self, cfg: RunConfig, backbone=None, rewards: Sequence[dmdr.WeightedReward] | None = None):
         self.cfg = cfg
         self.out = cfg.output_dir
         self.backbone = backbone or BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution)
-        dmdr.add_adapters(self.backbone, cfg.student, cfg.critic)
-        self.rewards = list(rewards) if rewards is not None else [
-            dmdr.WeightedReward(REWARDS.build(spec.name, **spec.kwargs), spec) for spec in cfg.rewards
-        ]
-        self.schedule = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start)
+        rewards = list(rewards) if rewards is not None else build_rewards(cfg)
+        self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)
-        self.rng = torch.Generator().manual_seed(cfg.trainer.seed)
-        self.opt_generator = torch.optim.AdamW(self.backbone.trainable_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
-        self.opt_critic = torch.optim.AdamW(self.backbone.trainable_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
-        self.iteration = 0
-        self.generator_step = 0
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
+
+    @property
+    def iteration(self) -> int:
+        return self.learner.iteration
+
+    @property
+    def generator_step(self) -> int:
+        return self.learner.generator_step
 
     # -- one iteration ------------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float] | None:
-        """Critic update every iteration; generator update every `ratio`-th. Returns the generator's
-        metrics on the iterations that update it, else None."""
+        """One rollout batch, one critic update, and a generator update on every `ratio`-th iteration
+        (then its metrics are returned, else None)."""
         cfg = self.cfg
-        prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size)
-        cond = self.backbone.encode(prompts)
         started = time.perf_counter()
-        trajectory = dmdr.backward_simulation(self.backbone, cond, cfg.student, self.rng)
-        simulated = time.perf_counter()
-
-        critic_loss = dmdr.critic_loss(self.backbone, trajectory.x0, cond, self.generator_step, cfg.critic, cfg.dmd, self.rng)
-        self._update(self.opt_critic, critic_loss)
-        critic_done = time.perf_counter()
-
-        metrics = None
-        if self.schedule.generator_updates(self.iteration):
-            loss, metrics = dmdr.generator_loss(
-                self.backbone, trajectory, cond, prompts, self.generator_step, cfg.student, cfg.critic, cfg.dmd,
-                self.rewards, self.schedule.reward_active(self.generator_step), self.rng,
-            )
-            self._update(self.opt_generator, loss)
-            self.generator_step += 1
-            metrics.update({
-                "loss/critic": critic_loss.item(),
-                "time/simulation_s": simulated - started,
-                "time/critic_s": critic_done - simulated,
-                "time/generator_s": time.perf_counter() - critic_done,
-                "stage/reward_active": float(self.schedule.reward_active(self.generator_step - 1)),
-            })
-        self.iteration += 1
+        prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size)
+        batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step)
+        simulated = time.perf_counter() - started
+        metrics = self.learner.step(batch)
+        if metrics is not None:
+            metrics["time/rollout_s"] = simulated
         return metrics
-
-    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip)
-        optimizer.step()
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_run_config(cfg, self.out)
         log = MetricsLog(self.out)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         try:
@@ -163,39 +125,46 @@ class LocalTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        directory = self.out / "checkpoints" / f"step_{self.generator_step:06d}"
-        directory.mkdir(parents=True, exist_ok=True)
-        for adapter in (dmdr.GENERATOR, dmdr.CRITIC):
-            save_file(self._adapter_state(adapter), str(directory / f"{adapter}.safetensors"))
-        torch.save({
-            "iteration": self.iteration,
-            "generator_step": self.generator_step,
-            "rng": self.rng.get_state(),
-            "opt_generator": self.opt_generator.state_dict(),
-            "opt_critic": self.opt_critic.state_dict(),
-        }, directory / "trainer_state.pt")
-        (self.out / "checkpoints" / "latest").write_text(directory.name + "\n")
-        return directory
+        return save_checkpoint(self.learner, self.out / "checkpoints")
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        if (directory / "latest").exists():
-            directory = directory / (directory / "latest").read_text().strip()
-        if not (directory / "trainer_state.pt").exists():
-            raise FileNotFoundError(f"no trainer checkpoint in {directory} (expected trainer_state.pt)")
-        for adapter in (dmdr.GENERATOR, dmdr.CRITIC):
-            saved = load_file(str(directory / f"{adapter}.safetensors"))
-            params = dict(self.backbone.named_trainable_parameters(adapter))
-            if set(saved) != set(params):
-                raise ValueError(f"checkpoint {directory} does not match this model's {adapter} adapter")
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
-        state = torch.load(directory / "trainer_state.pt", weights_only=True)
-        self.iteration, self.generator_step = int(state["iteration"]), int(state["generator_step"])
-        self.rng.set_state(state["rng"])
-        self.opt_generator.load_state_dict(state["opt_generator"])
-        self.opt_critic.load_state_dict(state["opt_critic"])
+        load_checkpoint(self.learner, directory)
 
-    def _adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in self.backbone.named_trainable_parameters(adapter)}
+
+def write_run_config(cfg: RunConfig, out: Path) -> None:
+    """The resolved config beside the outputs: what `eval --model student --run DIR` rebuilds from."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
+    return [dmdr.WeightedReward(REWARDS.build(spec.name, **spec.kwargs), spec) for spec in cfg.rewards]
+
+
+def save_checkpoint(learner: DMDRLearner, root: Path) -> Path:
+    """`root/step_N/` (see `write_checkpoint`) and `root/latest` naming it."""
+    directory = write_checkpoint(learner, root / f"step_{learner.generator_step:06d}")
+    (root / "latest").write_text(directory.name + "\n")
+    return directory
+
+
+def write_checkpoint(learner: DMDRLearner, directory: Path) -> Path:
+    """`{generator,critic}.safetensors` (weights) + `trainer_state.pt` (optimizers, counters) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for adapter in ADAPTERS:
+        save_file(learner.adapter_state(adapter), str(directory / f"{adapter}.safetensors"))
+    torch.save(learner.training_state(), directory / "trainer_state.pt")
+    return directory
+
+
+def load_checkpoint(learner: DMDRLearner, directory: str | Path) -> Path:
+    """Restore from a checkpoint directory, or from the `latest` one of a checkpoints root."""
+    directory = Path(directory)
+    if (directory / "latest").exists():
+        directory = directory / (directory / "latest").read_text().strip()
+    if not (directory / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"no trainer checkpoint in {directory} (expected trainer_state.pt)")
+    for adapter in ADAPTERS:
+        learner.load_adapter_state(adapter, load_file(str(directory / f"{adapter}.safetensors")))
+    learner.load_training_state(torch.load(directory / "trainer_state.pt", weights_only=True))
+    return directory

@@ -57,6 +57,7 @@ class ToyBackbone(TransformerBackbone):
     """The toy teacher as a `Backbone`: the pixel-space transformer, the toy text encoder, and the
     identity "VAE" (model space [-1, 1] <-> images [0, 1])."""
 
-    def __init__(self, transformer: SD3Transformer2DModel, text_encoder: ToyTextEncoder):
-        super().__init__(transformer, text_encoder.encode, model_space_to_images)
-        self.text_encoder = text_encoder.requires_grad_(False)
+    def __init__(self, transformer: SD3Transformer2DModel, text_encoder: ToyTextEncoder | None):
+        """`text_encoder=None`: a learner's backbone, which gets conditioning with its batches."""
+        super().__init__(transformer, text_encoder.encode if text_encoder is not None else None, model_space_to_images)
+        self.text_encoder = text_encoder.requires_grad_(False) if text_encoder is not None else None

@@ -54,11 +54,12 @@ def load_teacher_transformer(root: str | Path | None = None):
     return load_component("teacher", SD3Transformer2DModel.from_pretrained, root).eval().requires_grad_(False)
 
 
-def load_teacher(root: str | Path | None = None):
-    """The frozen toy teacher as a `ToyBackbone` (transformer + text encoder)."""
+def load_teacher(root: str | Path | None = None, encoders: bool = True):
+    """The frozen toy teacher as a `ToyBackbone` (transformer + text encoder; `encoders=False` leaves
+    the text encoder out, as a learner needs)."""
     from .teacher import ToyBackbone
 
-    return ToyBackbone(load_teacher_transformer(root), load_text_encoder(root))
+    return ToyBackbone(load_teacher_transformer(root), load_text_encoder(root) if encoders else None)
 
 
 def load_align(root: str | Path | None = None):

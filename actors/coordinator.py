@@ -1,0 +1,122 @@
+"""The rollout coordinator: one Ray actor per run that issues prompt batches to rollout workers,
+holds the latest published generator weights, and keeps the prompt ledger.
+
+Learner workers ask it for the batch of (iteration, rank); it hands back an ObjectRef, so the batch
+itself travels from the rollout worker to the learner through the object store, never through here.
+Rollouts run ahead of the learner as far as `ray.max_staleness` allows: the batch of iteration j may
+be sampled by any generator version >= j // ratio - max_staleness (0: exactly the version the
+single-process trainer would use, so the two produce the same losses).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+
+from dmdr_rl.config import RunConfig
+from dmdr_rl.prompts import PromptSource
+
+from .rollout import RolloutWorker
+
+ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class RolloutCoordinator:
+    def __init__(self, cfg: dict, world_size: int, ledger_path: str, lookahead: int | None = None):
+        self.cfg = RunConfig.model_validate(cfg)
+        ray_cfg = self.cfg.ray
+        self.world_size = world_size
+        self.prompts = PromptSource(self.cfg.data.prompts, self.cfg.trainer.seed)
+        if self.cfg.trainer.batch_size % world_size:
+            raise ValueError(f"trainer.batch_size={self.cfg.trainer.batch_size} must divide evenly over "
+                             f"ray.learner_workers={world_size}")
+        self.shard_size = self.cfg.trainer.batch_size // world_size
+        worker = ray.remote(RolloutWorker).options(
+            num_cpus=ray_cfg.rollout_cpus, num_gpus=ray_cfg.rollout_gpus, max_restarts=-1, max_task_retries=0,
+        )
+        self.workers = [worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus))) for _ in range(ray_cfg.rollout_actors)]
+        self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
+        self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
+        self.version, self.weights = -1, None  # the latest published generator weights (a list holding one ref)
+        self.pending: dict[tuple[int, int], tuple[ray.ObjectRef, int]] = {}
+        self.next_iteration = 0  # the first iteration not issued yet
+        self.consumed_upto = 0
+        self.turn = 0
+        self.ledger = Path(ledger_path)
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+
+    # -- weights ------------------------------------------------------------------------------
+    def publish(self, version: int, weights: list) -> int:
+        """New generator weights (`weights[0]` a ref to a dict of tensors) become the version rollouts use."""
+        if version <= self.version:
+            return self.version
+        self.version, self.weights = version, weights
+        for w in self.workers:
+            w.load_weights.remote(version, weights[0])  # a top-level ref: Ray hands the worker the tensors
+        return version
+
+    def null_conditioning(self):
+        return ray.get(self.workers[0].null_conditioning.remote())
+
+    # -- batches ------------------------------------------------------------------------------
+    def start(self, iteration: int) -> None:
+        """Begin (or, after a restart, resume) issuing from `iteration`: earlier batches are done."""
+        self.pending.clear()
+        self.next_iteration = self.consumed_upto = iteration
+
+    def request(self, iteration: int, rank: int) -> list | None:
+        """The batch of (iteration, rank) as [ObjectRef] (a list, so Ray passes the ref, not the batch),
+        or None while the generator version it needs is not published yet (ask again shortly)."""
+        if iteration < self.consumed_upto - 1 or iteration > self.next_iteration + self.lookahead:
+            raise ValueError(f"batch ({iteration}, rank {rank}) requested out of order: the learner is at "
+                             f"{self.consumed_upto}; a restarted learner calls start() first")
+        self.consumed_upto = max(self.consumed_upto, iteration)
+        self._issue_ahead(iteration)
+        if (iteration, rank) not in self.pending:
+            return None
+        ref, _ = self.pending.pop((iteration, rank))
+        return [ref]
+
+    def progress(self) -> dict:
+        return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration}
+
+    def reissue(self, iteration: int, rank: int) -> list:
+        """After a rollout worker died: resend the weights to every worker and sample the batch again."""
+        for w in self.workers:
+            w.load_weights.remote(self.version, self.weights[0])
+        self._issue(iteration, rank)
+        ref, _ = self.pending.pop((iteration, rank))
+        self._log({"event": "reissued", "iteration": iteration, "rank": rank})
+        return [ref]
+
+    def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int) -> None:
+        self._log({"event": "consumed", "iteration": iteration, "rank": rank, "weight_version": weight_version,
+                   "generator_step": generator_step})
+
+    def _issue_ahead(self, iteration: int) -> None:
+        while self.next_iteration <= iteration + self.lookahead:
+            j = self.next_iteration
+            if self.version < max(0, j // self.ratio - self.max_staleness):
+                break  # needs weights not published yet
+            for rank in range(self.world_size):
+                self._issue(j, rank)
+            self.next_iteration += 1
+
+    def _issue(self, iteration: int, rank: int) -> None:
+        if self.version < 0:
+            raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
+        prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size)
+        shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
+        worker_index = self.turn % len(self.workers)
+        self.turn += 1
+        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank)
+        self.pending[(iteration, rank)] = (ref, worker_index)
+        self._log({"event": "issued", "iteration": iteration, "rank": rank, "worker": worker_index,
+                   "weight_version": self.version})
+
+    def _log(self, record: dict) -> None:
+        with self.ledger.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

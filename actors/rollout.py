@@ -1,0 +1,48 @@
+"""The rollout worker: a generator replica plus the frozen prompt encoders, making `RolloutBatch`es.
+
+It is a plain class (tested without Ray); the runtime starts it as a Ray actor with
+`ray.remote(RolloutWorker)`. It never trains: it loads the learner's generator weights by version and
+samples with them, so a restarted worker only needs the latest published weights to be useful again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmdr_rl import dmdr
+from dmdr_rl.conditioning import Conditioning
+from dmdr_rl.config import RunConfig
+from dmdr_rl.learning import load_adapter_state
+from dmdr_rl.registry import BACKBONES
+from dmdr_rl.rollout import RolloutBatch, make_rollout
+
+
+class RolloutWorker:
+    def __init__(self, cfg: dict, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = RunConfig.model_validate(cfg)
+        model = self.cfg.model
+        self.backbone = BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution)
+        dmdr.add_generator(self.backbone, self.cfg.student)
+        self.weight_version = -1  # nothing loaded yet: the learner publishes version 0 before any rollout
+
+    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        """Load the generator weights of `version` (older versions than the held one are ignored)."""
+        if version > self.weight_version:
+            load_adapter_state(self.backbone, dmdr.GENERATOR, state)
+            self.weight_version = version
+        return self.weight_version
+
+    def rollout(self, iteration: int, prompts: list[str], rank: int = 0) -> RolloutBatch:
+        if self.weight_version < 0:
+            raise RuntimeError("rollout before any generator weights were loaded")
+        return make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
+                            self.weight_version, rank)
+
+    def null_conditioning(self) -> Conditioning:
+        """The empty prompt's conditioning, for a learner that holds no encoders (CFG of the real score)."""
+        return self.backbone.null(1)
+
+    def ready(self) -> int:
+        return self.weight_version

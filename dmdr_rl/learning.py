@@ -1,0 +1,112 @@
+"""The learner side of a DMDR iteration: critic and generator updates over `RolloutBatch`es.
+
+`DMDRLearner` owns the adapters' optimizers, the two time-scale schedule and the step counters, and
+calls the step functions of `dmdr_rl.dmdr` (the only copy of the math). The local trainer feeds it
+batches made in-process; the Ray learner feeds it batches from rollout actors and passes a
+`reduce_gradients` hook that averages gradients across data-parallel workers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from . import dmdr
+from .algo import UpdateSchedule
+from .config import RunConfig
+from .rollout import LEARNER_STREAM, RolloutBatch, iteration_seed
+
+GradientHook = Callable[[list[torch.nn.Parameter]], None]
+ADAPTERS = (dmdr.GENERATOR, dmdr.CRITIC)
+
+
+class DMDRLearner:
+    def __init__(self, backbone, cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward],
+                 reduce_gradients: GradientHook | None = None, rank: int = 0):
+        self.backbone = backbone
+        self.cfg = cfg
+        self.rewards = list(rewards)
+        with torch.random.fork_rng(devices=[]):  # the same initial adapters in every process of a run
+            torch.manual_seed(cfg.trainer.seed)
+            dmdr.add_adapters(backbone, cfg.student, cfg.critic)
+        self.opt_generator = torch.optim.AdamW(backbone.trainable_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
+        self.opt_critic = torch.optim.AdamW(backbone.trainable_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
+        self.schedule = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start)
+        self.reduce_gradients = reduce_gradients
+        self.rank = rank
+        self.iteration = 0
+        self.generator_step = 0
+
+    def step(self, batch: RolloutBatch) -> dict[str, float] | None:
+        """Critic update on every batch; generator update every `ratio`-th. Returns the metrics on the
+        batches that update the generator, else None. Batches must come in iteration order."""
+        if batch.iteration != self.iteration:
+            raise ValueError(f"the learner is at iteration {self.iteration} but got the batch of iteration {batch.iteration}")
+        cfg, backbone = self.cfg, self.backbone
+        if batch.rank != self.rank:
+            raise ValueError(f"learner rank {self.rank} got the shard of rank {batch.rank}")
+        rng = torch.Generator().manual_seed(iteration_seed(cfg.trainer.seed, batch.iteration, LEARNER_STREAM, self.rank))
+        started = time.perf_counter()
+        critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng)
+        self._update(self.opt_critic, critic_loss)
+        critic_done = time.perf_counter()
+
+        metrics = None
+        if self.schedule.generator_updates(self.iteration):
+            reward_active = self.schedule.reward_active(self.generator_step)
+            loss, metrics = dmdr.generator_loss(
+                backbone, batch.trajectory, batch.cond, batch.prompts, self.generator_step, cfg.student, cfg.critic,
+                cfg.dmd, self.rewards, reward_active, rng,
+            )
+            self._update(self.opt_generator, loss)
+            metrics.update({
+                "loss/critic": critic_loss.item(),
+                "time/critic_s": critic_done - started,
+                "time/generator_s": time.perf_counter() - critic_done,
+                "stage/reward_active": float(reward_active),
+                "rollout/staleness": float(self.generator_step - batch.weight_version),
+            })
+            self.generator_step += 1
+        self.iteration += 1
+        return metrics
+
+    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.reduce_gradients is not None:
+            self.reduce_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip)
+        optimizer.step()
+
+    # -- state --------------------------------------------------------------------------------
+    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        """An adapter's trainable weights by stable name (safetensors-ready; what rollout actors load)."""
+        return {n: p.detach().contiguous().clone() for n, p in self.backbone.named_trainable_parameters(adapter)}
+
+    def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.backbone, adapter, state)
+
+    def training_state(self) -> dict:
+        """Everything but the weights: optimizers and counters (torch.save-able, weights_only-loadable)."""
+        return {"iteration": self.iteration, "generator_step": self.generator_step,
+                "opt_generator": self.opt_generator.state_dict(), "opt_critic": self.opt_critic.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.iteration, self.generator_step = int(state["iteration"]), int(state["generator_step"])
+        self.opt_generator.load_state_dict(state["opt_generator"])
+        self.opt_critic.load_state_dict(state["opt_critic"])
+
+
+def load_adapter_state(backbone, adapter: str, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved weights into an adapter; the names must match exactly (same model, same adapter config)."""
+    params = dict(backbone.named_trainable_parameters(adapter))
+    if set(state) != set(params):
+        missing, unexpected = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
+        raise ValueError(f"saved {adapter} weights do not match this model's {adapter} adapter "
+                         f"(missing e.g. {missing}, unexpected e.g. {unexpected})")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

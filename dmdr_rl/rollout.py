@@ -1,0 +1,61 @@
+"""Rollouts: prompt batches turned into generator samples with their whole trajectory, as tensors.
+
+A `RolloutBatch` is what crosses from a rollout actor to the learner through Ray's object store
+(DESIGN section 6); the local trainer makes the very same batches in-process. Every random draw of
+iteration i comes from seeds derived from (run seed, i), so a batch does not depend on which process
+made it or on what ran before: that is what lets the distributed runtime reproduce the local
+trainer's losses and lets any run resume exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import dmdr
+from .backbone import Backbone
+from .conditioning import Conditioning
+from .config import StudentSection
+from .flow import Trajectory
+
+# Independent random streams of one iteration.
+PROMPT_STREAM, ROLLOUT_STREAM, LEARNER_STREAM = 0, 1, 2
+
+
+def iteration_seed(seed: int, iteration: int, stream: int, rank: int = 0) -> int:
+    """A 63-bit seed for one (run seed, iteration, stream, data-parallel rank), statistically
+    independent of every other combination."""
+    state = np.random.SeedSequence([seed, iteration + 1, stream, rank]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+@dataclass
+class RolloutBatch:
+    iteration: int  # the batch index: with `rank`, the prompt ledger's key
+    rank: int  # the learner rank whose shard this is
+    prompts: list[str]
+    cond: Conditioning
+    x0: torch.Tensor  # [B, C, H, W] final samples
+    x0_steps: torch.Tensor  # [K, B, C, H, W] each step's x0 prediction
+    timesteps: torch.Tensor  # [K]
+    weight_version: int  # the generator version that sampled it (= the learner's generator step)
+    seed: int  # the rollout stream's seed
+
+    @property
+    def trajectory(self) -> Trajectory:
+        return Trajectory(self.x0, self.timesteps, None, self.x0_steps)
+
+
+def make_rollout(
+    backbone: Backbone, prompts: list[str], student: StudentSection, run_seed: int, iteration: int, weight_version: int,
+    rank: int = 0,
+) -> RolloutBatch:
+    """Step 1 of DESIGN section 2 (backward simulation) for one batch of prompts (rank: which
+    data-parallel learner's shard it is)."""
+    seed = iteration_seed(run_seed, iteration, ROLLOUT_STREAM, rank)
+    cond = backbone.encode(prompts)
+    trajectory = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(seed))
+    return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
+                        weight_version, seed)

@@ -1,0 +1,120 @@
+"""The Ray Train learner: `train_loop_per_worker` for a `TorchTrainer`.
+
+Each worker is one data-parallel rank. It builds the backbone without prompt encoders (conditioning
+arrives with each RolloutBatch), wraps the math core's `DMDRLearner`, and averages gradients across
+ranks before every optimizer step (gloo on CPU, NCCL on GPU: Ray Train sets up the process group).
+Rank 0 publishes the generator weights after each generator update, writes the metrics, and hands
+Ray Train the checkpoints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from actors.coordinator import ACTOR_ERRORS
+from dmdr_rl import dmdr
+from dmdr_rl.config import RunConfig
+from dmdr_rl.learning import DMDRLearner
+from dmdr_rl.registry import BACKBONES
+from dmdr_rl.trainer import MetricsLog, build_rewards, load_checkpoint, write_checkpoint
+
+FETCH_ATTEMPTS = 5
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Data-parallel gradient averaging in one all-reduce (a parameter without a gradient counts as 0)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def publish_generator(coordinator, learner: DMDRLearner) -> None:
+    """One object-store put per generator version; rollout workers fetch it by reference. (A full
+    fine-tune of a large model would broadcast instead: this is the one place to change.)"""
+    ref = ray.put(learner.adapter_state(dmdr.GENERATOR))
+    ray.get(coordinator.publish.remote(learner.generator_step, [ref]))
+
+
+def fetch_batch(coordinator, iteration: int, rank: int):
+    """The RolloutBatch of (iteration, rank); a rollout worker that died is replaced and the batch resampled."""
+    while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
+        time.sleep(0.01)  # the weights this batch needs are being published
+    ref = answer[0]
+    for attempt in range(FETCH_ATTEMPTS):
+        try:
+            return ray.get(ref)
+        except ACTOR_ERRORS:
+            if attempt == FETCH_ATTEMPTS - 1:
+                raise
+            time.sleep(min(2.0**attempt, 10.0))
+            ref = ray.get(coordinator.reissue.remote(iteration, rank))[0]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = RunConfig.model_validate(config["cfg"])
+    coordinator = config["coordinator"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
+
+    backbone = BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution, encoders=False)
+    backbone.set_null(ray.get(coordinator.null_conditioning.remote()))
+    learner = DMDRLearner(backbone, cfg, build_rewards(cfg), average_gradients if world > 1 else None, rank=rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_checkpoint(learner, directory)
+    elif config.get("resume_from"):
+        load_checkpoint(learner, config["resume_from"])
+    if rank == 0:
+        ray.get(coordinator.start.remote(learner.iteration))
+        publish_generator(coordinator, learner)
+    if world > 1:
+        dist.barrier()
+
+    out = Path(config["output_dir"])
+    log = MetricsLog(out) if rank == 0 else None
+    try:
+        while learner.generator_step < cfg.trainer.max_steps:
+            started = time.perf_counter()
+            batch = fetch_batch(coordinator, learner.iteration, rank)
+            waited = time.perf_counter() - started
+            coordinator.consumed.remote(batch.iteration, rank, batch.weight_version, learner.generator_step)
+            metrics = learner.step(batch)
+            if metrics is None:
+                continue
+            published = time.perf_counter()
+            if rank == 0:
+                publish_generator(coordinator, learner)
+            metrics.update({"time/rollout_wait_s": waited, "time/weight_sync_s": time.perf_counter() - published})
+            step = learner.generator_step
+            if log is not None and (step % cfg.output.log_every == 0 or step == cfg.trainer.max_steps):
+                log.write(step, metrics)
+            if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
+                report(learner, rank, metrics)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def report(learner: DMDRLearner, rank: int, metrics: dict) -> None:
+    """A Ray Train report (a barrier over all ranks) carrying rank 0's checkpoint."""
+    summary = {"generator_step": learner.generator_step, "iteration": learner.iteration,
+               **{k: v for k, v in metrics.items() if k.startswith("loss/")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(write_checkpoint(learner, Path(tmp))))
+        ray.train.report(summary, checkpoint=checkpoint)
