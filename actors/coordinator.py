@@ -10,13 +10,10 @@ single-process trainer would use, so the two produce the same losses).
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-
 import ray
 
 from dmdr_rl.config import RunConfig
+from dmdr_rl.ledger import Ledger
 from dmdr_rl.prompts import PromptSource
 
 from .rollout import RolloutWorker
@@ -40,30 +37,35 @@ class RolloutCoordinator:
         self.workers = [worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus))) for _ in range(ray_cfg.rollout_actors)]
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
-        self.version, self.weights = -1, None  # the latest published generator weights (a list holding one ref)
+        self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
         self.pending: dict[tuple[int, int], tuple[ray.ObjectRef, int]] = {}
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
         self.turn = 0
-        self.ledger = Path(ledger_path)
-        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(ledger_path)
+        self.learner_processes: dict[int, int] = {}
 
     # -- weights ------------------------------------------------------------------------------
     def publish(self, version: int, weights: list) -> int:
         """New generator weights (`weights[0]` a ref to a dict of tensors) become the version rollouts use."""
         if version <= self.version:
             return self.version
-        self.version, self.weights = version, weights
-        for w in self.workers:
-            w.load_weights.remote(version, weights[0])  # a top-level ref: Ray hands the worker the tensors
+        self.version, self.weights = version, weights  # sent along with each rollout request
         return version
 
     def null_conditioning(self):
         return ray.get(self.workers[0].null_conditioning.remote())
 
+    def encode(self, prompts: list[str]):
+        """Prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for sample grids."""
+        return ray.get(self.workers[0].encode.remote(prompts))
+
     # -- batches ------------------------------------------------------------------------------
     def start(self, iteration: int) -> None:
-        """Begin (or, after a restart, resume) issuing from `iteration`: earlier batches are done."""
+        """Begin (or, after a learner restart, resume) issuing from `iteration`: earlier batches are
+        done, later ones consumed before the restart are rolled back (the ledger says so)."""
+        if self.pending or self.consumed_upto:
+            self.ledger.append("rewind", iteration=iteration)
         self.pending.clear()
         self.next_iteration = self.consumed_upto = iteration
 
@@ -83,18 +85,24 @@ class RolloutCoordinator:
     def progress(self) -> dict:
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration}
 
+    # -- processes (for operators and fault-injection tests) ----------------------------------
+    def register_learner(self, rank: int, pid: int) -> None:
+        self.learner_processes[rank] = pid
+
+    def processes(self) -> dict:
+        """{"learners": {rank: pid}, "rollout_workers": [actor handles]}."""
+        return {"learners": dict(self.learner_processes), "rollout_workers": list(self.workers)}
+
     def reissue(self, iteration: int, rank: int) -> list:
-        """After a rollout worker died: resend the weights to every worker and sample the batch again."""
-        for w in self.workers:
-            w.load_weights.remote(self.version, self.weights[0])
+        """After a rollout worker died (Ray restarts it; it reloads weights with its next request)."""
         self._issue(iteration, rank)
         ref, _ = self.pending.pop((iteration, rank))
-        self._log({"event": "reissued", "iteration": iteration, "rank": rank})
+        self.ledger.append("reissued", iteration=iteration, rank=rank)
         return [ref]
 
     def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int) -> None:
-        self._log({"event": "consumed", "iteration": iteration, "rank": rank, "weight_version": weight_version,
-                   "generator_step": generator_step})
+        self.ledger.append("consumed", iteration=iteration, rank=rank, weight_version=weight_version,
+                           generator_step=generator_step)
 
     def _issue_ahead(self, iteration: int) -> None:
         while self.next_iteration <= iteration + self.lookahead:
@@ -112,11 +120,6 @@ class RolloutCoordinator:
         shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
         worker_index = self.turn % len(self.workers)
         self.turn += 1
-        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank)
+        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights)
         self.pending[(iteration, rank)] = (ref, worker_index)
-        self._log({"event": "issued", "iteration": iteration, "rank": rank, "worker": worker_index,
-                   "weight_version": self.version})
-
-    def _log(self, record: dict) -> None:
-        with self.ledger.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)

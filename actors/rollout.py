@@ -34,7 +34,14 @@ class RolloutWorker:
             self.weight_version = version
         return self.weight_version
 
-    def rollout(self, iteration: int, prompts: list[str], rank: int = 0) -> RolloutBatch:
+    def rollout(self, iteration: int, prompts: list[str], rank: int = 0, version: int | None = None,
+                weights: list | None = None) -> RolloutBatch:
+        """Sample the batch; `weights` = [ObjectRef of version `version`'s generator weights] is fetched
+        only when this worker holds an older version (so a restarted worker catches up by itself)."""
+        if version is not None and version > self.weight_version:
+            import ray
+
+            self.load_weights(version, ray.get(weights[0]))
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
         return make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
@@ -43,6 +50,9 @@ class RolloutWorker:
     def null_conditioning(self) -> Conditioning:
         """The empty prompt's conditioning, for a learner that holds no encoders (CFG of the real score)."""
         return self.backbone.null(1)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return self.backbone.encode(prompts)
 
     def ready(self) -> int:
         return self.weight_version

@@ -184,10 +184,17 @@ class TransformerBackbone:
         adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
     ) -> torch.Tensor:
         """Images [B, C, H, W] in [0, 1]; the same (prompts, seed) gives the same images."""
-        cond = self.encode(prompts)
-        null = self.null(len(prompts)) if cfg != 1.0 else None
+        return self.sample_conditioned(self.encode(prompts), steps, cfg, seed, shift, adapter, scale, mode, progress)
+
+    @torch.no_grad()
+    def sample_conditioned(
+        self, cond: Conditioning, steps: int, cfg: float, seed: int, shift: float = 1.0,
+        adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
+    ) -> torch.Tensor:
+        """`sample` from encoded prompts (what a learner without encoders can do)."""
+        null = self.null(len(cond)) if cfg != 1.0 else None
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(prompts), *self.sample_shape), generator=generator)
+        noise = torch.randn((len(cond), *self.sample_shape), generator=generator)
         trajectory = sample(
             lambda x, t: self.velocity(x, t, cond, adapter=adapter, scale=scale, cfg=cfg, null=null),
             noise, steps, shift, mode=mode, generator=generator, progress=progress,

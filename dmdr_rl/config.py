@@ -84,6 +84,7 @@ class TrainerSection(_Section):
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
+    resume_from: Optional[str] = None  # a checkpoint directory (or a run's checkpoints/) to continue from
 
 
 class RaySection(_Section):

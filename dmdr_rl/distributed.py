@@ -15,14 +15,17 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .ledger import Ledger, audit
 from .trainer import write_run_config
 
 PROGRESS_POLL_S = 1.0
+COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a named actor
 
 
 def connect(cfg: RunConfig) -> str:
@@ -41,7 +44,7 @@ def connect(cfg: RunConfig) -> str:
     return "local"
 
 
-def train_distributed(cfg: RunConfig, resume_from: str | None = None) -> dict:
+def train_distributed(cfg: RunConfig) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -49,17 +52,21 @@ def train_distributed(cfg: RunConfig, resume_from: str | None = None) -> dict:
     from actors.coordinator import RolloutCoordinator
     from learner.loop import train_loop_per_worker
 
+    r = cfg.ray
+    if r.learner_gpus > 0 or r.rollout_gpus > 0:
+        raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the backbones do not place tensors on GPUs yet "
+                          "(issue 6, real backbones); leave them at 0 for now")
     where = connect(cfg)
     out = cfg.output_dir.resolve()
     write_run_config(cfg, out)
-    r = cfg.ray
     cfg_dict = cfg.model_dump(mode="json")
-    coordinator = ray.remote(RolloutCoordinator).options(num_cpus=0).remote(
-        cfg_dict, r.learner_workers, str(out / "ledger.jsonl"))
+    coordinator = ray.remote(RolloutCoordinator).options(
+        num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
+    ).remote(cfg_dict, r.learner_workers, str(out / "ledger.jsonl"))
     use_gpu = r.learner_gpus > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "coordinator": coordinator, "output_dir": str(out), "resume_from": resume_from},
+        train_loop_config={"cfg": cfg_dict, "coordinator": coordinator, "output_dir": str(out)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.learner_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": r.learner_cpus, **({"GPU": r.learner_gpus} if use_gpu else {})}),
@@ -96,7 +103,11 @@ def train_distributed(cfg: RunConfig, resume_from: str | None = None) -> dict:
         "iterations": metrics.get("iteration"),
         "checkpoint": str(_keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))),
         "train_seconds": round(time.time() - started, 1),
+        "ledger": audit(Ledger(out / "ledger.jsonl").events(), metrics.get("iteration", 0), r.learner_workers),
     }
+    problems = {k: v for k, v in summary["ledger"].items() if k in ("lost", "duplicated", "unexpected") and v}
+    if problems:
+        print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -1,9 +1,10 @@
 """The main job: `python -m dmdr_rl.run [--preset NAME] [section.key=value ...]`.
 
-With a preset (e.g. `--preset toy-dmdr trainer.backend=local`) it trains with the single-process
-DMDR trainer, then evaluates the student. The Ray runtime (`trainer.backend=ray`, `ray job submit`)
-is issue 4 and not built yet. Without a preset it trains nothing: it samples the shipped toy teacher
-at 32, 4 and 1 steps and evaluates the samples with the held-out judge.
+With a preset it trains, then evaluates the student: `trainer.backend=local` (the preset default) with
+the single-process trainer, `trainer.backend=ray` with the Ray runtime (rollout actors + a Ray Train
+learner), on the cluster it was submitted to (`ray job submit -- python -m dmdr_rl.run ...`) or a
+local Ray. Without a preset it trains nothing: it samples the shipped toy teacher at 32, 4 and 1 steps
+and evaluates the samples with the held-out judge.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .toy.teacher import DEFAULT_CFG
 TEACHER_ONLY_BANNER = (
     "dmdr_rl: no preset given, so this run trains nothing: it samples the shipped toy teacher at 32, 4\n"
     "and 1 steps and evaluates the samples with the held-out judge (judge accuracy, FID against fresh\n"
-    "renders, toy-align reward). Training: `--preset toy-dmdr trainer.backend=local` (the presets are not\n"
-    "tuned yet: issue 3); the Ray runtime (`trainer.backend=ray`) is not built yet (issue 4)."
+    "renders, toy-align reward). Training: `--preset toy-dmdr` (single process) or `--preset toy-dmdr\n"
+    "trainer.backend=ray` (the Ray runtime); the results table: `python -m dmdr_rl.results`."
 )
 
 

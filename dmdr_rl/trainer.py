@@ -41,7 +41,7 @@ class MetricsLog:
             self.tensorboard = None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in metrics.items():
@@ -91,6 +91,8 @@ class LocalTrainer:
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
+        if cfg.trainer.resume_from and self.iteration == 0:
+            self.load_checkpoint(cfg.trainer.resume_from)
         write_run_config(cfg, self.out)
         log = MetricsLog(self.out)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)

@@ -9,6 +9,7 @@ Ray Train the checkpoints.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +22,11 @@ import torch.distributed as dist
 from actors.coordinator import ACTOR_ERRORS
 from dmdr_rl import dmdr
 from dmdr_rl.config import RunConfig
+from dmdr_rl.grid import save_grid
 from dmdr_rl.learning import DMDRLearner
+from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import BACKBONES
-from dmdr_rl.trainer import MetricsLog, build_rewards, load_checkpoint, write_checkpoint
+from dmdr_rl.trainer import GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, write_checkpoint
 
 FETCH_ATTEMPTS = 5
 
@@ -68,6 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
+    coordinator.register_learner.remote(rank, os.getpid())
 
     backbone = BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution, encoders=False)
     backbone.set_null(ray.get(coordinator.null_conditioning.remote()))
@@ -76,8 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(learner, directory)
-    elif config.get("resume_from"):
-        load_checkpoint(learner, config["resume_from"])
+    elif cfg.trainer.resume_from:
+        load_checkpoint(learner, cfg.trainer.resume_from)
     if rank == 0:
         ray.get(coordinator.start.remote(learner.iteration))
         publish_generator(coordinator, learner)
@@ -86,6 +90,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     out = Path(config["output_dir"])
     log = MetricsLog(out) if rank == 0 else None
+    grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
+    grid_cond = ray.get(coordinator.encode.remote(grid_prompts)) if rank == 0 else None
     try:
         while learner.generator_step < cfg.trainer.max_steps:
             started = time.perf_counter()
@@ -100,9 +106,14 @@ def train_loop_per_worker(config: dict) -> None:
                 publish_generator(coordinator, learner)
             metrics.update({"time/rollout_wait_s": waited, "time/weight_sync_s": time.perf_counter() - published})
             step = learner.generator_step
-            if log is not None and (step % cfg.output.log_every == 0 or step == cfg.trainer.max_steps):
+            last = step == cfg.trainer.max_steps
+            if log is not None and (step % cfg.output.log_every == 0 or last):
                 log.write(step, metrics)
-            if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
+            if rank == 0 and (step % cfg.output.sample_every == 0 or last):
+                images = backbone.sample_conditioned(grid_cond, cfg.student.steps, 1.0, seed=0, shift=cfg.student.shift,
+                                                     adapter=dmdr.GENERATOR, mode=cfg.student.sampler)
+                save_grid(images, grid_prompts, out / "samples" / f"step_{step:06d}.png")
+            if step % cfg.output.checkpoint_every == 0 or last:
                 report(learner, rank, metrics)
     finally:
         if log is not None:

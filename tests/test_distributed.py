@@ -2,13 +2,18 @@
 checkpoints in the local trainer's layout."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from dmdr_rl.config import load_config  # noqa: E402
-from dmdr_rl.distributed import train_distributed  # noqa: E402
+from dmdr_rl.distributed import COORDINATOR_PREFIX, train_distributed  # noqa: E402
+from dmdr_rl.ledger import Ledger  # noqa: E402
 from dmdr_rl.trainer import LocalTrainer  # noqa: E402
 
 TINY = {"trainer.batch_size": 4, "trainer.max_steps": 3, "trainer.cold_start": 1, "dmd.ratio": 2, "student.steps": 2,
@@ -51,3 +56,80 @@ def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray):
     # Checkpoints land in the local trainer's layout, so eval and resume read either.
     latest = (tmp_path / "ray" / "checkpoints" / "latest").read_text().strip()
     assert (tmp_path / "ray" / "checkpoints" / latest / "generator.safetensors").exists()
+
+
+def _start_in_background(cfg):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["summary"] = train_distributed(cfg)
+        except BaseException as err:  # surfaced by the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _coordinator(name, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith(f"{COORDINATOR_PREFIX}{name}-"):
+                return ray.get_actor(actor["name"], namespace=actor["namespace"])
+        time.sleep(0.5)
+    raise TimeoutError("the run's coordinator never started")
+
+
+def _wait_for(condition, timeout=600):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.5)
+
+
+def _consumed(out):
+    return sum(e["event"] == "consumed" for e in Ledger(out / "ledger.jsonl").events())
+
+
+def _finish(thread, outcome, out, steps):
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "the run did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    summary = outcome["summary"]
+    assert summary["generator_steps"] == steps
+    assert summary["ledger"]["lost"] == [] and summary["ledger"]["duplicated"] == []
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(logged)) == list(range(1, steps + 1))  # continuous step numbers
+    return summary, logged
+
+
+@pytest.mark.slow
+def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, local_ray):
+    out = tmp_path / "run"
+    cfg = _config(out, **{"trainer.backend": "ray", "trainer.max_steps": 8, "ray.max_staleness": 1,
+                          "output.checkpoint_every": 4, "name": "kill-rollout"})
+    thread, outcome = _start_in_background(cfg)
+    coordinator = _coordinator("kill-rollout")
+    _wait_for(lambda: _consumed(out) >= 4)
+    ray.kill(ray.get(coordinator.processes.remote())["rollout_workers"][0], no_restart=False)
+    summary, logged = _finish(thread, outcome, out, 8)
+    assert logged == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_a_killed_learner_worker_resumes_from_its_checkpoint_and_no_batch_is_lost(tmp_path, local_ray):
+    out = tmp_path / "run"
+    cfg = _config(out, **{"trainer.backend": "ray", "trainer.max_steps": 8, "ray.max_staleness": 1,
+                          "output.checkpoint_every": 2, "name": "kill-learner"})
+    thread, outcome = _start_in_background(cfg)
+    coordinator = _coordinator("kill-learner")
+    _wait_for(lambda: _consumed(out) >= 11)  # past the checkpoint at generator step 4 (iteration 8)
+    os.kill(ray.get(coordinator.processes.remote())["learners"][0], signal.SIGKILL)
+    summary, logged = _finish(thread, outcome, out, 8)
+    assert summary["ledger"]["rewinds"] >= 1
+    repeats = [logged[i] for i in range(1, len(logged)) if logged[i] <= logged[i - 1]]
+    assert all(step % 2 == 1 for step in repeats[:1])  # a replay starts right after a checkpoint (every 2 steps)

@@ -45,13 +45,13 @@ def test_main_job_says_it_trains_nothing_and_where_outputs_are(tmp_path, capsys)
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 3  # 32, 4 and 1 steps
 
 
-def test_main_job_needs_a_preset_for_overrides_and_refuses_the_unbuilt_ray_backend(capsys):
+def test_main_job_needs_a_preset_for_overrides_and_names_bad_values(capsys):
     with pytest.raises(SystemExit):
         run.main(["trainer.max_steps=10"])
     assert "need a --preset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run.main(["--preset", "toy-dmdr", "trainer.backend=ray"])
-    assert "Ray runtime is not built yet" in capsys.readouterr().err
+        run.main(["--preset", "toy-dmdr", "trainer.backend=slurm"])
+    assert "trainer.backend: Input should be 'local' or 'ray'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr", "student.steps=9"])
     assert "student.steps: Input should be less than or equal to 8" in capsys.readouterr().err

@@ -1,0 +1,28 @@
+"""The prompt ledger's replay: rewinds roll back consumptions, and the audit finds lost and duplicated batches."""
+
+from dmdr_rl.ledger import Ledger, audit, effective_consumption
+
+
+def _consume(ledger, iterations, rank=0):
+    for i in iterations:
+        ledger.append("issued", iteration=i, rank=rank)
+        ledger.append("consumed", iteration=i, rank=rank)
+
+
+def test_a_rewind_rolls_back_what_the_restored_weights_never_saw(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    _consume(ledger, range(0, 7))  # crashed after consuming iteration 6; checkpoint at 5
+    ledger.append("rewind", iteration=5)
+    _consume(ledger, range(5, 10))
+    events = ledger.events()
+    assert effective_consumption(events) == [(i, 0) for i in range(10)]
+    assert audit(events, 10, 1) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 1, "reissued": 0}
+
+
+def test_the_audit_names_lost_and_duplicated_batches(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    _consume(ledger, [0, 1, 1, 3])
+    _consume(ledger, [0, 1, 2, 3], rank=1)
+    report = audit(ledger.events(), 4, 2)
+    assert report["lost"] == [(2, 0)] and report["duplicated"] == [(1, 0)]
+    assert audit(ledger.events(), 3, 2)["unexpected"] == [(3, 0), (3, 1)]
