@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.cpus, log_to_driver=False)
     rates: dict[str, list[float]] = {m: [] for m in MODES}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,6 +93,7 @@ def train_distributed(cfg: RunConfig) -> dict:
             bar.refresh()
     finally:
         bar.close()
+        _shut_down(coordinator)
     result = outcome.get("result")
     if isinstance(result, BaseException):
         raise result
@@ -110,6 +111,18 @@ def train_distributed(cfg: RunConfig) -> dict:
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _shut_down(coordinator) -> None:
+    """Free the run's actors (rollout workers, then the coordinator) so the cluster's CPUs come back."""
+    import ray
+
+    try:
+        for worker in ray.get(coordinator.processes.remote(), timeout=30)["rollout_workers"]:
+            ray.kill(worker)
+    except Exception as err:  # already gone: nothing to free
+        print(f"dmdr_rl: could not reach the rollout workers to stop them ({type(err).__name__})", flush=True)
+    ray.kill(coordinator)
 
 
 def _fit(trainer):

@@ -28,7 +28,7 @@ from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import BACKBONES
 from dmdr_rl.trainer import GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, write_checkpoint
 
-FETCH_ATTEMPTS = 5
+ROLLOUT_PATIENCE_S = 600.0  # how long a batch may wait for its rollout worker to come back
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -50,18 +50,21 @@ def publish_generator(coordinator, learner: DMDRLearner) -> None:
     ray.get(coordinator.publish.remote(learner.generator_step, [ref]))
 
 
-def fetch_batch(coordinator, iteration: int, rank: int):
-    """The RolloutBatch of (iteration, rank); a rollout worker that died is replaced and the batch resampled."""
+def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float = ROLLOUT_PATIENCE_S):
+    """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
+    (Ray restarts the worker; it reloads the weights itself) until `patience_s` runs out."""
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         time.sleep(0.01)  # the weights this batch needs are being published
-    ref = answer[0]
-    for attempt in range(FETCH_ATTEMPTS):
+    ref, deadline, wait = answer[0], time.monotonic() + patience_s, 0.5
+    while True:
         try:
             return ray.get(ref)
-        except ACTOR_ERRORS:
-            if attempt == FETCH_ATTEMPTS - 1:
-                raise
-            time.sleep(min(2.0**attempt, 10.0))
+        except ACTOR_ERRORS as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no rollout worker could sample batch ({iteration}, rank {rank}) within "
+                                   f"{patience_s:.0f} s; the last error: {err}") from err
+            time.sleep(wait)
+            wait = min(2 * wait, 10.0)
             ref = ray.get(coordinator.reissue.remote(iteration, rank))[0]
 
 

@@ -23,7 +23,7 @@ TINY = {"trainer.batch_size": 4, "trainer.max_steps": 3, "trainer.cold_start": 1
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, log_to_driver=False)  # Ray Train v2 needs the dashboard (state API): without it, minutes of timeouts
     yield
     ray.shutdown()
 
