@@ -38,6 +38,7 @@ class RolloutCoordinator:
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
+        self.epoch = 0  # + 1 at every learner restart
         self.pending: dict[tuple[int, int], tuple[ray.ObjectRef, int]] = {}
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
@@ -66,6 +67,10 @@ class RolloutCoordinator:
         done, later ones consumed before the restart are rolled back (the ledger says so)."""
         if self.pending or self.consumed_upto:
             self.ledger.append("rewind", iteration=iteration)
+            # The restored learner's weights replace the newer ones the lost learner published (and
+            # owned: they died with it); a new epoch tells the workers to reload even an older version.
+            self.epoch += 1
+            self.version, self.weights = -1, None
         self.pending.clear()
         self.next_iteration = self.consumed_upto = iteration
 
@@ -120,6 +125,6 @@ class RolloutCoordinator:
         shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
         worker_index = self.turn % len(self.workers)
         self.turn += 1
-        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights)
+        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch)
         self.pending[(iteration, rank)] = (ref, worker_index)
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)

@@ -25,23 +25,23 @@ class RolloutWorker:
         model = self.cfg.model
         self.backbone = BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution)
         dmdr.add_generator(self.backbone, self.cfg.student)
-        self.weight_version = -1  # nothing loaded yet: the learner publishes version 0 before any rollout
+        self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first
 
-    def load_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Load the generator weights of `version` (older versions than the held one are ignored)."""
-        if version > self.weight_version:
-            load_adapter_state(self.backbone, dmdr.GENERATOR, state)
-            self.weight_version = version
-        return self.weight_version
+    def load_weights(self, version: int, state: dict[str, torch.Tensor], epoch: int = 0) -> int:
+        """Hold the generator weights of (epoch, version); the epoch changes when a restarted learner
+        rolls the run back to a checkpoint, so an older version of a newer epoch still replaces them."""
+        load_adapter_state(self.backbone, dmdr.GENERATOR, state)
+        self.weight_version, self.epoch = version, epoch
+        return version
 
     def rollout(self, iteration: int, prompts: list[str], rank: int = 0, version: int | None = None,
-                weights: list | None = None) -> RolloutBatch:
-        """Sample the batch; `weights` = [ObjectRef of version `version`'s generator weights] is fetched
-        only when this worker holds an older version (so a restarted worker catches up by itself)."""
-        if version is not None and version > self.weight_version:
+                weights: list | None = None, epoch: int = 0) -> RolloutBatch:
+        """Sample the batch; `weights` = [ObjectRef of the generator weights of (epoch, version)] is
+        fetched only when this worker holds other weights (so a restarted worker catches up by itself)."""
+        if version is not None and (epoch, version) != (self.epoch, self.weight_version):
             import ray
 
-            self.load_weights(version, ray.get(weights[0]))
+            self.load_weights(version, ray.get(weights[0]), epoch)
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
         return make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
