@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,16 +25,18 @@ def _free_port():
 
 
 @pytest.fixture()
-def head_node(tmp_path):
+def head_node():
     port, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=3",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -52,4 +55,3 @@ def test_ray_job_submit_trains_the_toy_preset(tmp_path, head_node):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["generator_steps"] == 2 and summary["ledger"]["lost"] == []
     assert json.loads((out / "eval" / "report.json").read_text())["num_images"] == 8
-    shutil.rmtree(tmp_path / "ray", ignore_errors=True)
