@@ -133,3 +133,17 @@ def test_a_killed_learner_worker_resumes_from_its_checkpoint_and_no_batch_is_los
     assert summary["ledger"]["rewinds"] >= 1
     repeats = [logged[i] for i in range(1, len(logged)) if logged[i] <= logged[i - 1]]
     assert all(step % 2 == 1 for step in repeats[:1])  # a replay starts right after a checkpoint (every 2 steps)
+
+
+@pytest.mark.slow
+def test_two_learner_ranks_each_train_on_their_own_shard_of_every_batch(tmp_path, local_ray):
+    out = tmp_path / "run"
+    summary = train_distributed(_config(out, **{
+        "trainer.backend": "ray", "ray.learner_workers": 2, "ray.rollout_actors": 2, "ray.learner_cpus": 0.5,
+        "ray.rollout_cpus": 0.5, "trainer.max_steps": 2, "output.checkpoint_every": 2, "name": "two-ranks"}))
+    assert summary["generator_steps"] == 2
+    events = Ledger(out / "ledger.jsonl").events()
+    consumed = sorted((e["iteration"], e["rank"]) for e in events if e["event"] == "consumed")
+    assert consumed == [(i, r) for i in range(4) for r in (0, 1)]
+    assert {e["worker"] for e in events if e["event"] == "issued"} == {0, 1}  # both rollout actors sampled
+    assert summary["ledger"]["lost"] == [] and summary["ledger"]["duplicated"] == []
