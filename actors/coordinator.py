@@ -39,7 +39,7 @@ class RolloutCoordinator:
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
         self.epoch = 0  # + 1 at every learner restart
-        self.pending: dict[tuple[int, int], tuple[ray.ObjectRef, int]] = {}
+        self.pending: dict[tuple[int, int], ray.ObjectRef] = {}
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
         self.turn = 0
@@ -84,7 +84,7 @@ class RolloutCoordinator:
         self._issue_ahead(iteration)
         if (iteration, rank) not in self.pending:
             return None
-        ref, _ = self.pending.pop((iteration, rank))
+        ref = self.pending.pop((iteration, rank))
         return [ref]
 
     def progress(self) -> dict:
@@ -101,7 +101,7 @@ class RolloutCoordinator:
     def reissue(self, iteration: int, rank: int) -> list:
         """After a rollout worker died (Ray restarts it; it reloads weights with its next request)."""
         self._issue(iteration, rank)
-        ref, _ = self.pending.pop((iteration, rank))
+        ref = self.pending.pop((iteration, rank))
         self.ledger.append("reissued", iteration=iteration, rank=rank)
         return [ref]
 
@@ -126,5 +126,5 @@ class RolloutCoordinator:
         worker_index = self.turn % len(self.workers)
         self.turn += 1
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch)
-        self.pending[(iteration, rank)] = (ref, worker_index)
+        self.pending[(iteration, rank)] = ref
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)

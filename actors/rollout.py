@@ -53,6 +53,3 @@ class RolloutWorker:
 
     def encode(self, prompts: list[str]) -> Conditioning:
         return self.backbone.encode(prompts)
-
-    def ready(self) -> int:
-        return self.weight_version

@@ -107,13 +107,18 @@ def _finish(thread, outcome, out, steps):
     return summary, logged
 
 
-@pytest.mark.slow
-def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, local_ray):
+def _start_eight_step_run(tmp_path, name, checkpoint_every):
+    """An 8-generator-step Ray run in a background thread: (output dir, thread, outcome, coordinator)."""
     out = tmp_path / "run"
     cfg = _config(out, **{"trainer.backend": "ray", "trainer.max_steps": 8, "ray.max_staleness": 1,
-                          "output.checkpoint_every": 4, "name": "kill-rollout"})
+                          "output.checkpoint_every": checkpoint_every, "name": name})
     thread, outcome = _start_in_background(cfg)
-    coordinator = _coordinator("kill-rollout")
+    return out, thread, outcome, _coordinator(name)
+
+
+@pytest.mark.slow
+def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, local_ray):
+    out, thread, outcome, coordinator = _start_eight_step_run(tmp_path, "kill-rollout", checkpoint_every=4)
     _wait_for(lambda: _consumed(out) >= 4)
     ray.kill(ray.get(coordinator.processes.remote())["rollout_workers"][0], no_restart=False)
     summary, logged = _finish(thread, outcome, out, 8)
@@ -122,11 +127,7 @@ def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, loca
 
 @pytest.mark.slow
 def test_a_killed_learner_worker_resumes_from_its_checkpoint_and_no_batch_is_lost(tmp_path, local_ray):
-    out = tmp_path / "run"
-    cfg = _config(out, **{"trainer.backend": "ray", "trainer.max_steps": 8, "ray.max_staleness": 1,
-                          "output.checkpoint_every": 2, "name": "kill-learner"})
-    thread, outcome = _start_in_background(cfg)
-    coordinator = _coordinator("kill-learner")
+    out, thread, outcome, coordinator = _start_eight_step_run(tmp_path, "kill-learner", checkpoint_every=2)
     _wait_for(lambda: _consumed(out) >= 11)  # past the checkpoint at generator step 4 (iteration 8)
     os.kill(ray.get(coordinator.processes.remote())["learners"][0], signal.SIGKILL)
     summary, logged = _finish(thread, outcome, out, 8)
