@@ -8,6 +8,7 @@ start-up with the field's dotted name, the value given and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -65,13 +66,36 @@ class DmdSection(_Section):
         return value
 
 
+class RewardServeSpec(_Section):
+    """How a reward model runs as a Ray Serve app (placement: serve)."""
+
+    app: Optional[str] = None  # the Serve app's name; null: "reward-<name>"
+    attach: bool = False  # true: use an app that is already running (`serve deploy deploy/serve-rewards.yaml`)
+    replicas: int = Field(1, ge=1)  # ignored when autoscaling is given
+    autoscaling: Optional[dict[str, Any]] = None  # Serve's autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
+    max_batch_size: int = Field(8, ge=1)  # requests merged into one model call (@serve.batch)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    num_cpus: float = Field(1.0, ge=0)  # per replica
+    num_gpus: float = Field(0.0, ge=0)  # per replica; fractions share a GPU
+    runtime_env: dict[str, Any] = Field(default_factory=dict)  # e.g. {pip: [...]} to isolate conflicting dependencies
+    timeout_s: float = Field(120.0, gt=0)  # per request
+    retries: int = Field(3, ge=0)  # after the first try, with exponential backoff
+    backoff_s: float = Field(0.5, ge=0)
+
+
 class RewardSpec(_Section):
     name: str  # a registered reward name or an import path "package.module:Class"
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0)  # lambda_j; 0: scored for monitoring only, never trained on
     shaping: Literal["hinge", "linear"] = "hinge"
     margin: float = 0.7
-    placement: Literal["local", "serve"] = "local"
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    placement: Literal["local", "serve"] = "local"  # in the learner's process, or a Ray Serve app
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor
+    monitor: bool = False  # also score every rollout batch (no gradient) and log rollout/reward/<name>
+    serve: RewardServeSpec = RewardServeSpec()
+
+    @property
+    def app_name(self) -> str:
+        return self.serve.app or "reward-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name).strip("-")
 
 
 class TrainerSection(_Section):
@@ -98,6 +122,8 @@ class RaySection(_Section):
     rollout_gpus: float = Field(0.0, ge=0)  # per rollout actor (fractions share a GPU)
     local_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local Ray (null: enough for the actors)
     max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
+    http_host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (reward apps' HTTP endpoints)
+    http_port: int = Field(8000, ge=1, le=65535)
 
 
 class DataSection(_Section):

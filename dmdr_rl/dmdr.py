@@ -9,7 +9,8 @@ its frozen base: "generator" (the student) and "critic" (fake score at `fake_sca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+import time
+from typing import Sequence
 
 import torch
 
@@ -18,17 +19,9 @@ from .backbone import Backbone
 from .conditioning import Conditioning
 from .config import CriticSection, DmdSection, RewardSpec, StudentSection
 from .flow import Trajectory, add_noise, sample, x0_from_velocity
+from reward_servers.protocol import RewardModel
 
 GENERATOR, CRITIC = "generator", "critic"
-
-
-class RewardModel(Protocol):
-    """What every reward model implements (built-in or a user's own); images [B, 3, H, W] in [0, 1]."""
-
-    name: str
-    differentiable: bool
-
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -40,10 +33,12 @@ class WeightedReward:
 
     def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
         """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used)."""
+        started = time.perf_counter()
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
         metrics = {f"reward/{self.spec.name}": scores[finite].mean().item() if finite.any() else float("nan"),
-                   f"reward/{self.spec.name}/non_finite": float((~finite).sum())}
+                   f"reward/{self.spec.name}/non_finite": float((~finite).sum()),
+                   f"time/reward/{self.spec.name}_s": time.perf_counter() - started}
         if not finite.any():
             return images.sum() * 0.0, metrics
         shaped = algo.shape_reward(scores[finite], self.spec.shaping, self.spec.margin)

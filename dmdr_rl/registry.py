@@ -1,5 +1,6 @@
 """Plugins by name or import path: backbones and reward models are chosen in config, never by
-`if name == ...` chains. A name is looked up in its registry; "package.module:attr" is imported."""
+`if name == ...` chains. A name is looked up in its registry; "package.module:attr" is imported.
+Reward models register in `reward_servers.registry.REWARDS`."""
 
 from __future__ import annotations
 
@@ -48,7 +49,6 @@ class Registry(Generic[T]):
 
 
 BACKBONES: Registry = Registry("backbone")
-REWARDS: Registry = Registry("reward model")
 
 
 @BACKBONES.register("toy")
@@ -59,10 +59,3 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     if resolution != RESOLUTION:
         raise ValueError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
     return load_teacher(path, encoders=encoders)
-
-
-@REWARDS.register("toy-align")
-def _toy_align(path: str | None = None):
-    from .toy.weights import load_align
-
-    return load_align(path)

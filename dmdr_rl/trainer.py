@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import dmdr
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
-from .registry import BACKBONES, REWARDS
+from .registry import BACKBONES
 from .rollout import make_rollout
 
 GRID_PROMPTS = 16
@@ -140,7 +140,18 @@ def write_run_config(cfg: RunConfig, out: Path) -> None:
 
 
 def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
-    return [dmdr.WeightedReward(REWARDS.build(spec.name, **spec.kwargs), spec) for spec in cfg.rewards]
+    """The config's rewards, each in its placement (in-process or a Serve app's client). A reward the
+    generator trains on (weight > 0) must be differentiable: ReFL needs d score / d image."""
+    from reward_servers import reward_model
+
+    rewards = []
+    for i, spec in enumerate(cfg.rewards):
+        model = reward_model(spec)
+        if spec.weight > 0 and not model.differentiable:
+            raise ConfigError(f"rewards.{i} ({spec.name}) is not differentiable, so it cannot train the generator "
+                              f"(ReFL needs d score / d image): set rewards.{i}.weight=0 to only monitor it")
+        rewards.append(dmdr.WeightedReward(model, spec))
+    return rewards
 
 
 def save_checkpoint(learner: DMDRLearner, root: Path) -> Path:

@@ -1,6 +1,7 @@
 import pytest
 
-from dmdr_rl.registry import BACKBONES, REWARDS, Registry
+from dmdr_rl.registry import BACKBONES, Registry
+from reward_servers import REWARDS
 
 
 def test_builtins_are_registered():

@@ -1,0 +1,120 @@
+"""The learner's and rollout actors' side of a reward server: a client with timeouts, retries with
+backoff and answer validation, and `RemoteReward`, which makes a Serve app look like an in-process
+reward model (gradients included, see `gradient.py`).
+
+The client talks to a *transport* -- a callable `(method, images, prompts, timeout_s) -> dict` -- so the
+retry and validation logic is tested without Ray; `ServeTransport` is the one used in runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .gradient import attach_gradient
+from .protocol import RewardInputError, RewardServerError, validate_images, validate_scores
+
+log = logging.getLogger(__name__)
+
+Transport = Callable[[str, torch.Tensor, list, float], dict]
+
+
+class ServeTransport:
+    """Calls a reward app's deployment through a Serve handle (looked up by app name on first use)."""
+
+    def __init__(self, app: str):
+        self.app = app
+        self._handle = None
+
+    def __call__(self, method: str, images: torch.Tensor | None, prompts: list | None, timeout_s: float) -> dict:
+        from ray import serve
+
+        if self._handle is None:
+            self._handle = serve.get_app_handle(self.app)
+        call = getattr(self._handle, method)
+        response = call.remote() if images is None else call.remote(images, prompts)
+        return response.result(timeout_s=timeout_s)
+
+    def __getstate__(self):  # a handle is rebuilt in each process
+        return {"app": self.app, "_handle": None}
+
+
+class RewardClient:
+    def __init__(self, transport: Transport, app: str, timeout_s: float = 120.0, retries: int = 3,
+                 backoff_s: float = 0.5, max_backoff_s: float = 10.0):
+        self.transport, self.app = transport, app
+        self.timeout_s, self.retries, self.backoff_s, self.max_backoff_s = timeout_s, retries, backoff_s, max_backoff_s
+        self.failed_attempts = 0  # transient failures that a retry absorbed or that ended the run
+
+    def info(self) -> dict:
+        """The served model's name and whether it is differentiable (also a reachability check)."""
+        answer = self._call("info", None, None)
+        if not isinstance(answer, dict) or not {"name", "differentiable"} <= answer.keys():
+            raise RewardServerError(f"reward app {self.app!r}: info() returned {answer!r}")
+        return answer
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        validate_images(images, prompts)
+        answer = self._call("score", images, prompts)
+        return validate_scores(answer.get("scores"), images.shape[0], f"reward app {self.app!r}").to(images.device)
+
+    def score_with_grad(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        validate_images(images, prompts)
+        answer = self._call("score_with_grad", images, prompts)
+        scores = validate_scores(answer.get("scores"), images.shape[0], f"reward app {self.app!r}")
+        grads = answer.get("grads")
+        if not isinstance(grads, torch.Tensor) or grads.shape != images.shape:
+            raise RewardServerError(f"reward app {self.app!r} returned gradients of shape "
+                                    f"{list(getattr(grads, 'shape', []))}, expected {list(images.shape)}")
+        grads = torch.where(torch.isfinite(scores).view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
+        return scores.to(images.device), torch.nan_to_num(grads, nan=0.0, posinf=0.0, neginf=0.0).to(images.device)
+
+    def _call(self, method: str, images: torch.Tensor | None, prompts: Sequence[str] | None):
+        payload = None if images is None else images.detach().to("cpu", torch.float32).contiguous()
+        wait, last_error = self.backoff_s, None
+        for attempt in range(self.retries + 1):
+            try:
+                return self.transport(method, payload, None if prompts is None else list(prompts), self.timeout_s)
+            except RewardInputError:  # the request itself is wrong: retrying cannot help
+                raise
+            except Exception as err:  # noqa: BLE001 - any transport failure is retried, then reported
+                last_error = err
+                self.failed_attempts += 1
+                if attempt < self.retries:
+                    log.warning("reward app %r: %s failed (%s: %s); retry %d/%d in %.1f s", self.app, method,
+                                type(err).__name__, _first_line(err), attempt + 1, self.retries, wait)
+                    time.sleep(wait)
+                    wait = min(2 * wait, self.max_backoff_s) if wait else 0.0
+        raise RewardServerError(
+            f"reward app {self.app!r} did not answer {method}() after {self.retries + 1} attempt(s): "
+            f"{type(last_error).__name__}: {_first_line(last_error)}. Is it running (`serve status`)? "
+            "Start it with the run (rewards[].serve.attach: false) or with `serve deploy deploy/serve-rewards.yaml`."
+        ) from last_error
+
+
+def _first_line(err: BaseException | None) -> str:
+    return str(err).strip().splitlines()[0] if err is not None and str(err).strip() else ""
+
+
+class RemoteReward:
+    """A reward model served elsewhere, behind the same protocol as an in-process one. When the images
+    carry gradients it asks for d score / d image and attaches it, so ReFL back-propagates as usual."""
+
+    def __init__(self, client: RewardClient, name: str | None = None, differentiable: bool | None = None):
+        self.client = client
+        if name is None or differentiable is None:
+            info = client.info()
+            name, differentiable = info["name"], bool(info["differentiable"])
+        self.name, self.differentiable = name, differentiable
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.requires_grad and torch.is_grad_enabled():
+            if not self.differentiable:
+                raise RewardInputError(f"reward {self.name!r} (app {self.client.app!r}) is not differentiable, so it "
+                                       "cannot give a ReFL gradient; score detached images")
+            scores, grads = self.client.score_with_grad(images, prompts)
+            return attach_gradient(images, scores, grads)
+        return self.client.score(images, prompts)

@@ -1,0 +1,83 @@
+"""The reward servers' HTTP wire format, for clients outside Ray: JSON with base64 PNG or .npy
+images -- decoded with `allow_pickle=False`, never unpickled -- and scores (null where not finite) plus,
+on request, base64 .npy gradients."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from .protocol import RewardInputError
+
+
+class ScoreRequest(BaseModel):
+    prompts: list[str]
+    images_npy: Optional[str] = None  # base64 of one .npy: float [B, 3, H, W] in [0, 1] or uint8 [B, 3, H, W]
+    images_png: list[str] = Field(default_factory=list)  # base64 PNG (RGB) per image
+    grad: bool = False  # also return d score / d image (as base64 .npy)
+
+
+def encode_request(images: torch.Tensor | None = None, prompts: Sequence[str] = (), png: Sequence[bytes] = (),
+                   grad: bool = False) -> dict:
+    """The JSON body of a POST /score request (images as .npy, or PNG files' bytes)."""
+    body: dict = {"prompts": list(prompts), "grad": grad}
+    if images is not None:
+        body["images_npy"] = _b64_npy(images.detach().cpu().numpy())
+    body["images_png"] = [base64.b64encode(data).decode() for data in png]
+    return body
+
+
+def decode_images(request: ScoreRequest) -> torch.Tensor:
+    if (request.images_npy is None) == (not request.images_png):
+        raise RewardInputError("give the images either as images_npy or as images_png, exactly one of them")
+    if request.images_npy is not None:
+        try:
+            array = np.load(io.BytesIO(base64.b64decode(request.images_npy)), allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - any malformed payload is the client's error
+            raise RewardInputError(f"images_npy is not a base64 .npy array ({err})") from err
+        if array.dtype == np.uint8:
+            return torch.from_numpy(array.astype(np.float32) / 255.0)
+        if array.dtype.kind != "f":
+            raise RewardInputError(f"images_npy must be float (values in [0, 1]) or uint8, got dtype {array.dtype}")
+        return torch.from_numpy(array.astype(np.float32))
+    from PIL import Image
+
+    images = []
+    for i, data in enumerate(request.images_png):
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(data)))
+            image.load()
+        except Exception as err:  # noqa: BLE001
+            raise RewardInputError(f"images_png[{i}] is not a readable image ({err})") from err
+        if image.format != "PNG":
+            raise RewardInputError(f"images_png[{i}] is {image.format}, expected PNG")
+        images.append(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1))
+    if len({tuple(im.shape) for im in images}) > 1:
+        raise RewardInputError("images_png must all have the same size")
+    return torch.stack(images)
+
+
+def encode_answer(answer: dict) -> dict:
+    scores = answer["scores"].tolist()
+    body = {"scores": [s if np.isfinite(s) else None for s in scores]}
+    if "grads" in answer:
+        body["grads_npy"] = _b64_npy(answer["grads"].numpy())
+    return body
+
+
+def decode_answer(body: dict) -> dict[str, torch.Tensor]:
+    answer = {"scores": torch.tensor([float("nan") if s is None else s for s in body["scores"]], dtype=torch.float32)}
+    if "grads_npy" in body:
+        answer["grads"] = torch.from_numpy(np.load(io.BytesIO(base64.b64decode(body["grads_npy"])), allow_pickle=False))
+    return answer
+
+
+def _b64_npy(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,44 @@
+"""Tiny random-weight models of the built-in reward models' classes, saved like the real ones, so the
+real loading and scoring code runs offline in tests and benchmarks (no hub weights here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = ("a red green blue yellow purple orange white black circle square triangle star small large big "
+              "left right of above below the top bottom center centre and in at on diamond").split()
+
+
+def save_tiny_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny `CLIPModel` + word-level tokenizer + `CLIPImageProcessor` in one directory (PickScore's layout)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"]
+    vocab = {word: i for i, word in enumerate(specials + list(TINY_WORDS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", unk_token="<|unk|>", model_max_length=16)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 2},
+        vision_config={"image_size": image_size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(directory)
+    return directory

@@ -1,0 +1,41 @@
+"""Reward models by name: the built-ins register here; a user's own model is named by import path
+(`package.module:Class`) in the config and needs no registration. Factories import their heavy
+dependencies (transformers, open_clip) only when built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmdr_rl.registry import Registry
+
+from .protocol import RewardModel
+
+REWARDS: Registry = Registry("reward model")
+
+
+@REWARDS.register("toy-align")
+def _toy_align(path: str | None = None):
+    from dmdr_rl.toy.weights import load_align
+
+    return load_align(path)
+
+
+@REWARDS.register("pickscore")
+def _pickscore(**kwargs):
+    from .models.pickscore import PickScore
+
+    return PickScore(**kwargs)
+
+
+def load_reward_model(name: str, kwargs: dict[str, Any] | None = None) -> RewardModel:
+    """Build a reward model and check that it implements the protocol (a score method and a
+    `differentiable` flag); its `name` defaults to the registry name or import path."""
+    model = REWARDS.build(name, **(kwargs or {}))
+    if not callable(getattr(model, "score", None)):
+        raise TypeError(f"reward model {name!r} built a {type(model).__name__} without a score(images, prompts) method")
+    if not isinstance(getattr(model, "differentiable", None), bool):
+        raise TypeError(f"reward model {name!r} ({type(model).__name__}) must set `differentiable = True` or False "
+                        "(True when score() supports autograd with respect to the images)")
+    if not isinstance(getattr(model, "name", None), str):
+        model.name = name
+    return model

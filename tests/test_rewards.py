@@ -1,0 +1,260 @@
+"""The reward protocol, its checks, cross-process gradients, the client's retries, the HTTP codec,
+PickScore on a tiny CLIP, and a user's own reward class -- all without Ray (see test_reward_serving)."""
+
+import base64
+import io
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from dmdr_rl import dmdr
+from dmdr_rl.config import ConfigError, RewardSpec, load_config
+from reward_servers import RewardInputError, RewardServerError, load_reward_model, reward_model
+from reward_servers import http
+from reward_servers.client import RemoteReward, RewardClient
+from reward_servers.gradient import attach_gradient, score_and_grad
+from reward_servers.models.testing import save_tiny_clip
+
+PROMPTS = ["a large green diamond in the top left", "a red diamond below a purple circle",
+           "a small purple triangle in the top right", "a purple triangle right of a green square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def pickscore(tiny_clip_dir):
+    return load_reward_model("pickscore", {"path": str(tiny_clip_dir), "processor_path": str(tiny_clip_dir),
+                                           "local_files_only": True})
+
+
+def _images(n=4, seed=0):
+    return torch.rand((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("images, prompts, message", [
+    (torch.rand(2, 32, 32), ["a", "b"], r"shape \[B, 3, H, W\]"),
+    (torch.rand(2, 1, 32, 32), ["a", "b"], r"shape \[B, 3, H, W\]"),
+    ((torch.rand(2, 3, 8, 8) * 255).to(torch.uint8), ["a", "b"], "float tensor"),
+    (torch.rand(2, 3, 8, 8) * 2 - 1, ["a", "b"], r"values must lie in \[0, 1\]"),
+    (torch.rand(3, 3, 8, 8), ["a", "b"], "3 images but 2 prompts"),
+    (torch.full((1, 3, 8, 8), float("nan")), ["a"], "NaN"),
+    (torch.rand(1, 3, 8, 8), "a", "sequence of strings"),
+    (np.zeros((1, 3, 8, 8), np.float32), ["a"], "torch.Tensor"),
+])
+def test_bad_images_are_rejected_with_the_fix(images, prompts, message):
+    model = reward_model(RewardSpec(name="toy-align"))
+    with pytest.raises(RewardInputError, match=message):
+        model.score(images, prompts)
+
+
+def test_unknown_import_path_and_incomplete_class_say_why():
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        load_reward_model("no_such_module:Reward")
+    with pytest.raises(ValueError, match="unknown reward model 'hpsv9'"):
+        load_reward_model("hpsv9")
+    with pytest.raises(TypeError, match="must set `differentiable"):
+        load_reward_model("tests.test_rewards:_NoFlag")
+
+
+class _NoFlag:
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+class _NanForOddPrompts:
+    """A reward that returns NaN for some samples (and would poison a naive batch gradient)."""
+
+    name, differentiable = "nan-odd", True
+
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3)) * 3 + torch.tensor([float("nan") if "odd" in p else 0.0 for p in prompts])
+
+
+def test_score_and_grad_is_the_per_sample_autograd_gradient(align):
+    images = _images()
+    scores, grads = score_and_grad(align, images, PROMPTS)
+    for i in range(len(PROMPTS)):
+        single = images[i : i + 1].clone().requires_grad_(True)
+        align.score(single, PROMPTS[i : i + 1]).sum().backward()
+        # one image alone vs in a batch: different conv kernels, float32 rounding
+        assert (grads[i : i + 1] - single.grad).norm() <= 1e-4 * single.grad.norm()
+        assert scores[i].item() == pytest.approx(align.score(images[i : i + 1], PROMPTS[i : i + 1]).item(), rel=1e-5)
+
+
+def test_a_non_finite_score_gets_a_zero_gradient_and_spares_the_others():
+    scores, grads = score_and_grad(_NanForOddPrompts(), _images(3), ["even", "odd", "even"])
+    assert torch.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all()
+    assert (grads[1] == 0).all() and torch.allclose(grads[0], torch.full_like(grads[0], 3 / (3 * 32 * 32)))
+
+
+class _InProcessTransport:
+    """What a reward server does, called directly: the client's logic without Ray."""
+
+    def __init__(self, model, failures=0):
+        self.model, self.failures, self.calls = model, failures, 0
+
+    def __call__(self, method, images, prompts, timeout_s):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise TimeoutError("replica busy")
+        if method == "info":
+            return {"name": self.model.name, "differentiable": self.model.differentiable}
+        if method == "score_with_grad":
+            scores, grads = score_and_grad(self.model, images, prompts)
+            return {"scores": scores, "grads": grads}
+        return {"scores": self.model.score(images, prompts).detach()}
+
+
+@pytest.mark.parametrize("shaping", ["hinge", "linear"])
+def test_remote_gradient_through_the_shaped_loss_equals_the_in_process_one(align, shaping):
+    spec = RewardSpec(name="toy-align", weight=0.3, shaping=shaping, margin=-0.05)
+    remote = RemoteReward(RewardClient(_InProcessTransport(align), "reward-toy-align"))
+    assert (remote.name, remote.differentiable) == ("toy-align", True)
+    grads = []
+    for model in (align, remote):
+        images = _images().requires_grad_(True)
+        loss, _ = dmdr.WeightedReward(model, spec).loss(images, PROMPTS)
+        loss.backward()
+        grads.append(images.grad)
+    assert grads[0].abs().max() > 0
+    assert (grads[1] - grads[0]).norm() <= 1e-5 * grads[0].norm()
+
+
+def test_attach_gradient_keeps_the_values_and_chains_the_jacobian():
+    images = torch.rand(2, 3, 4, 4, requires_grad=True)
+    grads = torch.randn(2, 3, 4, 4)
+    scores = attach_gradient(images, torch.tensor([0.5, -1.0]), grads)
+    assert scores.tolist() == [0.5, -1.0]
+    (scores * torch.tensor([2.0, 3.0])).sum().backward()
+    torch.testing.assert_close(images.grad, torch.stack([2 * grads[0], 3 * grads[1]]))
+
+
+def test_client_retries_transient_failures_then_gives_up_naming_the_app(align):
+    transport = _InProcessTransport(align, failures=2)
+    client = RewardClient(transport, "reward-toy-align", retries=2, backoff_s=0.0)
+    assert client.score(_images(), PROMPTS).shape == (4,)
+    assert client.failed_attempts == 2 and transport.calls == 3
+    client = RewardClient(_InProcessTransport(align, failures=10), "reward-toy-align", retries=1, backoff_s=0.0)
+    with pytest.raises(RewardServerError, match="reward app 'reward-toy-align' did not answer score\\(\\) after 2"):
+        client.score(_images(), PROMPTS)
+
+
+def test_client_does_not_retry_bad_requests_and_checks_answers(align):
+    transport = _InProcessTransport(align)
+    client = RewardClient(transport, "reward-toy-align", retries=3, backoff_s=0.0)
+    with pytest.raises(RewardInputError, match="2 images but 4 prompts"):
+        client.score(_images(2), PROMPTS)
+    assert transport.calls == 0  # rejected before anything was sent
+
+    def wrong_shape(method, images, prompts, timeout_s):
+        return {"scores": torch.zeros(images.shape[0] + 1)}
+
+    with pytest.raises(RewardServerError, match=r"shape \[5\], expected \[4\]"):
+        RewardClient(wrong_shape, "reward-x", backoff_s=0.0).score(_images(), PROMPTS)
+
+
+def test_non_finite_scores_are_dropped_from_the_loss_and_counted():
+    spec = RewardSpec(name="nan-odd", weight=1.0, shaping="linear")
+    remote = RemoteReward(RewardClient(_InProcessTransport(_NanForOddPrompts()), "reward-nan-odd"))
+    images = _images(3).requires_grad_(True)
+    loss, metrics = dmdr.WeightedReward(remote, spec).loss(images, ["even", "odd", "even"])
+    loss.backward()
+    assert metrics["reward/nan-odd/non_finite"] == 1.0
+    assert torch.isfinite(loss) and torch.isfinite(images.grad).all()
+    assert (images.grad[1] == 0).all() and (images.grad[0] != 0).all()
+    assert loss.item() == pytest.approx(-(images[[0, 2]].mean(dim=(1, 2, 3)) * 3).mean().item(), rel=1e-6)
+
+
+def test_pickscore_matches_clip_with_its_own_processor(tiny_clip_dir, pickscore):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    images = _images()
+    scores = pickscore.score(images, PROMPTS)
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    pixels = processor(images=list(images.permute(0, 2, 3, 1).numpy()), do_rescale=False, return_tensors="pt")
+    tokens = tokenizer(PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                          pixel_values=pixels["pixel_values"]).logits_per_image.diagonal()
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
+    x = images.clone().requires_grad_(True)
+    pickscore.score(x, PROMPTS).sum().backward()
+    assert x.grad.abs().sum() > 0  # the differentiable path reaches the pixels
+
+
+def test_pickscore_resizes_and_crops_larger_images(pickscore):
+    big = torch.rand(2, 3, 48, 64)
+    assert pickscore.score(big, PROMPTS[:2]).shape == (2,)
+
+
+def test_http_codec_round_trips_npy_and_png_and_never_unpickles():
+    from PIL import Image
+
+    images = _images(2)
+    decoded = http.decode_images(http.ScoreRequest(**http.encode_request(images, PROMPTS[:2])))
+    torch.testing.assert_close(decoded, images)
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    pngs = []
+    for image in as_uint8:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    decoded = http.decode_images(http.ScoreRequest(**http.encode_request(None, PROMPTS[:2], png=pngs)))
+    torch.testing.assert_close(decoded, as_uint8.float() / 255)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    request = http.ScoreRequest(prompts=["a"], images_npy=base64.b64encode(buffer.getvalue()).decode())
+    with pytest.raises(RewardInputError, match="not a base64 .npy"):
+        http.decode_images(request)
+    with pytest.raises(RewardInputError, match="exactly one"):
+        http.decode_images(http.ScoreRequest(prompts=["a"]))
+    answer = http.decode_answer(http.encode_answer({"scores": torch.tensor([1.0, float("nan")]),
+                                                    "grads": torch.ones(2, 3, 2, 2)}))
+    assert answer["scores"][0] == 1.0 and torch.isnan(answer["scores"][1]) and answer["grads"].shape == (2, 3, 2, 2)
+
+
+USER_REWARD = textwrap.dedent('''
+    import torch
+
+    class Brightness:
+        """A user's own reward: mean brightness of the image (differentiable)."""
+        differentiable = True
+
+        def __init__(self, gain=1.0):
+            self.gain = gain
+
+        def score(self, images, prompts):
+            return self.gain * images.mean(dim=(1, 2, 3))
+
+    class Blackbox:
+        differentiable = False
+
+        def score(self, images, prompts):
+            return images.detach().mean(dim=(1, 2, 3))
+''')
+
+
+def test_a_custom_reward_named_only_in_the_config_trains(tmp_path, monkeypatch):
+    from dmdr_rl.trainer import LocalTrainer
+
+    (tmp_path / "user_rewards_mod.py").write_text(USER_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = ["trainer.max_steps=2", "trainer.cold_start=0", "trainer.batch_size=2", "dmd.ratio=1", "student.steps=1",
+                 f"output.dir={tmp_path / 'run'}", "output.sample_every=1000", "output.checkpoint_every=1000",
+                 "output.log_every=1"]
+    cfg = load_config("toy-dmdr", overrides)
+    cfg.rewards = [RewardSpec(name="user_rewards_mod:Brightness", weight=0.5, shaping="linear", kwargs={"gain": 2.0})]
+    summary = LocalTrainer(cfg).train()
+    assert summary["generator_steps"] == 2
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"reward/user_rewards_mod:Brightness"' in rows[-1]
+    cfg.rewards = [RewardSpec(name="user_rewards_mod:Blackbox", weight=0.5)]
+    with pytest.raises(ConfigError, match="rewards.0 \\(user_rewards_mod:Blackbox\\) is not differentiable"):
+        LocalTrainer(cfg)
