@@ -1,4 +1,5 @@
-"""The rollout worker: a generator replica plus the frozen prompt encoders, making `RolloutBatch`es.
+"""The rollout worker: a generator replica plus the frozen prompt encoders, making `RolloutBatch`es
+(and scoring them with the config's `monitor: true` rewards, without gradients).
 
 It is a plain class (tested without Ray); the runtime starts it as a Ray actor with
 `ray.remote(RolloutWorker)`. It never trains: it loads the learner's generator weights by version and
@@ -15,6 +16,7 @@ from dmdr_rl.config import RunConfig
 from dmdr_rl.learning import load_adapter_state
 from dmdr_rl.registry import BACKBONES
 from dmdr_rl.rollout import RolloutBatch, make_rollout
+from reward_servers import reward_model
 
 
 class RolloutWorker:
@@ -25,6 +27,7 @@ class RolloutWorker:
         model = self.cfg.model
         self.backbone = BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution)
         dmdr.add_generator(self.backbone, self.cfg.student)
+        self.monitors = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards if spec.monitor]
         self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor], epoch: int = 0) -> int:
@@ -45,7 +48,7 @@ class RolloutWorker:
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
         return make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
-                            self.weight_version, rank)
+                            self.weight_version, rank, self.monitors)
 
     def null_conditioning(self) -> Conditioning:
         """The empty prompt's conditioning, for a learner that holds no encoders (CFG of the real score)."""

@@ -158,6 +158,10 @@ class RunConfig(_Section):
     def _has_a_loss(self) -> "RunConfig":
         if self.dmd.weight == 0 and not self.rewards:
             raise ValueError("dmd.weight is 0 and no rewards are configured: the generator would have no loss")
+        for i, spec in enumerate(self.rewards):
+            if spec.weight == 0 and not spec.monitor:
+                raise ValueError(f"rewards.{i} ({spec.name}) has weight 0 and monitor false, so it would never be "
+                                 f"computed: set rewards.{i}.monitor=true to log it, or remove it")
         return self
 
     @property

@@ -10,6 +10,7 @@ while showing progress from the coordinator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,12 +40,39 @@ def connect(cfg: RunConfig) -> str:
         ray.init(address=address, log_to_driver=True)
         return address
     r = cfg.ray
-    needed = r.learner_workers * r.learner_cpus + r.rollout_actors * r.rollout_cpus
+    needed = r.learner_workers * r.learner_cpus + r.rollout_actors * r.rollout_cpus + reward_app_cpus(cfg)
     ray.init(num_cpus=r.local_cpus or max(int(needed + 0.999), 1))
     return "local"
 
 
+def reward_app_cpus(cfg: RunConfig) -> float:
+    if not any(spec.placement == "serve" for spec in cfg.rewards):
+        return 0.0
+    from reward_servers.serve import serve_cpus
+
+    return serve_cpus(cfg)
+
+
+def serving_rewards(cfg: RunConfig):
+    """A context holding the run's reward apps (placement: serve) up; nothing when every reward is local."""
+    if not any(spec.placement == "serve" for spec in cfg.rewards):
+        return contextlib.nullcontext([])
+    from reward_servers.serve import reward_apps
+
+    return reward_apps(cfg)
+
+
 def train_distributed(cfg: RunConfig) -> dict:
+    r = cfg.ray
+    if r.learner_gpus > 0 or r.rollout_gpus > 0:
+        raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the backbones do not place tensors on GPUs yet "
+                          "(issue 6, real backbones); leave them at 0 for now")
+    where = connect(cfg)
+    with serving_rewards(cfg):
+        return _train_on_ray(cfg, where)
+
+
+def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -53,10 +81,6 @@ def train_distributed(cfg: RunConfig) -> dict:
     from learner.loop import train_loop_per_worker
 
     r = cfg.ray
-    if r.learner_gpus > 0 or r.rollout_gpus > 0:
-        raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the backbones do not place tensors on GPUs yet "
-                          "(issue 6, real backbones); leave them at 0 for now")
-    where = connect(cfg)
     out = cfg.output_dir.resolve()
     write_run_config(cfg, out)
     cfg_dict = cfg.model_dump(mode="json")

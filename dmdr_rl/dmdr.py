@@ -120,6 +120,8 @@ def generator_loss(
     if reward_active and rewards:
         images = backbone.decode(x0)
         for reward in rewards:
+            if reward.spec.weight == 0:  # monitored on the rollouts only
+                continue
             term, reward_metrics = reward.loss(images, prompts)
             loss = loss + term
             metrics.update(reward_metrics)

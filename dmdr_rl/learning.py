@@ -68,6 +68,9 @@ class DMDRLearner:
                 "stage/reward_active": float(reward_active),
                 "rollout/staleness": float(self.generator_step - batch.weight_version),
             })
+            for name, scores in batch.reward_scores.items():
+                finite = torch.isfinite(scores)
+                metrics[f"rollout/reward/{name}"] = scores[finite].mean().item() if finite.any() else float("nan")
             self.generator_step += 1
         self.iteration += 1
         return metrics

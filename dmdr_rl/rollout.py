@@ -9,7 +9,8 @@ trainer's losses and lets any run resume exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ class RolloutBatch:
     timesteps: torch.Tensor  # [K]
     weight_version: int  # the generator version that sampled it (= the learner's generator step)
     seed: int  # the rollout stream's seed
+    reward_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # monitored rewards of x0, [B] each
 
     @property
     def trajectory(self) -> Trajectory:
@@ -50,12 +52,17 @@ class RolloutBatch:
 
 def make_rollout(
     backbone: Backbone, prompts: list[str], student: StudentSection, run_seed: int, iteration: int, weight_version: int,
-    rank: int = 0,
+    rank: int = 0, monitors: Sequence[dmdr.WeightedReward] = (),
 ) -> RolloutBatch:
     """Step 1 of DESIGN section 2 (backward simulation) for one batch of prompts (rank: which
-    data-parallel learner's shard it is)."""
+    data-parallel learner's shard it is); `monitors` score the samples for the logs (no gradient)."""
     seed = iteration_seed(run_seed, iteration, ROLLOUT_STREAM, rank)
     cond = backbone.encode(prompts)
     trajectory = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(seed))
+    scores = {}
+    if monitors:
+        with torch.no_grad():
+            images = backbone.decode(trajectory.x0)
+            scores = {reward.spec.name: reward.model.score(images, prompts).detach() for reward in monitors}
     return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
-                        weight_version, seed)
+                        weight_version, seed, scores)

@@ -54,9 +54,14 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
         summary = train_distributed(cfg)
         sample_fn, _ = toy_eval.load_student(cfg.output_dir)
     else:
-        trainer = LocalTrainer(cfg)
-        started = time.time()
-        summary = trainer.train()
+        from .distributed import connect, serving_rewards
+
+        if any(spec.placement == "serve" for spec in cfg.rewards):
+            connect(cfg)  # reward apps need a Ray cluster even for the single-process trainer
+        with serving_rewards(cfg):
+            trainer = LocalTrainer(cfg)
+            started = time.time()
+            summary = trainer.train()
         summary["train_seconds"] = round(time.time() - started, 1)
         sample_fn = trainer.sample
     out = cfg.output_dir

@@ -63,6 +63,7 @@ class LocalTrainer:
         self.backbone = backbone or BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution)
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
+        self.monitors = [reward for reward in rewards if reward.spec.monitor]
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
 
@@ -81,7 +82,8 @@ class LocalTrainer:
         cfg = self.cfg
         started = time.perf_counter()
         prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size)
-        batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step)
+        batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
+                             monitors=self.monitors)
         simulated = time.perf_counter() - started
         metrics = self.learner.step(batch)
         if metrics is not None:

@@ -47,6 +47,7 @@ class RewardClient:
                  backoff_s: float = 0.5, max_backoff_s: float = 10.0):
         self.transport, self.app = transport, app
         self.timeout_s, self.retries, self.backoff_s, self.max_backoff_s = timeout_s, retries, backoff_s, max_backoff_s
+        self.requests = 0  # answered calls
         self.failed_attempts = 0  # transient failures that a retry absorbed or that ended the run
 
     def info(self) -> dict:
@@ -77,7 +78,9 @@ class RewardClient:
         wait, last_error = self.backoff_s, None
         for attempt in range(self.retries + 1):
             try:
-                return self.transport(method, payload, None if prompts is None else list(prompts), self.timeout_s)
+                answer = self.transport(method, payload, None if prompts is None else list(prompts), self.timeout_s)
+                self.requests += 1
+                return answer
             except RewardInputError:  # the request itself is wrong: retrying cannot help
                 raise
             except Exception as err:  # noqa: BLE001 - any transport failure is retried, then reported

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -160,6 +161,28 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
 def stop_reward_apps(names: list[str]) -> None:
     for name in names:
         serve.delete(name)
+
+
+@contextmanager
+def reward_apps(cfg: RunConfig):
+    """The run's reward apps for the duration of a `with` block (attached apps are left running)."""
+    started = start_reward_apps(cfg)
+    try:
+        yield started
+    finally:
+        stop_reward_apps(started)
+
+
+def serve_cpus(cfg: RunConfig) -> float:
+    """Logical CPUs the reward apps this run starts ask for (at their initial or minimum replica count)."""
+    total = 0.0
+    for spec in cfg.rewards:
+        if spec.placement == "serve" and not spec.serve.attach:
+            s = spec.serve
+            replicas = (s.autoscaling or {}).get("initial_replicas") or (s.autoscaling or {}).get("min_replicas", 1) \
+                if s.autoscaling else s.replicas
+            total += s.num_cpus * max(1, replicas)
+    return total
 
 
 def _require_running(app: str) -> None:

@@ -1,0 +1,224 @@
+"""Reward models as Ray Serve apps on a local Ray: gradients across the process boundary equal the
+in-process ones, a DMDR step is unchanged by the placement, requests are batched and fail alone,
+the HTTP endpoint, scaling under load, and errors that name the app."""
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from dmdr_rl import dmdr  # noqa: E402
+from dmdr_rl.config import RewardSpec, load_config  # noqa: E402
+from dmdr_rl.trainer import LocalTrainer  # noqa: E402
+from reward_servers import RewardInputError, RewardServerError, reward_model  # noqa: E402
+from reward_servers import http  # noqa: E402
+from reward_servers.models.testing import save_tiny_clip  # noqa: E402
+from reward_servers.serve import reward_app, start_reward_apps, stop_reward_apps  # noqa: E402
+
+PROMPTS = ["a large green diamond in the top left", "a red diamond below a purple circle",
+           "a small purple triangle in the top right", "a purple triangle right of a green square"]
+TINY = ["trainer.batch_size=4", "trainer.cold_start=0", "dmd.ratio=1", "student.steps=2", "output.log_every=1",
+        "output.sample_every=1000", "output.checkpoint_every=1000", "trainer.lr_generator=1e-3", "trainer.lr_critic=1e-3"]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_serve():
+    ray.init(num_cpus=4, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def _run_config(tmp_path, specs, port, extra=()):
+    cfg = load_config("toy-dmdr", [*TINY, f"output.dir={tmp_path}", f"ray.http_port={port}", *extra])
+    cfg.rewards = list(specs)
+    return cfg
+
+
+def _serve_spec(name, **serve_options):
+    return RewardSpec(name=name, weight=0.3, shaping="hinge", margin=-0.05, placement="serve",
+                      serve={"num_cpus": 0.5, **serve_options})
+
+
+def _images(n=4, seed=0):
+    return torch.rand((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["toy-align", "pickscore"])
+def test_remote_gradient_equals_the_in_process_gradient(tmp_path, local_serve, tiny_clip_dir, name):
+    kwargs = {"path": str(tiny_clip_dir), "processor_path": str(tiny_clip_dir), "local_files_only": True} \
+        if name == "pickscore" else {}
+    served = _serve_spec(name, max_batch_size=4).model_copy(update={"kwargs": kwargs})
+    local = served.model_copy(update={"placement": "local"})
+    started = start_reward_apps(_run_config(tmp_path, [served], local_serve))
+    try:
+        grads, losses = [], []
+        for spec in (local, served):
+            images = _images().requires_grad_(True)
+            loss, _ = dmdr.WeightedReward(reward_model(spec), spec.model_copy(update={"shaping": "linear"})).loss(images, PROMPTS)
+            loss.backward()
+            grads.append(images.grad)
+            losses.append(loss.item())
+        assert grads[0].abs().max() > 0
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+        assert (grads[1] - grads[0]).norm() <= 1e-5 * grads[0].norm()
+    finally:
+        stop_reward_apps(started)
+
+
+def test_a_dmdr_step_with_a_served_reward_matches_in_process(tmp_path, local_serve):
+    """The same losses and the same generator gradient (what the optimizer then applies) either way.
+    Weights after Adam are not compared: Adam's first step is sign(g), which turns float rounding in
+    near-zero gradient entries into full-size differences."""
+    spec = _serve_spec("toy-align")
+    runs = {}
+    for placement in ("local", "serve"):
+        cfg = _run_config(tmp_path / placement, [spec.model_copy(update={"placement": placement})], local_serve,
+                          ["trainer.max_steps=2"])
+        started = start_reward_apps(cfg)
+        try:
+            trainer = LocalTrainer(cfg)
+            generator_params = set(trainer.backbone.trainable_parameters(dmdr.GENERATOR))
+            gradients = []
+
+            def capture(params):
+                if params and params[0] in generator_params:
+                    gradients.append(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone())
+
+            trainer.learner.reduce_gradients = capture
+            metrics = [trainer.train_iteration() for _ in range(2)]
+        finally:
+            stop_reward_apps(started)
+        runs[placement] = (metrics, gradients)
+    (local_metrics, local_grads), (served_metrics, served_grads) = runs["local"], runs["serve"]
+    assert len(local_grads) == len(served_grads) == 2
+    for a, b in zip(local_metrics, served_metrics):
+        for key in ("loss/generator", "loss/dmd", "loss/reward/toy-align", "reward/toy-align"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    for a, b in zip(local_grads, served_grads):
+        assert (b - a).norm() <= 1e-5 * a.norm()
+
+
+def test_concurrent_requests_are_batched_and_a_bad_request_fails_alone(tmp_path, local_serve):
+    spec = _serve_spec("toy-align", max_batch_size=8, batch_wait_timeout_s=0.2)
+    started = start_reward_apps(_run_config(tmp_path, [spec], local_serve))
+    try:
+        handle = serve.get_app_handle(spec.app_name)
+        prompts = [PROMPTS] * 5 + [["a red circle"] * 4]  # the last: not the toy grammar, the model raises
+        responses = [handle.score.remote(_images(seed=i), p) for i, p in enumerate(prompts)]
+        results = []
+        for response in responses:
+            try:
+                results.append(response.result(timeout_s=60))
+            except Exception as err:  # noqa: BLE001 - inspected below
+                results.append(err)
+        assert all(isinstance(r, dict) and r["scores"].shape == (4,) for r in results[:5])
+        assert isinstance(results[5], ValueError) and "toy grammar" in str(results[5])
+        info = handle.info.remote().result(timeout_s=30)
+        assert info["images"] >= 20 and info["calls"] < 6 + 5  # merged calls, then the failed batch per request
+    finally:
+        stop_reward_apps(started)
+
+
+def test_http_endpoint_scores_npy_and_png_and_rejects_bad_input(tmp_path, local_serve):
+    import io
+
+    import requests
+    from PIL import Image
+
+    spec = _serve_spec("toy-align")
+    started = start_reward_apps(_run_config(tmp_path, [spec], local_serve))
+    url = f"http://127.0.0.1:{local_serve}/{spec.app_name}/score"
+    try:
+        images = _images()
+        expected = serve.get_app_handle(spec.app_name).score.remote(images, PROMPTS).result(timeout_s=60)["scores"]
+        answer = http.decode_answer(requests.post(url, json=http.encode_request(images, PROMPTS), timeout=60).json())
+        torch.testing.assert_close(answer["scores"], expected)
+        answer = http.decode_answer(requests.post(url, json=http.encode_request(images, PROMPTS, grad=True), timeout=60).json())
+        assert answer["grads"].shape == images.shape and answer["grads"].abs().sum() > 0
+        pngs = []
+        for image in (images[:2] * 255).round().to(torch.uint8):
+            buffer = io.BytesIO()
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        answer = requests.post(url, json=http.encode_request(None, PROMPTS[:2], png=pngs), timeout=60).json()
+        assert len(answer["scores"]) == 2
+        bad = requests.post(url, json=http.encode_request(images * 2, PROMPTS), timeout=60)
+        assert bad.status_code == 422 and "[0, 1]" in bad.json()["detail"]
+        bad = requests.post(url, json=http.encode_request(images, PROMPTS[:3]), timeout=60)
+        assert bad.status_code == 422 and "4 images but 3 prompts" in bad.json()["detail"]
+    finally:
+        stop_reward_apps(started)
+
+
+def test_scaling_a_reward_app_from_one_to_two_replicas_during_training_fails_no_request(tmp_path, local_serve):
+    spec = _serve_spec("toy-align")
+    cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.max_steps=100000"])  # stopped below
+    started = start_reward_apps(cfg)
+    try:
+        trainer = LocalTrainer(cfg)
+        client = trainer.learner.rewards[0].model.client
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(summary=trainer.train()), daemon=True)
+        thread.start()
+        while client.requests < 5 and thread.is_alive():
+            time.sleep(0.05)
+        before = client.requests
+        serve.run(reward_app(spec.model_copy(update={"serve": spec.serve.model_copy(update={"replicas": 2})})),
+                  name=spec.app_name, route_prefix=f"/{spec.app_name}")
+        scaled_at = client.requests
+        deployment = serve.status().applications[spec.app_name].deployments[spec.app_name]
+        while client.requests < scaled_at + 10 and thread.is_alive():
+            time.sleep(0.05)
+        trainer.cfg.trainer.max_steps = trainer.generator_step + 1  # end the run
+        thread.join(timeout=600)
+        assert outcome["summary"]["generator_steps"] >= scaled_at
+        assert deployment.replica_states.get("RUNNING") == 2
+        assert before < scaled_at < client.requests  # requests ran before, during and after the scaling
+        assert client.failed_attempts == 0
+    finally:
+        stop_reward_apps(started)
+
+
+def test_a_missing_app_is_named_in_the_error(tmp_path, local_serve):
+    missing = RewardSpec(name="toy-align", placement="serve", serve={"app": "reward-nowhere", "retries": 1,
+                                                                       "backoff_s": 0.0, "timeout_s": 5})
+    with pytest.raises(RewardServerError, match="reward app 'reward-nowhere' did not answer info"):
+        reward_model(missing)
+    attached = missing.model_copy(update={"serve": missing.serve.model_copy(update={"attach": True})})
+    with pytest.raises(RewardInputError, match="reward app 'reward-nowhere' is not running"):
+        start_reward_apps(_run_config(tmp_path, [attached], local_serve))
+
+
+@pytest.mark.slow
+def test_the_ray_runtime_trains_with_a_served_reward_and_monitors_rollouts(tmp_path, local_serve):
+    import json
+
+    from dmdr_rl.distributed import train_distributed
+
+    spec = _serve_spec("toy-align").model_copy(update={"monitor": True})
+    cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.max_steps=3", "trainer.backend=ray", "ray.max_staleness=0",
+                                                     "output.checkpoint_every=3"])
+    summary = train_distributed(cfg)
+    assert summary["generator_steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/toy-align" in r and "rollout/reward/toy-align" in r and "time/reward/toy-align_s" in r for r in rows)
+    assert spec.app_name not in serve.status().applications  # the run stopped the app it started
