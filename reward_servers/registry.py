@@ -27,6 +27,20 @@ def _pickscore(**kwargs):
     return PickScore(**kwargs)
 
 
+@REWARDS.register("hpsv2")
+def _hpsv2(**kwargs):
+    from .models.hps import HPSv2
+
+    return HPSv2(version="v2", **kwargs)
+
+
+@REWARDS.register("hpsv2.1")
+def _hpsv2_1(**kwargs):
+    from .models.hps import HPSv2
+
+    return HPSv2(version="v2.1", **kwargs)
+
+
 def load_reward_model(name: str, kwargs: dict[str, Any] | None = None) -> RewardModel:
     """Build a reward model and check that it implements the protocol (a score method and a
     `differentiable` flag); its `name` defaults to the registry name or import path."""

@@ -222,3 +222,31 @@ def test_the_ray_runtime_trains_with_a_served_reward_and_monitors_rollouts(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/toy-align" in r and "rollout/reward/toy-align" in r and "time/reward/toy-align_s" in r for r in rows)
     assert spec.app_name not in serve.status().applications  # the run stopped the app it started
+
+
+def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_path, local_serve):
+    from pathlib import Path
+
+    import yaml
+
+    from reward_servers.serve import build_app
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    for config_file in ("serve-rewards.yaml", "serve-rewards-paper.yaml"):
+        config = yaml.safe_load((deploy / config_file).read_text())
+        assert config["http_options"]["host"] == "127.0.0.1"
+        for application in config["applications"]:
+            assert application["import_path"] == "reward_servers.serve:build_app"
+            assert RewardSpec.model_validate(application["args"]).app_name == application["name"], config_file
+            build_app(application["args"])  # binds the deployment; the model loads only when deployed
+    application = yaml.safe_load((deploy / "serve-rewards.yaml").read_text())["applications"][0]
+    serve.run(build_app(application["args"]), name=application["name"], route_prefix=application["route_prefix"])
+    try:
+        spec = RewardSpec(name="toy-align", weight=0.3, margin=-0.05, placement="serve",
+                          serve={"app": application["name"], "attach": True})
+        cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.max_steps=1"])
+        assert start_reward_apps(cfg) == []  # attached: nothing started, nothing to stop
+        metrics = LocalTrainer(cfg).train_iteration()
+        assert metrics["reward/toy-align"] < 0 and metrics["loss/reward/toy-align"] > 0
+    finally:
+        serve.delete(application["name"])

@@ -258,3 +258,33 @@ def test_a_custom_reward_named_only_in_the_config_trains(tmp_path, monkeypatch):
     cfg.rewards = [RewardSpec(name="user_rewards_mod:Blackbox", weight=0.5)]
     with pytest.raises(ConfigError, match="rewards.0 \\(user_rewards_mod:Blackbox\\) is not differentiable"):
         LocalTrainer(cfg)
+
+
+def test_hpsv2_matches_open_clip_with_its_own_transforms(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    from reward_servers.models.testing import save_tiny_open_clip
+
+    kwargs = save_tiny_open_clip(tmp_path)
+    hps = load_reward_model("hpsv2.1", kwargs)
+    assert (hps.name, hps.differentiable) == ("hpsv2.1", True)
+    images = (_images() * 255).round() / 255  # exact in 8-bit, so the PIL path sees the same pixels
+    scores = hps.score(images, PROMPTS)
+    # What `hpsv2.score` does: open_clip's eval transform on PIL images, normalised features, diagonal.
+    model, _, preprocess = open_clip.create_model_and_transforms(kwargs["architecture"], pretrained=None,
+                                                                 load_weights=False)
+    model.load_state_dict(torch.load(kwargs["checkpoint"], weights_only=True)["state_dict"])
+    model.eval()
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for im in images]
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(p) for p in pil]), normalize=True)
+        text_features = model.encode_text(open_clip.get_tokenizer(kwargs["architecture"])(PROMPTS), normalize=True)
+    torch.testing.assert_close(scores, (image_features @ text_features.T).diagonal(), rtol=1e-4, atol=1e-5)
+    x = images.clone().requires_grad_(True)
+    hps.score(x, PROMPTS).sum().backward()
+    assert x.grad.abs().sum() > 0
+    from reward_servers.models.hps import HPSv2
+
+    with pytest.raises(ValueError, match="HPS version 'v3' is unknown"):
+        HPSv2(version="v3", **kwargs)

@@ -42,3 +42,29 @@ def save_tiny_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -
     CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
                        ).save_pretrained(directory)
     return directory
+
+
+TINY_OPEN_CLIP = "dmdr-tiny-open-clip"  # the architecture name the tiny config registers under
+
+
+def save_tiny_open_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -> dict:
+    """A tiny open_clip CLIP (HPSv2's classes) as a model-config JSON plus an HPS-style checkpoint
+    ({"state_dict": ...}); returns the HPSv2 kwargs that load it."""
+    import json
+
+    import open_clip
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    config_path = directory / f"{TINY_OPEN_CLIP}.json"
+    config_path.write_text(json.dumps(config))
+    open_clip.add_model_config(config_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None, load_weights=False)
+    checkpoint = directory / "HPS_tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return {"checkpoint": str(checkpoint), "architecture": TINY_OPEN_CLIP, "model_config": str(config_path)}
