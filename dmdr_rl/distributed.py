@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -30,27 +31,73 @@ COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a name
 
 
 def connect(cfg: RunConfig) -> str:
-    """Join the given or ambient cluster, else start a local Ray with enough logical CPUs for the run."""
+    """Join the given or ambient cluster, else start a local Ray with enough logical CPUs for the run;
+    then check that the cluster can hold the run (see `check_resources`)."""
     import ray
 
     if ray.is_initialized():
-        return "existing"
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
+        where = "existing"
+    elif address := cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True)
-        return address
+        where = address
+    else:
+        cpus, _ = resources_needed(cfg)
+        ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1))
+        where = "local"
+    check_resources(cfg, ray.cluster_resources())
+    return where
+
+
+def resources_needed(cfg: RunConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the run asks for: learner workers, rollout actors, and the reward apps it starts."""
     r = cfg.ray
-    needed = r.learner_workers * r.learner_cpus + r.rollout_actors * r.rollout_cpus + reward_app_cpus(cfg)
-    ray.init(num_cpus=r.local_cpus or max(int(needed + 0.999), 1))
-    return "local"
+    cpus = r.learner_workers * r.learner_cpus + r.rollout_actors * r.rollout_cpus if cfg.trainer.backend == "ray" else 0.0
+    gpus = r.learner_workers * r.learner_gpus + r.rollout_actors * r.rollout_gpus if cfg.trainer.backend == "ray" else 0.0
+    for spec in cfg.rewards:
+        if spec.placement == "serve" and not spec.serve.attach:
+            replicas = _initial_replicas(spec.serve)
+            cpus, gpus = cpus + replicas * spec.serve.num_cpus, gpus + replicas * spec.serve.num_gpus
+    return cpus, gpus
 
 
-def reward_app_cpus(cfg: RunConfig) -> float:
-    if not any(spec.placement == "serve" for spec in cfg.rewards):
-        return 0.0
-    from reward_servers.serve import serve_cpus
+def _initial_replicas(serve_spec) -> int:
+    if not serve_spec.autoscaling:
+        return serve_spec.replicas
+    return max(1, int(serve_spec.autoscaling.get("initial_replicas") or serve_spec.autoscaling.get("min_replicas", 1)))
 
-    return serve_cpus(cfg)
+
+def check_resources(cfg: RunConfig, cluster: dict) -> None:
+    """Fail before any work starts when the cluster cannot place the run (its totals, not what is
+    free right now: other jobs may finish; an autoscaling cluster's nodes that are not up yet do not count)."""
+    cpus, gpus = resources_needed(cfg)
+    have_cpus, have_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    r = cfg.ray
+    if gpus > have_gpus + 1e-9:
+        raise ConfigError(
+            f"the run asks for {gpus:g} GPUs (ray.learner_workers={r.learner_workers} x ray.learner_gpus={r.learner_gpus:g}, "
+            f"ray.rollout_actors={r.rollout_actors} x ray.rollout_gpus={r.rollout_gpus:g}, plus rewards[].serve.num_gpus "
+            f"x replicas) but the cluster has {have_gpus:g}: lower those values or add GPU nodes")
+    if cpus > have_cpus + 1e-9:
+        raise ConfigError(
+            f"the run asks for {cpus:g} CPUs (ray.learner_workers={r.learner_workers} x ray.learner_cpus={r.learner_cpus:g}, "
+            f"ray.rollout_actors={r.rollout_actors} x ray.rollout_cpus={r.rollout_cpus:g}, plus rewards[].serve.num_cpus "
+            f"x replicas) but the cluster has {have_cpus:g}: lower those values"
+            + (", or raise ray.local_cpus (a local Ray's logical CPUs)" if r.address is None else ", or add nodes"))
+
+
+def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:
+    """A `host:port` cluster address must accept a TCP connection (else ray.init would hang for a minute)."""
+    if address == "auto" or address.startswith(("ray://", "local")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379), 'auto', or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"{field}={address!r}: no Ray cluster answers there ({err.strerror or err}); start one with "
+                          f"`ray start --head`, or fix {field}") from err
 
 
 def serving_rewards(cfg: RunConfig):
@@ -63,6 +110,9 @@ def serving_rewards(cfg: RunConfig):
 
 
 def train_distributed(cfg: RunConfig) -> dict:
+    from .prompts import PromptSource
+
+    PromptSource(cfg.data.prompts, cfg.trainer.seed)  # a bad prompt file fails here, before Ray starts
     r = cfg.ray
     if r.learner_gpus > 0 or r.rollout_gpus > 0:
         raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the backbones do not place tensors on GPUs yet "

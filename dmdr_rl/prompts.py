@@ -2,23 +2,76 @@
 
 Because a batch is addressed by its iteration number, a resumed run continues the exact sequence and
 the distributed runtime's ledger can name every batch it issued and consumed by that number.
+
+`data.prompts` is `toy:<split>` (the toy grammar's held-in or held-out prompts) or a file: `.txt`
+(one prompt per line), or `.csv` / `.parquet` / `.jsonl` with a `prompt` column (read with pyarrow).
+A file's prompts are drawn uniformly with replacement, seeded by (run seed, iteration).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
 
 from .config import ConfigError
 from .rollout import PROMPT_STREAM, iteration_seed
 from .toy.grammar import PromptSplit, prompts_of
 
+FILE_SUFFIXES = (".txt", ".csv", ".parquet", ".jsonl")
+
 
 class PromptSource:
     def __init__(self, spec: str, seed: int):
-        kind, _, name = spec.partition(":")
-        if kind != "toy":
-            raise ConfigError(f"data.prompts {spec!r}: only toy:<split> sources exist so far (toy:held-in, toy:held-out)")
-        self.split = PromptSplit(name)
         self.seed = seed
+        self.split, self.prompts = None, None
+        kind, _, name = spec.partition(":")
+        if kind == "toy" and name:
+            self.split = PromptSplit(name)
+        elif Path(spec).suffix.lower() in FILE_SUFFIXES:
+            self.prompts = read_prompt_file(Path(spec))
+        else:
+            raise ConfigError(f"data.prompts {spec!r}: give toy:held-in, toy:held-out, or a prompt file "
+                              f"({', '.join(FILE_SUFFIXES)})")
 
     def batch(self, iteration: int, size: int) -> list[str]:
         """Iteration -1 is reserved for the sample-grid prompts."""
-        return prompts_of(self.split.sample(size, seed=iteration_seed(self.seed, iteration, PROMPT_STREAM)))
+        seed = iteration_seed(self.seed, iteration, PROMPT_STREAM)
+        if self.split is not None:
+            return prompts_of(self.split.sample(size, seed=seed))
+        picks = np.random.default_rng(seed).integers(0, len(self.prompts), size)
+        return [self.prompts[i] for i in picks]
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """The non-empty prompts of a file; a ConfigError naming the file and the fix otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"data.prompts: {path} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            prompts = path.read_text(encoding="utf-8").splitlines()
+        else:
+            table = _read_table(path, suffix)
+            if "prompt" not in table.column_names:
+                raise ConfigError(f"data.prompts: {path} has no 'prompt' column (columns: "
+                                  f"{', '.join(table.column_names) or 'none'}); rename the prompt column to 'prompt'")
+            prompts = [p for p in table.column("prompt").to_pylist() if isinstance(p, str)]
+    except ConfigError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"data.prompts: cannot read {path} as {suffix} ({type(err).__name__}: {err})") from err
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ConfigError(f"data.prompts: {path} contains no prompts; put one prompt per line (.txt) or in a "
+                          "'prompt' column")
+    return prompts
+
+
+def _read_table(path: Path, suffix: str):
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    readers = {".csv": pyarrow.csv.read_csv, ".parquet": pyarrow.parquet.read_table, ".jsonl": pyarrow.json.read_json}
+    return readers[suffix](str(path))

@@ -60,11 +60,11 @@ class LocalTrainer:
     def __init__(self, cfg: RunConfig, backbone=None, rewards: Sequence[dmdr.WeightedReward] | None = None):
         self.cfg = cfg
         self.out = cfg.output_dir
+        self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)  # first: a bad prompt file fails at once
         self.backbone = backbone or BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution)
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.monitors = [reward for reward in rewards if reward.spec.monitor]
-        self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
 
     @property

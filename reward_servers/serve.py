@@ -173,18 +173,6 @@ def reward_apps(cfg: RunConfig):
         stop_reward_apps(started)
 
 
-def serve_cpus(cfg: RunConfig) -> float:
-    """Logical CPUs the reward apps this run starts ask for (at their initial or minimum replica count)."""
-    total = 0.0
-    for spec in cfg.rewards:
-        if spec.placement == "serve" and not spec.serve.attach:
-            s = spec.serve
-            replicas = (s.autoscaling or {}).get("initial_replicas") or (s.autoscaling or {}).get("min_replicas", 1) \
-                if s.autoscaling else s.replicas
-            total += s.num_cpus * max(1, replicas)
-    return total
-
-
 def _require_running(app: str) -> None:
     status = serve.status().applications.get(app)
     if status is None or str(status.status).split(".")[-1] != "RUNNING":

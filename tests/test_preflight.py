@@ -1,0 +1,102 @@
+"""Bad input fails fast, before any work starts, with a message saying what to change: a cluster too
+small for the config, an unreachable cluster address, a prompt file that is missing, empty or
+unreadable."""
+
+import socket
+
+import pytest
+
+from dmdr_rl.config import ConfigError, RewardSpec, load_config
+from dmdr_rl.distributed import check_reachable, check_resources, resources_needed, train_distributed
+from dmdr_rl.prompts import PromptSource
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_resources_needed_counts_learners_rollouts_and_started_reward_apps():
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.learner_workers=2", "ray.rollout_actors=3",
+                                   "ray.rollout_cpus=0.5"])
+    cfg.rewards = [RewardSpec(name="toy-align", placement="serve", serve={"replicas": 2, "num_cpus": 1, "num_gpus": 0.25}),
+                   RewardSpec(name="toy-align", placement="serve", serve={"attach": True, "app": "other"})]
+    assert resources_needed(cfg) == (2 * 1 + 3 * 0.5 + 2 * 1, 0.5)
+    with pytest.raises(ConfigError, match=r"asks for 0.5 GPUs .* but the cluster has 0: lower those values"):
+        check_resources(cfg, {"CPU": 16})
+    with pytest.raises(ConfigError, match=r"asks for 5.5 CPUs \(ray.learner_workers=2 .* the cluster has 4"):
+        check_resources(cfg, {"CPU": 4, "GPU": 1})
+    check_resources(cfg, {"CPU": 6, "GPU": 1})
+
+
+def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
+    port = _closed_port()
+    with pytest.raises(ConfigError, match=rf"ray.address='127.0.0.1:{port}': no Ray cluster answers there"):
+        check_reachable(f"127.0.0.1:{port}", "ray.address", timeout_s=2)
+    with pytest.raises(ConfigError, match="is not host:port"):
+        check_reachable("my-cluster", "RAY_ADDRESS")
+    check_reachable("auto", "ray.address")  # resolved by Ray itself
+
+
+def test_train_distributed_with_an_unreachable_address_fails_fast(tmp_path):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already up in this process")
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray", f"ray.address=127.0.0.1:{_closed_port()}",
+                                   f"output.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="no Ray cluster answers there"):
+        train_distributed(cfg)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "contains no prompts"),
+    ("\n   \n", "contains no prompts"),
+    (b"\xff\xfe\x00bad", "cannot read"),
+])
+def test_empty_or_unreadable_prompt_files_say_what_to_do(tmp_path, content, message):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ConfigError, match=f"data.prompts: .*{message}"):
+        PromptSource(str(path), 0)
+
+
+def test_missing_files_tables_without_a_prompt_column_and_unknown_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        PromptSource(str(tmp_path / "nope.txt"), 0)
+    pq.write_table(pa.table({"caption": ["a red circle"]}), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError, match="no 'prompt' column \\(columns: caption\\)"):
+        PromptSource(str(tmp_path / "p.parquet"), 0)
+    (tmp_path / "p.csv").write_text("prompt\n")
+    with pytest.raises(ConfigError, match="contains no prompts"):
+        PromptSource(str(tmp_path / "p.csv"), 0)
+    with pytest.raises(ConfigError, match="give toy:held-in, toy:held-out, or a prompt file"):
+        PromptSource("laion:aesthetic", 0)
+
+
+def test_prompt_files_give_seeded_batches(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = [f"a red circle {i}" for i in range(50)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    pq.write_table(pa.table({"prompt": prompts, "id": list(range(50))}), tmp_path / "p.parquet")
+    (tmp_path / "p.jsonl").write_text("\n".join(f'{{"prompt": "{p}"}}' for p in prompts) + "\n")
+    batches = [PromptSource(str(tmp_path / name), 7).batch(3, 8) for name in ("p.txt", "p.parquet", "p.jsonl")]
+    assert batches[0] == batches[1] == batches[2] and set(batches[0]) <= set(prompts)
+    assert PromptSource(str(tmp_path / "p.txt"), 7).batch(4, 8) != batches[0]
+
+
+def test_the_main_job_exits_with_the_message_before_loading_anything(tmp_path, capsys):
+    from dmdr_rl.run import main
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "toy-dmdr", f"data.prompts={tmp_path / 'empty.txt'}", f"output.dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2
+    assert "contains no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
