@@ -178,6 +178,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         "iterations": metrics.get("iteration"),
         "checkpoint": str(_keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))),
         "train_seconds": round(time.time() - started, 1),
+        "replica_divergence": metrics.get("ddp/replica_divergence"),  # None with one learner worker
         "ledger": audit(Ledger(out / "ledger.jsonl").events(), metrics.get("iteration", 0), r.learner_workers),
     }
     problems = {k: v for k, v in summary["ledger"].items() if k in ("lost", "duplicated", "unexpected") and v}

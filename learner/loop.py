@@ -123,10 +123,24 @@ def train_loop_per_worker(config: dict) -> None:
             log.close()
 
 
+def replica_divergence(learner: DMDRLearner) -> float:
+    """Largest difference between the ranks' checksums of the generator and critic weights: 0 while the
+    data-parallel replicas stay identical (they start equal and apply the same averaged gradients)."""
+    checksum = torch.stack([torch.cat([p.detach().reshape(-1).double() for p in learner.backbone.trainable_parameters(a)]).sum()
+                            for a in (dmdr.GENERATOR, dmdr.CRITIC)])
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    stacked = torch.stack(gathered)
+    return float((stacked.max(dim=0).values - stacked.min(dim=0).values).max())
+
+
 def report(learner: DMDRLearner, rank: int, metrics: dict) -> None:
-    """A Ray Train report (a barrier over all ranks) carrying rank 0's checkpoint."""
+    """A Ray Train report (a barrier over all ranks) carrying rank 0's checkpoint, and a check that the
+    replicas' weights have not drifted apart."""
     summary = {"generator_step": learner.generator_step, "iteration": learner.iteration,
                **{k: v for k, v in metrics.items() if k.startswith("loss/")}}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        summary["ddp/replica_divergence"] = replica_divergence(learner)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

@@ -148,3 +148,4 @@ def test_two_learner_ranks_each_train_on_their_own_shard_of_every_batch(tmp_path
     assert consumed == [(i, r) for i in range(4) for r in (0, 1)]
     assert {e["worker"] for e in events if e["event"] == "issued"} == {0, 1}  # both rollout actors sampled
     assert summary["ledger"]["lost"] == [] and summary["ledger"]["duplicated"] == []
+    assert summary["replica_divergence"] == 0.0  # both ranks hold bit-identical generator and critic weights
