@@ -38,6 +38,7 @@ class DMDRLearner:
         self.rank = rank
         self.iteration = 0
         self.generator_step = 0
+        self._critic_seconds = 0.0
 
     def step(self, batch: RolloutBatch) -> dict[str, float] | None:
         """Critic update on every batch; generator update every `ratio`-th. Returns the metrics on the
@@ -52,6 +53,7 @@ class DMDRLearner:
         critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng)
         self._update(self.opt_critic, critic_loss)
         critic_done = time.perf_counter()
+        self._critic_seconds += critic_done - started
 
         metrics = None
         if self.schedule.generator_updates(self.iteration):
@@ -61,10 +63,13 @@ class DMDRLearner:
                 cfg.dmd, self.rewards, reward_active, rng,
             )
             self._update(self.opt_generator, loss)
+            reward_seconds = sum(v for k, v in metrics.items() if k.startswith("time/reward/"))
             metrics.update({
                 "loss/critic": critic_loss.item(),
-                "time/critic_s": critic_done - started,
-                "time/generator_s": time.perf_counter() - critic_done,
+                "time/critic_s": self._critic_seconds,  # all critic updates since the last generator update
+                # the generator update without the reward calls (time/reward/<name>_s: scoring, and for a
+                # served reward also its gradient; an in-process reward's backward stays in here)
+                "time/generator_s": time.perf_counter() - critic_done - reward_seconds,
                 "stage/reward_active": float(reward_active),
                 "rollout/staleness": float(self.generator_step - batch.weight_version),
             })
@@ -72,6 +77,7 @@ class DMDRLearner:
                 finite = torch.isfinite(scores)
                 metrics[f"rollout/reward/{name}"] = scores[finite].mean().item() if finite.any() else float("nan")
             self.generator_step += 1
+            self._critic_seconds = 0.0
         self.iteration += 1
         return metrics
 

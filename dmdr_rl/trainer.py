@@ -66,6 +66,7 @@ class LocalTrainer:
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.monitors = [reward for reward in rewards if reward.spec.monitor]
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
+        self._rollout_seconds = 0.0
 
     @property
     def iteration(self) -> int:
@@ -84,10 +85,10 @@ class LocalTrainer:
         prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
                              monitors=self.monitors)
-        simulated = time.perf_counter() - started
+        self._rollout_seconds += time.perf_counter() - started
         metrics = self.learner.step(batch)
-        if metrics is not None:
-            metrics["time/rollout_s"] = simulated
+        if metrics is not None:  # rollouts of every iteration since the last generator update
+            metrics["time/rollout_s"], self._rollout_seconds = self._rollout_seconds, 0.0
         return metrics
 
     # -- the loop -----------------------------------------------------------------------------

@@ -95,11 +95,12 @@ def train_loop_per_worker(config: dict) -> None:
     log = MetricsLog(out) if rank == 0 else None
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ray.get(coordinator.encode.remote(grid_prompts)) if rank == 0 else None
+    waited = 0.0
     try:
         while learner.generator_step < cfg.trainer.max_steps:
             started = time.perf_counter()
             batch = fetch_batch(coordinator, learner.iteration, rank)
-            waited = time.perf_counter() - started
+            waited += time.perf_counter() - started  # summed over the iterations of one generator step
             coordinator.consumed.remote(batch.iteration, rank, batch.weight_version, learner.generator_step)
             metrics = learner.step(batch)
             if metrics is None:
@@ -108,6 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 publish_generator(coordinator, learner)
             metrics.update({"time/rollout_wait_s": waited, "time/weight_sync_s": time.perf_counter() - published})
+            waited = 0.0
             step = learner.generator_step
             last = step == cfg.trainer.max_steps
             if log is not None and (step % cfg.output.log_every == 0 or last):
