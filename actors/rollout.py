@@ -14,7 +14,7 @@ from dmdr_rl import dmdr
 from dmdr_rl.conditioning import Conditioning
 from dmdr_rl.config import RunConfig
 from dmdr_rl.learning import load_adapter_state
-from dmdr_rl.registry import BACKBONES
+from dmdr_rl.registry import build_backbone
 from dmdr_rl.rollout import RolloutBatch, make_rollout
 from reward_servers import reward_model
 
@@ -25,7 +25,7 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.cfg = RunConfig.model_validate(cfg)
         model = self.cfg.model
-        self.backbone = BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution)
+        self.backbone = build_backbone(model)
         dmdr.add_generator(self.backbone, self.cfg.student)
         self.monitors = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards if spec.monitor]
         self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first

@@ -100,7 +100,9 @@ class TransformerBackbone:
         self._check_new(name)
         missing = [t for t in targets if not any(n.endswith(t) for n, _ in self.transformer.named_modules())]
         if missing:
-            raise ValueError(f"LoRA target module(s) {missing} do not exist in {type(self.transformer).__name__}")
+            raise ValueError(f"LoRA target module(s) {missing} of adapter {name!r} do not exist in "
+                             f"{type(self.transformer).__name__}; fix student.lora.targets / critic.lora.targets "
+                             f"(null: {list(DEFAULT_LORA_TARGETS)})")
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
         with warnings.catch_warnings():  # several adapters on one base is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -124,6 +126,36 @@ class TransformerBackbone:
         if name in self._copies:
             return list(self._copies[name].named_parameters())
         return list(self._lora_params[name])
+
+    def lora_config(self, name: str) -> LoraConfig:
+        if name not in self._lora_params:
+            raise ValueError(f"adapter {name!r} is not a LoRA adapter; LoRA adapters: {', '.join(self._lora_params) or 'none'}")
+        return self.transformer.peft_config[name]
+
+    def lora_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """A LoRA adapter's weights under peft's adapter-free names (what diffusers' LoRA files hold)."""
+        from peft.utils import get_peft_model_state_dict
+
+        self.lora_config(name)
+        return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.transformer, adapter_name=name).items()}
+
+    def standalone_transformer(self, name: str) -> torch.nn.Module:
+        """The base transformer with adapter `name` applied, as a plain diffusers model (LoRA merged into
+        a copy of the base; a full copy as it is), for export."""
+        self._check_adapter(name)
+        if name in self._copies:
+            return self._copies[name]
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        merged = copy.deepcopy(self.transformer)
+        others = [a for a in self._lora_params if a != name]
+        if others:
+            merged.delete_adapters(others)
+        for module in merged.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=[name])
+        merged.unload_lora()  # drops the (now merged) LoRA layers
+        return merged
 
     def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_trainable_parameters(name)]

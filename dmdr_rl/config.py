@@ -29,12 +29,14 @@ class _Section(BaseModel):
 class LoraSpec(_Section):
     rank: int = Field(64, ge=1)
     alpha: float = Field(128.0, gt=0)
+    targets: Optional[list[str]] = None  # module names to adapt; null: the SD3 attention projections
 
 
 class ModelSection(_Section):
     backbone: str = "toy"  # a registered backbone name or an import path "package.module:factory"
     path: Optional[str] = None  # weights directory or hub id; null = the backbone's default
     resolution: int = Field(32, ge=8)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the backbone's loader (sd3: dtype, max_sequence_length)
 
 
 class StudentSection(_Section):

@@ -50,13 +50,17 @@ def add_generator(backbone, student: StudentSection) -> None:
     if student.lora is None:
         backbone.add_full_copy(GENERATOR)
     else:
-        backbone.add_lora(GENERATOR, student.lora.rank, student.lora.alpha)
+        backbone.add_lora(GENERATOR, student.lora.rank, student.lora.alpha, **_targets(student.lora))
+
+
+def _targets(lora) -> dict:
+    return {"targets": tuple(lora.targets)} if lora.targets else {}
 
 
 def add_adapters(backbone, student: StudentSection, critic: CriticSection) -> None:
     """Both trained networks on one backbone: the generator, then the critic LoRA."""
     add_generator(backbone, student)
-    backbone.add_lora(CRITIC, critic.lora.rank, critic.lora.alpha)
+    backbone.add_lora(CRITIC, critic.lora.rank, critic.lora.alpha, **_targets(critic.lora))
 
 
 def backward_simulation(

@@ -59,3 +59,15 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     if resolution != RESOLUTION:
         raise ValueError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
     return load_teacher(path, encoders=encoders)
+
+
+@BACKBONES.register("sd3")
+def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: bool = True, **kwargs):
+    from .sd3 import load_sd3
+
+    return load_sd3(path, resolution, encoders=encoders, **kwargs)
+
+
+def build_backbone(model, encoders: bool = True):
+    """The config's `model:` section as a backbone (`encoders=False`: without prompt encoders, as a learner)."""
+    return BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution, encoders=encoders, **model.kwargs)

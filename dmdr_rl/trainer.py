@@ -21,7 +21,7 @@ from .config import ConfigError, RunConfig
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
-from .registry import BACKBONES
+from .registry import build_backbone
 from .rollout import make_rollout
 
 GRID_PROMPTS = 16
@@ -61,7 +61,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.out = cfg.output_dir
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)  # first: a bad prompt file fails at once
-        self.backbone = backbone or BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution)
+        self.backbone = backbone or build_backbone(cfg.model)
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.monitors = [reward for reward in rewards if reward.spec.monitor]

@@ -25,7 +25,7 @@ from dmdr_rl.config import RunConfig
 from dmdr_rl.grid import save_grid
 from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
-from dmdr_rl.registry import BACKBONES
+from dmdr_rl.registry import build_backbone
 from dmdr_rl.trainer import GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, write_checkpoint
 
 ROLLOUT_PATIENCE_S = 600.0  # how long a batch may wait for its rollout worker to come back
@@ -76,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
     coordinator.register_learner.remote(rank, os.getpid())
 
-    backbone = BACKBONES.build(cfg.model.backbone, path=cfg.model.path, resolution=cfg.model.resolution, encoders=False)
+    backbone = build_backbone(cfg.model, encoders=False)
     backbone.set_null(ray.get(coordinator.null_conditioning.remote()))
     learner = DMDRLearner(backbone, cfg, build_rewards(cfg), average_gradients if world > 1 else None, rank=rank)
     checkpoint = ray.train.get_checkpoint()

@@ -1,0 +1,94 @@
+"""Stable Diffusion 3 / 3.5 as a `Backbone`, on diffusers' own components (DESIGN section 5).
+
+The transformer and its LoRA adapters are exactly the toy world's code path (`TransformerBackbone`);
+what differs is the space: the generator works on VAE latents (`x` is `[16, H/8, W/8]`), prompts go
+through SD3's three text encoders (rollout actors only: `encoders=False` leaves them out), and
+`decode` maps latents to images in [0, 1] through the VAE with the model's shift and scaling factors,
+differentiably, so the reward term back-propagates into the generator.
+
+    backbone = load_sd3("stabilityai/stable-diffusion-3-medium-diffusers", resolution=1024)   # or a local dir
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .backbone import TransformerBackbone
+from .conditioning import Conditioning
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+class BackboneLoadError(OSError):
+    """A model that cannot be loaded; the message says what to pass instead."""
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class SD3Backbone(TransformerBackbone):
+    def __init__(self, transformer, vae, text_pipeline=None, resolution: int = 1024, max_sequence_length: int = 256):
+        """`text_pipeline`: a `StableDiffusion3Pipeline` holding the text encoders and tokenizers (None
+        for a learner, which receives conditioning with each batch)."""
+        factor, patch = vae_scale_factor(vae), transformer.config.patch_size
+        multiple = factor * patch
+        if resolution % multiple:
+            lower = resolution - resolution % multiple
+            raise ValueError(f"model.resolution={resolution} is not a multiple of {multiple} (VAE factor {factor} x "
+                             f"transformer patch size {patch}); use e.g. {lower or multiple} or {lower + multiple}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_pipeline = text_pipeline
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self._latent_size = resolution // factor
+        super().__init__(transformer, self._encode if text_pipeline is not None else None, self._decode)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.transformer.config.in_channels, self._latent_size, self._latent_size)
+
+    def _encode(self, prompts: Sequence[str]) -> Conditioning:
+        tokens, _, pooled, _ = self.text_pipeline.encode_prompt(
+            list(prompts), None, None, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        dtype = self.transformer.dtype
+        return Conditioning(tokens.to(dtype), pooled.to(dtype))
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        latents = x0 / config.scaling_factor + (config.shift_factor or 0.0)
+        images = self.vae.decode(latents.to(self.vae.dtype)).sample
+        return (images.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = True, dtype: str = "float32",
+             max_sequence_length: int = 256) -> SD3Backbone:
+    """An SD3/SD3.5 backbone from a hub id or a local directory in the diffusers layout."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    path = path or DEFAULT_MODEL
+    torch_dtype = getattr(torch, dtype)
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
+        text_pipeline = None
+        if encoders:  # shares the transformer and VAE objects: nothing is loaded twice
+            text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=transformer, vae=vae,
+                                                                     torch_dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        local = Path(path).is_dir()
+        hint = ("the directory must hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, "
+                "tokenizer*/)") if local else (
+            "Without network access (or without accepting the model's licence on the hub), download it elsewhere "
+            "and pass the local directory: model.path=/path/to/stable-diffusion-3-medium-diffusers")
+        raise BackboneLoadError(f"cannot load the SD3 model {path!r}: {type(err).__name__}: "
+                                f"{_first_line(err)}. {hint}") from err
+    return SD3Backbone(transformer.eval(), vae, text_pipeline, resolution, max_sequence_length)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else ""

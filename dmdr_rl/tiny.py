@@ -1,0 +1,59 @@
+"""Tiny random-weight SD3 pipelines built entirely from configs (no network): the real classes and
+the real loading code, at sizes that train on a CPU in seconds. For tests and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("a an the red green blue yellow purple orange white black cyan circle square triangle diamond star "
+         "small large big left right of above below top bottom center in at on").split()
+
+
+def _tokenizer(max_length: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"]
+    vocab = {word: i for i, word in enumerate(specials + list(WORDS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", unk_token="<|unk|>", model_max_length=max_length), len(vocab)
+
+
+def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
+    """A `StableDiffusion3Pipeline` of tiny random components (VAE factor 2, patch 2, 2 layers)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, vocab_size = _tokenizer(16)
+        clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                              num_hidden_layers=2, max_position_embeddings=16, projection_dim=32, bos_token_id=0,
+                              eos_token_id=1, pad_token_id=2)
+        t5 = T5Config(vocab_size=vocab_size, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                      pad_token_id=2, eos_token_id=1, decoder_start_token_id=0)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                            norm_num_groups=4, sample_size=resolution, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5035)
+        transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=4,
+                                            num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+                                            pos_embed_max_size=resolution)
+        return StableDiffusion3Pipeline(
+            transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+            text_encoder=CLIPTextModelWithProjection(clip).eval(), tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(clip).eval(), tokenizer_2=_tokenizer(16)[0],
+            text_encoder_3=T5EncoderModel(t5).eval(), tokenizer_3=_tokenizer(16)[0])
+
+
+def save_tiny_sd3(directory: str | Path, seed: int = 0, resolution: int = 32) -> Path:
+    """`tiny_sd3_pipeline` saved in the diffusers layout, loadable like a real model directory."""
+    tiny_sd3_pipeline(seed, resolution).save_pretrained(directory)
+    return Path(directory)

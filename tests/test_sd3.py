@@ -1,0 +1,123 @@
+"""SD3 through diffusers on a tiny random-weight pipeline built from configs (no network): DMDR steps
+through the very functions the toy world uses, decode with gradient, the load errors, and export
+back into a diffusers `StableDiffusion3Pipeline`."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from dmdr_rl import algo, dmdr
+from dmdr_rl.config import load_config
+from dmdr_rl.flow import sample
+from dmdr_rl.sd3 import BackboneLoadError, load_sd3
+from dmdr_rl.tiny import save_tiny_sd3
+from dmdr_rl.trainer import LocalTrainer
+
+SD3 = ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}"]
+TINY_RUN = ["trainer.batch_size=2", "student.steps=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
+            "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=2", "trainer.lr_generator=1e-3",
+            "trainer.lr_critic=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+def _spy(monkeypatch, module, name, calls):
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((name, args, result))
+        return result
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+@pytest.mark.parametrize("backbone", ["toy", "sd3"])
+def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tiny_sd3, monkeypatch, backbone):
+    calls = []
+    for module, name in [(dmdr, "backward_simulation"), (dmdr, "critic_loss"), (dmdr, "generator_loss"),
+                         (algo, "dmd_loss"), (algo, "shape_reward")]:
+        _spy(monkeypatch, module, name, calls)
+    extra = [*SD3, f"model.path={tiny_sd3}"] if backbone == "sd3" else []
+    cfg = load_config("toy-dmdr", [*TINY_RUN, *extra, f"output.dir={tmp_path}"])
+    summary = LocalTrainer(cfg).train()
+    assert summary["generator_steps"] == 2
+    # Two iterations (ratio 1): rollout, critic and generator each twice; the reward once, after the cold start.
+    assert Counter(name for name, _, _ in calls) == {"backward_simulation": 2, "critic_loss": 2, "generator_loss": 2,
+                                                     "dmd_loss": 2, "shape_reward": 1}
+    # The DMD loss is the equation of DESIGN section 2: 0.5 mean((x0 - sg(x0 - g))^2) = 0.5 mean(g^2).
+    for name, (x0, x0_real, x0_fake), loss in [c for c in calls if c[0] == "dmd_loss"]:
+        g = (x0_fake - x0_real) / ((x0 - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8)
+        assert loss.item() == pytest.approx(0.5 * g.pow(2).mean().item(), rel=1e-5)
+        expected_shape = (2, 4, 16, 16) if backbone == "sd3" else (2, 3, 32, 32)
+        assert tuple(x0.shape) == expected_shape
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/reward/toy-align" in rows[-1] and all(torch.isfinite(torch.tensor(r["loss/generator"])) for r in rows)
+
+
+def test_decode_is_differentiable_and_sampling_gives_images(tiny_sd3):
+    backbone = load_sd3(str(tiny_sd3), resolution=32, max_sequence_length=16)
+    assert backbone.sample_shape == (4, 16, 16)
+    latents = torch.randn(2, 4, 16, 16, requires_grad=True)
+    images = backbone.decode(latents)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    images.mean().backward()
+    assert latents.grad.abs().sum() > 0
+    cond = backbone.encode(["a red circle", "a blue square"])
+    assert cond.tokens.shape == (2, 32, 32) and cond.pooled.shape == (2, 64)  # CLIP-L/G (16) + T5 (16) tokens
+    null = backbone.null(2)
+    assert torch.equal(null.tokens[0], null.tokens[1])  # the empty prompt, encoded once
+
+
+def test_load_errors_name_the_problem(tiny_sd3):
+    with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer patch size 2\)"):
+        load_sd3(str(tiny_sd3), resolution=30)
+    with pytest.raises(BackboneLoadError, match="pass the local directory: model.path="):
+        load_sd3("no-such-org/no-such-model-offline")
+    with pytest.raises(BackboneLoadError, match="diffusers layout"):
+        load_sd3(str(tiny_sd3 / "vae"))
+    backbone = load_sd3(str(tiny_sd3), resolution=32, encoders=False)
+    with pytest.raises(ValueError, match=r"\['to_nothing'\] of adapter 'generator' do not exist .* student.lora.targets"):
+        backbone.add_lora("generator", 4, 4, targets=("to_q", "to_nothing"))
+    with pytest.raises(RuntimeError, match="without prompt encoders"):
+        backbone.encode(["a red circle"])
+
+
+@pytest.mark.parametrize("fmt", ["lora", "transformer"])
+def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(tmp_path, tiny_sd3, fmt):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from dmdr_rl.export import export_student
+
+    cfg = load_config("toy-dmdr", [*TINY_RUN, *SD3, f"model.path={tiny_sd3}", f"output.dir={tmp_path / 'run'}",
+                                   "student.steps=4", "student.shift=3.0", "trainer.max_steps=3"])
+    trainer = LocalTrainer(cfg)
+    trainer.train()
+    settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
+    assert settings["num_inference_steps"] == 4 and settings["sigmas"] == [1.0, 0.75, 0.5, 0.25]
+
+    # The trainer's own 4-step sample of the student, in latent space ...
+    prompts, noise = ["a red circle"], torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    cond = trainer.backbone.encode(prompts)
+    with torch.no_grad():
+        ours = sample(lambda x, t: trainer.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), noise, 4, 3.0).x0
+    # ... equals diffusers' pipeline with the export loaded and the recorded scheduler settings.
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    if fmt == "lora":
+        pipe.load_lora_weights(tmp_path / "export")
+    else:
+        pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "export")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=settings["scheduler_shift"])
+    theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=1.0, latents=noise.clone(), height=32, width=32,
+                  max_sequence_length=16, output_type="latent").images
+    assert not torch.allclose(ours, noise)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    base = pipe.transformer if fmt == "transformer" else None
+    if base is not None:  # the merged weights differ from the teacher's: the student was trained
+        teacher = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+        assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), teacher.state_dict().values()))
