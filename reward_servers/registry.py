@@ -27,6 +27,13 @@ def _pickscore(**kwargs):
     return PickScore(**kwargs)
 
 
+@REWARDS.register("imagereward")
+def _imagereward(**kwargs):
+    from .models.image_reward import ImageReward
+
+    return ImageReward(**kwargs)
+
+
 @REWARDS.register("hpsv2")
 def _hpsv2(**kwargs):
     from .models.hps import HPSv2

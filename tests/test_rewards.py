@@ -288,3 +288,17 @@ def test_hpsv2_matches_open_clip_with_its_own_transforms(tmp_path):
 
     with pytest.raises(ValueError, match="HPS version 'v3' is unknown"):
         HPSv2(version="v3", **kwargs)
+
+
+@pytest.mark.parametrize("size", [(48, 64), (512, 683), (683, 512), (37, 41)])
+def test_clip_preprocess_crops_like_torchvision(size):
+    transforms = pytest.importorskip("torchvision.transforms.v2")
+    from reward_servers.models.clip import clip_preprocess
+
+    images = torch.rand(1, 3, *size)
+    ours = clip_preprocess(images, 32, 32, [0.0] * 3, [1.0] * 3)
+    resize = transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
+    theirs = transforms.CenterCrop(32)(resize(images))
+    assert ours.shape == theirs.shape == (1, 3, 32, 32)
+    # same geometry (resize size, crop offset); tensor bicubic vs torchvision's kernels agree closely
+    assert (ours - theirs).abs().mean() < 1e-3
