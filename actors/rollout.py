@@ -25,7 +25,7 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.cfg = RunConfig.model_validate(cfg)
         model = self.cfg.model
-        self.backbone = build_backbone(model)
+        self.backbone = build_backbone(model, precision=self.cfg.trainer.precision)
         dmdr.add_generator(self.backbone, self.cfg.student)
         self.monitors = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards if spec.monitor]
         self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first

@@ -107,8 +107,11 @@ class TrainerSection(_Section):
     batch_size: int = Field(32, ge=1)
     lr_generator: float = Field(1e-6, gt=0)
     lr_critic: float = Field(5e-7, gt=0)
+    lr_generator_rl: Optional[float] = Field(None, gt=0)  # after the cold start (paper: lower); null: lr_generator
+    lr_critic_rl: Optional[float] = Field(None, gt=0)  # after the cold start; null: lr_critic
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (GPU)
     grad_clip: float = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # the frozen base's weights (bf16 needs a backbone that takes a dtype)
     seed: int = 0
     resume_from: Optional[str] = None  # a checkpoint directory (or a run's checkpoints/) to continue from
 

@@ -53,7 +53,7 @@ def export_student(run: Path, fmt: str, out: Path) -> dict:
     cfg = load_config(run_dir / "config.yaml")
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
-    backbone = build_backbone(cfg.model, encoders=False)
+    backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision)
     dmdr.add_generator(backbone, cfg.student)
     load_adapter_state(backbone, dmdr.GENERATOR, load_file(str(checkpoint / f"{dmdr.GENERATOR}.safetensors")))
     out.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,9 @@ class DMDRLearner:
         with torch.random.fork_rng(devices=[]):  # the same initial adapters in every process of a run
             torch.manual_seed(cfg.trainer.seed)
             dmdr.add_adapters(backbone, cfg.student, cfg.critic)
-        self.opt_generator = torch.optim.AdamW(backbone.trainable_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
-        self.opt_critic = torch.optim.AdamW(backbone.trainable_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
+        optimizer = optimizer_class(cfg.trainer.optimizer)
+        self.opt_generator = optimizer(backbone.trainable_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
+        self.opt_critic = optimizer(backbone.trainable_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
         self.schedule = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start)
         self.reduce_gradients = reduce_gradients
         self.rank = rank
@@ -49,6 +50,7 @@ class DMDRLearner:
         if batch.rank != self.rank:
             raise ValueError(f"learner rank {self.rank} got the shard of rank {batch.rank}")
         rng = torch.Generator().manual_seed(iteration_seed(cfg.trainer.seed, batch.iteration, LEARNER_STREAM, self.rank))
+        self._set_stage_learning_rates()
         started = time.perf_counter()
         critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng)
         self._update(self.opt_critic, critic_loss)
@@ -71,6 +73,8 @@ class DMDRLearner:
                 # served reward also its gradient; an in-process reward's backward stays in here)
                 "time/generator_s": time.perf_counter() - critic_done - reward_seconds,
                 "stage/reward_active": float(reward_active),
+                "schedule/lr_generator": self.opt_generator.param_groups[0]["lr"],
+                "schedule/lr_critic": self.opt_critic.param_groups[0]["lr"],
                 "rollout/staleness": float(self.generator_step - batch.weight_version),
             })
             for name, scores in batch.reward_scores.items():
@@ -80,6 +84,18 @@ class DMDRLearner:
             self._critic_seconds = 0.0
         self.iteration += 1
         return metrics
+
+    def learning_rates(self) -> tuple[float, float]:
+        """(generator, critic) learning rates of the current stage: cold start, or DMD + reward."""
+        t = self.cfg.trainer
+        if self.schedule.reward_active(self.generator_step):
+            return t.lr_generator_rl or t.lr_generator, t.lr_critic_rl or t.lr_critic
+        return t.lr_generator, t.lr_critic
+
+    def _set_stage_learning_rates(self) -> None:
+        for optimizer, lr in zip((self.opt_generator, self.opt_critic), self.learning_rates()):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -119,3 +135,15 @@ def load_adapter_state(backbone, adapter: str, state: dict[str, torch.Tensor]) -
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def optimizer_class(name: str):
+    """`trainer.optimizer`: torch's AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError("trainer.optimizer=adamw8bit needs bitsandbytes (`pip install bitsandbytes`, on a CUDA "
+                          "machine); or set trainer.optimizer=adamw") from err
+    return bitsandbytes.optim.AdamW8bit

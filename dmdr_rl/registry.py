@@ -68,6 +68,18 @@ def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: boo
     return load_sd3(path, resolution, encoders=encoders, **kwargs)
 
 
-def build_backbone(model, encoders: bool = True):
-    """The config's `model:` section as a backbone (`encoders=False`: without prompt encoders, as a learner)."""
-    return BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution, encoders=encoders, **model.kwargs)
+def build_backbone(model, encoders: bool = True, precision: str = "fp32"):
+    """The config's `model:` section as a backbone (`encoders=False`: without prompt encoders, as a
+    learner); `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16)."""
+    kwargs = dict(model.kwargs)
+    if precision == "bf16":
+        kwargs.setdefault("dtype", "bfloat16")
+    try:
+        return BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution, encoders=encoders, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        from .config import ConfigError
+
+        raise ConfigError(f"backbone {model.backbone!r} does not take that option ({err}); fix model.kwargs"
+                          + (" or set trainer.precision=fp32" if precision == "bf16" else "")) from err

@@ -61,7 +61,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.out = cfg.output_dir
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)  # first: a bad prompt file fails at once
-        self.backbone = backbone or build_backbone(cfg.model)
+        self.backbone = backbone or build_backbone(cfg.model, precision=cfg.trainer.precision)
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.monitors = [reward for reward in rewards if reward.spec.monitor]

@@ -27,6 +27,14 @@ def _pickscore(**kwargs):
     return PickScore(**kwargs)
 
 
+@REWARDS.register("clip-score")
+def _clip_score(path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", processor_path: str | None = None, **kwargs):
+    """CLIP-H's image-prompt cosine (the paper's "CLIP" reward), on the same code as PickScore."""
+    from .models.pickscore import PickScore
+
+    return PickScore(path=path, processor_path=processor_path or path, logit_scale=False, name="clip-score", **kwargs)
+
+
 @REWARDS.register("imagereward")
 def _imagereward(**kwargs):
     from .models.image_reward import ImageReward

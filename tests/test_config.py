@@ -11,6 +11,21 @@ def test_presets_exist_and_validate():
     assert load_config("toy-dmdr").rewards[0].name == "toy-align"
 
 
+def test_the_paper_presets_carry_the_reference_hyperparameters():
+    medium, large = load_config("sd3-medium-dmdr"), load_config("sd35-large-dmdr")
+    assert (medium.model.backbone, medium.student.steps, medium.student.shift, medium.dmd.real_cfg) == ("sd3", 4, 3.0, 7.0)
+    assert (medium.student.lora.rank, medium.student.lora.alpha, medium.critic.lora.rank) == (64, 128, 32)
+    assert (medium.trainer.cold_start, medium.dmd.dynamic_steps, medium.dmd.ratio) == (2000, 2000, 5)
+    assert (medium.trainer.lr_generator, medium.trainer.lr_critic) == (1e-6, 5e-7)
+    assert (medium.trainer.lr_generator_rl, medium.trainer.lr_critic_rl) == (5e-7, 2e-7)
+    assert [(r.name, r.weight) for r in medium.rewards] == [("clip-score", 0.3), ("hpsv2.1", 0.3)]
+    assert (medium.trainer.precision, medium.trainer.optimizer) == ("bf16", "adamw8bit")
+    assert (large.model.resolution, large.student.shift, large.dmd.real_cfg) == (1024, 5.0, 4.0)
+    assert (large.trainer.lr_generator, large.trainer.lr_critic, large.trainer.lr_generator_rl,
+            large.trainer.lr_critic_rl) == (1e-6, 2e-8, 1e-7, 5e-9)
+    assert [r.weight for r in large.rewards] == [0.1, 0.1]
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config("toy-dmdr", ["student.steps=1", "dmd.renoise_beta=[3, 1.2]", "rewards.0.weight=0.5", "ray.address=null"])
     assert cfg.student.steps == 1 and cfg.dmd.renoise_beta == (3.0, 1.2)

@@ -302,3 +302,12 @@ def test_clip_preprocess_crops_like_torchvision(size):
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     # same geometry (resize size, crop offset); tensor bicubic vs torchvision's kernels agree closely
     assert (ours - theirs).abs().mean() < 1e-3
+
+
+def test_clip_score_is_pickscores_cosine_without_the_logit_scale(tiny_clip_dir, pickscore):
+    clip = load_reward_model("clip-score", {"path": str(tiny_clip_dir), "local_files_only": True})
+    assert clip.name == "clip-score" and pickscore.name == "pickscore"
+    images = _images()
+    scale = pickscore.model.logit_scale.exp().item()
+    assert scale != 1.0
+    torch.testing.assert_close(clip.score(images, PROMPTS) * scale, pickscore.score(images, PROMPTS))

@@ -96,3 +96,30 @@ def test_full_fine_tune_trains_a_copy_and_never_the_base(tmp_path):
     assert len(copy) == len(base)
     assert _changed(base, copy)
     assert (tmp_path / "checkpoints" / "step_000004" / "generator.safetensors").stat().st_size > 4 * sum(p.numel() for p in base) * 0.9
+
+
+def test_learning_rates_drop_to_the_rl_stage_values_after_the_cold_start(tmp_path):
+    trainer, _ = _trainer(tmp_path, **{"trainer.lr_generator_rl": 2e-4, "trainer.lr_critic_rl": 1e-4})
+    logged = []
+    for _ in range(12):
+        metrics = trainer.train_iteration()
+        if metrics is not None:
+            logged.append((metrics["stage/reward_active"], metrics["schedule/lr_generator"], metrics["schedule/lr_critic"]))
+    # generator steps 0-1: cold start at the base rates; 2-3: the RL stage's
+    assert logged == [(0.0, 1e-3, 1e-3), (0.0, 1e-3, 1e-3), (1.0, 2e-4, 1e-4), (1.0, 2e-4, 1e-4)]
+    assert trainer.learner.opt_generator.param_groups[0]["lr"] == 2e-4
+
+
+def test_the_8bit_optimizer_and_bf16_say_what_they_need(tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="trainer.optimizer=adamw8bit needs bitsandbytes"):
+        _trainer(tmp_path, **{"trainer.optimizer": "adamw8bit"})
+    from dmdr_rl.config import ConfigError
+
+    cfg = load_config("toy-dmdr", ["trainer.precision=bf16", f"output.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="backbone 'toy' does not take that option .* trainer.precision=fp32"):
+        LocalTrainer(cfg)

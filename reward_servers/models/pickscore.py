@@ -15,16 +15,18 @@ HUB_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 class PickScore(torch.nn.Module):
-    name = "pickscore"
     differentiable = True
 
     def __init__(self, path: str = HUB_MODEL, processor_path: str = HUB_PROCESSOR, cache_dir: str | None = None,
-                 local_files_only: bool = False, device: str | None = None, dtype: str = "float32"):
+                 local_files_only: bool = False, device: str | None = None, dtype: str = "float32",
+                 logit_scale: bool = True, name: str = "pickscore"):
         """`path` / `processor_path`: hub ids or local directories (the processor gives the tokenizer
-        and the image size and normalisation)."""
+        and the image size and normalisation). `logit_scale=False` scores the plain cosine (a CLIP score,
+        the scale the paper's hinge margin 0.7 is meant for)."""
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         super().__init__()
+        self.name, self.use_logit_scale = name, logit_scale
         load = {"cache_dir": cache_dir, "local_files_only": local_files_only}
         self.model = CLIPModel.from_pretrained(path, dtype=getattr(torch, dtype), **load).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path, **load)
@@ -49,4 +51,5 @@ class PickScore(torch.nn.Module):
         text_embeds = embedding(self.model.get_text_features(input_ids=tokens["input_ids"],
                                                              attention_mask=tokens.get("attention_mask")))
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
-        return (self.model.logit_scale.exp() * cosine).float().to(images.device)
+        scale = self.model.logit_scale.exp() if self.use_logit_scale else 1.0
+        return (scale * cosine).float().to(images.device)

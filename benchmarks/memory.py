@@ -1,0 +1,103 @@
+"""Weight memory of generator + critic: both LoRA adapters on one shared frozen base (what
+`TransformerBackbone` does) vs two copies of the base, each with its own adapter, vs a fully
+fine-tuned generator (a trainable copy + the frozen base for the critic).
+
+    python benchmarks/memory.py                    # the tiny SD3 transformer and an SD3-Medium-shaped one
+
+Bytes are counted from the parameters the objects really hold (each storage once), built with the
+project's own adapter code: the tiny model is allocated; the SD3-Medium-shaped one (2B parameters)
+is built on the `meta` device, which has the same parameters and no allocation. AdamW state (two
+fp32 moments per trainable parameter) is listed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dmdr_rl.backbone import TransformerBackbone  # noqa: E402
+
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, pos_embed_max_size=192)
+
+
+def storage_bytes(modules) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        for p in module.parameters():
+            key = (p.device.type, p.data_ptr()) if p.device.type != "meta" else id(p)
+            if key not in seen:
+                seen.add(key)
+                total += p.numel() * p.element_size()
+    return total
+
+
+def trainable_bytes_fp32(backbone, names) -> int:
+    return sum(p.numel() * 4 for name in names for p in backbone.trainable_parameters(name))
+
+
+def measure(make_transformer, generator_rank: int, critic_rank: int, dtype: torch.dtype) -> dict:
+    def backbone():
+        return TransformerBackbone(make_transformer().to(dtype), None, lambda x: x)
+
+    shared = backbone()
+    shared.add_lora("generator", generator_rank, generator_rank * 2)
+    shared.add_lora("critic", critic_rank, critic_rank)
+    first, second = backbone(), backbone()
+    first.add_lora("generator", generator_rank, generator_rank * 2)
+    second.add_lora("critic", critic_rank, critic_rank)
+    full = backbone()
+    full.add_full_copy("generator")
+    full.add_lora("critic", critic_rank, critic_rank)
+    base = storage_bytes([make_transformer().to(dtype)])
+    return {
+        "base_weights": base,
+        "shared_base_two_loras": storage_bytes([shared.transformer]),
+        "two_copies_one_lora_each": storage_bytes([first.transformer, second.transformer]),
+        "full_generator_copy_plus_critic_lora": storage_bytes([full.transformer, *full._copies.values()]),
+        "adamw_state_loras": 2 * trainable_bytes_fp32(shared, ["generator", "critic"]),
+        "adamw_state_full_generator": 2 * trainable_bytes_fp32(full, ["generator", "critic"]),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    from diffusers import SD3Transformer2DModel
+
+    from dmdr_rl.tiny import tiny_sd3_pipeline
+
+    tiny = tiny_sd3_pipeline().transformer
+
+    def medium():
+        with torch.device("meta"):
+            return SD3Transformer2DModel(**SD3_MEDIUM)
+
+    report = {
+        "tiny SD3 (fp32, LoRA r16/r16)": measure(lambda: copy.deepcopy(tiny), 16, 16, torch.float32),
+        "SD3-Medium shape (bf16, LoRA r64/r32)": measure(medium, 64, 32, torch.bfloat16),
+    }
+    for name, row in report.items():
+        mib = {k: v / 2**20 for k, v in row.items()}
+        print(f"\n{name}: base {mib['base_weights']:,.1f} MiB")
+        print(f"  generator + critic LoRA on one shared base: {mib['shared_base_two_loras']:,.1f} MiB")
+        print(f"  two base copies, one LoRA each:             {mib['two_copies_one_lora_each']:,.1f} MiB "
+              f"({row['two_copies_one_lora_each'] / row['shared_base_two_loras']:.2f}x)")
+        print(f"  full-copy generator + critic LoRA:          {mib['full_generator_copy_plus_critic_lora']:,.1f} MiB "
+              f"(+ AdamW state {mib['adamw_state_full_generator']:,.1f} MiB vs {mib['adamw_state_loras']:,.1f} MiB for LoRAs)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
