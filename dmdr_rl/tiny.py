@@ -11,18 +11,19 @@ WORDS = ("a an the red green blue yellow purple orange white black cyan circle s
          "small large big left right of above below top bottom center in at on").split()
 
 
-def _tokenizer(max_length: int):
+def word_level_tokenizer(words=WORDS, max_length: int = 16):
+    """A CLIP-style word-level tokenizer (start/end tokens 0 and 1, pad 2) over a small vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"]
-    vocab = {word: i for i, word in enumerate(specials + list(WORDS))}
+    vocab = {word: i for i, word in enumerate(specials + list(words))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", unk_token="<|unk|>", model_max_length=max_length), len(vocab)
+                                   pad_token="<|pad|>", unk_token="<|unk|>", model_max_length=max_length)
 
 
 def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
@@ -32,7 +33,8 @@ def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer, vocab_size = _tokenizer(16)
+        tokenizer = word_level_tokenizer()
+        vocab_size = len(tokenizer.get_vocab())
         clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                               num_hidden_layers=2, max_position_embeddings=16, projection_dim=32, bos_token_id=0,
                               eos_token_id=1, pad_token_id=2)
@@ -49,8 +51,8 @@ def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
         return StableDiffusion3Pipeline(
             transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
             text_encoder=CLIPTextModelWithProjection(clip).eval(), tokenizer=tokenizer,
-            text_encoder_2=CLIPTextModelWithProjection(clip).eval(), tokenizer_2=_tokenizer(16)[0],
-            text_encoder_3=T5EncoderModel(t5).eval(), tokenizer_3=_tokenizer(16)[0])
+            text_encoder_2=CLIPTextModelWithProjection(clip).eval(), tokenizer_2=word_level_tokenizer(),
+            text_encoder_3=T5EncoderModel(t5).eval(), tokenizer_3=word_level_tokenizer())
 
 
 def save_tiny_sd3(directory: str | Path, seed: int = 0, resolution: int = 32) -> Path:

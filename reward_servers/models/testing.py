@@ -13,19 +13,13 @@ TINY_WORDS = ("a red green blue yellow purple orange white black circle square t
 
 def save_tiny_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny `CLIPModel` + word-level tokenizer + `CLIPImageProcessor` in one directory (PickScore's layout)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from dmdr_rl.tiny import word_level_tokenizer
 
     directory = Path(directory)
-    specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"]
-    vocab = {word: i for i, word in enumerate(specials + list(TINY_WORDS))}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", unk_token="<|unk|>", model_max_length=16)
+    fast = word_level_tokenizer(TINY_WORDS, max_length=16)
+    vocab = fast.get_vocab()
     config = CLIPConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
