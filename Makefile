@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean redis-server
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,17 @@ install: $(STAMP)
 demo: install  ## the main job on the embedded toy world
 	$(PY) -m dmdr_rl.run
 
-test: install  ## every test, the quality checks of the shipped models included (CI runs this)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+
+redis-server:  ## the run-store tests start a real redis-server on a free loopback port
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get)"; \
+	  $(SUDO) apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq >/dev/null && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }; }
+
+test: install redis-server  ## every test, the quality checks of the shipped models included (CI runs this)
 	$(PY) -m pytest -q
 
-test-fast: install  ## without the tests marked slow
+test-fast: install redis-server  ## without the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -14,6 +14,7 @@ import ray
 
 from dmdr_rl.config import RunConfig
 from dmdr_rl.ledger import Ledger
+from dmdr_rl.store import open_store
 from dmdr_rl.prompts import PromptSource
 
 from .rollout import RolloutWorker
@@ -22,7 +23,7 @@ ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 
 
 class RolloutCoordinator:
-    def __init__(self, cfg: dict, world_size: int, ledger_path: str, lookahead: int | None = None):
+    def __init__(self, cfg: dict, world_size: int, run_dir: str, lookahead: int | None = None):
         self.cfg = RunConfig.model_validate(cfg)
         ray_cfg = self.cfg.ray
         self.world_size = world_size
@@ -43,7 +44,7 @@ class RolloutCoordinator:
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
         self.turn = 0
-        self.ledger = Ledger(ledger_path)
+        self.ledger = Ledger(open_store(self.cfg.store.url, run_dir, self.cfg.name))
         self.learner_processes: dict[int, int] = {}
 
     # -- weights ------------------------------------------------------------------------------
@@ -128,3 +129,7 @@ class RolloutCoordinator:
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch)
         self.pending[(iteration, rank)] = ref
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)
+
+    def close_store(self) -> None:
+        """Flush the ledger to the run store (before the driver audits it and stops this actor)."""
+        self.ledger.store.close()

@@ -143,7 +143,14 @@ class OutputSection(_Section):
 
 
 class StoreSection(_Section):
-    url: Optional[str] = None  # null: files under output.dir; redis://host:port/db
+    url: Optional[str] = None  # null: files under output.dir; redis://host:port/db (the run's ledger, metrics, events)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: Optional[str]) -> Optional[str]:
+        from .store import check_store_url
+
+        return None if value is None else check_store_url(value)
 
 
 class RunConfig(_Section):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .ledger import Ledger, audit
+from .store import open_store
 from .trainer import write_run_config
 
 PROGRESS_POLL_S = 1.0
@@ -136,7 +137,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     cfg_dict = cfg.model_dump(mode="json")
     coordinator = ray.remote(RolloutCoordinator).options(
         num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
-    ).remote(cfg_dict, r.learner_workers, str(out / "ledger.jsonl"))
+    ).remote(cfg_dict, r.learner_workers, str(out))
     use_gpu = r.learner_gpus > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -171,6 +172,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     result = outcome.get("result")
     if isinstance(result, BaseException):
         raise result
+    store = open_store(cfg.store.url, out, cfg.name)
     metrics = result.metrics or {}
     summary = {
         "output_dir": str(out),
@@ -179,19 +181,25 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         "checkpoint": str(_keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))),
         "train_seconds": round(time.time() - started, 1),
         "replica_divergence": metrics.get("ddp/replica_divergence"),  # None with one learner worker
-        "ledger": audit(Ledger(out / "ledger.jsonl").events(), metrics.get("iteration", 0), r.learner_workers),
+        "ledger": audit(Ledger(store).events(), metrics.get("iteration", 0), r.learner_workers),
     }
     problems = {k: v for k, v in summary["ledger"].items() if k in ("lost", "duplicated", "unexpected") and v}
     if problems:
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    store.close()
     return summary
 
 
 def _shut_down(coordinator) -> None:
-    """Free the run's actors (rollout workers, then the coordinator) so the cluster's CPUs come back."""
+    """Flush the coordinator's ledger, then free the run's actors (rollout workers, then the
+    coordinator) so the cluster's CPUs come back."""
     import ray
 
+    try:
+        ray.get(coordinator.close_store.remote(), timeout=60)
+    except Exception as err:  # a dead coordinator has nothing left to flush
+        print(f"dmdr_rl: could not flush the coordinator's ledger ({type(err).__name__})", flush=True)
     try:
         for worker in ray.get(coordinator.processes.remote(), timeout=30)["rollout_workers"]:
             ray.kill(worker)

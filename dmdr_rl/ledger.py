@@ -1,4 +1,4 @@
-"""The prompt ledger: which prompt batches a run issued and consumed, as JSON lines.
+"""The prompt ledger: which prompt batches a run issued and consumed, as records of the run store.
 
 Events: `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank
 trained on it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`, so later
@@ -8,25 +8,20 @@ that the final weights actually learned from: `audit` checks each was used exact
 
 from __future__ import annotations
 
-import json
-import time
 from collections import Counter
-from pathlib import Path
 
 
 class Ledger:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    """The ledger stream of a run store (files or Redis; see `dmdr_rl.store`)."""
+
+    def __init__(self, store):
+        self.store = store
 
     def append(self, event: str, **fields) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
+        self.store.append("ledger", {"event": event, **fields})
 
     def events(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return self.store.read("ledger")
 
 
 def effective_consumption(events: list[dict]) -> list[tuple[int, int]]:

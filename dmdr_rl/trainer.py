@@ -23,16 +23,17 @@ from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
 from .registry import build_backbone
 from .rollout import make_rollout
+from .store import FileStore, open_store
 
 GRID_PROMPTS = 16
 
 
 class MetricsLog:
-    """Per-step metrics to a JSONL file and, when available, TensorBoard."""
+    """Per-step metrics to the run store (`metrics.jsonl` or Redis) and, when available, TensorBoard."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, store=None):
         directory.mkdir(parents=True, exist_ok=True)
-        self.file = (directory / "metrics.jsonl").open("a")
+        self.store = store if store is not None else FileStore(directory)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -41,14 +42,13 @@ class MetricsLog:
             self.tensorboard = None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
-        self.file.flush()
+        self.store.append("metrics", {"step": step, **metrics})
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self.file.close()
+        self.store.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
 
@@ -97,7 +97,7 @@ class LocalTrainer:
         if cfg.trainer.resume_from and self.iteration == 0:
             self.load_checkpoint(cfg.trainer.resume_from)
         write_run_config(cfg, self.out)
-        log = MetricsLog(self.out)
+        log = MetricsLog(self.out, open_store(cfg.store.url, self.out, cfg.name))
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         try:
             while self.generator_step < cfg.trainer.max_steps:

@@ -26,6 +26,7 @@ from dmdr_rl.grid import save_grid
 from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
+from dmdr_rl.store import open_store
 from dmdr_rl.trainer import GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, write_checkpoint
 
 ROLLOUT_PATIENCE_S = 600.0  # how long a batch may wait for its rollout worker to come back
@@ -92,7 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
         dist.barrier()
 
     out = Path(config["output_dir"])
-    log = MetricsLog(out) if rank == 0 else None
+    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name)) if rank == 0 else None
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ray.get(coordinator.encode.remote(grid_prompts)) if rank == 0 else None
     waited = 0.0

@@ -14,6 +14,7 @@ ray = pytest.importorskip("ray")
 from dmdr_rl.config import load_config  # noqa: E402
 from dmdr_rl.distributed import COORDINATOR_PREFIX, train_distributed  # noqa: E402
 from dmdr_rl.ledger import Ledger  # noqa: E402
+from dmdr_rl.store import FileStore  # noqa: E402
 from dmdr_rl.trainer import LocalTrainer  # noqa: E402
 
 TINY = {"trainer.batch_size": 4, "trainer.max_steps": 3, "trainer.cold_start": 1, "dmd.ratio": 2, "student.steps": 2,
@@ -91,7 +92,7 @@ def _wait_for(condition, timeout=600):
 
 
 def _consumed(out):
-    return sum(e["event"] == "consumed" for e in Ledger(out / "ledger.jsonl").events())
+    return sum(e["event"] == "consumed" for e in Ledger(FileStore(out)).events())
 
 
 def _finish(thread, outcome, out, steps):
@@ -143,7 +144,7 @@ def test_two_learner_ranks_each_train_on_their_own_shard_of_every_batch(tmp_path
         "trainer.backend": "ray", "ray.learner_workers": 2, "ray.rollout_actors": 2, "ray.learner_cpus": 0.5,
         "ray.rollout_cpus": 0.5, "trainer.max_steps": 2, "output.checkpoint_every": 2, "name": "two-ranks"}))
     assert summary["generator_steps"] == 2
-    events = Ledger(out / "ledger.jsonl").events()
+    events = Ledger(FileStore(out)).events()
     consumed = sorted((e["iteration"], e["rank"]) for e in events if e["event"] == "consumed")
     assert consumed == [(i, r) for i in range(4) for r in (0, 1)]
     assert {e["worker"] for e in events if e["event"] == "issued"} == {0, 1}  # both rollout actors sampled

@@ -1,6 +1,7 @@
 """The prompt ledger's replay: rewinds roll back consumptions, and the audit finds lost and duplicated batches."""
 
 from dmdr_rl.ledger import Ledger, audit, effective_consumption
+from dmdr_rl.store import FileStore
 
 
 def _consume(ledger, iterations, rank=0):
@@ -10,7 +11,7 @@ def _consume(ledger, iterations, rank=0):
 
 
 def test_a_rewind_rolls_back_what_the_restored_weights_never_saw(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger = Ledger(FileStore(tmp_path))
     _consume(ledger, range(0, 7))  # crashed after consuming iteration 6; checkpoint at 5
     ledger.append("rewind", iteration=5)
     _consume(ledger, range(5, 10))
@@ -20,7 +21,7 @@ def test_a_rewind_rolls_back_what_the_restored_weights_never_saw(tmp_path):
 
 
 def test_the_audit_names_lost_and_duplicated_batches(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger = Ledger(FileStore(tmp_path))
     _consume(ledger, [0, 1, 1, 3])
     _consume(ledger, [0, 1, 2, 3], rank=1)
     report = audit(ledger.events(), 4, 2)

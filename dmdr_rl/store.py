@@ -1,0 +1,205 @@
+"""The run store: one place where every process of a run appends its records -- the prompt ledger,
+metrics and events -- as streams of JSON records, and from which `watch`, the audit and resumed runs
+read them back.
+
+    store = open_store(cfg.store.url, cfg.output_dir, cfg.name)   # files by default, Redis when a URL is set
+    store.append("ledger", {"event": "consumed", "iteration": 3, "rank": 0})
+    store.read("ledger")
+
+Files (`store.url: null`): `<run dir>/<stream>.jsonl`, each record written with one O_APPEND write under
+an exclusive lock, so concurrent processes never interleave or lose lines. Redis (`redis://host:port/db`):
+one Redis stream per run and stream (`dmdr:<run>:<stream>`); records are buffered and retried while Redis
+is away (a restart does not stop the run), and each carries a unique id so that a write retried after a
+lost reply is not counted twice. A resumed run appends to the same records.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("ledger", "metrics", "events")
+URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be opened or written; the message names the URL or path."""
+
+
+def check_store_url(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme not in URL_SCHEMES or (parsed.scheme != "unix" and not parsed.hostname):
+        raise ValueError(f"store.url {url!r} is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6380/0), "
+                         "rediss:// for TLS, unix:///path/to/redis.sock, or null for files in the run directory")
+    return url
+
+
+def new_record(record: dict) -> dict:
+    return {"id": uuid.uuid4().hex, "time": round(time.time(), 3), **record}
+
+
+def unique(records: Iterable[dict]) -> list[dict]:
+    """Records in order, each id once (a retried write may have landed twice)."""
+    seen, out = set(), []
+    for record in records:
+        key = record.get("id")
+        if key is None or key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out
+
+
+class FileStore:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.location = str(self.run_dir)
+
+    def path(self, stream: str) -> Path:
+        return self.run_dir / f"{stream}.jsonl"
+
+    def append(self, stream: str, record: dict) -> None:
+        line = (json.dumps(new_record(record)) + "\n").encode()
+        fd = os.open(self.path(stream), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line)
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def read(self, stream: str) -> list[dict]:
+        path = self.path(stream)
+        if not path.exists():
+            return []
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise StoreError(f"{path}:{number} is not a JSON record ({err})") from err
+        return unique(records)
+
+    def flush(self, timeout_s: float = 0.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class RedisStore:
+    """Redis streams with a write buffer: `append` never blocks on Redis; a background thread sends
+    what is buffered and keeps retrying (with backoff) while Redis is unreachable."""
+
+    RETRY_S = (0.2, 5.0)
+
+    def __init__(self, url: str, run: str, run_dir: str | Path | None = None, connect_timeout_s: float = 5.0):
+        import redis
+
+        self.url, self.run = check_store_url(url), run
+        self.location = url
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=10.0)
+        try:
+            self.client.ping()
+        except redis.RedisError as err:
+            raise StoreError(f"cannot reach the run store at {url} ({type(err).__name__}: {err}); start Redis there "
+                             "or fix store.url (null keeps the records in the run directory)") from err
+        self._buffer: collections.deque[tuple[str, dict]] = collections.deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self.failed_flushes = 0
+        self._thread = threading.Thread(target=self._flush_forever, name="run-store-flush", daemon=True)
+        self._thread.start()
+
+    def key(self, stream: str) -> str:
+        return f"dmdr:{self.run}:{stream}"
+
+    def append(self, stream: str, record: dict) -> None:
+        with self._lock:
+            self._buffer.append((stream, new_record(record)))
+            self._lock.notify()
+
+    def read(self, stream: str) -> list[dict]:
+        entries = self.client.xrange(self.key(stream))
+        return unique(json.loads(fields[b"json"]) for _, fields in entries)
+
+    def runs(self) -> list[str]:
+        return sorted({k.decode().split(":")[1] for k in self.client.scan_iter("dmdr:*:*")})
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything appended so far is in Redis (False if `timeout_s` ran out first)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._lock.notify()
+            while self._buffer and time.monotonic() < deadline:
+                self._lock.wait(0.05)
+            return not self._buffer
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flush, then stop; records Redis never got are saved next to the run, not dropped."""
+        flushed = self.flush(timeout_s)
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+            pending = list(self._buffer)
+        self._thread.join(timeout=5)
+        if not flushed and pending:
+            target = (self.run_dir or Path(".")) / "store-unflushed.jsonl"
+            with target.open("a") as f:
+                for stream, record in pending:
+                    f.write(json.dumps({"stream": stream, **record}) + "\n")
+            log.error("run store %s unreachable at the end of the run: %d records saved to %s", self.url, len(pending),
+                      target)
+
+    def _flush_forever(self) -> None:
+        import redis
+
+        wait = self.RETRY_S[0]
+        while True:
+            with self._lock:
+                while not self._buffer and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                batch = list(self._buffer)
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for stream, record in batch:
+                    pipe.xadd(self.key(stream), {"json": json.dumps(record)})
+                pipe.execute()
+            except redis.RedisError as err:
+                self.failed_flushes += 1
+                if self.failed_flushes == 1 or self.failed_flushes % 50 == 0:
+                    log.warning("run store %s: %s; %d records buffered, retrying", self.url, err, len(batch))
+                with self._lock:
+                    self._lock.wait(wait)
+                wait = min(2 * wait, self.RETRY_S[1])
+                continue
+            wait = self.RETRY_S[0]
+            with self._lock:
+                for _ in batch:
+                    self._buffer.popleft()
+                self._lock.notify_all()
+
+
+def open_store(url: str | None, run_dir: str | Path, run: str):
+    """The run's store: files in `run_dir` when `url` is None, else Redis at `url` (records keyed by `run`)."""
+    if url is None:
+        return FileStore(run_dir)
+    try:
+        check_store_url(url)
+    except ValueError as err:
+        raise StoreError(str(err)) from None
+    return RedisStore(url, run, run_dir)

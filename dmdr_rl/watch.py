@@ -1,0 +1,93 @@
+"""Follow a live run from another terminal: `python -m dmdr_rl.watch RUN`.
+
+    python -m dmdr_rl.watch runs/toy-dmdr                                   # a run directory (files or its store.url)
+    python -m dmdr_rl.watch toy-dmdr --store redis://127.0.0.1:6380/0       # a run by name in a Redis store
+    python -m dmdr_rl.watch runs/toy-dmdr --once                            # print one snapshot and exit
+
+Shows the generator step, throughput, losses, rewards, staleness, the step-time split and the newest
+sample grid, refreshed in place every `--interval` seconds until the run's last step is reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .store import RedisStore, StoreError, open_store
+
+SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "time/", "schedule/lr")
+
+
+def locate(run: str, store_url: str | None):
+    """(store, run directory or None, max_steps or None) for a run directory or a run name in a store."""
+    path = Path(run)
+    if (path / "config.yaml").exists():
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        url = store_url or (config.get("store") or {}).get("url")
+        name = config.get("name", path.name)
+        return open_store(url, path, name), path, (config.get("trainer") or {}).get("max_steps")
+    if store_url is None:
+        raise StoreError(f"{run} is not a run directory (no config.yaml in it); give a run directory, or a run name "
+                         "with --store redis://HOST:PORT/DB")
+    store = open_store(store_url, Path("."), run)
+    if isinstance(store, RedisStore) and not store.read("metrics") and not store.read("ledger"):
+        known = ", ".join(store.runs()) or "none"
+        raise StoreError(f"no run named {run!r} in {store_url}; runs there: {known}")
+    return store, None, None
+
+
+def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, bool]:
+    """The status text and whether the run has reached its last step."""
+    rows = store.read("metrics")
+    if not rows:
+        return "waiting for the first generator step ...", False
+    last = rows[-1]
+    recent = rows[-10:]
+    rate = ((recent[-1]["step"] - recent[0]["step"]) / (recent[-1]["time"] - recent[0]["time"])
+            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else float("nan"))
+    total = f"/{max_steps}" if max_steps else ""
+    lines = [f"generator step {last['step']}{total}   {rate:.3f} steps/s   "
+             f"last update {time.time() - last['time']:.0f} s ago   ({store.location})"]
+    for prefix in SHOWN_PREFIXES:
+        values = {k: v for k, v in last.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+        if values:
+            lines.append("  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+    if run_dir is not None:
+        grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
+        if grids:
+            lines.append(f"  newest samples: {grids[-1]}")
+    return "\n".join(lines), bool(max_steps) and last["step"] >= max_steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.watch", description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="a run directory, or a run name with --store")
+    parser.add_argument("--store", default=None, help="a Redis URL (default: the run's store.url, else its files)")
+    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    args = parser.parse_args(argv)
+    try:
+        store, run_dir, max_steps = locate(args.run, args.store)
+    except StoreError as err:
+        parser.exit(2, f"error: {err}\n")
+    if args.once:
+        print(snapshot(store, run_dir, max_steps)[0])
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    with Live(Text("..."), refresh_per_second=4) as live:
+        while True:
+            text, finished = snapshot(store, run_dir, max_steps)
+            live.update(Text(text))
+            if finished:
+                break
+            time.sleep(args.interval)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
