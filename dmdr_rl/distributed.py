@@ -50,6 +50,12 @@ def connect(cfg: RunConfig) -> str:
     return where
 
 
+def check_placement(cfg: RunConfig) -> None:
+    if cfg.ray.learner_gpus > 0 or cfg.ray.rollout_gpus > 0:
+        raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the learner and rollout actors do not place "
+                          "tensors on GPUs yet (issue 6); leave them at 0 for now")
+
+
 def resources_needed(cfg: RunConfig) -> tuple[float, float]:
     """(CPUs, GPUs) the run asks for: learner workers, rollout actors, and the reward apps it starts."""
     r = cfg.ray
@@ -115,9 +121,7 @@ def train_distributed(cfg: RunConfig) -> dict:
 
     PromptSource(cfg.data.prompts, cfg.trainer.seed)  # a bad prompt file fails here, before Ray starts
     r = cfg.ray
-    if r.learner_gpus > 0 or r.rollout_gpus > 0:
-        raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the backbones do not place tensors on GPUs yet "
-                          "(issue 6, real backbones); leave them at 0 for now")
+    check_placement(cfg)
     where = connect(cfg)
     with serving_rewards(cfg):
         return _train_on_ray(cfg, where)

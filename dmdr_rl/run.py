@@ -76,16 +76,62 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     print(json.dumps(summary))
 
 
+def dry_run(preset: str, overrides: list[str]) -> str:
+    """Everything that can be checked without a cluster or model weights: the config, that the backbone
+    and every reward resolve (registry name or import path), and the prompt source when it is on this
+    machine. Returns the plan as text."""
+    from .distributed import check_placement, resources_needed
+    from .prompts import PromptSource
+    from .registry import BACKBONES
+    from reward_servers import REWARDS
+
+    cfg = load_config(preset, overrides)
+    if cfg.trainer.backend == "ray":
+        check_placement(cfg)
+    try:
+        BACKBONES.resolve(cfg.model.backbone)
+        for spec in cfg.rewards:
+            REWARDS.resolve(spec.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    prompts = cfg.data.prompts
+    if prompts.startswith("toy:") or Path(prompts).exists():
+        PromptSource(prompts, cfg.trainer.seed)
+        prompt_note = "checked"
+    else:
+        prompt_note = "not on this machine: checked when the run starts"
+    cpus, gpus = resources_needed(cfg)
+    rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
+                        f"weight {s.weight:g})" for s in cfg.rewards) or "none"
+    return "\n".join([
+        f"dry run of {cfg.name!r}: the config is valid; nothing was started",
+        f"  backend {cfg.trainer.backend}: {cfg.ray.learner_workers} learner worker(s), {cfg.ray.rollout_actors} "
+        f"rollout actor(s), {cpus:g} CPUs and {gpus:g} GPUs requested" if cfg.trainer.backend == "ray" else
+        f"  backend local (one process){f', reward apps need {cpus:g} CPUs / {gpus:g} GPUs' if cpus or gpus else ''}",
+        f"  model {cfg.model.backbone} ({cfg.model.path or 'default weights'}), {cfg.model.resolution} px, "
+        f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({cfg.trainer.cold_start} cold start)",
+        f"  rewards: {rewards}",
+        f"  prompts: {prompts} ({prompt_note})",
+        f"  outputs: {cfg.output_dir}; store: {cfg.store.url or 'files in the run directory'}",
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default=None, help=f"run preset or YAML file; presets: {', '.join(available_presets())}")
     parser.add_argument("--out", type=Path, default=None, help="teacher evaluation: output directory (default runs/demo-TIMESTAMP)")
     parser.add_argument("--num-images", type=int, default=256, help="images per evaluated setting")
     parser.add_argument("--split", default="held-in", choices=["held-in", "held-out"])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config and its plugins, print the plan, and start nothing")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args(argv)
     try:
-        if args.preset is None:
+        if args.dry_run:
+            if args.preset is None:
+                parser.error("--dry-run needs a --preset")
+            print(dry_run(args.preset, args.overrides))
+        elif args.preset is None:
             if args.overrides:
                 parser.error(f"config overrides {args.overrides} need a --preset to apply to")
             evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)

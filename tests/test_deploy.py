@@ -1,0 +1,64 @@
+"""deploy/: every manifest parses, names modules, presets and files that exist, and its entrypoint
+starts (as a dry run) with the config it passes."""
+
+import importlib.util
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmdr_rl.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def _documents(path):
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.yaml")), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_manifest_parses(path):
+    assert _documents(path)
+
+
+def _entrypoints():
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        for doc in _documents(path):
+            if doc.get("kind") == "RayJob":
+                yield path.name, doc["spec"]["entrypoint"]
+
+
+@pytest.mark.parametrize("name, entrypoint", list(_entrypoints()))
+def test_rayjob_entrypoints_start_with_their_config(name, entrypoint, capsys):
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", "-m"] and importlib.util.find_spec(argv[2]) is not None
+    assert argv[2] == "dmdr_rl.run"
+    main([*argv[3:], "--dry-run"])
+    assert "the config is valid; nothing was started" in capsys.readouterr().out
+
+
+def test_the_dry_run_refuses_what_a_real_start_would():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=missing_module:Reward"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_gpus=1"])
+
+
+def test_the_fault_tolerant_cluster_points_gcs_at_its_redis():
+    docs = {doc["kind"]: doc for doc in _documents(DEPLOY / "kuberay" / "raycluster-ft.yaml")}
+    assert docs["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisAddress"] == "redis:6379"
+    assert docs["Service"]["metadata"]["name"] == "redis" and "--appendonly" in str(docs["Deployment"])
+
+
+def test_the_image_and_the_launcher_install_the_pinned_dependencies():
+    dockerfile = (DEPLOY / "Dockerfile").read_text().splitlines()
+    for line in dockerfile:
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
+    assert any("requirements-lock.txt" in line and line.startswith("RUN pip install") for line in dockerfile)
+    launcher = _documents(DEPLOY / "cluster" / "cluster-launcher.yaml")[0]
+    assert any("requirements-lock.txt" in command for command in launcher["setup_commands"])
