@@ -23,6 +23,7 @@ from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
 from .registry import build_backbone
 from .rollout import make_rollout
+from .samples import write_samples
 from .store import FileStore, open_store
 
 GRID_PROMPTS = 16
@@ -125,7 +126,9 @@ class LocalTrainer:
                                     adapter=dmdr.GENERATOR, mode=student.sampler)
 
     def save_samples(self) -> Path:
+        """The sample grid (PNG) and the same samples as data (Parquet, with every reward's score)."""
         images = self.sample(self.grid_prompts, seed=0)
+        save_sample_records(self.out, images, self.grid_prompts, self.generator_step, self.learner.rewards)
         return save_grid(images, self.grid_prompts, self.out / "samples" / f"step_{self.generator_step:06d}.png")
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -134,6 +137,14 @@ class LocalTrainer:
 
     def load_checkpoint(self, directory: str | Path) -> None:
         load_checkpoint(self.learner, directory)
+
+
+def save_sample_records(out: Path, images: torch.Tensor, prompts: Sequence[str], step: int,
+                        rewards: Sequence[dmdr.WeightedReward], seed: int = 0) -> Path:
+    """`samples/step_N.parquet`: the grid's samples with each reward model's score (no gradient)."""
+    with torch.no_grad():
+        scores = {reward.spec.name: reward.model.score(images, list(prompts)) for reward in rewards}
+    return write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seed, step, step, scores)
 
 
 def write_run_config(cfg: RunConfig, out: Path) -> None:

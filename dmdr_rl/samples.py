@@ -1,0 +1,91 @@
+"""Samples as data: the images a run samples, one Parquet row each -- prompt, seed, generator step,
+weight version, a score per reward model, and the PNG bytes -- readable with pandas or pyarrow:
+
+    table = read_samples("runs/toy-dmdr/samples")        # every samples/*.parquet of the run
+    df = table.to_pandas()                                # columns: prompt, seed, step, ..., reward/<name>, png
+
+Files carry their schema version; reading unifies files of different versions and reward sets
+(a column a file lacks reads as null) and refuses files from a newer dmdr_rl with a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 2  # 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>
+VERSION_KEY = b"dmdr_rl.samples.version"
+REQUIRED = ("prompt", "step", "png")
+
+
+def _png(image: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str], seed: int, step: int,
+                  weight_version: int, rewards: Mapping[str, torch.Tensor] | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"write_samples got {images.shape[0]} images but {len(prompts)} prompts")
+    n = len(prompts)
+    columns = {
+        "prompt": pa.array(list(prompts), pa.string()),
+        "seed": pa.array([seed] * n, pa.int64()),
+        "step": pa.array([step] * n, pa.int64()),
+        "weight_version": pa.array([weight_version] * n, pa.int64()),
+        "width": pa.array([images.shape[-1]] * n, pa.int32()),
+        "height": pa.array([images.shape[-2]] * n, pa.int32()),
+    }
+    for name, scores in (rewards or {}).items():
+        columns[f"reward/{name}"] = pa.array(scores.detach().float().cpu().tolist(), pa.float64())
+    columns["png"] = pa.array([_png(image) for image in images], pa.binary())
+    table = pa.table(columns).replace_schema_metadata({VERSION_KEY: str(SCHEMA_VERSION).encode()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def read_samples(path: str | Path):
+    """One pyarrow Table of a samples file, or of every `*.parquet` in a directory (oldest first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"no samples in {path} (expected *.parquet files written by dmdr_rl)")
+    tables = []
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except (OSError, pa.ArrowInvalid) as err:
+            raise ValueError(f"{file} is not a readable Parquet file ({err})") from err
+        version = int((table.schema.metadata or {}).get(VERSION_KEY, b"1"))
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{file} was written with samples schema version {version}, newer than this dmdr_rl "
+                             f"reads ({SCHEMA_VERSION}); upgrade dmdr_rl to read it")
+        missing = [c for c in REQUIRED if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{file} lacks the column(s) {missing}: it is not a dmdr_rl samples file")
+        tables.append(table.replace_schema_metadata(None))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """A stored PNG back to an image tensor [3, H, W] in [0, 1]."""
+    from PIL import Image
+
+    array = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
