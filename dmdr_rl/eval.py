@@ -110,7 +110,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             judge=judge,
             rewards=[align],
             batch_size=args.batch_size,
-            grid_path=args.out / name / "grid.png",
+            grid_path=args.out / name / "grid.png", samples_path=args.out / name / "samples.parquet",
             desc=name,
         )
         report = {"model": args.model, "steps": steps, "cfg": cfg, "shift": args.shift, **report,

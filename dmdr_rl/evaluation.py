@@ -45,8 +45,10 @@ def evaluate(
     grid_path: str | Path | None = None,
     grid_size: int = 32,
     desc: str = "sampling",
+    samples_path: str | Path | None = None,
 ) -> dict:
-    """The report of the toy evaluation (without the sampler's own settings, which callers add)."""
+    """The report of the toy evaluation (without the sampler's own settings, which callers add);
+    `samples_path`: also every evaluated image as Parquet, with reward scores and the judge's verdict."""
     if num_images < 2:
         raise ValueError(f"num_images must be >= 2 for FID, got {num_images}")
     scenes = PromptSplit(split).sample(num_images, seed)
@@ -56,11 +58,12 @@ def evaluate(
     with torch.no_grad():
         verdicts = [v for s in range(0, num_images, batch_size)
                     for v in judge_verdicts(judge, images[s : s + batch_size], scenes[s : s + batch_size])]
-        reward_means = {
-            r.name: float(torch.cat([r.score(images[s : s + batch_size], prompts[s : s + batch_size])
-                                     for s in range(0, num_images, batch_size)]).mean())
+        reward_scores = {
+            r.name: torch.cat([r.score(images[s : s + batch_size], prompts[s : s + batch_size])
+                               for s in range(0, num_images, batch_size)])
             for r in rewards
         }
+        reward_means = {name: float(scores.mean()) for name, scores in reward_scores.items()}
     accuracy, by_category = summarise_verdicts(verdicts)
     report = {
         "judge_accuracy": accuracy,
@@ -72,6 +75,12 @@ def evaluate(
         "split": split,
         "seed": seed,
     }
+    if samples_path is not None:
+        from .samples import write_samples
+
+        write_samples(samples_path, images, prompts, seed, step=-1, weight_version=-1, rewards=reward_scores,
+                      extra={"judge_correct": [bool(v["correct"]) for v in verdicts]})
+        report["samples"] = str(samples_path)
     if grid_path is not None:
         n = min(grid_size, num_images)
         marks = ["" if v["correct"] else "[x] " for v in verdicts[:n]]

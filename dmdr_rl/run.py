@@ -38,7 +38,7 @@ def evaluate_teacher(out: Path, num_images: int, split: str) -> None:
     print(f"Outputs: {out.resolve()}")
     print("  summary.md / summary.json   the table above")
     for r in reports:
-        print(f"  {Path(r['grid']).parent.name}/   report.json, grid.png")
+        print(f"  {Path(r['grid']).parent.name}/   report.json, grid.png, samples.parquet")
     print("Nothing was trained (see the note above).")
 
 
@@ -66,12 +66,13 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
         sample_fn = trainer.sample
     out = cfg.output_dir
     report = evaluate(sample_fn, "held-in", num_images, 0, load_judge(), [load_align()],
-                      grid_path=out / "eval" / "grid.png", desc="evaluating the student")
+                      grid_path=out / "eval" / "grid.png", samples_path=out / "eval" / "samples.parquet",
+                      desc="evaluating the student")
     (out / "eval" / "report.json").write_text(json.dumps({**report, "steps": cfg.student.steps}, indent=2) + "\n")
     print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, FID {report['fid']:.2f}, "
           f"toy-align {report['rewards']['toy-align']:.3f}")
     print(f"Outputs: {out.resolve()}")
-    print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png"
+    print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + (", ledger.jsonl, ray_train/" if cfg.trainer.backend == "ray" else ", samples/"))
     print(json.dumps(summary))
 

@@ -32,7 +32,10 @@ def _png(image: torch.Tensor) -> bytes:
 
 
 def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str], seed: int, step: int,
-                  weight_version: int, rewards: Mapping[str, torch.Tensor] | None = None) -> Path:
+                  weight_version: int, rewards: Mapping[str, torch.Tensor] | None = None,
+                  extra: Mapping[str, Sequence] | None = None) -> Path:
+    """One row per image; `step`/`weight_version` -1 for samples of no training step (evaluation);
+    `extra`: more columns of one value per image (e.g. the judge's verdict)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -49,6 +52,8 @@ def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str]
     }
     for name, scores in (rewards or {}).items():
         columns[f"reward/{name}"] = pa.array(scores.detach().float().cpu().tolist(), pa.float64())
+    for name, values in (extra or {}).items():
+        columns[name] = pa.array(list(values))
     columns["png"] = pa.array([_png(image) for image in images], pa.binary())
     table = pa.table(columns).replace_schema_metadata({VERSION_KEY: str(SCHEMA_VERSION).encode()})
     path = Path(path)

@@ -4,6 +4,7 @@ import pytest
 
 from dmdr_rl import eval as toy_eval
 from dmdr_rl import run
+from dmdr_rl.samples import read_samples
 
 REPORT_KEYS = {"judge_accuracy", "judge_accuracy_by_category", "fid", "rewards", "num_images", "steps", "cfg", "split"}
 
@@ -18,6 +19,9 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
         assert 0.0 <= report["judge_accuracy"] <= 1.0 and report["fid"] >= 0
         assert "toy-align" in report["rewards"]
         assert (directory / "grid.png").stat().st_size > 0
+        samples = read_samples(directory / "samples.parquet").to_pandas()  # every evaluated image, as data
+        assert len(samples) == 8 and samples["reward/toy-align"].mean() == pytest.approx(report["rewards"]["toy-align"])
+        assert samples["judge_correct"].mean() == pytest.approx(report["judge_accuracy"])
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
     assert "| teacher | held-in | 2 | 2.5 |" in (tmp_path / "summary.md").read_text()
 
