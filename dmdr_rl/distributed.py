@@ -156,6 +156,9 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
           f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
     outcome: dict = {}
+    store = open_store(cfg.store.url, out, cfg.name)
+    store.append("events", {"event": "started", "backend": "ray", "address": where, "max_steps": cfg.trainer.max_steps,
+                            "output_dir": str(out)})
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     started = time.time()
     fit.start()
@@ -175,8 +178,9 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         _shut_down(coordinator)
     result = outcome.get("result")
     if isinstance(result, BaseException):
+        store.append("events", {"event": "failed", "error": f"{type(result).__name__}: {result}"[:2000]})
+        store.close()
         raise result
-    store = open_store(cfg.store.url, out, cfg.name)
     metrics = result.metrics or {}
     summary = {
         "output_dir": str(out),
@@ -191,6 +195,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     if problems:
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    store.append("events", {"event": "finished", "generator_step": summary["generator_steps"]})
     store.close()
     return summary
 

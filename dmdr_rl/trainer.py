@@ -48,6 +48,10 @@ class MetricsLog:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, value, step)
 
+    def event(self, event: str, **fields) -> None:
+        """A run event (started, finished, failed) on the store's events stream."""
+        self.store.append("events", {"event": event, **fields})
+
     def close(self) -> None:
         self.store.close()
         if self.tensorboard is not None:
@@ -100,6 +104,9 @@ class LocalTrainer:
         write_run_config(cfg, self.out)
         log = MetricsLog(self.out, open_store(cfg.store.url, self.out, cfg.name))
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
+        log.event("started", backend="local", generator_step=self.generator_step, max_steps=cfg.trainer.max_steps,
+                  output_dir=str(self.out))
+        finished = False
         try:
             while self.generator_step < cfg.trainer.max_steps:
                 metrics = self.train_iteration()
@@ -114,8 +121,10 @@ class LocalTrainer:
                     self.save_samples()
                 if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
                     self.save_checkpoint()
+            finished = True
         finally:
             bar.close()
+            log.event("finished" if finished else "stopped", generator_step=self.generator_step)
             log.close()
         return {"output_dir": str(self.out), "generator_steps": self.generator_step, "iterations": self.iteration}
 

@@ -43,14 +43,16 @@ def locate(run: str, store_url: str | None):
 def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, bool]:
     """The status text and whether the run has reached its last step."""
     rows = store.read("metrics")
+    events = store.read("events")
+    state = events[-1]["event"] if events else "unknown"
     if not rows:
-        return "waiting for the first generator step ...", False
+        return f"{state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
     last = rows[-1]
     recent = rows[-10:]
     rate = ((recent[-1]["step"] - recent[0]["step"]) / (recent[-1]["time"] - recent[0]["time"])
             if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else float("nan"))
     total = f"/{max_steps}" if max_steps else ""
-    lines = [f"generator step {last['step']}{total}   {rate:.3f} steps/s   "
+    lines = [f"[{state}] generator step {last['step']}{total}   {rate:.3f} steps/s   "
              f"last update {time.time() - last['time']:.0f} s ago   ({store.location})"]
     for prefix in SHOWN_PREFIXES:
         values = {k: v for k, v in last.items() if k.startswith(prefix) and isinstance(v, (int, float))}
@@ -60,7 +62,9 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
         grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
         if grids:
             lines.append(f"  newest samples: {grids[-1]}")
-    return "\n".join(lines), bool(max_steps) and last["step"] >= max_steps
+    if state == "failed":
+        lines.append(f"  error: {events[-1].get('error', '')}")
+    return "\n".join(lines), state in ("finished", "failed", "stopped") or (bool(max_steps) and last["step"] >= max_steps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,7 +158,7 @@ def test_watch_shows_a_run_from_files_or_redis_and_names_missing_runs(tmp_path, 
         LocalTrainer(load_config("toy-dmdr", overrides)).train()
         main([str(tmp_path / name), "--once"])
         shown = capsys.readouterr().out
-        assert "generator step 2/2" in shown and "loss/dmd=" in shown and "reward/toy-align=" in shown
+        assert "[finished] generator step 2/2" in shown and "loss/dmd=" in shown and "reward/toy-align=" in shown
         assert "newest samples:" in shown and (url or str(tmp_path)) in shown
     main(["watched", "--store", redis_server.url, "--once"])
     assert "generator step 2" in capsys.readouterr().out
