@@ -22,7 +22,7 @@ from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
 from .registry import build_backbone
-from .rollout import make_rollout
+from .rollout import RolloutBatch, make_rollout
 from .samples import write_samples
 from .store import FileStore, open_store
 
@@ -91,6 +91,7 @@ class LocalTrainer:
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
                              monitors=self.monitors)
         self._rollout_seconds += time.perf_counter() - started
+        self.last_batch = batch
         metrics = self.learner.step(batch)
         if metrics is not None:  # rollouts of every iteration since the last generator update
             metrics["time/rollout_s"], self._rollout_seconds = self._rollout_seconds, 0.0
@@ -119,6 +120,7 @@ class LocalTrainer:
                     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
                 if step % cfg.output.sample_every == 0 or step == cfg.trainer.max_steps:
                     self.save_samples()
+                    save_rollout_records(self.out, self.backbone, self.last_batch, step)
                 if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
                     self.save_checkpoint()
             finished = True
@@ -154,6 +156,15 @@ def save_sample_records(out: Path, images: torch.Tensor, prompts: Sequence[str],
     with torch.no_grad():
         scores = {reward.spec.name: reward.model.score(images, list(prompts)) for reward in rewards}
     return write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seed, step, step, scores)
+
+
+def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) -> Path:
+    """`samples/rollout_step_N.parquet`: the rollout batch a generator step trained on, with the weight
+    version that sampled it and the rollout-side (monitor) reward scores."""
+    with torch.no_grad():
+        images = backbone.decode(batch.x0)
+    return write_samples(out / "samples" / f"rollout_step_{step:06d}.parquet", images, batch.prompts, batch.seed, step,
+                         batch.weight_version, batch.reward_scores)
 
 
 def write_run_config(cfg: RunConfig, out: Path) -> None:

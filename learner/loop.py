@@ -27,8 +27,8 @@ from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
-from dmdr_rl.trainer import (GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, save_sample_records,
-                             write_checkpoint)
+from dmdr_rl.trainer import (GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
+                             save_sample_records, write_checkpoint)
 
 ROLLOUT_PATIENCE_S = 600.0  # how long a batch may wait for its rollout worker to come back
 
@@ -121,6 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                      adapter=dmdr.GENERATOR, mode=cfg.student.sampler)
                 save_grid(images, grid_prompts, out / "samples" / f"step_{step:06d}.png")
                 save_sample_records(out, images, grid_prompts, step, learner.rewards)
+                save_rollout_records(out, backbone, batch, step)
             if step % cfg.output.checkpoint_every == 0 or last:
                 report(learner, rank, metrics)
     finally:

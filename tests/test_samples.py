@@ -54,6 +54,9 @@ def test_a_training_run_writes_its_samples_as_data(tmp_path):
                                    "student.steps=1", "output.log_every=1", "output.sample_every=1",
                                    "output.checkpoint_every=1000", f"output.dir={tmp_path}"])
     LocalTrainer(cfg).train()
-    table = read_samples(tmp_path / "samples")
-    assert sorted(set(table.column("step").to_pylist())) == [1, 2]
-    assert table.num_rows == 2 * 16 and all(s < 0 for s in table.column("reward/toy-align").to_pylist())
+    grids = read_samples(sorted((tmp_path / "samples").glob("step_*.parquet"))[-1])
+    assert grids.num_rows == 16 and all(s < 0 for s in grids.column("reward/toy-align").to_pylist())
+    table = read_samples(tmp_path / "samples")  # grids and the rollout batches the steps trained on
+    rollouts = [r for r in table.to_pylist() if r["seed"] != 0]
+    assert sorted({r["step"] for r in table.to_pylist()}) == [1, 2] and len(rollouts) == 2 * 2
+    assert {r["weight_version"] for r in rollouts} == {0, 1}  # the generator version that sampled each batch

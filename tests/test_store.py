@@ -169,3 +169,29 @@ def test_watch_shows_a_run_from_files_or_redis_and_names_missing_runs(tmp_path, 
     with pytest.raises(SystemExit):
         main([str(tmp_path / "not-a-run"), "--once"])
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_a_training_run_goes_on_through_a_redis_restart_and_loses_no_metric(tmp_path, redis_server):
+    from dmdr_rl.trainer import LocalTrainer
+
+    cfg = load_config("toy-dmdr", ["trainer.batch_size=2", "trainer.max_steps=30", "trainer.cold_start=1", "dmd.ratio=1",
+                                   "student.steps=1", "output.log_every=1", "output.sample_every=1000",
+                                   "output.checkpoint_every=1000", f"output.dir={tmp_path / 'run'}",
+                                   f"store.url={redis_server.url}", "name=restarted"])
+    trainer = LocalTrainer(cfg)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=trainer.train()))
+    thread.start()
+    reader = RedisStore(redis_server.url, "restarted")
+    while len(reader.read("metrics")) < 5:
+        time.sleep(0.05)
+    redis_server.stop()
+    stopped_at = trainer.generator_step
+    time.sleep(1.5)
+    assert trainer.generator_step > stopped_at  # training went on while Redis was down
+    redis_server.start()
+    thread.join(timeout=300)
+    assert outcome["summary"]["generator_steps"] == 30
+    reader = RedisStore(redis_server.url, "restarted")
+    assert [r["step"] for r in reader.read("metrics")] == list(range(1, 31))
+    assert [e["event"] for e in reader.read("events")] == ["started", "finished"]
