@@ -62,3 +62,12 @@ def test_the_image_and_the_launcher_install_the_pinned_dependencies():
     assert any("requirements-lock.txt" in line and line.startswith("RUN pip install") for line in dockerfile)
     launcher = _documents(DEPLOY / "cluster" / "cluster-launcher.yaml")[0]
     assert any("requirements-lock.txt" in command for command in launcher["setup_commands"])
+
+
+def test_the_rayjob_has_a_head_and_a_gpu_worker_group_and_ships_the_code():
+    job = _documents(DEPLOY / "kuberay" / "rayjob.yaml")[0]
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    gpu = groups["gpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] >= 1 and "headGroupSpec" in job["spec"]["rayClusterSpec"]
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/app"
+    assert "WORKDIR /app" in (DEPLOY / "Dockerfile").read_text()
