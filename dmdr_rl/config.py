@@ -170,6 +170,10 @@ class RunConfig(_Section):
     def _has_a_loss(self) -> "RunConfig":
         if self.dmd.weight == 0 and not self.rewards:
             raise ValueError("dmd.weight is 0 and no rewards are configured: the generator would have no loss")
+        apps = [spec.app_name for spec in self.rewards if spec.placement == "serve"]
+        if len(apps) != len(set(apps)):
+            raise ValueError(f"two served rewards would share a Serve app ({sorted(a for a in apps if apps.count(a) > 1)[0]!r}): "
+                             "give each its own rewards.N.serve.app")
         for i, spec in enumerate(self.rewards):
             if spec.weight == 0 and not spec.monitor:
                 raise ValueError(f"rewards.{i} ({spec.name}) has weight 0 and monitor false, so it would never be "

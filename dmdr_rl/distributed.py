@@ -95,9 +95,10 @@ def check_resources(cfg: RunConfig, cluster: dict) -> None:
 
 def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:
     """A `host:port` cluster address must accept a TCP connection (else ray.init would hang for a minute)."""
-    if address == "auto" or address.startswith(("ray://", "local")):
+    if address in ("auto", "local") or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
         raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379), 'auto', or ray://host:port")
     try:
@@ -139,6 +140,9 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     out = cfg.output_dir.resolve()
     write_run_config(cfg, out)
     cfg_dict = cfg.model_dump(mode="json")
+    store = open_store(cfg.store.url, out, cfg.name)
+    if not cfg.trainer.resume_from:
+        store.require_new()  # before any actor writes to it
     coordinator = ray.remote(RolloutCoordinator).options(
         num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
     ).remote(cfg_dict, r.learner_workers, str(out))
@@ -155,10 +159,27 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     )
     print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
           f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
-    outcome: dict = {}
-    store = open_store(cfg.store.url, out, cfg.name)
     store.append("events", {"event": "started", "backend": "ray", "address": where, "max_steps": cfg.trainer.max_steps,
                             "output_dir": str(out)})
+    try:
+        summary = _fit_and_summarise(cfg, trainer, coordinator, store, out)
+    except BaseException as err:
+        failed = not isinstance(err, KeyboardInterrupt)
+        store.append("events", {"event": "failed" if failed else "stopped",
+                                **({"error": f"{type(err).__name__}: {err}"[:2000]} if failed else {})})
+        raise
+    else:
+        store.append("events", {"event": "finished", "generator_step": summary["generator_steps"]})
+        return summary
+    finally:
+        store.close()
+
+
+def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -> dict:
+    import ray
+
+    r = cfg.ray
+    outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     started = time.time()
     fit.start()
@@ -178,8 +199,6 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         _shut_down(coordinator)
     result = outcome.get("result")
     if isinstance(result, BaseException):
-        store.append("events", {"event": "failed", "error": f"{type(result).__name__}: {result}"[:2000]})
-        store.close()
         raise result
     metrics = result.metrics or {}
     summary = {
@@ -195,8 +214,6 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     if problems:
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    store.append("events", {"event": "finished", "generator_step": summary["generator_steps"]})
-    store.close()
     return summary
 
 

@@ -63,7 +63,8 @@ def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str]
 
 
 def read_samples(path: str | Path):
-    """One pyarrow Table of a samples file, or of every `*.parquet` in a directory (oldest first)."""
+    """One pyarrow Table of a samples file, or of every `*.parquet` in a directory, ordered by step
+    (stable: within a step, file-name order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -85,7 +86,8 @@ def read_samples(path: str | Path):
         if missing:
             raise ValueError(f"{file} lacks the column(s) {missing}: it is not a dmdr_rl samples file")
         tables.append(table.replace_schema_metadata(None))
-    return pa.concat_tables(tables, promote_options="default")
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.take(sorted(range(table.num_rows), key=table.column("step").to_pylist().__getitem__))
 
 
 def decode_png(data: bytes) -> torch.Tensor:

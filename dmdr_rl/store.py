@@ -82,14 +82,23 @@ class FileStore:
         path = self.path(stream)
         if not path.exists():
             return []
+        with path.open("rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no write is half done while we read
+            data = f.read().decode()
+        lines = data.split("\n")
+        if lines and lines[-1] and not data.endswith("\n"):
+            lines = lines[:-1]  # a record cut short (e.g. a full disk) is not a record
         records = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise StoreError(f"{path}:{number} is not a JSON record ({err})") from err
         return unique(records)
+
+    def require_new(self) -> None:
+        """Files of a fresh run may extend an older run's in a reused directory (as before the store)."""
 
     def flush(self, timeout_s: float = 0.0) -> bool:
         return True
@@ -117,7 +126,10 @@ class RedisStore:
             raise StoreError(f"cannot reach the run store at {url} ({type(err).__name__}: {err}); start Redis there "
                              "or fix store.url (null keeps the records in the run directory)") from err
         self._buffer: collections.deque[tuple[str, dict]] = collections.deque()
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
+        self._work = threading.Event()  # set by append: there is something to send
+        self._hurry = threading.Event()  # set by flush/close: cut a retry wait short
+        self._drained = threading.Condition(self._lock)
         self._closed = False
         self.failed_flushes = 0
         self._thread = threading.Thread(target=self._flush_forever, name="run-store-flush", daemon=True)
@@ -126,10 +138,22 @@ class RedisStore:
     def key(self, stream: str) -> str:
         return f"dmdr:{self.run}:{stream}"
 
+    def require_new(self) -> None:
+        """A fresh run must not mix its records with another run's of the same name."""
+        existing = [s for s in STREAMS if self.client.exists(self.key(s))]
+        if existing:
+            raise StoreError(f"the run store {self.url} already holds records of a run named {self.run!r} "
+                             f"({', '.join(existing)}): give this run another name=..., or resume that run "
+                             "(trainer.resume_from=...)")
+
     def append(self, stream: str, record: dict) -> None:
+        entry = (stream, new_record(record))
         with self._lock:
-            self._buffer.append((stream, new_record(record)))
-            self._lock.notify()
+            if not self._closed:
+                self._buffer.append(entry)
+                self._work.set()
+                return
+        self._save_unflushed([entry])  # after close: kept on disk, never dropped
 
     def read(self, stream: str) -> list[dict]:
         entries = self.client.xrange(self.key(stream))
@@ -141,39 +165,46 @@ class RedisStore:
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything appended so far is in Redis (False if `timeout_s` ran out first)."""
         deadline = time.monotonic() + timeout_s
+        self._hurry.set()
         with self._lock:
-            self._lock.notify()
             while self._buffer and time.monotonic() < deadline:
-                self._lock.wait(0.05)
+                self._drained.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             return not self._buffer
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Flush, then stop; records Redis never got are saved next to the run, not dropped."""
-        flushed = self.flush(timeout_s)
+        self.flush(timeout_s)
         with self._lock:
             self._closed = True
-            self._lock.notify()
             pending = list(self._buffer)
+            self._buffer.clear()
+        self._work.set()
+        self._hurry.set()
         self._thread.join(timeout=5)
-        if not flushed and pending:
-            target = (self.run_dir or Path(".")) / "store-unflushed.jsonl"
-            with target.open("a") as f:
-                for stream, record in pending:
-                    f.write(json.dumps({"stream": stream, **record}) + "\n")
-            log.error("run store %s unreachable at the end of the run: %d records saved to %s", self.url, len(pending),
-                      target)
+        if pending:
+            self._save_unflushed(pending)
+
+    def _save_unflushed(self, entries: list[tuple[str, dict]]) -> None:
+        target = (self.run_dir or Path(".")) / "store-unflushed.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a") as f:
+            for stream, record in entries:
+                f.write(json.dumps({"stream": stream, **record}) + "\n")
+        log.error("run store %s: %d records could not be sent; saved to %s", self.url, len(entries), target)
 
     def _flush_forever(self) -> None:
         import redis
 
         wait = self.RETRY_S[0]
         while True:
+            self._work.wait()
             with self._lock:
-                while not self._buffer and not self._closed:
-                    self._lock.wait()
                 if self._closed:
                     return
                 batch = list(self._buffer)
+                if not batch:
+                    self._work.clear()
+                    continue
             try:
                 pipe = self.client.pipeline(transaction=False)
                 for stream, record in batch:
@@ -181,17 +212,19 @@ class RedisStore:
                 pipe.execute()
             except redis.RedisError as err:
                 self.failed_flushes += 1
-                if self.failed_flushes == 1 or self.failed_flushes % 50 == 0:
+                if self.failed_flushes == 1 or self.failed_flushes % 20 == 0:
                     log.warning("run store %s: %s; %d records buffered, retrying", self.url, err, len(batch))
-                with self._lock:
-                    self._lock.wait(wait)
+                self._hurry.wait(wait)  # appends do not shorten the backoff; flush and close do
+                self._hurry.clear()
                 wait = min(2 * wait, self.RETRY_S[1])
                 continue
             wait = self.RETRY_S[0]
             with self._lock:
                 for _ in batch:
                     self._buffer.popleft()
-                self._lock.notify_all()
+                if not self._buffer:
+                    self._work.clear()
+                self._drained.notify_all()
 
 
 def open_store(url: str | None, run_dir: str | Path, run: str):

@@ -49,7 +49,7 @@ class MetricsLog:
                 self.tensorboard.add_scalar(key, value, step)
 
     def event(self, event: str, **fields) -> None:
-        """A run event (started, finished, failed) on the store's events stream."""
+        """A run event (started, finished, failed, stopped) on the store's events stream."""
         self.store.append("events", {"event": event, **fields})
 
     def close(self) -> None:
@@ -103,11 +103,14 @@ class LocalTrainer:
         if cfg.trainer.resume_from and self.iteration == 0:
             self.load_checkpoint(cfg.trainer.resume_from)
         write_run_config(cfg, self.out)
-        log = MetricsLog(self.out, open_store(cfg.store.url, self.out, cfg.name))
+        store = open_store(cfg.store.url, self.out, cfg.name)
+        if self.generator_step == 0:
+            store.require_new()
+        log = MetricsLog(self.out, store)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         log.event("started", backend="local", generator_step=self.generator_step, max_steps=cfg.trainer.max_steps,
                   output_dir=str(self.out))
-        finished = False
+        ending = ("stopped", {})
         try:
             while self.generator_step < cfg.trainer.max_steps:
                 metrics = self.train_iteration()
@@ -123,10 +126,13 @@ class LocalTrainer:
                     save_rollout_records(self.out, self.backbone, self.last_batch, step)
                 if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
                     self.save_checkpoint()
-            finished = True
-        finally:
+            ending = ("finished", {})
+        except Exception as err:
+            ending = ("failed", {"error": f"{type(err).__name__}: {err}"[:2000]})
+            raise
+        finally:  # KeyboardInterrupt leaves "stopped"
             bar.close()
-            log.event("finished" if finished else "stopped", generator_step=self.generator_step)
+            log.event(ending[0], generator_step=self.generator_step, **ending[1])
             log.close()
         return {"output_dir": str(self.out), "generator_steps": self.generator_step, "iterations": self.iteration}
 

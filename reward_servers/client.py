@@ -36,7 +36,11 @@ class ServeTransport:
             self._handle = serve.get_app_handle(self.app)
         call = getattr(self._handle, method)
         response = call.remote() if images is None else call.remote(images, prompts)
-        return response.result(timeout_s=timeout_s)
+        try:
+            return response.result(timeout_s=timeout_s)
+        except TimeoutError:
+            response.cancel()  # do not leave the work queued on a replica that is already slow
+            raise
 
     def __getstate__(self):  # a handle is rebuilt in each process
         return {"app": self.app, "_handle": None}
@@ -83,7 +87,10 @@ class RewardClient:
                 return answer
             except RewardInputError:  # the request itself is wrong: retrying cannot help
                 raise
-            except Exception as err:  # noqa: BLE001 - any transport failure is retried, then reported
+            except Exception as err:  # noqa: BLE001 - sorted below
+                if not _transient(err):  # the app answered with an error: report it, do not retry
+                    raise RewardServerError(f"reward app {self.app!r} failed in {method}(): {type(err).__name__}: "
+                                            f"{_first_line(err)}") from err
                 last_error = err
                 self.failed_attempts += 1
                 if attempt < self.retries:
@@ -96,6 +103,20 @@ class RewardClient:
             f"{type(last_error).__name__}: {_first_line(last_error)}. Is it running (`serve status`)? "
             "Start it with the run (rewards[].serve.attach: false) or with `serve deploy deploy/serve-rewards.yaml`."
         ) from last_error
+
+
+def _transient(err: BaseException) -> bool:
+    """Worth a retry: the app was unreachable, busy, restarting or slow -- not an error the model raised."""
+    try:
+        import ray.exceptions
+        from ray.serve.exceptions import BackPressureError, RayServeException
+    except ImportError:
+        return isinstance(err, (TimeoutError, ConnectionError))
+    if isinstance(err, ray.exceptions.RayTaskError):  # raised by the model's code in the replica
+        return False
+    return isinstance(err, (TimeoutError, ConnectionError, ray.exceptions.RayActorError,
+                            ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError, BackPressureError,
+                            RayServeException))
 
 
 def _first_line(err: BaseException | None) -> str:

@@ -24,9 +24,12 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
     with torch.enable_grad():
         scores = model.score(pixels, prompts)
         finite = torch.isfinite(scores)
-        (grads,) = torch.autograd.grad(torch.where(finite, scores, torch.zeros_like(scores)).sum(), pixels,
-                                       allow_unused=True)
-    if grads is None:  # the score does not depend on the pixels at all
+        if not scores.requires_grad:  # the score does not depend on the pixels at all
+            grads = None
+        else:
+            (grads,) = torch.autograd.grad(torch.where(finite, scores, torch.zeros_like(scores)).sum(), pixels,
+                                           allow_unused=True)
+    if grads is None:
         grads = torch.zeros_like(pixels)
     grads = torch.where(finite.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
     return scores.detach(), torch.nan_to_num(grads, nan=0.0, posinf=0.0, neginf=0.0)

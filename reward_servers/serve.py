@@ -42,11 +42,11 @@ class RewardServer:
         self.model = load_reward_model(name, kwargs)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.calls = self.images = 0
+        self.calls = self.images = self.max_batch_images = 0
 
     def info(self) -> dict:
         return {"name": self.model.name, "differentiable": self.model.differentiable,
-                "calls": self.calls, "images": self.images}
+                "calls": self.calls, "images": self.images, "max_batch_images": self.max_batch_images}
 
     async def score(self, images: torch.Tensor, prompts: list[str]) -> dict:
         validate_images(images, prompts)
@@ -71,6 +71,7 @@ class RewardServer:
     def _score_requests(self, requests: list[tuple[torch.Tensor, list[str], bool]]) -> list[dict]:
         """One model call for the merged batch; if it fails, each request alone, so that one bad request
         fails by itself and the others are still scored."""
+        self.max_batch_images = max(self.max_batch_images, sum(r[0].shape[0] for r in requests))  # merged size
         try:
             return self._run(requests)
         except Exception:  # noqa: BLE001 - isolate the failing request(s)
@@ -140,21 +141,33 @@ def build_app(args: dict):
 
 def start_reward_apps(cfg: RunConfig) -> list[str]:
     """Deploy every `placement: serve` reward that is not `attach`ed; check that attached ones run.
-    Returns the names of the apps this run started (to be stopped with `stop_reward_apps`)."""
+    Returns the names of the apps this run started (to be stopped with `stop_reward_apps`). An app
+    of that name that already runs is not replaced (it may be someone else's): attach to it instead.
+    If one app fails to start, the ones started before it are stopped again."""
     specs = [spec for spec in cfg.rewards if spec.placement == "serve"]
     if not specs:
         return []
     serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port})
-    started = []
-    for spec in specs:
-        if spec.serve.attach:
-            _require_running(spec.app_name)
-            continue
-        begun = time.time()
-        serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
-        print(f"dmdr_rl: reward app {spec.app_name!r} ({spec.name}) is up in {time.time() - begun:.1f} s; "
-              f"HTTP: http://{cfg.ray.http_host}:{cfg.ray.http_port}/{spec.app_name}/score", flush=True)
-        started.append(spec.app_name)
+    started: list[str] = []
+    try:
+        for i, spec in enumerate(cfg.rewards):
+            if spec.placement != "serve":
+                continue
+            if spec.serve.attach:
+                _require_running(spec.app_name)
+                continue
+            if spec.app_name in serve.status().applications:
+                raise RewardInputError(
+                    f"reward app {spec.app_name!r} is already running (started by another run or `serve deploy`): "
+                    f"set rewards.{i}.serve.attach=true to use it, or rewards.{i}.serve.app to another name")
+            begun = time.time()
+            serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
+            started.append(spec.app_name)
+            print(f"dmdr_rl: reward app {spec.app_name!r} ({spec.name}) is up in {time.time() - begun:.1f} s; "
+                  f"HTTP: http://{cfg.ray.http_host}:{cfg.ray.http_port}/{spec.app_name}/score", flush=True)
+    except BaseException:
+        stop_reward_apps(started)
+        raise
     return started
 
 

@@ -87,3 +87,12 @@ def test_a_cycle_of_bases_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_two_served_rewards_may_not_share_an_app(tmp_path):
+    preset = tmp_path / "two.yaml"
+    preset.write_text("base: toy-dmdr\nrewards:\n  - {name: toy-align, placement: serve}\n"
+                      "  - {name: toy-align, placement: serve, kwargs: {path: /elsewhere}}\n")
+    with pytest.raises(ConfigError, match="two served rewards would share a Serve app \\('reward-toy-align'\\)"):
+        load_config(str(preset))
+    assert len(load_config(str(preset), ["rewards.1.serve.app=reward-other"]).rewards) == 2

@@ -71,3 +71,12 @@ def test_the_rayjob_has_a_head_and_a_gpu_worker_group_and_ships_the_code():
     assert gpu["nvidia.com/gpu"] >= 1 and "headGroupSpec" in job["spec"]["rayClusterSpec"]
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/app"
     assert "WORKDIR /app" in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_the_paper_serve_config_serves_every_reward_of_the_paper_presets():
+    from dmdr_rl.config import load_config
+
+    apps = {app["name"] for app in _documents(DEPLOY / "serve-rewards-paper.yaml")[0]["applications"]}
+    for preset in ("sd3-medium-dmdr", "sd35-large-dmdr"):
+        served = {spec.app_name for spec in load_config(preset).rewards if spec.placement == "serve"}
+        assert served and served <= apps, (preset, served - apps)

@@ -37,6 +37,10 @@ def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
     with pytest.raises(ConfigError, match="is not host:port"):
         check_reachable("my-cluster", "RAY_ADDRESS")
     check_reachable("auto", "ray.address")  # resolved by Ray itself
+    with pytest.raises(ConfigError, match="no Ray cluster answers there"):  # not mistaken for "local"
+        check_reachable(f"localhost:{port}", "ray.address", timeout_s=2)
+    with pytest.raises(ConfigError, match="no Ray cluster answers there"):
+        check_reachable(f"[::1]:{port}", "ray.address", timeout_s=2)
 
 
 def test_train_distributed_with_an_unreachable_address_fails_fast(tmp_path):

@@ -86,6 +86,17 @@ def test_score_and_grad_is_the_per_sample_autograd_gradient(align):
         assert scores[i].item() == pytest.approx(align.score(images[i : i + 1], PROMPTS[i : i + 1]).item(), rel=1e-5)
 
 
+def test_a_score_that_ignores_the_pixels_has_a_zero_gradient():
+    class TextOnly:
+        name, differentiable = "text-only", True
+
+        def score(self, images, prompts):
+            return torch.tensor([float(len(p)) for p in prompts])
+
+    scores, grads = score_and_grad(TextOnly(), _images(2), ["ab", "abc"])
+    assert scores.tolist() == [2.0, 3.0] and grads.shape == (2, 3, 32, 32) and (grads == 0).all()
+
+
 def test_a_non_finite_score_gets_a_zero_gradient_and_spares_the_others():
     scores, grads = score_and_grad(_NanForOddPrompts(), _images(3), ["even", "odd", "even"])
     assert torch.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all()
@@ -150,6 +161,25 @@ def test_client_does_not_retry_bad_requests_and_checks_answers(align):
     with pytest.raises(RewardInputError, match="2 images but 4 prompts"):
         client.score(_images(2), PROMPTS)
     assert transport.calls == 0  # rejected before anything was sent
+
+    def rejects(method, images, prompts, timeout_s):  # the replica's own input check said no
+        rejects.calls += 1
+        raise RewardInputError("image values must lie in [0, 1]")
+
+    rejects.calls = 0
+    with pytest.raises(RewardInputError, match=r"lie in \[0, 1\]"):
+        RewardClient(rejects, "reward-x", retries=3, backoff_s=0.0).score(_images(), PROMPTS)
+    assert rejects.calls == 1  # not retried
+
+    def model_error(method, images, prompts, timeout_s):  # the model raised: an answer, not an outage
+        model_error.calls += 1
+        raise ValueError("prompt is not in the toy grammar")
+
+    model_error.calls = 0
+    client = RewardClient(model_error, "reward-x", retries=3, backoff_s=0.0)
+    with pytest.raises(RewardServerError, match="reward app 'reward-x' failed in score\(\): ValueError: prompt is not"):
+        client.score(_images(), PROMPTS)
+    assert model_error.calls == 1 and client.failed_attempts == 0
 
     def wrong_shape(method, images, prompts, timeout_s):
         return {"scores": torch.zeros(images.shape[0] + 1)}

@@ -101,27 +101,54 @@ def test_many_processes_append_to_one_ledger_without_loss_or_duplicates(tmp_path
 
 def test_a_redis_restart_mid_run_loses_nothing(tmp_path, redis_server):
     store = RedisStore(redis_server.url, "restart", tmp_path)
-    done = threading.Event()
+    stop, appended = threading.Event(), []
 
     def write():
-        for seq in range(300):
-            store.append("metrics", {"step": seq})
+        while not stop.is_set():
+            store.append("metrics", {"step": len(appended)})
+            appended.append(len(appended))
             time.sleep(0.005)
-        done.set()
 
     writer = threading.Thread(target=write)
     writer.start()
     while len(store.read("metrics")) < 50:
         time.sleep(0.01)
     redis_server.stop()
-    time.sleep(1.0)  # the run goes on: appends are buffered
-    assert not done.is_set()  # the writer was still appending while Redis was down
+    at_stop = len(appended)
+    time.sleep(1.0)
+    assert len(appended) > at_stop + 20  # the run kept appending while Redis was down
     redis_server.start()
+    time.sleep(0.5)
+    stop.set()
     writer.join(timeout=60)
     store.close()
     assert store.failed_flushes > 0  # Redis really was away while the run wrote
-    steps = [r["step"] for r in store.read("metrics")]
-    assert steps == list(range(300))
+    assert store.failed_flushes < 20  # retries back off instead of one attempt per append
+    assert [r["step"] for r in store.read("metrics")] == list(range(len(appended)))
+    assert not (tmp_path / "store-unflushed.jsonl").exists()
+
+
+def test_nothing_is_dropped_after_close_or_mixed_into_another_run(tmp_path, redis_server):
+    store = RedisStore(redis_server.url, "closing", tmp_path)
+    store.append("ledger", {"event": "issued"})
+    store.close()
+    store.append("ledger", {"event": "consumed"})  # too late for Redis: kept on disk instead
+    saved = (tmp_path / "store-unflushed.jsonl").read_text()
+    assert '"event": "consumed"' in saved and '"stream": "ledger"' in saved
+    with pytest.raises(StoreError, match="already holds records of a run named 'closing' \\(ledger\\)"):
+        RedisStore(redis_server.url, "closing").require_new()
+    RedisStore(redis_server.url, "a-new-name").require_new()
+
+
+def test_a_record_cut_short_is_skipped_not_fatal(tmp_path):
+    store = FileStore(tmp_path)
+    store.append("metrics", {"step": 1})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"id": "x", "step": 2, "loss')  # a write cut short (disk full) or still in progress
+    assert [r["step"] for r in store.read("metrics")] == [1]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(StoreError, match="metrics.jsonl:2 is not a JSON record"):
+        store.read("metrics")
 
 
 def test_bad_urls_and_an_unreachable_redis_name_the_url(tmp_path):
