@@ -72,12 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_student(run: Path):
     """A trained student as (sample_fn, steps): the run's own config, its generator adapter restored."""
     from .config import load_config
-    from .trainer import LocalTrainer
+    from .trainer import LocalTrainer, find_run
 
-    checkpoint = run / "checkpoints" if (run / "checkpoints").is_dir() else run
-    run_dir = run if checkpoint != run else run.parent.parent
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run} is not a training run: no config.yaml in {run_dir}")
+    run_dir, checkpoint = find_run(run)
     trainer = LocalTrainer(load_config(run_dir / "config.yaml"))
     trainer.load_checkpoint(checkpoint)
     return trainer.sample, trainer.cfg.student.steps

@@ -24,26 +24,9 @@ from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .learning import load_adapter_state
 from .registry import build_backbone
+from .trainer import find_run
 
 FORMATS = ("lora", "transformer")
-
-
-def find_run(run: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) for a run directory, its checkpoints/ or one step_N/ in it."""
-    run = Path(run)
-    if (run / "config.yaml").exists():
-        run_dir, checkpoint = run, run / "checkpoints"
-    elif (run.parent / "config.yaml").exists():
-        run_dir, checkpoint = run.parent, run
-    elif (run.parent.parent / "config.yaml").exists():
-        run_dir, checkpoint = run.parent.parent, run
-    else:
-        raise FileNotFoundError(f"{run} is not a training run (no config.yaml in it or above it)")
-    if (checkpoint / "latest").exists():
-        checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
-    if not (checkpoint / f"{dmdr.GENERATOR}.safetensors").exists():
-        raise FileNotFoundError(f"no {dmdr.GENERATOR}.safetensors in {checkpoint}: has the run saved a checkpoint?")
-    return run_dir, checkpoint
 
 
 def export_student(run: Path, fmt: str, out: Path) -> dict:

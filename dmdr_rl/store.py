@@ -116,7 +116,10 @@ class RedisStore:
     def __init__(self, url: str, run: str, run_dir: str | Path | None = None, connect_timeout_s: float = 5.0):
         import redis
 
-        self.url, self.run = check_store_url(url), run
+        try:
+            self.url, self.run = check_store_url(url), run
+        except ValueError as err:
+            raise StoreError(str(err)) from None
         self.location = url
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=10.0)
@@ -229,10 +232,4 @@ class RedisStore:
 
 def open_store(url: str | None, run_dir: str | Path, run: str):
     """The run's store: files in `run_dir` when `url` is None, else Redis at `url` (records keyed by `run`)."""
-    if url is None:
-        return FileStore(run_dir)
-    try:
-        check_store_url(url)
-    except ValueError as err:
-        raise StoreError(str(err)) from None
-    return RedisStore(url, run, run_dir)
+    return FileStore(run_dir) if url is None else RedisStore(url, run, run_dir)

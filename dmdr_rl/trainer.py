@@ -17,14 +17,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import dmdr
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, StudentSection
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
 from .registry import build_backbone
 from .rollout import RolloutBatch, make_rollout
 from .samples import write_samples
-from .store import FileStore, open_store
+from .store import open_store
 
 GRID_PROMPTS = 16
 
@@ -32,9 +32,9 @@ GRID_PROMPTS = 16
 class MetricsLog:
     """Per-step metrics to the run store (`metrics.jsonl` or Redis) and, when available, TensorBoard."""
 
-    def __init__(self, directory: Path, store=None):
+    def __init__(self, directory: Path, store):
         directory.mkdir(parents=True, exist_ok=True)
-        self.store = store if store is not None else FileStore(directory)
+        self.store = store
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -138,15 +138,12 @@ class LocalTrainer:
 
     def sample(self, prompts: Sequence[str], seed: int) -> torch.Tensor:
         """Student images in [0, 1]: K steps of the generator adapter, no guidance."""
-        student = self.cfg.student
-        return self.backbone.sample(prompts, steps=student.steps, cfg=1.0, seed=seed, shift=student.shift,
-                                    adapter=dmdr.GENERATOR, mode=student.sampler)
+        return student_images(self.backbone, self.backbone.encode(prompts), self.cfg.student, seed)
 
     def save_samples(self) -> Path:
         """The sample grid (PNG) and the same samples as data (Parquet, with every reward's score)."""
         images = self.sample(self.grid_prompts, seed=0)
-        save_sample_records(self.out, images, self.grid_prompts, self.generator_step, self.learner.rewards)
-        return save_grid(images, self.grid_prompts, self.out / "samples" / f"step_{self.generator_step:06d}.png")
+        return save_step_samples(self.out, self.generator_step, images, self.grid_prompts, self.learner.rewards)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -156,12 +153,21 @@ class LocalTrainer:
         load_checkpoint(self.learner, directory)
 
 
-def save_sample_records(out: Path, images: torch.Tensor, prompts: Sequence[str], step: int,
-                        rewards: Sequence[dmdr.WeightedReward], seed: int = 0) -> Path:
-    """`samples/step_N.parquet`: the grid's samples with each reward model's score (no gradient)."""
+def student_images(backbone, cond, student: StudentSection, seed: int) -> torch.Tensor:
+    """The student's images for encoded prompts: K steps of the generator adapter, no guidance (what
+    the sample grids and the evaluation show, in either trainer)."""
+    return backbone.sample_conditioned(cond, student.steps, 1.0, seed=seed, shift=student.shift,
+                                       adapter=dmdr.GENERATOR, mode=student.sampler)
+
+
+def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Sequence[str],
+                      rewards: Sequence[dmdr.WeightedReward], seed: int = 0) -> Path:
+    """`samples/step_N.png` (the grid) and `samples/step_N.parquet` (the same samples as data, with each
+    reward model's score, no gradient); returns the grid's path."""
     with torch.no_grad():
         scores = {reward.spec.name: reward.model.score(images, list(prompts)) for reward in rewards}
-    return write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seed, step, step, scores)
+    write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seed, step, step, scores)
+    return save_grid(images, prompts, out / "samples" / f"step_{step:06d}.png")
 
 
 def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) -> Path:
@@ -208,6 +214,24 @@ def write_checkpoint(learner: DMDRLearner, directory: Path) -> Path:
         save_file(learner.adapter_state(adapter), str(directory / f"{adapter}.safetensors"))
     torch.save(learner.training_state(), directory / "trainer_state.pt")
     return directory
+
+
+def find_run(run: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) for a run directory, its checkpoints/ or one step_N/ in it."""
+    run = Path(run)
+    if (run / "config.yaml").exists():
+        run_dir, checkpoint = run, run / "checkpoints"
+    elif (run.parent / "config.yaml").exists():
+        run_dir, checkpoint = run.parent, run
+    elif (run.parent.parent / "config.yaml").exists():
+        run_dir, checkpoint = run.parent.parent, run
+    else:
+        raise FileNotFoundError(f"{run} is not a training run (no config.yaml in it or above it)")
+    if (checkpoint / "latest").exists():
+        checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
+    if not (checkpoint / f"{dmdr.GENERATOR}.safetensors").exists():
+        raise FileNotFoundError(f"no {dmdr.GENERATOR}.safetensors in {checkpoint}: has the run saved a checkpoint?")
+    return run_dir, checkpoint
 
 
 def load_checkpoint(learner: DMDRLearner, directory: str | Path) -> Path:

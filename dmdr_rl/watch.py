@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from .config import load_config
 from .store import RedisStore, StoreError, open_store
 
 SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "time/", "schedule/lr")
@@ -26,10 +25,8 @@ def locate(run: str, store_url: str | None):
     """(store, run directory or None, max_steps or None) for a run directory or a run name in a store."""
     path = Path(run)
     if (path / "config.yaml").exists():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        url = store_url or (config.get("store") or {}).get("url")
-        name = config.get("name", path.name)
-        return open_store(url, path, name), path, (config.get("trainer") or {}).get("max_steps")
+        cfg = load_config(path / "config.yaml")
+        return open_store(store_url or cfg.store.url, path, cfg.name), path, cfg.trainer.max_steps
     if store_url is None:
         raise StoreError(f"{run} is not a run directory (no config.yaml in it); give a run directory, or a run name "
                          "with --store redis://HOST:PORT/DB")

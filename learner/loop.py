@@ -22,13 +22,12 @@ import torch.distributed as dist
 from actors.coordinator import ACTOR_ERRORS
 from dmdr_rl import dmdr
 from dmdr_rl.config import RunConfig
-from dmdr_rl.grid import save_grid
 from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
 from dmdr_rl.trainer import (GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
-                             save_sample_records, write_checkpoint)
+                             save_step_samples, student_images, write_checkpoint)
 
 ROLLOUT_PATIENCE_S = 600.0  # how long a batch may wait for its rollout worker to come back
 
@@ -117,10 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
             if log is not None and (step % cfg.output.log_every == 0 or last):
                 log.write(step, metrics)
             if rank == 0 and (step % cfg.output.sample_every == 0 or last):
-                images = backbone.sample_conditioned(grid_cond, cfg.student.steps, 1.0, seed=0, shift=cfg.student.shift,
-                                                     adapter=dmdr.GENERATOR, mode=cfg.student.sampler)
-                save_grid(images, grid_prompts, out / "samples" / f"step_{step:06d}.png")
-                save_sample_records(out, images, grid_prompts, step, learner.rewards)
+                images = student_images(backbone, grid_cond, cfg.student, seed=0)
+                save_step_samples(out, step, images, grid_prompts, learner.rewards)
                 save_rollout_records(out, backbone, batch, step)
             if step % cfg.output.checkpoint_every == 0 or last:
                 report(learner, rank, metrics)

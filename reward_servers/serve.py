@@ -187,8 +187,9 @@ def reward_apps(cfg: RunConfig):
 
 
 def _require_running(app: str) -> None:
-    status = serve.status().applications.get(app)
+    applications = serve.status().applications
+    status = applications.get(app)
     if status is None or str(status.status).split(".")[-1] != "RUNNING":
-        running = ", ".join(serve.status().applications) or "none"
+        running = ", ".join(applications) or "none"
         raise RewardInputError(f"reward app {app!r} is not running (rewards[].serve.attach is true); running apps: "
                                f"{running}. Start it with `serve deploy deploy/serve-rewards.yaml` or set attach: false")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from reward_servers import load_reward_model
 from reward_servers.models.clip import clip_preprocess
 from reward_servers.models.image_reward import ImageReward, convert_image_reward_state_dict, load_tokenizer
-from reward_servers.models.testing import TINY_WORDS
+from dmdr_rl.tiny import WORDS as TINY_WORDS
 
 PROMPTS = ["a large green diamond in the top left", "a red diamond below a purple circle",
            "a small purple triangle in the top right and a big blue star at the bottom of the white square"]

@@ -7,10 +7,6 @@ from pathlib import Path
 
 import torch
 
-TINY_WORDS = ("a red green blue yellow purple orange white black circle square triangle star small large big "
-              "left right of above below the top bottom center centre and in at on diamond").split()
-
-
 def save_tiny_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A tiny `CLIPModel` + word-level tokenizer + `CLIPImageProcessor` in one directory (PickScore's layout)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -18,7 +14,7 @@ def save_tiny_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -
     from dmdr_rl.tiny import word_level_tokenizer
 
     directory = Path(directory)
-    fast = word_level_tokenizer(TINY_WORDS, max_length=16)
+    fast = word_level_tokenizer(max_length=16)
     vocab = fast.get_vocab()
     config = CLIPConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
