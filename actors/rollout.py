@@ -25,7 +25,9 @@ class RolloutWorker:
             torch.set_num_threads(threads)
         self.cfg = RunConfig.model_validate(cfg)
         model = self.cfg.model
-        self.backbone = build_backbone(model, precision=self.cfg.trainer.precision)
+        # Ray gives an actor with num_gpus > 0 its GPU(s) as CUDA_VISIBLE_DEVICES, so "cuda" is its own GPU
+        device = "cuda" if self.cfg.ray.rollout_gpus > 0 else "cpu"
+        self.backbone = build_backbone(model, precision=self.cfg.trainer.precision, device=device)
         dmdr.add_generator(self.backbone, self.cfg.student)
         self.monitors = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards if spec.monitor]
         self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first
@@ -47,12 +49,13 @@ class RolloutWorker:
             self.load_weights(version, ray.get(weights[0]), epoch)
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
-        return make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
-                            self.weight_version, rank, self.monitors)
+        batch = make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
+                             self.weight_version, rank, self.monitors)
+        return batch.to("cpu")  # the object store carries host memory; the learner moves it to its device
 
     def null_conditioning(self) -> Conditioning:
         """The empty prompt's conditioning, for a learner that holds no encoders (CFG of the real score)."""
-        return self.backbone.null(1)
+        return self.backbone.null(1).to("cpu")
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        return self.backbone.encode(prompts)
+        return self.backbone.encode(prompts).to("cpu")

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig
 
 from .conditioning import Conditioning
-from .flow import sample
+from .flow import randn, sample
 
 # The attention projections of SD3 joint blocks (image and context streams).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -30,6 +30,15 @@ def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: tor
     return transformer(
         hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled, timestep=t * 1000.0, **kwargs
     ).sample
+
+
+def _in_module_precision(module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                         **kwargs) -> torch.Tensor:
+    """`transformer_velocity` in the module's own precision (a bf16 base takes bf16 inputs), with the
+    answer in the caller's: the sampler and loss arithmetic stay float32."""
+    dtype = next(p.dtype for n, p in module.named_parameters() if "lora_" not in n)  # the base's, not an adapter's
+    v = transformer_velocity(module, x_t.to(dtype), t.to(dtype), cond.to(dtype=dtype), **kwargs)
+    return v.to(x_t.dtype)
 
 
 @runtime_checkable
@@ -65,6 +74,29 @@ class TransformerBackbone:
         self._copies: dict[str, torch.nn.Module] = {}
         self._active: str | None = None
 
+    # -- placement ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the networks run; the step functions keep their tensors here."""
+        return next(self.transformer.parameters()).device
+
+    def to(self, device: torch.device | str) -> "TransformerBackbone":
+        """Move every network of the backbone (base, adapters, full copies, encoders, decoder) to `device`."""
+        for module in self._modules():
+            module.to(device)
+        if self._null is not None:
+            self._null = self._null.to(device)
+        return self
+
+    def _modules(self) -> list:
+        """The networks `to` moves: the transformer, full copies, and any module (or pipeline) attribute."""
+        found = [self.transformer, *self._copies.values()]
+        for value in vars(self).values():
+            if hasattr(value, "to") and (isinstance(value, torch.nn.Module) or hasattr(value, "components")):
+                if all(value is not known for known in found):
+                    found.append(value)
+        return found
+
     # -- conditioning -------------------------------------------------------------------------
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -80,7 +112,7 @@ class TransformerBackbone:
 
     def set_null(self, null: Conditioning) -> None:
         """The empty prompt's conditioning [1, ...], for a backbone without encoders."""
-        self._null = Conditioning(null.tokens[:1].detach(), null.pooled[:1].detach())
+        self._null = Conditioning(null.tokens[:1].detach(), null.pooled[:1].detach()).to(self.device)
 
     def null(self, batch: int) -> Conditioning:
         """The empty prompt's conditioning, encoded once and repeated."""
@@ -110,6 +142,8 @@ class TransformerBackbone:
         self._lora_params[name] = [
             (n, p) for n, p in self.transformer.named_parameters() if "lora_" in n and f".{name}." in n
         ]
+        for _, p in self._lora_params[name]:  # trained in float32 on a bf16 base too (peft casts per call)
+            p.data = p.data.float()
         self._activate(name, force=True)
 
     def add_full_copy(self, name: str) -> None:
@@ -118,7 +152,8 @@ class TransformerBackbone:
         self._check_new(name)
         if self._lora_params:
             raise ValueError(f"add the full copy {name!r} before any LoRA adapter (it would copy them too)")
-        self._copies[name] = copy.deepcopy(self.transformer).requires_grad_(True)
+        # trained in float32 whatever the base's precision (Adam on bf16 weights loses small updates)
+        self._copies[name] = copy.deepcopy(self.transformer).float().requires_grad_(True)
 
     def named_trainable_parameters(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters an adapter trains, with names stable across processes (for checkpoints)."""
@@ -204,11 +239,11 @@ class TransformerBackbone:
 
     def _lora_forward(self, scale: float):
         kwargs = {"joint_attention_kwargs": {"scale": scale}} if self._lora_params else {}
-        return lambda x_t, t, cond: transformer_velocity(self.transformer, x_t, t, cond, **kwargs)
+        return lambda x_t, t, cond: _in_module_precision(self.transformer, x_t, t, cond, **kwargs)
 
     @staticmethod
     def _copy_forward(module: torch.nn.Module):
-        return lambda x_t, t, cond: transformer_velocity(module, x_t, t, cond)
+        return lambda x_t, t, cond: _in_module_precision(module, x_t, t, cond)
 
     @torch.no_grad()
     def sample(
@@ -224,9 +259,10 @@ class TransformerBackbone:
         adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
     ) -> torch.Tensor:
         """`sample` from encoded prompts (what a learner without encoders can do)."""
+        cond = cond.to(self.device)
         null = self.null(len(cond)) if cfg != 1.0 else None
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(cond), *self.sample_shape), generator=generator)
+        noise = randn((len(cond), *self.sample_shape), generator, self.device)
         trajectory = sample(
             lambda x, t: self.velocity(x, t, cond, adapter=adapter, scale=scale, cfg=cfg, null=null),
             noise, steps, shift, mode=mode, generator=generator, progress=progress,

@@ -17,8 +17,9 @@ class Conditioning:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def to(self, device: torch.device | str) -> "Conditioning":
-        return Conditioning(self.tokens.to(device), self.pooled.to(device))
+    def to(self, *args, **kwargs) -> "Conditioning":
+        """Both tensors moved or cast, with `torch.Tensor.to`'s arguments (device and/or dtype)."""
+        return Conditioning(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":

@@ -112,6 +112,9 @@ class TrainerSection(_Section):
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (GPU)
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"  # the frozen base's weights (bf16 needs a backbone that takes a dtype)
+    # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its
+    # learner and rollout actors by ray.learner_gpus / ray.rollout_gpus instead
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = 0
     resume_from: Optional[str] = None  # a checkpoint directory (or a run's checkpoints/) to continue from
 
@@ -174,6 +177,9 @@ class RunConfig(_Section):
         if len(apps) != len(set(apps)):
             raise ValueError(f"two served rewards would share a Serve app ({sorted(a for a in apps if apps.count(a) > 1)[0]!r}): "
                              "give each its own rewards.N.serve.app")
+        if self.trainer.backend == "ray" and self.trainer.device != "auto":
+            raise ValueError(f"trainer.device={self.trainer.device} applies to trainer.backend=local only: with the Ray "
+                             "backend set ray.learner_gpus / ray.rollout_gpus (> 0 puts those actors on GPUs)")
         for i, spec in enumerate(self.rewards):
             if spec.weight == 0 and not spec.monitor:
                 raise ValueError(f"rewards.{i} ({spec.name}) has weight 0 and monitor false, so it would never be "

@@ -51,9 +51,12 @@ def connect(cfg: RunConfig) -> str:
 
 
 def check_placement(cfg: RunConfig) -> None:
-    if cfg.ray.learner_gpus > 0 or cfg.ray.rollout_gpus > 0:
-        raise ConfigError("ray.learner_gpus / ray.rollout_gpus > 0: the learner and rollout actors do not place "
-                          "tensors on GPUs yet (issue 6); leave them at 0 for now")
+    """What Ray would accept but the run could not use: NCCL needs a whole GPU per learner rank."""
+    gpus = cfg.ray.learner_gpus
+    if gpus > 0 and gpus != int(gpus):
+        raise ConfigError(f"ray.learner_gpus={gpus:g}: a GPU learner worker needs whole GPUs (NCCL cannot put two "
+                          f"ranks on one GPU); use ray.learner_gpus=1, or 0 to train on CPUs. Rollout actors may "
+                          f"share a GPU (ray.rollout_gpus=0.5)")
 
 
 def resources_needed(cfg: RunConfig) -> tuple[float, float]:

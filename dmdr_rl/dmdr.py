@@ -18,7 +18,7 @@ from . import algo
 from .backbone import Backbone
 from .conditioning import Conditioning
 from .config import CriticSection, DmdSection, RewardSpec, StudentSection
-from .flow import Trajectory, add_noise, sample, x0_from_velocity
+from .flow import Trajectory, add_noise, randn, sample, x0_from_velocity
 from reward_servers.protocol import RewardModel
 
 GENERATOR, CRITIC = "generator", "critic"
@@ -31,18 +31,21 @@ class WeightedReward:
     model: RewardModel
     spec: RewardSpec
 
-    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used)."""
+    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used:
+        they get no gradient). Masked rather than indexed, so no host sync; the metrics are 0-d tensors."""
         started = time.perf_counter()
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
-        metrics = {f"reward/{self.spec.name}": scores[finite].mean().item() if finite.any() else float("nan"),
-                   f"reward/{self.spec.name}/non_finite": float((~finite).sum()),
+        count = finite.sum()
+        kept = torch.where(finite, scores, torch.zeros_like(scores))
+        shaped = torch.where(finite, algo.shape_reward(kept, self.spec.shaping, self.spec.margin), torch.zeros_like(kept))
+        per_sample = count.clamp(min=1)
+        mean = torch.where(count > 0, kept.sum() / per_sample, torch.full_like(per_sample, float("nan"), dtype=kept.dtype))
+        metrics = {f"reward/{self.spec.name}": mean.detach(),
+                   f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
                    f"time/reward/{self.spec.name}_s": time.perf_counter() - started}
-        if not finite.any():
-            return images.sum() * 0.0, metrics
-        shaped = algo.shape_reward(scores[finite], self.spec.shaping, self.spec.margin)
-        return self.spec.weight * shaped.mean(), metrics
+        return self.spec.weight * shaped.sum() / per_sample, metrics
 
 
 def add_generator(backbone, student: StudentSection) -> None:
@@ -67,7 +70,7 @@ def backward_simulation(
     backbone: Backbone, cond: Conditioning, student: StudentSection, generator: torch.Generator
 ) -> Trajectory:
     """Step 1: sample K steps with the current generator, no gradients, keeping every step's x0."""
-    noise = torch.randn((len(cond), *backbone.sample_shape), generator=generator)
+    noise = randn((len(cond), *backbone.sample_shape), generator, cond.tokens.device)
     with torch.no_grad():
         return sample(
             lambda x, t: backbone.velocity(x, t, cond, adapter=GENERATOR),
@@ -81,7 +84,7 @@ def critic_loss(
 ) -> torch.Tensor:
     """Step 2: flow matching of the fake score on detached generator samples at tau ~ DynaRS."""
     tau = algo.sample_renoise_timesteps(x0.shape[0], generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    tau, eps = tau.to(x0.device), randn(x0.shape, generator, x0.device)
     v_fake = backbone.velocity(add_noise(x0.detach(), eps, tau), tau, cond, adapter=CRITIC, scale=critic.fake_scale)
     return algo.critic_loss(v_fake, x0, eps)
 
@@ -98,21 +101,23 @@ def generator_loss(
     rewards: Sequence[WeightedReward],
     reward_active: bool,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """Step 3: re-noise at a random student timestep, predict x0 with gradient, then
-    L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start)."""
-    batch = trajectory.x0.shape[0]
-    k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator)
+    L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start).
+    The loss metrics stay 0-d tensors on the step's device (no host sync inside the step)."""
+    batch, device = trajectory.x0.shape[0], trajectory.x0.device
+    k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator).to(device)
     t_k = trajectory.timesteps[k]
-    x0_source = trajectory.x0 if student.sampler == "ode" else trajectory.x0_steps[k, torch.arange(batch)]
-    x_in = add_noise(x0_source, torch.randn(x0_source.shape, generator=generator), t_k)
+    x0_source = trajectory.x0 if student.sampler == "ode" else trajectory.x0_steps[k, torch.arange(batch, device=device)]
+    x_in = add_noise(x0_source, randn(x0_source.shape, generator, device), t_k)
     x0 = x0_from_velocity(x_in, t_k, backbone.velocity(x_in, t_k, cond, adapter=GENERATOR))
 
     loss = x0.sum() * 0.0
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | torch.Tensor] = {}
     if dmd.weight > 0:
         tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator)
-        x_tau = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator), tau)
+        tau = tau.to(device)
+        x_tau = add_noise(x0.detach(), randn(x0.shape, generator, device), tau)
         guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
         with torch.no_grad():
@@ -120,7 +125,7 @@ def generator_loss(
             v_fake = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=critic.fake_scale)
         dmd_term = algo.dmd_loss(x0, x0_from_velocity(x_tau, tau, v_real), x0_from_velocity(x_tau, tau, v_fake))
         loss = loss + dmd.weight * dmd_term
-        metrics.update({"loss/dmd": dmd_term.item(), "schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
+        metrics.update({"loss/dmd": dmd_term.detach(), "schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
     if reward_active and rewards:
         images = backbone.decode(x0)
         for reward in rewards:
@@ -129,6 +134,6 @@ def generator_loss(
             term, reward_metrics = reward.loss(images, prompts)
             loss = loss + term
             metrics.update(reward_metrics)
-            metrics[f"loss/reward/{reward.spec.name}"] = term.item()
-    metrics["loss/generator"] = loss.item()
+            metrics[f"loss/reward/{reward.spec.name}"] = term.detach()
+    metrics["loss/generator"] = loss.detach()
     return loss, metrics

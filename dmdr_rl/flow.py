@@ -16,6 +16,13 @@ from tqdm.auto import tqdm
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def randn(shape, generator: torch.Generator | None, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU from `generator`, then placed on `device`: the same seed
+    gives the same numbers on every device, so runs reproduce across CPU and GPU machines."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     t = _broadcast(t, x0)
     return (1.0 - t) * x0 + t * eps
@@ -69,10 +76,10 @@ def sample(
     """
     if mode not in ("ode", "sde"):
         raise ValueError(f"sampling mode must be 'ode' or 'sde', got {mode!r}")
-    timesteps = sampling_timesteps(steps, shift).to(noise.device)
-    targets = timesteps.tolist()[1:] + [0.0]
+    schedule = sampling_timesteps(steps, shift)  # the step loop reads it on the host (no device syncs)
+    timesteps, targets = schedule.to(noise.device), schedule.tolist()[1:] + [0.0]
     x, inputs, x0_steps = noise, [], []
-    for t_now, t_next in tqdm(list(zip(timesteps.tolist(), targets)), desc="sampling", disable=not progress, leave=False):
+    for t_now, t_next in tqdm(list(zip(schedule.tolist(), targets)), desc="sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), t_now, dtype=x.dtype, device=x.device)
         v = velocity(x, t)
         x0_k = x - t_now * v
@@ -82,7 +89,7 @@ def sample(
         if mode == "ode" or t_next == 0.0:
             x = x + (t_next - t_now) * v
         else:
-            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            fresh = randn(x.shape, generator, x.device, x.dtype)
             x = (1.0 - t_next) * x0_k + t_next * fresh
     return Trajectory(
         x0=x,

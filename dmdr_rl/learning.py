@@ -49,6 +49,7 @@ class DMDRLearner:
         cfg, backbone = self.cfg, self.backbone
         if batch.rank != self.rank:
             raise ValueError(f"learner rank {self.rank} got the shard of rank {batch.rank}")
+        batch = batch.to(backbone.device)
         rng = torch.Generator().manual_seed(iteration_seed(cfg.trainer.seed, batch.iteration, LEARNER_STREAM, self.rank))
         self._set_stage_learning_rates()
         started = time.perf_counter()
@@ -65,6 +66,7 @@ class DMDRLearner:
                 cfg.dmd, self.rewards, reward_active, rng,
             )
             self._update(self.opt_generator, loss)
+            metrics = {name: float(value) for name, value in metrics.items()}
             reward_seconds = sum(v for k, v in metrics.items() if k.startswith("time/reward/"))
             metrics.update({
                 "loss/critic": critic_loss.item(),
@@ -108,8 +110,9 @@ class DMDRLearner:
 
     # -- state --------------------------------------------------------------------------------
     def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        """An adapter's trainable weights by stable name (safetensors-ready; what rollout actors load)."""
-        return {n: p.detach().contiguous().clone() for n, p in self.backbone.named_trainable_parameters(adapter)}
+        """An adapter's trainable weights by stable name, as CPU copies (safetensors-ready; what rollout
+        actors load, whatever device either side trains or samples on)."""
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.backbone.named_trainable_parameters(adapter)}
 
     def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         load_adapter_state(self.backbone, adapter, state)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Generic, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -52,13 +54,16 @@ BACKBONES: Registry = Registry("backbone")
 
 
 @BACKBONES.register("toy")
-def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool = True):
+def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool = True, dtype: str = "float32"):
     from .toy.render import RESOLUTION
     from .toy.weights import load_teacher
 
     if resolution != RESOLUTION:
         raise ValueError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
-    return load_teacher(path, encoders=encoders)
+    backbone = load_teacher(path, encoders=encoders)
+    if dtype != "float32":  # the frozen base only: adapters and encoders stay float32
+        backbone.transformer.to(getattr(torch, dtype))
+    return backbone
 
 
 @BACKBONES.register("sd3")
@@ -68,14 +73,27 @@ def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: boo
     return load_sd3(path, resolution, encoders=encoders, **kwargs)
 
 
-def build_backbone(model, encoders: bool = True, precision: str = "fp32"):
-    """The config's `model:` section as a backbone (`encoders=False`: without prompt encoders, as a
-    learner); `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16)."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """trainer.device as a torch device: `auto` is the first GPU when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .config import ConfigError
+
+        raise ConfigError(f"trainer.device={name} but torch sees no CUDA GPU (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}): use trainer.device=cpu or auto")
+    return device
+
+
+def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):
+    """The config's `model:` section as a backbone on `device` (`encoders=False`: without prompt
+    encoders, as a learner); `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16)."""
     kwargs = dict(model.kwargs)
     if precision == "bf16":
         kwargs.setdefault("dtype", "bfloat16")
     try:
-        return BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution, encoders=encoders, **kwargs)
+        backbone = BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution, encoders=encoders, **kwargs)
     except TypeError as err:
         if "unexpected keyword argument" not in str(err):
             raise
@@ -83,3 +101,4 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32"):
 
         raise ConfigError(f"backbone {model.backbone!r} does not take that option ({err}); fix model.kwargs"
                           + (" or set trainer.precision=fp32" if precision == "bf16" else "")) from err
+    return backbone.to(device)

@@ -9,7 +9,7 @@ trainer's losses and lets any run resume exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +44,13 @@ class RolloutBatch:
     weight_version: int  # the generator version that sampled it (= the learner's generator step)
     seed: int  # the rollout stream's seed
     reward_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # monitored rewards of x0, [B] each
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The batch with its tensors on `device` (rollout actors hand the object store CPU tensors;
+        the learner moves them to its own device)."""
+        return replace(self, cond=self.cond.to(device), x0=self.x0.to(device), x0_steps=self.x0_steps.to(device),
+                       timesteps=self.timesteps.to(device),
+                       reward_scores={name: scores.to(device) for name, scores in self.reward_scores.items()})
 
     @property
     def trajectory(self) -> Trajectory:

@@ -72,12 +72,12 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
     path = path or DEFAULT_MODEL
     torch_dtype = getattr(torch, dtype)
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch_dtype)
         text_pipeline = None
         if encoders:  # shares the transformer and VAE objects: nothing is loaded twice
             text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=transformer, vae=vae,
-                                                                     torch_dtype=torch_dtype)
+                                                                     dtype=torch_dtype)
     except (OSError, ValueError) as err:
         local = Path(path).is_dir()
         hint = ("the directory must hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, "

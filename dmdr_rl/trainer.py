@@ -21,7 +21,7 @@ from .config import ConfigError, RunConfig, StudentSection
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner
 from .prompts import PromptSource
-from .registry import build_backbone
+from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout
 from .samples import write_samples
 from .store import open_store
@@ -66,7 +66,8 @@ class LocalTrainer:
         self.cfg = cfg
         self.out = cfg.output_dir
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)  # first: a bad prompt file fails at once
-        self.backbone = backbone or build_backbone(cfg.model, precision=cfg.trainer.precision)
+        self.backbone = backbone or build_backbone(cfg.model, precision=cfg.trainer.precision,
+                                                   device=resolve_device(cfg.trainer.device))
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.monitors = [reward for reward in rewards if reward.spec.monitor]
@@ -243,5 +244,6 @@ def load_checkpoint(learner: DMDRLearner, directory: str | Path) -> Path:
         raise FileNotFoundError(f"no trainer checkpoint in {directory} (expected trainer_state.pt)")
     for adapter in ADAPTERS:
         learner.load_adapter_state(adapter, load_file(str(directory / f"{adapter}.safetensors")))
-    learner.load_training_state(torch.load(directory / "trainer_state.pt", weights_only=True))
+    state = torch.load(directory / "trainer_state.pt", weights_only=True, map_location=learner.backbone.device)
+    learner.load_training_state(state)
     return directory

@@ -77,7 +77,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
     coordinator.register_learner.remote(rank, os.getpid())
 
-    backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision)
+    device = ray.train.torch.get_device() if cfg.ray.learner_gpus > 0 else torch.device("cpu")
+    backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision, device=device)
     backbone.set_null(ray.get(coordinator.null_conditioning.remote()))
     learner = DMDRLearner(backbone, cfg, build_rewards(cfg), average_gradients if world > 1 else None, rank=rank)
     checkpoint = ray.train.get_checkpoint()

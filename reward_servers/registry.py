@@ -14,10 +14,11 @@ REWARDS: Registry = Registry("reward model")
 
 
 @REWARDS.register("toy-align")
-def _toy_align(path: str | None = None):
+def _toy_align(path: str | None = None, device: str | None = None):
     from dmdr_rl.toy.weights import load_align
 
-    return load_align(path)
+    model = load_align(path)
+    return model.to(device) if device else model
 
 
 @REWARDS.register("pickscore")

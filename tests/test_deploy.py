@@ -44,7 +44,7 @@ def test_the_dry_run_refuses_what_a_real_start_would():
         main(["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=missing_module:Reward"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
-        main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_gpus=1"])
+        main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_gpus=0.5"])
 
 
 def test_the_fault_tolerant_cluster_points_gcs_at_its_redis():

@@ -73,6 +73,7 @@ def test_generator_loss_trains_only_the_generator_and_waits_for_the_reward(backb
     loss_with_reward, metrics = dmdr.generator_loss(*args, reward_active=True, generator=torch.Generator().manual_seed(2))
     assert reward.calls == 1
     # Same seed, same x0: the difference is exactly the weighted, shaped reward term.
+    metrics = {k: float(v) for k, v in metrics.items()}
     assert loss_with_reward.item() - loss.item() == pytest.approx(metrics["loss/reward/mean-red"], abs=1e-6)
     assert metrics["loss/reward/mean-red"] == pytest.approx(-2.0 * metrics["reward/mean-red"], abs=1e-6)
 
@@ -83,10 +84,14 @@ def test_rl_only_has_no_dmd_term(backbone):
     rewards = [dmdr.WeightedReward(CountingReward(), RewardSpec(name="mean-red", shaping="linear"))]
     loss, metrics = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(weight=0.0),
                                         rewards, True, torch.Generator().manual_seed(2))
-    assert "loss/dmd" not in metrics and loss.item() == pytest.approx(metrics["loss/reward/mean-red"])
+    assert "loss/dmd" not in metrics and loss.item() == pytest.approx(float(metrics["loss/reward/mean-red"]))
 
 
 def test_non_finite_scores_are_dropped_and_counted():
     reward = dmdr.WeightedReward(CountingReward(torch.tensor([0.2, float("nan"), 0.4])), RewardSpec(name="r", shaping="linear"))
     loss, metrics = reward.loss(torch.zeros(3, 3, 4, 4, requires_grad=True), ["p"] * 3)
     assert loss.item() == pytest.approx(-0.3) and metrics["reward/r/non_finite"] == 1.0
+    everything_nan = dmdr.WeightedReward(CountingReward(torch.full((2,), float("nan"))), RewardSpec(name="r", shaping="hinge"))
+    images = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    loss, metrics = everything_nan.loss(images, ["p"] * 2)
+    assert loss.item() == 0.0 and torch.isnan(metrics["reward/r"]) and metrics["reward/r/non_finite"] == 2.0

@@ -110,7 +110,7 @@ def test_learning_rates_drop_to_the_rl_stage_values_after_the_cold_start(tmp_pat
     assert trainer.learner.opt_generator.param_groups[0]["lr"] == 2e-4
 
 
-def test_the_8bit_optimizer_and_bf16_say_what_they_need(tmp_path):
+def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_path):
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed here")
@@ -120,6 +120,6 @@ def test_the_8bit_optimizer_and_bf16_say_what_they_need(tmp_path):
         _trainer(tmp_path, **{"trainer.optimizer": "adamw8bit"})
     from dmdr_rl.config import ConfigError
 
-    cfg = load_config("toy-dmdr", ["trainer.precision=bf16", f"output.dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="backbone 'toy' does not take that option .* trainer.precision=fp32"):
+    cfg = load_config("toy-dmdr", ["model.kwargs={colour: red}", f"output.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="backbone 'toy' does not take that option .* fix model.kwargs"):
         LocalTrainer(cfg)

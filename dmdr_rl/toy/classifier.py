@@ -179,15 +179,16 @@ class AlignReward(nn.Module):
         if images.shape[0] != len(prompts):
             raise ValueError(f"score() got {images.shape[0]} images but {len(prompts)} prompts")
         labels = scene_labels([prompt_to_scene(p) for p in prompts])
-        logits = self.classifier(images)
-        total = torch.zeros(images.shape[0], device=images.device)
-        count = torch.zeros(images.shape[0], device=images.device)
+        device = next(self.classifier.parameters()).device
+        logits = self.classifier(images.to(device))
+        total = torch.zeros(images.shape[0], device=device)
+        count = torch.zeros(images.shape[0], device=device)
         for head, target in labels.items():
-            applies = (target != IGNORE).to(images.device)
+            applies = (target != IGNORE).to(device)
             log_probs = F.log_softmax(logits[head], dim=1)
-            picked = log_probs.gather(1, target.clamp(min=0).to(images.device)[:, None])[:, 0]
+            picked = log_probs.gather(1, target.clamp(min=0).to(device)[:, None])[:, 0]
             total = total + torch.where(applies, picked, torch.zeros_like(picked))
             count = count + applies.float()
-        return total / count
+        return (total / count).to(images.device)  # the scores live where the images do
 
     forward = score

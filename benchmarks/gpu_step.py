@@ -1,0 +1,194 @@
+"""One DMDR learner step on an SD3-Medium-shaped random-weight model: step time, achieved TFLOP/s and
+peak memory (issue 6). The step is the learner's own (`DMDRLearner.step` with `dmd.ratio=1`): a critic
+update, then a generator update with the DMD loss and a reward term through the VAE decode.
+
+    python benchmarks/gpu_step.py                                  # SD3-Medium shape, bf16, 1024 px, batch 2
+    python benchmarks/gpu_step.py --resolution 512 --batch 4
+    python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke run of the same code on a CPU
+
+What is timed is the learner only: the rollout (backward simulation, made by rollout actors in a run)
+is timed apart, and the reward model runs in its own server in a run, so the step here uses a cheap
+differentiable stand-in whose gradient, like a served one, reaches the generator through the decode.
+FLOPs are counted once by `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and
+attention, forward and backward) and divided by the median step time. Weights are random: a step
+costs the same whatever their values. Text conditioning is random too (learners hold no encoders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dmdr_rl import dmdr  # noqa: E402
+from dmdr_rl.conditioning import Conditioning  # noqa: E402
+from dmdr_rl.config import RewardSpec, load_config  # noqa: E402
+from dmdr_rl.learning import DMDRLearner  # noqa: E402
+from dmdr_rl.rollout import RolloutBatch  # noqa: E402
+from dmdr_rl.sd3 import SD3Backbone  # noqa: E402
+
+# SD3-Medium's transformer and VAE (the published configs); text: CLIP-L + CLIP-G pooled (2048) and
+# 77 CLIP + 256 T5 tokens of width 4096.
+SHAPES = {
+    "medium": {
+        "transformer": dict(patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                            pooled_projection_dim=2048, pos_embed_max_size=192),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                    scaling_factor=1.5305, shift_factor=0.0609),
+        "tokens": 333,
+    },
+    "tiny": {
+        "transformer": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                            pooled_projection_dim=64, pos_embed_max_size=64),
+        "vae": dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    scaling_factor=1.5035, shift_factor=0.0609),
+        "tokens": 16,
+    },
+}
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name; --peak-tflops overrides.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+class SharpnessReward:
+    """A cheap differentiable stand-in for a served reward: the learner's share of ReFL is the decode
+    and its backward, which this exercises exactly; the reward model itself runs in its server."""
+
+    name = "sharpness"
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        dx = images[..., 1:, :] - images[..., :-1, :]
+        return dx.abs().mean(dim=(1, 2, 3))
+
+
+def build_backbone(shape: str, resolution: int, dtype: torch.dtype, device: torch.device) -> SD3Backbone:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    spec = SHAPES[shape]
+    factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    transformer = SD3Transformer2DModel(sample_size=resolution // factor, **spec["transformer"])
+    blocks = len(spec["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution, use_quant_conv=False,
+                        use_post_quant_conv=False, **spec["vae"])
+    backbone = SD3Backbone(transformer.to(dtype).eval(), vae.to(dtype), None, resolution)
+    return backbone.to(device)
+
+
+def random_conditioning(shape: str, batch: int, device: torch.device) -> Conditioning:
+    spec = SHAPES[shape]["transformer"]
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(batch, SHAPES[shape]["tokens"], spec["joint_attention_dim"], generator=generator)
+    pooled = torch.randn(batch, spec["pooled_projection_dim"], generator=generator)
+    return Conditioning(tokens, pooled).to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    torch.manual_seed(0)
+    cfg = load_config("sd3-medium-dmdr", [
+        "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
+        f"student.steps={args.steps}", "rewards=[]"])
+    backbone = build_backbone(args.shape, args.resolution, dtype, device)
+    null = random_conditioning(args.shape, 1, device)
+    backbone.set_null(Conditioning(null.tokens * 0, null.pooled * 0))
+    reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
+    learner = DMDRLearner(backbone, cfg, [reward])
+    cond = random_conditioning(args.shape, args.batch, device)
+
+    started = time.perf_counter()
+    trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, torch.Generator().manual_seed(0))
+    synchronize(device)
+    rollout_s = time.perf_counter() - started
+    template = RolloutBatch(0, 0, [f"prompt {i}" for i in range(args.batch)], cond, trajectory.x0, trajectory.x0_steps,
+                            trajectory.timesteps, 0, 0)
+
+    def step() -> dict:
+        return learner.step(replace(template, iteration=learner.iteration, weight_version=learner.generator_step))
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        metrics = step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    median = statistics.median(times)
+    achieved = flops / median / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": args.shape, "resolution": args.resolution, "batch": args.batch, "precision": args.precision,
+        "optimizer": args.optimizer, "student_steps": args.steps,
+        "step_s_median": round(median, 4), "step_s_all": [round(t, 4) for t in times],
+        "rollout_s": round(rollout_s, 4), "tflop_per_step": float(f"{flops / 1e12:.4g}"),
+        "achieved_tflops": float(f"{achieved:.4g}"), "peak_bf16_tflops": peak,
+        "fraction_of_peak": round(achieved / peak, 4) if peak else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "losses": {k: round(v, 5) for k, v in metrics.items() if k.startswith("loss/")},
+        "torch": torch.__version__,
+    }
+    return report
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="medium")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=2, help="images per learner step")
+    p.add_argument("--steps", type=int, default=4, help="student sampling steps (the rollout's trajectory length)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the frozen base's weights")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Placement and precision of the DMDR step: every tensor a step makes lives on the backbone's device,
+and a bf16 base trains float32 adapters.
+
+There is no GPU here, so placement is checked on PyTorch's `meta` device: it computes shapes only and,
+like CUDA, refuses any operation that mixes its tensors with CPU tensors. A step that runs on `meta`
+creates no tensor on the wrong device.
+"""
+
+import pytest
+import torch
+
+from dmdr_rl import dmdr
+from dmdr_rl.config import ConfigError, RewardSpec, load_config
+from dmdr_rl.registry import build_backbone, resolve_device
+from dmdr_rl.rollout import RolloutBatch
+from dmdr_rl.tiny import save_tiny_sd3
+from dmdr_rl.trainer import LocalTrainer
+from dmdr_rl.toy.weights import load_align
+
+PROMPTS = ["a small red circle in the center", "a blue square left of a green triangle"]
+TINY_RUN = ["trainer.batch_size=2", "student.steps=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
+            "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=1000"]
+SD3 = ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+def test_meta_tensors_refuse_cpu_tensors_so_the_placement_test_can_fail():
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ones(3, device="meta") + torch.ones(3)
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_the_step_functions_keep_every_tensor_on_the_backbones_device(sampler):
+    cfg = load_config("toy-dmd", ["student.steps=2", f"student.sampler={sampler}"])
+    backbone = build_backbone(cfg.model)
+    dmdr.add_adapters(backbone, cfg.student, cfg.critic)
+    cond = backbone.encode(PROMPTS)
+    backbone.null(1)
+    backbone.to("meta")
+    assert backbone.device == torch.device("meta") and backbone.null(2).tokens.device == torch.device("meta")
+    cond = cond.to("meta")
+    rng = torch.Generator().manual_seed(0)
+
+    trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, rng)
+    assert {trajectory.x0.device, trajectory.x0_steps.device, trajectory.timesteps.device} == {torch.device("meta")}
+    critic = dmdr.critic_loss(backbone, trajectory.x0, cond, 3, cfg.critic, cfg.dmd, rng)
+    # the model itself: the in-process wrapper checks image values, which needs data (a host sync)
+    align = RewardSpec(name="toy-align", weight=0.3, shaping="hinge", margin=-0.05)
+    rewards = [dmdr.WeightedReward(load_align().to("meta"), align)]
+    loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, PROMPTS, 3, cfg.student, cfg.critic, cfg.dmd,
+                                        rewards, True, rng)
+    assert critic.device == loss.device == torch.device("meta")
+    assert {metrics[k].device for k in ("loss/dmd", "reward/toy-align", "loss/reward/toy-align")} == {torch.device("meta")}
+    assert backbone.sample_conditioned(cond, 2, 4.0, seed=0).device == torch.device("meta")
+
+
+def test_rollout_batches_move_whole_and_weights_leave_as_cpu_tensors(tmp_path):
+    trainer = LocalTrainer(load_config("toy-dmd", [*TINY_RUN, f"output.dir={tmp_path}"]))
+    from dmdr_rl.rollout import make_rollout
+
+    batch = make_rollout(trainer.backbone, PROMPTS, trainer.cfg.student, 0, 0, 0)
+    batch.reward_scores = {"r": torch.zeros(2)}
+    moved = batch.to("meta")
+    assert isinstance(moved, RolloutBatch) and moved.prompts == batch.prompts and batch.x0.device.type == "cpu"
+    tensors = [moved.x0, moved.x0_steps, moved.timesteps, moved.cond.tokens, moved.cond.pooled, moved.reward_scores["r"]]
+    assert {t.device.type for t in tensors} == {"meta"}
+    trainer.backbone.to("meta")
+    assert {t.device.type for t in trainer.learner.adapter_state(dmdr.GENERATOR).values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("backbone", ["toy", "sd3"])
+def test_a_bf16_base_trains_float32_adapters_close_to_the_fp32_run(tmp_path, tiny_sd3, backbone):
+    extra = [*SD3, f"model.path={tiny_sd3}"] if backbone == "sd3" else []
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config("toy-dmdr", [*TINY_RUN, *extra, f"trainer.precision={precision}",
+                                       f"output.dir={tmp_path / precision}"])
+        trainer = LocalTrainer(cfg)
+        before = [p.detach().clone() for p in trainer.backbone.trainable_parameters(dmdr.GENERATOR)]
+        runs[precision] = trainer.train_iteration()  # ratio 1: a critic and a generator update
+        after = trainer.backbone.trainable_parameters(dmdr.GENERATOR)
+        assert any(not torch.equal(b, a) for b, a in zip(before, after))
+        base = {p.dtype for n, p in trainer.backbone.transformer.named_parameters() if "lora_" not in n}
+        assert base == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        assert {p.dtype for a in (dmdr.GENERATOR, dmdr.CRITIC) for p in trainer.backbone.trainable_parameters(a)} == {torch.float32}
+    # bf16 keeps ~3 significant digits; the DMD loss is a normalised difference of two close scores, so
+    # its relative error is the larger one.
+    assert runs["bf16"]["loss/critic"] == pytest.approx(runs["fp32"]["loss/critic"], rel=0.03)
+    assert runs["bf16"]["loss/dmd"] == pytest.approx(runs["fp32"]["loss/dmd"], rel=0.15)
+
+
+def test_devices_are_chosen_by_config_with_clear_errors():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="trainer.device=cuda but torch sees no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="trainer.device"):
+        load_config("toy-dmd", ["trainer.device=gpu"])
+    with pytest.raises(ConfigError, match="applies to trainer.backend=local only"):
+        load_config("toy-dmd", ["trainer.backend=ray", "trainer.device=cpu"])
+
+
+def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", path)
+    gpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_step)
+    report = gpu_step.main(["--shape", "tiny", "--device", "cpu", "--resolution", "32", "--warmup", "0",
+                            "--repeats", "1", "--json", str(tmp_path / "step.json")])
+    assert set(report["losses"]) == {"loss/critic", "loss/dmd", "loss/reward/sharpness", "loss/generator"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in report["losses"].values())
+    assert report["tflop_per_step"] > 0 and report["fraction_of_peak"] is None  # no peak known for a CPU
+    assert (tmp_path / "step.json").exists()
