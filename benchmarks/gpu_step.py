@@ -5,6 +5,7 @@ update, then a generator update with the DMD loss and a reward term through the 
     python benchmarks/gpu_step.py                                  # SD3-Medium shape, bf16, 1024 px, batch 2
     python benchmarks/gpu_step.py --resolution 512 --batch 4
     python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke run of the same code on a CPU
+    python benchmarks/gpu_step.py --count-only                     # FLOPs per step, counted without a GPU
 
 What is timed is the learner only: the rollout (backward simulation, made by rollout actors in a run)
 is timed apart, and the reward model runs in its own server in a run, so the step here uses a cheap
@@ -73,17 +74,66 @@ class SharpnessReward:
 
 
 def build_backbone(shape: str, resolution: int, dtype: torch.dtype, device: torch.device) -> SD3Backbone:
+    """Random weights; on the `meta` device nothing is allocated (shapes only, for counting FLOPs)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     spec = SHAPES[shape]
     factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
-    transformer = SD3Transformer2DModel(sample_size=resolution // factor, **spec["transformer"])
     blocks = len(spec["vae"]["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                        up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution, use_quant_conv=False,
-                        use_post_quant_conv=False, **spec["vae"])
+    with torch.device("meta" if device.type == "meta" else "cpu"):
+        transformer = SD3Transformer2DModel(sample_size=resolution // factor, **spec["transformer"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                            up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution, use_quant_conv=False,
+                            use_post_quant_conv=False, **spec["vae"])
     backbone = SD3Backbone(transformer.to(dtype).eval(), vae.to(dtype), None, resolution)
     return backbone.to(device)
+
+
+def count_only(args: argparse.Namespace) -> dict:
+    """The FLOPs of one learner step, counted on the `meta` device (no GPU, no allocation): the step
+    functions the learner calls, with their backward passes (the optimizer's elementwise work is not
+    counted, as FlopCounterMode counts matmuls, convolutions and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("meta")
+    cfg = _config(args)
+    backbone = build_backbone(args.shape, args.resolution, torch.bfloat16, device)
+    backbone.set_null(random_conditioning(args.shape, 1, device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dmdr.add_adapters(backbone, cfg.student, cfg.critic)
+    backbone.to(device)  # peft leaves adapters of a meta base on the CPU
+    cond = random_conditioning(args.shape, args.batch, device)
+    rng = torch.Generator().manual_seed(0)
+    reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
+    counts = {}
+    with FlopCounterMode(display=False) as counter:
+        trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, rng)
+    counts["rollout"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        dmdr.critic_loss(backbone, trajectory.x0, cond, 0, cfg.critic, cfg.dmd, rng).backward()
+    counts["critic_update"] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = dmdr.generator_loss(backbone, trajectory, cond, [""] * args.batch, 0, cfg.student, cfg.critic, cfg.dmd,
+                                      [reward], True, rng)
+        loss.backward()
+    counts["generator_update"] = counter.get_total_flops()
+    step = counts["critic_update"] + counts["generator_update"]
+    peak = args.peak_tflops or BF16_PEAK_TFLOPS["H200"]
+    return {
+        "mode": "count-only (meta device)", "shape": args.shape, "resolution": args.resolution, "batch": args.batch,
+        "student_steps": args.steps, **{f"tflop_{k}": float(f"{v / 1e12:.4g}") for k, v in counts.items()},
+        "tflop_per_step": float(f"{step / 1e12:.4g}"),
+        "peak_bf16_tflops": peak,
+        "step_s_at_40pct_of_peak": float(f"{step / (0.4 * peak * 1e12):.4g}"),
+    }
+
+
+def _config(args: argparse.Namespace):
+    """The SD3-Medium preset as one learner step: a critic and a generator update with the reward on."""
+    return load_config("sd3-medium-dmdr", [
+        "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
+        f"student.steps={args.steps}", "rewards=[]"])
 
 
 def random_conditioning(shape: str, batch: int, device: torch.device) -> Conditioning:
@@ -112,9 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     torch.manual_seed(0)
-    cfg = load_config("sd3-medium-dmdr", [
-        "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
-        f"student.steps={args.steps}", "rewards=[]"])
+    cfg = _config(args)
     backbone = build_backbone(args.shape, args.resolution, dtype, device)
     null = random_conditioning(args.shape, 1, device)
     backbone.set_null(Conditioning(null.tokens * 0, null.pooled * 0))
@@ -179,9 +227,11 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
+    p.add_argument("--count-only", action="store_true",
+                   help="count the step's FLOPs on the meta device (no GPU needed) instead of running it")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
-    report = run(args)
+    report = count_only(args) if args.count_only else run(args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -121,3 +121,8 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in report["losses"].values())
     assert report["tflop_per_step"] > 0 and report["fraction_of_peak"] is None  # no peak known for a CPU
     assert (tmp_path / "step.json").exists()
+    counted = gpu_step.main(["--shape", "tiny", "--resolution", "32", "--count-only"])
+    # the meta device counts attention as its matmuls; the CPU's fused attention kernel is not counted
+    assert counted["tflop_per_step"] >= report["tflop_per_step"] > 0
+    assert counted["tflop_per_step"] == pytest.approx(counted["tflop_critic_update"] + counted["tflop_generator_update"],
+                                                      rel=1e-3)
