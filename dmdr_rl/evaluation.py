@@ -30,7 +30,8 @@ def fresh_renders(scenes: Sequence, seed: int, offset: int = REFERENCE_SEED_OFFS
 def generate(sample_fn: SampleFn, prompts: Sequence[str], seed: int, batch_size: int, desc: str = "sampling") -> torch.Tensor:
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        chunks.append(sample_fn(prompts[start : start + batch_size], seed + start).clamp(0, 1))
+        # on the CPU, beside the judge and the fresh renders, whatever device sampled them
+        chunks.append(sample_fn(prompts[start : start + batch_size], seed + start).clamp(0, 1).cpu())
     return torch.cat(chunks)
 
 

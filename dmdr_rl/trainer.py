@@ -175,7 +175,7 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
     """`samples/rollout_step_N.parquet`: the rollout batch a generator step trained on, with the weight
     version that sampled it and the rollout-side (monitor) reward scores."""
     with torch.no_grad():
-        images = backbone.decode(batch.x0)
+        images = backbone.decode(batch.x0.to(backbone.device))  # the batch may still be the object store's CPU copy
     return write_samples(out / "samples" / f"rollout_step_{step:06d}.parquet", images, batch.prompts, batch.seed, step,
                          batch.weight_version, batch.reward_scores)
 
