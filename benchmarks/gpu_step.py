@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,28 +35,11 @@ from dmdr_rl.conditioning import Conditioning  # noqa: E402
 from dmdr_rl.config import RewardSpec, load_config  # noqa: E402
 from dmdr_rl.learning import DMDRLearner  # noqa: E402
 from dmdr_rl.rollout import RolloutBatch  # noqa: E402
-from dmdr_rl.sd3 import SD3Backbone  # noqa: E402
+from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone, vae_scale_factor  # noqa: E402
+from dmdr_rl.tiny import tiny_sd3_pipeline  # noqa: E402
 
-# SD3-Medium's transformer and VAE (the published configs); text: CLIP-L + CLIP-G pooled (2048) and
-# 77 CLIP + 256 T5 tokens of width 4096.
-SHAPES = {
-    "medium": {
-        "transformer": dict(patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                            pooled_projection_dim=2048, pos_embed_max_size=192),
-        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
-                    scaling_factor=1.5305, shift_factor=0.0609),
-        "tokens": 333,
-    },
-    "tiny": {
-        "transformer": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-                            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                            pooled_projection_dim=64, pos_embed_max_size=64),
-        "vae": dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                    scaling_factor=1.5035, shift_factor=0.0609),
-        "tokens": 16,
-    },
-}
+# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's tokenizers pad to 16.
+TOKENS = {"medium": 333, "tiny": 16}
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name; --peak-tflops overrides.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
                     "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -73,39 +57,48 @@ class SharpnessReward:
         return dx.abs().mean(dim=(1, 2, 3))
 
 
-def build_backbone(shape: str, resolution: int, dtype: torch.dtype, device: torch.device) -> SD3Backbone:
-    """Random weights; on the `meta` device nothing is allocated (shapes only, for counting FLOPs)."""
+def random_backbone(shape: str, resolution: int, dtype: torch.dtype, device: torch.device) -> SD3Backbone:
+    """Random weights: SD3-Medium's shapes, or the tests' tiny pipeline. On the `meta` device nothing is
+    allocated (shapes only, for counting FLOPs)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    spec = SHAPES[shape]
-    factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
-    blocks = len(spec["vae"]["block_out_channels"])
-    with torch.device("meta" if device.type == "meta" else "cpu"):
-        transformer = SD3Transformer2DModel(sample_size=resolution // factor, **spec["transformer"])
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                            up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution, use_quant_conv=False,
-                            use_post_quant_conv=False, **spec["vae"])
+    if shape == "tiny":
+        pipeline = tiny_sd3_pipeline(resolution=resolution)
+        transformer, vae = pipeline.transformer, pipeline.vae
+    else:
+        blocks = len(SD3_MEDIUM_VAE["block_out_channels"])
+        with torch.device("meta" if device.type == "meta" else "cpu"):
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                                up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution,
+                                use_quant_conv=False, use_post_quant_conv=False, **SD3_MEDIUM_VAE)
+            transformer = SD3Transformer2DModel(**{**SD3_MEDIUM_TRANSFORMER, "sample_size": resolution // vae_scale_factor(vae)})
     backbone = SD3Backbone(transformer.to(dtype).eval(), vae.to(dtype), None, resolution)
     return backbone.to(device)
+
+
+def setup(args: argparse.Namespace, device: torch.device):
+    """(backbone, learner, conditioning) of one learner step: the SD3-Medium preset with a critic and
+    a generator update per step and the stand-in reward on; text conditioning random (learners hold no encoders)."""
+    cfg = load_config("sd3-medium-dmdr", [
+        "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
+        f"student.steps={args.steps}", "rewards=[]"])
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    backbone = random_backbone(args.shape, args.resolution, dtype, device)
+    backbone.set_null(random_conditioning(backbone, args.shape, 1, device, scale=0.0))
+    reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
+    learner = DMDRLearner(backbone, cfg, [reward])
+    backbone.to(device)  # peft leaves the adapters of a meta base on the CPU
+    return backbone, learner, random_conditioning(backbone, args.shape, args.batch, device)
 
 
 def count_only(args: argparse.Namespace) -> dict:
     """The FLOPs of one learner step, counted on the `meta` device (no GPU, no allocation): the step
     functions the learner calls, with their backward passes (the optimizer's elementwise work is not
     counted, as FlopCounterMode counts matmuls, convolutions and attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = torch.device("meta")
-    cfg = _config(args)
-    backbone = build_backbone(args.shape, args.resolution, torch.bfloat16, device)
-    backbone.set_null(random_conditioning(args.shape, 1, device))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        dmdr.add_adapters(backbone, cfg.student, cfg.critic)
-    backbone.to(device)  # peft leaves adapters of a meta base on the CPU
-    cond = random_conditioning(args.shape, args.batch, device)
+    backbone, learner, cond = setup(args, device)
+    cfg = learner.cfg
     rng = torch.Generator().manual_seed(0)
-    reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
     counts = {}
     with FlopCounterMode(display=False) as counter:
         trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, rng)
@@ -115,7 +108,7 @@ def count_only(args: argparse.Namespace) -> dict:
     counts["critic_update"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         loss, _ = dmdr.generator_loss(backbone, trajectory, cond, [""] * args.batch, 0, cfg.student, cfg.critic, cfg.dmd,
-                                      [reward], True, rng)
+                                      learner.rewards, True, rng)
         loss.backward()
     counts["generator_update"] = counter.get_total_flops()
     step = counts["critic_update"] + counts["generator_update"]
@@ -129,19 +122,13 @@ def count_only(args: argparse.Namespace) -> dict:
     }
 
 
-def _config(args: argparse.Namespace):
-    """The SD3-Medium preset as one learner step: a critic and a generator update with the reward on."""
-    return load_config("sd3-medium-dmdr", [
-        "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
-        f"student.steps={args.steps}", "rewards=[]"])
-
-
-def random_conditioning(shape: str, batch: int, device: torch.device) -> Conditioning:
-    spec = SHAPES[shape]["transformer"]
+def random_conditioning(backbone: SD3Backbone, shape: str, batch: int, device: torch.device,
+                        scale: float = 1.0) -> Conditioning:
+    config = backbone.transformer.config
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randn(batch, SHAPES[shape]["tokens"], spec["joint_attention_dim"], generator=generator)
-    pooled = torch.randn(batch, spec["pooled_projection_dim"], generator=generator)
-    return Conditioning(tokens, pooled).to(device)
+    tokens = torch.randn(batch, TOKENS[shape], config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(batch, config.pooled_projection_dim, generator=generator)
+    return Conditioning(tokens * scale, pooled * scale).to(device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -160,15 +147,9 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     torch.manual_seed(0)
-    cfg = _config(args)
-    backbone = build_backbone(args.shape, args.resolution, dtype, device)
-    null = random_conditioning(args.shape, 1, device)
-    backbone.set_null(Conditioning(null.tokens * 0, null.pooled * 0))
-    reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
-    learner = DMDRLearner(backbone, cfg, [reward])
-    cond = random_conditioning(args.shape, args.batch, device)
+    backbone, learner, cond = setup(args, device)
+    cfg = learner.cfg
 
     started = time.perf_counter()
     trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, torch.Generator().manual_seed(0))
@@ -191,8 +172,6 @@ def run(args: argparse.Namespace) -> dict:
         metrics = step()
         synchronize(device)
         times.append(time.perf_counter() - started)
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -217,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="medium")
+    p.add_argument("--shape", choices=sorted(TOKENS), default="medium")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2, help="images per learner step")
     p.add_argument("--steps", type=int, default=4, help="student sampling steps (the rollout's trajectory length)")

@@ -23,10 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmdr_rl.backbone import TransformerBackbone  # noqa: E402
-
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, pos_embed_max_size=192)
+from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER  # noqa: E402
 
 
 def storage_bytes(modules) -> int:
@@ -80,7 +77,7 @@ def main(argv=None) -> dict:
 
     def medium():
         with torch.device("meta"):
-            return SD3Transformer2DModel(**SD3_MEDIUM)
+            return SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
 
     report = {
         "tiny SD3 (fp32, LoRA r16/r16)": measure(lambda: copy.deepcopy(tiny), 16, 16, torch.float32),

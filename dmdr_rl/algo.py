@@ -32,14 +32,21 @@ def renoise_beta(step: int, a0: float, b0: float, dynamic_steps: int) -> tuple[f
 
 def sample_renoise_timesteps(
     batch: int, step: int, a0: float, b0: float, dynamic_steps: int, generator: torch.Generator | None = None,
-    eps: float = 1e-3,
+    eps: float = 1e-3, device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """tau ~ DynaRS(step), one per sample, kept inside [eps, 1 - eps] so that x0 = x_tau - tau v is defined."""
+    """tau ~ DynaRS(step), one per sample, kept inside [eps, 1 - eps] so that x0 = x_tau - tau v is defined;
+    drawn on the host from `generator` and placed on `device` (the same numbers on any device)."""
     a, b = renoise_beta(step, a0, b0, dynamic_steps)
     # torch's Beta sampler takes no generator: draw a seed from it and let numpy sample.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     tau = torch.from_numpy(np.random.default_rng(seed).beta(a, b, size=batch)).float()
-    return tau.clamp(eps, 1.0 - eps)
+    return tau.clamp(eps, 1.0 - eps).to(device)
+
+
+def finite_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of the finite entries (NaN when there are none), without a host sync."""
+    finite = torch.isfinite(values)
+    return torch.where(finite, values, torch.zeros_like(values)).sum() / finite.sum()
 
 
 def critic_loss(v_fake: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -89,13 +89,8 @@ class TransformerBackbone:
         return self
 
     def _modules(self) -> list:
-        """The networks `to` moves: the transformer, full copies, and any module (or pipeline) attribute."""
-        found = [self.transformer, *self._copies.values()]
-        for value in vars(self).values():
-            if hasattr(value, "to") and (isinstance(value, torch.nn.Module) or hasattr(value, "components")):
-                if all(value is not known for known in found):
-                    found.append(value)
-        return found
+        """The networks `to` moves; a subclass adds its encoders and decoder."""
+        return [self.transformer, *self._copies.values()]
 
     # -- conditioning -------------------------------------------------------------------------
     @property

@@ -37,15 +37,12 @@ class WeightedReward:
         started = time.perf_counter()
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
-        count = finite.sum()
         kept = torch.where(finite, scores, torch.zeros_like(scores))
         shaped = torch.where(finite, algo.shape_reward(kept, self.spec.shaping, self.spec.margin), torch.zeros_like(kept))
-        per_sample = count.clamp(min=1)
-        mean = torch.where(count > 0, kept.sum() / per_sample, torch.full_like(per_sample, float("nan"), dtype=kept.dtype))
-        metrics = {f"reward/{self.spec.name}": mean.detach(),
+        metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
                    f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
                    f"time/reward/{self.spec.name}_s": time.perf_counter() - started}
-        return self.spec.weight * shaped.sum() / per_sample, metrics
+        return self.spec.weight * shaped.sum() / finite.sum().clamp(min=1), metrics
 
 
 def add_generator(backbone, student: StudentSection) -> None:
@@ -83,8 +80,9 @@ def critic_loss(
     critic: CriticSection, dmd: DmdSection, generator: torch.Generator,
 ) -> torch.Tensor:
     """Step 2: flow matching of the fake score on detached generator samples at tau ~ DynaRS."""
-    tau = algo.sample_renoise_timesteps(x0.shape[0], generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator)
-    tau, eps = tau.to(x0.device), randn(x0.shape, generator, x0.device)
+    tau = algo.sample_renoise_timesteps(x0.shape[0], generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator,
+                                        device=x0.device)
+    eps = randn(x0.shape, generator, x0.device)
     v_fake = backbone.velocity(add_noise(x0.detach(), eps, tau), tau, cond, adapter=CRITIC, scale=critic.fake_scale)
     return algo.critic_loss(v_fake, x0, eps)
 
@@ -115,8 +113,8 @@ def generator_loss(
     loss = x0.sum() * 0.0
     metrics: dict[str, float | torch.Tensor] = {}
     if dmd.weight > 0:
-        tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator)
-        tau = tau.to(device)
+        tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator,
+                                            device=device)
         x_tau = add_noise(x0.detach(), randn(x0.shape, generator, device), tau)
         guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)

@@ -76,10 +76,11 @@ def sample(
     """
     if mode not in ("ode", "sde"):
         raise ValueError(f"sampling mode must be 'ode' or 'sde', got {mode!r}")
-    schedule = sampling_timesteps(steps, shift)  # the step loop reads it on the host (no device syncs)
-    timesteps, targets = schedule.to(noise.device), schedule.tolist()[1:] + [0.0]
+    schedule = sampling_timesteps(steps, shift)
+    times = schedule.tolist()  # the step loop reads the schedule on the host (no device syncs)
+    timesteps = schedule.to(noise.device)
     x, inputs, x0_steps = noise, [], []
-    for t_now, t_next in tqdm(list(zip(schedule.tolist(), targets)), desc="sampling", disable=not progress, leave=False):
+    for t_now, t_next in tqdm(list(zip(times, times[1:] + [0.0])), desc="sampling", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), t_now, dtype=x.dtype, device=x.device)
         v = velocity(x, t)
         x0_k = x - t_now * v

@@ -11,6 +11,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """images [B, 3, H, W] in [0, 1] (any device) as one host array [B, H, W, 3] of 8-bit pixels."""
+    return (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, columns: int = 8, scale: int = 4) -> Path:
     """images [B, 3, H, W] in [0, 1]; each tile is upscaled `scale` times (nearest) above its caption."""
     if images.shape[0] != len(captions):
@@ -26,7 +31,7 @@ def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, c
     pad = 4
     canvas = Image.new("RGB", (columns * (tile_w + pad) + pad, rows * (tile_h + caption_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    pixels = (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    pixels = to_uint8(images)
     for i, (tile, lines) in enumerate(zip(pixels, wrapped)):
         x = pad + (i % columns) * (tile_w + pad)
         y = pad + (i // columns) * (tile_h + caption_h + pad)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import dmdr
-from .algo import UpdateSchedule
+from .algo import UpdateSchedule, finite_mean
 from .config import RunConfig
 from .rollout import LEARNER_STREAM, RolloutBatch, iteration_seed
 
@@ -80,8 +80,7 @@ class DMDRLearner:
                 "rollout/staleness": float(self.generator_step - batch.weight_version),
             })
             for name, scores in batch.reward_scores.items():
-                finite = torch.isfinite(scores)
-                metrics[f"rollout/reward/{name}"] = scores[finite].mean().item() if finite.any() else float("nan")
+                metrics[f"rollout/reward/{name}"] = float(finite_mean(scores))
             self.generator_step += 1
             self._critic_seconds = 0.0
         self.iteration += 1

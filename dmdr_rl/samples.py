@@ -17,15 +17,16 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .grid import to_uint8
+
 SCHEMA_VERSION = 2  # 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>
 VERSION_KEY = b"dmdr_rl.samples.version"
 REQUIRED = ("prompt", "step", "png")
 
 
-def _png(image: torch.Tensor) -> bytes:
+def _png(array: np.ndarray) -> bytes:
     from PIL import Image
 
-    array = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -54,7 +55,7 @@ def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str]
         columns[f"reward/{name}"] = pa.array(scores.detach().float().cpu().tolist(), pa.float64())
     for name, values in (extra or {}).items():
         columns[name] = pa.array(list(values))
-    columns["png"] = pa.array([_png(image) for image in images], pa.binary())
+    columns["png"] = pa.array([_png(pixels) for pixels in to_uint8(images)], pa.binary())  # one host copy
     table = pa.table(columns).replace_schema_metadata({VERSION_KEY: str(SCHEMA_VERSION).encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,12 @@ from .backbone import TransformerBackbone
 from .conditioning import Conditioning
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+# SD3-Medium's published transformer and VAE configs, for random-weight benchmarks of the real shapes.
+SD3_MEDIUM_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                              attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                              caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+SD3_MEDIUM_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                      scaling_factor=1.5305, shift_factor=0.0609)
 
 
 class BackboneLoadError(OSError):
@@ -50,6 +56,10 @@ class SD3Backbone(TransformerBackbone):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.transformer.config.in_channels, self._latent_size, self._latent_size)
+
+    def _modules(self) -> list:
+        """The text pipeline's `to` moves its encoders (and the shared transformer and VAE again, a no-op)."""
+        return [*super()._modules(), self.vae, *([self.text_pipeline] if self.text_pipeline is not None else [])]
 
     def _encode(self, prompts: Sequence[str]) -> Conditioning:
         tokens, _, pooled, _ = self.text_pipeline.encode_prompt(

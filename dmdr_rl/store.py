@@ -141,9 +141,12 @@ class RedisStore:
     def key(self, stream: str) -> str:
         return f"dmdr:{self.run}:{stream}"
 
+    def existing_streams(self) -> list[str]:
+        return [s for s in STREAMS if self.client.exists(self.key(s))]
+
     def require_new(self) -> None:
         """A fresh run must not mix its records with another run's of the same name."""
-        existing = [s for s in STREAMS if self.client.exists(self.key(s))]
+        existing = self.existing_streams()
         if existing:
             raise StoreError(f"the run store {self.url} already holds records of a run named {self.run!r} "
                              f"({', '.join(existing)}): give this run another name=..., or resume that run "

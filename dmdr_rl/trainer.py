@@ -217,6 +217,12 @@ def write_checkpoint(learner: DMDRLearner, directory: Path) -> Path:
     return directory
 
 
+def latest_checkpoint(directory: Path) -> Path:
+    """The checkpoint a checkpoints root's `latest` names; any other directory as it is."""
+    latest = directory / "latest"
+    return directory / latest.read_text().strip() if latest.exists() else directory
+
+
 def find_run(run: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) for a run directory, its checkpoints/ or one step_N/ in it."""
     run = Path(run)
@@ -228,8 +234,7 @@ def find_run(run: Path) -> tuple[Path, Path]:
         run_dir, checkpoint = run.parent.parent, run
     else:
         raise FileNotFoundError(f"{run} is not a training run (no config.yaml in it or above it)")
-    if (checkpoint / "latest").exists():
-        checkpoint = checkpoint / (checkpoint / "latest").read_text().strip()
+    checkpoint = latest_checkpoint(checkpoint)
     if not (checkpoint / f"{dmdr.GENERATOR}.safetensors").exists():
         raise FileNotFoundError(f"no {dmdr.GENERATOR}.safetensors in {checkpoint}: has the run saved a checkpoint?")
     return run_dir, checkpoint
@@ -237,9 +242,7 @@ def find_run(run: Path) -> tuple[Path, Path]:
 
 def load_checkpoint(learner: DMDRLearner, directory: str | Path) -> Path:
     """Restore from a checkpoint directory, or from the `latest` one of a checkpoints root."""
-    directory = Path(directory)
-    if (directory / "latest").exists():
-        directory = directory / (directory / "latest").read_text().strip()
+    directory = latest_checkpoint(Path(directory))
     if not (directory / "trainer_state.pt").exists():
         raise FileNotFoundError(f"no trainer checkpoint in {directory} (expected trainer_state.pt)")
     for adapter in ADAPTERS:

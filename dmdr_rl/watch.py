@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .store import RedisStore, StoreError, open_store
+from .store import StoreError, open_store
 
 SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "time/", "schedule/lr")
 
@@ -31,7 +31,7 @@ def locate(run: str, store_url: str | None):
         raise StoreError(f"{run} is not a run directory (no config.yaml in it); give a run directory, or a run name "
                          "with --store redis://HOST:PORT/DB")
     store = open_store(store_url, Path("."), run)
-    if isinstance(store, RedisStore) and not store.read("metrics") and not store.read("ledger"):
+    if not {"metrics", "ledger"} & set(store.existing_streams()):  # a URL always opens a RedisStore
         known = ", ".join(store.runs()) or "none"
         raise StoreError(f"no run named {run!r} in {store_url}; runs there: {known}")
     return store, None, None

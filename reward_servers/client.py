@@ -109,14 +109,13 @@ def _transient(err: BaseException) -> bool:
     """Worth a retry: the app was unreachable, busy, restarting or slow -- not an error the model raised."""
     try:
         import ray.exceptions
-        from ray.serve.exceptions import BackPressureError, RayServeException
+        from ray.serve.exceptions import RayServeException
     except ImportError:
         return isinstance(err, (TimeoutError, ConnectionError))
     if isinstance(err, ray.exceptions.RayTaskError):  # raised by the model's code in the replica
         return False
-    return isinstance(err, (TimeoutError, ConnectionError, ray.exceptions.RayActorError,
-                            ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError, BackPressureError,
-                            RayServeException))
+    # (these cover ActorUnavailableError, GetTimeoutError and Serve's BackPressureError, their subclasses)
+    return isinstance(err, (TimeoutError, ConnectionError, ray.exceptions.RayActorError, RayServeException))
 
 
 def _first_line(err: BaseException | None) -> str:

@@ -26,3 +26,17 @@ def align():
     from dmdr_rl.toy.weights import load_align
 
     return load_align()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny random-weight SD3 pipeline saved like a real model directory (built once per test run)."""
+    from dmdr_rl.tiny import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_overrides(tiny_sd3):
+    """Config overrides that put a run on the tiny SD3 pipeline."""
+    return ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={tiny_sd3}"]

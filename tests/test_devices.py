@@ -13,19 +13,12 @@ from dmdr_rl import dmdr
 from dmdr_rl.config import ConfigError, RewardSpec, load_config
 from dmdr_rl.registry import build_backbone, resolve_device
 from dmdr_rl.rollout import RolloutBatch
-from dmdr_rl.tiny import save_tiny_sd3
 from dmdr_rl.trainer import LocalTrainer
 from dmdr_rl.toy.weights import load_align
 
 PROMPTS = ["a small red circle in the center", "a blue square left of a green triangle"]
 TINY_RUN = ["trainer.batch_size=2", "student.steps=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
             "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=1000"]
-SD3 = ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 def test_meta_tensors_refuse_cpu_tensors_so_the_placement_test_can_fail():
@@ -73,8 +66,8 @@ def test_rollout_batches_move_whole_and_weights_leave_as_cpu_tensors(tmp_path):
 
 
 @pytest.mark.parametrize("backbone", ["toy", "sd3"])
-def test_a_bf16_base_trains_float32_adapters_close_to_the_fp32_run(tmp_path, tiny_sd3, backbone):
-    extra = [*SD3, f"model.path={tiny_sd3}"] if backbone == "sd3" else []
+def test_a_bf16_base_trains_float32_adapters_close_to_the_fp32_run(tmp_path, tiny_sd3_overrides, backbone):
+    extra = tiny_sd3_overrides if backbone == "sd3" else []
     runs = {}
     for precision in ("fp32", "bf16"):
         cfg = load_config("toy-dmdr", [*TINY_RUN, *extra, f"trainer.precision={precision}",

@@ -12,18 +12,11 @@ from dmdr_rl import algo, dmdr
 from dmdr_rl.config import load_config
 from dmdr_rl.flow import sample
 from dmdr_rl.sd3 import BackboneLoadError, load_sd3
-from dmdr_rl.tiny import save_tiny_sd3
 from dmdr_rl.trainer import LocalTrainer
 
-SD3 = ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}"]
 TINY_RUN = ["trainer.batch_size=2", "student.steps=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
             "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=2", "trainer.lr_generator=1e-3",
             "trainer.lr_critic=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 def _spy(monkeypatch, module, name, calls):
@@ -38,12 +31,12 @@ def _spy(monkeypatch, module, name, calls):
 
 
 @pytest.mark.parametrize("backbone", ["toy", "sd3"])
-def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tiny_sd3, monkeypatch, backbone):
+def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tiny_sd3_overrides, monkeypatch, backbone):
     calls = []
     for module, name in [(dmdr, "backward_simulation"), (dmdr, "critic_loss"), (dmdr, "generator_loss"),
                          (algo, "dmd_loss"), (algo, "shape_reward")]:
         _spy(monkeypatch, module, name, calls)
-    extra = [*SD3, f"model.path={tiny_sd3}"] if backbone == "sd3" else []
+    extra = tiny_sd3_overrides if backbone == "sd3" else []
     cfg = load_config("toy-dmdr", [*TINY_RUN, *extra, f"output.dir={tmp_path}"])
     summary = LocalTrainer(cfg).train()
     assert summary["generator_steps"] == 2
@@ -89,12 +82,12 @@ def test_load_errors_name_the_problem(tiny_sd3):
 
 
 @pytest.mark.parametrize("fmt", ["lora", "transformer"])
-def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(tmp_path, tiny_sd3, fmt):
+def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(tmp_path, tiny_sd3, tiny_sd3_overrides, fmt):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from dmdr_rl.export import export_student
 
-    cfg = load_config("toy-dmdr", [*TINY_RUN, *SD3, f"model.path={tiny_sd3}", f"output.dir={tmp_path / 'run'}",
+    cfg = load_config("toy-dmdr", [*TINY_RUN, *tiny_sd3_overrides, f"output.dir={tmp_path / 'run'}",
                                    "student.steps=4", "student.shift=3.0", "trainer.max_steps=3"])
     trainer = LocalTrainer(cfg)
     trainer.train()

@@ -61,3 +61,6 @@ class ToyBackbone(TransformerBackbone):
         """`text_encoder=None`: a learner's backbone, which gets conditioning with its batches."""
         super().__init__(transformer, text_encoder.encode if text_encoder is not None else None, model_space_to_images)
         self.text_encoder = text_encoder.requires_grad_(False) if text_encoder is not None else None
+
+    def _modules(self) -> list:
+        return [*super()._modules(), *([self.text_encoder] if self.text_encoder is not None else [])]

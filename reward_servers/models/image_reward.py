@@ -225,13 +225,12 @@ class ImageReward(torch.nn.Module):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1], one prompt each -> [B] normalised rewards, differentiable in images."""
-        weight = self.mlp.layers[0].weight
-        pixels = clip_preprocess(images.to(weight.device, weight.dtype), self.image_size, self.image_size,
-                                 IMAGE_MEAN, IMAGE_STD)
+        device, dtype = self.device, self.mlp.layers[0].weight.dtype
+        pixels = clip_preprocess(images.to(device, dtype), self.image_size, self.image_size, IMAGE_MEAN, IMAGE_STD)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(weight.device)
+                                return_tensors="pt").to(device)
         image_embeds = self.vision_model(pixel_values=pixels).last_hidden_state
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=weight.device)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
         text = self.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
                                  is_decoder=False)
