@@ -17,7 +17,7 @@ install: $(STAMP)
 demo: install  ## the main job on the embedded toy world
 	$(PY) -m dmdr_rl.run
 
-SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null && echo sudo)  # root: none
 
 redis-server:  ## the run-store tests start a real redis-server on a free loopback port
 	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get)"; \

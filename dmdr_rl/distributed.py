@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .ledger import Ledger, audit
-from .store import open_store
+from .store import open_store, run_events
 from .trainer import write_run_config
 
 PROGRESS_POLL_S = 1.0
@@ -162,17 +162,11 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     )
     print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
           f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
-    store.append("events", {"event": "started", "backend": "ray", "address": where, "max_steps": cfg.trainer.max_steps,
-                            "output_dir": str(out)})
     try:
-        summary = _fit_and_summarise(cfg, trainer, coordinator, store, out)
-    except BaseException as err:
-        failed = not isinstance(err, KeyboardInterrupt)
-        store.append("events", {"event": "failed" if failed else "stopped",
-                                **({"error": f"{type(err).__name__}: {err}"[:2000]} if failed else {})})
-        raise
-    else:
-        store.append("events", {"event": "finished", "generator_step": summary["generator_steps"]})
+        with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
+                        output_dir=str(out)) as ending:
+            summary = _fit_and_summarise(cfg, trainer, coordinator, store, out)
+            ending["generator_step"] = summary["generator_steps"]
         return summary
     finally:
         store.close()

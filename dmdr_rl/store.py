@@ -23,8 +23,9 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,24 @@ def check_store_url(url: str) -> str:
 
 def new_record(record: dict) -> dict:
     return {"id": uuid.uuid4().hex, "time": round(time.time(), 3), **record}
+
+
+@contextmanager
+def run_events(store, **started: object) -> Iterator[dict]:
+    """Brackets a training run on the store's `events` stream: `started` (with `started`'s fields) on entry,
+    then `finished`, `failed` (with the error) or `stopped` (Ctrl-C) on exit. The body fills the yielded
+    dict with the fields every ending carries (e.g. the generator step reached)."""
+    store.append("events", {"event": "started", **started})
+    ending: dict = {}
+    try:
+        yield ending
+    except KeyboardInterrupt:
+        store.append("events", {"event": "stopped", **ending})
+        raise
+    except BaseException as err:
+        store.append("events", {"event": "failed", **ending, "error": f"{type(err).__name__}: {err}"[:2000]})
+        raise
+    store.append("events", {"event": "finished", **ending})
 
 
 def unique(records: Iterable[dict]) -> list[dict]:

@@ -24,7 +24,7 @@ from .prompts import PromptSource
 from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout
 from .samples import write_samples
-from .store import open_store
+from .store import open_store, run_events
 
 GRID_PROMPTS = 16
 
@@ -47,10 +47,6 @@ class MetricsLog:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, value, step)
-
-    def event(self, event: str, **fields) -> None:
-        """A run event (started, finished, failed, stopped) on the store's events stream."""
-        self.store.append("events", {"event": event, **fields})
 
     def close(self) -> None:
         self.store.close()
@@ -109,31 +105,26 @@ class LocalTrainer:
             store.require_new()
         log = MetricsLog(self.out, store)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
-        log.event("started", backend="local", generator_step=self.generator_step, max_steps=cfg.trainer.max_steps,
-                  output_dir=str(self.out))
-        ending = ("stopped", {})
         try:
-            while self.generator_step < cfg.trainer.max_steps:
-                metrics = self.train_iteration()
-                if metrics is None:
-                    continue
-                bar.update(1)
-                step = self.generator_step
-                if step % cfg.output.log_every == 0 or step == cfg.trainer.max_steps:
-                    log.write(step, metrics)
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
-                if step % cfg.output.sample_every == 0 or step == cfg.trainer.max_steps:
-                    self.save_samples()
-                    save_rollout_records(self.out, self.backbone, self.last_batch, step)
-                if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
-                    self.save_checkpoint()
-            ending = ("finished", {})
-        except Exception as err:
-            ending = ("failed", {"error": f"{type(err).__name__}: {err}"[:2000]})
-            raise
-        finally:  # KeyboardInterrupt leaves "stopped"
+            with run_events(store, backend="local", generator_step=self.generator_step,
+                            max_steps=cfg.trainer.max_steps, output_dir=str(self.out)) as ending:
+                ending["generator_step"] = self.generator_step
+                while self.generator_step < cfg.trainer.max_steps:
+                    metrics = self.train_iteration()
+                    if metrics is None:
+                        continue
+                    bar.update(1)
+                    step = ending["generator_step"] = self.generator_step
+                    if step % cfg.output.log_every == 0 or step == cfg.trainer.max_steps:
+                        log.write(step, metrics)
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
+                    if step % cfg.output.sample_every == 0 or step == cfg.trainer.max_steps:
+                        self.save_samples()
+                        save_rollout_records(self.out, self.backbone, self.last_batch, step)
+                    if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
+                        self.save_checkpoint()
+        finally:
             bar.close()
-            log.event(ending[0], generator_step=self.generator_step, **ending[1])
             log.close()
         return {"output_dir": str(self.out), "generator_steps": self.generator_step, "iterations": self.iteration}
 

@@ -6,6 +6,16 @@ import torch
 # Two cores: keep torch from oversubscribing them when pytest runs alongside other work.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# A run of two generator steps (the reward on from the second) on batches of two, logging every step and
+# saving nothing in between: what most end-to-end tests start from.
+TINY_RUN = ("trainer.batch_size=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1", "student.steps=1",
+            "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=1000")
+
+
+def tiny_run(*overrides: str) -> list[str]:
+    """TINY_RUN followed by `overrides` (a later override of the same field wins)."""
+    return [*TINY_RUN, *overrides]
+
 
 @pytest.fixture(scope="session")
 def teacher():

@@ -15,10 +15,10 @@ from dmdr_rl.registry import build_backbone, resolve_device
 from dmdr_rl.rollout import RolloutBatch
 from dmdr_rl.trainer import LocalTrainer
 from dmdr_rl.toy.weights import load_align
+from conftest import tiny_run
 
 PROMPTS = ["a small red circle in the center", "a blue square left of a green triangle"]
-TINY_RUN = ["trainer.batch_size=2", "student.steps=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
-            "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=1000"]
+TINY_RUN = tiny_run("student.steps=2")
 
 
 def test_meta_tensors_refuse_cpu_tensors_so_the_placement_test_can_fail():

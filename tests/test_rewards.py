@@ -16,6 +16,7 @@ from reward_servers import http
 from reward_servers.client import RemoteReward, RewardClient
 from reward_servers.gradient import attach_gradient, score_and_grad
 from reward_servers.models.testing import save_tiny_clip
+from conftest import tiny_run
 
 PROMPTS = ["a large green diamond in the top left", "a red diamond below a purple circle",
            "a small purple triangle in the top right", "a purple triangle right of a green square"]
@@ -276,9 +277,7 @@ def test_a_custom_reward_named_only_in_the_config_trains(tmp_path, monkeypatch):
 
     (tmp_path / "user_rewards_mod.py").write_text(USER_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    overrides = ["trainer.max_steps=2", "trainer.cold_start=0", "trainer.batch_size=2", "dmd.ratio=1", "student.steps=1",
-                 f"output.dir={tmp_path / 'run'}", "output.sample_every=1000", "output.checkpoint_every=1000",
-                 "output.log_every=1"]
+    overrides = tiny_run("trainer.cold_start=0", f"output.dir={tmp_path / 'run'}")
     cfg = load_config("toy-dmdr", overrides)
     cfg.rewards = [RewardSpec(name="user_rewards_mod:Brightness", weight=0.5, shaping="linear", kwargs={"gain": 2.0})]
     summary = LocalTrainer(cfg).train()

@@ -7,6 +7,7 @@ import torch
 
 from dmdr_rl.config import load_config
 from dmdr_rl.samples import VERSION_KEY, decode_png, read_samples, write_samples
+from conftest import tiny_run
 
 PROMPTS = ["a large green diamond in the top left", "a red diamond below a purple circle"]
 
@@ -50,9 +51,7 @@ def test_newer_or_foreign_or_broken_files_are_refused_with_the_reason(tmp_path):
 def test_a_training_run_writes_its_samples_as_data(tmp_path):
     from dmdr_rl.trainer import LocalTrainer
 
-    cfg = load_config("toy-dmdr", ["trainer.batch_size=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
-                                   "student.steps=1", "output.log_every=1", "output.sample_every=1",
-                                   "output.checkpoint_every=1000", f"output.dir={tmp_path}"])
+    cfg = load_config("toy-dmdr", tiny_run("output.sample_every=1", f"output.dir={tmp_path}"))
     LocalTrainer(cfg).train()
     grids = read_samples(sorted((tmp_path / "samples").glob("step_*.parquet"))[-1])
     assert grids.num_rows == 16 and all(s < 0 for s in grids.column("reward/toy-align").to_pylist())

@@ -13,10 +13,9 @@ from dmdr_rl.config import load_config
 from dmdr_rl.flow import sample
 from dmdr_rl.sd3 import BackboneLoadError, load_sd3
 from dmdr_rl.trainer import LocalTrainer
+from conftest import tiny_run
 
-TINY_RUN = ["trainer.batch_size=2", "student.steps=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
-            "output.log_every=1", "output.sample_every=1000", "output.checkpoint_every=2", "trainer.lr_generator=1e-3",
-            "trainer.lr_critic=1e-3"]
+TINY_RUN = tiny_run("student.steps=2", "output.checkpoint_every=2", "trainer.lr_generator=1e-3", "trainer.lr_critic=1e-3")
 
 
 def _spy(monkeypatch, module, name, calls):

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from dmdr_rl.config import ConfigError, load_config
-from dmdr_rl.store import FileStore, RedisStore, StoreError, open_store
+from dmdr_rl.store import FileStore, RedisStore, StoreError, open_store, run_events
+from conftest import tiny_run
 
 
 def _free_port():
@@ -84,8 +85,8 @@ def _append_many(url, run_dir, writer, count):
 
 
 @pytest.mark.parametrize("backend", ["files", "redis"])
-def test_many_processes_append_to_one_ledger_without_loss_or_duplicates(tmp_path, redis_server, backend):
-    url = redis_server.url if backend == "redis" else None
+def test_many_processes_append_to_one_ledger_without_loss_or_duplicates(tmp_path, request, backend):
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None  # files: no server
     context = multiprocessing.get_context("spawn")
     writers = [context.Process(target=_append_many, args=(url, tmp_path / "many", w, 150)) for w in range(4)]
     for process in writers:
@@ -151,6 +152,27 @@ def test_a_record_cut_short_is_skipped_not_fatal(tmp_path):
         store.read("metrics")
 
 
+@pytest.mark.parametrize("raised, ending", [(None, "finished"), (ValueError("bad batch"), "failed"),
+                                            (KeyboardInterrupt(), "stopped")])
+def test_run_events_bracket_a_run_with_how_it_ended(tmp_path, raised, ending):
+    store, propagated = FileStore(tmp_path), None
+    try:
+        with run_events(store, backend="local", max_steps=5) as fields:
+            fields["generator_step"] = 3
+            if raised is not None:
+                raise raised
+    except (ValueError, KeyboardInterrupt) as err:
+        propagated = err
+    assert propagated is raised  # re-raised, not swallowed
+    events = store.read("events")
+    assert [e["event"] for e in events] == ["started", ending]
+    assert events[0]["backend"] == "local" and events[0]["max_steps"] == 5
+    assert events[1]["generator_step"] == 3
+    assert ("error" in events[1]) == (ending == "failed")
+    if ending == "failed":
+        assert events[1]["error"] == "ValueError: bad batch"
+
+
 def test_bad_urls_and_an_unreachable_redis_name_the_url(tmp_path):
     with pytest.raises(ConfigError, match="store.url 'http://example.com' is not a Redis URL"):
         load_config("toy-dmdr", ["store.url=http://example.com"])
@@ -164,10 +186,7 @@ def test_bad_urls_and_an_unreachable_redis_name_the_url(tmp_path):
 def test_a_training_run_writes_its_metrics_to_redis(tmp_path, redis_server):
     from dmdr_rl.trainer import LocalTrainer
 
-    cfg = load_config("toy-dmdr", ["trainer.batch_size=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
-                                   "student.steps=1", "output.log_every=1", "output.sample_every=1000",
-                                   "output.checkpoint_every=1000", f"output.dir={tmp_path / 'run'}",
-                                   f"store.url={redis_server.url}", "name=redis-run"])
+    cfg = load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'run'}", f"store.url={redis_server.url}", "name=redis-run"))
     LocalTrainer(cfg).train()
     rows = RedisStore(redis_server.url, "redis-run").read("metrics")
     assert [r["step"] for r in rows] == [1, 2] and "loss/reward/toy-align" in rows[1]
@@ -179,9 +198,8 @@ def test_watch_shows_a_run_from_files_or_redis_and_names_missing_runs(tmp_path, 
     from dmdr_rl.watch import main
 
     for url, name in ((None, "file-run"), (redis_server.url, "watched")):
-        overrides = ["trainer.batch_size=2", "trainer.max_steps=2", "trainer.cold_start=1", "dmd.ratio=1",
-                     "student.steps=1", "output.log_every=1", "output.sample_every=2", "output.checkpoint_every=1000",
-                     f"output.dir={tmp_path / name}", f"name={name}"] + ([f"store.url={url}"] if url else [])
+        overrides = tiny_run("output.sample_every=2", f"output.dir={tmp_path / name}", f"name={name}",
+                             *([f"store.url={url}"] if url else []))
         LocalTrainer(load_config("toy-dmdr", overrides)).train()
         main([str(tmp_path / name), "--once"])
         shown = capsys.readouterr().out
@@ -201,10 +219,8 @@ def test_watch_shows_a_run_from_files_or_redis_and_names_missing_runs(tmp_path, 
 def test_a_training_run_goes_on_through_a_redis_restart_and_loses_no_metric(tmp_path, redis_server):
     from dmdr_rl.trainer import LocalTrainer
 
-    cfg = load_config("toy-dmdr", ["trainer.batch_size=2", "trainer.max_steps=30", "trainer.cold_start=1", "dmd.ratio=1",
-                                   "student.steps=1", "output.log_every=1", "output.sample_every=1000",
-                                   "output.checkpoint_every=1000", f"output.dir={tmp_path / 'run'}",
-                                   f"store.url={redis_server.url}", "name=restarted"])
+    cfg = load_config("toy-dmdr", tiny_run("trainer.max_steps=30", f"output.dir={tmp_path / 'run'}",
+                                           f"store.url={redis_server.url}", "name=restarted"))
     trainer = LocalTrainer(cfg)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(summary=trainer.train()))
