@@ -6,7 +6,8 @@
 
 Rows: the teacher at 32, 4 and 1 steps (CFG 4), and students trained from the presets (DMD, DMDR,
 RL-only at 4 steps; DMD and DMDR at 1 step). Trainings live under --runs and are reused when finished
-(resumed from their last checkpoint when interrupted), so a second call only re-evaluates. Every row
+(resumed from their last checkpoint when interrupted), so a second call only re-evaluates; a run whose
+saved config differs from what the presets and overrides give now is refused (`--retrain`). Every row
 is evaluated on both prompt splits by `dmdr_rl.evaluation.evaluate`, the same function as
 `python -m dmdr_rl.eval`. The paper's claims (issue 3's targets) are checked against the measured
 numbers and written under the table, pass or fail.
@@ -57,6 +58,35 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
     return summary.exists() and json.loads(summary.read_text())["generator_steps"] >= max_steps
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted fields whose values differ between two config dumps, as `field: saved -> current`."""
+    changes = []
+    for key in dict.fromkeys([*saved, *current]):
+        a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
+def _check_same_config(cfg, run_path: Path) -> None:
+    """A run trained from another config (a preset tuned since, other overrides) is not reused or
+    continued silently: the table would show numbers the current presets do not give."""
+    saved_file = run_path / "config.yaml"
+    if not saved_file.exists():
+        return
+    from .config import load_config
+
+    saved = load_config(saved_file).model_dump(mode="json")  # fields added since then get their defaults
+    current = cfg.model_dump(mode="json")
+    changes = [c for c in config_changes(saved, current) if not c.startswith(("output.dir:", "trainer.resume_from:"))]
+    if changes:
+        raise RuntimeError(f"{run_path} was trained from another config ({'; '.join(changes[:5])}"
+                           f"{'; ...' if len(changes) > 5 else ''}): pass --retrain to train it again, or --runs "
+                           "to another directory")
+
+
 def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...] = ()) -> dict:
     """Train (or finish training) one preset into `run_dir`; returns the training summary. Runs in a
     worker process when trainings go in parallel."""
@@ -66,6 +96,7 @@ def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...
     torch.set_num_threads(threads)
     run_path = Path(run_dir)
     cfg = load_config(preset, [f"output.dir={run_path}", *overrides])
+    _check_same_config(cfg, run_path)
     if _finished(run_path, cfg.trainer.max_steps):
         return json.loads((run_path / "train_summary.json").read_text())
     trainer = LocalTrainer(cfg)

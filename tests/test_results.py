@@ -3,6 +3,8 @@ evaluates both splits, and checks the claims against the measured numbers."""
 
 import json
 
+import pytest
+
 from dmdr_rl import results
 
 TINY = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.cold_start=1", "dmd.ratio=2",
@@ -49,3 +51,14 @@ def test_claims_pass_and_fail_on_the_numbers():
     assert "the reward is hacked" in results.hacking_sentence(rows)
     rows["rl-only-4"] = _row(0.79, 0.69, 290.0, -0.05)
     assert "too small to call it reward hacking" in results.hacking_sentence(rows)
+
+
+def test_a_run_trained_from_another_config_is_not_reused(tmp_path):
+    from dmdr_rl.config import load_config
+    from dmdr_rl.trainer import write_run_config
+
+    run = tmp_path / "dmd-1"
+    write_run_config(load_config("toy-dmd-1step", [f"output.dir={run}"]), run)
+    results._check_same_config(load_config("toy-dmd-1step", [f"output.dir={tmp_path / 'elsewhere'}"]), run)  # same
+    with pytest.raises(RuntimeError, match=r"dmd\.real_cfg: 4\.0 -> 3\.0.*--retrain"):
+        results.train_row("toy-dmd-1step", str(run), 1, ("dmd.real_cfg=3.0",))
