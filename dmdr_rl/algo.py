@@ -43,6 +43,12 @@ def sample_renoise_timesteps(
     return tau.clamp(eps, 1.0 - eps).to(device)
 
 
+def guidance_interval(tau: torch.Tensor, cfg: float, max_tau: float) -> torch.Tensor:
+    """One CFG scale per sample: `cfg` where tau <= max_tau, 1 (no guidance) above it (Kynkaenniemi et al.
+    2024, applying guidance in a limited interval)."""
+    return torch.where(tau <= max_tau, torch.full_like(tau, cfg), torch.ones_like(tau))
+
+
 def finite_mean(values: torch.Tensor) -> torch.Tensor:
     """The mean of the finite entries (NaN when there are none), without a host sync."""
     finite = torch.isfinite(values)

@@ -51,7 +51,7 @@ class Backbone(Protocol):
 
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, adapter: str | None = None,
-        scale: float = 1.0, cfg: float = 1.0, null: Conditioning | None = None,
+        scale: float = 1.0, cfg: float | torch.Tensor = 1.0, null: Conditioning | None = None,
     ) -> torch.Tensor: ...
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor: ...
@@ -211,10 +211,11 @@ class TransformerBackbone:
     # -- prediction ---------------------------------------------------------------------------
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, adapter: str | None = None,
-        scale: float = 1.0, cfg: float = 1.0, null: Conditioning | None = None,
+        scale: float = 1.0, cfg: float | torch.Tensor = 1.0, null: Conditioning | None = None,
     ) -> torch.Tensor:
         """v(x_t, t | c) of the base with `adapter` at LoRA `scale` (None or scale 0: the base itself);
-        with cfg != 1, v_null + cfg (v_cond - v_null) from one batched call. A full copy has no scale."""
+        with cfg != 1, v_null + cfg (v_cond - v_null) from one batched call; `cfg` may also be one scale
+        per sample ([B]). A full copy has no scale."""
         if adapter in self._copies:
             if scale != 1.0:
                 raise ValueError(f"adapter {adapter!r} is a full copy of the model: it has no LoRA scale (got {scale})")
@@ -226,10 +227,13 @@ class TransformerBackbone:
             elif self._lora_params:
                 scale = 0.0  # any adapter at scale 0 is exactly the base
             forward = self._lora_forward(scale)
-        if cfg == 1.0:
+        per_sample = torch.is_tensor(cfg)
+        if not per_sample and cfg == 1.0:
             return forward(x_t, t, cond)
         null = null if null is not None else self.null(x_t.shape[0])
         v_null, v_cond = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond])).chunk(2)
+        if per_sample:
+            cfg = cfg.to(v_cond).reshape(-1, *[1] * (v_cond.dim() - 1))
         return v_null + cfg * (v_cond - v_null)
 
     def _lora_forward(self, scale: float):

@@ -56,6 +56,9 @@ class DmdSection(_Section):
     weight: float = Field(1.0, ge=0)  # 0 turns the DMD term off (the RL-only ablation)
     real_cfg: float = 4.0
     cfg_jitter: float = Field(0.5, ge=0)
+    # the real score's CFG only where tau <= this (a guidance interval: guidance at the highest noise levels
+    # darkens and over-contrasts the toy students); 1.0: at every noise level, as DESIGN section 2 writes it
+    cfg_max_tau: float = Field(1.0, gt=0, le=1)
     ratio: int = Field(5, ge=1)
     dynamic_steps: int = Field(2000, ge=0)
     renoise_beta: tuple[float, float] = (4.0, 1.5)

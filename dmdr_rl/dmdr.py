@@ -118,8 +118,9 @@ def generator_loss(
         x_tau = add_noise(x0.detach(), randn(x0.shape, generator, device), tau)
         guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
+        real_cfg = guidance if dmd.cfg_max_tau >= 1.0 else algo.guidance_interval(tau, guidance, dmd.cfg_max_tau)
         with torch.no_grad():
-            v_real = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=real_scale, cfg=guidance)
+            v_real = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=real_scale, cfg=real_cfg)
             v_fake = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=critic.fake_scale)
         dmd_term = algo.dmd_loss(x0, x0_from_velocity(x_tau, tau, v_real), x0_from_velocity(x_tau, tau, v_fake))
         loss = loss + dmd.weight * dmd_term

@@ -106,3 +106,8 @@ def test_generator_updates_once_per_ratio_critic_updates_and_reward_waits_for_co
     assert [schedule.reward_active(s) for s in range(5)] == [False, False, False, True, True]
     with pytest.raises(ValueError, match="dmd.ratio"):
         algo.UpdateSchedule(ratio=0, cold_start=0)
+
+
+def test_guidance_interval_guides_only_up_to_its_bound():
+    tau = torch.tensor([0.1, 0.8, 0.81, 1.0])
+    assert algo.guidance_interval(tau, 4.5, 0.8).tolist() == [4.5, 4.5, 1.0, 1.0]

@@ -95,3 +95,30 @@ def test_non_finite_scores_are_dropped_and_counted():
     images = torch.zeros(2, 3, 4, 4, requires_grad=True)
     loss, metrics = everything_nan.loss(images, ["p"] * 2)
     assert loss.item() == 0.0 and torch.isnan(metrics["reward/r"]) and metrics["reward/r/non_finite"] == 2.0
+
+
+def test_a_per_sample_cfg_scale_is_each_sample_at_its_own_scale(backbone):
+    cond = backbone.encode(PROMPTS)
+    x, t = torch.randn(2, *backbone.sample_shape), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        mixed = backbone.velocity(x, t, cond, adapter=dmdr.CRITIC, scale=0.5, cfg=torch.tensor([1.0, 4.0]))
+        plain = backbone.velocity(x, t, cond, adapter=dmdr.CRITIC, scale=0.5)
+        guided = backbone.velocity(x, t, cond, adapter=dmdr.CRITIC, scale=0.5, cfg=4.0)
+    torch.testing.assert_close(mixed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], guided[1], rtol=1e-5, atol=1e-5)
+    assert (guided[0] - plain[0]).abs().max() > 1e-3  # the guidance does change the first sample
+
+
+def test_the_guidance_interval_turns_the_real_scores_cfg_off_above_its_bound(backbone):
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+
+    def dmd(**fields):
+        _, metrics = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(),
+                                         DmdSection(cfg_jitter=0.0, **fields), [], False, torch.Generator().manual_seed(2))
+        return float(metrics["loss/dmd"])
+
+    everywhere, unguided = dmd(real_cfg=4.0), dmd(real_cfg=1.0)
+    assert dmd(real_cfg=4.0, cfg_max_tau=1.0) == everywhere
+    assert dmd(real_cfg=4.0, cfg_max_tau=1e-6) == pytest.approx(unguided, rel=1e-5)  # every tau is above the bound
+    assert abs(everywhere - unguided) > 1e-3 * abs(unguided)
