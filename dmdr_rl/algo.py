@@ -43,9 +43,12 @@ def sample_renoise_timesteps(
     return tau.clamp(eps, 1.0 - eps).to(device)
 
 
-def guidance_interval(tau: torch.Tensor, cfg: float, max_tau: float) -> torch.Tensor:
+def guidance_interval(tau: torch.Tensor, cfg: float, max_tau: float) -> float | torch.Tensor:
     """One CFG scale per sample: `cfg` where tau <= max_tau, 1 (no guidance) above it (Kynkaenniemi et al.
-    2024, applying guidance in a limited interval)."""
+    2024, applying guidance in a limited interval). With max_tau >= 1 every tau is inside, and the scalar
+    `cfg` itself comes back: DESIGN section 2's step, unchanged."""
+    if max_tau >= 1.0:
+        return cfg
     return torch.where(tau <= max_tau, torch.full_like(tau, cfg), torch.ones_like(tau))
 
 

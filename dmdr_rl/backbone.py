@@ -232,8 +232,9 @@ class TransformerBackbone:
             return forward(x_t, t, cond)
         null = null if null is not None else self.null(x_t.shape[0])
         v_null, v_cond = forward(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond])).chunk(2)
-        if per_sample:
-            cfg = cfg.to(v_cond).reshape(-1, *[1] * (v_cond.dim() - 1))
+        if per_sample:  # kept in float32 like a Python scalar, so a bf16 model sees the same scale either way
+            cfg = cfg.to(device=v_cond.device, dtype=torch.float32).reshape(-1, *[1] * (v_cond.dim() - 1))
+            return v_null + (cfg * (v_cond - v_null)).to(v_cond.dtype)
         return v_null + cfg * (v_cond - v_null)
 
     def _lora_forward(self, scale: float):

@@ -118,7 +118,7 @@ def generator_loss(
         x_tau = add_noise(x0.detach(), randn(x0.shape, generator, device), tau)
         guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
-        real_cfg = guidance if dmd.cfg_max_tau >= 1.0 else algo.guidance_interval(tau, guidance, dmd.cfg_max_tau)
+        real_cfg = algo.guidance_interval(tau, guidance, dmd.cfg_max_tau)
         with torch.no_grad():
             v_real = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=real_scale, cfg=real_cfg)
             v_fake = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=critic.fake_scale)
