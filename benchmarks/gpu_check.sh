@@ -8,11 +8,16 @@
 # (built 2026-11-28 in about 3 minutes: 49.9 MB, which with the 11.8 MB tracked tree fits the 64 MiB the tool carries)
 #
 # then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".device"], timeout_s=540).
-# What it does, each step's output under $OUT (or ./gpu-check when $OUT is unset):
-#   1. the placement and bf16 tests on the GPU (tests/test_devices.py, with trainer.device=auto -> cuda);
-#   2. a short toy DMDR run with the single-process trainer on the GPU;
-#   3. a short toy DMDR run on Ray with the learner and the rollout actor on the GPU (NCCL, 0.5 GPU each);
-#   4. benchmarks/gpu_step.py: one SD3-Medium-shaped learner step at 512 px (batch 4) and 1024 px (batch 2).
+# What it does, most important first, each step's output under $OUT (or ./gpu-check when $OUT is unset):
+#   1. benchmarks/gpu_step.py: one SD3-Medium-shaped learner step at 1024 px (batch 2) and 512 px (batch 4)
+#      (issue 6: step time, TFLOP/s against the bf16 peak, peak memory);
+#   2. benchmarks/reward_serving.py --device cuda: in-process vs Serve batched vs unbatched (issue 5);
+#   3. the placement and bf16 tests on the GPU (tests/test_devices.py, with trainer.device=auto -> cuda);
+#   4. a short toy DMDR run with the single-process trainer on the GPU;
+#   5. a short toy DMDR run on Ray with the learner and the rollout actor sharing the GPU (0.5 each);
+#   6. the serving benchmark again in gradient mode.
+# A step whose time limit would end past BUDGET seconds (default 500, under the call's 540) is skipped
+# and reported as such, so the run returns inside the device tool's limit with everything it measured.
 set -uo pipefail
 out=${OUT:-gpu-check}
 mkdir -p "$out"
@@ -24,21 +29,28 @@ else
 fi
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+budget=${BUDGET:-500}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 status=0
-step() {  # name, timeout in seconds, command...
+step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
+  if [ $((SECONDS + limit)) -gt "$budget" ]; then
+    echo "== $name: skipped ($SECONDS s used, its limit $limit s would pass the budget of $budget s)"
+    status=1; return
+  fi
   echo "== $name"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  echo "   rc=$rc"; tail -n 4 "$out/$name.log"
+  echo "   rc=$rc after $SECONDS s"; tail -n 4 "$out/$name.log"
   [ $rc -eq 0 ] || status=1
 }
-step tests 120 "$py" -m pytest -q -x -p no:cacheprovider tests/test_devices.py
-step local 90 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \
+step step1024 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --json "$out/gpu_step_1024.json"
+step step512 80 "$py" benchmarks/gpu_step.py --resolution 512 --batch 4 --json "$out/gpu_step_512.json"
+step serving 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$out/reward_serving_cuda.json"
+step tests 90 "$py" -m pytest -q -x -p no:cacheprovider tests/test_devices.py
+step local 60 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \
   trainer.cold_start=10 output.dir=/tmp/gpu-local output.sample_every=20 output.checkpoint_every=20
-step ray 150 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.learner_gpus=1 ray.rollout_gpus=0.5 \
+step ray 100 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.learner_gpus=0.5 ray.rollout_gpus=0.5 \
   trainer.max_steps=20 trainer.cold_start=10 output.dir=/tmp/gpu-ray output.sample_every=20 output.checkpoint_every=20
-step step512 90 "$py" benchmarks/gpu_step.py --resolution 512 --batch 4 --json "$out/gpu_step_512.json"
-step step1024 120 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --json "$out/gpu_step_1024.json"
+step serving_grad 90 "$py" benchmarks/reward_serving.py --device cuda --rounds 2 --grad --json "$out/reward_serving_cuda_grad.json"
 exit $status

@@ -4,12 +4,15 @@ class), on the same machine.
 
     python benchmarks/reward_serving.py                       # 3 rounds, 32 images per request
     python benchmarks/reward_serving.py --rounds 5 --requests 60 --concurrency 8 --grad
+    python benchmarks/reward_serving.py --device cuda               # models on the GPU (a GPU fraction per replica)
 
 Every mode scores the same requests of `--images` images. Serve clients keep `--concurrency`
 requests in flight through a DeploymentHandle (what the learner and rollout actors use), so a
 batching replica can merge them. Modes are interleaved round by round and the report gives medians
 and their ratios measured in the same run. Thread budgets are equal: the in-process scorer and each
-replica use `--threads` torch threads.
+replica use `--threads` torch threads. With `--device cuda` the in-process model and every replica hold
+the model on the GPU (`--gpu-fraction` of it per replica) and the images start on the host, as they
+arrive from a client: each mode pays the same host-to-device copy.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests merged per call by the batching app")
     p.add_argument("--threads", type=int, default=2, help="torch threads in-process and per replica")
     p.add_argument("--grad", action="store_true", help="score with d score / d image (gradient mode)")
+    p.add_argument("--device", default="cpu", help="where the models run: cpu or cuda")
+    p.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share per replica with --device cuda")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
 
@@ -81,8 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     clip_dir = save_tiny_clip(tempfile.mkdtemp(prefix="tiny-clip-"))
-    kwargs = {"toy-align": ("toy-align", {}),
-              "tiny-clip": ("pickscore", {"path": str(clip_dir), "processor_path": str(clip_dir), "local_files_only": True})}
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU on this machine")
+    placement = {"device": args.device} if on_gpu else {}
+    kwargs = {"toy-align": ("toy-align", placement),
+              "tiny-clip": ("pickscore", {"path": str(clip_dir), "processor_path": str(clip_dir), "local_files_only": True}
+                            | placement)}
     prompts = PromptSource("toy:held-in", 0).batch(0, args.images)
     images = torch.rand((args.images, 3, 32, 32), generator=torch.Generator().manual_seed(0))
 
@@ -96,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         for mode, batch in (("serve-batched", args.max_batch_size), ("serve-unbatched", 1)):
             spec = RewardSpec(name=name, kwargs=model_kwargs, placement="serve",
                               serve={"app": f"bench-{model_key}-{mode}", "max_batch_size": batch,
-                                     "batch_wait_timeout_s": 0.002, "num_cpus": args.threads})
+                                     "batch_wait_timeout_s": 0.002, "num_cpus": args.threads,
+                                     "num_gpus": args.gpu_fraction if on_gpu else 0})
             handles[mode] = serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
             score_served(handles[mode], images, prompts, 4, args.concurrency, args.grad)  # warm-up
         score_in_process(model, images, prompts, 2, args.grad)
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\nimages/s (median of {args.rounds} rounds, {args.images} images per request, "
+    print(f"\nimages/s on {args.device} (median of {args.rounds} rounds, {args.images} images per request, "
           f"{'score + gradient' if args.grad else 'score only'}):")
     print(f"{'model':<10} {'in-process':>11} {'serve batched':>14} {'serve unbatched':>16} {'batched/in-proc':>16} "
           f"{'batched/unbatched':>18}")

@@ -51,12 +51,15 @@ def connect(cfg: RunConfig) -> str:
 
 
 def check_placement(cfg: RunConfig) -> None:
-    """What Ray would accept but the run could not use: NCCL needs a whole GPU per learner rank."""
-    gpus = cfg.ray.learner_gpus
-    if gpus > 0 and gpus != int(gpus):
-        raise ConfigError(f"ray.learner_gpus={gpus:g}: a GPU learner worker needs whole GPUs (NCCL cannot put two "
-                          f"ranks on one GPU); use ray.learner_gpus=1, or 0 to train on CPUs. Rollout actors may "
-                          f"share a GPU (ray.rollout_gpus=0.5)")
+    """What Ray would accept but the run could not use: NCCL cannot put two learner ranks on one GPU, so
+    several learner workers need whole GPUs each. A single learner may take a fraction, which lets the
+    learner and the rollout actors share one GPU."""
+    gpus, workers = cfg.ray.learner_gpus, cfg.ray.learner_workers
+    if workers > 1 and gpus > 0 and gpus != int(gpus):
+        raise ConfigError(f"ray.learner_gpus={gpus:g} with ray.learner_workers={workers}: each learner rank needs whole "
+                          f"GPUs (NCCL cannot put two ranks on one GPU, and Ray would pack fractions together); use "
+                          f"ray.learner_gpus=1, or 0 to train on CPUs. A single learner worker may take a fraction, "
+                          f"and rollout actors may share a GPU (ray.rollout_gpus=0.5)")
 
 
 def resources_needed(cfg: RunConfig) -> tuple[float, float]:

@@ -43,8 +43,13 @@ def test_the_dry_run_refuses_what_a_real_start_would():
     with pytest.raises(SystemExit) as exit_info:
         main(["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=missing_module:Reward"])
     assert exit_info.value.code == 2
-    with pytest.raises(SystemExit):
-        main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_gpus=0.5"])
+    with pytest.raises(SystemExit):  # two NCCL ranks could be packed onto one GPU
+        main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_workers=2", "ray.learner_gpus=0.5"])
+
+
+def test_one_learner_may_share_a_gpu_with_the_rollout_actors(capsys):
+    main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_gpus=0.5", "ray.rollout_gpus=0.5"])
+    assert "the config is valid; nothing was started" in capsys.readouterr().out
 
 
 def test_the_fault_tolerant_cluster_points_gcs_at_its_redis():
