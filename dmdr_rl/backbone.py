@@ -35,9 +35,11 @@ def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: tor
 def _in_module_precision(module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                          **kwargs) -> torch.Tensor:
     """`transformer_velocity` in the module's own precision (a bf16 base takes bf16 inputs), with the
-    answer in the caller's: the sampler and loss arithmetic stay float32."""
+    answer in the caller's: the sampler and loss arithmetic stay float32. The timestep stays float32, as
+    diffusers' pipelines pass it: 1000 t in bf16 would round (t = 0.75 to 752), away from the tau that
+    x0 = x_tau - tau v uses and from the timestep an exported student is sampled at."""
     dtype = next(p.dtype for n, p in module.named_parameters() if "lora_" not in n)  # the base's, not an adapter's
-    v = transformer_velocity(module, x_t.to(dtype), t.to(dtype), cond.to(dtype=dtype), **kwargs)
+    v = transformer_velocity(module, x_t.to(dtype), t.float(), cond.to(dtype=dtype), **kwargs)
     return v.to(x_t.dtype)
 
 
@@ -125,7 +127,9 @@ class TransformerBackbone:
 
     def add_lora(self, name: str, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> None:
         self._check_new(name)
-        missing = [t for t in targets if not any(n.endswith(t) for n, _ in self.transformer.named_modules())]
+        names = [n for n, _ in self.transformer.named_modules()]
+        # whole dotted segments, as peft matches them: "q_proj" is not "add_q_proj"
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
             raise ValueError(f"LoRA target module(s) {missing} of adapter {name!r} do not exist in "
                              f"{type(self.transformer).__name__}; fix student.lora.targets / critic.lora.targets "

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .protocol import RewardModel
+from .protocol import RewardModel, validate_scores
 
 
 def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +22,7 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
     not finite gets a zero gradient, so it cannot poison the others."""
     pixels = images.detach().requires_grad_(True)
     with torch.enable_grad():
-        scores = model.score(pixels, prompts)
+        scores = validate_scores(model.score(pixels, prompts), images.shape[0], f"reward model {model.name!r}")
         finite = torch.isfinite(scores)
         if not scores.requires_grad:  # the score does not depend on the pixels at all
             grads = None

@@ -1,5 +1,8 @@
 """In-process placement: the reward model runs in the caller's process, behind the same input and
-output checks as a served one, so switching `placement` never changes what is accepted."""
+output checks as a served one, so switching `placement` never changes what is accepted. The reward
+gradient takes the served path's route too (`score_and_grad`, then `attach_gradient`): a sample whose
+score is not finite gets a zero gradient, instead of the 0 * inf = NaN that back-propagating a masked
+score through the model would give."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from .gradient import attach_gradient, score_and_grad
 from .protocol import RewardModel, validate_images, validate_scores
 
 
@@ -17,4 +21,6 @@ class InProcessReward:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         validate_images(images, prompts)
+        if self.differentiable and images.requires_grad and torch.is_grad_enabled():
+            return attach_gradient(images, *score_and_grad(self.model, images, list(prompts)))
         return validate_scores(self.model.score(images, list(prompts)), images.shape[0], f"reward model {self.name!r}")

@@ -201,6 +201,31 @@ def test_non_finite_scores_are_dropped_from_the_loss_and_counted():
     assert loss.item() == pytest.approx(-(images[[0, 2]].mean(dim=(1, 2, 3)) * 3).mean().item(), rel=1e-6)
 
 
+class _LogBrightness:
+    """log(mean pixel): -inf with an infinite derivative on an all-black image."""
+
+    name, differentiable = "log-brightness", True
+
+    def score(self, images, prompts):
+        return torch.log(images.mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("placement", ["in-process", "served"])
+def test_a_non_finite_score_leaves_the_generators_gradient_finite(placement):
+    from reward_servers.local import InProcessReward
+
+    model = _LogBrightness()
+    reward = (InProcessReward(model) if placement == "in-process"
+              else RemoteReward(RewardClient(_InProcessTransport(model), "reward-log-brightness")))
+    gain = torch.tensor(1.0, requires_grad=True)  # stands in for a generator parameter
+    images = _images(2) * gain * torch.tensor([1.0, 0.0]).view(2, 1, 1, 1)  # the second image is black
+    loss, metrics = dmdr.WeightedReward(reward, RewardSpec(name="log-brightness", shaping="linear")).loss(images, ["a", "b"])
+    loss.backward()
+    assert metrics["reward/log-brightness/non_finite"] == 1.0
+    # only the first image counts: d/d gain of -log(gain * m) = -1 / gain
+    assert gain.grad.item() == pytest.approx(-1.0, rel=1e-5)
+
+
 def test_pickscore_matches_clip_with_its_own_processor(tiny_clip_dir, pickscore):
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 

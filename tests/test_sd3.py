@@ -52,18 +52,49 @@ def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tin
     assert "loss/reward/toy-align" in rows[-1] and all(torch.isfinite(torch.tensor(r["loss/generator"])) for r in rows)
 
 
-def test_decode_is_differentiable_and_sampling_gives_images(tiny_sd3):
+def test_decode_is_differentiable_and_matches_diffusers_and_the_empty_prompt_is_encoded_once(tiny_sd3, monkeypatch):
     backbone = load_sd3(str(tiny_sd3), resolution=32, max_sequence_length=16)
     assert backbone.sample_shape == (4, 16, 16)
     latents = torch.randn(2, 4, 16, 16, requires_grad=True)
     images = backbone.decode(latents)
-    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    # diffusers' own SD3 decode: unscale, unshift, decode, [-1, 1] -> [0, 1]
+    vae = backbone.vae
+    with torch.no_grad():
+        reference = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    assert vae.config.shift_factor != 0 and images.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, (reference / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
     images.mean().backward()
     assert latents.grad.abs().sum() > 0
     cond = backbone.encode(["a red circle", "a blue square"])
     assert cond.tokens.shape == (2, 32, 32) and cond.pooled.shape == (2, 64)  # CLIP-L/G (16) + T5 (16) tokens
-    null = backbone.null(2)
-    assert torch.equal(null.tokens[0], null.tokens[1])  # the empty prompt, encoded once
+    encoded = []
+    original = backbone.text_pipeline.encode_prompt
+    monkeypatch.setattr(backbone.text_pipeline, "encode_prompt", lambda prompts, *a, **k: encoded.append(prompts) or original(prompts, *a, **k))
+    first, second = backbone.null(2), backbone.null(3)
+    assert encoded == [[""]]  # one encoding of the empty prompt serves every later call
+    torch.testing.assert_close(second.tokens[2], original([""], None, None, do_classifier_free_guidance=False,
+                                                          max_sequence_length=16)[0][0])
+    assert first.tokens.shape[0] == 2 and second.pooled.shape[0] == 3
+
+
+def test_a_bf16_base_sees_the_exact_timestep(tiny_sd3):
+    """bf16 spacing above 512 is 4: a timestep cast before the x1000 would reach the model as 752 for t = 0.75."""
+    from dmdr_rl.conditioning import Conditioning
+
+    backbone = load_sd3(str(tiny_sd3), resolution=32, encoders=False, dtype="bfloat16")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.75, 0.6])
+    cond = Conditioning(torch.randn(2, 32, 32), torch.randn(2, 64))
+    model = backbone.transformer
+    with torch.no_grad():
+        ours = backbone.velocity(x, t, cond)
+
+        def direct(timestep):
+            return model(hidden_states=x.bfloat16(), encoder_hidden_states=cond.tokens.bfloat16(),
+                         pooled_projections=cond.pooled.bfloat16(), timestep=timestep).sample.float()
+
+        exact, rounded = direct(t * 1000), direct(torch.tensor([752.0, 600.0]))
+    assert ours.dtype == torch.float32 and (exact - rounded).abs().max() > 1e-3
+    torch.testing.assert_close(ours, exact, rtol=0, atol=0)
 
 
 def test_load_errors_name_the_problem(tiny_sd3):
@@ -76,6 +107,8 @@ def test_load_errors_name_the_problem(tiny_sd3):
     backbone = load_sd3(str(tiny_sd3), resolution=32, encoders=False)
     with pytest.raises(ValueError, match=r"\['to_nothing'\] of adapter 'generator' do not exist .* student.lora.targets"):
         backbone.add_lora("generator", 4, 4, targets=("to_q", "to_nothing"))
+    with pytest.raises(ValueError, match=r"\['q_proj'\] of adapter 'generator' do not exist"):  # only add_q_proj has it
+        backbone.add_lora("generator", 4, 4, targets=("to_q", "q_proj"))
     with pytest.raises(RuntimeError, match="without prompt encoders"):
         backbone.encode(["a red circle"])
 
