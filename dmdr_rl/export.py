@@ -7,7 +7,12 @@
 students only). `transformer` writes the whole student transformer (a LoRA merged into the base, or
 the fully fine-tuned copy) as a diffusers `SD3Transformer2DModel` directory. Both write
 `student.json` with the sampling settings the student was trained for: its K steps are the shifted
-schedule `sigmas` below, which a diffusers `FlowMatchEulerDiscreteScheduler` with `shift` reproduces.
+schedule `sigmas` below, which a diffusers `FlowMatchEulerDiscreteScheduler` with `shift` reproduces
+(with `stochastic_sampling=True` for an SDE student, DESIGN's re-noising step).
+
+A LoRA is merged into a float32 copy of the base, and the transformer is written in `--dtype`
+(default float32). Writing it in bfloat16 rounds base + LoRA to bf16, which can erase much of a small
+LoRA's change; for a bf16 model prefer `--format lora`, which keeps the base as the hub has it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from . import dmdr
@@ -24,19 +30,25 @@ from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .learning import load_adapter_state
 from .registry import build_backbone
+from .sd3 import BackboneLoadError
 from .trainer import find_run
 
 FORMATS = ("lora", "transformer")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export_student(run: Path, fmt: str, out: Path) -> dict:
+def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> dict:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml")
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
-    backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision)
+    # a LoRA file needs no base weights of any precision; a merge needs the base in float32
+    precision = cfg.trainer.precision if fmt == "lora" else "fp32"
+    backbone = build_backbone(cfg.model, encoders=False, precision=precision)
     dmdr.add_generator(backbone, cfg.student)
     load_adapter_state(backbone, dmdr.GENERATOR, load_file(str(checkpoint / f"{dmdr.GENERATOR}.safetensors")))
     out.mkdir(parents=True, exist_ok=True)
@@ -48,11 +60,15 @@ def export_student(run: Path, fmt: str, out: Path) -> dict:
         SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=backbone.lora_state_dict(dmdr.GENERATOR),
                                              transformer_lora_adapter_metadata=metadata)
     else:
-        backbone.standalone_transformer(dmdr.GENERATOR).save_pretrained(out)
+        student = backbone.standalone_transformer(dmdr.GENERATOR)
+        if student.dtype != getattr(torch, dtype):
+            student = student.to(getattr(torch, dtype))
+        student.save_pretrained(out)
     steps, shift = cfg.student.steps, cfg.student.shift
     settings = {
         "format": fmt, "base_model": cfg.model.path, "backbone": cfg.model.backbone, "checkpoint": str(checkpoint),
         "num_inference_steps": steps, "guidance_scale": 1.0, "scheduler_shift": shift, "sampler": cfg.student.sampler,
+        "stochastic_sampling": cfg.student.sampler == "sde", "dtype": dtype if fmt == "transformer" else None,
         "sigmas": [round(float(t), 6) for t in sampling_timesteps(steps, 1.0)],  # unshifted; the scheduler shifts
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
     }
@@ -65,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run directory, its checkpoints/ or a step_N/")
     parser.add_argument("--format", default="lora", choices=FORMATS)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights")
     args = parser.parse_args(argv)
     try:
-        settings = export_student(args.run, args.format, args.out)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        settings = export_student(args.run, args.format, args.out, args.dtype)
+    except (ConfigError, BackboneLoadError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     load = ("pipe.load_lora_weights(out)" if args.format == "lora" else
             "pipe.transformer = SD3Transformer2DModel.from_pretrained(out)")
@@ -76,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
           f"use it with diffusers:\n"
           f"  pipe = StableDiffusion3Pipeline.from_pretrained({settings['base_model'] or '<base model>'!r}); {load}\n"
           f"  pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-          f"shift={settings['scheduler_shift']})\n"
+          f"shift={settings['scheduler_shift']}{', stochastic_sampling=True' if settings['stochastic_sampling'] else ''})\n"
           f"  pipe(prompt, sigmas={settings['sigmas']}, guidance_scale=1.0)")
 
 

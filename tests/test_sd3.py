@@ -3,6 +3,7 @@ through the very functions the toy world uses, decode with gradient, the load er
 back into a diffusers `StableDiffusion3Pipeline`."""
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -146,3 +147,35 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
     if base is not None:  # the merged weights differ from the teacher's: the student was trained
         teacher = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
         assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), teacher.state_dict().values()))
+
+
+def test_a_bf16_students_merged_export_keeps_its_lora_and_an_sde_student_says_so(tmp_path, tiny_sd3, tiny_sd3_overrides):
+    """A LoRA merged into bf16 weights would lose much of its (small) change: the export merges in float32."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from dmdr_rl.conditioning import Conditioning
+    from dmdr_rl.export import export_student
+    from dmdr_rl.learning import load_adapter_state
+    from dmdr_rl.registry import build_backbone
+
+    cfg = load_config("toy-dmdr", [*TINY_RUN, *tiny_sd3_overrides, f"output.dir={tmp_path / 'run'}",
+                                   "trainer.precision=bf16", "student.sampler=sde", "trainer.max_steps=2"])
+    LocalTrainer(cfg).train()
+    settings = export_student(tmp_path / "run", "transformer", tmp_path / "export")
+    assert settings["stochastic_sampling"] is True and settings["dtype"] == "float32"
+    # the trained student at full precision: the float32 base with its (unmerged) LoRA
+    student = build_backbone(cfg.model, encoders=False, precision="fp32")
+    dmdr.add_generator(student, cfg.student)
+    load_adapter_state(student, dmdr.GENERATOR, load_file(str(Path(settings["checkpoint"]) / "generator.safetensors")))
+    exported = SD3Transformer2DModel.from_pretrained(tmp_path / "export")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.9, 0.4])
+    cond = Conditioning(torch.randn(2, 32, 32), torch.randn(2, 64))
+    with torch.no_grad():
+        ours = student.velocity(x, t, cond, adapter=dmdr.GENERATOR)
+        base = student.velocity(x, t, cond)
+        theirs = exported(hidden_states=x, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
+                          timestep=t * 1000).sample
+    lora_effect = (ours - base).abs().max()
+    assert lora_effect > 1e-4  # the student moved away from its base
+    assert (theirs - ours).abs().max() < 0.01 * lora_effect
