@@ -73,5 +73,8 @@ def _read_table(path: Path, suffix: str):
     import pyarrow.json
     import pyarrow.parquet
 
-    readers = {".csv": pyarrow.csv.read_csv, ".parquet": pyarrow.parquet.read_table, ".jsonl": pyarrow.json.read_json}
+    if suffix == ".csv":  # the prompt column as text even where every prompt looks like a number ("1984")
+        return pyarrow.csv.read_csv(str(path), convert_options=pyarrow.csv.ConvertOptions(
+            column_types={"prompt": pyarrow.string()}))
+    readers = {".parquet": pyarrow.parquet.read_table, ".jsonl": pyarrow.json.read_json}
     return readers[suffix](str(path))

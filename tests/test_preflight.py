@@ -104,3 +104,11 @@ def test_the_main_job_exits_with_the_message_before_loading_anything(tmp_path, c
     assert exit_info.value.code == 2
     assert "contains no prompts" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_csv_prompt_column_is_text_even_when_its_prompts_look_like_numbers(tmp_path):
+    (tmp_path / "years.csv").write_text("prompt,id\n1984,1\n007,2\n")
+    assert sorted(PromptSource(str(tmp_path / "years.csv"), 0).prompts) == ["007", "1984"]
+    (tmp_path / "other.csv").write_text("caption\n1984\n")
+    with pytest.raises(ConfigError, match="no 'prompt' column \\(columns: caption\\)"):
+        PromptSource(str(tmp_path / "other.csv"), 0)
