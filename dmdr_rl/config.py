@@ -86,6 +86,8 @@ class RewardServeSpec(_Section):
     timeout_s: float = Field(120.0, gt=0)  # per request
     retries: int = Field(3, ge=0)  # after the first try, with exponential backoff
     backoff_s: float = Field(0.5, ge=0)
+    # pixels (images x height x width) one HTTP request may carry; bounds what a small PNG can decode to
+    http_max_pixels: int = Field(2**26, ge=1)
 
 
 class RewardSpec(_Section):

@@ -5,6 +5,7 @@ Reward models register in `reward_servers.registry.REWARDS`."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 import torch
@@ -46,8 +47,34 @@ class Registry(Generic[T]):
             "or give an import path 'package.module:Name'"
         )
 
-    def build(self, name: str, **kwargs: Any) -> T:
-        return self.resolve(name)(**kwargs)
+    def build(self, name: str, *, where: str | None = None, **kwargs: Any) -> T:
+        """`where`: the config field the kwargs come from, named by the error when the factory does not
+        take them (checked against its signature; a factory that passes **kwargs on is judged by the
+        TypeError of the call it makes)."""
+        factory = self.resolve(name)
+        if where is None:
+            return factory(**kwargs)
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):  # no introspectable signature
+            signature = None
+        if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            try:
+                signature.bind(**kwargs)
+            except TypeError as err:
+                raise self._options_error(name, where, err) from err
+            return factory(**kwargs)
+        try:
+            return factory(**kwargs)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            raise self._options_error(name, where, err) from err
+
+    def _options_error(self, name: str, where: str, err: TypeError) -> Exception:
+        from .config import ConfigError
+
+        return ConfigError(f"{self.kind} {name!r} does not take these options ({err}); fix {where}")
 
 
 BACKBONES: Registry = Registry("backbone")
@@ -92,13 +119,7 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32", device
     kwargs = dict(model.kwargs)
     if precision == "bf16":
         kwargs.setdefault("dtype", "bfloat16")
-    try:
-        backbone = BACKBONES.build(model.backbone, path=model.path, resolution=model.resolution, encoders=encoders, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument" not in str(err):
-            raise
-        from .config import ConfigError
-
-        raise ConfigError(f"backbone {model.backbone!r} does not take that option ({err}); fix model.kwargs"
-                          + (" or set trainer.precision=fp32" if precision == "bf16" else "")) from err
+    where = "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
+    backbone = BACKBONES.build(model.backbone, where=where, path=model.path, resolution=model.resolution,
+                               encoders=encoders, **kwargs)
     return backbone.to(device)

@@ -184,7 +184,7 @@ def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
 
     rewards = []
     for i, spec in enumerate(cfg.rewards):
-        model = reward_model(spec)
+        model = reward_model(spec, f"rewards.{i}.kwargs")
         if spec.weight > 0 and not model.differentiable:
             raise ConfigError(f"rewards.{i} ({spec.name}) is not differentiable, so it cannot train the generator "
                               f"(ReFL needs d score / d image): set rewards.{i}.weight=0 to only monitor it")

@@ -19,7 +19,7 @@ from .protocol import RewardInputError, RewardModel, RewardServerError, validate
 from .registry import REWARDS, load_reward_model
 
 
-def reward_model(spec: RewardSpec) -> RewardModel:
+def reward_model(spec: RewardSpec, where: str = "rewards[].kwargs") -> RewardModel:
     """The model of one config entry in its placement: in this process, or a client of its Serve app."""
     if spec.placement == "serve":
         from .client import RemoteReward, RewardClient, ServeTransport
@@ -29,7 +29,7 @@ def reward_model(spec: RewardSpec) -> RewardModel:
         return RemoteReward(client)
     from .local import InProcessReward
 
-    return InProcessReward(load_reward_model(spec.name, spec.kwargs))
+    return InProcessReward(load_reward_model(spec.name, spec.kwargs, where))
 
 
 __all__ = ["REWARDS", "RewardInputError", "RewardModel", "RewardServerError", "load_reward_model", "reward_model",

@@ -1,6 +1,7 @@
 """The reward servers' HTTP wire format, for clients outside Ray: JSON with base64 PNG or .npy
 images -- decoded with `allow_pickle=False`, never unpickled -- and scores (null where not finite) plus,
-on request, base64 .npy gradients."""
+on request, base64 .npy gradients. Network data meets only two decoders: numpy's .npy reader and
+Pillow's PNG plugin (8-bit modes), and a request's pixel count is bounded before anything is decoded."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def encode_request(images: torch.Tensor | None = None, prompts: Sequence[str] = 
     return body
 
 
-def decode_images(request: ScoreRequest) -> torch.Tensor:
+PNG_MODES = ("L", "LA", "P", "RGB", "RGBA")  # 8 bits per channel: /255 maps them onto [0, 1]
+
+
+def decode_images(request: ScoreRequest, max_pixels: int = 2**26) -> torch.Tensor:
+    """Float images [B, 3, H, W] in [0, 1]; `max_pixels` bounds B x H x W (a RewardInputError above it)."""
     if (request.images_npy is None) == (not request.images_png):
         raise RewardInputError("give the images either as images_npy or as images_png, exactly one of them")
     if request.images_npy is not None:
@@ -40,6 +45,8 @@ def decode_images(request: ScoreRequest) -> torch.Tensor:
             array = np.load(io.BytesIO(base64.b64decode(request.images_npy)), allow_pickle=False)
         except Exception as err:  # noqa: BLE001 - any malformed payload is the client's error
             raise RewardInputError(f"images_npy is not a base64 .npy array ({err})") from err
+        if array.ndim == 4:
+            _check_pixels(array.shape[0] * array.shape[2] * array.shape[3], max_pixels)
         if array.dtype == np.uint8:
             return torch.from_numpy(array.astype(np.float32) / 255.0)
         if array.dtype.kind != "f":
@@ -47,19 +54,31 @@ def decode_images(request: ScoreRequest) -> torch.Tensor:
         return torch.from_numpy(array.astype(np.float32))
     from PIL import Image
 
-    images = []
+    images, pixels = [], 0
     for i, data in enumerate(request.images_png):
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(data)))
+            image = Image.open(io.BytesIO(base64.b64decode(data)), formats=["PNG"])  # reads the header only
+        except Exception as err:  # noqa: BLE001
+            raise RewardInputError(f"images_png[{i}] is not a PNG image ({err})") from err
+        if image.mode not in PNG_MODES:
+            raise RewardInputError(f"images_png[{i}] has mode {image.mode!r}; send 8-bit PNGs ({', '.join(PNG_MODES)}), "
+                                   f"or float values in [0, 1] as images_npy")
+        pixels += image.width * image.height
+        _check_pixels(pixels, max_pixels)
+        try:
             image.load()
         except Exception as err:  # noqa: BLE001
-            raise RewardInputError(f"images_png[{i}] is not a readable image ({err})") from err
-        if image.format != "PNG":
-            raise RewardInputError(f"images_png[{i}] is {image.format}, expected PNG")
+            raise RewardInputError(f"images_png[{i}] is not a readable PNG ({err})") from err
         images.append(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1))
     if len({tuple(im.shape) for im in images}) > 1:
         raise RewardInputError("images_png must all have the same size")
     return torch.stack(images)
+
+
+def _check_pixels(pixels: int, max_pixels: int) -> None:
+    if pixels > max_pixels:
+        raise RewardInputError(f"the request carries more than {max_pixels:,} pixels (images x height x width); send "
+                               f"fewer or smaller images per request, or raise rewards[].serve.http_max_pixels")
 
 
 def encode_answer(answer: dict) -> dict:

@@ -36,12 +36,13 @@ class RewardServer:
     """Holds one reward model; merges concurrent requests into one model call."""
 
     def __init__(self, name: str, kwargs: dict[str, Any] | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.005, threads: int | None = None):
+                 batch_wait_timeout_s: float = 0.005, threads: int | None = None, http_max_pixels: int = 2**26):
         if threads:
             torch.set_num_threads(threads)
         self.model = load_reward_model(name, kwargs)
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.http_max_pixels = http_max_pixels
         self.calls = self.images = self.max_batch_images = 0
 
     def info(self) -> dict:
@@ -108,12 +109,15 @@ class RewardServer:
 
     @http_app.post("/score")
     async def score_http(self, request: http.ScoreRequest) -> dict:
-        try:
-            images = http.decode_images(request)
+        try:  # decoding off the event loop: the replica keeps serving other requests meanwhile
+            images = await asyncio.to_thread(http.decode_images, request, self.http_max_pixels)
             call = self.score_with_grad if request.grad else self.score
             answer = await call(images, request.prompts)
         except RewardInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from err
+        except Exception as err:  # noqa: BLE001 - the model failed: say why (its first line), not a bare 500
+            detail = f"reward model {self.model.name!r} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            raise HTTPException(status_code=500, detail=detail) from err
         return http.encode_answer(answer)
 
     @http_app.get("/info")
@@ -130,7 +134,7 @@ def reward_app(spec: RewardSpec):
     scaling = {"autoscaling_config": s.autoscaling} if s.autoscaling else {"num_replicas": s.replicas}
     threads = max(1, int(s.num_cpus)) if s.num_cpus else 1
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, **scaling).bind(
-        spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads)
+        spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels)
 
 
 def build_app(args: dict):

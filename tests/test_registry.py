@@ -30,3 +30,30 @@ def test_double_registration_is_an_error():
 def test_toy_backbone_checks_the_resolution():
     with pytest.raises(ValueError, match="model.resolution must be 32"):
         BACKBONES.build("toy", resolution=64)
+
+
+def test_options_a_factory_does_not_take_name_the_config_field():
+    from dmdr_rl.config import ConfigError, load_config
+    from dmdr_rl.trainer import build_rewards
+
+    registry = Registry("reward model")
+
+    @registry.register("strict")
+    def strict(path=None):
+        raise TypeError("a bug inside the factory, not an option error")
+
+    @registry.register("passes-on")
+    def passes_on(**kwargs):
+        return dict(**kwargs) if not kwargs else strict(**kwargs)
+
+    with pytest.raises(ConfigError, match=r"'strict' does not take these options .*'pth'.*; fix rewards.0.kwargs"):
+        registry.build("strict", where="rewards.0.kwargs", pth="x")
+    with pytest.raises(TypeError, match="a bug inside the factory"):  # not mistaken for a wrong option
+        registry.build("strict", where="rewards.0.kwargs", path="x")
+    with pytest.raises(ConfigError, match=r"'passes-on' does not take these options .*'pth'"):
+        registry.build("passes-on", where="rewards.0.kwargs", pth="x")
+    cfg = load_config("toy-dmdr", ["rewards.0.kwargs={pth: x}"])
+    with pytest.raises(ConfigError, match=r"reward model 'toy-align' does not take these options .*; fix rewards.0.kwargs"):
+        build_rewards(cfg)
+    with pytest.raises(ConfigError, match=r"'pickscore' does not take these options .*'colour'"):  # PickScore(**kwargs)
+        REWARDS.build("pickscore", where="rewards.0.kwargs", colour="red")

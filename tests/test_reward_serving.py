@@ -166,6 +166,8 @@ def test_http_endpoint_scores_npy_and_png_and_rejects_bad_input(tmp_path, local_
         assert bad.status_code == 422 and "[0, 1]" in bad.json()["detail"]
         bad = requests.post(url, json=http.encode_request(images, PROMPTS[:3]), timeout=60)
         assert bad.status_code == 422 and "4 images but 3 prompts" in bad.json()["detail"]
+        failed = requests.post(url, json=http.encode_request(images[:1], ["a purple hexagon"]), timeout=60)
+        assert failed.status_code == 500 and "reward model 'toy-align' failed: ValueError" in failed.json()["detail"]
     finally:
         stop_reward_apps(started)
 

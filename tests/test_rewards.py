@@ -276,6 +276,39 @@ def test_http_codec_round_trips_npy_and_png_and_never_unpickles():
     assert answer["scores"][0] == 1.0 and torch.isnan(answer["scores"][1]) and answer["grads"].shape == (2, 3, 2, 2)
 
 
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_http_decoding_takes_only_8_bit_pngs_and_bounds_the_pixels_before_decoding():
+    rgb = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+
+    def decode(*pngs, **kwargs):
+        return http.decode_images(http.ScoreRequest(**http.encode_request(None, ["a"] * len(pngs), png=pngs)), **kwargs)
+
+    assert decode(_encoded(rgb, "PNG")).shape == (1, 3, 8, 8)
+    for fmt in ("JPEG", "BMP", "TIFF"):  # never handed to another decoder
+        with pytest.raises(RewardInputError, match=r"images_png\[0\] is not a PNG image"):
+            decode(_encoded(rgb, fmt))
+    sixteen_bit = _encoded((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000), "PNG")
+    with pytest.raises(RewardInputError, match=r"mode 'I;16'.*8-bit PNGs"):
+        decode(sixteen_bit)
+    # a 4000 x 4000 black PNG is a few kB; it is refused from its header, before 183 MB are decoded
+    big = _encoded(np.zeros((4000, 4000), dtype=np.uint8), "PNG")
+    assert len(big) < 100_000
+    with pytest.raises(RewardInputError, match="more than 1,000,000 pixels .* rewards\\[\\]\\.serve\\.http_max_pixels"):
+        decode(big, max_pixels=1_000_000)
+    with pytest.raises(RewardInputError, match="more than 100 pixels"):  # counted over the request's images
+        decode(_encoded(rgb, "PNG"), _encoded(rgb, "PNG"), max_pixels=100)
+    npy = http.ScoreRequest(**http.encode_request(torch.rand(2, 3, 8, 8), ["a", "b"]))
+    with pytest.raises(RewardInputError, match="more than 100 pixels"):
+        http.decode_images(npy, max_pixels=100)
+
+
 USER_REWARD = textwrap.dedent('''
     import torch
 

@@ -121,5 +121,5 @@ def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_
     from dmdr_rl.config import ConfigError
 
     cfg = load_config("toy-dmdr", ["model.kwargs={colour: red}", f"output.dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="backbone 'toy' does not take that option .* fix model.kwargs"):
+    with pytest.raises(ConfigError, match="backbone .toy. does not take these options .* fix model.kwargs"):
         LocalTrainer(cfg)
