@@ -63,19 +63,30 @@ class RewardClient:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         validate_images(images, prompts)
-        answer = self._call("score", images, prompts)
+        answer = self._answer("score", images, prompts)
         return validate_scores(answer.get("scores"), images.shape[0], f"reward app {self.app!r}").to(images.device)
 
     def score_with_grad(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and d score / d image. A sample whose gradient is not finite is treated like one whose
+        score is not: its score becomes NaN (dropped from the reward term and counted), its gradient 0."""
         validate_images(images, prompts)
-        answer = self._call("score_with_grad", images, prompts)
+        answer = self._answer("score_with_grad", images, prompts)
         scores = validate_scores(answer.get("scores"), images.shape[0], f"reward app {self.app!r}")
         grads = answer.get("grads")
-        if not isinstance(grads, torch.Tensor) or grads.shape != images.shape:
-            raise RewardServerError(f"reward app {self.app!r} returned gradients of shape "
-                                    f"{list(getattr(grads, 'shape', []))}, expected {list(images.shape)}")
-        grads = torch.where(torch.isfinite(scores).view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
-        return scores.to(images.device), torch.nan_to_num(grads, nan=0.0, posinf=0.0, neginf=0.0).to(images.device)
+        if not isinstance(grads, torch.Tensor) or not grads.is_floating_point() or grads.shape != images.shape:
+            raise RewardServerError(f"reward app {self.app!r} returned gradients {getattr(grads, 'dtype', type(grads))} "
+                                    f"of shape {list(getattr(grads, 'shape', []))}, expected float {list(images.shape)}")
+        usable = torch.isfinite(scores) & torch.isfinite(grads).flatten(1).all(dim=1)
+        scores = torch.where(usable, scores, torch.full_like(scores, float("nan")))
+        grads = torch.where(usable.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
+        return scores.to(images.device), grads.to(images.device)
+
+    def _answer(self, method: str, images: torch.Tensor, prompts: Sequence[str]) -> dict:
+        answer = self._call(method, images, prompts)
+        if not isinstance(answer, dict):
+            raise RewardServerError(f"reward app {self.app!r}: {method}() returned a {type(answer).__name__}, expected "
+                                    f"a dict with 'scores'")
+        return answer
 
     def _call(self, method: str, images: torch.Tensor | None, prompts: Sequence[str] | None):
         payload = None if images is None else images.detach().to("cpu", torch.float32).contiguous()

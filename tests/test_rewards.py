@@ -188,6 +188,43 @@ def test_client_does_not_retry_bad_requests_and_checks_answers(align):
     with pytest.raises(RewardServerError, match=r"shape \[5\], expected \[4\]"):
         RewardClient(wrong_shape, "reward-x", backoff_s=0.0).score(_images(), PROMPTS)
 
+    with pytest.raises(RewardServerError, match=r"score\(\) returned a list, expected a dict"):
+        RewardClient(lambda *args: [1.0] * 4, "reward-x", backoff_s=0.0).score(_images(), PROMPTS)
+
+    def integer_grads(method, images, prompts, timeout_s):
+        return {"scores": torch.zeros(images.shape[0]), "grads": torch.zeros(images.shape, dtype=torch.int64)}
+
+    with pytest.raises(RewardServerError, match="gradients torch.int64 .* expected float"):
+        RewardClient(integer_grads, "reward-x", backoff_s=0.0).score_with_grad(_images(), PROMPTS)
+
+
+def test_a_sample_with_a_non_finite_served_gradient_is_dropped_and_counted_like_a_non_finite_score():
+    def nan_grad_for_the_second(method, images, prompts, timeout_s):
+        grads = torch.ones_like(images)
+        grads[1, 0, 0, 0] = float("nan")
+        return {"scores": images.mean(dim=(1, 2, 3)), "grads": grads}
+
+    remote = RemoteReward(RewardClient(nan_grad_for_the_second, "reward-x"), name="x", differentiable=True)
+    images = _images(3).requires_grad_(True)
+    loss, metrics = dmdr.WeightedReward(remote, RewardSpec(name="x", shaping="linear")).loss(images, PROMPTS[:3])
+    loss.backward()
+    assert metrics["reward/x/non_finite"] == 1.0
+    assert (images.grad[1] == 0).all() and (images.grad[[0, 2]] == -0.5).all()  # d(-mean of 2 scores)/d score = -1/2
+
+
+def test_retries_back_off_exponentially_up_to_the_cap(monkeypatch):
+    from reward_servers import client as client_module
+
+    waits = []
+    monkeypatch.setattr(client_module.time, "sleep", waits.append)
+    transport = _InProcessTransport(load_reward_model("toy-align"), failures=6)
+    client = RewardClient(transport, "reward-toy-align", retries=6, backoff_s=0.5, max_backoff_s=4.0)
+    assert client.score(_images(), PROMPTS).shape == (4,)
+    assert waits == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0] and client.failed_attempts == 6
+    transport.calls, transport.failures = 0, 10
+    with pytest.raises(RewardServerError, match="reward app 'reward-toy-align' did not answer score\(\) after 3 attempt"):
+        RewardClient(transport, "reward-toy-align", retries=2, backoff_s=0.5).score(_images(), PROMPTS)
+
 
 def test_non_finite_scores_are_dropped_from_the_loss_and_counted():
     spec = RewardSpec(name="nan-odd", weight=1.0, shaping="linear")
