@@ -43,7 +43,7 @@ def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
         vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
                             norm_num_groups=4, sample_size=resolution, use_quant_conv=False, use_post_quant_conv=False,
-                            shift_factor=0.0609, scaling_factor=1.5035)
+                            shift_factor=0.0609, scaling_factor=1.5305)
         transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=4,
                                             num_layers=2, attention_head_dim=8, num_attention_heads=4,
                                             joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,

@@ -24,6 +24,13 @@ def test_the_paper_presets_carry_the_reference_hyperparameters():
     assert (large.trainer.lr_generator, large.trainer.lr_critic, large.trainer.lr_generator_rl,
             large.trainer.lr_critic_rl) == (1e-6, 2e-8, 1e-7, 5e-9)
     assert [r.weight for r in large.rewards] == [0.1, 0.1]
+    for preset in (medium, large):  # what DESIGN section 2 gives for both runs
+        assert (preset.critic.lora.rank, preset.critic.lora.alpha) == (32, 32)
+        assert (preset.critic.fake_scale, preset.critic.real_scale0) == (2.0, 0.5)
+        assert (preset.dmd.cfg_jitter, preset.dmd.renoise_beta, preset.dmd.cfg_max_tau) == (0.5, (4.0, 1.5), 1.0)
+        assert [(r.shaping, r.margin) for r in preset.rewards] == [("hinge", 0.7), ("hinge", 0.7)]
+        assert (preset.student.lora.rank, preset.student.lora.alpha, preset.trainer.grad_clip) == (64, 128, 1.0)
+        assert (preset.trainer.precision, preset.trainer.optimizer, preset.dmd.ratio) == ("bf16", "adamw8bit", 5)
 
 
 def test_dotted_overrides_are_typed():
