@@ -19,7 +19,8 @@ from dmdr_rl.prompts import PromptSource
 
 from .rollout import RolloutWorker
 
-ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# a rollout worker died, is restarting, or its node went with the batch it had made: sample it again
+ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 
 
 class RolloutCoordinator:

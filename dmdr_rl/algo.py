@@ -68,7 +68,7 @@ def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor)
     with torch.no_grad():
         dims = tuple(range(1, x0.dim()))
         weight = (x0 - x0_real).abs().mean(dim=dims, keepdim=True) + 1e-8
-        return torch.nan_to_num((x0_fake - x0_real) / weight)
+        return torch.nan_to_num((x0_fake - x0_real) / weight, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ def check_placement(cfg: RunConfig) -> None:
     several learner workers need whole GPUs each. A single learner may take a fraction, which lets the
     learner and the rollout actors share one GPU."""
     gpus, workers = cfg.ray.learner_gpus, cfg.ray.learner_workers
+    if cfg.trainer.batch_size % workers:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must divide evenly over ray.learner_workers="
+                          f"{workers} (each rank trains on an equal shard): change one of them")
     if workers > 1 and gpus > 0 and gpus != int(gpus):
         raise ConfigError(f"ray.learner_gpus={gpus:g} with ray.learner_workers={workers}: each learner rank needs whole "
                           f"GPUs (NCCL cannot put two ranks on one GPU, and Ray would pack fractions together); use "
@@ -159,7 +162,11 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.learner_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": r.learner_cpus, **({"GPU": r.learner_gpus} if use_gpu else {})}),
-        run_config=TrainRunConfig(name=cfg.name, storage_path=str(out / "ray_train"),
+        # a name of its own per launch: Ray Train restores a run of the same name from its storage, which
+        # would silently continue an older run in a reused output.dir (resuming is trainer.resume_from's job;
+        # restarts after a learner failure, within this launch, still restore this run's checkpoints)
+        run_config=TrainRunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                                  storage_path=str(out / "ray_train"),
                                   failure_config=FailureConfig(max_failures=r.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

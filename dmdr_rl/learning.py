@@ -40,6 +40,7 @@ class DMDRLearner:
         self.iteration = 0
         self.generator_step = 0
         self._critic_seconds = 0.0
+        self.skipped_updates = 0  # optimizer steps left out because the gradient was not finite
 
     def step(self, batch: RolloutBatch) -> dict[str, float] | None:
         """Critic update on every batch; generator update every `ratio`-th. Returns the metrics on the
@@ -78,6 +79,7 @@ class DMDRLearner:
                 "schedule/lr_generator": self.opt_generator.param_groups[0]["lr"],
                 "schedule/lr_critic": self.opt_critic.param_groups[0]["lr"],
                 "rollout/staleness": float(self.generator_step - batch.weight_version),
+                "train/skipped_updates": float(self.skipped_updates),  # so far, critic and generator together
             })
             for name, scores in batch.reward_scores.items():
                 metrics[f"rollout/reward/{name}"] = float(finite_mean(scores))
@@ -104,7 +106,11 @@ class DMDRLearner:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.reduce_gradients is not None:
             self.reduce_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip)
+        if not torch.isfinite(norm):  # clipping cannot rescue inf/NaN (0 * inf): one step skipped, not weights lost
+            self.skipped_updates += 1
+            optimizer.zero_grad(set_to_none=True)
+            return
         optimizer.step()
 
     # -- state --------------------------------------------------------------------------------

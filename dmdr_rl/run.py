@@ -42,6 +42,13 @@ def evaluate_teacher(out: Path, num_images: int, split: str) -> None:
     print("Nothing was trained (see the note above).")
 
 
+def toy_evaluation_applies(cfg) -> bool:
+    """The judge and the reference statistics know the toy world's scenes only: toy prompts at 32 px."""
+    from .toy.render import RESOLUTION
+
+    return cfg.data.prompts.startswith("toy:") and cfg.model.resolution == RESOLUTION
+
+
 def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .evaluation import evaluate
     from .trainer import LocalTrainer
@@ -52,7 +59,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
         from .distributed import train_distributed
 
         summary = train_distributed(cfg)
-        sample_fn, _ = toy_eval.load_student(cfg.output_dir)
+        sample_fn = None
     else:
         from .distributed import connect, serving_rewards
 
@@ -65,6 +72,15 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
         summary["train_seconds"] = round(time.time() - started, 1)
         sample_fn = trainer.sample
     out = cfg.output_dir
+    if not toy_evaluation_applies(cfg):
+        print(f"dmdr_rl: the toy evaluation (judge accuracy and FID of 32 px toy scenes) does not apply to this run "
+              f"(data.prompts={cfg.data.prompts}, model.resolution={cfg.model.resolution}): skipped. Export the student "
+              f"with `python -m dmdr_rl.export --run {out}` and sample it with diffusers.")
+        print(f"Outputs: {out.resolve()}")
+        print(json.dumps(summary))
+        return
+    if sample_fn is None:
+        sample_fn, _ = toy_eval.load_student(out)
     report = evaluate(sample_fn, "held-in", num_images, 0, load_judge(), [load_align()],
                       grid_path=out / "eval" / "grid.png", samples_path=out / "eval" / "samples.parquet",
                       desc="evaluating the student")

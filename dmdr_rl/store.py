@@ -116,8 +116,26 @@ class FileStore:
                     raise StoreError(f"{path}:{number} is not a JSON record ({err})") from err
         return unique(records)
 
+    # what a run leaves in its directory besides config.yaml and the *.jsonl streams
+    RUN_OUTPUTS = ("checkpoints", "samples", "eval", "tensorboard", "ray_train", "train_summary.json")
+
     def require_new(self) -> None:
-        """Files of a fresh run may extend an older run's in a reused directory (as before the store)."""
+        """A fresh run in a reused directory: the earlier run's streams and outputs move to
+        `previous/<time>/`, so the new run's metrics, ledger and checkpoints are its own alone (the
+        ledger audit counts from iteration 0; `checkpoints/latest` never names the older run's)."""
+        old = sorted(self.run_dir.glob("*.jsonl")) + [self.run_dir / name for name in self.RUN_OUTPUTS
+                                                      if (self.run_dir / name).exists()]
+        if not old:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        destination = self.run_dir / "previous" / stamp
+        suffix = 1
+        while destination.exists():
+            destination, suffix = self.run_dir / "previous" / f"{stamp}-{suffix}", suffix + 1
+        destination.mkdir(parents=True)
+        for path in old:
+            path.rename(destination / path.name)
+        print(f"dmdr_rl: {self.run_dir} held an earlier run: its records and outputs moved to {destination}", flush=True)
 
     def flush(self, timeout_s: float = 0.0) -> bool:
         return True

@@ -54,12 +54,19 @@ def publish_generator(coordinator, learner: DMDRLearner) -> None:
 def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float = ROLLOUT_PATIENCE_S):
     """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
     (Ray restarts the worker; it reloads the weights itself) until `patience_s` runs out."""
+    deadline = time.monotonic() + patience_s
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
+        if time.monotonic() > deadline:  # the generator version this batch needs never came
+            raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s for the generator weights it "
+                               f"needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
         time.sleep(0.01)  # the weights this batch needs are being published
     ref, deadline, wait = answer[0], time.monotonic() + patience_s, 0.5
     while True:
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError as err:
+            raise RuntimeError(f"the rollout of batch ({iteration}, rank {rank}) did not finish within {patience_s:.0f} s "
+                               f"(a rollout worker is stuck, or ray.rollout_cpus / rollout_gpus are too few)") from err
         except ACTOR_ERRORS as err:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no rollout worker could sample batch ({iteration}, rank {rank}) within "

@@ -118,6 +118,18 @@ def _start_eight_step_run(tmp_path, name, checkpoint_every):
 
 
 @pytest.mark.slow
+def test_a_second_launch_into_the_same_directory_trains_afresh(tmp_path, local_ray):
+    """Ray Train restores a run of the same name from its storage: a reused output.dir must not continue
+    (or, with another dmd.ratio, hang on) the earlier run silently; resuming is trainer.resume_from's job."""
+    settings = {"trainer.backend": "ray", "trainer.max_steps": 2, "output.checkpoint_every": 2}
+    train_distributed(_config(tmp_path, **settings))
+    summary = train_distributed(_config(tmp_path, **settings, **{"dmd.ratio": 1}))
+    assert summary["generator_steps"] == 2 and summary["iterations"] == 2
+    assert [step for step, _ in _losses(tmp_path)] == [1, 2]
+    assert not {k: v for k, v in summary["ledger"].items() if k in ("lost", "duplicated", "unexpected") and v}
+    assert len(list((tmp_path / "previous").iterdir())) == 1
+
+
 def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, local_ray):
     out, thread, outcome, coordinator = _start_eight_step_run(tmp_path, "kill-rollout", checkpoint_every=4)
     _wait_for(lambda: _consumed(out) >= 4)

@@ -123,3 +123,59 @@ def test_the_guidance_interval_turns_the_real_scores_cfg_off_above_its_bound(bac
     assert dmd(real_cfg=4.0, cfg_max_tau=1.0 - 1e-7) == pytest.approx(everywhere, rel=1e-6)
     assert dmd(real_cfg=4.0, cfg_max_tau=1e-6) == pytest.approx(unguided, rel=1e-5)  # every tau is above the bound
     assert abs(everywhere - unguided) > 1e-3 * abs(unguided)
+
+
+def _spy_velocity(monkeypatch, backbone):
+    """Every velocity call: its adapter, LoRA scale, CFG, t, input, output and whether autograd was on."""
+    calls, original = [], backbone.velocity
+
+    def velocity(x_t, t, cond, *, adapter=None, scale=1.0, cfg=1.0, null=None):
+        v = original(x_t, t, cond, adapter=adapter, scale=scale, cfg=cfg, null=null)
+        calls.append({"adapter": adapter, "scale": scale, "cfg": cfg, "t": t.detach().clone(), "x": x_t.detach().clone(),
+                      "v": v.detach().clone(), "grad": torch.is_grad_enabled()})
+        return v
+
+    monkeypatch.setattr(backbone, "velocity", velocity)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_the_generator_step_queries_each_network_as_design_section_2_says(backbone, monkeypatch, sampler):
+    """With the noise zeroed, x_t = (1 - t) x0 exactly, so the re-noising source and the scores' inputs can
+    be read off the recorded calls and compared with the equations."""
+    from dmdr_rl import algo
+
+    student, critic = StudentSection(steps=3, sampler=sampler), CriticSection(fake_scale=2.0, real_scale0=0.5)
+    dmd, step = DmdSection(real_cfg=4.0, cfg_jitter=0.5, dynamic_steps=10), 3
+    cond = backbone.encode(PROMPTS)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(dmdr, "randn", lambda shape, generator, device="cpu": torch.zeros(shape, device=device))
+    calls = _spy_velocity(monkeypatch, backbone)
+    dmdr.generator_loss(backbone, traj, cond, PROMPTS, step, student, critic, dmd, [], False, torch.Generator().manual_seed(3))
+    gen, real, fake = calls
+    # the generator, with gradient, at student timesteps t_k, re-noised from x0 (ODE) or the k-th step's x0 (SDE)
+    assert (gen["adapter"], gen["scale"], gen["cfg"], gen["grad"]) == (dmdr.GENERATOR, 1.0, 1.0, True)
+    k = [int((traj.timesteps - t).abs().argmin()) for t in gen["t"]]
+    torch.testing.assert_close(gen["t"], traj.timesteps[k])
+    assert sorted(k) == [1, 2]  # (this seed's draw) steps past the first, where an off-by-one would show
+    sources = traj.x0 if sampler == "ode" else traj.x0_steps[k, torch.arange(2)]
+    torch.testing.assert_close(gen["x"], (1 - gen["t"]).view(-1, 1, 1, 1) * sources)
+    # the real score: the critic LoRA at s_r(step), CFG w ~ U(w_r - 0.5, w_r + 0.5); the fake one at s_f, no CFG
+    assert (real["adapter"], real["scale"], real["grad"]) == (dmdr.CRITIC, algo.real_score_scale(step, 0.5, 10), False)
+    assert 3.5 <= real["cfg"] <= 4.5 and real["cfg"] != 4.0
+    assert (fake["adapter"], fake["scale"], fake["cfg"], fake["grad"]) == (dmdr.CRITIC, 2.0, 1.0, False)
+    # both at the same tau and x_tau = (1 - tau) x0, with x0 = x_t - t v the generator's prediction
+    x0 = gen["x"] - gen["t"].view(-1, 1, 1, 1) * gen["v"]
+    assert torch.equal(real["t"], fake["t"]) and torch.equal(real["x"], fake["x"])
+    torch.testing.assert_close(real["x"], (1 - real["t"]).view(-1, 1, 1, 1) * x0)
+
+
+def test_the_critic_step_trains_the_fake_score_at_its_scale(backbone, monkeypatch):
+    cond = backbone.encode(PROMPTS)
+    traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=2), torch.Generator().manual_seed(0))
+    monkeypatch.setattr(dmdr, "randn", lambda shape, generator, device="cpu": torch.zeros(shape, device=device))
+    calls = _spy_velocity(monkeypatch, backbone)
+    dmdr.critic_loss(backbone, traj.x0, cond, 0, CriticSection(fake_scale=2.0), DmdSection(), torch.Generator().manual_seed(1))
+    (call,) = calls
+    assert (call["adapter"], call["scale"], call["cfg"], call["grad"]) == (dmdr.CRITIC, 2.0, 1.0, True)
+    torch.testing.assert_close(call["x"], (1 - call["t"]).view(-1, 1, 1, 1) * traj.x0)

@@ -123,3 +123,34 @@ def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_
     cfg = load_config("toy-dmdr", ["model.kwargs={colour: red}", f"output.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="backbone .toy. does not take these options .* fix model.kwargs"):
         LocalTrainer(cfg)
+
+
+def test_a_fresh_run_in_a_reused_directory_keeps_its_records_apart_from_the_earlier_runs(tmp_path):
+    first, _ = _trainer(tmp_path, **{"trainer.max_steps": 2})
+    first.train()
+    earlier_metrics = (tmp_path / "metrics.jsonl").read_text()
+    second, _ = _trainer(tmp_path, **{"trainer.max_steps": 2})
+    second.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # not [1, 2, 1, 2]
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert (previous / "metrics.jsonl").read_text() == earlier_metrics
+    assert (previous / "checkpoints" / "latest").exists() and (tmp_path / "checkpoints" / "latest").exists()
+    assert not (tmp_path / "previous" / "previous").exists()
+
+
+def test_the_schedules_run_on_generator_steps_not_iterations(tmp_path, monkeypatch):
+    """DynaDG and DynaRS are functions of the generator step s (DESIGN section 2, item 4); with ratio 3
+    the iteration runs three times faster."""
+    seen = {"critic": [], "generator": []}
+    for name, index in (("critic_loss", 3), ("generator_loss", 4)):
+        original = getattr(dmdr, name)
+
+        def spy(*args, _original=original, _key=name.split("_")[0], _index=index, **kwargs):
+            seen[_key].append(args[_index])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dmdr, name, spy)
+    trainer, _ = _trainer(tmp_path, **{"trainer.max_steps": 2, "dmd.ratio": 3, "output.checkpoint_every": 100})
+    trainer.train()
+    assert seen == {"critic": [0, 0, 0, 1, 1, 1], "generator": [0, 1]}
