@@ -67,8 +67,9 @@ class RolloutCoordinator:
     def start(self, iteration: int) -> None:
         """Begin (or, after a learner restart, resume) issuing from `iteration`: earlier batches are
         done, later ones consumed before the restart are rolled back (the ledger says so)."""
-        if self.pending or self.consumed_upto:
-            self.ledger.append("rewind", iteration=iteration)
+        restart = bool(self.pending or self.consumed_upto)
+        self.ledger.append("rewind" if restart else "start", iteration=iteration)
+        if restart:
             # The restored learner's weights replace the newer ones the lost learner published (and
             # owned: they died with it); a new epoch tells the workers to reload even an older version.
             self.epoch += 1

@@ -1,9 +1,11 @@
 """The prompt ledger: which prompt batches a run issued and consumed, as records of the run store.
 
-Events: `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank
-trained on it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`, so later
-consumptions are rolled back with the weights they produced). Replaying the events gives the batches
-that the final weights actually learned from: `audit` checks each was used exactly once.
+Events: `start` (a launch begins issuing at `iteration`: 0, or a checkpoint's for a resumed run),
+`issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank trained on
+it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`). A start or a rewind rolls
+back the later consumptions, with the weights they produced. Replaying the events gives the batches
+that the final weights actually learned from: `audit` checks each was used exactly once, from the
+ledger's first start on (a run resumed into a new directory learned the earlier batches elsewhere).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def effective_consumption(events: list[dict]) -> list[tuple[int, int]]:
     """(iteration, rank) of every consumption that survived the rewinds, in order."""
     consumed: list[tuple[int, int]] = []
     for e in events:
-        if e["event"] == "rewind":
+        if e["event"] in ("rewind", "start"):
             consumed = [c for c in consumed if c[0] < e["iteration"]]
         elif e["event"] == "consumed":
             consumed.append((e["iteration"], e["rank"]))
@@ -38,7 +40,8 @@ def effective_consumption(events: list[dict]) -> list[tuple[int, int]]:
 def audit(events: list[dict], iterations: int, world_size: int) -> dict:
     """Lost and duplicated batches against the expected iterations x ranks."""
     counts = Counter(effective_consumption(events))
-    expected = {(i, r) for i in range(iterations) for r in range(world_size)}
+    first = next((e["iteration"] for e in events if e["event"] == "start"), 0)
+    expected = {(i, r) for i in range(first, iterations) for r in range(world_size)}
     return {
         "lost": sorted(expected - set(counts)),
         "duplicated": sorted(k for k, n in counts.items() if n > 1),

@@ -67,6 +67,12 @@ def test_the_image_and_the_launcher_install_the_pinned_dependencies():
     assert any("requirements-lock.txt" in line and line.startswith("RUN pip install") for line in dockerfile)
     launcher = _documents(DEPLOY / "cluster" / "cluster-launcher.yaml")[0]
     assert any("requirements-lock.txt" in command for command in launcher["setup_commands"])
+    # the job API stays on the head's loopback (reached through `ray dashboard`'s SSH tunnel), and the
+    # start commands use the environment's own ray (a bare `ray` is not on the PATH of a fresh node)
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert all(".venv/bin/ray " in command for command in starts)
+    assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
+    assert ".venv" in launcher["rsync_exclude"]
 
 
 def test_the_rayjob_has_a_head_and_a_gpu_worker_group_and_ships_the_code():

@@ -27,3 +27,20 @@ def test_the_audit_names_lost_and_duplicated_batches(tmp_path):
     report = audit(ledger.events(), 4, 2)
     assert report["lost"] == [(2, 0)] and report["duplicated"] == [(1, 0)]
     assert audit(ledger.events(), 3, 2)["unexpected"] == [(3, 0), (3, 1)]
+
+
+def test_a_resumed_launch_is_audited_from_where_it_started(tmp_path):
+    # resumed into a new directory: iterations 0-3 were learned by the earlier run, elsewhere
+    fresh = Ledger(FileStore(tmp_path / "new"))
+    fresh.append("start", iteration=4)
+    _consume(fresh, range(4, 8))
+    assert audit(fresh.events(), 8, 1)["lost"] == []
+    # resumed in its own directory from the checkpoint at 4, after the first launch had consumed 0-5
+    same = Ledger(FileStore(tmp_path / "same"))
+    same.append("start", iteration=0)
+    _consume(same, range(0, 6))
+    same.append("start", iteration=4)
+    _consume(same, range(4, 8))
+    report = audit(same.events(), 8, 1)
+    assert report["lost"] == [] and report["duplicated"] == [] and report["rewinds"] == 0
+    assert effective_consumption(same.events()) == [(i, 0) for i in range(8)]
