@@ -47,7 +47,23 @@ def connect(cfg: RunConfig) -> str:
         ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1))
         where = "local"
     check_resources(cfg, ray.cluster_resources())
+    check_storage(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
     return where
+
+
+def check_storage(cfg: RunConfig, nodes: int) -> None:
+    """Ray Train writes checkpoints from the learner's node and reads them on the driver's: with several
+    nodes, a local path under output.dir would exist on one of them only (Ray Train refuses it)."""
+    if cfg.trainer.backend != "ray" or nodes <= 1:
+        return
+    if cfg.ray.storage_path is None:
+        raise ConfigError(
+            f"this Ray cluster has {nodes} nodes, and Ray Train's checkpoints would go to {cfg.output_dir}/ray_train "
+            f"on one of them: set ray.storage_path to storage every node reaches (s3://bucket/dmdr, gs://..., or a "
+            f"shared filesystem path), and store.url=redis://... so the ledger and metrics of every node land in one place")
+    if cfg.store.url is None:
+        print(f"dmdr_rl: WARNING: {nodes} nodes and no store.url: the ledger and metrics files are written on the nodes "
+              f"of the coordinator and learner rank 0, under {cfg.output_dir}, unless that directory is shared", flush=True)
 
 
 def check_placement(cfg: RunConfig) -> None:
@@ -166,7 +182,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         # would silently continue an older run in a reused output.dir (resuming is trainer.resume_from's job;
         # restarts after a learner failure, within this launch, still restore this run's checkpoints)
         run_config=TrainRunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                                  storage_path=str(out / "ray_train"),
+                                  storage_path=r.storage_path or str(out / "ray_train"),
                                   failure_config=FailureConfig(max_failures=r.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -91,3 +91,16 @@ def test_the_paper_serve_config_serves_every_reward_of_the_paper_presets():
     for preset in ("sd3-medium-dmdr", "sd35-large-dmdr"):
         served = {spec.app_name for spec in load_config(preset).rewards if spec.placement == "serve"}
         assert served and served <= apps, (preset, served - apps)
+
+
+def test_a_cluster_of_several_nodes_needs_shared_checkpoint_storage(capsys):
+    from dmdr_rl.config import ConfigError, load_config
+    from dmdr_rl.distributed import check_storage
+
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray"])
+    check_storage(cfg, 1)  # one node: <output.dir>/ray_train is fine
+    with pytest.raises(ConfigError, match="3 nodes.*set ray.storage_path .*store.url"):
+        check_storage(cfg, 3)
+    check_storage(load_config("toy-dmdr", ["trainer.backend=ray", "ray.storage_path=s3://bucket/dmdr"]), 3)
+    assert "no store.url" in capsys.readouterr().out
+    check_storage(load_config("toy-dmdr", ["trainer.backend=local"]), 3)  # no Ray Train, nothing to store
