@@ -38,10 +38,36 @@ class StoreError(RuntimeError):
     """A store that cannot be opened or written; the message names the URL or path."""
 
 
+PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.url (and so out of config.yaml)
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with its password (if any) shown as ***: what configs, logs and errors carry."""
+    if not url:
+        return url
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    user = f"{parsed.username}:" if parsed.username else ":"
+    return parsed._replace(netloc=f"{user}***@{parsed.netloc.rpartition('@')[2]}").geturl()
+
+
+def _connect_url(url: str) -> str:
+    """The URL to connect with: the password from DMDR_RL_STORE_PASSWORD unless the URL has one."""
+    parsed, password = urlparse(url), os.environ.get(PASSWORD_ENV)
+    given = parsed.password and parsed.password != "***"  # *** is a redacted one (a run's config.yaml)
+    if given or not password or parsed.scheme == "unix":
+        return url
+    from urllib.parse import quote
+
+    user = parsed.username or ""
+    return parsed._replace(netloc=f"{user}:{quote(password, safe='')}@{parsed.netloc.rpartition('@')[2]}").geturl()
+
+
 def check_store_url(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in URL_SCHEMES or (parsed.scheme != "unix" and not parsed.hostname):
-        raise ValueError(f"store.url {url!r} is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6380/0), "
+        raise ValueError(f"store.url {redact_url(url)!r} is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6380/0), "
                          "rediss:// for TLS, unix:///path/to/redis.sock, or null for files in the run directory")
     return url
 
@@ -154,17 +180,20 @@ class RedisStore:
         import redis
 
         try:
-            self.url, self.run = check_store_url(url), run
+            check_store_url(url)
         except ValueError as err:
             raise StoreError(str(err)) from None
-        self.location = url
+        self.url, self.run = redact_url(url), run  # what messages show
+        self.location = self.url
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=10.0)
+        self.client = redis.Redis.from_url(_connect_url(url), socket_connect_timeout=connect_timeout_s,
+                                           socket_timeout=10.0)
         try:
             self.client.ping()
         except redis.RedisError as err:
-            raise StoreError(f"cannot reach the run store at {url} ({type(err).__name__}: {err}); start Redis there "
-                             "or fix store.url (null keeps the records in the run directory)") from err
+            raise StoreError(f"cannot reach the run store at {self.url} ({type(err).__name__}: {err}); start Redis there "
+                             f"or fix store.url (null keeps the records in the run directory; a password goes in "
+                             f"{PASSWORD_ENV})") from err
         self._buffer: collections.deque[tuple[str, dict]] = collections.deque()
         self._lock = threading.Lock()
         self._work = threading.Event()  # set by append: there is something to send

@@ -238,3 +238,22 @@ def test_a_training_run_goes_on_through_a_redis_restart_and_loses_no_metric(tmp_
     reader = RedisStore(redis_server.url, "restarted")
     assert [r["step"] for r in reader.read("metrics")] == list(range(1, 31))
     assert [e["event"] for e in reader.read("events")] == ["started", "finished"]
+
+
+def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatch):
+    from dmdr_rl.config import load_config
+    from dmdr_rl.store import PASSWORD_ENV, _connect_url, redact_url
+    from dmdr_rl.trainer import write_run_config
+
+    assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redact_url("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
+    assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
+    write_run_config(load_config("toy-dmdr", ["store.url=redis://:s3cret@redis:6379/0"]), tmp_path)
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "s3cret" not in saved and "redis://:***@redis:6379/0" in saved
+    # the password then comes from the environment, also for a config.yaml's redacted URL (watch)
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    assert _connect_url("redis://:***@redis:6379/0") == _connect_url("redis://redis:6379/0") == "redis://:s3cret@redis:6379/0"
+    with pytest.raises(StoreError, match=r"redis://:\*\*\*@127.0.0.1:1/0") as raised:
+        open_store("redis://:s3cret@127.0.0.1:1/0", tmp_path, "run")
+    assert "s3cret" not in str(raised.value)
