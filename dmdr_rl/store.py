@@ -220,6 +220,7 @@ class RedisStore:
 
     def append(self, stream: str, record: dict) -> None:
         entry = (stream, new_record(record))
+        json.dumps(entry[1])  # a record JSON cannot hold fails here, in its writer, as with files
         with self._lock:
             if not self._closed:
                 self._buffer.append(entry)
@@ -282,7 +283,9 @@ class RedisStore:
                 for stream, record in batch:
                     pipe.xadd(self.key(stream), {"json": json.dumps(record)})
                 pipe.execute()
-            except redis.RedisError as err:
+            except Exception as err:  # noqa: BLE001 - Redis or not, the thread must live on and retry
+                if not isinstance(err, redis.RedisError):
+                    log.exception("run store %s: unexpected error while sending; retrying", self.url)
                 self.failed_flushes += 1
                 if self.failed_flushes == 1 or self.failed_flushes % 20 == 0:
                     log.warning("run store %s: %s; %d records buffered, retrying", self.url, err, len(batch))
@@ -292,6 +295,8 @@ class RedisStore:
                 continue
             wait = self.RETRY_S[0]
             with self._lock:
+                if self._closed:  # close() took the buffer (this batch too) meanwhile: nothing left to pop
+                    return
                 for _ in batch:
                     self._buffer.popleft()
                 if not self._buffer:

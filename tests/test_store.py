@@ -257,3 +257,13 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     with pytest.raises(StoreError, match=r"redis://:\*\*\*@127.0.0.1:1/0") as raised:
         open_store("redis://:s3cret@127.0.0.1:1/0", tmp_path, "run")
     assert "s3cret" not in str(raised.value)
+
+
+def test_a_record_json_cannot_hold_fails_in_its_writer_and_the_store_goes_on(tmp_path, redis_server):
+    for name, store in _stores(tmp_path, redis_server, run="bad-record").items():
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            store.append("metrics", {"step": 1, "loss": object()})
+        store.append("metrics", {"step": 2, "loss": 0.5})
+        assert store.flush(10.0)
+        assert [r["step"] for r in store.read("metrics")] == [2], name
+        store.close()
