@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .ledger import Ledger, audit
-from .store import open_store, run_events
+from .store import open_store, run_events, set_aside_earlier_run
 from .trainer import write_run_config
 
 PROGRESS_POLL_S = 1.0
@@ -163,6 +163,8 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
 
     r = cfg.ray
     out = cfg.output_dir.resolve()
+    if not cfg.trainer.resume_from:
+        set_aside_earlier_run(out)
     write_run_config(cfg, out)
     cfg_dict = cfg.model_dump(mode="json")
     store = open_store(cfg.store.url, out, cfg.name)

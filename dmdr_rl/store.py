@@ -64,6 +64,30 @@ def _connect_url(url: str) -> str:
     return parsed._replace(netloc=f"{user}:{quote(password, safe='')}@{parsed.netloc.rpartition('@')[2]}").geturl()
 
 
+# what a run leaves in its directory: its streams (files store), config and outputs
+RUN_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl", "store-unflushed.jsonl", "config.yaml",
+             "checkpoints", "samples", "eval", "tensorboard", "ray_train", "train_summary.json")
+
+
+def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
+    """Before a fresh (not resumed) run writes anything: an earlier run's files in the same directory move
+    to `previous/<time>/` (a run directory of its own, config.yaml included), so the new run's metrics,
+    ledger and `checkpoints/latest` are its own alone. Files that are not a run's stay where they are."""
+    run_dir = Path(run_dir)
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    destination, suffix = run_dir / "previous" / stamp, 1
+    while destination.exists():
+        destination, suffix = run_dir / "previous" / f"{stamp}-{suffix}", suffix + 1
+    destination.mkdir(parents=True)
+    for path in old:
+        path.rename(destination / path.name)
+    print(f"dmdr_rl: {run_dir} held an earlier run: its files moved to {destination}", flush=True)
+    return destination
+
+
 def check_store_url(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in URL_SCHEMES or (parsed.scheme != "unix" and not parsed.hostname):
@@ -142,26 +166,8 @@ class FileStore:
                     raise StoreError(f"{path}:{number} is not a JSON record ({err})") from err
         return unique(records)
 
-    # what a run leaves in its directory besides config.yaml and the *.jsonl streams
-    RUN_OUTPUTS = ("checkpoints", "samples", "eval", "tensorboard", "ray_train", "train_summary.json")
-
     def require_new(self) -> None:
-        """A fresh run in a reused directory: the earlier run's streams and outputs move to
-        `previous/<time>/`, so the new run's metrics, ledger and checkpoints are its own alone (the
-        ledger audit counts from iteration 0; `checkpoints/latest` never names the older run's)."""
-        old = sorted(self.run_dir.glob("*.jsonl")) + [self.run_dir / name for name in self.RUN_OUTPUTS
-                                                      if (self.run_dir / name).exists()]
-        if not old:
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        destination = self.run_dir / "previous" / stamp
-        suffix = 1
-        while destination.exists():
-            destination, suffix = self.run_dir / "previous" / f"{stamp}-{suffix}", suffix + 1
-        destination.mkdir(parents=True)
-        for path in old:
-            path.rename(destination / path.name)
-        print(f"dmdr_rl: {self.run_dir} held an earlier run: its records and outputs moved to {destination}", flush=True)
+        """Nothing to check: `set_aside_earlier_run` has already moved an earlier run's files away."""
 
     def flush(self, timeout_s: float = 0.0) -> bool:
         return True

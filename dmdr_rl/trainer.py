@@ -24,7 +24,7 @@ from .prompts import PromptSource
 from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout
 from .samples import write_samples
-from .store import open_store, run_events
+from .store import open_store, run_events, set_aside_earlier_run
 
 GRID_PROMPTS = 16
 
@@ -99,6 +99,8 @@ class LocalTrainer:
         cfg = self.cfg
         if cfg.trainer.resume_from and self.iteration == 0:
             self.load_checkpoint(cfg.trainer.resume_from)
+        if self.generator_step == 0:
+            set_aside_earlier_run(self.out)
         write_run_config(cfg, self.out)
         store = open_store(cfg.store.url, self.out, cfg.name)
         if self.generator_step == 0:

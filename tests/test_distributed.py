@@ -130,6 +130,7 @@ def test_a_second_launch_into_the_same_directory_trains_afresh(tmp_path, local_r
     assert len(list((tmp_path / "previous").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, local_ray):
     out, thread, outcome, coordinator = _start_eight_step_run(tmp_path, "kill-rollout", checkpoint_every=4)
     _wait_for(lambda: _consumed(out) >= 4)

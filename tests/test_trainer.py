@@ -9,7 +9,7 @@ from dmdr_rl import dmdr
 from dmdr_rl.config import RewardSpec, load_config
 from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
 from dmdr_rl.toy.text import ToyTextEncoder
-from dmdr_rl.trainer import LocalTrainer
+from dmdr_rl.trainer import LocalTrainer, find_run
 
 
 class CountingReward:
@@ -126,6 +126,7 @@ def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_
 
 
 def test_a_fresh_run_in_a_reused_directory_keeps_its_records_apart_from_the_earlier_runs(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red circle"}\n')  # a user's file, not the run's
     first, _ = _trainer(tmp_path, **{"trainer.max_steps": 2})
     first.train()
     earlier_metrics = (tmp_path / "metrics.jsonl").read_text()
@@ -136,7 +137,8 @@ def test_a_fresh_run_in_a_reused_directory_keeps_its_records_apart_from_the_earl
     (previous,) = (tmp_path / "previous").iterdir()
     assert (previous / "metrics.jsonl").read_text() == earlier_metrics
     assert (previous / "checkpoints" / "latest").exists() and (tmp_path / "checkpoints" / "latest").exists()
-    assert not (tmp_path / "previous" / "previous").exists()
+    assert (previous / "config.yaml").exists() and find_run(previous)[1].parent == previous / "checkpoints"
+    assert not (tmp_path / "previous" / "previous").exists() and (tmp_path / "prompts.jsonl").exists()
 
 
 def test_the_schedules_run_on_generator_steps_not_iterations(tmp_path, monkeypatch):
