@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .ledger import Ledger, audit
-from .store import open_store, run_events, set_aside_earlier_run
+from .store import PASSWORD_ENV, open_store, run_events, set_aside_earlier_run
 from .trainer import write_run_config
 
 PROGRESS_POLL_S = 1.0
@@ -40,7 +40,12 @@ def connect(cfg: RunConfig) -> str:
         where = "existing"
     elif address := cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True)
+        # the run store's password reaches the job's actors (coordinator, learners) the way Ray passes
+        # environment variables on a cluster: in the job's runtime_env (the dashboard shows it to whoever
+        # may see the job). Under `ray job submit`, pass it with --runtime-env-json instead.
+        password = os.environ.get(PASSWORD_ENV)
+        runtime_env = {"env_vars": {PASSWORD_ENV: password}} if password and cfg.store.url else None
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         where = address
     else:
         cpus, _ = resources_needed(cfg)

@@ -77,9 +77,10 @@ def _check_same_config(cfg, run_path: Path) -> None:
     if not saved_file.exists():
         return
     from .config import load_config
+    from .trainer import run_config_dump
 
     saved = load_config(saved_file).model_dump(mode="json")  # fields added since then get their defaults
-    current = cfg.model_dump(mode="json")
+    current = run_config_dump(cfg)  # as the run directory keeps it (a store password redacted in both)
     changes = [c for c in config_changes(saved, current) if not c.startswith(("output.dir:", "trainer.resume_from:"))]
     if changes:
         raise RuntimeError(f"{run_path} was trained from another config ({'; '.join(changes[:5])}"

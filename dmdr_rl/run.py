@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import eval as toy_eval
 from .config import ConfigError, available_presets, load_config
+from .store import redact_url
 from .toy.teacher import DEFAULT_CFG
 
 TEACHER_ONLY_BANNER = (
@@ -129,7 +130,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({cfg.trainer.cold_start} cold start)",
         f"  rewards: {rewards}",
         f"  prompts: {prompts} ({prompt_note})",
-        f"  outputs: {cfg.output_dir}; store: {cfg.store.url or 'files in the run directory'}",
+        f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
     ])
 
 

@@ -26,7 +26,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, quote, urlencode, urlparse
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +41,47 @@ class StoreError(RuntimeError):
 PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.url (and so out of config.yaml)
 
 
+REDACTED = "***"
+
+
+def _rebuild(parsed, netloc: str, query: str) -> str:
+    """urlunparse, but keeping `scheme://` when the host part is empty (unix:///path/to/socket)."""
+    url = f"{parsed.scheme}://{netloc}{parsed.path}"
+    return url + (f";{parsed.params}" if parsed.params else "") + (f"?{query}" if query else "") + (
+        f"#{parsed.fragment}" if parsed.fragment else "")
+
+
 def redact_url(url: str | None) -> str | None:
-    """`url` with its password (if any) shown as ***: what configs, logs and errors carry."""
+    """`url` with its password (in the user part or a `password=` query field) shown as ***: what configs,
+    logs and errors carry."""
     if not url:
         return url
     parsed = urlparse(url)
-    if not parsed.password:
+    netloc = parsed.netloc
+    if parsed.password:
+        netloc = f"{parsed.username or ''}:{REDACTED}@{netloc.rpartition('@')[2]}"
+    fields = parse_qsl(parsed.query, keep_blank_values=True)
+    if netloc == parsed.netloc and not any(k == "password" for k, _ in fields):
         return url
-    user = f"{parsed.username}:" if parsed.username else ":"
-    return parsed._replace(netloc=f"{user}***@{parsed.netloc.rpartition('@')[2]}").geturl()
+    query = urlencode([(k, REDACTED if k == "password" else v) for k, v in fields], safe="*/") if fields else parsed.query
+    return _rebuild(parsed, netloc, query)
 
 
 def _connect_url(url: str) -> str:
-    """The URL to connect with: the password from DMDR_RL_STORE_PASSWORD unless the URL has one."""
+    """The URL to connect with: the password from DMDR_RL_STORE_PASSWORD unless the URL has one of its own
+    (*** is a redacted one, e.g. from a run's config.yaml, and does not count)."""
     parsed, password = urlparse(url), os.environ.get(PASSWORD_ENV)
-    given = parsed.password and parsed.password != "***"  # *** is a redacted one (a run's config.yaml)
-    if given or not password or parsed.scheme == "unix":
+    fields = [(k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True)]
+    in_query = [v for k, v in fields if k == "password" and v != REDACTED]
+    given = (parsed.password and parsed.password != REDACTED) or in_query
+    if given or not password:
         return url
-    from urllib.parse import quote
-
-    user = parsed.username or ""
-    return parsed._replace(netloc=f"{user}:{quote(password, safe='')}@{parsed.netloc.rpartition('@')[2]}").geturl()
+    host = parsed.netloc.rpartition("@")[2]
+    if parsed.scheme == "unix" or any(k == "password" for k, _ in fields):  # a socket path has no user part
+        fields = [(k, v) for k, v in fields if k != "password"] + [("password", password)]
+        netloc = host if parsed.password == REDACTED else parsed.netloc
+        return _rebuild(parsed, netloc, urlencode(fields))
+    return _rebuild(parsed, f"{parsed.username or ''}:{quote(password, safe='')}@{host}", parsed.query)
 
 
 # what a run leaves in its directory: its streams (files store), config and outputs

@@ -175,12 +175,17 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
 
 def write_run_config(cfg: RunConfig, out: Path) -> None:
     """The resolved config beside the outputs: what `eval --model student --run DIR` rebuilds from."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(run_config_dump(cfg), sort_keys=False))
+
+
+def run_config_dump(cfg: RunConfig) -> dict:
+    """The config as a run directory keeps it: a store password redacted (it stays out of the directory)."""
     from .store import redact_url
 
-    out.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump(mode="json")
-    config["store"]["url"] = redact_url(config["store"]["url"])  # a password stays out of the run directory
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config["store"]["url"] = redact_url(config["store"]["url"])
+    return config
 
 
 def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:

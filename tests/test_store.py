@@ -248,12 +248,16 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redact_url("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
     assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert redact_url("unix:///run/redis.sock?password=s3cret&db=1") == "unix:///run/redis.sock?password=***&db=1"
+    assert redact_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
     write_run_config(load_config("toy-dmdr", ["store.url=redis://:s3cret@redis:6379/0"]), tmp_path)
     saved = (tmp_path / "config.yaml").read_text()
     assert "s3cret" not in saved and "redis://:***@redis:6379/0" in saved
     # the password then comes from the environment, also for a config.yaml's redacted URL (watch)
     monkeypatch.setenv(PASSWORD_ENV, "s3cret")
     assert _connect_url("redis://:***@redis:6379/0") == _connect_url("redis://redis:6379/0") == "redis://:s3cret@redis:6379/0"
+    assert _connect_url("unix:///run/redis.sock?password=***") == "unix:///run/redis.sock?password=s3cret"
+    assert _connect_url("redis://:own@redis:6379/0") == "redis://:own@redis:6379/0"  # the URL's own wins
     with pytest.raises(StoreError, match=r"redis://:\*\*\*@127.0.0.1:1/0") as raised:
         open_store("redis://:s3cret@127.0.0.1:1/0", tmp_path, "run")
     assert "s3cret" not in str(raised.value)
