@@ -135,6 +135,9 @@ class RaySection(_Section):
     rollout_gpus: float = Field(0.0, ge=0)  # per rollout actor (fractions share a GPU)
     local_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local Ray (null: enough for the actors)
     max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
+    # how long the learner waits for one rollout batch (its weights, its sampling, a dead worker's
+    # replacement) before the run fails; raise it when rollout actors load large models or wait for GPUs
+    rollout_timeout_s: float = Field(600.0, gt=0)
     # where Ray Train keeps its checkpoints: null is <output.dir>/ray_train, which only one node can see; a
     # cluster of several nodes needs a place they all reach (s3://..., gs://..., or a shared filesystem path)
     storage_path: Optional[str] = None

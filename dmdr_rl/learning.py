@@ -124,11 +124,12 @@ class DMDRLearner:
 
     def training_state(self) -> dict:
         """Everything but the weights: optimizers and counters (torch.save-able, weights_only-loadable)."""
-        return {"iteration": self.iteration, "generator_step": self.generator_step,
+        return {"iteration": self.iteration, "generator_step": self.generator_step, "skipped_updates": self.skipped_updates,
                 "opt_generator": self.opt_generator.state_dict(), "opt_critic": self.opt_critic.state_dict()}
 
     def load_training_state(self, state: dict) -> None:
         self.iteration, self.generator_step = int(state["iteration"]), int(state["generator_step"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))  # (absent from older checkpoints)
         self.opt_generator.load_state_dict(state["opt_generator"])
         self.opt_critic.load_state_dict(state["opt_critic"])
 

@@ -74,7 +74,7 @@ class Registry(Generic[T]):
     def _options_error(self, name: str, where: str, err: TypeError) -> Exception:
         from .config import ConfigError
 
-        return ConfigError(f"{self.kind} {name!r} does not take these options ({err}); fix {where}")
+        return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({err}); fix {where}")
 
 
 BACKBONES: Registry = Registry("backbone")

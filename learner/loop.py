@@ -29,9 +29,6 @@ from dmdr_rl.store import open_store
 from dmdr_rl.trainer import (GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
                              save_step_samples, student_images, write_checkpoint)
 
-ROLLOUT_PATIENCE_S = 600.0  # how long a batch may wait for its rollout worker to come back
-
-
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Data-parallel gradient averaging in one all-reduce (a parameter without a gradient counts as 0)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -51,14 +48,14 @@ def publish_generator(coordinator, learner: DMDRLearner) -> None:
     ray.get(coordinator.publish.remote(learner.generator_step, [ref]))
 
 
-def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float = ROLLOUT_PATIENCE_S):
+def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
     """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
     (Ray restarts the worker; it reloads the weights itself) until `patience_s` runs out."""
     deadline = time.monotonic() + patience_s
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         if time.monotonic() > deadline:  # the generator version this batch needs never came
-            raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s for the generator weights it "
-                               f"needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
+            raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s (ray.rollout_timeout_s) for the "
+                               f"generator weights it needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
         time.sleep(0.01)  # the weights this batch needs are being published
     ref, deadline, wait = answer[0], time.monotonic() + patience_s, 0.5
     while True:
@@ -66,7 +63,8 @@ def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float = ROLL
             return ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError as err:
             raise RuntimeError(f"the rollout of batch ({iteration}, rank {rank}) did not finish within {patience_s:.0f} s "
-                               f"(a rollout worker is stuck, or ray.rollout_cpus / rollout_gpus are too few)") from err
+                               f"(a rollout worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
+                               f"ray.rollout_cpus / ray.rollout_gpus)") from err
         except ACTOR_ERRORS as err:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no rollout worker could sample batch ({iteration}, rank {rank}) within "
@@ -108,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         while learner.generator_step < cfg.trainer.max_steps:
             started = time.perf_counter()
-            batch = fetch_batch(coordinator, learner.iteration, rank)
+            batch = fetch_batch(coordinator, learner.iteration, rank, cfg.ray.rollout_timeout_s)
             waited += time.perf_counter() - started  # summed over the iterations of one generator step
             coordinator.consumed.remote(batch.iteration, rank, batch.weight_version, learner.generator_step)
             metrics = learner.step(batch)

@@ -23,6 +23,7 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
     pixels = images.detach().requires_grad_(True)
     with torch.enable_grad():
         scores = validate_scores(model.score(pixels, prompts), images.shape[0], f"reward model {model.name!r}")
+        scores = scores.to(pixels.device)  # a model may answer on its own device
         finite = torch.isfinite(scores)
         if not scores.requires_grad:  # the score does not depend on the pixels at all
             grads = None

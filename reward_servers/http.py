@@ -1,7 +1,8 @@
 """The reward servers' HTTP wire format, for clients outside Ray: JSON with base64 PNG or .npy
 images -- decoded with `allow_pickle=False`, never unpickled -- and scores (null where not finite) plus,
 on request, base64 .npy gradients. Network data meets only two decoders: numpy's .npy reader and
-Pillow's PNG plugin (8-bit modes), and a request's pixel count is bounded before anything is decoded."""
+Pillow's PNG plugin (1- and 8-bit modes); a request's pixel count is bounded from the PNG headers before
+they are decoded (a .npy array, stored raw, is no larger than the request that carried it)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def encode_request(images: torch.Tensor | None = None, prompts: Sequence[str] = 
     return body
 
 
-PNG_MODES = ("L", "LA", "P", "RGB", "RGBA")  # 8 bits per channel: /255 maps them onto [0, 1]
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # 1 or 8 bits per channel: RGB then /255 maps them onto [0, 1]
 
 
 def decode_images(request: ScoreRequest, max_pixels: int = 2**26) -> torch.Tensor:
@@ -45,8 +46,7 @@ def decode_images(request: ScoreRequest, max_pixels: int = 2**26) -> torch.Tenso
             array = np.load(io.BytesIO(base64.b64decode(request.images_npy)), allow_pickle=False)
         except Exception as err:  # noqa: BLE001 - any malformed payload is the client's error
             raise RewardInputError(f"images_npy is not a base64 .npy array ({err})") from err
-        if array.ndim == 4:
-            _check_pixels(array.shape[0] * array.shape[2] * array.shape[3], max_pixels)
+        _check_pixels(array.size // 3, max_pixels)  # values / 3 channels (the shape is checked later)
         if array.dtype == np.uint8:
             return torch.from_numpy(array.astype(np.float32) / 255.0)
         if array.dtype.kind != "f":

@@ -46,14 +46,14 @@ def test_options_a_factory_does_not_take_name_the_config_field():
     def passes_on(**kwargs):
         return dict(**kwargs) if not kwargs else strict(**kwargs)
 
-    with pytest.raises(ConfigError, match=r"'strict' does not take these options .*'pth'.*; fix rewards.0.kwargs"):
+    with pytest.raises(ConfigError, match=r"'strict' cannot be built with these options .*'pth'.*; fix rewards.0.kwargs"):
         registry.build("strict", where="rewards.0.kwargs", pth="x")
     with pytest.raises(TypeError, match="a bug inside the factory"):  # not mistaken for a wrong option
         registry.build("strict", where="rewards.0.kwargs", path="x")
-    with pytest.raises(ConfigError, match=r"'passes-on' does not take these options .*'pth'"):
+    with pytest.raises(ConfigError, match=r"'passes-on' cannot be built with these options .*'pth'"):
         registry.build("passes-on", where="rewards.0.kwargs", pth="x")
     cfg = load_config("toy-dmdr", ["rewards.0.kwargs={pth: x}"])
-    with pytest.raises(ConfigError, match=r"reward model 'toy-align' does not take these options .*; fix rewards.0.kwargs"):
+    with pytest.raises(ConfigError, match=r"reward model 'toy-align' cannot be built with these options .*; fix rewards.0.kwargs"):
         build_rewards(cfg)
-    with pytest.raises(ConfigError, match=r"'pickscore' does not take these options .*'colour'"):  # PickScore(**kwargs)
+    with pytest.raises(ConfigError, match=r"'pickscore' cannot be built with these options .*'colour'"):  # PickScore(**kwargs)
         REWARDS.build("pickscore", where="rewards.0.kwargs", colour="red")

@@ -321,7 +321,7 @@ def _encoded(array: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_http_decoding_takes_only_8_bit_pngs_and_bounds_the_pixels_before_decoding():
+def test_http_decoding_takes_only_8_bit_pngs_and_bounds_the_pixels_before_decoding(monkeypatch):
     rgb = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
 
     def decode(*pngs, **kwargs):
@@ -337,13 +337,24 @@ def test_http_decoding_takes_only_8_bit_pngs_and_bounds_the_pixels_before_decodi
     # a 4000 x 4000 black PNG is a few kB; it is refused from its header, before 183 MB are decoded
     big = _encoded(np.zeros((4000, 4000), dtype=np.uint8), "PNG")
     assert len(big) < 100_000
+    from PIL import PngImagePlugin
+
+    loads = []
+    original_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(self.size) or original_load(self))
     with pytest.raises(RewardInputError, match="more than 1,000,000 pixels .* rewards\\[\\]\\.serve\\.http_max_pixels"):
         decode(big, max_pixels=1_000_000)
+    assert loads == []  # refused from the header: the 16 M pixels were never decoded
+    assert decode(_encoded(rgb, "PNG")).shape == (1, 3, 8, 8) and set(loads) == {(8, 8)}  # the spy sees decodes
+    assert decode(_encoded(rgb[..., 0] > 128, "PNG")).shape == (1, 3, 8, 8)  # 1-bit
     with pytest.raises(RewardInputError, match="more than 100 pixels"):  # counted over the request's images
         decode(_encoded(rgb, "PNG"), _encoded(rgb, "PNG"), max_pixels=100)
     npy = http.ScoreRequest(**http.encode_request(torch.rand(2, 3, 8, 8), ["a", "b"]))
     with pytest.raises(RewardInputError, match="more than 100 pixels"):
         http.decode_images(npy, max_pixels=100)
+    odd_shape = http.ScoreRequest(**http.encode_request(torch.rand(1, 300, 10, 10), ["a"]))
+    with pytest.raises(RewardInputError, match="more than 1,000 pixels"):  # counted by values, whatever the shape
+        http.decode_images(odd_shape, max_pixels=1000)
 
 
 USER_REWARD = textwrap.dedent('''

@@ -121,7 +121,7 @@ def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_
     from dmdr_rl.config import ConfigError
 
     cfg = load_config("toy-dmdr", ["model.kwargs={colour: red}", f"output.dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="backbone .toy. does not take these options .* fix model.kwargs"):
+    with pytest.raises(ConfigError, match="backbone .toy. cannot be built with these options .* fix model.kwargs"):
         LocalTrainer(cfg)
 
 
@@ -156,3 +156,15 @@ def test_the_schedules_run_on_generator_steps_not_iterations(tmp_path, monkeypat
     trainer, _ = _trainer(tmp_path, **{"trainer.max_steps": 2, "dmd.ratio": 3, "output.checkpoint_every": 100})
     trainer.train()
     assert seen == {"critic": [0, 0, 0, 1, 1, 1], "generator": [0, 1]}
+
+
+def test_a_non_finite_gradient_skips_the_optimizer_step_and_is_counted(tmp_path):
+    trainer, _ = _trainer(tmp_path)
+    learner = trainer.learner
+    before = _snapshot(trainer, dmdr.GENERATOR)
+    params = trainer.backbone.trainable_parameters(dmdr.GENERATOR)
+    learner._update(learner.opt_generator, params[0].sum() * float("inf"))
+    assert learner.skipped_updates == 1 and all(torch.equal(a, b) for a, b in zip(before, _snapshot(trainer, dmdr.GENERATOR)))
+    learner._update(learner.opt_generator, sum(p.sum() for p in params))  # a finite one still steps
+    assert learner.skipped_updates == 1 and not all(torch.equal(a, b) for a, b in zip(before, _snapshot(trainer, dmdr.GENERATOR)))
+    assert learner.training_state()["skipped_updates"] == 1
