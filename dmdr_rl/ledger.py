@@ -40,7 +40,9 @@ def effective_consumption(events: list[dict]) -> list[tuple[int, int]]:
 def audit(events: list[dict], iterations: int, world_size: int) -> dict:
     """Lost and duplicated batches against the expected iterations x ranks."""
     counts = Counter(effective_consumption(events))
-    first = next((e["iteration"] for e in events if e["event"] == "start"), 0)
+    # a ledger that begins with a start (a launch, maybe resumed elsewhere) is checked from there; one that
+    # begins otherwise (written before start events existed) from 0
+    first = events[0]["iteration"] if events and events[0]["event"] == "start" else 0
     expected = {(i, r) for i in range(first, iterations) for r in range(world_size)}
     return {
         "lost": sorted(expected - set(counts)),

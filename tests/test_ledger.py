@@ -44,3 +44,12 @@ def test_a_resumed_launch_is_audited_from_where_it_started(tmp_path):
     report = audit(same.events(), 8, 1)
     assert report["lost"] == [] and report["duplicated"] == [] and report["rewinds"] == 0
     assert effective_consumption(same.events()) == [(i, 0) for i in range(8)]
+
+
+def test_a_ledger_from_before_start_events_resumed_in_its_directory_is_clean(tmp_path):
+    ledger = Ledger(FileStore(tmp_path))
+    _consume(ledger, range(0, 6))  # an older launch: no start event
+    ledger.append("start", iteration=4)  # resumed from its checkpoint at 4
+    _consume(ledger, range(4, 8))
+    report = audit(ledger.events(), 8, 1)
+    assert report["lost"] == report["duplicated"] == report["unexpected"] == []
