@@ -224,15 +224,27 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
     )
 
 
+def fid_floors(judge, num_images: int, seed: int) -> dict[str, float]:
+    """Renders against renders, per split, at the table's own sample size and seed."""
+    from .toy.check import render_fid_floor
+    from .toy.grammar import PromptSplit
+
+    return {split: round(render_fid_floor(judge, PromptSplit(split).sample(num_images, seed), seed), 1)
+            for split in ("held-in", "held-out")}
+
+
 def render_markdown(table: dict) -> str:
     results, meta = table["rows"], table["meta"]
+    floor = meta.get("fid_floor")
+    floor_text = (f"renders against renders give {floor['held-in']} held-in and {floor['held-out']} held-out at this "
+                  f"sample size" if floor else "renders against renders give about 12 at 2000 images")
     lines = [
         "# Toy-world results",
         "",
         f"Reproduce: `{meta['command']}` ({meta['num_images']} images per split and row, seed {meta['seed']}; "
         f"written {meta['date']}). Judge accuracy is strict (every attribute and the object count right); FID uses "
-        "the judge's features against fresh renders of the same prompts (lower is better; renders against renders "
-        "give about 12); toy-align is the RL reward (the judge never trains anything). Students train on held-in "
+        f"the judge's features against fresh renders of the same prompts (lower is better; {floor_text}); "
+        "toy-align is the RL reward (the judge never trains anything). Students train on held-in "
         "prompts only; held-out prompts contain colour-shape pairs no training prompt has. Teacher rows use CFG 4, "
         "students no guidance.",
         "",
@@ -298,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m dmdr_rl.results " + " ".join(sys.argv[1:] if argv is None else argv)
     table = {
         "meta": {"command": command.strip(), "num_images": args.num_images, "seed": args.seed,
-                 "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+                 "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                 "fid_floor": fid_floors(judge, args.num_images, args.seed)},
         "rows": results,
         "claims": check_claims(results),
     }

@@ -22,6 +22,13 @@ from .weights import load_align, load_judge
 CHECK_SEED_OFFSET = 2 * REFERENCE_SEED_OFFSET  # renders no build and no evaluation used
 
 
+def render_fid_floor(judge, scenes, seed: int, images=None) -> float:
+    """The floor any sampler's FID is measured against: two independent render sets of the same prompts
+    (it grows as the sample shrinks: FID is biased upwards at small sample sizes)."""
+    images = images if images is not None else fresh_renders(scenes, seed, offset=CHECK_SEED_OFFSET)
+    return judge_fid(judge, images, fresh_renders(scenes, seed))
+
+
 def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=None) -> dict:
     judge = judge or load_judge()
     align = align or load_align()
@@ -36,8 +43,7 @@ def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=No
             "judge_accuracy_by_category": by_category,
             "align_true_over_random_mismatch": reward_discrimination(align, images, scenes, seed, hard=False),
             "align_true_over_one_attribute_changed": reward_discrimination(align, images, scenes, seed, hard=True),
-            # The floor any sampler's FID is measured against: two independent render sets, same prompts.
-            "fid_renders_vs_renders": judge_fid(judge, images, fresh_renders(scenes, seed)),
+            "fid_renders_vs_renders": render_fid_floor(judge, scenes, seed, images),
         }
     return report
 
