@@ -26,6 +26,8 @@ def test_the_table_trains_evaluates_and_reuses_finished_runs(tmp_path):
     assert saved["rows"]["dmdr-1"]["held-out"]["fid"] == table["rows"]["dmdr-1"]["held-out"]["fid"]
     markdown = (tmp_path / "out" / "toy.md").read_text()
     assert "| DMDR, 1-step | 1 |" in markdown and "DMD 1-step far better" in markdown
+    floor = table["meta"]["fid_floor"]  # renders against renders at the table's own 8 images
+    assert floor["held-in"] > 0 and f"renders against renders give {floor['held-in']} held-in" in markdown
     checkpoint = tmp_path / "runs" / "dmd-1" / "checkpoints" / "step_000002" / "generator.safetensors"
     stamp = checkpoint.stat().st_mtime_ns
     again = results.main(argv)  # finished runs are reused, not retrained
