@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import ConfigError, load_config
 from .store import StoreError, open_store
 
 SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "time/", "schedule/lr")
@@ -73,17 +73,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         store, run_dir, max_steps = locate(args.run, args.store)
-    except StoreError as err:
+    except (StoreError, ConfigError) as err:
         parser.exit(2, f"error: {err}\n")
     if args.once:
-        print(snapshot(store, run_dir, max_steps)[0])
+        try:
+            print(snapshot(store, run_dir, max_steps)[0])
+        except StoreError as err:
+            parser.exit(2, f"error: {err}\n")
         return
     from rich.live import Live
     from rich.text import Text
 
     with Live(Text("..."), refresh_per_second=4) as live:
         while True:
-            text, finished = snapshot(store, run_dir, max_steps)
+            try:
+                text, finished = snapshot(store, run_dir, max_steps)
+            except StoreError as err:  # a damaged record (a full disk, a write cut short): say so, keep watching
+                text, finished = f"cannot read the run's records: {err}", False
             live.update(Text(text))
             if finished:
                 break

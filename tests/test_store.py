@@ -271,3 +271,18 @@ def test_a_record_json_cannot_hold_fails_in_its_writer_and_the_store_goes_on(tmp
         assert store.flush(10.0)
         assert [r["step"] for r in store.read("metrics")] == [2], name
         store.close()
+
+
+def test_watch_names_a_damaged_run_instead_of_a_traceback(tmp_path, capsys):
+    from dmdr_rl.trainer import write_run_config
+    from dmdr_rl.watch import main
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 1.0}\n{"step": 2, "ti\n{"step": 3, "time": 2.0}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--once"])
+    assert exit_info.value.code == 2 and "metrics.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("critic: {lora: 7}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--once"])
+    assert exit_info.value.code == 2 and "critic.lora" in capsys.readouterr().err
