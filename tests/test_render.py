@@ -63,6 +63,7 @@ def test_pair_relations_place_objects_accordingly(relation, axis, first_is_lower
     image = render(scene, 2)
     red = (image[0] > 0.6) & (image[2] < 0.4)
     blue = (image[2] > 0.6) & (image[0] < 0.4)
+    assert red.sum() > 10 and blue.sum() > 10  # both objects found (an empty mask's NaN centre compares False)
     red_c = np.argwhere(red).mean(axis=0)[axis]
     blue_c = np.argwhere(blue).mean(axis=0)[axis]
     assert (red_c < blue_c) == first_is_lower
