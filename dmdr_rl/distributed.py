@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .ledger import Ledger, audit
-from .store import PASSWORD_ENV, open_store, run_events, set_aside_earlier_run
-from .trainer import write_run_config
+from .store import PASSWORD_ENV, run_events
+from .trainer import open_run_directory
 
 PROGRESS_POLL_S = 1.0
 COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a named actor
@@ -168,13 +168,8 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
 
     r = cfg.ray
     out = cfg.output_dir.resolve()
-    if not cfg.trainer.resume_from:
-        set_aside_earlier_run(out)
-    write_run_config(cfg, out)
+    store = open_run_directory(cfg, out, fresh=not cfg.trainer.resume_from)  # before any actor writes to it
     cfg_dict = cfg.model_dump(mode="json")
-    store = open_store(cfg.store.url, out, cfg.name)
-    if not cfg.trainer.resume_from:
-        store.require_new()  # before any actor writes to it
     coordinator = ray.remote(RolloutCoordinator).options(
         num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
     ).remote(cfg_dict, r.learner_workers, str(out))

@@ -65,9 +65,9 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=backbone.lora_state_dict(dmdr.GENERATOR),
                                              transformer_lora_adapter_metadata=metadata)
     else:
-        student = backbone.standalone_transformer(dmdr.GENERATOR)
-        if student.dtype != getattr(torch, dtype):
-            student = student.to(getattr(torch, dtype))
+        student, target = backbone.standalone_transformer(dmdr.GENERATOR), getattr(torch, dtype)
+        if student.dtype != target:
+            student = student.to(target)
         student.save_pretrained(out)
     steps, shift = cfg.student.steps, cfg.student.shift
     settings = {

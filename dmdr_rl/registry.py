@@ -52,12 +52,7 @@ class Registry(Generic[T]):
         take them (checked against its signature; a factory that passes **kwargs on is judged by the
         TypeError of the call it makes)."""
         factory = self.resolve(name)
-        if where is None:
-            return factory(**kwargs)
-        try:
-            signature = inspect.signature(factory)
-        except (TypeError, ValueError):  # no introspectable signature
-            signature = None
+        signature = _signature(factory) if where is not None else None
         if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             try:
                 signature.bind(**kwargs)
@@ -67,7 +62,7 @@ class Registry(Generic[T]):
         try:
             return factory(**kwargs)
         except TypeError as err:
-            if "unexpected keyword argument" not in str(err):
+            if where is None or "unexpected keyword argument" not in str(err):
                 raise
             raise self._options_error(name, where, err) from err
 
@@ -75,6 +70,13 @@ class Registry(Generic[T]):
         from .config import ConfigError
 
         return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({err}); fix {where}")
+
+
+def _signature(factory: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):  # no introspectable signature
+        return None
 
 
 BACKBONES: Registry = Registry("backbone")

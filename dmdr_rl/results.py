@@ -227,10 +227,10 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
 def fid_floors(judge, num_images: int, seed: int) -> dict[str, float]:
     """Renders against renders, per split, at the table's own sample size and seed."""
     from .toy.check import render_fid_floor
-    from .toy.grammar import PromptSplit
+    from .toy.grammar import SPLITS, PromptSplit
 
     return {split: round(render_fid_floor(judge, PromptSplit(split).sample(num_images, seed), seed), 1)
-            for split in ("held-in", "held-out")}
+            for split in SPLITS}
 
 
 def render_markdown(table: dict) -> str:

@@ -71,7 +71,7 @@ def _connect_url(url: str) -> str:
     """The URL to connect with: the password from DMDR_RL_STORE_PASSWORD unless the URL has one of its own
     (*** is a redacted one, e.g. from a run's config.yaml, and does not count)."""
     parsed, password = urlparse(url), os.environ.get(PASSWORD_ENV)
-    fields = [(k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True)]
+    fields = parse_qsl(parsed.query, keep_blank_values=True)
     in_query = [v for k, v in fields if k == "password" and v != REDACTED]
     given = (parsed.password and parsed.password != REDACTED) or in_query
     if given or not password:
@@ -220,7 +220,7 @@ class RedisStore:
             raise StoreError(f"cannot reach the run store at {self.url} ({type(err).__name__}: {err}); start Redis there "
                              f"or fix store.url (null keeps the records in the run directory; a password goes in "
                              f"{PASSWORD_ENV})") from err
-        self._buffer: collections.deque[tuple[str, dict]] = collections.deque()
+        self._buffer: collections.deque[tuple[str, str]] = collections.deque()  # (stream, record as JSON)
         self._lock = threading.Lock()
         self._work = threading.Event()  # set by append: there is something to send
         self._hurry = threading.Event()  # set by flush/close: cut a retry wait short
@@ -245,8 +245,8 @@ class RedisStore:
                              "(trainer.resume_from=...)")
 
     def append(self, stream: str, record: dict) -> None:
-        entry = (stream, new_record(record))
-        json.dumps(entry[1])  # a record JSON cannot hold fails here, in its writer, as with files
+        # encoded once, here: a record JSON cannot hold fails in its writer, as with files
+        entry = (stream, json.dumps(new_record(record)))
         with self._lock:
             if not self._closed:
                 self._buffer.append(entry)
@@ -283,12 +283,12 @@ class RedisStore:
         if pending:
             self._save_unflushed(pending)
 
-    def _save_unflushed(self, entries: list[tuple[str, dict]]) -> None:
+    def _save_unflushed(self, entries: list[tuple[str, str]]) -> None:
         target = (self.run_dir or Path(".")) / "store-unflushed.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("a") as f:
-            for stream, record in entries:
-                f.write(json.dumps({"stream": stream, **record}) + "\n")
+            for stream, text in entries:
+                f.write(json.dumps({"stream": stream, **json.loads(text)}) + "\n")
         log.error("run store %s: %d records could not be sent; saved to %s", self.url, len(entries), target)
 
     def _flush_forever(self) -> None:
@@ -306,8 +306,8 @@ class RedisStore:
                     continue
             try:
                 pipe = self.client.pipeline(transaction=False)
-                for stream, record in batch:
-                    pipe.xadd(self.key(stream), {"json": json.dumps(record)})
+                for stream, text in batch:
+                    pipe.xadd(self.key(stream), {"json": text})
                 pipe.execute()
             except Exception as err:  # noqa: BLE001 - Redis or not, the thread must live on and retry
                 if not isinstance(err, redis.RedisError):

@@ -99,12 +99,7 @@ class LocalTrainer:
         cfg = self.cfg
         if cfg.trainer.resume_from and self.iteration == 0:
             self.load_checkpoint(cfg.trainer.resume_from)
-        if self.generator_step == 0:
-            set_aside_earlier_run(self.out)
-        write_run_config(cfg, self.out)
-        store = open_store(cfg.store.url, self.out, cfg.name)
-        if self.generator_step == 0:
-            store.require_new()
+        store = open_run_directory(cfg, self.out, fresh=self.generator_step == 0)
         log = MetricsLog(self.out, store)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         try:
@@ -171,6 +166,18 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
         images = backbone.decode(batch.x0.to(backbone.device))  # the batch may still be the object store's CPU copy
     return write_samples(out / "samples" / f"rollout_step_{step:06d}.parquet", images, batch.prompts, batch.seed, step,
                          batch.weight_version, batch.reward_scores)
+
+
+def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
+    """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
+    sets an earlier run's files aside and must not mix its records with another run's in the store."""
+    if fresh:
+        set_aside_earlier_run(out)
+    write_run_config(cfg, out)
+    store = open_store(cfg.store.url, out, cfg.name)
+    if fresh:
+        store.require_new()
+    return store
 
 
 def write_run_config(cfg: RunConfig, out: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .gradient import attach_gradient
-from .protocol import RewardInputError, RewardServerError, validate_images, validate_scores
+from .protocol import RewardInputError, RewardServerError, first_line, validate_images, validate_scores
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +101,17 @@ class RewardClient:
             except Exception as err:  # noqa: BLE001 - sorted below
                 if not _transient(err):  # the app answered with an error: report it, do not retry
                     raise RewardServerError(f"reward app {self.app!r} failed in {method}(): {type(err).__name__}: "
-                                            f"{_first_line(err)}") from err
+                                            f"{first_line(err)}") from err
                 last_error = err
                 self.failed_attempts += 1
                 if attempt < self.retries:
                     log.warning("reward app %r: %s failed (%s: %s); retry %d/%d in %.1f s", self.app, method,
-                                type(err).__name__, _first_line(err), attempt + 1, self.retries, wait)
+                                type(err).__name__, first_line(err), attempt + 1, self.retries, wait)
                     time.sleep(wait)
                     wait = min(2 * wait, self.max_backoff_s) if wait else 0.0
         raise RewardServerError(
             f"reward app {self.app!r} did not answer {method}() after {self.retries + 1} attempt(s): "
-            f"{type(last_error).__name__}: {_first_line(last_error)}. Is it running (`serve status`)? "
+            f"{type(last_error).__name__}: {first_line(last_error)}. Is it running (`serve status`)? "
             "Start it with the run (rewards[].serve.attach: false) or with `serve deploy deploy/serve-rewards.yaml`."
         ) from last_error
 
@@ -127,10 +127,6 @@ def _transient(err: BaseException) -> bool:
         return False
     # (these cover ActorUnavailableError, GetTimeoutError and Serve's BackPressureError, their subclasses)
     return isinstance(err, (TimeoutError, ConnectionError, ray.exceptions.RayActorError, RayServeException))
-
-
-def _first_line(err: BaseException | None) -> str:
-    return str(err).strip().splitlines()[0] if err is not None and str(err).strip() else ""
 
 
 class RemoteReward:

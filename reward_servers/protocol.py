@@ -63,3 +63,8 @@ def validate_scores(scores: torch.Tensor, batch: int, source: str) -> torch.Tens
     if scores.shape != (batch,):
         raise RewardServerError(f"{source} returned scores of shape {list(scores.shape)}, expected [{batch}]")
     return scores
+
+
+def first_line(err: BaseException | None) -> str:
+    """An error's first line, for messages that name it without its whole traceback text."""
+    return str(err).strip().splitlines()[0] if err is not None and str(err).strip() else ""

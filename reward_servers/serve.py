@@ -24,7 +24,7 @@ from dmdr_rl.config import RewardSpec, RunConfig
 
 from . import http
 from .gradient import score_and_grad
-from .protocol import RewardInputError, validate_images, validate_scores
+from .protocol import RewardInputError, first_line, validate_images, validate_scores
 from .registry import load_reward_model
 
 http_app = FastAPI(title="dmdr_rl reward server")
@@ -91,11 +91,13 @@ class RewardServer:
         prompts = [p for r in requests for p in r[1]]
         with_grad = any(r[2] for r in requests)
         if with_grad:
-            scores, grads = score_and_grad(self.model, images, prompts)
+            scores, grads = score_and_grad(self.model, images, prompts)  # (validated there)
         else:
             with torch.no_grad():
-                scores, grads = self.model.score(images, prompts), None
-        scores = validate_scores(scores.detach().float().cpu(), images.shape[0], f"reward model {self.model.name!r}")
+                scores = validate_scores(self.model.score(images, prompts).float(), images.shape[0],
+                                         f"reward model {self.model.name!r}")
+            grads = None
+        scores = scores.detach().float().cpu()
         self.calls, self.images = self.calls + 1, self.images + images.shape[0]
         answers, start = [], 0
         for request_images, _, wants_grad in requests:
@@ -116,8 +118,8 @@ class RewardServer:
         except RewardInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from err
         except Exception as err:  # noqa: BLE001 - the model failed: say why (its first line), not a bare 500
-            detail = f"reward model {self.model.name!r} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            raise HTTPException(status_code=500, detail=detail) from err
+            raise HTTPException(status_code=500, detail=f"reward model {self.model.name!r} failed: "
+                                                        f"{type(err).__name__}: {first_line(err)}") from err
         return http.encode_answer(answer)
 
     @http_app.get("/info")
