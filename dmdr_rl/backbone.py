@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig
 
 from .conditioning import Conditioning
-from .flow import randn, sample
+from .flow import generators, randn, sample
 
 # The attention projections of SD3 joint blocks (image and context streams).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -251,21 +251,22 @@ class TransformerBackbone:
 
     @torch.no_grad()
     def sample(
-        self, prompts: Sequence[str], steps: int, cfg: float, seed: int, shift: float = 1.0,
+        self, prompts: Sequence[str], steps: int, cfg: float, seed: int | Sequence[int], shift: float = 1.0,
         adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
     ) -> torch.Tensor:
-        """Images [B, C, H, W] in [0, 1]; the same (prompts, seed) gives the same images."""
+        """Images [B, C, H, W] in [0, 1]; the same (prompts, seed) gives the same images. `seed`: one
+        for the batch, or one per image (then each image is the same in any batch)."""
         return self.sample_conditioned(self.encode(prompts), steps, cfg, seed, shift, adapter, scale, mode, progress)
 
     @torch.no_grad()
     def sample_conditioned(
-        self, cond: Conditioning, steps: int, cfg: float, seed: int, shift: float = 1.0,
+        self, cond: Conditioning, steps: int, cfg: float, seed: int | Sequence[int], shift: float = 1.0,
         adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
     ) -> torch.Tensor:
         """`sample` from encoded prompts (what a learner without encoders can do)."""
         cond = cond.to(self.device)
         null = self.null(len(cond)) if cfg != 1.0 else None
-        generator = torch.Generator().manual_seed(seed)
+        generator = generators(seed)
         noise = randn((len(cond), *self.sample_shape), generator, self.device)
         trajectory = sample(
             lambda x, t: self.velocity(x, t, cond, adapter=adapter, scale=scale, cfg=cfg, null=null),

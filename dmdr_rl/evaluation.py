@@ -12,12 +12,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .grid import save_grid
+from .rollout import EVALUATION_STREAM, iteration_seed
 from .toy.grammar import PromptSplit, prompts_of
 from .toy.metrics import judge_fid, judge_verdicts, summarise_verdicts
 from .toy.render import render_batch
 
-# sample_fn(prompts, seed) -> images [B, 3, H, W] in [0, 1]
-SampleFn = Callable[[Sequence[str], int], torch.Tensor]
+# sample_fn(prompts, seeds) -> images [B, 3, H, W] in [0, 1], image i from seeds[i] alone
+SampleFn = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
 # Fresh renders for FID use seeds far from any build's, so they are never training images.
 REFERENCE_SEED_OFFSET = 10**12
 
@@ -27,11 +28,20 @@ def fresh_renders(scenes: Sequence, seed: int, offset: int = REFERENCE_SEED_OFFS
     return render_batch(scenes, [offset + seed * len(scenes) + i for i in range(len(scenes))])
 
 
-def generate(sample_fn: SampleFn, prompts: Sequence[str], seed: int, batch_size: int, desc: str = "sampling") -> torch.Tensor:
+def image_seeds(seed: int, count: int) -> list[int]:
+    """One seed per evaluated image, so an image is the same whatever batch size samples it."""
+    return [iteration_seed(seed, i, EVALUATION_STREAM) for i in range(count)]
+
+
+def generate(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
+             desc: str = "sampling") -> torch.Tensor:
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per image")
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        chunk = slice(start, start + batch_size)
         # on the CPU, beside the judge and the fresh renders, whatever device sampled them
-        chunks.append(sample_fn(prompts[start : start + batch_size], seed + start).clamp(0, 1).cpu())
+        chunks.append(sample_fn(prompts[chunk], seeds[chunk]).clamp(0, 1).cpu())
     return torch.cat(chunks)
 
 
@@ -54,7 +64,8 @@ def evaluate(
         raise ValueError(f"num_images must be >= 2 for FID, got {num_images}")
     scenes = PromptSplit(split).sample(num_images, seed)
     prompts = prompts_of(scenes)
-    images = generate(sample_fn, prompts, seed, batch_size, desc)
+    seeds = image_seeds(seed, num_images)
+    images = generate(sample_fn, prompts, seeds, batch_size, desc)
     reference = fresh_renders(scenes, seed)
     with torch.no_grad():
         verdicts = [v for s in range(0, num_images, batch_size)
@@ -79,7 +90,7 @@ def evaluate(
     if samples_path is not None:
         from .samples import write_samples
 
-        write_samples(samples_path, images, prompts, seed, step=-1, weight_version=-1, rewards=reward_scores,
+        write_samples(samples_path, images, prompts, seeds, step=-1, weight_version=-1, rewards=reward_scores,
                       extra={"judge_correct": [bool(v["correct"]) for v in verdicts]})
         report["samples"] = str(samples_path)
     if grid_path is not None:

@@ -7,20 +7,35 @@ Every trainer, sampler and evaluator uses these functions, never its own copy of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 # velocity(x_t, t) -> v, with t a [B] tensor in [0, 1]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# One generator for a whole batch, or one per sample (the first dimension).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def randn(shape, generator: torch.Generator | None, device: torch.device | str = "cpu",
+def generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
+    """A generator seeded with `seed`, or one per seed of a sequence: with one seed per image, an
+    image does not depend on the batch it is sampled in (what evaluation needs)."""
+    if isinstance(seed, int):
+        return torch.Generator().manual_seed(seed)
+    return [torch.Generator().manual_seed(int(s)) for s in seed]
+
+
+def randn(shape, generator: Generators, device: torch.device | str = "cpu",
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from `generator`, then placed on `device`: the same seed
-    gives the same numbers on every device, so runs reproduce across CPU and GPU machines."""
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    gives the same numbers on every device, so runs reproduce across CPU and GPU machines. With one
+    generator per sample, sample i's noise comes from generator i alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one seed per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator]).to(device)
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +79,7 @@ def sample(
     steps: int,
     shift: float = 1.0,
     mode: str = "ode",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     keep_steps: bool = False,
     progress: bool = False,
 ) -> Trajectory:

@@ -21,8 +21,8 @@ from .conditioning import Conditioning
 from .config import StudentSection
 from .flow import Trajectory
 
-# Independent random streams of one iteration.
-PROMPT_STREAM, ROLLOUT_STREAM, LEARNER_STREAM = 0, 1, 2
+# Independent random streams of one iteration (evaluation: of one image).
+PROMPT_STREAM, ROLLOUT_STREAM, LEARNER_STREAM, EVALUATION_STREAM = 0, 1, 2, 3
 
 
 def iteration_seed(seed: int, iteration: int, stream: int, rank: int = 0) -> int:

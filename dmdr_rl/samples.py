@@ -32,20 +32,24 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str], seed: int, step: int,
+def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str], seed: int | Sequence[int], step: int,
                   weight_version: int, rewards: Mapping[str, torch.Tensor] | None = None,
                   extra: Mapping[str, Sequence] | None = None) -> Path:
-    """One row per image; `step`/`weight_version` -1 for samples of no training step (evaluation);
-    `extra`: more columns of one value per image (e.g. the judge's verdict)."""
+    """One row per image; `seed`: the batch's (all rows) or each image's own (evaluation: sampling the
+    row's prompt with that seed alone gives its image again); `step`/`weight_version` -1 for samples of
+    no training step (evaluation); `extra`: more columns of one value per image (e.g. the judge's verdict)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if images.shape[0] != len(prompts):
         raise ValueError(f"write_samples got {images.shape[0]} images but {len(prompts)} prompts")
     n = len(prompts)
+    seeds = [seed] * n if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"write_samples got {len(seeds)} seeds for {n} images")
     columns = {
         "prompt": pa.array(list(prompts), pa.string()),
-        "seed": pa.array([seed] * n, pa.int64()),
+        "seed": pa.array(seeds, pa.int64()),
         "step": pa.array([step] * n, pa.int64()),
         "weight_version": pa.array([weight_version] * n, pa.int64()),
         "width": pa.array([images.shape[-1]] * n, pa.int32()),

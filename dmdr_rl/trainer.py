@@ -125,8 +125,9 @@ class LocalTrainer:
             log.close()
         return {"output_dir": str(self.out), "generator_steps": self.generator_step, "iterations": self.iteration}
 
-    def sample(self, prompts: Sequence[str], seed: int) -> torch.Tensor:
-        """Student images in [0, 1]: K steps of the generator adapter, no guidance."""
+    def sample(self, prompts: Sequence[str], seed: int | Sequence[int]) -> torch.Tensor:
+        """Student images in [0, 1]: K steps of the generator adapter, no guidance; `seed` one for the
+        batch or one per image."""
         return student_images(self.backbone, self.backbone.encode(prompts), self.cfg.student, seed)
 
     def save_samples(self) -> Path:
@@ -142,7 +143,7 @@ class LocalTrainer:
         load_checkpoint(self.learner, directory)
 
 
-def student_images(backbone, cond, student: StudentSection, seed: int) -> torch.Tensor:
+def student_images(backbone, cond, student: StudentSection, seed: int | Sequence[int]) -> torch.Tensor:
     """The student's images for encoded prompts: K steps of the generator adapter, no guidance (what
     the sample grids and the evaluation show, in either trainer)."""
     return backbone.sample_conditioned(cond, student.steps, 1.0, seed=seed, shift=student.shift,

@@ -49,3 +49,14 @@ def test_ode_step_is_euler_and_sde_step_renoises_the_x0_prediction():
     assert torch.allclose(sde.inputs[1], 0.5 * (noise - v_const) + 0.5 * fresh)
     with pytest.raises(ValueError, match="'ode' or 'sde'"):
         sample(lambda x, t: v_const, noise, 2, mode="dpm")
+
+
+def test_one_generator_per_sample_draws_each_row_from_its_own_seed():
+    from dmdr_rl.flow import generators, randn
+
+    rows = randn((3, 2, 4), generators([5, 6, 7]))
+    for row, seed in zip(rows, [5, 6, 7]):
+        torch.testing.assert_close(row, torch.randn((2, 4), generator=torch.Generator().manual_seed(seed)), rtol=0, atol=0)
+    torch.testing.assert_close(randn((3, 2, 4), generators(5)), torch.randn((3, 2, 4), generator=torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        randn((3, 2, 4), generators([5, 6]))
