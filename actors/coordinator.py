@@ -42,6 +42,7 @@ class RolloutCoordinator:
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
         self.epoch = 0  # + 1 at every learner restart
         self.pending: dict[tuple[int, int], ray.ObjectRef] = {}
+        self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
         self.turn = 0
@@ -75,6 +76,7 @@ class RolloutCoordinator:
             self.epoch += 1
             self.version, self.weights = -1, None
         self.pending.clear()
+        self.assigned.clear()
         self.next_iteration = self.consumed_upto = iteration
 
     def request(self, iteration: int, rank: int) -> list | None:
@@ -102,13 +104,15 @@ class RolloutCoordinator:
         return {"learners": dict(self.learner_processes), "rollout_workers": list(self.workers)}
 
     def reissue(self, iteration: int, rank: int) -> list:
-        """After a rollout worker died (Ray restarts it; it reloads weights with its next request)."""
-        self._issue(iteration, rank)
+        """After a rollout worker died (Ray restarts it; it reloads weights with its next request). The
+        batch goes to another worker when there is one, rather than wait for the restart."""
+        self._issue(iteration, rank, avoid=self.assigned.get((iteration, rank)))
         ref = self.pending.pop((iteration, rank))
         self.ledger.append("reissued", iteration=iteration, rank=rank)
         return [ref]
 
     def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int) -> None:
+        self.assigned.pop((iteration, rank), None)
         self.ledger.append("consumed", iteration=iteration, rank=rank, weight_version=weight_version,
                            generator_step=generator_step)
 
@@ -121,13 +125,17 @@ class RolloutCoordinator:
                 self._issue(j, rank)
             self.next_iteration += 1
 
-    def _issue(self, iteration: int, rank: int) -> None:
+    def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> None:
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
         prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size)
         shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
         worker_index = self.turn % len(self.workers)
         self.turn += 1
+        if worker_index == avoid and len(self.workers) > 1:
+            worker_index = self.turn % len(self.workers)
+            self.turn += 1
+        self.assigned[(iteration, rank)] = worker_index
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch)
         self.pending[(iteration, rank)] = ref
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)

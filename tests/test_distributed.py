@@ -213,11 +213,49 @@ def test_two_learner_ranks_each_train_on_their_own_shard_of_every_batch(tmp_path
     out = tmp_path / "run"
     summary = train_distributed(_config(out, **{
         "trainer.backend": "ray", "ray.learner_workers": 2, "ray.rollout_actors": 2, "ray.learner_cpus": 0.5,
-        "ray.rollout_cpus": 0.5, "trainer.max_steps": 2, "output.checkpoint_every": 2, "name": "two-ranks"}))
+        "ray.rollout_cpus": 0.5, "trainer.max_steps": 2, "output.checkpoint_every": 2, "output.sample_every": 1,
+        "name": "two-ranks"}))
     assert summary["generator_steps"] == 2
+    # rank 0 alone writes the sample grids and records (rank 1 goes on to the next all-reduce meanwhile)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
+        f"{kind}_{step:06d}.{ext}" for kind, ext in (("rollout_step", "parquet"), ("step", "parquet"), ("step", "png"))
+        for step in (1, 2))
     events = Ledger(FileStore(out)).events()
     consumed = sorted((e["iteration"], e["rank"]) for e in events if e["event"] == "consumed")
     assert consumed == [(i, r) for i in range(4) for r in (0, 1)]
     assert {e["worker"] for e in events if e["event"] == "issued"} == {0, 1}  # both rollout actors sampled
     assert summary["ledger"]["lost"] == [] and summary["ledger"]["duplicated"] == []
     assert summary["replica_divergence"] == 0.0  # both ranks hold bit-identical generator and critic weights
+
+
+class _FakeWorkers:
+    """Stands in for `ray.remote(RolloutWorker)`: each handle's rollout "ref" names the worker that got it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *_, **__):
+        index, self.count = self.count, self.count + 1
+        rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank)})()
+        return type("Handle", (), {"rollout": rollout})()
+
+
+def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
+    import actors.coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 4, "ray.max_staleness": 1})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    coordinator.publish(0, ["weights"])
+    first = coordinator.request(0, 0)[0]
+    # iterations 0-3 went out round-robin, so plain round-robin would hand batch 0 back to worker 0
+    assert coordinator.next_iteration == 4 and first[1] == 0
+    for _ in range(5):  # whatever the round-robin turn, the batch moves away from the worker that failed it
+        again = coordinator.reissue(0, 0)[0]
+        assert again[0] == "worker" and again[2:] == (0, 0) and again[1] != first[1]
+        first = again
+    coordinator.consumed(0, 0, 0, 0)
+    assert (0, 0) not in coordinator.assigned
