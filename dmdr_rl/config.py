@@ -48,13 +48,13 @@ class StudentSection(_Section):
 
 class CriticSection(_Section):
     lora: LoraSpec = LoraSpec(rank=32, alpha=32)
-    fake_scale: float = 2.0
-    real_scale0: float = 0.5
+    fake_scale: float = Field(2.0, gt=0)
+    real_scale0: float = Field(0.5, gt=0)
 
 
 class DmdSection(_Section):
     weight: float = Field(1.0, ge=0)  # 0 turns the DMD term off (the RL-only ablation)
-    real_cfg: float = 4.0
+    real_cfg: float = Field(4.0, ge=0)  # 1: no guidance
     cfg_jitter: float = Field(0.5, ge=0)
     # the real score's CFG only where tau <= this (a guidance interval: guidance at the highest noise levels
     # darkens and over-contrasts the toy students); 1.0: at every noise level, as DESIGN section 2 writes it
@@ -120,7 +120,7 @@ class TrainerSection(_Section):
     # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its
     # learner and rollout actors by ray.learner_gpus / ray.rollout_gpus instead
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     resume_from: Optional[str] = None  # a checkpoint directory (or a run's checkpoints/) to continue from
 
 
@@ -150,10 +150,20 @@ class DataSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: str = "runs/{name}"
+    dir: str = "runs/{name}"  # {name}: the run's name
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(200, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+
+    @field_validator("dir")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        try:
+            value.format(name="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"the only placeholder is {{name}} (write a literal brace as {{{{ or }}}}); "
+                             f"{value!r} fails with {type(err).__name__}: {err}") from None
+        return value
 
 
 class StoreSection(_Section):
@@ -184,6 +194,10 @@ class RunConfig(_Section):
     def _has_a_loss(self) -> "RunConfig":
         if self.dmd.weight == 0 and not self.rewards:
             raise ValueError("dmd.weight is 0 and no rewards are configured: the generator would have no loss")
+        if self.dmd.weight == 0 and self.trainer.cold_start > 0:
+            raise ValueError(f"dmd.weight is 0, so the generator has no loss during the cold start (trainer.cold_start="
+                             f"{self.trainer.cold_start} generator steps of DMD only): set trainer.cold_start=0, as the "
+                             "toy-rl-only preset does")
         apps = [spec.app_name for spec in self.rewards if spec.placement == "serve"]
         if len(apps) != len(set(apps)):
             raise ValueError(f"two served rewards would share a Serve app ({sorted(a for a in apps if apps.count(a) > 1)[0]!r}): "
@@ -200,6 +214,18 @@ class RunConfig(_Section):
     @property
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
+
+    def warnings(self) -> list[str]:
+        """Settings that run but probably not as meant (printed at start and by --dry-run)."""
+        notes = []
+        trained = [spec.name for spec in self.rewards if spec.weight > 0]
+        if self.trainer.backend == "ray" and self.trainer.precision == "bf16" and self.ray.learner_gpus == 0:
+            notes.append("trainer.precision=bf16 with ray.learner_gpus=0: the learner runs on CPUs; set "
+                         "ray.learner_gpus (and ray.rollout_gpus) to train on GPUs")
+        if trained and self.trainer.cold_start >= self.trainer.max_steps:
+            notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
+                         f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
+        return notes
 
 
 def available_presets() -> list[str]:
@@ -255,36 +281,55 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. student.steps=1)")
-    value = yaml.safe_load(raw) if raw.strip() else None
     parts = key.split(".")
     node: Any = data
     schema: Any = RunConfig  # a pydantic model, ("list", item schema), or None (free-form mapping)
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
+        where = ".".join(parts[:depth])
         if isinstance(schema, tuple):  # inside a list: the part is an index
+            if not isinstance(node, list):
+                raise ConfigError(f"override {key!r}: {where} is not a list here; set it whole, e.g. {where}=[...]")
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {key!r}: {part!r} is not an index into a list of {len(node)}")
-            slot, schema = int(part), schema[1]
+                raise ConfigError(f"override {key!r}: {part!r} is not an index into a list of {len(node)} "
+                                  f"(set the whole list with {where}=[...])")
+            slot, annotation, schema = int(part), None, schema[1]
         else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {where} is a value ({node!r}), not a section with keys")
             fields = getattr(schema, "model_fields", None)
             if fields is not None and part not in fields:
-                where = ".".join(parts[:depth]) or "the top level"
-                raise ConfigError(f"unknown config key {key!r}: {where} has {', '.join(fields)}")
+                raise ConfigError(f"unknown config key {key!r}: {where or 'the top level'} has {', '.join(fields)}")
             slot = part
-            schema = _schema_of(fields[part].annotation) if fields is not None else None
+            annotation = fields[part].annotation if fields is not None else None
+            schema = _schema_of(annotation)
             if not last and (part not in node or node[part] is None):
                 node[part] = [] if isinstance(schema, tuple) else {}
         if last:
-            node[slot] = value
+            node[slot] = _override_value(raw, annotation)
         else:
             node = node[slot]
+
+
+def _override_value(raw: str, annotation: Any) -> Any:
+    """YAML for numbers, lists and mappings; a text field keeps the text as written (so `name=2024`,
+    `output.dir={name}-2` and `ray.address=10:20` mean what they say), `null` clearing an optional one."""
+    if not raw.strip():
+        return None
+    args = getattr(annotation, "__args__", ()) or ()
+    if annotation is str or (str in args and all(a in (str, type(None)) for a in args)):
+        return None if type(None) in args and raw.strip() in ("null", "~") else raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw  # not YAML: the field's validation says what it expects
 
 
 def _schema_of(annotation: Any) -> Any:
     """What a field holds, for navigating overrides: a model, ("list", item schema), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if getattr(annotation, "__origin__", None) is list:
+    if getattr(annotation, "__origin__", None) in (list, tuple):
         return ("list", _schema_of(annotation.__args__[0]))
     for arg in getattr(annotation, "__args__", ()) or ():  # Optional[Model]
         if isinstance(arg, type) and issubclass(arg, BaseModel):
@@ -295,7 +340,11 @@ def _schema_of(annotation: Any) -> Any:
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
-        given = e.get("input")
-        lines.append(f"{field}: {e['msg']} (got {given!r})" if e["type"] != "missing" else f"{field}: required")
+        message = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a check across fields names them itself; its input is the whole config
+            lines.append(message)
+        elif e["type"] == "missing":
+            lines.append(f"{'.'.join(map(str, e['loc']))}: required")
+        else:
+            lines.append(f"{'.'.join(map(str, e['loc']))}: {message} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -151,7 +151,11 @@ def train_distributed(cfg: RunConfig) -> dict:
     from .prompts import PromptSource
 
     PromptSource(cfg.data.prompts, cfg.trainer.seed)  # a bad prompt file fails here, before Ray starts
-    r = cfg.ray
+    if cfg.trainer.resume_from:  # checked here, and made absolute: the learner workers run in another directory
+        from .trainer import resume_checkpoint
+
+        cfg = cfg.model_copy(deep=True)
+        cfg.trainer.resume_from = str(resume_checkpoint(cfg.trainer.resume_from).resolve())
     check_placement(cfg)
     where = connect(cfg)
     with serving_rewards(cfg):

@@ -26,7 +26,7 @@ from .toy.weights import load_align, load_judge, load_teacher
 def _list_of(kind):
     def parse(text: str):
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
         if not values:
@@ -51,44 +51,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, default=None,
                    help="student: a run directory (latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--weights", type=Path, default=None, help="toy weights root (default: the shipped weights)")
-    p.add_argument("--steps", type=_list_of(int), default=[32], help="sampling steps, e.g. 32 or 32,4,1")
-    p.add_argument("--cfg", type=_list_of(float), default=[DEFAULT_CFG], help="classifier-free guidance scale(s)")
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
+    p.add_argument("--steps", type=_list_of(int), default=None, help="teacher: sampling steps, e.g. 32 or 32,4,1 (default 32)")
+    p.add_argument("--cfg", type=_list_of(float), default=None,
+                   help=f"teacher: classifier-free guidance scale(s) (default {DEFAULT_CFG:g})")
+    p.add_argument("--shift", type=float, default=None, help="teacher: timestep shift of the sampling schedule (default 1)")
     p.add_argument("--split", type=_splits, default=["held-in"], help="prompt split(s): held-in, held-out")
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     args = p.parse_args(argv)
-    if any(s < 1 for s in args.steps):
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.num_images < 2:
-        p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
     if (args.model == "student") != (args.run is not None):
         p.error("--run goes with --model student (and a student needs --run)")
+    if args.model == "student":
+        given = [flag for flag, value in (("--steps", args.steps), ("--cfg", args.cfg), ("--shift", args.shift))
+                 if value is not None]
+        if given:
+            p.error(f"{', '.join(given)} set the teacher's sampling; a student samples as it was trained "
+                    "(its run's student.steps, student.shift and student.sampler, no guidance)")
+    args.steps = args.steps if args.steps is not None else [32]
+    args.cfg = args.cfg if args.cfg is not None else [DEFAULT_CFG]
+    args.shift = args.shift if args.shift is not None else 1.0
+    if any(s < 1 for s in args.steps):
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.shift <= 0:
+        p.error(f"--shift must be > 0, got {args.shift}")
+    if args.num_images < 2:
+        p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 
 def load_student(run: Path):
-    """A trained student as (sample_fn, steps): the run's own config, its generator adapter restored."""
-    from .config import load_config
-    from .trainer import LocalTrainer, find_run
+    """A trained student as (sample_fn, its student section): the generator adapter on the run's model,
+    sampled as it was trained, on the GPU when there is one. Nothing else of the training is built
+    (its reward apps, prompt file or training device need not exist here)."""
+    from .registry import resolve_device
+    from .trainer import load_generator, student_images
 
-    run_dir, checkpoint = find_run(run)
-    trainer = LocalTrainer(load_config(run_dir / "config.yaml"))
-    trainer.load_checkpoint(checkpoint)
-    return trainer.sample, trainer.cfg.student.steps
+    backbone, cfg, _ = load_generator(run, device=resolve_device("auto"))
+    return (lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), cfg.student, seeds)), cfg.student
 
 
 def samplers(args: argparse.Namespace):
-    """(name, steps, cfg, sample_fn) for every setting to evaluate."""
+    """(name, settings, sample_fn) for every setting to evaluate; settings go into the report."""
     if args.model == "student":
-        sample_fn, steps = load_student(args.run)
-        return [(f"student-{args.run.name}-steps{steps}", steps, 1.0, sample_fn)]
+        sample_fn, student = load_student(args.run)
+        settings = {"steps": student.steps, "cfg": 1.0, "shift": student.shift, "sampler": student.sampler}
+        return [(f"student-{args.run.name}-steps{student.steps}", settings, sample_fn)]
     teacher = load_teacher(args.weights)
     return [
-        (f"teacher-steps{steps}-cfg{cfg:g}", steps, cfg,
-         lambda prompts, seed, steps=steps, cfg=cfg: teacher.sample(prompts, steps=steps, cfg=cfg, seed=seed, shift=args.shift))
+        (f"teacher-steps{steps}-cfg{cfg:g}", {"steps": steps, "cfg": cfg, "shift": args.shift, "sampler": "ode"},
+         lambda prompts, seeds, steps=steps, cfg=cfg: teacher.sample(prompts, steps=steps, cfg=cfg, seed=seeds, shift=args.shift))
         for steps, cfg in itertools.product(args.steps, args.cfg)
     ]
 
@@ -96,7 +113,7 @@ def samplers(args: argparse.Namespace):
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     judge, align = load_judge(args.weights), load_align(args.weights)
     reports = []
-    for split, (setting, steps, cfg, sample_fn) in itertools.product(args.split, samplers(args)):
+    for split, (setting, settings, sample_fn) in itertools.product(args.split, samplers(args)):
         name = f"{setting}-{split}"
         started = time.time()
         report = evaluate(
@@ -110,7 +127,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             grid_path=args.out / name / "grid.png", samples_path=args.out / name / "samples.parquet",
             desc=name,
         )
-        report = {"model": args.model, "steps": steps, "cfg": cfg, "shift": args.shift, **report,
+        report = {"model": args.model, **settings, **report,
                   "seconds": round(time.time() - started, 1)}
         (args.out / name / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  FID {report['fid']:.2f}  "
@@ -131,9 +148,14 @@ def write_summary(reports: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .config import ConfigError
+
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    run_sweep(args)
+    try:
+        run_sweep(args)
+    except (ConfigError, FileNotFoundError) as err:  # a run that is not one, a config that no longer loads
+        raise SystemExit(f"error: {err}") from None
     print(f"summary: {args.out / 'summary.md'}")
 
 

@@ -24,15 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from . import dmdr
 from .config import ConfigError, load_config
 from .flow import sampling_timesteps
-from .learning import load_adapter_state
-from .registry import build_backbone
 from .sd3 import BackboneLoadError
-from .trainer import find_run
+from .trainer import find_run, load_generator
 
 FORMATS = ("lora", "transformer")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -45,7 +42,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         raise ValueError(f"--dtype {dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if fmt == "lora" and dtype != "float32":
         raise ValueError("--dtype applies to --format transformer only (a LoRA file keeps its float32 weights)")
-    run_dir, checkpoint = find_run(run)
+    run_dir, _ = find_run(run)
     cfg = load_config(run_dir / "config.yaml")
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
@@ -53,9 +50,8 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     model = cfg.model
     if fmt == "transformer":  # a float32 base also where the run's model.kwargs asked for another dtype
         model = model.model_copy(update={"kwargs": {k: v for k, v in model.kwargs.items() if k != "dtype"}})
-    backbone = build_backbone(model, encoders=False, precision=cfg.trainer.precision if fmt == "lora" else "fp32")
-    dmdr.add_generator(backbone, cfg.student)
-    load_adapter_state(backbone, dmdr.GENERATOR, load_file(str(checkpoint / f"{dmdr.GENERATOR}.safetensors")))
+    backbone, cfg, checkpoint = load_generator(run, model, cfg.trainer.precision if fmt == "lora" else "fp32",
+                                               encoders=False)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "lora":
         from diffusers.loaders import SD3LoraLoaderMixin

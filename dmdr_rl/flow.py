@@ -6,6 +6,7 @@ Every trainer, sampler and evaluator uses these functions, never its own copy of
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,8 +22,8 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 def generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
     """A generator seeded with `seed`, or one per seed of a sequence: with one seed per image, an
     image does not depend on the batch it is sampled in (what evaluation needs)."""
-    if isinstance(seed, int):
-        return torch.Generator().manual_seed(seed)
+    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):  # numpy / pandas ints too
+        return torch.Generator().manual_seed(int(seed))
     return [torch.Generator().manual_seed(int(s)) for s in seed]
 
 

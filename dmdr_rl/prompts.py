@@ -27,7 +27,10 @@ class PromptSource:
         self.split, self.prompts = None, None
         kind, _, name = spec.partition(":")
         if kind == "toy" and name:
-            self.split = PromptSplit(name)
+            try:
+                self.split = PromptSplit(name)
+            except ValueError as err:
+                raise ConfigError(f"data.prompts: {err} (e.g. data.prompts=toy:held-in)") from None
         elif Path(spec).suffix.lower() in FILE_SUFFIXES:
             self.prompts = read_prompt_file(Path(spec))
         else:
@@ -50,7 +53,7 @@ def read_prompt_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            prompts = path.read_text(encoding="utf-8").splitlines()
+            prompts = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a prompt
         else:
             table = _read_table(path, suffix)
             if "prompt" not in table.column_names:

@@ -30,28 +30,33 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._factories)
 
-    def resolve(self, name: str) -> Callable[..., T]:
+    def resolve(self, name: str, field: str | None = None) -> Callable[..., T]:
+        """The factory of a registered name or an import path; `field`: the config field the name comes
+        from, which the error names (a ConfigError, a ValueError)."""
+        from .config import ConfigError
+
+        def error(message: str) -> ConfigError:
+            return ConfigError(f"{field}: {message}" if field else message)
+
         if name in self._factories:
             return self._factories[name]
         if ":" in name:
             module_name, _, attr = name.partition(":")
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as err:
-                raise ValueError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({err})") from err
-            if not hasattr(module, attr):
-                raise ValueError(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
+            except (ImportError, ValueError) as err:  # ValueError: an empty module name (":Name")
+                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({err})") from err
+            if not attr or not hasattr(module, attr):
+                raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)
-        raise ValueError(
-            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
-            "or give an import path 'package.module:Name'"
-        )
+        raise error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
+                    "or give an import path 'package.module:Name'")
 
-    def build(self, name: str, *, where: str | None = None, **kwargs: Any) -> T:
+    def build(self, name: str, *, where: str | None = None, field: str | None = None, **kwargs: Any) -> T:
         """`where`: the config field the kwargs come from, named by the error when the factory does not
         take them (checked against its signature; a factory that passes **kwargs on is judged by the
-        TypeError of the call it makes)."""
-        factory = self.resolve(name)
+        TypeError of the call it makes); `field`: the one the name comes from."""
+        factory = self.resolve(name, field)
         signature = _signature(factory) if where is not None else None
         if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             try:
@@ -88,7 +93,9 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     from .toy.weights import load_teacher
 
     if resolution != RESOLUTION:
-        raise ValueError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
+        from .config import ConfigError
+
+        raise ConfigError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
     backbone = load_teacher(path, encoders=encoders)
     if dtype != "float32":  # the frozen base only: adapters and encoders stay float32
         backbone.transformer.to(getattr(torch, dtype))
@@ -122,6 +129,6 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32", device
     if precision == "bf16":
         kwargs.setdefault("dtype", "bfloat16")
     where = "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
-    backbone = BACKBONES.build(model.backbone, where=where, path=model.path, resolution=model.resolution,
+    backbone = BACKBONES.build(model.backbone, where=where, field="model.backbone", path=model.path, resolution=model.resolution,
                                encoders=encoders, **kwargs)
     return backbone.to(device)

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -88,15 +89,33 @@ def _check_same_config(cfg, run_path: Path) -> None:
                            "to another directory")
 
 
+def row_config(preset: str, run_dir: str | Path, overrides: Sequence[str]):
+    from .config import load_config
+
+    return load_config(preset, [f"output.dir={run_dir}", *overrides])
+
+
+def check_rows(rows: list[Row], runs: Path, overrides: Sequence[str], retrain: bool) -> None:
+    """Every student row's config, before anything is deleted or trained: a bad override or a run
+    trained from another config stops the command at once, not after hours of the other rows."""
+    for row in rows:
+        if row.preset is None:
+            continue
+        cfg = row_config(row.preset, runs / row.key, overrides)
+        for note in cfg.warnings():
+            print(f"warning: row {row.key}: {note}", file=sys.stderr, flush=True)
+        if not retrain:
+            _check_same_config(cfg, runs / row.key)
+
+
 def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...] = ()) -> dict:
     """Train (or finish training) one preset into `run_dir`; returns the training summary. Runs in a
     worker process when trainings go in parallel."""
-    from .config import load_config
     from .trainer import LocalTrainer
 
     torch.set_num_threads(threads)
     run_path = Path(run_dir)
-    cfg = load_config(preset, [f"output.dir={run_path}", *overrides])
+    cfg = row_config(preset, run_path, overrides)
     _check_same_config(cfg, run_path)
     if _finished(run_path, cfg.trainer.max_steps):
         return json.loads((run_path / "train_summary.json").read_text())
@@ -137,10 +156,10 @@ def _sampler(row: Row, runs: Path):
 
     if row.preset is None:
         teacher = load_teacher()
-        return DEFAULT_CFG, lambda prompts, seed: teacher.sample(prompts, steps=row.steps, cfg=DEFAULT_CFG, seed=seed)
-    sample_fn, steps = load_student(runs / row.key)
-    if steps != row.steps:
-        raise ValueError(f"{runs / row.key} trains a {steps}-step student, but row {row.key} is {row.steps}-step")
+        return DEFAULT_CFG, lambda prompts, seeds: teacher.sample(prompts, steps=row.steps, cfg=DEFAULT_CFG, seed=seeds)
+    sample_fn, student = load_student(runs / row.key)
+    if student.steps != row.steps:
+        raise ValueError(f"{runs / row.key} trains a {student.steps}-step student, but row {row.key} is {row.steps}-step")
     return 1.0, sample_fn
 
 
@@ -161,6 +180,11 @@ def evaluate_row(row: Row, runs: Path, out: Path, num_images: int, seed: int, ju
 
 
 # -- the claims ---------------------------------------------------------------------------------
+def reward_hacked(rl_only: dict, dmdr: dict) -> bool:
+    """Reward hacking made visible (one split's reports): the judge 0.05 below DMDR, or FID 1.5x DMDR's."""
+    return rl_only["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 + 1e-9 or rl_only["fid"] >= 1.5 * dmdr["fid"]
+
+
 def check_claims(results: dict[str, dict]) -> list[dict]:
     """Issue 3's targets, each as {claim, measured, passed}; rows that were not run are skipped."""
 
@@ -174,6 +198,7 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
         return results[key]["held-in"]["rewards"]["toy-align"]
 
     claims = []
+    tie = 1e-9  # 0.9 x 0.650 is 0.5850000000000001 in floats: an accuracy of exactly 0.585 meets it
 
     def claim(text, needs, test, measured):
         if all(k in results for k in needs):
@@ -184,17 +209,18 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
           lambda: f"{fid('dmd-4'):.1f} vs 1.5 x {fid('teacher-32'):.1f} = {1.5 * fid('teacher-32'):.1f}")
     for split in SPLITS:
         claim(f"DMD 4-step: judge accuracy >= 0.9x the 32-step teacher's ({split})", ("dmd-4", "teacher-32"),
-              lambda s=split: acc("dmd-4", s) >= 0.9 * acc("teacher-32", s),
+              lambda s=split: acc("dmd-4", s) >= 0.9 * acc("teacher-32", s) - tie,
               lambda s=split: f"{acc('dmd-4', s):.3f} vs 0.9 x {acc('teacher-32', s):.3f} = {0.9 * acc('teacher-32', s):.3f}")
     claim("DMD 1-step far better than the teacher at 1 step (accuracy +0.1 and FID halved, held-in)",
           ("dmd-1", "teacher-1"),
-          lambda: acc("dmd-1", "held-in") >= acc("teacher-1", "held-in") + 0.1 and fid("dmd-1") <= 0.5 * fid("teacher-1"),
+          lambda: acc("dmd-1", "held-in") >= acc("teacher-1", "held-in") + 0.1 - tie and fid("dmd-1") <= 0.5 * fid("teacher-1"),
           lambda: f"accuracy {acc('dmd-1', 'held-in'):.3f} vs {acc('teacher-1', 'held-in'):.3f}; "
                   f"FID {fid('dmd-1'):.1f} vs {fid('teacher-1'):.1f}")
-    for split in SPLITS:
-        claim(f"DMDR 4-step: judge accuracy above the 32-step teacher's ({split})", ("dmdr-4", "teacher-32"),
-              lambda s=split: acc("dmdr-4", s) > acc("teacher-32", s),
-              lambda s=split: f"{acc('dmdr-4', s):.3f} vs {acc('teacher-32', s):.3f}")
+    for key, steps in (("dmdr-4", 4), ("dmdr-1", 1)):
+        for split in SPLITS:
+            claim(f"DMDR {steps}-step: judge accuracy above the 32-step teacher's ({split})", (key, "teacher-32"),
+                  lambda k=key, s=split: acc(k, s) > acc("teacher-32", s),
+                  lambda k=key, s=split: f"{acc(k, s):.3f} vs {acc('teacher-32', s):.3f}")
     claim("DMDR 4-step: FID <= 1.5x the 32-step teacher's (held-in)", ("dmdr-4", "teacher-32"),
           lambda: fid("dmdr-4") <= 1.5 * fid("teacher-32"),
           lambda: f"{fid('dmdr-4'):.1f} vs {1.5 * fid('teacher-32'):.1f}")
@@ -203,7 +229,7 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
           lambda: f"{reward('rl-only-4'):.3f} vs {reward('dmdr-4'):.3f}")
     claim("RL-only 4-step: reward hacking visible (judge accuracy 0.05 below DMDR's or FID 1.5x DMDR's, held-in)",
           ("rl-only-4", "dmdr-4"),
-          lambda: acc("rl-only-4", "held-in") <= acc("dmdr-4", "held-in") - 0.05 or fid("rl-only-4") >= 1.5 * fid("dmdr-4"),
+          lambda: reward_hacked(results["rl-only-4"]["held-in"], results["dmdr-4"]["held-in"]),
           lambda: f"accuracy {acc('rl-only-4', 'held-in'):.3f} vs {acc('dmdr-4', 'held-in'):.3f}; "
                   f"FID {fid('rl-only-4'):.1f} vs {fid('dmdr-4'):.1f}")
     return claims
@@ -219,7 +245,7 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
         f"DMDR's {dmdr['rewards']['toy-align']:.3f}, yet the held-out judge gives it {rl['judge_accuracy']:.3f} accuracy "
         f"(DMDR {dmdr['judge_accuracy']:.3f}) and an FID of {rl['fid']:.1f} (DMDR {dmdr['fid']:.1f}): "
         + ("the reward is hacked, and the DMD term is what prevents it."
-           if rl["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 or rl["fid"] >= 1.5 * dmdr["fid"]
+           if reward_hacked(rl, dmdr)
            else "on this run the gap is too small to call it reward hacking.")
     )
 
@@ -288,14 +314,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown row(s) {unknown}; allowed: {', '.join(ROWS_BY_KEY)}")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.num_images < 2:
+        p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     from .toy.weights import load_align, load_judge
 
+    from .config import ConfigError
+
     args = parse_args(argv)
     rows = [ROWS_BY_KEY[k] for k in args.rows.split(",")]
+    try:
+        check_rows(rows, args.runs, args.overrides, args.retrain)
+    except (ConfigError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}") from None
     if args.retrain:
         for row in rows:
             if row.preset is not None:

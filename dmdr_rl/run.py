@@ -56,6 +56,8 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .toy.weights import load_align, load_judge
 
     cfg = load_config(preset, overrides)
+    for note in cfg.warnings():
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     if cfg.trainer.backend == "ray":
         from .distributed import train_distributed
 
@@ -106,12 +108,9 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     cfg = load_config(preset, overrides)
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
-    try:
-        BACKBONES.resolve(cfg.model.backbone)
-        for spec in cfg.rewards:
-            REWARDS.resolve(spec.name)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    BACKBONES.resolve(cfg.model.backbone, "model.backbone")
+    for i, spec in enumerate(cfg.rewards):
+        REWARDS.resolve(spec.name, f"rewards.{i}.name")
     prompts = cfg.data.prompts
     if prompts.startswith("toy:") or Path(prompts).exists():
         PromptSource(prompts, cfg.trainer.seed)
@@ -131,7 +130,18 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  rewards: {rewards}",
         f"  prompts: {prompts} ({prompt_note})",
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
+        *(f"  warning: {note}" for note in [*cfg.warnings(), *_missing_packages(cfg)]),
     ])
+
+
+def _missing_packages(cfg) -> list[str]:
+    """Optional packages the config needs that this machine lacks (the cluster's machines may have them)."""
+    from importlib.util import find_spec
+
+    if cfg.trainer.optimizer == "adamw8bit" and find_spec("bitsandbytes") is None:
+        return ["trainer.optimizer=adamw8bit needs bitsandbytes, which is not installed here: install it where the "
+                "learner runs (`pip install bitsandbytes`, CUDA machines), or set trainer.optimizer=adamw"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="validate the config and its plugins, print the plan, and start nothing")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args(argv)
+    if args.num_images < 2:
+        parser.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
+    if args.preset is not None and (args.out is not None or args.split != "held-in"):
+        parser.error("--out and --split choose the teacher evaluation's output and split; a training run writes to "
+                     "output.dir (e.g. output.dir=runs/mine) and evaluates its student on held-in prompts")
     try:
         if args.dry_run:
             if args.preset is None:

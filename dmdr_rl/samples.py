@@ -11,6 +11,7 @@ Files carry their schema version; reading unifies files of different versions an
 from __future__ import annotations
 
 import io
+import numbers
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,7 +20,9 @@ import torch
 
 from .grid import to_uint8
 
-SCHEMA_VERSION = 2  # 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>
+# 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>; 3: an evaluation's seed is
+# each image's own (in version 2 it was the seed of the image's sampling batch)
+SCHEMA_VERSION = 3
 VERSION_KEY = b"dmdr_rl.samples.version"
 REQUIRED = ("prompt", "step", "png")
 
@@ -37,14 +40,15 @@ def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str]
                   extra: Mapping[str, Sequence] | None = None) -> Path:
     """One row per image; `seed`: the batch's (all rows) or each image's own (evaluation: sampling the
     row's prompt with that seed alone gives its image again); `step`/`weight_version` -1 for samples of
-    no training step (evaluation); `extra`: more columns of one value per image (e.g. the judge's verdict)."""
+    no training step (evaluation); `extra`: more columns of one value per image (e.g. the judge's verdict).
+    Scores and verdicts are of the float images; the PNG holds them rounded to 8 bits."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if images.shape[0] != len(prompts):
         raise ValueError(f"write_samples got {images.shape[0]} images but {len(prompts)} prompts")
     n = len(prompts)
-    seeds = [seed] * n if isinstance(seed, int) else [int(s) for s in seed]
+    seeds = [int(seed)] * n if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"write_samples got {len(seeds)} seeds for {n} images")
     columns = {

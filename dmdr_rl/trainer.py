@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import dmdr
 from .config import ConfigError, RunConfig, StudentSection
 from .grid import save_grid
-from .learning import ADAPTERS, DMDRLearner
+from .learning import ADAPTERS, DMDRLearner, load_adapter_state
 from .prompts import PromptSource
 from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout
@@ -62,6 +62,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.out = cfg.output_dir
         self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)  # first: a bad prompt file fails at once
+        self.resume = resume_checkpoint(cfg.trainer.resume_from) if cfg.trainer.resume_from else None
         self.backbone = backbone or build_backbone(cfg.model, precision=cfg.trainer.precision,
                                                    device=resolve_device(cfg.trainer.device))
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
@@ -97,8 +98,8 @@ class LocalTrainer:
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        if cfg.trainer.resume_from and self.iteration == 0:
-            self.load_checkpoint(cfg.trainer.resume_from)
+        if self.resume is not None and self.iteration == 0:
+            self.load_checkpoint(self.resume)
         store = open_run_directory(cfg, self.out, fresh=self.generator_step == 0)
         log = MetricsLog(self.out, store)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
@@ -203,7 +204,7 @@ def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
 
     rewards = []
     for i, spec in enumerate(cfg.rewards):
-        model = reward_model(spec, f"rewards.{i}.kwargs")
+        model = reward_model(spec, f"rewards.{i}")
         if spec.weight > 0 and not model.differentiable:
             raise ConfigError(f"rewards.{i} ({spec.name}) is not differentiable, so it cannot train the generator "
                               f"(ReFL needs d score / d image): set rewards.{i}.weight=0 to only monitor it")
@@ -233,6 +234,17 @@ def latest_checkpoint(directory: Path) -> Path:
     return directory / latest.read_text().strip() if latest.exists() else directory
 
 
+def resume_checkpoint(resume_from: str | Path) -> Path:
+    """trainer.resume_from as the checkpoint to load: a run directory, its checkpoints/ (the latest
+    checkpoint) or one checkpoints/step_N/; a ConfigError naming the field otherwise."""
+    path = Path(resume_from)
+    checkpoint = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    if not (checkpoint / "trainer_state.pt").is_file():
+        raise ConfigError(f"trainer.resume_from={resume_from}: no trainer checkpoint there (give a run directory, its "
+                          "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt)")
+    return checkpoint
+
+
 def find_run(run: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) for a run directory, its checkpoints/ or one step_N/ in it."""
     run = Path(run)
@@ -248,6 +260,22 @@ def find_run(run: Path) -> tuple[Path, Path]:
     if not (checkpoint / f"{dmdr.GENERATOR}.safetensors").exists():
         raise FileNotFoundError(f"no {dmdr.GENERATOR}.safetensors in {checkpoint}: has the run saved a checkpoint?")
     return run_dir, checkpoint
+
+
+def load_generator(run: str | Path, model=None, precision: str | None = None, encoders: bool = True,
+                   device: torch.device | str = "cpu"):
+    """(backbone with the run's generator adapter restored, the run's config, the checkpoint): only what
+    sampling the student needs -- no optimizers, rewards, reward apps or prompt files of the training.
+    `model` / `precision` replace the run's own (export merges on a float32 base)."""
+    from .config import load_config
+
+    run_dir, checkpoint = find_run(run)
+    cfg = load_config(run_dir / "config.yaml")
+    backbone = build_backbone(model or cfg.model, encoders=encoders, precision=precision or cfg.trainer.precision,
+                              device=device)
+    dmdr.add_generator(backbone, cfg.student)
+    load_adapter_state(backbone, dmdr.GENERATOR, load_file(str(checkpoint / f"{dmdr.GENERATOR}.safetensors")))
+    return backbone, cfg, checkpoint
 
 
 def load_checkpoint(learner: DMDRLearner, directory: str | Path) -> Path:

@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.watch", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a run directory, or a run name with --store")
     parser.add_argument("--store", default=None, help="a Redis URL (default: the run's store.url, else its files)")
-    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     args = parser.parse_args(argv)
+    if args.interval < 0.1:
+        parser.error(f"--interval must be >= 0.1 seconds, got {args.interval:g}")
     try:
         store, run_dir, max_steps = locate(args.run, args.store)
     except (StoreError, ConfigError) as err:
@@ -84,16 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     from rich.live import Live
     from rich.text import Text
 
-    with Live(Text("..."), refresh_per_second=4) as live:
-        while True:
-            try:
-                text, finished = snapshot(store, run_dir, max_steps)
-            except StoreError as err:  # a damaged record (a full disk, a write cut short): say so, keep watching
-                text, finished = f"cannot read the run's records: {err}", False
-            live.update(Text(text))
-            if finished:
-                break
-            time.sleep(args.interval)
+    try:
+        with Live(Text("..."), refresh_per_second=4) as live:
+            while True:
+                try:
+                    text, finished = snapshot(store, run_dir, max_steps)
+                except StoreError as err:  # a damaged record (a full disk, a write cut short): say so, keep watching
+                    text, finished = f"cannot read the run's records: {err}", False
+                live.update(Text(text))
+                if finished:
+                    break
+                time.sleep(args.interval)
+    except KeyboardInterrupt:  # Ctrl-C ends watching; the run goes on
+        pass
 
 
 if __name__ == "__main__":

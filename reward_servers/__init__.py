@@ -19,7 +19,7 @@ from .protocol import RewardInputError, RewardModel, RewardServerError, validate
 from .registry import REWARDS, load_reward_model
 
 
-def reward_model(spec: RewardSpec, where: str = "rewards[].kwargs") -> RewardModel:
+def reward_model(spec: RewardSpec, where: str = "rewards[]") -> RewardModel:
     """The model of one config entry in its placement: in this process, or a client of its Serve app."""
     if spec.placement == "serve":
         from .client import RemoteReward, RewardClient, ServeTransport

@@ -57,11 +57,11 @@ def _hpsv2_1(**kwargs):
     return HPSv2(version="v2.1", **kwargs)
 
 
-def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[].kwargs") -> RewardModel:
+def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]") -> RewardModel:
     """Build a reward model and check that it implements the protocol (a score method and a
-    `differentiable` flag); its `name` defaults to the registry name or import path. `where` names the
-    config field of `kwargs` in the error when the model does not take them."""
-    model = REWARDS.build(name, where=where, **(kwargs or {}))
+    `differentiable` flag); its `name` defaults to the registry name or import path. `where`: the config
+    entry (rewards.N), whose `name` / `kwargs` field an error names."""
+    model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
     if not callable(getattr(model, "score", None)):
         raise TypeError(f"reward model {name!r} built a {type(model).__name__} without a score(images, prompts) method")
     if not isinstance(getattr(model, "differentiable", None), bool):

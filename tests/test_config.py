@@ -103,3 +103,45 @@ def test_two_served_rewards_may_not_share_an_app(tmp_path):
     with pytest.raises(ConfigError, match="two served rewards would share a Serve app \\('reward-toy-align'\\)"):
         load_config(str(preset))
     assert len(load_config(str(preset), ["rewards.1.serve.app=reward-other"]).rewards) == 2
+
+
+def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
+    cfg = load_config("toy-dmdr", ["name=2024", "output.dir={name}-seed1", "ray.address=10:20", "data.prompts=@p.txt",
+                                   "rewards.0.kwargs={gain: 2}", "dmd.renoise_beta.1=2"])
+    assert (cfg.name, cfg.output.dir, cfg.ray.address, cfg.data.prompts) == ("2024", "{name}-seed1", "10:20", "@p.txt")
+    assert cfg.output_dir.name == "2024-seed1" and cfg.rewards[0].kwargs == {"gain": 2}
+    assert cfg.dmd.renoise_beta == (4.0, 2.0)
+    assert load_config("toy-dmdr", ["store.url=null", "model.path=~"]).store.url is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("student.steps.x=1", r"student.steps is a value \(4\), not a section with keys"),
+        ("name.x=1", r"name is a value \('toy-dmdr'\), not a section"),
+        ("output.dir=runs/{name}-{seed}", r"output.dir: the only placeholder is \{name\}.*KeyError: 'seed'"),
+        ("trainer.seed=-1", r"trainer.seed: Input should be greater than or equal to 0"),
+        ("critic.fake_scale=-2", r"critic.fake_scale: Input should be greater than 0"),
+        ("dmd.weight=0", r"dmd.weight is 0, so the generator has no loss during the cold start .*trainer.cold_start=0"),
+    ],
+)
+def test_overrides_that_cannot_apply_are_config_errors_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("toy-dmdr", [override])
+
+
+def test_a_check_across_fields_says_only_what_is_wrong():
+    with pytest.raises(ConfigError) as caught:
+        load_config("toy-dmdr", ["rewards.0.weight=0"])
+    message = str(caught.value)
+    assert "rewards.0 (toy-align) has weight 0 and monitor false" in message
+    assert "Value error" not in message and "'model':" not in message and len(message) < 250
+
+
+def test_settings_that_run_but_not_as_meant_are_warned_about():
+    assert load_config("toy-dmdr").warnings() == []
+    [note] = load_config("toy-dmdr", ["trainer.max_steps=50"]).warnings()
+    assert "trainer.cold_start=300 >= trainer.max_steps=50: the reward term (toy-align) never trains" in note
+    assert load_config("toy-dmd", ["trainer.max_steps=50"]).warnings() == []  # no reward to train
+    [note] = load_config("sd3-medium-dmdr", ["ray.learner_gpus=0"]).warnings()
+    assert "ray.learner_gpus=0: the learner runs on CPUs" in note

@@ -1,7 +1,9 @@
 import json
+import re
 
 import pytest
 import torch
+import yaml
 
 from dmdr_rl import eval as toy_eval
 from dmdr_rl import run
@@ -107,3 +109,48 @@ def test_an_evaluation_row_is_reproduced_from_its_own_seed(tmp_path, teacher, ju
     assert rows["seed"].nunique() == 4
     again = sample_fn([rows["prompt"][2]], [int(rows["seed"][2])])[0].clamp(0, 1)
     torch.testing.assert_close(decode_png(rows["png"][2]), (again * 255).round() / 255, rtol=0, atol=1.5 / 255)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "student", "--run", "r", "--steps", "4"], r"--steps set the teacher's sampling; a student samples as"),
+        (["--model", "student", "--run", "r", "--cfg", "2", "--shift", "3"], r"--cfg, --shift set the teacher's"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--split", "held-in, held-out", "--shift", "0"], "--shift must be > 0"),  # the split list's spaces are fine
+    ],
+)
+def test_eval_refuses_what_it_cannot_honour(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        toy_eval.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_samples(tmp_path):
+    """Only the generator: a run whose prompt file and reward app are gone still evaluates."""
+    run_dir = tmp_path / "run"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    run.main(["--preset", "toy-dmd", "trainer.max_steps=1", "trainer.batch_size=2", "dmd.ratio=1", "student.steps=2",
+              "student.shift=2", f"data.prompts={prompts}", f"output.dir={run_dir}"])
+    prompts.unlink()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())  # as if trained with a reward app, stopped since
+    config["rewards"] = [{"name": "toy-align", "placement": "serve", "weight": 0.5}]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval"
+    toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "2", "--out", str(out)])
+    report = json.loads((out / "student-run-steps2-held-in" / "report.json").read_text())
+    assert (report["steps"], report["shift"], report["sampler"], report["cfg"]) == (2, 2.0, "ode", 1.0)
+    with pytest.raises(SystemExit, match="is not a training run"):
+        toy_eval.main(["--model", "student", "--run", str(tmp_path / "nowhere"), "--num-images", "2"])
+
+
+def test_a_seed_read_back_from_the_samples_file_samples_again(teacher):
+    import numpy as np
+
+    from dmdr_rl.flow import generators
+
+    one = teacher.sample(["a red circle"], steps=2, cfg=1.0, seed=np.int64(5))
+    torch.testing.assert_close(one, teacher.sample(["a red circle"], steps=2, cfg=1.0, seed=[5]), rtol=0, atol=1e-6)
+    assert torch.equal(torch.randn(3, generator=generators(torch.tensor(7))), torch.randn(3, generator=generators(7)))

@@ -16,3 +16,11 @@ def test_fid_is_small_between_render_sets_and_large_against_noise():
     same = judge_fid(judge, real_b, real_a)
     different = judge_fid(judge, noise, real_a)
     assert same >= 0 and different > 10 * same
+
+
+def test_fid_of_a_set_against_itself_is_never_below_zero():
+    """With fewer images than feature dimensions the covariances are singular and rounding can dip below 0."""
+    torch.manual_seed(0)
+    judge = AttributeClassifier(arch="judge").eval()
+    renders = render_batch(PromptSplit("held-in").sample(40, seed=0), range(40))
+    assert 0.0 <= judge_fid(judge, renders, renders) < 1e-2

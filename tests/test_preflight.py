@@ -2,12 +2,14 @@
 small for the config, an unreachable cluster address, a prompt file that is missing, empty or
 unreadable."""
 
+import re
 import socket
 
 import pytest
 
 from dmdr_rl.config import ConfigError, RewardSpec, load_config
 from dmdr_rl.distributed import check_reachable, check_resources, resources_needed, train_distributed
+from dmdr_rl import run
 from dmdr_rl.prompts import PromptSource
 
 
@@ -112,3 +114,35 @@ def test_a_csv_prompt_column_is_text_even_when_its_prompts_look_like_numbers(tmp
     (tmp_path / "other.csv").write_text("caption\n1984\n")
     with pytest.raises(ConfigError, match="no 'prompt' column \\(columns: caption\\)"):
         PromptSource(str(tmp_path / "other.csv"), 0)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("a red circle\nabc\n".encode("utf-8-sig"))
+    assert PromptSource(str(path), 0).prompts == ["a red circle", "abc"]
+
+
+def test_a_mistyped_toy_split_names_the_field():
+    with pytest.raises(ConfigError, match=r"data.prompts: unknown prompt split 'heldin'; allowed: held-in, held-out"):
+        PromptSource("toy:heldin", 0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "toy-dmd", "--num-images", "1"], "--num-images must be >= 2"),
+        (["--preset", "toy-dmd", "--out", "x"], "--out and --split choose the teacher evaluation"),
+        (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=:Foo"], r"rewards.0.name: reward model ':Foo': cannot import"),
+        (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=toy-algin"], r"rewards.0.name: unknown reward model 'toy-algin'"),
+        (["--preset", "toy-dmdr", "--dry-run", "model.backbone=nope"], r"model.backbone: unknown backbone 'nope'"),
+    ],
+)
+def test_the_main_job_refuses_flags_and_plugins_it_cannot_use(argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        run.main(argv)
+    assert caught.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_the_dry_run_prints_warnings(capsys):
+    run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.max_steps=10"])
+    assert "warning: trainer.cold_start=300 >= trainer.max_steps=10" in capsys.readouterr().out

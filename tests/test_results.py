@@ -64,3 +64,33 @@ def test_a_run_trained_from_another_config_is_not_reused(tmp_path):
     results._check_same_config(load_config("toy-dmd-1step", [f"output.dir={tmp_path / 'elsewhere'}"]), run)  # same
     with pytest.raises(RuntimeError, match=r"dmd\.real_cfg: 4\.0 -> 3\.0.*--retrain"):
         results.train_row("toy-dmd-1step", str(run), 1, ("dmd.real_cfg=3.0",))
+
+
+def test_an_exact_tie_with_a_target_meets_it_and_the_one_step_dmdr_is_judged():
+    rows = {"teacher-32": _row(0.650, 0.650, 200.0, -0.5), "dmd-4": _row(0.585, 0.585, 300.0, -0.6),
+            "dmdr-1": _row(0.70, 0.60, 300.0, -0.1)}
+    claims = {c["claim"]: c["passed"] for c in results.check_claims(rows)}
+    assert 0.585 < 0.9 * 0.650  # in floats: the tie the claim must not fail on
+    assert claims["DMD 4-step: judge accuracy >= 0.9x the 32-step teacher's (held-in)"] is True
+    assert claims["DMD 4-step: FID <= 1.5x the 32-step teacher's (held-in)"] is True
+    assert claims["DMDR 1-step: judge accuracy above the 32-step teacher's (held-in)"] is True
+    assert claims["DMDR 1-step: judge accuracy above the 32-step teacher's (held-out)"] is False
+
+
+def test_a_bad_override_stops_the_table_before_any_run_is_deleted_or_trained(tmp_path, capsys):
+    from dmdr_rl.config import load_config
+    from dmdr_rl.trainer import write_run_config
+
+    kept = tmp_path / "dmd-4"
+    write_run_config(load_config("toy-dmd", [f"output.dir={kept}"]), kept)
+    with pytest.raises(SystemExit, match="unknown config key 'trainer.max_step'"):
+        results.main(["--rows", "dmd-4", "--retrain", "--runs", str(tmp_path), "trainer.max_step=5"])
+    assert (kept / "config.yaml").exists()
+    runs = tmp_path / "other"
+    write_run_config(load_config("toy-dmdr", [f"output.dir={runs / 'dmdr-4'}", "dmd.real_cfg=3"]), runs / "dmdr-4")
+    with pytest.raises(SystemExit, match="dmdr-4 was trained from another config"):  # before dmd-4 trains
+        results.main(["--rows", "dmd-4,dmdr-4", "--runs", str(runs)])
+    assert not (runs / "dmd-4").exists()
+    with pytest.raises(SystemExit):
+        results.parse_args(["--num-images", "1"])
+    assert "--num-images must be >= 2" in capsys.readouterr().err

@@ -168,3 +168,16 @@ def test_a_non_finite_gradient_skips_the_optimizer_step_and_is_counted(tmp_path)
     learner._update(learner.opt_generator, sum(p.sum() for p in params))  # a finite one still steps
     assert learner.skipped_updates == 1 and not all(torch.equal(a, b) for a, b in zip(before, _snapshot(trainer, dmdr.GENERATOR)))
     assert learner.training_state()["skipped_updates"] == 1
+
+
+def test_resume_from_takes_a_run_directory_and_names_the_field_when_there_is_no_checkpoint(tmp_path):
+    from dmdr_rl.config import ConfigError
+    from dmdr_rl.trainer import resume_checkpoint
+
+    first, _ = _trainer(tmp_path / "a", **{"trainer.max_steps": 2})
+    first.train()
+    latest = (tmp_path / "a" / "checkpoints" / "latest").read_text().strip()
+    for given in (tmp_path / "a", tmp_path / "a" / "checkpoints", tmp_path / "a" / "checkpoints" / latest):
+        assert resume_checkpoint(given) == tmp_path / "a" / "checkpoints" / latest
+    with pytest.raises(ConfigError, match=r"trainer.resume_from=.*nowhere: no trainer checkpoint there"):
+        _trainer(tmp_path / "b", **{"trainer.resume_from": str(tmp_path / "nowhere")})

@@ -79,7 +79,7 @@ def judge_fid(judge: AttributeClassifier, generated: torch.Tensor, reference: to
         fid.update(reference[start : start + batch_size], real=True)
     for start in range(0, generated.shape[0], batch_size):
         fid.update(generated[start : start + batch_size], real=False)
-    return float(fid.compute())
+    return max(0.0, float(fid.compute()))  # rounding can dip below 0 when the sets (nearly) coincide
 
 
 def mismatch(scene: Scene, rng, hard: bool) -> Scene:
