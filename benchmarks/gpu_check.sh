@@ -18,9 +18,14 @@
 #   6. the serving benchmark again in gradient mode.
 # A step whose time limit would end past BUDGET seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
+# The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
+# archive (gpu-check.tgz, written on exit whatever happened), beside the four benchmark JSONs, and each
+# step prints its headline numbers to stdout (the tool's output tail) as it ends.
 set -uo pipefail
 out=${OUT:-gpu-check}
-mkdir -p "$out"
+work=/tmp/gpu-work
+mkdir -p "$out" "$work"
+trap 'tar czf "$out/gpu-check.tgz" --exclude="*.safetensors" --exclude="ray_train" -C "$work" . 2>/dev/null' EXIT
 if [ -f .device/bundle.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .device/bundle.tar.xz -C /tmp/site
   export PYTHONPATH=/tmp/site:$PWD
@@ -30,8 +35,20 @@ fi
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 budget=${BUDGET:-500}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$py" -c 'import importlib.metadata as m; print({p: m.version(p) for p in ("torch", "diffusers", "transformers", "peft", "ray", "pydantic")})'
+} 2>&1 | tee "$out/gpu.txt"
 status=0
+headline() {  # the numbers that matter from a benchmark JSON, on one line
+  "$py" - "$1" <<'PY' 2>/dev/null || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+keys = ("resolution", "batch", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
+        "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
+        "flop_count_error")
+print("   ", {k: r[k] for k in keys if k in r} if "step_s_median" in r else json.dumps(r)[:1500])
+PY
+}
 step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
   if [ $((SECONDS + limit)) -gt "$budget" ]; then
@@ -39,18 +56,22 @@ step() {  # name, time limit in seconds, command...
     status=1; return
   fi
   echo "== $name"
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" > "$work/$name.log" 2>&1
   local rc=$?
-  echo "   rc=$rc after $SECONDS s"; tail -n 4 "$out/$name.log"
+  echo "   rc=$rc after $SECONDS s"
+  if [ -f "$work/$name.json" ]; then cp "$work/$name.json" "$out/"; headline "$work/$name.json"; else tail -n 12 "$work/$name.log"; fi
   [ $rc -eq 0 ] || status=1
 }
-step step1024 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --json "$out/gpu_step_1024.json"
-step step512 80 "$py" benchmarks/gpu_step.py --resolution 512 --batch 4 --json "$out/gpu_step_512.json"
-step serving 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$out/reward_serving_cuda.json"
-step tests 90 "$py" -m pytest -q -x -p no:cacheprovider tests/test_devices.py
+step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --json "$work/gpu_step_1024.json"
+step gpu_step_512 80 "$py" benchmarks/gpu_step.py --resolution 512 --batch 4 --json "$work/gpu_step_512.json"
+step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
+step tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_devices.py
 step local 60 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \
-  trainer.cold_start=10 output.dir=/tmp/gpu-local output.sample_every=20 output.checkpoint_every=20
+  trainer.cold_start=10 'rewards.0.kwargs={device: cuda}' output.dir="$work/local" output.sample_every=20 \
+  output.checkpoint_every=20 --num-images 32
 step ray 100 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.learner_gpus=0.5 ray.rollout_gpus=0.5 \
-  trainer.max_steps=20 trainer.cold_start=10 output.dir=/tmp/gpu-ray output.sample_every=20 output.checkpoint_every=20
-step serving_grad 90 "$py" benchmarks/reward_serving.py --device cuda --rounds 2 --grad --json "$out/reward_serving_cuda_grad.json"
+  trainer.max_steps=20 trainer.cold_start=10 output.dir="$work/ray" output.sample_every=20 output.checkpoint_every=20 \
+  --num-images 32
+step reward_serving_cuda_grad 90 "$py" benchmarks/reward_serving.py --device cuda --rounds 2 --grad \
+  --json "$work/reward_serving_cuda_grad.json"
 exit $status

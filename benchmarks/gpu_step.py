@@ -41,8 +41,9 @@ from dmdr_rl.tiny import tiny_sd3_pipeline  # noqa: E402
 # Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's tokenizers pad to 16.
 TOKENS = {"medium": 333, "tiny": 16}
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name; --peak-tflops overrides.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# The first key found in the name wins, so the NVL parts come before their families.
+BF16_PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0,
+                    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 class SharpnessReward:
@@ -67,7 +68,7 @@ def random_backbone(shape: str, resolution: int, dtype: torch.dtype, device: tor
         transformer, vae = pipeline.transformer, pipeline.vae
     else:
         blocks = len(SD3_MEDIUM_VAE["block_out_channels"])
-        with torch.device("meta" if device.type == "meta" else "cpu"):
+        with torch.device(device):  # random init where the model runs: on a GPU it takes no time
             vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
                                 up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution,
                                 use_quant_conv=False, use_post_quant_conv=False, **SD3_MEDIUM_VAE)
@@ -145,14 +146,34 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def run(args: argparse.Namespace) -> dict:
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float | None:
+    """What one large bf16 matmul reaches on this device: the practical ceiling beside the datasheet peak."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def run(args: argparse.Namespace, write=lambda report: None) -> dict:
+    """Time the step; `write(report)` is called as soon as the timings exist, again with the FLOPs."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     backbone, learner, cond = setup(args, device)
     cfg = learner.cfg
 
+    def rollout():
+        return dmdr.backward_simulation(backbone, cond, cfg.student, torch.Generator().manual_seed(0))
+
+    rollout()  # the first CUDA work pays for handles, kernel loading and clock ramp-up
+    synchronize(device)
     started = time.perf_counter()
-    trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, torch.Generator().manual_seed(0))
+    trajectory = rollout()
     synchronize(device)
     rollout_s = time.perf_counter() - started
     template = RolloutBatch(0, 0, [f"prompt {i}" for i in range(args.batch)], cond, trajectory.x0, trajectory.x0_steps,
@@ -172,25 +193,38 @@ def run(args: argparse.Namespace) -> dict:
         metrics = step()
         synchronize(device)
         times.append(time.perf_counter() - started)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
     median = statistics.median(times)
-    achieved = flops / median / 1e12
-    peak = peak_tflops(device, args.peak_tflops)
+    cuda = device.type == "cuda"
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "shape": args.shape, "resolution": args.resolution, "batch": args.batch, "precision": args.precision,
         "optimizer": args.optimizer, "student_steps": args.steps,
         "step_s_median": round(median, 4), "step_s_all": [round(t, 4) for t in times],
-        "rollout_s": round(rollout_s, 4), "tflop_per_step": float(f"{flops / 1e12:.4g}"),
-        "achieved_tflops": float(f"{achieved:.4g}"), "peak_bf16_tflops": peak,
-        "fraction_of_peak": round(achieved / peak, 4) if peak else None,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "rollout_s": round(rollout_s, 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if cuda else None,
+        # a step whose gradient was not finite skips its optimizer update (and is cheaper): it must be 0 here
+        "skipped_updates": learner.skipped_updates,
         "losses": {k: round(v, 5) for k, v in metrics.items() if k.startswith("loss/")},
         "torch": torch.__version__,
     }
+    write(report)
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops, report["flops_counted_on"] = counter.get_total_flops(), str(device)
+    except Exception as err:  # the timings stand; count the same step on the meta device instead
+        report["flop_count_error"] = f"{type(err).__name__}: {err}"
+        flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
+    achieved, peak, ceiling = flops / median / 1e12, peak_tflops(device, args.peak_tflops), matmul_tflops(device)
+    report.update({
+        "tflop_per_step": float(f"{flops / 1e12:.4g}"), "achieved_tflops": float(f"{achieved:.4g}"),
+        "peak_bf16_tflops": peak, "fraction_of_peak": round(achieved / peak, 4) if peak else None,
+        "matmul_8192_bf16_tflops": float(f"{ceiling:.4g}") if ceiling else None,
+        "fraction_of_matmul": round(achieved / ceiling, 4) if ceiling else None,
+    })
+    write(report)
     return report
 
 
@@ -210,12 +244,37 @@ def main(argv=None) -> dict:
                    help="count the step's FLOPs on the meta device (no GPU needed) instead of running it")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
-    report = count_only(args) if args.count_only else run(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+
+    def write(report: dict) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    if args.count_only:
+        report = count_only(args)
+        write(report)
+    else:
+        report = run_halving_on_oom(args, write)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def run_halving_on_oom(args: argparse.Namespace, write) -> dict:
+    """`run`, again at half the batch while the GPU runs out of memory (the report says so)."""
+    asked = args.batch
+    while True:
+        try:
+            report = run(args, write)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if args.batch == 1:
+                raise
+            args.batch //= 2
+            torch.cuda.empty_cache()
+            print(f"out of GPU memory at batch {args.batch * 2}: trying batch {args.batch}", file=sys.stderr, flush=True)
+    if args.batch != asked:
+        report["out_of_memory_at_batch"] = asked
+        write(report)
     return report
 
 

@@ -34,15 +34,23 @@ class WeightedReward:
     def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used:
         they get no gradient). Masked rather than indexed, so no host sync; the metrics are 0-d tensors."""
-        started = time.perf_counter()
+        started = clock(images.device)
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
         kept = torch.where(finite, scores, torch.zeros_like(scores))
         shaped = torch.where(finite, algo.shape_reward(kept, self.spec.shaping, self.spec.margin), torch.zeros_like(kept))
         metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
                    f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
-                   f"time/reward/{self.spec.name}_s": time.perf_counter() - started}
+                   f"time/reward/{self.spec.name}_s": clock(images.device) - started}
         return self.spec.weight * shaped.sum() / finite.sum().clamp(min=1), metrics
+
+
+def clock(device: torch.device) -> float:
+    """The time once `device` has finished its queued work: GPU kernels run asynchronously, so a plain
+    clock would credit them to whatever reads it next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def add_generator(backbone, student: StudentSection) -> None:

@@ -8,7 +8,6 @@ batches made in-process; the Ray learner feeds it batches from rollout actors an
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -53,10 +52,10 @@ class DMDRLearner:
         batch = batch.to(backbone.device)
         rng = torch.Generator().manual_seed(iteration_seed(cfg.trainer.seed, batch.iteration, LEARNER_STREAM, self.rank))
         self._set_stage_learning_rates()
-        started = time.perf_counter()
+        started = dmdr.clock(backbone.device)
         critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng)
         self._update(self.opt_critic, critic_loss)
-        critic_done = time.perf_counter()
+        critic_done = dmdr.clock(backbone.device)
         self._critic_seconds += critic_done - started
 
         metrics = None
@@ -74,7 +73,7 @@ class DMDRLearner:
                 "time/critic_s": self._critic_seconds,  # all critic updates since the last generator update
                 # the generator update without the reward calls (time/reward/<name>_s: scoring, and for a
                 # served reward also its gradient; an in-process reward's backward stays in here)
-                "time/generator_s": time.perf_counter() - critic_done - reward_seconds,
+                "time/generator_s": dmdr.clock(backbone.device) - critic_done - reward_seconds,
                 "stage/reward_active": float(reward_active),
                 "schedule/lr_generator": self.opt_generator.param_groups[0]["lr"],
                 "schedule/lr_critic": self.opt_critic.param_groups[0]["lr"],

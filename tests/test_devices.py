@@ -6,6 +6,8 @@ like CUDA, refuses any operation that mixes its tensors with CPU tensors. A step
 creates no tensor on the wrong device.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -58,7 +60,8 @@ def test_rollout_batches_move_whole_and_weights_leave_as_cpu_tensors(tmp_path):
     batch = make_rollout(trainer.backbone, PROMPTS, trainer.cfg.student, 0, 0, 0)
     batch.reward_scores = {"r": torch.zeros(2)}
     moved = batch.to("meta")
-    assert isinstance(moved, RolloutBatch) and moved.prompts == batch.prompts and batch.x0.device.type == "cpu"
+    # the original stays where it was made (the trainer's device: the CPU here, the GPU on a GPU machine)
+    assert isinstance(moved, RolloutBatch) and moved.prompts == batch.prompts and batch.x0.device == trainer.backbone.device
     tensors = [moved.x0, moved.x0_steps, moved.timesteps, moved.cond.tokens, moved.cond.pooled, moved.reward_scores["r"]]
     assert {t.device.type for t in tensors} == {"meta"}
     trainer.backbone.to("meta")
@@ -121,3 +124,45 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
     assert counted["tflop_per_step"] >= report["tflop_per_step"] > 0
     assert counted["tflop_per_step"] == pytest.approx(counted["tflop_critic_update"] + counted["tflop_generator_update"],
                                                       rel=1e-3)
+
+
+def _gpu_step_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_step_benchmark_keeps_its_timings_when_counting_fails_and_halves_the_batch_on_oom(tmp_path, monkeypatch):
+    gpu_step = _gpu_step_module()
+    real, calls = gpu_step.FlopCounterMode, []
+
+    def flaky_counter(*args, **kwargs):  # the timed device's count fails; the meta count still works
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a counter hook failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_step, "FlopCounterMode", flaky_counter)
+    report = gpu_step.main(["--shape", "tiny", "--device", "cpu", "--resolution", "32", "--warmup", "0", "--repeats", "1",
+                            "--json", str(tmp_path / "step.json")])
+    assert report["flop_count_error"] == "RuntimeError: a counter hook failed" and report["flops_counted_on"] == "meta"
+    assert report["tflop_per_step"] > 0 and report["step_s_median"] > 0
+    assert json.loads((tmp_path / "step.json").read_text())["flops_counted_on"] == "meta"
+
+    batches = []
+
+    def run_out_of_memory_above_one(args, write):
+        batches.append(args.batch)
+        if args.batch > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"batch": args.batch}
+
+    monkeypatch.setattr(gpu_step, "run", run_out_of_memory_above_one)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    report = gpu_step.main(["--batch", "4"])
+    assert batches == [4, 2, 1] and report == {"batch": 1, "out_of_memory_at_batch": 4}
