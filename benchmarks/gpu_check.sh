@@ -11,6 +11,7 @@
 # What it does, most important first, each step's output under $OUT (or ./gpu-check when $OUT is unset):
 #   1. benchmarks/gpu_step.py: one SD3-Medium-shaped learner step at 1024 px (batch 2) and 512 px (batch 4)
 #      (issue 6: step time, TFLOP/s against the bf16 peak, peak memory);
+#      and benchmarks/memory.py --device cuda (generator + critic on one shared base vs two copies, allocated);
 #   2. benchmarks/reward_serving.py --device cuda: in-process vs Serve batched vs unbatched (issue 5);
 #   3. the placement and bf16 tests on the GPU (tests/test_devices.py, with trainer.device=auto -> cuda);
 #   4. a short toy DMDR run with the single-process trainer on the GPU;
@@ -19,7 +20,7 @@
 # A step whose time limit would end past BUDGET seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
-# archive (gpu-check.tgz, written on exit whatever happened), beside the four benchmark JSONs, and each
+# archive (gpu-check.tgz, written on exit whatever happened), beside the five benchmark JSONs, and each
 # step prints its headline numbers to stdout (the tool's output tail) as it ends.
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -46,7 +47,7 @@ r = json.load(open(sys.argv[1]))
 keys = ("resolution", "batch", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
         "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
         "flop_count_error")
-print("   ", {k: r[k] for k in keys if k in r} if "step_s_median" in r else json.dumps(r)[:1500])
+print("   ", {k: r[k] for k in keys if k in r} if "step_s_median" in r else json.dumps(r)[:2500])
 PY
 }
 step() {  # name, time limit in seconds, command...
@@ -64,6 +65,7 @@ step() {  # name, time limit in seconds, command...
 }
 step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --json "$work/gpu_step_1024.json"
 step gpu_step_512 80 "$py" benchmarks/gpu_step.py --resolution 512 --batch 4 --json "$work/gpu_step_512.json"
+step memory 40 "$py" benchmarks/memory.py --device cuda --json "$work/memory.json"
 step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
 step tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_devices.py
 step local 60 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \

@@ -3,11 +3,14 @@
 fine-tuned generator (a trainable copy + the frozen base for the critic).
 
     python benchmarks/memory.py                    # the tiny SD3 transformer and an SD3-Medium-shaped one
+    python benchmarks/memory.py --device cuda      # also what the GPU's allocator holds for each layout
 
 Bytes are counted from the parameters the objects really hold (each storage once), built with the
 project's own adapter code: the tiny model is allocated; the SD3-Medium-shaped one (2B parameters)
 is built on the `meta` device, which has the same parameters and no allocation. AdamW state (two
-fp32 moments per trainable parameter) is listed apart.
+fp32 moments per trainable parameter) is listed apart. With `--device cuda` each layout of the
+SD3-Medium shape is also built on the GPU, one at a time, and the allocator's growth is reported beside
+the count (`*_allocated`).
 """
 
 from __future__ import annotations
@@ -41,34 +44,59 @@ def trainable_bytes_fp32(backbone, names) -> int:
     return sum(p.numel() * 4 for name in names for p in backbone.trainable_parameters(name))
 
 
-def measure(make_transformer, generator_rank: int, critic_rank: int, dtype: torch.dtype) -> dict:
+def layouts(make_transformer, generator_rank: int, critic_rank: int, dtype: torch.dtype) -> dict:
+    """name -> build(): (the modules holding the layout's weights, its trained adapters' names, the backbone)."""
     def backbone():
         return TransformerBackbone(make_transformer().to(dtype), None, lambda x: x)
 
-    shared = backbone()
-    shared.add_lora("generator", generator_rank, generator_rank * 2)
-    shared.add_lora("critic", critic_rank, critic_rank)
-    first, second = backbone(), backbone()
-    first.add_lora("generator", generator_rank, generator_rank * 2)
-    second.add_lora("critic", critic_rank, critic_rank)
-    full = backbone()
-    full.add_full_copy("generator")
-    full.add_lora("critic", critic_rank, critic_rank)
-    base = storage_bytes([make_transformer().to(dtype)])
-    return {
-        "base_weights": base,
-        "shared_base_two_loras": storage_bytes([shared.transformer]),
-        "two_copies_one_lora_each": storage_bytes([first.transformer, second.transformer]),
-        "full_generator_copy_plus_critic_lora": storage_bytes([full.transformer, *full._copies.values()]),
-        "adamw_state_loras": 2 * trainable_bytes_fp32(shared, ["generator", "critic"]),
-        "adamw_state_full_generator": 2 * trainable_bytes_fp32(full, ["generator", "critic"]),
-    }
+    def shared():
+        b = backbone()
+        b.add_lora("generator", generator_rank, generator_rank * 2)
+        b.add_lora("critic", critic_rank, critic_rank)
+        return [b.transformer], b
+
+    def two_copies():
+        first, second = backbone(), backbone()
+        first.add_lora("generator", generator_rank, generator_rank * 2)
+        second.add_lora("critic", critic_rank, critic_rank)
+        return [first.transformer, second.transformer], None
+
+    def full_copy():
+        b = backbone()
+        b.add_full_copy("generator")
+        b.add_lora("critic", critic_rank, critic_rank)
+        return [b.transformer, *b._copies.values()], b
+
+    return {"shared_base_two_loras": shared, "two_copies_one_lora_each": two_copies,
+            "full_generator_copy_plus_critic_lora": full_copy}
+
+
+def measure(make_transformer, generator_rank: int, critic_rank: int, dtype: torch.dtype, allocated_on=None) -> dict:
+    """Bytes each layout holds, counted; `allocated_on` (a CUDA device): also what the allocator grew by
+    while the layout was built there (`make_transformer` must then build on that device)."""
+    row = {"base_weights": storage_bytes([make_transformer().to(dtype)])}
+    for name, build in layouts(make_transformer, generator_rank, critic_rank, dtype).items():
+        before = torch.cuda.memory_allocated(allocated_on) if allocated_on is not None else 0
+        modules, trained = build()
+        row[name] = storage_bytes(modules)
+        if allocated_on is not None:
+            row[f"{name}_allocated"] = torch.cuda.memory_allocated(allocated_on) - before
+        if name == "shared_base_two_loras":
+            row["adamw_state_loras"] = 2 * trainable_bytes_fp32(trained, ["generator", "critic"])
+        if name == "full_generator_copy_plus_critic_lora":
+            row["adamw_state_full_generator"] = 2 * trainable_bytes_fp32(trained, ["generator", "critic"])
+        del modules, trained
+        if allocated_on is not None:
+            torch.cuda.empty_cache()
+    return row
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--device", default="meta", help="meta (count only, the default) or cuda (count and allocate)")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     from diffusers import SD3Transformer2DModel
 
     from dmdr_rl.tiny import tiny_sd3_pipeline
@@ -76,12 +104,13 @@ def main(argv=None) -> dict:
     tiny = tiny_sd3_pipeline().transformer
 
     def medium():
-        with torch.device("meta"):
+        with torch.device(device):
             return SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
 
     report = {
         "tiny SD3 (fp32, LoRA r16/r16)": measure(lambda: copy.deepcopy(tiny), 16, 16, torch.float32),
-        "SD3-Medium shape (bf16, LoRA r64/r32)": measure(medium, 64, 32, torch.bfloat16),
+        "SD3-Medium shape (bf16, LoRA r64/r32)": measure(medium, 64, 32, torch.bfloat16,
+                                                         device if device.type == "cuda" else None),
     }
     for name, row in report.items():
         mib = {k: v / 2**20 for k, v in row.items()}
@@ -91,6 +120,9 @@ def main(argv=None) -> dict:
               f"({row['two_copies_one_lora_each'] / row['shared_base_two_loras']:.2f}x)")
         print(f"  full-copy generator + critic LoRA:          {mib['full_generator_copy_plus_critic_lora']:,.1f} MiB "
               f"(+ AdamW state {mib['adamw_state_full_generator']:,.1f} MiB vs {mib['adamw_state_loras']:,.1f} MiB for LoRAs)")
+        allocated = {k: v for k, v in mib.items() if k.endswith("_allocated")}
+        if allocated:
+            print("  allocated on the GPU: " + ", ".join(f"{k.removesuffix('_allocated')} {v:,.1f} MiB" for k, v in allocated.items()))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -151,7 +151,9 @@ def optimizer_class(name: str):
         return torch.optim.AdamW
     try:
         import bitsandbytes
-    except ImportError as err:
-        raise ImportError("trainer.optimizer=adamw8bit needs bitsandbytes (`pip install bitsandbytes`, on a CUDA "
+    except ImportError as err:  # a config this machine cannot run: the run stops with the message, no traceback
+        from .config import ConfigError
+
+        raise ConfigError("trainer.optimizer=adamw8bit needs bitsandbytes (`pip install bitsandbytes`, on a CUDA "
                           "machine); or set trainer.optimizer=adamw") from err
     return bitsandbytes.optim.AdamW8bit

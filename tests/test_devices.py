@@ -166,3 +166,22 @@ def test_the_gpu_step_benchmark_keeps_its_timings_when_counting_fails_and_halves
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     report = gpu_step.main(["--batch", "4"])
     assert batches == [4, 2, 1] and report == {"batch": 1, "out_of_memory_at_batch": 4}
+
+
+def test_the_memory_benchmark_counts_one_shared_base_against_two_copies():
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    from dmdr_rl.tiny import tiny_sd3_pipeline
+
+    spec = importlib.util.spec_from_file_location("memory", Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    tiny = tiny_sd3_pipeline().transformer
+    row = memory.measure(lambda: copy.deepcopy(tiny), 4, 4, torch.float32)
+    base = row["base_weights"]
+    assert base == sum(p.numel() * 4 for p in tiny.parameters())
+    assert base < row["shared_base_two_loras"] < 1.5 * base  # the base once, plus two small adapters
+    assert row["two_copies_one_lora_each"] > 2 * base and row["full_generator_copy_plus_critic_lora"] > 2 * base
+    assert row["adamw_state_full_generator"] > row["adamw_state_loras"] > 0

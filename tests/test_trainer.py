@@ -116,9 +116,10 @@ def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_
         pytest.skip("bitsandbytes is installed here")
     except ImportError:
         pass
-    with pytest.raises(ImportError, match="trainer.optimizer=adamw8bit needs bitsandbytes"):
-        _trainer(tmp_path, **{"trainer.optimizer": "adamw8bit"})
     from dmdr_rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.optimizer=adamw8bit needs bitsandbytes"):
+        _trainer(tmp_path, **{"trainer.optimizer": "adamw8bit"})
 
     cfg = load_config("toy-dmdr", ["model.kwargs={colour: red}", f"output.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="backbone .toy. cannot be built with these options .* fix model.kwargs"):
