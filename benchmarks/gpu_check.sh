@@ -25,6 +25,7 @@
 set -uo pipefail
 out=${OUT:-gpu-check}
 work=/tmp/gpu-work
+rm -rf "$work"  # a warm machine keeps /tmp: nothing of an earlier call may pass for this one's
 mkdir -p "$out" "$work"
 trap 'tar czf "$out/gpu-check.tgz" --exclude="*.safetensors" --exclude="ray_train" -C "$work" . 2>/dev/null' EXIT
 if [ -f .device/bundle.tar.xz ]; then

@@ -18,6 +18,7 @@ costs the same whatever their values. Text conditioning is random too (learners 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -269,9 +270,11 @@ def run_halving_on_oom(args: argparse.Namespace, write) -> dict:
         except torch.cuda.OutOfMemoryError:
             if args.batch == 1:
                 raise
-            args.batch //= 2
-            torch.cuda.empty_cache()
-            print(f"out of GPU memory at batch {args.batch * 2}: trying batch {args.batch}", file=sys.stderr, flush=True)
+        # out of the handler: its traceback no longer holds the failed attempt's model and activations
+        args.batch //= 2
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"out of GPU memory at batch {args.batch * 2}: trying batch {args.batch}", file=sys.stderr, flush=True)
     if args.batch != asked:
         report["out_of_memory_at_batch"] = asked
         write(report)

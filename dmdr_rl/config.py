@@ -9,6 +9,7 @@ start-up with the field's dotted name, the value given and what is allowed.
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -121,7 +122,7 @@ class TrainerSection(_Section):
     # learner and rollout actors by ray.learner_gpus / ray.rollout_gpus instead
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = Field(0, ge=0)
-    resume_from: Optional[str] = None  # a checkpoint directory (or a run's checkpoints/) to continue from
+    resume_from: Optional[str] = None  # a run directory (its latest checkpoint), its checkpoints/ or one step_N/
 
 
 class RaySection(_Section):
@@ -159,10 +160,12 @@ class OutputSection(_Section):
     @classmethod
     def _placeholders(cls, value: str) -> str:
         try:
-            value.format(name="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"the only placeholder is {{name}} (write a literal brace as {{{{ or }}}}); "
-                             f"{value!r} fails with {type(err).__name__}: {err}") from None
+            fields = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(value)
+                      if name is not None]
+        except ValueError as err:  # an unmatched brace
+            fields = [(str(err), None, "")]
+        if any(f != ("name", None, "") for f in fields):
+            raise ValueError("the only placeholder is {name}, as it is (write a literal brace as {{ or }})")
         return value
 
 
@@ -314,11 +317,15 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 def _override_value(raw: str, annotation: Any) -> Any:
     """YAML for numbers, lists and mappings; a text field keeps the text as written (so `name=2024`,
     `output.dir={name}-2` and `ray.address=10:20` mean what they say), `null` clearing an optional one."""
-    if not raw.strip():
+    text = raw.strip()
+    if not text:
         return None
     args = getattr(annotation, "__args__", ()) or ()
     if annotation is str or (str in args and all(a in (str, type(None)) for a in args)):
-        return None if type(None) in args and raw.strip() in ("null", "~") else raw
+        if type(None) in args and text in ("null", "Null", "NULL", "~"):
+            return None
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return text[1:-1] if quoted else text
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -331,9 +338,10 @@ def _schema_of(annotation: Any) -> Any:
         return annotation
     if getattr(annotation, "__origin__", None) in (list, tuple):
         return ("list", _schema_of(annotation.__args__[0]))
-    for arg in getattr(annotation, "__args__", ()) or ():  # Optional[Model]
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+    for arg in getattr(annotation, "__args__", ()) or ():  # Optional[Model], Optional[list[...]]
+        inner = _schema_of(arg) if arg is not type(None) else None
+        if inner is not None:
+            return inner
     return None
 
 

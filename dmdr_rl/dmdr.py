@@ -34,23 +34,39 @@ class WeightedReward:
     def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used:
         they get no gradient). Masked rather than indexed, so no host sync; the metrics are 0-d tensors."""
-        started = clock(images.device)
+        started = mark(images.device)
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
         kept = torch.where(finite, scores, torch.zeros_like(scores))
         shaped = torch.where(finite, algo.shape_reward(kept, self.spec.shaping, self.spec.margin), torch.zeros_like(kept))
         metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
                    f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
-                   f"time/reward/{self.spec.name}_s": clock(images.device) - started}
+                   f"time/reward/{self.spec.name}_s": Elapsed(started, mark(images.device))}
         return self.spec.weight * shaped.sum() / finite.sum().clamp(min=1), metrics
 
 
-def clock(device: torch.device) -> float:
-    """The time once `device` has finished its queued work: GPU kernels run asynchronously, so a plain
-    clock would credit them to whatever reads it next."""
+def mark(device: torch.device):
+    """A point in `device`'s work: a recorded CUDA event on a GPU (its kernels run asynchronously, so a host
+    clock would credit them to whatever waits for them next), the host clock elsewhere. No host sync."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
     return time.perf_counter()
+
+
+class Elapsed:
+    """Seconds between two marks, read when converted with float(): by then the step has waited for its
+    results anyway (a metric's .item()), so timing adds no host sync."""
+
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def __float__(self) -> float:
+        if isinstance(self.start, float):
+            return self.end - self.start
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
 
 
 def add_generator(backbone, student: StudentSection) -> None:

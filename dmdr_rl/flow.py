@@ -22,7 +22,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 def generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
     """A generator seeded with `seed`, or one per seed of a sequence: with one seed per image, an
     image does not depend on the batch it is sampled in (what evaluation needs)."""
-    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):  # numpy / pandas ints too
+    if isinstance(seed, numbers.Integral) or getattr(seed, "ndim", None) == 0:  # numpy / pandas ints, 0-d arrays
         return torch.Generator().manual_seed(int(seed))
     return [torch.Generator().manual_seed(int(s)) for s in seed]
 

@@ -38,7 +38,7 @@ class DMDRLearner:
         self.rank = rank
         self.iteration = 0
         self.generator_step = 0
-        self._critic_seconds = 0.0
+        self._critic_times: list[dmdr.Elapsed] = []
         self.skipped_updates = 0  # optimizer steps left out because the gradient was not finite
 
     def step(self, batch: RolloutBatch) -> dict[str, float] | None:
@@ -52,11 +52,11 @@ class DMDRLearner:
         batch = batch.to(backbone.device)
         rng = torch.Generator().manual_seed(iteration_seed(cfg.trainer.seed, batch.iteration, LEARNER_STREAM, self.rank))
         self._set_stage_learning_rates()
-        started = dmdr.clock(backbone.device)
+        started = dmdr.mark(backbone.device)
         critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng)
         self._update(self.opt_critic, critic_loss)
-        critic_done = dmdr.clock(backbone.device)
-        self._critic_seconds += critic_done - started
+        critic_done = dmdr.mark(backbone.device)
+        self._critic_times.append(dmdr.Elapsed(started, critic_done))
 
         metrics = None
         if self.schedule.generator_updates(self.iteration):
@@ -66,14 +66,15 @@ class DMDRLearner:
                 cfg.dmd, self.rewards, reward_active, rng,
             )
             self._update(self.opt_generator, loss)
+            generator_time = dmdr.Elapsed(critic_done, dmdr.mark(backbone.device))
             metrics = {name: float(value) for name, value in metrics.items()}
             reward_seconds = sum(v for k, v in metrics.items() if k.startswith("time/reward/"))
             metrics.update({
                 "loss/critic": critic_loss.item(),
-                "time/critic_s": self._critic_seconds,  # all critic updates since the last generator update
+                "time/critic_s": sum(map(float, self._critic_times)),  # all critic updates since the last generator update
                 # the generator update without the reward calls (time/reward/<name>_s: scoring, and for a
                 # served reward also its gradient; an in-process reward's backward stays in here)
-                "time/generator_s": dmdr.clock(backbone.device) - critic_done - reward_seconds,
+                "time/generator_s": float(generator_time) - reward_seconds,
                 "stage/reward_active": float(reward_active),
                 "schedule/lr_generator": self.opt_generator.param_groups[0]["lr"],
                 "schedule/lr_critic": self.opt_critic.param_groups[0]["lr"],
@@ -83,7 +84,7 @@ class DMDRLearner:
             for name, scores in batch.reward_scores.items():
                 metrics[f"rollout/reward/{name}"] = float(finite_mean(scores))
             self.generator_step += 1
-            self._critic_seconds = 0.0
+            self._critic_times = []
         self.iteration += 1
         return metrics
 

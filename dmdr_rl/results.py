@@ -98,6 +98,10 @@ def row_config(preset: str, run_dir: str | Path, overrides: Sequence[str]):
 def check_rows(rows: list[Row], runs: Path, overrides: Sequence[str], retrain: bool) -> None:
     """Every student row's config, before anything is deleted or trained: a bad override or a run
     trained from another config stops the command at once, not after hours of the other rows."""
+    from .config import ConfigError
+
+    if overrides and all(row.preset is None for row in rows):
+        raise ConfigError(f"config overrides {list(overrides)} apply to trainings, and the rows asked for train nothing")
     for row in rows:
         if row.preset is None:
             continue

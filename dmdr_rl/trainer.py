@@ -241,7 +241,8 @@ def resume_checkpoint(resume_from: str | Path) -> Path:
     checkpoint = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
     if not (checkpoint / "trainer_state.pt").is_file():
         raise ConfigError(f"trainer.resume_from={resume_from}: no trainer checkpoint there (give a run directory, its "
-                          "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt)")
+                          "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt; a Ray run that stopped "
+                          "early has its checkpoints in ray_train/<run>/checkpoint_N/)")
     return checkpoint
 
 

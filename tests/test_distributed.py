@@ -182,16 +182,16 @@ def test_a_batch_no_worker_can_sample_ends_the_run_naming_it(local_ray):
 def test_a_killed_rollout_worker_is_replaced_and_no_batch_is_lost(tmp_path, local_ray):
     out, thread, outcome, coordinator = _start_eight_step_run(tmp_path, "kill-rollout", checkpoint_every=4)
     _wait_for(lambda: _consumed(out) >= 4)
-    before_kill = len(Ledger(FileStore(out)).events())
-    ray.kill(ray.get(coordinator.processes.remote())["rollout_workers"][0], no_restart=False)
+    worker = ray.get(coordinator.processes.remote())["rollout_workers"][0]
+    ray.kill(worker, no_restart=False)
     summary, logged = _finish(thread, outcome, out, 8)
     assert logged == list(range(1, 9))
-    # the restarted worker (the same handle, a new process that reloads the weights) sampled batches
-    # the learner trained on. (Whether a batch was in flight at the kill is up to timing: the re-issue
-    # itself is tested deterministically above.)
-    after = Ledger(FileStore(out)).events()[before_kill:]
-    restarted = {(e["iteration"], e["rank"]) for e in after if e["event"] == "issued" and e["worker"] == 0}
-    assert restarted & {(e["iteration"], e["rank"]) for e in after if e["event"] == "consumed"}
+    # Ray restarted the run's only rollout worker, so the batches after the kill came from the new process
+    # (which reloaded the weights itself). Whether a batch was in flight at the kill is up to timing: the
+    # re-issue itself is tested deterministically above.
+    from ray.util.state import get_actor
+
+    assert get_actor(worker._actor_id.hex()).num_restarts >= 1
 
 
 @pytest.mark.slow

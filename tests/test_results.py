@@ -91,6 +91,8 @@ def test_a_bad_override_stops_the_table_before_any_run_is_deleted_or_trained(tmp
     with pytest.raises(SystemExit, match="dmdr-4 was trained from another config"):  # before dmd-4 trains
         results.main(["--rows", "dmd-4,dmdr-4", "--runs", str(runs)])
     assert not (runs / "dmd-4").exists()
+    with pytest.raises(SystemExit, match="apply to trainings, and the rows asked for train nothing"):
+        results.main(["--rows", "teacher-32", "--runs", str(runs), "trainer.max_step=5"])
     with pytest.raises(SystemExit):
         results.parse_args(["--num-images", "1"])
     assert "--num-images must be >= 2" in capsys.readouterr().err
