@@ -145,6 +145,21 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     with pytest.raises(SystemExit, match="is not a training run"):
         toy_eval.main(["--model", "student", "--run", str(tmp_path / "nowhere"), "--num-images", "2"])
 
+    # the same student for your own prompts: a grid, and each image again from its row's seed alone
+    from dmdr_rl import sample
+    from dmdr_rl.samples import decode_png
+
+    out = sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--prompt", "a blue square", "--num", "3",
+                       "--batch-size", "4", "--out", str(tmp_path / "mine")])
+    rows = read_samples(out / "samples.parquet").to_pandas()
+    assert list(rows["prompt"]) == ["a red circle"] * 3 + ["a blue square"] * 3 and rows["seed"].nunique() == 6
+    assert (out / "grid.png").stat().st_size > 0
+    sample_fn, _ = toy_eval.load_student(run_dir)
+    again = sample_fn([rows["prompt"][4]], [int(rows["seed"][4])])[0].clamp(0, 1)
+    torch.testing.assert_close(decode_png(rows["png"][4]), (again * 255).round() / 255, rtol=0, atol=1.5 / 255)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--run", str(run_dir)])  # no prompt
+
 
 def test_a_seed_read_back_from_the_samples_file_samples_again(teacher):
     import numpy as np
