@@ -181,7 +181,7 @@ class StoreSection(_Section):
 
 
 class RunConfig(_Section):
-    name: str = "dmdr"
+    name: str = Field("dmdr", min_length=1)
     model: ModelSection = ModelSection()
     student: StudentSection = StudentSection()
     critic: CriticSection = CriticSection()
@@ -324,8 +324,13 @@ def _override_value(raw: str, annotation: Any) -> Any:
     if annotation is str or (str in args and all(a in (str, type(None)) for a in args)):
         if type(None) in args and text in ("null", "Null", "NULL", "~"):
             return None
-        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        return text[1:-1] if quoted else text
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # YAML's quoting ('it''s', "a\tb")
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                unquoted = None
+            return unquoted if isinstance(unquoted, str) else text
+        return text
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -31,9 +31,10 @@ class WeightedReward:
     model: RewardModel
     spec: RewardSpec
 
-    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, "torch.Tensor | Elapsed"]]:
         """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used:
-        they get no gradient). Masked rather than indexed, so no host sync; the metrics are 0-d tensors."""
+        they get no gradient). Masked rather than indexed, so no host sync; the metrics are 0-d tensors
+        and the scoring time an `Elapsed`, all read with float()."""
         started = mark(images.device)
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
@@ -50,7 +51,7 @@ def mark(device: torch.device):
     clock would credit them to whatever waits for them next), the host clock elsewhere. No host sync."""
     if device.type == "cuda":
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(device))  # that device's stream, whichever device is current
         return event
     return time.perf_counter()
 

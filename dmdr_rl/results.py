@@ -244,13 +244,18 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
     if "rl-only-4" not in results or "dmdr-4" not in results:
         return None
     rl, dmdr = results["rl-only-4"]["held-in"], results["dmdr-4"]["held-in"]
+    lower_accuracy = rl["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 + 1e-9
+    worse_fid = rl["fid"] >= 1.5 * dmdr["fid"]
+    evidence = {(True, True): "the judge finds its images wrong more often and they are far from the renders",
+                (False, True): "its images are far from the renders, though the judge's accuracy is within 0.05 of DMDR's",
+                (True, False): "the judge finds its images wrong more often, though their FID is within 1.5x of DMDR's"}
     return (
         f"RL-only (the reward with no DMD term) reaches a toy-align reward of {rl['rewards']['toy-align']:.3f} against "
-        f"DMDR's {dmdr['rewards']['toy-align']:.3f}, yet the held-out judge gives it {rl['judge_accuracy']:.3f} accuracy "
-        f"(DMDR {dmdr['judge_accuracy']:.3f}) and an FID of {rl['fid']:.1f} (DMDR {dmdr['fid']:.1f}): "
-        + ("the reward is hacked, and the DMD term is what prevents it."
-           if reward_hacked(rl, dmdr)
-           else "on this run the gap is too small to call it reward hacking.")
+        f"DMDR's {dmdr['rewards']['toy-align']:.3f} (held-in prompts), while the judge (which no training sees) gives it "
+        f"{rl['judge_accuracy']:.3f} accuracy (DMDR {dmdr['judge_accuracy']:.3f}) and its FID is {rl['fid'] / dmdr['fid']:.1f}x "
+        f"DMDR's ({rl['fid']:.1f} against {dmdr['fid']:.1f}): "
+        + (f"{evidence[lower_accuracy, worse_fid]}. The reward is hacked, and the DMD term is what prevents it."
+           if reward_hacked(rl, dmdr) else "on this run the gap is too small to call it reward hacking.")
     )
 
 
@@ -272,7 +277,7 @@ def render_markdown(table: dict) -> str:
         "# Toy-world results",
         "",
         f"Reproduce: `{meta['command']}` ({meta['num_images']} images per split and row, seed {meta['seed']}; "
-        f"written {meta['date']}). Judge accuracy is strict (every attribute and the object count right); FID uses "
+        f"written {meta['date']}).{' ' + meta['note'] if meta.get('note') else ''} Judge accuracy is strict (every attribute and the object count right); FID uses "
         f"the judge's features against fresh renders of the same prompts (lower is better; {floor_text}); "
         "toy-align is the RL reward (the judge never trains anything). Students train on held-in "
         "prompts only; held-out prompts contain colour-shape pairs no training prompt has. Teacher rows use CFG 4, "

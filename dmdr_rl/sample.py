@@ -5,18 +5,22 @@
 
 The student samples as it was trained (its steps, shift and sampler, no guidance), on the GPU when
 there is one. Each image has its own seed (from --seed and its index), kept in `samples.parquet`
-beside the prompt, so any one image can be made again alone; `grid.png` shows them with their prompts.
+beside the prompt, so any one image can be made again alone; `grid.png` shows (the first 64 of) them
+with their prompts.
 An SD3 student is better taken to diffusers with `python -m dmdr_rl.export`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from .config import ConfigError
+
+GRID_IMAGES = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.prompt and args.prompts is None:
         p.error("give --prompt TEXT (repeatable) or --prompts FILE")
+    if any(not text.strip() for text in args.prompt):
+        p.error("--prompt is empty (the empty prompt is the model's unconditional input, not a prompt)")
+    if args.out is not None and (args.out / "samples.parquet").exists():
+        p.error(f"{args.out} already holds samples: choose another --out")
     for flag, value, least in (("--num", args.num, 1), ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0)):
         if value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
@@ -47,18 +55,22 @@ def main(argv: list[str] | None = None) -> Path:
 
     args = parse_args(argv)
     try:
-        prompts = [*args.prompt, *(read_prompt_file(args.prompts) if args.prompts is not None else [])]
+        prompts = [p.strip() for p in args.prompt]
+        if args.prompts is not None:
+            prompts += read_prompt_file(args.prompts)
         sample_fn, student = load_student(args.run)
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ConfigError, FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
+        raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))
     images = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
-    out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1)
-    save_grid(images, prompts, out / "grid.png", columns=max(1, min(8, args.num)),
+    shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look
+    save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8,
               scale=max(1, 128 // images.shape[-1]))
-    print(f"{len(prompts)} images of the {student.steps}-step student in {out.resolve()}: grid.png, samples.parquet")
+    print(f"{len(prompts)} images of the {student.steps}-step student in {out.resolve()}: samples.parquet, grid.png"
+          + (f" (the first {shown})" if shown < len(prompts) else ""))
     return out
 
 

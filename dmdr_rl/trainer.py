@@ -7,7 +7,6 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -69,7 +68,7 @@ class LocalTrainer:
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.monitors = [reward for reward in rewards if reward.spec.monitor]
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
-        self._rollout_seconds = 0.0
+        self._rollout_times: list[dmdr.Elapsed] = []
 
     @property
     def iteration(self) -> int:
@@ -84,15 +83,16 @@ class LocalTrainer:
         """One rollout batch, one critic update, and a generator update on every `ratio`-th iteration
         (then its metrics are returned, else None)."""
         cfg = self.cfg
-        started = time.perf_counter()
+        started = dmdr.mark(self.backbone.device)  # device time, read after the step (no host sync here)
         prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
                              monitors=self.monitors)
-        self._rollout_seconds += time.perf_counter() - started
+        self._rollout_times.append(dmdr.Elapsed(started, dmdr.mark(self.backbone.device)))
         self.last_batch = batch
         metrics = self.learner.step(batch)
         if metrics is not None:  # rollouts of every iteration since the last generator update
-            metrics["time/rollout_s"], self._rollout_seconds = self._rollout_seconds, 0.0
+            metrics["time/rollout_s"] = sum(map(float, self._rollout_times))
+            self._rollout_times = []
         return metrics
 
     # -- the loop -----------------------------------------------------------------------------

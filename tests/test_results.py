@@ -50,7 +50,11 @@ def test_claims_pass_and_fail_on_the_numbers():
     assert claims["DMDR 4-step: judge accuracy above the 32-step teacher's (held-out)"] is True
     assert all(v for k, v in claims.items() if k.startswith("RL-only"))
     assert not any(c.startswith("DMD 1-step") for c in claims)  # rows not run are not judged
-    assert "the reward is hacked" in results.hacking_sentence(rows)
+    assert "the judge finds its images wrong more often and they are far from the renders. The reward is hacked" in \
+        results.hacking_sentence(rows)
+    rows["rl-only-4"] = _row(0.78, 0.69, 900.0, -0.05)  # the FID alone shows it
+    assert "far from the renders, though the judge's accuracy is within 0.05 of DMDR's. The reward is hacked" in \
+        results.hacking_sentence(rows)
     rows["rl-only-4"] = _row(0.79, 0.69, 290.0, -0.05)
     assert "too small to call it reward hacking" in results.hacking_sentence(rows)
 
