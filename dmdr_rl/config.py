@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -194,7 +194,9 @@ class RunConfig(_Section):
     store: StoreSection = StoreSection()
 
     @model_validator(mode="after")
-    def _has_a_loss(self) -> "RunConfig":
+    def _has_a_loss(self, info: ValidationInfo) -> "RunConfig":
+        if (info.context or {}).get("for_sampling"):
+            return self  # these rules are about training: a finished run is sampled whatever they say now
         if self.dmd.weight == 0 and not self.rewards:
             raise ValueError("dmd.weight is 0 and no rewards are configured: the generator would have no loss")
         if self.dmd.weight == 0 and self.trainer.cold_start > 0:
@@ -235,13 +237,14 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """A preset name (see `available_presets()`) or a YAML file, then `section.key=value` overrides."""
+def load_config(preset: str | Path | None = None, overrides: Sequence[str] = (), for_sampling: bool = False) -> RunConfig:
+    """A preset name (see `available_presets()`) or a YAML file, then `section.key=value` overrides;
+    `for_sampling`: a finished run's config, checked field by field but not by the rules of training."""
     data = _read_preset(preset, ()) if preset is not None else {}
     for override in overrides:
         _apply_override(data, override)
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"for_sampling": for_sampling})
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
 

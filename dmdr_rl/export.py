@@ -43,7 +43,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     if fmt == "lora" and dtype != "float32":
         raise ValueError("--dtype applies to --format transformer only (a LoRA file keeps its float32 weights)")
     run_dir, _ = find_run(run)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", for_sampling=True)
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
     # a LoRA file needs no base weights of any precision; a merge needs the base in float32

@@ -271,7 +271,7 @@ def load_generator(run: str | Path, model=None, precision: str | None = None, en
     from .config import load_config
 
     run_dir, checkpoint = find_run(run)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", for_sampling=True)
     backbone = build_backbone(model or cfg.model, encoders=encoders, precision=precision or cfg.trainer.precision,
                               device=device)
     dmdr.add_generator(backbone, cfg.student)

@@ -149,3 +149,16 @@ def test_settings_that_run_but_not_as_meant_are_warned_about():
     assert load_config("toy-dmd", ["trainer.max_steps=50"]).warnings() == []  # no reward to train
     [note] = load_config("sd3-medium-dmdr", ["ray.learner_gpus=0"]).warnings()
     assert "ray.learner_gpus=0: the learner runs on CPUs" in note
+
+
+def test_a_finished_runs_config_loads_for_sampling_whatever_the_rules_of_training_say_now(tmp_path):
+    import yaml
+
+    data = load_config("toy-dmdr").model_dump(mode="json")
+    data["dmd"]["weight"] = 0.0  # trained before the rule that a DMD-free run needs cold_start 0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="no loss during the cold start"):
+        load_config(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", for_sampling=True).dmd.weight == 0.0
+    with pytest.raises(ConfigError, match="student.steps"):  # the fields themselves are still checked
+        load_config(tmp_path / "config.yaml", ["student.steps=0"], for_sampling=True)

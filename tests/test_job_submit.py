@@ -47,7 +47,10 @@ def test_ray_job_submit_trains_the_toy_preset(tmp_path, head_node):
         [RAY, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
          sys.executable, "-m", "dmdr_rl.run", "--preset", "toy-dmdr", "--num-images", "8", "trainer.backend=ray",
          "trainer.max_steps=2", "trainer.batch_size=4", "dmd.ratio=2", "trainer.cold_start=1", "student.steps=2",
-         "output.log_every=1", "output.checkpoint_every=2", f"output.dir={out}"],
+         "output.log_every=1", "output.checkpoint_every=2", f"output.dir={out}",
+         # a served reward: the run starts its Serve app and stops it before evaluating the student, which
+         # therefore must not need the app (only the generator is loaded)
+         "rewards.0.placement=serve", "rewards.0.serve.num_cpus=0.5"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
