@@ -17,15 +17,24 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._checks: dict[str, Callable[..., None]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, check: Callable[..., None] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """`check(**options)`: what can be refused before building (a dry run calls it), raising ConfigError."""
         def decorate(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._factories[name] = factory
+            if check is not None:
+                self._checks[name] = check
             return factory
 
         return decorate
+
+    def check(self, name: str, **options: Any) -> None:
+        """The registered check of `name` on these options (a plugin by import path has none)."""
+        if name in self._checks:
+            self._checks[name](**options)
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -87,15 +96,20 @@ def _signature(factory: Callable) -> inspect.Signature | None:
 BACKBONES: Registry = Registry("backbone")
 
 
-@BACKBONES.register("toy")
-def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool = True, dtype: str = "float32"):
+def _check_toy(resolution: int = 32, **_: Any) -> None:
     from .toy.render import RESOLUTION
-    from .toy.weights import load_teacher
 
     if resolution != RESOLUTION:
         from .config import ConfigError
 
         raise ConfigError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
+
+
+@BACKBONES.register("toy", check=_check_toy)
+def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool = True, dtype: str = "float32"):
+    from .toy.weights import load_teacher
+
+    _check_toy(resolution)
     backbone = load_teacher(path, encoders=encoders)
     if dtype != "float32":  # the frozen base only: adapters and encoders stay float32
         backbone.transformer.to(getattr(torch, dtype))

@@ -109,6 +109,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
     BACKBONES.resolve(cfg.model.backbone, "model.backbone")
+    BACKBONES.check(cfg.model.backbone, resolution=cfg.model.resolution)
     for i, spec in enumerate(cfg.rewards):
         REWARDS.resolve(spec.name, f"rewards.{i}.name")
     prompts = cfg.data.prompts

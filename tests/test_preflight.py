@@ -135,6 +135,7 @@ def test_a_mistyped_toy_split_names_the_field():
         (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=:Foo"], r"rewards.0.name: reward model ':Foo': cannot import"),
         (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=toy-algin"], r"rewards.0.name: unknown reward model 'toy-algin'"),
         (["--preset", "toy-dmdr", "--dry-run", "model.backbone=nope"], r"model.backbone: unknown backbone 'nope'"),
+        (["--preset", "toy-dmdr", "--dry-run", "model.resolution=64"], r"model.resolution must be 32 for the toy backbone"),
     ],
 )
 def test_the_main_job_refuses_flags_and_plugins_it_cannot_use(argv, message, capsys):
