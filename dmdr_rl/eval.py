@@ -55,11 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", type=_list_of(float), default=None,
                    help=f"teacher: classifier-free guidance scale(s) (default {DEFAULT_CFG:g})")
     p.add_argument("--shift", type=float, default=None, help="teacher: timestep shift of the sampling schedule (default 1)")
-    p.add_argument("--split", type=_splits, default=["held-in"], help="prompt split(s): held-in, held-out")
-    p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/eval"))
+    p.add_argument("--split", type=_splits, default=["held-in"], help="prompt split(s): held-in, held-out (default held-in)")
+    p.add_argument("--num-images", type=int, default=1000,
+                   help="images per setting and split (default 1000, as the README's numbers; FID is only "
+                        "comparable at equal counts)")
+    p.add_argument("--batch-size", type=int, default=250, help="images sampled at once (default 250; the numbers do not depend on it)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed: the prompts and each image's seed (default 0)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output directory (default runs/eval)")
     args = p.parse_args(argv)
     if (args.model == "student") != (args.run is not None):
         p.error("--run goes with --model student (and a student needs --run)")
@@ -86,25 +88,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_student(run: Path):
-    """A trained student as (sample_fn, its student section): the generator adapter on the run's model,
+    """A trained student as (sample_fn, its run's config): the generator adapter on the run's model,
     sampled as it was trained, on the GPU when there is one. Nothing else of the training is built
     (its reward apps, prompt file or training device need not exist here)."""
     from .registry import resolve_device
     from .trainer import load_generator, student_images
 
     backbone, cfg, _ = load_generator(run, device=resolve_device("auto"))
-    return (lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), cfg.student, seeds)), cfg.student
+    return (lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), cfg.student, seeds)), cfg
 
 
 def samplers(args: argparse.Namespace):
     """(name, settings, sample_fn) for every setting to evaluate; settings go into the report."""
     if args.model == "student":
-        sample_fn, student = load_student(args.run)
+        sample_fn, cfg = load_student(args.run)
+        student = cfg.student
         settings = {"steps": student.steps, "cfg": 1.0, "shift": student.shift, "sampler": student.sampler}
         return [(f"student-{args.run.name}-steps{student.steps}", settings, sample_fn)]
     teacher = load_teacher(args.weights)
     return [
-        (f"teacher-steps{steps}-cfg{cfg:g}", {"steps": steps, "cfg": cfg, "shift": args.shift, "sampler": "ode"},
+        (f"teacher-steps{steps}-cfg{cfg:g}{f'-shift{args.shift:g}' if args.shift != 1.0 else ''}",
+         {"steps": steps, "cfg": cfg, "shift": args.shift, "sampler": "ode"},
          lambda prompts, seeds, steps=steps, cfg=cfg: teacher.sample(prompts, steps=steps, cfg=cfg, seed=seeds, shift=args.shift))
         for steps, cfg in itertools.product(args.steps, args.cfg)
     ]
@@ -114,7 +118,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     judge, align = load_judge(args.weights), load_align(args.weights)
     reports = []
     for split, (setting, settings, sample_fn) in itertools.product(args.split, samplers(args)):
-        name = f"{setting}-{split}"
+        name = f"{setting}-{split}" + (f"-seed{args.seed}" if args.seed else "")  # other settings: other directories
         started = time.time()
         report = evaluate(
             sample_fn,
@@ -132,6 +136,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         (args.out / name / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  FID {report['fid']:.2f}  "
               f"toy-align {report['rewards']['toy-align']:.3f}  -> {args.out / name}")
+        if "fid_note" in report and len(reports) == 0:
+            print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
         reports.append(report)
     write_summary(reports, args.out)
     return reports

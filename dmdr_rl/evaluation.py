@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .grid import save_grid
-from .rollout import EVALUATION_STREAM, iteration_seed
+from .rollout import image_seeds
 from .toy.grammar import PromptSplit, prompts_of
 from .toy.metrics import judge_fid, judge_verdicts, summarise_verdicts
 from .toy.render import render_batch
@@ -26,11 +26,6 @@ REFERENCE_SEED_OFFSET = 10**12
 def fresh_renders(scenes: Sequence, seed: int, offset: int = REFERENCE_SEED_OFFSET) -> torch.Tensor:
     """Renders of `scenes` from seeds no build used: the FID reference set (or, with another offset, a check set)."""
     return render_batch(scenes, [offset + seed * len(scenes) + i for i in range(len(scenes))])
-
-
-def image_seeds(seed: int, count: int) -> list[int]:
-    """One seed per evaluated image, so an image is the same whatever batch size samples it."""
-    return [iteration_seed(seed, i, EVALUATION_STREAM) for i in range(count)]
 
 
 def generate(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
@@ -82,6 +77,10 @@ def evaluate(
         "judge_accuracy_by_category": by_category,
         "fid": judge_fid(judge, images, reference),
         "fid_reference": "fresh renders of the same prompts (judge penultimate features)",
+        # FID falls with the image count (renders against renders: about 25 at 1000 images, 326 at 64), so
+        # FIDs compare only at equal counts
+        **({"fid_note": f"FID at {num_images} images is not comparable with the README's (1000 images)"}
+           if num_images < 1000 else {}),
         "rewards": reward_means,
         "num_images": num_images,
         "split": split,
@@ -91,7 +90,7 @@ def evaluate(
         from .samples import write_samples
 
         write_samples(samples_path, images, prompts, seeds, step=-1, weight_version=-1, rewards=reward_scores,
-                      extra={"judge_correct": [bool(v["correct"]) for v in verdicts]})
+                      extra={"source": ["evaluation"] * num_images, "judge_correct": [bool(v["correct"]) for v in verdicts]})
         report["samples"] = str(samples_path)
     if grid_path is not None:
         n = min(grid_size, num_images)

@@ -80,8 +80,9 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.export", description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a run directory, its checkpoints/ or a step_N/")
-    parser.add_argument("--format", default="lora", choices=FORMATS)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--format", default="lora", choices=FORMATS,
+                        help="lora: diffusers LoRA weights (load_lora_weights); transformer: a merged model directory (default lora)")
+    parser.add_argument("--out", type=Path, required=True, help="the directory to write")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights")
     args = parser.parse_args(argv)
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
@@ -96,13 +96,20 @@ def _signature(factory: Callable) -> inspect.Signature | None:
 BACKBONES: Registry = Registry("backbone")
 
 
-def _check_toy(resolution: int = 32, **_: Any) -> None:
+def _check_toy(resolution: int = 32, prompts: Sequence[str] = (), prompts_from: str = "data.prompts", **_: Any) -> None:
+    """The toy world draws 32 px scenes and its text encoder knows the toy grammar's words only."""
+    from .config import ConfigError
+    from .toy.grammar import vocabulary
     from .toy.render import RESOLUTION
+    from .toy.text import unknown_words
 
     if resolution != RESOLUTION:
-        from .config import ConfigError
-
         raise ConfigError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
+    unknown = unknown_words(prompts)
+    if unknown:
+        raise ConfigError(f"{prompts_from}: the toy backbone's text encoder knows only the toy grammar's words, and "
+                          f"these prompts use others: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; its words: "
+                          f"{' '.join(sorted(vocabulary()))}")
 
 
 @BACKBONES.register("toy", check=_check_toy)
@@ -134,6 +141,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"trainer.device={name} but torch sees no CUDA GPU (torch {torch.__version__}, "
                           f"CUDA build {torch.version.cuda or 'none'}): use trainer.device=cpu or auto")
     return device
+
+
+def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts") -> None:
+    """What the config's backbone can refuse before anything is built: its options, and prompts it cannot encode."""
+    BACKBONES.resolve(model.backbone, "model.backbone")
+    BACKBONES.check(model.backbone, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from)
 
 
 def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):

@@ -161,9 +161,9 @@ def _sampler(row: Row, runs: Path):
     if row.preset is None:
         teacher = load_teacher()
         return DEFAULT_CFG, lambda prompts, seeds: teacher.sample(prompts, steps=row.steps, cfg=DEFAULT_CFG, seed=seeds)
-    sample_fn, student = load_student(runs / row.key)
-    if student.steps != row.steps:
-        raise ValueError(f"{runs / row.key} trains a {student.steps}-step student, but row {row.key} is {row.steps}-step")
+    sample_fn, cfg = load_student(runs / row.key)
+    if cfg.student.steps != row.steps:
+        raise ValueError(f"{runs / row.key} trains a {cfg.student.steps}-step student, but row {row.key} is {row.steps}-step")
     return 1.0, sample_fn
 
 
@@ -317,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time (the CPU threads are split between them)")
     p.add_argument("--retrain", action="store_true", help="delete the rows' runs under --runs and train them again")
     p.add_argument("overrides", nargs="*", help="config overrides for every training, e.g. trainer.max_steps=50")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come between the overrides
     unknown = [k for k in args.rows.split(",") if k not in ROWS_BY_KEY]
     if unknown:
         p.error(f"unknown row(s) {unknown}; allowed: {', '.join(ROWS_BY_KEY)}")

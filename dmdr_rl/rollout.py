@@ -32,6 +32,12 @@ def iteration_seed(seed: int, iteration: int, stream: int, rank: int = 0) -> int
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
+def image_seeds(seed: int, count: int) -> list[int]:
+    """One seed per image (evaluation, sample grids, `sample`), so an image is the same whatever batch
+    samples it, and its seed alone makes it again."""
+    return [iteration_seed(seed, i, EVALUATION_STREAM) for i in range(count)]
+
+
 @dataclass
 class RolloutBatch:
     iteration: int  # the batch index: with `rank`, the prompt ledger's key

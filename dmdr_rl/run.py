@@ -77,8 +77,9 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     out = cfg.output_dir
     if not toy_evaluation_applies(cfg):
         print(f"dmdr_rl: the toy evaluation (judge accuracy and FID of 32 px toy scenes) does not apply to this run "
-              f"(data.prompts={cfg.data.prompts}, model.resolution={cfg.model.resolution}): skipped. Export the student "
-              f"with `python -m dmdr_rl.export --run {out}` and sample it with diffusers.")
+              f"(data.prompts={cfg.data.prompts}, model.resolution={cfg.model.resolution}): skipped. Sample the student "
+              f"with `python -m dmdr_rl.sample --run {out} --prompt TEXT`, or take an SD3 student to diffusers with "
+              f"`python -m dmdr_rl.export --run {out} --format lora --out DIR`.")
         print(f"Outputs: {out.resolve()}")
         print(json.dumps(summary))
         return
@@ -102,21 +103,21 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     machine. Returns the plan as text."""
     from .distributed import check_placement, resources_needed
     from .prompts import PromptSource
-    from .registry import BACKBONES
+    from .registry import check_model
     from reward_servers import REWARDS
 
     cfg = load_config(preset, overrides)
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
-    BACKBONES.resolve(cfg.model.backbone, "model.backbone")
-    BACKBONES.check(cfg.model.backbone, resolution=cfg.model.resolution)
     for i, spec in enumerate(cfg.rewards):
         REWARDS.resolve(spec.name, f"rewards.{i}.name")
     prompts = cfg.data.prompts
-    if prompts.startswith("toy:") or Path(prompts).exists():
-        PromptSource(prompts, cfg.trainer.seed)
+    # a local run reads its prompt file here; a Ray job's driver may run on another machine (ray job submit)
+    if prompts.startswith("toy:") or Path(prompts).exists() or cfg.trainer.backend == "local":
+        check_model(cfg.model, PromptSource(prompts, cfg.trainer.seed).prompts or ())
         prompt_note = "checked"
     else:
+        check_model(cfg.model)
         prompt_note = "not on this machine: checked when the run starts"
     cpus, gpus = resources_needed(cfg)
     rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
@@ -149,12 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default=None, help=f"run preset or YAML file; presets: {', '.join(available_presets())}")
     parser.add_argument("--out", type=Path, default=None, help="teacher evaluation: output directory (default runs/demo-TIMESTAMP)")
-    parser.add_argument("--num-images", type=int, default=256, help="images per evaluated setting")
-    parser.add_argument("--split", default="held-in", choices=["held-in", "held-out"])
+    parser.add_argument("--num-images", type=int, default=256,
+                        help="images per evaluated setting (default 256; the README's numbers use 1000)")
+    parser.add_argument("--split", default="held-in", choices=["held-in", "held-out"],
+                        help="teacher evaluation: prompt split (default held-in)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config and its plugins, print the plan, and start nothing")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     if args.num_images < 2:
         parser.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
     if args.preset is not None and (args.out is not None or args.split != "held-in"):

@@ -29,9 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a training run directory (its latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     p.add_argument("--prompts", type=Path, default=None, help="a prompt file: .txt, or .csv/.parquet/.jsonl with a prompt column")
-    p.add_argument("--num", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="the base seed each image's own seed derives from (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/samples-TIMESTAMP)")
     args = p.parse_args(argv)
     if not args.prompt and args.prompts is None:
@@ -48,9 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     from .eval import load_student
-    from .evaluation import generate, image_seeds
+    from .evaluation import generate
+    from .rollout import image_seeds
     from .grid import save_grid
     from .prompts import read_prompt_file
+    from .registry import check_model
     from .samples import write_samples
 
     args = parse_args(argv)
@@ -58,18 +60,20 @@ def main(argv: list[str] | None = None) -> Path:
         prompts = [p.strip() for p in args.prompt]
         if args.prompts is not None:
             prompts += read_prompt_file(args.prompts)
-        sample_fn, student = load_student(args.run)
+        sample_fn, cfg = load_student(args.run)
+        check_model(cfg.model, prompts, prompts_from="--prompt / --prompts")
     except (ConfigError, FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))
     images = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
     out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1)
+    write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1,
+                  extra={"source": ["sample"] * len(prompts)})
     shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look
     save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8,
               scale=max(1, 128 // images.shape[-1]))
-    print(f"{len(prompts)} images of the {student.steps}-step student in {out.resolve()}: samples.parquet, grid.png"
+    print(f"{len(prompts)} images of the {cfg.student.steps}-step student in {out.resolve()}: samples.parquet, grid.png"
           + (f" (the first {shown})" if shown < len(prompts) else ""))
     return out
 

@@ -3,6 +3,7 @@ weight version, a score per reward model, and the PNG bytes -- readable with pan
 
     table = read_samples("runs/toy-dmdr/samples")        # every samples/*.parquet of the run
     df = table.to_pandas()                                # columns: prompt, seed, step, ..., reward/<name>, png
+    # source: grid (a training step's sample grid), rollout (the batch it trained on), evaluation or sample
 
 Files carry their schema version; reading unifies files of different versions and reward sets
 (a column a file lacks reads as null) and refuses files from a newer dmdr_rl with a clear error.

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.watch", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a run directory, or a run name with --store")
     parser.add_argument("--store", default=None, help="a Redis URL (default: the run's store.url, else its files)")
-    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1; default 2)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     args = parser.parse_args(argv)
     if args.interval < 0.1:

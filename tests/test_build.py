@@ -59,3 +59,9 @@ def test_build_commands_write_loadable_weights(tmp_path):
 def test_snapshot_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--snapshot needs a checkpoint"):
         build.main(["align", "--snapshot", "--work-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_a_shortened_build_may_not_overwrite_the_shipped_weights(capsys):
+    with pytest.raises(SystemExit):
+        build.main(["teacher", "--steps", "2"])
+    assert "pass --out DIR so a smoke build does not overwrite them" in capsys.readouterr().err

@@ -27,6 +27,10 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
         assert samples["judge_correct"].mean() == pytest.approx(report["judge_accuracy"])
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
     assert "| teacher | held-in | 2 | 2.5 |" in (tmp_path / "summary.md").read_text()
+    # another shift or seed is another directory, not an overwrite
+    toy_eval.main(["--steps", "2", "--cfg", "1", "--shift", "2", "--seed", "1", "--num-images", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "teacher-steps2-cfg1-shift2-held-in-seed1" / "report.json").exists()
+    assert (tmp_path / "teacher-steps2-cfg1-held-in" / "report.json").exists()
 
 
 @pytest.mark.parametrize(

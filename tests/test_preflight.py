@@ -147,3 +147,24 @@ def test_the_main_job_refuses_flags_and_plugins_it_cannot_use(argv, message, cap
 def test_the_dry_run_prints_warnings(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.max_steps=10"])
     assert "warning: trainer.cold_start=300 >= trainer.max_steps=10" in capsys.readouterr().out
+
+
+def test_the_dry_run_checks_what_a_local_run_would_read(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a purple elephant\na red circle\n")
+    for argv, message in (
+        ([f"data.prompts={tmp_path / 'p.txt'}"], r"data.prompts: the toy backbone's text encoder knows only the toy "
+                                                 r"grammar's words, and these prompts use others: \['elephant'\]"),
+        ([f"data.prompts={tmp_path / 'none.txt'}"], r"data.prompts: .*none.txt does not exist"),
+    ):
+        with pytest.raises(SystemExit):
+            run.main(["--preset", "toy-dmdr", "--dry-run", *argv])
+        assert re.search(message, capsys.readouterr().err)
+    # a Ray job's driver may run elsewhere (ray job submit): there a missing file is left to the run
+    run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", f"data.prompts={tmp_path / 'none.txt'}"])
+    assert "not on this machine: checked when the run starts" in capsys.readouterr().out
+
+
+def test_options_may_come_between_the_overrides(tmp_path, capsys):
+    run.main(["--preset", "toy-dmdr", "trainer.max_steps=2", "--dry-run", f"output.dir={tmp_path / 'x'}"])
+    out = capsys.readouterr().out
+    assert f"outputs: {tmp_path / 'x'}" in out and "2 generator steps" in out

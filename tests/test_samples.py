@@ -56,6 +56,8 @@ def test_a_training_run_writes_its_samples_as_data(tmp_path):
     grids = read_samples(sorted((tmp_path / "samples").glob("step_*.parquet"))[-1])
     assert grids.num_rows == 16 and all(s < 0 for s in grids.column("reward/toy-align").to_pylist())
     table = read_samples(tmp_path / "samples")  # grids and the rollout batches the steps trained on
-    rollouts = [r for r in table.to_pylist() if r["seed"] != 0]
+    rollouts = [r for r in table.to_pylist() if r["source"] == "rollout"]
+    assert {r["source"] for r in table.to_pylist()} == {"grid", "rollout"}
+    assert len({r["seed"] for r in grids.to_pylist()}) == 16  # each grid image has its own seed
     assert sorted({r["step"] for r in table.to_pylist()}) == [1, 2] and len(rollouts) == 2 * 2
     assert {r["weight_version"] for r in rollouts} == {0, 1}  # the generator version that sampled each batch

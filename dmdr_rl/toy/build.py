@@ -213,12 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.build", description=__doc__.split("\n")[0])
     parser.add_argument("target", choices=[*RECIPES, "all"])
     parser.add_argument("--work-dir", type=Path, default=Path("runs/build"), help="checkpoints for resume")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where finished weights are written")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
+                        help="where finished weights are written (default: the shipped weights, dmdr_rl/toy/weights)")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (smoke tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--variant", default=None, help="teacher architecture variant (see teacher.TEACHER_VARIANTS)")
     parser.add_argument("--snapshot", action="store_true", help="write weights from the last checkpoint without training")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.out.resolve() == Path(WEIGHTS_DIR).resolve():
+        parser.error("--steps shortens the recipe, and --out is the shipped weights' directory (the default): pass "
+                     "--out DIR so a smoke build does not overwrite them")
     if args.threads:
         torch.set_num_threads(args.threads)
     for target in RECIPES if args.target == "all" else [args.target]:

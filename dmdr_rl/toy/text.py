@@ -21,6 +21,12 @@ MAX_TOKENS = 12  # the longest grammar prompt has 8 words, plus BOS and EOS
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def unknown_words(prompts: Sequence[str]) -> list[str]:
+    """The words of `prompts` the toy text encoder does not know (it knows the grammar's vocabulary only)."""
+    known = set(vocabulary())
+    return sorted({word for prompt in prompts for word in prompt.lower().split()} - known)
+
+
 def build_tokenizer() -> Tokenizer:
     """Word-level tokenizer over the grammar's vocabulary, padding every prompt to MAX_TOKENS."""
     vocab = {token: i for i, token in enumerate([PAD, UNK, BOS, EOS, *vocabulary()])}
