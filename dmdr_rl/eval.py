@@ -46,8 +46,9 @@ def _splits(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dmdr_rl.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                   help="the toy teacher (with --steps/--cfg), or a trained student (with --run)")
+    p.add_argument("--model", choices=["teacher", "student"], default=None,
+                   help="the toy teacher (with --steps/--cfg), or a trained student (with --run); default: "
+                        "student when --run is given, else teacher")
     p.add_argument("--run", type=Path, default=None,
                    help="student: a run directory (latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--weights", type=Path, default=None, help="toy weights root (default: the shipped weights)")
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: the prompts and each image's seed (default 0)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output directory (default runs/eval)")
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "student" if args.run is not None else "teacher"
     if (args.model == "student") != (args.run is not None):
         p.error("--run goes with --model student (and a student needs --run)")
     if args.model == "student":

@@ -88,7 +88,9 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     report = evaluate(sample_fn, "held-in", num_images, 0, load_judge(), [load_align()],
                       grid_path=out / "eval" / "grid.png", samples_path=out / "eval" / "samples.parquet",
                       desc="evaluating the student")
-    (out / "eval" / "report.json").write_text(json.dumps({**report, "steps": cfg.student.steps}, indent=2) + "\n")
+    settings = {"model": "student", "steps": cfg.student.steps, "cfg": 1.0, "shift": cfg.student.shift,
+                "sampler": cfg.student.sampler}  # as `eval --model student` reports them
+    (out / "eval" / "report.json").write_text(json.dumps({**settings, **report}, indent=2) + "\n")
     print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, FID {report['fid']:.2f}, "
           f"toy-align {report['rewards']['toy-align']:.3f}")
     print(f"Outputs: {out.resolve()}")

@@ -46,10 +46,11 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
         return f"{state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
     last = rows[-1]
     recent = rows[-10:]
-    rate = ((recent[-1]["step"] - recent[0]["step"]) / (recent[-1]["time"] - recent[0]["time"])
-            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else float("nan"))
+    rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
+            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (one record so far)")
     total = f"/{max_steps}" if max_steps else ""
-    lines = [f"[{state}] generator step {last['step']}{total}   {rate:.3f} steps/s   "
+    shown_state = "running" if state == "started" else state
+    lines = [f"[{shown_state}] generator step {last['step']}{total}   {rate}   "
              f"last update {time.time() - last['time']:.0f} s ago   ({store.location})"]
     for prefix in SHOWN_PREFIXES:
         values = {k: v for k, v in last.items() if k.startswith(prefix) and isinstance(v, (int, float))}
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     if args.once:
         try:
-            print(snapshot(store, run_dir, max_steps)[0])
+            print(snapshot(store, run_dir, max_steps)[0], flush=True)
         except StoreError as err:
             parser.exit(2, f"error: {err}\n")
         return

@@ -163,6 +163,11 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     torch.testing.assert_close(decode_png(rows["png"][4]), (again * 255).round() / 255, rtol=0, atol=1.5 / 255)
     with pytest.raises(SystemExit):
         sample.parse_args(["--run", str(run_dir)])  # no prompt
+    with pytest.raises(SystemExit, match=r"--prompt / --prompts: the toy backbone's text encoder .*\['elephant'\]"):
+        sample.main(["--run", str(run_dir), "--prompt", "a purple elephant", "--out", str(tmp_path / "never")])
+    assert toy_eval.parse_args(["--run", str(run_dir)]).model == "student"  # --run alone means the student
+    with pytest.raises(SystemExit):
+        toy_eval.parse_args(["--model", "teacher", "--run", str(run_dir)])
 
 
 def test_a_seed_read_back_from_the_samples_file_samples_again(teacher):
