@@ -80,7 +80,7 @@ def evaluate(
         # FID falls with the image count (renders against renders: about 25 at 1000 images, 326 at 64), so
         # FIDs compare only at equal counts
         **({"fid_note": f"FID at {num_images} images is not comparable with the README's (1000 images)"}
-           if num_images < 1000 else {}),
+           if num_images != 1000 else {}),
         "rewards": reward_means,
         "num_images": num_images,
         "split": split,

@@ -20,7 +20,8 @@ class Registry(Generic[T]):
         self._checks: dict[str, Callable[..., None]] = {}
 
     def register(self, name: str, check: Callable[..., None] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """`check(**options)`: what can be refused before building (a dry run calls it), raising ConfigError."""
+        """`check(resolution=, prompts=, prompts_from=)`: what can be refused before building (the dry run,
+        the trainers and `sample` call it through `check_model`), raising ConfigError; take **_ for more."""
         def decorate(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -97,19 +98,17 @@ BACKBONES: Registry = Registry("backbone")
 
 
 def _check_toy(resolution: int = 32, prompts: Sequence[str] = (), prompts_from: str = "data.prompts", **_: Any) -> None:
-    """The toy world draws 32 px scenes and its text encoder knows the toy grammar's words only."""
+    """The toy world draws 32 px scenes and its text encoder takes the toy grammar's words only."""
     from .config import ConfigError
-    from .toy.grammar import vocabulary
     from .toy.render import RESOLUTION
-    from .toy.text import unknown_words
+    from .toy.text import check_prompts
 
     if resolution != RESOLUTION:
         raise ConfigError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
-    unknown = unknown_words(prompts)
-    if unknown:
-        raise ConfigError(f"{prompts_from}: the toy backbone's text encoder knows only the toy grammar's words, and "
-                          f"these prompts use others: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; its words: "
-                          f"{' '.join(sorted(vocabulary()))}")
+    try:
+        check_prompts(prompts)
+    except ValueError as err:
+        raise ConfigError(f"{prompts_from}: the toy backbone's text encoder cannot take this prompt: {err}") from None
 
 
 @BACKBONES.register("toy", check=_check_toy)

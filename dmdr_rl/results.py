@@ -80,7 +80,8 @@ def _check_same_config(cfg, run_path: Path) -> None:
     from .config import load_config
     from .trainer import run_config_dump
 
-    saved = load_config(saved_file).model_dump(mode="json")  # fields added since then get their defaults
+    # fields added since then get their defaults; rules added since do not stop the comparison
+    saved = load_config(saved_file, for_sampling=True).model_dump(mode="json")
     current = run_config_dump(cfg)  # as the run directory keeps it (a store password redacted in both)
     changes = [c for c in config_changes(saved, current) if not c.startswith(("output.dir:", "trainer.resume_from:"))]
     if changes:

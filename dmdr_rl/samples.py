@@ -22,8 +22,9 @@ import torch
 from .grid import to_uint8
 
 # 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>; 3: an evaluation's seed is
-# each image's own (in version 2 it was the seed of the image's sampling batch)
-SCHEMA_VERSION = 3
+# each image's own (in version 2 it was the seed of the image's sampling batch); 4: a grid's seed is each
+# image's own too, and a `source` column says what wrote the row (grid, rollout, evaluation, sample)
+SCHEMA_VERSION = 4
 VERSION_KEY = b"dmdr_rl.samples.version"
 REQUIRED = ("prompt", "step", "png")
 

@@ -25,7 +25,7 @@ def locate(run: str, store_url: str | None):
     """(store, run directory or None, max_steps or None) for a run directory or a run name in a store."""
     path = Path(run)
     if (path / "config.yaml").exists():
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(path / "config.yaml", for_sampling=True)  # read only: today's training rules do not apply
         return open_store(store_url or cfg.store.url, path, cfg.name), path, cfg.trainer.max_steps
     if store_url is None:
         raise StoreError(f"{run} is not a run directory (no config.yaml in it); give a run directory, or a run name "
@@ -43,11 +43,12 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     events = store.read("events")
     state = events[-1]["event"] if events else "unknown"
     if not rows:
-        return f"{state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
+        shown = "running" if state == "started" else state
+        return f"{shown}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
     last = rows[-1]
     recent = rows[-10:]
     rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
-            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (one record so far)")
+            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (too few records yet)")
     total = f"/{max_steps}" if max_steps else ""
     shown_state = "running" if state == "started" else state
     lines = [f"[{shown_state}] generator step {last['step']}{total}   {rate}   "

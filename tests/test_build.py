@@ -61,7 +61,12 @@ def test_snapshot_without_a_checkpoint_is_an_error(tmp_path):
         build.main(["align", "--snapshot", "--work-dir", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
-def test_a_shortened_build_may_not_overwrite_the_shipped_weights(capsys):
-    with pytest.raises(SystemExit):
-        build.main(["teacher", "--steps", "2"])
+def test_a_shortened_build_may_not_overwrite_the_shipped_weights(tmp_path, monkeypatch, capsys):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the guard let a shortened build start")
+
+    monkeypatch.setattr(build, "build_teacher", must_not_build)
+    with pytest.raises(SystemExit) as caught:
+        build.main(["teacher", "--steps", "2", "--work-dir", str(tmp_path)])
+    assert caught.value.code == 2
     assert "pass --out DIR so a smoke build does not overwrite them" in capsys.readouterr().err

@@ -152,8 +152,8 @@ def test_the_dry_run_prints_warnings(capsys):
 def test_the_dry_run_checks_what_a_local_run_would_read(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a purple elephant\na red circle\n")
     for argv, message in (
-        ([f"data.prompts={tmp_path / 'p.txt'}"], r"data.prompts: the toy backbone's text encoder knows only the toy "
-                                                 r"grammar's words, and these prompts use others: \['elephant'\]"),
+        ([f"data.prompts={tmp_path / 'p.txt'}"], r"data.prompts: the toy backbone's text encoder cannot take this "
+                                                 r"prompt: unknown word\(s\) \['elephant'\]"),
         ([f"data.prompts={tmp_path / 'none.txt'}"], r"data.prompts: .*none.txt does not exist"),
     ):
         with pytest.raises(SystemExit):

@@ -52,8 +52,12 @@ def test_a_training_run_writes_its_samples_as_data(tmp_path):
     from dmdr_rl.trainer import LocalTrainer
 
     cfg = load_config("toy-dmdr", tiny_run("output.sample_every=1", f"output.dir={tmp_path}"))
-    LocalTrainer(cfg).train()
+    trainer = LocalTrainer(cfg)
+    trainer.train()
     grids = read_samples(sorted((tmp_path / "samples").glob("step_*.parquet"))[-1])
+    row = grids.to_pylist()[5]  # a grid image again, alone, from its own seed
+    again = trainer.sample([row["prompt"]], [row["seed"]])[0].clamp(0, 1)
+    torch.testing.assert_close(decode_png(row["png"]), (again * 255).round() / 255, rtol=0, atol=1.5 / 255)
     assert grids.num_rows == 16 and all(s < 0 for s in grids.column("reward/toy-align").to_pylist())
     table = read_samples(tmp_path / "samples")  # grids and the rollout batches the steps trained on
     rollouts = [r for r in table.to_pylist() if r["source"] == "rollout"]

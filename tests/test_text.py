@@ -40,3 +40,17 @@ def test_save_and_load_round_trip(encoder, tmp_path):
     prompts = ["a large cyan diamond in the top right"]
     with torch.no_grad():
         assert torch.allclose(encoder.encode(prompts).tokens, loaded.encode(prompts).tokens)
+
+
+def test_the_checks_before_a_run_refuse_exactly_what_the_encoder_refuses():
+    from dmdr_rl.config import ConfigError
+    from dmdr_rl.registry import BACKBONES
+
+    long = "a small red circle in the center a small red circle in the center"
+    for prompt, message in ((long, "longer than 10 words"), ("a\x1fsmall red circle", "unknown word"),
+                            ("a purple elephant", r"unknown word\(s\) \['elephant'\]")):
+        with pytest.raises(ValueError, match=message):
+            ToyTextEncoder.create()([prompt])
+        with pytest.raises(ConfigError, match=message):
+            BACKBONES.check("toy", resolution=32, prompts=[prompt])
+    BACKBONES.check("toy", resolution=32, prompts=["A Red circle", "a red circle left of a blue square"])

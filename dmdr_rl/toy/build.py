@@ -212,7 +212,8 @@ def _write_recipe(directory: Path, target: str, cfg: BuildConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.build", description=__doc__.split("\n")[0])
     parser.add_argument("target", choices=[*RECIPES, "all"])
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/build"), help="checkpoints for resume")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="checkpoints for resume (default runs/build; runs/build/smoke with --steps)")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
                         help="where finished weights are written (default: the shipped weights, dmdr_rl/toy/weights)")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (smoke tests)")
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None and args.out.resolve() == Path(WEIGHTS_DIR).resolve():
         parser.error("--steps shortens the recipe, and --out is the shipped weights' directory (the default): pass "
                      "--out DIR so a smoke build does not overwrite them")
+    if args.work_dir is None:  # a shortened build's checkpoints never become a full build's resume point
+        args.work_dir = Path("runs/build/smoke") if args.steps is not None else Path("runs/build")
     if args.threads:
         torch.set_num_threads(args.threads)
     for target in RECIPES if args.target == "all" else [args.target]:

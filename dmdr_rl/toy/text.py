@@ -21,10 +21,22 @@ MAX_TOKENS = 12  # the longest grammar prompt has 8 words, plus BOS and EOS
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def unknown_words(prompts: Sequence[str]) -> list[str]:
-    """The words of `prompts` the toy text encoder does not know (it knows the grammar's vocabulary only)."""
-    known = set(vocabulary())
-    return sorted({word for prompt in prompts for word in prompt.lower().split()} - known)
+def check_prompts(prompts: Sequence[str], tokenizer: Tokenizer | None = None) -> list:
+    """The encodings of `prompts`, or a ValueError naming a prompt the toy text encoder cannot take: a word
+    outside the grammar's vocabulary, or more words than it has room for. The encoder and every check
+    before a run (dry run, trainers, `sample`) use this one function."""
+    tokenizer = tokenizer or build_tokenizer()
+    unk, limit = tokenizer.token_to_id(UNK), MAX_TOKENS - 2
+    encodings = tokenizer.encode_batch(list(prompts))
+    for prompt, enc in zip(prompts, encodings):
+        words = [word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(prompt.lower())]
+        if len(words) > limit:
+            raise ValueError(f"prompt {prompt!r} is longer than {limit} words")
+        if unk in enc.ids:
+            unknown = [w for w, i in zip(words, enc.ids[1:]) if i == unk]
+            raise ValueError(f"unknown word(s) {unknown} in prompt {prompt!r}; the toy vocabulary is: "
+                             f"{' '.join(sorted(vocabulary()))}")
+    return encodings
 
 
 def build_tokenizer() -> Tokenizer:
@@ -78,16 +90,7 @@ class ToyTextEncoder(torch.nn.Module):
     def token_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts, not one string")
-        encodings = self.tokenizer.encode_batch(list(prompts))
-        for prompt, enc in zip(prompts, encodings):
-            if self._unk in enc.ids:
-                unknown = [w for w, i in zip(prompt.lower().split(), enc.ids[1:]) if i == self._unk]
-                raise ValueError(
-                    f"unknown word(s) {unknown} in prompt {prompt!r}; the toy vocabulary is: "
-                    f"{' '.join(sorted(vocabulary()))}"
-                )
-            if len(prompt.split()) > MAX_TOKENS - 2:
-                raise ValueError(f"prompt {prompt!r} is longer than {MAX_TOKENS - 2} words")
+        encodings = check_prompts(prompts, self.tokenizer)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
