@@ -148,11 +148,9 @@ def serving_rewards(cfg: RunConfig):
 
 
 def train_distributed(cfg: RunConfig) -> dict:
-    from .prompts import PromptSource
-    from .registry import check_model
+    from .prompts import checked_prompt_source
 
-    # a bad prompt file, or prompts the model cannot encode, fail here, before Ray starts
-    check_model(cfg.model, PromptSource(cfg.data.prompts, cfg.trainer.seed).prompts or ())
+    checked_prompt_source(cfg)  # a bad prompt file, or prompts the model cannot encode: before Ray starts
     if cfg.trainer.resume_from:  # checked here, and made absolute: the learner workers run in another directory
         from .trainer import resume_checkpoint
 

@@ -101,13 +101,16 @@ def load_student(run: Path):
     return (lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), cfg.student, seeds)), cfg
 
 
+def student_settings(student) -> dict:
+    """How a student samples, as its reports record it: its steps, shift and sampler, no guidance."""
+    return {"steps": student.steps, "cfg": 1.0, "shift": student.shift, "sampler": student.sampler}
+
+
 def samplers(args: argparse.Namespace):
     """(name, settings, sample_fn) for every setting to evaluate; settings go into the report."""
     if args.model == "student":
         sample_fn, cfg = load_student(args.run)
-        student = cfg.student
-        settings = {"steps": student.steps, "cfg": 1.0, "shift": student.shift, "sampler": student.sampler}
-        return [(f"student-{args.run.name}-steps{student.steps}", settings, sample_fn)]
+        return [(f"student-{args.run.name}-steps{cfg.student.steps}", student_settings(cfg.student), sample_fn)]
     teacher = load_teacher(args.weights)
     return [
         (f"teacher-steps{steps}-cfg{cfg:g}{f'-shift{args.shift:g}' if args.shift != 1.0 else ''}",

@@ -90,7 +90,7 @@ def evaluate(
         from .samples import write_samples
 
         write_samples(samples_path, images, prompts, seeds, step=-1, weight_version=-1, rewards=reward_scores,
-                      extra={"source": ["evaluation"] * num_images, "judge_correct": [bool(v["correct"]) for v in verdicts]})
+                      extra={"judge_correct": [bool(v["correct"]) for v in verdicts]}, source="evaluation")
         report["samples"] = str(samples_path)
     if grid_path is not None:
         n = min(grid_size, num_images)

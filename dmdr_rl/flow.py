@@ -19,10 +19,15 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+def is_one_seed(seed) -> bool:
+    """One seed (Python, numpy or pandas ints, 0-d arrays and tensors) rather than one per image."""
+    return isinstance(seed, numbers.Integral) or getattr(seed, "ndim", None) == 0
+
+
 def generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
     """A generator seeded with `seed`, or one per seed of a sequence: with one seed per image, an
     image does not depend on the batch it is sampled in (what evaluation needs)."""
-    if isinstance(seed, numbers.Integral) or getattr(seed, "ndim", None) == 0:  # numpy / pandas ints, 0-d arrays
+    if is_one_seed(seed):
         return torch.Generator().manual_seed(int(seed))
     return [torch.Generator().manual_seed(int(s)) for s in seed]
 

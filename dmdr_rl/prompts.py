@@ -46,6 +46,16 @@ class PromptSource:
         return [self.prompts[i] for i in picks]
 
 
+def checked_prompt_source(cfg) -> PromptSource:
+    """The run's prompt source, its prompts checked against what the backbone can encode: a bad prompt
+    file fails here, before anything is built."""
+    from .registry import check_model
+
+    source = PromptSource(cfg.data.prompts, cfg.trainer.seed)
+    check_model(cfg.model, source.prompts or ())
+    return source
+
+
 def read_prompt_file(path: Path) -> list[str]:
     """The non-empty prompts of a file; a ConfigError naming the file and the fix otherwise."""
     if not path.is_file():

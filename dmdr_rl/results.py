@@ -185,9 +185,13 @@ def evaluate_row(row: Row, runs: Path, out: Path, num_images: int, seed: int, ju
 
 
 # -- the claims ---------------------------------------------------------------------------------
+def hacking_evidence(rl_only: dict, dmdr: dict) -> tuple[bool, bool]:
+    """(the judge 0.05 below DMDR, FID 1.5x DMDR's) on one split's reports: either makes hacking visible."""
+    return (rl_only["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 + 1e-9, rl_only["fid"] >= 1.5 * dmdr["fid"])
+
+
 def reward_hacked(rl_only: dict, dmdr: dict) -> bool:
-    """Reward hacking made visible (one split's reports): the judge 0.05 below DMDR, or FID 1.5x DMDR's."""
-    return rl_only["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 + 1e-9 or rl_only["fid"] >= 1.5 * dmdr["fid"]
+    return any(hacking_evidence(rl_only, dmdr))
 
 
 def check_claims(results: dict[str, dict]) -> list[dict]:
@@ -245,8 +249,7 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
     if "rl-only-4" not in results or "dmdr-4" not in results:
         return None
     rl, dmdr = results["rl-only-4"]["held-in"], results["dmdr-4"]["held-in"]
-    lower_accuracy = rl["judge_accuracy"] <= dmdr["judge_accuracy"] - 0.05 + 1e-9
-    worse_fid = rl["fid"] >= 1.5 * dmdr["fid"]
+    shown = hacking_evidence(rl, dmdr)
     evidence = {(True, True): "the judge finds its images wrong more often and they are far from the renders",
                 (False, True): "its images are far from the renders, though the judge's accuracy is within 0.05 of DMDR's",
                 (True, False): "the judge finds its images wrong more often, though their FID is within 1.5x of DMDR's"}
@@ -255,8 +258,8 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
         f"DMDR's {dmdr['rewards']['toy-align']:.3f} (held-in prompts), while the judge (which no training sees) gives it "
         f"{rl['judge_accuracy']:.3f} accuracy (DMDR {dmdr['judge_accuracy']:.3f}) and its FID is {rl['fid'] / dmdr['fid']:.1f}x "
         f"DMDR's ({rl['fid']:.1f} against {dmdr['fid']:.1f}): "
-        + (f"{evidence[lower_accuracy, worse_fid]}. The reward is hacked, and the DMD term is what prevents it."
-           if reward_hacked(rl, dmdr) else "on this run the gap is too small to call it reward hacking.")
+        + (f"{evidence[shown]}. The reward is hacked, and the DMD term is what prevents it."
+           if any(shown) else "on this run the gap is too small to call it reward hacking.")
     )
 
 

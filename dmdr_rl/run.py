@@ -88,8 +88,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     report = evaluate(sample_fn, "held-in", num_images, 0, load_judge(), [load_align()],
                       grid_path=out / "eval" / "grid.png", samples_path=out / "eval" / "samples.parquet",
                       desc="evaluating the student")
-    settings = {"model": "student", "steps": cfg.student.steps, "cfg": 1.0, "shift": cfg.student.shift,
-                "sampler": cfg.student.sampler}  # as `eval --model student` reports them
+    settings = {"model": "student", **toy_eval.student_settings(cfg.student)}  # as `eval --model student` reports
     (out / "eval" / "report.json").write_text(json.dumps({**settings, **report}, indent=2) + "\n")
     print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, FID {report['fid']:.2f}, "
           f"toy-align {report['rewards']['toy-align']:.3f}")
@@ -104,7 +103,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     and every reward resolve (registry name or import path), and the prompt source when it is on this
     machine. Returns the plan as text."""
     from .distributed import check_placement, resources_needed
-    from .prompts import PromptSource
+    from .prompts import checked_prompt_source
     from .registry import check_model
     from reward_servers import REWARDS
 
@@ -116,7 +115,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     prompts = cfg.data.prompts
     # a local run reads its prompt file here; a Ray job's driver may run on another machine (ray job submit)
     if prompts.startswith("toy:") or Path(prompts).exists() or cfg.trainer.backend == "local":
-        check_model(cfg.model, PromptSource(prompts, cfg.trainer.seed).prompts or ())
+        checked_prompt_source(cfg)
         prompt_note = "checked"
     else:
         check_model(cfg.model)

@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> Path:
     seeds = image_seeds(args.seed, len(prompts))
     images = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
     out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1,
-                  extra={"source": ["sample"] * len(prompts)})
+    write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, source="sample")
     shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look
     save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8,
               scale=max(1, 128 // images.shape[-1]))

@@ -12,13 +12,13 @@ Files carry their schema version; reading unifies files of different versions an
 from __future__ import annotations
 
 import io
-import numbers
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from .flow import is_one_seed
 from .grid import to_uint8
 
 # 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>; 3: an evaluation's seed is
@@ -39,18 +39,19 @@ def _png(array: np.ndarray) -> bytes:
 
 def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str], seed: int | Sequence[int], step: int,
                   weight_version: int, rewards: Mapping[str, torch.Tensor] | None = None,
-                  extra: Mapping[str, Sequence] | None = None) -> Path:
+                  extra: Mapping[str, Sequence] | None = None, source: str | None = None) -> Path:
     """One row per image; `seed`: the batch's (all rows) or each image's own (evaluation: sampling the
     row's prompt with that seed alone gives its image again); `step`/`weight_version` -1 for samples of
     no training step (evaluation); `extra`: more columns of one value per image (e.g. the judge's verdict).
-    Scores and verdicts are of the float images; the PNG holds them rounded to 8 bits."""
+    `source`: what wrote the rows (grid, rollout, evaluation, sample). Scores and verdicts are of the
+    float images; the PNG holds them rounded to 8 bits."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if images.shape[0] != len(prompts):
         raise ValueError(f"write_samples got {images.shape[0]} images but {len(prompts)} prompts")
     n = len(prompts)
-    seeds = [int(seed)] * n if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
+    seeds = [int(seed)] * n if is_one_seed(seed) else [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"write_samples got {len(seeds)} seeds for {n} images")
     columns = {
@@ -63,6 +64,8 @@ def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str]
     }
     for name, scores in (rewards or {}).items():
         columns[f"reward/{name}"] = pa.array(scores.detach().float().cpu().tolist(), pa.float64())
+    if source is not None:
+        columns["source"] = pa.array([source] * n, pa.string())
     for name, values in (extra or {}).items():
         columns[name] = pa.array(list(values))
     columns["png"] = pa.array([_png(pixels) for pixels in to_uint8(images)], pa.binary())  # one host copy

@@ -19,13 +19,14 @@ from . import dmdr
 from .config import ConfigError, RunConfig, StudentSection
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state
-from .prompts import PromptSource
-from .registry import build_backbone, check_model, resolve_device
+from .prompts import checked_prompt_source
+from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, image_seeds, make_rollout
 from .samples import write_samples
 from .store import open_store, run_events, set_aside_earlier_run
 
 GRID_PROMPTS = 16
+GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
 
 
 class MetricsLog:
@@ -60,8 +61,7 @@ class LocalTrainer:
     def __init__(self, cfg: RunConfig, backbone=None, rewards: Sequence[dmdr.WeightedReward] | None = None):
         self.cfg = cfg
         self.out = cfg.output_dir
-        self.prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed)  # first: a bad prompt file fails at once
-        check_model(cfg.model, self.prompts.prompts or ())
+        self.prompts = checked_prompt_source(cfg)  # first: a bad prompt file fails at once
         self.resume = resume_checkpoint(cfg.trainer.resume_from) if cfg.trainer.resume_from else None
         self.backbone = backbone or build_backbone(cfg.model, precision=cfg.trainer.precision,
                                                    device=resolve_device(cfg.trainer.device))
@@ -134,9 +134,8 @@ class LocalTrainer:
 
     def save_samples(self) -> Path:
         """The sample grid (PNG) and the same samples as data (Parquet, with every reward's score)."""
-        seeds = image_seeds(0, len(self.grid_prompts))  # the same images at every step but for the weights
-        images = self.sample(self.grid_prompts, seeds)
-        return save_step_samples(self.out, self.generator_step, images, self.grid_prompts, self.learner.rewards, seeds)
+        images = self.sample(self.grid_prompts, GRID_SEEDS)
+        return save_step_samples(self.out, self.generator_step, images, self.grid_prompts, self.learner.rewards, GRID_SEEDS)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -159,8 +158,7 @@ def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Seque
     reward model's score, no gradient); returns the grid's path."""
     with torch.no_grad():
         scores = {reward.spec.name: reward.model.score(images, list(prompts)) for reward in rewards}
-    write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seeds, step, step, scores,
-                  extra={"source": ["grid"] * len(prompts)})
+    write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seeds, step, step, scores, source="grid")
     return save_grid(images, prompts, out / "samples" / f"step_{step:06d}.png")
 
 
@@ -170,7 +168,7 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
     with torch.no_grad():
         images = backbone.decode(batch.x0.to(backbone.device))  # the batch may still be the object store's CPU copy
     return write_samples(out / "samples" / f"rollout_step_{step:06d}.parquet", images, batch.prompts, batch.seed, step,
-                         batch.weight_version, batch.reward_scores, extra={"source": ["rollout"] * len(batch.prompts)})
+                         batch.weight_version, batch.reward_scores, source="rollout")
 
 
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):

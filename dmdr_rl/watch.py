@@ -42,15 +42,14 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     rows = store.read("metrics")
     events = store.read("events")
     state = events[-1]["event"] if events else "unknown"
+    shown_state = "running" if state == "started" else state
     if not rows:
-        shown = "running" if state == "started" else state
-        return f"{shown}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
+        return f"{shown_state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
     last = rows[-1]
     recent = rows[-10:]
     rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
             if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (too few records yet)")
     total = f"/{max_steps}" if max_steps else ""
-    shown_state = "running" if state == "started" else state
     lines = [f"[{shown_state}] generator step {last['step']}{total}   {rate}   "
              f"last update {time.time() - last['time']:.0f} s ago   ({store.location})"]
     for prefix in SHOWN_PREFIXES:

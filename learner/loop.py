@@ -25,9 +25,8 @@ from dmdr_rl.config import RunConfig
 from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
-from dmdr_rl.rollout import image_seeds
 from dmdr_rl.store import open_store
-from dmdr_rl.trainer import (GRID_PROMPTS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
+from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
                              save_step_samples, student_images, write_checkpoint)
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -123,9 +122,8 @@ def train_loop_per_worker(config: dict) -> None:
             if log is not None and (step % cfg.output.log_every == 0 or last):
                 log.write(step, metrics)
             if rank == 0 and (step % cfg.output.sample_every == 0 or last):
-                seeds = image_seeds(0, len(grid_prompts))
-                images = student_images(backbone, grid_cond, cfg.student, seeds)
-                save_step_samples(out, step, images, grid_prompts, learner.rewards, seeds)
+                images = student_images(backbone, grid_cond, cfg.student, GRID_SEEDS)
+                save_step_samples(out, step, images, grid_prompts, learner.rewards, GRID_SEEDS)
                 save_rollout_records(out, backbone, batch, step)
             if step % cfg.output.checkpoint_every == 0 or last:
                 report(learner, rank, metrics)
