@@ -73,7 +73,7 @@ def random_backbone(shape: str, resolution: int, dtype: torch.dtype, device: tor
             vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
                                 up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution,
                                 use_quant_conv=False, use_post_quant_conv=False, **SD3_MEDIUM_VAE)
-            transformer = SD3Transformer2DModel(**{**SD3_MEDIUM_TRANSFORMER, "sample_size": resolution // vae_scale_factor(vae)})
+            transformer = SD3Transformer2DModel(**{**SD3_MEDIUM_TRANSFORMER, "sample_size": resolution // vae_scale_factor(vae.config)})
     backbone = SD3Backbone(transformer.to(dtype).eval(), vae.to(dtype), None, resolution)
     return backbone.to(device)
 

@@ -20,7 +20,7 @@ class Registry(Generic[T]):
         self._checks: dict[str, Callable[..., None]] = {}
 
     def register(self, name: str, check: Callable[..., None] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """`check(resolution=, prompts=, prompts_from=)`: what can be refused before building (the dry run,
+        """`check(path=, resolution=, prompts=, prompts_from=)`: what can be refused before building (the dry run,
         the trainers and `sample` call it through `check_model`), raising ConfigError; take **_ for more."""
         def decorate(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
@@ -122,7 +122,18 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     return backbone
 
 
-@BACKBONES.register("sd3")
+def _check_sd3(path: str | None = None, resolution: int = 1024, **_: Any) -> None:
+    """The resolution against the model's config files, when they are on this machine."""
+    from .config import ConfigError
+    from .sd3 import check_config_files
+
+    try:
+        check_config_files(path, resolution)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+@BACKBONES.register("sd3", check=_check_sd3)
 def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: bool = True, **kwargs):
     from .sd3 import load_sd3
 
@@ -145,7 +156,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts") -> None:
     """What the config's backbone can refuse before anything is built: its options, and prompts it cannot encode."""
     BACKBONES.resolve(model.backbone, "model.backbone")
-    BACKBONES.check(model.backbone, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from)
+    BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from)
 
 
 def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):

@@ -11,6 +11,7 @@ differentiably, so the reward term back-propagates into the generator.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -32,20 +33,48 @@ class BackboneLoadError(OSError):
     """A model that cannot be loaded; the message says what to pass instead."""
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent cell, from the VAE's config (a loaded VAE's `.config` or its config file's dict)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def check_resolution(resolution: int, vae_factor: int, patch_size: int, pos_embed_max_size: int | None = None) -> None:
+    """Refuse a resolution the transformer cannot take: the latent must split into whole patches, and
+    fit the largest position-embedding grid the model was trained with."""
+    multiple = vae_factor * patch_size
+    if resolution % multiple:
+        lower = resolution - resolution % multiple
+        raise ValueError(f"model.resolution={resolution} is not a multiple of {multiple} (VAE factor {vae_factor} x "
+                         f"transformer patch size {patch_size}); use e.g. {lower or multiple} or {lower + multiple}")
+    if pos_embed_max_size and resolution > pos_embed_max_size * multiple:
+        raise ValueError(f"model.resolution={resolution} is larger than the transformer's position embeddings reach "
+                         f"({pos_embed_max_size} patches x {multiple} px = {pos_embed_max_size * multiple} px)")
+
+
+def check_config_files(path: str | None, resolution: int) -> bool:
+    """The resolution checked against the model's own config files when they are on this machine (a
+    local directory or the hub cache; nothing is downloaded and no weights are read), so a dry run
+    refuses it; False when they are not here (the load checks it then)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    try:
+        with warnings.catch_warnings():  # diffusers passes the hub client an argument it has deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            transformer = SD3Transformer2DModel.load_config(path or DEFAULT_MODEL, subfolder="transformer",
+                                                            local_files_only=True)
+            vae = AutoencoderKL.load_config(path or DEFAULT_MODEL, subfolder="vae", local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    check_resolution(resolution, vae_scale_factor(vae), transformer["patch_size"], transformer.get("pos_embed_max_size"))
+    return True
 
 
 class SD3Backbone(TransformerBackbone):
     def __init__(self, transformer, vae, text_pipeline=None, resolution: int = 1024, max_sequence_length: int = 256):
         """`text_pipeline`: a `StableDiffusion3Pipeline` holding the text encoders and tokenizers (None
         for a learner, which receives conditioning with each batch)."""
-        factor, patch = vae_scale_factor(vae), transformer.config.patch_size
-        multiple = factor * patch
-        if resolution % multiple:
-            lower = resolution - resolution % multiple
-            raise ValueError(f"model.resolution={resolution} is not a multiple of {multiple} (VAE factor {factor} x "
-                             f"transformer patch size {patch}); use e.g. {lower or multiple} or {lower + multiple}")
+        factor = vae_scale_factor(vae.config)
+        check_resolution(resolution, factor, transformer.config.patch_size, transformer.config.pos_embed_max_size)
         self.vae = vae.eval().requires_grad_(False)
         self.text_pipeline = text_pipeline
         self.resolution = resolution

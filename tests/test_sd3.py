@@ -3,6 +3,7 @@ through the very functions the toy world uses, decode with gradient, the load er
 back into a diffusers `StableDiffusion3Pipeline`."""
 
 import json
+import re
 from pathlib import Path
 from collections import Counter
 
@@ -179,3 +180,19 @@ def test_a_bf16_students_merged_export_keeps_its_lora_and_an_sde_student_says_so
     lora_effect = (ours - base).abs().max()
     assert lora_effect > 1e-4  # the student moved away from its base
     assert (theirs - ours).abs().max() < 0.01 * lora_effect
+
+
+def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_sd3, tiny_sd3_overrides, capsys):
+    from dmdr_rl import run
+
+    for resolution, message in ((30, r"model.resolution=30 is not a multiple of 4"),
+                                (256, r"model.resolution=256 is larger than .* \(32 patches x 4 px = 128 px\)")):
+        with pytest.raises(SystemExit):
+            run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, f"model.resolution={resolution}"])
+        assert re.search(message, capsys.readouterr().err)
+    run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.resolution=128"])
+    assert "model sd3" in capsys.readouterr().out
+    # a hub id that is not in this machine's cache cannot be checked before it is downloaded: left to the load
+    run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline",
+              "model.resolution=30"])
+    assert "model sd3 (no-such-org/no-such-model-offline)" in capsys.readouterr().out
