@@ -58,23 +58,36 @@ class RolloutCoordinator:
         return version
 
     def null_conditioning(self):
-        return ray.get(self.workers[0].null_conditioning.remote())
+        return self._ask_a_worker("null_conditioning")
 
     def encode(self, prompts: list[str]):
         """Prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for sample grids."""
-        return ray.get(self.workers[0].encode.remote(prompts))
+        return self._ask_a_worker("encode", prompts)
+
+    def _ask_a_worker(self, method: str, *args):
+        """The answer of the first rollout worker that gives one: a dead or restarting worker is skipped."""
+        error = None
+        for worker in self.workers:
+            try:
+                return ray.get(getattr(worker, method).remote(*args))
+            except ACTOR_ERRORS as err:
+                error = err
+        raise RuntimeError(f"no rollout worker could answer {method}: {error}") from error
 
     # -- batches ------------------------------------------------------------------------------
     def start(self, iteration: int) -> None:
         """Begin (or, after a learner restart, resume) issuing from `iteration`: earlier batches are
         done, later ones consumed before the restart are rolled back (the ledger says so)."""
-        restart = bool(self.pending or self.consumed_upto)
+        # a learner that published anything (version 0 comes right after the first start) has run before
+        restart = self.version >= 0 or bool(self.pending or self.consumed_upto)
         self.ledger.append("rewind" if restart else "start", iteration=iteration)
         if restart:
-            # The restored learner's weights replace the newer ones the lost learner published (and
-            # owned: they died with it); a new epoch tells the workers to reload even an older version.
+            # The restored learner's weights replace the ones the lost learner published (and owned: they
+            # died with it); a new epoch tells the workers to reload even an older version.
             self.epoch += 1
             self.version, self.weights = -1, None
+        for ref in self.pending.values():  # rollouts for the lost learner: not worth waiting behind
+            ray.cancel(ref)
         self.pending.clear()
         self.assigned.clear()
         self.next_iteration = self.consumed_upto = iteration

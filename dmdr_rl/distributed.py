@@ -40,12 +40,7 @@ def connect(cfg: RunConfig) -> str:
         where = "existing"
     elif address := cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
-        # the run store's password reaches the job's actors (coordinator, learners) the way Ray passes
-        # environment variables on a cluster: in the job's runtime_env (the dashboard shows it to whoever
-        # may see the job). Under `ray job submit`, pass it with --runtime-env-json instead.
-        password = os.environ.get(PASSWORD_ENV)
-        runtime_env = {"env_vars": {PASSWORD_ENV: password}} if password and cfg.store.url else None
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=True, runtime_env=password_runtime_env(cfg))
         where = address
     else:
         cpus, _ = resources_needed(cfg)
@@ -54,6 +49,45 @@ def connect(cfg: RunConfig) -> str:
     check_resources(cfg, ray.cluster_resources())
     check_storage(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
     return where
+
+
+# set by Ray's job manager in a submitted job's driver: the job's config, with the runtime_env it was given
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_job_runtime_env() -> dict | None:
+    """The runtime_env `ray job submit` gave this driver; None when this process is not a submitted job's driver."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if raw is None:
+        return None
+    try:
+        return dict(json.loads(raw).get("runtime_env") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+def password_runtime_env(cfg: RunConfig) -> dict | None:
+    """The run store's password reaches the job's actors (coordinator, learners) the way Ray passes
+    environment variables on a cluster: in the job's runtime_env (the dashboard shows it to whoever may see
+    the job). A submitted job that was given it (--runtime-env-json) already passes it on: giving it again
+    would be a conflict Ray refuses at ray.init."""
+    password = os.environ.get(PASSWORD_ENV)
+    if not (password and cfg.store.url):
+        return None
+    job = submitted_job_runtime_env()
+    if job is not None and PASSWORD_ENV in (job.get("env_vars") or {}):
+        return None
+    return {"env_vars": {PASSWORD_ENV: password}}
+
+
+def check_job_output(cfg: RunConfig) -> None:
+    """A submitted job runs in Ray's temporary copy of its working directory, which Ray deletes when it is
+    no longer used: a relative output.dir would put the run there, where nobody finds it."""
+    if submitted_job_runtime_env() is not None and not cfg.output_dir.is_absolute():
+        raise ConfigError(f"output.dir={cfg.output.dir} is relative, and this run is a submitted Ray job, whose working "
+                          f"directory is Ray's temporary copy of the uploaded code ({Path.cwd()}): pass an absolute "
+                          f"path on the head node or a volume every node mounts, e.g. output.dir=$PWD/runs/{cfg.name} "
+                          f"when you submit to a Ray on this machine")
 
 
 def check_storage(cfg: RunConfig, nodes: int) -> None:
@@ -66,6 +100,9 @@ def check_storage(cfg: RunConfig, nodes: int) -> None:
             f"this Ray cluster has {nodes} nodes, and Ray Train's checkpoints would go to {cfg.output_dir}/ray_train "
             f"on one of them: set ray.storage_path to storage every node reaches (s3://bucket/dmdr, gs://..., or a "
             f"shared filesystem path), and store.url=redis://... so the ledger and metrics of every node land in one place")
+    if cfg.trainer.resume_from and "://" not in cfg.trainer.resume_from:
+        print(f"dmdr_rl: WARNING: {nodes} nodes: every learner worker reads trainer.resume_from={cfg.trainer.resume_from} "
+              f"on its own node, so it must be on a filesystem every node mounts", flush=True)
     if cfg.store.url is None:
         print(f"dmdr_rl: WARNING: {nodes} nodes and no store.url: the ledger and metrics files are written on the nodes "
               f"of the coordinator and learner rank 0, under {cfg.output_dir}, unless that directory is shared", flush=True)
@@ -150,7 +187,10 @@ def serving_rewards(cfg: RunConfig):
 def train_distributed(cfg: RunConfig) -> dict:
     from .prompts import checked_prompt_source
 
+    from .learning import optimizer_class
+
     checked_prompt_source(cfg)  # a bad prompt file, or prompts the model cannot encode: before Ray starts
+    optimizer_class(cfg.trainer.optimizer)  # e.g. adamw8bit without bitsandbytes: here, not in each learner retry
     if cfg.trainer.resume_from:  # checked here, and made absolute: the learner workers run in another directory
         from .trainer import resume_checkpoint
 
@@ -166,6 +206,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.coordinator import RolloutCoordinator
     from learner.loop import train_loop_per_worker
@@ -174,8 +215,10 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     out = cfg.output_dir.resolve()
     store = open_run_directory(cfg, out, fresh=not cfg.trainer.resume_from)  # before any actor writes to it
     cfg_dict = cfg.model_dump(mode="json")
+    # on the driver's node, whose fate it shares anyway: its ledger file is the one the driver audits
     coordinator = ray.remote(RolloutCoordinator).options(
         num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(cfg_dict, r.learner_workers, str(out))
     use_gpu = r.learner_gpus > 0
     trainer = TorchTrainer(

@@ -55,9 +55,12 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .trainer import LocalTrainer
     from .toy.weights import load_align, load_judge
 
+    from .distributed import check_job_output
+
     cfg = load_config(preset, overrides)
     for note in cfg.warnings():
         print(f"warning: {note}", file=sys.stderr, flush=True)
+    check_job_output(cfg)
     if cfg.trainer.backend == "ray":
         from .distributed import train_distributed
 

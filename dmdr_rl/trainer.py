@@ -174,12 +174,15 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
     """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
     sets an earlier run's files aside and must not mix its records with another run's in the store."""
-    if fresh:
-        set_aside_earlier_run(out)
-    write_run_config(cfg, out)
     store = open_store(cfg.store.url, out, cfg.name)
     if fresh:
-        store.require_new()
+        try:
+            store.require_new()  # refused before anything of the earlier run is moved
+        except BaseException:
+            store.close()
+            raise
+        set_aside_earlier_run(out)
+    write_run_config(cfg, out)
     return store
 
 

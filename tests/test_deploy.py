@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dmdr_rl.config import load_config
+from dmdr_rl.distributed import check_storage
 from dmdr_rl.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,11 @@ def test_rayjob_entrypoints_start_with_their_config(name, entrypoint, capsys):
     assert argv[2] == "dmdr_rl.run"
     main([*argv[3:], "--dry-run"])
     assert "the config is valid; nothing was started" in capsys.readouterr().out
+    # these clusters have several nodes: the start's node check must pass too, and the outputs must outlive a pod
+    assert argv[3] == "--preset"
+    cfg = load_config(argv[4], argv[5:])
+    check_storage(cfg, nodes=3)
+    assert cfg.output_dir.is_absolute() and not str(cfg.output_dir).startswith("/tmp")
 
 
 def test_the_dry_run_refuses_what_a_real_start_would():

@@ -11,7 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from dmdr_rl.config import load_config  # noqa: E402
+from dmdr_rl.config import ConfigError, load_config  # noqa: E402
 from dmdr_rl.distributed import COORDINATOR_PREFIX, train_distributed  # noqa: E402
 from dmdr_rl.ledger import Ledger  # noqa: E402
 from dmdr_rl.store import FileStore  # noqa: E402
@@ -239,7 +239,7 @@ class _FakeWorkers:
 
     def remote(self, *_, **__):
         index, self.count = self.count, self.count + 1
-        rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank)})()
+        rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank, *rest)})()
         return type("Handle", (), {"rollout": rollout})()
 
 
@@ -255,7 +255,49 @@ def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
     assert coordinator.next_iteration == 4 and first[1] == 0
     for _ in range(5):  # whatever the round-robin turn, the batch moves away from the worker that failed it
         again = coordinator.reissue(0, 0)[0]
-        assert again[0] == "worker" and again[2:] == (0, 0) and again[1] != first[1]
+        assert again[0] == "worker" and again[2:4] == (0, 0) and again[1] != first[1]
         first = again
     coordinator.consumed(0, 0, 0, 0)
     assert (0, 0) not in coordinator.assigned
+
+
+def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(tmp_path, monkeypatch):
+    import actors.coordinator as coordinator_module
+
+    cancelled = []
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "cancel", cancelled.append)
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 1})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    coordinator.start(0)
+    coordinator.publish(0, ["weights of the first learner"])
+    # the learner group dies before its first request; the new rank 0 starts again at iteration 0
+    coordinator.start(0)
+    assert coordinator.epoch == 1 and coordinator.publish(0, ["weights of the second"]) == 0
+    assert coordinator.weights == ["weights of the second"]
+    coordinator.request(0, 0)
+    issued = dict(coordinator.pending)
+    assert issued and all(ref[4:] == (0, ["weights of the second"], 1) for ref in issued.values())
+    coordinator.start(0)  # the rollouts issued for the lost learner are cancelled, not waited behind
+    assert cancelled == list(issued.values()) and coordinator.epoch == 2 and not coordinator.pending
+    events = [e["event"] for e in Ledger(FileStore(tmp_path)).events() if e["event"] in ("start", "rewind")]
+    assert events == ["start", "rewind", "rewind"]
+
+
+def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
+    from dmdr_rl.distributed import JOB_CONFIG_ENV, check_job_output, password_runtime_env
+    from dmdr_rl.store import PASSWORD_ENV
+
+    cfg = _config(tmp_path, **{"store.url": "redis://127.0.0.1:6380/0"})
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert password_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}  # ray.init(address=...) passes it on
+    check_job_output(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/x"})}))
+    # a submitted job given the password in its runtime_env: passing it again is a conflict ray.init refuses
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {PASSWORD_ENV: "s3cret"}}}))
+    assert password_runtime_env(cfg) is None
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    assert password_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}
+    check_job_output(cfg)  # absolute
+    with pytest.raises(ConfigError, match=r"output.dir=runs/x is relative, and this run is a submitted Ray job"):
+        check_job_output(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/x"})}))

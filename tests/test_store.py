@@ -286,3 +286,17 @@ def test_watch_names_a_damaged_run_instead_of_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--once"])
     assert exit_info.value.code == 2 and "critic.lora" in capsys.readouterr().err
+
+
+def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place(tmp_path, redis_server):
+    from dmdr_rl.config import load_config
+    from dmdr_rl.trainer import open_run_directory
+
+    earlier = RedisStore(redis_server.url, "taken", tmp_path)
+    earlier.append("metrics", {"step": 1})
+    earlier.close()
+    (tmp_path / "config.yaml").write_text("the earlier run's config\n")
+    cfg = load_config("toy-dmdr", ["name=taken", f"store.url={redis_server.url}", f"output.dir={tmp_path}"])
+    with pytest.raises(StoreError, match="already holds records of a run named 'taken'"):
+        open_run_directory(cfg, tmp_path, fresh=True)
+    assert (tmp_path / "config.yaml").read_text() == "the earlier run's config\n" and not (tmp_path / "previous").exists()
