@@ -99,6 +99,10 @@ class RewardSpec(_Section):
     placement: Literal["local", "serve"] = "local"  # in the learner's process, or a Ray Serve app
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor
     monitor: bool = False  # also score every rollout batch (no gradient) and log rollout/reward/<name>
+    # images per model call (in either placement): a larger batch, or a served app's merged requests, is
+    # scored in chunks of this size, which bounds the memory of a gradient through a large reward model;
+    # null: all at once. Each image is scored on its own, so chunks give the same scores and gradients.
+    max_images_per_call: Optional[int] = Field(None, ge=1)
     serve: RewardServeSpec = RewardServeSpec()
 
     @property

@@ -29,7 +29,7 @@ def reward_model(spec: RewardSpec, where: str = "rewards[]") -> RewardModel:
         return RemoteReward(client)
     from .local import InProcessReward
 
-    return InProcessReward(load_reward_model(spec.name, spec.kwargs, where))
+    return InProcessReward(load_reward_model(spec.name, spec.kwargs, where), spec.max_images_per_call)
 
 
 __all__ = ["REWARDS", "RewardInputError", "RewardModel", "RewardServerError", "load_reward_model", "reward_model",

@@ -10,30 +10,51 @@ its batch (eval-mode normalisation), which every reward model here does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .protocol import RewardModel, validate_scores
+from .protocol import RewardModel, RewardServerError, validate_scores
 
 
-def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores [B] and d score_i / d image_i [B, 3, H, W] in one backward pass. A sample whose score is
-    not finite gets a zero gradient, so it cannot poison the others."""
-    pixels = images.detach().requires_grad_(True)
-    with torch.enable_grad():
-        scores = validate_scores(model.score(pixels, prompts), images.shape[0], f"reward model {model.name!r}")
-        scores = scores.to(pixels.device)  # a model may answer on its own device
-        finite = torch.isfinite(scores)
-        if not scores.requires_grad:  # the score does not depend on the pixels at all
-            grads = None
-        else:
+def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[str],
+                   max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [B] and d score_i / d image_i [B, 3, H, W], one backward pass per `max_images` images (the
+    memory of a gradient through a large reward model grows with the images of one pass; every image is
+    scored on its own, so chunks give the same numbers). A sample whose score or gradient is not finite
+    gets a NaN score (the reward term drops and counts it) and a zero gradient, so it cannot poison the
+    others."""
+    def one_pass(chunk: torch.Tensor, chunk_prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = chunk.detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = validate_scores(model.score(pixels, chunk_prompts), chunk.shape[0], f"reward model {model.name!r}")
+            scores = scores.to(pixels.device)  # a model may answer on its own device
+            if not scores.requires_grad:
+                raise RewardServerError(
+                    f"reward model {model.name!r} says it is differentiable, but its scores carry no gradient (computed "
+                    "outside torch's autograd, e.g. through PIL or numpy, or detached): keep the computation in torch "
+                    "ops, or set its `differentiable = False` (then it can only monitor, with weight 0)")
+            finite = torch.isfinite(scores)
             (grads,) = torch.autograd.grad(torch.where(finite, scores, torch.zeros_like(scores)).sum(), pixels,
                                            allow_unused=True)
-    if grads is None:
-        grads = torch.zeros_like(pixels)
-    grads = torch.where(finite.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
-    return scores.detach(), torch.nan_to_num(grads, nan=0.0, posinf=0.0, neginf=0.0)
+        grads = torch.zeros_like(pixels) if grads is None else grads  # the score does not depend on the pixels
+        usable = finite & torch.isfinite(grads).flatten(1).all(dim=1)
+        scores = torch.where(usable, scores.detach(), torch.full_like(scores.detach(), float("nan")))
+        return scores, torch.where(usable.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
+
+    return in_chunks(one_pass, images, prompts, max_images)
+
+
+def in_chunks(score_fn: Callable[..., Any], images: torch.Tensor, prompts: Sequence[str], max_images: int | None):
+    """`score_fn(images, prompts)` (a tensor or a tuple of tensors along the batch) called on at most
+    `max_images` images at a time, its answers concatenated."""
+    if not max_images or images.shape[0] <= max_images:
+        return score_fn(images, list(prompts))
+    parts = [score_fn(images[i : i + max_images], list(prompts[i : i + max_images]))
+             for i in range(0, images.shape[0], max_images)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
 
 
 class _ExternalGradient(torch.autograd.Function):

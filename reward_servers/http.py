@@ -1,8 +1,9 @@
 """The reward servers' HTTP wire format, for clients outside Ray: JSON with base64 PNG or .npy
 images -- decoded with `allow_pickle=False`, never unpickled -- and scores (null where not finite) plus,
 on request, base64 .npy gradients. Network data meets only two decoders: numpy's .npy reader and
-Pillow's PNG plugin (1- and 8-bit modes); a request's pixel count is bounded from the PNG headers before
-they are decoded (a .npy array, stored raw, is no larger than the request that carried it)."""
+Pillow's PNG plugin (1- and 8-bit modes); a request's body size is bounded before it is read, and its
+pixel count from the PNG headers before they are decoded (a .npy array, stored raw, is no larger than
+the body that carried it)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,34 @@ def decode_images(request: ScoreRequest, max_pixels: int = 2**26) -> torch.Tenso
     if len({tuple(im.shape) for im in images}) > 1:
         raise RewardInputError("images_png must all have the same size")
     return torch.stack(images)
+
+
+def max_body_bytes(max_pixels: int) -> int:
+    """The largest request body worth reading for `max_pixels`: base64 (4/3) of float64 .npy images (3 x 8
+    bytes a pixel), plus room for the prompts. A larger body is refused before it is read whole."""
+    return max_pixels * 32 + 2**20
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """A request's body, refused (413) as soon as it is known to be larger than `max_bytes`: by its
+    Content-Length, or while it streams in."""
+    from fastapi import HTTPException
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(status_code=413, detail=_too_large(max_bytes))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HTTPException(status_code=413, detail=_too_large(max_bytes))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> str:
+    return (f"the request body is larger than {max_bytes:,} bytes (what rewards[].serve.http_max_pixels allows): send "
+            "fewer or smaller images per request")
 
 
 def _check_pixels(pixels: int, max_pixels: int) -> None:

@@ -10,17 +10,20 @@ from typing import Sequence
 
 import torch
 
-from .gradient import attach_gradient, score_and_grad
+from .gradient import attach_gradient, in_chunks, score_and_grad
 from .protocol import RewardModel, validate_images, validate_scores
 
 
 class InProcessReward:
-    def __init__(self, model: RewardModel):
-        self.model = model
+    def __init__(self, model: RewardModel, max_images_per_call: int | None = None):
+        self.model, self.max_images = model, max_images_per_call
         self.name, self.differentiable = model.name, model.differentiable
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         validate_images(images, prompts)
         if self.differentiable and images.requires_grad and torch.is_grad_enabled():
-            return attach_gradient(images, *score_and_grad(self.model, images, list(prompts)))
-        return validate_scores(self.model.score(images, list(prompts)), images.shape[0], f"reward model {self.name!r}")
+            return attach_gradient(images, *score_and_grad(self.model, images, list(prompts), self.max_images))
+        return in_chunks(self._score, images, prompts, self.max_images)
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return validate_scores(self.model.score(images, prompts), images.shape[0], f"reward model {self.name!r}")

@@ -7,6 +7,8 @@ endpoint and the client all call them, so a bad batch fails with the same messag
 
 from __future__ import annotations
 
+import math
+
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -45,10 +47,11 @@ def validate_images(images: torch.Tensor, prompts: Sequence[str]) -> None:
         raise RewardInputError(f"got {images.shape[0]} images but {len(prompts)} prompts; give one prompt per image")
     if images.shape[0] == 0:
         raise RewardInputError("got an empty batch (0 images)")
-    values = images.detach()
-    if not torch.isfinite(values).all():
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise RewardInputError(f"images must have a height and width of at least 1 pixel, got {list(images.shape)}")
+    low, high = (float(v) for v in torch.aminmax(images.detach()))  # one pass; NaN propagates, inf shows
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise RewardInputError("images contain NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
     if low < -VALUE_TOLERANCE or high > 1 + VALUE_TOLERANCE:
         raise RewardInputError(f"image values must lie in [0, 1], got [{low:.4g}, {high:.4g}] "
                                "(map [-1, 1] images with (x + 1) / 2)")

@@ -9,22 +9,24 @@ and scale it on its own (replicas, autoscaling, GPU fractions, a runtime_env per
 carry tensors; the HTTP endpoint takes PNG or .npy images and never unpickles anything.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: Serve re-signs the HTTP endpoints, and FastAPI must see the
+# `Request` annotation of score_http as the class, not as a string it cannot resolve)
 import asyncio
+import re
 import time
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import ValidationError
 from ray import serve
 
 from dmdr_rl.config import RewardSpec, RunConfig
 
 from . import http
-from .gradient import score_and_grad
-from .protocol import RewardInputError, first_line, validate_images, validate_scores
+from .gradient import in_chunks, score_and_grad
+from .protocol import RewardInputError, RewardServerError, first_line, validate_images, validate_scores
 from .registry import load_reward_model
 
 http_app = FastAPI(title="dmdr_rl reward server")
@@ -36,10 +38,12 @@ class RewardServer:
     """Holds one reward model; merges concurrent requests into one model call."""
 
     def __init__(self, name: str, kwargs: dict[str, Any] | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.005, threads: int | None = None, http_max_pixels: int = 2**26):
+                 batch_wait_timeout_s: float = 0.005, threads: int | None = None, http_max_pixels: int = 2**26,
+                 max_images_per_call: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.model = load_reward_model(name, kwargs)
+        self.max_images = max_images_per_call
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.http_max_pixels = http_max_pixels
@@ -50,13 +54,13 @@ class RewardServer:
                 "calls": self.calls, "images": self.images, "max_batch_images": self.max_batch_images}
 
     async def score(self, images: torch.Tensor, prompts: list[str]) -> dict:
-        validate_images(images, prompts)
+        await asyncio.to_thread(validate_images, images, prompts)  # off the event loop: large batches take a while
         return await self._submit(images, prompts, False)
 
     async def score_with_grad(self, images: torch.Tensor, prompts: list[str]) -> dict:
         if not self.model.differentiable:
             raise RewardInputError(f"reward model {self.model.name!r} is not differentiable: use score()")
-        validate_images(images, prompts)
+        await asyncio.to_thread(validate_images, images, prompts)
         return await self._submit(images, prompts, True)
 
     async def _submit(self, images: torch.Tensor, prompts: list[str], with_grad: bool) -> dict:
@@ -87,30 +91,41 @@ class RewardServer:
         return answers
 
     def _run(self, requests: list[tuple[torch.Tensor, list[str], bool]]) -> list[dict]:
-        images = torch.cat([r[0] for r in requests]).float()
-        prompts = [p for r in requests for p in r[1]]
-        with_grad = any(r[2] for r in requests)
-        if with_grad:
-            scores, grads = score_and_grad(self.model, images, prompts)  # (validated there)
-        else:
-            with torch.no_grad():
-                scores = validate_scores(self.model.score(images, prompts).float(), images.shape[0],
-                                         f"reward model {self.model.name!r}")
-            grads = None
-        scores = scores.detach().float().cpu()
-        self.calls, self.images = self.calls + 1, self.images + images.shape[0]
-        answers, start = [], 0
-        for request_images, _, wants_grad in requests:
-            end = start + request_images.shape[0]
-            answer = {"scores": scores[start:end].clone()}
+        """Gradient requests in one pass and score-only ones (e.g. rollout monitors) in another, so a merged
+        batch does not back-propagate for images nobody asked the gradient of."""
+        answers: list[dict | None] = [None] * len(requests)
+        for wants_grad in (True, False):
+            group = [i for i, r in enumerate(requests) if r[2] == wants_grad]
+            if not group:
+                continue
+            images = torch.cat([requests[i][0] for i in group]).float()
+            prompts = [p for i in group for p in requests[i][1]]
             if wants_grad:
-                answer["grads"] = grads[start:end].cpu().clone()
-            answers.append(answer)
-            start = end
+                scores, grads = score_and_grad(self.model, images, prompts, self.max_images)  # (validated there)
+            else:
+                with torch.no_grad():
+                    scores = in_chunks(self._score, images, prompts, self.max_images)
+            scores = scores.detach().float().cpu()
+            self.calls, self.images = self.calls + 1, self.images + images.shape[0]
+            start = 0
+            for i in group:
+                end = start + requests[i][0].shape[0]
+                answers[i] = {"scores": scores[start:end].clone(), **({"grads": grads[start:end].cpu().clone()}
+                                                                      if wants_grad else {})}
+                start = end
         return answers
 
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return validate_scores(self.model.score(images, prompts).float(), images.shape[0],
+                               f"reward model {self.model.name!r}")
+
     @http_app.post("/score")
-    async def score_http(self, request: http.ScoreRequest) -> dict:
+    async def score_http(self, raw: Request) -> dict:
+        body = await http.read_body(raw, http.max_body_bytes(self.http_max_pixels))  # bounded before it is parsed
+        try:
+            request = http.ScoreRequest.model_validate_json(body)
+        except ValidationError as err:
+            raise HTTPException(status_code=422, detail=f"not a score request: {first_line(err)}") from err
         try:  # decoding off the event loop: the replica keeps serving other requests meanwhile
             images = await asyncio.to_thread(http.decode_images, request, self.http_max_pixels)
             call = self.score_with_grad if request.grad else self.score
@@ -136,7 +151,8 @@ def reward_app(spec: RewardSpec):
     scaling = {"autoscaling_config": s.autoscaling} if s.autoscaling else {"num_replicas": s.replicas}
     threads = max(1, int(s.num_cpus)) if s.num_cpus else 1
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, **scaling).bind(
-        spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels)
+        spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
+        spec.max_images_per_call)
 
 
 def build_app(args: dict):
@@ -162,12 +178,22 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
             if spec.serve.attach:
                 _require_running(spec.app_name)
                 continue
-            if spec.app_name in serve.status().applications:
+            existing = serve.status().applications.get(spec.app_name)
+            if existing is not None:
+                state = _status_name(existing.status)
                 raise RewardInputError(
-                    f"reward app {spec.app_name!r} is already running (started by another run or `serve deploy`): "
-                    f"set rewards.{i}.serve.attach=true to use it, or rewards.{i}.serve.app to another name")
+                    f"reward app {spec.app_name!r} already exists ({state}; started by another run or `serve deploy`): "
+                    + (f"set rewards.{i}.serve.attach=true to use it, or rewards.{i}.serve.app to another name"
+                       if state in ATTACHABLE else f"remove it with `serve shutdown` or `serve.delete({spec.app_name!r})`, "
+                                                   f"or set rewards.{i}.serve.app to another name"))
             begun = time.time()
-            serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
+            try:
+                serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
+            except Exception as err:
+                cause = _deployment_messages(spec.app_name)
+                serve.delete(spec.app_name)  # a failed app left behind would block the next run's start
+                raise RewardServerError(f"reward app {spec.app_name!r} ({spec.name}) failed to start: "
+                                        f"{cause or first_line(err)}") from err
             started.append(spec.app_name)
             print(f"dmdr_rl: reward app {spec.app_name!r} ({spec.name}) is up in {time.time() - begun:.1f} s; "
                   f"HTTP: http://{cfg.ray.http_host}:{cfg.ray.http_port}/{spec.app_name}/score", flush=True)
@@ -192,10 +218,29 @@ def reward_apps(cfg: RunConfig):
         stop_reward_apps(started)
 
 
+ATTACHABLE = ("RUNNING", "DEPLOYING")  # DEPLOYING: also while a running app is being rescaled or updated
+
+
+def _status_name(status) -> str:
+    return str(status).split(".")[-1]
+
+
+def _deployment_messages(app: str) -> str:
+    """What went wrong with an app's deployments: the last line of Serve's message, which holds the replica
+    constructor's exception (the lines above it are the traceback)."""
+    try:
+        deployments = serve.status().applications[app].deployments
+    except Exception:  # noqa: BLE001 - the app is gone: nothing more to say
+        return ""
+    causes = [re.sub(r"\x1b\[[0-9;]*m", "", d.message).strip().splitlines()[-1] for d in deployments.values()
+              if d.message and d.message.strip()]
+    return "; ".join(causes)[:1000]
+
+
 def _require_running(app: str) -> None:
     applications = serve.status().applications
     status = applications.get(app)
-    if status is None or str(status.status).split(".")[-1] != "RUNNING":
+    if status is None or _status_name(status.status) not in ATTACHABLE:
         running = ", ".join(applications) or "none"
         raise RewardInputError(f"reward app {app!r} is not running (rewards[].serve.attach is true); running apps: "
                                f"{running}. Start it with `serve deploy deploy/serve-rewards.yaml` or set attach: false")

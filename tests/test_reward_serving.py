@@ -168,6 +168,17 @@ def test_http_endpoint_scores_npy_and_png_and_rejects_bad_input(tmp_path, local_
         assert bad.status_code == 422 and "4 images but 3 prompts" in bad.json()["detail"]
         failed = requests.post(url, json=http.encode_request(images[:1], ["a purple hexagon"]), timeout=60)
         assert failed.status_code == 500 and "reward model 'toy-align' failed: ValueError" in failed.json()["detail"]
+        bad = requests.post(url, data=b"not json", timeout=60)
+        assert bad.status_code == 422 and "not a score request" in bad.json()["detail"]
+    finally:
+        stop_reward_apps(started)
+    # a body larger than the pixel limit allows is refused before it is read whole
+    small = _serve_spec("toy-align", app="reward-small", http_max_pixels=1024)
+    started = start_reward_apps(_run_config(tmp_path, [small], local_serve))
+    try:
+        limit = http.max_body_bytes(1024)
+        big = requests.post(f"http://127.0.0.1:{local_serve}/reward-small/score", data=b"x" * (limit + 1), timeout=60)
+        assert big.status_code == 413 and f"larger than {limit:,} bytes" in big.json()["detail"]
     finally:
         stop_reward_apps(started)
 
@@ -215,7 +226,7 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
     spec = _serve_spec("toy-align")
     theirs = start_reward_apps(_run_config(tmp_path, [spec], local_serve))  # e.g. someone's `serve deploy`
     try:
-        with pytest.raises(RewardInputError, match="'reward-toy-align' is already running .* rewards.0.serve.attach=true"):
+        with pytest.raises(RewardInputError, match="'reward-toy-align' already exists \\(RUNNING.* rewards.0.serve.attach=true"):
             start_reward_apps(_run_config(tmp_path, [spec], local_serve))
         assert spec.app_name in serve.status().applications  # still theirs, untouched
         first = _serve_spec("toy-align", app="reward-first")
@@ -225,6 +236,15 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
         assert "reward-first" not in serve.status().applications  # started, then stopped again
     finally:
         stop_reward_apps(theirs)
+
+
+def test_an_app_that_fails_to_start_says_why_and_is_not_left_behind(tmp_path, local_serve):
+    broken = _serve_spec("pickscore", app="reward-broken").model_copy(
+        update={"kwargs": {"path": str(tmp_path / "no-such-model"), "local_files_only": True}})
+    for _ in range(2):  # the second start meets no failed app left over from the first
+        with pytest.raises(RewardServerError, match=r"reward app 'reward-broken' \(pickscore\) failed to start: .*no-such-model"):
+            start_reward_apps(_run_config(tmp_path, [broken], local_serve))
+        assert "reward-broken" not in serve.status().applications
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from reward_servers import RewardInputError, RewardServerError, load_reward_mode
 from reward_servers import http
 from reward_servers.client import RemoteReward, RewardClient
 from reward_servers.gradient import attach_gradient, score_and_grad
+from reward_servers.local import InProcessReward
 from reward_servers.models.testing import save_tiny_clip
 from conftest import tiny_run
 
@@ -87,15 +88,43 @@ def test_score_and_grad_is_the_per_sample_autograd_gradient(align):
         assert scores[i].item() == pytest.approx(align.score(images[i : i + 1], PROMPTS[i : i + 1]).item(), rel=1e-5)
 
 
-def test_a_score_that_ignores_the_pixels_has_a_zero_gradient():
-    class TextOnly:
-        name, differentiable = "text-only", True
+def test_a_differentiable_model_whose_scores_carry_no_gradient_is_an_error_not_a_silent_zero():
+    class ThroughNumpy:  # e.g. a model that goes through PIL or numpy but says it is differentiable
+        name, differentiable = "through-numpy", True
 
         def score(self, images, prompts):
-            return torch.tensor([float(len(p)) for p in prompts])
+            return torch.from_numpy(images.detach().numpy().mean(axis=(1, 2, 3)))
 
-    scores, grads = score_and_grad(TextOnly(), _images(2), ["ab", "abc"])
-    assert scores.tolist() == [2.0, 3.0] and grads.shape == (2, 3, 32, 32) and (grads == 0).all()
+    with pytest.raises(RewardServerError, match="'through-numpy' says it is differentiable, but its scores carry no gradient"):
+        score_and_grad(ThroughNumpy(), _images(2), ["a", "b"])
+
+
+def test_a_sample_whose_gradient_is_not_finite_is_dropped_like_a_non_finite_score():
+    class SquareRoot:  # d sqrt(x) / dx is infinite at a pixel that is exactly 0
+        name, differentiable = "sqrt", True
+
+        def score(self, images, prompts):
+            return images.sqrt().mean(dim=(1, 2, 3))
+
+    images = _images(3)
+    images[1, 0, 0, 0] = 0.0
+    scores, grads = score_and_grad(SquareRoot(), images, ["a", "b", "c"])
+    assert torch.isnan(scores[1]) and (grads[1] == 0).all()  # dropped from the reward term and counted there
+    assert torch.isfinite(scores[[0, 2]]).all() and (grads[[0, 2]] != 0).all()
+
+
+def test_chunked_scoring_gives_the_same_scores_and_gradients(pickscore):
+    images = _images(5)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(5)]
+    whole, chunked = score_and_grad(pickscore, images, prompts), score_and_grad(pickscore, images, prompts, max_images=2)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    calls = []
+    spy = type("Spy", (), {"name": "spy", "differentiable": False,
+                           "score": lambda self, x, p: calls.append(len(p)) or pickscore.score(x, p)})()
+    local = InProcessReward(spy, max_images_per_call=2)
+    torch.testing.assert_close(local.score(images, prompts), whole[0], rtol=1e-5, atol=1e-6)
+    assert calls == [2, 2, 1]
 
 
 def test_a_non_finite_score_gets_a_zero_gradient_and_spares_the_others():
@@ -406,9 +435,10 @@ def test_hpsv2_matches_open_clip_with_its_own_transforms(tmp_path):
     assert (hps.name, hps.differentiable) == ("hpsv2.1", True)
     images = (_images() * 255).round() / 255  # exact in 8-bit, so the PIL path sees the same pixels
     scores = hps.score(images, PROMPTS)
-    # What `hpsv2.score` does: open_clip's eval transform on PIL images, normalised features, diagonal.
+    # What `hpsv2.score` does: open_clip's eval transform with the longest side resized and the rest padded
+    # (its `resize_longest_max`) on PIL images, normalised features, diagonal.
     model, _, preprocess = open_clip.create_model_and_transforms(kwargs["architecture"], pretrained=None,
-                                                                 load_weights=False)
+                                                                 load_weights=False, image_resize_mode="longest")
     model.load_state_dict(torch.load(kwargs["checkpoint"], weights_only=True)["state_dict"])
     model.eval()
     pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for im in images]
@@ -439,6 +469,47 @@ def test_clip_preprocess_crops_like_torchvision(size):
     assert (ours - theirs).abs().mean() < 1e-3
 
 
+def _pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("size", [(40, 59), (59, 40), (64, 94)])  # resized to 47 px: an odd margin of 15
+def test_clip_preprocess_has_the_geometry_of_each_models_own_processor(size):
+    from transformers import CLIPImageProcessor
+
+    from reward_servers.models.clip import clip_preprocess
+
+    image = (torch.rand(1, 3, *size) * 255).round() / 255
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    # PickScore / CLIP score: transformers' processor floors the crop offset (torchvision rounds it)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=mean,
+                                   image_std=std, do_convert_rgb=False)
+    theirs = processor(images=_pil(image[0]), return_tensors="pt")["pixel_values"]
+    floor = clip_preprocess(image, 32, 32, mean, std, crop_offset="floor")
+    rounded = clip_preprocess(image, 32, 32, mean, std, crop_offset="round")
+    assert floor.shape == theirs.shape == (1, 3, 32, 32)
+    assert (floor - theirs).abs().mean() < 0.03 < (rounded - theirs).abs().mean()  # PIL vs tensor bicubic; a pixel off
+    # HPSv2: the longest side resized, black padding around it (open_clip's resize_mode="longest")
+    open_clip = pytest.importorskip("open_clip")
+    hps_theirs = open_clip.image_transform(32, is_train=False, mean=mean, std=std, resize_mode="longest")(_pil(image[0]))
+    ours = clip_preprocess(image, 32, 32, mean, std, resize="longest")
+    black = (torch.zeros(3) - torch.tensor(mean)) / torch.tensor(std)
+    assert ours.shape == (1, 3, 32, 32) and (ours[0] - hps_theirs).abs().mean() < 0.03
+    padded = ours[0, :, :, 0] if size[0] > size[1] else ours[0, :, 0, :]  # a padded edge is black, normalised
+    torch.testing.assert_close(padded, black.view(3, 1).expand_as(padded))
+
+
+def test_a_bf16_model_preprocesses_in_float32():
+    from reward_servers.models.clip import clip_preprocess
+
+    image = torch.rand(2, 3, 40, 59)
+    pixels = clip_preprocess(image.bfloat16(), 32, 32, [0.5] * 3, [0.25] * 3, dtype=torch.bfloat16)  # resizes on CPU
+    assert pixels.dtype == torch.bfloat16
+    torch.testing.assert_close(pixels.float(), clip_preprocess(image, 32, 32, [0.5] * 3, [0.25] * 3), atol=0.05, rtol=0)
+
+
 def test_clip_score_is_pickscores_cosine_without_the_logit_scale(tiny_clip_dir, pickscore):
     clip = load_reward_model("clip-score", {"path": str(tiny_clip_dir), "local_files_only": True})
     assert clip.name == "clip-score" and pickscore.name == "pickscore"
@@ -446,3 +517,24 @@ def test_clip_score_is_pickscores_cosine_without_the_logit_scale(tiny_clip_dir, 
     scale = pickscore.model.logit_scale.exp().item()
     assert scale != 1.0
     torch.testing.assert_close(clip.score(images, PROMPTS) * scale, pickscore.score(images, PROMPTS))
+
+
+def test_a_replica_scores_gradient_and_score_only_requests_apart_and_in_chunks(pickscore):
+    from reward_servers.serve import RewardServer
+
+    server = object.__new__(RewardServer.func_or_class)  # the replica's logic, without Serve
+    server.model, server.max_images, server.calls, server.images = pickscore, 2, 0, 0
+    images = [_images(3, seed) for seed in range(3)]
+    prompts = [PROMPTS[:3]] * 3
+    answers = server._run([(images[0], prompts[0], False), (images[1], prompts[1], True), (images[2], prompts[2], False)])
+    assert [sorted(a) for a in answers] == [["scores"], ["grads", "scores"], ["scores"]]
+    assert server.calls == 2 and server.images == 9  # one call per group (each scored in chunks of 2)
+    for answer, batch in zip(answers, images):
+        torch.testing.assert_close(answer["scores"], pickscore.score(batch, PROMPTS[:3]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(answers[1]["grads"], score_and_grad(pickscore, images[1], PROMPTS[:3])[1],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_an_image_without_pixels_is_a_clear_input_error():
+    with pytest.raises(RewardInputError, match="height and width of at least 1 pixel"):
+        reward_model(RewardSpec(name="toy-align")).score(torch.zeros(1, 3, 0, 32), ["a red circle"])

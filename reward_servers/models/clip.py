@@ -1,26 +1,62 @@
-"""CLIP-style image preprocessing as differentiable tensor ops (the PIL processors cut the graph):
-resize the shortest side (bicubic, antialiased), centre-crop, normalise."""
+"""CLIP-style image preprocessing as differentiable tensor ops (the PIL processors cut the graph), in
+the geometry of each model's own processor:
+
+- `resize="shortest"`: the shortest side to `size` (bicubic, antialiased), then a centre crop. The crop
+  offset is rounded as torchvision's CenterCrop does (`crop_offset="round"`: ImageReward, open_clip) or
+  floored as transformers' CLIPImageProcessor does (`"floor"`: PickScore, CLIP score). They differ by a
+  pixel whenever the margin is odd, e.g. 832 x 1216 images.
+- `resize="longest"`: the longest side to `size`, then black padding to a square, centred; HPSv2's
+  scorer preprocesses this way (open_clip's `resize_longest_max` / `resize_mode="longest"`).
+
+The resize runs in float32 whatever the model's dtype (bf16 resampling is unsupported on CPU and
+imprecise on GPU); the normalised pixels are cast to `dtype`.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """images [B, 3, H, W] in [0, 1] -> normalised pixel values [B, 3, crop, crop], with gradients."""
+def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float],
+                    resize: Literal["shortest", "longest"] = "shortest", crop_offset: Literal["round", "floor"] = "round",
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """images [B, 3, H, W] in [0, 1] -> normalised pixel values [B, 3, crop, crop] (`longest`: [B, 3, size,
+    size]), with gradients; `dtype`: of the result (default: the images')."""
+    out_dtype = dtype or images.dtype
+    images = images.float() if images.dtype in (torch.bfloat16, torch.float16) else images
+    if resize == "longest":
+        images = _resize_longest_and_pad(images, size)
+    else:
+        images = _resize_shortest_and_crop(images, size, crop, crop_offset)
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return ((images - mean_t) / std_t).to(out_dtype)
+
+
+def _resize_shortest_and_crop(images: torch.Tensor, size: int, crop: int, crop_offset: str) -> torch.Tensor:
     height, width = images.shape[-2:]
-    if min(height, width) != size:  # torchvision's Resize(int): the long side is truncated, not rounded
+    if min(height, width) != size:  # the long side is truncated, not rounded (torchvision and transformers alike)
         new_size = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
         images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
     height, width = images.shape[-2:]
-    top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))  # torchvision's CenterCrop
-    images = images[..., top : top + crop, left : left + crop]
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+    if crop_offset == "floor":
+        top, left = (height - crop) // 2, (width - crop) // 2
+    else:
+        top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+    return images[..., top : top + crop, left : left + crop]
+
+
+def _resize_longest_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    if (new_height, new_width) != (height, width):
+        images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True)
+    pad_h, pad_w = size - new_height, size - new_width
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
 
 
 def embedding(output) -> torch.Tensor:

@@ -53,7 +53,9 @@ class HPSv2(torch.nn.Module):
         return next(self.model.parameters()).device
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device, torch.float32), self.size, self.size, self.mean, self.std)
+        # HPSv2's scorer resizes the longest side and pads (open_clip's resize_longest_max), unlike plain CLIP
+        pixels = clip_preprocess(images.to(self.device, torch.float32), self.size, self.size, self.mean, self.std,
+                                 resize="longest")
         image_features = self.model.encode_image(pixels, normalize=True)
         text_features = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
         return (image_features * text_features).sum(dim=-1).to(images.device)

@@ -226,7 +226,7 @@ class ImageReward(torch.nn.Module):
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1], one prompt each -> [B] normalised rewards, differentiable in images."""
         device, dtype = self.device, self.mlp.layers[0].weight.dtype
-        pixels = clip_preprocess(images.to(device, dtype), self.image_size, self.image_size, IMAGE_MEAN, IMAGE_STD)
+        pixels = clip_preprocess(images.to(device), self.image_size, self.image_size, IMAGE_MEAN, IMAGE_STD, dtype=dtype)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
         image_embeds = self.vision_model(pixel_values=pixels).last_hidden_state

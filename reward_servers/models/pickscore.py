@@ -43,8 +43,8 @@ class PickScore(torch.nn.Module):
         return self.model.logit_scale.device
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        dtype = self.model.logit_scale.dtype
-        pixels = clip_preprocess(images.to(self.device, dtype), self.size, self.crop, self.mean, self.std)
+        pixels = clip_preprocess(images.to(self.device), self.size, self.crop, self.mean, self.std, crop_offset="floor",
+                                 dtype=self.model.logit_scale.dtype)  # CLIPImageProcessor's geometry
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.device)
         image_embeds = embedding(self.model.get_image_features(pixel_values=pixels))
