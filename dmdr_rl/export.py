@@ -57,9 +57,12 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         from diffusers.loaders import SD3LoraLoaderMixin
 
         config = backbone.lora_config(dmdr.GENERATOR)
-        metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=backbone.lora_state_dict(dmdr.GENERATOR),
-                                             transformer_lora_adapter_metadata=metadata)
+        # alpha / r folded into lora_B and alpha written as r: a loader that reads the file's metadata and one
+        # that does not (a state dict, older diffusers, other tools: scaling 1) apply the same LoRA
+        scaling = config.lora_alpha / config.r
+        layers = {k: v * scaling if "lora_B" in k else v for k, v in backbone.lora_state_dict(dmdr.GENERATOR).items()}
+        metadata = {"r": config.r, "lora_alpha": config.r, "target_modules": sorted(config.target_modules)}
+        SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     else:
         student, target = backbone.standalone_transformer(dmdr.GENERATOR), getattr(torch, dtype)
         if student.dtype != target:

@@ -51,19 +51,21 @@ def check_resolution(resolution: int, vae_factor: int, patch_size: int, pos_embe
                          f"({pos_embed_max_size} patches x {multiple} px = {pos_embed_max_size * multiple} px)")
 
 
-def check_config_files(path: str | None, resolution: int) -> bool:
-    """The resolution checked against the model's own config files when they are on this machine (a
-    local directory or the hub cache; nothing is downloaded and no weights are read), so a dry run
-    refuses it; False when they are not here (the load checks it then)."""
+def check_config_files(path: str | None, resolution: int, local_files_only: bool = True) -> bool:
+    """The resolution checked against the model's config files alone (no weights are read): with
+    `local_files_only`, only when they are on this machine (a local directory or the hub cache), so a dry
+    run refuses it without downloading anything; False when they cannot be had (the load reports why)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     try:
         with warnings.catch_warnings():  # diffusers passes the hub client an argument it has deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
             transformer = SD3Transformer2DModel.load_config(path or DEFAULT_MODEL, subfolder="transformer",
-                                                            local_files_only=True)
-            vae = AutoencoderKL.load_config(path or DEFAULT_MODEL, subfolder="vae", local_files_only=True)
+                                                            local_files_only=local_files_only)
+            vae = AutoencoderKL.load_config(path or DEFAULT_MODEL, subfolder="vae", local_files_only=local_files_only)
     except (OSError, ValueError):
+        return False
+    if "patch_size" not in transformer or "block_out_channels" not in vae:  # not an SD3 layout: the load says so
         return False
     check_resolution(resolution, vae_scale_factor(vae), transformer["patch_size"], transformer.get("pos_embed_max_size"))
     return True
@@ -109,6 +111,12 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     path = path or DEFAULT_MODEL
+    if _names_a_directory(path) and not Path(path).expanduser().is_dir():
+        raise BackboneLoadError(f"model.path={path!r} is not a directory here: pass the model's directory in the diffusers "
+                                f"layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/), or a hub id "
+                                f"such as {DEFAULT_MODEL!r}")
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
+    check_config_files(path, resolution, local_files_only=False)  # a bad resolution before gigabytes of weights
     torch_dtype = getattr(torch, dtype)
     try:
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=torch_dtype)
@@ -126,6 +134,11 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
         raise BackboneLoadError(f"cannot load the SD3 model {path!r}: {type(err).__name__}: "
                                 f"{_first_line(err)}. {hint}") from err
     return SD3Backbone(transformer.eval(), vae, text_pipeline, resolution, max_sequence_length)
+
+
+def _names_a_directory(path: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative by ./ ../ ~, or with more than one '/'."""
+    return Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
 
 
 def _first_line(err: BaseException) -> str:

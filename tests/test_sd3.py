@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 from collections import Counter
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -106,6 +107,14 @@ def test_load_errors_name_the_problem(tiny_sd3):
         load_sd3("no-such-org/no-such-model-offline")
     with pytest.raises(BackboneLoadError, match="diffusers layout"):
         load_sd3(str(tiny_sd3 / "vae"))
+    with pytest.raises(BackboneLoadError, match=r"model.path='.*no-such-dir' is not a directory here"):
+        load_sd3(str(tiny_sd3 / "no-such-dir"))
+    # the resolution is refused from the config files, before any weights are read
+    from diffusers import SD3Transformer2DModel
+
+    with patch.object(SD3Transformer2DModel, "from_pretrained", side_effect=AssertionError("weights were loaded")):
+        with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4"):
+            load_sd3(str(tiny_sd3), resolution=30)
     backbone = load_sd3(str(tiny_sd3), resolution=32, encoders=False)
     with pytest.raises(ValueError, match=r"\['to_nothing'\] of adapter 'generator' do not exist .* student.lora.targets"):
         backbone.add_lora("generator", 4, 4, targets=("to_q", "to_nothing"))
@@ -144,6 +153,16 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
                   max_sequence_length=16, output_type="latent").images
     assert not torch.allclose(ours, noise)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    if fmt == "lora":  # the LoRA's alpha / r (32 / 16) is in its weights: loaded as a bare state dict, it is the same
+        from safetensors.torch import load_file
+
+        assert cfg.student.lora.alpha != cfg.student.lora.rank
+        bare = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+        bare.load_lora_weights(load_file(str(tmp_path / "export" / "pytorch_lora_weights.safetensors")))
+        bare.scheduler = pipe.scheduler
+        again = bare(prompts, sigmas=settings["sigmas"], guidance_scale=1.0, latents=noise.clone(), height=32, width=32,
+                     max_sequence_length=16, output_type="latent").images
+        torch.testing.assert_close(again, ours, rtol=1e-4, atol=1e-4)
     base = pipe.transformer if fmt == "transformer" else None
     if base is not None:  # the merged weights differ from the teacher's: the student was trained
         teacher = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
