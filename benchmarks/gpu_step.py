@@ -83,9 +83,11 @@ def setup(args: argparse.Namespace, device: torch.device):
     a generator update per step and the stand-in reward on; text conditioning random (learners hold no encoders)."""
     cfg = load_config("sd3-medium-dmdr", [
         "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
-        f"student.steps={args.steps}", "rewards=[]"])
+        f"student.steps={args.steps}", "rewards=[]", f"trainer.micro_batch_size={args.micro_batch or 'null'}"])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     backbone = random_backbone(args.shape, args.resolution, dtype, device)
+    if args.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     backbone.set_null(random_conditioning(backbone, args.shape, 1, device, scale=0.0))
     reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
     learner = DMDRLearner(backbone, cfg, [reward])
@@ -105,13 +107,13 @@ def count_only(args: argparse.Namespace) -> dict:
     with FlopCounterMode(display=False) as counter:
         trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, rng)
     counts["rollout"] = counter.get_total_flops()
+    micro = {"micro_batch_size": cfg.trainer.micro_batch_size, "backward": torch.Tensor.backward}
     with FlopCounterMode(display=False) as counter:
-        dmdr.critic_loss(backbone, trajectory.x0, cond, 0, cfg.critic, cfg.dmd, rng).backward()
+        dmdr.critic_loss(backbone, trajectory.x0, cond, 0, cfg.critic, cfg.dmd, rng, **micro)
     counts["critic_update"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        loss, _ = dmdr.generator_loss(backbone, trajectory, cond, [""] * args.batch, 0, cfg.student, cfg.critic, cfg.dmd,
-                                      learner.rewards, True, rng)
-        loss.backward()
+        dmdr.generator_loss(backbone, trajectory, cond, [""] * args.batch, 0, cfg.student, cfg.critic, cfg.dmd,
+                            learner.rewards, True, rng, **micro)
     counts["generator_update"] = counter.get_total_flops()
     step = counts["critic_update"] + counts["generator_update"]
     peak = args.peak_tflops or BF16_PEAK_TFLOPS["H200"]
@@ -199,7 +201,9 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     report = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "shape": args.shape, "resolution": args.resolution, "batch": args.batch, "precision": args.precision,
-        "optimizer": args.optimizer, "student_steps": args.steps,
+        "optimizer": args.optimizer, "student_steps": args.steps, "micro_batch": args.micro_batch,
+        # checkpointing recomputes the blocks: the counted FLOPs include the recomputation
+        "gradient_checkpointing": args.gradient_checkpointing,
         "step_s_median": round(median, 4), "step_s_all": [round(t, 4) for t in times],
         "rollout_s": round(rollout_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
@@ -236,6 +240,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2, help="images per learner step")
     p.add_argument("--steps", type=int, default=4, help="student sampling steps (the rollout's trajectory length)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the frozen base's weights")
+    p.add_argument("--micro-batch", type=int, default=None, help="trainer.micro_batch_size (default: the whole batch)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--warmup", type=int, default=2)

@@ -15,6 +15,7 @@ import warnings
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig
 
 from .conditioning import Conditioning
@@ -59,6 +60,39 @@ class Backbone(Protocol):
     def decode(self, x0: torch.Tensor) -> torch.Tensor: ...
 
 
+def checkpoint_with_adapters(block: torch.nn.Module, *args):
+    """Activation checkpointing of one block that recomputes it with the LoRA state of its forward pass.
+    The backward pass runs after other calls have switched the active adapter (the critic's scores follow
+    the generator's prediction) and after diffusers has put the LoRA scale back; plain checkpointing would
+    recompute the block with those, and give wrong gradients."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+    forward_state = _lora_state(layers)
+
+    def run(*inputs):
+        current = _lora_state(layers)
+        _set_lora_state(layers, forward_state)
+        try:
+            return block(*inputs)
+        finally:
+            _set_lora_state(layers, current)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+def _lora_state(layers: list) -> list[tuple]:
+    return [(layer._active_adapter, dict(getattr(layer, "scaling", {}))) for layer in layers]
+
+
+def _set_lora_state(layers: list, state: list[tuple]) -> None:
+    """Active adapters and scalings as recorded (not `set_adapter`, which would also freeze the others)."""
+    for layer, (active, scaling) in zip(layers, state):
+        layer._active_adapter = active
+        if scaling:
+            layer.scaling.update(scaling)
+
+
 class TransformerBackbone:
     """A diffusers SD3-family transformer, a prompt encoder, and named LoRA adapters on the transformer."""
 
@@ -93,6 +127,13 @@ class TransformerBackbone:
     def _modules(self) -> list:
         """The networks `to` moves; a subclass adds its encoders and decoder."""
         return [self.transformer, *self._copies.values()]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block in the backward pass instead of keeping its activations (diffusers'
+        checkpointing, with the adapters' state of the forward pass: see `checkpoint_with_adapters`; a full
+        copy made later inherits it). A subclass adds its decoder."""
+        for module in [self.transformer, *self._copies.values()]:
+            module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_adapters)
 
     # -- conditioning -------------------------------------------------------------------------
     @property

@@ -21,6 +21,10 @@ class Conditioning:
         """Both tensors moved or cast, with `torch.Tensor.to`'s arguments (device and/or dtype)."""
         return Conditioning(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
+    def __getitem__(self, index: slice) -> "Conditioning":
+        """The conditioning of a slice of the batch."""
+        return Conditioning(self.tokens[index], self.pooled[index])
+
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         return Conditioning(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))

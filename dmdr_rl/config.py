@@ -36,6 +36,9 @@ class LoraSpec(_Section):
 class ModelSection(_Section):
     backbone: str = "toy"  # a registered backbone name or an import path "package.module:factory"
     path: Optional[str] = None  # weights directory or hub id; null = the backbone's default
+    # recompute the transformer's blocks (and an SD3 VAE decoder's) during the backward pass instead of
+    # keeping their activations: much less memory for about a third more compute
+    gradient_checkpointing: bool = False
     resolution: int = Field(32, ge=8)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the backbone's loader (sd3: dtype, max_sequence_length)
 
@@ -121,6 +124,10 @@ class TrainerSection(_Section):
     lr_critic_rl: Optional[float] = Field(None, gt=0)  # after the cold start; null: lr_critic
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (GPU)
     grad_clip: float = Field(1.0, gt=0)
+    # images per forward/backward pass of a learner update (gradient accumulation): each rank's batch goes
+    # through the networks in slices of this size and their gradients add up to the batch's (the random
+    # draws do not change); bounds the activation memory of large models. null: the whole batch at once
+    micro_batch_size: Optional[int] = Field(None, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # the frozen base's weights (bf16 needs a backbone that takes a dtype)
     # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its
     # learner and rollout actors by ray.learner_gpus / ray.rollout_gpus instead

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -100,16 +100,46 @@ def backward_simulation(
         )
 
 
+Backward = Callable[[torch.Tensor], None]
+
+
+def micro_batches(batch: int, size: int | None) -> list[slice]:
+    """The batch in consecutive slices of at most `size` samples (None: one slice, the whole batch)."""
+    size = size or batch
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def _accumulate(total: torch.Tensor | None, share: torch.Tensor, backward: Backward | None) -> torch.Tensor:
+    """Add one micro-batch's share of a loss; with `backward`, back-propagate it first and keep it detached
+    (its activations are freed before the next micro-batch is built: gradient accumulation)."""
+    if backward is not None:
+        backward(share)
+        share = share.detach()
+    return share if total is None else total + share
+
+
 def critic_loss(
     backbone: Backbone, x0: torch.Tensor, cond: Conditioning, generator_step: int,
     critic: CriticSection, dmd: DmdSection, generator: torch.Generator,
+    micro_batch_size: int | None = None, backward: Backward | None = None,
 ) -> torch.Tensor:
-    """Step 2: flow matching of the fake score on detached generator samples at tau ~ DynaRS."""
-    tau = algo.sample_renoise_timesteps(x0.shape[0], generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator,
+    """Step 2: flow matching of the fake score on detached generator samples at tau ~ DynaRS.
+
+    `micro_batch_size`: the batch goes through the network in slices of this size, each slice's loss
+    weighted by its share of the batch, so the shares sum to the batch's loss (every random draw is made
+    for the whole batch first: the numbers do not depend on the slicing). `backward`: back-propagate each
+    share as soon as it is built (the returned loss is then detached)."""
+    batch = x0.shape[0]
+    tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator,
                                         device=x0.device)
     eps = randn(x0.shape, generator, x0.device)
-    v_fake = backbone.velocity(add_noise(x0.detach(), eps, tau), tau, cond, adapter=CRITIC, scale=critic.fake_scale)
-    return algo.critic_loss(v_fake, x0, eps)
+    total = None
+    for part in micro_batches(batch, micro_batch_size):
+        x_tau = add_noise(x0[part].detach(), eps[part], tau[part])
+        v_fake = backbone.velocity(x_tau, tau[part], cond[part], adapter=CRITIC, scale=critic.fake_scale)
+        share = algo.critic_loss(v_fake, x0[part], eps[part]) * ((part.stop - part.start) / batch)
+        total = _accumulate(total, share, backward)
+    return total
 
 
 def generator_loss(
@@ -124,40 +154,90 @@ def generator_loss(
     rewards: Sequence[WeightedReward],
     reward_active: bool,
     generator: torch.Generator,
+    micro_batch_size: int | None = None,
+    backward: Backward | None = None,
 ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """Step 3: re-noise at a random student timestep, predict x0 with gradient, then
     L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start).
-    The loss metrics stay 0-d tensors on the step's device (no host sync inside the step)."""
+    The loss metrics stay 0-d tensors on the step's device (no host sync inside the step).
+
+    `micro_batch_size` / `backward`: as `critic_loss`. The DMD term is a mean over samples, so its
+    shares add up exactly; a reward term averages over each slice's finite scores, which is the batch's
+    average whenever every score is finite (a non-finite one shifts the weights of its slice only)."""
     batch, device = trajectory.x0.shape[0], trajectory.x0.device
+    # every draw for the whole batch, in one order, before any network runs
     k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator).to(device)
     t_k = trajectory.timesteps[k]
     x0_source = trajectory.x0 if student.sampler == "ode" else trajectory.x0_steps[k, torch.arange(batch, device=device)]
     x_in = add_noise(x0_source, randn(x0_source.shape, generator, device), t_k)
-    x0 = x0_from_velocity(x_in, t_k, backbone.velocity(x_in, t_k, cond, adapter=GENERATOR))
-
-    loss = x0.sum() * 0.0
     metrics: dict[str, float | torch.Tensor] = {}
     if dmd.weight > 0:
         tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator,
                                             device=device)
-        x_tau = add_noise(x0.detach(), randn(x0.shape, generator, device), tau)
+        tau_noise = randn(x_in.shape, generator, device)
         guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
-        real_cfg = algo.guidance_interval(tau, guidance, dmd.cfg_max_tau)
-        with torch.no_grad():
-            v_real = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=real_scale, cfg=real_cfg)
-            v_fake = backbone.velocity(x_tau, tau, cond, adapter=CRITIC, scale=critic.fake_scale)
-        dmd_term = algo.dmd_loss(x0, x0_from_velocity(x_tau, tau, v_real), x0_from_velocity(x_tau, tau, v_fake))
-        loss = loss + dmd.weight * dmd_term
-        metrics.update({"loss/dmd": dmd_term.detach(), "schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
-    if reward_active and rewards:
-        images = backbone.decode(x0)
-        for reward in rewards:
-            if reward.spec.weight == 0:  # monitored on the rollouts only
-                continue
-            term, reward_metrics = reward.loss(images, prompts)
-            loss = loss + term
-            metrics.update(reward_metrics)
-            metrics[f"loss/reward/{reward.spec.name}"] = term.detach()
-    metrics["loss/generator"] = loss.detach()
-    return loss, metrics
+        metrics.update({"schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
+    rewarded = [reward for reward in rewards if reward.spec.weight != 0] if reward_active else []  # weight 0: monitors
+
+    total, parts = None, micro_batches(batch, micro_batch_size)
+    shares: dict[str, list[torch.Tensor]] = {}
+    reward_parts: list[tuple[WeightedReward, int, dict]] = []
+    for part in parts:
+        fraction = (part.stop - part.start) / batch
+        x0 = x0_from_velocity(x_in[part], t_k[part], backbone.velocity(x_in[part], t_k[part], cond[part], adapter=GENERATOR))
+        loss = x0.sum() * 0.0
+        if dmd.weight > 0:
+            x_tau = add_noise(x0.detach(), tau_noise[part], tau[part])
+            real_cfg = algo.guidance_interval(tau[part], guidance, dmd.cfg_max_tau)
+            with torch.no_grad():
+                v_real = backbone.velocity(x_tau, tau[part], cond[part], adapter=CRITIC, scale=real_scale, cfg=real_cfg)
+                v_fake = backbone.velocity(x_tau, tau[part], cond[part], adapter=CRITIC, scale=critic.fake_scale)
+            dmd_term = algo.dmd_loss(x0, x0_from_velocity(x_tau, tau[part], v_real),
+                                     x0_from_velocity(x_tau, tau[part], v_fake)) * fraction
+            loss = loss + dmd.weight * dmd_term
+            shares.setdefault("loss/dmd", []).append(dmd_term.detach())
+        if rewarded:
+            images = backbone.decode(x0)
+            for reward in rewarded:
+                term, reward_metrics = reward.loss(images, prompts[part])
+                loss = loss + term * fraction
+                shares.setdefault(f"loss/reward/{reward.spec.name}", []).append(term.detach() * fraction)
+                reward_parts.append((reward, part.stop - part.start, reward_metrics))
+        total = _accumulate(total, loss, backward)
+    metrics.update({name: _sum(values) for name, values in shares.items()})
+    metrics.update(_combined_reward_metrics(reward_parts, single=len(parts) == 1))
+    metrics["loss/generator"] = total.detach()
+    return total, metrics
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).sum()
+
+
+def _combined_reward_metrics(parts: list[tuple[WeightedReward, int, dict]], single: bool) -> dict:
+    """One slice's metrics as they are; several slices' combined: the mean of all finite scores, the count
+    of the non-finite ones, and the scoring time summed."""
+    if single:
+        return {name: value for _, _, metrics in parts for name, value in metrics.items()}
+    combined: dict = {}
+    for reward in {id(r): r for r, _, _ in parts}.values():
+        name = reward.spec.name
+        mine = [(size, metrics) for r, size, metrics in parts if r is reward]
+        non_finite = torch.stack([m[f"reward/{name}/non_finite"] for _, m in mine])
+        finite = torch.tensor([size for size, _ in mine], dtype=non_finite.dtype, device=non_finite.device) - non_finite
+        means = torch.stack([torch.nan_to_num(m[f"reward/{name}"]) for _, m in mine])
+        combined[f"reward/{name}"] = (means * finite).sum() / finite.sum()
+        combined[f"reward/{name}/non_finite"] = non_finite.sum()
+        combined[f"time/reward/{name}_s"] = ElapsedSum([m[f"time/reward/{name}_s"] for _, m in mine])
+    return combined
+
+
+class ElapsedSum:
+    """Several `Elapsed` added up when read with float()."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __float__(self) -> float:
+        return sum(float(part) for part in self.parts)

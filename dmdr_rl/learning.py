@@ -53,19 +53,23 @@ class DMDRLearner:
         rng = torch.Generator().manual_seed(iteration_seed(cfg.trainer.seed, batch.iteration, LEARNER_STREAM, self.rank))
         self._set_stage_learning_rates()
         started = dmdr.mark(backbone.device)
-        critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng)
-        self._update(self.opt_critic, critic_loss)
+        micro = cfg.trainer.micro_batch_size
+        self.opt_critic.zero_grad(set_to_none=True)
+        critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng,
+                                       micro_batch_size=micro, backward=torch.Tensor.backward)
+        self._step(self.opt_critic)
         critic_done = dmdr.mark(backbone.device)
         self._critic_times.append(dmdr.Elapsed(started, critic_done))
 
         metrics = None
         if self.schedule.generator_updates(self.iteration):
             reward_active = self.schedule.reward_active(self.generator_step)
-            loss, metrics = dmdr.generator_loss(
+            self.opt_generator.zero_grad(set_to_none=True)
+            _, metrics = dmdr.generator_loss(
                 backbone, batch.trajectory, batch.cond, batch.prompts, self.generator_step, cfg.student, cfg.critic,
-                cfg.dmd, self.rewards, reward_active, rng,
+                cfg.dmd, self.rewards, reward_active, rng, micro_batch_size=micro, backward=torch.Tensor.backward,
             )
-            self._update(self.opt_generator, loss)
+            self._step(self.opt_generator)
             generator_time = dmdr.Elapsed(critic_done, dmdr.mark(backbone.device))
             metrics = {name: float(value) for name, value in metrics.items()}
             reward_seconds = sum(v for k, v in metrics.items() if k.startswith("time/reward/"))
@@ -100,9 +104,9 @@ class DMDRLearner:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step on the gradients the loss functions accumulated (over micro-batches, and
+        averaged over data-parallel ranks): clipped, or skipped when not finite."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.reduce_gradients is not None:
             self.reduce_gradients(params)

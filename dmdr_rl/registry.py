@@ -168,4 +168,11 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32", device
     where = "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
     backbone = BACKBONES.build(model.backbone, where=where, field="model.backbone", path=model.path, resolution=model.resolution,
                                encoders=encoders, **kwargs)
+    if model.gradient_checkpointing:
+        if not hasattr(backbone, "enable_gradient_checkpointing"):
+            from .config import ConfigError
+
+            raise ConfigError(f"model.gradient_checkpointing: the backbone {model.backbone!r} ({type(backbone).__name__}) has "
+                              f"no enable_gradient_checkpointing(); set it to false")
+        backbone.enable_gradient_checkpointing()
     return backbone.to(device)

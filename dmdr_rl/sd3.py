@@ -92,6 +92,11 @@ class SD3Backbone(TransformerBackbone):
         """The text pipeline's `to` moves its encoders (and the shared transformer and VAE again, a no-op)."""
         return [*super()._modules(), self.vae, *([self.text_pipeline] if self.text_pipeline is not None else [])]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The transformer's blocks and the VAE decoder's (the reward term back-propagates through it)."""
+        super().enable_gradient_checkpointing()
+        self.vae.enable_gradient_checkpointing()
+
     def _encode(self, prompts: Sequence[str]) -> Conditioning:
         tokens, _, pooled, _ = self.text_pipeline.encode_prompt(
             list(prompts), None, None, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)

@@ -106,15 +106,9 @@ def test_devices_are_chosen_by_config_with_clear_errors():
 
 
 def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
-    spec = importlib.util.spec_from_file_location("gpu_step", path)
-    gpu_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_step)
-    report = gpu_step.main(["--shape", "tiny", "--device", "cpu", "--resolution", "32", "--warmup", "0",
-                            "--repeats", "1", "--json", str(tmp_path / "step.json")])
+    gpu_step = _gpu_step_module()
+    tiny = ["--shape", "tiny", "--device", "cpu", "--resolution", "32", "--warmup", "0", "--repeats", "1"]
+    report = gpu_step.main([*tiny, "--json", str(tmp_path / "step.json")])
     assert set(report["losses"]) == {"loss/critic", "loss/dmd", "loss/reward/sharpness", "loss/generator"}
     assert all(torch.isfinite(torch.tensor(v)) for v in report["losses"].values())
     assert report["tflop_per_step"] > 0 and report["fraction_of_peak"] is None  # no peak known for a CPU
@@ -124,6 +118,11 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
     assert counted["tflop_per_step"] >= report["tflop_per_step"] > 0
     assert counted["tflop_per_step"] == pytest.approx(counted["tflop_critic_update"] + counted["tflop_generator_update"],
                                                       rel=1e-3)
+    # one image at a time, blocks recomputed in the backward pass: the same step (losses), more FLOPs
+    sliced = gpu_step.main([*tiny, "--micro-batch", "1", "--gradient-checkpointing"])
+    assert sliced["micro_batch"] == 1 and sliced["gradient_checkpointing"]
+    assert sliced["losses"] == pytest.approx(report["losses"], rel=2e-2, abs=1e-4)  # a bf16 base: slices round apart
+    assert sliced["tflop_per_step"] > report["tflop_per_step"]
 
 
 def _gpu_step_module():

@@ -179,3 +179,71 @@ def test_the_critic_step_trains_the_fake_score_at_its_scale(backbone, monkeypatc
     (call,) = calls
     assert (call["adapter"], call["scale"], call["cfg"], call["grad"]) == (dmdr.CRITIC, 2.0, 1.0, True)
     torch.testing.assert_close(call["x"], (1 - call["t"]).view(-1, 1, 1, 1) * traj.x0)
+
+
+def _accumulated(backbone, adapter, run):
+    """The gradients of `adapter` after `run(backward)`, and what it returned; the gradients are cleared."""
+    params = backbone.trainable_parameters(adapter)
+    for p in params:
+        p.grad = None
+    out = run()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads, out
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_micro_batches_give_the_whole_batchs_losses_and_gradients(backbone, sampler):
+    """Gradient accumulation (trainer.micro_batch_size): every draw is made for the whole batch, each slice's
+    loss is weighted by its share, so slices of 2 + 2 + 1 give the 5-sample batch's losses and gradients."""
+    prompts = PROMPTS * 2 + PROMPTS[:1]
+    cond, student = backbone.encode(prompts), StudentSection(steps=2, sampler=sampler)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    reward = CountingReward()
+    rewards = [dmdr.WeightedReward(reward, RewardSpec(name="mean-red", weight=2.0, shaping="hinge", margin=0.7))]
+    dmd = DmdSection(cfg_max_tau=0.7)  # per-sample guidance, sliced with its samples
+
+    def critic(micro):
+        return dmdr.critic_loss(backbone, traj.x0, cond, 3, CriticSection(), dmd, torch.Generator().manual_seed(1),
+                                micro_batch_size=micro, backward=torch.Tensor.backward)
+
+    def generator(micro):
+        return dmdr.generator_loss(backbone, traj, cond, prompts, 3, student, CriticSection(), dmd, rewards, True,
+                                   torch.Generator().manual_seed(2), micro_batch_size=micro, backward=torch.Tensor.backward)
+
+    (whole_grads, whole), (micro_grads, micro) = (_accumulated(backbone, dmdr.CRITIC, lambda: critic(m)) for m in (None, 2))
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-7)
+    for a, b in zip(micro_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in whole_grads)
+
+    calls = reward.calls
+    (whole_grads, (whole, whole_metrics)), (micro_grads, (micro, micro_metrics)) = (
+        _accumulated(backbone, dmdr.GENERATOR, lambda: generator(m)) for m in (None, 2))
+    assert reward.calls - calls == 1 + 3  # one call for the batch, then one per slice
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-7)
+    for name in ("loss/dmd", "loss/reward/mean-red", "reward/mean-red", "reward/mean-red/non_finite", "loss/generator"):
+        assert float(micro_metrics[name]) == pytest.approx(float(whole_metrics[name]), rel=1e-5, abs=1e-7), name
+    assert float(micro_metrics["time/reward/mean-red_s"]) >= 0
+    for a, b in zip(micro_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in whole_grads)
+
+
+def test_gradient_checkpointing_keeps_the_gradients(backbone):
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+
+    def run():
+        loss, _ = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(), [], False,
+                                      torch.Generator().manual_seed(2))
+        loss.backward()
+
+    plain, _ = _accumulated(backbone, dmdr.GENERATOR, run)
+    backbone.enable_gradient_checkpointing()
+    assert backbone.transformer.gradient_checkpointing
+    checkpointed, _ = _accumulated(backbone, dmdr.GENERATOR, run)
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert any(g.abs().sum() > 0 for g in plain)

@@ -215,3 +215,39 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
     run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline",
               "model.resolution=30"])
     assert "model sd3 (no-such-org/no-such-model-offline)" in capsys.readouterr().out
+
+
+def test_gradient_checkpointing_of_the_transformer_and_the_vae_keeps_the_reward_gradient(tiny_sd3):
+    from dmdr_rl.config import CriticSection, DmdSection, RewardSpec, StudentSection
+
+    class MeanRed:
+        name, differentiable = "mean-red", True
+
+        def score(self, images, prompts):
+            return images[:, 0].mean(dim=(1, 2))
+
+    backbone = load_sd3(str(tiny_sd3), resolution=32, max_sequence_length=16)
+    torch.manual_seed(0)
+    dmdr.add_adapters(backbone, StudentSection(steps=2), CriticSection())
+    with torch.no_grad():
+        for p in backbone.trainable_parameters(dmdr.GENERATOR) + backbone.trainable_parameters(dmdr.CRITIC):
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = ["a red circle", "a blue square"]
+    cond, student = backbone.encode(prompts), StudentSection(steps=2)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    rewards = [dmdr.WeightedReward(MeanRed(), RewardSpec(name="mean-red", weight=1.0, shaping="linear"))]
+
+    def gradients():
+        params = backbone.trainable_parameters(dmdr.GENERATOR)
+        for p in params:
+            p.grad = None
+        loss, _ = dmdr.generator_loss(backbone, traj, cond, prompts, 0, student, CriticSection(), DmdSection(), rewards,
+                                      True, torch.Generator().manual_seed(2))
+        loss.backward()
+        return [p.grad.clone() for p in params if p.grad is not None]
+
+    plain = gradients()
+    backbone.enable_gradient_checkpointing()
+    assert backbone.transformer.gradient_checkpointing and backbone.vae.decoder.gradient_checkpointing
+    for a, b in zip(gradients(), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
