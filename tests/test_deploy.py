@@ -62,7 +62,13 @@ def test_one_learner_may_share_a_gpu_with_the_rollout_actors(capsys):
 def test_the_fault_tolerant_cluster_points_gcs_at_its_redis():
     docs = {doc["kind"]: doc for doc in _documents(DEPLOY / "kuberay" / "raycluster-ft.yaml")}
     assert docs["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisAddress"] == "redis:6379"
-    assert docs["Service"]["metadata"]["name"] == "redis" and "--appendonly" in str(docs["Deployment"])
+    assert docs["Service"]["metadata"]["name"] == "redis" and "--appendonly" in str(docs["StatefulSet"])
+    # a password from the Secret on both sides, and the append-only file on a volume
+    password = {"secretKeyRef": {"name": "redis-password", "key": "password"}}
+    assert docs["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"] == password
+    redis = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in redis["args"] and {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
+    assert docs["Secret"]["metadata"]["name"] == "redis-password"
 
 
 def test_the_image_and_the_launcher_install_the_pinned_dependencies():
