@@ -46,7 +46,9 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     if not rows:
         return f"{shown_state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
     last = rows[-1]
-    recent = rows[-10:]
+    # since the last restart: a restarted learner writes again the steps after its checkpoint
+    restart = max((i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"]), default=0)
+    recent = rows[restart:][-10:]
     rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
             if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (too few records yet)")
     total = f"/{max_steps}" if max_steps else ""

@@ -288,6 +288,19 @@ def test_watch_names_a_damaged_run_instead_of_a_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2 and "critic.lora" in capsys.readouterr().err
 
 
+def test_watch_measures_the_rate_since_a_learner_restart(tmp_path):
+    from dmdr_rl.trainer import write_run_config
+    from dmdr_rl.watch import snapshot
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+    store = FileStore(tmp_path)
+    # steps 1-6, a restart from the checkpoint of step 4, then steps 5-6 again (at 1 step/s throughout)
+    for step, when in [(1, 0.0), (2, 1.0), (3, 2.0), (4, 3.0), (5, 4.0), (6, 5.0), (5, 10.0), (6, 11.0)]:
+        store.append("metrics", {"step": step, "time": when})
+    text, _ = snapshot(store, tmp_path, 10)
+    assert "generator step 6/10   1.000 steps/s" in text
+
+
 def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place(tmp_path, redis_server):
     from dmdr_rl.config import load_config
     from dmdr_rl.trainer import open_run_directory
