@@ -65,7 +65,8 @@ class RolloutCoordinator:
         return self._ask_a_worker("encode", prompts)
 
     def _ask_a_worker(self, method: str, *args):
-        """The answer of the first rollout worker that gives one: a dead or restarting worker is skipped."""
+        """The answer of the first rollout worker that gives one: a dead worker is skipped (one that Ray is
+        restarting is waited for, as its first answer is after a fresh start anyway)."""
         error = None
         for worker in self.workers:
             try:

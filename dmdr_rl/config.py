@@ -102,9 +102,10 @@ class RewardSpec(_Section):
     placement: Literal["local", "serve"] = "local"  # in the learner's process, or a Ray Serve app
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor
     monitor: bool = False  # also score every rollout batch (no gradient) and log rollout/reward/<name>
-    # images per model call (in either placement): a larger batch, or a served app's merged requests, is
-    # scored in chunks of this size, which bounds the memory of a gradient through a large reward model;
-    # null: all at once. Each image is scored on its own, so chunks give the same scores and gradients.
+    # images per model call, in-process or in the app a run starts (an attached app keeps its own setting):
+    # a larger batch, or a served app's merged requests, is scored in chunks of this size, which bounds the
+    # memory of a gradient through a large reward model; null: all at once. Each image is scored on its
+    # own, so chunks give the same scores and gradients.
     max_images_per_call: Optional[int] = Field(None, ge=1)
     serve: RewardServeSpec = RewardServeSpec()
 
@@ -126,7 +127,8 @@ class TrainerSection(_Section):
     grad_clip: float = Field(1.0, gt=0)
     # images per forward/backward pass of a learner update (gradient accumulation): each rank's batch goes
     # through the networks in slices of this size and their gradients add up to the batch's (the random
-    # draws do not change); bounds the activation memory of large models. null: the whole batch at once
+    # draws do not change; a reward term averages over each slice's finite scores, the batch's average
+    # whenever all are finite); bounds the activation memory of large models. null: the whole batch at once
     micro_batch_size: Optional[int] = Field(None, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # the frozen base's weights (bf16 needs a backbone that takes a dtype)
     # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its
@@ -241,6 +243,10 @@ class RunConfig(_Section):
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
+        for i, spec in enumerate(self.rewards):
+            if spec.placement == "serve" and spec.serve.attach and spec.max_images_per_call is not None:
+                notes.append(f"rewards.{i}.max_images_per_call has no effect on an attached app "
+                             f"({spec.app_name}): set it in that app's own config (its args)")
         return notes
 
 

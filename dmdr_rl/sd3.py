@@ -134,8 +134,9 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
         local = Path(path).is_dir()
         hint = ("the directory must hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, "
                 "tokenizer*/)") if local else (
-            "Without network access (or without accepting the model's licence on the hub), download it elsewhere "
-            "and pass the local directory: model.path=/path/to/stable-diffusion-3-medium-diffusers")
+            f"There is no directory {path!r} here, so it was taken for a hub id. Without network access (or without "
+            "accepting the model's licence on the hub), download it elsewhere and pass the local directory: "
+            "model.path=/path/to/stable-diffusion-3-medium-diffusers")
         raise BackboneLoadError(f"cannot load the SD3 model {path!r}: {type(err).__name__}: "
                                 f"{_first_line(err)}. {hint}") from err
     return SD3Backbone(transformer.eval(), vae, text_pipeline, resolution, max_sequence_length)

@@ -122,10 +122,11 @@ class RewardServer:
     @http_app.post("/score")
     async def score_http(self, raw: Request) -> dict:
         body = await http.read_body(raw, http.max_body_bytes(self.http_max_pixels))  # bounded before it is parsed
-        try:
-            request = http.ScoreRequest.model_validate_json(body)
+        try:  # off the event loop too: a large body takes a while to parse
+            request = await asyncio.to_thread(http.ScoreRequest.model_validate_json, body)
         except ValidationError as err:
-            raise HTTPException(status_code=422, detail=f"not a score request: {first_line(err)}") from err
+            reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors()[:3])
+            raise HTTPException(status_code=422, detail=f"not a score request: {reasons}") from err
         try:  # decoding off the event loop: the replica keeps serving other requests meanwhile
             images = await asyncio.to_thread(http.decode_images, request, self.http_max_pixels)
             call = self.score_with_grad if request.grad else self.score

@@ -147,6 +147,9 @@ def test_the_main_job_refuses_flags_and_plugins_it_cannot_use(argv, message, cap
 def test_the_dry_run_prints_warnings(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.max_steps=10"])
     assert "warning: trainer.cold_start=300 >= trainer.max_steps=10" in capsys.readouterr().out
+    run.main(["--preset", "toy-dmdr", "--dry-run", "rewards.0.placement=serve", "rewards.0.serve.attach=true",
+              "rewards.0.max_images_per_call=8"])
+    assert "rewards.0.max_images_per_call has no effect on an attached app (reward-toy-align)" in capsys.readouterr().out
 
 
 def test_the_dry_run_checks_what_a_local_run_would_read(tmp_path, capsys):

@@ -169,7 +169,7 @@ def test_http_endpoint_scores_npy_and_png_and_rejects_bad_input(tmp_path, local_
         failed = requests.post(url, json=http.encode_request(images[:1], ["a purple hexagon"]), timeout=60)
         assert failed.status_code == 500 and "reward model 'toy-align' failed: ValueError" in failed.json()["detail"]
         bad = requests.post(url, data=b"not json", timeout=60)
-        assert bad.status_code == 422 and "not a score request" in bad.json()["detail"]
+        assert bad.status_code == 422 and "not a score request: body: Invalid JSON" in bad.json()["detail"]
     finally:
         stop_reward_apps(started)
     # a body larger than the pixel limit allows is refused before it is read whole
