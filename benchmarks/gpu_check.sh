@@ -13,6 +13,8 @@
 #      (issue 6: step time, TFLOP/s against the bf16 peak, peak memory);
 #      and benchmarks/memory.py --device cuda (generator + critic on one shared base vs two copies, allocated);
 #   2. benchmarks/reward_serving.py --device cuda: in-process vs Serve batched vs unbatched (issue 5);
+#      then the learner step as the SD3 presets run it (1024 px, batch 4 in micro-batches of 2, with
+#      gradient checkpointing): its time and memory against the plain step's;
 #   3. the placement and bf16 tests on the GPU (tests/test_devices.py, with trainer.device=auto -> cuda);
 #   4. a short toy DMDR run with the single-process trainer on the GPU;
 #   5. a short toy DMDR run on Ray with the learner and the rollout actor sharing the GPU (0.5 each);
@@ -20,7 +22,7 @@
 # A step whose time limit would end past BUDGET seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
-# archive (gpu-check.tgz, written on exit whatever happened), beside the five benchmark JSONs, and each
+# archive (gpu-check.tgz, written on exit whatever happened), beside the six benchmark JSONs, and each
 # step prints its headline numbers to stdout (the tool's output tail) as it ends.
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -45,7 +47,7 @@ headline() {  # the numbers that matter from a benchmark JSON, on one line
   "$py" - "$1" <<'PY' 2>/dev/null || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ("resolution", "batch", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
+keys = ("resolution", "batch", "micro_batch", "gradient_checkpointing", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
         "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
         "flop_count_error")
 print("   ", {k: r[k] for k in keys if k in r} if "step_s_median" in r else json.dumps(r)[:2500])
@@ -68,6 +70,8 @@ step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 
 step gpu_step_512 80 "$py" benchmarks/gpu_step.py --resolution 512 --batch 4 --json "$work/gpu_step_512.json"
 step memory 40 "$py" benchmarks/memory.py --device cuda --json "$work/memory.json"
 step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
+step gpu_step_1024_preset 80 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 4 --micro-batch 2 \
+  --gradient-checkpointing --json "$work/gpu_step_1024_preset.json"
 step tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_devices.py
 step local 60 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \
   trainer.cold_start=10 'rewards.0.kwargs={device: cuda}' output.dir="$work/local" output.sample_every=20 \
