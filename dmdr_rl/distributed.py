@@ -47,7 +47,12 @@ def connect(cfg: RunConfig) -> str:
         ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1))
         where = "local"
     check_resources(cfg, ray.cluster_resources())
-    check_storage(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    check_storage(cfg, nodes)
+    if where != "local" and nodes == 1 and cfg.trainer.backend == "ray" and cfg.ray.storage_path is None:
+        print("dmdr_rl: note: one node now; if this cluster adds nodes (an autoscaler), set ray.storage_path to "
+              "storage every node reaches: Ray Train's checkpoints would otherwise land on the node that writes them",
+              flush=True)
     return where
 
 
