@@ -48,6 +48,14 @@ def test_backward_simulation_keeps_every_step(backbone, sampler):
     assert torch.allclose(traj.x0, traj.x0_steps[-1], atol=1e-5)
 
 
+def test_backward_simulation_samples_with_the_students_sampler(backbone):
+    cond = backbone.encode(PROMPTS)
+    ode, sde = (dmdr.backward_simulation(backbone, cond, StudentSection(steps=3, sampler=mode), torch.Generator().manual_seed(0))
+                for mode in ("ode", "sde"))
+    torch.testing.assert_close(ode.x0_steps[0], sde.x0_steps[0])  # the same noise, the same first prediction
+    assert (ode.x0_steps[1] - sde.x0_steps[1]).abs().max() > 1e-3  # then an Euler step vs a re-noising one
+
+
 def test_critic_loss_trains_only_the_critic(backbone):
     cond = backbone.encode(PROMPTS)
     traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=2), torch.Generator().manual_seed(0))
@@ -151,8 +159,13 @@ def test_the_generator_step_queries_each_network_as_design_section_2_says(backbo
     traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
     monkeypatch.setattr(dmdr, "randn", lambda shape, generator, device="cpu": torch.zeros(shape, device=device))
     calls = _spy_velocity(monkeypatch, backbone)
+    dmd_args, renoise_steps = [], []
+    dmd_loss, renoise = algo.dmd_loss, algo.sample_renoise_timesteps
+    monkeypatch.setattr(algo, "dmd_loss", lambda *args: dmd_args.append(args) or dmd_loss(*args))
+    monkeypatch.setattr(algo, "sample_renoise_timesteps", lambda *a, **k: renoise_steps.append(a[1]) or renoise(*a, **k))
     dmdr.generator_loss(backbone, traj, cond, PROMPTS, step, student, critic, dmd, [], False, torch.Generator().manual_seed(3))
     gen, real, fake = calls
+    assert renoise_steps == [step]  # DynaRS at the generator step
     # the generator, with gradient, at student timesteps t_k, re-noised from x0 (ODE) or the k-th step's x0 (SDE)
     assert (gen["adapter"], gen["scale"], gen["cfg"], gen["grad"]) == (dmdr.GENERATOR, 1.0, 1.0, True)
     k = [int((traj.timesteps - t).abs().argmin()) for t in gen["t"]]
@@ -168,14 +181,24 @@ def test_the_generator_step_queries_each_network_as_design_section_2_says(backbo
     x0 = gen["x"] - gen["t"].view(-1, 1, 1, 1) * gen["v"]
     assert torch.equal(real["t"], fake["t"]) and torch.equal(real["x"], fake["x"])
     torch.testing.assert_close(real["x"], (1 - real["t"]).view(-1, 1, 1, 1) * x0)
+    # ... and L_dmd compares the generator's x0 with the real score's x0 and the fake score's, in that order
+    (given,) = dmd_args
+    tau = real["t"].view(-1, 1, 1, 1)
+    torch.testing.assert_close(given[0], x0)
+    torch.testing.assert_close(given[1], real["x"] - tau * real["v"])
+    torch.testing.assert_close(given[2], fake["x"] - tau * fake["v"])
 
 
 def test_the_critic_step_trains_the_fake_score_at_its_scale(backbone, monkeypatch):
+    from dmdr_rl import algo
+
     cond = backbone.encode(PROMPTS)
     traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=2), torch.Generator().manual_seed(0))
     monkeypatch.setattr(dmdr, "randn", lambda shape, generator, device="cpu": torch.zeros(shape, device=device))
-    calls = _spy_velocity(monkeypatch, backbone)
-    dmdr.critic_loss(backbone, traj.x0, cond, 0, CriticSection(fake_scale=2.0), DmdSection(), torch.Generator().manual_seed(1))
+    calls, renoise_steps, renoise = _spy_velocity(monkeypatch, backbone), [], algo.sample_renoise_timesteps
+    monkeypatch.setattr(algo, "sample_renoise_timesteps", lambda *a, **k: renoise_steps.append(a[1]) or renoise(*a, **k))
+    dmdr.critic_loss(backbone, traj.x0, cond, 7, CriticSection(fake_scale=2.0), DmdSection(), torch.Generator().manual_seed(1))
+    assert renoise_steps == [7]  # DynaRS at the generator step
     (call,) = calls
     assert (call["adapter"], call["scale"], call["cfg"], call["grad"]) == (dmdr.CRITIC, 2.0, 1.0, True)
     torch.testing.assert_close(call["x"], (1 - call["t"]).view(-1, 1, 1, 1) * traj.x0)
@@ -191,6 +214,18 @@ def _accumulated(backbone, adapter, run):
     for p in params:
         p.grad = None
     return grads, out
+
+
+def test_the_dmd_weight_scales_the_dmd_term(backbone):
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    losses = {}
+    for weight in (1.0, 2.0):
+        loss, metrics = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(),
+                                            DmdSection(weight=weight), [], False, torch.Generator().manual_seed(2))
+        losses[weight] = (loss.item(), metrics["loss/dmd"].item())
+    assert losses[1.0][1] == pytest.approx(losses[2.0][1]) and losses[1.0][1] > 0  # the same L_dmd ...
+    assert losses[2.0][0] == pytest.approx(2 * losses[1.0][0])  # ... weighted twice as much
 
 
 @pytest.mark.parametrize("sampler", ["ode", "sde"])

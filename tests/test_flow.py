@@ -60,3 +60,8 @@ def test_one_generator_per_sample_draws_each_row_from_its_own_seed():
     torch.testing.assert_close(randn((3, 2, 4), generators(5)), torch.randn((3, 2, 4), generator=torch.Generator().manual_seed(5)))
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         randn((3, 2, 4), generators([5, 6]))
+
+
+def test_the_sampling_timesteps_are_shifted():
+    # t' = s t / (1 + (s - 1) t) at s = 3 over the linspace 1, 0.75, 0.5, 0.25
+    torch.testing.assert_close(sampling_timesteps(4, 3.0), torch.tensor([1.0, 0.9, 0.75, 0.5]))

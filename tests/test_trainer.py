@@ -174,6 +174,17 @@ def test_a_non_finite_gradient_skips_the_optimizer_step_and_is_counted(tmp_path)
     assert learner.training_state()["skipped_updates"] == 1
 
 
+def test_updates_are_clipped_adamw_steps(tmp_path):
+    trainer, _ = _trainer(tmp_path)
+    learner = trainer.learner
+    assert isinstance(learner.opt_generator, torch.optim.AdamW) and isinstance(learner.opt_critic, torch.optim.AdamW)
+    params = trainer.backbone.trainable_parameters(dmdr.GENERATOR)
+    (1e6 * sum(p.sum() for p in params)).backward()
+    learner._step(learner.opt_generator)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert norm.item() == pytest.approx(learner.cfg.trainer.grad_clip, rel=1e-4)  # clipped from about 1e6 x sqrt(n)
+
+
 def test_resume_from_takes_a_run_directory_and_names_the_field_when_there_is_no_checkpoint(tmp_path):
     from dmdr_rl.config import ConfigError
     from dmdr_rl.trainer import resume_checkpoint
