@@ -80,7 +80,11 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
-    coordinator.register_learner.remote(rank, os.getpid())
+    try:  # before the backbone loads: a restart after the coordinator died must fail fast, not after minutes
+        ray.get(coordinator.register_learner.remote(rank, os.getpid()))
+    except ray.exceptions.RayActorError as err:
+        raise RuntimeError("the run's rollout coordinator is gone (it lives on the driver's node and goes with it): "
+                           "the run cannot continue; start it again with trainer.resume_from=<the run directory>") from err
 
     device = ray.train.torch.get_device() if cfg.ray.learner_gpus > 0 else torch.device("cpu")
     backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision, device=device)
