@@ -44,9 +44,17 @@ def connect(cfg: RunConfig) -> str:
         where = address
     else:
         cpus, _ = resources_needed(cfg)
-        ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1))
-        where = "local"
-    check_resources(cfg, ray.cluster_resources())
+        try:
+            ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1))
+            where = "local"
+        except ValueError as err:  # `ray start` has left a cluster running on this machine: Ray joins it
+            if "existing cluster" not in str(err):
+                raise
+            ray.init(address="auto", log_to_driver=True, runtime_env=password_runtime_env(cfg))
+            where = "the Ray cluster already running on this machine"
+            print(f"dmdr_rl: joined {where} (`ray start`); set ray.address to choose another, or `ray stop` it to "
+                  f"have the run start its own", flush=True)
+    check_resources(cfg, ray.cluster_resources(), ray.available_resources())
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_storage(cfg, nodes)
     if where != "local" and nodes == 1 and cfg.trainer.backend == "ray" and cfg.ray.storage_path is None:
@@ -146,23 +154,38 @@ def _initial_replicas(serve_spec) -> int:
     return max(1, int(serve_spec.autoscaling.get("initial_replicas") or serve_spec.autoscaling.get("min_replicas", 1)))
 
 
-def check_resources(cfg: RunConfig, cluster: dict) -> None:
-    """Fail before any work starts when the cluster cannot place the run (its totals, not what is
-    free right now: other jobs may finish; an autoscaling cluster's nodes that are not up yet do not count)."""
+def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None) -> None:
+    """Fail before any work starts when the cluster cannot place the run (its totals: other jobs may
+    finish; an autoscaling cluster's nodes that are not up yet do not count). `available`: what is free now;
+    less than the run needs is a warning (the run waits for it, e.g. behind reward apps already running)."""
     cpus, gpus = resources_needed(cfg)
-    have_cpus, have_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    r = cfg.ray
-    if gpus > have_gpus + 1e-9:
-        raise ConfigError(
-            f"the run asks for {gpus:g} GPUs (ray.learner_workers={r.learner_workers} x ray.learner_gpus={r.learner_gpus:g}, "
-            f"ray.rollout_actors={r.rollout_actors} x ray.rollout_gpus={r.rollout_gpus:g}, plus rewards[].serve.num_gpus "
-            f"x replicas) but the cluster has {have_gpus:g}: lower those values or add GPU nodes")
-    if cpus > have_cpus + 1e-9:
-        raise ConfigError(
-            f"the run asks for {cpus:g} CPUs (ray.learner_workers={r.learner_workers} x ray.learner_cpus={r.learner_cpus:g}, "
-            f"ray.rollout_actors={r.rollout_actors} x ray.rollout_cpus={r.rollout_cpus:g}, plus rewards[].serve.num_cpus "
-            f"x replicas) but the cluster has {have_cpus:g}: lower those values"
-            + (", or raise ray.local_cpus (a local Ray's logical CPUs)" if r.address is None else ", or add nodes"))
+    for kind, needed, field in (("GPU", gpus, "gpus"), ("CPU", cpus, "cpus")):
+        have = float(cluster.get(kind, 0))
+        if needed > have + 1e-9:
+            fix = (", or raise ray.local_cpus (a local Ray's logical CPUs)" if kind == "CPU" and cfg.ray.address is None
+                   else f", or add {kind} nodes")
+            raise ConfigError(f"the run asks for {needed:g} {kind}s ({_resource_terms(cfg, field)}) but the cluster has "
+                              f"{have:g}: lower those values{fix}")
+        free = float((available or {}).get(kind, have)) if available is not None else have
+        if needed > free + 1e-9:
+            print(f"dmdr_rl: WARNING: the run asks for {needed:g} {kind}s and {free:g} of the cluster's {have:g} are free "
+                  f"now (other jobs, or reward apps already deployed, hold the rest): it waits until they are", flush=True)
+
+
+def _resource_terms(cfg: RunConfig, field: str) -> str:
+    """Where a run's CPUs or GPUs come from, naming only the settings that ask for some."""
+    r, terms = cfg.ray, []
+    if cfg.trainer.backend == "ray":
+        for workers, per, name in ((r.learner_workers, getattr(r, f"learner_{field}"), "learner"),
+                                   (r.rollout_actors, getattr(r, f"rollout_{field}"), "rollout")):
+            if per:
+                count = "ray.learner_workers" if name == "learner" else "ray.rollout_actors"
+                terms.append(f"{count}={workers} x ray.{name}_{field}={per:g}")
+    for i, spec in enumerate(cfg.rewards):
+        per = getattr(spec.serve, f"num_{field}")
+        if spec.placement == "serve" and not spec.serve.attach and per:
+            terms.append(f"rewards.{i}.serve.num_{field}={per:g} x {_initial_replicas(spec.serve)} replica(s)")
+    return ", ".join(terms) or "none"
 
 
 def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:

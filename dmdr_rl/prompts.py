@@ -51,8 +51,12 @@ def checked_prompt_source(cfg) -> PromptSource:
     file fails here, before anything is built."""
     from .registry import check_model
 
+    from reward_servers.registry import REWARDS
+
     source = PromptSource(cfg.data.prompts, cfg.trainer.seed)
     check_model(cfg.model, source.prompts or ())
+    for spec in cfg.rewards:  # e.g. toy-align must read every prompt as a scene
+        REWARDS.check(spec.name, prompts=source.prompts or ())
     return source
 
 

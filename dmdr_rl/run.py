@@ -17,7 +17,9 @@ from pathlib import Path
 
 from . import eval as toy_eval
 from .config import ConfigError, available_presets, load_config
+from .sd3 import BackboneLoadError
 from .store import redact_url
+from reward_servers.protocol import RewardInputError, RewardServerError
 from .toy.teacher import DEFAULT_CFG
 
 TEACHER_ONLY_BANNER = (
@@ -116,6 +118,13 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     for i, spec in enumerate(cfg.rewards):
         REWARDS.resolve(spec.name, f"rewards.{i}.name")
     prompts = cfg.data.prompts
+    if cfg.trainer.backend == "local":  # what the run would refuse at start on this machine
+        from .registry import resolve_device
+        from .trainer import resume_checkpoint
+
+        resolve_device(cfg.trainer.device)
+        if cfg.trainer.resume_from:
+            resume_checkpoint(cfg.trainer.resume_from)
     # a local run reads its prompt file here; a Ray job's driver may run on another machine (ray job submit)
     if prompts.startswith("toy:") or Path(prompts).exists() or cfg.trainer.backend == "local":
         checked_prompt_source(cfg)
@@ -133,11 +142,21 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  backend local (one process){f', reward apps need {cpus:g} CPUs / {gpus:g} GPUs' if cpus or gpus else ''}",
         f"  model {cfg.model.backbone} ({cfg.model.path or 'default weights'}), {cfg.model.resolution} px, "
         f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({cfg.trainer.cold_start} cold start)",
+        f"  generator {_generator_plan(cfg)}; batch {cfg.trainer.batch_size}"
+        + (f" in micro-batches of {cfg.trainer.micro_batch_size}" if cfg.trainer.micro_batch_size else "")
+        + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
+        + f", {cfg.trainer.precision}, {cfg.trainer.optimizer}",
         f"  rewards: {rewards}",
         f"  prompts: {prompts} ({prompt_note})",
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
         *(f"  warning: {note}" for note in [*cfg.warnings(), *_missing_packages(cfg)]),
     ])
+
+
+def _generator_plan(cfg) -> str:
+    lora = cfg.student.lora
+    kind = f"LoRA r{lora.rank}" if lora is not None else "full fine-tune"
+    return kind + (f", dmd.weight={cfg.dmd.weight:g}" if cfg.dmd.weight != 1 else "")
 
 
 def _missing_packages(cfg) -> list[str]:
@@ -178,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)
         else:
             train(args.preset, args.overrides, args.num_images)
-    except ConfigError as err:
+    except (ConfigError, BackboneLoadError, RewardInputError, RewardServerError) as err:  # what the user can fix
         parser.exit(2, f"error: {err}\n")
 
 

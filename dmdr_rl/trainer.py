@@ -240,30 +240,38 @@ def latest_checkpoint(directory: Path) -> Path:
 
 def resume_checkpoint(resume_from: str | Path) -> Path:
     """trainer.resume_from as the checkpoint to load: a run directory, its checkpoints/ (the latest
-    checkpoint) or one checkpoints/step_N/; a ConfigError naming the field otherwise."""
+    checkpoint) or one checkpoints/step_N/ (a Ray run stopped before its end: its newest Ray Train
+    checkpoint); a ConfigError naming the field otherwise."""
     path = Path(resume_from)
-    checkpoint = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    checkpoint = _run_checkpoint(path) if (path / "config.yaml").exists() else latest_checkpoint(path)
     if not (checkpoint / "trainer_state.pt").is_file():
         raise ConfigError(f"trainer.resume_from={resume_from}: no trainer checkpoint there (give a run directory, its "
-                          "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt; a Ray run that stopped "
-                          "early has its checkpoints in ray_train/<run>/checkpoint_N/)")
+                          "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt, or one of a Ray run's "
+                          "ray_train/<train run>/checkpoint_<time>/)")
     return checkpoint
 
 
+def _run_checkpoint(run_dir: Path) -> Path:
+    """A run directory's latest checkpoint: checkpoints/ (what a finished run keeps), else, for a Ray run
+    that stopped before its end, the newest of Ray Train's checkpoints under ray_train/."""
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if (latest / f"{dmdr.GENERATOR}.safetensors").exists():
+        return latest
+    saved = [p for p in (run_dir / "ray_train").glob("*/checkpoint_*") if (p / f"{dmdr.GENERATOR}.safetensors").exists()]
+    return max(saved, key=lambda p: p.stat().st_mtime) if saved else latest
+
+
 def find_run(run: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) for a run directory, its checkpoints/ or one step_N/ in it."""
+    """(run directory, checkpoint directory) for a run directory (its latest checkpoint, see
+    `_run_checkpoint`), or any checkpoint directory inside it (checkpoints/, step_N/, a Ray Train one)."""
     run = Path(run)
-    if (run / "config.yaml").exists():
-        run_dir, checkpoint = run, run / "checkpoints"
-    elif (run.parent / "config.yaml").exists():
-        run_dir, checkpoint = run.parent, run
-    elif (run.parent.parent / "config.yaml").exists():
-        run_dir, checkpoint = run.parent.parent, run
-    else:
+    run_dir = next((d for d in [run, *run.parents][:5] if (d / "config.yaml").exists()), None)
+    if run_dir is None:
         raise FileNotFoundError(f"{run} is not a training run (no config.yaml in it or above it)")
-    checkpoint = latest_checkpoint(checkpoint)
+    checkpoint = _run_checkpoint(run_dir) if run_dir == run else latest_checkpoint(run)
     if not (checkpoint / f"{dmdr.GENERATOR}.safetensors").exists():
-        raise FileNotFoundError(f"no {dmdr.GENERATOR}.safetensors in {checkpoint}: has the run saved a checkpoint?")
+        raise FileNotFoundError(f"no {dmdr.GENERATOR}.safetensors in {checkpoint}: has the run saved a checkpoint? "
+                                f"(output.checkpoint_every sets how often it does)")
     return run_dir, checkpoint
 
 

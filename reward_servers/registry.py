@@ -13,7 +13,19 @@ from .protocol import RewardModel
 REWARDS: Registry = Registry("reward model")
 
 
-@REWARDS.register("toy-align")
+def _check_toy_align(prompts=(), prompts_from: str = "data.prompts", **_: Any) -> None:
+    """toy-align reads each prompt as a toy-world scene: one it cannot parse would fail the first reward step."""
+    from dmdr_rl.config import ConfigError
+    from dmdr_rl.toy.grammar import prompt_to_scene
+
+    for prompt in prompts:
+        try:
+            prompt_to_scene(prompt)
+        except ValueError as err:
+            raise ConfigError(f"{prompts_from}: the toy-align reward cannot read this prompt: {err}") from None
+
+
+@REWARDS.register("toy-align", check=_check_toy_align)
 def _toy_align(path: str | None = None, device: str | None = None):
     from dmdr_rl.toy.weights import load_align
 

@@ -301,3 +301,25 @@ def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
     check_job_output(cfg)  # absolute
     with pytest.raises(ConfigError, match=r"output.dir=runs/x is relative, and this run is a submitted Ray job"):
         check_job_output(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/x"})}))
+
+
+def test_a_run_started_beside_a_running_cluster_joins_it(tmp_path, monkeypatch):
+    """With a `ray start` cluster on the machine, ray.init(num_cpus=...) refuses to start another Ray: the
+    run joins that cluster instead of failing with Ray's ValueError."""
+    import dmdr_rl.distributed as distributed
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if "num_cpus" in kwargs:
+            raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert distributed.connect(_config(tmp_path)) == "the Ray cluster already running on this machine"
+    assert [c.get("address") for c in calls] == [None, "auto"]

@@ -6,6 +6,7 @@ import re
 import socket
 
 import pytest
+import torch
 
 from dmdr_rl.config import ConfigError, RewardSpec, load_config
 from dmdr_rl.distributed import check_reachable, check_resources, resources_needed, train_distributed
@@ -25,11 +26,23 @@ def test_resources_needed_counts_learners_rollouts_and_started_reward_apps():
     cfg.rewards = [RewardSpec(name="toy-align", placement="serve", serve={"replicas": 2, "num_cpus": 1, "num_gpus": 0.25}),
                    RewardSpec(name="toy-align", placement="serve", serve={"attach": True, "app": "other"})]
     assert resources_needed(cfg) == (2 * 1 + 3 * 0.5 + 2 * 1, 0.5)
-    with pytest.raises(ConfigError, match=r"asks for 0.5 GPUs .* but the cluster has 0: lower those values"):
+    # the message names only what asks for some: here the first reward app's GPUs, not the learner's or rollouts'
+    with pytest.raises(ConfigError, match=r"asks for 0.5 GPUs \(rewards.0.serve.num_gpus=0.25 x 2 replica\(s\)\) but "
+                                          r"the cluster has 0: lower those values"):
         check_resources(cfg, {"CPU": 16})
-    with pytest.raises(ConfigError, match=r"asks for 5.5 CPUs \(ray.learner_workers=2 .* the cluster has 4"):
+    with pytest.raises(ConfigError, match=r"asks for 5.5 CPUs \(ray.learner_workers=2 x ray.learner_cpus=1, "
+                                          r"ray.rollout_actors=3 x ray.rollout_cpus=0.5, rewards.0.serve.num_cpus=1 x 2 "
+                                          r"replica\(s\)\) but the cluster has 4"):
         check_resources(cfg, {"CPU": 4, "GPU": 1})
     check_resources(cfg, {"CPU": 6, "GPU": 1})
+
+
+def test_a_run_that_must_wait_for_busy_resources_says_so(capsys):
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray"])
+    check_resources(cfg, {"CPU": 2}, {"CPU": 1})  # e.g. a deployed reward app holds the other CPU
+    assert "asks for 2 CPUs and 1 of the cluster's 2 are free now" in capsys.readouterr().out
+    check_resources(cfg, {"CPU": 2}, {"CPU": 2})
+    assert "WARNING" not in capsys.readouterr().out
 
 
 def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
@@ -136,12 +149,31 @@ def test_a_mistyped_toy_split_names_the_field():
         (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=toy-algin"], r"rewards.0.name: unknown reward model 'toy-algin'"),
         (["--preset", "toy-dmdr", "--dry-run", "model.backbone=nope"], r"model.backbone: unknown backbone 'nope'"),
         (["--preset", "toy-dmdr", "--dry-run", "model.resolution=64"], r"model.resolution must be 32 for the toy backbone"),
+        (["--preset", "toy-dmdr", "--dry-run", "trainer.resume_from=/nonexistent"],
+         r"trainer.resume_from=/nonexistent: no trainer checkpoint there"),
+        # a model that cannot load: one line naming the fix, not a traceback
+        (["--preset", "toy-dmdr", "model.backbone=sd3", "model.path=/nonexistent/sd3", "model.resolution=32",
+          "output.dir=/tmp/dmdr-test-no-such-model"], r"^error: model.path='/nonexistent/sd3' is not a directory here"),
     ],
 )
 def test_the_main_job_refuses_flags_and_plugins_it_cannot_use(argv, message, capsys):
     with pytest.raises(SystemExit) as caught:
         run.main(argv)
     assert caught.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_the_dry_run_of_a_local_run_refuses_a_gpu_this_machine_lacks(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.device=cuda"])
+    assert "trainer.device=cuda but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_dry_run_shows_how_the_generator_trains(capsys):
+    run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.micro_batch_size=8", "model.gradient_checkpointing=true",
+              "student.lora=null", "dmd.weight=0.5"])
+    assert "generator full fine-tune, dmd.weight=0.5; batch 32 in micro-batches of 8, gradient checkpointing" in \
+        capsys.readouterr().out
 
 
 def test_the_dry_run_prints_warnings(capsys):
@@ -154,9 +186,12 @@ def test_the_dry_run_prints_warnings(capsys):
 
 def test_the_dry_run_checks_what_a_local_run_would_read(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a purple elephant\na red circle\n")
+    (tmp_path / "words.txt").write_text("a red circle left of a blue square\na red circle\n")  # known words, no scene
     for argv, message in (
         ([f"data.prompts={tmp_path / 'p.txt'}"], r"data.prompts: the toy backbone's text encoder cannot take this "
                                                  r"prompt: unknown word\(s\) \['elephant'\]"),
+        ([f"data.prompts={tmp_path / 'words.txt'}"], r"data.prompts: the toy-align reward cannot read this prompt: "
+                                                     r"prompt 'a red circle' uses known words but not the toy grammar"),
         ([f"data.prompts={tmp_path / 'none.txt'}"], r"data.prompts: .*none.txt does not exist"),
     ):
         with pytest.raises(SystemExit):

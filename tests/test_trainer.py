@@ -1,6 +1,7 @@
 """The local trainer on a tiny random toy backbone: update ratio, cold start, outputs, exact resume."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -196,3 +197,16 @@ def test_resume_from_takes_a_run_directory_and_names_the_field_when_there_is_no_
         assert resume_checkpoint(given) == tmp_path / "a" / "checkpoints" / latest
     with pytest.raises(ConfigError, match=r"trainer.resume_from=.*nowhere: no trainer checkpoint there"):
         _trainer(tmp_path / "b", **{"trainer.resume_from": str(tmp_path / "nowhere")})
+    # a Ray run stopped before its end has only Ray Train's checkpoints: the newest one is the run's
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(tmp_path / "a" / "config.yaml", stopped / "config.yaml")
+    older = stopped / "ray_train" / "toy-dmdr-20261129-x" / "checkpoint_2026-11-29_05-37-30.1"
+    newer = older.with_name("checkpoint_2026-11-29_05-37-32.2")
+    for checkpoint in (older, newer):
+        shutil.copytree(tmp_path / "a" / "checkpoints" / latest, checkpoint)
+    os.utime(older, (1, 1))
+    assert resume_checkpoint(stopped) == newer and find_run(stopped) == (stopped, newer)
+    assert find_run(older) == (stopped, older)  # three levels below its config.yaml

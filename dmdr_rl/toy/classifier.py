@@ -176,9 +176,19 @@ class AlignReward(nn.Module):
         self.classifier = classifier
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from reward_servers.protocol import RewardInputError
+        from .render import RESOLUTION
+
         if images.shape[0] != len(prompts):
-            raise ValueError(f"score() got {images.shape[0]} images but {len(prompts)} prompts")
-        labels = scene_labels([prompt_to_scene(p) for p in prompts])
+            raise RewardInputError(f"score() got {images.shape[0]} images but {len(prompts)} prompts")
+        if tuple(images.shape[-2:]) != (RESOLUTION, RESOLUTION):
+            raise RewardInputError(f"toy-align scores the toy world's {RESOLUTION}x{RESOLUTION} images, got "
+                                   f"{images.shape[-2]}x{images.shape[-1]}")
+        try:  # a prompt it cannot read is the caller's mistake (a 422 over HTTP), not the model failing
+            scenes = [prompt_to_scene(p) for p in prompts]
+        except ValueError as err:
+            raise RewardInputError(str(err)) from None
+        labels = scene_labels(scenes)
         device = next(self.classifier.parameters()).device
         logits = self.classifier(images.to(device))
         total = torch.zeros(images.shape[0], device=device)
