@@ -92,10 +92,14 @@ def main(argv: list[str] | None = None) -> None:
         settings = export_student(args.run, args.format, args.out, args.dtype)
     except (ConfigError, BackboneLoadError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
+    print(f"exported the student ({args.format}) to {args.out.resolve()}")
+    if settings["backbone"] != "sd3":  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline
+        print(f"(a {settings['backbone']} student: sample it with `python -m dmdr_rl.sample --run {args.run} --prompt TEXT`; "
+              f"the files hold its transformer in diffusers' format)")
+        return
     load = ("pipe.load_lora_weights(out)" if args.format == "lora" else
             "pipe.transformer = SD3Transformer2DModel.from_pretrained(out)")
-    print(f"exported the student ({args.format}) to {args.out.resolve()}\n"
-          f"use it with diffusers:\n"
+    print(f"use it with diffusers:\n"
           f"  pipe = StableDiffusion3Pipeline.from_pretrained({settings['base_model'] or '<base model>'!r}); {load}\n"
           f"  pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
           f"shift={settings['scheduler_shift']}{', stochastic_sampling=True' if settings['stochastic_sampling'] else ''})\n"
