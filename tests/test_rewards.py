@@ -519,6 +519,7 @@ def test_clip_score_is_pickscores_cosine_without_the_logit_scale(tiny_clip_dir, 
     torch.testing.assert_close(clip.score(images, PROMPTS) * scale, pickscore.score(images, PROMPTS))
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")  # Serve's wrapper, never run
 def test_a_replica_scores_gradient_and_score_only_requests_apart_and_in_chunks(pickscore):
     from reward_servers.serve import RewardServer
 
