@@ -166,7 +166,7 @@ def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None
                    else f", or add {kind} nodes")
             raise ConfigError(f"the run asks for {needed:g} {kind}s ({_resource_terms(cfg, field)}) but the cluster has "
                               f"{have:g}: lower those values{fix}")
-        free = float((available or {}).get(kind, have)) if available is not None else have
+        free = float(available.get(kind, have)) if available is not None else have
         if needed > free + 1e-9:
             print(f"dmdr_rl: WARNING: the run asks for {needed:g} {kind}s and {free:g} of the cluster's {have:g} are free "
                   f"now (other jobs, or reward apps already deployed, hold the rest): it waits until they are", flush=True)
