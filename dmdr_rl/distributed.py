@@ -40,7 +40,7 @@ def connect(cfg: RunConfig) -> str:
         where = "existing"
     elif address := cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True, runtime_env=password_runtime_env(cfg))
+        _join(cfg, address)
         where = address
     else:
         cpus, _ = resources_needed(cfg)
@@ -50,7 +50,7 @@ def connect(cfg: RunConfig) -> str:
         except ValueError as err:  # `ray start` has left a cluster running on this machine: Ray joins it
             if "existing cluster" not in str(err):
                 raise
-            ray.init(address="auto", log_to_driver=True, runtime_env=password_runtime_env(cfg))
+            _join(cfg, "auto")
             where = "the Ray cluster already running on this machine"
             print(f"dmdr_rl: joined {where} (`ray start`); set ray.address to choose another, or `ray stop` it to "
                   f"have the run start its own", flush=True)
@@ -62,6 +62,13 @@ def connect(cfg: RunConfig) -> str:
               "storage every node reaches: Ray Train's checkpoints would otherwise land on the node that writes them",
               flush=True)
     return where
+
+
+def _join(cfg: RunConfig, address: str) -> None:
+    """ray.init on a cluster that runs already, its actors given the run store's password."""
+    import ray
+
+    ray.init(address=address, log_to_driver=True, runtime_env=password_runtime_env(cfg))
 
 
 # set by Ray's job manager in a submitted job's driver: the job's config, with the runtime_env it was given
@@ -138,14 +145,25 @@ def check_placement(cfg: RunConfig) -> None:
 
 def resources_needed(cfg: RunConfig) -> tuple[float, float]:
     """(CPUs, GPUs) the run asks for: learner workers, rollout actors, and the reward apps it starts."""
-    r = cfg.ray
-    cpus = r.learner_workers * r.learner_cpus + r.rollout_actors * r.rollout_cpus if cfg.trainer.backend == "ray" else 0.0
-    gpus = r.learner_workers * r.learner_gpus + r.rollout_actors * r.rollout_gpus if cfg.trainer.backend == "ray" else 0.0
-    for spec in cfg.rewards:
-        if spec.placement == "serve" and not spec.serve.attach:
+    cpus, gpus = (sum(amount for _, amount in _resource_asks(cfg, field)) for field in ("cpus", "gpus"))
+    return float(cpus), float(gpus)
+
+
+def _resource_asks(cfg: RunConfig, field: str) -> list[tuple[str, float]]:
+    """(the settings, the amount) of every part of the run that asks for CPUs or GPUs (`field`)."""
+    r, asks = cfg.ray, []
+    if cfg.trainer.backend == "ray":
+        for count, workers, role in (("ray.learner_workers", r.learner_workers, "learner"),
+                                     ("ray.rollout_actors", r.rollout_actors, "rollout")):
+            per = getattr(r, f"{role}_{field}")
+            if per:
+                asks.append((f"{count}={workers} x ray.{role}_{field}={per:g}", workers * per))
+    for i, spec in enumerate(cfg.rewards):
+        per = getattr(spec.serve, f"num_{field}")
+        if spec.placement == "serve" and not spec.serve.attach and per:
             replicas = _initial_replicas(spec.serve)
-            cpus, gpus = cpus + replicas * spec.serve.num_cpus, gpus + replicas * spec.serve.num_gpus
-    return cpus, gpus
+            asks.append((f"rewards.{i}.serve.num_{field}={per:g} x {replicas} replica(s)", replicas * per))
+    return asks
 
 
 def _initial_replicas(serve_spec) -> int:
@@ -164,28 +182,12 @@ def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None
         if needed > have + 1e-9:
             fix = (", or raise ray.local_cpus (a local Ray's logical CPUs)" if kind == "CPU" and cfg.ray.address is None
                    else f", or add {kind} nodes")
-            raise ConfigError(f"the run asks for {needed:g} {kind}s ({_resource_terms(cfg, field)}) but the cluster has "
+            raise ConfigError(f"the run asks for {needed:g} {kind}s ({', '.join(text for text, _ in _resource_asks(cfg, field)) or 'none'}) but the cluster has "
                               f"{have:g}: lower those values{fix}")
         free = float(available.get(kind, have)) if available is not None else have
         if needed > free + 1e-9:
             print(f"dmdr_rl: WARNING: the run asks for {needed:g} {kind}s and {free:g} of the cluster's {have:g} are free "
                   f"now (other jobs, or reward apps already deployed, hold the rest): it waits until they are", flush=True)
-
-
-def _resource_terms(cfg: RunConfig, field: str) -> str:
-    """Where a run's CPUs or GPUs come from, naming only the settings that ask for some."""
-    r, terms = cfg.ray, []
-    if cfg.trainer.backend == "ray":
-        for workers, per, name in ((r.learner_workers, getattr(r, f"learner_{field}"), "learner"),
-                                   (r.rollout_actors, getattr(r, f"rollout_{field}"), "rollout")):
-            if per:
-                count = "ray.learner_workers" if name == "learner" else "ray.rollout_actors"
-                terms.append(f"{count}={workers} x ray.{name}_{field}={per:g}")
-    for i, spec in enumerate(cfg.rewards):
-        per = getattr(spec.serve, f"num_{field}")
-        if spec.placement == "serve" and not spec.serve.attach and per:
-            terms.append(f"rewards.{i}.serve.num_{field}={per:g} x {_initial_replicas(spec.serve)} replica(s)")
-    return ", ".join(terms) or "none"
 
 
 def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:

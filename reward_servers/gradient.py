@@ -27,8 +27,7 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
     def one_pass(chunk: torch.Tensor, chunk_prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = chunk.detach().requires_grad_(True)
         with torch.enable_grad():
-            scores = validate_scores(model.score(pixels, chunk_prompts), chunk.shape[0], f"reward model {model.name!r}")
-            scores = scores.to(pixels.device)  # a model may answer on its own device
+            scores = checked_scores(model, pixels, chunk_prompts).to(pixels.device)  # a model may answer on its own device
             if not scores.requires_grad:
                 raise RewardServerError(
                     f"reward model {model.name!r} says it is differentiable, but its scores carry no gradient (computed "
@@ -43,6 +42,11 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
         return scores, torch.where(usable.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
 
     return in_chunks(one_pass, images, prompts, max_images)
+
+
+def checked_scores(model: RewardModel, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """The model's scores of `images`, checked to be one float per image."""
+    return validate_scores(model.score(images, list(prompts)), images.shape[0], f"reward model {model.name!r}")
 
 
 def in_chunks(score_fn: Callable[..., Any], images: torch.Tensor, prompts: Sequence[str], max_images: int | None):

@@ -6,12 +6,13 @@ score through the model would give."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 
-from .gradient import attach_gradient, in_chunks, score_and_grad
-from .protocol import RewardModel, validate_images, validate_scores
+from .gradient import attach_gradient, checked_scores, in_chunks, score_and_grad
+from .protocol import RewardModel, validate_images
 
 
 class InProcessReward:
@@ -23,7 +24,4 @@ class InProcessReward:
         validate_images(images, prompts)
         if self.differentiable and images.requires_grad and torch.is_grad_enabled():
             return attach_gradient(images, *score_and_grad(self.model, images, list(prompts), self.max_images))
-        return in_chunks(self._score, images, prompts, self.max_images)
-
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return validate_scores(self.model.score(images, prompts), images.shape[0], f"reward model {self.name!r}")
+        return in_chunks(partial(checked_scores, self.model), images, prompts, self.max_images)

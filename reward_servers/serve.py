@@ -15,6 +15,7 @@ import asyncio
 import re
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ from ray import serve
 from dmdr_rl.config import RewardSpec, RunConfig
 
 from . import http
-from .gradient import in_chunks, score_and_grad
-from .protocol import RewardInputError, RewardServerError, first_line, validate_images, validate_scores
+from .gradient import checked_scores, in_chunks, score_and_grad
+from .protocol import RewardInputError, RewardServerError, first_line, validate_images
 from .registry import load_reward_model
 
 http_app = FastAPI(title="dmdr_rl reward server")
@@ -104,7 +105,7 @@ class RewardServer:
                 scores, grads = score_and_grad(self.model, images, prompts, self.max_images)  # (validated there)
             else:
                 with torch.no_grad():
-                    scores = in_chunks(self._score, images, prompts, self.max_images)
+                    scores = in_chunks(partial(checked_scores, self.model), images, prompts, self.max_images)
             scores = scores.detach().float().cpu()
             self.calls, self.images = self.calls + 1, self.images + images.shape[0]
             start = 0
@@ -114,10 +115,6 @@ class RewardServer:
                                                                       if wants_grad else {})}
                 start = end
         return answers
-
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return validate_scores(self.model.score(images, prompts).float(), images.shape[0],
-                               f"reward model {self.model.name!r}")
 
     @http_app.post("/score")
     async def score_http(self, raw: Request) -> dict:
