@@ -14,7 +14,8 @@
 #      and benchmarks/memory.py --device cuda (generator + critic on one shared base vs two copies, allocated);
 #   2. benchmarks/reward_serving.py --device cuda: in-process vs Serve batched vs unbatched (issue 5);
 #      then the learner step as the SD3 presets run it (1024 px, batch 4 in micro-batches of 2, with
-#      gradient checkpointing): its time and memory against the plain step's;
+#      gradient checkpointing): its time and memory against the plain step's; and the LoRA adapters'
+#      saved activations and step time in bf16 against peft's float32 path (benchmarks/activations.py);
 #   3. the placement and bf16 tests on the GPU (tests/test_devices.py, with trainer.device=auto -> cuda);
 #   4. a short toy DMDR run with the single-process trainer on the GPU;
 #   5. a short toy DMDR run on Ray with the learner and the rollout actor sharing the GPU (0.5 each);
@@ -72,6 +73,8 @@ step memory 40 "$py" benchmarks/memory.py --device cuda --json "$work/memory.jso
 step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
 step gpu_step_1024_preset 80 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 4 --micro-batch 2 \
   --gradient-checkpointing --json "$work/gpu_step_1024_preset.json"
+# (its JSON stays in the archive: the tool brings back 8 files; the numbers print to stdout)
+step activations 45 "$py" benchmarks/activations.py --device cuda --resolution 1024 --json "$work/activations-1024.json"
 step tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_devices.py
 step local 60 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \
   trainer.cold_start=10 'rewards.0.kwargs={device: cuda}' output.dir="$work/local" output.sample_every=20 \

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from benchmarks.activations import as_peft_computes_them, saved_activation_bytes
 from dmdr_rl.backbone import Backbone
 from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
 from dmdr_rl.toy.text import ToyTextEncoder
@@ -42,6 +43,53 @@ def test_lora_scale_zero_and_no_adapter_reproduce_the_teacher_exactly(backbone):
         assert torch.equal(backbone.velocity(x, t, cond, adapter="critic", scale=0.0), teacher)
         assert torch.equal(backbone.velocity(x, t, cond), teacher)
         assert not torch.allclose(backbone.velocity(x, t, cond, adapter="critic", scale=1.0), teacher)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_base_calls_skip_the_adapters_and_equal_an_adapter_computed_at_scale_zero(backbone, dtype):
+    backbone.transformer.to(dtype)
+    backbone.add_lora("critic", rank=4, alpha=4)
+    backbone.add_lora("generator", rank=4, alpha=4)
+    _perturb(backbone, "critic")
+    calls = []
+    for name, module in backbone.transformer.named_modules():
+        if name.endswith("lora_A.critic"):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    x, t, cond = _inputs(backbone)
+    with torch.no_grad():
+        computed_at_zero = backbone._lora_forward("critic", 0.0)(x, t, cond)  # the adapters' matmuls, times 0
+        assert calls, "the hook must see the adapter's layers run"
+        calls.clear()
+        base = backbone.velocity(x, t, cond)
+        at_zero = backbone.velocity(x, t, cond, adapter="critic", scale=0.0)
+        assert not calls
+        assert torch.equal(base, computed_at_zero) and torch.equal(at_zero, computed_at_zero)
+        # the adapters are back on afterwards, with the active one unchanged
+        assert not torch.equal(backbone.velocity(x, t, cond, adapter="critic"), base)
+        assert calls
+
+
+def test_a_bf16_base_computes_its_float32_adapters_in_bf16_with_float32_gradients(backbone):
+    backbone.transformer.to(torch.bfloat16)
+    backbone.add_lora("generator", rank=4, alpha=8)
+    _perturb(backbone, "generator")
+    x, t, cond = _inputs(backbone)
+    params = backbone.trainable_parameters("generator")
+    runs = {}
+    for path in ("base precision", "peft's float32"):
+        if path == "peft's float32":
+            as_peft_computes_them(backbone.transformer)
+        v, saved = saved_activation_bytes(backbone.transformer, lambda: backbone.velocity(x, t, cond, adapter="generator"))
+        v.square().mean().backward()
+        runs[path] = (v.detach(), [p.grad.clone() for p in params], saved)
+        for p in params:
+            p.grad = None
+    (v, grads, saved), (v_ref, grads_ref, saved_ref) = runs["base precision"], runs["peft's float32"]
+    assert all(p.dtype == torch.float32 for p in params) and all(g.dtype == torch.float32 for g in grads)
+    assert saved < 0.85 * saved_ref  # no float32 copy of each adapted layer's input is kept
+    assert (v - v_ref).abs().max() <= 0.015 * v_ref.abs().max()  # bf16 rounding (measured 0.7%)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g - g_ref).norm() <= 0.02 * g_ref.norm()  # measured 0.7%
 
 
 def test_lora_scale_interpolates_the_adapter_contribution(backbone):
