@@ -24,7 +24,17 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_values_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1 for a number; here it is a mistake (`trainer.batch_size=true`)."""
+        kinds = set(getattr(cls.model_fields[info.field_name].annotation, "__args__", ())) or {
+            cls.model_fields[info.field_name].annotation}
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError("true/false is not a number here: give a number")
+        return value
 
 
 class LoraSpec(_Section):
@@ -133,9 +143,16 @@ class TrainerSection(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # the frozen base's weights (bf16 needs a backbone that takes a dtype)
     # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its
     # learner and rollout actors by ray.learner_gpus / ray.rollout_gpus instead
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = "auto"
     seed: int = Field(0, ge=0)
     resume_from: Optional[str] = None  # a run directory (its latest checkpoint), its checkpoints/ or one step_N/
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
 
 
 class RaySection(_Section):
@@ -164,7 +181,7 @@ class DataSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: str = "runs/{name}"  # {name}: the run's name
+    dir: str = Field("runs/{name}", min_length=1)  # {name}: the run's name
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(200, ge=1)
     checkpoint_every: int = Field(500, ge=1)
@@ -278,7 +295,10 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base` presets form a cycle ({' -> '.join(p.name for p in chain)} -> {path.name})")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path} as a YAML config: " + " ".join(str(err).split())) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -304,6 +324,8 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. student.steps=1)")
+    if not raw.strip():  # an unset shell variable, most likely: never a silent null
+        raise ConfigError(f"override {key!r} has an empty value: give one, or write {key}=null to clear an optional field")
     parts = key.split(".")
     node: Any = data
     schema: Any = RunConfig  # a pydantic model, ("list", item schema), or None (free-form mapping)
@@ -338,11 +360,9 @@ def _override_value(raw: str, annotation: Any) -> Any:
     """YAML for numbers, lists and mappings; a text field keeps the text as written (so `name=2024`,
     `output.dir={name}-2` and `ray.address=10:20` mean what they say), `null` clearing an optional one."""
     text = raw.strip()
-    if not text:
-        return None
     args = getattr(annotation, "__args__", ()) or ()
     if annotation is str or (str in args and all(a in (str, type(None)) for a in args)):
-        if type(None) in args and text in ("null", "Null", "NULL", "~"):
+        if type(None) in args and text in ("null", "Null", "NULL", "~", "None"):
             return None
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # YAML's quoting ('it''s', "a\tb")
             try:
@@ -370,6 +390,19 @@ def _schema_of(annotation: Any) -> Any:
     return None
 
 
+def _allowed_keys(loc: tuple) -> str:
+    """'; allowed: ...' for the section at `loc` (for an unknown key in a YAML file)."""
+    schema: Any = RunConfig
+    for part in loc:
+        if isinstance(schema, tuple):
+            schema = schema[1]
+        elif hasattr(schema, "model_fields") and part in schema.model_fields:
+            schema = _schema_of(schema.model_fields[part].annotation)
+        else:
+            return ""
+    return f"; {'.'.join(map(str, loc)) or 'the top level'} has {', '.join(schema.model_fields)}" if hasattr(schema, "model_fields") else ""
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -379,5 +412,14 @@ def _describe(err: ValidationError) -> str:
         elif e["type"] == "missing":
             lines.append(f"{'.'.join(map(str, e['loc']))}: required")
         else:
-            lines.append(f"{'.'.join(map(str, e['loc']))}: {message} (got {e.get('input')!r})")
+            field, value = ".".join(map(str, e["loc"])), e.get("input")
+            if e["loc"] == ("store", "url") and isinstance(value, str):
+                from .store import redact_url
+
+                value = redact_url(value)
+            if e["type"] == "extra_forbidden":
+                message = "unknown key" + _allowed_keys(e["loc"][:-1])
+            elif value == "None":
+                message += "; write null for no value"
+            lines.append(f"{field}: {message} (got {value!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, RunConfig
 from .ledger import Ledger, audit
 from .store import PASSWORD_ENV, run_events
-from .trainer import open_run_directory
+from .trainer import continues_in, open_run_directory
 
 PROGRESS_POLL_S = 1.0
 COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a named actor
@@ -243,7 +243,8 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
 
     r = cfg.ray
     out = cfg.output_dir.resolve()
-    store = open_run_directory(cfg, out, fresh=not cfg.trainer.resume_from)  # before any actor writes to it
+    resume = cfg.trainer.resume_from
+    store = open_run_directory(cfg, out, fresh=not resume or not continues_in(out, Path(resume)))  # before any actor writes
     cfg_dict = cfg.model_dump(mode="json")
     # on the driver's node, whose fate it shares anyway: its ledger file is the one the driver audits
     coordinator = ray.remote(RolloutCoordinator).options(

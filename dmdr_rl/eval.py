@@ -109,8 +109,12 @@ def student_settings(student) -> dict:
 def samplers(args: argparse.Namespace):
     """(name, settings, sample_fn) for every setting to evaluate; settings go into the report."""
     if args.model == "student":
+        from .trainer import find_run
+
         sample_fn, cfg = load_student(args.run)
-        return [(f"student-{args.run.name}-steps{cfg.student.steps}", student_settings(cfg.student), sample_fn)]
+        run_dir, checkpoint = find_run(args.run)  # one report directory per run and checkpoint, not per folder name
+        label = run_dir.resolve().name + ("" if args.run == run_dir else f"-{checkpoint.name}")
+        return [(f"student-{label}-steps{cfg.student.steps}", student_settings(cfg.student), sample_fn)]
     teacher = load_teacher(args.weights)
     return [
         (f"teacher-steps{steps}-cfg{cfg:g}{f'-shift{args.shift:g}' if args.shift != 1.0 else ''}",
@@ -161,12 +165,13 @@ def write_summary(reports: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from .config import ConfigError
+    from .sd3 import BackboneLoadError
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         run_sweep(args)
-    except (ConfigError, FileNotFoundError) as err:  # a run that is not one, a config that no longer loads
+    except (ConfigError, BackboneLoadError, FileNotFoundError) as err:  # a run that is not one, a config that no longer loads
         raise SystemExit(f"error: {err}") from None
     print(f"summary: {args.out / 'summary.md'}")
 

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .algo import finite_mean
 from .grid import save_grid
 from .rollout import image_seeds
 from .toy.grammar import PromptSplit, prompts_of
@@ -70,7 +71,9 @@ def evaluate(
                                for s in range(0, num_images, batch_size)])
             for r in rewards
         }
-        reward_means = {name: float(scores.mean()) for name, scores in reward_scores.items()}
+        # over the finite scores, as training counts them: one failed score does not void the mean
+        reward_means = {name: float(finite_mean(scores)) for name, scores in reward_scores.items()}
+        nonfinite = {name: int((~torch.isfinite(scores)).sum()) for name, scores in reward_scores.items()}
     accuracy, by_category = summarise_verdicts(verdicts)
     report = {
         "judge_accuracy": accuracy,
@@ -82,6 +85,7 @@ def evaluate(
         **({"fid_note": f"FID at {num_images} images is not comparable with the README's (1000 images)"}
            if num_images != 1000 else {}),
         "rewards": reward_means,
+        **({"rewards_nonfinite": nonfinite} if any(nonfinite.values()) else {}),
         "num_images": num_images,
         "split": split,
         "seed": seed,

@@ -145,6 +145,11 @@ def load_adapter_state(backbone, adapter: str, state: dict[str, torch.Tensor]) -
         missing, unexpected = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
         raise ValueError(f"saved {adapter} weights do not match this model's {adapter} adapter "
                          f"(missing e.g. {missing}, unexpected e.g. {unexpected})")
+    wrong = [f"{n}: saved {tuple(v.shape)}, here {tuple(params[n].shape)}" for n, v in state.items()
+             if v.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"saved {adapter} weights have other shapes than this model's {adapter} adapter (e.g. "
+                         f"{'; '.join(wrong[:2])}): another LoRA rank or model size")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

@@ -62,18 +62,23 @@ class Registry(Generic[T]):
         raise error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
                     "or give an import path 'package.module:Name'")
 
-    def build(self, name: str, *, where: str | None = None, field: str | None = None, **kwargs: Any) -> T:
-        """`where`: the config field the kwargs come from, named by the error when the factory does not
-        take them (checked against its signature; a factory that passes **kwargs on is judged by the
-        TypeError of the call it makes); `field`: the one the name comes from."""
+    def check_options(self, name: str, *, where: str, field: str | None = None, **kwargs: Any) -> Callable[..., T]:
+        """The factory of `name`, once the options are known to fit its signature (what the dry run can
+        check without building); a factory that passes **kwargs on is not judged here."""
         factory = self.resolve(name, field)
-        signature = _signature(factory) if where is not None else None
+        signature = _signature(factory)
         if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             try:
                 signature.bind(**kwargs)
             except TypeError as err:
                 raise self._options_error(name, where, err) from err
-            return factory(**kwargs)
+        return factory
+
+    def build(self, name: str, *, where: str | None = None, field: str | None = None, **kwargs: Any) -> T:
+        """`where`: the config field the kwargs come from, named by the error when the factory does not
+        take them (checked against its signature; a factory that passes **kwargs on is judged by the
+        TypeError of the call it makes); `field`: the one the name comes from."""
+        factory = self.check_options(name, where=where, field=field, **kwargs) if where is not None else self.resolve(name, field)
         try:
             return factory(**kwargs)
         except TypeError as err:
@@ -95,14 +100,30 @@ def _signature(factory: Callable) -> inspect.Signature | None:
 
 
 BACKBONES: Registry = Registry("backbone")
+# model.kwargs.dtype: the frozen base's precision (trainer.precision=bf16 passes bfloat16)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_toy(resolution: int = 32, prompts: Sequence[str] = (), prompts_from: str = "data.prompts", **_: Any) -> None:
-    """The toy world draws 32 px scenes and its text encoder takes the toy grammar's words only."""
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        from .config import ConfigError
+
+        raise ConfigError(f"model.kwargs.dtype: {name!r} is not a precision here; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_toy(resolution: int = 32, prompts: Sequence[str] = (), prompts_from: str = "data.prompts",
+               path: str | None = None, **_: Any) -> None:
+    """The toy world draws 32 px scenes and its text encoder takes the toy grammar's words only; weights
+    other than the shipped ones are a directory with a teacher/ inside (as `toy.build --out` writes)."""
     from .config import ConfigError
     from .toy.render import RESOLUTION
     from .toy.text import check_prompts
+    from .toy.weights import component_dir
 
+    if path is not None and not component_dir("teacher", path).is_dir():
+        raise ConfigError(f"model.path={path!r} holds no toy teacher ({component_dir('teacher', path)} is not a directory); "
+                          "null: the shipped weights, or write them with `python -m dmdr_rl.toy.build teacher --out DIR`")
     if resolution != RESOLUTION:
         raise ConfigError(f"model.resolution must be {RESOLUTION} for the toy backbone, got {resolution}")
     try:
@@ -118,7 +139,7 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     _check_toy(resolution)
     backbone = load_teacher(path, encoders=encoders)
     if dtype != "float32":  # the frozen base only: adapters and encoders stay float32
-        backbone.transformer.to(getattr(torch, dtype))
+        backbone.transformer.to(torch_dtype(dtype))
     return backbone
 
 
@@ -155,7 +176,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts") -> None:
     """What the config's backbone can refuse before anything is built: its options, and prompts it cannot encode."""
-    BACKBONES.resolve(model.backbone, "model.backbone")
+    BACKBONES.check_options(model.backbone, where="model.kwargs", field="model.backbone", path=model.path,
+                            resolution=model.resolution, encoders=True, **model.kwargs)
+    if "dtype" in model.kwargs:
+        torch_dtype(model.kwargs["dtype"])
     BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from)
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from . import eval as toy_eval
 from .config import ConfigError, available_presets, load_config
 from .sd3 import BackboneLoadError
-from .store import redact_url
+from .store import StoreError, redact_url
 from reward_servers.protocol import RewardInputError, RewardServerError
 from .toy.teacher import DEFAULT_CFG
+from .toy.weights import ToyWeightsError
 
 TEACHER_ONLY_BANNER = (
     "dmdr_rl: no preset given, so this run trains nothing: it samples the shipped toy teacher at 32, 4\n"
@@ -103,6 +104,16 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     print(json.dumps(summary))
 
 
+def _stages(cfg) -> str:
+    """The generator steps' stages: cold start (DMD only) then DMD + rewards."""
+    cold, steps = cfg.trainer.cold_start, cfg.trainer.max_steps
+    if not any(spec.weight > 0 for spec in cfg.rewards):
+        return "no reward term: DMD only"
+    if cold >= steps:
+        return f"all in the cold start of {cold}: no reward term"
+    return f"{cold} cold start, then {steps - cold} with rewards" if cold else "rewards from the first"
+
+
 def dry_run(preset: str, overrides: list[str]) -> str:
     """Everything that can be checked without a cluster or model weights: the config, that the backbone
     and every reward resolve (registry name or import path), and the prompt source when it is on this
@@ -110,13 +121,16 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     from .distributed import check_placement, resources_needed
     from .prompts import checked_prompt_source
     from .registry import check_model
-    from reward_servers import REWARDS
+    from reward_servers.registry import REWARDS, check_reward
 
     cfg = load_config(preset, overrides)
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
     for i, spec in enumerate(cfg.rewards):
-        REWARDS.resolve(spec.name, f"rewards.{i}.name")
+        if spec.placement == "serve" and spec.serve.attach:  # the app's own kwargs decide its model
+            REWARDS.resolve(spec.name, f"rewards.{i}.name")
+        else:
+            check_reward(spec.name, spec.kwargs, f"rewards.{i}", spec.weight)
     prompts = cfg.data.prompts
     if cfg.trainer.backend == "local":  # what the run would refuse at start on this machine
         from .registry import resolve_device
@@ -141,7 +155,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"rollout actor(s), {cpus:g} CPUs and {gpus:g} GPUs requested" if cfg.trainer.backend == "ray" else
         f"  backend local (one process){f', reward apps need {cpus:g} CPUs / {gpus:g} GPUs' if cpus or gpus else ''}",
         f"  model {cfg.model.backbone} ({cfg.model.path or 'default weights'}), {cfg.model.resolution} px, "
-        f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({cfg.trainer.cold_start} cold start)",
+        f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({_stages(cfg)})",
         f"  generator {_generator_plan(cfg)}; batch {cfg.trainer.batch_size}"
         + (f" in micro-batches of {cfg.trainer.micro_batch_size}" if cfg.trainer.micro_batch_size else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)
         else:
             train(args.preset, args.overrides, args.num_images)
-    except (ConfigError, BackboneLoadError, RewardInputError, RewardServerError) as err:  # what the user can fix
+    except (ConfigError, BackboneLoadError, RewardInputError, RewardServerError, StoreError, ToyWeightsError) as err:  # what the user can fix
         parser.exit(2, f"error: {err}\n")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from .backbone import TransformerBackbone
 from .conditioning import Conditioning
+from .registry import torch_dtype
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 # SD3-Medium's published transformer and VAE configs, for random-weight benchmarks of the real shapes.
@@ -121,15 +122,15 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
                                 f"layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/), or a hub id "
                                 f"such as {DEFAULT_MODEL!r}")
     path = str(Path(path).expanduser()) if path.startswith("~") else path
+    weights_dtype = torch_dtype(dtype)
     check_config_files(path, resolution, local_files_only=False)  # a bad resolution before gigabytes of weights
-    torch_dtype = getattr(torch, dtype)
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=torch_dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=weights_dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=weights_dtype)
         text_pipeline = None
         if encoders:  # shares the transformer and VAE objects: nothing is loaded twice
             text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=transformer, vae=vae,
-                                                                     dtype=torch_dtype)
+                                                                     dtype=weights_dtype)
     except (OSError, ValueError) as err:
         local = Path(path).is_dir()
         hint = ("the directory must hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, "

@@ -113,6 +113,11 @@ def check_store_url(url: str) -> str:
     if parsed.scheme not in URL_SCHEMES or (parsed.scheme != "unix" and not parsed.hostname):
         raise ValueError(f"store.url {redact_url(url)!r} is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6380/0), "
                          "rediss:// for TLS, unix:///path/to/redis.sock, or null for files in the run directory")
+    try:
+        parsed.port
+    except ValueError:
+        raise ValueError(f"store.url {redact_url(url)!r}: the port must be a number from 0 to 65535 "
+                         "(e.g. redis://127.0.0.1:6380/0)") from None
     return url
 
 

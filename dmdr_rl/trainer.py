@@ -100,8 +100,17 @@ class LocalTrainer:
     def train(self) -> dict:
         cfg = self.cfg
         if self.resume is not None and self.iteration == 0:
-            self.load_checkpoint(self.resume)
-        store = open_run_directory(cfg, self.out, fresh=self.generator_step == 0)
+            try:
+                self.load_checkpoint(self.resume)
+            except ValueError as err:  # another adapter shape or set: the config is not the checkpoint's
+                raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from}: {err}; resume with the config "
+                                  "the checkpoint was trained with (its run's config.yaml)") from None
+            if self.generator_step >= cfg.trainer.max_steps:
+                raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from} is at generator step {self.generator_step}, "
+                                  f"and trainer.max_steps={cfg.trainer.max_steps}: nothing is left to train; raise "
+                                  "trainer.max_steps to train on")
+        fresh = self.generator_step == 0 or (self.resume is not None and not continues_in(self.out, self.resume))
+        store = open_run_directory(cfg, self.out, fresh=fresh)
         log = MetricsLog(self.out, store)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         try:
@@ -171,6 +180,14 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
                          batch.weight_version, batch.reward_scores, source="rollout")
 
 
+def continues_in(out: Path, checkpoint: Path) -> bool:
+    """Whether resuming from `checkpoint` into `out` continues the run there (its records go on); a
+    checkpoint taken into another directory starts that directory's records, and an earlier run found
+    there is set aside as for a fresh run."""
+    checkpoint = Path(checkpoint).resolve()
+    return Path(out).resolve() in (checkpoint, *checkpoint.parents)
+
+
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
     """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
     sets an earlier run's files aside and must not mix its records with another run's in the store."""
@@ -219,7 +236,9 @@ def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
 def save_checkpoint(learner: DMDRLearner, root: Path) -> Path:
     """`root/step_N/` (see `write_checkpoint`) and `root/latest` naming it."""
     directory = write_checkpoint(learner, root / f"step_{learner.generator_step:06d}")
-    (root / "latest").write_text(directory.name + "\n")
+    pending = root / "latest.tmp"
+    pending.write_text(directory.name + "\n")
+    pending.replace(root / "latest")  # atomic: a run killed here still names a whole checkpoint
     return directory
 
 
@@ -298,6 +317,8 @@ def load_checkpoint(learner: DMDRLearner, directory: str | Path) -> Path:
         raise FileNotFoundError(f"no trainer checkpoint in {directory} (expected trainer_state.pt)")
     for adapter in ADAPTERS:
         learner.load_adapter_state(adapter, load_file(str(directory / f"{adapter}.safetensors")))
-    state = torch.load(directory / "trainer_state.pt", weights_only=True, map_location=learner.backbone.device)
+    state = torch.load(directory / "trainer_state.pt", weights_only=True, map_location="cpu")
+    # (load_state_dict moves the moments to each parameter's device and keeps AdamW's `step` counters on the
+    # host, where torch's non-fused AdamW reads them without a device sync)
     learner.load_training_state(state)
     return directory

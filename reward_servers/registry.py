@@ -69,16 +69,37 @@ def _hpsv2_1(**kwargs):
     return HPSv2(version="v2.1", **kwargs)
 
 
+def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]", weight: float = 0.0) -> None:
+    """What can be refused without building the model (the dry run): the name resolves, the kwargs fit the
+    factory's signature and, for a class, the protocol's `score` and a `differentiable` that can train
+    the generator when `weight` > 0."""
+    from dmdr_rl.config import ConfigError
+
+    factory = REWARDS.check_options(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
+    if not isinstance(factory, type):
+        return  # a factory function: judged by what it builds
+    if not callable(getattr(factory, "score", None)):
+        raise ConfigError(f"{where}.name: {name!r} is a class without a score(images, prompts) method; name a reward "
+                          f"model class (see reward_servers/protocol.py) or a registered name: {', '.join(REWARDS.names())}")
+    differentiable = getattr(factory, "differentiable", None)
+    if weight > 0 and differentiable is False:
+        raise ConfigError(f"{where} ({name}) is not differentiable, so it cannot train the generator (ReFL needs d score / "
+                          f"d image): set {where}.weight=0 to monitor it, or use a differentiable reward model")
+
+
 def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]") -> RewardModel:
     """Build a reward model and check that it implements the protocol (a score method and a
     `differentiable` flag); its `name` defaults to the registry name or import path. `where`: the config
     entry (rewards.N), whose `name` / `kwargs` field an error names."""
+    from dmdr_rl.config import ConfigError
+
     model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
     if not callable(getattr(model, "score", None)):
-        raise TypeError(f"reward model {name!r} built a {type(model).__name__} without a score(images, prompts) method")
+        raise ConfigError(f"{where}.name: reward model {name!r} built a {type(model).__name__} without a "
+                          "score(images, prompts) method (see reward_servers/protocol.py)")
     if not isinstance(getattr(model, "differentiable", None), bool):
-        raise TypeError(f"reward model {name!r} ({type(model).__name__}) must set `differentiable = True` or False "
-                        "(True when score() supports autograd with respect to the images)")
+        raise ConfigError(f"{where}.name: reward model {name!r} ({type(model).__name__}) must set `differentiable = True` "
+                          "or False (True when score() supports autograd with respect to the images)")
     if not isinstance(getattr(model, "name", None), str):
         model.name = name
     return model

@@ -57,6 +57,21 @@ def test_bad_values_name_the_field_and_the_allowed_values(overrides, message):
         load_config("toy-dmdr", overrides)
 
 
+def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("toy-dmdr", ["store.url=http://:s3cret@host"])
+    assert "s3cret" not in str(err.value) and "***" in str(err.value)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base: toy-dmdr\ntrainer: {lr_gen: 1.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"trainer.lr_gen: unknown key; trainer has backend, max_steps"):
+        load_config(str(typo))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer: {lr: [1, }\n")
+    with pytest.raises(ConfigError, match=r"cannot read .*broken.yaml as a YAML config"):
+        load_config(str(broken))
+    assert load_config("toy-dmdr", ["model.path=None", "trainer.device=cuda:1"]).model.path is None
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError, match="unknown preset 'toy-fast'; available: .*toy-dmdr"):
         load_config("toy-fast")
@@ -127,6 +142,13 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("trainer.seed=-1", r"trainer.seed: Input should be greater than or equal to 0"),
         ("critic.fake_scale=-2", r"critic.fake_scale: Input should be greater than 0"),
         ("dmd.weight=0", r"dmd.weight is 0, so the generator has no loss during the cold start .*trainer.cold_start=0"),
+        ("trainer.lr_generator=inf", r"trainer.lr_generator: Input should be a finite number"),
+        ("rewards.0.margin=.nan", r"rewards.0.margin: Input should be a finite number"),
+        ("student.lora=", r"override 'student.lora' has an empty value: .*student.lora=null"),
+        ("trainer.batch_size=true", r"trainer.batch_size: true/false is not a number here"),
+        ("trainer.device=gpu", r"trainer.device: use auto, cpu, cuda or cuda:N \(got 'gpu'\)"),
+        ("student.lora=None", r"student.lora: .*; write null for no value"),
+        ("store.url=redis://h:notaport/0", r"store.url: .*the port must be a number"),
     ],
 )
 def test_overrides_that_cannot_apply_are_config_errors_naming_the_field(override, message):

@@ -16,6 +16,7 @@ from reward_servers import http
 from reward_servers.client import RemoteReward, RewardClient
 from reward_servers.gradient import attach_gradient, score_and_grad
 from reward_servers.local import InProcessReward
+from reward_servers.registry import check_reward
 from reward_servers.models.testing import save_tiny_clip
 from conftest import tiny_run
 
@@ -59,13 +60,32 @@ def test_unknown_import_path_and_incomplete_class_say_why():
         load_reward_model("no_such_module:Reward")
     with pytest.raises(ValueError, match="unknown reward model 'hpsv9'"):
         load_reward_model("hpsv9")
-    with pytest.raises(TypeError, match="must set `differentiable"):
-        load_reward_model("tests.test_rewards:_NoFlag")
+    with pytest.raises(ConfigError, match="rewards.1.name: .*must set `differentiable"):
+        load_reward_model("tests.test_rewards:_NoFlag", where="rewards.1")
+    with pytest.raises(ConfigError, match="rewards.0.name: .*OrderedDict without a score"):
+        load_reward_model("collections:OrderedDict", where="rewards.0")
 
 
 class _NoFlag:
     def score(self, images, prompts):
         return images.mean(dim=(1, 2, 3))
+
+
+class _NotDifferentiable(_NoFlag):
+    differentiable = False
+
+    def __init__(self, margin: float = 0.0):
+        self.margin = margin
+
+
+def test_the_dry_run_check_refuses_what_loading_would_without_building():
+    check_reward("tests.test_rewards:_NotDifferentiable", {"margin": 1.0}, "rewards.0", weight=0.0)  # a monitor
+    with pytest.raises(ConfigError, match=r"rewards.0.kwargs"):
+        check_reward("tests.test_rewards:_NotDifferentiable", {"gan": 2.0}, "rewards.0")
+    with pytest.raises(ConfigError, match=r"rewards.2 .*not differentiable.*rewards.2.weight=0"):
+        check_reward("tests.test_rewards:_NotDifferentiable", {}, "rewards.2", weight=0.3)
+    with pytest.raises(ConfigError, match=r"rewards.0.name: 'collections:OrderedDict' is a class without a score"):
+        check_reward("collections:OrderedDict", {}, "rewards.0")
 
 
 class _NanForOddPrompts:

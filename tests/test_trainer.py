@@ -210,3 +210,25 @@ def test_resume_from_takes_a_run_directory_and_names_the_field_when_there_is_no_
     os.utime(older, (1, 1))
     assert resume_checkpoint(stopped) == newer and find_run(stopped) == (stopped, newer)
     assert find_run(older) == (stopped, older)  # three levels below its config.yaml
+
+
+def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong_adapter_names_the_field(tmp_path):
+    from dmdr_rl.config import ConfigError
+
+    source, _ = _trainer(tmp_path / "a", **{"trainer.max_steps": 2})
+    source.train()
+    other, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 2, "trainer.seed": 7})
+    other.train()
+    resumed, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 3, "trainer.resume_from": str(tmp_path / "a")})
+    resumed.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3] and sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["latest", "step_000003"]
+    (previous,) = (tmp_path / "b" / "previous").iterdir()
+    assert [json.loads(line)["step"] for line in (previous / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    wrong, _ = _trainer(tmp_path / "c", **{"trainer.resume_from": str(tmp_path / "a"), "student.lora.rank": 8})
+    with pytest.raises(ConfigError, match=r"trainer.resume_from=.*other shapes"):
+        wrong.train()
+    finished, _ = _trainer(tmp_path / "d", **{"trainer.max_steps": 2, "trainer.resume_from": str(tmp_path / "a")})
+    with pytest.raises(ConfigError, match=r"at generator step 2, and trainer.max_steps=2: nothing is left to train"):
+        finished.train()
+    assert not (tmp_path / "d").exists()

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.build", description=__doc__.split("\n")[0])
     parser.add_argument("target", choices=[*RECIPES, "all"])
     parser.add_argument("--work-dir", type=Path, default=None,
-                        help="checkpoints for resume (default runs/build; runs/build/smoke with --steps)")
+                        help="checkpoints for resume (default runs/build/<target>; runs/build/smoke/<target> with --steps)")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
                         help="where finished weights are written (default: the shipped weights, dmdr_rl/toy/weights)")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count (smoke tests)")

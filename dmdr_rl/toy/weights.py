@@ -31,6 +31,9 @@ def component_dir(component: str, root: str | Path | None = None) -> Path:
 def load_component(component: str, loader: Callable[[Path], T], root: str | Path | None = None) -> T:
     directory = component_dir(component, root)
     rebuild = f"rebuild it with `python -m dmdr_rl.toy.build {BUILD_TARGET[component]}`"
+    if root is not None and Path(root).resolve() != WEIGHTS_DIR.resolve():  # a user's directory (model.path)
+        rebuild = (f"check the directory (model.path; null: the shipped weights), or write it with "
+                   f"`python -m dmdr_rl.toy.build {BUILD_TARGET[component]} --out {root}`")
     if not directory.is_dir() or not any(directory.glob("*.safetensors")):
         raise ToyWeightsError(f"toy {component} weights not found in {directory}; {rebuild}")
     try:
