@@ -15,13 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import eval as toy_eval
 from .config import ConfigError, available_presets, load_config
-from .sd3 import BackboneLoadError
-from .store import StoreError, redact_url
-from reward_servers.protocol import RewardInputError, RewardServerError
-from .toy.teacher import DEFAULT_CFG
-from .toy.weights import ToyWeightsError
 
 TEACHER_ONLY_BANNER = (
     "dmdr_rl: no preset given, so this run trains nothing: it samples the shipped toy teacher at 32, 4\n"
@@ -32,6 +26,9 @@ TEACHER_ONLY_BANNER = (
 
 
 def evaluate_teacher(out: Path, num_images: int, split: str) -> None:
+    from . import eval as toy_eval
+    from .toy.teacher import DEFAULT_CFG
+
     print(TEACHER_ONLY_BANNER, flush=True)
     eval_args = toy_eval.parse_args([
         "--steps", "32,4,1", "--cfg", str(DEFAULT_CFG), "--split", split,
@@ -54,6 +51,7 @@ def toy_evaluation_applies(cfg) -> bool:
 
 
 def train(preset: str, overrides: list[str], num_images: int) -> None:
+    from . import eval as toy_eval
     from .evaluation import evaluate
     from .trainer import LocalTrainer
     from .toy.weights import load_align, load_judge
@@ -120,6 +118,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     machine. Returns the plan as text."""
     from .distributed import check_placement, resources_needed
     from .prompts import checked_prompt_source
+    from .store import redact_url
     from .registry import check_model
     from reward_servers.registry import REWARDS, check_reward
 
@@ -200,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset is not None and (args.out is not None or args.split != "held-in"):
         parser.error("--out and --split choose the teacher evaluation's output and split; a training run writes to "
                      "output.dir (e.g. output.dir=runs/mine) and evaluates its student on held-in prompts")
+    from .sd3 import BackboneLoadError  # here, not at the top: --help and argument errors need no torch
+    from .store import StoreError
+    from .toy.weights import ToyWeightsError
+    from reward_servers.protocol import RewardInputError, RewardServerError
+
     try:
         if args.dry_run:
             if args.preset is None:

@@ -6,7 +6,6 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 

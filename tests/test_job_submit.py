@@ -3,6 +3,7 @@ users start the product (token authentication on, as Ray 2.60 defaults)."""
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -28,7 +29,8 @@ def _free_port():
 def head_node():
     port, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # a token of its own: a fresh machine has no ~/.ray/auth_token, and `ray start` would not make one
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=3",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
