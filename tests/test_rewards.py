@@ -556,6 +556,46 @@ def test_a_replica_scores_gradient_and_score_only_requests_apart_and_in_chunks(p
                                rtol=1e-5, atol=1e-7)
 
 
+class _FailingModel:
+    name, differentiable = "failing", True
+
+    def score(self, images, prompts):
+        raise RuntimeError("CUDA out of memory (raised on purpose)\nTried to allocate 2.00 GiB")
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")  # Serve's wrapper, never run
+def test_a_model_that_fails_over_http_is_a_500_naming_the_model_and_its_error():
+    import asyncio
+    import json
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from reward_servers.serve import RewardServer
+
+    server = object.__new__(RewardServer.func_or_class)  # the replica's logic, without Serve
+    server.model, server.max_images, server.http_max_pixels = _FailingModel(), None, 2**20
+    server.calls = server.images = server.max_batch_images = 0
+
+    async def unbatched(request):  # serve.batch needs a replica's context: the merged call of one request
+        return server._score_requests([request])[0]
+
+    server._score_batch = unbatched
+    body = json.dumps(http.encode_request(_images(2), PROMPTS[:2])).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def post():
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        return await server.score_http(Request({"type": "http", "method": "POST", "headers": headers}, receive))
+
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(post())
+    assert err.value.status_code == 500
+    assert err.value.detail == "reward model 'failing' failed: RuntimeError: CUDA out of memory (raised on purpose)"
+
+
 def test_an_image_without_pixels_is_a_clear_input_error():
     with pytest.raises(RewardInputError, match="height and width of at least 1 pixel"):
         reward_model(RewardSpec(name="toy-align")).score(torch.zeros(1, 3, 0, 32), ["a red circle"])
