@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from .store import write_text_whole
+
 SPLITS = ("held-in", "held-out")
 
 
@@ -126,7 +128,8 @@ def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...
         return json.loads((run_path / "train_summary.json").read_text())
     trainer = LocalTrainer(cfg)
     previous_seconds = 0.0
-    if (run_path / "checkpoints" / "latest").exists():
+    resumed = (run_path / "checkpoints" / "latest").exists()
+    if resumed:
         trainer.load_checkpoint(run_path / "checkpoints")
         if (run_path / "train_partial.json").exists():
             previous_seconds = json.loads((run_path / "train_partial.json").read_text())["seconds"]
@@ -135,10 +138,10 @@ def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...
         summary = trainer.train()
     finally:
         elapsed = previous_seconds + time.time() - started
-        (run_path / "train_partial.json").write_text(json.dumps({"seconds": round(elapsed, 1)}) + "\n")
-    summary.update({"preset": preset, "train_seconds": round(elapsed, 1), "threads": threads,
-                    "resumed": previous_seconds > 0})
-    (run_path / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if run_path.is_dir():  # not when the run failed before making it (e.g. an unreachable store)
+            write_text_whole(run_path / "train_partial.json", json.dumps({"seconds": round(elapsed, 1)}) + "\n")
+    summary.update({"preset": preset, "train_seconds": round(elapsed, 1), "threads": threads, "resumed": resumed})
+    write_text_whole(run_path / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -365,8 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
         "claims": check_claims(results),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "toy.json").write_text(json.dumps(table, indent=2) + "\n")
-    (args.out / "toy.md").write_text(render_markdown(table))
+    write_text_whole(args.out / "toy.json", json.dumps(table, indent=2) + "\n")
+    write_text_whole(args.out / "toy.md", render_markdown(table))
     print(f"\n{render_markdown(table)}\nwrote {args.out / 'toy.md'} and {args.out / 'toy.json'}")
     return table
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,12 @@ def _missing_packages(cfg) -> list[str]:
     return []
 
 
+def _stop(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: the run's events end with "stopped" and the store flushes what it holds, where the
+    default would end the process on the spot, the run then shown as running forever."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default=None, help=f"run preset or YAML file; presets: {', '.join(available_presets())}")
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     from .toy.weights import ToyWeightsError
     from reward_servers.protocol import RewardInputError, RewardServerError
 
+    signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
         if args.dry_run:
             if args.preset is None:
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             train(args.preset, args.overrides, args.num_images)
     except (ConfigError, BackboneLoadError, RewardInputError, RewardServerError, StoreError, ToyWeightsError) as err:  # what the user can fix
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
+        parser.exit(130, "dmdr_rl: stopped\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 
 from .flow import is_one_seed
 from .grid import to_uint8
+from .store import written_whole
 
 # 1: prompt, seed, step, png; 2: + weight_version, width, height, reward/<name>; 3: an evaluation's seed is
 # each image's own (in version 2 it was the seed of the image's sampling batch); 4: a grid's seed is each
@@ -72,7 +73,8 @@ def write_samples(path: str | Path, images: torch.Tensor, prompts: Sequence[str]
     table = pa.table(columns).replace_schema_metadata({VERSION_KEY: str(SCHEMA_VERSION).encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    with written_whole(path) as pending:  # a reader during a live run never finds it half written
+        pq.write_table(table, pending)
     return path
 
 

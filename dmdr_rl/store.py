@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -42,6 +43,9 @@ PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.u
 
 
 REDACTED = "***"
+# scheme://user:password@ read from the text, not by urlparse: a password with an unencoded / or # in it
+# would otherwise not be seen as one (and be shown whole)
+_USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/?#]*):[^?]*@")
 
 
 def _rebuild(parsed, netloc: str, query: str) -> str:
@@ -56,10 +60,9 @@ def redact_url(url: str | None) -> str | None:
     logs and errors carry."""
     if not url:
         return url
+    url = _USER_PASSWORD.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url, count=1)
     parsed = urlparse(url)
     netloc = parsed.netloc
-    if parsed.password:
-        netloc = f"{parsed.username or ''}:{REDACTED}@{netloc.rpartition('@')[2]}"
     fields = parse_qsl(parsed.query, keep_blank_values=True)
     if netloc == parsed.netloc and not any(k == "password" for k, _ in fields):
         return url
@@ -86,7 +89,25 @@ def _connect_url(url: str) -> str:
 
 # what a run leaves in its directory: its streams (files store), config and outputs
 RUN_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl", "store-unflushed.jsonl", "config.yaml",
-             "checkpoints", "samples", "eval", "tensorboard", "ray_train", "train_summary.json")
+             "checkpoints", "samples", "eval", "tensorboard", "ray_train", "train_summary.json", "train_partial.json")
+
+
+@contextmanager
+def written_whole(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write to; on success it replaces `path` in one step, so a
+    crash or a reader never sees a file half written (a checkpoint's `latest`, a Parquet file, a summary)."""
+    path = Path(path)
+    pending = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield pending
+        os.replace(pending, path)
+    finally:
+        pending.unlink(missing_ok=True)
+
+
+def write_text_whole(path: str | Path, text: str) -> None:
+    with written_whole(path) as pending:
+        pending.write_text(text)
 
 
 def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
@@ -106,6 +127,31 @@ def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
         path.rename(destination / path.name)
     print(f"dmdr_rl: {run_dir} held an earlier run: its files moved to {destination}", flush=True)
     return destination
+
+
+class RunLock:
+    """A training run's hold on its directory, from its start to its store's close (or the process's end):
+    a second run started in the same directory while the first is running would set the first run's files
+    aside and then receive its records. Readers (`watch`, `sample`) take no lock."""
+
+    NAME = ".run.lock"
+
+    def __init__(self, run_dir: str | Path):
+        path = Path(run_dir) / self.NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise StoreError(f"another run is writing to {run_dir} right now: wait for it to end, or give this run "
+                             "another output.dir") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
 
 
 def check_store_url(url: str) -> str:
@@ -154,7 +200,19 @@ def unique(records: Iterable[dict]) -> list[dict]:
     return out
 
 
+def _after_last_whole_line(fd: int) -> int:
+    """The file's length once a last line without its newline (a record cut short) is cut off."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return end
+    whole = os.pread(fd, end, 0).rfind(b"\n") + 1  # rare (after a full disk): the whole file is read once
+    os.ftruncate(fd, whole)
+    return whole
+
+
 class FileStore:
+    run_lock: RunLock | None = None  # a training run's (see open_run_directory), released by close()
+
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,11 +222,18 @@ class FileStore:
         return self.run_dir / f"{stream}.jsonl"
 
     def append(self, stream: str, record: dict) -> None:
+        """One whole line or none: a write cut short (a full disk) is undone and raised, and a record an
+        earlier write left cut short is dropped first, so the next record never joins it."""
         line = (json.dumps(new_record(record)) + "\n").encode()
-        fd = os.open(self.path(stream), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path(stream), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
+            end = _after_last_whole_line(fd)
+            written = os.write(fd, line)
+            if written != len(line):
+                os.ftruncate(fd, end)
+                raise StoreError(f"{self.path(stream)}: only {written} of {len(line)} bytes of a record could be "
+                                 "written (is the disk full?)")
         finally:
             os.close(fd)  # closing releases the lock
 
@@ -198,7 +263,8 @@ class FileStore:
         return True
 
     def close(self) -> None:
-        pass
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 class RedisStore:
@@ -206,6 +272,8 @@ class RedisStore:
     what is buffered and keeps retrying (with backoff) while Redis is unreachable."""
 
     RETRY_S = (0.2, 5.0)
+    run_lock: RunLock | None = None  # a training run's (see open_run_directory), released by close()
+    _claim: str | None = None  # the token of this run's claim on its name (require_new)
 
     def __init__(self, url: str, run: str, run_dir: str | Path | None = None, connect_timeout_s: float = 5.0):
         import redis
@@ -217,8 +285,11 @@ class RedisStore:
         self.url, self.run = redact_url(url), run  # what messages show
         self.location = self.url
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.client = redis.Redis.from_url(_connect_url(url), socket_connect_timeout=connect_timeout_s,
-                                           socket_timeout=10.0)
+        try:
+            self.client = redis.Redis.from_url(_connect_url(url), socket_connect_timeout=connect_timeout_s,
+                                               socket_timeout=10.0)
+        except ValueError as err:  # e.g. ?socket_timeout=x
+            raise StoreError(f"store.url {self.url!r}: {err}") from None
         try:
             self.client.ping()
         except redis.RedisError as err:
@@ -238,16 +309,38 @@ class RedisStore:
     def key(self, stream: str) -> str:
         return f"dmdr:{self.run}:{stream}"
 
+    @contextmanager
+    def _reading(self, what: str):
+        """A Redis error while reading is a StoreError (a reader such as `watch` says so and keeps going)."""
+        import redis
+
+        try:
+            yield
+        except redis.RedisError as err:
+            raise StoreError(f"cannot read {what} from the run store at {self.url} ({type(err).__name__}: {err})") from err
+
     def existing_streams(self) -> list[str]:
-        return [s for s in STREAMS if self.client.exists(self.key(s))]
+        with self._reading(f"the records of {self.run!r}"):
+            return [s for s in STREAMS if self.client.exists(self.key(s))]
+
+    CLAIM_S = 600  # how long a fresh run's claim on its name outlives a start that died before its close()
 
     def require_new(self) -> None:
-        """A fresh run must not mix its records with another run's of the same name."""
+        """A fresh run must not mix its records with another run's of the same name, also one starting at
+        the same moment: the name is claimed atomically (SET NX), until this store closes."""
         existing = self.existing_streams()
         if existing:
             raise StoreError(f"the run store {self.url} already holds records of a run named {self.run!r} "
                              f"({', '.join(existing)}): give this run another name=..., or resume that run "
                              "(trainer.resume_from=...)")
+        token = uuid.uuid4().hex
+        with self._reading(f"the claim on {self.run!r}"):
+            claimed = self.client.set(self.key("claim"), token, nx=True, ex=self.CLAIM_S)
+        if not claimed:
+            raise StoreError(f"another run named {self.run!r} is starting against the run store {self.url} (its claim "
+                             f"{self.key('claim')} lasts until it ends, or {self.CLAIM_S} s after a crash): give this "
+                             "run another name=...")
+        self._claim = token
 
     def append(self, stream: str, record: dict) -> None:
         # encoded once, here: a record JSON cannot hold fails in its writer, as with files
@@ -260,11 +353,13 @@ class RedisStore:
         self._save_unflushed([entry])  # after close: kept on disk, never dropped
 
     def read(self, stream: str) -> list[dict]:
-        entries = self.client.xrange(self.key(stream))
+        with self._reading(self.key(stream)):
+            entries = self.client.xrange(self.key(stream))
         return unique(json.loads(fields[b"json"]) for _, fields in entries)
 
     def runs(self) -> list[str]:
-        return sorted({k.decode().split(":")[1] for k in self.client.scan_iter("dmdr:*:*")})
+        with self._reading("the run names"):
+            return sorted({k.decode().split(":")[1] for k in self.client.scan_iter("dmdr:*:*")})
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything appended so far is in Redis (False if `timeout_s` ran out first)."""
@@ -287,6 +382,22 @@ class RedisStore:
         self._thread.join(timeout=5)
         if pending:
             self._save_unflushed(pending)
+        self._release_claim()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _release_claim(self) -> None:
+        """Deletes this run's claim on its name (only its own: compared and deleted in one script)."""
+        import redis
+
+        if self._claim is None:
+            return
+        try:
+            self.client.eval("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
+                             1, self.key("claim"), self._claim)
+        except redis.RedisError:
+            pass  # it expires by itself
+        self._claim = None
 
     def _save_unflushed(self, entries: list[tuple[str, str]]) -> None:
         target = (self.run_dir or Path(".")) / "store-unflushed.jsonl"

@@ -22,7 +22,7 @@ from .prompts import checked_prompt_source
 from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, image_seeds, make_rollout
 from .samples import write_samples
-from .store import open_store, run_events, set_aside_earlier_run
+from .store import RunLock, open_store, run_events, set_aside_earlier_run, write_text_whole
 
 GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
@@ -190,22 +190,28 @@ def continues_in(out: Path, checkpoint: Path) -> bool:
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
     """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
     sets an earlier run's files aside and must not mix its records with another run's in the store."""
-    store = open_store(cfg.store.url, out, cfg.name)
-    if fresh:
-        try:
+    lock = RunLock(out)  # before anything is moved or written: one training run in a directory at a time
+    try:
+        store = open_store(cfg.store.url, out, cfg.name)
+    except BaseException:
+        lock.release()
+        raise
+    store.run_lock = lock  # released by store.close()
+    try:
+        if fresh:
             store.require_new()  # refused before anything of the earlier run is moved
-        except BaseException:
-            store.close()
-            raise
-        set_aside_earlier_run(out)
-    write_run_config(cfg, out)
+            set_aside_earlier_run(out)
+        write_run_config(cfg, out)
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
 def write_run_config(cfg: RunConfig, out: Path) -> None:
     """The resolved config beside the outputs: what `eval --model student --run DIR` rebuilds from."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(run_config_dump(cfg), sort_keys=False))
+    write_text_whole(out / "config.yaml", yaml.safe_dump(run_config_dump(cfg), sort_keys=False))
 
 
 def run_config_dump(cfg: RunConfig) -> dict:
@@ -235,9 +241,7 @@ def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
 def save_checkpoint(learner: DMDRLearner, root: Path) -> Path:
     """`root/step_N/` (see `write_checkpoint`) and `root/latest` naming it."""
     directory = write_checkpoint(learner, root / f"step_{learner.generator_step:06d}")
-    pending = root / "latest.tmp"
-    pending.write_text(directory.name + "\n")
-    pending.replace(root / "latest")  # atomic: a run killed here still names a whole checkpoint
+    write_text_whole(root / "latest", directory.name + "\n")  # a run killed here still names a whole checkpoint
     return directory
 
 

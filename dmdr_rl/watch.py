@@ -31,9 +31,9 @@ def locate(run: str, store_url: str | None):
         raise StoreError(f"{run} is not a run directory (no config.yaml in it); give a run directory, or a run name "
                          "with --store redis://HOST:PORT/DB")
     store = open_store(store_url, Path("."), run)
-    if not {"metrics", "ledger"} & set(store.existing_streams()):  # a URL always opens a RedisStore
+    if not store.existing_streams():  # a URL always opens a RedisStore (a run that failed early has events only)
         known = ", ".join(store.runs()) or "none"
-        raise StoreError(f"no run named {run!r} in {store_url}; runs there: {known}")
+        raise StoreError(f"no run named {run!r} in {store.location}; runs there: {known}")
     return store, None, None
 
 
@@ -46,8 +46,12 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     if not rows:
         return f"{shown_state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
     last = rows[-1]
-    # since the last restart: a restarted learner writes again the steps after its checkpoint
+    # since the last restart: a restarted learner writes again the steps after its checkpoint, and a run
+    # launched again (a `started` event) would otherwise count its downtime
     restart = max((i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"]), default=0)
+    launched = max((e["time"] for e in events if e["event"] == "started"), default=None)
+    if launched is not None:
+        restart = max(restart, next((i for i, row in enumerate(rows) if row["time"] >= launched), len(rows) - 1))
     recent = rows[restart:][-10:]
     rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
             if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (too few records yet)")

@@ -147,9 +147,32 @@ def test_a_record_cut_short_is_skipped_not_fatal(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"id": "x", "step": 2, "loss')  # a write cut short (disk full) or still in progress
     assert [r["step"] for r in store.read("metrics")] == [1]
+    store.append("metrics", {"step": 3})  # drops the cut record first: the new one does not join it
+    assert [r["step"] for r in store.read("metrics")] == [1, 3]
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(StoreError, match="metrics.jsonl:2 is not a JSON record"):
         store.read("metrics")
+
+
+def test_a_write_the_disk_cuts_short_is_undone_and_raised(tmp_path):
+    import resource
+    import signal
+
+    store = FileStore(tmp_path)
+    store.append("metrics", {"step": 1})
+    size = (tmp_path / "metrics.jsonl").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 20, hard))  # a full disk, 20 bytes into the next record
+    try:
+        with pytest.raises(StoreError, match=r"only 20 of \d+ bytes of a record could be written"):
+            store.append("metrics", {"step": 2, "loss/dmd": 0.25})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert (tmp_path / "metrics.jsonl").stat().st_size == size
+    store.append("metrics", {"step": 3})
+    assert [r["step"] for r in store.read("metrics")] == [1, 3]
 
 
 @pytest.mark.parametrize("raised, ending", [(None, "finished"), (ValueError("bad batch"), "failed"),
@@ -250,6 +273,9 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
     assert redact_url("unix:///run/redis.sock?password=s3cret&db=1") == "unix:///run/redis.sock?password=***&db=1"
     assert redact_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
+    # a generated password with an unencoded / or # is still a password (urlparse alone would not see it)
+    assert redact_url("redis://:s3cret/pw@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert redact_url("redis://user:p#w@h:1/0") == "redis://user:***@h:1/0"
     write_run_config(load_config("toy-dmdr", ["store.url=redis://:s3cret@redis:6379/0"]), tmp_path)
     saved = (tmp_path / "config.yaml").read_text()
     assert "s3cret" not in saved and "redis://:***@redis:6379/0" in saved
@@ -299,6 +325,12 @@ def test_watch_measures_the_rate_since_a_learner_restart(tmp_path):
         store.append("metrics", {"step": step, "time": when})
     text, _ = snapshot(store, tmp_path, 10)
     assert "generator step 6/10   1.000 steps/s" in text
+    # launched again at t=100 from its last step (no step repeats): the downtime is not counted either
+    store.append("events", {"event": "started", "time": 100.0})
+    for step, when in [(7, 101.0), (8, 102.0)]:
+        store.append("metrics", {"step": step, "time": when})
+    text, _ = snapshot(store, tmp_path, 10)
+    assert "generator step 8/10   1.000 steps/s" in text
 
 
 def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place(tmp_path, redis_server):
@@ -313,3 +345,42 @@ def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place
     with pytest.raises(StoreError, match="already holds records of a run named 'taken'"):
         open_run_directory(cfg, tmp_path, fresh=True)
     assert (tmp_path / "config.yaml").read_text() == "the earlier run's config\n" and not (tmp_path / "previous").exists()
+
+
+def test_two_runs_cannot_start_in_one_directory_or_under_one_name_at_once(tmp_path, redis_server):
+    from dmdr_rl.config import load_config
+    from dmdr_rl.trainer import open_run_directory
+
+    cfg = load_config("toy-dmdr", [f"output.dir={tmp_path / 'a'}"])
+    first = open_run_directory(cfg, tmp_path / "a", fresh=True)
+    with pytest.raises(StoreError, match="another run is writing to .*a right now"):
+        open_run_directory(cfg, tmp_path / "a", fresh=True)
+    assert not (tmp_path / "a" / "previous").exists()  # the running run's files stay where they are
+    first.close()
+    open_run_directory(cfg, tmp_path / "a", fresh=True).close()  # free again once it has ended
+    # one name in one Redis: the second start is refused while the first has not written a record yet
+    starting = RedisStore(redis_server.url, "same-name", tmp_path / "b")
+    starting.require_new()
+    second = RedisStore(redis_server.url, "same-name", tmp_path / "c")
+    with pytest.raises(StoreError, match="another run named 'same-name' is starting"):
+        second.require_new()
+    starting.close()  # ended without a record: the name is free again
+    second.require_new()
+    second.close()
+
+
+def test_a_redis_that_goes_away_is_a_store_error_for_readers(tmp_path, redis_server, capsys):
+    from dmdr_rl import watch
+
+    store = RedisStore(redis_server.url, "gone", tmp_path)
+    store.append("metrics", {"step": 1})
+    assert store.flush(10)
+    redis_server.stop()
+    with pytest.raises(StoreError, match="cannot read dmdr:gone:metrics from the run store"):
+        store.read("metrics")
+    store.close(timeout_s=0.1)
+    with pytest.raises(StoreError, match=r"store.url 'redis://127.0.0.1:1/0\?socket_timeout=x': Invalid value"):
+        RedisStore("redis://127.0.0.1:1/0?socket_timeout=x", "x", tmp_path)
+    with pytest.raises(SystemExit):
+        watch.main(["nope", "--store", f"redis://:s3cret@127.0.0.1:{_free_port()}/0", "--once"])
+    assert "s3cret" not in capsys.readouterr().err
