@@ -229,7 +229,9 @@ class TransformerBackbone:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._lora_layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
-        _compute_in_base_precision(self._lora_layers, name)
+        base_dtype = next(p.dtype for n, p in self.transformer.named_parameters() if "lora_" not in n)
+        if base_dtype != torch.float16:  # float16's range, without loss scaling, would flush their small gradients to 0
+            _compute_in_base_precision(self._lora_layers, name)
         for _, p in self._lora_params[name]:  # trained in float32 on a bf16 base too, computed in bf16
             p.data = p.data.float()
         self._activate(name, force=True)

@@ -61,31 +61,12 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
     return summary.exists() and json.loads(summary.read_text())["generator_steps"] >= max_steps
 
 
-def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted fields whose values differ between two config dumps, as `field: saved -> current`."""
-    changes = []
-    for key in dict.fromkeys([*saved, *current]):
-        a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, name + ".")
-        elif a != b:
-            changes.append(f"{name}: {a!r} -> {b!r}")
-    return changes
-
-
 def _check_same_config(cfg, run_path: Path) -> None:
     """A run trained from another config (a preset tuned since, other overrides) is not reused or
     continued silently: the table would show numbers the current presets do not give."""
-    saved_file = run_path / "config.yaml"
-    if not saved_file.exists():
-        return
-    from .config import load_config
-    from .trainer import run_config_dump
+    from .trainer import changed_settings
 
-    # fields added since then get their defaults; rules added since do not stop the comparison
-    saved = load_config(saved_file, for_sampling=True).model_dump(mode="json")
-    current = run_config_dump(cfg)  # as the run directory keeps it (a store password redacted in both)
-    changes = [c for c in config_changes(saved, current) if not c.startswith(("output.dir:", "trainer.resume_from:"))]
+    changes = changed_settings(cfg, run_path, ignore=("output.dir:", "trainer.resume_from:"))
     if changes:
         raise RuntimeError(f"{run_path} was trained from another config ({'; '.join(changes[:5])}"
                            f"{'; ...' if len(changes) > 5 else ''}): pass --retrain to train it again, or --runs "

@@ -60,7 +60,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .distributed import check_job_output
 
     cfg = load_config(preset, overrides)
-    for note in cfg.warnings():
+    for note in _warnings(cfg):
         print(f"warning: {note}", file=sys.stderr, flush=True)
     check_job_output(cfg)
     if cfg.trainer.backend == "ray":
@@ -101,6 +101,21 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + (", ledger.jsonl, ray_train/" if cfg.trainer.backend == "ray" else ", samples/"))
     print(json.dumps(summary))
+
+
+def _warnings(cfg) -> list[str]:
+    """Settings that run, but probably not as meant: the config's own notes, and what a resumed run
+    changes from the run it continues."""
+    notes = list(cfg.warnings())
+    if cfg.trainer.resume_from and Path(cfg.trainer.resume_from).exists():  # (a submitted job's may be elsewhere)
+        from .trainer import resume_changes
+
+        changes = resume_changes(cfg)
+        if changes:
+            notes.append(f"trainer.resume_from={cfg.trainer.resume_from}: this run changes settings of the run it "
+                         f"continues ({'; '.join(changes[:6])}{'; ...' if len(changes) > 6 else ''}); its numbers "
+                         "are not that run's")
+    return notes
 
 
 def _stages(cfg) -> str:
@@ -163,7 +178,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  rewards: {rewards}",
         f"  prompts: {prompts} ({prompt_note})",
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
-        *(f"  warning: {note}" for note in [*cfg.warnings(), *_missing_packages(cfg)]),
+        *(f"  warning: {note}" for note in [*_warnings(cfg), *_missing_packages(cfg)]),
     ])
 
 

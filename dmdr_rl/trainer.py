@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import dmdr
-from .config import ConfigError, RunConfig, StudentSection
+from .config import ConfigError, RunConfig, StudentSection, load_config
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state
 from .prompts import checked_prompt_source
@@ -260,6 +260,43 @@ def latest_checkpoint(directory: Path) -> Path:
     return directory / latest.read_text().strip() if latest.exists() else directory
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted fields whose values differ between two config dumps, as `field: saved -> current`."""
+    changes = []
+    for key in dict.fromkeys([*saved, *current]):
+        a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
+def changed_settings(cfg: RunConfig, run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """How `cfg` differs from the config the run in `run_dir` was trained with (none when it kept none),
+    leaving out the fields that start with one of `ignore`."""
+    saved_file = Path(run_dir) / "config.yaml"
+    if not saved_file.exists():
+        return []
+    # fields added since then get their defaults; rules added since do not stop the comparison
+    saved = load_config(saved_file, for_sampling=True).model_dump(mode="json")
+    current = run_config_dump(cfg)  # as the run directory keeps it (a store password redacted in both)
+    return [c for c in config_changes(saved, current) if not c.startswith(ignore)]
+
+
+# where a run may differ from the run it resumes: where it writes and runs, and for how long
+RESUME_MAY_CHANGE = ("name:", "output.", "store.", "ray.", "trainer.resume_from:", "trainer.max_steps:",
+                     "trainer.device:", "trainer.backend:")
+
+
+def resume_changes(cfg: RunConfig) -> list[str]:
+    """The training settings a resumed run changes from the config its checkpoint was trained with (said
+    at start: the run goes on, but it is not the run it continues)."""
+    checkpoint = resume_checkpoint(cfg.trainer.resume_from)
+    run_dir = next((d for d in [checkpoint, *checkpoint.parents][:5] if (d / "config.yaml").exists()), None)
+    return changed_settings(cfg, run_dir, RESUME_MAY_CHANGE) if run_dir is not None else []
+
+
 def resume_checkpoint(resume_from: str | Path) -> Path:
     """trainer.resume_from as the checkpoint to load: a run directory, its checkpoints/ (the latest
     checkpoint) or one checkpoints/step_N/ (a Ray run stopped before its end: its newest Ray Train
@@ -302,8 +339,6 @@ def load_generator(run: str | Path, model=None, precision: str | None = None, en
     """(backbone with the run's generator adapter restored, the run's config, the checkpoint): only what
     sampling the student needs -- no optimizers, rewards, reward apps or prompt files of the training.
     `model` / `precision` replace the run's own (export merges on a float32 base)."""
-    from .config import load_config
-
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
     backbone = build_backbone(model or cfg.model, encoders=encoders, precision=precision or cfg.trainer.precision,

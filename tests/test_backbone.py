@@ -92,6 +92,32 @@ def test_a_bf16_base_computes_its_float32_adapters_in_bf16_with_float32_gradient
         assert (g - g_ref).norm() <= 0.02 * g_ref.norm()  # measured 0.7%
 
 
+def test_checkpointing_recomputes_a_base_call_with_the_adapters_off(backbone):
+    backbone.add_lora("generator", rank=4, alpha=8)
+    _perturb(backbone, "generator")
+    x, t, cond = _inputs(backbone)
+    x.requires_grad_(True)
+
+    def input_gradient():  # a base call and an adapter call in one graph, back-propagated after both
+        x.grad = None
+        (backbone.velocity(x, t, cond, cfg=2.0).square().mean()
+         + backbone.velocity(x, t, cond, adapter="generator").square().mean()).backward()
+        return x.grad.clone()
+
+    plain = input_gradient()
+    backbone.enable_gradient_checkpointing()
+    assert torch.equal(input_gradient(), plain)
+
+
+def test_a_float16_base_keeps_its_adapters_in_float32():
+    """float16 (unlike bf16) has too little range for the adapters' small gradients without loss scaling."""
+    torch.manual_seed(0)
+    backbone = ToyBackbone(create_teacher_transformer(seed=0).to(torch.float16), ToyTextEncoder.create(seed=0))
+    backbone.add_lora("generator", rank=4, alpha=8)
+    factors = [m for n, m in backbone.transformer.named_modules() if n.endswith(("lora_A.generator", "lora_B.generator"))]
+    assert factors and all(type(f) is torch.nn.Linear for f in factors)
+
+
 def test_lora_scale_interpolates_the_adapter_contribution(backbone):
     backbone.add_lora("critic", rank=4, alpha=4)
     _perturb(backbone, "critic")

@@ -219,6 +219,11 @@ def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong
     source.train()
     other, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 2, "trainer.seed": 7})
     other.train()
+    from dmdr_rl.trainer import resume_changes
+
+    changed, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 3, "trainer.resume_from": str(tmp_path / "a"),
+                                             "trainer.seed": 7})
+    assert resume_changes(changed.cfg) == ["trainer.seed: 0 -> 7"]  # where it writes and how long it runs may change
     resumed, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 3, "trainer.resume_from": str(tmp_path / "a")})
     resumed.train()
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
