@@ -291,10 +291,23 @@ RESUME_MAY_CHANGE = ("name:", "output.", "store.", "ray.", "trainer.resume_from:
 
 def resume_changes(cfg: RunConfig) -> list[str]:
     """The training settings a resumed run changes from the config its checkpoint was trained with (said
-    at start: the run goes on, but it is not the run it continues)."""
+    at start: the run goes on, but it is not the run it continues). Settings that change the adapters'
+    shapes cannot load the checkpoint at all: a ConfigError, before any model is built (a Ray run would
+    otherwise load the model in every learner restart to fail the same way)."""
     checkpoint = resume_checkpoint(cfg.trainer.resume_from)
     run_dir = next((d for d in [checkpoint, *checkpoint.parents][:5] if (d / "config.yaml").exists()), None)
-    return changed_settings(cfg, run_dir, RESUME_MAY_CHANGE) if run_dir is not None else []
+    changes = changed_settings(cfg, run_dir, RESUME_MAY_CHANGE) if run_dir is not None else []
+    shapes = [c for c in changes if c.startswith(ADAPTER_SHAPES)]
+    if shapes:
+        raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from}: its checkpoint's adapters have other shapes "
+                          f"({'; '.join(shapes)}); resume with the config the checkpoint was trained with (its run's "
+                          "config.yaml)")
+    return changes
+
+
+# the settings that decide the shapes of the checkpointed adapters (null: a full copy)
+ADAPTER_SHAPES = ("student.lora:", "student.lora.rank:", "student.lora.targets:", "critic.lora.rank:",
+                  "critic.lora.targets:", "model.backbone:")
 
 
 def resume_checkpoint(resume_from: str | Path) -> Path:

@@ -233,6 +233,8 @@ def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong
     wrong, _ = _trainer(tmp_path / "c", **{"trainer.resume_from": str(tmp_path / "a"), "student.lora.rank": 8})
     with pytest.raises(ConfigError, match=r"trainer.resume_from=.*other shapes"):
         wrong.train()
+    with pytest.raises(ConfigError, match=r"adapters have other shapes \(student.lora.rank: 16 -> 8\)"):
+        resume_changes(wrong.cfg)  # what run.py asks before building anything
     finished, _ = _trainer(tmp_path / "d", **{"trainer.max_steps": 2, "trainer.resume_from": str(tmp_path / "a")})
     with pytest.raises(ConfigError, match=r"at generator step 2, and trainer.max_steps=2: nothing is left to train"):
         finished.train()
