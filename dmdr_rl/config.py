@@ -175,6 +175,22 @@ class RaySection(_Section):
     http_host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (reward apps' HTTP endpoints)
     http_port: int = Field(8000, ge=1, le=65535)
 
+    @field_validator("address")
+    @classmethod
+    def _cluster_address(cls, value: Optional[str]) -> Optional[str]:
+        """Whether a cluster answers there is checked when the run starts."""
+        if value is not None and not is_cluster_address(value):
+            raise ValueError("use host:port (e.g. 127.0.0.1:6379), auto, local, ray://host:port, or null")
+        return value
+
+
+def is_cluster_address(address: str) -> bool:
+    """One of the forms ray.init takes: host:port ([::1]:6379 too), auto, local, ray://host:port."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return True
+    host, _, port = address.rpartition(":")
+    return bool(host.strip("[]")) and port.isdigit()
+
 
 class DataSection(_Section):
     prompts: str = "toy:held-in"  # toy:<split>, or a .txt/.csv/.parquet/.jsonl file

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
 from .store import PASSWORD_ENV, run_events
 from .trainer import continues_in, open_run_directory
@@ -192,12 +192,12 @@ def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None
 
 def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:
     """A `host:port` cluster address must accept a TCP connection (else ray.init would hang for a minute)."""
+    if not is_cluster_address(address):  # RAY_ADDRESS (ray.address was checked with the config)
+        raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379), 'auto', or ray://host:port")
     if address in ("auto", "local") or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # [::1]:6379
-    if not host or not port.isdigit():
-        raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379), 'auto', or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as err:

@@ -149,6 +149,7 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("trainer.device=gpu", r"trainer.device: use auto, cpu, cuda or cuda:N \(got 'gpu'\)"),
         ("student.lora=None", r"student.lora: .*; write null for no value"),
         ("store.url=redis://h:notaport/0", r"store.url: .*the port must be a number"),
+        ("ray.address=my-cluster", r"ray.address: use host:port .* \(got 'my-cluster'\)"),
     ],
 )
 def test_overrides_that_cannot_apply_are_config_errors_naming_the_field(override, message):
