@@ -106,3 +106,29 @@ def test_align_reward_is_mean_log_prob_and_differentiable():
     assert scores[0].item() == pytest.approx(expected.item(), abs=1e-5)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         reward.score(images, prompts[:1])
+
+
+def test_a_random_mismatch_is_never_the_same_image_worded_the_other_way():
+    import random
+
+    from dmdr_rl.toy.metrics import mismatch
+
+    scene = PairScene(ToyObject("circle", "red"), "left of", ToyObject("square", "blue"))
+    mirrored = PairScene(ToyObject("square", "blue"), "right of", ToyObject("circle", "red"))
+    assert scene != mirrored and (scene.layout, scene.canonical) == (mirrored.layout, mirrored.canonical)
+    rng = random.Random(0)
+    drawn = [mismatch(scene, rng, hard=False) for _ in range(5000)]  # the pool holds ~2200 pair scenes
+    assert all((d.layout, d.canonical) != (scene.layout, scene.canonical) for d in drawn)
+
+
+def test_judge_transfer_measures_what_toy_align_ascent_does_to_the_judge(judge, align):
+    from dmdr_rl.evaluation import fresh_renders
+    from dmdr_rl.toy.check import judge_transfer
+    from dmdr_rl.toy.grammar import PromptSplit
+
+    scenes = PromptSplit("held-out").sample(16, seed=3)
+    images = fresh_renders([*scenes[1:], scenes[0]], 3)  # other scenes' renders: the reward has room to climb
+    unmoved = judge_transfer(judge, align, images, scenes, eps=0.0)
+    assert unmoved["align_after"] == unmoved["align_before"] and unmoved["judge_after"] == unmoved["judge_before"]
+    moved = judge_transfer(judge, align, images, scenes, eps=4 / 255)
+    assert moved["align_after"] > moved["align_before"] + 0.1

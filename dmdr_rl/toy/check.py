@@ -5,6 +5,12 @@
 Prints and returns: the judge's accuracy on fresh renders of each split, and how often `toy-align`
 scores an image's true prompt above a mismatched one (random, and one attribute changed), and the
 FID between two independent sets of renders (the floor for any sampler's FID at this sample size).
+
+    python -m dmdr_rl.toy.check --transfer --num-images 128
+
+How far the judge is from independent of the reward: teacher samples are pushed, within an invisible
+L-inf budget, up toy-align's gradient alone (what ReFL does to a generator's images), and the judge's
+accuracy is measured before and after, beside random sign noise of the same size as the control.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import torch
 
 from ..evaluation import REFERENCE_SEED_OFFSET, fresh_renders
-from .grammar import SPLITS, PromptSplit
+from .grammar import SPLITS, PromptSplit, prompts_of
 from .metrics import judge_fid, judge_verdicts, reward_discrimination, summarise_verdicts
 from .weights import load_align, load_judge
 
@@ -48,12 +54,61 @@ def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=No
     return report
 
 
+def align_ascent(align, images: torch.Tensor, prompts, eps: float, steps: int = 40) -> torch.Tensor:
+    """`images` moved up toy-align's gradient (signed steps of eps/8, projected to an L-inf ball of eps)."""
+    x = images.clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(align.score(x, prompts).sum(), x)
+        with torch.no_grad():
+            x = torch.minimum(torch.maximum(x + eps / 8 * grad.sign(), images - eps), images + eps).clamp(0, 1)
+    return x.detach()
+
+
+def judge_transfer(judge, align, images: torch.Tensor, scenes, eps: float = 4 / 255, seed: int = 0) -> dict:
+    """toy-align, judge accuracy and judge-feature FID (against fresh renders) before and after
+    `align_ascent`, and under random sign noise of the same size (the control): a judge independent of
+    the reward gains nothing."""
+    prompts = prompts_of(scenes)
+    pushed = align_ascent(align, images, prompts, eps)
+    signs = torch.randint(0, 2, images.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    noisy = (images + eps * signs).clamp(0, 1)
+    with torch.no_grad():
+        def accuracy(x):
+            return summarise_verdicts(judge_verdicts(judge, x, scenes))[0]
+
+        reference = fresh_renders(scenes, seed)
+        return {"eps": eps, "align_before": float(align.score(images, prompts).mean()),
+                "align_after": float(align.score(pushed, prompts).mean()), "judge_before": accuracy(images),
+                "judge_after": accuracy(pushed), "judge_random_signs": accuracy(noisy),
+                "fid_before": judge_fid(judge, images, reference), "fid_after": judge_fid(judge, pushed, reference),
+                "fid_random_signs": judge_fid(judge, noisy, reference)}
+
+
+def check_transfer(num_images: int, seed: int, eps: float) -> dict:
+    """`judge_transfer` on the shipped teacher's 4-step samples (CFG as in the docs) of each split."""
+    from ..rollout import image_seeds
+    from .teacher import DEFAULT_CFG
+    from .weights import load_teacher
+
+    judge, align, teacher = load_judge(), load_align(), load_teacher()
+    report = {"num_images_per_split": num_images, "samples": f"teacher, 4 steps, CFG {DEFAULT_CFG:g}"}
+    for split in SPLITS:
+        scenes = PromptSplit(split).sample(num_images, seed)
+        images = teacher.sample(prompts_of(scenes), steps=4, cfg=DEFAULT_CFG, seed=image_seeds(seed, num_images))
+        report[split] = judge_transfer(judge, align, images.clamp(0, 1), scenes, eps, seed)
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.check", description=__doc__.split("\n")[0])
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transfer", action="store_true", help="measure how far toy-align's gradient moves the judge")
+    parser.add_argument("--eps", type=float, default=4 / 255, help="the L-inf budget of --transfer (default 4/255)")
     args = parser.parse_args(argv)
-    print(json.dumps(check_evaluators(args.num_images, args.seed), indent=2))
+    report = check_transfer(args.num_images, args.seed, args.eps) if args.transfer else check_evaluators(args.num_images, args.seed)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

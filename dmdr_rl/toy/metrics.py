@@ -56,6 +56,11 @@ def _pair_verdict(scene: PairScene, pred: dict[str, str]) -> dict[str, bool]:
     return v
 
 
+def _depicted(scene: Scene):
+    """What an image of `scene` shows: "a left of b" and "b right of a" are one image."""
+    return (scene.layout, scene.canonical) if isinstance(scene, PairScene) else scene
+
+
 def _sorted_objects(objects: list[ToyObject]) -> list[tuple[str, str]]:
     return sorted((o.shape, o.colour) for o in objects)
 
@@ -87,7 +92,7 @@ def mismatch(scene: Scene, rng, hard: bool) -> Scene:
     exactly one attribute changed (for pairs: one object's shape or colour, or the relation)."""
     if not hard:
         pool = all_single_scenes() if isinstance(scene, SingleScene) else all_pair_scenes()
-        while (other := rng.choice(pool)) == scene:
+        while _depicted(other := rng.choice(pool)) == _depicted(scene):  # not the mirrored wording of the same image
             pass
         return other
 
