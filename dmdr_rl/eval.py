@@ -144,8 +144,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         report = {"model": args.model, **settings, **report,
                   "seconds": round(time.time() - started, 1)}
         (args.out / name / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  FID {report['fid']:.2f}  "
-              f"toy-align {report['rewards']['toy-align']:.3f}  -> {args.out / name}")
+        print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  analytic {report['analytic_accuracy']:.3f}  "
+              f"FID {report['fid']:.2f}  toy-align {report['rewards']['toy-align']:.3f}  -> {args.out / name}")
         if "fid_note" in report and len(reports) == 0:
             print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
         reports.append(report)
@@ -156,10 +156,11 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 def write_summary(reports: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(reports, indent=2) + "\n")
-    lines = ["| model | split | steps | cfg | judge accuracy | FID | toy-align | images |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | toy-align | images |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         lines.append(f"| {r['model']} | {r['split']} | {r['steps']} | {r['cfg']:g} | {r['judge_accuracy']:.3f} | "
-                     f"{r['fid']:.2f} | {r['rewards']['toy-align']:.3f} | {r['num_images']} |")
+                     f"{r['analytic_accuracy']:.3f} | {r['fid']:.2f} | {r['rewards']['toy-align']:.3f} | {r['num_images']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .algo import finite_mean
 from .grid import save_grid
 from .rollout import image_seeds
+from .toy.analytic import analytic_accuracy
 from .toy.grammar import PromptSplit, prompts_of
 from .toy.metrics import judge_fid, judge_verdicts, summarise_verdicts
 from .toy.render import render_batch
@@ -75,9 +76,13 @@ def evaluate(
         reward_means = {name: float(finite_mean(scores)) for name, scores in reward_scores.items()}
         nonfinite = {name: int((~torch.isfinite(scores)).sum()) for name, scores in reward_scores.items()}
     accuracy, by_category = summarise_verdicts(verdicts)
+    analytic, by_attribute = analytic_accuracy(images, scenes)
     report = {
         "judge_accuracy": accuracy,
         "judge_accuracy_by_category": by_category,
+        # read off the pixels, no weights: colours, positions, sizes, layout (not shapes); see toy/analytic.py
+        "analytic_accuracy": analytic,
+        "analytic_accuracy_by_attribute": by_attribute,
         "fid": judge_fid(judge, images, reference),
         "fid_reference": "fresh renders of the same prompts (judge penultimate features)",
         # FID falls with the image count (renders against renders: about 25 at 1000 images, 326 at 64), so

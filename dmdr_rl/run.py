@@ -95,8 +95,8 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
                       desc="evaluating the student")
     settings = {"model": "student", **toy_eval.student_settings(cfg.student)}  # as `eval --model student` reports
     (out / "eval" / "report.json").write_text(json.dumps({**settings, **report}, indent=2) + "\n")
-    print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, FID {report['fid']:.2f}, "
-          f"toy-align {report['rewards']['toy-align']:.3f}")
+    print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, analytic accuracy "
+          f"{report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, toy-align {report['rewards']['toy-align']:.3f}")
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + (", ledger.jsonl, ray_train/" if cfg.trainer.backend == "ray" else ", samples/"))

@@ -21,6 +21,7 @@ import json
 import torch
 
 from ..evaluation import REFERENCE_SEED_OFFSET, fresh_renders
+from .analytic import analytic_accuracy
 from .grammar import SPLITS, PromptSplit, prompts_of
 from .metrics import judge_fid, judge_verdicts, reward_discrimination, summarise_verdicts
 from .weights import load_align, load_judge
@@ -81,6 +82,7 @@ def judge_transfer(judge, align, images: torch.Tensor, scenes, eps: float = 4 / 
         return {"eps": eps, "align_before": float(align.score(images, prompts).mean()),
                 "align_after": float(align.score(pushed, prompts).mean()), "judge_before": accuracy(images),
                 "judge_after": accuracy(pushed), "judge_random_signs": accuracy(noisy),
+                "analytic_before": analytic_accuracy(images, scenes)[0], "analytic_after": analytic_accuracy(pushed, scenes)[0],
                 "fid_before": judge_fid(judge, images, reference), "fid_after": judge_fid(judge, pushed, reference),
                 "fid_random_signs": judge_fid(judge, noisy, reference)}
 
