@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     from .toy.weights import ToyWeightsError
     from reward_servers.protocol import RewardInputError, RewardServerError
 
-    signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
         if args.dry_run:
             if args.preset is None:
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
         parser.exit(130, "dmdr_rl: stopped\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # a caller's own handler (main() called in-process) comes back
 
 
 if __name__ == "__main__":
