@@ -8,14 +8,16 @@ from dmdr_rl.evaluation import fresh_renders
 from dmdr_rl.toy.analytic import analytic_accuracy, analytic_verdict, objects_in
 from dmdr_rl.toy.grammar import PromptSplit
 from dmdr_rl.toy.metrics import mismatch
-from dmdr_rl.toy.scene import PairScene, SingleScene, ToyObject
+from dmdr_rl.toy.scene import SingleScene, ToyObject
 
 
 def test_fresh_renders_of_both_splits_are_read_right():
     for split in ("held-in", "held-out"):
         scenes = PromptSplit(split).sample(300, seed=5)
         accuracy, by_attribute = analytic_accuracy(fresh_renders(scenes, 5), scenes)
-        assert accuracy >= 0.99 and min(by_attribute.values()) >= 0.99, (split, by_attribute)
+        # shapes are read from a few dozen pixels: about one small object in a hundred is misread
+        assert accuracy >= 0.96 and by_attribute.pop("pair/shapes") >= 0.94 and by_attribute.pop("single/shape") >= 0.97
+        assert min(by_attribute.values()) >= 0.99, (split, by_attribute)
 
 
 def test_a_changed_colour_position_or_size_is_caught():
@@ -23,18 +25,10 @@ def test_a_changed_colour_position_or_size_is_caught():
     images = fresh_renders(scenes, 6)
     rng = random.Random(0)
     wrong = []
-    for scene in scenes:  # one attribute changed, among those the analytic judge reads
-        while True:
-            other = mismatch(scene, rng, hard=True)
-            shape_only = (isinstance(scene, SingleScene) and other.obj.colour == scene.obj.colour
-                          and (other.size, other.position) == (scene.size, scene.position)) or (
-                isinstance(scene, PairScene) and [o.colour for o in other.canonical] == [o.colour for o in scene.canonical]
-                and other.layout == scene.layout)
-            if not shape_only:
-                break
-        wrong.append(other)
+    for scene in scenes:  # one attribute changed (shape, colour, size, position, an object, the relation)
+        wrong.append(mismatch(scene, rng, hard=True))
     accuracy, _ = analytic_accuracy(images, wrong)
-    assert accuracy <= 0.02
+    assert accuracy <= 0.03
 
 
 def test_small_perturbations_do_not_change_a_verdict():
@@ -50,5 +44,5 @@ def test_an_empty_canvas_has_no_objects_and_fails_every_attribute():
     grey = torch.full((3, 32, 32), 0.25).numpy()
     assert objects_in(grey) == []
     verdict = analytic_verdict(grey, SingleScene(ToyObject("circle", "red"), "small", "center"))
-    assert verdict == {"single/count": False, "single/colour": False, "single/position": False, "single/size": False,
-                       "correct": False}
+    assert verdict == {"single/count": False, "single/shape": False, "single/colour": False, "single/position": False,
+                       "single/size": False, "correct": False}
