@@ -4,18 +4,23 @@ The learned judge shares its training data and labels with toy-align, and pushin
 toy-align's gradient moves it too (`python -m dmdr_rl.toy.check --transfer`). This one is measured
 instead: an object pixel is one far from grey (the renderer's backgrounds are near-grey, its palette
 saturated), its colour is the nearest palette colour, and objects are the connected regions of one
-colour. A region's shape comes from two rotation-free measures: how far its farthest pixel lies from
-its centre against a disc of its area (circle about 1.07, square and diamond 1.26, triangle 1.5), and
-how much of its bounding box it fills (square 0.84, diamond 0.55). What it checks, by scene kind:
+colour. A region's shape is the renderer's ideal shape (of the region's area and centre, turned as the
+renderer turns polygons) that overlaps it best. What it checks, by scene kind:
 - one object: one object region; its shape; its colour; the position nearest its centre; small or
   large by area;
 - two objects: two object regions; the layout; both objects (shape and colour) in the canonical frame
   (left/upper first).
 A perturbation of a few levels per channel moves none of these by more than a pixel's worth.
+
+Every evaluation reports it (`analytic_accuracy`); saved samples are scored after the fact with
+
+    python -m dmdr_rl.toy.analytic runs/eval/<setting>/samples.parquet   # or a run's samples/ directory
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections import defaultdict
 from typing import Sequence
 
@@ -23,7 +28,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .scene import COLOUR_NAMES, COLOURS, POSITION_NAMES, POSITIONS, PairScene, Scene
+from .render import POLYGON_GEOMETRY, shape_coverage
+from .scene import COLOUR_NAMES, COLOURS, POSITION_NAMES, POSITIONS, SHAPES, PairScene, Scene
 
 # Saturation (max - min over RGB) above which a pixel is an object's: backgrounds stay under ~0.12,
 # the palette's colours are 0.65 or more (the renderer's soft edges give the values in between).
@@ -32,10 +38,8 @@ OBJECT_SATURATION = 0.35
 MIN_OBJECT_PIXELS = 12
 # On 1200 fresh renders small objects covered 35-79 pixels and large ones 115-229 (triangles the least)
 LARGE_OBJECT_PIXELS = 97
-# Shape boundaries, from 1000 fresh renders (seed 3): farthest pixel / disc radius of the area was
-# circle 1.04-1.14, square 1.17-1.35, diamond 1.13-1.36, triangle 1.37-1.63; bounding-box fill was
-# square 0.70-1.00, diamond 0.49-0.68.
-TRIANGLE_REACH, CIRCLE_REACH, SQUARE_FILL = 1.365, 1.155, 0.69
+# a polygon's rotations tried (the renderer turns them by up to 0.2 rad either way)
+_TURNS = tuple(np.linspace(-0.2, 0.2, 5))
 
 _PALETTE = np.asarray([COLOURS[name] for name in COLOUR_NAMES], dtype=np.float32)  # [6, 3]
 _CENTRES = np.asarray([POSITIONS[name] for name in POSITION_NAMES], dtype=np.float32)  # [P, 2] (x, y)
@@ -53,21 +57,34 @@ def objects_in(image: np.ndarray) -> list[dict]:
     for index in range(len(COLOUR_NAMES)):
         regions, count = ndimage.label(mask & (colour == index))
         for region in range(1, count + 1):
-            ys, xs = np.nonzero(regions == region)
+            pixels = regions == region
+            ys, xs = np.nonzero(pixels)
             if len(xs) >= MIN_OBJECT_PIXELS:
-                found.append({"colour": COLOUR_NAMES[index], "pixels": int(len(xs)), "shape": _shape(xs, ys),
+                found.append({"colour": COLOUR_NAMES[index], "pixels": int(len(xs)), "shape": _shape(pixels, xs, ys),
                               "centre": (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)})
     return sorted(found, key=lambda o: -o["pixels"])
 
 
-def _shape(xs: np.ndarray, ys: np.ndarray) -> str:
-    reach = (np.sqrt(((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2).max()) + 0.5) / np.sqrt(len(xs) / np.pi)
-    if reach >= TRIANGLE_REACH:
-        return "triangle"
-    if reach < CIRCLE_REACH:
-        return "circle"
-    fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-    return "square" if fill >= SQUARE_FILL else "diamond"
+def _shape(region: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> str:
+    """The ideal shape (the renderer's own geometry, same area and centre, upright or turned as the renderer
+    turns polygons) that overlaps the region best."""
+    centre, area = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), len(xs)
+    best, best_overlap = "circle", -1.0
+    for shape in SHAPES:
+        for turn in (0.0,) if shape == "circle" else _TURNS:
+            ideal = shape_coverage(shape, *centre, _radius_for_area(shape, area), turn)[0] > 0.5
+            overlap = (ideal & region).sum() / (ideal | region).sum()
+            if overlap > best_overlap:
+                best, best_overlap = shape, overlap
+    return best
+
+
+def _radius_for_area(shape: str, area: float) -> float:
+    """The nominal radius at which the renderer's `shape` covers `area` pixels."""
+    if shape == "circle":
+        return float(np.sqrt(area / np.pi))
+    sides, _, scale = POLYGON_GEOMETRY[shape]
+    return float(np.sqrt(2 * area / (sides * np.sin(2 * np.pi / sides)))) / scale
 
 
 def analytic_verdict(image: np.ndarray, scene: Scene) -> dict[str, bool]:
@@ -110,3 +127,32 @@ def analytic_accuracy(images: torch.Tensor, scenes: Sequence[Scene]) -> tuple[fl
             totals[key][1] += 1
     by_attribute = {k: right / n for k, (right, n) in sorted(totals.items()) if k != "correct"}
     return totals["correct"][0] / max(1, totals["correct"][1]), by_attribute
+
+
+def score_samples(path) -> dict:
+    """The analytic judge on a samples file (or a directory of them) of toy prompts: from their PNGs,
+    8-bit as stored."""
+    from ..samples import decode_png, read_samples
+    from .grammar import prompt_to_scene
+
+    table = read_samples(path)
+    scenes = [prompt_to_scene(p) for p in table.column("prompt").to_pylist()]
+    images = torch.stack([decode_png(png) for png in table.column("png").to_pylist()])
+    accuracy, by_attribute = analytic_accuracy(images, scenes)
+    return {"samples": str(path), "num_images": len(scenes), "analytic_accuracy": accuracy,
+            "analytic_accuracy_by_attribute": by_attribute}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.analytic", description=__doc__.split("\n")[0])
+    parser.add_argument("samples", nargs="+", help="samples.parquet files or directories of them (toy prompts)")
+    args = parser.parse_args(argv)
+    try:
+        reports = [score_samples(path) for path in args.samples]
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+
+
+if __name__ == "__main__":
+    main()

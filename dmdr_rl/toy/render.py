@@ -18,8 +18,9 @@ from .scene import COLOURS, POSITIONS, PairScene, Scene, SingleScene, ToyObject
 
 RESOLUTION = 32
 _SMALL_RADIUS, _LARGE_RADIUS, _PAIR_RADIUS = 4.6, 8.0, 4.6
-# Scale from the nominal radius to each polygon's circumradius, so that shapes look equally big.
-_POLYGONS = {"square": (4, math.pi / 4, 1.2), "diamond": (4, 0.0, 1.2), "triangle": (3, -math.pi / 2, 1.3)}
+# Per polygon: sides, upright rotation, and the scale from the nominal radius to its circumradius (so that
+# shapes look equally big).
+POLYGON_GEOMETRY = {"square": (4, math.pi / 4, 1.2), "diamond": (4, 0.0, 1.2), "triangle": (3, -math.pi / 2, 1.3)}
 
 _ys, _xs = np.mgrid[0:RESOLUTION, 0:RESOLUTION].astype(np.float32) + 0.5
 
@@ -29,7 +30,8 @@ def render(scene: Scene, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     image = _background(rng)
     for obj, (cx, cy), radius in _layout(scene, rng):
-        coverage = _coverage(obj.shape, cx, cy, radius, rng)
+        turn = 0.0 if obj.shape == "circle" else rng.uniform(-0.2, 0.2)  # a polygon's rotation jitter
+        coverage = shape_coverage(obj.shape, cx, cy, radius, turn)
         colour = _object_colour(obj, rng)
         texture = 1.0 + rng.normal(0.0, 0.03, size=(1, RESOLUTION, RESOLUTION)).astype(np.float32)
         image = image * (1.0 - coverage) + coverage * colour[:, None, None] * texture
@@ -61,13 +63,15 @@ def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[ToyObject, tup
     return [(lead, centres[0], float(radii[0])), (trail, centres[1], float(radii[1]))]
 
 
-def _coverage(shape: str, cx: float, cy: float, radius: float, rng: np.random.Generator) -> np.ndarray:
+def shape_coverage(shape: str, cx: float, cy: float, radius: float, turn: float = 0.0) -> np.ndarray:
+    """[1, 32, 32] how much of each pixel a shape of nominal `radius` centred at (cx, cy) covers (a polygon
+    turned by `turn` radians from its upright pose), with a one-pixel soft edge."""
     dx, dy = _xs - cx, _ys - cy
     if shape == "circle":
         distance = np.sqrt(dx * dx + dy * dy) - radius
     else:
-        sides, phase, scale = _POLYGONS[shape]
-        rotation = phase + rng.uniform(-0.2, 0.2)
+        sides, phase, scale = POLYGON_GEOMETRY[shape]
+        rotation = phase + turn
         circumradius = radius * scale
         apothem = circumradius * math.cos(math.pi / sides)
         # A regular polygon is the intersection of half-planes; the max of the edge distances is
