@@ -295,7 +295,7 @@ def resume_changes(cfg: RunConfig) -> list[str]:
     shapes cannot load the checkpoint at all: a ConfigError, before any model is built (a Ray run would
     otherwise load the model in every learner restart to fail the same way)."""
     checkpoint = resume_checkpoint(cfg.trainer.resume_from)
-    run_dir = next((d for d in [checkpoint, *checkpoint.parents][:5] if (d / "config.yaml").exists()), None)
+    run_dir = run_directory_of(checkpoint)
     changes = changed_settings(cfg, run_dir, RESUME_MAY_CHANGE) if run_dir is not None else []
     shapes = [c for c in changes if c.startswith(ADAPTER_SHAPES)]
     if shapes:
@@ -333,11 +333,17 @@ def _run_checkpoint(run_dir: Path) -> Path:
     return max(saved, key=lambda p: p.stat().st_mtime) if saved else latest
 
 
+def run_directory_of(path: Path) -> Path | None:
+    """The run directory (the one with config.yaml) that `path` is, or lies in up to four levels down."""
+    path = Path(path)
+    return next((d for d in [path, *path.parents][:5] if (d / "config.yaml").exists()), None)
+
+
 def find_run(run: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) for a run directory (its latest checkpoint, see
     `_run_checkpoint`), or any checkpoint directory inside it (checkpoints/, step_N/, a Ray Train one)."""
     run = Path(run)
-    run_dir = next((d for d in [run, *run.parents][:5] if (d / "config.yaml").exists()), None)
+    run_dir = run_directory_of(run)
     if run_dir is None:
         raise FileNotFoundError(f"{run} is not a training run (no config.yaml in it or above it)")
     checkpoint = _run_checkpoint(run_dir) if run_dir == run else latest_checkpoint(run)
