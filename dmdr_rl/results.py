@@ -267,22 +267,26 @@ def render_markdown(table: dict) -> str:
         f"Reproduce: `{meta['command']}` ({meta['num_images']} images per split and row, seed {meta['seed']}; "
         f"written {meta['date']}).{' ' + meta['note'] if meta.get('note') else ''} Judge accuracy is strict (every attribute and the object count right); FID uses "
         f"the judge's features against fresh renders of the same prompts (lower is better; {floor_text}); "
-        "toy-align is the RL reward (the judge never trains anything). Students train on held-in "
+        "toy-align is the RL reward (the judge never trains anything, but it learned from the same renders and "
+        "labels, and toy-align's gradient moves it: `python -m dmdr_rl.toy.check --transfer`). Analytic accuracy "
+        "is a judge with no weights (shape, colour, position, size and layout read off the pixels; "
+        "`dmdr_rl/toy/analytic.py`). Students train on held-in "
         "prompts only; held-out prompts contain colour-shape pairs no training prompt has. Teacher rows use CFG 4, "
         "students no guidance.",
         "",
-        "| row | steps | judge acc. held-in | judge acc. held-out | FID held-in | FID held-out | toy-align held-in "
-        "| toy-align held-out | train time | grid (held-in) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | steps | judge acc. held-in | judge acc. held-out | analytic acc. held-in | analytic acc. held-out "
+        "| FID held-in | FID held-out | toy-align held-in | toy-align held-out | train time | grid (held-in) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         train = r.get("training")
         train_time = f"{train['train_seconds'] / 60:.1f} min ({train['threads']} thr)" if train else "-"
         a, b = r["held-in"], r["held-out"]
+        analytic = [f"{x['analytic_accuracy']:.3f}" if "analytic_accuracy" in x else "-" for x in (a, b)]  # older tables: -
         lines.append(
-            f"| {r['label']} | {r['steps']} | {a['judge_accuracy']:.3f} | {b['judge_accuracy']:.3f} | {a['fid']:.1f} "
-            f"| {b['fid']:.1f} | {a['rewards']['toy-align']:.3f} | {b['rewards']['toy-align']:.3f} | {train_time} "
-            f"| [{key}]({a['grid']}) |"
+            f"| {r['label']} | {r['steps']} | {a['judge_accuracy']:.3f} | {b['judge_accuracy']:.3f} | {analytic[0]} "
+            f"| {analytic[1]} | {a['fid']:.1f} | {b['fid']:.1f} | {a['rewards']['toy-align']:.3f} "
+            f"| {b['rewards']['toy-align']:.3f} | {train_time} | [{key}]({a['grid']}) |"
         )
     sentence = hacking_sentence(results)
     if sentence:

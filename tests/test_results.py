@@ -26,6 +26,9 @@ def test_the_table_trains_evaluates_and_reuses_finished_runs(tmp_path):
     assert saved["rows"]["dmdr-1"]["held-out"]["fid"] == table["rows"]["dmdr-1"]["held-out"]["fid"]
     markdown = (tmp_path / "out" / "toy.md").read_text()
     assert "| DMDR, 1-step | 1 |" in markdown and "DMD 1-step far better" in markdown
+    teacher = table["rows"]["teacher-1"]  # the analytic judge's column beside the learned one's
+    assert (f"| Teacher, 1 step | 1 | {teacher['held-in']['judge_accuracy']:.3f} | {teacher['held-out']['judge_accuracy']:.3f} "
+            f"| {teacher['held-in']['analytic_accuracy']:.3f} | {teacher['held-out']['analytic_accuracy']:.3f} |") in markdown
     floor = table["meta"]["fid_floor"]  # renders against renders at the table's own 8 images
     assert floor["held-in"] > 0 and f"renders against renders give {floor['held-in']} held-in" in markdown
     checkpoint = tmp_path / "runs" / "dmd-1" / "checkpoints" / "step_000002" / "generator.safetensors"
