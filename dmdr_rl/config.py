@@ -407,7 +407,7 @@ def _schema_of(annotation: Any) -> Any:
 
 
 def _allowed_keys(loc: tuple) -> str:
-    """'; allowed: ...' for the section at `loc` (for an unknown key in a YAML file)."""
+    """'; <section> has <its keys>' for the section at `loc` (for an unknown key in a YAML file)."""
     schema: Any = RunConfig
     for part in loc:
         if isinstance(schema, tuple):

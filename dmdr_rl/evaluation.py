@@ -80,7 +80,7 @@ def evaluate(
     report = {
         "judge_accuracy": accuracy,
         "judge_accuracy_by_category": by_category,
-        # read off the pixels, no weights: colours, positions, sizes, layout (not shapes); see toy/analytic.py
+        # read off the pixels, no weights (shapes, colours, positions, sizes, layout); see toy/analytic.py
         "analytic_accuracy": analytic,
         "analytic_accuracy_by_attribute": by_attribute,
         "fid": judge_fid(judge, images, reference),

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from .metrics import summarise_verdicts
 from .render import POLYGON_GEOMETRY, shape_coverage
 from .scene import COLOUR_NAMES, COLOURS, POSITION_NAMES, POSITIONS, SHAPES, PairScene, Scene
 
@@ -49,18 +49,17 @@ def objects_in(image: np.ndarray) -> list[dict]:
     """The object regions of one image [3, H, W] in [0, 1], largest first: colour, pixel count, centre (x, y)."""
     saturation = image.max(axis=0) - image.min(axis=0)
     mask = saturation > OBJECT_SATURATION
-    # nearest palette colour of each pixel, by the pixel's chromatic part (the renderer scales brightness)
-    pixels = image.reshape(3, -1).T
-    distance = ((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1)
-    colour = distance.argmin(-1).reshape(image.shape[1:])
+    # nearest palette colour of each pixel (RGB distance)
+    rgb = image.reshape(3, -1).T
+    colour = ((rgb[:, None, :] - _PALETTE[None]) ** 2).sum(-1).argmin(-1).reshape(image.shape[1:])
     found = []
     for index in range(len(COLOUR_NAMES)):
         regions, count = ndimage.label(mask & (colour == index))
-        for region in range(1, count + 1):
-            pixels = regions == region
-            ys, xs = np.nonzero(pixels)
+        for label in range(1, count + 1):
+            region = regions == label
+            ys, xs = np.nonzero(region)
             if len(xs) >= MIN_OBJECT_PIXELS:
-                found.append({"colour": COLOUR_NAMES[index], "pixels": int(len(xs)), "shape": _shape(pixels, xs, ys),
+                found.append({"colour": COLOUR_NAMES[index], "pixels": int(len(xs)), "shape": _shape(region, xs, ys),
                               "centre": (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)})
     return sorted(found, key=lambda o: -o["pixels"])
 
@@ -119,14 +118,9 @@ def analytic_verdict(image: np.ndarray, scene: Scene) -> dict[str, bool]:
 
 
 def analytic_accuracy(images: torch.Tensor, scenes: Sequence[Scene]) -> tuple[float, dict[str, float]]:
-    """(share of images correct on every attribute, share per attribute)."""
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for image, scene in zip(images.detach().float().clamp(0, 1).cpu().numpy(), scenes):
-        for key, ok in analytic_verdict(image, scene).items():
-            totals[key][0] += int(ok)
-            totals[key][1] += 1
-    by_attribute = {k: right / n for k, (right, n) in sorted(totals.items()) if k != "correct"}
-    return totals["correct"][0] / max(1, totals["correct"][1]), by_attribute
+    """(share of images correct on every attribute, share per attribute), summed as the learned judge's are."""
+    pixels = images.detach().float().clamp(0, 1).cpu().numpy()
+    return summarise_verdicts([analytic_verdict(image, scene) for image, scene in zip(pixels, scenes)])
 
 
 def score_samples(path) -> dict:
