@@ -10,7 +10,9 @@ Files (`store.url: null`): `<run dir>/<stream>.jsonl`, each record written with 
 an exclusive lock, so concurrent processes never interleave or lose lines. Redis (`redis://host:port/db`):
 one Redis stream per run and stream (`dmdr:<run>:<stream>`); records are buffered and retried while Redis
 is away (a restart does not stop the run), and each carries a unique id so that a write retried after a
-lost reply is not counted twice. A resumed run appends to the same records.
+lost reply is not counted twice. Records Redis never got by the time the run closed are saved to
+`<run dir>/store-unflushed.jsonl`, and reading the run with its directory counts them again. A resumed
+run appends to the same records.
 """
 
 from __future__ import annotations
@@ -210,6 +212,40 @@ def _after_last_whole_line(fd: int) -> int:
     return whole
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of one JSON-lines file ([] when there is none), read under a shared lock so that no
+    write is half done; a last record cut short (e.g. a full disk) is not a record."""
+    if not path.exists():
+        return []
+    with path.open("rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        data = f.read().decode()
+    lines = data.split("\n")
+    if lines and lines[-1] and not data.endswith("\n"):
+        lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise StoreError(f"{path}:{number} is not a JSON record ({err})") from err
+    return records
+
+
+def merge_by_time(ordered: list[dict], late: list[dict]) -> list[dict]:
+    """`ordered` kept in its own order, with each of `late` placed before the first record written after
+    it (by the `time` every record carries)."""
+    late = sorted(late, key=lambda r: r.get("time", 0.0))
+    out, i = [], 0
+    for record in ordered:
+        while i < len(late) and late[i].get("time", 0.0) <= record.get("time", 0.0):
+            out.append(late[i])
+            i += 1
+        out.append(record)
+    return out + late[i:]
+
+
 class FileStore:
     run_lock: RunLock | None = None  # a training run's (see open_run_directory), released by close()
 
@@ -238,23 +274,7 @@ class FileStore:
             os.close(fd)  # closing releases the lock
 
     def read(self, stream: str) -> list[dict]:
-        path = self.path(stream)
-        if not path.exists():
-            return []
-        with path.open("rb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no write is half done while we read
-            data = f.read().decode()
-        lines = data.split("\n")
-        if lines and lines[-1] and not data.endswith("\n"):
-            lines = lines[:-1]  # a record cut short (e.g. a full disk) is not a record
-        records = []
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise StoreError(f"{path}:{number} is not a JSON record ({err})") from err
-        return unique(records)
+        return unique(read_jsonl(self.path(stream)))
 
     def require_new(self) -> None:
         """Nothing to check: `set_aside_earlier_run` has already moved an earlier run's files away."""
@@ -352,10 +372,20 @@ class RedisStore:
                 return
         self._save_unflushed([entry])  # after close: kept on disk, never dropped
 
+    UNFLUSHED = "store-unflushed.jsonl"
+
     def read(self, stream: str) -> list[dict]:
+        """The stream as Redis holds it, plus the records this run saved next to itself because Redis never
+        got them (see close): an audit after an outage at shutdown still counts them."""
         with self._reading(self.key(stream)):
             entries = self.client.xrange(self.key(stream))
-        return unique(json.loads(fields[b"json"]) for _, fields in entries)
+        records = [json.loads(fields[b"json"]) for _, fields in entries]
+        saved = [{k: v for k, v in r.items() if k not in ("run", "stream")} for r in self._unflushed()
+                 if r.get("stream") == stream and r.get("run", self.run) == self.run]  # a watched name's, not the cwd's
+        return unique(merge_by_time(records, saved) if saved else records)
+
+    def _unflushed(self) -> list[dict]:
+        return read_jsonl(self.run_dir / self.UNFLUSHED) if self.run_dir is not None else []
 
     def runs(self) -> list[str]:
         with self._reading("the run names"):
@@ -400,11 +430,12 @@ class RedisStore:
         self._claim = None
 
     def _save_unflushed(self, entries: list[tuple[str, str]]) -> None:
-        target = (self.run_dir or Path(".")) / "store-unflushed.jsonl"
+        target = (self.run_dir or Path(".")) / self.UNFLUSHED
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("a") as f:
-            for stream, text in entries:
-                f.write(json.dumps({"stream": stream, **json.loads(text)}) + "\n")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # read_jsonl never sees half of it
+            f.write("".join(json.dumps({"run": self.run, "stream": stream, **json.loads(text)}) + "\n"
+                            for stream, text in entries))
         log.error("run store %s: %d records could not be sent; saved to %s", self.url, len(entries), target)
 
     def _flush_forever(self) -> None:

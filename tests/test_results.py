@@ -38,9 +38,38 @@ def test_the_table_trains_evaluates_and_reuses_finished_runs(tmp_path):
     assert again["rows"]["dmd-1"]["held-in"] == table["rows"]["dmd-1"]["held-in"]
 
 
-def _row(acc_in, acc_out, fid, reward):
+def _row(acc_in, acc_out, fid, reward, analytic=None):
     split = lambda acc: {"judge_accuracy": acc, "fid": fid, "rewards": {"toy-align": reward}, "grid": "g.png"}  # noqa: E731
-    return {"held-in": split(acc_in), "held-out": split(acc_out)}
+    row = {"held-in": split(acc_in), "held-out": split(acc_out)}
+    for split_name, value in zip(("held-in", "held-out"), analytic or ()):
+        row[split_name]["analytic_accuracy"] = value
+    return row
+
+
+def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(tmp_path):
+    rows = {"teacher-32": _row(0.70, 0.64, 200.0, -0.5, (0.65, 0.57)), "dmdr-4": _row(0.80, 0.74, 220.0, -0.1, (0.66, 0.55)),
+            "rl-only-4": _row(0.75, 0.70, 450.0, -0.03, (0.61, 0.49))}
+    claims = {c["claim"]: c for c in results.check_claims(rows)}
+    assert claims["DMDR 4-step: judge accuracy above the 32-step teacher's (held-out)"]["passed"] is True
+    assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-in)"]["passed"] is True
+    assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["passed"] is False  # 0.55 < 0.57
+    assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["measured"] == "0.550 vs 0.570"
+    assert claims["RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)"]["passed"] is True  # 0.61 vs 0.66: a tie
+    rows["rl-only-4"]["held-in"]["analytic_accuracy"] = 0.62
+    assert {c["claim"]: c["passed"] for c in results.check_claims(rows)}[
+        "RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)"] is False
+    del rows["teacher-32"]["held-in"]["analytic_accuracy"]  # a table from before the analytic judge
+    assert not any("analytic" in c["claim"] and "teacher" in c["claim"] for c in results.check_claims(rows))
+    # --render-only: the saved numbers under today's claims, nothing evaluated
+    table = {"meta": {"command": "python -m dmdr_rl.results", "num_images": 8, "seed": 0, "date": "2026-11-29"},
+             "rows": {k: {**r, "label": k, "steps": 4} for k, r in rows.items()}, "claims": []}
+    (tmp_path / "toy.json").write_text(json.dumps(table))
+    results.main(["--render-only", "--out", str(tmp_path)])
+    markdown = (tmp_path / "toy.md").read_text()
+    assert "| RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in) | 0.620 vs 0.660 | **no** |" in markdown
+    assert json.loads((tmp_path / "toy.json").read_text())["claims"]
+    with pytest.raises(SystemExit, match="does not exist"):
+        results.main(["--render-only", "--out", str(tmp_path / "none")])
 
 
 def test_claims_pass_and_fail_on_the_numbers():

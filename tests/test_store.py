@@ -136,6 +136,15 @@ def test_nothing_is_dropped_after_close_or_mixed_into_another_run(tmp_path, redi
     store.append("ledger", {"event": "consumed"})  # too late for Redis: kept on disk instead
     saved = (tmp_path / "store-unflushed.jsonl").read_text()
     assert '"event": "consumed"' in saved and '"stream": "ledger"' in saved
+    # read back with the run's directory (the audit, watch): the saved record counts, in its place
+    reader = RedisStore(redis_server.url, "closing", tmp_path)
+    assert [r["event"] for r in reader.read("ledger")] == ["issued", "consumed"]
+    assert reader.read("metrics") == [] and {"run", "stream"}.isdisjoint(reader.read("ledger")[1])
+    assert [r["event"] for r in RedisStore(redis_server.url, "closing").read("ledger")] == ["issued"]  # no directory
+    other = RedisStore(redis_server.url, "a-new-name", tmp_path)  # another run's name: not its records
+    assert other.read("ledger") == []
+    other.close()
+    reader.close()
     with pytest.raises(StoreError, match="already holds records of a run named 'closing' \\(ledger\\)"):
         RedisStore(redis_server.url, "closing").require_new()
     RedisStore(redis_server.url, "a-new-name").require_new()
@@ -384,3 +393,12 @@ def test_a_redis_that_goes_away_is_a_store_error_for_readers(tmp_path, redis_ser
     with pytest.raises(SystemExit):
         watch.main(["nope", "--store", f"redis://:s3cret@127.0.0.1:{_free_port()}/0", "--once"])
     assert "s3cret" not in capsys.readouterr().err
+
+
+def test_late_records_are_merged_by_time_without_reordering_the_stream():
+    from dmdr_rl.store import merge_by_time
+
+    stream = [{"id": "a", "time": 1.0}, {"id": "b", "time": 3.0}, {"id": "c", "time": 2.5}]  # two writers' clocks
+    late = [{"id": "y", "time": 9.0}, {"id": "x", "time": 2.0}]
+    assert [r["id"] for r in merge_by_time(stream, late)] == ["a", "x", "b", "c", "y"]
+    assert merge_by_time(stream, []) == stream
