@@ -32,9 +32,10 @@ class WeightedReward:
     spec: RewardSpec
 
     def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, "torch.Tensor | Elapsed"]]:
-        """lambda * mean phi(r) over the samples whose score is finite (the others are counted, not used:
-        they get no gradient). Masked rather than indexed, so no host sync; the metrics are 0-d tensors
-        and the scoring time an `Elapsed`, all read with float()."""
+        """lambda * sum phi(r) / B over the samples whose score is finite: the others are counted, not used
+        (they add nothing and get no gradient), and do not raise the weight of the rest. So the term is the
+        same however the batch is split, into micro-batches or DDP ranks. Masked rather than indexed, so no
+        host sync; the metrics are 0-d tensors and the scoring time an `Elapsed`, all read with float()."""
         started = mark(images.device)
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
@@ -43,7 +44,7 @@ class WeightedReward:
         metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
                    f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
                    f"time/reward/{self.spec.name}_s": Elapsed(started, mark(images.device))}
-        return self.spec.weight * shaped.sum() / finite.sum().clamp(min=1), metrics
+        return self.spec.weight * shaped.sum() / scores.numel(), metrics
 
 
 def mark(device: torch.device):
@@ -161,9 +162,8 @@ def generator_loss(
     L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start).
     The loss metrics stay 0-d tensors on the step's device (no host sync inside the step).
 
-    `micro_batch_size` / `backward`: as `critic_loss`. The DMD term is a mean over samples, so its
-    shares add up exactly; a reward term averages over each slice's finite scores, which is the batch's
-    average whenever every score is finite (a non-finite one shifts the weights of its slice only)."""
+    `micro_batch_size` / `backward`: as `critic_loss`. The DMD and reward terms are means over the
+    samples (a non-finite score adds 0), so their shares add up exactly."""
     batch, device = trajectory.x0.shape[0], trajectory.x0.device
     # every draw for the whole batch, in one order, before any network runs
     k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator).to(device)

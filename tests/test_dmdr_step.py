@@ -12,6 +12,19 @@ from dmdr_rl.toy.text import ToyTextEncoder
 PROMPTS = ["a small red circle in the center", "a blue square above a green triangle"]
 
 
+class NanForPrompt:
+    """Mean red, but NaN for one prompt: its samples must add nothing however the batch is sliced."""
+
+    name, differentiable = "nan-for-one", True
+
+    def __init__(self, prompt):
+        self.prompt = prompt
+
+    def score(self, images, prompts):
+        bad = torch.tensor([p == self.prompt for p in prompts])
+        return torch.where(bad, torch.full((len(prompts),), float("nan")), images[:, 0].mean(dim=(1, 2)))
+
+
 class CountingReward:
     name, differentiable = "mean-red", True
 
@@ -98,7 +111,7 @@ def test_rl_only_has_no_dmd_term(backbone):
 def test_non_finite_scores_are_dropped_and_counted():
     reward = dmdr.WeightedReward(CountingReward(torch.tensor([0.2, float("nan"), 0.4])), RewardSpec(name="r", shaping="linear"))
     loss, metrics = reward.loss(torch.zeros(3, 3, 4, 4, requires_grad=True), ["p"] * 3)
-    assert loss.item() == pytest.approx(-0.3) and metrics["reward/r/non_finite"] == 1.0
+    assert loss.item() == pytest.approx(-0.6 / 3) and metrics["reward/r/non_finite"] == 1.0  # the NaN adds 0
     everything_nan = dmdr.WeightedReward(CountingReward(torch.full((2,), float("nan"))), RewardSpec(name="r", shaping="hinge"))
     images = torch.zeros(2, 3, 4, 4, requires_grad=True)
     loss, metrics = everything_nan.loss(images, ["p"] * 2)
@@ -231,12 +244,15 @@ def test_the_dmd_weight_scales_the_dmd_term(backbone):
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
 def test_micro_batches_give_the_whole_batchs_losses_and_gradients(backbone, sampler):
     """Gradient accumulation (trainer.micro_batch_size): every draw is made for the whole batch, each slice's
-    loss is weighted by its share, so slices of 2 + 2 + 1 give the 5-sample batch's losses and gradients."""
+    loss is weighted by its share, so slices of 2 + 2 + 1 give the 5-sample batch's losses and gradients,
+    also with a non-finite score in two of the slices."""
     prompts = PROMPTS * 2 + PROMPTS[:1]
     cond, student = backbone.encode(prompts), StudentSection(steps=2, sampler=sampler)
     traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
     reward = CountingReward()
-    rewards = [dmdr.WeightedReward(reward, RewardSpec(name="mean-red", weight=2.0, shaping="hinge", margin=0.7))]
+    rewards = [dmdr.WeightedReward(reward, RewardSpec(name="mean-red", weight=2.0, shaping="hinge", margin=0.7)),
+               # NaN for samples 1 and 3: one in each of the first two slices, none in the last
+               dmdr.WeightedReward(NanForPrompt(PROMPTS[1]), RewardSpec(name="nan-for-one", weight=1.0, shaping="linear"))]
     dmd = DmdSection(cfg_max_tau=0.7)  # per-sample guidance, sliced with its samples
 
     def critic(micro):
@@ -258,7 +274,9 @@ def test_micro_batches_give_the_whole_batchs_losses_and_gradients(backbone, samp
         _accumulated(backbone, dmdr.GENERATOR, lambda: generator(m)) for m in (None, 2))
     assert reward.calls - calls == 1 + 3  # one call for the batch, then one per slice
     torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-7)
-    for name in ("loss/dmd", "loss/reward/mean-red", "reward/mean-red", "reward/mean-red/non_finite", "loss/generator"):
+    assert float(whole_metrics["reward/nan-for-one/non_finite"]) == 2.0
+    for name in ("loss/dmd", "loss/reward/mean-red", "reward/mean-red", "reward/mean-red/non_finite", "loss/generator",
+                 "loss/reward/nan-for-one", "reward/nan-for-one", "reward/nan-for-one/non_finite"):
         assert float(micro_metrics[name]) == pytest.approx(float(whole_metrics[name]), rel=1e-5, abs=1e-7), name
     assert float(micro_metrics["time/reward/mean-red_s"]) >= 0
     for a, b in zip(micro_grads, whole_grads):
