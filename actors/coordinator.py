@@ -4,8 +4,10 @@ holds the latest published generator weights, and keeps the prompt ledger.
 Learner workers ask it for the batch of (iteration, rank); it hands back an ObjectRef, so the batch
 itself travels from the rollout worker to the learner through the object store, never through here.
 Rollouts run ahead of the learner as far as `ray.max_staleness` allows: the batch of iteration j may
-be sampled by any generator version >= j // ratio - max_staleness (0: exactly the version the
-single-process trainer would use, so the two produce the same losses).
+be sampled by any generator version >= g(j) - max_staleness, where g(j) is the generator step the
+learner is at when it trains iteration j (0: exactly the version the single-process trainer would
+use, so the two produce the same losses). g counts from the step the learner (re)started at, so a run
+resumed with another `dmd.ratio` is served too.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RolloutCoordinator:
         self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
+        self.started_at = (0, 0)  # (iteration, generator step) the learner last (re)started from
         self.turn = 0
         self.ledger = Ledger(open_store(self.cfg.store.url, run_dir, self.cfg.name))
         self.learner_processes: dict[int, int] = {}
@@ -76,12 +79,15 @@ class RolloutCoordinator:
         raise RuntimeError(f"no rollout worker could answer {method}: {error}") from error
 
     # -- batches ------------------------------------------------------------------------------
-    def start(self, iteration: int) -> None:
-        """Begin (or, after a learner restart, resume) issuing from `iteration`: earlier batches are
-        done, later ones consumed before the restart are rolled back (the ledger says so)."""
+    def start(self, iteration: int, generator_step: int | None = None) -> None:
+        """Begin (or, after a learner restart, resume) issuing from `iteration`, where the learner's
+        generator is at `generator_step` (default: iteration // ratio, a run at one ratio throughout):
+        earlier batches are done, later ones consumed before the restart are rolled back (the ledger
+        says so, with the world size from here on)."""
         # a learner that published anything (version 0 comes right after the first start) has run before
         restart = self.version >= 0 or bool(self.pending or self.consumed_upto)
-        self.ledger.append("rewind" if restart else "start", iteration=iteration)
+        self.started_at = (iteration, iteration // self.ratio if generator_step is None else generator_step)
+        self.ledger.append("rewind" if restart else "start", iteration=iteration, world_size=self.world_size)
         if restart:
             # The restored learner's weights replace the ones the lost learner published (and owned: they
             # died with it); a new epoch tells the workers to reload even an older version.
@@ -107,7 +113,14 @@ class RolloutCoordinator:
         return [ref]
 
     def progress(self) -> dict:
-        return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration}
+        return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
+                "next_needs_version": self.needed_version(self.next_iteration)}
+
+    def needed_version(self, iteration: int) -> int:
+        """The oldest generator version that may sample the batch of `iteration`: the learner's step when it
+        trains it (the generator moves after iterations ratio-1, 2 ratio-1, ...), less max_staleness."""
+        first, step = self.started_at
+        return max(0, step + iteration // self.ratio - first // self.ratio - self.max_staleness)
 
     # -- processes (for operators and fault-injection tests) ----------------------------------
     def register_learner(self, rank: int, pid: int) -> None:
@@ -133,7 +146,7 @@ class RolloutCoordinator:
     def _issue_ahead(self, iteration: int) -> None:
         while self.next_iteration <= iteration + self.lookahead:
             j = self.next_iteration
-            if self.version < max(0, j // self.ratio - self.max_staleness):
+            if self.version < self.needed_version(j):
                 break  # needs weights not published yet
             for rank in range(self.world_size):
                 self._issue(j, rank)

@@ -37,13 +37,30 @@ def effective_consumption(events: list[dict]) -> list[tuple[int, int]]:
     return consumed
 
 
+def world_sizes(events: list[dict], world_size: int) -> list[tuple[int, int]]:
+    """(first iteration, learner ranks) of each stretch of the run: a start or rewind sets the ranks from
+    its iteration on (a launch resumed with another ray.learner_workers); `world_size` for events that
+    do not say (ledgers written before they did)."""
+    stretches: list[tuple[int, int]] = []
+    for e in events:
+        if e["event"] in ("rewind", "start"):
+            stretches = [s for s in stretches if s[0] < e["iteration"]] + [(e["iteration"], e.get("world_size", world_size))]
+    return stretches or [(0, world_size)]
+
+
 def audit(events: list[dict], iterations: int, world_size: int) -> dict:
-    """Lost and duplicated batches against the expected iterations x ranks."""
+    """Lost and duplicated batches against the expected iterations x ranks (`world_size`: the current
+    launch's, for events that do not record theirs)."""
     counts = Counter(effective_consumption(events))
     # a ledger that begins with a start (a launch, maybe resumed elsewhere) is checked from there; one that
     # begins otherwise (written before start events existed) from 0
     first = events[0]["iteration"] if events and events[0]["event"] == "start" else 0
-    expected = {(i, r) for i in range(first, iterations) for r in range(world_size)}
+    stretches = world_sizes(events, world_size)
+
+    def ranks(iteration: int) -> int:
+        return next((w for start, w in reversed(stretches) if start <= iteration), world_size)
+
+    expected = {(i, r) for i in range(first, iterations) for r in range(ranks(i))}
     return {
         "lost": sorted(expected - set(counts)),
         "duplicated": sorted(k for k, n in counts.items() if n > 1),

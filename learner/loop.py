@@ -97,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
     elif cfg.trainer.resume_from:
         load_checkpoint(learner, cfg.trainer.resume_from)
     if rank == 0:
-        ray.get(coordinator.start.remote(learner.iteration))
+        ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
         publish_generator(coordinator, learner)
     if world > 1:
         dist.barrier()

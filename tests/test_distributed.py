@@ -323,3 +323,26 @@ def test_a_run_started_beside_a_running_cluster_joins_it(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert distributed.connect(_config(tmp_path)) == "the Ray cluster already running on this machine"
     assert [c.get("address") for c in calls] == [None, "auto"]
+
+
+def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_generator_step(tmp_path, monkeypatch):
+    """Trained at dmd.ratio=2 to iteration 4 (generator step 2), resumed at ratio 1: the batch of
+    iteration 4 is trained at generator step 2, not 4 // 1 = 4 (which no published version would reach)."""
+    import actors.coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    cfg = _config(tmp_path, **{"dmd.ratio": 1, "ray.max_staleness": 0})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    coordinator.start(4, generator_step=2)
+    coordinator.publish(2, ["weights at step 2"])
+    batch = coordinator.request(4, 0)[0]
+    assert batch[2] == 4 and batch[4] == 2  # iteration 4, sampled by version 2: exactly the local trainer's
+    assert coordinator.request(5, 0) is None  # iteration 5 is trained at step 3: not published yet
+    assert coordinator.progress()["next_needs_version"] == 3
+    coordinator.publish(3, ["weights at step 3"])
+    assert coordinator.request(5, 0)[0][4] == 3
+    starts = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "start"]
+    assert starts == [{**starts[0], "iteration": 4, "world_size": 1}]
+    # the same run at one ratio throughout: the step is iteration // ratio, as before
+    coordinator.start(6)
+    assert coordinator.started_at == (6, 6)

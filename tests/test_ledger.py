@@ -53,3 +53,21 @@ def test_a_ledger_from_before_start_events_resumed_in_its_directory_is_clean(tmp
     _consume(ledger, range(4, 8))
     report = audit(ledger.events(), 8, 1)
     assert report["lost"] == report["duplicated"] == report["unexpected"] == []
+
+
+def test_a_launch_resumed_with_another_number_of_learners_is_audited_with_each_stretchs_ranks(tmp_path):
+    ledger = Ledger(FileStore(tmp_path))
+    ledger.append("start", iteration=0, world_size=1)
+    _consume(ledger, range(0, 6))  # one learner, checkpoint at 4
+    ledger.append("start", iteration=4, world_size=2)  # resumed in its directory with two
+    _consume(ledger, range(4, 8))
+    _consume(ledger, range(4, 8), rank=1)
+    events = ledger.events()
+    assert audit(events, 8, 2) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 0, "reissued": 0}
+    assert audit(events, 9, 2)["lost"] == [(8, 0), (8, 1)]
+    # and back to one: rank 1's batches from 6 on would be unexpected, those before it are kept
+    ledger.append("rewind", iteration=6, world_size=1)
+    _consume(ledger, range(6, 8))
+    assert audit(ledger.events(), 8, 1) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 1, "reissued": 0}
+    _consume(ledger, [7], rank=1)
+    assert audit(ledger.events(), 8, 1)["unexpected"] == [(7, 1)]
