@@ -60,23 +60,25 @@ class RolloutCoordinator:
         self.version, self.weights = version, weights  # sent along with each rollout request
         return version
 
-    def null_conditioning(self):
-        return self._ask_a_worker("null_conditioning")
+    def null_conditioning(self, attempt: int = 0) -> list:
+        """[ObjectRef] of the empty prompt's conditioning, from rollout worker `attempt` (mod their number)."""
+        return [self._worker(attempt).null_conditioning.remote()]
 
-    def encode(self, prompts: list[str]):
-        """Prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for sample grids."""
-        return self._ask_a_worker("encode", prompts)
+    def encode(self, prompts: list[str], attempt: int = 0) -> list:
+        """[ObjectRef] of prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for
+        sample grids. A ref, not the answer: this actor never waits on a worker (a stuck one would stop
+        every learner's calls here), the learner does, with its timeout (see learner.loop.ask_a_worker)."""
+        return [self._worker(attempt).encode.remote(prompts)]
 
-    def _ask_a_worker(self, method: str, *args):
-        """The answer of the first rollout worker that gives one: a dead worker is skipped (one that Ray is
-        restarting is waited for, as its first answer is after a fresh start anyway)."""
-        error = None
-        for worker in self.workers:
-            try:
-                return ray.get(getattr(worker, method).remote(*args))
-            except ACTOR_ERRORS as err:
-                error = err
-        raise RuntimeError(f"no rollout worker could answer {method}: {error}") from error
+    def _worker(self, attempt: int):
+        return self.workers[attempt % len(self.workers)]
+
+    def restart_worker(self, attempt: int = 0, batch: tuple[int, int] | None = None) -> None:
+        """Kill a rollout worker that stopped answering (the one that has `batch`, else worker `attempt`);
+        Ray starts it again (max_restarts=-1) and it reloads the weights with its next request."""
+        index = self.assigned.get(batch, attempt % len(self.workers)) if batch is not None else attempt % len(self.workers)
+        ray.kill(self.workers[index], no_restart=False)
+        self.ledger.append("worker_restarted", worker=index, **({"iteration": batch[0], "rank": batch[1]} if batch else {}))
 
     # -- batches ------------------------------------------------------------------------------
     def start(self, iteration: int, generator_step: int | None = None) -> None:

@@ -68,6 +68,7 @@ def build(blocks: int, resolution: int, device: torch.device):
     backbone = TransformerBackbone(transformer.to(torch.bfloat16), None, lambda x: x)
     backbone.add_lora("critic", 32, 32)
     backbone.add_lora("generator", 64, 128)
+    backbone.to(device)  # peft may leave a second adapter where the first one was made (on meta: the CPU)
     with torch.no_grad():  # a trained adapter: lora_B starts at zero
         for p in backbone.trainable_parameters("generator"):
             p.add_(0.01 * torch.randn_like(p))

@@ -7,7 +7,8 @@
 #
 # (built 2026-11-28 in about 3 minutes: 49.9 MB, which with the 11.8 MB tracked tree fits the 64 MiB the tool carries)
 #
-# then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".device"], timeout_s=540).
+# then, with the device tool: run(command="BUDGET=$((T - 40)) bash benchmarks/gpu_check.sh", carry=[".device"],
+# timeout_s=T), T = 540 or less when `status` says less device time is left (start-up takes part of it).
 # What it does, most important first, each step's output under $OUT (or ./gpu-check when $OUT is unset):
 #   1. benchmarks/gpu_step.py: one SD3-Medium-shaped learner step at 1024 px (batch 2) and 512 px (batch 4)
 #      (issue 6: step time, TFLOP/s against the bf16 peak, peak memory);
@@ -20,7 +21,8 @@
 #   4. a short toy DMDR run with the single-process trainer on the GPU;
 #   5. a short toy DMDR run on Ray with the learner and the rollout actor sharing the GPU (0.5 each);
 #   6. the serving benchmark again in gradient mode.
-# A step whose time limit would end past BUDGET seconds (default 500, under the call's 540) is skipped
+# A step whose time limit (+15 s for timeout's kill grace, +15 s for the archive) would end past BUDGET
+# seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
 # archive (gpu-check.tgz, written on exit whatever happened), beside the six benchmark JSONs, and each
@@ -49,6 +51,7 @@ headline() {  # the numbers that matter from a benchmark JSON, on one line
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ("resolution", "batch", "micro_batch", "gradient_checkpointing", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
+        "model_tflops", "model_fraction_of_peak",
         "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
         "flop_count_error")
 print("   ", {k: r[k] for k in keys if k in r} if "step_s_median" in r else json.dumps(r)[:2500])
@@ -56,7 +59,7 @@ PY
 }
 step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
-  if [ $((SECONDS + limit)) -gt "$budget" ]; then
+  if [ $((SECONDS + limit + 15 + 15)) -gt "$budget" ]; then  # timeout's -k 15 grace, and the archive at the end
     echo "== $name: skipped ($SECONDS s used, its limit $limit s would pass the budget of $budget s)"
     status=1; return
   fi

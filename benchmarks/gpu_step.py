@@ -223,6 +223,10 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         report["flop_count_error"] = f"{type(err).__name__}: {err}"
         flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
     achieved, peak, ceiling = flops / median / 1e12, peak_tflops(device, args.peak_tflops), matmul_tflops(device)
+    if args.gradient_checkpointing:  # the step's useful work, without the recomputation: comparable with plain steps
+        useful = count_only(argparse.Namespace(**{**vars(args), "gradient_checkpointing": False}))["tflop_per_step"]
+        report.update({"model_tflop_per_step": useful, "model_tflops": float(f"{useful / median:.4g}"),
+                       "model_fraction_of_peak": round(useful / median / peak, 4) if peak else None})
     report.update({
         "tflop_per_step": float(f"{flops / 1e12:.4g}"), "achieved_tflops": float(f"{achieved:.4g}"),
         "peak_bf16_tflops": peak, "fraction_of_peak": round(achieved / peak, 4) if peak else None,

@@ -123,6 +123,9 @@ def main(argv=None) -> dict:
         allocated = {k: v for k, v in mib.items() if k.endswith("_allocated")}
         if allocated:
             print("  allocated on the GPU: " + ", ".join(f"{k.removesuffix('_allocated')} {v:,.1f} MiB" for k, v in allocated.items()))
+            # the counts are parameters; the allocator also holds each base's buffers (SD3's pos_embed: 108 MiB
+            # in bf16 at SD3-Medium's size), once per base copy
+            print("  (allocated = counted + each base copy's buffers, e.g. SD3's positional embedding)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -222,10 +222,12 @@ def train_distributed(cfg: RunConfig) -> dict:
     checked_prompt_source(cfg)  # a bad prompt file, or prompts the model cannot encode: before Ray starts
     optimizer_class(cfg.trainer.optimizer)  # e.g. adamw8bit without bitsandbytes: here, not in each learner retry
     if cfg.trainer.resume_from:  # checked here, and made absolute: the learner workers run in another directory
-        from .trainer import resume_checkpoint
+        from .trainer import check_steps_left, checkpoint_generator_step, resume_checkpoint
 
+        checkpoint = resume_checkpoint(cfg.trainer.resume_from)
+        check_steps_left(cfg, checkpoint_generator_step(checkpoint))  # here, not after Ray and the models start
         cfg = cfg.model_copy(deep=True)
-        cfg.trainer.resume_from = str(resume_checkpoint(cfg.trainer.resume_from).resolve())
+        cfg.trainer.resume_from = str(checkpoint.resolve())
     check_placement(cfg)
     where = connect(cfg)
     with serving_rewards(cfg):
@@ -234,27 +236,47 @@ def train_distributed(cfg: RunConfig) -> dict:
 
 def _train_on_ray(cfg: RunConfig, where: str) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.coordinator import RolloutCoordinator
-    from learner.loop import train_loop_per_worker
 
     r = cfg.ray
     out = cfg.output_dir.resolve()
     resume = cfg.trainer.resume_from
     store = open_run_directory(cfg, out, fresh=not resume or not continues_in(out, Path(resume)))  # before any actor writes
-    cfg_dict = cfg.model_dump(mode="json")
-    # on the driver's node, whose fate it shares anyway: its ledger file is the one the driver audits
-    coordinator = ray.remote(RolloutCoordinator).options(
-        num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-    ).remote(cfg_dict, r.learner_workers, str(out))
+    try:
+        # on the driver's node, whose fate it shares anyway: its ledger file is the one the driver audits
+        coordinator = ray.remote(RolloutCoordinator).options(
+            num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        ).remote(cfg.model_dump(mode="json"), r.learner_workers, str(out))
+        try:
+            trainer = _torch_trainer(cfg, coordinator, out)
+        except BaseException:
+            _shut_down(coordinator)  # its rollout workers would otherwise hold their CPUs/GPUs until the driver exits
+            raise
+        print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
+              f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
+        with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
+                        output_dir=str(out)) as ending:
+            summary = _fit_and_summarise(cfg, trainer, coordinator, store, out)
+            ending["generator_step"] = summary["generator_steps"]
+        return summary
+    finally:
+        store.close()
+
+
+def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from learner.loop import train_loop_per_worker
+
+    r = cfg.ray
     use_gpu = r.learner_gpus > 0
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "coordinator": coordinator, "output_dir": str(out)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coordinator, "output_dir": str(out)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.learner_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": r.learner_cpus, **({"GPU": r.learner_gpus} if use_gpu else {})}),
@@ -266,16 +288,6 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
                                   failure_config=FailureConfig(max_failures=r.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
-          f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
-    try:
-        with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
-                        output_dir=str(out)) as ending:
-            summary = _fit_and_summarise(cfg, trainer, coordinator, store, out)
-            ending["generator_step"] = summary["generator_steps"]
-        return summary
-    finally:
-        store.close()
 
 
 def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -> dict:

@@ -104,10 +104,7 @@ class LocalTrainer:
             except ValueError as err:  # another adapter shape or set: the config is not the checkpoint's
                 raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from}: {err}; resume with the config "
                                   "the checkpoint was trained with (its run's config.yaml)") from None
-            if self.generator_step >= cfg.trainer.max_steps:
-                raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from} is at generator step {self.generator_step}, "
-                                  f"and trainer.max_steps={cfg.trainer.max_steps}: nothing is left to train; raise "
-                                  "trainer.max_steps to train on")
+            check_steps_left(cfg, self.generator_step)
         fresh = self.generator_step == 0 or (self.resume is not None and not continues_in(self.out, self.resume))
         store = open_run_directory(cfg, self.out, fresh=fresh)
         log = MetricsLog(self.out, store)
@@ -321,6 +318,20 @@ def resume_checkpoint(resume_from: str | Path) -> Path:
                           "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt, or one of a Ray run's "
                           "ray_train/<train run>/checkpoint_<time>/)")
     return checkpoint
+
+
+def check_steps_left(cfg: RunConfig, generator_step: int) -> None:
+    """A resumed run must have steps left to train (else it would end at once, as if it had trained)."""
+    if generator_step >= cfg.trainer.max_steps:
+        raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from} is at generator step {generator_step}, "
+                          f"and trainer.max_steps={cfg.trainer.max_steps}: nothing is left to train; raise "
+                          "trainer.max_steps to train on")
+
+
+def checkpoint_generator_step(checkpoint: Path) -> int:
+    """The generator step a checkpoint was saved at, read without loading its tensors (mmap)."""
+    state = torch.load(Path(checkpoint) / "trainer_state.pt", weights_only=True, map_location="cpu", mmap=True)
+    return int(state["generator_step"])
 
 
 def _run_checkpoint(run_dir: Path) -> Path:

@@ -3,8 +3,8 @@
 Each worker is one data-parallel rank. It builds the backbone without prompt encoders (conditioning
 arrives with each RolloutBatch), wraps the math core's `DMDRLearner`, and averages gradients across
 ranks before every optimizer step (gloo on CPU, NCCL on GPU: Ray Train sets up the process group).
-Rank 0 publishes the generator weights after each generator update, writes the metrics, and hands
-Ray Train the checkpoints.
+Rank 0 publishes the generator weights after each generator update, writes the metrics (the losses
+and rewards of the whole batch, over all ranks), and hands Ray Train the checkpoints.
 """
 
 from __future__ import annotations
@@ -41,6 +41,27 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+BATCH_METRICS = ("loss/", "reward/", "rollout/")  # each rank's are its shard's; the log shows the whole batch's
+
+
+def mean_over_ranks(metrics: dict, device: torch.device, all_reduce=dist.all_reduce) -> dict:
+    """The shard metrics of every rank as the whole batch's, in one all-reduce: counts (`/non_finite`)
+    summed, the rest averaged over the ranks whose value is finite (equal shards: a loss's mean is the
+    batch's). Timings and schedules stay rank 0's. Every rank must call it at the same steps."""
+    keys = sorted(k for k, v in metrics.items() if k.startswith(BATCH_METRICS)
+                  and (isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)))
+    if not keys:
+        return metrics
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    finite = torch.isfinite(values)
+    both = torch.cat([torch.where(finite, values, torch.zeros_like(values)), finite.to(values.dtype)])
+    all_reduce(both)
+    sums, counts = both[: len(keys)], both[len(keys):]
+    reduced = {k: float(sums[i]) if k.endswith("/non_finite") else float(sums[i] / counts[i]) if counts[i] > 0
+               else float("nan") for i, k in enumerate(keys)}
+    return {**metrics, **reduced}
+
+
 def publish_generator(coordinator, learner: DMDRLearner) -> None:
     """One object-store put per generator version; rollout workers fetch it by reference. (A full
     fine-tune of a large model would broadcast instead: this is the one place to change.)"""
@@ -48,23 +69,46 @@ def publish_generator(coordinator, learner: DMDRLearner) -> None:
     ray.get(coordinator.publish.remote(learner.generator_step, [ref]))
 
 
+def ask_a_worker(coordinator, method: str, *args, patience_s: float):
+    """What a rollout worker answers to `method` (e.g. null_conditioning, encode): a dead worker is skipped
+    for the next, and one that does not answer within `patience_s` is restarted and asked once more."""
+    error: Exception | None = None
+    for attempt in range(3):
+        ref = ray.get(getattr(coordinator, method).remote(*args, attempt=attempt))[0]
+        try:
+            return ray.get(ref, timeout=patience_s)
+        except ACTOR_ERRORS as err:
+            error = err
+        except ray.exceptions.GetTimeoutError as err:
+            error = err
+            ray.get(coordinator.restart_worker.remote(attempt))
+    raise RuntimeError(f"no rollout worker answered {method} within {patience_s:.0f} s (ray.rollout_timeout_s) in 3 "
+                       f"tries; the last error: {type(error).__name__}: {error}") from error
+
+
 def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
     """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
-    (Ray restarts the worker; it reloads the weights itself) until `patience_s` runs out."""
+    (Ray restarts the worker; it reloads the weights itself) until `patience_s` runs out; a worker that
+    does not finish it within `patience_s` is restarted once and the batch sampled again."""
     deadline = time.monotonic() + patience_s
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         if time.monotonic() > deadline:  # the generator version this batch needs never came
             raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s (ray.rollout_timeout_s) for the "
                                f"generator weights it needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
         time.sleep(0.01)  # the weights this batch needs are being published
-    ref, deadline, wait = answer[0], time.monotonic() + patience_s, 0.5
+    ref, deadline, wait, restarted = answer[0], time.monotonic() + patience_s, 0.5, False
     while True:
         try:
             return ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError as err:
-            raise RuntimeError(f"the rollout of batch ({iteration}, rank {rank}) did not finish within {patience_s:.0f} s "
-                               f"(a rollout worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
-                               f"ray.rollout_cpus / ray.rollout_gpus)") from err
+            if restarted:
+                raise RuntimeError(f"the rollout of batch ({iteration}, rank {rank}) did not finish within {patience_s:.0f} s, "
+                                   f"also after its rollout worker was restarted (a worker is stuck or still loading: "
+                                   f"raise ray.rollout_timeout_s, or check ray.rollout_cpus / ray.rollout_gpus)") from err
+            # a learner restart would not help a stuck worker (it would wait behind it): restart the worker
+            ray.get(coordinator.restart_worker.remote(batch=(iteration, rank)))
+            restarted, deadline = True, time.monotonic() + patience_s
+            ref = ray.get(coordinator.reissue.remote(iteration, rank))[0]
         except ACTOR_ERRORS as err:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no rollout worker could sample batch ({iteration}, rank {rank}) within "
@@ -88,7 +132,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     device = ray.train.torch.get_device() if cfg.ray.learner_gpus > 0 else torch.device("cpu")
     backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision, device=device)
-    backbone.set_null(ray.get(coordinator.null_conditioning.remote()))
     learner = DMDRLearner(backbone, cfg, build_rewards(cfg), average_gradients if world > 1 else None, rank=rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -96,8 +139,13 @@ def train_loop_per_worker(config: dict) -> None:
             load_checkpoint(learner, directory)
     elif cfg.trainer.resume_from:
         load_checkpoint(learner, cfg.trainer.resume_from)
-    if rank == 0:
+    patience = cfg.ray.rollout_timeout_s
+    if rank == 0:  # first: after a restart, it cancels the lost learner's rollouts, which would delay what follows
         ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
+    if world > 1:
+        dist.barrier()
+    backbone.set_null(ask_a_worker(coordinator, "null_conditioning", patience_s=patience))
+    if rank == 0:
         publish_generator(coordinator, learner)
     if world > 1:
         dist.barrier()
@@ -105,12 +153,12 @@ def train_loop_per_worker(config: dict) -> None:
     out = Path(config["output_dir"])
     log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name)) if rank == 0 else None
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
-    grid_cond = ray.get(coordinator.encode.remote(grid_prompts)) if rank == 0 else None
+    grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, patience_s=patience) if rank == 0 else None
     waited = 0.0
     try:
         while learner.generator_step < cfg.trainer.max_steps:
             started = time.perf_counter()
-            batch = fetch_batch(coordinator, learner.iteration, rank, cfg.ray.rollout_timeout_s)
+            batch = fetch_batch(coordinator, learner.iteration, rank, patience)
             waited += time.perf_counter() - started  # summed over the iterations of one generator step
             coordinator.consumed.remote(batch.iteration, rank, batch.weight_version, learner.generator_step)
             metrics = learner.step(batch)
@@ -123,8 +171,11 @@ def train_loop_per_worker(config: dict) -> None:
             waited = 0.0
             step = learner.generator_step
             last = step == cfg.trainer.max_steps
-            if log is not None and (step % cfg.output.log_every == 0 or last):
-                log.write(step, metrics)
+            if step % cfg.output.log_every == 0 or last:
+                if world > 1:  # a collective: every rank, at the same steps
+                    metrics = mean_over_ranks(metrics, device)
+                if log is not None:
+                    log.write(step, metrics)
             if rank == 0 and (step % cfg.output.sample_every == 0 or last):
                 images = student_images(backbone, grid_cond, cfg.student, GRID_SEEDS)
                 save_step_samples(out, step, images, grid_prompts, learner.rewards, GRID_SEEDS)

@@ -112,7 +112,10 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
     assert set(report["losses"]) == {"loss/critic", "loss/dmd", "loss/reward/sharpness", "loss/generator"}
     assert all(torch.isfinite(torch.tensor(v)) for v in report["losses"].values())
     assert report["tflop_per_step"] > 0 and report["fraction_of_peak"] is None  # no peak known for a CPU
+    assert "flop_count_error" not in report  # counted on the step's own device, not the meta fallback
     assert (tmp_path / "step.json").exists()
+    checkpointed = gpu_step.main([*tiny, "--gradient-checkpointing"])  # its useful work, without the recomputation
+    assert checkpointed["model_tflop_per_step"] > 0 and "model_fraction_of_peak" in checkpointed
     counted = gpu_step.main(["--shape", "tiny", "--resolution", "32", "--count-only"])
     # the meta device counts attention as its matmuls; the CPU's fused attention kernel is not counted
     assert counted["tflop_per_step"] >= report["tflop_per_step"] > 0

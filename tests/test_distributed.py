@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -346,3 +347,103 @@ def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_gen
     # the same run at one ratio throughout: the step is iteration // ratio, as before
     coordinator.start(6)
     assert coordinator.started_at == (6, 6)
+
+
+class _Ref:
+    """A fake ObjectRef: `stuck` ones time out in ray.get, the others give `value`."""
+
+    def __init__(self, value=None, stuck=False):
+        self.value, self.stuck = value, stuck
+
+
+def _fake_get(monkeypatch):
+    import learner.loop as loop
+
+    def get(obj, timeout=None):
+        if isinstance(obj, _Ref):
+            if obj.stuck:
+                raise loop.ray.exceptions.GetTimeoutError("stuck")
+            return obj.value
+        return obj  # a fake coordinator's answer, already there
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    return loop
+
+
+def _coordinator(**methods):
+    return type("Coordinator", (), {name: type("Method", (), {"remote": staticmethod(fn)})() for name, fn in methods.items()})()
+
+
+def test_a_stuck_rollout_worker_is_restarted_and_the_batch_sampled_again(monkeypatch):
+    loop = _fake_get(monkeypatch)
+    restarted, reissued = [], []
+    coordinator = _coordinator(request=lambda i, r: [_Ref(stuck=True)],
+                               restart_worker=lambda **kw: restarted.append(kw),
+                               reissue=lambda i, r: reissued.append((i, r)) or [_Ref("the batch")])
+    assert loop.fetch_batch(coordinator, 3, 1, patience_s=0.01) == "the batch"
+    assert restarted == [{"batch": (3, 1)}] and reissued == [(3, 1)]
+    coordinator = _coordinator(request=lambda i, r: [_Ref(stuck=True)], restart_worker=lambda **kw: restarted.append(kw),
+                               reissue=lambda i, r: [_Ref(stuck=True)])
+    with pytest.raises(RuntimeError, match=r"batch \(3, rank 1\) did not finish within 0 s, also after its rollout worker was restarted"):
+        loop.fetch_batch(coordinator, 3, 1, patience_s=0.01)
+
+
+def test_a_question_to_a_stuck_rollout_worker_restarts_it_and_asks_the_next(monkeypatch):
+    """After a learner restart the coordinator must not wait on a stuck worker itself (every learner call
+    would hang behind it): it hands out refs, and the learner waits with its timeout."""
+    loop = _fake_get(monkeypatch)
+    restarted = []
+    answers = {0: _Ref(stuck=True), 1: _Ref("null conditioning")}
+    coordinator = _coordinator(null_conditioning=lambda attempt: [answers[attempt]],
+                               restart_worker=lambda attempt: restarted.append(attempt))
+    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01) == "null conditioning"
+    assert restarted == [0]
+    coordinator = _coordinator(null_conditioning=lambda attempt: [_Ref(stuck=True)], restart_worker=lambda attempt: None)
+    with pytest.raises(RuntimeError, match="no rollout worker answered null_conditioning within 0 s .* in 3 tries"):
+        loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01)
+
+
+def test_the_coordinator_restarts_the_worker_that_holds_a_stuck_batch(tmp_path, monkeypatch):
+    import actors.coordinator as coordinator_module
+
+    killed = []
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart)))
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 3})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    coordinator.assigned[(5, 0)] = 2
+    coordinator.restart_worker(batch=(5, 0))
+    coordinator.restart_worker(4)  # a worker that did not answer a question: 4 mod 3
+    assert killed == [(coordinator.workers[2], False), (coordinator.workers[1], False)]  # Ray starts them again
+    events = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "worker_restarted"]
+    assert [(e["worker"], e.get("iteration")) for e in events] == [(2, 5), (1, None)]
+
+
+def test_a_ray_run_resumed_from_a_finished_checkpoint_stops_before_ray_starts(tmp_path, monkeypatch):
+    import dmdr_rl.distributed as distributed
+    from dmdr_rl.config import ConfigError
+
+    checkpoint = tmp_path / "done" / "checkpoints" / "step_000004"
+    checkpoint.mkdir(parents=True)
+    torch.save({"iteration": 8, "generator_step": 4}, checkpoint / "trainer_state.pt")
+    monkeypatch.setattr(distributed, "connect", lambda cfg: pytest.fail("Ray was started"))
+    cfg = _config(tmp_path / "out", **{"trainer.backend": "ray", "trainer.max_steps": 4, "trainer.resume_from": str(checkpoint)})
+    with pytest.raises(ConfigError, match="is at generator step 4, and trainer.max_steps=4: nothing is left to train"):
+        distributed.train_distributed(cfg)
+
+
+def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
+    from learner.loop import mean_over_ranks
+
+    ranks = [{"loss/dmd": torch.tensor(0.2), "reward/r": float("nan"), "reward/r/non_finite": torch.tensor(2.0),
+              "rollout/reward/r": 0.5, "time/step_s": 3.0, "schedule/lr_generator": 1e-5},
+             {"loss/dmd": torch.tensor(0.4), "reward/r": 0.7, "reward/r/non_finite": torch.tensor(1.0),
+              "rollout/reward/r": 0.1, "time/step_s": 9.0, "schedule/lr_generator": 1e-5}]
+    sent = []
+    for metrics in ranks:  # what each rank puts into the all-reduce
+        mean_over_ranks(metrics, torch.device("cpu"), lambda tensor: sent.append(tensor.clone()))
+    merged = mean_over_ranks(ranks[1], torch.device("cpu"), lambda tensor: tensor.copy_(sent[0] + sent[1]))  # SUM
+    assert merged["loss/dmd"] == pytest.approx(0.3) and merged["rollout/reward/r"] == pytest.approx(0.3)
+    assert merged["reward/r"] == pytest.approx(0.7)  # the rank whose every score failed does not count
+    assert merged["reward/r/non_finite"] == 3.0  # counts add up
+    assert merged["time/step_s"] == 9.0 and merged["schedule/lr_generator"] == 1e-5  # this rank's own
