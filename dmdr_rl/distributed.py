@@ -304,7 +304,12 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
             fit.join(PROGRESS_POLL_S)
             try:
                 progress = ray.get(coordinator.progress.remote(), timeout=5)
-            except Exception:  # the coordinator is busy or gone: just skip this refresh
+            except ray.exceptions.ActorDiedError as err:
+                # nothing can continue without it (it has no restarts): every learner retry would fail at
+                # once, and with ray.max_failures=-1 forever, so the run ends here
+                raise RuntimeError("the run's rollout coordinator died, so the run cannot continue; start it again "
+                                   f"with trainer.resume_from={out} ({err})") from err
+            except Exception:  # the coordinator is busy: just skip this refresh
                 continue
             bar.n = max(0, progress["version"])
             bar.set_postfix(iteration=progress["iteration"], refresh=False)

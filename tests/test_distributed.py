@@ -447,3 +447,25 @@ def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
     assert merged["reward/r"] == pytest.approx(0.7)  # the rank whose every score failed does not count
     assert merged["reward/r/non_finite"] == 3.0  # counts add up
     assert merged["time/step_s"] == 9.0 and merged["schedule/lr_generator"] == 1e-5  # this rank's own
+
+
+def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
+    """With it gone every learner retry fails at once (forever with ray.max_failures=-1): the driver
+    sees it die and ends the run with an error naming the way to resume."""
+    import ray
+
+    import dmdr_rl.distributed as distributed
+
+    def dead(*_, **__):
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(ray, "get", dead)
+    monkeypatch.setattr(ray, "kill", lambda *_, **__: None)
+    monkeypatch.setattr(distributed, "PROGRESS_POLL_S", 0.01)
+    never = threading.Event()
+    trainer = type("Trainer", (), {"fit": lambda self: never.wait()})()  # Ray Train retrying, on and on
+    coordinator = _coordinator(progress=lambda: "ref", close_store=lambda: "ref", processes=lambda: "ref")
+    cfg = _config(tmp_path, **{"trainer.backend": "ray"})
+    with pytest.raises(RuntimeError, match=f"rollout coordinator died.*trainer.resume_from={tmp_path}"):
+        distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
+    never.set()
