@@ -370,19 +370,19 @@ def _fake_get(monkeypatch):
     return loop
 
 
-def _coordinator(**methods):
+def _fake_coordinator(**methods):
     return type("Coordinator", (), {name: type("Method", (), {"remote": staticmethod(fn)})() for name, fn in methods.items()})()
 
 
 def test_a_stuck_rollout_worker_is_restarted_and_the_batch_sampled_again(monkeypatch):
     loop = _fake_get(monkeypatch)
     restarted, reissued = [], []
-    coordinator = _coordinator(request=lambda i, r: [_Ref(stuck=True)],
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(stuck=True)],
                                restart_worker=lambda **kw: restarted.append(kw),
                                reissue=lambda i, r: reissued.append((i, r)) or [_Ref("the batch")])
     assert loop.fetch_batch(coordinator, 3, 1, patience_s=0.01) == "the batch"
     assert restarted == [{"batch": (3, 1)}] and reissued == [(3, 1)]
-    coordinator = _coordinator(request=lambda i, r: [_Ref(stuck=True)], restart_worker=lambda **kw: restarted.append(kw),
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(stuck=True)], restart_worker=lambda **kw: restarted.append(kw),
                                reissue=lambda i, r: [_Ref(stuck=True)])
     with pytest.raises(RuntimeError, match=r"batch \(3, rank 1\) did not finish within 0 s, also after its rollout worker was restarted"):
         loop.fetch_batch(coordinator, 3, 1, patience_s=0.01)
@@ -394,11 +394,11 @@ def test_a_question_to_a_stuck_rollout_worker_restarts_it_and_asks_the_next(monk
     loop = _fake_get(monkeypatch)
     restarted = []
     answers = {0: _Ref(stuck=True), 1: _Ref("null conditioning")}
-    coordinator = _coordinator(null_conditioning=lambda attempt: [answers[attempt]],
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [answers[attempt]],
                                restart_worker=lambda attempt: restarted.append(attempt))
     assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01) == "null conditioning"
     assert restarted == [0]
-    coordinator = _coordinator(null_conditioning=lambda attempt: [_Ref(stuck=True)], restart_worker=lambda attempt: None)
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref(stuck=True)], restart_worker=lambda attempt: None)
     with pytest.raises(RuntimeError, match="no rollout worker answered null_conditioning within 0 s .* in 3 tries"):
         loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01)
 
@@ -464,7 +464,7 @@ def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, mo
     monkeypatch.setattr(distributed, "PROGRESS_POLL_S", 0.01)
     never = threading.Event()
     trainer = type("Trainer", (), {"fit": lambda self: never.wait()})()  # Ray Train retrying, on and on
-    coordinator = _coordinator(progress=lambda: "ref", close_store=lambda: "ref", processes=lambda: "ref")
+    coordinator = _fake_coordinator(progress=lambda: "ref", close_store=lambda: "ref", processes=lambda: "ref")
     cfg = _config(tmp_path, **{"trainer.backend": "ray"})
     with pytest.raises(RuntimeError, match=f"rollout coordinator died.*trainer.resume_from={tmp_path}"):
         distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
