@@ -258,6 +258,8 @@ def hacking_sentence(results: dict[str, dict]) -> str | None:
         f"DMDR's ({rl['fid']:.1f} against {dmdr['fid']:.1f}): "
         + (f"{evidence[shown]}. The reward is hacked, and the DMD term is what prevents it."
            if any(shown) else "on this run the gap is too small to call it reward hacking.")
+        + (f" The analytic judge (no weights) gives it {rl['analytic_accuracy']:.3f} against DMDR's "
+           f"{dmdr['analytic_accuracy']:.3f}." if "analytic_accuracy" in rl and "analytic_accuracy" in dmdr else "")
     )
 
 

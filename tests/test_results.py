@@ -55,6 +55,7 @@ def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(
     assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["passed"] is False  # 0.55 < 0.57
     assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["measured"] == "0.550 vs 0.570"
     assert claims["RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)"]["passed"] is True  # 0.61 vs 0.66: a tie
+    assert results.hacking_sentence(rows).endswith("The analytic judge (no weights) gives it 0.610 against DMDR's 0.660.")
     rows["rl-only-4"]["held-in"]["analytic_accuracy"] = 0.62
     assert {c["claim"]: c["passed"] for c in results.check_claims(rows)}[
         "RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)"] is False
