@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -179,8 +180,18 @@ def reward_hacked(rl_only: dict, dmdr: dict) -> bool:
     return any(hacking_evidence(rl_only, dmdr))
 
 
+def accuracy_margin(a: float, n_a: int, b: float, n_b: int, factor: float = 1.0, offset: float = 0.0) -> str:
+    """`a - (factor * b + offset)` in standard errors of two binomial accuracies counted as unpaired (the
+    rows see the same prompts and seeds, so this overstates the noise): how far a pass or a miss is from
+    what the image draw alone could give."""
+    se = math.sqrt(a * (1 - a) / n_a + factor ** 2 * b * (1 - b) / n_b)
+    gap = a - factor * b - offset
+    return f"{gap:+.3f}, {gap / se:+.1f} SE" if se > 0 else f"{gap:+.3f}"
+
+
 def check_claims(results: dict[str, dict]) -> list[dict]:
-    """Issue 3's targets, each as {claim, measured, passed}; rows that were not run are skipped."""
+    """Issue 3's targets, each as {claim, measured, passed}; rows that were not run are skipped. An
+    accuracy claim's measurement gives its margin in standard errors (see accuracy_margin)."""
 
     def acc(key, split):
         return results[key][split]["judge_accuracy"]
@@ -197,6 +208,13 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
     def analytic(key, split):
         return results[key][split]["analytic_accuracy"]
 
+    def n(key, split):
+        return results[key][split].get("num_images", 1000)
+
+    def margin(field, key, other, split, factor=1.0, offset=0.0):
+        return accuracy_margin(results[key][split][field], n(key, split), results[other][split][field], n(other, split),
+                               factor, offset)
+
     def claim(text, needs, test, measured, by_analytic=False):
         if all(k in results and (not by_analytic or "analytic_accuracy" in results[k]["held-in"]) for k in needs):
             claims.append({"claim": text, "measured": measured(), "passed": bool(test())})
@@ -207,7 +225,8 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
     for split in SPLITS:
         claim(f"DMD 4-step: judge accuracy >= 0.9x the 32-step teacher's ({split})", ("dmd-4", "teacher-32"),
               lambda s=split: acc("dmd-4", s) >= 0.9 * acc("teacher-32", s) - tie,
-              lambda s=split: f"{acc('dmd-4', s):.3f} vs 0.9 x {acc('teacher-32', s):.3f} = {0.9 * acc('teacher-32', s):.3f}")
+              lambda s=split: f"{acc('dmd-4', s):.3f} vs 0.9 x {acc('teacher-32', s):.3f} = {0.9 * acc('teacher-32', s):.3f} "
+                              f"({margin('judge_accuracy', 'dmd-4', 'teacher-32', s, factor=0.9)})")
     claim("DMD 1-step far better than the teacher at 1 step (accuracy +0.1 and FID halved, held-in)",
           ("dmd-1", "teacher-1"),
           lambda: acc("dmd-1", "held-in") >= acc("teacher-1", "held-in") + 0.1 - tie and fid("dmd-1") <= 0.5 * fid("teacher-1"),
@@ -217,7 +236,8 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
         for split in SPLITS:
             claim(f"DMDR {steps}-step: judge accuracy above the 32-step teacher's ({split})", (key, "teacher-32"),
                   lambda k=key, s=split: acc(k, s) > acc("teacher-32", s),
-                  lambda k=key, s=split: f"{acc(k, s):.3f} vs {acc('teacher-32', s):.3f}")
+                  lambda k=key, s=split: f"{acc(k, s):.3f} vs {acc('teacher-32', s):.3f} "
+                                         f"({margin('judge_accuracy', k, 'teacher-32', s)})")
     claim("DMDR 4-step: FID <= 1.5x the 32-step teacher's (held-in)", ("dmdr-4", "teacher-32"),
           lambda: fid("dmdr-4") <= 1.5 * fid("teacher-32"),
           lambda: f"{fid('dmdr-4'):.1f} vs {1.5 * fid('teacher-32'):.1f}")
@@ -235,10 +255,12 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
         for split in SPLITS:
             claim(f"DMDR {steps}-step: analytic accuracy above the 32-step teacher's ({split})", (key, "teacher-32"),
                   lambda k=key, s=split: analytic(k, s) > analytic("teacher-32", s),
-                  lambda k=key, s=split: f"{analytic(k, s):.3f} vs {analytic('teacher-32', s):.3f}", by_analytic=True)
+                  lambda k=key, s=split: f"{analytic(k, s):.3f} vs {analytic('teacher-32', s):.3f} "
+                                         f"({margin('analytic_accuracy', k, 'teacher-32', s)})", by_analytic=True)
     claim("RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)", ("rl-only-4", "dmdr-4"),
           lambda: analytic("rl-only-4", "held-in") <= analytic("dmdr-4", "held-in") - 0.05 + tie,
-          lambda: f"{analytic('rl-only-4', 'held-in'):.3f} vs {analytic('dmdr-4', 'held-in'):.3f}", by_analytic=True)
+          lambda: f"{analytic('rl-only-4', 'held-in'):.3f} vs {analytic('dmdr-4', 'held-in'):.3f} "
+                  f"({margin('analytic_accuracy', 'dmdr-4', 'rl-only-4', 'held-in', offset=0.05)})", by_analytic=True)
     return claims
 
 
@@ -311,6 +333,9 @@ def render_markdown(table: dict) -> str:
         lines += ["", "## The paper's claims on the toy world (issue 3's targets)", "",
                   "| claim | measured | met |", "|---|---|---|"]
         lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['passed'] else '**no**'} |" for c in table["claims"]]
+        lines += ["", "In brackets: the margin over the target, and that margin in standard errors of the two accuracies "
+                  "(binomial, counted as unpaired; the rows share prompts and seeds, so this overstates the noise). "
+                  "A pass within about 2 SE could go the other way on another draw of images."]
     lines += ["", "Per-category judge accuracies are in the JSON twin (`toy.json`)."]
     return "\n".join(lines) + "\n"
 

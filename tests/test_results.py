@@ -53,7 +53,7 @@ def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(
     assert claims["DMDR 4-step: judge accuracy above the 32-step teacher's (held-out)"]["passed"] is True
     assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-in)"]["passed"] is True
     assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["passed"] is False  # 0.55 < 0.57
-    assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["measured"] == "0.550 vs 0.570"
+    assert claims["DMDR 4-step: analytic accuracy above the 32-step teacher's (held-out)"]["measured"] == "0.550 vs 0.570 (-0.020, -0.9 SE)"
     assert claims["RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)"]["passed"] is True  # 0.61 vs 0.66: a tie
     assert results.hacking_sentence(rows).endswith("The analytic judge (no weights) gives it 0.610 against DMDR's 0.660.")
     rows["rl-only-4"]["held-in"]["analytic_accuracy"] = 0.62
@@ -67,7 +67,7 @@ def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(
     (tmp_path / "toy.json").write_text(json.dumps(table))
     results.main(["--render-only", "--out", str(tmp_path)])
     markdown = (tmp_path / "toy.md").read_text()
-    assert "| RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in) | 0.620 vs 0.660 | **no** |" in markdown
+    assert "| RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in) | 0.620 vs 0.660 (-0.010, -0.5 SE) | **no** |" in markdown
     assert json.loads((tmp_path / "toy.json").read_text())["claims"]
     with pytest.raises(SystemExit, match="does not exist"):
         results.main(["--render-only", "--out", str(tmp_path / "none")])
@@ -133,3 +133,10 @@ def test_a_bad_override_stops_the_table_before_any_run_is_deleted_or_trained(tmp
     with pytest.raises(SystemExit):
         results.parse_args(["--num-images", "1"])
     assert "--num-images must be >= 2" in capsys.readouterr().err
+
+
+def test_an_accuracy_margin_is_given_in_standard_errors_of_the_image_draw():
+    # 0.679 against 0.9 x 0.724 at 1000 images each: gap 0.0274, SE sqrt(.679 .321 + .81 .724 .276) / sqrt(1000)
+    assert results.accuracy_margin(0.679, 1000, 0.724, 1000, factor=0.9) == "+0.027, +1.4 SE"
+    assert results.accuracy_margin(0.679, 250, 0.724, 250, factor=0.9) == "+0.027, +0.7 SE"  # 4x fewer images: 2x the SE
+    assert results.accuracy_margin(1.0, 10, 1.0, 10) == "+0.000"  # no spread, no SE
