@@ -39,12 +39,14 @@ class RolloutCoordinator:
             num_cpus=ray_cfg.rollout_cpus, num_gpus=ray_cfg.rollout_gpus, max_restarts=-1, max_task_retries=0,
         )
         self.workers = [worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus))) for _ in range(ray_cfg.rollout_actors)]
+        self.incarnations = [0] * len(self.workers)  # + 1 at each restart_worker
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
         self.epoch = 0  # + 1 at every learner restart
         self.pending: dict[tuple[int, int], ray.ObjectRef] = {}
         self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
+        self.incarnation_of: dict[tuple[int, int], int] = {}  # that worker's incarnation then
         self.next_iteration = 0  # the first iteration not issued yet
         self.consumed_upto = 0
         self.started_at = (0, 0)  # (iteration, generator step) the learner last (re)started from
@@ -61,24 +63,29 @@ class RolloutCoordinator:
         return version
 
     def null_conditioning(self, attempt: int = 0) -> list:
-        """[ObjectRef] of the empty prompt's conditioning, from rollout worker `attempt` (mod their number)."""
-        return [self._worker(attempt).null_conditioning.remote()]
+        """The ticket [ObjectRef, worker, incarnation] of the empty prompt's conditioning, from rollout
+        worker `attempt` (mod their number)."""
+        return self._ticket(attempt % len(self.workers), lambda worker: worker.null_conditioning.remote())
 
     def encode(self, prompts: list[str], attempt: int = 0) -> list:
-        """[ObjectRef] of prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for
+        """The ticket of prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for
         sample grids. A ref, not the answer: this actor never waits on a worker (a stuck one would stop
         every learner's calls here), the learner does, with its timeout (see learner.loop.ask_a_worker)."""
-        return [self._worker(attempt).encode.remote(prompts)]
+        return self._ticket(attempt % len(self.workers), lambda worker: worker.encode.remote(prompts))
 
-    def _worker(self, attempt: int):
-        return self.workers[attempt % len(self.workers)]
+    def _ticket(self, index: int, call) -> list:
+        return [call(self.workers[index]), index, self.incarnations[index]]
 
-    def restart_worker(self, attempt: int = 0, batch: tuple[int, int] | None = None) -> None:
-        """Kill a rollout worker that stopped answering (the one that has `batch`, else worker `attempt`);
+    def restart_worker(self, index: int, incarnation: int) -> bool:
+        """Kill rollout worker `index` that stopped answering, unless it was restarted since the caller's
+        ticket was made (another rank, or an earlier try, got there first: that one is a fresh start).
         Ray starts it again (max_restarts=-1) and it reloads the weights with its next request."""
-        index = self.assigned.get(batch, attempt % len(self.workers)) if batch is not None else attempt % len(self.workers)
+        if self.incarnations[index] != incarnation:
+            return False
         ray.kill(self.workers[index], no_restart=False)
-        self.ledger.append("worker_restarted", worker=index, **({"iteration": batch[0], "rank": batch[1]} if batch else {}))
+        self.incarnations[index] += 1
+        self.ledger.append("worker_restarted", worker=index, incarnation=self.incarnations[index])
+        return True
 
     # -- batches ------------------------------------------------------------------------------
     def start(self, iteration: int, generator_step: int | None = None) -> None:
@@ -99,11 +106,13 @@ class RolloutCoordinator:
             ray.cancel(ref)
         self.pending.clear()
         self.assigned.clear()
+        self.incarnation_of.clear()
         self.next_iteration = self.consumed_upto = iteration
 
     def request(self, iteration: int, rank: int) -> list | None:
-        """The batch of (iteration, rank) as [ObjectRef] (a list, so Ray passes the ref, not the batch),
-        or None while the generator version it needs is not published yet (ask again shortly)."""
+        """The batch of (iteration, rank) as a ticket [ObjectRef, worker, incarnation] (a list, so Ray
+        passes the ref, not the batch), or None while the generator version it needs is not published
+        yet (ask again shortly)."""
         if iteration < self.consumed_upto - 1 or iteration > self.next_iteration + self.lookahead:
             raise ValueError(f"batch ({iteration}, rank {rank}) requested out of order: the learner is at "
                              f"{self.consumed_upto}; a restarted learner calls start() first")
@@ -111,12 +120,16 @@ class RolloutCoordinator:
         self._issue_ahead(iteration)
         if (iteration, rank) not in self.pending:
             return None
-        ref = self.pending.pop((iteration, rank))
-        return [ref]
+        return self._batch_ticket(iteration, rank)
+
+    def _batch_ticket(self, iteration: int, rank: int) -> list:
+        key = (iteration, rank)
+        return [self.pending.pop(key), self.assigned[key], self.incarnation_of[key]]
 
     def progress(self) -> dict:
+        """Where the run is; `epoch` > 0 once a learner restart has happened in this launch."""
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
-                "next_needs_version": self.needed_version(self.next_iteration)}
+                "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch}
 
     def needed_version(self, iteration: int) -> int:
         """The oldest generator version that may sample the batch of `iteration`: the learner's step when it
@@ -136,12 +149,12 @@ class RolloutCoordinator:
         """After a rollout worker died (Ray restarts it; it reloads weights with its next request). The
         batch goes to another worker when there is one, rather than wait for the restart."""
         self._issue(iteration, rank, avoid=self.assigned.get((iteration, rank)))
-        ref = self.pending.pop((iteration, rank))
         self.ledger.append("reissued", iteration=iteration, rank=rank)
-        return [ref]
+        return self._batch_ticket(iteration, rank)
 
     def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int) -> None:
         self.assigned.pop((iteration, rank), None)
+        self.incarnation_of.pop((iteration, rank), None)
         self.ledger.append("consumed", iteration=iteration, rank=rank, weight_version=weight_version,
                            generator_step=generator_step)
 
@@ -165,6 +178,7 @@ class RolloutCoordinator:
             worker_index = self.turn % len(self.workers)
             self.turn += 1
         self.assigned[(iteration, rank)] = worker_index
+        self.incarnation_of[(iteration, rank)] = self.incarnations[worker_index]
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch)
         self.pending[(iteration, rank)] = ref
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)

@@ -235,11 +235,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def merge_by_time(ordered: list[dict], late: list[dict]) -> list[dict]:
     """`ordered` kept in its own order, with each of `late` placed before the first record written after
-    it (by the `time` every record carries)."""
+    it (by the `time` every record carries; on a tie, after: a late record was saved after everything
+    its writer had sent, and times are rounded to the millisecond)."""
     late = sorted(late, key=lambda r: r.get("time", 0.0))
     out, i = [], 0
     for record in ordered:
-        while i < len(late) and late[i].get("time", 0.0) <= record.get("time", 0.0):
+        while i < len(late) and late[i].get("time", 0.0) < record.get("time", 0.0):  # a tie: after (times are ms)
             out.append(late[i])
             i += 1
         out.append(record)

@@ -44,17 +44,21 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 BATCH_METRICS = ("loss/", "reward/", "rollout/")  # each rank's are its shard's; the log shows the whole batch's
 
 
-def mean_over_ranks(metrics: dict, device: torch.device, all_reduce=dist.all_reduce) -> dict:
+def mean_over_ranks(metrics: dict, device: torch.device, shard_size: int, all_reduce=dist.all_reduce) -> dict:
     """The shard metrics of every rank as the whole batch's, in one all-reduce: counts (`/non_finite`)
-    summed, the rest averaged over the ranks whose value is finite (equal shards: a loss's mean is the
-    batch's). Timings and schedules stay rank 0's. Every rank must call it at the same steps."""
+    summed, a reward mean weighted by its rank's finite scores (`shard_size` less its non-finite count),
+    the rest averaged over the ranks whose value is finite (equal shards: a loss's mean is the batch's).
+    Timings and schedules stay rank 0's. Every rank must call it at the same steps."""
     keys = sorted(k for k, v in metrics.items() if k.startswith(BATCH_METRICS)
                   and (isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)))
     if not keys:
         return metrics
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    finite = torch.isfinite(values)
-    both = torch.cat([torch.where(finite, values, torch.zeros_like(values)), finite.to(values.dtype)])
+    weights = torch.tensor([shard_size - float(metrics[f"{k}/non_finite"]) if f"{k}/non_finite" in metrics else 1.0
+                            for k in keys], dtype=torch.float64, device=device)
+    finite = torch.isfinite(values) & (weights > 0)
+    both = torch.cat([torch.where(finite, values * weights, torch.zeros_like(values)),
+                      torch.where(finite, weights, torch.zeros_like(weights))])
     all_reduce(both)
     sums, counts = both[: len(keys)], both[len(keys):]
     reduced = {k: float(sums[i]) if k.endswith("/non_finite") else float(sums[i] / counts[i]) if counts[i] > 0
@@ -69,53 +73,72 @@ def publish_generator(coordinator, learner: DMDRLearner) -> None:
     ray.get(coordinator.publish.remote(learner.generator_step, [ref]))
 
 
-def ask_a_worker(coordinator, method: str, *args, patience_s: float):
-    """What a rollout worker answers to `method` (e.g. null_conditioning, encode): a dead worker is skipped
-    for the next, and one that does not answer within `patience_s` is restarted and asked once more."""
-    error: Exception | None = None
-    for attempt in range(3):
-        ref = ray.get(getattr(coordinator, method).remote(*args, attempt=attempt))[0]
+def _ticket(answer: list) -> tuple:
+    """(ref, worker, incarnation) of a coordinator's ticket."""
+    return answer[0], answer[1], answer[2]
+
+
+def _stuck(what: str, patience_s: float, err: Exception) -> RuntimeError:
+    return RuntimeError(f"{what} did not finish within {patience_s:.0f} s, also after its rollout worker was "
+                        "restarted (a worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
+                        "ray.rollout_cpus / ray.rollout_gpus)")
+
+
+def ask_a_worker(coordinator, method: str, *args, patience_s: float, restart_stuck: bool):
+    """What a rollout worker answers to `method` (e.g. null_conditioning, encode). A dead or restarting
+    worker is passed over for the next, with a growing wait, for up to `patience_s`. With `restart_stuck`
+    (after a learner restart, when a worker may still run a rollout of the lost learner's), one that does
+    not answer within `patience_s` is restarted, once, and asked again; without it (a launch's first
+    start, when a worker may still be loading its model) the answer is waited for as long as it takes."""
+    attempt, wait, restarted = 0, 0.5, False
+    give_up = time.monotonic() + patience_s
+    while True:
+        ref, worker, incarnation = _ticket(ray.get(getattr(coordinator, method).remote(*args, attempt=attempt)))
         try:
-            return ray.get(ref, timeout=patience_s)
-        except ACTOR_ERRORS as err:
-            error = err
+            return ray.get(ref, timeout=patience_s if restart_stuck else None)
         except ray.exceptions.GetTimeoutError as err:
-            error = err
-            ray.get(coordinator.restart_worker.remote(attempt))
-    raise RuntimeError(f"no rollout worker answered {method} within {patience_s:.0f} s (ray.rollout_timeout_s) in 3 "
-                       f"tries; the last error: {type(error).__name__}: {error}") from error
+            if restarted:
+                raise _stuck(f"rollout worker {worker}'s answer to {method}", patience_s, err) from err
+            ray.get(coordinator.restart_worker.remote(worker, incarnation))  # unless another rank just did
+            restarted, give_up = True, time.monotonic() + patience_s
+        except ACTOR_ERRORS as err:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"no rollout worker could answer {method} within {patience_s:.0f} s "
+                                   f"(ray.rollout_timeout_s); the last error: {type(err).__name__}: {err}") from err
+            time.sleep(wait)
+            wait = min(2 * wait, 10.0)
+            attempt += 1
 
 
 def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
     """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
-    (Ray restarts the worker; it reloads the weights itself) until `patience_s` runs out; a worker that
-    does not finish it within `patience_s` is restarted once and the batch sampled again."""
+    (Ray restarts the worker; it reloads the weights itself) for up to `patience_s`; a worker that does
+    not finish it within `patience_s` is restarted, once, and the batch sampled again."""
     deadline = time.monotonic() + patience_s
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         if time.monotonic() > deadline:  # the generator version this batch needs never came
             raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s (ray.rollout_timeout_s) for the "
                                f"generator weights it needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
         time.sleep(0.01)  # the weights this batch needs are being published
-    ref, deadline, wait, restarted = answer[0], time.monotonic() + patience_s, 0.5, False
+    ref, worker, incarnation = _ticket(answer)
+    give_up, wait, restarted = time.monotonic() + patience_s, 0.5, False
     while True:
         try:
-            return ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            return ray.get(ref, timeout=patience_s)  # each ref gets the full patience, a reissued one too
         except ray.exceptions.GetTimeoutError as err:
             if restarted:
-                raise RuntimeError(f"the rollout of batch ({iteration}, rank {rank}) did not finish within {patience_s:.0f} s, "
-                                   f"also after its rollout worker was restarted (a worker is stuck or still loading: "
-                                   f"raise ray.rollout_timeout_s, or check ray.rollout_cpus / ray.rollout_gpus)") from err
-            # a learner restart would not help a stuck worker (it would wait behind it): restart the worker
-            ray.get(coordinator.restart_worker.remote(batch=(iteration, rank)))
-            restarted, deadline = True, time.monotonic() + patience_s
-            ref = ray.get(coordinator.reissue.remote(iteration, rank))[0]
+                raise _stuck(f"the rollout of batch ({iteration}, rank {rank})", patience_s, err) from err
+            # a learner restart would not help a stuck worker (it would wait behind it): restart the worker,
+            # the one this ref went to (unless it was restarted since: then that was its old incarnation)
+            ray.get(coordinator.restart_worker.remote(worker, incarnation))
+            restarted, give_up = True, time.monotonic() + patience_s
         except ACTOR_ERRORS as err:
-            if time.monotonic() > deadline:
+            if time.monotonic() > give_up:
                 raise RuntimeError(f"no rollout worker could sample batch ({iteration}, rank {rank}) within "
                                    f"{patience_s:.0f} s; the last error: {err}") from err
             time.sleep(wait)
             wait = min(2 * wait, 10.0)
-            ref = ray.get(coordinator.reissue.remote(iteration, rank))[0]
+        ref, worker, incarnation = _ticket(ray.get(coordinator.reissue.remote(iteration, rank)))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -144,7 +167,13 @@ def train_loop_per_worker(config: dict) -> None:
         ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
     if world > 1:
         dist.barrier()
-    backbone.set_null(ask_a_worker(coordinator, "null_conditioning", patience_s=patience))
+    # asked before any rollout is issued, so no worker is busy: after a learner restart a worker that does
+    # not answer is stuck (e.g. in a rollout of the lost learner's) and is restarted; at a launch's first
+    # start it may be loading its model, and is waited for
+    ask = {"patience_s": patience, "restart_stuck": ray.get(coordinator.progress.remote())["epoch"] > 0}
+    backbone.set_null(ask_a_worker(coordinator, "null_conditioning", **ask))
+    grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
+    grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, **ask) if rank == 0 else None
     if rank == 0:
         publish_generator(coordinator, learner)
     if world > 1:
@@ -152,8 +181,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     out = Path(config["output_dir"])
     log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name)) if rank == 0 else None
-    grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
-    grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, patience_s=patience) if rank == 0 else None
     waited = 0.0
     try:
         while learner.generator_step < cfg.trainer.max_steps:
@@ -173,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = step == cfg.trainer.max_steps
             if step % cfg.output.log_every == 0 or last:
                 if world > 1:  # a collective: every rank, at the same steps
-                    metrics = mean_over_ranks(metrics, device)
+                    metrics = mean_over_ranks(metrics, device, cfg.trainer.batch_size // world)
                 if log is not None:
                     log.write(step, metrics)
             if rank == 0 and (step % cfg.output.sample_every == 0 or last):

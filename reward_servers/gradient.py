@@ -2,7 +2,7 @@
 
 A server computes `r_i` and `d r_i / d image_i` for every image of a batch; the learner glues them onto
 its own autograd graph with `attach_gradient`, so that back-propagating any loss of the scores
-(hinge or linear shaping, weights, means over finite samples) yields
+(hinge or linear shaping, weights, sums over the finite samples) yields
 `sum_i dL/dr_i * d r_i / d image_i` -- exactly the gradient the learner would get with the reward
 model in its own process. It requires the model to score each image independently of the others in
 its batch (eval-mode normalisation), which every reward model here does.

@@ -241,7 +241,8 @@ class _FakeWorkers:
     def remote(self, *_, **__):
         index, self.count = self.count, self.count + 1
         rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank, *rest)})()
-        return type("Handle", (), {"rollout": rollout})()
+        null = type("Method", (), {"remote": lambda _: ("null", index)})()
+        return type("Handle", (), {"rollout": rollout, "null_conditioning": null})()
 
 
 def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
@@ -251,7 +252,7 @@ def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
     cfg = _config(tmp_path, **{"ray.rollout_actors": 4, "ray.max_staleness": 1})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.publish(0, ["weights"])
-    first = coordinator.request(0, 0)[0]
+    first = coordinator.request(0, 0)[0]  # the ticket's ref (the fake's names its worker)
     # iterations 0-3 went out round-robin, so plain round-robin would hand batch 0 back to worker 0
     assert coordinator.next_iteration == 4 and first[1] == 0
     for _ in range(5):  # whatever the round-robin turn, the batch moves away from the worker that failed it
@@ -377,46 +378,113 @@ def _fake_coordinator(**methods):
 def test_a_stuck_rollout_worker_is_restarted_and_the_batch_sampled_again(monkeypatch):
     loop = _fake_get(monkeypatch)
     restarted, reissued = [], []
-    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(stuck=True)],
-                               restart_worker=lambda **kw: restarted.append(kw),
-                               reissue=lambda i, r: reissued.append((i, r)) or [_Ref("the batch")])
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(stuck=True), 1, 0],  # worker 1, first incarnation
+                                    restart_worker=lambda worker, incarnation: restarted.append((worker, incarnation)),
+                                    reissue=lambda i, r: reissued.append((i, r)) or [_Ref("the batch"), 1, 1])
     assert loop.fetch_batch(coordinator, 3, 1, patience_s=0.01) == "the batch"
-    assert restarted == [{"batch": (3, 1)}] and reissued == [(3, 1)]
-    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(stuck=True)], restart_worker=lambda **kw: restarted.append(kw),
-                               reissue=lambda i, r: [_Ref(stuck=True)])
+    assert restarted == [(1, 0)] and reissued == [(3, 1)]  # the worker the stuck ref went to, as it was then
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(stuck=True), 0, 0], restart_worker=lambda *a: None,
+                                    reissue=lambda i, r: [_Ref(stuck=True), 0, 1])
     with pytest.raises(RuntimeError, match=r"batch \(3, rank 1\) did not finish within 0 s, also after its rollout worker was restarted"):
         loop.fetch_batch(coordinator, 3, 1, patience_s=0.01)
 
 
-def test_a_question_to_a_stuck_rollout_worker_restarts_it_and_asks_the_next(monkeypatch):
+def test_a_reissued_batch_gets_the_full_patience_and_a_healthy_worker_is_not_killed(monkeypatch):
+    """Worker 0 dies late in the batch's wait; the batch goes to worker 1, which is slow but healthy: its
+    ref is waited on for the whole patience, not what was left of the first one's (review finding)."""
+    import learner.loop as loop
+
+    monkeypatch.setattr(loop.time, "sleep", lambda s: None)
+    waits = []
+
+    def get(obj, timeout=None):
+        if isinstance(obj, _Ref):
+            waits.append(timeout)
+            if obj.value == "dies":
+                raise loop.ray.exceptions.ActorDiedError()
+            return obj.value
+        return obj
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref("dies"), 0, 0], restart_worker=lambda *a: pytest.fail("killed"),
+                                    reissue=lambda i, r: [_Ref("the batch"), 1, 0])
+    assert loop.fetch_batch(coordinator, 0, 0, patience_s=600) == "the batch"
+    assert waits == [600, 600]
+
+
+def test_a_question_to_a_stuck_rollout_worker_restarts_it_after_a_learner_restart(monkeypatch):
     """After a learner restart the coordinator must not wait on a stuck worker itself (every learner call
-    would hang behind it): it hands out refs, and the learner waits with its timeout."""
+    would hang behind it): it hands out refs, and the learner waits with its timeout and restarts it."""
     loop = _fake_get(monkeypatch)
-    restarted = []
-    answers = {0: _Ref(stuck=True), 1: _Ref("null conditioning")}
-    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [answers[attempt]],
-                               restart_worker=lambda attempt: restarted.append(attempt))
-    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01) == "null conditioning"
-    assert restarted == [0]
-    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref(stuck=True)], restart_worker=lambda attempt: None)
-    with pytest.raises(RuntimeError, match="no rollout worker answered null_conditioning within 0 s .* in 3 tries"):
-        loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01)
+    restarted, asked = [], []
+    incarnations = iter([0, 1])
+
+    def null_conditioning(attempt):
+        asked.append(attempt)
+        incarnation = next(incarnations)
+        return [_Ref(stuck=incarnation == 0, value="null conditioning"), 0, incarnation]
+
+    coordinator = _fake_coordinator(null_conditioning=null_conditioning,
+                                    restart_worker=lambda worker, incarnation: restarted.append((worker, incarnation)))
+    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01, restart_stuck=True) == "null conditioning"
+    assert restarted == [(0, 0)] and asked == [0, 0]  # the same worker, asked again in its fresh incarnation
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref(stuck=True), 0, 0], restart_worker=lambda *a: None)
+    with pytest.raises(RuntimeError, match=r"rollout worker 0's answer to null_conditioning did not finish within 0 s, "
+                                           "also after its rollout worker was restarted"):
+        loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01, restart_stuck=True)
 
 
-def test_the_coordinator_restarts_the_worker_that_holds_a_stuck_batch(tmp_path, monkeypatch):
+def test_at_a_first_start_a_question_waits_for_a_worker_that_loads_its_model(monkeypatch):
+    import learner.loop as loop
+
+    timeouts = []
+    monkeypatch.setattr(loop.ray, "get", lambda obj, timeout=None: timeouts.append(timeout) or obj.value if isinstance(obj, _Ref) else obj)
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref("null conditioning"), 0, 0],
+                                    restart_worker=lambda *a: pytest.fail("a loading worker was killed"))
+    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=5, restart_stuck=False) == "null conditioning"
+    assert timeouts == [None]  # no timeout: the old coordinator waited as long too, but blocked while it did
+
+
+def test_a_question_waits_for_a_restarting_rollout_worker(monkeypatch):
+    """The only worker was just restarted (ActorUnavailableError: restarting): asked again after a wait,
+    not given up on at once."""
+    import learner.loop as loop
+
+    monkeypatch.setattr(loop.time, "sleep", lambda s: None)
+    restarting = iter([True, True, False])
+
+    def get(obj, timeout=None):
+        if isinstance(obj, _Ref):
+            if next(restarting):
+                raise loop.ray.exceptions.ActorUnavailableError("The actor is restarting", b"\0" * 16)
+            return obj.value
+        return obj
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref("null conditioning"), attempt, 0])
+    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=60, restart_stuck=True) == "null conditioning"
+
+
+def test_the_coordinator_restarts_a_worker_once_per_incarnation(tmp_path, monkeypatch):
+    """Two ranks time out on the same stuck worker: the first restarts it, the second's request (for the
+    incarnation that is gone) kills nothing, so the fresh worker is not killed again."""
     import actors.coordinator as coordinator_module
 
     killed = []
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
     monkeypatch.setattr(coordinator_module.ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart)))
-    cfg = _config(tmp_path, **{"ray.rollout_actors": 3})
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 3, "ray.max_staleness": 0})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
-    coordinator.assigned[(5, 0)] = 2
-    coordinator.restart_worker(batch=(5, 0))
-    coordinator.restart_worker(4)  # a worker that did not answer a question: 4 mod 3
-    assert killed == [(coordinator.workers[2], False), (coordinator.workers[1], False)]  # Ray starts them again
+    coordinator.publish(0, ["weights"])
+    ticket = coordinator.request(0, 0)
+    assert ticket[1:] == [0, 0]  # worker 0, first incarnation
+    assert coordinator.restart_worker(0, 0) is True and coordinator.restart_worker(0, 0) is False
+    assert killed == [(coordinator.workers[0], False)]  # Ray starts it again
+    assert coordinator.null_conditioning(attempt=3)[1:] == [0, 1]  # 3 mod 3: the fresh incarnation
+    _, worker, incarnation = coordinator.reissue(0, 0)
+    assert worker != 0 and incarnation == 0  # the batch moves to another worker, in its first incarnation
     events = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "worker_restarted"]
-    assert [(e["worker"], e.get("iteration")) for e in events] == [(2, 5), (1, None)]
+    assert [(e["worker"], e["incarnation"]) for e in events] == [(0, 1)]
 
 
 def test_a_ray_run_resumed_from_a_finished_checkpoint_stops_before_ray_starts(tmp_path, monkeypatch):
@@ -440,13 +508,20 @@ def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
              {"loss/dmd": torch.tensor(0.4), "reward/r": 0.7, "reward/r/non_finite": torch.tensor(1.0),
               "rollout/reward/r": 0.1, "time/step_s": 9.0, "schedule/lr_generator": 1e-5}]
     sent = []
-    for metrics in ranks:  # what each rank puts into the all-reduce
-        mean_over_ranks(metrics, torch.device("cpu"), lambda tensor: sent.append(tensor.clone()))
-    merged = mean_over_ranks(ranks[1], torch.device("cpu"), lambda tensor: tensor.copy_(sent[0] + sent[1]))  # SUM
+    for metrics in ranks:  # what each rank puts into the all-reduce (shards of 2 images)
+        mean_over_ranks(metrics, torch.device("cpu"), 2, lambda tensor: sent.append(tensor.clone()))
+    merged = mean_over_ranks(ranks[1], torch.device("cpu"), 2, lambda tensor: tensor.copy_(sent[0] + sent[1]))  # SUM
     assert merged["loss/dmd"] == pytest.approx(0.3) and merged["rollout/reward/r"] == pytest.approx(0.3)
     assert merged["reward/r"] == pytest.approx(0.7)  # the rank whose every score failed does not count
     assert merged["reward/r/non_finite"] == 3.0  # counts add up
     assert merged["time/step_s"] == 9.0 and merged["schedule/lr_generator"] == 1e-5  # this rank's own
+    # a reward mean is weighted by each rank's finite scores: 1 of 4 at 0.1 and 4 of 4 at 0.9 -> 3.7 / 5
+    a, b = {"reward/r": 0.1, "reward/r/non_finite": 3.0}, {"reward/r": 0.9, "reward/r/non_finite": 0.0}
+    sent.clear()
+    for metrics in (a, b):
+        mean_over_ranks(metrics, torch.device("cpu"), 4, lambda tensor: sent.append(tensor.clone()))
+    merged = mean_over_ranks(b, torch.device("cpu"), 4, lambda tensor: tensor.copy_(sent[0] + sent[1]))
+    assert merged["reward/r"] == pytest.approx(0.74) and merged["reward/r/non_finite"] == 3.0
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):

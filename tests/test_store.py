@@ -402,3 +402,4 @@ def test_late_records_are_merged_by_time_without_reordering_the_stream():
     late = [{"id": "y", "time": 9.0}, {"id": "x", "time": 2.0}]
     assert [r["id"] for r in merge_by_time(stream, late)] == ["a", "x", "b", "c", "y"]
     assert merge_by_time(stream, []) == stream
+    assert [r["id"] for r in merge_by_time([{"id": "sent", "time": 5.0}], [{"id": "saved", "time": 5.0}])] == ["sent", "saved"]
