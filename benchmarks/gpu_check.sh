@@ -2,8 +2,12 @@
 # The GPU checks of issue 6 as one prepared script, for a session that is lent a GPU machine (the
 # device tool). It needs the packages the machine's image lacks, built here first:
 #
-#   ../shared/tools/device-bundle .device "ray[train,serve]==2.60.0" diffusers==0.42.1 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5
+#   ../shared/tools/device-bundle .device "ray[train,serve]==2.60.0" diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5
 #   echo /.device/ >> .git/info/exclude
+#
+# torch, transformers and peft come from the machine's image (the tool leaves them out; do not add peft:
+# pip would download torch's CUDA wheels with it, over a GB): gpu.txt records their versions. A peft
+# without LoRA layers' `cast_input_dtype_enabled` runs the adapters on float32 inputs (more memory).
 #
 # (built 2026-11-28 in about 3 minutes: 49.9 MB, which with the 11.8 MB tracked tree fits the 64 MiB the tool carries)
 #
