@@ -166,7 +166,7 @@ def _dead_rollout_ref():
 def test_a_batch_whose_rollout_worker_died_is_sampled_again(local_ray):
     from learner.loop import fetch_batch
 
-    coordinator = _FlakyCoordinator.remote([_dead_rollout_ref()], [ray.put("the batch")], deaths=2)
+    coordinator = _FlakyCoordinator.remote([_dead_rollout_ref(), 0, 0], [ray.put("the batch"), 1, 0], deaths=2)  # tickets
     assert fetch_batch(coordinator, 3, 1, patience_s=60) == "the batch"
     assert ray.get(coordinator.history.remote()) == [("request", 3, 1), ("reissue", 3, 1), ("reissue", 3, 1)]
 
@@ -174,7 +174,7 @@ def test_a_batch_whose_rollout_worker_died_is_sampled_again(local_ray):
 def test_a_batch_no_worker_can_sample_ends_the_run_naming_it(local_ray):
     from learner.loop import fetch_batch
 
-    coordinator = _FlakyCoordinator.remote([_dead_rollout_ref()], [ray.put("the batch")], deaths=10**6)
+    coordinator = _FlakyCoordinator.remote([_dead_rollout_ref(), 0, 0], [ray.put("the batch"), 1, 0], deaths=10**6)
     with pytest.raises(RuntimeError, match=r"no rollout worker could sample batch \(3, rank 1\) within 2 s"):
         fetch_batch(coordinator, 3, 1, patience_s=2)
 
