@@ -167,7 +167,8 @@ class RaySection(_Section):
     local_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local Ray (null: enough for the actors)
     max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
     # how long the learner waits for one rollout batch (its weights, its sampling, a dead worker's
-    # replacement) before the run fails; raise it when rollout actors load large models or wait for GPUs
+    # replacement); a worker that takes longer is restarted once, then the learner's try fails. Raise it
+    # when rollouts are slow (large models, GPUs shared); a first start waits for workers to load anyway
     rollout_timeout_s: float = Field(600.0, gt=0)
     # where Ray Train keeps its checkpoints: null is <output.dir>/ray_train, which only one node can see; a
     # cluster of several nodes needs a place they all reach (s3://..., gs://..., or a shared filesystem path)
