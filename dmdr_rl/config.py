@@ -168,7 +168,8 @@ class RaySection(_Section):
     max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
     # how long the learner waits for one rollout batch (its weights, its sampling, a dead worker's
     # replacement); a worker that takes longer is restarted once, then the learner's try fails. Raise it
-    # when rollouts are slow (large models, GPUs shared); a first start waits for workers to load anyway
+    # when rollouts are slow or workers load slowly (large models, GPUs shared): only the first question at
+    # a launch's start waits for a worker to load without a limit
     rollout_timeout_s: float = Field(600.0, gt=0)
     # where Ray Train keeps its checkpoints: null is <output.dir>/ray_train, which only one node can see; a
     # cluster of several nodes needs a place they all reach (s3://..., gs://..., or a shared filesystem path)
