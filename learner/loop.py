@@ -78,7 +78,7 @@ def _ticket(answer: list) -> tuple:
     return answer[0], answer[1], answer[2]
 
 
-def _stuck(what: str, patience_s: float, err: Exception) -> RuntimeError:
+def _stuck(what: str, patience_s: float) -> RuntimeError:
     return RuntimeError(f"{what} did not finish within {patience_s:.0f} s, also after its rollout worker was "
                         "restarted (a worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
                         "ray.rollout_cpus / ray.rollout_gpus)")
@@ -98,7 +98,7 @@ def ask_a_worker(coordinator, method: str, *args, patience_s: float, restart_stu
             return ray.get(ref, timeout=patience_s if restart_stuck else None)
         except ray.exceptions.GetTimeoutError as err:
             if restarted:
-                raise _stuck(f"rollout worker {worker}'s answer to {method}", patience_s, err) from err
+                raise _stuck(f"rollout worker {worker}'s answer to {method}", patience_s) from err
             ray.get(coordinator.restart_worker.remote(worker, incarnation))  # unless another rank just did
             restarted, give_up = True, time.monotonic() + patience_s
         except ACTOR_ERRORS as err:
@@ -127,7 +127,7 @@ def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
             return ray.get(ref, timeout=patience_s)  # each ref gets the full patience, a reissued one too
         except ray.exceptions.GetTimeoutError as err:
             if restarted:
-                raise _stuck(f"the rollout of batch ({iteration}, rank {rank})", patience_s, err) from err
+                raise _stuck(f"the rollout of batch ({iteration}, rank {rank})", patience_s) from err
             # a learner restart would not help a stuck worker (it would wait behind it): restart the worker,
             # the one this ref went to (unless it was restarted since: then that was its old incarnation)
             ray.get(coordinator.restart_worker.remote(worker, incarnation))
