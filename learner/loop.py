@@ -9,6 +9,7 @@ and rewards of the whole batch, over all ranks), and hands Ray Train the checkpo
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -78,67 +79,58 @@ def _ticket(answer: list) -> tuple:
     return answer[0], answer[1], answer[2]
 
 
-def _stuck(what: str, patience_s: float) -> RuntimeError:
-    return RuntimeError(f"{what} did not finish within {patience_s:.0f} s, also after its rollout worker was "
-                        "restarted (a worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
-                        "ray.rollout_cpus / ray.rollout_gpus)")
-
-
-def ask_a_worker(coordinator, method: str, *args, patience_s: float, restart_stuck: bool):
-    """What a rollout worker answers to `method` (e.g. null_conditioning, encode). A dead or restarting
-    worker is passed over for the next, with a growing wait, for up to `patience_s`. With `restart_stuck`
-    (after a learner restart, when a worker may still run a rollout of the lost learner's), one that does
-    not answer within `patience_s` is restarted, once, and asked again; without it (a launch's first
-    start, when a worker may still be loading its model) the answer is waited for as long as it takes."""
-    attempt, wait, restarted = 0, 0.5, False
-    give_up = time.monotonic() + patience_s
+def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, restart_stuck: bool = True):
+    """What the worker of `next_ticket()`'s ref delivers. A dead or restarting worker: the next ticket,
+    after a growing wait, for up to `patience_s`. With `restart_stuck`, a worker that delivers nothing
+    within `patience_s` is restarted (the incarnation the ticket names: if another rank got there first,
+    nothing is killed), once, and the next ticket waited on with the full patience again."""
+    ref, worker, incarnation = next_ticket()
+    give_up, wait, restarted = time.monotonic() + patience_s, 0.5, False
     while True:
-        ref, worker, incarnation = _ticket(ray.get(getattr(coordinator, method).remote(*args, attempt=attempt)))
         try:
-            return ray.get(ref, timeout=patience_s if restart_stuck else None)
+            return ray.get(ref, timeout=patience_s if restart_stuck else None)  # each ref: the full patience
         except ray.exceptions.GetTimeoutError as err:
             if restarted:
-                raise _stuck(f"rollout worker {worker}'s answer to {method}", patience_s) from err
-            ray.get(coordinator.restart_worker.remote(worker, incarnation))  # unless another rank just did
+                raise RuntimeError(f"{what} did not finish within {patience_s:.0f} s, also after its rollout worker was "
+                                   "restarted (a worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
+                                   "ray.rollout_cpus / ray.rollout_gpus)") from err
+            ray.get(coordinator.restart_worker.remote(worker, incarnation))
             restarted, give_up = True, time.monotonic() + patience_s
         except ACTOR_ERRORS as err:
             if time.monotonic() > give_up:
-                raise RuntimeError(f"no rollout worker could answer {method} within {patience_s:.0f} s "
+                raise RuntimeError(f"no rollout worker could deliver {what} within {patience_s:.0f} s "
                                    f"(ray.rollout_timeout_s); the last error: {type(err).__name__}: {err}") from err
             time.sleep(wait)
             wait = min(2 * wait, 10.0)
-            attempt += 1
+        ref, worker, incarnation = next_ticket()
+
+
+def ask_a_worker(coordinator, method: str, *args, patience_s: float, restart_stuck: bool):
+    """What a rollout worker answers to `method` (e.g. null_conditioning, encode), asking the workers in
+    turn. `restart_stuck`: after a learner restart, when a worker may still run a rollout of the lost
+    learner's, one that does not answer within `patience_s` is restarted; at a launch's first start a
+    worker may still be loading its model, and the answer is waited for as long as it takes."""
+    attempts = itertools.count()
+    return _from_a_worker(
+        coordinator, lambda: _ticket(ray.get(getattr(coordinator, method).remote(*args, attempt=next(attempts)))),
+        f"the answer to {method}", patience_s, restart_stuck)
 
 
 def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
     """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
     (Ray restarts the worker; it reloads the weights itself) for up to `patience_s`; a worker that does
-    not finish it within `patience_s` is restarted, once, and the batch sampled again."""
+    not finish it within `patience_s` is restarted, once, and the batch sampled again (a learner restart
+    would not help: it would wait behind the stuck worker)."""
     deadline = time.monotonic() + patience_s
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         if time.monotonic() > deadline:  # the generator version this batch needs never came
             raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s (ray.rollout_timeout_s) for the "
                                f"generator weights it needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
         time.sleep(0.01)  # the weights this batch needs are being published
-    ref, worker, incarnation = _ticket(answer)
-    give_up, wait, restarted = time.monotonic() + patience_s, 0.5, False
-    while True:
-        try:
-            return ray.get(ref, timeout=patience_s)  # each ref gets the full patience, a reissued one too
-        except ray.exceptions.GetTimeoutError as err:
-            if restarted:
-                raise _stuck(f"the rollout of batch ({iteration}, rank {rank})", patience_s) from err
-            # a learner restart would not help a stuck worker (it would wait behind it): restart the worker,
-            # the one this ref went to (unless it was restarted since: then that was its old incarnation)
-            ray.get(coordinator.restart_worker.remote(worker, incarnation))
-            restarted, give_up = True, time.monotonic() + patience_s
-        except ACTOR_ERRORS as err:
-            if time.monotonic() > give_up:
-                raise RuntimeError(f"no rollout worker could sample batch ({iteration}, rank {rank}) within "
-                                   f"{patience_s:.0f} s; the last error: {err}") from err
-            time.sleep(wait)
-            wait = min(2 * wait, 10.0)
-        ref, worker, incarnation = _ticket(ray.get(coordinator.reissue.remote(iteration, rank)))
+    tickets = iter([answer])
+    return _from_a_worker(
+        coordinator, lambda: _ticket(next(tickets, None) or ray.get(coordinator.reissue.remote(iteration, rank))),
+        f"the rollout of batch ({iteration}, rank {rank})", patience_s)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -175,7 +175,7 @@ def test_a_batch_no_worker_can_sample_ends_the_run_naming_it(local_ray):
     from learner.loop import fetch_batch
 
     coordinator = _FlakyCoordinator.remote([_dead_rollout_ref(), 0, 0], [ray.put("the batch"), 1, 0], deaths=10**6)
-    with pytest.raises(RuntimeError, match=r"no rollout worker could sample batch \(3, rank 1\) within 2 s"):
+    with pytest.raises(RuntimeError, match=r"no rollout worker could deliver the rollout of batch \(3, rank 1\) within 2 s"):
         fetch_batch(coordinator, 3, 1, patience_s=2)
 
 
@@ -427,9 +427,9 @@ def test_a_question_to_a_stuck_rollout_worker_restarts_it_after_a_learner_restar
     coordinator = _fake_coordinator(null_conditioning=null_conditioning,
                                     restart_worker=lambda worker, incarnation: restarted.append((worker, incarnation)))
     assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01, restart_stuck=True) == "null conditioning"
-    assert restarted == [(0, 0)] and asked == [0, 0]  # the same worker, asked again in its fresh incarnation
+    assert restarted == [(0, 0)] and asked == [0, 1]  # asked again: the next worker in turn (one worker: itself, restarted)
     coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref(stuck=True), 0, 0], restart_worker=lambda *a: None)
-    with pytest.raises(RuntimeError, match=r"rollout worker 0's answer to null_conditioning did not finish within 0 s, "
+    with pytest.raises(RuntimeError, match=r"the answer to null_conditioning did not finish within 0 s, "
                                            "also after its rollout worker was restarted"):
         loop.ask_a_worker(coordinator, "null_conditioning", patience_s=0.01, restart_stuck=True)
 
