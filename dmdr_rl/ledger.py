@@ -42,12 +42,12 @@ def effective_consumption(events: list[dict]) -> list[tuple[int, int]]:
 def world_sizes(events: list[dict], world_size: int) -> list[tuple[int, int]]:
     """(first iteration, learner ranks) of each stretch of the run: a start or rewind sets the ranks from
     its iteration on (a launch resumed with another ray.learner_workers); `world_size` for events that
-    do not say (ledgers written before they did)."""
+    do not say (ledgers written before they did). Iterations before the first stretch: the caller's."""
     stretches: list[tuple[int, int]] = []
     for e in events:
         if e["event"] in ("rewind", "start"):
             stretches = [s for s in stretches if s[0] < e["iteration"]] + [(e["iteration"], e.get("world_size", world_size))]
-    return stretches or [(0, world_size)]
+    return stretches
 
 
 def audit(events: list[dict], iterations: int, world_size: int) -> dict:

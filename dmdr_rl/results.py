@@ -340,6 +340,13 @@ def render_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(out: Path, table: dict) -> None:
+    """toy.json (the numbers) and toy.md (the table and the claims), each replaced whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_whole(out / "toy.json", json.dumps(table, indent=2) + "\n")
+    write_text_whole(out / "toy.md", render_markdown(table))
+
+
 def render_saved(out: Path) -> dict:
     """The saved numbers under today's claims and wording; the evaluation itself is not repeated."""
     source = out / "toy.json"
@@ -347,8 +354,7 @@ def render_saved(out: Path) -> dict:
         raise SystemExit(f"error: {source} does not exist: run the command without --render-only first")
     table = json.loads(source.read_text())
     table["claims"] = check_claims(table["rows"])
-    write_text_whole(source, json.dumps(table, indent=2) + "\n")
-    write_text_whole(out / "toy.md", render_markdown(table))
+    write_table(out, table)
     print(f"wrote {out / 'toy.md'} from {source}")
     return table
 
@@ -410,9 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": results,
         "claims": check_claims(results),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_whole(args.out / "toy.json", json.dumps(table, indent=2) + "\n")
-    write_text_whole(args.out / "toy.md", render_markdown(table))
+    write_table(args.out, table)
     print(f"\n{render_markdown(table)}\nwrote {args.out / 'toy.md'} and {args.out / 'toy.json'}")
     return table
 
