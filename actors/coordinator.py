@@ -53,6 +53,9 @@ class RolloutCoordinator:
         self.turn = 0
         self.ledger = Ledger(open_store(self.cfg.store.url, run_dir, self.cfg.name))
         self.learner_processes: dict[int, int] = {}
+        self.tries: dict[int, int] = {}  # rank -> how many learner tries it has started
+        self.failures: dict[tuple[str, str], set[int]] = {}  # (where, error) -> the tries it ended
+        self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
 
     # -- weights ------------------------------------------------------------------------------
     def publish(self, version: int, weights: list) -> int:
@@ -138,8 +141,28 @@ class RolloutCoordinator:
         return max(0, step + iteration // self.ratio - first // self.ratio - self.max_staleness)
 
     # -- processes (for operators and fault-injection tests) ----------------------------------
-    def register_learner(self, rank: int, pid: int) -> None:
+    def register_learner(self, rank: int, pid: int) -> str | None:
+        """A learner rank starts a try. The answer: the failure that ended enough tries unchanged to end
+        the run (the rank returns at once, so Ray Train stops retrying), or None: train."""
         self.learner_processes[rank] = pid
+        self.tries[rank] = self.tries.get(rank, 0) + 1
+        return self.repeated_failure
+
+    def learner_failed(self, rank: int, where: str, error: str) -> bool:
+        """A learner rank's try ended with `error` (type and message) at `where` (its generator step).
+        Ranks failing together count as one try. True once the same failure has ended
+        `ray.same_failure_limit` tries: the next try ends the run with it."""
+        tries = self.failures.setdefault((where, error), set())
+        tries.add(self.tries.get(rank, 0))
+        self.ledger.append("learner_failed", rank=rank, where=where, error=error[:500], tries=len(tries))
+        limit = self.cfg.ray.same_failure_limit
+        if limit and len(tries) >= limit and self.repeated_failure is None:
+            self.repeated_failure = f"{error} ({where}; the same in {len(tries)} tries of the learner)"
+        return self.repeated_failure is not None
+
+    def failure(self) -> str | None:
+        """The repeated failure that ends the run, if any (the driver raises it)."""
+        return self.repeated_failure
 
     def processes(self) -> dict:
         """{"learners": {rank: pid}, "rollout_workers": [actor handles]}."""

@@ -307,8 +307,8 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
             except ray.exceptions.ActorDiedError as err:
                 # nothing can continue without it (it has no restarts): every learner retry would fail at
                 # once, and with ray.max_failures=-1 forever, so the run ends here
-                raise RuntimeError("the run's rollout coordinator died, so the run cannot continue; start it again "
-                                   f"with trainer.resume_from={out} ({err})") from err
+                raise RuntimeError(f"the run's rollout coordinator died, so the run cannot continue; {_how_to_continue(cfg, out)} "
+                                   f"({err})") from err
             except Exception:  # the coordinator is busy: just skip this refresh
                 continue
             bar.n = max(0, progress["version"])
@@ -316,8 +316,13 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
             bar.refresh()
     finally:
         bar.close()
+        repeated = _repeated_failure(coordinator)
         _shut_down(coordinator)
     result = outcome.get("result")
+    if repeated is not None:
+        raise RuntimeError(f"the learner keeps failing the same way, so the run ends rather than retry it again "
+                           f"(ray.same_failure_limit): {repeated}. Fix the cause, then "
+                           f"{_how_to_continue(cfg, out)}") from (result if isinstance(result, BaseException) else None)
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
@@ -335,6 +340,31 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _how_to_continue(cfg: RunConfig, out: Path) -> str:
+    """Where a run that ended early continues from: its own newest checkpoint, else the one it started
+    from, else nowhere (it saved none)."""
+    from .trainer import resume_checkpoint
+
+    try:
+        resume_checkpoint(out)
+        return f"continue with trainer.resume_from={out}"
+    except ConfigError:  # no checkpoint saved in this launch
+        if cfg.trainer.resume_from:
+            return f"continue with trainer.resume_from={cfg.trainer.resume_from} (this launch saved no checkpoint)"
+        return "start it again (it saved no checkpoint)"
+
+
+def _repeated_failure(coordinator) -> str | None:
+    """The learner failure that recurred unchanged until the coordinator ended the run (None: none did,
+    or the coordinator is gone)."""
+    import ray
+
+    try:
+        return ray.get(coordinator.failure.remote(), timeout=30)
+    except Exception:  # a dead coordinator: the run's error says so already
+        return None
 
 
 def _shut_down(coordinator) -> None:

@@ -3,7 +3,8 @@
 Events: `start` (a launch begins issuing at `iteration`: 0, or a checkpoint's for a resumed run),
 `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank trained on
 it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`), `worker_restarted` (a
-stuck rollout worker killed for Ray to start again; not counted). Starts and rewinds record the world
+stuck rollout worker killed for Ray to start again) and `learner_failed` (a learner try's error) are
+not counted. Starts and rewinds record the world
 size from there on (the audit checks each stretch with its own). A start or a rewind rolls
 back the later consumptions, with the weights they produced. Replaying the events gives the batches
 that the final weights actually learned from: `audit` checks each was used exactly once, from the
@@ -13,6 +14,8 @@ ledger's first start on (a run resumed into a new directory learned the earlier 
 from __future__ import annotations
 
 from collections import Counter
+
+NOT_COUNTED = ("worker_restarted", "learner_failed")  # events about processes, not batches
 
 
 class Ledger:
@@ -56,7 +59,8 @@ def audit(events: list[dict], iterations: int, world_size: int) -> dict:
     counts = Counter(effective_consumption(events))
     # a ledger that begins with a start (a launch, maybe resumed elsewhere) is checked from there; one that
     # begins otherwise (written before start events existed) from 0
-    first = events[0]["iteration"] if events and events[0]["event"] == "start" else 0
+    opening = next((e for e in events if e["event"] not in NOT_COUNTED), None)  # a try may fail before its start
+    first = opening["iteration"] if opening is not None and opening["event"] == "start" else 0
     stretches = world_sizes(events, world_size)
 
     def ranks(iteration: int) -> int:

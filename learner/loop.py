@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -140,11 +141,40 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
     try:  # before the backbone loads: a restart after the coordinator died must fail fast, not after minutes
-        ray.get(coordinator.register_learner.remote(rank, os.getpid()))
+        repeated_failure = ray.get(coordinator.register_learner.remote(rank, os.getpid()))
     except ray.exceptions.RayActorError as err:
         raise RuntimeError("the run's rollout coordinator is gone (it lives on the driver's node and goes with it): "
                            "the run cannot continue; start it again with trainer.resume_from=<the run directory>") from err
+    if repeated_failure is not None:  # Ray Train would retry it again: end the try, and the driver ends the run
+        print(f"dmdr_rl: learner rank {rank}: not trying again: {repeated_failure}", flush=True)
+        return
+    built: dict = {}  # the learner, once built: where a failure happened
+    try:
+        _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built)
+    except Exception as err:
+        if not isinstance(err, NOT_OUR_FAILURES):
+            report_failure(coordinator, rank, built.get("learner"), err)
+        raise
 
+
+# failures of the infrastructure, which a retry may well not meet again (a rank's own error is reported
+# by that rank; the others see the process group break)
+NOT_OUR_FAILURES = (ray.exceptions.RayError, dist.DistError)
+
+
+def report_failure(coordinator, rank: int, learner: DMDRLearner | None, err: Exception) -> None:
+    """Tell the coordinator how this try ended, so one that recurs unchanged ends the run
+    (`ray.same_failure_limit`). Addresses (0x...) are masked: they differ from process to process."""
+    where = ("while the learner was built" if learner is None
+             else f"at iteration {learner.iteration}, generator step {learner.generator_step}")
+    error = re.sub(r"0x[0-9a-fA-F]+", "0x?", f"{type(err).__name__}: {err}")[:2000]
+    try:
+        ray.get(coordinator.learner_failed.remote(rank, where, error), timeout=30)
+    except Exception as report_err:  # the try fails either way: with what it failed of
+        print(f"dmdr_rl: could not report the learner's failure ({type(report_err).__name__})", flush=True)
+
+
+def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built: dict) -> None:
     device = ray.train.torch.get_device() if cfg.ray.learner_gpus > 0 else torch.device("cpu")
     backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision, device=device)
     learner = DMDRLearner(backbone, cfg, build_rewards(cfg), average_gradients if world > 1 else None, rank=rank)
@@ -154,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
             load_checkpoint(learner, directory)
     elif cfg.trainer.resume_from:
         load_checkpoint(learner, cfg.trainer.resume_from)
+    built["learner"] = learner
     patience = cfg.ray.rollout_timeout_s
     if rank == 0:  # first: after a restart, it cancels the lost learner's rollouts, which would delay what follows
         ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
@@ -171,7 +202,6 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         dist.barrier()
 
-    out = Path(config["output_dir"])
     log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name)) if rank == 0 else None
     waited = 0.0
     try:

@@ -3,6 +3,7 @@ checkpoints in the local trainer's layout."""
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -541,6 +542,88 @@ def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, mo
     trainer = type("Trainer", (), {"fit": lambda self: never.wait()})()  # Ray Train retrying, on and on
     coordinator = _fake_coordinator(progress=lambda: "ref", close_store=lambda: "ref", processes=lambda: "ref")
     cfg = _config(tmp_path, **{"trainer.backend": "ray"})
-    with pytest.raises(RuntimeError, match=f"rollout coordinator died.*trainer.resume_from={tmp_path}"):
+    with pytest.raises(RuntimeError, match=r"rollout coordinator died.*start it again \(it saved no checkpoint\)"):
         distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
     never.set()
+
+
+def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_unchanged(tmp_path, monkeypatch):
+    """Ranks failing in one try count once; the same error at the same place in a second try ends the
+    run (ray.same_failure_limit=2), another error or place does not, and 0 turns it off."""
+    import actors.coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+
+    def coordinator(limit):
+        cfg = _config(tmp_path, **{"ray.same_failure_limit": limit})
+        return coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
+
+    c = coordinator(2)
+    for rank in (0, 1):
+        assert c.register_learner(rank, 100 + rank) is None
+    assert c.learner_failed(0, "at iteration 7, generator step 3", "ValueError: bad") is False
+    assert c.learner_failed(1, "at iteration 7, generator step 3", "ValueError: bad") is False  # the same try
+    for rank in (0, 1):
+        assert c.register_learner(rank, 200 + rank) is None
+    assert c.learner_failed(0, "at iteration 8, generator step 3", "ValueError: bad") is False  # elsewhere
+    assert c.learner_failed(1, "at iteration 7, generator step 3", "ValueError: other") is False  # another error
+    assert c.failure() is None
+    assert c.register_learner(0, 300) is None
+    assert c.learner_failed(0, "at iteration 7, generator step 3", "ValueError: bad") is True
+    assert c.failure() == "ValueError: bad (at iteration 7, generator step 3; the same in 2 tries of the learner)"
+    assert c.register_learner(1, 301) == c.failure()  # the next try is told, and ends at once
+    events = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "learner_failed"]
+    assert [(e["rank"], e["tries"]) for e in events] == [(0, 1), (1, 1), (0, 1), (1, 1), (0, 2)]
+    off = coordinator(0)
+    for attempt in range(5):
+        off.register_learner(0, attempt)
+        assert off.learner_failed(0, "while the learner was built", "OSError: disk") is False
+
+
+def test_a_learner_reports_its_own_errors_but_not_rays_or_the_process_groups(monkeypatch):
+    import learner.loop as loop
+
+    reported = []
+    monkeypatch.setattr(loop.ray, "get", lambda ref, timeout=None: ref)
+    coordinator = _fake_coordinator(learner_failed=lambda rank, where, error: reported.append((rank, where, error)))
+    learner = type("Learner", (), {"iteration": 9, "generator_step": 4})()
+    loop.report_failure(coordinator, 1, learner, ValueError(f"bad tensor at {hex(id(object()))}"))
+    loop.report_failure(coordinator, 0, None, OSError("no such file"))
+    assert reported == [(1, "at iteration 9, generator step 4", "ValueError: bad tensor at 0x?"),
+                        (0, "while the learner was built", "OSError: no such file")]
+    assert isinstance(ray.exceptions.ActorDiedError(), loop.NOT_OUR_FAILURES)
+    assert isinstance(torch.distributed.DistBackendError("peer gone"), loop.NOT_OUR_FAILURES)
+    assert not isinstance(RuntimeError("CUDA out of memory"), loop.NOT_OUR_FAILURES)
+
+
+@pytest.mark.slow
+def test_a_learner_that_fails_the_same_way_twice_ends_the_run_not_after_every_retry(tmp_path, local_ray):
+    """A corrupt checkpoint fails every learner try identically: the run ends after two tries with that
+    error and the resume hint, not after ray.max_failures + 1."""
+    LocalTrainer(_config(tmp_path / "first", **{"trainer.max_steps": 2, "output.checkpoint_every": 2})).train()
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_000002"
+    (checkpoint / "critic.safetensors").write_bytes(b"not a safetensors file")
+    cfg = _config(tmp_path / "run", **{"trainer.backend": "ray", "trainer.resume_from": str(checkpoint),
+                                       "ray.max_failures": 5, "name": "corrupt"})
+    with pytest.raises(RuntimeError, match=r"keeps failing the same way.*while the learner was built; the same in 2 "
+                                           rf"tries.*continue with trainer.resume_from={re.escape(str(checkpoint))} \(this launch"):
+        train_distributed(cfg)
+    failed = [e for e in Ledger(FileStore(tmp_path / "run")).events() if e["event"] == "learner_failed"]
+    assert [e["tries"] for e in failed] == [1, 2]  # the third try ended at once, and no other was made
+
+
+def test_a_run_that_ended_early_says_where_to_continue_from(tmp_path):
+    from dmdr_rl.distributed import _how_to_continue
+
+    out = tmp_path / "run"
+    cfg = _config(out, **{"trainer.backend": "ray"})
+    assert _how_to_continue(cfg, out) == "start it again (it saved no checkpoint)"
+    cfg.trainer.resume_from = "/runs/earlier/checkpoints/step_000004"
+    assert _how_to_continue(cfg, out) == ("continue with trainer.resume_from=/runs/earlier/checkpoints/step_000004 "
+                                          "(this launch saved no checkpoint)")
+    saved = out / "ray_train" / "corrupt-1" / "checkpoint_2026"
+    saved.mkdir(parents=True)
+    (out / "config.yaml").write_text("name: run\n")
+    for name in ("generator.safetensors", "critic.safetensors", "trainer_state.pt"):
+        (saved / name).write_bytes(b"")
+    assert _how_to_continue(cfg, out) == f"continue with trainer.resume_from={out}"

@@ -32,7 +32,8 @@ def test_the_audit_names_lost_and_duplicated_batches(tmp_path):
 def test_a_resumed_launch_is_audited_from_where_it_started(tmp_path):
     # resumed into a new directory: iterations 0-3 were learned by the earlier run, elsewhere
     fresh = Ledger(FileStore(tmp_path / "new"))
-    fresh.append("start", iteration=4)
+    fresh.append("learner_failed", rank=0, where="while the learner was built", error="OSError: disk", tries=1)
+    fresh.append("start", iteration=4)  # a first try that failed before its start does not hide it
     _consume(fresh, range(4, 8))
     assert audit(fresh.events(), 8, 1)["lost"] == []
     # resumed in its own directory from the checkpoint at 4, after the first launch had consumed 0-5
