@@ -53,8 +53,8 @@ class RolloutCoordinator:
         self.turn = 0
         self.ledger = Ledger(open_store(self.cfg.store.url, run_dir, self.cfg.name))
         self.learner_processes: dict[int, int] = {}
-        self.tries: dict[int, int] = {}  # rank -> how many learner tries it has started
-        self.failures: dict[tuple[str, str], set[int]] = {}  # (where, error) -> the tries it ended
+        self.try_number = 0  # learner tries of this launch: + 1 when rank 0 registers
+        self.failures_by_try: dict[int, set[tuple[str, str]]] = {}  # try -> its (where, error key)s
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
 
     # -- weights ------------------------------------------------------------------------------
@@ -142,22 +142,26 @@ class RolloutCoordinator:
 
     # -- processes (for operators and fault-injection tests) ----------------------------------
     def register_learner(self, rank: int, pid: int) -> str | None:
-        """A learner rank starts a try. The answer: the failure that ended enough tries unchanged to end
+        """A learner rank starts a try. The answer: the failure that ended enough tries in a row to end
         the run (the rank returns at once, so Ray Train stops retrying), or None: train."""
         self.learner_processes[rank] = pid
-        self.tries[rank] = self.tries.get(rank, 0) + 1
+        if rank == 0:  # every try has a rank 0; a rank that registers before it reports as the last try
+            self.try_number += 1
         return self.repeated_failure
 
-    def learner_failed(self, rank: int, where: str, error: str) -> bool:
-        """A learner rank's try ended with `error` (type and message) at `where` (its generator step).
-        Ranks failing together count as one try. True once the same failure has ended
-        `ray.same_failure_limit` tries: the next try ends the run with it."""
-        tries = self.failures.setdefault((where, error), set())
-        tries.add(self.tries.get(rank, 0))
-        self.ledger.append("learner_failed", rank=rank, where=where, error=error[:500], tries=len(tries))
+    def learner_failed(self, rank: int, where: str, error: str, key: str | None = None) -> bool:
+        """A learner rank's try ended with `error` at `where` (`key`: the error with what varies from process
+        to process masked; default the error). Ranks failing in one try count once. True once the same
+        failure has ended `ray.same_failure_limit` tries in a row: the next try ends the run with it."""
+        failure = (where, key or error)
+        self.failures_by_try.setdefault(self.try_number, set()).add(failure)
+        in_a_row, t = 0, self.try_number
+        while failure in self.failures_by_try.get(t, ()):
+            in_a_row, t = in_a_row + 1, t - 1
+        self.ledger.append("learner_failed", rank=rank, where=where, error=error[:500], tries_in_a_row=in_a_row)
         limit = self.cfg.ray.same_failure_limit
-        if limit and len(tries) >= limit and self.repeated_failure is None:
-            self.repeated_failure = f"{error} ({where}; the same in {len(tries)} tries of the learner)"
+        if limit and in_a_row >= limit and self.repeated_failure is None:
+            self.repeated_failure = f"{error} ({where}; the same in {in_a_row} tries of the learner in a row)"
         return self.repeated_failure is not None
 
     def failure(self) -> str | None:

@@ -166,9 +166,9 @@ class RaySection(_Section):
     rollout_gpus: float = Field(0.0, ge=0)  # per rollout actor (fractions share a GPU)
     local_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local Ray (null: enough for the actors)
     max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
-    # a learner error that recurs unchanged (same exception and message, at the same generator step) in this
-    # many tries of the learner group is a bug, not bad luck: the run ends with it instead of spending the rest
-    # of max_failures (0: never; errors from Ray itself or the process group never count)
+    # a learner error that recurs unchanged (same exception and message, at the same iteration) in this many
+    # consecutive tries of the learner group is a bug, not bad luck: the run ends with it instead of spending
+    # the rest of max_failures (0: never; lost actors or nodes and a broken process group never count)
     same_failure_limit: int = Field(2, ge=0)
     # how long the learner waits for one rollout batch (its weights, its sampling, a dead worker's
     # replacement); a worker that takes longer is restarted once, then the learner's try fails. Raise it

@@ -326,6 +326,10 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
+    if metrics.get("generator_step", 0) < cfg.trainer.max_steps:  # tries that ended early, and nobody said why
+        raise RuntimeError(f"the learner stopped at generator step {metrics.get('generator_step', 0)} of "
+                           f"trainer.max_steps={cfg.trainer.max_steps} (see the learner's log above); "
+                           f"{_how_to_continue(cfg, out)}")
     summary = {
         "output_dir": str(out),
         "generator_steps": metrics.get("generator_step"),
@@ -343,13 +347,15 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
 
 
 def _how_to_continue(cfg: RunConfig, out: Path) -> str:
-    """Where a run that ended early continues from: its own newest checkpoint, else the one it started
-    from, else nowhere (it saved none)."""
+    """Where a run that ended early continues from: its newest checkpoint (under ray.storage_path when
+    that is set), else the one it started from, else nowhere (it saved none)."""
     from .trainer import resume_checkpoint
 
+    if cfg.ray.storage_path:  # Ray Train's checkpoints are there, maybe remote: this driver does not look
+        return (f"continue with trainer.resume_from=<the newest checkpoint_* directory of this launch's Ray Train run "
+                f"under ray.storage_path={cfg.ray.storage_path} (copied to a local path if it is remote)>")
     try:
-        resume_checkpoint(out)
-        return f"continue with trainer.resume_from={out}"
+        return f"continue with trainer.resume_from={resume_checkpoint(out)}"
     except ConfigError:  # no checkpoint saved in this launch
         if cfg.trainer.resume_from:
             return f"continue with trainer.resume_from={cfg.trainer.resume_from} (this launch saved no checkpoint)"

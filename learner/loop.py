@@ -148,37 +148,59 @@ def train_loop_per_worker(config: dict) -> None:
     if repeated_failure is not None:  # Ray Train would retry it again: end the try, and the driver ends the run
         print(f"dmdr_rl: learner rank {rank}: not trying again: {repeated_failure}", flush=True)
         return
-    built: dict = {}  # the learner, once built: where a failure happened
+    built: dict = {}  # what restores it, then the learner: where a failure happened
     try:
         _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built)
     except Exception as err:
-        if not isinstance(err, NOT_OUR_FAILURES):
-            report_failure(coordinator, rank, built.get("learner"), err)
+        own = own_error(err)
+        if own is not None:
+            report_failure(coordinator, rank, built, own)
         raise
 
 
-# failures of the infrastructure, which a retry may well not meet again (a rank's own error is reported
-# by that rank; the others see the process group break)
-NOT_OUR_FAILURES = (ray.exceptions.RayError, dist.DistError)
+# failures of the infrastructure, which another try may well not meet (a lost node, a dead actor, a
+# peer gone from the process group: the rank whose own error it was reports that)
+INFRASTRUCTURE_ERRORS = (ray.exceptions.RayError, dist.DistError)
 
 
-def report_failure(coordinator, rank: int, learner: DMDRLearner | None, err: Exception) -> None:
-    """Tell the coordinator how this try ended, so one that recurs unchanged ends the run
-    (`ray.same_failure_limit`). Addresses (0x...) are masked: they differ from process to process."""
-    where = ("while the learner was built" if learner is None
-             else f"at iteration {learner.iteration}, generator step {learner.generator_step}")
-    error = re.sub(r"0x[0-9a-fA-F]+", "0x?", f"{type(err).__name__}: {err}")[:2000]
+def own_error(err: BaseException) -> BaseException | None:
+    """The error a learner's try ended with that a retry would meet again if it is a bug: the cause of a
+    remote call's error (a coordinator or reward server raised it), None for the infrastructure's
+    (gloo reports a lost peer as a plain RuntimeError)."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return own_error(err.cause) if isinstance(err.cause, BaseException) else None
+    if isinstance(err, INFRASTRUCTURE_ERRORS) or (isinstance(err, RuntimeError) and "gloo" in str(err).lower()):
+        return None
+    return err
+
+
+def failure_key(error: str) -> str:
+    """An error's text with what differs between processes masked: addresses, temporary paths, numbers
+    (a CUDA out-of-memory error's free bytes). The place it happened is compared exactly."""
+    error = re.sub(r"0x[0-9a-fA-F]+", "ADDRESS", error)
+    error = re.sub(r"/tmp[^\s'\"]*", "/tmp/?", error)
+    return re.sub(r"\d+", "N", error)
+
+
+def report_failure(coordinator, rank: int, built: dict, err: BaseException) -> None:
+    """Tell the coordinator how this try ended, so one that recurs unchanged in consecutive tries ends the
+    run (`ray.same_failure_limit`)."""
+    learner = built.get("learner")
+    where = (f"at iteration {learner.iteration}, generator step {learner.generator_step}" if learner is not None
+             else f"while the learner was built, restoring {built.get('restoring') or 'nothing'}")
+    error = f"{type(err).__name__}: {err}"[:2000]
     try:
-        ray.get(coordinator.learner_failed.remote(rank, where, error), timeout=30)
+        ray.get(coordinator.learner_failed.remote(rank, where, error, failure_key(error)), timeout=30)
     except Exception as report_err:  # the try fails either way: with what it failed of
         print(f"dmdr_rl: could not report the learner's failure ({type(report_err).__name__})", flush=True)
 
 
 def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built: dict) -> None:
+    checkpoint = ray.train.get_checkpoint()
+    built["restoring"] = checkpoint.path if checkpoint is not None else cfg.trainer.resume_from
     device = ray.train.torch.get_device() if cfg.ray.learner_gpus > 0 else torch.device("cpu")
     backbone = build_backbone(cfg.model, encoders=False, precision=cfg.trainer.precision, device=device)
     learner = DMDRLearner(backbone, cfg, build_rewards(cfg), average_gradients if world > 1 else None, rank=rank)
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(learner, directory)

@@ -540,60 +540,110 @@ def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, mo
     monkeypatch.setattr(distributed, "PROGRESS_POLL_S", 0.01)
     never = threading.Event()
     trainer = type("Trainer", (), {"fit": lambda self: never.wait()})()  # Ray Train retrying, on and on
-    coordinator = _fake_coordinator(progress=lambda: "ref", close_store=lambda: "ref", processes=lambda: "ref")
+    coordinator = _fake_coordinator(progress=lambda: "ref", close_store=lambda: "ref", processes=lambda: "ref",
+                                    failure=lambda: "ref")
     cfg = _config(tmp_path, **{"trainer.backend": "ray"})
     with pytest.raises(RuntimeError, match=r"rollout coordinator died.*start it again \(it saved no checkpoint\)"):
         distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
     never.set()
 
 
-def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_unchanged(tmp_path, monkeypatch):
-    """Ranks failing in one try count once; the same error at the same place in a second try ends the
-    run (ray.same_failure_limit=2), another error or place does not, and 0 turns it off."""
+def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecutive_tries(tmp_path, monkeypatch):
+    """Ranks failing in one try count once (a try is counted at rank 0's start, so a rank that starts
+    first or never does cannot count twice); the same failure in a second try in a row ends the run
+    (ray.same_failure_limit=2); another place, another error or a try in between with another failure
+    does not; 0 turns it off."""
     import actors.coordinator as coordinator_module
 
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    here, bad = "at iteration 7, generator step 3", "ValueError: bad"
 
     def coordinator(limit):
         cfg = _config(tmp_path, **{"ray.same_failure_limit": limit})
         return coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
 
+    def new_try(c, ranks=(1, 0)):  # rank 1 may register before rank 0
+        return [c.register_learner(rank, 100) for rank in ranks]
+
     c = coordinator(2)
-    for rank in (0, 1):
-        assert c.register_learner(rank, 100 + rank) is None
-    assert c.learner_failed(0, "at iteration 7, generator step 3", "ValueError: bad") is False
-    assert c.learner_failed(1, "at iteration 7, generator step 3", "ValueError: bad") is False  # the same try
-    for rank in (0, 1):
-        assert c.register_learner(rank, 200 + rank) is None
-    assert c.learner_failed(0, "at iteration 8, generator step 3", "ValueError: bad") is False  # elsewhere
-    assert c.learner_failed(1, "at iteration 7, generator step 3", "ValueError: other") is False  # another error
+    new_try(c)
+    assert c.learner_failed(0, here, bad) is False
+    assert c.learner_failed(1, here, bad) is False  # the same try
+    new_try(c, ranks=(1,))  # rank 0 never came up: still the first try as far as counting goes
+    assert c.learner_failed(1, here, bad) is False
+    new_try(c)
+    assert c.learner_failed(0, "at iteration 8, generator step 3", bad) is False  # elsewhere
+    assert c.learner_failed(1, here, "ValueError: other") is False  # another error
+    new_try(c)
+    assert c.learner_failed(0, here, bad) is False  # the try before failed otherwise: 1 in a row
     assert c.failure() is None
-    assert c.register_learner(0, 300) is None
-    assert c.learner_failed(0, "at iteration 7, generator step 3", "ValueError: bad") is True
-    assert c.failure() == "ValueError: bad (at iteration 7, generator step 3; the same in 2 tries of the learner)"
-    assert c.register_learner(1, 301) == c.failure()  # the next try is told, and ends at once
+    new_try(c, ranks=(0,))
+    assert c.learner_failed(0, here, "ValueError: bad, masked differently", key=bad) is True  # compared by key
+    assert c.failure() == ("ValueError: bad, masked differently (at iteration 7, generator step 3; the same in 2 "
+                           "tries of the learner in a row)")
+    assert new_try(c) == [c.failure(), c.failure()]  # the next try is told, and ends at once
     events = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "learner_failed"]
-    assert [(e["rank"], e["tries"]) for e in events] == [(0, 1), (1, 1), (0, 1), (1, 1), (0, 2)]
+    assert [(e["rank"], e["tries_in_a_row"]) for e in events] == [(0, 1), (1, 1), (1, 1), (0, 1), (1, 1), (0, 1), (0, 2)]
     off = coordinator(0)
-    for attempt in range(5):
-        off.register_learner(0, attempt)
-        assert off.learner_failed(0, "while the learner was built", "OSError: disk") is False
+    for _ in range(5):
+        new_try(off)
+        assert off.learner_failed(0, "while the learner was built, restoring nothing", "OSError: disk") is False
 
 
-def test_a_learner_reports_its_own_errors_but_not_rays_or_the_process_groups(monkeypatch):
+def test_a_learner_reports_its_own_errors_and_the_causes_of_remote_ones_but_not_the_infrastructures(monkeypatch):
     import learner.loop as loop
 
     reported = []
     monkeypatch.setattr(loop.ray, "get", lambda ref, timeout=None: ref)
-    coordinator = _fake_coordinator(learner_failed=lambda rank, where, error: reported.append((rank, where, error)))
+    coordinator = _fake_coordinator(learner_failed=lambda *args: reported.append(args))
     learner = type("Learner", (), {"iteration": 9, "generator_step": 4})()
-    loop.report_failure(coordinator, 1, learner, ValueError(f"bad tensor at {hex(id(object()))}"))
-    loop.report_failure(coordinator, 0, None, OSError("no such file"))
-    assert reported == [(1, "at iteration 9, generator step 4", "ValueError: bad tensor at 0x?"),
-                        (0, "while the learner was built", "OSError: no such file")]
-    assert isinstance(ray.exceptions.ActorDiedError(), loop.NOT_OUR_FAILURES)
-    assert isinstance(torch.distributed.DistBackendError("peer gone"), loop.NOT_OUR_FAILURES)
-    assert not isinstance(RuntimeError("CUDA out of memory"), loop.NOT_OUR_FAILURES)
+    loop.report_failure(coordinator, 1, {"restoring": "/ck/a", "learner": learner}, ValueError(f"bad at {hex(id(object()))}"))
+    loop.report_failure(coordinator, 0, {"restoring": "/ck/a"}, OSError("no such file /tmp/tmpab12cd/x"))
+    assert [(rank, where, key) for rank, where, _, key in reported] == [
+        (1, "at iteration 9, generator step 4", "ValueError: bad at ADDRESS"),
+        (0, "while the learner was built, restoring /ck/a", "OSError: no such file /tmp/?")]
+    assert reported[1][2] == "OSError: no such file /tmp/tmpab12cd/x"  # the message keeps the real text
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; 1.31 GiB free"
+    assert loop.failure_key(oom) == loop.failure_key(oom.replace("1.31", "1.29"))
+
+    def raised_remotely(err):
+        try:
+            raise err
+        except Exception as inner:
+            return ray.exceptions.RayTaskError("request", "traceback", inner)
+
+    out_of_order = ValueError("batch (3, rank 0) requested out of order")
+    assert loop.own_error(raised_remotely(out_of_order)) is out_of_order  # a coordinator's bug counts
+    assert loop.own_error(raised_remotely(ray.exceptions.ActorDiedError())) is None
+    assert loop.own_error(ray.exceptions.ActorDiedError()) is None
+    assert loop.own_error(torch.distributed.DistBackendError("NCCL peer gone")) is None
+    assert loop.own_error(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")) is None
+    cuda = RuntimeError("CUDA out of memory")
+    assert loop.own_error(cuda) is cuda
+
+
+def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_stopped_early(tmp_path, monkeypatch):
+    import ray
+
+    import dmdr_rl.distributed as distributed
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    monkeypatch.setattr(ray, "kill", lambda *_, **__: None)
+    monkeypatch.setattr(distributed, "PROGRESS_POLL_S", 0.01)
+    stopped_early = type("Result", (), {"metrics": {"generator_step": 2, "iteration": 4}, "checkpoint": None})()
+    trainer = type("Trainer", (), {"fit": lambda self: stopped_early})()
+    methods = {"progress": lambda: {"version": 2, "iteration": 4}, "close_store": lambda: None,
+               "processes": lambda: {"rollout_workers": []}}
+    cfg = _config(tmp_path, **{"trainer.backend": "ray", "trainer.max_steps": 3})
+    repeated = _fake_coordinator(failure=lambda: "ValueError: bad (at iteration 4, generator step 2; ...)", **methods)
+    with pytest.raises(RuntimeError, match=r"keeps failing the same way, .* \(ray.same_failure_limit\): ValueError: bad "
+                                           r".*Fix the cause, then start it again \(it saved no checkpoint\)"):
+        distributed._fit_and_summarise(cfg, trainer, repeated, None, tmp_path)
+    silent = _fake_coordinator(failure=lambda: None, **methods)
+    with pytest.raises(RuntimeError, match="the learner stopped at generator step 2 of trainer.max_steps=3"):
+        distributed._fit_and_summarise(cfg, trainer, silent, None, tmp_path)
+    cfg.ray.storage_path = "s3://bucket/runs"
+    assert "under ray.storage_path=s3://bucket/runs" in distributed._how_to_continue(cfg, tmp_path)
 
 
 @pytest.mark.slow
@@ -605,11 +655,12 @@ def test_a_learner_that_fails_the_same_way_twice_ends_the_run_not_after_every_re
     (checkpoint / "critic.safetensors").write_bytes(b"not a safetensors file")
     cfg = _config(tmp_path / "run", **{"trainer.backend": "ray", "trainer.resume_from": str(checkpoint),
                                        "ray.max_failures": 5, "name": "corrupt"})
-    with pytest.raises(RuntimeError, match=r"keeps failing the same way.*while the learner was built; the same in 2 "
-                                           rf"tries.*continue with trainer.resume_from={re.escape(str(checkpoint))} \(this launch"):
+    with pytest.raises(RuntimeError, match=r"keeps failing the same way.*while the learner was built, restoring "
+                                           rf"{re.escape(str(checkpoint))}; the same in 2 tries of the learner in a row"
+                                           rf".*continue with trainer.resume_from={re.escape(str(checkpoint))} \(this launch"):
         train_distributed(cfg)
     failed = [e for e in Ledger(FileStore(tmp_path / "run")).events() if e["event"] == "learner_failed"]
-    assert [e["tries"] for e in failed] == [1, 2]  # the third try ended at once, and no other was made
+    assert [e["tries_in_a_row"] for e in failed] == [1, 2]  # the third try ended at once, and no other was made
 
 
 def test_a_run_that_ended_early_says_where_to_continue_from(tmp_path):
@@ -626,4 +677,4 @@ def test_a_run_that_ended_early_says_where_to_continue_from(tmp_path):
     (out / "config.yaml").write_text("name: run\n")
     for name in ("generator.safetensors", "critic.safetensors", "trainer_state.pt"):
         (saved / name).write_bytes(b"")
-    assert _how_to_continue(cfg, out) == f"continue with trainer.resume_from={out}"
+    assert _how_to_continue(cfg, out) == f"continue with trainer.resume_from={saved}"  # the newest, exactly
