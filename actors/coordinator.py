@@ -53,7 +53,8 @@ class RolloutCoordinator:
         self.turn = 0
         self.ledger = Ledger(open_store(self.cfg.store.url, run_dir, self.cfg.name))
         self.learner_processes: dict[int, int] = {}
-        self.try_number = 0  # learner tries of this launch: + 1 when rank 0 registers
+        self.try_number = 0  # learner tries of this launch: + 1 when a rank registers again
+        self.registered: set[int] = set()  # the ranks registered in the current try
         self.failures_by_try: dict[int, set[tuple[str, str]]] = {}  # try -> its (where, error key)s
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
 
@@ -145,8 +146,10 @@ class RolloutCoordinator:
         """A learner rank starts a try. The answer: the failure that ended enough tries in a row to end
         the run (the rank returns at once, so Ray Train stops retrying), or None: train."""
         self.learner_processes[rank] = pid
-        if rank == 0:  # every try has a rank 0; a rank that registers before it reports as the last try
+        if rank in self.registered or not self.registered:  # the first rank of a new try, whichever it is
             self.try_number += 1
+            self.registered = set()
+        self.registered.add(rank)
         return self.repeated_failure
 
     def learner_failed(self, rank: int, where: str, error: str, key: str | None = None) -> bool:

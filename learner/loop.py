@@ -165,13 +165,22 @@ INFRASTRUCTURE_ERRORS = (ray.exceptions.RayError, dist.DistError)
 
 def own_error(err: BaseException) -> BaseException | None:
     """The error a learner's try ended with that a retry would meet again if it is a bug: the cause of a
-    remote call's error (a coordinator or reward server raised it), None for the infrastructure's
-    (gloo reports a lost peer as a plain RuntimeError)."""
+    remote call's error (a coordinator or reward server raised it), None for the infrastructure's: Ray's
+    own, an error raised because of one (a rollout worker that stayed lost or stuck), a broken process
+    group (gloo reports a lost peer as a plain RuntimeError)."""
     if isinstance(err, ray.exceptions.RayTaskError):
         return own_error(err.cause) if isinstance(err.cause, BaseException) else None
-    if isinstance(err, INFRASTRUCTURE_ERRORS) or (isinstance(err, RuntimeError) and "gloo" in str(err).lower()):
+    if isinstance(err.__cause__, ray.exceptions.RayTaskError):  # e.g. a reward client naming the failed app
+        return err if own_error(err.__cause__) is not None else None
+    if isinstance(err, INFRASTRUCTURE_ERRORS) or isinstance(err.__cause__, INFRASTRUCTURE_ERRORS) or _lost_peer(err):
         return None
     return err
+
+
+def _lost_peer(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and "gloo" in text and any(
+        sign in text for sign in ("connection", "peer", "timed out", "timeout"))
 
 
 def failure_key(error: str) -> str:

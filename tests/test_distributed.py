@@ -549,8 +549,8 @@ def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, mo
 
 
 def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecutive_tries(tmp_path, monkeypatch):
-    """Ranks failing in one try count once (a try is counted at rank 0's start, so a rank that starts
-    first or never does cannot count twice); the same failure in a second try in a row ends the run
+    """Ranks failing in one try count once (a try begins when a rank registers again, whichever rank it
+    is); the same failure in a second try in a row ends the run
     (ray.same_failure_limit=2); another place, another error or a try in between with another failure
     does not; 0 turns it off."""
     import actors.coordinator as coordinator_module
@@ -569,8 +569,8 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     new_try(c)
     assert c.learner_failed(0, here, bad) is False
     assert c.learner_failed(1, here, bad) is False  # the same try
-    new_try(c, ranks=(1,))  # rank 0 never came up: still the first try as far as counting goes
-    assert c.learner_failed(1, here, bad) is False
+    new_try(c, ranks=(1,))  # rank 0 never came up: a try all the same
+    assert c.learner_failed(1, "while the learner was built, restoring nothing", "OSError: disk") is False
     new_try(c)
     assert c.learner_failed(0, "at iteration 8, generator step 3", bad) is False  # elsewhere
     assert c.learner_failed(1, here, "ValueError: other") is False  # another error
@@ -584,6 +584,14 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     assert new_try(c) == [c.failure(), c.failure()]  # the next try is told, and ends at once
     events = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "learner_failed"]
     assert [(e["rank"], e["tries_in_a_row"]) for e in events] == [(0, 1), (1, 1), (1, 1), (0, 1), (1, 1), (0, 1), (0, 2)]
+    # a rank that registers first in a new try and fails fast is counted in the new try, not the last one
+    c = coordinator(2)
+    new_try(c, ranks=(0, 1))
+    assert c.learner_failed(0, here, bad) is False
+    new_try(c, ranks=(0, 1))
+    assert c.learner_failed(0, here, "ValueError: other") is False
+    assert c.register_learner(1, 100) is None  # rank 1 first in the third try
+    assert c.learner_failed(1, here, bad) is False  # not "bad" twice in a row: the second try failed otherwise
     off = coordinator(0)
     for _ in range(5):
         new_try(off)
@@ -620,6 +628,23 @@ def test_a_learner_reports_its_own_errors_and_the_causes_of_remote_ones_but_not_
     assert loop.own_error(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")) is None
     cuda = RuntimeError("CUDA out of memory")
     assert loop.own_error(cuda) is cuda
+    gloo_bug = RuntimeError("gloo: unsupported dtype BFloat16 for all_reduce")
+    assert loop.own_error(gloo_bug) is gloo_bug  # gloo, but not a lost peer
+    assert loop.own_error(ray.exceptions.RayTaskError("request", "traceback", None)) is None  # no cause to count
+    nested = raised_remotely(raised_remotely(out_of_order))
+    assert loop.own_error(nested) is out_of_order
+
+    def raised_from(cause, message):
+        try:
+            raise RuntimeError(message) from cause
+        except RuntimeError as err:
+            return err
+
+    # the learner's own errors about lost or stuck rollout workers are the infrastructure's
+    assert loop.own_error(raised_from(ray.exceptions.GetTimeoutError(), "the rollout of batch (3, rank 0) did not finish")) is None
+    assert loop.own_error(raised_from(ray.exceptions.ActorDiedError(), "no rollout worker could deliver")) is None
+    client = raised_from(raised_remotely(out_of_order), "reward app 'toy' failed")  # a server's bug, wrapped by a client
+    assert loop.own_error(client) is client
 
 
 def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_stopped_early(tmp_path, monkeypatch):
