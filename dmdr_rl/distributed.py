@@ -347,8 +347,8 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
 
 
 def _how_to_continue(cfg: RunConfig, out: Path) -> str:
-    """Where a run that ended early continues from: its newest checkpoint (under ray.storage_path when
-    that is set), else the one it started from, else nowhere (it saved none)."""
+    """Where a run that ended early continues from: its newest checkpoint (with ray.storage_path set: the
+    place to look), else the one it started from, else nowhere (it saved none)."""
     from .trainer import resume_checkpoint
 
     if cfg.ray.storage_path:  # Ray Train's checkpoints are there, maybe remote: this driver does not look

@@ -2,13 +2,13 @@
 
 Events: `start` (a launch begins issuing at `iteration`: 0, or a checkpoint's for a resumed run),
 `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank trained on
-it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`), `worker_restarted` (a
-stuck rollout worker killed for Ray to start again) and `learner_failed` (a learner try's error) are
-not counted. Starts and rewinds record the world
-size from there on (the audit checks each stretch with its own). A start or a rewind rolls
-back the later consumptions, with the weights they produced. Replaying the events gives the batches
-that the final weights actually learned from: `audit` checks each was used exactly once, from the
-ledger's first start on (a run resumed into a new directory learned the earlier batches elsewhere).
+it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`); not counted:
+`worker_restarted` (a stuck rollout worker killed for Ray to start again) and `learner_failed` (the
+error a learner's try ended with). Starts and rewinds record the world size from there on (the audit
+checks each stretch with its own). A start or a rewind rolls back the later consumptions, with the
+weights they produced. Replaying the events gives the batches that the final weights actually learned
+from: `audit` checks each was used exactly once, from the ledger's first start on (a run resumed into a
+new directory learned the earlier batches elsewhere).
 """
 
 from __future__ import annotations
