@@ -202,9 +202,6 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
     def reward(key):
         return results[key]["held-in"]["rewards"]["toy-align"]
 
-    claims = []
-    tie = 1e-9  # 0.9 x 0.650 is 0.5850000000000001 in floats: an accuracy of exactly 0.585 meets it
-
     def analytic(key, split):
         return results[key][split]["analytic_accuracy"]
 
@@ -219,6 +216,18 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
         if all(k in results and (not by_analytic or "analytic_accuracy" in results[k]["held-in"]) for k in needs):
             claims.append({"claim": text, "measured": measured(), "passed": bool(test())})
 
+    def dmdr_above_teacher(field, name, by_analytic=False):
+        """DMDR at 4 and 1 steps above the 32-step teacher by one judge's accuracy, on each split."""
+        for key, steps in (("dmdr-4", 4), ("dmdr-1", 1)):
+            for split in SPLITS:
+                claim(f"DMDR {steps}-step: {name} above the 32-step teacher's ({split})", (key, "teacher-32"),
+                      lambda k=key, s=split: results[k][s][field] > results["teacher-32"][s][field],
+                      lambda k=key, s=split: f"{results[k][s][field]:.3f} vs {results['teacher-32'][s][field]:.3f} "
+                                             f"({margin(field, k, 'teacher-32', s)})", by_analytic)
+
+    claims = []
+    tie = 1e-9  # 0.9 x 0.650 is 0.5850000000000001 in floats: an accuracy of exactly 0.585 meets it
+
     claim("DMD 4-step: FID <= 1.5x the 32-step teacher's (held-in)", ("dmd-4", "teacher-32"),
           lambda: fid("dmd-4") <= 1.5 * fid("teacher-32"),
           lambda: f"{fid('dmd-4'):.1f} vs 1.5 x {fid('teacher-32'):.1f} = {1.5 * fid('teacher-32'):.1f}")
@@ -232,12 +241,7 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
           lambda: acc("dmd-1", "held-in") >= acc("teacher-1", "held-in") + 0.1 - tie and fid("dmd-1") <= 0.5 * fid("teacher-1"),
           lambda: f"accuracy {acc('dmd-1', 'held-in'):.3f} vs {acc('teacher-1', 'held-in'):.3f}; "
                   f"FID {fid('dmd-1'):.1f} vs {fid('teacher-1'):.1f}")
-    for key, steps in (("dmdr-4", 4), ("dmdr-1", 1)):
-        for split in SPLITS:
-            claim(f"DMDR {steps}-step: judge accuracy above the 32-step teacher's ({split})", (key, "teacher-32"),
-                  lambda k=key, s=split: acc(k, s) > acc("teacher-32", s),
-                  lambda k=key, s=split: f"{acc(k, s):.3f} vs {acc('teacher-32', s):.3f} "
-                                         f"({margin('judge_accuracy', k, 'teacher-32', s)})")
+    dmdr_above_teacher("judge_accuracy", "judge accuracy")
     claim("DMDR 4-step: FID <= 1.5x the 32-step teacher's (held-in)", ("dmdr-4", "teacher-32"),
           lambda: fid("dmdr-4") <= 1.5 * fid("teacher-32"),
           lambda: f"{fid('dmdr-4'):.1f} vs {1.5 * fid('teacher-32'):.1f}")
@@ -251,12 +255,7 @@ def check_claims(results: dict[str, dict]) -> list[dict]:
                   f"FID {fid('rl-only-4'):.1f} vs {fid('dmdr-4'):.1f}")
     # The judge-based claims a reward-aligned judge could pass for the wrong reason, checked again by the
     # analytic judge (no weights, so toy-align's gradient taught it nothing). Older reports lack the number.
-    for key, steps in (("dmdr-4", 4), ("dmdr-1", 1)):
-        for split in SPLITS:
-            claim(f"DMDR {steps}-step: analytic accuracy above the 32-step teacher's ({split})", (key, "teacher-32"),
-                  lambda k=key, s=split: analytic(k, s) > analytic("teacher-32", s),
-                  lambda k=key, s=split: f"{analytic(k, s):.3f} vs {analytic('teacher-32', s):.3f} "
-                                         f"({margin('analytic_accuracy', k, 'teacher-32', s)})", by_analytic=True)
+    dmdr_above_teacher("analytic_accuracy", "analytic accuracy", by_analytic=True)
     claim("RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in)", ("rl-only-4", "dmdr-4"),
           lambda: analytic("rl-only-4", "held-in") <= analytic("dmdr-4", "held-in") - 0.05 + tie,
           lambda: f"{analytic('rl-only-4', 'held-in'):.3f} vs {analytic('dmdr-4', 'held-in'):.3f} "
