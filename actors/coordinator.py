@@ -200,7 +200,7 @@ class RolloutCoordinator:
     def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> None:
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
-        prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size)
+        prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size, self.cfg.prompt_group)
         shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
         worker_index = self.turn % len(self.workers)
         self.turn += 1

@@ -50,7 +50,7 @@ class RolloutWorker:
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
         batch = make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
-                             self.weight_version, rank, self.monitors)
+                             self.weight_version, rank, self.monitors, keep_inputs=self.cfg.rl.policy_gradient)
         return batch.to("cpu")  # the object store carries host memory; the learner moves it to its device
 
     def null_conditioning(self) -> Conditioning:

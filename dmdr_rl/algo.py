@@ -86,6 +86,40 @@ def shape_reward(reward: torch.Tensor, shaping: str, margin: float = 0.7) -> tor
     raise ValueError(f"unknown reward shaping {shaping!r}; allowed: hinge, linear")
 
 
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
+    """GRPO's advantages: A_i = (R_i - mean_g R) / (std_g R + 1e-4) over the valid samples of i's group g
+    (consecutive blocks of `group_size`), clipped to [-clip, clip]; 0 for an invalid sample (its reward was not
+    finite) and for every sample of a group with fewer than two valid ones (nothing to compare with)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not form whole groups of {group_size}")
+    shape = (-1, group_size)
+    mask = valid.reshape(shape)
+    weights = mask.to(rewards.dtype)
+    kept = torch.where(mask, rewards.reshape(shape), torch.zeros_like(weights))
+    count = weights.sum(dim=1, keepdim=True)
+    mean = kept.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    std = ((((kept - mean) * weights) ** 2).sum(dim=1, keepdim=True) / count.clamp(min=1)).sqrt()
+    advantages = torch.where(mask & (count >= 2), (kept - mean) / (std + 1e-4), torch.zeros_like(kept))
+    return advantages.clamp(-clip, clip).reshape(-1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample, averaged over its dimensions (not summed: Flow-GRPO's convention,
+    which keeps likelihood ratios near 1 at any image size)."""
+    std = std.expand_as(x)
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(dim=1)
+
+
+def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per sample, max(-A r, -A clip(r, 1 - e, 1 + e)) with r = exp(log_prob - old_log_prob),
+    and the ratios r. At r = 1 its gradient is -A d log_prob: the plain policy gradient."""
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped), ratio
+
+
 class UpdateSchedule:
     """The two time-scale update rule and the two stages: the critic learns every iteration, the
     generator every `ratio`-th; the reward term joins after `cold_start` generator steps."""

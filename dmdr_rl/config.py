@@ -85,6 +85,25 @@ class DmdSection(_Section):
         return value
 
 
+class RLSection(_Section):
+    """How the rewards train the generator after the cold start (DESIGN section 2)."""
+
+    # refl: back-propagate d reward / d image (differentiable rewards); grpo: policy gradient over the SDE
+    # sampler's Gaussian steps with group-normalised advantages, for rewards that give no gradient (black-box
+    # models, HTTP services, counts); the DMD term is the regulariser in both
+    mode: Literal["refl", "grpo"] = "refl"
+    group_size: int = Field(4, ge=2)  # grpo: samples per prompt in a rollout batch; advantages are normalised per group
+    # grpo: PPO's clip of the likelihood ratio of a transition's per-dimension mean log-probability (those
+    # ratios stay very close to 1, hence a small range; Flow-GRPO uses 1e-4)
+    clip_range: float = Field(1e-4, gt=0)
+    policy_weight: float = Field(1.0, gt=0)  # grpo: the policy term's weight in L_G beside dmd.weight * L_dmd
+    adv_clip: float = Field(5.0, gt=0)  # grpo: advantages are clipped to [-adv_clip, adv_clip]
+
+    @property
+    def policy_gradient(self) -> bool:
+        return self.mode == "grpo"
+
+
 class RewardServeSpec(_Section):
     """How a reward model runs as a Ray Serve app (placement: serve)."""
 
@@ -239,6 +258,7 @@ class RunConfig(_Section):
     critic: CriticSection = CriticSection()
     dmd: DmdSection = DmdSection()
     rewards: list[RewardSpec] = Field(default_factory=list)
+    rl: RLSection = RLSection()
     trainer: TrainerSection = TrainerSection()
     ray: RaySection = RaySection()
     data: DataSection = DataSection()
@@ -262,11 +282,31 @@ class RunConfig(_Section):
         if self.trainer.backend == "ray" and self.trainer.device != "auto":
             raise ValueError(f"trainer.device={self.trainer.device} applies to trainer.backend=local only: with the Ray "
                              "backend set ray.learner_gpus / ray.rollout_gpus (> 0 puts those actors on GPUs)")
+        if self.rl.policy_gradient:
+            self._check_policy_gradient()
         for i, spec in enumerate(self.rewards):
             if spec.weight == 0 and not spec.monitor:
                 raise ValueError(f"rewards.{i} ({spec.name}) has weight 0 and monitor false, so it would never be "
                                  f"computed: set rewards.{i}.monitor=true to log it, or remove it")
         return self
+
+    def _check_policy_gradient(self) -> None:
+        if self.student.sampler != "sde" or self.student.steps < 2:
+            raise ValueError(f"rl.mode=grpo takes the policy gradient over the SDE sampler's Gaussian steps, so it needs "
+                             f"student.sampler=sde and student.steps >= 2 (got {self.student.sampler}, "
+                             f"{self.student.steps} step(s))")
+        group, workers = self.rl.group_size, self.ray.learner_workers if self.trainer.backend == "ray" else 1
+        if self.trainer.batch_size % (group * workers):
+            raise ValueError(f"rl.mode=grpo: trainer.batch_size={self.trainer.batch_size} must be a multiple of "
+                             f"rl.group_size={group}" + (f" times ray.learner_workers={workers}" if workers > 1 else "")
+                             + " (each learner rank's batch holds whole groups of samples of one prompt)")
+        if not any(spec.weight > 0 for spec in self.rewards):
+            raise ValueError("rl.mode=grpo but no reward has weight > 0: the policy term would have no reward")
+
+    @property
+    def prompt_group(self) -> int:
+        """How many consecutive samples of a training batch share a prompt (GRPO's groups; 1 otherwise)."""
+        return self.rl.group_size if self.rl.policy_gradient else 1
 
     @property
     def output_dir(self) -> Path:

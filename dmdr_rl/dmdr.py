@@ -17,8 +17,8 @@ import torch
 from . import algo
 from .backbone import Backbone
 from .conditioning import Conditioning
-from .config import CriticSection, DmdSection, RewardSpec, StudentSection
-from .flow import Trajectory, add_noise, randn, sample, x0_from_velocity
+from .config import CriticSection, DmdSection, RewardSpec, RLSection, StudentSection
+from .flow import Trajectory, add_noise, randn, sample, sde_transition, x0_from_velocity
 from reward_servers.protocol import RewardModel
 
 GENERATOR, CRITIC = "generator", "critic"
@@ -34,8 +34,14 @@ class WeightedReward:
     def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, "torch.Tensor | Elapsed"]]:
         """lambda * sum phi(r) / B over the samples whose score is finite: the others are counted, not used
         (they add nothing and get no gradient), and do not raise the weight of the rest. So the term is the
-        same however the batch is split, into micro-batches or DDP ranks. Masked rather than indexed, so no
-        host sync; the metrics are 0-d tensors and the scoring time an `Elapsed`, all read with float()."""
+        same however the batch is split, into micro-batches or DDP ranks."""
+        shaped, _, metrics = self.shaped(images, prompts)
+        return self.spec.weight * shaped.sum() / shaped.numel(), metrics
+
+    def shaped(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """phi(r) per sample (0 where the score is not finite), which scores were finite, and the metrics.
+        Masked rather than indexed, so no host sync; the metrics are 0-d tensors and the scoring time an
+        `Elapsed`, all read with float()."""
         started = mark(images.device)
         scores = self.model.score(images, prompts)
         finite = torch.isfinite(scores)
@@ -44,7 +50,7 @@ class WeightedReward:
         metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
                    f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
                    f"time/reward/{self.spec.name}_s": Elapsed(started, mark(images.device))}
-        return self.spec.weight * shaped.sum() / scores.numel(), metrics
+        return shaped, finite, metrics
 
 
 def mark(device: torch.device):
@@ -157,13 +163,15 @@ def generator_loss(
     generator: torch.Generator,
     micro_batch_size: int | None = None,
     backward: Backward | None = None,
+    rl: RLSection | None = None,
 ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """Step 3: re-noise at a random student timestep, predict x0 with gradient, then
-    L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start).
+    L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start), or with
+    `rl.mode=grpo` L_G = dmd.weight * L_dmd + rl.policy_weight * L_policy (see `policy_loss`).
     The loss metrics stay 0-d tensors on the step's device (no host sync inside the step).
 
-    `micro_batch_size` / `backward`: as `critic_loss`. The DMD and reward terms are means over the
-    samples (a non-finite score adds 0), so their shares add up exactly."""
+    `micro_batch_size` / `backward`: as `critic_loss`. The DMD, reward and policy terms are means over
+    the samples (a non-finite score adds 0), so their shares add up exactly."""
     batch, device = trajectory.x0.shape[0], trajectory.x0.device
     # every draw for the whole batch, in one order, before any network runs
     k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator).to(device)
@@ -179,14 +187,26 @@ def generator_loss(
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
         metrics.update({"schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
     rewarded = [reward for reward in rewards if reward.spec.weight != 0] if reward_active else []  # weight 0: monitors
+    policy = bool(rewarded) and rl is not None and rl.policy_gradient
+    if policy:  # GRPO: one transition x_j -> x_{j+1} of the sampler per sample (an unbiased draw of their mean)
+        if trajectory.inputs is None:
+            raise ValueError("rl.mode=grpo needs the rollout's per-step inputs (make_rollout(..., keep_inputs=True))")
+        transition = torch.randint(0, trajectory.timesteps.shape[0] - 1, (batch,), generator=generator).to(device)
 
     total, parts = None, micro_batches(batch, micro_batch_size)
+    if policy:
+        advantages, reward_parts = rollout_advantages(backbone, trajectory.x0, prompts, rewarded, rl, parts)
+        policy_stats: dict[str, list[torch.Tensor]] = {}
+    else:
+        reward_parts = []
     shares: dict[str, list[torch.Tensor]] = {}
-    reward_parts: list[tuple[WeightedReward, int, dict]] = []
     for part in parts:
         fraction = (part.stop - part.start) / batch
-        x0 = x0_from_velocity(x_in[part], t_k[part], backbone.velocity(x_in[part], t_k[part], cond[part], adapter=GENERATOR))
-        loss = x0.sum() * 0.0
+        loss = torch.zeros((), device=device)
+        if dmd.weight > 0 or (rewarded and not policy):  # (GRPO without DMD never needs the re-noised x0)
+            x0 = x0_from_velocity(x_in[part], t_k[part],
+                                  backbone.velocity(x_in[part], t_k[part], cond[part], adapter=GENERATOR))
+            loss = x0.sum() * 0.0
         if dmd.weight > 0:
             x_tau = add_noise(x0.detach(), tau_noise[part], tau[part])
             real_cfg = algo.guidance_interval(tau[part], guidance, dmd.cfg_max_tau)
@@ -197,7 +217,14 @@ def generator_loss(
                                      x0_from_velocity(x_tau, tau[part], v_fake)) * fraction
             loss = loss + dmd.weight * dmd_term
             shares.setdefault("loss/dmd", []).append(dmd_term.detach())
-        if rewarded:
+        if policy:
+            term, stats = policy_loss(backbone, trajectory, cond[part], transition[part], advantages[part],
+                                      rl.clip_range, part)
+            loss = loss + rl.policy_weight * term * fraction
+            shares.setdefault("loss/policy", []).append(term.detach() * fraction)
+            for name, value in stats.items():
+                policy_stats.setdefault(name, []).append(value * fraction)
+        elif rewarded:
             images = backbone.decode(x0)
             for reward in rewarded:
                 term, reward_metrics = reward.loss(images, prompts[part])
@@ -206,9 +233,58 @@ def generator_loss(
                 reward_parts.append((reward, part.stop - part.start, reward_metrics))
         total = _accumulate(total, loss, backward)
     metrics.update({name: _sum(values) for name, values in shares.items()})
+    if policy:
+        metrics.update({name: _sum(values) for name, values in policy_stats.items()})
     metrics.update(_combined_reward_metrics(reward_parts, single=len(parts) == 1))
     metrics["loss/generator"] = total.detach()
     return total, metrics
+
+
+def rollout_advantages(
+    backbone: Backbone, x0: torch.Tensor, prompts: Sequence[str], rewarded: Sequence[WeightedReward], rl: RLSection,
+    parts: list[slice],
+) -> tuple[torch.Tensor, list[tuple[WeightedReward, int, dict]]]:
+    """GRPO's advantages of the rollout's final samples: R = -sum_j lambda_j phi_j(r_j) (the ReFL loss's
+    shaping and weights, as a reward), normalised within each group of samples of one prompt. Scored
+    without gradients (a black-box reward is fine), in the micro-batches' slices; a sample with a
+    non-finite score gets advantage 0 and is counted in the reward's metrics."""
+    combined, valid, reward_parts = [], [], []
+    with torch.no_grad():
+        for part in parts:
+            images = backbone.decode(x0[part])
+            total = torch.zeros(images.shape[0], device=x0.device)
+            finite = torch.ones(images.shape[0], dtype=torch.bool, device=x0.device)
+            for reward in rewarded:
+                shaped, ok, reward_metrics = reward.shaped(images, prompts[part])
+                total = total - reward.spec.weight * shaped.to(total.device)
+                finite = finite & ok.to(finite.device)
+                reward_parts.append((reward, part.stop - part.start, reward_metrics))
+            combined.append(total)
+            valid.append(finite)
+    advantages = algo.group_advantages(torch.cat(combined), torch.cat(valid), rl.group_size, rl.adv_clip)
+    return advantages, reward_parts
+
+
+def policy_loss(
+    backbone: Backbone, trajectory: Trajectory, cond: Conditioning, transition: torch.Tensor, advantages: torch.Tensor,
+    clip_range: float, rows: slice,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's term for the samples `rows` of the trajectory: the clipped surrogate of the likelihood ratio of
+    each sample's sampler transition x_j -> x_{j+1} (`transition` = j) under the current generator against
+    the rollout's generator (its recorded x0_j), averaged over the samples. The DMD term stays the
+    regulariser (DESIGN section 2: it replaces GRPO's KL term)."""
+    index = torch.arange(rows.start, rows.stop, device=transition.device)
+    t_now, t_next = trajectory.timesteps[transition], trajectory.timesteps[transition + 1]
+    x, x_next = trajectory.inputs[transition, index], trajectory.inputs[transition + 1, index]
+    x0_new = x0_from_velocity(x, t_now, backbone.velocity(x, t_now, cond, adapter=GENERATOR))
+    mean, std = sde_transition(x0_new, t_next)
+    old_mean, _ = sde_transition(trajectory.x0_steps[transition, index], t_next)
+    log_prob = algo.gaussian_log_prob(x_next, mean, std)
+    old_log_prob = algo.gaussian_log_prob(x_next, old_mean, std)
+    per_sample, ratio = algo.clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range)
+    stats = {"rl/ratio": ratio.detach().mean(), "rl/clipped": ((ratio - 1).abs() > clip_range).float().mean(),
+             "rl/advantage_abs": advantages.abs().mean()}
+    return per_sample.mean(), stats
 
 
 def _sum(values: list[torch.Tensor]) -> torch.Tensor:

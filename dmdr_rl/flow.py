@@ -111,14 +111,22 @@ def sample(
         if mode == "ode" or t_next == 0.0:
             x = x + (t_next - t_now) * v
         else:
-            fresh = randn(x.shape, generator, x.device, x.dtype)
-            x = (1.0 - t_next) * x0_k + t_next * fresh
+            mean, std = sde_transition(x0_k, t_next)
+            x = mean + std * randn(x.shape, generator, x.device, x.dtype)
     return Trajectory(
         x0=x,
         timesteps=timesteps,
         inputs=torch.stack(inputs) if keep_steps else None,
         x0_steps=torch.stack(x0_steps) if keep_steps else None,
     )
+
+
+def sde_transition(x0_k: torch.Tensor, t_next: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """The SDE sampler's step as the Gaussian it draws from: x_{k+1} ~ N((1 - t_{k+1}) x0_k, t_{k+1}^2 I),
+    returned as (mean, std: a float for a float t_next, else broadcastable to x). GRPO's policy is this
+    distribution; the sampler draws from it."""
+    std = t_next if isinstance(t_next, float) else _broadcast(t_next, x0_k)
+    return (1.0 - std) * x0_k, std
 
 
 def _broadcast(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

@@ -37,13 +37,17 @@ class PromptSource:
             raise ConfigError(f"data.prompts {spec!r}: give toy:held-in, toy:held-out, or a prompt file "
                               f"({', '.join(FILE_SUFFIXES)})")
 
-    def batch(self, iteration: int, size: int) -> list[str]:
-        """Iteration -1 is reserved for the sample-grid prompts."""
+    def batch(self, iteration: int, size: int, group: int = 1) -> list[str]:
+        """`size` prompts; with `group` > 1, size / group prompts each repeated `group` times in a row (GRPO's
+        groups: several samples of one prompt). Iteration -1 is reserved for the sample-grid prompts."""
+        if size % group:
+            raise ValueError(f"a batch of {size} prompts cannot hold whole groups of {group}")
         seed = iteration_seed(self.seed, iteration, PROMPT_STREAM)
         if self.split is not None:
-            return prompts_of(self.split.sample(size, seed=seed))
-        picks = np.random.default_rng(seed).integers(0, len(self.prompts), size)
-        return [self.prompts[i] for i in picks]
+            drawn = prompts_of(self.split.sample(size // group, seed=seed))
+        else:
+            drawn = [self.prompts[i] for i in np.random.default_rng(seed).integers(0, len(self.prompts), size // group)]
+        return [prompt for prompt in drawn for _ in range(group)]
 
 
 def checked_prompt_source(cfg) -> PromptSource:

@@ -50,25 +50,30 @@ class RolloutBatch:
     weight_version: int  # the generator version that sampled it (= the learner's generator step)
     seed: int  # the rollout stream's seed
     reward_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # monitored rewards of x0, [B] each
+    # [K, B, C, H, W] x at each step (the network's input): kept for GRPO, whose policy is the sampler's
+    # Gaussian steps x_k -> x_{k+1}; None otherwise (it would double what the object store carries)
+    x_steps: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """The batch with its tensors on `device` (rollout actors hand the object store CPU tensors;
         the learner moves them to its own device)."""
         return replace(self, cond=self.cond.to(device), x0=self.x0.to(device), x0_steps=self.x0_steps.to(device),
                        timesteps=self.timesteps.to(device),
-                       reward_scores={name: scores.to(device) for name, scores in self.reward_scores.items()})
+                       reward_scores={name: scores.to(device) for name, scores in self.reward_scores.items()},
+                       x_steps=None if self.x_steps is None else self.x_steps.to(device))
 
     @property
     def trajectory(self) -> Trajectory:
-        return Trajectory(self.x0, self.timesteps, None, self.x0_steps)
+        return Trajectory(self.x0, self.timesteps, self.x_steps, self.x0_steps)
 
 
 def make_rollout(
     backbone: Backbone, prompts: list[str], student: StudentSection, run_seed: int, iteration: int, weight_version: int,
-    rank: int = 0, monitors: Sequence[dmdr.WeightedReward] = (),
+    rank: int = 0, monitors: Sequence[dmdr.WeightedReward] = (), keep_inputs: bool = False,
 ) -> RolloutBatch:
     """Step 1 of DESIGN section 2 (backward simulation) for one batch of prompts (rank: which
-    data-parallel learner's shard it is); `monitors` score the samples for the logs (no gradient)."""
+    data-parallel learner's shard it is); `monitors` score the samples for the logs (no gradient);
+    `keep_inputs`: also keep each step's x (GRPO's trajectory)."""
     seed = iteration_seed(run_seed, iteration, ROLLOUT_STREAM, rank)
     cond = backbone.encode(prompts)
     trajectory = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(seed))
@@ -78,4 +83,4 @@ def make_rollout(
             images = backbone.decode(trajectory.x0)
             scores = {reward.spec.name: reward.model.score(images, prompts).detach() for reward in monitors}
     return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
-                        weight_version, seed, scores)
+                        weight_version, seed, scores, trajectory.inputs if keep_inputs else None)

@@ -145,7 +145,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         if spec.placement == "serve" and spec.serve.attach:  # the app's own kwargs decide its model
             REWARDS.resolve(spec.name, f"rewards.{i}.name")
         else:
-            check_reward(spec.name, spec.kwargs, f"rewards.{i}", spec.weight)
+            check_reward(spec.name, spec.kwargs, f"rewards.{i}", spec.weight, cfg.rl.policy_gradient)
     prompts = cfg.data.prompts
     if cfg.trainer.backend == "local":  # what the run would refuse at start on this machine
         from .registry import resolve_device
@@ -175,7 +175,8 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         + (f" in micro-batches of {cfg.trainer.micro_batch_size}" if cfg.trainer.micro_batch_size else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
         + f", {cfg.trainer.precision}, {cfg.trainer.optimizer}",
-        f"  rewards: {rewards}",
+        f"  rewards: {rewards}" + (f"; trained by policy gradient (GRPO): {cfg.trainer.batch_size // cfg.rl.group_size} "
+                                   f"prompts x {cfg.rl.group_size} samples per batch" if cfg.rl.policy_gradient else ""),
         f"  prompts: {prompts} ({prompt_note})",
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
         *(f"  warning: {note}" for note in [*_warnings(cfg), *_missing_packages(cfg)]),

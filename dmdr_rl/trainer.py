@@ -84,9 +84,9 @@ class LocalTrainer:
         (then its metrics are returned, else None)."""
         cfg = self.cfg
         started = dmdr.mark(self.backbone.device)  # device time, read after the step (no host sync here)
-        prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size)
+        prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size, cfg.prompt_group)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
-                             monitors=self.monitors)
+                             monitors=self.monitors, keep_inputs=cfg.rl.policy_gradient)
         self._rollout_times.append(dmdr.Elapsed(started, dmdr.mark(self.backbone.device)))
         self.last_batch = batch
         metrics = self.learner.step(batch)
@@ -222,15 +222,16 @@ def run_config_dump(cfg: RunConfig) -> dict:
 
 def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
     """The config's rewards, each in its placement (in-process or a Serve app's client). A reward the
-    generator trains on (weight > 0) must be differentiable: ReFL needs d score / d image."""
+    generator trains on (weight > 0) with ReFL must be differentiable (it needs d score / d image); with
+    rl.mode=grpo any reward can train it."""
     from reward_servers import reward_model
+    from reward_servers.registry import refl_needs_a_gradient
 
     rewards = []
     for i, spec in enumerate(cfg.rewards):
         model = reward_model(spec, f"rewards.{i}")
-        if spec.weight > 0 and not model.differentiable:
-            raise ConfigError(f"rewards.{i} ({spec.name}) is not differentiable, so it cannot train the generator "
-                              f"(ReFL needs d score / d image): set rewards.{i}.weight=0 to only monitor it")
+        if spec.weight > 0 and not model.differentiable and not cfg.rl.policy_gradient:
+            raise refl_needs_a_gradient(f"rewards.{i}", spec.name)
         rewards.append(dmdr.WeightedReward(model, spec))
     return rewards
 

@@ -69,10 +69,11 @@ def _hpsv2_1(**kwargs):
     return HPSv2(version="v2.1", **kwargs)
 
 
-def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]", weight: float = 0.0) -> None:
+def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]", weight: float = 0.0,
+                 policy_gradient: bool = False) -> None:
     """What can be refused without building the model (the dry run): the name resolves, the kwargs fit the
     factory's signature and, for a class, the protocol's `score` and a `differentiable` that can train
-    the generator when `weight` > 0."""
+    the generator when `weight` > 0 (with ReFL; `policy_gradient`, rl.mode=grpo, needs no gradient)."""
     from dmdr_rl.config import ConfigError
 
     factory = REWARDS.check_options(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
@@ -82,9 +83,17 @@ def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "
         raise ConfigError(f"{where}.name: {name!r} is a class without a score(images, prompts) method; name a reward "
                           f"model class (see reward_servers/protocol.py) or a registered name: {', '.join(REWARDS.names())}")
     differentiable = getattr(factory, "differentiable", None)
-    if weight > 0 and differentiable is False:
-        raise ConfigError(f"{where} ({name}) is not differentiable, so it cannot train the generator (ReFL needs d score / "
-                          f"d image): set {where}.weight=0 to monitor it, or use a differentiable reward model")
+    if weight > 0 and differentiable is False and not policy_gradient:
+        raise refl_needs_a_gradient(where, name)
+
+
+def refl_needs_a_gradient(where: str, name: str):
+    """The error for a reward without a gradient that would train the generator with ReFL."""
+    from dmdr_rl.config import ConfigError
+
+    return ConfigError(f"{where} ({name}) is not differentiable, so it cannot train the generator with ReFL (it needs "
+                       f"d score / d image): set rl.mode=grpo (policy gradient, which needs no gradient of the reward), "
+                       f"or {where}.weight=0 to only monitor it")
 
 
 def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]") -> RewardModel:

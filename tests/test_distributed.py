@@ -31,8 +31,8 @@ def local_ray():
     ray.shutdown()
 
 
-def _config(out, **extra):
-    return load_config("toy-dmdr", [f"{k}={v}" for k, v in {**TINY, "output.dir": str(out), **extra}.items()])
+def _config(out, preset="toy-dmdr", **extra):
+    return load_config(preset, [f"{k}={v}" for k, v in {**TINY, "output.dir": str(out), **extra}.items()])
 
 
 def _losses(out):
@@ -40,13 +40,20 @@ def _losses(out):
     return [(r["step"], {k: v for k, v in r.items() if k.startswith("loss/") or k.startswith("reward/")}) for r in rows]
 
 
-def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray):
-    LocalTrainer(_config(tmp_path / "local")).train()
-    summary = train_distributed(_config(tmp_path / "ray", **{"trainer.backend": "ray", "ray.max_staleness": 0}))
+@pytest.mark.parametrize("preset, extra, reward_loss", [
+    ("toy-dmdr", {}, "loss/reward/toy-align"),
+    # policy-gradient RL: grouped prompts, each step's x carried through the object store to the learner
+    ("toy-dmdr-grpo", {"rl.group_size": 2}, "loss/policy"),
+], ids=["refl", "grpo"])
+def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray, preset, extra, reward_loss):
+    LocalTrainer(_config(tmp_path / "local", preset, **extra)).train()
+    summary = train_distributed(_config(tmp_path / "ray", preset, **{"trainer.backend": "ray", "ray.max_staleness": 0,
+                                                                     **extra}))
     assert summary["generator_steps"] == 3
     local, distributed = _losses(tmp_path / "local"), _losses(tmp_path / "ray")
     assert [s for s, _ in local] == [s for s, _ in distributed] == [1, 2, 3]
-    assert "loss/reward/toy-align" in local[2][1]
+    assert reward_loss in local[2][1] and local[2][1]["reward/toy-align"] == pytest.approx(
+        distributed[2][1]["reward/toy-align"], rel=1e-4)
     for (_, a), (_, b) in zip(local, distributed):
         assert a.keys() == b.keys()
         for key in a:

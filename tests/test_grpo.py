@@ -1,0 +1,259 @@
+"""Policy-gradient RL (rl.mode=grpo, DESIGN section 2's second RL mode): the math against its equations,
+the sampler's step as the Gaussian the policy is, the generator update's direction, and a reward with no
+gradient training the generator end to end."""
+
+import math
+
+import pytest
+import torch
+
+from dmdr_rl import algo, dmdr
+from dmdr_rl.config import ConfigError, CriticSection, DmdSection, RewardSpec, RLSection, StudentSection, load_config
+from dmdr_rl.flow import randn, sample, sampling_timesteps, sde_transition
+from dmdr_rl.prompts import PromptSource
+from dmdr_rl.rollout import make_rollout
+from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
+from dmdr_rl.toy.text import ToyTextEncoder
+from dmdr_rl.trainer import LocalTrainer, build_rewards
+
+PROMPTS = ["a small red circle in the center", "a blue square above a green triangle"]
+
+
+class MeanRedNoGradient:
+    """A black-box reward: mean red, computed without autograd (as a remote service or a count would be)."""
+
+    name, differentiable = "mean-red-black-box", False
+
+    def __init__(self, **kwargs):
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        with torch.no_grad():
+            return images.detach()[:, 0].mean(dim=(1, 2)).clone()
+
+
+@pytest.fixture()
+def backbone():
+    torch.manual_seed(0)
+    b = ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0))
+    b.add_lora(dmdr.GENERATOR, rank=4, alpha=8)
+    b.add_lora(dmdr.CRITIC, rank=4, alpha=4)
+    with torch.no_grad():
+        for p in b.trainable_parameters(dmdr.GENERATOR) + b.trainable_parameters(dmdr.CRITIC):
+            p.add_(0.02 * torch.randn_like(p))
+    return b
+
+
+# -- the math ---------------------------------------------------------------------------------------
+def test_group_advantages_normalise_within_each_group_over_its_finite_rewards():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, float("nan"), 5.0, 9.0, 4.0, 4.0, 4.0, 4.0, 7.0, float("nan"), 0.0, 0.0])
+    valid = torch.isfinite(rewards)
+    advantages = algo.group_advantages(rewards, valid, 4, clip=10.0)
+    expected = []
+    for group in rewards.view(4, 4):
+        kept = group[torch.isfinite(group)]
+        mean, std = kept.mean(), kept.std(unbiased=False)
+        expected += [0.0 if not math.isfinite(r) else float((r - mean) / (std + 1e-4)) for r in group.tolist()]
+    torch.testing.assert_close(advantages, torch.tensor(expected))
+    assert advantages[5] == 0 and advantages[13] == 0  # not finite: no advantage
+    assert torch.all(advantages[8:12] == 0)  # one reward for the whole group: nothing to prefer
+    assert abs(float(advantages[:4].sum())) < 1e-5  # zero mean within a group
+
+
+def test_group_advantages_are_clipped_and_a_group_with_one_finite_reward_gets_none():
+    rewards = torch.tensor([0.0, 0.0, 0.0, 100.0, 1.0, float("nan"), float("nan"), float("nan")])
+    advantages = algo.group_advantages(rewards, torch.isfinite(rewards), 4, clip=1.5)
+    assert float(advantages[3]) == 1.5 and float(advantages.min()) >= -1.5
+    assert torch.all(advantages[4:] == 0)
+    with pytest.raises(ValueError, match="whole groups of 4"):
+        algo.group_advantages(rewards[:6], torch.isfinite(rewards[:6]), 4, clip=1.0)
+
+
+def test_gaussian_log_prob_is_the_per_dimension_mean_of_the_normal_log_density():
+    x, mean = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    std = torch.tensor([0.3, 0.7, 1.0]).view(-1, 1, 1, 1)
+    expected = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1).mean(dim=1)
+    torch.testing.assert_close(algo.gaussian_log_prob(x, mean, std), expected)
+
+
+def test_the_clipped_surrogate_is_ppos_and_its_gradient_at_ratio_one_is_minus_the_advantage():
+    advantages = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    log_prob = torch.zeros(4, requires_grad=True)
+    loss, ratio = algo.clipped_policy_loss(log_prob, torch.zeros(4), advantages, clip_range=0.1)
+    torch.testing.assert_close(ratio, torch.ones(4))
+    loss.sum().backward()
+    torch.testing.assert_close(log_prob.grad, -advantages)
+    # outside the range, on the side the advantage pushes towards: clipped (value at the bound, no gradient)
+    log_prob = torch.log(torch.tensor([1.5, 0.5, 1.05, 1.5])).requires_grad_()
+    loss, _ = algo.clipped_policy_loss(log_prob, torch.zeros(4), advantages, clip_range=0.1)
+    torch.testing.assert_close(loss.detach(), torch.tensor([-2.0 * 1.1, 1.0 * 0.9, -0.5 * 1.05, 3.0 * 1.5]))
+    loss.sum().backward()
+    assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0  # clipped
+    assert log_prob.grad[2] != 0 and log_prob.grad[3] != 0  # inside the range, or moving against the advantage
+
+
+def test_the_sde_sampler_draws_each_step_from_the_transition_grpo_scores():
+    """x_{k+1} = mean + std * fresh noise exactly, with (mean, std) = sde_transition(x0_k, t_{k+1})."""
+    torch.manual_seed(0)
+    weights = torch.randn(3, 3)
+
+    def velocity(x, t):
+        return torch.einsum("ij,bjhw->bihw", weights, x) * t.view(-1, 1, 1, 1)
+
+    generator = torch.Generator().manual_seed(5)
+    noise = randn((2, 3, 4, 4), generator)
+    trajectory = sample(velocity, noise, 4, shift=2.0, mode="sde", generator=generator, keep_steps=True)
+    replay = torch.Generator().manual_seed(5)
+    randn((2, 3, 4, 4), replay)  # the initial noise
+    times = sampling_timesteps(4, 2.0)
+    for k in range(3):
+        mean, std = sde_transition(trajectory.x0_steps[k], times[k + 1].expand(2))
+        torch.testing.assert_close(trajectory.inputs[k + 1], mean + std * randn((2, 3, 4, 4), replay))
+    torch.testing.assert_close(trajectory.x0, trajectory.x0_steps[-1])  # the last step is not a draw
+
+
+# -- the generator update ---------------------------------------------------------------------------
+def _policy_setup(backbone, group=4):
+    prompts = [p for p in PROMPTS for _ in range(group)]
+    cond, student = backbone.encode(prompts), StudentSection(steps=3, sampler="sde")
+    with torch.no_grad():
+        trajectory = sample(lambda x, t: backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR),
+                                 randn((len(prompts), *backbone.sample_shape), torch.Generator().manual_seed(0)), 3,
+                                 mode="sde", generator=torch.Generator().manual_seed(1), keep_steps=True)
+    reward = dmdr.WeightedReward(MeanRedNoGradient(), RewardSpec(name="mean-red-black-box", shaping="linear"))
+    return prompts, cond, student, trajectory, reward
+
+
+def test_a_policy_step_raises_the_likelihood_of_the_better_samples_transitions(backbone):
+    """One small SGD step on the policy term alone moves sum_i A_i log pi(x_{j+1} | x_j) up (first order:
+    the step is along its gradient), so better-than-their-group samples become likelier."""
+    prompts, cond, student, trajectory, reward = _policy_setup(backbone)
+    rl = RLSection(mode="grpo", group_size=4, clip_range=0.2, adv_clip=5.0)
+    params = backbone.trainable_parameters(dmdr.GENERATOR)
+    loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(),
+                                        DmdSection(weight=0.0), [reward], True, torch.Generator().manual_seed(2), rl=rl)
+    assert float(metrics["rl/ratio"]) == pytest.approx(1.0, abs=1e-5)  # sampled with these very weights
+    assert reward.model.calls == 1 and "loss/policy" in metrics and "reward/mean-red-black-box" in metrics
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.trainable_parameters(dmdr.CRITIC))
+
+    def weighted_log_prob():
+        scores = reward.model.score(trajectory.x0, prompts)
+        advantages = algo.group_advantages(scores, torch.isfinite(scores), 4, 5.0)
+        total = 0.0
+        with torch.no_grad():
+            for j in range(2):  # every transition of the 3-step sampler
+                t_now, t_next = trajectory.timesteps[j].expand(8), trajectory.timesteps[j + 1].expand(8)
+                x = trajectory.inputs[j]
+                x0 = x - t_now.view(-1, 1, 1, 1) * backbone.velocity(x, t_now, cond, adapter=dmdr.GENERATOR)
+                mean, std = sde_transition(x0, t_next)
+                total += float((advantages * algo.gaussian_log_prob(trajectory.inputs[j + 1], mean, std)).sum())
+        return total
+
+    before = weighted_log_prob()
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad / p.grad.norm().clamp(min=1e-12))
+    assert weighted_log_prob() > before
+
+
+def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone):
+    prompts, cond, student, trajectory, reward = _policy_setup(backbone)
+    rl = RLSection(mode="grpo", group_size=4)
+    params = backbone.trainable_parameters(dmdr.GENERATOR)
+    results = []
+    for micro in (None, 3):
+        for p in params:
+            p.grad = None
+        loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(),
+                                            [reward], True, torch.Generator().manual_seed(2), micro_batch_size=micro,
+                                            backward=torch.Tensor.backward, rl=rl)
+        results.append((loss, metrics, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]))
+    (whole, whole_metrics, whole_grads), (micro, micro_metrics, micro_grads) = results
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-7)
+    for name in ("loss/dmd", "loss/policy", "rl/advantage_abs", "reward/mean-red-black-box"):
+        assert float(micro_metrics[name]) == pytest.approx(float(whole_metrics[name]), rel=1e-4, abs=1e-6), name
+    for a, b in zip(micro_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in whole_grads)
+
+
+def test_a_trajectory_without_its_inputs_is_refused(backbone):
+    prompts, cond, student, trajectory, reward = _policy_setup(backbone)
+    trajectory.inputs = None
+    with pytest.raises(ValueError, match="keep_inputs"):
+        dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(), [reward],
+                            True, torch.Generator().manual_seed(2), rl=RLSection(mode="grpo"))
+
+
+# -- prompts, rollouts, config ------------------------------------------------------------------------
+def test_grouped_prompt_batches_repeat_each_prompt_and_ungrouped_ones_do_not_change():
+    source = PromptSource("toy:held-in", 0)
+    grouped = source.batch(3, 12, group=4)
+    assert len(grouped) == 12 and all(len(set(grouped[i:i + 4])) == 1 for i in range(0, 12, 4))
+    assert len(set(grouped)) == 3
+    assert source.batch(3, 12) == source.batch(3, 12, group=1) and len(set(source.batch(3, 12))) > 3
+    with pytest.raises(ValueError, match="whole groups"):
+        source.batch(3, 10, group=4)
+
+
+def test_grpo_rollouts_keep_each_steps_input_and_others_do_not(backbone):
+    student = StudentSection(steps=3, sampler="sde")
+    kept = make_rollout(backbone, PROMPTS, student, 0, 0, 0, keep_inputs=True)
+    assert kept.x_steps.shape == (3, 2, 3, 32, 32) and kept.trajectory.inputs is kept.x_steps
+    assert make_rollout(backbone, PROMPTS, student, 0, 0, 0).x_steps is None
+    assert kept.to("cpu").x_steps is not None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["student.sampler=ode"], "student.sampler=sde and student.steps >= 2"),
+    (["student.steps=1"], "student.sampler=sde and student.steps >= 2"),
+    (["trainer.batch_size=30"], "multiple of rl.group_size=4"),
+    (["trainer.backend=ray", "trainer.device=auto", "ray.learner_workers=3", "trainer.batch_size=16"],
+     "times ray.learner_workers=3"),
+    (["rewards.0.weight=0", "rewards.0.monitor=true"], "no reward has weight > 0"),
+])
+def test_grpo_configs_that_cannot_work_name_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config("toy-dmdr-grpo", overrides)
+
+
+def test_a_reward_without_a_gradient_trains_with_grpo_and_is_refused_by_refl(tmp_path, monkeypatch):
+    module = tmp_path / "my_black_box.py"  # the user's module, outside the package, named only in the config
+    module.write_text("import torch\n\n"
+                      "class Redness:\n"
+                      "    name, differentiable = 'redness', False\n"
+                      "    def __init__(self, **kwargs):\n"
+                      "        pass\n"
+                      "    def score(self, images, prompts):\n"
+                      "        with torch.no_grad():\n"
+                      "            return images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = ["rewards=[{name: 'my_black_box:Redness', shaping: linear}]", "trainer.batch_size=4", "rl.group_size=2",
+                "student.steps=2", "trainer.max_steps=3", "trainer.cold_start=1", "dmd.ratio=2", "output.log_every=1",
+                "output.sample_every=100", "output.checkpoint_every=100", f"output.dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match="set rl.mode=grpo"):
+        build_rewards(load_config("toy-dmdr-grpo", settings + ["rl.mode=refl"]))
+    cfg = load_config("toy-dmdr-grpo", settings)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)))
+    for _ in range(6):
+        metrics = trainer.train_iteration()
+    assert trainer.generator_step == 3 and "loss/policy" in metrics and "reward/my_black_box:Redness" in metrics
+    assert float(metrics["rl/advantage_abs"]) > 0 and float(metrics["stage/reward_active"]) == 1.0
+
+
+def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path, monkeypatch):
+    from dmdr_rl.run import dry_run
+
+    (tmp_path / "my_checked_box.py").write_text("class Count:\n    name, differentiable = 'count', False\n"
+                                               "    def score(self, images, prompts):\n        return images.sum((1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = "rewards=[{name: 'my_checked_box:Count', shaping: linear}]"
+    plan = dry_run("toy-dmdr-grpo", [reward])
+    assert "trained by policy gradient (GRPO): 8 prompts x 4 samples per batch" in plan
+    with pytest.raises(ConfigError, match=r"rewards\.0 \(my_checked_box:Count\) is not differentiable.*rl\.mode=grpo"):
+        dry_run("toy-dmdr-grpo", [reward, "rl.mode=refl", "student.sampler=ode"])
