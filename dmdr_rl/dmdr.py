@@ -282,7 +282,10 @@ def policy_loss(
     log_prob = algo.gaussian_log_prob(x_next, mean, std)
     old_log_prob = algo.gaussian_log_prob(x_next, old_mean, std)
     per_sample, ratio = algo.clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range)
-    stats = {"rl/ratio": ratio.detach().mean(), "rl/clipped": ((ratio - 1).abs() > clip_range).float().mean(),
+    moved = ratio.detach() - 1
+    # the fraction of samples whose gradient the clip removed: moved past the range the way their advantage pushes
+    clipped = (moved.abs() > clip_range) & (moved * advantages > 0)
+    stats = {"rl/ratio": ratio.detach().mean(), "rl/clipped": clipped.float().mean(),
              "rl/advantage_abs": advantages.abs().mean()}
     return per_sample.mean(), stats
 
