@@ -103,19 +103,21 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, group_size: int
     return advantages.clamp(-clip, clip).reshape(-1)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2 I) per sample, averaged over its dimensions (not summed: Flow-GRPO's convention,
-    which keeps likelihood ratios near 1 at any image size)."""
+def gaussian_log_ratio(x: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I) - log N(x; old_mean, std^2 I) per sample, averaged over its dimensions (not summed:
+    Flow-GRPO's convention, which keeps likelihood ratios near 1 at any image size). Written as
+    ((x - old)^2 - (x - mean)^2) = (mean - old)(2x - old - mean): in float32, subtracting two log-densities (or
+    two squares) would round away the small moves of the mean that matter here."""
+    old_mean = old_mean.detach()
     std = std.expand_as(x)
-    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return log_density.flatten(1).mean(dim=1)
+    return ((mean - old_mean) * (2 * x - old_mean - mean) / (2 * std**2)).flatten(1).mean(dim=1)
 
 
-def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+def clipped_policy_loss(log_ratio: torch.Tensor, advantages: torch.Tensor,
                         clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate per sample, max(-A r, -A clip(r, 1 - e, 1 + e)) with r = exp(log_prob - old_log_prob),
-    and the ratios r. At r = 1 its gradient is -A d log_prob: the plain policy gradient."""
-    ratio = torch.exp(log_prob - old_log_prob.detach())
+    """PPO's clipped surrogate per sample, max(-A r, -A clip(r, 1 - e, 1 + e)) with r = exp(log_ratio) the
+    likelihood ratio, and the ratios r. At r = 1 its gradient is -A d log_ratio: the plain policy gradient."""
+    ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(-advantages * ratio, -advantages * clipped), ratio
 

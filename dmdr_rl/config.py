@@ -303,6 +303,20 @@ class RunConfig(_Section):
         if not any(spec.weight > 0 for spec in self.rewards):
             raise ValueError("rl.mode=grpo but no reward has weight > 0: the policy term would have no reward")
 
+    def _policy_gradient_warnings(self) -> list[str]:
+        notes = [f"rewards.{i} ({spec.name}) has hinge shaping, which is flat above its margin ({spec.margin:g}): a group "
+                 f"whose samples all clear it has equal rewards and no advantage; rl.mode=grpo learns more with "
+                 f"rewards.{i}.shaping=linear" for i, spec in enumerate(self.rewards) if spec.weight > 0 and spec.shaping == "hinge"]
+        if self.trainer.backend == "ray" and self.ray.max_staleness > 0:
+            notes.append(f"rl.mode=grpo with ray.max_staleness={self.ray.max_staleness}: a rollout sampled by an older "
+                         f"generator has likelihood ratios off 1 by about rl.clip_range={self.rl.clip_range:g} or more, so "
+                         "the clip drops part of its gradient (logged as rl/clipped); ray.max_staleness=0 keeps batches "
+                         "on-policy")
+        if self.student.steps == 2:
+            notes.append("rl.mode=grpo with student.steps=2: only the first sampler step is a random draw the policy "
+                         "gradient can train; the last step's prediction is trained by the DMD term alone")
+        return notes
+
     @property
     def prompt_group(self) -> int:
         """How many consecutive samples of a training batch share a prompt (GRPO's groups; 1 otherwise)."""
@@ -322,6 +336,8 @@ class RunConfig(_Section):
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
+        if self.rl.policy_gradient:
+            notes += self._policy_gradient_warnings()
         for i, spec in enumerate(self.rewards):
             if spec.placement == "serve" and spec.serve.attach and spec.max_images_per_call is not None:
                 notes.append(f"rewards.{i}.max_images_per_call has no effect on an attached app "

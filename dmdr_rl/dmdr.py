@@ -279,14 +279,13 @@ def policy_loss(
     x0_new = x0_from_velocity(x, t_now, backbone.velocity(x, t_now, cond, adapter=GENERATOR))
     mean, std = sde_transition(x0_new, t_next)
     old_mean, _ = sde_transition(trajectory.x0_steps[transition, index], t_next)
-    log_prob = algo.gaussian_log_prob(x_next, mean, std)
-    old_log_prob = algo.gaussian_log_prob(x_next, old_mean, std)
-    per_sample, ratio = algo.clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range)
+    log_ratio = algo.gaussian_log_ratio(x_next, mean, old_mean, std)
+    per_sample, ratio = algo.clipped_policy_loss(log_ratio, advantages, clip_range)
     moved = ratio.detach() - 1
     # the fraction of samples whose gradient the clip removed: moved past the range the way their advantage pushes
     clipped = (moved.abs() > clip_range) & (moved * advantages > 0)
     stats = {"rl/ratio": ratio.detach().mean(), "rl/clipped": clipped.float().mean(),
-             "rl/advantage_abs": advantages.abs().mean()}
+             "rl/log_ratio_abs": log_ratio.detach().abs().mean(), "rl/advantage_abs": advantages.abs().mean()}
     return per_sample.mean(), stats
 
 

@@ -43,7 +43,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-BATCH_METRICS = ("loss/", "reward/", "rollout/")  # each rank's are its shard's; the log shows the whole batch's
+BATCH_METRICS = ("loss/", "reward/", "rollout/", "rl/")  # each rank's are its shard's; the log shows the whole batch's
 
 
 def mean_over_ranks(metrics: dict, device: torch.device, shard_size: int, all_reduce=dist.all_reduce) -> dict:

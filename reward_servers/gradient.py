@@ -32,7 +32,7 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
                 raise RewardServerError(
                     f"reward model {model.name!r} says it is differentiable, but its scores carry no gradient (computed "
                     "outside torch's autograd, e.g. through PIL or numpy, or detached): keep the computation in torch "
-                    "ops, or set its `differentiable = False` (then it can only monitor, with weight 0)")
+                    "ops, or set its `differentiable = False` (then it monitors with weight 0, or trains with rl.mode=grpo)")
             finite = torch.isfinite(scores)
             (grads,) = torch.autograd.grad(torch.where(finite, scores, torch.zeros_like(scores)).sum(), pixels,
                                            allow_unused=True)

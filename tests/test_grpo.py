@@ -70,31 +70,43 @@ def test_group_advantages_are_clipped_and_a_group_with_one_finite_reward_gets_no
         algo.group_advantages(rewards[:6], torch.isfinite(rewards[:6]), 4, clip=1.0)
 
 
-def test_gaussian_log_prob_is_the_per_dimension_mean_of_the_normal_log_density():
-    x, mean = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
-    std = torch.tensor([0.3, 0.7, 1.0]).view(-1, 1, 1, 1)
-    expected = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1).mean(dim=1)
-    torch.testing.assert_close(algo.gaussian_log_prob(x, mean, std), expected)
+def _normal_log_density(x, mean, std):
+    """log N(x; mean, std^2 I) per sample, averaged over its dimensions (torch.distributions, for reference)."""
+    return torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1).mean(dim=1)
+
+
+def test_the_log_ratio_is_the_difference_of_per_dimension_mean_normal_log_densities():
+    x, mean, old_mean = (torch.randn(3, 2, 4, 4, dtype=torch.float64) for _ in range(3))
+    std = torch.tensor([0.3, 0.7, 1.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    expected = _normal_log_density(x, mean, std) - _normal_log_density(x, old_mean, std)
+    torch.testing.assert_close(algo.gaussian_log_ratio(x, mean, old_mean, std), expected)
+    # in float32 a tiny move of the mean still comes out right (two log-densities or squares subtracted: 20% off)
+    x32, mean32, moved32 = x.float(), mean.float(), mean.float() + 1e-6
+    moved = algo.gaussian_log_ratio(x32, moved32, mean32, std.float())
+    exact = algo.gaussian_log_ratio(x32.double(), moved32.double(), mean32.double(), std)
+    torch.testing.assert_close(moved.double(), exact, rtol=1e-2, atol=1e-12)
+    assert torch.all(moved != 0)
 
 
 def test_the_clipped_surrogate_is_ppos_and_its_gradient_at_ratio_one_is_minus_the_advantage():
     advantages = torch.tensor([2.0, -1.0, 0.5, -3.0])
     log_prob = torch.zeros(4, requires_grad=True)
-    loss, ratio = algo.clipped_policy_loss(log_prob, torch.zeros(4), advantages, clip_range=0.1)
+    loss, ratio = algo.clipped_policy_loss(log_prob, advantages, clip_range=0.1)
     torch.testing.assert_close(ratio, torch.ones(4))
     loss.sum().backward()
     torch.testing.assert_close(log_prob.grad, -advantages)
     # outside the range, on the side the advantage pushes towards: clipped (value at the bound, no gradient)
     log_prob = torch.log(torch.tensor([1.5, 0.5, 1.05, 1.5])).requires_grad_()
-    loss, _ = algo.clipped_policy_loss(log_prob, torch.zeros(4), advantages, clip_range=0.1)
+    loss, _ = algo.clipped_policy_loss(log_prob, advantages, clip_range=0.1)
     torch.testing.assert_close(loss.detach(), torch.tensor([-2.0 * 1.1, 1.0 * 0.9, -0.5 * 1.05, 3.0 * 1.5]))
     loss.sum().backward()
     assert log_prob.grad[0] == 0 and log_prob.grad[1] == 0  # clipped
     assert log_prob.grad[2] != 0 and log_prob.grad[3] != 0  # inside the range, or moving against the advantage
 
 
-def test_the_sde_sampler_draws_each_step_from_the_transition_grpo_scores():
-    """x_{k+1} = mean + std * fresh noise exactly, with (mean, std) = sde_transition(x0_k, t_{k+1})."""
+def test_the_sde_sampler_draws_each_step_from_the_gaussian_of_design_section_2():
+    """x_{k+1} = (1 - t_{k+1}) x0_k + t_{k+1} eps' with eps' the sampler's next fresh draw, and sde_transition
+    gives that Gaussian's mean and standard deviation."""
     torch.manual_seed(0)
     weights = torch.randn(3, 3)
 
@@ -102,14 +114,17 @@ def test_the_sde_sampler_draws_each_step_from_the_transition_grpo_scores():
         return torch.einsum("ij,bjhw->bihw", weights, x) * t.view(-1, 1, 1, 1)
 
     generator = torch.Generator().manual_seed(5)
-    noise = randn((2, 3, 4, 4), generator)
-    trajectory = sample(velocity, noise, 4, shift=2.0, mode="sde", generator=generator, keep_steps=True)
+    trajectory = sample(velocity, randn((2, 3, 4, 4), generator), 4, shift=2.0, mode="sde", generator=generator,
+                        keep_steps=True)
     replay = torch.Generator().manual_seed(5)
     randn((2, 3, 4, 4), replay)  # the initial noise
     times = sampling_timesteps(4, 2.0)
     for k in range(3):
+        t_next, fresh = float(times[k + 1]), randn((2, 3, 4, 4), replay)
+        torch.testing.assert_close(trajectory.inputs[k + 1], (1 - t_next) * trajectory.x0_steps[k] + t_next * fresh)
         mean, std = sde_transition(trajectory.x0_steps[k], times[k + 1].expand(2))
-        torch.testing.assert_close(trajectory.inputs[k + 1], mean + std * randn((2, 3, 4, 4), replay))
+        torch.testing.assert_close(mean, (1 - t_next) * trajectory.x0_steps[k])
+        torch.testing.assert_close(std.flatten(), torch.full((2,), t_next))
     torch.testing.assert_close(trajectory.x0, trajectory.x0_steps[-1])  # the last step is not a draw
 
 
@@ -149,7 +164,7 @@ def test_a_policy_step_raises_the_likelihood_of_the_better_samples_transitions(b
                 x = trajectory.inputs[j]
                 x0 = x - t_now.view(-1, 1, 1, 1) * backbone.velocity(x, t_now, cond, adapter=dmdr.GENERATOR)
                 mean, std = sde_transition(x0, t_next)
-                total += float((advantages * algo.gaussian_log_prob(trajectory.inputs[j + 1], mean, std)).sum())
+                total += float((advantages * _normal_log_density(trajectory.inputs[j + 1], mean, std)).sum())
         return total
 
     before = weighted_log_prob()
@@ -158,6 +173,94 @@ def test_a_policy_step_raises_the_likelihood_of_the_better_samples_transitions(b
             if p.grad is not None:
                 p.sub_(1e-2 * p.grad / p.grad.norm().clamp(min=1e-12))
     assert weighted_log_prob() > before
+
+
+def _replayable_trajectory(backbone, cond):
+    """A 3-step SDE rollout of 4 samples and the two fresh draws its sampler made (the last step is not a draw)."""
+    noise = randn((4, *backbone.sample_shape), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trajectory = sample(lambda x, t: backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), noise, 3, shift=3.0,
+                            mode="sde", generator=torch.Generator().manual_seed(1), keep_steps=True)
+    replay = torch.Generator().manual_seed(1)
+    return trajectory, [randn(noise.shape, replay) for _ in range(2)]
+
+
+def _design_log_density(backbone, cond, trajectory, j):
+    """log N(x_{j+1}; (1 - t_{j+1}) (x_j - t_j G(x_j, t_j)), t_{j+1}^2 I) per sample, mean over dimensions,
+    written out from DESIGN section 2 with the generator as it is now."""
+    t, t_next = float(trajectory.timesteps[j]), float(trajectory.timesteps[j + 1])
+    x = trajectory.inputs[j]
+    x0 = x - t * backbone.velocity(x, torch.full((x.shape[0],), t), cond, adapter=dmdr.GENERATOR)
+    z = (trajectory.inputs[j + 1] - (1 - t_next) * x0) / t_next
+    return (-0.5 * z**2 - math.log(t_next) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(dim=1)
+
+
+@pytest.mark.parametrize("j", [0, 1])
+def test_the_policy_gradient_is_minus_the_advantage_weighted_log_density_of_the_drawn_transition(backbone, j):
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    cond = backbone.encode(prompts)
+    trajectory, fresh = _replayable_trajectory(backbone, cond)
+    with torch.no_grad():  # on-policy, the recorded step is the sampler's own draw: z is its fresh noise
+        t_next = float(trajectory.timesteps[j + 1])
+        on_policy = (-0.5 * fresh[j] ** 2).flatten(1).mean(dim=1) - math.log(t_next) - 0.5 * math.log(2 * math.pi)
+        torch.testing.assert_close(_design_log_density(backbone, cond, trajectory, j), on_policy, rtol=1e-4, atol=1e-5)
+    params = backbone.trainable_parameters(dmdr.GENERATOR)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for p in params:
+        p.grad = None
+    loss, stats = dmdr.policy_loss(backbone, trajectory, cond, torch.full((4,), j), advantages, 0.2, slice(0, 4))
+    loss.backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    (-(advantages * _design_log_density(backbone, cond, trajectory, j)).mean()).backward()
+    for a, b in zip(got, [p.grad for p in params]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+    assert any(g.abs().sum() > 0 for g in got)
+
+
+def test_the_ratio_compares_the_current_generator_with_the_rollouts(backbone):
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    cond = backbone.encode(prompts)
+    trajectory, _ = _replayable_trajectory(backbone, cond)
+    with torch.no_grad():
+        old = _design_log_density(backbone, cond, trajectory, 1)
+        for p in backbone.trainable_parameters(dmdr.GENERATOR):  # the learner moved on since the rollout
+            p.add_(0.05 * torch.randn_like(p))
+        new = _design_log_density(backbone, cond, trajectory, 1)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    _, stats = dmdr.policy_loss(backbone, trajectory, cond, torch.ones(4, dtype=torch.long), advantages, 1e-6, slice(0, 4))
+    ratio = torch.exp(new - old)
+    assert float((ratio - 1).abs().max()) > 1e-5
+    assert float(stats["rl/ratio"]) == pytest.approx(float(ratio.mean()), rel=1e-6)
+    moved = ratio - 1
+    assert float(stats["rl/clipped"]) == pytest.approx(float(((moved.abs() > 1e-6) & (moved * advantages > 0)).float().mean()))
+
+
+def test_rollout_advantages_are_per_group_and_need_every_reward_finite():
+    class Fixed:
+        differentiable = False
+
+        def __init__(self, name, scores):
+            self.name, self.scores = name, torch.tensor(scores)
+
+        def score(self, images, prompts):
+            return self.scores
+
+    class Identity:
+        def decode(self, x):
+            return x
+
+    first = dmdr.WeightedReward(Fixed("a", [1.0, 2.0, 101.0, 104.0, 5.0, 3.0, 0.0, 1.0]),
+                                RewardSpec(name="a", shaping="linear", weight=2.0))
+    second = dmdr.WeightedReward(Fixed("b", [0.0, 0.0, 0.0, 0.0, float("nan"), 0.0, 0.0, 0.0]),
+                                 RewardSpec(name="b", shaping="linear", weight=1.0))
+    advantages, parts = dmdr.rollout_advantages(Identity(), torch.zeros(8, 3, 2, 2), ["p"] * 8, [first, second],
+                                                RLSection(mode="grpo", group_size=2), [slice(0, 8)])
+    # groups at very different levels each get -1/+1; sample 4 has a NaN score from the second reward, so its
+    # group has one valid sample and nothing to compare
+    torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0, 0.0, -1.0, 1.0]), atol=1e-3, rtol=0)
+    assert float(parts[1][2]["reward/b/non_finite"]) == 1.0
 
 
 def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone):
@@ -244,6 +347,14 @@ def test_a_reward_without_a_gradient_trains_with_grpo_and_is_refused_by_refl(tmp
         metrics = trainer.train_iteration()
     assert trainer.generator_step == 3 and "loss/policy" in metrics and "reward/my_black_box:Redness" in metrics
     assert float(metrics["rl/advantage_abs"]) > 0 and float(metrics["stage/reward_active"]) == 1.0
+    # with no DMD term, only the policy term can move the generator: it does, from its first update on
+    cfg = load_config("toy-dmdr-grpo", settings + ["dmd.weight=0", "trainer.cold_start=0"])
+    torch.manual_seed(0)
+    trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)))
+    before = [p.detach().clone() for p in trainer.backbone.trainable_parameters(dmdr.GENERATOR)]
+    trainer.train_iteration(), trainer.train_iteration()
+    after = trainer.backbone.trainable_parameters(dmdr.GENERATOR)
+    assert trainer.generator_step == 1 and any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
 def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path, monkeypatch):
@@ -257,3 +368,12 @@ def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path
     assert "trained by policy gradient (GRPO): 8 prompts x 4 samples per batch" in plan
     with pytest.raises(ConfigError, match=r"rewards\.0 \(my_checked_box:Count\) is not differentiable.*rl\.mode=grpo"):
         dry_run("toy-dmdr-grpo", [reward, "rl.mode=refl", "student.sampler=ode"])
+
+
+def test_grpo_settings_that_run_but_learn_less_are_warned_about():
+    warnings = load_config("toy-dmdr-grpo", ["rewards.0.shaping=hinge", "trainer.backend=ray", "trainer.device=auto",
+                                             "student.steps=2"]).warnings()
+    assert any("rewards.0 (toy-align) has hinge shaping" in w for w in warnings)
+    assert any("ray.max_staleness=1" in w and "rl/clipped" in w for w in warnings)
+    assert any("student.steps=2" in w for w in warnings)
+    assert load_config("toy-dmdr-grpo").warnings() == []
