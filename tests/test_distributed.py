@@ -43,7 +43,7 @@ def _losses(out):
 @pytest.mark.parametrize("preset, extra, reward_loss", [
     ("toy-dmdr", {}, "loss/reward/toy-align"),
     # policy-gradient RL: grouped prompts, each step's x carried through the object store to the learner
-    ("toy-dmdr-grpo", {"rl.group_size": 2}, "loss/policy"),
+    ("toy-dmdr-grpo", {"rl.group_size": 2, "student.steps": 3}, "loss/policy"),
 ], ids=["refl", "grpo"])
 def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray, preset, extra, reward_loss):
     LocalTrainer(_config(tmp_path / "local", preset, **extra)).train()
