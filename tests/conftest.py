@@ -17,6 +17,24 @@ def tiny_run(*overrides: str) -> list[str]:
     return [*TINY_RUN, *overrides]
 
 
+@pytest.fixture()
+def backbone():
+    """A tiny random toy backbone with generator and critic LoRAs, both non-zero so that every path carries
+    gradient (the step functions' tests)."""
+    from dmdr_rl import dmdr
+    from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
+    from dmdr_rl.toy.text import ToyTextEncoder
+
+    torch.manual_seed(0)
+    b = ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0))
+    b.add_lora(dmdr.GENERATOR, rank=4, alpha=8)
+    b.add_lora(dmdr.CRITIC, rank=4, alpha=4)
+    with torch.no_grad():
+        for p in b.trainable_parameters(dmdr.GENERATOR) + b.trainable_parameters(dmdr.CRITIC):
+            p.add_(0.02 * torch.randn_like(p))
+    return b
+
+
 @pytest.fixture(scope="session")
 def teacher():
     from dmdr_rl.toy.weights import load_teacher

@@ -6,8 +6,6 @@ import torch
 
 from dmdr_rl import dmdr
 from dmdr_rl.config import CriticSection, DmdSection, RewardSpec, StudentSection
-from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
-from dmdr_rl.toy.text import ToyTextEncoder
 
 PROMPTS = ["a small red circle in the center", "a blue square above a green triangle"]
 
@@ -34,18 +32,6 @@ class CountingReward:
     def score(self, images, prompts):
         self.calls += 1
         return images[:, 0].mean(dim=(1, 2)) if self.scores is None else self.scores
-
-
-@pytest.fixture()
-def backbone():
-    torch.manual_seed(0)
-    b = ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0))
-    b.add_lora(dmdr.GENERATOR, rank=4, alpha=8)
-    b.add_lora(dmdr.CRITIC, rank=4, alpha=4)
-    with torch.no_grad():  # non-zero adapters, so that every path carries gradient
-        for p in b.trainable_parameters(dmdr.GENERATOR) + b.trainable_parameters(dmdr.CRITIC):
-            p.add_(0.02 * torch.randn_like(p))
-    return b
 
 
 def _grads(params):

@@ -33,18 +33,6 @@ class MeanRedNoGradient:
             return images.detach()[:, 0].mean(dim=(1, 2)).clone()
 
 
-@pytest.fixture()
-def backbone():
-    torch.manual_seed(0)
-    b = ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0))
-    b.add_lora(dmdr.GENERATOR, rank=4, alpha=8)
-    b.add_lora(dmdr.CRITIC, rank=4, alpha=4)
-    with torch.no_grad():
-        for p in b.trainable_parameters(dmdr.GENERATOR) + b.trainable_parameters(dmdr.CRITIC):
-            p.add_(0.02 * torch.randn_like(p))
-    return b
-
-
 # -- the math ---------------------------------------------------------------------------------------
 def test_group_advantages_normalise_within_each_group_over_its_finite_rewards():
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, float("nan"), 5.0, 9.0, 4.0, 4.0, 4.0, 4.0, 7.0, float("nan"), 0.0, 0.0])
