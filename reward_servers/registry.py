@@ -92,9 +92,8 @@ def refl_needs_a_gradient(where: str, name: str):
     from dmdr_rl.config import ConfigError
 
     return ConfigError(f"{where} ({name}) is not differentiable, so it cannot train the generator with ReFL (it needs "
-                       f"d score / d image): set rl.mode=grpo and student.sampler=sde (policy gradient, which needs no gradient of the "
-                       f"reward), "
-                       f"or {where}.weight=0 to only monitor it")
+                       "d score / d image): set rl.mode=grpo and student.sampler=sde (policy gradient, which needs no "
+                       f"gradient of the reward), or {where}.weight=0 to only monitor it")
 
 
 def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]") -> RewardModel:
