@@ -107,9 +107,10 @@ def gaussian_log_ratio(x: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tens
     """log N(x; mean, std^2 I) - log N(x; old_mean, std^2 I) per sample, averaged over its dimensions (not summed:
     Flow-GRPO's convention, which keeps likelihood ratios near 1 at any image size). Written as
     ((x - old)^2 - (x - mean)^2) = (mean - old)(2x - old - mean): in float32, subtracting two log-densities (or
-    two squares) would round away the small moves of the mean that matter here."""
-    old_mean = old_mean.detach()
-    std = std.expand_as(x)
+    two squares) would round away the small moves of the mean that matter here; so would bfloat16 (a bf16
+    base's outputs), hence float32 at least."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, mean, old_mean, std = x.to(dtype), mean.to(dtype), old_mean.detach().to(dtype), std.to(dtype).expand_as(x)
     return ((mean - old_mean) * (2 * x - old_mean - mean) / (2 * std**2)).flatten(1).mean(dim=1)
 
 

@@ -196,7 +196,6 @@ def generator_loss(
     total, parts = None, micro_batches(batch, micro_batch_size)
     if policy:
         advantages, reward_parts = rollout_advantages(backbone, trajectory.x0, prompts, rewarded, rl, parts)
-        policy_stats: dict[str, list[torch.Tensor]] = {}
     else:
         reward_parts = []
     shares: dict[str, list[torch.Tensor]] = {}
@@ -222,8 +221,8 @@ def generator_loss(
                                       rl.clip_range, part)
             loss = loss + rl.policy_weight * term * fraction
             shares.setdefault("loss/policy", []).append(term.detach() * fraction)
-            for name, value in stats.items():
-                policy_stats.setdefault(name, []).append(value * fraction)
+            for name, value in stats.items():  # (means over the slice: weighted like the loss)
+                shares.setdefault(name, []).append(value * fraction)
         elif rewarded:
             images = backbone.decode(x0)
             for reward in rewarded:
@@ -233,8 +232,6 @@ def generator_loss(
                 reward_parts.append((reward, part.stop - part.start, reward_metrics))
         total = _accumulate(total, loss, backward)
     metrics.update({name: _sum(values) for name, values in shares.items()})
-    if policy:
-        metrics.update({name: _sum(values) for name, values in policy_stats.items()})
     metrics.update(_combined_reward_metrics(reward_parts, single=len(parts) == 1))
     metrics["loss/generator"] = total.detach()
     return total, metrics

@@ -74,6 +74,11 @@ def test_the_log_ratio_is_the_difference_of_per_dimension_mean_normal_log_densit
     exact = algo.gaussian_log_ratio(x32.double(), moved32.double(), mean32.double(), std)
     torch.testing.assert_close(moved.double(), exact, rtol=1e-2, atol=1e-12)
     assert torch.all(moved != 0)
+    # a bf16 base's outputs are compared in float32 (bf16 differences of values near 1 are 0 or 2^-7)
+    halves = [t.bfloat16() for t in (x32, moved32, mean32)]
+    from_bf16 = algo.gaussian_log_ratio(*halves, std.bfloat16())
+    assert from_bf16.dtype == torch.float32
+    torch.testing.assert_close(from_bf16, algo.gaussian_log_ratio(*(t.float() for t in halves), std.bfloat16().float()))
 
 
 def test_the_clipped_surrogate_is_ppos_and_its_gradient_at_ratio_one_is_minus_the_advantage():
