@@ -98,6 +98,9 @@ class RLSection(_Section):
     clip_range: float = Field(1e-4, gt=0)
     policy_weight: float = Field(1.0, gt=0)  # grpo: the policy term's weight in L_G beside dmd.weight * L_dmd
     adv_clip: float = Field(5.0, gt=0)  # grpo: advantages are clipped to [-adv_clip, adv_clip]
+    # grpo: which of a sample's K - 1 random sampler steps the policy term trains at each update: one drawn at
+    # random (one more generator pass), or all of them (K - 1 more passes: less noise, more compute and memory)
+    transitions: Literal["one", "all"] = "one"
 
     @property
     def policy_gradient(self) -> bool:

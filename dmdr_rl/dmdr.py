@@ -188,10 +188,15 @@ def generator_loss(
         metrics.update({"schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
     rewarded = [reward for reward in rewards if reward.spec.weight != 0] if reward_active else []  # weight 0: monitors
     policy = bool(rewarded) and rl is not None and rl.policy_gradient
-    if policy:  # GRPO: one transition x_j -> x_{j+1} of the sampler per sample (an unbiased draw of their mean)
-        if trajectory.inputs is None:
+    transitions: list[torch.Tensor] = []  # GRPO's, each [B]: which transition of each sample to train
+    if policy:  # GRPO: the sampler's transitions x_j -> x_{j+1}, j < K - 1: all, or one per sample (an unbiased
+        if trajectory.inputs is None:  # draw of their mean)
             raise ValueError("rl.mode=grpo needs the rollout's per-step inputs (make_rollout(..., keep_inputs=True))")
-        transition = torch.randint(0, trajectory.timesteps.shape[0] - 1, (batch,), generator=generator).to(device)
+        draws = trajectory.timesteps.shape[0] - 1
+        if rl.transitions == "one":
+            transitions = [torch.randint(0, draws, (batch,), generator=generator).to(device)]
+        else:
+            transitions = [torch.full((batch,), j, device=device) for j in range(draws)]
 
     total, parts = None, micro_batches(batch, micro_batch_size)
     if policy:
@@ -216,14 +221,15 @@ def generator_loss(
                                      x0_from_velocity(x_tau, tau[part], v_fake)) * fraction
             loss = loss + dmd.weight * dmd_term
             shares.setdefault("loss/dmd", []).append(dmd_term.detach())
-        if policy:
+        for transition in transitions:  # (the policy term is the mean over the transitions trained)
             term, stats = policy_loss(backbone, trajectory, cond[part], transition[part], advantages[part],
                                       rl.clip_range, part)
-            loss = loss + rl.policy_weight * term * fraction
-            shares.setdefault("loss/policy", []).append(term.detach() * fraction)
+            share = fraction / len(transitions)
+            loss = loss + rl.policy_weight * term * share
+            shares.setdefault("loss/policy", []).append(term.detach() * share)
             for name, value in stats.items():  # (means over the slice: weighted like the loss)
-                shares.setdefault(name, []).append(value * fraction)
-        elif rewarded:
+                shares.setdefault(name, []).append(value * share)
+        if rewarded and not policy:
             images = backbone.decode(x0)
             for reward in rewarded:
                 term, reward_metrics = reward.loss(images, prompts[part])

@@ -256,9 +256,10 @@ def test_rollout_advantages_are_per_group_and_need_every_reward_finite():
     assert float(parts[1][2]["reward/b/non_finite"]) == 1.0
 
 
-def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone):
+@pytest.mark.parametrize("transitions", ["one", "all"])
+def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone, transitions):
     prompts, cond, student, trajectory, reward = _policy_setup(backbone)
-    rl = RLSection(mode="grpo", group_size=4)
+    rl = RLSection(mode="grpo", group_size=4, transitions=transitions)
     params = backbone.trainable_parameters(dmdr.GENERATOR)
     results = []
     for micro in (None, 3):
@@ -370,3 +371,30 @@ def test_grpo_settings_that_run_but_learn_less_are_warned_about():
     assert any("ray.max_staleness=1" in w and "rl/clipped" in w for w in warnings)
     assert any("student.steps=2" in w for w in warnings)
     assert load_config("toy-dmdr-grpo").warnings() == []
+
+
+def test_training_every_transition_averages_the_one_transition_terms(backbone):
+    """rl.transitions=all is the mean of the policy terms of each transition j taken alone."""
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    cond = backbone.encode(prompts)
+    trajectory, _ = _replayable_trajectory(backbone, cond)
+    reward = dmdr.WeightedReward(MeanRedNoGradient(), RewardSpec(name="red", shaping="linear"))
+    student, params = StudentSection(steps=3, sampler="sde"), backbone.trainable_parameters(dmdr.GENERATOR)
+
+    def gradients(loss):
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return [p.grad.clone() for p in params]
+
+    loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(weight=0.0),
+                                        [reward], True, torch.Generator().manual_seed(2),
+                                        rl=RLSection(mode="grpo", group_size=2, transitions="all"))
+    every = gradients(loss)
+    advantages, _ = dmdr.rollout_advantages(backbone, trajectory.x0, prompts, [reward], RLSection(mode="grpo", group_size=2),
+                                            [slice(0, 4)])
+    alone = [gradients(dmdr.policy_loss(backbone, trajectory, cond, torch.full((4,), j), advantages, 1e-4, slice(0, 4))[0])
+             for j in range(2)]
+    for g, a, b in zip(every, *alone):
+        torch.testing.assert_close(g, (a + b) / 2, rtol=1e-4, atol=1e-9)
+    assert any(g.abs().sum() > 0 for g in every)
