@@ -46,7 +46,8 @@ class Signed:
 
 def train(start: Path, sign: float, args, out: Path) -> LocalTrainer:
     cfg = load_config("toy-dmdr-grpo", ["trainer.device=cpu", f"output.dir={out}", "dmd.weight=0", "trainer.cold_start=0",
-                                        "dmd.ratio=1", f"trainer.lr_generator={args.lr}", f"trainer.seed={args.seed}"])
+                                        "dmd.ratio=1", f"trainer.lr_generator={args.lr}", f"trainer.seed={args.seed}",
+                                        f"rl.transitions={args.transitions}"])
     reward = dmdr.WeightedReward(Signed(load_reward_model("toy-align"), sign), RewardSpec(name="toy-align", shaping="linear"))
     trainer = LocalTrainer(cfg, rewards=[reward])
     trainer.learner.load_adapter_state(dmdr.GENERATOR, _generator_state(start))
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--images", type=int, default=512, help="held-in prompts scored, one seed each")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transitions", default="one", choices=("one", "all"), help="rl.transitions (the recorded run: one)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
