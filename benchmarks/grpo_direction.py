@@ -44,11 +44,11 @@ class Signed:
             return self.sign * self.model.score(images, prompts)
 
 
-def train(start: Path, sign: float, args, out: Path) -> LocalTrainer:
+def train(start: Path, sign: float, align, args, out: Path) -> LocalTrainer:
     cfg = load_config("toy-dmdr-grpo", ["trainer.device=cpu", f"output.dir={out}", "dmd.weight=0", "trainer.cold_start=0",
                                         "dmd.ratio=1", f"trainer.lr_generator={args.lr}", f"trainer.seed={args.seed}",
                                         f"rl.transitions={args.transitions}"])
-    reward = dmdr.WeightedReward(Signed(load_reward_model("toy-align"), sign), RewardSpec(name="toy-align", shaping="linear"))
+    reward = dmdr.WeightedReward(Signed(align, sign), RewardSpec(name="toy-align", shaping="linear"))
     trainer = LocalTrainer(cfg, rewards=[reward])
     trainer.learner.load_adapter_state(dmdr.GENERATOR, _generator_state(start))
     for _ in tqdm(range(args.steps), desc=f"policy gradient, sign {sign:+.0f}", leave=False):
@@ -62,8 +62,7 @@ def _generator_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / "generator.safetensors"))
 
 
-def scores(trainer: LocalTrainer, prompts: list[str], seeds: list[int], batch: int = 64) -> torch.Tensor:
-    align = load_reward_model("toy-align")
+def scores(trainer: LocalTrainer, align, prompts: list[str], seeds: list[int], batch: int = 64) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([align.score(student_images(trainer.backbone, trainer.backbone.encode(prompts[i:i + batch]),
                                                      trainer.cfg.student, seeds[i:i + batch]), prompts[i:i + batch])
@@ -80,17 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--transitions", default="one", choices=("one", "all"), help="rl.transitions (the recorded run: one)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     prompts = PromptSource("toy:held-in", 123).batch(0, args.images)
     seeds = image_seeds(7, args.images)
-    measured = {}
+    align, measured = load_reward_model("toy-align"), {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, sign in (("maximise", 1.0), ("minimise", -1.0)):
-            trainer = train(args.start, sign, args, Path(tmp) / name)
-            measured[name] = scores(trainer, prompts, seeds)
+            trainer = train(args.start, sign, align, args, Path(tmp) / name)
+            measured[name] = scores(trainer, align, prompts, seeds)
         trainer.learner.load_adapter_state(dmdr.GENERATOR, _generator_state(args.start))
-        measured["start"] = scores(trainer, prompts, seeds)
+        measured["start"] = scores(trainer, align, prompts, seeds)
 
     def paired(a: str, b: str) -> dict:
         diff = measured[a] - measured[b]
