@@ -1,5 +1,7 @@
 """The rollout worker: a generator replica plus the frozen prompt encoders, making `RolloutBatch`es
-(and scoring them with the config's `monitor: true` rewards, without gradients).
+(and scoring the batches a generator update trains on, without gradients, with the rewards
+`RunConfig.scored_on_rollout` selects: the `monitor: true` ones, and in GRPO mode the trained ones, whose
+scores give the learner its advantages).
 
 It is a plain class (tested without Ray); the runtime starts it as a Ray actor with
 `ray.remote(RolloutWorker)`. It never trains: it loads the learner's generator weights by version and
@@ -15,7 +17,7 @@ from dmdr_rl.conditioning import Conditioning
 from dmdr_rl.config import RunConfig
 from dmdr_rl.learning import load_adapter_state
 from dmdr_rl.registry import build_backbone
-from dmdr_rl.rollout import RolloutBatch, make_rollout
+from dmdr_rl.rollout import RolloutBatch, make_rollout, rewards_to_score
 from reward_servers import reward_model
 
 
@@ -29,7 +31,8 @@ class RolloutWorker:
         device = "cuda" if self.cfg.ray.rollout_gpus > 0 else "cpu"
         self.backbone = build_backbone(model, precision=self.cfg.trainer.precision, device=device)
         dmdr.add_generator(self.backbone, self.cfg.student)
-        self.monitors = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards if spec.monitor]
+        self.rewards = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards
+                        if self.cfg.scored_on_rollout(spec)]
         self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor], epoch: int = 0) -> int:
@@ -50,7 +53,8 @@ class RolloutWorker:
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
         batch = make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
-                             self.weight_version, rank, self.monitors, keep_inputs=self.cfg.rl.policy_gradient)
+                             self.weight_version, rank, rewards_to_score(self.cfg, self.rewards, iteration),
+                             keep_inputs=self.cfg.rl.policy_gradient)
         return batch.to("cpu")  # the object store carries host memory; the learner moves it to its device
 
     def null_conditioning(self) -> Conditioning:

@@ -133,7 +133,8 @@ class RewardSpec(_Section):
     margin: float = 0.7
     placement: Literal["local", "serve"] = "local"  # in the learner's process, or a Ray Serve app
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor
-    monitor: bool = False  # also score every rollout batch (no gradient) and log rollout/reward/<name>
+    # also score the rollout batches the generator trains on (no gradient) and log rollout/reward/<name>
+    monitor: bool = False
     # images per model call, in-process or in the app a run starts (an attached app keeps its own setting):
     # a larger batch, or a served app's merged requests, is scored in chunks of this size, which bounds the
     # memory of a gradient through a large reward model; null: all at once. Each image is scored on its
@@ -305,6 +306,11 @@ class RunConfig(_Section):
                              + " (each learner rank's batch holds whole groups of samples of one prompt)")
         if not any(spec.weight > 0 for spec in self.rewards):
             raise ValueError("rl.mode=grpo but no reward has weight > 0: the policy term would have no reward")
+        names = [spec.name for spec in self.rewards if self.scored_on_rollout(spec)]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"rl.mode=grpo: two rewards named {twice[0]!r} are scored on the rollouts, whose scores "
+                             "are kept by reward name; keep one of them (or give one weight 0 and monitor false)")
 
     def _policy_gradient_warnings(self) -> list[str]:
         notes = [f"rewards.{i} ({spec.name}) has hinge shaping, which is flat above its margin ({spec.margin:g}): a group "
@@ -319,6 +325,12 @@ class RunConfig(_Section):
             notes.append("rl.mode=grpo with student.steps=2: only the first sampler step is a random draw the policy "
                          "gradient can train; the last step's prediction is trained by the DMD term alone")
         return notes
+
+    def scored_on_rollout(self, spec: RewardSpec) -> bool:
+        """Whether rollouts score this reward (no gradient): a monitored one for the logs, and in GRPO mode
+        every trained one, whose advantages the learner takes from those scores (so a reward is scored once
+        per sample, where the rollouts and reward servers scale, not on the learner)."""
+        return spec.monitor or (self.rl.policy_gradient and spec.weight > 0)
 
     @property
     def prompt_group(self) -> int:

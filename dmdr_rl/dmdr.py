@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -44,12 +44,17 @@ class WeightedReward:
         `Elapsed`, all read with float()."""
         started = mark(images.device)
         scores = self.model.score(images, prompts)
+        shaped, finite, metrics = self.shape(scores)
+        metrics[f"time/reward/{self.spec.name}_s"] = Elapsed(started, mark(images.device))
+        return shaped, finite, metrics
+
+    def shape(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """`shaped` for scores already computed (GRPO's, which the rollout scored)."""
         finite = torch.isfinite(scores)
         kept = torch.where(finite, scores, torch.zeros_like(scores))
         shaped = torch.where(finite, algo.shape_reward(kept, self.spec.shaping, self.spec.margin), torch.zeros_like(kept))
         metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
-                   f"reward/{self.spec.name}/non_finite": (~finite).sum().float(),
-                   f"time/reward/{self.spec.name}_s": Elapsed(started, mark(images.device))}
+                   f"reward/{self.spec.name}/non_finite": (~finite).sum().float()}
         return shaped, finite, metrics
 
 
@@ -164,10 +169,12 @@ def generator_loss(
     micro_batch_size: int | None = None,
     backward: Backward | None = None,
     rl: RLSection | None = None,
+    rollout_scores: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """Step 3: re-noise at a random student timestep, predict x0 with gradient, then
     L_G = dmd.weight * L_dmd + sum_j lambda_j phi_j(r_j) (the reward only after the cold start), or with
-    `rl.mode=grpo` L_G = dmd.weight * L_dmd + rl.policy_weight * L_policy (see `policy_loss`).
+    `rl.mode=grpo` L_G = dmd.weight * L_dmd + rl.policy_weight * L_policy (see `policy_loss`), whose
+    advantages come from `rollout_scores` (the rollout's scores of its samples, by reward name).
     The loss metrics stay 0-d tensors on the step's device (no host sync inside the step).
 
     `micro_batch_size` / `backward`: as `critic_loss`. The DMD, reward and policy terms are means over
@@ -199,10 +206,10 @@ def generator_loss(
             transitions = [torch.full((batch,), j, device=device) for j in range(draws)]
 
     total, parts = None, micro_batches(batch, micro_batch_size)
+    reward_parts: list[tuple[WeightedReward, int, dict]] = []
     if policy:
-        advantages, reward_parts = rollout_advantages(backbone, trajectory.x0, prompts, rewarded, rl, parts)
-    else:
-        reward_parts = []
+        advantages, metrics_of_scores = rollout_advantages(rollout_scores or {}, rewarded, rl)
+        metrics.update(metrics_of_scores)
     shares: dict[str, list[torch.Tensor]] = {}
     for part in parts:
         fraction = (part.stop - part.start) / batch
@@ -244,28 +251,26 @@ def generator_loss(
 
 
 def rollout_advantages(
-    backbone: Backbone, x0: torch.Tensor, prompts: Sequence[str], rewarded: Sequence[WeightedReward], rl: RLSection,
-    parts: list[slice],
-) -> tuple[torch.Tensor, list[tuple[WeightedReward, int, dict]]]:
+    scores: Mapping[str, torch.Tensor], rewarded: Sequence[WeightedReward], rl: RLSection,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's advantages of the rollout's final samples: R = -sum_j lambda_j phi_j(r_j) (the ReFL loss's
-    shaping and weights, as a reward), normalised within each group of samples of one prompt. Scored
-    without gradients (a black-box reward is fine), in the micro-batches' slices; a sample with a
-    non-finite score gets advantage 0 and is counted in the reward's metrics."""
-    combined, valid, reward_parts = [], [], []
-    with torch.no_grad():
-        for part in parts:
-            images = backbone.decode(x0[part])
-            total = torch.zeros(images.shape[0], device=x0.device)
-            finite = torch.ones(images.shape[0], dtype=torch.bool, device=x0.device)
-            for reward in rewarded:
-                shaped, ok, reward_metrics = reward.shaped(images, prompts[part])
-                total = total - reward.spec.weight * shaped.to(total.device)
-                finite = finite & ok.to(finite.device)
-                reward_parts.append((reward, part.stop - part.start, reward_metrics))
-            combined.append(total)
-            valid.append(finite)
-    advantages = algo.group_advantages(torch.cat(combined), torch.cat(valid), rl.group_size, rl.adv_clip)
-    return advantages, reward_parts
+    shaping and weights, as a reward), normalised within each group of samples of one prompt, and the
+    rewards' metrics. The scores are the rollout's (`RolloutBatch.reward_scores`: scored there without
+    gradients, once, where reward servers scale with the rollouts); a sample with a non-finite score gets
+    advantage 0 and is counted in the reward's metrics."""
+    missing = [reward.spec.name for reward in rewarded if reward.spec.name not in scores]
+    if missing:
+        raise ValueError(f"rl.mode=grpo: the rollout batch has no scores of {', '.join(map(repr, missing))} (it has "
+                         f"{sorted(scores) or 'none'}); GRPO's rollouts score every trained reward: make them with "
+                         "make_rollout(..., scored=[the rewards cfg.scored_on_rollout selects])")
+    total, valid, metrics = None, None, {}
+    for reward in rewarded:
+        shaped, finite, reward_metrics = reward.shape(scores[reward.spec.name].detach())
+        term = -reward.spec.weight * shaped
+        total = term if total is None else total + term.to(total.device)
+        valid = finite if valid is None else valid & finite.to(valid.device)
+        metrics.update(reward_metrics)
+    return algo.group_advantages(total, valid, rl.group_size, rl.adv_clip), metrics
 
 
 def policy_loss(

@@ -68,7 +68,7 @@ class DMDRLearner:
             _, metrics = dmdr.generator_loss(
                 backbone, batch.trajectory, batch.cond, batch.prompts, self.generator_step, cfg.student, cfg.critic,
                 cfg.dmd, self.rewards, reward_active, rng, micro_batch_size=micro, backward=torch.Tensor.backward,
-                rl=cfg.rl,
+                rl=cfg.rl, rollout_scores=batch.reward_scores,
             )
             self._step(self.opt_generator)
             generator_time = dmdr.Elapsed(critic_done, dmdr.mark(backbone.device))

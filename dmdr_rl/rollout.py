@@ -18,7 +18,8 @@ import torch
 from . import dmdr
 from .backbone import Backbone
 from .conditioning import Conditioning
-from .config import StudentSection
+from .algo import UpdateSchedule
+from .config import RunConfig, StudentSection
 from .flow import Trajectory
 
 # Independent random streams of one iteration (evaluation: of one image).
@@ -49,7 +50,9 @@ class RolloutBatch:
     timesteps: torch.Tensor  # [K]
     weight_version: int  # the generator version that sampled it (= the learner's generator step)
     seed: int  # the rollout stream's seed
-    reward_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # monitored rewards of x0, [B] each
+    # the scores of x0 by the rewards the config has rollouts score (`RunConfig.scored_on_rollout`: monitored
+    # ones, and in GRPO mode the trained ones), [B] each
+    reward_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     # [K, B, C, H, W] x at each step (the network's input): kept for GRPO, whose policy is the sampler's
     # Gaussian steps x_k -> x_{k+1}; None otherwise (it would double what the object store carries)
     x_steps: torch.Tensor | None = None
@@ -67,20 +70,28 @@ class RolloutBatch:
         return Trajectory(self.x0, self.timesteps, self.x_steps, self.x0_steps)
 
 
+def rewards_to_score(cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward], iteration: int) -> list[dmdr.WeightedReward]:
+    """The rewards the rollout of `iteration` scores: those `cfg.scored_on_rollout` selects, and only on the
+    batches a generator update trains on (the others update the critic alone, which uses no score)."""
+    if not UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start).generator_updates(iteration):
+        return []
+    return [reward for reward in rewards if cfg.scored_on_rollout(reward.spec)]
+
+
 def make_rollout(
     backbone: Backbone, prompts: list[str], student: StudentSection, run_seed: int, iteration: int, weight_version: int,
-    rank: int = 0, monitors: Sequence[dmdr.WeightedReward] = (), keep_inputs: bool = False,
+    rank: int = 0, scored: Sequence[dmdr.WeightedReward] = (), keep_inputs: bool = False,
 ) -> RolloutBatch:
     """Step 1 of DESIGN section 2 (backward simulation) for one batch of prompts (rank: which
-    data-parallel learner's shard it is); `monitors` score the samples for the logs (no gradient);
-    `keep_inputs`: also keep each step's x (GRPO's trajectory)."""
+    data-parallel learner's shard it is); `scored` rewards score the samples without gradients (for the
+    logs, and GRPO's advantages); `keep_inputs`: also keep each step's x (GRPO's trajectory)."""
     seed = iteration_seed(run_seed, iteration, ROLLOUT_STREAM, rank)
     cond = backbone.encode(prompts)
     trajectory = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(seed))
     scores = {}
-    if monitors:
+    if scored:
         with torch.no_grad():
             images = backbone.decode(trajectory.x0)
-            scores = {reward.spec.name: reward.model.score(images, prompts).detach() for reward in monitors}
+            scores = {reward.spec.name: reward.model.score(images, prompts).detach() for reward in scored}
     return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
                         weight_version, seed, scores, trajectory.inputs if keep_inputs else None)

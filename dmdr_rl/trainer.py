@@ -20,7 +20,7 @@ from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state
 from .prompts import checked_prompt_source
 from .registry import build_backbone, resolve_device
-from .rollout import RolloutBatch, image_seeds, make_rollout
+from .rollout import RolloutBatch, image_seeds, make_rollout, rewards_to_score
 from .samples import write_samples
 from .store import RunLock, open_store, run_events, set_aside_earlier_run, write_text_whole
 
@@ -66,7 +66,6 @@ class LocalTrainer:
                                                    device=resolve_device(cfg.trainer.device))
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
-        self.monitors = [reward for reward in rewards if reward.spec.monitor]
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
         self._rollout_times: list[dmdr.Elapsed] = []
 
@@ -86,7 +85,8 @@ class LocalTrainer:
         started = dmdr.mark(self.backbone.device)  # device time, read after the step (no host sync here)
         prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size, cfg.prompt_group)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
-                             monitors=self.monitors, keep_inputs=cfg.rl.policy_gradient)
+                             scored=rewards_to_score(cfg, self.learner.rewards, self.iteration),
+                             keep_inputs=cfg.rl.policy_gradient)
         self._rollout_times.append(dmdr.Elapsed(started, dmdr.mark(self.backbone.device)))
         self.last_batch = batch
         metrics = self.learner.step(batch)
@@ -169,7 +169,8 @@ def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Seque
 
 def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) -> Path:
     """`samples/rollout_step_N.parquet`: the rollout batch a generator step trained on, with the weight
-    version that sampled it and the rollout-side (monitor) reward scores."""
+    version that sampled it and the rollout-side reward scores (monitored rewards; in GRPO mode the trained
+    ones too)."""
     with torch.no_grad():
         images = backbone.decode(batch.x0.to(backbone.device))  # the batch may still be the object store's CPU copy
     return write_samples(out / "samples" / f"rollout_step_{step:06d}.parquet", images, batch.prompts, batch.seed, step,

@@ -130,19 +130,29 @@ def _policy_setup(backbone, group=4):
                                  randn((len(prompts), *backbone.sample_shape), torch.Generator().manual_seed(0)), 3,
                                  mode="sde", generator=torch.Generator().manual_seed(1), keep_steps=True)
     reward = dmdr.WeightedReward(MeanRedNoGradient(), RewardSpec(name="mean-red-black-box", shaping="linear"))
-    return prompts, cond, student, trajectory, reward
+    return prompts, cond, student, trajectory, reward, _rollout_scores(backbone, trajectory, prompts, reward)
+
+
+def _rollout_scores(backbone, trajectory, prompts, *rewards):
+    """What the rollout hands the learner in GRPO mode: each trained reward's scores of its final samples."""
+    with torch.no_grad():
+        images = backbone.decode(trajectory.x0)
+        return {reward.spec.name: reward.model.score(images, prompts) for reward in rewards}
 
 
 def test_a_policy_step_raises_the_likelihood_of_the_better_samples_transitions(backbone):
     """One small SGD step on the policy term alone moves sum_i A_i log pi(x_{j+1} | x_j) up (first order:
     the step is along its gradient), so better-than-their-group samples become likelier."""
-    prompts, cond, student, trajectory, reward = _policy_setup(backbone)
+    prompts, cond, student, trajectory, reward, scores = _policy_setup(backbone)
     rl = RLSection(mode="grpo", group_size=4, clip_range=0.2, adv_clip=5.0)
     params = backbone.trainable_parameters(dmdr.GENERATOR)
     loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(),
-                                        DmdSection(weight=0.0), [reward], True, torch.Generator().manual_seed(2), rl=rl)
+                                        DmdSection(weight=0.0), [reward], True, torch.Generator().manual_seed(2), rl=rl,
+                                        rollout_scores=scores)
     assert float(metrics["rl/ratio"]) == pytest.approx(1.0, abs=1e-5)  # sampled with these very weights
-    assert reward.model.calls == 1 and "loss/policy" in metrics and "reward/mean-red-black-box" in metrics
+    # the rollout's scores are used, not scored again
+    assert reward.model.calls == 1 and "loss/policy" in metrics
+    assert float(metrics["reward/mean-red-black-box"]) == pytest.approx(float(scores["mean-red-black-box"].mean()))
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.trainable_parameters(dmdr.CRITIC))
@@ -240,25 +250,21 @@ def test_rollout_advantages_are_per_group_and_need_every_reward_finite():
         def score(self, images, prompts):
             return self.scores
 
-    class Identity:
-        def decode(self, x):
-            return x
-
     first = dmdr.WeightedReward(Fixed("a", [1.0, 2.0, 101.0, 104.0, 5.0, 3.0, 0.0, 1.0]),
                                 RewardSpec(name="a", shaping="linear", weight=2.0))
     second = dmdr.WeightedReward(Fixed("b", [0.0, 0.0, 0.0, 0.0, float("nan"), 0.0, 0.0, 0.0]),
                                  RewardSpec(name="b", shaping="linear", weight=1.0))
-    advantages, parts = dmdr.rollout_advantages(Identity(), torch.zeros(8, 3, 2, 2), ["p"] * 8, [first, second],
-                                                RLSection(mode="grpo", group_size=2), [slice(0, 8)])
+    scores = {reward.spec.name: reward.model.score(None, None) for reward in (first, second)}
+    advantages, metrics = dmdr.rollout_advantages(scores, [first, second], RLSection(mode="grpo", group_size=2))
     # groups at very different levels each get -1/+1; sample 4 has a NaN score from the second reward, so its
     # group has one valid sample and nothing to compare
     torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0, 0.0, -1.0, 1.0]), atol=1e-3, rtol=0)
-    assert float(parts[1][2]["reward/b/non_finite"]) == 1.0
+    assert float(metrics["reward/b/non_finite"]) == 1.0 and float(metrics["reward/a"]) == pytest.approx(217 / 8)
 
 
 @pytest.mark.parametrize("transitions", ["one", "all"])
 def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone, transitions):
-    prompts, cond, student, trajectory, reward = _policy_setup(backbone)
+    prompts, cond, student, trajectory, reward, scores = _policy_setup(backbone)
     rl = RLSection(mode="grpo", group_size=4, transitions=transitions)
     params = backbone.trainable_parameters(dmdr.GENERATOR)
     results = []
@@ -267,7 +273,7 @@ def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone,
             p.grad = None
         loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(),
                                             [reward], True, torch.Generator().manual_seed(2), micro_batch_size=micro,
-                                            backward=torch.Tensor.backward, rl=rl)
+                                            backward=torch.Tensor.backward, rl=rl, rollout_scores=scores)
         results.append((loss, metrics, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]))
     (whole, whole_metrics, whole_grads), (micro, micro_metrics, micro_grads) = results
     torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-7)
@@ -279,11 +285,18 @@ def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone,
 
 
 def test_a_trajectory_without_its_inputs_is_refused(backbone):
-    prompts, cond, student, trajectory, reward = _policy_setup(backbone)
+    prompts, cond, student, trajectory, reward, scores = _policy_setup(backbone)
     trajectory.inputs = None
     with pytest.raises(ValueError, match="keep_inputs"):
         dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(), [reward],
-                            True, torch.Generator().manual_seed(2), rl=RLSection(mode="grpo"))
+                            True, torch.Generator().manual_seed(2), rl=RLSection(mode="grpo"), rollout_scores=scores)
+
+
+def test_a_rollout_batch_without_the_trained_rewards_scores_is_refused(backbone):
+    prompts, cond, student, trajectory, reward, _ = _policy_setup(backbone)
+    with pytest.raises(ValueError, match="no scores of 'mean-red-black-box'.*scored_on_rollout"):
+        dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(), [reward],
+                            True, torch.Generator().manual_seed(2), rl=RLSection(mode="grpo"), rollout_scores={"other": torch.zeros(8)})
 
 
 # -- prompts, rollouts, config ------------------------------------------------------------------------
@@ -312,6 +325,8 @@ def test_grpo_rollouts_keep_each_steps_input_and_others_do_not(backbone):
     (["trainer.backend=ray", "trainer.device=auto", "ray.learner_workers=3", "trainer.batch_size=16"],
      "times ray.learner_workers=3"),
     (["rewards.0.weight=0", "rewards.0.monitor=true"], "no reward has weight > 0"),
+    (["rewards=[{name: toy-align, shaping: linear}, {name: toy-align, weight: 0, monitor: true}]"],
+     "two rewards named 'toy-align' are scored on the rollouts"),
 ])
 def test_grpo_configs_that_cannot_work_name_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -340,6 +355,10 @@ def test_a_reward_without_a_gradient_trains_with_grpo_and_is_refused_by_refl(tmp
     for _ in range(6):
         metrics = trainer.train_iteration()
     assert trainer.generator_step == 3 and "loss/policy" in metrics and "reward/my_black_box:Redness" in metrics
+    # the rollout scored it (the learner's advantages come from these scores, logged on both sides)
+    rollout_scores = trainer.last_batch.reward_scores["my_black_box:Redness"]
+    assert float(metrics["reward/my_black_box:Redness"]) == pytest.approx(float(rollout_scores.mean()), rel=1e-6)
+    assert metrics["rollout/reward/my_black_box:Redness"] == metrics["reward/my_black_box:Redness"]
     assert float(metrics["rl/advantage_abs"]) > 0 and float(metrics["stage/reward_active"]) == 1.0
     # with no DMD term, only the policy term can move the generator: it does, from its first update on
     cfg = load_config("toy-dmdr-grpo", settings + ["dmd.weight=0", "trainer.cold_start=0"])
@@ -349,6 +368,22 @@ def test_a_reward_without_a_gradient_trains_with_grpo_and_is_refused_by_refl(tmp
     trainer.train_iteration(), trainer.train_iteration()
     after = trainer.backbone.trainable_parameters(dmdr.GENERATOR)
     assert trainer.generator_step == 1 and any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_monitored_trained_reward_is_scored_once_per_generator_update_and_only_by_the_rollout(tmp_path):
+    cfg = load_config("toy-dmdr-grpo", ["rewards=[{name: mean-red-black-box, shaping: linear, monitor: true}]",
+                                        "trainer.batch_size=4", "rl.group_size=2", "student.steps=2",
+                                        "trainer.cold_start=0", "dmd.ratio=2", f"output.dir={tmp_path / 'run'}"])
+    reward = dmdr.WeightedReward(MeanRedNoGradient(), cfg.rewards[0])
+    torch.manual_seed(0)
+    trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)), [reward])
+    # a critic-only iteration: its batch is not scored (the critic's update uses no score)
+    assert trainer.train_iteration() is None and reward.model.calls == 0 and trainer.last_batch.reward_scores == {}
+    metrics = trainer.train_iteration()  # scored once, by the rollout, though both monitored and trained
+    assert trainer.generator_step == 1 and reward.model.calls == 1 and float(metrics["rl/advantage_abs"]) > 0
+    # ReFL scores the trained reward in the learner (with its gradient); the rollouts only what is monitored
+    refl, grpo = (load_config(preset, ["rewards.0.monitor=false"]) for preset in ("toy-dmdr", "toy-dmdr-grpo"))
+    assert not refl.scored_on_rollout(refl.rewards[0]) and grpo.scored_on_rollout(grpo.rewards[0])
 
 
 def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path, monkeypatch):
@@ -379,6 +414,7 @@ def test_training_every_transition_averages_the_one_transition_terms(backbone):
     cond = backbone.encode(prompts)
     trajectory, _ = _replayable_trajectory(backbone, cond)
     reward = dmdr.WeightedReward(MeanRedNoGradient(), RewardSpec(name="red", shaping="linear"))
+    scores = _rollout_scores(backbone, trajectory, prompts, reward)
     student, params = StudentSection(steps=3, sampler="sde"), backbone.trainable_parameters(dmdr.GENERATOR)
 
     def gradients(loss):
@@ -389,10 +425,9 @@ def test_training_every_transition_averages_the_one_transition_terms(backbone):
 
     loss, metrics = dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(weight=0.0),
                                         [reward], True, torch.Generator().manual_seed(2),
-                                        rl=RLSection(mode="grpo", group_size=2, transitions="all"))
+                                        rl=RLSection(mode="grpo", group_size=2, transitions="all"), rollout_scores=scores)
     every = gradients(loss)
-    advantages, _ = dmdr.rollout_advantages(backbone, trajectory.x0, prompts, [reward], RLSection(mode="grpo", group_size=2),
-                                            [slice(0, 4)])
+    advantages, _ = dmdr.rollout_advantages(scores, [reward], RLSection(mode="grpo", group_size=2))
     alone = [gradients(dmdr.policy_loss(backbone, trajectory, cond, torch.full((4,), j), advantages, 1e-4, slice(0, 4))[0])
              for j in range(2)]
     for g, a, b in zip(every, *alone):
