@@ -24,12 +24,13 @@
 #   3. the placement and bf16 tests on the GPU (tests/test_devices.py, with trainer.device=auto -> cuda);
 #   4. a short toy DMDR run with the single-process trainer on the GPU;
 #   5. a short toy DMDR run on Ray with the learner and the rollout actor sharing the GPU (0.5 each);
-#   6. the serving benchmark again in gradient mode.
+#   6. the serving benchmark again in gradient mode;
+#   7. the policy-gradient (rl.mode=grpo) learner step at 1024 px, every transition trained.
 # A step whose time limit (+15 s for timeout's kill grace, +15 s for the archive) would end past BUDGET
 # seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
-# archive (gpu-check.tgz, written on exit whatever happened), beside the six benchmark JSONs, and each
+# archive (gpu-check.tgz, written on exit whatever happened), beside the first six benchmark JSONs, and each
 # step prints its headline numbers to stdout (the tool's output tail) as it ends.
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -71,7 +72,11 @@ step() {  # name, time limit in seconds, command...
   timeout -k 15 "$limit" "$@" > "$work/$name.log" 2>&1
   local rc=$?
   echo "   rc=$rc after $SECONDS s"
-  if [ -f "$work/$name.json" ]; then cp "$work/$name.json" "$out/"; headline "$work/$name.json"; else tail -n 12 "$work/$name.log"; fi
+  if [ -f "$work/$name.json" ]; then
+    # the first six JSONs come back as files (with gpu.txt and the archive: the tool's 8); the rest in the archive
+    [ "$(ls "$out" | wc -l)" -lt 7 ] && cp "$work/$name.json" "$out/"
+    headline "$work/$name.json"
+  else tail -n 12 "$work/$name.log"; fi
   [ $rc -eq 0 ] || status=1
 }
 step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --json "$work/gpu_step_1024.json"
@@ -91,4 +96,6 @@ step ray 100 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.lear
   --num-images 32
 step reward_serving_cuda_grad 90 "$py" benchmarks/reward_serving.py --device cuda --rounds 2 --grad \
   --json "$work/reward_serving_cuda_grad.json"
+step gpu_step_1024_grpo 110 "$py" benchmarks/gpu_step.py --resolution 1024 --batch 2 --rl grpo --transitions all \
+  --json "$work/gpu_step_1024_grpo.json"
 exit $status

@@ -1,11 +1,14 @@
 """One DMDR learner step on an SD3-Medium-shaped random-weight model: step time, achieved TFLOP/s and
 peak memory (issue 6). The step is the learner's own (`DMDRLearner.step` with `dmd.ratio=1`): a critic
-update, then a generator update with the DMD loss and a reward term through the VAE decode.
+update, then a generator update with the DMD loss and a reward term through the VAE decode (ReFL), or with
+`--rl grpo` the DMD loss and the policy term over the SDE sampler's transitions (`rl.mode=grpo`: no
+decode on the learner; the rollout's scores are made once, outside the timing, as rollouts do).
 
     python benchmarks/gpu_step.py                                  # SD3-Medium shape, bf16, 1024 px, batch 2
     python benchmarks/gpu_step.py --resolution 512 --batch 4
     python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke run of the same code on a CPU
     python benchmarks/gpu_step.py --count-only                     # FLOPs per step, counted without a GPU
+    python benchmarks/gpu_step.py --rl grpo --transitions all      # the policy-gradient step instead of ReFL's
 
 What is timed is the learner only: the rollout (backward simulation, made by rollout actors in a run)
 is timed apart, and the reward model runs in its own server in a run, so the step here uses a cheap
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmdr_rl import dmdr  # noqa: E402
 from dmdr_rl.conditioning import Conditioning  # noqa: E402
-from dmdr_rl.config import RewardSpec, load_config  # noqa: E402
+from dmdr_rl.config import load_config  # noqa: E402
 from dmdr_rl.learning import DMDRLearner  # noqa: E402
 from dmdr_rl.rollout import RolloutBatch  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone, vae_scale_factor  # noqa: E402
@@ -41,6 +44,8 @@ from dmdr_rl.tiny import tiny_sd3_pipeline  # noqa: E402
 
 # Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's tokenizers pad to 16.
 TOKENS = {"medium": 333, "tiny": 16}
+# --rl grpo: samples per prompt (the batch must hold whole groups)
+GRPO_GROUP = 2
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name; --peak-tflops overrides.
 # The first key found in the name wins, so the NVL parts come before their families.
 BF16_PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0,
@@ -81,15 +86,17 @@ def random_backbone(shape: str, resolution: int, dtype: torch.dtype, device: tor
 def setup(args: argparse.Namespace, device: torch.device):
     """(backbone, learner, conditioning) of one learner step: the SD3-Medium preset with a critic and
     a generator update per step and the stand-in reward on; text conditioning random (learners hold no encoders)."""
+    policy = ["rl.mode=grpo", "student.sampler=sde", f"rl.group_size={GRPO_GROUP}", f"rl.transitions={args.transitions}"]
     cfg = load_config("sd3-medium-dmdr", [
         "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
-        f"student.steps={args.steps}", "rewards=[]", f"trainer.micro_batch_size={args.micro_batch or 'null'}"])
+        f"student.steps={args.steps}", "rewards=[{name: sharpness, weight: 0.3, shaping: linear}]", f"trainer.micro_batch_size={args.micro_batch or 'null'}",
+        *(policy if args.rl == "grpo" else [])])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     backbone = random_backbone(args.shape, args.resolution, dtype, device)
     if args.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     backbone.set_null(random_conditioning(backbone, args.shape, 1, device, scale=0.0))
-    reward = dmdr.WeightedReward(SharpnessReward(), RewardSpec(name="sharpness", weight=0.3, shaping="linear"))
+    reward = dmdr.WeightedReward(SharpnessReward(), cfg.rewards[0])
     learner = DMDRLearner(backbone, cfg, [reward])
     backbone.to(device)  # peft leaves the adapters of a meta base on the CPU
     return backbone, learner, random_conditioning(backbone, args.shape, args.batch, device)
@@ -111,19 +118,30 @@ def count_only(args: argparse.Namespace) -> dict:
     with FlopCounterMode(display=False) as counter:
         dmdr.critic_loss(backbone, trajectory.x0, cond, 0, cfg.critic, cfg.dmd, rng, **micro)
     counts["critic_update"] = counter.get_total_flops()
+    scores = rollout_scores(backbone, learner, trajectory, [""] * args.batch)
     with FlopCounterMode(display=False) as counter:
         dmdr.generator_loss(backbone, trajectory, cond, [""] * args.batch, 0, cfg.student, cfg.critic, cfg.dmd,
-                            learner.rewards, True, rng, **micro)
+                            learner.rewards, True, rng, **micro, rl=cfg.rl, rollout_scores=scores)
     counts["generator_update"] = counter.get_total_flops()
     step = counts["critic_update"] + counts["generator_update"]
     peak = args.peak_tflops or BF16_PEAK_TFLOPS["H200"]
     return {
-        "mode": "count-only (meta device)", "shape": args.shape, "resolution": args.resolution, "batch": args.batch,
+        "mode": "count-only (meta device)", "rl": args.rl, "shape": args.shape, "resolution": args.resolution, "batch": args.batch,
         "student_steps": args.steps, **{f"tflop_{k}": float(f"{v / 1e12:.4g}") for k, v in counts.items()},
         "tflop_per_step": float(f"{step / 1e12:.4g}"),
         "peak_bf16_tflops": peak,
         "step_s_at_40pct_of_peak": float(f"{step / (0.4 * peak * 1e12):.4g}"),
     }
+
+
+def rollout_scores(backbone: SD3Backbone, learner: DMDRLearner, trajectory, prompts: list[str]) -> dict:
+    """GRPO's advantages come from the rollout's scores (`RolloutBatch.reward_scores`), made by the
+    rollouts in a run; none are needed for ReFL, whose learner scores with the gradient."""
+    if not learner.cfg.rl.policy_gradient:
+        return {}
+    with torch.no_grad():
+        images = backbone.decode(trajectory.x0)
+        return {reward.spec.name: reward.model.score(images, prompts) for reward in learner.rewards}
 
 
 def random_conditioning(backbone: SD3Backbone, shape: str, batch: int, device: torch.device,
@@ -179,8 +197,10 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     trajectory = rollout()
     synchronize(device)
     rollout_s = time.perf_counter() - started
-    template = RolloutBatch(0, 0, [f"prompt {i}" for i in range(args.batch)], cond, trajectory.x0, trajectory.x0_steps,
-                            trajectory.timesteps, 0, 0)
+    prompts = [f"prompt {i // GRPO_GROUP}" for i in range(args.batch)]
+    policy = cfg.rl.policy_gradient
+    template = RolloutBatch(0, 0, prompts, cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps, 0, 0,
+                            rollout_scores(backbone, learner, trajectory, prompts), trajectory.inputs if policy else None)
 
     def step() -> dict:
         return learner.step(replace(template, iteration=learner.iteration, weight_version=learner.generator_step))
@@ -200,6 +220,7 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     cuda = device.type == "cuda"
     report = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "rl": args.rl, "transitions": args.transitions if policy else None,
         "shape": args.shape, "resolution": args.resolution, "batch": args.batch, "precision": args.precision,
         "optimizer": args.optimizer, "student_steps": args.steps, "micro_batch": args.micro_batch,
         # checkpointing recomputes the blocks: the counted FLOPs include the recomputation
@@ -247,6 +268,9 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batch", type=int, default=None, help="trainer.micro_batch_size (default: the whole batch)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--rl", choices=["refl", "grpo"], default="refl",
+                   help=f"the reward term: ReFL's gradient, or the policy gradient (groups of {GRPO_GROUP})")
+    p.add_argument("--transitions", choices=["one", "all"], default="all", help="rl.transitions, with --rl grpo")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -255,6 +279,8 @@ def main(argv=None) -> dict:
                    help="count the step's FLOPs on the meta device (no GPU needed) instead of running it")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
+    if args.rl == "grpo" and args.batch % GRPO_GROUP:
+        p.error(f"--rl grpo samples each prompt {GRPO_GROUP} times: --batch must be a multiple of {GRPO_GROUP}")
 
     def write(report: dict) -> None:
         if args.json:
@@ -272,13 +298,13 @@ def main(argv=None) -> dict:
 
 def run_halving_on_oom(args: argparse.Namespace, write) -> dict:
     """`run`, again at half the batch while the GPU runs out of memory (the report says so)."""
-    asked = args.batch
+    asked, smallest = args.batch, GRPO_GROUP if args.rl == "grpo" else 1
     while True:
         try:
             report = run(args, write)
             break
         except torch.cuda.OutOfMemoryError:
-            if args.batch == 1:
+            if args.batch // 2 < smallest or args.batch % (2 * smallest):
                 raise
         # out of the handler: its traceback no longer holds the failed attempt's model and activations
         args.batch //= 2

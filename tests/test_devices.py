@@ -126,6 +126,15 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
     assert sliced["micro_batch"] == 1 and sliced["gradient_checkpointing"]
     assert sliced["losses"] == pytest.approx(report["losses"], rel=2e-2, abs=1e-4)  # a bf16 base: slices round apart
     assert sliced["tflop_per_step"] > report["tflop_per_step"]
+    # the policy-gradient step: DMD plus the policy term over the 3 random transitions of 4 steps, no decode
+    grpo = gpu_step.main([*tiny, "--rl", "grpo", "--transitions", "all"])
+    assert set(grpo["losses"]) == {"loss/critic", "loss/dmd", "loss/policy", "loss/generator"} and grpo["rl"] == "grpo"
+    assert grpo["skipped_updates"] == 0 and grpo["tflop_per_step"] > 0
+    one, every = (gpu_step.main(["--shape", "tiny", "--resolution", "32", "--count-only", "--rl", "grpo", "--transitions", t])
+                  for t in ("one", "all"))
+    assert every["tflop_generator_update"] > one["tflop_generator_update"] and every["tflop_critic_update"] == one["tflop_critic_update"]
+    with pytest.raises(SystemExit):
+        gpu_step.main([*tiny, "--rl", "grpo", "--batch", "3"])
 
 
 def _gpu_step_module():
