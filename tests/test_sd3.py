@@ -55,6 +55,35 @@ def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tin
     assert "loss/reward/toy-align" in rows[-1] and all(torch.isfinite(torch.tensor(r["loss/generator"])) for r in rows)
 
 
+@pytest.mark.parametrize("backbone", ["toy", "sd3"])
+def test_grpo_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tiny_sd3_overrides, monkeypatch, backbone):
+    """The policy-gradient mode on the SD3 latents: its trajectory is the rollout's, each transition's
+    log-ratio compares the current generator with the rollout's, and the rollout's scores give the advantages."""
+    calls = []
+    for module, name in [(dmdr, "rollout_advantages"), (dmdr, "policy_loss"), (algo, "gaussian_log_ratio"),
+                         (algo, "dmd_loss")]:
+        _spy(monkeypatch, module, name, calls)
+    extra = tiny_sd3_overrides if backbone == "sd3" else []
+    cfg = load_config("toy-dmdr-grpo", [*TINY_RUN, "student.steps=3", "trainer.batch_size=4", "rl.group_size=2",
+                                        *extra, f"output.dir={tmp_path}"])
+    trainer = LocalTrainer(cfg)
+    assert trainer.train()["generator_steps"] == 2
+    # the cold start's step is DMD alone; then one update with both transitions of the 3-step sampler
+    assert Counter(name for name, _, _ in calls) == {"dmd_loss": 2, "rollout_advantages": 1, "policy_loss": 2,
+                                                     "gaussian_log_ratio": 2}
+    latent = (4, 4, 16, 16) if backbone == "sd3" else (4, 3, 32, 32)
+    assert tuple(trainer.last_batch.x_steps.shape) == (3, *latent)
+    for _, (x_next, mean, old_mean, std), log_ratio in [c for c in calls if c[0] == "gaussian_log_ratio"]:
+        assert tuple(x_next.shape) == latent and tuple(log_ratio.shape) == (4,)
+        torch.testing.assert_close(log_ratio, torch.zeros(4), atol=1e-4, rtol=0)  # on-policy: sampled by these weights
+    [(_, (scores, _, _), (advantages, _))] = [c for c in calls if c[0] == "rollout_advantages"]
+    torch.testing.assert_close(advantages.view(2, 2).sum(dim=1), torch.zeros(2), atol=1e-5, rtol=0)  # per group
+    assert set(scores) == {"toy-align"} and tuple(scores["toy-align"].shape) == (4,)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/policy" in rows[-1] and rows[-1]["rl/ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert all(torch.isfinite(torch.tensor(r["loss/generator"])) for r in rows)
+
+
 def test_decode_is_differentiable_and_matches_diffusers_and_the_empty_prompt_is_encoded_once(tiny_sd3, monkeypatch):
     backbone = load_sd3(str(tiny_sd3), resolution=32, max_sequence_length=16)
     assert backbone.sample_shape == (4, 16, 16)
