@@ -47,7 +47,8 @@ class Signed:
 def train(start: Path, sign: float, align, args, out: Path) -> LocalTrainer:
     cfg = load_config("toy-dmdr-grpo", ["trainer.device=cpu", f"output.dir={out}", "dmd.weight=0", "trainer.cold_start=0",
                                         "dmd.ratio=1", f"trainer.lr_generator={args.lr}", f"trainer.seed={args.seed}",
-                                        f"rl.transitions={args.transitions}"])
+                                        f"rl.transitions={args.transitions}",
+                                        "rl.policy_weight=1"])  # as recorded (AdamW barely sees the scale)
     reward = dmdr.WeightedReward(Signed(align, sign), RewardSpec(name="toy-align", shaping="linear"))
     trainer = LocalTrainer(cfg, rewards=[reward])
     trainer.learner.load_adapter_state(dmdr.GENERATOR, _generator_state(start))
