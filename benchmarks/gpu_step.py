@@ -89,8 +89,8 @@ def setup(args: argparse.Namespace, device: torch.device):
     policy = ["rl.mode=grpo", "student.sampler=sde", f"rl.group_size={GRPO_GROUP}", f"rl.transitions={args.transitions}"]
     cfg = load_config("sd3-medium-dmdr", [
         "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
-        f"student.steps={args.steps}", "rewards=[{name: sharpness, weight: 0.3, shaping: linear}]", f"trainer.micro_batch_size={args.micro_batch or 'null'}",
-        *(policy if args.rl == "grpo" else [])])
+        f"student.steps={args.steps}", "rewards=[{name: sharpness, weight: 0.3, shaping: linear}]",
+        f"trainer.micro_batch_size={args.micro_batch or 'null'}", *(policy if args.rl == "grpo" else [])])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     backbone = random_backbone(args.shape, args.resolution, dtype, device)
     if args.gradient_checkpointing:
@@ -126,7 +126,8 @@ def count_only(args: argparse.Namespace) -> dict:
     step = counts["critic_update"] + counts["generator_update"]
     peak = args.peak_tflops or BF16_PEAK_TFLOPS["H200"]
     return {
-        "mode": "count-only (meta device)", "rl": args.rl, "shape": args.shape, "resolution": args.resolution, "batch": args.batch,
+        "mode": "count-only (meta device)", "rl": args.rl, "shape": args.shape, "resolution": args.resolution,
+        "batch": args.batch,
         "student_steps": args.steps, **{f"tflop_{k}": float(f"{v / 1e12:.4g}") for k, v in counts.items()},
         "tflop_per_step": float(f"{step / 1e12:.4g}"),
         "peak_bf16_tflops": peak,

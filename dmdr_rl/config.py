@@ -310,7 +310,7 @@ class RunConfig(_Section):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"rl.mode=grpo: two rewards named {twice[0]!r} are scored on the rollouts, whose scores "
-                             "are kept by reward name; keep one of them (or give one weight 0 and monitor false)")
+                             "are kept by reward name; keep one of them")
 
     def _policy_gradient_warnings(self) -> list[str]:
         notes = [f"rewards.{i} ({spec.name}) has hinge shaping, which is flat above its margin ({spec.margin:g}): a group "

@@ -294,7 +294,7 @@ def test_a_trajectory_without_its_inputs_is_refused(backbone):
 
 def test_a_rollout_batch_without_the_trained_rewards_scores_is_refused(backbone):
     prompts, cond, student, trajectory, reward, _ = _policy_setup(backbone)
-    with pytest.raises(ValueError, match="no scores of 'mean-red-black-box'.*scored_on_rollout"):
+    with pytest.raises(ValueError, match="no scores of 'mean-red-black-box'.*rewards_to_score"):
         dmdr.generator_loss(backbone, trajectory, cond, prompts, 0, student, CriticSection(), DmdSection(), [reward],
                             True, torch.Generator().manual_seed(2), rl=RLSection(mode="grpo"), rollout_scores={"other": torch.zeros(8)})
 
