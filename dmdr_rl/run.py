@@ -176,7 +176,10 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
         + f", {cfg.trainer.precision}, {cfg.trainer.optimizer}",
         f"  rewards: {rewards}" + (f"; trained by policy gradient (GRPO): {cfg.trainer.batch_size // cfg.rl.group_size} "
-                                   f"prompts x {cfg.rl.group_size} samples per batch" if cfg.rl.policy_gradient else ""),
+                                   f"prompts x {cfg.rl.group_size} samples per batch, "
+                                   f"{'every sampler transition' if cfg.rl.transitions == 'all' else 'one transition a sample'}, "
+                                   f"policy weight {cfg.rl.policy_weight:g}, scored by the rollouts"
+                                   if cfg.rl.policy_gradient else ""),
         f"  prompts: {prompts} ({prompt_note})",
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
         *(f"  warning: {note}" for note in [*_warnings(cfg), *_missing_packages(cfg)]),

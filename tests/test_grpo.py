@@ -394,7 +394,8 @@ def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     reward = "rewards=[{name: 'my_checked_box:Count', shaping: linear}]"
     plan = dry_run("toy-dmdr-grpo", [reward])
-    assert "trained by policy gradient (GRPO): 8 prompts x 4 samples per batch" in plan
+    assert ("trained by policy gradient (GRPO): 8 prompts x 4 samples per batch, every sampler transition, "
+            "policy weight 10, scored by the rollouts") in plan
     with pytest.raises(ConfigError, match=r"rewards\.0 \(my_checked_box:Count\) is not differentiable.*rl\.mode=grpo"):
         dry_run("toy-dmdr-grpo", [reward, "rl.mode=refl", "student.sampler=ode"])
 
