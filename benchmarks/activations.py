@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl.backbone import TransformerBackbone  # noqa: E402
 from dmdr_rl.conditioning import Conditioning  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER  # noqa: E402
@@ -140,8 +141,7 @@ def main(argv=None) -> dict:
         "base_call_gflop_adapter_at_scale_0_4_blocks": round(flops["adapter_at_scale_0"] / 1e9, 2),
     }
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return report
 
 

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl import dmdr  # noqa: E402
 from dmdr_rl.conditioning import Conditioning  # noqa: E402
 from dmdr_rl.config import load_config  # noqa: E402
@@ -284,9 +285,7 @@ def main(argv=None) -> dict:
         p.error(f"--rl grpo samples each prompt {GRPO_GROUP} times: --batch must be a multiple of {GRPO_GROUP}")
 
     def write(report: dict) -> None:
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
 
     if args.count_only:
         report = count_only(args)

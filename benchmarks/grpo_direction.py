@@ -13,7 +13,6 @@ noisy updates with nothing (no DMD term) to hold the student on the teacher's ma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl import dmdr  # noqa: E402
 from dmdr_rl.config import RewardSpec, load_config  # noqa: E402
 from dmdr_rl.prompts import PromptSource  # noqa: E402
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("maximise_minus_minimise", "maximise_minus_start", "minimise_minus_start"):
         print(f"{key.replace('_', ' ')}: {report[key]['mean']:+.4f} +- {report[key]['standard_error']:.4f} "
               f"(toy-align, paired over {args.images} images)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return report
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl.backbone import TransformerBackbone  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER  # noqa: E402
 
@@ -126,8 +126,7 @@ def main(argv=None) -> dict:
             # the counts are parameters; the allocator also holds each base's buffers (SD3's pos_embed: 108 MiB
             # in bf16 at SD3-Medium's size), once per base copy
             print("  (allocated = counted + each base copy's buffers, e.g. SD3's positional embedding)")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return report
 
 

@@ -18,7 +18,6 @@ arrive from a client: each mode pays the same host-to-device copy.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl.config import RewardSpec  # noqa: E402
 from dmdr_rl.prompts import PromptSource  # noqa: E402
 from reward_servers import load_reward_model  # noqa: E402
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{model_key:<10} {m['in-process']:>11,.0f} {m['serve-batched']:>14,.0f} {m['serve-unbatched']:>16,.0f} "
               f"{row['batched_vs_in_process']:>15.2f}x {row['batched_vs_unbatched']:>17.2f}x   "
               f"(batched app: {row['images_per_model_call']['serve-batched']:.0f} images per model call)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return report
 
 

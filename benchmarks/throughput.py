@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl.config import load_config  # noqa: E402
 from dmdr_rl.trainer import LocalTrainer  # noqa: E402
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_to_local": {m: medians[m] / medians["local"] for m in MODES},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print("\n| mode | median generator steps/s | ratio to local |\n|---|---|---|")
     for m in MODES:
         print(f"| {m} | {medians[m]:.3f} | {report['ratio_to_local'][m]:.2f} |")
