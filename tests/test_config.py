@@ -33,6 +33,20 @@ def test_the_paper_presets_carry_the_reference_hyperparameters():
         assert (preset.trainer.precision, preset.trainer.optimizer, preset.dmd.ratio) == ("bf16", "adamw8bit", 5)
 
 
+
+def test_the_sd3_grpo_preset_is_the_paper_recipe_with_only_the_policy_gradients_changes():
+    paper, grpo = load_config("sd3-medium-dmdr"), load_config("sd3-medium-dmdr-grpo")
+    changed = {"name", "student", "rewards", "rl", "ray"}
+    for section in set(type(paper).model_fields) - changed:
+        assert getattr(grpo, section) == getattr(paper, section), section
+    assert grpo.student.model_copy(update={"sampler": "ode"}) == paper.student and grpo.student.sampler == "sde"
+    assert grpo.ray.model_copy(update={"max_staleness": paper.ray.max_staleness}) == paper.ray
+    assert grpo.ray.max_staleness == 0
+    assert (grpo.rl.mode, grpo.rl.transitions, grpo.prompt_group) == ("grpo", "all", 4)
+    assert [(r.name, r.weight, r.shaping) for r in grpo.rewards] == [("clip-score", 0.3, "linear"), ("hpsv2.1", 0.3, "linear")]
+    assert all(grpo.scored_on_rollout(spec) for spec in grpo.rewards)
+    assert not [note for note in grpo.warnings() if "rl.mode=grpo" in note]  # no hinge, no staleness warning
+
 def test_dotted_overrides_are_typed():
     cfg = load_config("toy-dmdr", ["student.steps=1", "dmd.renoise_beta=[3, 1.2]", "rewards.0.weight=0.5", "ray.address=null"])
     assert cfg.student.steps == 1 and cfg.dmd.renoise_beta == (3.0, 1.2)
