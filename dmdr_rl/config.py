@@ -63,13 +63,13 @@ class StudentSection(_Section):
 class CriticSection(_Section):
     lora: LoraSpec = LoraSpec(rank=32, alpha=32)
     fake_scale: float = Field(2.0, gt=0)
-    real_scale0: float = Field(0.5, gt=0)
+    real_scale0: float = Field(0.5, ge=0)  # 0: the real score is the teacher from the first step (no DynaDG)
 
 
 class DmdSection(_Section):
     weight: float = Field(1.0, ge=0)  # 0 turns the DMD term off (the RL-only ablation)
-    real_cfg: float = Field(4.0, ge=0)  # 1: no guidance
-    cfg_jitter: float = Field(0.5, ge=0)
+    real_cfg: float = Field(4.0, ge=0)  # the real score's CFG scale, each sample's drawn from U(real_cfg +- cfg_jitter)
+    cfg_jitter: float = Field(0.5, ge=0)  # (so no guidance at all is real_cfg=1 cfg_jitter=0)
     # the real score's CFG only where tau <= this (a guidance interval: guidance at the highest noise levels
     # darkens and over-contrasts the toy students); 1.0: at every noise level, as DESIGN section 2 writes it
     cfg_max_tau: float = Field(1.0, gt=0, le=1)
@@ -83,6 +83,13 @@ class DmdSection(_Section):
         if min(value) <= 0:
             raise ValueError(f"both Beta parameters must be > 0, got {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _guidance_not_negative(self) -> "DmdSection":
+        if self.cfg_jitter > self.real_cfg:
+            raise ValueError(f"cfg_jitter={self.cfg_jitter:g} > real_cfg={self.real_cfg:g} would draw negative guidance "
+                             "scales (U(real_cfg - cfg_jitter, real_cfg + cfg_jitter)): lower dmd.cfg_jitter")
+        return self
 
 
 class RLSection(_Section):
@@ -273,8 +280,10 @@ class RunConfig(_Section):
     def _has_a_loss(self, info: ValidationInfo) -> "RunConfig":
         if (info.context or {}).get("for_sampling"):
             return self  # these rules are about training: a finished run is sampled whatever they say now
-        if self.dmd.weight == 0 and not self.rewards:
-            raise ValueError("dmd.weight is 0 and no rewards are configured: the generator would have no loss")
+        if self.dmd.weight == 0 and not any(spec.weight > 0 for spec in self.rewards):
+            raise ValueError("dmd.weight is 0 and no reward has weight > 0 (" + ("none is configured" if not self.rewards
+                             else "monitored rewards only log") + "): the generator would have no loss; give dmd.weight "
+                             "or a reward's weight a positive value")
         if self.dmd.weight == 0 and self.trainer.cold_start > 0:
             raise ValueError(f"dmd.weight is 0, so the generator has no loss during the cold start (trainer.cold_start="
                              f"{self.trainer.cold_start} generator steps of DMD only): set trainer.cold_start=0, as the "

@@ -92,8 +92,11 @@ def test_unknown_preset_lists_the_available_ones():
 
 
 def test_a_run_needs_a_loss():
-    with pytest.raises(ConfigError, match="no rewards are configured"):
+    with pytest.raises(ConfigError, match="no reward has weight > 0 .none is configured"):
         load_config("toy-rl-only", ["rewards=[]"])
+    with pytest.raises(ConfigError, match="no reward has weight > 0 .monitored rewards only log"):
+        load_config("toy-rl-only", ["rewards.0.weight=0", "rewards.0.monitor=true"])
+    assert load_config("toy-rl-only", ["rewards.0.weight=0.1"]).dmd.weight == 0
 
 
 def test_a_preset_inherits_its_base_section_by_section(tmp_path):
@@ -155,6 +158,8 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("output.dir=runs/{name.upper}", r"output.dir: the only placeholder is \{name\}, as it is"),
         ("trainer.seed=-1", r"trainer.seed: Input should be greater than or equal to 0"),
         ("critic.fake_scale=-2", r"critic.fake_scale: Input should be greater than 0"),
+        ("critic.real_scale0=-0.1", r"critic.real_scale0: Input should be greater than or equal to 0"),
+        ("dmd.real_cfg=0.2", r"dmd: cfg_jitter=0.5 > real_cfg=0.2 would draw negative guidance scales .*lower dmd.cfg_jitter"),
         ("dmd.weight=0", r"dmd.weight is 0, so the generator has no loss during the cold start .*trainer.cold_start=0"),
         ("trainer.lr_generator=inf", r"trainer.lr_generator: Input should be a finite number"),
         ("rewards.0.margin=.nan", r"rewards.0.margin: Input should be a finite number"),

@@ -94,6 +94,34 @@ def test_rl_only_has_no_dmd_term(backbone):
     assert "loss/dmd" not in metrics and loss.item() == pytest.approx(float(metrics["loss/reward/mean-red"]))
 
 
+class SqrtOfRed:
+    """sqrt(mean red - 0.5): NaN (and a NaN gradient) below 0.5, a finite score with an infinite gradient at 0.5."""
+
+    name, differentiable = "sqrt-red", True
+
+    def score(self, images, prompts):
+        return (images[:, 0].mean(dim=(1, 2)) - 0.5).sqrt()
+
+
+@pytest.mark.parametrize("shaping", ["linear", "hinge"])
+def test_a_sample_the_reward_cannot_differentiate_gets_no_gradient_and_spares_the_others(shaping):
+    # in-process, as the served path does: a NaN score back-propagates 0 * inf = NaN through the model, an
+    # infinite gradient is infinite; either would make the whole update non-finite, and it would be skipped
+    red = torch.tensor([0.9, 0.2, 0.5, 0.7])  # finite, NaN score, infinite gradient, finite
+    images = red.view(4, 1, 1, 1).repeat(1, 3, 2, 2).requires_grad_(True)
+    reward = dmdr.WeightedReward(SqrtOfRed(), RewardSpec(name="sqrt-red", shaping=shaping, margin=2.0))
+    loss, metrics = reward.loss(images, ["p"] * 4)
+    loss.backward()
+    assert metrics["reward/sqrt-red/non_finite"] == 1.0 and torch.isfinite(loss)
+    assert torch.isfinite(images.grad).all() and (images.grad[[1, 2]] == 0).all()
+    good = images.detach()[[0, 3]].requires_grad_(True)  # the good samples alone, the loss's 1/4 kept
+    (reward.loss(good, ["p"] * 2)[0] * 2 / 4).backward()
+    assert torch.allclose(images.grad[[0, 3]], good.grad) and (good.grad[:, 0] != 0).all()
+    plain = images.detach().requires_grad_(True)  # what the hook prevents
+    torch.where(torch.isfinite(s := SqrtOfRed().score(plain, [])), s, 0).sum().backward()
+    assert not torch.isfinite(plain.grad).all()
+
+
 def test_non_finite_scores_are_dropped_and_counted():
     reward = dmdr.WeightedReward(CountingReward(torch.tensor([0.2, float("nan"), 0.4])), RewardSpec(name="r", shaping="linear"))
     loss, metrics = reward.loss(torch.zeros(3, 3, 4, 4, requires_grad=True), ["p"] * 3)
