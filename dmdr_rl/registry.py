@@ -104,11 +104,11 @@ BACKBONES: Registry = Registry("backbone")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str, field: str = "model.kwargs.dtype") -> torch.dtype:
     if name not in DTYPES:
         from .config import ConfigError
 
-        raise ConfigError(f"model.kwargs.dtype: {name!r} is not a precision here; use one of {', '.join(DTYPES)}")
+        raise ConfigError(f"{field}: {name!r} is not a precision here; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

@@ -26,7 +26,12 @@ def reward_model(spec: RewardSpec, where: str = "rewards[]") -> RewardModel:
 
         s = spec.serve
         client = RewardClient(ServeTransport(spec.app_name), spec.app_name, s.timeout_s, s.retries, s.backoff_s)
-        return RemoteReward(client)
+        remote = RemoteReward(client)
+        if s.attach and spec.name in REWARDS.names() and remote.name != spec.name:  # (a user's class names itself)
+            raise RewardInputError(f"{where}: the attached app {spec.app_name!r} serves {remote.name!r}, not {spec.name!r}: "
+                                   f"set {where}.serve.app to the app that serves {spec.name!r}, or {where}.name to "
+                                   f"{remote.name!r}")
+        return remote
     from .local import InProcessReward
 
     return InProcessReward(load_reward_model(spec.name, spec.kwargs, where), spec.max_images_per_call)

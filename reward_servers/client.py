@@ -62,14 +62,14 @@ class RewardClient:
         return answer
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        validate_images(images, prompts)
+        self._check_input(images, prompts)
         answer = self._answer("score", images, prompts)
         return validate_scores(answer.get("scores"), images.shape[0], f"reward app {self.app!r}").to(images.device)
 
     def score_with_grad(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and d score / d image. A sample whose gradient is not finite is treated like one whose
         score is not: its score becomes NaN (dropped from the reward term and counted), its gradient 0."""
-        validate_images(images, prompts)
+        self._check_input(images, prompts)
         answer = self._answer("score_with_grad", images, prompts)
         scores = validate_scores(answer.get("scores"), images.shape[0], f"reward app {self.app!r}")
         grads = answer.get("grads")
@@ -80,6 +80,14 @@ class RewardClient:
         scores = torch.where(usable, scores, torch.full_like(scores, float("nan")))
         grads = torch.where(usable.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
         return scores.to(images.device), grads.to(images.device)
+
+    def _check_input(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
+        """The protocol's input checks before anything is sent, their message naming the app (a run may
+        serve several rewards)."""
+        try:
+            validate_images(images, prompts)
+        except RewardInputError as err:
+            raise RewardInputError(f"reward app {self.app!r}: {err}") from None
 
     def _answer(self, method: str, images: torch.Tensor, prompts: Sequence[str]) -> dict:
         answer = self._call(method, images, prompts)
@@ -96,8 +104,9 @@ class RewardClient:
                 answer = self.transport(method, payload, None if prompts is None else list(prompts), self.timeout_s)
                 self.requests += 1
                 return answer
-            except RewardInputError:  # the request itself is wrong: retrying cannot help
-                raise
+            except RewardInputError as err:  # the request itself is wrong: retrying cannot help
+                cause = getattr(err, "cause", None) or err  # raised in a replica: Ray's error wraps the replica's
+                raise RewardInputError(f"reward app {self.app!r} refused {method}(): {first_line(cause)}") from err
             except Exception as err:  # noqa: BLE001 - sorted below
                 if not _transient(err):  # the app answered with an error: report it, do not retry
                     raise RewardServerError(f"reward app {self.app!r} failed in {method}(): {type(err).__name__}: "

@@ -148,7 +148,10 @@ def reward_app(spec: RewardSpec):
         actor_options["runtime_env"] = s.runtime_env
     scaling = {"autoscaling_config": s.autoscaling} if s.autoscaling else {"num_replicas": s.replicas}
     threads = max(1, int(s.num_cpus)) if s.num_cpus else 1
-    return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, **scaling).bind(
+    # (Serve caps a batch at the requests a replica takes at once: keep that above max_batch_size)
+    ongoing = max(64, s.max_batch_size)
+    return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, max_ongoing_requests=ongoing,
+                                **scaling).bind(
         spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
         spec.max_images_per_call)
 
@@ -168,6 +171,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
     if not specs:
         return []
     serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port})
+    host, port = _http_address(cfg)
     started: list[str] = []
     try:
         for i, spec in enumerate(cfg.rewards):
@@ -194,11 +198,30 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
                                         f"{cause or first_line(err)}") from err
             started.append(spec.app_name)
             print(f"dmdr_rl: reward app {spec.app_name!r} ({spec.name}) is up in {time.time() - begun:.1f} s; "
-                  f"HTTP: http://{cfg.ray.http_host}:{cfg.ray.http_port}/{spec.app_name}/score", flush=True)
+                  f"HTTP: http://{host}:{port}/{spec.app_name}/score", flush=True)
     except BaseException:
         stop_reward_apps(started)
         raise
     return started
+
+
+def _http_address(cfg: RunConfig) -> tuple[str, int]:
+    """Where Serve's HTTP proxy listens. A Serve instance that was already running keeps the options it was
+    started with (serve.start does not change them), so ray.http_host / http_port may not be what applies:
+    say so, above all when it listens more widely than configured."""
+    try:
+        from ray.serve.context import _get_global_client  # (no public API reads the running proxy's options)
+
+        options = _get_global_client().http_config
+        host, port = str(options.host), int(options.port)
+    except Exception:  # noqa: BLE001 - a Ray without it: the configured address is the best guess
+        return cfg.ray.http_host, cfg.ray.http_port
+    if (host, port) != (cfg.ray.http_host, cfg.ray.http_port):
+        print(f"dmdr_rl: warning: Serve was already running with HTTP on {host}:{port}, not ray.http_host:http_port = "
+              f"{cfg.ray.http_host}:{cfg.ray.http_port} (a running Serve keeps its options)"
+              + ("; it accepts connections from other machines" if host not in ("127.0.0.1", "localhost", "::1") else ""),
+              flush=True)
+    return host, port
 
 
 def stop_reward_apps(names: list[str]) -> None:

@@ -57,3 +57,6 @@ def test_options_a_factory_does_not_take_name_the_config_field():
         build_rewards(cfg)
     with pytest.raises(ConfigError, match=r"'pickscore' cannot be built with these options .*'colour'"):  # PickScore(**kwargs)
         REWARDS.build("pickscore", where="rewards.0.kwargs", colour="red")
+    for name in ("pickscore", "imagereward"):  # a precision typo is named before any loading (no weights here)
+        with pytest.raises(ConfigError, match=r"rewards\[\].kwargs.dtype: 'fp16' is not a precision here; use one of float32"):
+            REWARDS.build(name, where="rewards.0.kwargs", path="/nowhere", dtype="fp16")

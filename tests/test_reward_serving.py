@@ -213,6 +213,23 @@ def test_scaling_a_reward_app_from_one_to_two_replicas_during_training_fails_no_
         stop_reward_apps(started)
 
 
+def test_a_replica_takes_as_many_requests_at_once_as_a_batch_merges():
+    for size, expected in ((8, 64), (100, 100)):  # Serve would cap a batch of 100 at the default 64 requests
+        app = reward_app(_serve_spec("toy-align", max_batch_size=size))
+        assert app._bound_deployment.max_ongoing_requests == expected
+
+
+def test_a_running_serve_keeps_its_http_address_and_the_run_says_where_it_is(tmp_path, local_serve, capsys):
+    from reward_servers.serve import _http_address
+
+    assert _http_address(_run_config(tmp_path, [], local_serve)) == ("127.0.0.1", local_serve)
+    assert capsys.readouterr().out == ""
+    other = _run_config(tmp_path, [], local_serve, ["ray.http_host=0.0.0.0", "ray.http_port=8123"])
+    assert _http_address(other) == ("127.0.0.1", local_serve)  # serve.start(...) changed nothing: say so
+    assert (f"Serve was already running with HTTP on 127.0.0.1:{local_serve}, not ray.http_host:http_port = 0.0.0.0:8123"
+            in capsys.readouterr().out)
+
+
 def test_a_missing_app_is_named_in_the_error(tmp_path, local_serve):
     missing = RewardSpec(name="toy-align", placement="serve", serve={"app": "reward-nowhere", "retries": 1,
                                                                        "backoff_s": 0.0, "timeout_s": 5})
@@ -288,5 +305,9 @@ def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_pat
         assert start_reward_apps(cfg) == []  # attached: nothing started, nothing to stop
         metrics = LocalTrainer(cfg).train_iteration()
         assert metrics["reward/toy-align"] < 0 and metrics["loss/reward/toy-align"] > 0
+        wrong = spec.model_copy(update={"name": "hpsv2.1"})  # the config says HPSv2.1, the app serves toy-align
+        with pytest.raises(RewardInputError, match=f"rewards.3: the attached app '{application['name']}' serves 'toy-align', "
+                                                   r"not 'hpsv2.1': set rewards.3.serve.app .* or rewards.3.name to 'toy-align'"):
+            reward_model(wrong, "rewards.3")
     finally:
         serve.delete(application["name"])

@@ -208,7 +208,7 @@ def test_client_retries_transient_failures_then_gives_up_naming_the_app(align):
 def test_client_does_not_retry_bad_requests_and_checks_answers(align):
     transport = _InProcessTransport(align)
     client = RewardClient(transport, "reward-toy-align", retries=3, backoff_s=0.0)
-    with pytest.raises(RewardInputError, match="2 images but 4 prompts"):
+    with pytest.raises(RewardInputError, match="reward app 'reward-toy-align': got 2 images but 4 prompts"):
         client.score(_images(2), PROMPTS)
     assert transport.calls == 0  # rejected before anything was sent
 
@@ -217,7 +217,7 @@ def test_client_does_not_retry_bad_requests_and_checks_answers(align):
         raise RewardInputError("image values must lie in [0, 1]")
 
     rejects.calls = 0
-    with pytest.raises(RewardInputError, match=r"lie in \[0, 1\]"):
+    with pytest.raises(RewardInputError, match=r"^reward app 'reward-x' refused score\(\): image values must lie in \[0, 1\]$"):
         RewardClient(rejects, "reward-x", retries=3, backoff_s=0.0).score(_images(), PROMPTS)
     assert rejects.calls == 1  # not retried
 

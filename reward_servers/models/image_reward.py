@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from dmdr_rl.registry import torch_dtype
+
 from .clip import clip_preprocess
 
 HUB_REPO = "THUDM/ImageReward"
@@ -173,6 +175,7 @@ class ImageReward(torch.nn.Module):
         file path). `tokenizer`: BERT tokenizer hub id or local directory with vocab.txt. `vision`:
         overrides of the ViT-L/16 config fields (only for checkpoints of another ViT, e.g. the tests' tiny one)."""
         super().__init__()
+        weights_dtype = torch_dtype(dtype, "rewards[].kwargs.dtype")  # (a typo stops before the loading)
         checkpoint_file = _local_or_hub(path, checkpoint, cache_dir, local_files_only)
         med_file = _local_or_hub(path, med_config, cache_dir, local_files_only)
         # ImageReward.pt is a plain state dict (the package passes torch.load's result straight to
@@ -182,7 +185,7 @@ class ImageReward(torch.nn.Module):
         vision_cfg = vision_config(**(vision or {}))
         text_cfg = text_config_from_med(json.loads(med_file.read_text()), encoder_width=vision_cfg.hidden_size)
         self._build(vision_cfg, text_cfg, load_tokenizer(tokenizer, cache_dir, local_files_only), state_dict)
-        self.to(device=device, dtype=getattr(torch, dtype))
+        self.to(device=device, dtype=weights_dtype)
 
     @classmethod
     def from_configs(cls, vision_config, text_config, tokenizer: Any,

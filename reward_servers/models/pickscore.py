@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from dmdr_rl.registry import torch_dtype
+
 from .clip import clip_preprocess, embedding
 
 HUB_MODEL = "yuvalkirstain/PickScore_v1"
@@ -28,7 +30,7 @@ class PickScore(torch.nn.Module):
         super().__init__()
         self.name, self.use_logit_scale = name, logit_scale
         load = {"cache_dir": cache_dir, "local_files_only": local_files_only}
-        self.model = CLIPModel.from_pretrained(path, dtype=getattr(torch, dtype), **load).eval().requires_grad_(False)
+        self.model = CLIPModel.from_pretrained(path, dtype=torch_dtype(dtype, "rewards[].kwargs.dtype"), **load).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path, **load)
         processor = CLIPImageProcessor.from_pretrained(processor_path, **load)
         self.size = int(processor.size["shortest_edge"])
