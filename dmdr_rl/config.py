@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -211,6 +211,9 @@ class RaySection(_Section):
     http_host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (reward apps' HTTP endpoints)
     http_port: int = Field(8000, ge=1, le=65535)
 
+    # (what a local run uses too: the Ray instance and Serve proxy of its served rewards)
+    APPLY_WITHOUT_THE_RUNTIME: ClassVar[frozenset[str]] = frozenset({"address", "local_cpus", "http_host", "http_port"})
+
     @field_validator("address")
     @classmethod
     def _cluster_address(cls, value: Optional[str]) -> Optional[str]:
@@ -360,6 +363,11 @@ class RunConfig(_Section):
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
+        ignored = sorted(self.ray.model_fields_set - RaySection.APPLY_WITHOUT_THE_RUNTIME)
+        if self.trainer.backend == "local" and ignored:
+            notes.append(f"{', '.join('ray.' + name for name in ignored)} set, but they configure the Ray runtime, and "
+                         "trainer.backend=local trains in this process: set trainer.backend=ray to use them (the local "
+                         "trainer is placed with trainer.device)")
         if self.rl.policy_gradient:
             notes += self._policy_gradient_warnings()
         for i, spec in enumerate(self.rewards):
@@ -511,6 +519,8 @@ def _describe(err: ValidationError) -> str:
         message = e["msg"].removeprefix("Value error, ")
         if not e["loc"]:  # a check across fields names them itself; its input is the whole config
             lines.append(message)
+        elif e["type"] == "missing" and isinstance(e["loc"][-1], int):  # a fixed-length list (renoise_beta)
+            lines.append(f"{'.'.join(map(str, e['loc'][:-1]))}: too few values (no item {e['loc'][-1]})")
         elif e["type"] == "missing":
             lines.append(f"{'.'.join(map(str, e['loc']))}: required")
         else:
@@ -523,5 +533,8 @@ def _describe(err: ValidationError) -> str:
                 message = "unknown key" + _allowed_keys(e["loc"][:-1])
             elif value == "None":
                 message += "; write null for no value"
-            lines.append(f"{field}: {message} (got {value!r})")
+            elif e["type"] == "tuple_type":
+                message += f"; write the values in brackets ({field}=[a, b])"
+            # (a check over a whole section names its fields itself: its input, the section, says nothing more)
+            lines.append(f"{field}: {message}" + ("" if isinstance(value, dict) else f" (got {value!r})"))
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -312,7 +312,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
             except Exception:  # the coordinator is busy: just skip this refresh
                 continue
             bar.n = max(0, progress["version"])
-            bar.set_postfix(iteration=progress["iteration"], refresh=False)
+            bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
             bar.refresh()
     finally:
         bar.close()

@@ -99,7 +99,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
           f"{report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, toy-align {report['rewards']['toy-align']:.3f}")
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
-          + (", ledger.jsonl, ray_train/" if cfg.trainer.backend == "ray" else ", samples/"))
+          + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else ""))
     print(json.dumps(summary))
 
 
@@ -149,11 +149,13 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     prompts = cfg.data.prompts
     if cfg.trainer.backend == "local":  # what the run would refuse at start on this machine
         from .registry import resolve_device
-        from .trainer import resume_checkpoint
 
         resolve_device(cfg.trainer.device)
-        if cfg.trainer.resume_from:
-            resume_checkpoint(cfg.trainer.resume_from)
+    # the checkpoint to resume, and that it leaves steps to train (a Ray job's may be on another machine)
+    if cfg.trainer.resume_from and (cfg.trainer.backend == "local" or Path(cfg.trainer.resume_from).exists()):
+        from .trainer import check_steps_left, checkpoint_generator_step, resume_checkpoint
+
+        check_steps_left(cfg, checkpoint_generator_step(resume_checkpoint(cfg.trainer.resume_from)))
     # a local run reads its prompt file here; a Ray job's driver may run on another machine (ray job submit)
     if prompts.startswith("toy:") or Path(prompts).exists() or cfg.trainer.backend == "local":
         checked_prompt_source(cfg)

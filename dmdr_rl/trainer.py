@@ -32,14 +32,18 @@ class MetricsLog:
     """Per-step metrics to the run store (`metrics.jsonl` or Redis) and, when available, TensorBoard."""
 
     def __init__(self, directory: Path, store):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.store = store
+        self.store = store  # (owned from here on: closed by close(), or at once if this fails)
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(directory / "tensorboard"))
-        except ImportError:  # tensorboard is an optional extra
-            self.tensorboard = None
+                self.tensorboard = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:  # tensorboard is an optional extra
+                self.tensorboard = None
+        except BaseException:
+            store.close()  # (with it the run's lock, which would otherwise hold the run directory)
+            raise
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.store.append("metrics", {"step": step, **metrics})
@@ -337,13 +341,19 @@ def checkpoint_generator_step(checkpoint: Path) -> int:
 
 
 def _run_checkpoint(run_dir: Path) -> Path:
-    """A run directory's latest checkpoint: checkpoints/ (what a finished run keeps), else, for a Ray run
-    that stopped before its end, the newest of Ray Train's checkpoints under ray_train/."""
+    """A run directory's newest checkpoint by generator step: the latest of checkpoints/ (what a finished
+    run keeps) or one of Ray Train's under ray_train/ (a Ray launch that stopped before its end, maybe after
+    an earlier launch in the same directory had finished); checkpoints/ on a tie, then the newest file."""
     latest = latest_checkpoint(run_dir / "checkpoints")
-    if (latest / f"{dmdr.GENERATOR}.safetensors").exists():
+    saved = [p for p in [latest, *(run_dir / "ray_train").glob("*/checkpoint_*")]
+             if (p / f"{dmdr.GENERATOR}.safetensors").exists()]
+    if not saved:
         return latest
-    saved = [p for p in (run_dir / "ray_train").glob("*/checkpoint_*") if (p / f"{dmdr.GENERATOR}.safetensors").exists()]
-    return max(saved, key=lambda p: p.stat().st_mtime) if saved else latest
+    return max(saved, key=lambda p: (_saved_step(p), p == latest, p.stat().st_mtime))
+
+
+def _saved_step(checkpoint: Path) -> int:
+    return checkpoint_generator_step(checkpoint) if (checkpoint / "trainer_state.pt").exists() else -1
 
 
 def run_directory_of(path: Path) -> Path | None:

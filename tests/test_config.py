@@ -159,7 +159,9 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("trainer.seed=-1", r"trainer.seed: Input should be greater than or equal to 0"),
         ("critic.fake_scale=-2", r"critic.fake_scale: Input should be greater than 0"),
         ("critic.real_scale0=-0.1", r"critic.real_scale0: Input should be greater than or equal to 0"),
-        ("dmd.real_cfg=0.2", r"dmd: cfg_jitter=0.5 > real_cfg=0.2 would draw negative guidance scales .*lower dmd.cfg_jitter"),
+        ("dmd.real_cfg=0.2", r"dmd: cfg_jitter=0.5 > real_cfg=0.2 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
+        ("dmd.renoise_beta=4,1.5", r"dmd.renoise_beta: .*valid tuple; write the values in brackets \(dmd.renoise_beta=\[a, b\]\)"),
+        ("dmd.renoise_beta=[4]", r"dmd.renoise_beta: too few values \(no item 1\)"),
         ("dmd.weight=0", r"dmd.weight is 0, so the generator has no loss during the cold start .*trainer.cold_start=0"),
         ("trainer.lr_generator=inf", r"trainer.lr_generator: Input should be a finite number"),
         ("rewards.0.margin=.nan", r"rewards.0.margin: Input should be a finite number"),
@@ -191,6 +193,11 @@ def test_settings_that_run_but_not_as_meant_are_warned_about():
     assert load_config("toy-dmd", ["trainer.max_steps=50"]).warnings() == []  # no reward to train
     [note] = load_config("sd3-medium-dmdr", ["ray.learner_gpus=0"]).warnings()
     assert "ray.learner_gpus=0: the learner runs on CPUs" in note
+    [note] = load_config("toy-dmdr", ["ray.rollout_actors=3", "ray.max_staleness=0", "ray.http_port=8001"]).warnings()
+    assert note.startswith("ray.max_staleness, ray.rollout_actors set, but they configure the Ray runtime, and "
+                           "trainer.backend=local trains in this process")
+    assert load_config("toy-dmdr", ["ray.rollout_actors=3", "trainer.backend=ray"]).warnings() == []
+    assert load_config("toy-dmdr", ["ray.address=auto", "ray.local_cpus=4"]).warnings() == []  # served rewards' Ray
 
 
 def test_a_finished_runs_config_loads_for_sampling_whatever_the_rules_of_training_say_now(tmp_path):

@@ -210,9 +210,23 @@ def test_resume_from_takes_a_run_directory_and_names_the_field_when_there_is_no_
     os.utime(older, (1, 1))
     assert resume_checkpoint(stopped) == newer and find_run(stopped) == (stopped, newer)
     assert find_run(older) == (stopped, older)  # three levels below its config.yaml
+    # a launch that finished keeps checkpoints/; a later Ray launch in the same directory that stopped before its
+    # end left newer Ray Train checkpoints: the run's checkpoint is the one furthest on, not the finished one
+    one_step, _ = _trainer(tmp_path / "one", **{"trainer.max_steps": 1})
+    one_step.train()
+    (step_1,) = (tmp_path / "one" / "checkpoints").glob("step_*")
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "one", crashed)
+    later = crashed / "ray_train" / "toy-dmdr-launch-2" / "checkpoint_2026-11-29_06-00-00.1"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / latest, later)  # generator step 2
+    os.utime(later, (1, 1))  # older on disk than checkpoints/: the step decides
+    assert resume_checkpoint(crashed) == later
+    shutil.rmtree(later)
+    shutil.copytree(step_1, later)  # the same step as checkpoints/: the finished launch's
+    assert resume_checkpoint(crashed) == crashed / "checkpoints" / step_1.name
 
 
-def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong_adapter_names_the_field(tmp_path):
+def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong_adapter_names_the_field(tmp_path, capsys):
     from dmdr_rl.config import ConfigError
 
     source, _ = _trainer(tmp_path / "a", **{"trainer.max_steps": 2})
@@ -239,3 +253,29 @@ def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong
     with pytest.raises(ConfigError, match=r"at generator step 2, and trainer.max_steps=2: nothing is left to train"):
         finished.train()
     assert not (tmp_path / "d").exists()
+    from dmdr_rl import run
+
+    for backend in ("local", "ray"):  # the dry run refuses it too (a Ray job's checkpoint, when it is on this machine)
+        argv = ["--preset", "toy-dmdr", "--dry-run", f"trainer.backend={backend}", "trainer.max_steps=2",
+                f"trainer.resume_from={tmp_path / 'a'}"]
+        with pytest.raises(SystemExit):
+            run.main(argv)
+        assert "at generator step 2, and trainer.max_steps=2: nothing is left to train" in capsys.readouterr().err
+        run.main(argv[:-2] + ["trainer.max_steps=3", argv[-1]])
+        assert "the config is valid" in capsys.readouterr().out
+
+
+def test_a_metrics_log_that_cannot_start_closes_the_store_it_was_given(tmp_path):
+    from dmdr_rl.trainer import MetricsLog
+
+    class Store:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    (tmp_path / "a-file").write_text("")
+    store = Store()
+    with pytest.raises(OSError):
+        MetricsLog(tmp_path / "a-file" / "run", store)  # no directory can be made inside a file
+    assert store.closed  # (else the run's lock would hold the directory until the process ends)
