@@ -143,7 +143,7 @@ def rollout_scores(backbone: SD3Backbone, learner: DMDRLearner, trajectory, prom
         return {}
     with torch.no_grad():
         images = backbone.decode(trajectory.x0)
-        return {reward.spec.name: reward.model.score(images, prompts) for reward in learner.rewards}
+        return {reward.spec.key: reward.model.score(images, prompts) for reward in learner.rewards}
 
 
 def random_conditioning(backbone: SD3Backbone, shape: str, batch: int, device: torch.device,

@@ -132,6 +132,20 @@ class RewardServeSpec(_Section):
     # pixels (images x height x width) one HTTP request may carry; bounds what a small PNG can decode to
     http_max_pixels: int = Field(2**26, ge=1)
 
+    @field_validator("runtime_env")
+    @classmethod
+    def _remote_code_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Serve refuses a deployment whose runtime_env names local code (Ray 2.60: 'Failed to update the
+        deployments', nothing more); say what works instead before anything starts."""
+        paths = [value.get("working_dir")] + list(value.get("py_modules") or [])
+        local = [path for path in paths if isinstance(path, str) and "://" not in path]
+        if local:
+            raise ValueError(f"{local[0]!r} is a local path, and a Serve app's runtime_env takes only remote URIs in "
+                             "working_dir and py_modules (s3://, gs://, https://...zip). A module of your own reaches the "
+                             "reward apps a run starts through the run's own runtime_env: run from the directory that holds "
+                             "it, or submit with `ray job submit --working-dir .`")
+        return value
+
 
 class RewardSpec(_Section):
     name: str  # a registered reward name or an import path "package.module:Class"
@@ -148,10 +162,18 @@ class RewardSpec(_Section):
     # own, so chunks give the same scores and gradients.
     max_images_per_call: Optional[int] = Field(None, ge=1)
     serve: RewardServeSpec = RewardServeSpec()
+    # what its metrics, rollout scores and sample columns are called (reward/<label>) and its default app
+    # name; null: `name`. Two entries of one model (other kwargs or shaping) need a label each
+    label: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @property
+    def key(self) -> str:
+        """The name this reward's numbers go by: its label, else its model's name."""
+        return self.label or self.name
 
     @property
     def app_name(self) -> str:
-        return self.serve.app or "reward-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.name).strip("-")
+        return self.serve.app or "reward-" + re.sub(r"[^A-Za-z0-9_-]+", "-", self.key).strip("-")
 
 
 class TrainerSection(_Section):
@@ -295,6 +317,11 @@ class RunConfig(_Section):
         if len(apps) != len(set(apps)):
             raise ValueError(f"two served rewards would share a Serve app ({sorted(a for a in apps if apps.count(a) > 1)[0]!r}): "
                              "give each its own rewards.N.serve.app")
+        keys = [spec.key for spec in self.rewards]
+        for i, spec in enumerate(self.rewards):
+            if keys.index(spec.key) != i:
+                raise ValueError(f"rewards.{keys.index(spec.key)} and rewards.{i} are both called {spec.key!r}, and a reward's "
+                                 f"metrics and scores are kept by that name: give one a label (rewards.{i}.label=...)")
         if self.trainer.backend == "ray" and self.trainer.device != "auto":
             raise ValueError(f"trainer.device={self.trainer.device} applies to trainer.backend=local only: with the Ray "
                              "backend set ray.learner_gpus / ray.rollout_gpus (> 0 puts those actors on GPUs)")
@@ -318,11 +345,6 @@ class RunConfig(_Section):
                              + " (each learner rank's batch holds whole groups of samples of one prompt)")
         if not any(spec.weight > 0 for spec in self.rewards):
             raise ValueError("rl.mode=grpo but no reward has weight > 0: the policy term would have no reward")
-        names = [spec.name for spec in self.rewards if self.scored_on_rollout(spec)]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"rl.mode=grpo: two rewards named {twice[0]!r} are scored on the rollouts, whose scores "
-                             "are kept by reward name; keep one of them")
 
     def _policy_gradient_warnings(self) -> list[str]:
         notes = [f"rewards.{i} ({spec.name}) has hinge shaping, which is flat above its margin ({spec.margin:g}): a group "

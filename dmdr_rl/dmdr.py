@@ -48,7 +48,7 @@ class WeightedReward:
         shaped, finite, metrics = self.shape(scores)
         if pixels.requires_grad:
             pixels.register_hook(lambda grad: usable_gradient(grad, finite))
-        metrics[f"time/reward/{self.spec.name}_s"] = Elapsed(started, mark(images.device))
+        metrics[f"time/reward/{self.spec.key}_s"] = Elapsed(started, mark(images.device))
         return shaped, finite, metrics
 
     def shape(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -56,8 +56,8 @@ class WeightedReward:
         finite = torch.isfinite(scores)
         kept = torch.where(finite, scores, torch.zeros_like(scores))
         shaped = torch.where(finite, algo.shape_reward(kept, self.spec.shaping, self.spec.margin), torch.zeros_like(kept))
-        metrics = {f"reward/{self.spec.name}": algo.finite_mean(scores).detach(),
-                   f"reward/{self.spec.name}/non_finite": (~finite).sum().float()}
+        metrics = {f"reward/{self.spec.key}": algo.finite_mean(scores).detach(),
+                   f"reward/{self.spec.key}/non_finite": (~finite).sum().float()}
         return shaped, finite, metrics
 
 
@@ -254,7 +254,7 @@ def generator_loss(
             for reward in rewarded:
                 term, reward_metrics = reward.loss(images, prompts[part])
                 loss = loss + term * fraction
-                shares.setdefault(f"loss/reward/{reward.spec.name}", []).append(term.detach() * fraction)
+                shares.setdefault(f"loss/reward/{reward.spec.key}", []).append(term.detach() * fraction)
                 reward_parts.append((reward, part.stop - part.start, reward_metrics))
         total = _accumulate(total, loss, backward)
     metrics.update({name: _sum(values) for name, values in shares.items()})
@@ -271,14 +271,14 @@ def rollout_advantages(
     rewards' metrics. The scores are the rollout's (`RolloutBatch.reward_scores`: scored there without
     gradients, once, where reward servers scale with the rollouts); a sample with a non-finite score gets
     advantage 0 and is counted in the reward's metrics."""
-    missing = [reward.spec.name for reward in rewarded if reward.spec.name not in scores]
+    missing = [reward.spec.key for reward in rewarded if reward.spec.key not in scores]
     if missing:
         raise ValueError(f"rl.mode=grpo: the rollout batch has no scores of {', '.join(map(repr, missing))} (it has "
                          f"{sorted(scores) or 'none'}); GRPO's rollouts score every trained reward: make them with "
                          "make_rollout(..., scored=rewards_to_score(cfg, rewards, iteration))")
     total, valid, metrics = None, None, {}
     for reward in rewarded:
-        shaped, finite, reward_metrics = reward.shape(scores[reward.spec.name].detach())
+        shaped, finite, reward_metrics = reward.shape(scores[reward.spec.key].detach())
         term = -reward.spec.weight * shaped
         total = term if total is None else total + term.to(total.device)
         valid = finite if valid is None else valid & finite.to(valid.device)
@@ -321,7 +321,7 @@ def _combined_reward_metrics(parts: list[tuple[WeightedReward, int, dict]], sing
         return {name: value for _, _, metrics in parts for name, value in metrics.items()}
     combined: dict = {}
     for reward in {id(r): r for r, _, _ in parts}.values():
-        name = reward.spec.name
+        name = reward.spec.key
         mine = [(size, metrics) for r, size, metrics in parts if r is reward]
         non_finite = torch.stack([m[f"reward/{name}/non_finite"] for _, m in mine])
         finite = torch.tensor([size for size, _ in mine], dtype=non_finite.dtype, device=non_finite.device) - non_finite

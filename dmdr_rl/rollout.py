@@ -92,6 +92,6 @@ def make_rollout(
     if scored:
         with torch.no_grad():
             images = backbone.decode(trajectory.x0)
-            scores = {reward.spec.name: reward.model.score(images, prompts).detach() for reward in scored}
+            scores = {reward.spec.key: reward.model.score(images, prompts).detach() for reward in scored}
     return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
                         weight_version, seed, scores, trajectory.inputs if keep_inputs else None)

@@ -134,7 +134,13 @@ def test_two_served_rewards_may_not_share_an_app(tmp_path):
                       "  - {name: toy-align, placement: serve, kwargs: {path: /elsewhere}}\n")
     with pytest.raises(ConfigError, match="two served rewards would share a Serve app \\('reward-toy-align'\\)"):
         load_config(str(preset))
-    assert len(load_config(str(preset), ["rewards.1.serve.app=reward-other"]).rewards) == 2
+    with pytest.raises(ConfigError, match=r"rewards.0 and rewards.1 are both called 'toy-align'.*rewards.1.label="):
+        load_config(str(preset), ["rewards.1.serve.app=reward-other"])  # apart, but their metrics would not be
+    labelled = load_config(str(preset), ["rewards.1.label=toy-align-elsewhere"])  # and an app of its own by default
+    assert [(r.key, r.app_name) for r in labelled.rewards] == [("toy-align", "reward-toy-align"),
+                                                               ("toy-align-elsewhere", "reward-toy-align-elsewhere")]
+    with pytest.raises(ConfigError, match=r"rewards.1.label: String should match pattern"):
+        load_config(str(preset), ["rewards.1.label=toy/align"])  # (metric names use /)
 
 
 def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
@@ -162,6 +168,8 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("dmd.real_cfg=0.2", r"dmd: cfg_jitter=0.5 > real_cfg=0.2 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
         ("dmd.renoise_beta=4,1.5", r"dmd.renoise_beta: .*valid tuple; write the values in brackets \(dmd.renoise_beta=\[a, b\]\)"),
         ("dmd.renoise_beta=[4]", r"dmd.renoise_beta: too few values \(no item 1\)"),
+        ("rewards.0.serve.runtime_env={py_modules: [./my_rewards.py]}",
+         r"runtime_env: './my_rewards.py' is a local path, .*run from the directory that holds it, or submit with"),
         ("dmd.weight=0", r"dmd.weight is 0, so the generator has no loss during the cold start .*trainer.cold_start=0"),
         ("trainer.lr_generator=inf", r"trainer.lr_generator: Input should be a finite number"),
         ("rewards.0.margin=.nan", r"rewards.0.margin: Input should be a finite number"),

@@ -94,6 +94,21 @@ def test_rl_only_has_no_dmd_term(backbone):
     assert "loss/dmd" not in metrics and loss.item() == pytest.approx(float(metrics["loss/reward/mean-red"]))
 
 
+def test_two_entries_of_one_reward_model_keep_their_numbers_apart_by_label(backbone):
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    model = CountingReward()
+    rewards = [dmdr.WeightedReward(model, RewardSpec(name="mean-red", weight=1.0, shaping="linear")),
+               dmdr.WeightedReward(model, RewardSpec(name="mean-red", weight=0.5, shaping="hinge", margin=2.0,
+                                                     label="mean-red-hinge"))]
+    _, metrics = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(),
+                                     rewards, True, torch.Generator().manual_seed(2))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert model.calls == 2 and metrics["reward/mean-red"] == pytest.approx(metrics["reward/mean-red-hinge"])
+    assert metrics["loss/reward/mean-red"] == pytest.approx(-metrics["reward/mean-red"], abs=1e-6)
+    assert metrics["loss/reward/mean-red-hinge"] == pytest.approx(0.5 * (2.0 - metrics["reward/mean-red"]), abs=1e-6)
+
+
 class SqrtOfRed:
     """sqrt(mean red - 0.5): NaN (and a NaN gradient) below 0.5, a finite score with an infinite gradient at 0.5."""
 

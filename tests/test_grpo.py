@@ -326,7 +326,8 @@ def test_grpo_rollouts_keep_each_steps_input_and_others_do_not(backbone):
      "times ray.learner_workers=3"),
     (["rewards.0.weight=0", "rewards.0.monitor=true"], "no reward has weight > 0"),
     (["rewards=[{name: toy-align, shaping: linear}, {name: toy-align, weight: 0, monitor: true}]"],
-     "two rewards named 'toy-align' are scored on the rollouts"),
+     "rewards.0 and rewards.1 are both called 'toy-align', and a reward's metrics and scores are kept by that name: "
+     "give one a label"),
 ])
 def test_grpo_configs_that_cannot_work_name_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -32,9 +32,17 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+USER_MODULE = ("class Brightness:\n    differentiable = True\n\n    def __init__(self, gain=1.0):\n"
+               "        self.gain = gain\n\n    def score(self, images, prompts):\n"
+               "        return self.gain * images.mean(dim=(1, 2, 3))\n")
+
+
 @pytest.fixture(scope="module")
-def local_serve():
-    ray.init(num_cpus=4, log_to_driver=False)
+def local_serve(tmp_path_factory):
+    # a user's reward module, outside the package, in the job's runtime_env (as `ray job submit --working-dir`)
+    module = tmp_path_factory.mktemp("user-code") / "served_user_reward.py"
+    module.write_text(USER_MODULE)
+    ray.init(num_cpus=4, log_to_driver=False, runtime_env={"py_modules": [str(module)]})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -228,6 +236,21 @@ def test_a_running_serve_keeps_its_http_address_and_the_run_says_where_it_is(tmp
     assert _http_address(other) == ("127.0.0.1", local_serve)  # serve.start(...) changed nothing: say so
     assert (f"Serve was already running with HTTP on 127.0.0.1:{local_serve}, not ray.http_host:http_port = 0.0.0.0:8123"
             in capsys.readouterr().out)
+
+
+def test_a_users_reward_class_named_only_in_the_config_is_served(tmp_path, local_serve):
+    # the replicas import the class themselves: its module reaches them through the run's runtime_env (a reward
+    # app's own runtime_env takes no local paths: the config refuses them, see test_config)
+    spec = _serve_spec("served_user_reward:Brightness", app="reward-user").model_copy(update={"kwargs": {"gain": 2.0}})
+    started = start_reward_apps(_run_config(tmp_path, [spec], local_serve))
+    try:
+        images = _images().requires_grad_(True)
+        scores = reward_model(spec).score(images, PROMPTS)
+        torch.testing.assert_close(scores.detach(), 2 * images.detach().mean(dim=(1, 2, 3)))
+        scores.sum().backward()  # and its gradient comes back through the app
+        torch.testing.assert_close(images.grad, torch.full_like(images, 2 / images[0].numel()))
+    finally:
+        stop_reward_apps(started)
 
 
 def test_a_missing_app_is_named_in_the_error(tmp_path, local_serve):
