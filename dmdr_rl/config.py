@@ -129,8 +129,9 @@ class RewardServeSpec(_Section):
     timeout_s: float = Field(120.0, gt=0)  # per request
     retries: int = Field(3, ge=0)  # after the first try, with exponential backoff
     backoff_s: float = Field(0.5, ge=0)
-    # pixels (images x height x width) one HTTP request may carry; bounds what a small PNG can decode to
-    http_max_pixels: int = Field(2**26, ge=1)
+    # pixels (images x height x width) one HTTP request may carry (2^24: 64 images of 512 px, 16 of 1024);
+    # bounds what a small PNG can decode to, and the body read (32 bytes a pixel: float64 .npy in base64)
+    http_max_pixels: int = Field(2**24, ge=1)
 
     @field_validator("runtime_env")
     @classmethod

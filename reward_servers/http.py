@@ -38,7 +38,7 @@ def encode_request(images: torch.Tensor | None = None, prompts: Sequence[str] = 
 PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # 1 or 8 bits per channel: RGB then /255 maps them onto [0, 1]
 
 
-def decode_images(request: ScoreRequest, max_pixels: int = 2**26) -> torch.Tensor:
+def decode_images(request: ScoreRequest, max_pixels: int = 2**24) -> torch.Tensor:
     """Float images [B, 3, H, W] in [0, 1]; `max_pixels` bounds B x H x W (a RewardInputError above it)."""
     if (request.images_npy is None) == (not request.images_png):
         raise RewardInputError("give the images either as images_npy or as images_png, exactly one of them")

@@ -39,7 +39,7 @@ class RewardServer:
     """Holds one reward model; merges concurrent requests into one model call."""
 
     def __init__(self, name: str, kwargs: dict[str, Any] | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.005, threads: int | None = None, http_max_pixels: int = 2**26,
+                 batch_wait_timeout_s: float = 0.005, threads: int | None = None, http_max_pixels: int = 2**24,
                  max_images_per_call: int | None = None):
         if threads:
             torch.set_num_threads(threads)
