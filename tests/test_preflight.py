@@ -24,7 +24,7 @@ def test_resources_needed_counts_learners_rollouts_and_started_reward_apps():
     cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.learner_workers=2", "ray.rollout_actors=3",
                                    "ray.rollout_cpus=0.5"])
     cfg.rewards = [RewardSpec(name="toy-align", placement="serve", serve={"replicas": 2, "num_cpus": 1, "num_gpus": 0.25}),
-                   RewardSpec(name="toy-align", placement="serve", serve={"attach": True, "app": "other"})]
+                   RewardSpec(name="toy-align", label="toy-align-2", placement="serve", serve={"attach": True, "app": "other"})]
     assert resources_needed(cfg) == (2 * 1 + 3 * 0.5 + 2 * 1, 0.5)
     # the message names only what asks for some: here the first reward app's GPUs, not the learner's or rollouts'
     with pytest.raises(ConfigError, match=r"asks for 0.5 GPUs \(rewards.0.serve.num_gpus=0.25 x 2 replica\(s\)\) but "

@@ -271,7 +271,8 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
             start_reward_apps(_run_config(tmp_path, [spec], local_serve))
         assert spec.app_name in serve.status().applications  # still theirs, untouched
         first = _serve_spec("toy-align", app="reward-first")
-        missing = RewardSpec(name="toy-align", placement="serve", serve={"app": "reward-missing", "attach": True})
+        missing = RewardSpec(name="toy-align", label="toy-align-2", placement="serve",
+                             serve={"app": "reward-missing", "attach": True})
         with pytest.raises(RewardInputError, match="'reward-missing' is not running"):
             start_reward_apps(_run_config(tmp_path, [first, missing], local_serve))
         assert "reward-first" not in serve.status().applications  # started, then stopped again
