@@ -40,9 +40,14 @@ def _in_module_precision(module: torch.nn.Module, x_t: torch.Tensor, t: torch.Te
     answer in the caller's: the sampler and loss arithmetic stay float32. The timestep stays float32, as
     diffusers' pipelines pass it: 1000 t in bf16 would round (t = 0.75 to 752), away from the tau that
     x0 = x_tau - tau v uses and from the timestep an exported student is sampled at."""
-    dtype = next(p.dtype for n, p in module.named_parameters() if "lora_" not in n)  # the base's, not an adapter's
+    dtype = _base_dtype(module)
     v = transformer_velocity(module, x_t.to(dtype), t.float(), cond.to(dtype=dtype), **kwargs)
     return v.to(x_t.dtype)
+
+
+def _base_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The precision of a transformer's own weights, not an adapter's."""
+    return next(p.dtype for n, p in module.named_parameters() if "lora_" not in n)
 
 
 @runtime_checkable
@@ -341,9 +346,20 @@ class TransformerBackbone:
 
         return forward
 
-    @staticmethod
-    def _copy_forward(module: torch.nn.Module):
-        return lambda x_t, t, cond: _in_module_precision(module, x_t, t, cond)
+    def _copy_forward(self, module: torch.nn.Module):
+        """A full copy's weights are float32 (the optimizer's). On a bf16 base it computes in bf16 like the
+        adapters, under autocast (each weight cast per call, gradients reaching the float32 weights): a
+        float32 forward and backward of a whole transformer would run far below the GPU's bf16 rate. A
+        float16 base keeps float32 (without loss scaling small gradients would flush to 0)."""
+        if _base_dtype(self.transformer) != torch.bfloat16:
+            return lambda x_t, t, cond: _in_module_precision(module, x_t, t, cond)
+
+        def forward(x_t, t, cond):
+            with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
+                v = transformer_velocity(module, x_t, t.float(), cond)
+            return v.to(x_t.dtype)
+
+        return forward
 
     @torch.no_grad()
     def sample(

@@ -52,6 +52,17 @@ class ModelSection(_Section):
     resolution: int = Field(32, ge=8)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the backbone's loader (sd3: dtype, max_sequence_length)
 
+    @field_validator("kwargs")
+    @classmethod
+    def _not_the_sections_own_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """The loader gets path and resolution from their own fields, and `encoders` from the run (a learner
+        builds none): the same key in kwargs would reach it twice."""
+        for key, field in (("path", "model.path"), ("resolution", "model.resolution"), ("encoders", None)):
+            if key in value:
+                raise ValueError(f"{key!r} is not a loader option here: " + (f"set {field} instead" if field else
+                                 "the run decides where prompt encoders are built (rollouts, not the learner)"))
+        return value
+
 
 class StudentSection(_Section):
     steps: int = Field(4, ge=1, le=8)

@@ -184,6 +184,31 @@ def test_full_copy_starts_at_the_teacher_trains_alone_and_leaves_the_base_frozen
         assert not torch.allclose(backbone.velocity(x, t, cond, adapter="generator"), teacher)
 
 
+def test_a_full_copy_on_a_bf16_base_trains_float32_weights_but_computes_in_bf16(backbone):
+    x, t, cond = _inputs(backbone)
+    with torch.no_grad():
+        reference = backbone.velocity(x, t, cond)  # float32 throughout
+    backbone.transformer.to(torch.bfloat16)
+    backbone.add_full_copy("generator")
+    copy = backbone.standalone_transformer("generator")  # (a full copy is its own transformer)
+    seen = []
+    hook = copy.transformer_blocks[0].attn.to_q.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    v = backbone.velocity(x, t, cond, adapter="generator")
+    hook.remove()
+    assert seen == [torch.bfloat16] and v.dtype == torch.float32  # bf16 matmuls, float32 answer
+    assert (v.detach() - reference).abs().max() <= 0.03 * reference.abs().max()  # bf16 rounding of the teacher
+    v.square().mean().backward()
+    params = backbone.trainable_parameters("generator")
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    assert all(p.grad is None for p in backbone.transformer.parameters())
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    backbone.enable_gradient_checkpointing()  # the recomputed blocks compute in bf16 as well: the same gradients
+    backbone.velocity(x, t, cond, adapter="generator").square().mean().backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
 def test_full_copy_errors_name_the_problem(backbone):
     backbone.add_lora("critic", rank=4, alpha=4)
     with pytest.raises(ValueError, match="before any LoRA adapter"):

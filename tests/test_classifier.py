@@ -41,11 +41,14 @@ def test_pair_verdicts_separate_presence_binding_and_relation():
     swapped = {**exact, "first_shape": "square", "first_colour": "blue", "second_shape": "circle", "second_colour": "red"}
     unbound = {**exact, "first_colour": "blue", "second_colour": "red"}
     missing = {**exact, "second_shape": "triangle"}
-    verdicts = judge_verdicts(_one_hot_judge([exact, swapped, unbound, missing]), torch.zeros(4, 3, 32, 32), [scene] * 4)
+    one_seen = {**exact, "count": "one"}  # everything else right, but the judge sees one object
+    verdicts = judge_verdicts(_one_hot_judge([exact, swapped, unbound, missing, one_seen]), torch.zeros(5, 3, 32, 32),
+                              [scene] * 5)
     assert verdicts[0] == {"pair/count": True, "pair/both_present": True, "pair/colour_binding": True, "pair/relation": True, "correct": True}
     assert verdicts[1]["pair/colour_binding"] and not verdicts[1]["pair/relation"] and not verdicts[1]["correct"]
     assert verdicts[2]["pair/both_present"] and not verdicts[2]["pair/colour_binding"]
     assert not verdicts[3]["pair/both_present"]
+    assert verdicts[4]["pair/relation"] and not verdicts[4]["pair/count"] and not verdicts[4]["correct"]
 
 
 def test_single_verdict_needs_every_attribute_and_the_count():

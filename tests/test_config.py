@@ -168,6 +168,8 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("dmd.real_cfg=0.2", r"dmd: cfg_jitter=0.5 > real_cfg=0.2 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
         ("dmd.renoise_beta=4,1.5", r"dmd.renoise_beta: .*valid tuple; write the values in brackets \(dmd.renoise_beta=\[a, b\]\)"),
         ("dmd.renoise_beta=[4]", r"dmd.renoise_beta: too few values \(no item 1\)"),
+        ("model.kwargs={resolution: 64}", r"model.kwargs: 'resolution' is not a loader option here: set model.resolution"),
+        ("model.kwargs={encoders: false}", r"model.kwargs: 'encoders' is not a loader option here"),
         ("rewards.0.serve.runtime_env={py_modules: [./my_rewards.py]}",
          r"runtime_env: './my_rewards.py' is a local path, .*run from the directory that holds it, or submit with"),
         ("dmd.weight=0", r"dmd.weight is 0, so the generator has no loss during the cold start .*trainer.cold_start=0"),

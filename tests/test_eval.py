@@ -26,7 +26,12 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
         assert len(samples) == 8 and samples["reward/toy-align"].mean() == pytest.approx(report["rewards"]["toy-align"])
         assert samples["judge_correct"].mean() == pytest.approx(report["judge_accuracy"])
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 2
-    assert "| teacher | held-in | 2 | 2.5 |" in (tmp_path / "summary.md").read_text()
+    report = json.loads((tmp_path / "teacher-steps2-cfg2.5-held-in" / "report.json").read_text())
+    rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| teacher | held-in | 2 | 2.5 |")]
+    assert len(rows) == 1  # the whole row is that report's numbers
+    cells = [float(cell) for cell in rows[0].strip().strip("|").split("|")[4:]]
+    assert cells == pytest.approx([report["judge_accuracy"], report["analytic_accuracy"], report["fid"],
+                                   report["rewards"]["toy-align"], report["num_images"]], abs=6e-3)
     # another shift or seed is another directory, not an overwrite
     toy_eval.main(["--steps", "2", "--cfg", "1", "--shift", "2", "--seed", "1", "--num-images", "2", "--out", str(tmp_path)])
     assert (tmp_path / "teacher-steps2-cfg1-shift2-held-in-seed1" / "report.json").exists()
@@ -178,3 +183,45 @@ def test_a_seed_read_back_from_the_samples_file_samples_again(teacher):
     one = teacher.sample(["a red circle"], steps=2, cfg=1.0, seed=np.int64(5))
     torch.testing.assert_close(one, teacher.sample(["a red circle"], steps=2, cfg=1.0, seed=[5]), rtol=0, atol=1e-6)
     assert torch.equal(torch.randn(3, generator=generators(torch.tensor(7))), torch.randn(3, generator=generators(7)))
+
+
+class _RenderingSampler:
+    """Renders each prompt's scene as the evaluation's own FID reference does (the same seeds), and keeps the
+    prompts it was asked for: a sampler whose images are the reference exactly."""
+
+    def __init__(self, seed, total):
+        self.seed, self.total, self.prompts = seed, total, []
+
+    def __call__(self, prompts, seeds):
+        from dmdr_rl.evaluation import REFERENCE_SEED_OFFSET
+        from dmdr_rl.toy.grammar import prompt_to_scene
+        from dmdr_rl.toy.render import render_batch
+
+        first, self.prompts = len(self.prompts), self.prompts + list(prompts)
+        return render_batch([prompt_to_scene(p) for p in prompts],
+                            [REFERENCE_SEED_OFFSET + self.seed * self.total + first + i for i in range(len(prompts))])
+
+
+class _NanForTheFirst:
+    name = "nan-for-the-first"
+
+    def score(self, images, prompts):
+        scores = images.mean(dim=(1, 2, 3))
+        return torch.where(torch.arange(len(prompts)) == 0, torch.full_like(scores, float("nan")), scores)
+
+
+@pytest.mark.parametrize("split", ["held-in", "held-out"])
+def test_evaluate_samples_its_split_and_measures_fid_against_renders_of_the_same_scenes(split):
+    from dmdr_rl.evaluation import evaluate
+    from dmdr_rl.toy.grammar import is_held_out, prompt_to_scene
+    from dmdr_rl.toy.weights import load_judge
+
+    sampler = _RenderingSampler(seed=3, total=96)
+    report = evaluate(sampler, split, 96, 3, load_judge(), rewards=[_NanForTheFirst()], batch_size=40)
+    assert report["split"] == split and len(sampler.prompts) == 96
+    assert all(is_held_out(prompt_to_scene(p)) == (split == "held-out") for p in sampler.prompts)
+    assert report["fid"] < 1e-3  # the images are the reference, image for image, over three chunks
+    assert report["judge_accuracy"] > 0.9  # (and the judge reads clean renders of the prompts)
+    # a score that is not finite is counted, and the mean is the others' (one chunk had a NaN first image each)
+    assert report["rewards_nonfinite"] == {"nan-for-the-first": 3}
+    assert 0 < report["rewards"]["nan-for-the-first"] < 1

@@ -41,3 +41,14 @@ def test_fid_matches_a_float64_reference_on_the_same_features():
     root = linalg.sqrtm(cov_a @ cov_b).real
     expected = float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
     assert abs(judge_fid(judge, noisy, renders) - expected) <= 1e-3 * expected
+
+
+def test_fid_over_several_chunks_equals_fid_in_one():
+    # evaluation feeds 1000 images in chunks of 500: every chunk must reach the statistics
+    torch.manual_seed(0)
+    judge = AttributeClassifier(arch="judge").eval()
+    scenes = PromptSplit("held-in").sample(120, seed=0)
+    renders, noisy = render_batch(scenes, range(120)), (render_batch(scenes, range(500, 620)) * 0.8 + 0.1)
+    whole = judge_fid(judge, noisy, renders)
+    assert abs(judge_fid(judge, noisy, renders, batch_size=32) - whole) <= 1e-6 * whole
+    assert abs(judge_fid(judge, noisy[:32], renders) - whole) > 0.01 * whole  # (a chunk alone is another number)

@@ -29,6 +29,10 @@ def test_the_table_trains_evaluates_and_reuses_finished_runs(tmp_path):
     teacher = table["rows"]["teacher-1"]  # the analytic judge's column beside the learned one's
     assert (f"| Teacher, 1 step | 1 | {teacher['held-in']['judge_accuracy']:.3f} | {teacher['held-out']['judge_accuracy']:.3f} "
             f"| {teacher['held-in']['analytic_accuracy']:.3f} | {teacher['held-out']['analytic_accuracy']:.3f} |") in markdown
+    a, b = (table["rows"]["dmdr-1"][split] for split in ("held-in", "held-out"))  # a student's row, to its grid
+    assert (f"| DMDR, 1-step | 1 | {a['judge_accuracy']:.3f} | {b['judge_accuracy']:.3f} | {a['analytic_accuracy']:.3f} "
+            f"| {b['analytic_accuracy']:.3f} | {a['fid']:.1f} | {b['fid']:.1f} | {a['rewards']['toy-align']:.3f} "
+            f"| {b['rewards']['toy-align']:.3f} | ") in markdown and f"| [dmdr-1]({a['grid']}) |" in markdown
     floor = table["meta"]["fid_floor"]  # renders against renders at the table's own 8 images
     assert floor["held-in"] > 0 and f"renders against renders give {floor['held-in']} held-in" in markdown
     checkpoint = tmp_path / "runs" / "dmd-1" / "checkpoints" / "step_000002" / "generator.safetensors"

@@ -130,8 +130,13 @@ def test_a_bf16_base_sees_the_exact_timestep(tiny_sd3):
 
 
 def test_load_errors_name_the_problem(tiny_sd3):
-    with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer patch size 2\)"):
+    with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer patch size 2\); "
+                                         r"use e.g. 28 or 32$"):
         load_sd3(str(tiny_sd3), resolution=30)
+    from dmdr_rl.sd3 import check_resolution
+
+    with pytest.raises(ValueError, match=r"model.resolution=8 is not a multiple of 16 .*; use e.g. 16$"):  # not "0 or 16"
+        check_resolution(8, 8, 2)
     with pytest.raises(BackboneLoadError, match="pass the local directory: model.path="):
         load_sd3("no-such-org/no-such-model-offline")
     with pytest.raises(BackboneLoadError, match="diffusers layout"):
