@@ -68,7 +68,10 @@ def test_the_fault_tolerant_cluster_points_gcs_at_its_redis():
     assert docs["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"] == password
     redis = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     assert "--requirepass" in redis["args"] and {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
-    assert docs["Secret"]["metadata"]["name"] == "redis-password"
+    # the Secret is created once by hand (applying the file again must not reset a password Redis still holds)
+    assert "Secret" not in docs and "kubectl create secret generic redis-password" in (DEPLOY / "kuberay" / "raycluster-ft.yaml").read_text()
+    # nothing runs on the head, so reward replicas and actors outlive its restart
+    assert docs["RayCluster"]["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 def test_the_image_and_the_launcher_install_the_pinned_dependencies():
@@ -84,7 +87,12 @@ def test_the_image_and_the_launcher_install_the_pinned_dependencies():
     # start commands use the environment's own ray (a bare `ray` is not on the PATH of a fresh node)
     starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
     assert all(".venv/bin/ray " in command for command in starts)
-    assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    # the head runs the autoscaler (else min_workers starts nothing), which drives EC2 through boto3, and a
+    # submitted job's `python` is the environment's
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head and "export PATH=/home/ubuntu/dmdr_rl/.venv/bin:" in head
+    assert any("pip install boto3" in command for command in launcher["setup_commands"])
     assert ".venv" in launcher["rsync_exclude"]
 
 
