@@ -86,8 +86,9 @@ class DMDRLearner:
                 "rollout/staleness": float(self.generator_step - batch.weight_version),
                 "train/skipped_updates": float(self.skipped_updates),  # so far, critic and generator together
             })
-            for name, scores in batch.reward_scores.items():
+            for name, scores in batch.reward_scores.items():  # (the count weights each rank's mean in the batch's)
                 metrics[f"rollout/reward/{name}"] = float(finite_mean(scores))
+                metrics[f"rollout/reward/{name}/non_finite"] = float((~torch.isfinite(scores)).sum())
             self.generator_step += 1
             self._critic_times = []
         self.iteration += 1

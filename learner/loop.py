@@ -98,6 +98,13 @@ def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, resta
             ray.get(coordinator.restart_worker.remote(worker, incarnation))
             restarted, give_up = True, time.monotonic() + patience_s
         except ACTOR_ERRORS as err:
+            if getattr(err, "actor_init_failed", False):  # its __init__ raised: Ray never restarts such an actor
+                reason = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or ["(no message)"]
+                # (not from err: a Ray error would count as the infrastructure's, and a retry of the learner
+                # would meet the same broken worker; as the run's own error, same_failure_limit ends it)
+                raise RuntimeError(f"a rollout worker failed to start, so {what} cannot be made: {reason[0].strip()} "
+                                   "(its model, encoders or rewards could not be built where it was placed: see the "
+                                   "worker's log, and ray.rollout_cpus / ray.rollout_gpus)") from None
             if time.monotonic() > give_up:
                 raise RuntimeError(f"no rollout worker could deliver {what} within {patience_s:.0f} s "
                                    f"(ray.rollout_timeout_s); the last error: {type(err).__name__}: {err}") from err

@@ -453,6 +453,29 @@ def test_at_a_first_start_a_question_waits_for_a_worker_that_loads_its_model(mon
     assert timeouts == [None]  # no timeout: the old coordinator waited as long too, but blocked while it did
 
 
+def test_a_rollout_worker_that_failed_to_start_ends_the_try_at_once_as_the_runs_own_error(monkeypatch):
+    # Ray does not restart an actor whose __init__ raised: waiting out the patience would only delay the error
+    import learner.loop as loop
+
+    monkeypatch.setattr(loop.time, "sleep", lambda s: pytest.fail("waited for a worker that cannot come back"))
+    failed = loop.ray.exceptions.RayActorError(
+        error_msg="The actor died because of an error raised in its creation task, ray::RolloutWorker.__init__()\n"
+                  "  File ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        actor_init_failed=True)
+
+    def get(obj, timeout=None):
+        if isinstance(obj, _Ref):
+            raise failed
+        return obj
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref("never"), 0, 0], reissue=lambda i, r: pytest.fail("reissued"))
+    with pytest.raises(RuntimeError, match=r"a rollout worker failed to start, so the rollout of batch \(0, rank 0\) "
+                                           r"cannot be made: torch.OutOfMemoryError: CUDA out of memory") as caught:
+        loop.fetch_batch(coordinator, 0, 0, patience_s=600)
+    assert loop.own_error(caught.value) is caught.value  # counted by same_failure_limit, not retried forever
+
+
 def test_a_question_waits_for_a_restarting_rollout_worker(monkeypatch):
     """The only worker was just restarted (ActorUnavailableError: restarting): asked again after a wait,
     not given up on at once."""
@@ -530,6 +553,13 @@ def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
         mean_over_ranks(metrics, torch.device("cpu"), 4, lambda tensor: sent.append(tensor.clone()))
     merged = mean_over_ranks(b, torch.device("cpu"), 4, lambda tensor: tensor.copy_(sent[0] + sent[1]))
     assert merged["reward/r"] == pytest.approx(0.74) and merged["reward/r/non_finite"] == 3.0
+    # and so is a rollout's monitored reward, with the count the learner logs beside it (test_grpo)
+    a, b = {"rollout/reward/r": 0.1, "rollout/reward/r/non_finite": 3.0}, {"rollout/reward/r": 0.9, "rollout/reward/r/non_finite": 0.0}
+    sent.clear()
+    for metrics in (a, b):
+        mean_over_ranks(metrics, torch.device("cpu"), 4, lambda tensor: sent.append(tensor.clone()))
+    merged = mean_over_ranks(b, torch.device("cpu"), 4, lambda tensor: tensor.copy_(sent[0] + sent[1]))
+    assert merged["rollout/reward/r"] == pytest.approx(0.74)
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):

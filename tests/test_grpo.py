@@ -360,6 +360,7 @@ def test_a_reward_without_a_gradient_trains_with_grpo_and_is_refused_by_refl(tmp
     rollout_scores = trainer.last_batch.reward_scores["my_black_box:Redness"]
     assert float(metrics["reward/my_black_box:Redness"]) == pytest.approx(float(rollout_scores.mean()), rel=1e-6)
     assert metrics["rollout/reward/my_black_box:Redness"] == metrics["reward/my_black_box:Redness"]
+    assert metrics["rollout/reward/my_black_box:Redness/non_finite"] == 0.0  # (weights it over the learner ranks)
     assert float(metrics["rl/advantage_abs"]) > 0 and float(metrics["stage/reward_active"]) == 1.0
     # with no DMD term, only the policy term can move the generator: it does, from its first update on
     cfg = load_config("toy-dmdr-grpo", settings + ["dmd.weight=0", "trainer.cold_start=0"])
