@@ -351,10 +351,9 @@ class TransformerBackbone:
         adapters, under autocast (each weight cast per call, gradients reaching the float32 weights): a
         float32 forward and backward of a whole transformer would run far below the GPU's bf16 rate. A
         float16 base keeps float32 (without loss scaling small gradients would flush to 0)."""
-        if _base_dtype(self.transformer) != torch.bfloat16:
-            return lambda x_t, t, cond: _in_module_precision(module, x_t, t, cond)
-
         def forward(x_t, t, cond):
+            if _base_dtype(self.transformer) != torch.bfloat16 or not torch.amp.is_autocast_available(x_t.device.type):
+                return _in_module_precision(module, x_t, t, cond)  # (e.g. the meta device: FLOPs are counted alike)
             with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
                 v = transformer_velocity(module, x_t, t.float(), cond)
             return v.to(x_t.dtype)

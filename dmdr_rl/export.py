@@ -4,7 +4,7 @@
     python -m dmdr_rl.export --run runs/my-sd3-run --format transformer --out exports/my-student-transformer
 
 `lora` writes the generator's LoRA as a diffusers LoRA file (`pipe.load_lora_weights(out)`; LoRA
-students only). `transformer` writes the whole student transformer (a LoRA merged into the base, or
+students only), from the checkpoint alone: no base weights are read. `transformer` writes the whole student transformer (a LoRA merged into the base, or
 the fully fine-tuned copy) as a diffusers `SD3Transformer2DModel` directory. Both write
 `student.json` with the sampling settings the student was trained for: its K steps are the shifted
 schedule `sigmas` below, which a diffusers `FlowMatchEulerDiscreteScheduler` with `shift` reproduces
@@ -42,28 +42,20 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         raise ValueError(f"--dtype {dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if fmt == "lora" and dtype != "float32":
         raise ValueError("--dtype applies to --format transformer only (a LoRA file keeps its float32 weights)")
-    run_dir, _ = find_run(run)
+    run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
-    # a LoRA file needs no base weights of any precision; a merge needs the base in float32
-    model = cfg.model
-    if fmt == "transformer":  # a float32 base also where the run's model.kwargs asked for another dtype
-        model = model.model_copy(update={"kwargs": {k: v for k, v in model.kwargs.items() if k != "dtype"}})
-    backbone, cfg, checkpoint = load_generator(run, model, cfg.trainer.precision if fmt == "lora" else "fp32",
-                                               encoders=False)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "lora":
+    if fmt == "lora":  # the checkpoint's adapter file is all it takes: no base weights are read
         from diffusers.loaders import SD3LoraLoaderMixin
 
-        config = backbone.lora_config(dmdr.GENERATOR)
-        # alpha / r folded into lora_B and alpha written as r: a loader that reads the file's metadata and one
-        # that does not (a state dict, older diffusers, other tools: scaling 1) apply the same LoRA
-        scaling = config.lora_alpha / config.r
-        layers = {k: v * scaling if "lora_B" in k else v for k, v in backbone.lora_state_dict(dmdr.GENERATOR).items()}
-        metadata = {"r": config.r, "lora_alpha": config.r, "target_modules": sorted(config.target_modules)}
+        out.mkdir(parents=True, exist_ok=True)
+        layers, metadata = lora_file(checkpoint, cfg.student.lora)
         SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
-    else:
+    else:  # a merge needs the base, in float32 also where the run's model.kwargs asked for another dtype
+        model = cfg.model.model_copy(update={"kwargs": {k: v for k, v in cfg.model.kwargs.items() if k != "dtype"}})
+        backbone, cfg, checkpoint = load_generator(run, model, "fp32", encoders=False)
+        out.mkdir(parents=True, exist_ok=True)
         student, target = backbone.standalone_transformer(dmdr.GENERATOR), getattr(torch, dtype)
         if student.dtype != target:
             student = student.to(target)
@@ -78,6 +70,22 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     }
     (out / "student.json").write_text(json.dumps(settings, indent=2) + "\n")
     return settings
+
+
+def lora_file(checkpoint: Path, lora) -> tuple[dict[str, torch.Tensor], dict]:
+    """The generator's LoRA as diffusers' LoRA file holds it, read from a checkpoint alone (its adapter file
+    holds the transformer's parameter names; peft's adapter-free names drop the adapter's), and its
+    metadata. alpha / r is folded into lora_B and alpha written as r: a loader that reads the metadata and
+    one that does not (a bare state dict, older diffusers, other tools: scaling 1) apply the same LoRA."""
+    from safetensors.torch import load_file
+
+    from .backbone import DEFAULT_LORA_TARGETS
+
+    tag, scaling = f".{dmdr.GENERATOR}.", lora.alpha / lora.rank
+    state = load_file(str(Path(checkpoint) / f"{dmdr.GENERATOR}.safetensors"))
+    layers = {name.replace(tag, "."): value * scaling if ".lora_B." in name else value for name, value in state.items()}
+    targets = sorted(set(lora.targets or DEFAULT_LORA_TARGETS))
+    return layers, {"r": lora.rank, "lora_alpha": lora.rank, "target_modules": targets}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -159,7 +159,8 @@ def test_load_errors_name_the_problem(tiny_sd3):
 
 
 @pytest.mark.parametrize("fmt", ["lora", "transformer"])
-def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(tmp_path, tiny_sd3, tiny_sd3_overrides, fmt):
+def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(tmp_path, tiny_sd3, tiny_sd3_overrides, fmt,
+                                                                                 monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from dmdr_rl.export import export_student
@@ -168,8 +169,20 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
                                    "student.steps=4", "student.shift=3.0", "trainer.max_steps=3"])
     trainer = LocalTrainer(cfg)
     trainer.train()
+    if fmt == "lora":  # from the checkpoint's adapter file alone: no base model is loaded (16 GB for SD3.5-Large)
+        import dmdr_rl.export
+
+        monkeypatch.setattr(dmdr_rl.export, "load_generator", lambda *a, **k: pytest.fail("loaded the model"))
     settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
     assert settings["num_inference_steps"] == 4 and settings["sigmas"] == [1.0, 0.75, 0.5, 0.25]
+    if fmt == "lora":  # the file holds peft's adapter-free names and values of the trained adapter, alpha / r folded in
+        from safetensors.torch import load_file
+
+        written = load_file(str(tmp_path / "export" / "pytorch_lora_weights.safetensors"))
+        scaling = cfg.student.lora.alpha / cfg.student.lora.rank
+        expected = {"transformer." + k: v * scaling if "lora_B" in k else v
+                    for k, v in trainer.backbone.lora_state_dict(dmdr.GENERATOR).items()}
+        assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
 
     # The trainer's own 4-step sample of the student, in latent space ...
     prompts, noise = ["a red circle"], torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
