@@ -172,7 +172,8 @@ def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Seque
 
 
 def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) -> Path:
-    """`samples/rollout_step_N.parquet`: the rollout batch a generator step trained on, with the weight
+    """`samples/rollout_step_N.parquet`: the rollout batch a generator step trained on (the caller's: on
+    several learner ranks, rank 0's share), with the weight
     version that sampled it and the rollout-side reward scores (monitored rewards; in GRPO mode the trained
     ones too)."""
     with torch.no_grad():

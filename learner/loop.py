@@ -48,23 +48,26 @@ BATCH_METRICS = ("loss/", "reward/", "rollout/", "rl/")  # each rank's are its s
 
 def mean_over_ranks(metrics: dict, device: torch.device, shard_size: int, all_reduce=dist.all_reduce) -> dict:
     """The shard metrics of every rank as the whole batch's, in one all-reduce: counts (`/non_finite`)
-    summed, a reward mean weighted by its rank's finite scores (`shard_size` less its non-finite count),
-    the rest averaged over the ranks whose value is finite (equal shards: a loss's mean is the batch's).
-    Timings and schedules stay rank 0's. Every rank must call it at the same steps."""
+    summed, a reward mean weighted by its rank's finite scores (`shard_size` less its non-finite count; a
+    rank whose every score failed adds nothing), the rest averaged over the ranks (equal shards: a loss's
+    mean is the batch's), and NaN where any rank's is not finite, as one process would log it (that
+    update was skipped). Timings and schedules stay rank 0's. Every rank must call it at the same steps."""
     keys = sorted(k for k, v in metrics.items() if k.startswith(BATCH_METRICS)
                   and (isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)))
     if not keys:
         return metrics
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    counted = torch.tensor([f"{k}/non_finite" in metrics for k in keys], device=device)
     weights = torch.tensor([shard_size - float(metrics[f"{k}/non_finite"]) if f"{k}/non_finite" in metrics else 1.0
                             for k in keys], dtype=torch.float64, device=device)
     finite = torch.isfinite(values) & (weights > 0)
-    both = torch.cat([torch.where(finite, values * weights, torch.zeros_like(values)),
-                      torch.where(finite, weights, torch.zeros_like(weights))])
-    all_reduce(both)
-    sums, counts = both[: len(keys)], both[len(keys):]
-    reduced = {k: float(sums[i]) if k.endswith("/non_finite") else float(sums[i] / counts[i]) if counts[i] > 0
-               else float("nan") for i, k in enumerate(keys)}
+    broken = (~torch.isfinite(values) & ~counted).to(values.dtype)  # a loss, not a mean of counted scores
+    every = torch.cat([torch.where(finite, values * weights, torch.zeros_like(values)),
+                       torch.where(finite, weights, torch.zeros_like(weights)), broken])
+    all_reduce(every)
+    sums, counts, broken = every[: len(keys)], every[len(keys): 2 * len(keys)], every[2 * len(keys):]
+    reduced = {k: float(sums[i]) if k.endswith("/non_finite") else float(sums[i] / counts[i])
+               if counts[i] > 0 and broken[i] == 0 else float("nan") for i, k in enumerate(keys)}
     return {**metrics, **reduced}
 
 

@@ -2,6 +2,7 @@
 checkpoints in the local trainer's layout."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -560,6 +561,13 @@ def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
         mean_over_ranks(metrics, torch.device("cpu"), 4, lambda tensor: sent.append(tensor.clone()))
     merged = mean_over_ranks(b, torch.device("cpu"), 4, lambda tensor: tensor.copy_(sent[0] + sent[1]))
     assert merged["rollout/reward/r"] == pytest.approx(0.74)
+    # a loss that is not finite on one rank (its update is skipped) is logged NaN, as one process would log it
+    a, b = {"loss/dmd": float("nan"), "reward/r": 0.5}, {"loss/dmd": 0.4, "reward/r": 0.7}
+    sent.clear()
+    for metrics in (a, b):
+        mean_over_ranks(metrics, torch.device("cpu"), 4, lambda tensor: sent.append(tensor.clone()))
+    merged = mean_over_ranks(b, torch.device("cpu"), 4, lambda tensor: tensor.copy_(sent[0] + sent[1]))
+    assert math.isnan(merged["loss/dmd"]) and merged["reward/r"] == pytest.approx(0.6)
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
