@@ -19,6 +19,7 @@ from .backbone import Backbone
 from .conditioning import Conditioning
 from .config import CriticSection, DmdSection, RewardSpec, RLSection, StudentSection
 from .flow import Trajectory, add_noise, randn, sample, sde_transition, x0_from_velocity
+from reward_servers.gradient import zero_unusable
 from reward_servers.protocol import RewardModel
 
 GENERATOR, CRITIC = "generator", "critic"
@@ -46,8 +47,8 @@ class WeightedReward:
         pixels = images.view_as(images)  # this reward's own node of the graph, for the hook below
         scores = self.model.score(pixels, prompts)
         shaped, finite, metrics = self.shape(scores)
-        if pixels.requires_grad:
-            pixels.register_hook(lambda grad: usable_gradient(grad, finite))
+        if pixels.requires_grad:  # a sample whose score or gradient is not finite gets none (it would give NaN):
+            pixels.register_hook(lambda grad: zero_unusable(grad, finite))  # as on the served path
         metrics[f"time/reward/{self.spec.key}_s"] = Elapsed(started, mark(images.device))
         return shaped, finite, metrics
 
@@ -59,16 +60,6 @@ class WeightedReward:
         metrics = {f"reward/{self.spec.key}": algo.finite_mean(scores).detach(),
                    f"reward/{self.spec.key}/non_finite": (~finite).sum().float()}
         return shaped, finite, metrics
-
-
-def usable_gradient(grad: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """A reward's d loss / d image with the rows of the samples it cannot use set to 0: those whose score is
-    not finite (their shaped term is a constant 0, but the reward model back-propagates 0 * inf = NaN through
-    them) and those whose gradient is not finite. One bad sample would otherwise make the whole update's
-    gradient non-finite, and the update would be skipped; the served path drops both the same way
-    (`reward_servers.gradient.score_and_grad`)."""
-    usable = finite & torch.isfinite(grad).flatten(1).all(dim=1)
-    return torch.where(usable.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
 
 
 def mark(device: torch.device):

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .gradient import attach_gradient
+from .gradient import attach_gradient, drop_unusable
 from .protocol import RewardInputError, RewardServerError, first_line, validate_images, validate_scores
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ class RewardClient:
         if not isinstance(grads, torch.Tensor) or not grads.is_floating_point() or grads.shape != images.shape:
             raise RewardServerError(f"reward app {self.app!r} returned gradients {getattr(grads, 'dtype', type(grads))} "
                                     f"of shape {list(getattr(grads, 'shape', []))}, expected float {list(images.shape)}")
-        usable = torch.isfinite(scores) & torch.isfinite(grads).flatten(1).all(dim=1)
-        scores = torch.where(usable, scores, torch.full_like(scores, float("nan")))
-        grads = torch.where(usable.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
+        scores, grads = drop_unusable(scores, grads)
         return scores.to(images.device), grads.to(images.device)
 
     def _check_input(self, images: torch.Tensor, prompts: Sequence[str]) -> None:

@@ -17,6 +17,24 @@ import torch
 from .protocol import RewardModel, RewardServerError, validate_scores
 
 
+def usable(finite: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The samples a reward term can use: a finite score (`finite`) and a finite d score / d image."""
+    return finite & torch.isfinite(grads).flatten(1).all(dim=1)
+
+
+def zero_unusable(grads: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """`grads` [B, ...] with the rows of unusable samples set to 0, so that one cannot poison the others."""
+    return torch.where(usable(finite, grads).view(-1, *[1] * (grads.dim() - 1)), grads, torch.zeros_like(grads))
+
+
+def drop_unusable(scores: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and gradients with an unusable sample's score NaN (dropped from the reward term and counted)
+    and its gradient 0."""
+    finite = torch.isfinite(scores)
+    return (torch.where(usable(finite, grads), scores, torch.full_like(scores, float("nan"))),
+            zero_unusable(grads, finite))
+
+
 def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[str],
                    max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [B] and d score_i / d image_i [B, 3, H, W], one backward pass per `max_images` images (the
@@ -37,9 +55,7 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
             (grads,) = torch.autograd.grad(torch.where(finite, scores, torch.zeros_like(scores)).sum(), pixels,
                                            allow_unused=True)
         grads = torch.zeros_like(pixels) if grads is None else grads  # the score does not depend on the pixels
-        usable = finite & torch.isfinite(grads).flatten(1).all(dim=1)
-        scores = torch.where(usable, scores.detach(), torch.full_like(scores.detach(), float("nan")))
-        return scores, torch.where(usable.view(-1, 1, 1, 1), grads, torch.zeros_like(grads))
+        return drop_unusable(scores.detach(), grads)
 
     return in_chunks(one_pass, images, prompts, max_images)
 
