@@ -354,7 +354,11 @@ def _run_checkpoint(run_dir: Path) -> Path:
 
 
 def _saved_step(checkpoint: Path) -> int:
-    return checkpoint_generator_step(checkpoint) if (checkpoint / "trainer_state.pt").exists() else -1
+    """Its generator step; -1 where it cannot be read (loading it later says why)."""
+    try:
+        return checkpoint_generator_step(checkpoint)
+    except Exception:  # noqa: BLE001 - missing, truncated, another format: ranked last, not an error here
+        return -1
 
 
 def run_directory_of(path: Path) -> Path | None:
