@@ -329,11 +329,11 @@ class RunConfig(_Section):
         if len(apps) != len(set(apps)):
             raise ValueError(f"two served rewards would share a Serve app ({sorted(a for a in apps if apps.count(a) > 1)[0]!r}): "
                              "give each its own rewards.N.serve.app")
-        keys = [spec.key for spec in self.rewards]
+        first: dict[str, int] = {}
         for i, spec in enumerate(self.rewards):
-            if keys.index(spec.key) != i:
-                raise ValueError(f"rewards.{keys.index(spec.key)} and rewards.{i} are both called {spec.key!r}, and a reward's "
-                                 f"metrics and scores are kept by that name: give one a label (rewards.{i}.label=...)")
+            if (j := first.setdefault(spec.key, i)) != i:
+                raise ValueError(f"rewards.{j} and rewards.{i} are both called {spec.key!r}, and a reward's metrics and "
+                                 f"scores are kept by that name: give one a label (rewards.{i}.label=...)")
         if self.trainer.backend == "ray" and self.trainer.device != "auto":
             raise ValueError(f"trainer.device={self.trainer.device} applies to trainer.backend=local only: with the Ray "
                              "backend set ray.learner_gpus / ray.rollout_gpus (> 0 puts those actors on GPUs)")

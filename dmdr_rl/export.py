@@ -4,7 +4,8 @@
     python -m dmdr_rl.export --run runs/my-sd3-run --format transformer --out exports/my-student-transformer
 
 `lora` writes the generator's LoRA as a diffusers LoRA file (`pipe.load_lora_weights(out)`; LoRA
-students only), from the checkpoint alone: no base weights are read. `transformer` writes the whole student transformer (a LoRA merged into the base, or
+students only), from the checkpoint alone: no base weights are read. `transformer` writes the whole
+student transformer (a LoRA merged into the base, or
 the fully fine-tuned copy) as a diffusers `SD3Transformer2DModel` directory. Both write
 `student.json` with the sampling settings the student was trained for: its K steps are the shifted
 schedule `sigmas` below, which a diffusers `FlowMatchEulerDiscreteScheduler` with `shift` reproduces

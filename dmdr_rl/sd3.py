@@ -46,7 +46,8 @@ def check_resolution(resolution: int, vae_factor: int, patch_size: int, pos_embe
     if resolution % multiple:
         lower = resolution - resolution % multiple
         raise ValueError(f"model.resolution={resolution} is not a multiple of {multiple} (VAE factor {vae_factor} x "
-                         f"transformer patch size {patch_size}); use e.g. " + (f"{lower} or {lower + multiple}" if lower else f"{multiple}"))
+                         f"transformer patch size {patch_size}); use e.g. "
+                         + (f"{lower} or {lower + multiple}" if lower else f"{multiple}"))
     if pos_embed_max_size and resolution > pos_embed_max_size * multiple:
         raise ValueError(f"model.resolution={resolution} is larger than the transformer's position embeddings reach "
                          f"({pos_embed_max_size} patches x {multiple} px = {pos_embed_max_size * multiple} px)")

@@ -30,7 +30,8 @@ class PickScore(torch.nn.Module):
         super().__init__()
         self.name, self.use_logit_scale = name, logit_scale
         load = {"cache_dir": cache_dir, "local_files_only": local_files_only}
-        self.model = CLIPModel.from_pretrained(path, dtype=torch_dtype(dtype, "rewards[].kwargs.dtype"), **load).eval().requires_grad_(False)
+        weights_dtype = torch_dtype(dtype, "rewards[].kwargs.dtype")
+        self.model = CLIPModel.from_pretrained(path, dtype=weights_dtype, **load).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path, **load)
         processor = CLIPImageProcessor.from_pretrained(processor_path, **load)
         self.size = int(processor.size["shortest_edge"])
