@@ -135,11 +135,16 @@ class RolloutCoordinator:
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
                 "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch}
 
-    def needed_version(self, iteration: int) -> int:
-        """The oldest generator version that may sample the batch of `iteration`: the learner's step when it
-        trains it (the generator moves after iterations ratio-1, 2 ratio-1, ...), less max_staleness."""
+    def training_step(self, iteration: int) -> int:
+        """The learner's generator step when it trains the batch of `iteration` (the generator moves after
+        iterations ratio-1, 2 ratio-1, ...)."""
         first, step = self.started_at
-        return max(0, step + iteration // self.ratio - first // self.ratio - self.max_staleness)
+        return step + iteration // self.ratio - first // self.ratio
+
+    def needed_version(self, iteration: int) -> int:
+        """The oldest generator version that may sample the batch of `iteration`: the step that trains it,
+        less max_staleness."""
+        return max(0, self.training_step(iteration) - self.max_staleness)
 
     # -- processes (for operators and fault-injection tests) ----------------------------------
     def register_learner(self, rank: int, pid: int) -> str | None:
@@ -209,7 +214,8 @@ class RolloutCoordinator:
             self.turn += 1
         self.assigned[(iteration, rank)] = worker_index
         self.incarnation_of[(iteration, rank)] = self.incarnations[worker_index]
-        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch)
+        ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch,
+                                                        self.training_step(iteration))
         self.pending[(iteration, rank)] = ref
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)
 

@@ -17,7 +17,7 @@ from dmdr_rl.conditioning import Conditioning
 from dmdr_rl.config import RunConfig
 from dmdr_rl.learning import load_adapter_state
 from dmdr_rl.registry import build_backbone
-from dmdr_rl.rollout import RolloutBatch, make_rollout, rewards_to_score
+from dmdr_rl.rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
 from reward_servers import reward_model
 
 
@@ -43,18 +43,20 @@ class RolloutWorker:
         return version
 
     def rollout(self, iteration: int, prompts: list[str], rank: int = 0, version: int | None = None,
-                weights: list | None = None, epoch: int = 0) -> RolloutBatch:
+                weights: list | None = None, epoch: int = 0, train_step: int | None = None) -> RolloutBatch:
         """Sample the batch; `weights` = [ObjectRef of the generator weights of (epoch, version)] is
-        fetched only when this worker holds other weights (so a restarted worker catches up by itself)."""
+        fetched only when this worker holds other weights (so a restarted worker catches up by itself);
+        `train_step`: the generator step that will train on it (default: the weights' version)."""
         if version is not None and (epoch, version) != (self.epoch, self.weight_version):
             import ray
 
             self.load_weights(version, ray.get(weights[0]), epoch)
         if self.weight_version < 0:
             raise RuntimeError("rollout before any generator weights were loaded")
+        step = self.weight_version if train_step is None else train_step
         batch = make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
-                             self.weight_version, rank, rewards_to_score(self.cfg, self.rewards, iteration),
-                             keep_inputs=self.cfg.rl.policy_gradient)
+                             self.weight_version, rank, rewards_to_score(self.cfg, self.rewards, iteration, step),
+                             keep_inputs=policy_trains_on(self.cfg, iteration, step))
         return batch.to("cpu")  # the object store carries host memory; the learner moves it to its device
 
     def null_conditioning(self) -> Conditioning:

@@ -92,6 +92,9 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, group_size: int
     finite) and for every sample of a group with fewer than two valid ones (nothing to compare with)."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not form whole groups of {group_size}")
+    # at least float32: a user's reward may score in bf16, whose group means and stds round samples' advantages
+    # to 0 or to groups that no longer sum to zero
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     shape = (-1, group_size)
     mask = valid.reshape(shape)
     weights = mask.to(rewards.dtype)

@@ -223,7 +223,9 @@ class RaySection(_Section):
     address: Optional[str] = None  # null: the cluster of `ray job submit` / RAY_ADDRESS, else a local one
     learner_workers: int = Field(1, ge=1)  # Ray Train workers (data parallel)
     rollout_actors: int = Field(1, ge=1)
-    max_staleness: int = Field(1, ge=0)  # generator versions a rollout may lag behind (0: on-policy)
+    # generator versions a rollout may lag behind (0: on-policy); null: 1, but 0 under rl.mode=grpo, whose clipped
+    # likelihood ratios need on-policy batches (one version behind, the clip drops part of the gradient)
+    max_staleness: Optional[int] = Field(None, ge=0)
     learner_cpus: float = Field(1.0, gt=0)  # per learner worker
     learner_gpus: float = Field(0.0, ge=0)  # per learner worker; > 0 trains on GPUs with NCCL
     rollout_cpus: float = Field(1.0, gt=0)  # per rollout actor
@@ -315,6 +317,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _has_a_loss(self, info: ValidationInfo) -> "RunConfig":
+        if self.ray.max_staleness is None:  # the default follows the RL mode (not a setting of the user's)
+            self.ray.max_staleness = 0 if self.rl.policy_gradient else 1
+            self.ray.__pydantic_fields_set__.discard("max_staleness")
         if (info.context or {}).get("for_sampling"):
             return self  # these rules are about training: a finished run is sampled whatever they say now
         if self.dmd.weight == 0 and not any(spec.weight > 0 for spec in self.rewards):

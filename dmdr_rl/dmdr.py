@@ -266,7 +266,7 @@ def rollout_advantages(
     if missing:
         raise ValueError(f"rl.mode=grpo: the rollout batch has no scores of {', '.join(map(repr, missing))} (it has "
                          f"{sorted(scores) or 'none'}); GRPO's rollouts score every trained reward: make them with "
-                         "make_rollout(..., scored=rewards_to_score(cfg, rewards, iteration))")
+                         "make_rollout(..., scored=rewards_to_score(cfg, rewards, iteration, train_step))")
     total, valid, metrics = None, None, {}
     for reward in rewarded:
         shaped, finite, reward_metrics = reward.shape(scores[reward.spec.key].detach())

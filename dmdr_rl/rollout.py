@@ -70,12 +70,25 @@ class RolloutBatch:
         return Trajectory(self.x0, self.timesteps, self.x_steps, self.x0_steps)
 
 
-def rewards_to_score(cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward], iteration: int) -> list[dmdr.WeightedReward]:
-    """The rewards the rollout of `iteration` scores: those `cfg.scored_on_rollout` selects, and only on the
-    batches a generator update trains on (the others update the critic alone, which uses no score)."""
+def policy_trains_on(cfg: RunConfig, iteration: int, train_step: int) -> bool:
+    """Whether GRPO's term trains on the batch of `iteration`, which the generator update of `train_step`
+    consumes: a generator-update batch after the cold start (before it, the batch needs no trained reward's
+    scores and no per-step inputs)."""
+    schedule = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start)
+    return (cfg.rl.policy_gradient and schedule.generator_updates(iteration)
+            and schedule.reward_active(train_step))
+
+
+def rewards_to_score(cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward], iteration: int,
+                     train_step: int) -> list[dmdr.WeightedReward]:
+    """The rewards the rollout of `iteration` (trained at generator step `train_step`) scores, among those
+    `cfg.scored_on_rollout` selects: only on the batches a generator update trains on (the others update the
+    critic alone, which uses no score), monitored ones for the logs, and GRPO's trained ones only once its
+    term trains (not through the cold start)."""
     if not UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start).generator_updates(iteration):
         return []
-    return [reward for reward in rewards if cfg.scored_on_rollout(reward.spec)]
+    policy = policy_trains_on(cfg, iteration, train_step)
+    return [reward for reward in rewards if cfg.scored_on_rollout(reward.spec) and (reward.spec.monitor or policy)]
 
 
 def make_rollout(

@@ -20,7 +20,7 @@ from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state
 from .prompts import checked_prompt_source
 from .registry import build_backbone, resolve_device
-from .rollout import RolloutBatch, image_seeds, make_rollout, rewards_to_score
+from .rollout import RolloutBatch, image_seeds, make_rollout, policy_trains_on, rewards_to_score
 from .samples import write_samples
 from .store import RunLock, open_store, run_events, set_aside_earlier_run, write_text_whole
 
@@ -89,8 +89,8 @@ class LocalTrainer:
         started = dmdr.mark(self.backbone.device)  # device time, read after the step (no host sync here)
         prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size, cfg.prompt_group)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
-                             scored=rewards_to_score(cfg, self.learner.rewards, self.iteration),
-                             keep_inputs=cfg.rl.policy_gradient)
+                             scored=rewards_to_score(cfg, self.learner.rewards, self.iteration, self.generator_step),
+                             keep_inputs=policy_trains_on(cfg, self.iteration, self.generator_step))
         self._rollout_times.append(dmdr.Elapsed(started, dmdr.mark(self.backbone.device)))
         self.last_batch = batch
         metrics = self.learner.step(batch)

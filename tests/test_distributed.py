@@ -348,10 +348,11 @@ def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_gen
     coordinator.publish(2, ["weights at step 2"])
     batch = coordinator.request(4, 0)[0]
     assert batch[2] == 4 and batch[4] == 2  # iteration 4, sampled by version 2: exactly the local trainer's
+    assert batch[7] == 2  # the worker is told the step that trains it (GRPO's cold start: what to score)
     assert coordinator.request(5, 0) is None  # iteration 5 is trained at step 3: not published yet
     assert coordinator.progress()["next_needs_version"] == 3
     coordinator.publish(3, ["weights at step 3"])
-    assert coordinator.request(5, 0)[0][4] == 3
+    assert coordinator.request(5, 0)[0][4] == 3 and coordinator.training_step(5) == 3
     starts = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "start"]
     assert starts == [{**starts[0], "iteration": 4, "world_size": 1}]
     # the same run at one ratio throughout: the step is iteration // ratio, as before

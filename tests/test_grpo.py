@@ -58,6 +58,16 @@ def test_group_advantages_are_clipped_and_a_group_with_one_finite_reward_gets_no
         algo.group_advantages(rewards[:6], torch.isfinite(rewards[:6]), 4, clip=1.0)
 
 
+def test_group_advantages_of_bf16_scores_are_computed_in_float32():
+    """A user's reward may score in bf16: its groups' means and stds in bf16 would round advantages away (a
+    group's advantages then no longer sum to zero)."""
+    scores = (3.2 + 0.04 * torch.tensor([0.5, 0.1, 0.9, 0.5, 0.1, 0.1, 0.1, 0.5])).bfloat16()
+    advantages = algo.group_advantages(scores, torch.ones(8, dtype=torch.bool), 4, clip=10.0)
+    expected = algo.group_advantages(scores.float(), torch.ones(8, dtype=torch.bool), 4, clip=10.0)
+    assert advantages.dtype == torch.float32
+    torch.testing.assert_close(advantages, expected)
+    assert torch.allclose(advantages.view(2, 4).sum(dim=1), torch.zeros(2), atol=1e-4)
+
 def _normal_log_density(x, mean, std):
     """log N(x; mean, std^2 I) per sample, averaged over its dimensions (torch.distributions, for reference)."""
     return torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1).mean(dim=1)
@@ -388,6 +398,28 @@ def test_a_monitored_trained_reward_is_scored_once_per_generator_update_and_only
     assert not refl.scored_on_rollout(refl.rewards[0]) and grpo.scored_on_rollout(grpo.rewards[0])
 
 
+def test_grpo_rollouts_score_and_keep_inputs_only_for_the_policy_terms_batches(tmp_path):
+    """Through the cold start and on critic-only batches nothing uses a trained reward's scores or the
+    per-step inputs: a black-box reward server is not called for them, and the batch carries no x_steps.
+    A monitored reward is still scored on every generator-update batch, for the logs."""
+    cfg = load_config("toy-dmdr-grpo", ["rewards=[{name: mean-red-black-box, shaping: linear}, "
+                                        "{name: mean-red-black-box, label: watched, weight: 0, monitor: true}]",
+                                        "trainer.batch_size=4", "rl.group_size=2", "student.steps=2",
+                                        "trainer.cold_start=1", "dmd.ratio=2", f"output.dir={tmp_path / 'run'}"])
+    trained, watched = (dmdr.WeightedReward(MeanRedNoGradient(), spec) for spec in cfg.rewards)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)),
+                           [trained, watched])
+    seen = []
+    for _ in range(4):  # iterations 0-3: critic, generator step 0 (cold start), critic, generator step 1 (GRPO)
+        metrics = trainer.train_iteration()
+        batch = trainer.last_batch
+        seen.append((sorted(batch.reward_scores), batch.x_steps is not None, trained.model.calls, watched.model.calls))
+    assert seen == [([], False, 0, 0), (["watched"], False, 0, 1), ([], False, 0, 1),
+                    (["mean-red-black-box", "watched"], True, 1, 2)]
+    assert float(metrics["stage/reward_active"]) == 1.0 and "loss/policy" in metrics
+
+
 def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path, monkeypatch):
     from dmdr_rl.run import dry_run
 
@@ -404,11 +436,22 @@ def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path
 
 def test_grpo_settings_that_run_but_learn_less_are_warned_about():
     warnings = load_config("toy-dmdr-grpo", ["rewards.0.shaping=hinge", "trainer.backend=ray", "trainer.device=auto",
-                                             "student.steps=2"]).warnings()
+                                             "student.steps=2", "ray.max_staleness=1"]).warnings()
     assert any("rewards.0 (toy-align) has hinge shaping" in w for w in warnings)
     assert any("ray.max_staleness=1" in w and "rl/clipped" in w for w in warnings)
     assert any("student.steps=2" in w for w in warnings)
     assert load_config("toy-dmdr-grpo").warnings() == []
+
+
+def test_grpo_rollouts_are_on_policy_unless_the_config_says_otherwise():
+    """ray.max_staleness defaults to 0 under GRPO (one version behind, the clip drops part of the gradient) and
+    to 1 otherwise (rollouts overlap the learner); the default is not a setting of the user's, so a local run is
+    not warned that it sets the Ray runtime, and the config written with the run records the value used."""
+    grpo = load_config("toy-dmdr-grpo", ["trainer.backend=ray", "trainer.device=auto"])
+    assert grpo.ray.max_staleness == 0 and grpo.warnings() == []
+    assert load_config("toy-dmdr").ray.max_staleness == 1 and load_config("toy-dmdr-grpo").warnings() == []
+    assert load_config("toy-dmdr-grpo", ["ray.max_staleness=2"]).ray.max_staleness == 2
+    assert grpo.model_dump(mode="json")["ray"]["max_staleness"] == 0
 
 
 def test_training_every_transition_averages_the_one_transition_terms(backbone):
