@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from .evaluation import evaluate
+from .store import write_text_whole
 from .toy.grammar import SPLITS
 from .toy.teacher import DEFAULT_CFG
 from .toy.weights import load_align, load_judge, load_teacher
@@ -79,14 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.shift = args.shift if args.shift is not None else 1.0
     if any(s < 1 for s in args.steps):
         p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.shift <= 0:
+    if not (math.isfinite(args.shift) and args.shift > 0):
         p.error(f"--shift must be > 0, got {args.shift}")
+    if not all(math.isfinite(c) for c in args.cfg):
+        p.error(f"--cfg must be finite, got {args.cfg}")
     if args.num_images < 2:
         p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file: give a directory")
     return args
 
 
@@ -113,8 +119,8 @@ def samplers(args: argparse.Namespace):
 
         sample_fn, cfg = load_student(args.run)
         run_dir, checkpoint = find_run(args.run)  # one report directory per run and checkpoint, not per folder name
-        label = run_dir.resolve().name + ("" if args.run == run_dir else f"-{checkpoint.name}")
-        return [(f"student-{label}-steps{cfg.student.steps}", student_settings(cfg.student), sample_fn)]
+        settings = {**student_settings(cfg.student), "run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve())}
+        return [(f"student-{run_dir.resolve().name}-{checkpoint.name}-steps{cfg.student.steps}", settings, sample_fn)]
     teacher = load_teacher(args.weights)
     return [
         (f"teacher-steps{steps}-cfg{cfg:g}{f'-shift{args.shift:g}' if args.shift != 1.0 else ''}",
@@ -143,7 +149,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         )
         report = {"model": args.model, **settings, **report,
                   "seconds": round(time.time() - started, 1)}
-        (args.out / name / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_whole(args.out / name / "report.json", json.dumps(report, indent=2) + "\n")
         print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  analytic {report['analytic_accuracy']:.3f}  "
               f"FID {report['fid']:.2f}  toy-align {report['rewards']['toy-align']:.3f}  -> {args.out / name}")
         if "fid_note" in report and len(reports) == 0:
@@ -155,13 +161,13 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
 def write_summary(reports: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(reports, indent=2) + "\n")
+    write_text_whole(out / "summary.json", json.dumps(reports, indent=2) + "\n")
     lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | toy-align | images |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         lines.append(f"| {r['model']} | {r['split']} | {r['steps']} | {r['cfg']:g} | {r['judge_accuracy']:.3f} | "
                      f"{r['analytic_accuracy']:.3f} | {r['fid']:.2f} | {r['rewards']['toy-align']:.3f} | {r['num_images']} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_whole(out / "summary.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

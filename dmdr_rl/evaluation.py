@@ -32,14 +32,25 @@ def fresh_renders(scenes: Sequence, seed: int, offset: int = REFERENCE_SEED_OFFS
 
 def generate(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
              desc: str = "sampling") -> torch.Tensor:
+    """The images of `prompts` in [0, 1] on the CPU; a pixel that is not finite (a diverged sampler) is 0 (NaN
+    would pass clamp and break FID's matrix square root; `generate_counted` also says how many images had one)."""
+    return generate_counted(sample_fn, prompts, seeds, batch_size, desc)[0]
+
+
+def generate_counted(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
+                     desc: str = "sampling") -> tuple[torch.Tensor, int]:
+    """`generate`'s images and how many of them had a non-finite pixel (set to 0)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per image")
-    chunks = []
+    chunks, nonfinite = [], 0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         chunk = slice(start, start + batch_size)
         # on the CPU, beside the judge and the fresh renders, whatever device sampled them
-        chunks.append(sample_fn(prompts[chunk], seeds[chunk]).clamp(0, 1).cpu())
-    return torch.cat(chunks)
+        images = sample_fn(prompts[chunk], seeds[chunk]).cpu()
+        finite = torch.isfinite(images)
+        nonfinite += int((~finite).flatten(1).any(dim=1).sum())
+        chunks.append(torch.where(finite, images, torch.zeros_like(images)).clamp(0, 1))
+    return torch.cat(chunks), nonfinite
 
 
 def evaluate(
@@ -62,7 +73,7 @@ def evaluate(
     scenes = PromptSplit(split).sample(num_images, seed)
     prompts = prompts_of(scenes)
     seeds = image_seeds(seed, num_images)
-    images = generate(sample_fn, prompts, seeds, batch_size, desc)
+    images, nonfinite_images = generate_counted(sample_fn, prompts, seeds, batch_size, desc)
     reference = fresh_renders(scenes, seed)
     with torch.no_grad():
         verdicts = [v for s in range(0, num_images, batch_size)
@@ -91,6 +102,8 @@ def evaluate(
            if num_images != 1000 else {}),
         "rewards": reward_means,
         **({"rewards_nonfinite": nonfinite} if any(nonfinite.values()) else {}),
+        # images with a non-finite pixel (a diverged sampler), scored with those pixels at 0
+        **({"nonfinite_images": nonfinite_images} if nonfinite_images else {}),
         "num_images": num_images,
         "split": split,
         "seed": seed,

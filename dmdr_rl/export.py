@@ -30,6 +30,7 @@ from . import dmdr
 from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .sd3 import BackboneLoadError
+from .store import write_text_whole
 from .trainer import find_run, load_generator
 
 FORMATS = ("lora", "transformer")
@@ -43,6 +44,11 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         raise ValueError(f"--dtype {dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if fmt == "lora" and dtype != "float32":
         raise ValueError("--dtype applies to --format transformer only (a LoRA file keeps its float32 weights)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory")
+    earlier = out / "student.json"
+    if earlier.exists() and json.loads(earlier.read_text()).get("format") != fmt:  # its files would stay beside ours
+        raise ValueError(f"--out {out} holds an export of another format: choose another --out")
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
     if fmt == "lora" and cfg.student.lora is None:
@@ -69,7 +75,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         "sigmas": [round(float(t), 6) for t in sampling_timesteps(steps, 1.0)],  # unshifted; the scheduler shifts
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
     }
-    (out / "student.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_whole(out / "student.json", json.dumps(settings, indent=2) + "\n")
     return settings
 
 

@@ -70,17 +70,27 @@ def read_prompt_file(path: Path) -> list[str]:
         raise ConfigError(f"data.prompts: {path} does not exist or is not a file")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".txt":
-            prompts = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a prompt
+        if suffix == ".txt":  # a byte-order mark is not part of a prompt; read_text makes \r\n and \r \n, and
+            # only \n ends a line (str.splitlines would also split at U+2028, U+0085, form feeds...)
+            prompts = path.read_text(encoding="utf-8-sig").split("\n")
         else:
+            import pyarrow.types
+
             table = _read_table(path, suffix)
-            if "prompt" not in table.column_names:
-                raise ConfigError(f"data.prompts: {path} has no 'prompt' column (columns: "
-                                  f"{', '.join(table.column_names) or 'none'}); rename the prompt column to 'prompt'")
-            prompts = [p for p in table.column("prompt").to_pylist() if isinstance(p, str)]
+            count = table.column_names.count("prompt")
+            if count != 1:
+                raise ConfigError(f"data.prompts: {path} has {'no' if count == 0 else count} 'prompt' column"
+                                  f"{'s' if count else ''} (columns: {', '.join(table.column_names) or 'none'}); "
+                                  "give it one column named 'prompt'")
+            column = table.column("prompt")
+            if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)
+                    or pyarrow.types.is_null(column.type)):
+                raise ConfigError(f"data.prompts: {path}'s 'prompt' column holds {column.type}, not text; write "
+                                  "the prompts as strings")
+            prompts = [p for p in column.to_pylist() if isinstance(p, str)]
     except ConfigError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as err:
         raise ConfigError(f"data.prompts: cannot read {path} as {suffix} ({type(err).__name__}: {err})") from err
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
@@ -94,8 +104,13 @@ def _read_table(path: Path, suffix: str):
     import pyarrow.json
     import pyarrow.parquet
 
+    if suffix == ".parquet":
+        return pyarrow.parquet.read_table(str(path))
+    # One block for the whole file (prompt files are small): pyarrow's default 1 MiB blocks refuse a line longer
+    # than a block, and would cut a quoted CSV prompt with a newline where a block ends.
+    block_size = max(1 << 20, path.stat().st_size + 1)
     if suffix == ".csv":  # the prompt column as text even where every prompt looks like a number ("1984")
-        return pyarrow.csv.read_csv(str(path), convert_options=pyarrow.csv.ConvertOptions(
-            column_types={"prompt": pyarrow.string()}))
-    readers = {".parquet": pyarrow.parquet.read_table, ".jsonl": pyarrow.json.read_json}
-    return readers[suffix](str(path))
+        return pyarrow.csv.read_csv(str(path), read_options=pyarrow.csv.ReadOptions(block_size=block_size),
+                                    parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+                                    convert_options=pyarrow.csv.ConvertOptions(column_types={"prompt": pyarrow.string()}))
+    return pyarrow.json.read_json(str(path), read_options=pyarrow.json.ReadOptions(block_size=block_size))

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --prompt TEXT (repeatable) or --prompts FILE")
     if any(not text.strip() for text in args.prompt):
         p.error("--prompt is empty (the empty prompt is the model's unconditional input, not a prompt)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file: give a directory")
     if args.out is not None and (args.out / "samples.parquet").exists():
         p.error(f"{args.out} already holds samples: choose another --out")
     for flag, value, least in (("--num", args.num, 1), ("--batch-size", args.batch_size, 1), ("--seed", args.seed, 0)):
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     from .eval import load_student
-    from .evaluation import generate
+    from .evaluation import generate_counted
     from .rollout import image_seeds
     from .grid import save_grid
     from .prompts import read_prompt_file
@@ -67,7 +69,11 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))
-    images = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
+    images, nonfinite = generate_counted(sample_fn, prompts, seeds, args.batch_size,
+                                         desc=f"sampling {len(prompts)} images")
+    if nonfinite:
+        print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged student?); "
+              "they are saved with those pixels at 0", file=sys.stderr)
     out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, source="sample")
     shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look

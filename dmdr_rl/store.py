@@ -45,9 +45,9 @@ PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.u
 
 
 REDACTED = "***"
-# scheme://user:password@ read from the text, not by urlparse: a password with an unencoded / or # in it
-# would otherwise not be seen as one (and be shown whole)
-_USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/?#]*):[^?]*@")
+# scheme://user:password@ read from the text, not by urlparse: a password with an unencoded /, ?, # or @ in it
+# would otherwise not be seen as one (and be shown whole); the password runs to the first @ that a host follows
+_USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/?#]*):.*?@(?=[^@/?#]*(?:[/?#]|$))")
 
 
 def _rebuild(parsed, netloc: str, query: str) -> str:
@@ -99,12 +99,22 @@ def written_whole(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; on success it replaces `path` in one step, so a
     crash or a reader never sees a file half written (a checkpoint's `latest`, a Parquet file, a summary)."""
     path = Path(path)
-    pending = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pending = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         yield pending
+        _fsync(pending)  # its bytes on disk before the name points at them (else a power cut can leave it empty)
         os.replace(pending, path)
+        _fsync(path.parent)
     finally:
         pending.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_whole(path: str | Path, text: str) -> None:
@@ -212,6 +222,24 @@ def _after_last_whole_line(fd: int) -> int:
     return whole
 
 
+def append_whole_lines(path: Path, lines: bytes) -> None:
+    """Appends `lines` (each ending in a newline) all or none, under an exclusive lock: a write cut short (a full
+    disk) is undone and raised, and a last line an earlier write left cut short is dropped first, so a new
+    record never joins it."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        end = _after_last_whole_line(fd)
+        written = os.write(fd, lines)
+        if written != len(lines):
+            os.ftruncate(fd, end)
+            what = "a record" if lines.count(b"\n") == 1 else "records"
+            raise StoreError(f"{path}: only {written} of {len(lines)} bytes of {what} could be written (is the disk "
+                             "full?)")
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of one JSON-lines file ([] when there is none), read under a shared lock so that no
     write is half done; a last record cut short (e.g. a full disk) is not a record."""
@@ -219,7 +247,12 @@ def read_jsonl(path: Path) -> list[dict]:
         return []
     with path.open("rb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-        data = f.read().decode()
+        raw = f.read()
+    try:
+        data = raw.decode()
+    except UnicodeDecodeError as err:  # the store writes ASCII JSON: the file was damaged, or is not a stream
+        line = raw[: err.start].count(b"\n") + 1
+        raise StoreError(f"{path}:{line} is not a JSON record (not UTF-8 text)") from None
     lines = data.split("\n")
     if lines and lines[-1] and not data.endswith("\n"):
         lines = lines[:-1]
@@ -261,18 +294,7 @@ class FileStore:
     def append(self, stream: str, record: dict) -> None:
         """One whole line or none: a write cut short (a full disk) is undone and raised, and a record an
         earlier write left cut short is dropped first, so the next record never joins it."""
-        line = (json.dumps(new_record(record)) + "\n").encode()
-        fd = os.open(self.path(stream), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            end = _after_last_whole_line(fd)
-            written = os.write(fd, line)
-            if written != len(line):
-                os.ftruncate(fd, end)
-                raise StoreError(f"{self.path(stream)}: only {written} of {len(line)} bytes of a record could be "
-                                 "written (is the disk full?)")
-        finally:
-            os.close(fd)  # closing releases the lock
+        append_whole_lines(self.path(stream), (json.dumps(new_record(record)) + "\n").encode())
 
     def read(self, stream: str) -> list[dict]:
         return unique(read_jsonl(self.path(stream)))
@@ -433,10 +455,8 @@ class RedisStore:
     def _save_unflushed(self, entries: list[tuple[str, str]]) -> None:
         target = (self.run_dir or Path(".")) / self.UNFLUSHED
         target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # read_jsonl never sees half of it
-            f.write("".join(json.dumps({"run": self.run, "stream": stream, **json.loads(text)}) + "\n"
-                            for stream, text in entries))
+        append_whole_lines(target, "".join(json.dumps({"run": self.run, "stream": stream, **json.loads(text)}) + "\n"
+                                           for stream, text in entries).encode())
         log.error("run store %s: %d records could not be sent; saved to %s", self.url, len(entries), target)
 
     def _flush_forever(self) -> None:

@@ -8,6 +8,7 @@ import yaml
 from dmdr_rl import eval as toy_eval
 from dmdr_rl import run
 from dmdr_rl.samples import read_samples
+from dmdr_rl.trainer import find_run
 
 REPORT_KEYS = {"judge_accuracy", "judge_accuracy_by_category", "fid", "rewards", "num_images", "steps", "cfg", "split"}
 
@@ -80,8 +81,10 @@ def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path):
     assert json.loads((run_dir / "eval" / "report.json").read_text())["steps"] == 2
     out = tmp_path / "eval"
     toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(out)])
-    report = json.loads((out / "student-run-steps2-held-in" / "report.json").read_text())
+    checkpoint = find_run(run_dir)[1]  # a report directory per run and checkpoint: a later one does not overwrite it
+    report = json.loads((out / f"student-run-{checkpoint.name}-steps2-held-in" / "report.json").read_text())
     assert report["model"] == "student" and report["steps"] == 2 and report["cfg"] == 1.0
+    assert (report["run"], report["checkpoint"]) == (str(run_dir.resolve()), str(checkpoint.resolve()))
     with pytest.raises(SystemExit):
         toy_eval.parse_args(["--model", "student"])
 
@@ -149,7 +152,8 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "eval"
     toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "2", "--out", str(out)])
-    report = json.loads((out / "student-run-steps2-held-in" / "report.json").read_text())
+    [report_dir] = out.glob("student-run-step_*-steps2-held-in")
+    report = json.loads((report_dir / "report.json").read_text())
     assert (report["steps"], report["shift"], report["sampler"], report["cfg"]) == (2, 2.0, "ode", 1.0)
     with pytest.raises(SystemExit, match="is not a training run"):
         toy_eval.main(["--model", "student", "--run", str(tmp_path / "nowhere"), "--num-images", "2"])
@@ -225,3 +229,44 @@ def test_evaluate_samples_its_split_and_measures_fid_against_renders_of_the_same
     # a score that is not finite is counted, and the mean is the others' (one chunk had a NaN first image each)
     assert report["rewards_nonfinite"] == {"nan-for-the-first": 3}
     assert 0 < report["rewards"]["nan-for-the-first"] < 1
+
+
+def test_images_with_non_finite_pixels_are_counted_and_do_not_break_the_evaluation():
+    """A diverged sampler's NaN passes clamp(0, 1) and crashed FID's matrix square root (in native code, with
+    no report written): such pixels are 0, and the report says how many images had one."""
+    from dmdr_rl.evaluation import evaluate
+    from dmdr_rl.toy.weights import load_judge
+
+    sampler = _RenderingSampler(seed=1, total=8)
+
+    def diverging(prompts, seeds):
+        images = sampler(prompts, seeds)
+        images[0, 0, 3, 3] = float("nan")
+        images[1, 2] = float("inf")
+        return images
+
+    report = evaluate(diverging, "held-in", 8, 1, load_judge(), batch_size=4)
+    assert report["nonfinite_images"] == 4  # two per chunk of four
+    assert 0 <= report["fid"] < 1e9 and 0 <= report["judge_accuracy"] <= 1
+    assert "nonfinite_images" not in evaluate(_RenderingSampler(seed=1, total=8), "held-in", 8, 1, load_judge())
+
+
+def test_an_output_that_is_a_file_or_another_formats_export_is_refused_before_any_work(tmp_path, capsys):
+    from dmdr_rl import export, sample
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for parse in (lambda: sample.parse_args(["--run", "r", "--prompt", "a red circle", "--out", str(a_file)]),
+                  lambda: toy_eval.parse_args(["--out", str(a_file)])):
+        with pytest.raises(SystemExit):
+            parse()
+        assert f"--out {a_file} is a file: give a directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a file"):
+        export.export_student(tmp_path / "no-run", "lora", a_file)
+    earlier = tmp_path / "export"
+    earlier.mkdir()
+    (earlier / "student.json").write_text(json.dumps({"format": "transformer"}))
+    with pytest.raises(ValueError, match="holds an export of another format"):  # (before the run is even looked for)
+        export.export_student(tmp_path / "no-run", "lora", earlier)
+    with pytest.raises(FileNotFoundError, match="is not a training run"):  # the same format may be written again
+        export.export_student(tmp_path / "no-run", "transformer", earlier)

@@ -2,6 +2,7 @@
 small for the config, an unreachable cluster address, a prompt file that is missing, empty or
 unreadable."""
 
+import json
 import re
 import socket
 
@@ -206,3 +207,23 @@ def test_options_may_come_between_the_overrides(tmp_path, capsys):
     run.main(["--preset", "toy-dmdr", "trainer.max_steps=2", "--dry-run", f"output.dir={tmp_path / 'x'}"])
     out = capsys.readouterr().out
     assert f"outputs: {tmp_path / 'x'}" in out and "2 generator steps" in out
+
+
+def test_a_prompt_is_one_line_of_text_whatever_the_file_holds(tmp_path):
+    """Only a newline ends a .txt prompt (str.splitlines also split at U+0085, U+2028 and form feeds); a quoted
+    CSV prompt with a newline stays whole where pyarrow's 1 MiB read blocks would end (a large file); a JSONL
+    prompt longer than a block is read; a duplicated or non-text prompt column is refused by name."""
+    (tmp_path / "p.txt").write_text("a red circle\x85above a blue square\nsecond\u2028part\r\nlast\n", newline="")
+    assert PromptSource(str(tmp_path / "p.txt"), 0).prompts == ["a red circle\x85above a blue square",
+                                                                 "second\u2028part", "last"]
+    quoted = [f"prompt number {i} line one\nline two of {i}" for i in range(40_000)]  # about 2 MB
+    (tmp_path / "big.csv").write_text("prompt\n" + "".join(f'"{p}"\n' for p in quoted))
+    assert PromptSource(str(tmp_path / "big.csv"), 0).prompts == quoted
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "red " * 400_000}) + '\n{"prompt": "short"}\n')
+    assert [len(p) for p in PromptSource(str(tmp_path / "long.jsonl"), 0).prompts] == [1_599_999, 5]
+    (tmp_path / "dup.csv").write_text("prompt,prompt\na,b\n")
+    with pytest.raises(ConfigError, match="has 2 'prompt' columns"):
+        PromptSource(str(tmp_path / "dup.csv"), 0)
+    (tmp_path / "ints.jsonl").write_text('{"prompt": 1}\n{"prompt": 2}\n')
+    with pytest.raises(ConfigError, match="'prompt' column holds int64, not text"):
+        PromptSource(str(tmp_path / "ints.jsonl"), 0)

@@ -150,6 +150,18 @@ def test_nothing_is_dropped_after_close_or_mixed_into_another_run(tmp_path, redi
     RedisStore(redis_server.url, "a-new-name").require_new()
 
 
+def test_records_saved_beside_a_run_do_not_join_a_line_an_earlier_save_cut_short(tmp_path, redis_server):
+    store = RedisStore(redis_server.url, "cut-save", tmp_path)
+    store.close()
+    store.append("ledger", {"event": "first"})
+    with (tmp_path / "store-unflushed.jsonl").open("a") as f:
+        f.write('{"run": "cut-save", "stream": "ledger", "ev')  # a save the disk cut short
+    store.append("ledger", {"event": "second"})
+    reader = RedisStore(redis_server.url, "cut-save", tmp_path)
+    assert [r["event"] for r in reader.read("ledger")] == ["first", "second"]
+    reader.close()
+
+
 def test_a_record_cut_short_is_skipped_not_fatal(tmp_path):
     store = FileStore(tmp_path)
     store.append("metrics", {"step": 1})
@@ -160,6 +172,9 @@ def test_a_record_cut_short_is_skipped_not_fatal(tmp_path):
     assert [r["step"] for r in store.read("metrics")] == [1, 3]
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(StoreError, match="metrics.jsonl:2 is not a JSON record"):
+        store.read("metrics")
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"step": 2, "note": "\xff"}\n')  # damaged: not UTF-8
+    with pytest.raises(StoreError, match="metrics.jsonl:2 is not a JSON record \\(not UTF-8 text\\)"):
         store.read("metrics")
 
 
@@ -285,6 +300,8 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     # a generated password with an unencoded / or # is still a password (urlparse alone would not see it)
     assert redact_url("redis://:s3cret/pw@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert redact_url("redis://user:p#w@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("redis://:pa?ss@host:6379/0") == "redis://:***@host:6379/0"  # and a ?, or an @
+    assert redact_url("redis://:p@ss@h:1/0?x=a@b") == "redis://:***@h:1/0?x=a@b"
     write_run_config(load_config("toy-dmdr", ["store.url=redis://:s3cret@redis:6379/0"]), tmp_path)
     saved = (tmp_path / "config.yaml").read_text()
     assert "s3cret" not in saved and "redis://:***@redis:6379/0" in saved
