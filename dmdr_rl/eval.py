@@ -28,7 +28,7 @@ from .toy.weights import load_align, load_judge, load_teacher
 def _list_of(kind):
     def parse(text: str):
         try:
-            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+            values = list(dict.fromkeys(kind(v.strip()) for v in text.split(",") if v.strip()))  # each once
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
         if not values:

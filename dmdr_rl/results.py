@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.render_only:
         return render_saved(args.out)
-    rows = [ROWS_BY_KEY[k] for k in args.rows.split(",")]
+    rows = [ROWS_BY_KEY[k] for k in dict.fromkeys(args.rows.split(","))]  # each once (a repeat would train twice)
     try:
         check_rows(rows, args.runs, args.overrides, args.retrain)
     except (ConfigError, RuntimeError) as err:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1; default 2)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     args = parser.parse_args(argv)
-    if args.interval < 0.1:
+    if not args.interval >= 0.1:  # (NaN too)
         parser.error(f"--interval must be >= 0.1 seconds, got {args.interval:g}")
     try:
         store, run_dir, max_steps = locate(args.run, args.store)

@@ -270,3 +270,10 @@ def test_an_output_that_is_a_file_or_another_formats_export_is_refused_before_an
         export.export_student(tmp_path / "no-run", "lora", earlier)
     with pytest.raises(FileNotFoundError, match="is not a training run"):  # the same format may be written again
         export.export_student(tmp_path / "no-run", "transformer", earlier)
+
+
+def test_a_setting_named_twice_is_evaluated_once():
+    args = toy_eval.parse_args(["--steps", "4,4,2", "--cfg", "3,3", "--split", "held-in,held-in"])
+    assert (args.steps, args.cfg, args.split) == ([4, 2], [3.0], ["held-in"])
+    with pytest.raises(SystemExit):
+        toy_eval.parse_args(["--cfg", "nan"])

@@ -334,6 +334,13 @@ def test_watch_names_a_damaged_run_instead_of_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--once"])
     assert exit_info.value.code == 2 and "metrics.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "time": 1.0}\n{"step": 2, "note": "\xff"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--once"])
+    assert exit_info.value.code == 2 and "metrics.jsonl:2 is not a JSON record (not UTF-8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--interval", "nan"])
+    assert "--interval must be >= 0.1 seconds, got nan" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text("critic: {lora: 7}\n")
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--once"])
