@@ -473,8 +473,6 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. student.steps=1)")
-    if not raw.strip():  # an unset shell variable, most likely: never a silent null
-        raise ConfigError(f"override {key!r} has an empty value: give one, or write {key}=null to clear an optional field")
     parts = key.split(".")
     node: Any = data
     schema: Any = RunConfig  # a pydantic model, ("list", item schema), or None (free-form mapping)
@@ -500,9 +498,20 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             if not last and (part not in node or node[part] is None):
                 node[part] = [] if isinstance(schema, tuple) else {}
         if last:
-            node[slot] = _override_value(raw, annotation)
+            nullable = annotation is None or type(None) in (getattr(annotation, "__args__", ()) or ())
+            if not raw.strip():  # an unset shell variable, most likely: never a silent null
+                raise ConfigError(f"override {key!r} has an empty value: give one" +
+                                  (f" (or {key}=null for none)" if nullable else ""))
+            value = _override_value(raw, annotation)
+            if annotation is str and raw.strip() in NULL_WORDS:  # a text field's literal "null"? rarely meant
+                raise ConfigError(f"override {key!r}: {key} needs a value (it cannot be null); for the text "
+                                  f"{raw.strip()!r} write {key}='{raw.strip()}'")
+            node[slot] = value
         else:
             node = node[slot]
+
+
+NULL_WORDS = ("null", "Null", "NULL", "~", "None")
 
 
 def _override_value(raw: str, annotation: Any) -> Any:
@@ -511,7 +520,7 @@ def _override_value(raw: str, annotation: Any) -> Any:
     text = raw.strip()
     args = getattr(annotation, "__args__", ()) or ()
     if annotation is str or (str in args and all(a in (str, type(None)) for a in args)):
-        if type(None) in args and text in ("null", "Null", "NULL", "~", "None"):
+        if type(None) in args and text in NULL_WORDS:
             return None
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # YAML's quoting ('it''s', "a\tb")
             try:
@@ -552,6 +561,21 @@ def _allowed_keys(loc: tuple) -> str:
     return f"; {'.'.join(map(str, loc)) or 'the top level'} has {', '.join(schema.model_fields)}" if hasattr(schema, "model_fields") else ""
 
 
+def _nullable(loc: tuple) -> bool:
+    """Whether the field at `loc` may be null."""
+    schema: Any = RunConfig
+    annotation: Any = None
+    for part in loc:
+        if isinstance(schema, tuple):
+            schema, annotation = schema[1], None
+        elif hasattr(schema, "model_fields") and part in schema.model_fields:
+            annotation = schema.model_fields[part].annotation
+            schema = _schema_of(annotation)
+        else:
+            return False
+    return type(None) in (getattr(annotation, "__args__", ()) or ())
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -570,7 +594,7 @@ def _describe(err: ValidationError) -> str:
                 value = redact_url(value)
             if e["type"] == "extra_forbidden":
                 message = "unknown key" + _allowed_keys(e["loc"][:-1])
-            elif value == "None":
+            elif value == "None" and _nullable(e["loc"]):
                 message += "; write null for no value"
             elif e["type"] == "tuple_type":
                 message += f"; write the values in brackets ({field}=[a, b])"

@@ -6,6 +6,7 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -265,15 +266,23 @@ def latest_checkpoint(directory: Path) -> Path:
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted fields whose values differ between two config dumps, as `field: saved -> current`."""
+    """Dotted fields whose values differ between two config dumps, as `field: saved -> current` (lists of one
+    length item by item: `rewards.0.margin`, not the whole list)."""
     changes = []
     for key in dict.fromkeys([*saved, *current]):
         a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            a, b = dict(enumerate(a)), dict(enumerate(b))
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, name + ".")
         elif a != b:
             changes.append(f"{name}: {a!r} -> {b!r}")
     return changes
+
+
+# how a reward is served, not what it computes: the same scores and gradients in or out of a Serve app, at any
+# batching (tested), so changing these does not make a run another run
+SERVING_ONLY = re.compile(r"rewards\.\d+\.(serve\.|placement:|max_images_per_call:)")
 
 
 def changed_settings(cfg: RunConfig, run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -285,7 +294,7 @@ def changed_settings(cfg: RunConfig, run_dir: Path, ignore: tuple[str, ...] = ()
     # fields added since then get their defaults; rules added since do not stop the comparison
     saved = load_config(saved_file, for_sampling=True).model_dump(mode="json")
     current = run_config_dump(cfg)  # as the run directory keeps it (a store password redacted in both)
-    return [c for c in config_changes(saved, current) if not c.startswith(ignore)]
+    return [c for c in config_changes(saved, current) if not c.startswith(ignore) and not SERVING_ONLY.match(c)]
 
 
 # where a run may differ from the run it resumes: where it writes and runs, and for how long
@@ -310,8 +319,8 @@ def resume_changes(cfg: RunConfig) -> list[str]:
 
 
 # the settings that decide the shapes of the checkpointed adapters (null: a full copy)
-ADAPTER_SHAPES = ("student.lora:", "student.lora.rank:", "student.lora.targets:", "critic.lora.rank:",
-                  "critic.lora.targets:", "model.backbone:")
+ADAPTER_SHAPES = ("student.lora:", "student.lora.rank:", "student.lora.targets", "critic.lora.rank:",
+                  "critic.lora.targets", "model.backbone:")  # (a list's change may be named by item: targets.0)
 
 
 def resume_checkpoint(resume_from: str | Path) -> Path:

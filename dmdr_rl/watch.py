@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .store import StoreError, open_store
 
-SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "time/", "schedule/lr")
+SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "rl/", "time/", "schedule/lr")
 
 
 def locate(run: str, store_url: str | None):

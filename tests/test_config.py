@@ -176,6 +176,9 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("trainer.lr_generator=inf", r"trainer.lr_generator: Input should be a finite number"),
         ("rewards.0.margin=.nan", r"rewards.0.margin: Input should be a finite number"),
         ("student.lora=", r"override 'student.lora' has an empty value: .*student.lora=null"),
+        ("output.dir=", r"override 'output.dir' has an empty value: give one$"),  # (null is no value for it)
+        ("output.dir=null", r"output.dir needs a value \(it cannot be null\); for the text 'null' write output.dir='null'"),
+        ("trainer.max_steps=None", r"trainer.max_steps: Input should be a valid integer, .*\(got 'None'\)$"),
         ("trainer.batch_size=true", r"trainer.batch_size: true/false is not a number here"),
         ("trainer.device=gpu", r"trainer.device: use auto, cpu, cuda or cuda:N \(got 'gpu'\)"),
         ("student.lora=None", r"student.lora: .*; write null for no value"),

@@ -334,6 +334,9 @@ def test_watch_names_a_damaged_run_instead_of_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--once"])
     assert exit_info.value.code == 2 and "metrics.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 1.0, "loss/policy": 0.5, "rl/clipped": 0.25}\n')
+    main([str(tmp_path), "--once"])  # (GRPO's rl/* metrics are shown too)
+    assert "rl/clipped=0.25" in capsys.readouterr().out
     (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "time": 1.0}\n{"step": 2, "note": "\xff"}\n')
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--once"])

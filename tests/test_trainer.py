@@ -279,3 +279,25 @@ def test_a_metrics_log_that_cannot_start_closes_the_store_it_was_given(tmp_path)
     with pytest.raises(OSError):
         MetricsLog(tmp_path / "a-file" / "run", store)  # no directory can be made inside a file
     assert store.closed  # (else the run's lock would hold the directory until the process ends)
+
+
+def test_a_changed_setting_is_named_by_its_field_and_serving_settings_are_not_changes(tmp_path):
+    """A list is compared item by item (`rewards.0.margin`, not the whole rewards list), and how a reward is
+    served (its Serve app's settings, its placement, its images per call) changes no number of the run."""
+    from dmdr_rl.trainer import ADAPTER_SHAPES, changed_settings, write_run_config
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+
+    def changes(*overrides):
+        return changed_settings(load_config("toy-dmdr", [f"output.dir={tmp_path}", *overrides]), tmp_path)
+
+    assert changes("rewards.0.margin=0.5") == ["rewards.0.margin: -0.05 -> 0.5"]
+    assert changes("rewards.0.serve.http_max_pixels=1024", "rewards.0.placement=serve", "rewards.0.max_images_per_call=8",
+                   "rewards.0.serve.max_batch_size=4") == []
+    assert changes("rewards=[]") == [f"rewards: {load_config('toy-dmdr').model_dump(mode='json')['rewards']!r} -> []"]
+    assert changes("dmd.renoise_beta=[3.0, 1.5]") == ["dmd.renoise_beta.0: 4.0 -> 3.0"]
+    # an adapter on other modules (one item of the list changed) cannot load the checkpoint: still seen as such
+    targets = "student.lora.targets=[to_q, to_k, to_v, {}]"
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path / 't'}", targets.format("to_out.0")]), tmp_path / "t")
+    [change] = changed_settings(load_config("toy-dmdr", [targets.format("to_add_out")]), tmp_path / "t", ("output.",))
+    assert change == "student.lora.targets.3: 'to_out.0' -> 'to_add_out'" and change.startswith(ADAPTER_SHAPES)
