@@ -64,14 +64,24 @@ class Registry(Generic[T]):
 
     def check_options(self, name: str, *, where: str, field: str | None = None, **kwargs: Any) -> Callable[..., T]:
         """The factory of `name`, once the options are known to fit its signature (what the dry run can
-        check without building); a factory that passes **kwargs on is not judged here."""
+        check without building); a factory that passes **kwargs on is judged by what it passes them to
+        (`passes_options_to`), else not here."""
         factory = self.resolve(name, field)
         signature = _signature(factory)
-        if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        if signature is None:
+            return factory
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             try:
                 signature.bind(**kwargs)
             except TypeError as err:
                 raise self._options_error(name, where, err) from err
+        elif hasattr(factory, "options_target"):
+            target, set_here = factory.options_target()
+            taken = _keywords(signature) | (_keywords(_signature(target)) - set(set_here))
+            unknown = [key for key in kwargs if key not in taken]
+            if unknown and not _takes_any_keyword(_signature(target)):
+                raise self._options_error(name, where, TypeError(
+                    f"unexpected keyword argument {unknown[0]!r}; it takes {', '.join(sorted(taken))}"))
         return factory
 
     def build(self, name: str, *, where: str | None = None, field: str | None = None, **kwargs: Any) -> T:
@@ -90,6 +100,25 @@ class Registry(Generic[T]):
         from .config import ConfigError
 
         return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({err}); fix {where}")
+
+
+def passes_options_to(target: Callable[[], Callable], set_here: Sequence[str] = ()):
+    """Marks a factory that passes its **kwargs on to `target()` (imported when checked), which it calls with
+    `set_here` set itself: the dry run then refuses an option neither takes, as for any other factory."""
+    def mark(factory: Callable[..., T]) -> Callable[..., T]:
+        factory.options_target = lambda: (target(), tuple(set_here))  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
+def _keywords(signature: inspect.Signature | None) -> set[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in (signature.parameters.items() if signature else ()) if p.kind in kinds}
+
+
+def _takes_any_keyword(signature: inspect.Signature | None) -> bool:
+    return signature is None or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 
 
 def _signature(factory: Callable) -> inspect.Signature | None:
@@ -154,7 +183,14 @@ def _check_sd3(path: str | None = None, resolution: int = 1024, **_: Any) -> Non
         raise ConfigError(str(err)) from None
 
 
+def _load_sd3():
+    from .sd3 import load_sd3
+
+    return load_sd3
+
+
 @BACKBONES.register("sd3", check=_check_sd3)
+@passes_options_to(_load_sd3)
 def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: bool = True, **kwargs):
     from .sd3 import load_sd3
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmdr_rl.registry import Registry
+from dmdr_rl.registry import Registry, passes_options_to
 
 from .protocol import RewardModel
 
@@ -33,40 +33,54 @@ def _toy_align(path: str | None = None, device: str | None = None):
     return model.to(device) if device else model
 
 
-@REWARDS.register("pickscore")
-def _pickscore(**kwargs):
+def _pickscore_class():
     from .models.pickscore import PickScore
 
-    return PickScore(**kwargs)
+    return PickScore
+
+
+def _image_reward_class():
+    from .models.image_reward import ImageReward
+
+    return ImageReward
+
+
+def _hps_class():
+    from .models.hps import HPSv2
+
+    return HPSv2
+
+
+@REWARDS.register("pickscore")
+@passes_options_to(_pickscore_class)
+def _pickscore(**kwargs):
+    return _pickscore_class()(**kwargs)
 
 
 @REWARDS.register("clip-score")
+@passes_options_to(_pickscore_class, set_here=("logit_scale", "name"))
 def _clip_score(path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", processor_path: str | None = None, **kwargs):
     """CLIP-H's image-prompt cosine (the paper's "CLIP" reward), on the same code as PickScore."""
-    from .models.pickscore import PickScore
-
-    return PickScore(path=path, processor_path=processor_path or path, logit_scale=False, name="clip-score", **kwargs)
+    return _pickscore_class()(path=path, processor_path=processor_path or path, logit_scale=False, name="clip-score",
+                              **kwargs)
 
 
 @REWARDS.register("imagereward")
+@passes_options_to(_image_reward_class)
 def _imagereward(**kwargs):
-    from .models.image_reward import ImageReward
-
-    return ImageReward(**kwargs)
+    return _image_reward_class()(**kwargs)
 
 
 @REWARDS.register("hpsv2")
+@passes_options_to(_hps_class, set_here=("version",))
 def _hpsv2(**kwargs):
-    from .models.hps import HPSv2
-
-    return HPSv2(version="v2", **kwargs)
+    return _hps_class()(version="v2", **kwargs)
 
 
 @REWARDS.register("hpsv2.1")
+@passes_options_to(_hps_class, set_here=("version",))
 def _hpsv2_1(**kwargs):
-    from .models.hps import HPSv2
-
-    return HPSv2(version="v2.1", **kwargs)
+    return _hps_class()(version="v2.1", **kwargs)
 
 
 def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]", weight: float = 0.0,

@@ -57,6 +57,23 @@ def test_options_a_factory_does_not_take_name_the_config_field():
         build_rewards(cfg)
     with pytest.raises(ConfigError, match=r"'pickscore' cannot be built with these options .*'colour'"):  # PickScore(**kwargs)
         REWARDS.build("pickscore", where="rewards.0.kwargs", colour="red")
+    # ... and the dry run names it without building anything: the built-ins that pass **kwargs on are judged by
+    # what they pass them to, less what they set themselves
+    from dmdr_rl.registry import BACKBONES
+    from reward_servers.registry import check_reward
+
+    for name, kwargs, taken in [("pickscore", {"devcie": "cuda"}, "cache_dir, device, dtype"),
+                                ("clip-score", {"logit_scale": True}, "cache_dir, device, dtype, local_files_only, path"),
+                                ("imagereward", {"visoin": {}}, "med_config, path, tokenizer, vision"),
+                                ("hpsv2", {"version": "v2"}, "architecture, cache_dir, checkpoint, device, model_config"),
+                                ("hpsv2.1", {"chekpoint": "x"}, "checkpoint")]:
+        with pytest.raises(ConfigError, match=rf"'{name}' cannot be built with these options \(unexpected keyword "
+                                              rf"argument '{next(iter(kwargs))}'; it takes .*{taken}.*\); fix rewards.0"):
+            check_reward(name, kwargs, where="rewards.0")
+        check_reward(name, {"device": "cpu", "cache_dir": "/tmp"} if name != "imagereward" else {"vision": {}})
+    with pytest.raises(ConfigError, match=r"backbone 'sd3' .*'max_seq_length'; it takes .*max_sequence_length"):
+        BACKBONES.check_options("sd3", where="model.kwargs", max_seq_length=77)
+    BACKBONES.check_options("sd3", where="model.kwargs", max_sequence_length=77, dtype="bfloat16")
     for name in ("pickscore", "imagereward"):  # a precision typo is named before any loading (no weights here)
         with pytest.raises(ConfigError, match=r"rewards\[\].kwargs.dtype: 'fp16' is not a precision here; use one of float32"):
             REWARDS.build(name, where="rewards.0.kwargs", path="/nowhere", dtype="fp16")
