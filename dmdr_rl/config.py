@@ -441,7 +441,9 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         if not path.exists():
             raise ConfigError(f"unknown preset {str(preset)!r}; available: {', '.join(available_presets())}")
     elif not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        hint = (f" (the preset is --preset {path.stem})" if path.stem in available_presets() else
+                f"; presets: {', '.join(available_presets())}")
+        raise ConfigError(f"config file {str(path)!r} does not exist{hint}")
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base` presets form a cycle ({' -> '.join(p.name for p in chain)} -> {path.name})")
     try:

@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
             print(dry_run(args.preset, args.overrides))
         elif args.preset is None:
             if args.overrides:
-                parser.error(f"config overrides {args.overrides} need a --preset to apply to")
+                named = [word for word in args.overrides if "=" not in word and word in available_presets()]
+                parser.error(f"config overrides {args.overrides} need a --preset to apply to"
+                             + (f" (did you mean --preset {named[0]}?)" if named else ""))
             evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)
         else:
             train(args.preset, args.overrides, args.num_images)

@@ -66,6 +66,12 @@ def test_main_job_needs_a_preset_for_overrides_and_names_bad_values(capsys):
     with pytest.raises(SystemExit):
         run.main(["trainer.max_steps=10"])
     assert "need a --preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a preset's name without the flag, or as a file name
+        run.main(["toy-dmdr"])
+    assert "(did you mean --preset toy-dmdr?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "toy-dmdr.yaml", "--dry-run"])
+    assert "config file 'toy-dmdr.yaml' does not exist (the preset is --preset toy-dmdr)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr", "trainer.backend=slurm"])
     assert "trainer.backend: Input should be 'local' or 'ray'" in capsys.readouterr().err
