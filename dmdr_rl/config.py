@@ -477,7 +477,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} must look like section.key=value (e.g. student.steps=1)")
     parts = key.split(".")
     node: Any = data
-    schema: Any = RunConfig  # a pydantic model, ("list", item schema), or None (free-form mapping)
+    schema: Any = RunConfig  # a pydantic model, ("list", item schema, item type), or None (free-form mapping)
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         where = ".".join(parts[:depth])
@@ -487,7 +487,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"override {key!r}: {part!r} is not an index into a list of {len(node)} "
                                   f"(set the whole list with {where}=[...])")
-            slot, annotation, schema = int(part), None, schema[1]
+            slot, annotation, schema = int(part), schema[2], schema[1]
         else:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {where} is a value ({node!r}), not a section with keys")
@@ -503,7 +503,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             nullable = annotation is None or type(None) in (getattr(annotation, "__args__", ()) or ())
             if not raw.strip():  # an unset shell variable, most likely: never a silent null
                 raise ConfigError(f"override {key!r} has an empty value: give one" +
-                                  (f" (or {key}=null for none)" if nullable else ""))
+                                  (f" (or {key}=null)" if nullable else ""))
             value = _override_value(raw, annotation)
             if annotation is str and raw.strip() in NULL_WORDS:  # a text field's literal "null"? rarely meant
                 raise ConfigError(f"override {key!r}: {key} needs a value (it cannot be null); for the text "
@@ -538,11 +538,11 @@ def _override_value(raw: str, annotation: Any) -> Any:
 
 
 def _schema_of(annotation: Any) -> Any:
-    """What a field holds, for navigating overrides: a model, ("list", item schema), or None."""
+    """What a field holds, for navigating overrides: a model, ("list", item schema, item type), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if getattr(annotation, "__origin__", None) in (list, tuple):
-        return ("list", _schema_of(annotation.__args__[0]))
+        return ("list", _schema_of(annotation.__args__[0]), annotation.__args__[0])  # (and the item's type)
     for arg in getattr(annotation, "__args__", ()) or ():  # Optional[Model], Optional[list[...]]
         inner = _schema_of(arg) if arg is not type(None) else None
         if inner is not None:
@@ -569,7 +569,7 @@ def _nullable(loc: tuple) -> bool:
     annotation: Any = None
     for part in loc:
         if isinstance(schema, tuple):
-            schema, annotation = schema[1], None
+            schema, annotation = schema[1], schema[2]
         elif hasattr(schema, "model_fields") and part in schema.model_fields:
             annotation = schema.model_fields[part].annotation
             schema = _schema_of(annotation)
@@ -597,7 +597,7 @@ def _describe(err: ValidationError) -> str:
             if e["type"] == "extra_forbidden":
                 message = "unknown key" + _allowed_keys(e["loc"][:-1])
             elif value == "None" and _nullable(e["loc"]):
-                message += "; write null for no value"
+                message += "; write null, not None"
             elif e["type"] == "tuple_type":
                 message += f"; write the values in brackets ({field}=[a, b])"
             # (a check over a whole section names its fields itself: its input, the section, says nothing more)

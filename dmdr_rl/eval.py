@@ -10,6 +10,7 @@ directory under --out, and a `summary.json` / `summary.md` table collects them a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -107,6 +108,13 @@ def load_student(run: Path):
     return (lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), cfg.student, seeds)), cfg
 
 
+def student_label(run_dir: Path, checkpoint: Path) -> str:
+    """One report directory per run and checkpoint: the run's folder name and the checkpoint's, and a short hash
+    of the checkpoint's full path (two runs of one folder name, or two Ray launches' checkpoint_000000)."""
+    digest = hashlib.sha1(str(checkpoint.resolve()).encode()).hexdigest()[:6]
+    return f"{run_dir.resolve().name}-{checkpoint.name}-{digest}"
+
+
 def student_settings(student) -> dict:
     """How a student samples, as its reports record it: its steps, shift and sampler, no guidance."""
     return {"steps": student.steps, "cfg": 1.0, "shift": student.shift, "sampler": student.sampler}
@@ -118,9 +126,9 @@ def samplers(args: argparse.Namespace):
         from .trainer import find_run
 
         sample_fn, cfg = load_student(args.run)
-        run_dir, checkpoint = find_run(args.run)  # one report directory per run and checkpoint, not per folder name
+        run_dir, checkpoint = find_run(args.run)
         settings = {**student_settings(cfg.student), "run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve())}
-        return [(f"student-{run_dir.resolve().name}-{checkpoint.name}-steps{cfg.student.steps}", settings, sample_fn)]
+        return [(f"student-{student_label(run_dir, checkpoint)}-steps{cfg.student.steps}", settings, sample_fn)]
     teacher = load_teacher(args.weights)
     return [
         (f"teacher-steps{steps}-cfg{cfg:g}{f'-shift{args.shift:g}' if args.shift != 1.0 else ''}",

@@ -74,8 +74,6 @@ def read_prompt_file(path: Path) -> list[str]:
             # only \n ends a line (str.splitlines would also split at U+2028, U+0085, form feeds...)
             prompts = path.read_text(encoding="utf-8-sig").split("\n")
         else:
-            import pyarrow.types
-
             table = _read_table(path, suffix)
             count = table.column_names.count("prompt")
             if count != 1:
@@ -83,8 +81,7 @@ def read_prompt_file(path: Path) -> list[str]:
                                   f"{'s' if count else ''} (columns: {', '.join(table.column_names) or 'none'}); "
                                   "give it one column named 'prompt'")
             column = table.column("prompt")
-            if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)
-                    or pyarrow.types.is_null(column.type)):
+            if not _holds_text(column.type):
                 raise ConfigError(f"data.prompts: {path}'s 'prompt' column holds {column.type}, not text; write "
                                   "the prompts as strings")
             prompts = [p for p in column.to_pylist() if isinstance(p, str)]
@@ -97,6 +94,17 @@ def read_prompt_file(path: Path) -> list[str]:
         raise ConfigError(f"data.prompts: {path} contains no prompts; put one prompt per line (.txt) or in a "
                           "'prompt' column")
     return prompts
+
+
+def _holds_text(kind) -> bool:
+    """Whether a column of this Arrow type holds text: strings of any layout, dictionary-encoded too (a pandas
+    categorical), or nothing at all."""
+    import pyarrow.types as types
+
+    if types.is_dictionary(kind):
+        return _holds_text(kind.value_type)
+    return (types.is_string(kind) or types.is_large_string(kind) or types.is_null(kind)
+            or getattr(types, "is_string_view", lambda _: False)(kind))
 
 
 def _read_table(path: Path, suffix: str):

@@ -45,9 +45,14 @@ PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.u
 
 
 REDACTED = "***"
-# scheme://user:password@ read from the text, not by urlparse: a password with an unencoded /, ?, # or @ in it
-# would otherwise not be seen as one (and be shown whole); the password runs to the first @ that a host follows
-_USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/?#]*):.*?@(?=[^@/?#]*(?:[/?#]|$))")
+# scheme://user:password@ read from the text, not by urlparse: a password with an unencoded /, #, @ or ? in it
+# would otherwise not be seen as one (and be shown whole). The password runs to the last @ before any ?; one with
+# a ? in it is seen when what precedes the ? cannot be a host[:port], and then runs to the first @ that a host
+# follows. A URL with no password keeps an @ of its query (?client_name=me@box).
+_SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]*://)"
+_USER_PASSWORD = re.compile(_SCHEME + r"([^:@/?#]*):[^?]*@")
+_USER_PASSWORD_WITH_QUERY_MARK = re.compile(_SCHEME + r"([^:@/?#]*):.*?@(?=[^@/?#]*(?:[/?#]|$))")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:\d*)?")
 
 
 def _rebuild(parsed, netloc: str, query: str) -> str:
@@ -62,7 +67,12 @@ def redact_url(url: str | None) -> str | None:
     logs and errors carry."""
     if not url:
         return url
-    url = _USER_PASSWORD.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url, count=1)
+    user_part = _USER_PASSWORD
+    if not user_part.match(url):
+        authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+        if "@" not in authority and not _HOST_PORT.fullmatch(authority):
+            user_part = _USER_PASSWORD_WITH_QUERY_MARK
+    url = user_part.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url, count=1)
     parsed = urlparse(url)
     netloc = parsed.netloc
     fields = parse_qsl(parsed.query, keep_blank_values=True)
@@ -104,7 +114,10 @@ def written_whole(path: str | Path) -> Iterator[Path]:
         yield pending
         _fsync(pending)  # its bytes on disk before the name points at them (else a power cut can leave it empty)
         os.replace(pending, path)
-        _fsync(path.parent)
+        try:
+            _fsync(path.parent)  # the rename itself
+        except OSError:
+            pass  # a file system that cannot sync a directory (some network mounts): the file is whole all the same
     finally:
         pending.unlink(missing_ok=True)
 

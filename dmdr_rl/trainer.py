@@ -281,8 +281,10 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 # how a reward is served, not what it computes: the same scores and gradients in or out of a Serve app, at any
-# batching (tested), so changing these does not make a run another run
-SERVING_ONLY = re.compile(r"rewards\.\d+\.(serve\.|placement:|max_images_per_call:)")
+# batching (tested), so changing these does not make a run another run (an app's name, attaching to a running
+# app and its runtime_env can change the model that scores, so they count)
+SERVING_ONLY = re.compile(r"rewards\.\d+\.(placement:|max_images_per_call:|serve\.(replicas|autoscaling|max_batch_size|"
+                          r"batch_wait_timeout_s|num_cpus|num_gpus|timeout_s|retries|backoff_s|http_max_pixels)[.:])")
 
 
 def changed_settings(cfg: RunConfig, run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:

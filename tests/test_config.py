@@ -181,7 +181,9 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("trainer.max_steps=None", r"trainer.max_steps: Input should be a valid integer, .*\(got 'None'\)$"),
         ("trainer.batch_size=true", r"trainer.batch_size: true/false is not a number here"),
         ("trainer.device=gpu", r"trainer.device: use auto, cpu, cuda or cuda:N \(got 'gpu'\)"),
-        ("student.lora=None", r"student.lora: .*; write null for no value"),
+        ("student.lora=None", r"student.lora: .*; write null, not None"),
+        ("dmd.renoise_beta.0=", r"override 'dmd.renoise_beta.0' has an empty value: give one$"),  # an item's type
+        ("rewards.0=", r"override 'rewards.0' has an empty value: give one$"),
         ("store.url=redis://h:notaport/0", r"store.url: .*the port must be a number"),
         ("ray.address=my-cluster", r"ray.address: use host:port .* \(got 'my-cluster'\)"),
     ],

@@ -88,7 +88,7 @@ def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path):
     out = tmp_path / "eval"
     toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(out)])
     checkpoint = find_run(run_dir)[1]  # a report directory per run and checkpoint: a later one does not overwrite it
-    report = json.loads((out / f"student-run-{checkpoint.name}-steps2-held-in" / "report.json").read_text())
+    report = json.loads((out / f"student-{toy_eval.student_label(run_dir, checkpoint)}-steps2-held-in" / "report.json").read_text())
     assert report["model"] == "student" and report["steps"] == 2 and report["cfg"] == 1.0
     assert (report["run"], report["checkpoint"]) == (str(run_dir.resolve()), str(checkpoint.resolve()))
     with pytest.raises(SystemExit):
@@ -158,7 +158,7 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "eval"
     toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "2", "--out", str(out)])
-    [report_dir] = out.glob("student-run-step_*-steps2-held-in")
+    [report_dir] = out.glob("student-run-step_*-*-steps2-held-in")
     report = json.loads((report_dir / "report.json").read_text())
     assert (report["steps"], report["shift"], report["sampler"], report["cfg"]) == (2, 2.0, "ode", 1.0)
     with pytest.raises(SystemExit, match="is not a training run"):
@@ -283,3 +283,10 @@ def test_a_setting_named_twice_is_evaluated_once():
     assert (args.steps, args.cfg, args.split) == ([4, 2], [3.0], ["held-in"])
     with pytest.raises(SystemExit):
         toy_eval.parse_args(["--cfg", "nan"])
+
+
+def test_two_runs_of_one_folder_name_get_their_own_report_directories(tmp_path):
+    label = toy_eval.student_label
+    a, b = tmp_path / "a" / "toy", tmp_path / "b" / "toy"
+    assert label(a, a / "checkpoints" / "step_000300") != label(b, b / "checkpoints" / "step_000300")
+    assert label(a, a / "checkpoints" / "step_000300").startswith("toy-step_000300-")

@@ -224,6 +224,12 @@ def test_a_prompt_is_one_line_of_text_whatever_the_file_holds(tmp_path):
     (tmp_path / "dup.csv").write_text("prompt,prompt\na,b\n")
     with pytest.raises(ConfigError, match="has 2 'prompt' columns"):
         PromptSource(str(tmp_path / "dup.csv"), 0)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, column in (("dict", pa.array(["a", "b"]).dictionary_encode()), ("view", pa.array(["a", "b"], pa.string_view()))):
+        pq.write_table(pa.table({"prompt": column}), tmp_path / f"{name}.parquet")  # text all the same
+        assert PromptSource(str(tmp_path / f"{name}.parquet"), 0).prompts == ["a", "b"]
     (tmp_path / "ints.jsonl").write_text('{"prompt": 1}\n{"prompt": 2}\n')
     with pytest.raises(ConfigError, match="'prompt' column holds int64, not text"):
         PromptSource(str(tmp_path / "ints.jsonl"), 0)

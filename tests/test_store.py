@@ -302,6 +302,10 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     assert redact_url("redis://user:p#w@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://:pa?ss@host:6379/0") == "redis://:***@host:6379/0"  # and a ?, or an @
     assert redact_url("redis://:p@ss@h:1/0?x=a@b") == "redis://:***@h:1/0?x=a@b"
+    assert redact_url("redis://u:a@b/c@host/0") == "redis://u:***@host/0"
+    # no password: an @ in the query stays (the URL is saved redacted and connected to again)
+    assert redact_url("redis://redis:6379/0?client_name=me@box") == "redis://redis:6379/0?client_name=me@box"
+    assert redact_url("redis://[::1]:6379/0?x=a@b") == "redis://[::1]:6379/0?x=a@b"
     write_run_config(load_config("toy-dmdr", ["store.url=redis://:s3cret@redis:6379/0"]), tmp_path)
     saved = (tmp_path / "config.yaml").read_text()
     assert "s3cret" not in saved and "redis://:***@redis:6379/0" in saved

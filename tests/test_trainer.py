@@ -293,7 +293,10 @@ def test_a_changed_setting_is_named_by_its_field_and_serving_settings_are_not_ch
 
     assert changes("rewards.0.margin=0.5") == ["rewards.0.margin: -0.05 -> 0.5"]
     assert changes("rewards.0.serve.http_max_pixels=1024", "rewards.0.placement=serve", "rewards.0.max_images_per_call=8",
-                   "rewards.0.serve.max_batch_size=4") == []
+                   "rewards.0.serve.max_batch_size=4", "rewards.0.serve.autoscaling={max_replicas: 4}") == []
+    # ... but which app scores, and its environment, can change the model: those count
+    assert changes("rewards.0.serve.attach=true", "rewards.0.serve.app=other") == [
+        "rewards.0.serve.app: None -> 'other'", "rewards.0.serve.attach: False -> True"]
     assert changes("rewards=[]") == [f"rewards: {load_config('toy-dmdr').model_dump(mode='json')['rewards']!r} -> []"]
     assert changes("dmd.renoise_beta=[3.0, 1.5]") == ["dmd.renoise_beta.0: 4.0 -> 3.0"]
     # an adapter on other modules (one item of the list changed) cannot load the checkpoint: still seen as such
