@@ -2,17 +2,24 @@
 # The GPU checks of issue 6 as one prepared script, for a session that is lent a GPU machine (the
 # device tool). It needs the packages the machine's image lacks, built here first:
 #
-#   ../shared/tools/device-bundle .device "ray[train,serve]==2.60.0" diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5
-#   echo /.device/ >> .git/info/exclude
+#   ../shared/tools/device-bundle .device "ray[train,serve]==2.60.0" diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5 \
+#     pytest==9.2.0
+#   python3 -m pip download -q --no-deps --only-binary=:all: -d .device torchmetrics==1.9.0 lightning-utilities==0.15.3
+#   mkdir -p .git/info; echo /.device/ >> .git/info/exclude
 #
 # torch, transformers and peft come from the machine's image (the tool leaves them out; do not add peft:
-# pip would download torch's CUDA wheels with it, over a GB): gpu.txt records their versions. A peft
-# without LoRA layers' `cast_input_dtype_enabled` runs the adapters on float32 inputs (more memory).
+# pip would download torch's CUDA wheels with it, over a GB): gpu.txt records their versions. The image has
+# neither pytest (step `tests`) nor torchmetrics (the end-of-run evaluation's FID in steps `local` and `ray`).
+# torchmetrics comes as its pure-Python wheel alone: given to the tool, its torch requirement pulls the CUDA
+# libraries in (a bundle built that way passed 1.3 GB). A peft without LoRA layers' `cast_input_dtype_enabled`
+# runs the adapters on float32 inputs (more memory).
 #
-# (built 2026-11-28 in about 3 minutes: 49.9 MB, which with the 11.8 MB tracked tree fits the 64 MiB the tool carries)
+# (built 2026-11-30 in under 2 minutes: 50.2 MB, plus 1.0 MB of the two wheels, which with the 12.3 MB tracked tree
+# fits the 64 MiB the tool carries, about 3.5 MB to spare)
 #
 # then, with the device tool: run(command="BUDGET=$((T - 40)) bash benchmarks/gpu_check.sh", carry=[".device"],
-# timeout_s=T), T = 540 or less when `status` says less device time is left (start-up takes part of it).
+# timeout_s=T), T about 420 (of the 15 device minutes, start-up takes a few and a rerun must still fit), less
+# when `status` says less device time is left.
 # What it does, most important first, each step's output under $OUT (or ./gpu-check when $OUT is unset):
 #   1. benchmarks/gpu_step.py: one SD3-Medium-shaped learner step at 1024 px (batch 2) and 512 px (batch 4)
 #      (issue 6: step time, TFLOP/s against the bf16 peak, peak memory);
@@ -40,6 +47,7 @@ mkdir -p "$out" "$work"
 trap 'tar czf "$out/gpu-check.tgz" --exclude="*.safetensors" --exclude="ray_train" -C "$work" . 2>/dev/null' EXIT
 if [ -f .device/bundle.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .device/bundle.tar.xz -C /tmp/site
+  for wheel in .device/*.whl; do [ -f "$wheel" ] && python3 -m zipfile -e "$wheel" /tmp/site; done  # pure-Python extras
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
