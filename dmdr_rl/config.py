@@ -550,21 +550,9 @@ def _schema_of(annotation: Any) -> Any:
     return None
 
 
-def _allowed_keys(loc: tuple) -> str:
-    """'; <section> has <its keys>' for the section at `loc` (for an unknown key in a YAML file)."""
-    schema: Any = RunConfig
-    for part in loc:
-        if isinstance(schema, tuple):
-            schema = schema[1]
-        elif hasattr(schema, "model_fields") and part in schema.model_fields:
-            schema = _schema_of(schema.model_fields[part].annotation)
-        else:
-            return ""
-    return f"; {'.'.join(map(str, loc)) or 'the top level'} has {', '.join(schema.model_fields)}" if hasattr(schema, "model_fields") else ""
-
-
-def _nullable(loc: tuple) -> bool:
-    """Whether the field at `loc` may be null."""
+def _field_at(loc: tuple) -> tuple[Any, Any] | None:
+    """(what the field at `loc` holds, as `_schema_of` says; its type annotation), or None where `loc` leaves
+    the schema (a free-form mapping's keys)."""
     schema: Any = RunConfig
     annotation: Any = None
     for part in loc:
@@ -574,7 +562,19 @@ def _nullable(loc: tuple) -> bool:
             annotation = schema.model_fields[part].annotation
             schema = _schema_of(annotation)
         else:
-            return False
+            return None
+    return schema, annotation
+
+
+def _allowed_keys(loc: tuple) -> str:
+    """'; <section> has <its keys>' for the section at `loc` (for an unknown key in a YAML file)."""
+    schema = (_field_at(loc) or (None, None))[0]
+    return f"; {'.'.join(map(str, loc)) or 'the top level'} has {', '.join(schema.model_fields)}" if hasattr(schema, "model_fields") else ""
+
+
+def _nullable(loc: tuple) -> bool:
+    """Whether the field at `loc` may be null."""
+    annotation = (_field_at(loc) or (None, None))[1]
     return type(None) in (getattr(annotation, "__args__", ()) or ())
 
 

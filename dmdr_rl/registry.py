@@ -192,9 +192,7 @@ def _load_sd3():
 @BACKBONES.register("sd3", check=_check_sd3)
 @passes_options_to(_load_sd3)
 def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: bool = True, **kwargs):
-    from .sd3 import load_sd3
-
-    return load_sd3(path, resolution, encoders=encoders, **kwargs)
+    return _load_sd3()(path, resolution, encoders=encoders, **kwargs)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
