@@ -500,7 +500,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             if not last and (part not in node or node[part] is None):
                 node[part] = [] if isinstance(schema, tuple) else {}
         if last:
-            nullable = annotation is None or type(None) in (getattr(annotation, "__args__", ()) or ())
+            nullable = annotation is None or _takes_null(annotation)  # (None: a free-form mapping's key)
             if not raw.strip():  # an unset shell variable, most likely: never a silent null
                 raise ConfigError(f"override {key!r} has an empty value: give one" +
                                   (f" (or {key}=null)" if nullable else ""))
@@ -574,7 +574,11 @@ def _allowed_keys(loc: tuple) -> str:
 
 def _nullable(loc: tuple) -> bool:
     """Whether the field at `loc` may be null."""
-    annotation = (_field_at(loc) or (None, None))[1]
+    return _takes_null((_field_at(loc) or (None, None))[1])
+
+
+def _takes_null(annotation: Any) -> bool:
+    """Whether a field of this type annotation may be null (Optional[...])."""
     return type(None) in (getattr(annotation, "__args__", ()) or ())
 
 

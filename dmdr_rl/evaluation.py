@@ -31,15 +31,9 @@ def fresh_renders(scenes: Sequence, seed: int, offset: int = REFERENCE_SEED_OFFS
 
 
 def generate(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
-             desc: str = "sampling") -> torch.Tensor:
-    """The images of `prompts` in [0, 1] on the CPU; a pixel that is not finite (a diverged sampler) is 0 (NaN
-    would pass clamp and break FID's matrix square root; `generate_counted` also says how many images had one)."""
-    return generate_counted(sample_fn, prompts, seeds, batch_size, desc)[0]
-
-
-def generate_counted(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
-                     desc: str = "sampling") -> tuple[torch.Tensor, int]:
-    """`generate`'s images and how many of them had a non-finite pixel (set to 0)."""
+             desc: str = "sampling") -> tuple[torch.Tensor, int]:
+    """The images of `prompts` in [0, 1] on the CPU, and how many had a pixel that is not finite (a diverged
+    sampler): such pixels are 0 (NaN would pass clamp and break FID's matrix square root)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per image")
     chunks, nonfinite = [], 0
@@ -73,7 +67,7 @@ def evaluate(
     scenes = PromptSplit(split).sample(num_images, seed)
     prompts = prompts_of(scenes)
     seeds = image_seeds(seed, num_images)
-    images, nonfinite_images = generate_counted(sample_fn, prompts, seeds, batch_size, desc)
+    images, nonfinite_images = generate(sample_fn, prompts, seeds, batch_size, desc)
     reference = fresh_renders(scenes, seed)
     with torch.no_grad():
         verdicts = [v for s in range(0, num_images, batch_size)

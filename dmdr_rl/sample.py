@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     from .eval import load_student
-    from .evaluation import generate_counted
+    from .evaluation import generate
     from .rollout import image_seeds
     from .grid import save_grid
     from .prompts import read_prompt_file
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))
-    images, nonfinite = generate_counted(sample_fn, prompts, seeds, args.batch_size,
-                                         desc=f"sampling {len(prompts)} images")
+    images, nonfinite = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
     if nonfinite:
         print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged student?); "
               "they are saved with those pixels at 0", file=sys.stderr)

@@ -106,11 +106,11 @@ def test_an_evaluated_image_does_not_depend_on_the_batch_size(teacher, mode):
     def sample_fn(chunk, chunk_seeds):
         return teacher.sample(chunk, steps=3, cfg=2.0, seed=chunk_seeds, mode=mode)
 
-    whole = generate(sample_fn, prompts, seeds, batch_size=4)
-    one_by_one = generate(sample_fn, prompts, seeds, batch_size=1)
+    whole, _ = generate(sample_fn, prompts, seeds, batch_size=4)
+    one_by_one, _ = generate(sample_fn, prompts, seeds, batch_size=1)
     torch.testing.assert_close(one_by_one, whole, rtol=0, atol=1e-5)
     # and the images differ between seeds (the per-image seeds are used, not one shared noise)
-    assert (generate(sample_fn, prompts[:1] * 2, seeds[:2], batch_size=2).diff(dim=0).abs().max() > 0.05)
+    assert (generate(sample_fn, prompts[:1] * 2, seeds[:2], batch_size=2)[0].diff(dim=0).abs().max() > 0.05)
     with pytest.raises(ValueError, match="one seed per image"):
         generate(sample_fn, prompts, seeds[:3], batch_size=4)
 
