@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast clean redis-server
 
+# What the pinned environment takes on x86-64 (torch's CUDA build and its libraries: 6.6 GB).
+INSTALL_GB := 7
+
 $(STAMP): requirements-lock.txt pyproject.toml
+	@free=$$(df -Pk $$(dirname $(VENV)) | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(INSTALL_GB) ] || \
+	  echo "warning: $$free GB free on this disk; the pinned environment takes about $(INSTALL_GB) GB." \
+	       "If pip stops with 'No space left on device', free some or set VENV=<a directory on a larger disk>." >&2
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-lock.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
