@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
-from .store import PASSWORD_ENV, run_events
+from .store import PASSWORD_ENV, run_events, write_json_whole
 from .trainer import continues_in, open_run_directory
 
 PROGRESS_POLL_S = 1.0
@@ -342,7 +342,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
     problems = {k: v for k, v in summary["ledger"].items() if k in ("lost", "duplicated", "unexpected") and v}
     if problems:
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_whole(out / "train_summary.json", summary)
     return summary
 
 

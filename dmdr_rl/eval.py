@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import evaluate
-from .store import write_text_whole
+from .store import write_json_whole, write_text_whole
 from .toy.grammar import SPLITS
 from .toy.teacher import DEFAULT_CFG
 from .toy.weights import load_align, load_judge, load_teacher
@@ -157,7 +156,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         )
         report = {"model": args.model, **settings, **report,
                   "seconds": round(time.time() - started, 1)}
-        write_text_whole(args.out / name / "report.json", json.dumps(report, indent=2) + "\n")
+        write_json_whole(args.out / name / "report.json", report)
         print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  analytic {report['analytic_accuracy']:.3f}  "
               f"FID {report['fid']:.2f}  toy-align {report['rewards']['toy-align']:.3f}  -> {args.out / name}")
         if "fid_note" in report and len(reports) == 0:
@@ -169,7 +168,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
 def write_summary(reports: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_whole(out / "summary.json", json.dumps(reports, indent=2) + "\n")
+    write_json_whole(out / "summary.json", reports)
     lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | toy-align | images |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:

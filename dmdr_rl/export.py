@@ -30,7 +30,7 @@ from . import dmdr
 from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .sd3 import BackboneLoadError
-from .store import write_text_whole
+from .store import write_json_whole
 from .trainer import find_run, load_generator
 
 FORMATS = ("lora", "transformer")
@@ -75,7 +75,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         "sigmas": [round(float(t), 6) for t in sampling_timesteps(steps, 1.0)],  # unshifted; the scheduler shifts
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
     }
-    write_text_whole(out / "student.json", json.dumps(settings, indent=2) + "\n")
+    write_json_whole(out / "student.json", settings)
     return settings
 
 

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .store import write_text_whole
+from .store import write_json_whole, write_text_whole
 
 SPLITS = ("held-in", "held-out")
 
@@ -121,9 +121,9 @@ def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...
     finally:
         elapsed = previous_seconds + time.time() - started
         if run_path.is_dir():  # not when the run failed before making it (e.g. an unreachable store)
-            write_text_whole(run_path / "train_partial.json", json.dumps({"seconds": round(elapsed, 1)}) + "\n")
+            write_json_whole(run_path / "train_partial.json", {"seconds": round(elapsed, 1)})
     summary.update({"preset": preset, "train_seconds": round(elapsed, 1), "threads": threads, "resumed": resumed})
-    write_text_whole(run_path / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json_whole(run_path / "train_summary.json", summary)
     return summary
 
 
@@ -342,7 +342,7 @@ def render_markdown(table: dict) -> str:
 def write_table(out: Path, table: dict) -> None:
     """toy.json (the numbers) and toy.md (the table and the claims), each replaced whole."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_whole(out / "toy.json", json.dumps(table, indent=2) + "\n")
+    write_json_whole(out / "toy.json", table)
     write_text_whole(out / "toy.md", render_markdown(table))
 
 

@@ -55,6 +55,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from . import eval as toy_eval
     from .evaluation import evaluate
     from .trainer import LocalTrainer
+    from .store import write_json_whole
     from .toy.weights import load_align, load_judge
 
     from .distributed import check_job_output
@@ -94,7 +95,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
                       grid_path=out / "eval" / "grid.png", samples_path=out / "eval" / "samples.parquet",
                       desc="evaluating the student")
     settings = {"model": "student", **toy_eval.student_settings(cfg.student)}  # as `eval --model student` reports
-    (out / "eval" / "report.json").write_text(json.dumps({**settings, **report}, indent=2) + "\n")
+    write_json_whole(out / "eval" / "report.json", {**settings, **report})
     print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, analytic accuracy "
           f"{report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, toy-align {report['rewards']['toy-align']:.3f}")
     print(f"Outputs: {out.resolve()}")

@@ -21,6 +21,7 @@ import collections
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -133,6 +134,27 @@ def _fsync(path: Path) -> None:
 def write_text_whole(path: str | Path, text: str) -> None:
     with written_whole(path) as pending:
         pending.write_text(text)
+
+
+def json_text(value: object, indent: int | None = 2) -> str:
+    """Strict JSON (what jq, JavaScript and other readers accept): a non-finite number (a mean over no
+    finite score, a diverged loss) is written as null, not as Python's bare NaN or Infinity."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def write_json_whole(path: str | Path, value: object) -> None:
+    """A report or summary as strict JSON, written in one step (see `written_whole`)."""
+    write_text_whole(path, json_text(value))
 
 
 def set_aside_earlier_run(run_dir: str | Path) -> Path | None:

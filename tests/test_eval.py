@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -290,3 +291,27 @@ def test_two_runs_of_one_folder_name_get_their_own_report_directories(tmp_path):
     a, b = tmp_path / "a" / "toy", tmp_path / "b" / "toy"
     assert label(a, a / "checkpoints" / "step_000300") != label(b, b / "checkpoints" / "step_000300")
     assert label(a, a / "checkpoints" / "step_000300").startswith("toy-step_000300-")
+
+
+def test_reports_are_strict_json_with_null_for_a_number_that_is_not_finite(tmp_path):
+    from dmdr_rl.evaluation import evaluate
+    from dmdr_rl.store import write_json_whole
+    from dmdr_rl.toy.weights import load_judge
+
+    class AlwaysNan:
+        name = "always-nan"
+
+        def score(self, images, prompts):
+            return torch.full((len(prompts),), float("nan"))
+
+    report = evaluate(_RenderingSampler(seed=2, total=8), "held-in", 8, 2, load_judge(), rewards=[AlwaysNan()])
+    assert math.isnan(report["rewards"]["always-nan"])  # a mean over no finite score
+    write_json_whole(tmp_path / "report.json", {**report, "nested": [float("inf"), {"x": -float("inf")}], "tuple": (1.5, 2)})
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in the report")
+
+    written = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert written["rewards"] == {"always-nan": None} and written["rewards_nonfinite"] == {"always-nan": 8}
+    assert written["nested"] == [None, {"x": None}] and written["tuple"] == [1.5, 2]
+    assert written["fid"] == report["fid"] and written["judge_accuracy"] == report["judge_accuracy"]
