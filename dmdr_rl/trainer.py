@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import yaml
@@ -56,6 +56,26 @@ class MetricsLog:
         self.store.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+class StepDuties(NamedTuple):
+    """What a generator step does besides training (the local trainer and every Ray learner rank alike)."""
+
+    log: bool
+    sample: bool
+    checkpoint: bool
+
+    @property
+    def shows_metrics(self) -> bool:
+        """The metrics leave the learner (the log, or a checkpoint's Ray Train report): averaged over the
+        ranks first, so that neither shows rank 0's shard alone."""
+        return self.log or self.checkpoint
+
+
+def step_duties(step: int, cfg: RunConfig) -> StepDuties:
+    last = step == cfg.trainer.max_steps
+    return StepDuties(log=step % cfg.output.log_every == 0 or last, sample=step % cfg.output.sample_every == 0 or last,
+                      checkpoint=step % cfg.output.checkpoint_every == 0 or last)
 
 
 class LocalTrainer:
@@ -124,13 +144,14 @@ class LocalTrainer:
                         continue
                     bar.update(1)
                     step = ending["generator_step"] = self.generator_step
-                    if step % cfg.output.log_every == 0 or step == cfg.trainer.max_steps:
+                    duties = step_duties(step, cfg)
+                    if duties.log:
                         log.write(step, metrics)
                         bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
-                    if step % cfg.output.sample_every == 0 or step == cfg.trainer.max_steps:
+                    if duties.sample:
                         self.save_samples()
                         save_rollout_records(self.out, self.backbone, self.last_batch, step)
-                    if step % cfg.output.checkpoint_every == 0 or step == cfg.trainer.max_steps:
+                    if duties.checkpoint:
                         self.save_checkpoint()
         finally:
             bar.close()

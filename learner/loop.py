@@ -29,7 +29,7 @@ from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
 from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
-                             save_step_samples, student_images, write_checkpoint)
+                             save_step_samples, step_duties, student_images, write_checkpoint)
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Data-parallel gradient averaging in one all-reduce (a parameter without a gradient counts as 0)."""
@@ -260,17 +260,16 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
             metrics.update({"time/rollout_wait_s": waited, "time/weight_sync_s": time.perf_counter() - published})
             waited = 0.0
             step = learner.generator_step
-            last = step == cfg.trainer.max_steps
-            if step % cfg.output.log_every == 0 or last:
-                if world > 1:  # a collective: every rank, at the same steps
-                    metrics = mean_over_ranks(metrics, device, cfg.trainer.batch_size // world)
-                if log is not None:
-                    log.write(step, metrics)
-            if rank == 0 and (step % cfg.output.sample_every == 0 or last):
+            duties = step_duties(step, cfg)
+            if world > 1 and duties.shows_metrics:  # a collective: every rank, at the same steps
+                metrics = mean_over_ranks(metrics, device, cfg.trainer.batch_size // world)
+            if duties.log and log is not None:
+                log.write(step, metrics)
+            if rank == 0 and duties.sample:
                 images = student_images(backbone, grid_cond, cfg.student, GRID_SEEDS)
                 save_step_samples(out, step, images, grid_prompts, learner.rewards, GRID_SEEDS)
                 save_rollout_records(out, backbone, batch, step)
-            if step % cfg.output.checkpoint_every == 0 or last:
+            if duties.checkpoint:
                 report(learner, rank, metrics)
     finally:
         if log is not None:

@@ -571,6 +571,20 @@ def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
     assert math.isnan(merged["loss/dmd"]) and merged["reward/r"] == pytest.approx(0.6)
 
 
+def test_a_checkpoint_reports_the_whole_batchs_metrics_at_a_step_that_is_not_logged(tmp_path):
+    """The ranks average their metrics (a collective) whenever they leave the learner: in the log, and in a
+    checkpoint's Ray Train report, whose losses were rank 0's shard alone at steps that were not logged."""
+    from dmdr_rl.trainer import step_duties
+
+    cfg = _config(tmp_path, **{"trainer.max_steps": 7, "output.log_every": 2, "output.checkpoint_every": 3,
+                               "output.sample_every": 5})
+    duties = {step: step_duties(step, cfg) for step in range(1, 8)}
+    assert [s for s, d in duties.items() if d.log] == [2, 4, 6, 7]  # the last step always
+    assert [s for s, d in duties.items() if d.checkpoint] == [3, 6, 7]
+    assert [s for s, d in duties.items() if d.sample] == [5, 7]
+    assert [s for s, d in duties.items() if d.shows_metrics] == [2, 3, 4, 6, 7]
+
+
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
     """With it gone every learner retry fails at once (forever with ray.max_failures=-1): the driver
     sees it die and ends the run with an error naming the way to resume."""
