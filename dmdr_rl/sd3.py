@@ -12,13 +12,15 @@ differentiably, so the reward term back-propagates into the generator.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .backbone import TransformerBackbone
 from .conditioning import Conditioning
+from .hub import local_files_only, unreachable_note
 from .registry import torch_dtype
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -53,6 +55,13 @@ def check_resolution(resolution: int, vae_factor: int, patch_size: int, pos_embe
                          f"({pos_embed_max_size} patches x {multiple} px = {pos_embed_max_size * multiple} px)")
 
 
+@contextmanager
+def _without_deprecation_noise() -> Iterator[None]:
+    with warnings.catch_warnings():  # diffusers passes the hub client an argument it has deprecated
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        yield
+
+
 def check_config_files(path: str | None, resolution: int, local_files_only: bool = True) -> bool:
     """The resolution checked against the model's config files alone (no weights are read): with
     `local_files_only`, only when they are on this machine (a local directory or the hub cache), so a dry
@@ -60,8 +69,7 @@ def check_config_files(path: str | None, resolution: int, local_files_only: bool
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     try:
-        with warnings.catch_warnings():  # diffusers passes the hub client an argument it has deprecated
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        with _without_deprecation_noise():
             transformer = SD3Transformer2DModel.load_config(path or DEFAULT_MODEL, subfolder="transformer",
                                                             local_files_only=local_files_only)
             vae = AutoencoderKL.load_config(path or DEFAULT_MODEL, subfolder="vae", local_files_only=local_files_only)
@@ -124,21 +132,22 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
                                 f"such as {DEFAULT_MODEL!r}")
     path = str(Path(path).expanduser()) if path.startswith("~") else path
     weights_dtype = torch_dtype(dtype)
-    check_config_files(path, resolution, local_files_only=False)  # a bad resolution before gigabytes of weights
+    load = {"dtype": weights_dtype, "local_files_only": local_files_only(False, path)}  # offline: the cache, at once
+    check_config_files(path, resolution, local_files_only=load["local_files_only"])  # before gigabytes of weights
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=weights_dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=weights_dtype)
-        text_pipeline = None
-        if encoders:  # shares the transformer and VAE objects: nothing is loaded twice
-            text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=transformer, vae=vae,
-                                                                     dtype=weights_dtype)
+        with _without_deprecation_noise():
+            transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **load)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load)
+            text_pipeline = None
+            if encoders:  # shares the transformer and VAE objects: nothing is loaded twice
+                text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=transformer, vae=vae, **load)
     except (OSError, ValueError) as err:
         local = Path(path).is_dir()
         hint = ("the directory must hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, "
                 "tokenizer*/)") if local else (
-            f"There is no directory {path!r} here, so it was taken for a hub id. Without network access (or without "
-            "accepting the model's licence on the hub), download it elsewhere and pass the local directory: "
-            "model.path=/path/to/stable-diffusion-3-medium-diffusers")
+            f"There is no directory {path!r} here, so it was taken for a hub id. {unreachable_note()}Without network "
+            "access (or without accepting the model's licence on the hub), download it elsewhere and pass the local "
+            "directory: model.path=/path/to/stable-diffusion-3-medium-diffusers")
         raise BackboneLoadError(f"cannot load the SD3 model {path!r}: {type(err).__name__}: "
                                 f"{_first_line(err)}. {hint}") from err
     return SD3Backbone(transformer.eval(), vae, text_pipeline, resolution, max_sequence_length)

@@ -4,11 +4,13 @@ dependencies (transformers, open_clip) only when built."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from dmdr_rl.hub import looks_like_a_path, unreachable_note
 from dmdr_rl.registry import Registry, passes_options_to
 
-from .protocol import RewardModel
+from .protocol import RewardModel, first_line
 
 REWARDS: Registry = Registry("reward model")
 
@@ -83,6 +85,20 @@ def _hpsv2_1(**kwargs):
     return _hps_class()(version="v2.1", **kwargs)
 
 
+class RewardLoadError(OSError):
+    """A reward model's files could not be loaded; says which config entry names them."""
+
+
+def _why_not_loaded(err: OSError, where: str) -> str:
+    offline = unreachable_note()
+    if type(err).__name__ == "LocalEntryNotFoundError":  # (the hub client's words suggest a setting nobody made)
+        reason = offline or "Its files are not in the hub cache. "
+    else:
+        reason = f"{type(err).__name__}: {first_line(err).rstrip('.')}. {offline}"
+    return (f"{reason}Its files come from {where}.kwargs (e.g. `path` or `checkpoint`: a local directory or file, or "
+            "a hub id downloaded into `cache_dir`; see the README's reward models)")
+
+
 def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]", weight: float = 0.0,
                  policy_gradient: bool = False) -> None:
     """What can be refused without building the model (the dry run): the name resolves, the kwargs fit the
@@ -116,7 +132,17 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
     entry (rewards.N), whose `name` / `kwargs` field an error names."""
     from dmdr_rl.config import ConfigError
 
-    model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
+    try:
+        model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
+    except (OSError, ValueError) as err:  # files that cannot be had: a wrong path, or a hub id offline and not cached
+        missing = [f"{where}.kwargs.{key}={value!r}" for key, value in (kwargs or {}).items()
+                   if isinstance(value, str) and looks_like_a_path(value) and not Path(value).expanduser().exists()]
+        if missing:  # (taken for a hub id, it may fail as a ValueError: not a valid repo id)
+            raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {', '.join(missing)} "
+                                  f"{'does' if len(missing) == 1 else 'do'} not exist here ({type(err).__name__}: {first_line(err)})") from err
+        if isinstance(err, ValueError):
+            raise
+        raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {_why_not_loaded(err, where)}") from err
     if not callable(getattr(model, "score", None)):
         raise ConfigError(f"{where}.name: reward model {name!r} built a {type(model).__name__} without a "
                           "score(images, prompts) method (see reward_servers/protocol.py)")

@@ -129,7 +129,9 @@ def test_a_bf16_base_sees_the_exact_timestep(tiny_sd3):
     torch.testing.assert_close(ours, exact, rtol=0, atol=0)
 
 
-def test_load_errors_name_the_problem(tiny_sd3):
+def test_load_errors_name_the_problem(tiny_sd3, monkeypatch):
+    from diffusers import SD3Transformer2DModel
+
     with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer patch size 2\); "
                                          r"use e.g. 28 or 32$"):
         load_sd3(str(tiny_sd3), resolution=30)
@@ -139,13 +141,19 @@ def test_load_errors_name_the_problem(tiny_sd3):
         check_resolution(8, 8, 2)
     with pytest.raises(BackboneLoadError, match="pass the local directory: model.path="):
         load_sd3("no-such-org/no-such-model-offline")
+    import dmdr_rl.hub
+
+    with monkeypatch.context() as offline:  # no retries for a minute first: the hub cache alone, at once
+        offline.setattr(dmdr_rl.hub, "hub_reachable", lambda *a, **k: False)
+        with patch.object(SD3Transformer2DModel, "from_pretrained", side_effect=OSError("not cached")) as loading:
+            with pytest.raises(BackboneLoadError, match=r"hub id\. The hub \(.*\) cannot be reached from this machine"):
+                load_sd3("no-such-org/no-such-model-offline")
+        assert loading.call_args.kwargs["local_files_only"] is True
     with pytest.raises(BackboneLoadError, match="diffusers layout"):
         load_sd3(str(tiny_sd3 / "vae"))
     with pytest.raises(BackboneLoadError, match=r"model.path='.*no-such-dir' is not a directory here"):
         load_sd3(str(tiny_sd3 / "no-such-dir"))
     # the resolution is refused from the config files, before any weights are read
-    from diffusers import SD3Transformer2DModel
-
     with patch.object(SD3Transformer2DModel, "from_pretrained", side_effect=AssertionError("weights were loaded")):
         with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4"):
             load_sd3(str(tiny_sd3), resolution=30)

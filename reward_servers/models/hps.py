@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from dmdr_rl.hub import local_files_only as hub_local_files_only
+
 from .clip import clip_preprocess
 
 HUB_REPO = "xswu/HPSv2"
@@ -35,7 +37,8 @@ class HPSv2(torch.nn.Module):
         if checkpoint is None:
             from huggingface_hub import hf_hub_download
 
-            checkpoint = hf_hub_download(HUB_REPO, CHECKPOINTS[version], cache_dir=cache_dir)
+            checkpoint = hf_hub_download(HUB_REPO, CHECKPOINTS[version], cache_dir=cache_dir,
+                                         local_files_only=hub_local_files_only(False, HUB_REPO))
         self.model = open_clip.create_model(architecture, pretrained=None, load_weights=False)
         state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
         self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from dmdr_rl.hub import local_files_only as hub_local_files_only
 from dmdr_rl.registry import torch_dtype
 
 from .clip import clip_preprocess
@@ -125,7 +126,8 @@ def load_tokenizer(tokenizer: Any = TOKENIZER, cache_dir: str | None = None, loc
         return tokenizer
     from transformers import BertTokenizer
 
-    built = BertTokenizer.from_pretrained(str(tokenizer), cache_dir=cache_dir, local_files_only=local_files_only)
+    built = BertTokenizer.from_pretrained(str(tokenizer), cache_dir=cache_dir,
+                                          local_files_only=hub_local_files_only(local_files_only, str(tokenizer)))
     built.add_special_tokens({"bos_token": "[DEC]"})
     built.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return built
@@ -161,7 +163,8 @@ def _local_or_hub(path: str, filename: str, cache_dir: str | None, local_files_o
         return candidate
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(path, filename, cache_dir=cache_dir, local_files_only=local_files_only))
+    return Path(hf_hub_download(path, filename, cache_dir=cache_dir,
+                                local_files_only=hub_local_files_only(local_files_only, path)))
 
 
 class ImageReward(torch.nn.Module):

@@ -1,0 +1,86 @@
+"""Loading from the Hugging Face hub when it cannot be reached: the cache alone, at once, and errors that
+say so (instead of about 50 s of retries per file before any message)."""
+
+import socket
+
+import pytest
+
+from dmdr_rl import hub
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_hub_counts_as_reachable_when_its_endpoint_takes_a_connection(monkeypatch, no_proxy):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        open_port = listening.getsockname()[1]
+        assert hub.hub_reachable(f"http://127.0.0.1:{open_port}")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # set offline: never asked
+        assert not hub.hub_reachable(f"http://127.0.0.1:{open_port}/")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+    assert not hub.hub_reachable(f"http://127.0.0.1:{closed_port}")  # refused
+    assert not hub.hub_reachable("https://no-such-host.invalid")  # a name that does not resolve
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # through a proxy the hub client is left to try
+    assert hub.hub_reachable("https://no-such-host.invalid")
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_only_a_hub_id_is_loaded_from_the_cache_alone_and_only_when_the_hub_cannot_be_reached(monkeypatch, tmp_path,
+                                                                                            reachable):
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: reachable)
+    assert hub.local_files_only(False, "org/model") is (not reachable)
+    assert hub.local_files_only(False, str(tmp_path)) is False  # a local directory: no hub involved
+    assert hub.local_files_only(False, str(tmp_path), "org/model") is (not reachable)
+    assert hub.local_files_only(True, "org/model") is True  # the user's own setting stands
+    assert ("cannot be reached" in hub.unreachable_note()) is (not reachable)
+
+
+def test_a_hub_reward_offline_loads_from_the_cache_alone_and_the_error_names_the_config_entry(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from reward_servers.registry import RewardLoadError, load_reward_model
+
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename, kwargs["local_files_only"]))
+        if kwargs["local_files_only"]:
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache ... set 'local_files_only' to False")
+        raise AssertionError("went to the network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    with pytest.raises(RewardLoadError, match=r"^rewards.2: cannot load reward model 'hpsv2': The hub \(.*\) cannot be "
+                                              r"reached from this machine, and the files are not in its cache\. Its "
+                                              r"files come from rewards.2.kwargs") as caught:
+        load_reward_model("hpsv2", {"cache_dir": str(tmp_path)}, "rewards.2")
+    assert "local_files_only" not in str(caught.value)  # the hub client's advice names a setting nobody made
+    assert asked == [("xswu/HPSv2", "HPS_v2_compressed.pt", True)]
+    # ImageReward's checkpoint, the same way
+    asked.clear()
+    with pytest.raises(RewardLoadError, match="cannot be reached"):
+        load_reward_model("imagereward", {}, "rewards.0")
+    assert [local for *_, local in asked] == [True]
+
+
+def test_a_reward_path_that_does_not_exist_is_named(tmp_path):
+    from reward_servers.registry import RewardLoadError, load_reward_model
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(RewardLoadError, match=rf"^rewards.0: cannot load reward model 'pickscore': "
+                                              rf"rewards.0.kwargs.path='{missing}' does not exist here"):
+        load_reward_model("pickscore", {"path": str(missing)}, "rewards.0")
+    with pytest.raises(RewardLoadError, match=r"kwargs.path='.*', rewards.1.kwargs.processor_path='.*' do not exist here"):
+        load_reward_model("pickscore", {"path": str(missing), "processor_path": str(missing)}, "rewards.1")
