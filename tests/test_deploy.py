@@ -103,6 +103,11 @@ def test_the_rayjob_has_a_head_and_a_gpu_worker_group_and_ships_the_code():
     assert gpu["nvidia.com/gpu"] >= 1 and "headGroupSpec" in job["spec"]["rayClusterSpec"]
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/app"
     assert "WORKDIR /app" in (DEPLOY / "Dockerfile").read_text()
+    # the image's processes do not run as root: a USER after the last step that installs anything
+    steps = [line.split()[0] for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    users = [i for i, step in enumerate(steps) if step == "USER"]
+    assert users and users[-1] > max(i for i, step in enumerate(steps) if step in ("RUN", "COPY"))
+    assert "USER root" not in (DEPLOY / "Dockerfile").read_text()
 
 
 def test_the_paper_serve_config_serves_every_reward_of_the_paper_presets():
