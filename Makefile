@@ -31,7 +31,7 @@ redis-server:  ## the run-store tests start a real redis-server on a free loopba
 	  { $(SUDO) apt-get update -qq >/dev/null && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }; }
 
 test: install redis-server  ## every test, the quality checks of the shipped models included (CI runs this)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install redis-server  ## without the tests marked slow
 	$(PY) -m pytest -q -m "not slow"

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import ray
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import ValidationError
@@ -173,6 +174,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
     serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port})
     host, port = _http_address(cfg)
     started: list[str] = []
+    claimed: list[str] = []
     try:
         for i, spec in enumerate(cfg.rewards):
             if spec.placement != "serve":
@@ -180,6 +182,8 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
             if spec.serve.attach:
                 _require_running(spec.app_name)
                 continue
+            claim_app(spec.app_name, f"rewards.{i}", owner=f"output.dir={cfg.output_dir}")
+            claimed.append(spec.app_name)
             existing = serve.status().applications.get(spec.app_name)
             if existing is not None:
                 state = _status_name(existing.status)
@@ -201,8 +205,65 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
                   f"HTTP: http://{host}:{port}/{spec.app_name}/score", flush=True)
     except BaseException:
         stop_reward_apps(started)
+        release_claims([name for name in claimed if name not in started])
         raise
     return started
+
+
+CLAIMS_NAMESPACE = "dmdr_rl"
+
+
+@ray.remote(num_cpus=0)
+class AppClaim:
+    """A run's claim on the name of a reward app it starts, held while it serves it. A named actor's name
+    is taken once per cluster and namespace, so of two runs that start an app of one name at the same
+    time (a sweep's jobs) only one deploys it: the other's serve.run would replace the app in place, and
+    each run deletes it when it ends. It lives while the run holds its handle (`_HELD_CLAIMS`), and dies
+    with the run's driver."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+
+    def describe(self) -> str:
+        return self.owner
+
+
+_HELD_CLAIMS: dict[str, Any] = {}  # app name -> this process's claim (a named actor with no handle is collected)
+
+
+def _claim_name(app: str) -> str:
+    return f"reward-app-claim:{app}"
+
+
+def claim_app(app: str, where: str, owner: str) -> None:
+    """Claims `app` for this run, or says which run holds it."""
+    try:
+        _HELD_CLAIMS[app] = AppClaim.options(name=_claim_name(app), namespace=CLAIMS_NAMESPACE).remote(owner)
+    except ValueError:  # the name is taken
+        try:
+            holder = ray.get(ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE).describe.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - released meanwhile, or not answering: the message says less
+            holder = "unknown"
+        raise RewardInputError(f"reward app {app!r} is being started or served by another run ({holder}): set "
+                               f"{where}.serve.attach=true to share it, or {where}.serve.app to another name") from None
+
+
+def release_claims(apps: list[str], wait_s: float = 30.0) -> None:
+    """Ends the claims and waits until their names are free (a kill is asynchronous: a run started right
+    after this one, by the same driver, would otherwise find the name still taken)."""
+    for app in apps:
+        _HELD_CLAIMS.pop(app, None)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                claim = ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE)
+            except ValueError:  # free (or gone with its driver)
+                break
+            if time.monotonic() > deadline:
+                print(f"dmdr_rl: warning: the claim on reward app name {app!r} outlived {wait_s:.0f} s", flush=True)
+                break
+            ray.kill(claim)
+            time.sleep(0.1)
 
 
 def _http_address(cfg: RunConfig) -> tuple[str, int]:
@@ -225,8 +286,10 @@ def _http_address(cfg: RunConfig) -> tuple[str, int]:
 
 
 def stop_reward_apps(names: list[str]) -> None:
+    """Deletes the apps this run started and releases its claims on their names."""
     for name in names:
         serve.delete(name)
+    release_claims(names)
 
 
 @contextmanager

@@ -265,10 +265,11 @@ def test_a_missing_app_is_named_in_the_error(tmp_path, local_serve):
 
 def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tmp_path, local_serve):
     spec = _serve_spec("toy-align")
-    theirs = start_reward_apps(_run_config(tmp_path, [spec], local_serve))  # e.g. someone's `serve deploy`
+    serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")  # e.g. someone's `serve deploy`
     try:
-        with pytest.raises(RewardInputError, match="'reward-toy-align' already exists \\(RUNNING.* rewards.0.serve.attach=true"):
-            start_reward_apps(_run_config(tmp_path, [spec], local_serve))
+        for _ in range(2):  # the first refusal released its claim on the name: the second is refused the same way
+            with pytest.raises(RewardInputError, match="'reward-toy-align' already exists \\(RUNNING.* rewards.0.serve.attach=true"):
+                start_reward_apps(_run_config(tmp_path, [spec], local_serve))
         assert spec.app_name in serve.status().applications  # still theirs, untouched
         first = _serve_spec("toy-align", app="reward-first")
         missing = RewardSpec(name="toy-align", label="toy-align-2", placement="serve",
@@ -277,7 +278,35 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
             start_reward_apps(_run_config(tmp_path, [first, missing], local_serve))
         assert "reward-first" not in serve.status().applications  # started, then stopped again
     finally:
-        stop_reward_apps(theirs)
+        serve.delete(spec.app_name)
+
+
+def test_of_two_runs_starting_an_app_of_one_name_only_one_deploys_it(tmp_path, local_serve):
+    """A sweep's jobs start at once: the second's serve.run would replace the first's app in place, and the
+    first to end would delete it under the other."""
+    from reward_servers.serve import CLAIMS_NAMESPACE, AppClaim
+
+    spec = _serve_spec("toy-align", app="reward-claimed")
+    claim = "reward-app-claim:reward-claimed"
+    other = AppClaim.options(name=claim, namespace=CLAIMS_NAMESPACE).remote("output.dir=/runs/other")  # mid-start
+    with pytest.raises(RewardInputError, match=r"'reward-claimed' is being started or served by another run "
+                                               r"\(output.dir=/runs/other\): set rewards.0.serve.attach=true"):
+        start_reward_apps(_run_config(tmp_path / "a", [spec], local_serve))
+    assert "reward-claimed" not in serve.status().applications
+    assert ray.get(ray.get_actor(claim, namespace=CLAIMS_NAMESPACE).describe.remote()) == "output.dir=/runs/other"
+    from reward_servers.serve import release_claims
+
+    release_claims(["reward-claimed"])  # the other run ends (as its driver's exit would)
+    del other
+    started = start_reward_apps(_run_config(tmp_path / "a", [spec], local_serve))
+    try:
+        with pytest.raises(RewardInputError, match=rf"another run \(output.dir={tmp_path / 'a'}\)"):
+            start_reward_apps(_run_config(tmp_path / "b", [spec], local_serve))
+        assert "reward-claimed" in serve.status().applications  # the first run's, serving on
+    finally:
+        stop_reward_apps(started)
+    with pytest.raises(ValueError):  # released with the app
+        ray.get_actor(claim, namespace=CLAIMS_NAMESPACE)
 
 
 def test_an_app_that_fails_to_start_says_why_and_is_not_left_behind(tmp_path, local_serve):
