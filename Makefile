@@ -10,9 +10,11 @@ STAMP := $(VENV)/.installed
 INSTALL_GB := 7
 
 $(STAMP): requirements-lock.txt pyproject.toml
-	@free=$$(df -Pk $$(dirname $(VENV)) | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(INSTALL_GB) ] || \
+	@free=$$(df -Pk $$(dirname $(VENV)) 2>/dev/null | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  [ -z "$$free" ] || [ "$$free" -ge $(INSTALL_GB) ] || \
 	  echo "warning: $$free GB free on this disk; the pinned environment takes about $(INSTALL_GB) GB." \
-	       "If pip stops with 'No space left on device', free some or set VENV=<a directory on a larger disk>." >&2
+	       "If pip stops with 'No space left on device', free some, or put the environment and pip's" \
+	       "temporary files on a larger disk: make VENV=/big/venv TMPDIR=/big/tmp PIP_NO_CACHE_DIR=1 ..." >&2
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-lock.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -352,10 +352,22 @@ def render_saved(out: Path) -> dict:
     if not source.exists():
         raise SystemExit(f"error: {source} does not exist: run the command without --render-only first")
     table = json.loads(source.read_text())
+    for row in table["rows"].values():  # a number that was not finite is saved as null (strict JSON): NaN again
+        for split in SPLITS:
+            if split in row:
+                row[split] = _nan_for_null(row[split])
     table["claims"] = check_claims(table["rows"])
     write_table(out, table)
     print(f"wrote {out / 'toy.md'} from {source}")
     return table
+
+
+def _nan_for_null(value):
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {key: _nan_for_null(item) for key, item in value.items()}
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

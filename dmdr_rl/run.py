@@ -10,7 +10,6 @@ and evaluates the samples with the held-out judge.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
@@ -55,7 +54,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from . import eval as toy_eval
     from .evaluation import evaluate
     from .trainer import LocalTrainer
-    from .store import write_json_whole
+    from .store import json_text, write_json_whole
     from .toy.weights import load_align, load_judge
 
     from .distributed import check_job_output
@@ -87,7 +86,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
               f"with `python -m dmdr_rl.sample --run {out} --prompt TEXT`, or take an SD3 student to diffusers with "
               f"`python -m dmdr_rl.export --run {out} --format lora --out DIR`.")
         print(f"Outputs: {out.resolve()}")
-        print(json.dumps(summary))
+        print(json_text(summary, indent=None), end="")
         return
     if sample_fn is None:
         sample_fn, _ = toy_eval.load_student(out)
@@ -101,7 +100,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else ""))
-    print(json.dumps(summary))
+    print(json_text(summary, indent=None), end="")
 
 
 def _warnings(cfg) -> list[str]:
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     from .sd3 import BackboneLoadError  # here, not at the top: --help and argument errors need no torch
     from .store import StoreError
     from .toy.weights import ToyWeightsError
-    from reward_servers.protocol import RewardInputError, RewardServerError
+    from reward_servers.protocol import RewardInputError, RewardLoadError, RewardServerError
 
     previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
@@ -247,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)
         else:
             train(args.preset, args.overrides, args.num_images)
-    except (ConfigError, BackboneLoadError, RewardInputError, RewardServerError, StoreError, ToyWeightsError) as err:  # what the user can fix
+    except (ConfigError, BackboneLoadError, RewardInputError, RewardLoadError, RewardServerError, StoreError,
+            ToyWeightsError) as err:  # what the user can fix
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
         parser.exit(130, "dmdr_rl: stopped\n")

@@ -15,6 +15,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.train
@@ -29,7 +30,7 @@ from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
 from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
-                             save_step_samples, step_duties, student_images, write_checkpoint)
+                             save_step_samples, StepDuties, step_duties, student_images, write_checkpoint)
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Data-parallel gradient averaging in one all-reduce (a parameter without a gradient counts as 0)."""
@@ -69,6 +70,12 @@ def mean_over_ranks(metrics: dict, device: torch.device, shard_size: int, all_re
     reduced = {k: float(sums[i]) if k.endswith("/non_finite") else float(sums[i] / counts[i])
                if counts[i] > 0 and broken[i] == 0 else float("nan") for i, k in enumerate(keys)}
     return {**metrics, **reduced}
+
+
+def metrics_leaving(metrics: dict, duties: StepDuties, world: int, average: Callable[[dict], dict]) -> dict:
+    """A step's metrics as they leave the learner (the log, a checkpoint's Ray Train report): the whole
+    batch's, averaged over the ranks. `average` is a collective: every rank calls this at the same steps."""
+    return average(metrics) if world > 1 and duties.shows_metrics else metrics
 
 
 def publish_generator(coordinator, learner: DMDRLearner) -> None:
@@ -261,8 +268,8 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
             waited = 0.0
             step = learner.generator_step
             duties = step_duties(step, cfg)
-            if world > 1 and duties.shows_metrics:  # a collective: every rank, at the same steps
-                metrics = mean_over_ranks(metrics, device, cfg.trainer.batch_size // world)
+            metrics = metrics_leaving(metrics, duties, world,
+                                      lambda shard: mean_over_ranks(shard, device, cfg.trainer.batch_size // world))
             if duties.log and log is not None:
                 log.write(step, metrics)
             if rank == 0 and duties.sample:

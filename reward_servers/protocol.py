@@ -32,6 +32,10 @@ class RewardServerError(RuntimeError):
     """A reward app that stayed unreachable or answered nonsense after every retry."""
 
 
+class RewardLoadError(OSError):
+    """A reward model's files could not be loaded; says which config entry names them."""
+
+
 def validate_images(images: torch.Tensor, prompts: Sequence[str]) -> None:
     """Raise RewardInputError unless images is a float [B, 3, H, W] tensor in [0, 1] with B == len(prompts)."""
     if not isinstance(images, torch.Tensor):

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dmdr_rl.hub import looks_like_a_path, unreachable_note
+from dmdr_rl.hub import looks_like_a_path, missed_offline, unreachable_note
 from dmdr_rl.registry import Registry, passes_options_to
 
-from .protocol import RewardModel, first_line
+from .protocol import RewardLoadError, RewardModel, first_line
 
 REWARDS: Registry = Registry("reward model")
 
@@ -85,12 +85,11 @@ def _hpsv2_1(**kwargs):
     return _hps_class()(version="v2.1", **kwargs)
 
 
-class RewardLoadError(OSError):
-    """A reward model's files could not be loaded; says which config entry names them."""
+MADE_ON_FIRST_USE = ("cache_dir", "download_root")  # where downloads go: that they do not exist yet is no error
 
 
 def _why_not_loaded(err: OSError, where: str) -> str:
-    offline = unreachable_note()
+    offline = unreachable_note() if missed_offline(err) else ""  # (a local model's own error: no hub involved)
     if type(err).__name__ == "LocalEntryNotFoundError":  # (the hub client's words suggest a setting nobody made)
         reason = offline or "Its files are not in the hub cache. "
     else:
@@ -134,9 +133,12 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
 
     try:
         model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
+    except ConfigError:  # (a ValueError, but the config's own: it names its field)
+        raise
     except (OSError, ValueError) as err:  # files that cannot be had: a wrong path, or a hub id offline and not cached
         missing = [f"{where}.kwargs.{key}={value!r}" for key, value in (kwargs or {}).items()
-                   if isinstance(value, str) and looks_like_a_path(value) and not Path(value).expanduser().exists()]
+                   if key not in MADE_ON_FIRST_USE and isinstance(value, str) and looks_like_a_path(value)
+                   and not Path(value).expanduser().exists()]
         if missing:  # (taken for a hub id, it may fail as a ValueError: not a valid repo id)
             raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {', '.join(missing)} "
                                   f"{'does' if len(missing) == 1 else 'do'} not exist here ({type(err).__name__}: {first_line(err)})") from err

@@ -238,32 +238,50 @@ def _claim_name(app: str) -> str:
 def claim_app(app: str, where: str, owner: str) -> None:
     """Claims `app` for this run, or says which run holds it."""
     try:
-        _HELD_CLAIMS[app] = AppClaim.options(name=_claim_name(app), namespace=CLAIMS_NAMESPACE).remote(owner)
-    except ValueError:  # the name is taken
-        try:
-            holder = ray.get(ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE).describe.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - released meanwhile, or not answering: the message says less
-            holder = "unknown"
-        raise RewardInputError(f"reward app {app!r} is being started or served by another run ({holder}): set "
-                               f"{where}.serve.attach=true to share it, or {where}.serve.app to another name") from None
+        claim = AppClaim.options(name=_claim_name(app), namespace=CLAIMS_NAMESPACE).remote(owner)
+        ray.get(claim.describe.remote(), timeout=120)  # through Ray Client a taken name fails only here
+    except Exception as err:  # noqa: BLE001 - taken (a ValueError), or the claim could not start: which, is asked
+        holder = _holder(app)
+        if holder is None:
+            raise
+        raise RewardInputError(f"reward app {app!r} is being started or served by another run ({holder}). Runs that "
+                               f"share one app: deploy it once on its own (`serve deploy`) and set {where}.serve.attach=true "
+                               f"in each (an app a run started ends with that run); else set {where}.serve.app to a name "
+                               "of this run's own") from err
+    _HELD_CLAIMS[app] = claim
+
+
+def _holder(app: str) -> str | None:
+    """Who holds the claim on `app`'s name (None: nobody now)."""
+    try:
+        other = ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        return ray.get(other.describe.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - ending meanwhile, or not answering
+        return "a run that does not answer"
 
 
 def release_claims(apps: list[str], wait_s: float = 30.0) -> None:
-    """Ends the claims and waits until their names are free (a kill is asynchronous: a run started right
-    after this one, by the same driver, would otherwise find the name still taken)."""
+    """Ends this process's claims on `apps` (no other's) and waits until each name is free or taken by
+    another (a kill is asynchronous: a run started right after this one, by the same driver, would
+    otherwise find the name still taken)."""
     for app in apps:
-        _HELD_CLAIMS.pop(app, None)
+        held = _HELD_CLAIMS.pop(app, None)
+        if held is None:
+            continue
+        ray.kill(held)
         deadline = time.monotonic() + wait_s
-        while True:
+        while time.monotonic() < deadline:
             try:
-                claim = ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE)
-            except ValueError:  # free (or gone with its driver)
+                if ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE)._actor_id != held._actor_id:
+                    break  # another run's claim already
+            except ValueError:  # free
                 break
-            if time.monotonic() > deadline:
-                print(f"dmdr_rl: warning: the claim on reward app name {app!r} outlived {wait_s:.0f} s", flush=True)
-                break
-            ray.kill(claim)
             time.sleep(0.1)
+        else:
+            print(f"dmdr_rl: warning: the claim on reward app name {app!r} outlived {wait_s:.0f} s", flush=True)
 
 
 def _http_address(cfg: RunConfig) -> tuple[str, int]:

@@ -108,6 +108,9 @@ def test_the_rayjob_has_a_head_and_a_gpu_worker_group_and_ships_the_code():
     users = [i for i, step in enumerate(steps) if step == "USER"]
     assert users and users[-1] > max(i for i, step in enumerate(steps) if step in ("RUN", "COPY"))
     assert "USER root" not in (DEPLOY / "Dockerfile").read_text()
+    # and a pod that mounts a volume the run writes makes it that user's group's (else root-owned on most disks)
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["volumeMounts"] and head["securityContext"]["fsGroup"] == 100
 
 
 def test_the_paper_serve_config_serves_every_reward_of_the_paper_presets():

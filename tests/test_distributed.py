@@ -583,6 +583,14 @@ def test_a_checkpoint_reports_the_whole_batchs_metrics_at_a_step_that_is_not_log
     assert [s for s, d in duties.items() if d.checkpoint] == [3, 6, 7]
     assert [s for s, d in duties.items() if d.sample] == [5, 7]
     assert [s for s, d in duties.items() if d.shows_metrics] == [2, 3, 4, 6, 7]
+    from learner.loop import metrics_leaving
+
+    averaged = []  # the steps whose metrics leave the learner averaged over two ranks (the collective's calls)
+    for step, step_duty in duties.items():
+        metrics_leaving({"loss/dmd": 0.5}, step_duty, 2, lambda shard, s=step: averaged.append(s) or shard)
+    assert averaged == [2, 3, 4, 6, 7]  # step 3: a checkpoint only, its report the whole batch's too
+    assert metrics_leaving({"loss/dmd": 0.5}, duties[3], 1, lambda shard: pytest.fail("one rank averages nothing")) == {
+        "loss/dmd": 0.5}
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):

@@ -10,8 +10,9 @@ from dmdr_rl import hub
 
 @pytest.fixture
 def no_proxy(monkeypatch):
-    for name in hub.PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    for scheme in ("https", "http", "all"):
+        for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
+            monkeypatch.delenv(name, raising=False)
 
 
 def test_the_hub_counts_as_reachable_when_its_endpoint_takes_a_connection(monkeypatch, no_proxy):
@@ -33,6 +34,19 @@ def test_the_hub_counts_as_reachable_when_its_endpoint_takes_a_connection(monkey
     assert not hub.hub_reachable("https://no-such-host.invalid")  # a name that does not resolve
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # through a proxy the hub client is left to try
     assert hub.hub_reachable("https://no-such-host.invalid")
+
+
+def test_a_failed_check_stands_for_a_minute_and_a_success_for_the_process(monkeypatch, no_proxy):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    answers, asked = iter([False, True, False]), []
+    monkeypatch.setattr(hub, "_connects", lambda endpoint, timeout_s: asked.append(endpoint) or next(answers))
+    endpoint = "https://hub.example.test"
+    assert not hub.hub_reachable(endpoint) and not hub.hub_reachable(endpoint) and len(asked) == 1  # one check
+    hub._FAILED_AT[endpoint] -= hub.UNREACHABLE_FOR_S + 1  # a minute later (a passing blip): asked again
+    assert hub.hub_reachable(endpoint) and len(asked) == 2
+    assert hub.hub_reachable(endpoint) and len(asked) == 2  # and a success is not asked again
 
 
 @pytest.mark.parametrize("reachable", [True, False])
@@ -68,6 +82,9 @@ def test_a_hub_reward_offline_loads_from_the_cache_alone_and_the_error_names_the
         load_reward_model("hpsv2", {"cache_dir": str(tmp_path)}, "rewards.2")
     assert "local_files_only" not in str(caught.value)  # the hub client's advice names a setting nobody made
     assert asked == [("xswu/HPSv2", "HPS_v2_compressed.pt", True)]
+    # a download directory that does not exist yet is no error of its own: the hub is still the cause given
+    with pytest.raises(RewardLoadError, match=r"^rewards.2: cannot load reward model 'hpsv2': The hub \(.*\) cannot be reached"):
+        load_reward_model("hpsv2", {"cache_dir": str(tmp_path / "new-cache")}, "rewards.2")
     # ImageReward's checkpoint, the same way
     asked.clear()
     with pytest.raises(RewardLoadError, match="cannot be reached"):
@@ -84,3 +101,13 @@ def test_a_reward_path_that_does_not_exist_is_named(tmp_path):
         load_reward_model("pickscore", {"path": str(missing)}, "rewards.0")
     with pytest.raises(RewardLoadError, match=r"kwargs.path='.*', rewards.1.kwargs.processor_path='.*' do not exist here"):
         load_reward_model("pickscore", {"path": str(missing), "processor_path": str(missing)}, "rewards.1")
+    # a setting of the config's own stays its error, naming its field, whatever else is wrong
+    from dmdr_rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dtype"):
+        load_reward_model("pickscore", {"path": str(missing), "dtype": "float17"}, "rewards.0")
+    # a local model directory's own error says nothing about the hub
+    (tmp_path / "empty-model").mkdir()
+    with pytest.raises(RewardLoadError) as caught:
+        load_reward_model("pickscore", {"path": str(tmp_path / "empty-model"), "local_files_only": True}, "rewards.0")
+    assert "hub" not in str(caught.value).split("Its files come from")[0].lower().replace("hub id", "")

@@ -73,6 +73,12 @@ def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(
     markdown = (tmp_path / "toy.md").read_text()
     assert "| RL-only 4-step: analytic accuracy 0.05 below DMDR's (held-in) | 0.620 vs 0.660 (-0.010, -0.5 SE) | **no** |" in markdown
     assert json.loads((tmp_path / "toy.json").read_text())["claims"]
+    # a number that was not finite (a diverged row's reward mean) is saved as null and renders as nan again
+    table["rows"]["rl-only-4"]["held-in"]["rewards"]["toy-align"] = float("nan")
+    results.write_table(tmp_path, table)
+    assert json.loads((tmp_path / "toy.json").read_text())["rows"]["rl-only-4"]["held-in"]["rewards"]["toy-align"] is None
+    results.main(["--render-only", "--out", str(tmp_path)])
+    assert "| RL-only 4-step: toy-align reward at least DMDR's (held-in) | nan vs " in (tmp_path / "toy.md").read_text()
     with pytest.raises(SystemExit, match="does not exist"):
         results.main(["--render-only", "--out", str(tmp_path / "none")])
 

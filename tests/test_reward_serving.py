@@ -284,20 +284,17 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
 def test_of_two_runs_starting_an_app_of_one_name_only_one_deploys_it(tmp_path, local_serve):
     """A sweep's jobs start at once: the second's serve.run would replace the first's app in place, and the
     first to end would delete it under the other."""
-    from reward_servers.serve import CLAIMS_NAMESPACE, AppClaim
+    from reward_servers.serve import CLAIMS_NAMESPACE, claim_app, release_claims
 
     spec = _serve_spec("toy-align", app="reward-claimed")
     claim = "reward-app-claim:reward-claimed"
-    other = AppClaim.options(name=claim, namespace=CLAIMS_NAMESPACE).remote("output.dir=/runs/other")  # mid-start
+    claim_app("reward-claimed", "rewards.0", "output.dir=/runs/other")  # another run, mid-start
     with pytest.raises(RewardInputError, match=r"'reward-claimed' is being started or served by another run "
-                                               r"\(output.dir=/runs/other\): set rewards.0.serve.attach=true"):
+                                               r"\(output.dir=/runs/other\)\. .*set rewards.0.serve.attach=true"):
         start_reward_apps(_run_config(tmp_path / "a", [spec], local_serve))
     assert "reward-claimed" not in serve.status().applications
     assert ray.get(ray.get_actor(claim, namespace=CLAIMS_NAMESPACE).describe.remote()) == "output.dir=/runs/other"
-    from reward_servers.serve import release_claims
-
-    release_claims(["reward-claimed"])  # the other run ends (as its driver's exit would)
-    del other
+    release_claims(["reward-claimed"])  # the other run ends
     started = start_reward_apps(_run_config(tmp_path / "a", [spec], local_serve))
     try:
         with pytest.raises(RewardInputError, match=rf"another run \(output.dir={tmp_path / 'a'}\)"):

@@ -40,7 +40,7 @@ class HPSv2(torch.nn.Module):
             checkpoint = hf_hub_download(HUB_REPO, CHECKPOINTS[version], cache_dir=cache_dir,
                                          local_files_only=hub_local_files_only(False, HUB_REPO))
         self.model = open_clip.create_model(architecture, pretrained=None, load_weights=False)
-        state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+        state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True)
         self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         self.model.eval().requires_grad_(False)
         if device:

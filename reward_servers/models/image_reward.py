@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from dmdr_rl.hub import local_files_only as hub_local_files_only
+from dmdr_rl.hub import expand_home, local_files_only as hub_local_files_only
 from dmdr_rl.registry import torch_dtype
 
 from .clip import clip_preprocess
@@ -126,8 +126,9 @@ def load_tokenizer(tokenizer: Any = TOKENIZER, cache_dir: str | None = None, loc
         return tokenizer
     from transformers import BertTokenizer
 
-    built = BertTokenizer.from_pretrained(str(tokenizer), cache_dir=cache_dir,
-                                          local_files_only=hub_local_files_only(local_files_only, str(tokenizer)))
+    tokenizer = expand_home(str(tokenizer))
+    built = BertTokenizer.from_pretrained(tokenizer, cache_dir=cache_dir,
+                                          local_files_only=hub_local_files_only(local_files_only, tokenizer))
     built.add_special_tokens({"bos_token": "[DEC]"})
     built.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return built
@@ -154,6 +155,7 @@ class RewardHead(torch.nn.Module):
 def _local_or_hub(path: str, filename: str, cache_dir: str | None, local_files_only: bool) -> Path:
     """`filename` itself if it is a file, else `path/filename` if `path` is a directory, else the file
     from hub repo `path`."""
+    path, filename = expand_home(path), expand_home(filename)
     if Path(filename).is_file():
         return Path(filename)
     if Path(path).is_dir():

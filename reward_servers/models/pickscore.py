@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from dmdr_rl.hub import local_files_only as hub_local_files_only
+from dmdr_rl.hub import expand_home, local_files_only as hub_local_files_only
 from dmdr_rl.registry import torch_dtype
 
 from .clip import clip_preprocess, embedding
@@ -30,6 +30,7 @@ class PickScore(torch.nn.Module):
 
         super().__init__()
         self.name, self.use_logit_scale = name, logit_scale
+        path, processor_path = expand_home(path), expand_home(processor_path)
         load = {"cache_dir": cache_dir, "local_files_only": hub_local_files_only(local_files_only, path, processor_path)}
         weights_dtype = torch_dtype(dtype, "rewards[].kwargs.dtype")
         self.model = CLIPModel.from_pretrained(path, dtype=weights_dtype, **load).eval().requires_grad_(False)
