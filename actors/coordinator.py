@@ -25,6 +25,12 @@ from .rollout import RolloutWorker
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 
 
+class StaleLearnerError(RuntimeError):
+    """A call from a learner try that a later try has replaced: one Ray declared dead while it still ran
+    (a network partition, say). Refused, so that it cannot publish weights, take batches or kill workers
+    of the try that replaced it."""
+
+
 class RolloutCoordinator:
     def __init__(self, cfg: dict, world_size: int, run_dir: str, lookahead: int | None = None):
         self.cfg = RunConfig.model_validate(cfg)
@@ -59,8 +65,11 @@ class RolloutCoordinator:
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
 
     # -- weights ------------------------------------------------------------------------------
-    def publish(self, version: int, weights: list) -> int:
-        """New generator weights (`weights[0]` a ref to a dict of tensors) become the version rollouts use."""
+    def publish(self, version: int, weights: list, epoch: int | None = None) -> int:
+        """New generator weights (`weights[0]` a ref to a dict of tensors) become the version rollouts use.
+        `epoch` (here and in every call that changes what the learner gets): the learner try's, from
+        `start` / `progress`; a call of an earlier try's is refused (None: not checked, for operators)."""
+        self._fence(epoch, "publish")
         if version <= self.version:
             return self.version
         self.version, self.weights = version, weights  # sent along with each rollout request
@@ -80,10 +89,11 @@ class RolloutCoordinator:
     def _ticket(self, index: int, call) -> list:
         return [call(self.workers[index]), index, self.incarnations[index]]
 
-    def restart_worker(self, index: int, incarnation: int) -> bool:
+    def restart_worker(self, index: int, incarnation: int, epoch: int | None = None) -> bool:
         """Kill rollout worker `index` that stopped answering, unless it was restarted since the caller's
         ticket was made (another rank, or an earlier try, got there first: that one is a fresh start).
         Ray starts it again (max_restarts=-1) and it reloads the weights with its next request."""
+        self._fence(epoch, "restart_worker")
         if self.incarnations[index] != incarnation:
             return False
         ray.kill(self.workers[index], no_restart=False)
@@ -92,11 +102,11 @@ class RolloutCoordinator:
         return True
 
     # -- batches ------------------------------------------------------------------------------
-    def start(self, iteration: int, generator_step: int | None = None) -> None:
+    def start(self, iteration: int, generator_step: int | None = None) -> int:
         """Begin (or, after a learner restart, resume) issuing from `iteration`, where the learner's
         generator is at `generator_step` (default: iteration // ratio, a run at one ratio throughout):
         earlier batches are done, later ones consumed before the restart are rolled back (the ledger
-        says so, with the world size from here on)."""
+        says so, with the world size from here on). Returns the epoch the learner's calls carry."""
         # a learner that published anything (version 0 comes right after the first start) has run before
         restart = self.version >= 0 or bool(self.pending or self.consumed_upto)
         self.started_at = (iteration, iteration // self.ratio if generator_step is None else generator_step)
@@ -112,11 +122,18 @@ class RolloutCoordinator:
         self.assigned.clear()
         self.incarnation_of.clear()
         self.next_iteration = self.consumed_upto = iteration
+        return self.epoch
 
-    def request(self, iteration: int, rank: int) -> list | None:
+    def _fence(self, epoch: int | None, call: str) -> None:
+        if epoch is not None and epoch != self.epoch:
+            raise StaleLearnerError(f"{call} from a learner try of epoch {epoch}, which a later try (epoch {self.epoch}) "
+                                    "replaced: refused")
+
+    def request(self, iteration: int, rank: int, epoch: int | None = None) -> list | None:
         """The batch of (iteration, rank) as a ticket [ObjectRef, worker, incarnation] (a list, so Ray
         passes the ref, not the batch), or None while the generator version it needs is not published
         yet (ask again shortly)."""
+        self._fence(epoch, "request")
         if iteration < self.consumed_upto - 1 or iteration > self.next_iteration + self.lookahead:
             raise ValueError(f"batch ({iteration}, rank {rank}) requested out of order: the learner is at "
                              f"{self.consumed_upto}; a restarted learner calls start() first")
@@ -180,14 +197,19 @@ class RolloutCoordinator:
         """{"learners": {rank: pid}, "rollout_workers": [actor handles]}."""
         return {"learners": dict(self.learner_processes), "rollout_workers": list(self.workers)}
 
-    def reissue(self, iteration: int, rank: int) -> list:
+    def reissue(self, iteration: int, rank: int, epoch: int | None = None) -> list:
         """After a rollout worker died (Ray restarts it; it reloads weights with its next request). The
         batch goes to another worker when there is one, rather than wait for the restart."""
+        self._fence(epoch, "reissue")
         self._issue(iteration, rank, avoid=self.assigned.get((iteration, rank)))
         self.ledger.append("reissued", iteration=iteration, rank=rank)
         return self._batch_ticket(iteration, rank)
 
-    def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int) -> None:
+    def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int,
+                 epoch: int | None = None) -> None:
+        if epoch is not None and epoch != self.epoch:  # (no one waits on this call: noted, not raised)
+            self.ledger.append("stale_call", call="consumed", iteration=iteration, rank=rank, epoch=epoch)
+            return
         self.assigned.pop((iteration, rank), None)
         self.incarnation_of.pop((iteration, rank), None)
         self.ledger.append("consumed", iteration=iteration, rank=rank, weight_version=weight_version,

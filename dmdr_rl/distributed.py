@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -250,20 +251,32 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
             num_cpus=0, name=f"{COORDINATOR_PREFIX}{cfg.name}-{uuid.uuid4().hex[:8]}",
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         ).remote(cfg.model_dump(mode="json"), r.learner_workers, str(out))
+        # once, whatever fails where: its rollout workers would otherwise hold their CPUs/GPUs until the driver exits
+        shut_down = _once(lambda: _shut_down(coordinator))
         try:
             trainer = _torch_trainer(cfg, coordinator, out)
-        except BaseException:
-            _shut_down(coordinator)  # its rollout workers would otherwise hold their CPUs/GPUs until the driver exits
-            raise
-        print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
-              f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
-        with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
-                        output_dir=str(out)) as ending:
-            summary = _fit_and_summarise(cfg, trainer, coordinator, store, out)
-            ending["generator_step"] = summary["generator_steps"]
-        return summary
+            print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
+                  f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
+            with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
+                            output_dir=str(out)) as ending:
+                summary = _fit_and_summarise(cfg, trainer, coordinator, store, out, shut_down)
+                ending["generator_step"] = summary["generator_steps"]
+            return summary
+        finally:
+            shut_down()
     finally:
         store.close()
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done: list[bool] = []
+
+    def run_once() -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return run_once
 
 
 def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
@@ -290,7 +303,10 @@ def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
     )
 
 
-def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -> dict:
+def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
+                       shut_down: Callable[[], None] | None = None) -> dict:
+    """Ray Train's fit with a progress bar; then the run's actors are shut down (`shut_down`, default
+    `_shut_down(coordinator)`: its ledger flushed before the audit) and the summary made."""
     import ray
 
     r = cfg.ray
@@ -317,7 +333,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path) -
     finally:
         bar.close()
         repeated = _repeated_failure(coordinator)
-        _shut_down(coordinator)
+        (shut_down or (lambda: _shut_down(coordinator)))()
     result = outcome.get("result")
     if repeated is not None:
         raise RuntimeError(f"the learner keeps failing the same way, so the run ends rather than retry it again "

@@ -3,8 +3,9 @@
 Events: `start` (a launch begins issuing at `iteration`: 0, or a checkpoint's for a resumed run),
 `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank trained on
 it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`); not counted:
-`worker_restarted` (a stuck rollout worker killed for Ray to start again) and `learner_failed` (the
-error a learner's try ended with). Starts and rewinds record the world size from there on (the audit
+`worker_restarted` (a stuck rollout worker killed for Ray to start again), `learner_failed` (the
+error a learner's try ended with) and `stale_call` (a consumption reported by a learner try that a
+later one had replaced, refused). Starts and rewinds record the world size from there on (the audit
 checks each stretch with its own). A start or a rewind rolls back the later consumptions, with the
 weights they produced. Replaying the events gives the batches that the final weights actually learned
 from: `audit` checks each was used exactly once, from the ledger's first start on (a run resumed into a
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-NOT_COUNTED = ("worker_restarted", "learner_failed")  # events about processes, not batches
+NOT_COUNTED = ("worker_restarted", "learner_failed", "stale_call")  # events about processes, not batches
 
 
 class Ledger:
@@ -73,4 +74,5 @@ def audit(events: list[dict], iterations: int, world_size: int) -> dict:
         "unexpected": sorted(set(counts) - expected),
         "rewinds": sum(e["event"] == "rewind" for e in events),
         "reissued": sum(e["event"] == "reissued" for e in events),
+        **({"stale_calls": n} if (n := sum(e["event"] == "stale_call" for e in events)) else {}),
     }

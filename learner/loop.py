@@ -15,6 +15,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import ray
@@ -22,7 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from actors.coordinator import ACTOR_ERRORS
+from actors.coordinator import ACTOR_ERRORS, StaleLearnerError
 from dmdr_rl import dmdr
 from dmdr_rl.config import RunConfig
 from dmdr_rl.learning import DMDRLearner
@@ -76,6 +77,33 @@ def metrics_leaving(metrics: dict, duties: StepDuties, world: int, average: Call
     """A step's metrics as they leave the learner (the log, a checkpoint's Ray Train report): the whole
     batch's, averaged over the ranks. `average` is a collective: every rank calls this at the same steps."""
     return average(metrics) if world > 1 and duties.shows_metrics else metrics
+
+
+class FencedCoordinator:
+    """The coordinator as one learner try calls it: each call that changes what the learners get carries
+    the try's epoch, so a try that a later one replaced (a learner Ray declared dead that still runs, as
+    across a network partition) is refused instead of publishing weights or taking batches."""
+
+    FENCED = frozenset({"publish", "request", "reissue", "consumed", "restart_worker"})
+
+    def __init__(self, handle, epoch: int):
+        self.handle, self.epoch = handle, epoch
+
+    def __getattr__(self, name: str):
+        method = getattr(self.handle, name)
+        if name not in self.FENCED:
+            return method
+        return SimpleNamespace(remote=lambda *args, **kwargs: method.remote(*args, epoch=self.epoch, **kwargs))
+
+
+def check_version(batch, generator_step: int, max_staleness: int) -> None:
+    """A batch sampled by a generator version the learner at `generator_step` may train on (that version,
+    or up to `max_staleness` older): anything else is a bug, and would train silently on another policy."""
+    lag = generator_step - batch.weight_version
+    if not 0 <= lag <= max_staleness:
+        raise RuntimeError(f"batch ({batch.iteration}, rank {batch.rank}) was sampled by generator version "
+                           f"{batch.weight_version}, but the learner at generator step {generator_step} trains on versions "
+                           f"{max(0, generator_step - max_staleness)}..{generator_step} only (ray.max_staleness)")
 
 
 def publish_generator(coordinator, learner: DMDRLearner) -> None:
@@ -157,11 +185,15 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
-    try:  # before the backbone loads: a restart after the coordinator died must fail fast, not after minutes
+    try:  # before the backbone loads: a restart after the coordinator died must end fast, not after minutes
         repeated_failure = ray.get(coordinator.register_learner.remote(rank, os.getpid()))
     except ray.exceptions.RayActorError as err:
-        raise RuntimeError("the run's rollout coordinator is gone (it lives on the driver's node and goes with it): "
-                           "the run cannot continue; start it again with trainer.resume_from=<the run directory>") from err
+        # the try ends without an error: a raised one would be the infrastructure's, and Ray Train would
+        # retry it (to ray.max_failures, or forever with -1) while the driver has already given up
+        print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (it lives on the driver's node and "
+              f"goes with it), so the run cannot continue; start it again with trainer.resume_from=<the run "
+              f"directory> ({type(err).__name__})", flush=True)
+        return
     if repeated_failure is not None:  # Ray Train would retry it again: end the try, and the driver ends the run
         print(f"dmdr_rl: learner rank {rank}: not trying again: {repeated_failure}", flush=True)
         return
@@ -169,6 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built)
     except Exception as err:
+        if _replaced(err):  # not this run's failure: the try that replaced this one trains on
+            print(f"dmdr_rl: learner rank {rank}: a later learner try replaced this one ({err}); stopping", flush=True)
+            return
         own = own_error(err)
         if own is not None:
             report_failure(coordinator, rank, built, own)
@@ -178,6 +213,14 @@ def train_loop_per_worker(config: dict) -> None:
 # failures of the infrastructure, which another try may well not meet (a lost node, a dead actor, a
 # peer gone from the process group: the rank whose own error it was reports that)
 INFRASTRUCTURE_ERRORS = (ray.exceptions.RayError, dist.DistError)
+
+
+def _replaced(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, StaleLearnerError) or isinstance(getattr(err, "cause", None), StaleLearnerError):
+            return True
+        err = err.__cause__
+    return False
 
 
 def own_error(err: BaseException) -> BaseException | None:
@@ -241,7 +284,9 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     # asked before any rollout is issued, so no worker is busy: after a learner restart a worker that does
     # not answer is stuck (e.g. in a rollout of the lost learner's) and is restarted; at a launch's first
     # start it may be loading its model, and is waited for
-    ask = {"patience_s": patience, "restart_stuck": ray.get(coordinator.progress.remote())["epoch"] > 0}
+    epoch = ray.get(coordinator.progress.remote())["epoch"]  # this try's: rank 0's start set it
+    coordinator = FencedCoordinator(coordinator, epoch)
+    ask = {"patience_s": patience, "restart_stuck": epoch > 0}
     backbone.set_null(ask_a_worker(coordinator, "null_conditioning", **ask))
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, **ask) if rank == 0 else None
@@ -256,6 +301,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
         while learner.generator_step < cfg.trainer.max_steps:
             started = time.perf_counter()
             batch = fetch_batch(coordinator, learner.iteration, rank, patience)
+            check_version(batch, learner.generator_step, cfg.ray.max_staleness)
             waited += time.perf_counter() - started  # summed over the iterations of one generator step
             coordinator.consumed.remote(batch.iteration, rank, batch.weight_version, learner.generator_step)
             metrics = learner.step(batch)

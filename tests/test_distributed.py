@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 from dmdr_rl.config import ConfigError, load_config  # noqa: E402
 from dmdr_rl.distributed import COORDINATOR_PREFIX, train_distributed  # noqa: E402
-from dmdr_rl.ledger import Ledger  # noqa: E402
+from dmdr_rl.ledger import Ledger, audit  # noqa: E402
 from dmdr_rl.store import FileStore  # noqa: E402
 from dmdr_rl.trainer import LocalTrainer  # noqa: E402
 
@@ -293,6 +293,67 @@ def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(t
     assert cancelled == list(issued.values()) and coordinator.epoch == 2 and not coordinator.pending
     events = [e["event"] for e in Ledger(FileStore(tmp_path)).events() if e["event"] in ("start", "rewind")]
     assert events == ["start", "rewind", "rewind"]
+
+
+def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_path, monkeypatch):
+    """A learner try Ray declared dead may still run (a network partition): its calls carry its epoch and
+    are refused, or it would publish its weights over the new try's, take its batches, or kill its workers."""
+    import actors.coordinator as coordinator_module
+    from actors.coordinator import StaleLearnerError
+    from learner.loop import FencedCoordinator, _replaced
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "cancel", lambda ref: None)
+    monkeypatch.setattr(coordinator_module.ray, "kill", lambda *a, **k: None)
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 0})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    old = coordinator.start(0)
+    coordinator.publish(0, ["old weights"], epoch=old)
+    assert coordinator.request(0, 0, epoch=old) is not None
+    new = coordinator.start(0)  # the new try, from the checkpoint at iteration 0
+    assert (old, new) == (0, 1)
+    coordinator.publish(0, ["new weights"], epoch=new)
+    for call, args in (("publish", (1, ["zombie weights"])), ("request", (0, 0)), ("reissue", (0, 0)),
+                       ("restart_worker", (0, 0))):
+        with pytest.raises(StaleLearnerError, match=f"{call} from a learner try of epoch 0, which a later try \\(epoch 1\\)"):
+            getattr(coordinator, call)(*args, epoch=old)
+    assert coordinator.version == 0 and coordinator.weights == ["new weights"] and coordinator.incarnations == [0, 0]
+    ticket = coordinator.request(0, 0, epoch=new)
+    assert ticket[0][4:7] == (0, ["new weights"], 1)  # version, weights, epoch of the new try
+    coordinator.consumed(0, 0, 0, 0, epoch=old)  # fire-and-forget: noted, not counted
+    coordinator.consumed(0, 0, 0, 0, epoch=new)
+    events = Ledger(FileStore(tmp_path)).events()
+    assert [e["call"] for e in events if e["event"] == "stale_call"] == ["consumed"]
+    assert audit(events, 1, 1) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 1, "reissued": 0, "stale_calls": 1}
+    # the learner's side: every fenced call carries the try's epoch; a refused try ends quietly, not as a failure
+    sent = []
+    handle = type("Handle", (), {name: type("Method", (), {"remote": staticmethod(lambda *a, name=name, **k: sent.append((name, a, k)))})()
+                                 for name in ("publish", "consumed", "progress")})()
+    fenced = FencedCoordinator(handle, 3)
+    fenced.publish.remote(2, ["w"])
+    fenced.consumed.remote(5, 0, 2, 2)
+    fenced.progress.remote()
+    assert sent == [("publish", (2, ["w"]), {"epoch": 3}), ("consumed", (5, 0, 2, 2), {"epoch": 3}), ("progress", (), {})]
+    assert _replaced(RuntimeError("a failure of the try's own")) is False
+    wrapped = RuntimeError("the call failed")
+    wrapped.__cause__ = StaleLearnerError("publish from a learner try of epoch 0")
+    assert _replaced(wrapped)
+
+
+def test_a_batch_of_a_generator_version_the_learner_may_not_train_on_is_refused():
+    from dmdr_rl.rollout import RolloutBatch
+    from learner.loop import check_version
+
+    def batch(version):
+        return type("Batch", (), {"iteration": 7, "rank": 1, "weight_version": version})()
+
+    check_version(batch(3), 3, 0)
+    check_version(batch(2), 3, 1)
+    for version, staleness in ((2, 0), (4, 1), (1, 1)):  # older than max_staleness allows, or newer than the learner
+        with pytest.raises(RuntimeError, match=rf"batch \(7, rank 1\) was sampled by generator version {version}, but the "
+                                               rf"learner at generator step 3 trains on versions"):
+            check_version(batch(version), 3, staleness)
+    assert "weight_version" in RolloutBatch.__dataclass_fields__
 
 
 def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
@@ -614,6 +675,65 @@ def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, mo
     with pytest.raises(RuntimeError, match=r"rollout coordinator died.*start it again \(it saved no checkpoint\)"):
         distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
     never.set()
+
+
+def test_a_learner_retry_after_the_coordinator_died_ends_quietly_instead_of_being_retried(monkeypatch):
+    """Raised, its error would be the infrastructure's, and Ray Train would retry (forever with
+    ray.max_failures=-1) while the driver has already given up."""
+    import ray
+
+    import learner.loop as loop
+
+    def gone(*_, **__):
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(loop.ray.train, "get_context", lambda: type("Context", (), {"get_world_rank": lambda self: 0,
+                                                                                    "get_world_size": lambda self: 1})())
+    monkeypatch.setattr(loop.ray, "get", gone)
+    monkeypatch.setattr(loop, "_train", lambda *a, **k: pytest.fail("trained without a coordinator"))
+    coordinator = _fake_coordinator(register_learner=lambda rank, pid: "ref")
+    assert loop.train_loop_per_worker({"cfg": _config("/tmp/unused").model_dump(mode="json"), "coordinator": coordinator,
+                                       "output_dir": "/tmp/unused"}) is None
+
+
+def test_the_runs_actors_are_shut_down_once_whatever_fails(tmp_path, monkeypatch):
+    import contextlib
+
+    import ray
+
+    import dmdr_rl.distributed as distributed
+
+    coordinator, stopped = object(), []
+    remote = type("Remote", (), {"options": lambda self, **_: self, "remote": lambda self, *_: coordinator})()
+    monkeypatch.setattr(ray, "remote", lambda cls: remote)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Context", (), {"get_node_id": lambda self: "ab" * 28})())
+    monkeypatch.setattr(distributed, "_shut_down", stopped.append)
+    monkeypatch.setattr(distributed, "_torch_trainer", lambda *a: "trainer")
+
+    @contextlib.contextmanager
+    def unstorable(*_, **__):  # the run's first event cannot be stored (Redis went away, a full disk)
+        raise OSError("the store refused the run's started event")
+        yield
+
+    monkeypatch.setattr(distributed, "run_events", unstorable)
+    cfg = _config(tmp_path, **{"trainer.backend": "ray"})
+    with pytest.raises(OSError, match="started event"):
+        distributed._train_on_ray(cfg, "local")
+    assert stopped == [coordinator]  # before: the coordinator and its rollout workers lived on with the driver
+
+    @contextlib.contextmanager
+    def stored(*_, **__):
+        yield {}
+
+    def fit(cfg, trainer, coordinator, store, out, shut_down):
+        shut_down()  # (before the audit, as the real one does)
+        return {"generator_steps": 3}
+
+    monkeypatch.setattr(distributed, "run_events", stored)
+    monkeypatch.setattr(distributed, "_fit_and_summarise", fit)
+    assert distributed._train_on_ray(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"resume_from": None})}), "local") == {"generator_steps": 3}
+    assert stopped == [coordinator, coordinator]  # once per launch
 
 
 def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecutive_tries(tmp_path, monkeypatch):
