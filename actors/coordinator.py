@@ -46,6 +46,8 @@ class RolloutCoordinator:
         )
         self.workers = [worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus))) for _ in range(ray_cfg.rollout_actors)]
         self.incarnations = [0] * len(self.workers)  # + 1 at each restart_worker
+        # True once a worker has answered `ready` (its constructor is done), else the ref of the question
+        self.readiness: list = [worker.ready.remote() for worker in self.workers]
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
@@ -76,17 +78,20 @@ class RolloutCoordinator:
         return version
 
     def null_conditioning(self, attempt: int = 0) -> list:
-        """The ticket [ObjectRef, worker, incarnation] of the empty prompt's conditioning, from rollout
-        worker `attempt` (mod their number)."""
-        return self._ticket(attempt % len(self.workers), lambda worker: worker.null_conditioning.remote())
+        """The ticket [ObjectRef, worker, incarnation] of the empty prompt's conditioning, from the
+        `attempt`-th worker in turn."""
+        return self._ticket(attempt, lambda worker: worker.null_conditioning.remote())
 
     def encode(self, prompts: list[str], attempt: int = 0) -> list:
         """The ticket of prompt conditioning from a rollout worker (the learner holds no encoders), e.g. for
         sample grids. A ref, not the answer: this actor never waits on a worker (a stuck one would stop
         every learner's calls here), the learner does, with its timeout (see learner.loop.ask_a_worker)."""
-        return self._ticket(attempt % len(self.workers), lambda worker: worker.encode.remote(prompts))
+        return self._ticket(attempt, lambda worker: worker.encode.remote(prompts))
 
-    def _ticket(self, index: int, call) -> list:
+    def _ticket(self, attempt: int, call) -> list:
+        """The question goes to the ready workers in turn (to all in turn while none is ready)."""
+        ready = self.ready_workers() or list(range(len(self.workers)))
+        index = ready[attempt % len(ready)]
         return [call(self.workers[index]), index, self.incarnations[index]]
 
     def restart_worker(self, index: int, incarnation: int, epoch: int | None = None) -> bool:
@@ -98,6 +103,7 @@ class RolloutCoordinator:
             return False
         ray.kill(self.workers[index], no_restart=False)
         self.incarnations[index] += 1
+        self.readiness[index] = self.workers[index].ready.remote()  # the restarted worker's: asked again
         self.ledger.append("worker_restarted", worker=index, incarnation=self.incarnations[index])
         return True
 
@@ -224,16 +230,40 @@ class RolloutCoordinator:
                 self._issue(j, rank)
             self.next_iteration += 1
 
+    def ready_workers(self) -> list[int]:
+        """The workers that have answered `ready`, without waiting for the others. A batch sent to one still
+        pending placement (its node being added) or loading would wait there until the learner's timeout
+        killed it, again at each of its turns, while the others sat idle."""
+        asked = [(index, ref) for index, ref in enumerate(self.readiness) if ref is not True]
+        if asked:
+            answered, _ = ray.wait([ref for _, ref in asked], num_returns=len(asked), timeout=0, fetch_local=False)
+            for index, ref in asked:
+                if ref in answered:
+                    self.readiness[index] = self._answer(index, ref)
+        return [index for index, ref in enumerate(self.readiness) if ref is True]
+
+    def _answer(self, index: int, ref):
+        try:
+            ray.get(ref)  # (answered: no wait)
+        except ray.exceptions.RayActorError as err:
+            if not getattr(err, "actor_init_failed", False):  # died or restarting meanwhile: asked again
+                return self.workers[index].ready.remote()
+            # its constructor failed, for good: its batches end the learner's try with the reason
+        return True
+
     def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> None:
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
         prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size, self.cfg.prompt_group)
         shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
-        worker_index = self.turn % len(self.workers)
-        self.turn += 1
-        if worker_index == avoid and len(self.workers) > 1:
-            worker_index = self.turn % len(self.workers)
-            self.turn += 1
+        # round-robin over the ready workers other than `avoid` (the one that failed this batch), else over
+        # the ready ones, else over all (none has answered yet: the batch waits for a worker to start)
+        everyone = range(len(self.workers))
+        ready = set(self.ready_workers())
+        candidates = ({i for i in ready if i != avoid} or ready or {i for i in everyone if i != avoid}
+                      or set(everyone))
+        worker_index = next(i for k in everyone if (i := (self.turn + k) % len(self.workers)) in candidates)
+        self.turn = worker_index + 1
         self.assigned[(iteration, rank)] = worker_index
         self.incarnation_of[(iteration, rank)] = self.incarnations[worker_index]
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch,

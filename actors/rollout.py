@@ -59,6 +59,11 @@ class RolloutWorker:
                              keep_inputs=policy_trains_on(self.cfg, iteration, step))
         return batch.to("cpu")  # the object store carries host memory; the learner moves it to its device
 
+    def ready(self) -> bool:
+        """Answers once the constructor is done (model, encoders and rewards loaded): the coordinator sends
+        batches to workers that have answered, not to one still pending placement or loading."""
+        return True
+
     def null_conditioning(self) -> Conditioning:
         """The empty prompt's conditioning, for a learner that holds no encoders (CFG of the real score)."""
         return self.backbone.null(1).to("cpu")

@@ -251,7 +251,8 @@ class _FakeWorkers:
         index, self.count = self.count, self.count + 1
         rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank, *rest)})()
         null = type("Method", (), {"remote": lambda _: ("null", index)})()
-        return type("Handle", (), {"rollout": rollout, "null_conditioning": null})()
+        ready = type("Method", (), {"remote": lambda _: True})()  # answered already (the coordinator's mark for it)
+        return type("Handle", (), {"rollout": rollout, "null_conditioning": null, "ready": ready})()
 
 
 def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
@@ -338,6 +339,50 @@ def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_
     wrapped = RuntimeError("the call failed")
     wrapped.__cause__ = StaleLearnerError("publish from a learner try of epoch 0")
     assert _replaced(wrapped)
+
+
+def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypatch):
+    """A worker still pending placement (its GPU node being added) or loading its model gets no batches:
+    sent one, the batch would wait there until the learner's timeout killed the worker, at each of its turns."""
+    import actors.coordinator as coordinator_module
+
+    workers = _FakeWorkers()
+    answered = {0}  # worker 1 has not answered `ready` yet
+
+    class Question:
+        def __init__(self, index):
+            self.index = index
+
+    def handle_with_question(*args, **kwargs):
+        handle = _FakeWorkers.remote(workers, *args, **kwargs)
+        index = workers.count - 1
+        handle.ready = type("Method", (), {"remote": lambda _: Question(index)})()
+        return handle
+
+    workers.remote = handle_with_question
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
+    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: ([r for r in refs if r.index in answered], []))
+    monkeypatch.setattr(coordinator_module.ray, "get", lambda ref: True)
+    monkeypatch.setattr(coordinator_module.ray, "kill", lambda *a, **k: None)
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 1})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    assert coordinator.null_conditioning(attempt=1)[1] == 0  # the questions too: to a worker that has started
+    coordinator.start(0)
+    coordinator.publish(0, ["weights"])
+    coordinator.request(0, 0)
+    assert {worker for worker in coordinator.assigned.values()} == {0}  # every batch issued so far: worker 0's
+    answered.add(1)  # worker 1 has loaded: the round-robin takes it in
+    coordinator.publish(1, ["weights 1"])
+    coordinator.request(2, 0)
+    assert {coordinator.assigned[(i, 0)] for i in range(coordinator.next_iteration) if (i, 0) in coordinator.assigned} == {0, 1}
+    coordinator.restart_worker(1, 0)  # killed: not ready again until the restarted worker answers
+    answered.discard(1)
+    assert coordinator.ready_workers() == [0]
+    assert coordinator.reissue(2, 0)[1] == 0
+    # no worker started yet (a launch's first question): the round-robin over all, as before
+    coordinator.readiness = [Question(0), Question(1)]
+    answered.clear()
+    assert [coordinator.null_conditioning(attempt=a)[1] for a in range(3)] == [0, 1, 0]
 
 
 def test_a_batch_of_a_generator_version_the_learner_may_not_train_on_is_refused():
