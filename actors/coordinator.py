@@ -27,8 +27,8 @@ ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 
 class StaleLearnerError(RuntimeError):
     """A call from a learner try that a later try has replaced: one Ray declared dead while it still ran
-    (a network partition, say). Refused, so that it cannot publish weights, take batches or kill workers
-    of the try that replaced it."""
+    (a network partition, say). Refused, so that it cannot publish weights, take batches, kill workers or
+    count failures of the try that replaced it."""
 
 
 class RolloutCoordinator:
@@ -51,7 +51,8 @@ class RolloutCoordinator:
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
-        self.epoch = 0  # + 1 at every learner restart
+        self.epoch = 0  # + 1 at every learner restart (the rollout workers reload their weights at a new one)
+        self.learner_starts = 0  # + 1 at every start: the token that fences the calls of the try that started
         self.pending: dict[tuple[int, int], ray.ObjectRef] = {}
         self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
         self.incarnation_of: dict[tuple[int, int], int] = {}  # that worker's incarnation then
@@ -67,11 +68,11 @@ class RolloutCoordinator:
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
 
     # -- weights ------------------------------------------------------------------------------
-    def publish(self, version: int, weights: list, epoch: int | None = None) -> int:
+    def publish(self, version: int, weights: list, learner_start: int | None = None) -> int:
         """New generator weights (`weights[0]` a ref to a dict of tensors) become the version rollouts use.
-        `epoch` (here and in every call that changes what the learner gets): the learner try's, from
-        `start` / `progress`; a call of an earlier try's is refused (None: not checked, for operators)."""
-        self._fence(epoch, "publish")
+        `learner_start` (here and in every call that changes what the learners get): what `start` returned
+        to the calling try; a call of an earlier try's is refused (None: not checked, for operators)."""
+        self._fence(learner_start, "publish")
         if version <= self.version:
             return self.version
         self.version, self.weights = version, weights  # sent along with each rollout request
@@ -94,11 +95,11 @@ class RolloutCoordinator:
         index = ready[attempt % len(ready)]
         return [call(self.workers[index]), index, self.incarnations[index]]
 
-    def restart_worker(self, index: int, incarnation: int, epoch: int | None = None) -> bool:
+    def restart_worker(self, index: int, incarnation: int, learner_start: int | None = None) -> bool:
         """Kill rollout worker `index` that stopped answering, unless it was restarted since the caller's
         ticket was made (another rank, or an earlier try, got there first: that one is a fresh start).
         Ray starts it again (max_restarts=-1) and it reloads the weights with its next request."""
-        self._fence(epoch, "restart_worker")
+        self._fence(learner_start, "restart_worker")
         if self.incarnations[index] != incarnation:
             return False
         ray.kill(self.workers[index], no_restart=False)
@@ -112,7 +113,8 @@ class RolloutCoordinator:
         """Begin (or, after a learner restart, resume) issuing from `iteration`, where the learner's
         generator is at `generator_step` (default: iteration // ratio, a run at one ratio throughout):
         earlier batches are done, later ones consumed before the restart are rolled back (the ledger
-        says so, with the world size from here on). Returns the epoch the learner's calls carry."""
+        says so, with the world size from here on). Returns the token the learner's calls carry (see
+        `_fence`)."""
         # a learner that published anything (version 0 comes right after the first start) has run before
         restart = self.version >= 0 or bool(self.pending or self.consumed_upto)
         self.started_at = (iteration, iteration // self.ratio if generator_step is None else generator_step)
@@ -128,18 +130,19 @@ class RolloutCoordinator:
         self.assigned.clear()
         self.incarnation_of.clear()
         self.next_iteration = self.consumed_upto = iteration
-        return self.epoch
+        self.learner_starts += 1
+        return self.learner_starts
 
-    def _fence(self, epoch: int | None, call: str) -> None:
-        if epoch is not None and epoch != self.epoch:
-            raise StaleLearnerError(f"{call} from a learner try of epoch {epoch}, which a later try (epoch {self.epoch}) "
-                                    "replaced: refused")
+    def _fence(self, learner_start: int | None, call: str) -> None:
+        if learner_start is not None and learner_start != self.learner_starts:
+            raise StaleLearnerError(f"{call} from the learner try of start {learner_start}, which a later try (start "
+                                    f"{self.learner_starts}) replaced: refused")
 
-    def request(self, iteration: int, rank: int, epoch: int | None = None) -> list | None:
+    def request(self, iteration: int, rank: int, learner_start: int | None = None) -> list | None:
         """The batch of (iteration, rank) as a ticket [ObjectRef, worker, incarnation] (a list, so Ray
         passes the ref, not the batch), or None while the generator version it needs is not published
         yet (ask again shortly)."""
-        self._fence(epoch, "request")
+        self._fence(learner_start, "request")
         if iteration < self.consumed_upto - 1 or iteration > self.next_iteration + self.lookahead:
             raise ValueError(f"batch ({iteration}, rank {rank}) requested out of order: the learner is at "
                              f"{self.consumed_upto}; a restarted learner calls start() first")
@@ -180,10 +183,16 @@ class RolloutCoordinator:
         self.registered.add(rank)
         return self.repeated_failure
 
-    def learner_failed(self, rank: int, where: str, error: str, key: str | None = None) -> bool:
+    def learner_failed(self, rank: int, where: str, error: str, key: str | None = None,
+                       learner_start: int | None = None) -> bool:
         """A learner rank's try ended with `error` at `where` (`key`: the error with what varies from process
         to process masked; default the error). Ranks failing in one try count once. True once the same
-        failure has ended `ray.same_failure_limit` tries in a row: the next try ends the run with it."""
+        failure has ended `ray.same_failure_limit` tries in a row: the next try ends the run with it. A
+        replaced try's failure (`learner_start` of an earlier start) is noted, not counted."""
+        if learner_start is not None and learner_start != self.learner_starts:
+            self.ledger.append("stale_call", call="learner_failed", rank=rank, learner_start=learner_start,
+                               error=error[:500])
+            return self.repeated_failure is not None
         failure = (where, key or error)
         self.failures_by_try.setdefault(self.try_number, set()).add(failure)
         in_a_row, t = 0, self.try_number
@@ -203,18 +212,22 @@ class RolloutCoordinator:
         """{"learners": {rank: pid}, "rollout_workers": [actor handles]}."""
         return {"learners": dict(self.learner_processes), "rollout_workers": list(self.workers)}
 
-    def reissue(self, iteration: int, rank: int, epoch: int | None = None) -> list:
+    def reissue(self, iteration: int, rank: int, learner_start: int | None = None) -> list:
         """After a rollout worker died (Ray restarts it; it reloads weights with its next request). The
-        batch goes to another worker when there is one, rather than wait for the restart."""
-        self._fence(epoch, "reissue")
-        self._issue(iteration, rank, avoid=self.assigned.get((iteration, rank)))
+        batch goes to another worker when there is one, rather than wait for the restart, and the failed
+        one gets no batches until it answers `ready` again."""
+        self._fence(learner_start, "reissue")
+        failed = self.assigned.get((iteration, rank))
+        if failed is not None and self.readiness[failed] is True:
+            self.readiness[failed] = self.workers[failed].ready.remote()
+        self._issue(iteration, rank, avoid=failed)
         self.ledger.append("reissued", iteration=iteration, rank=rank)
         return self._batch_ticket(iteration, rank)
 
     def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int,
-                 epoch: int | None = None) -> None:
-        if epoch is not None and epoch != self.epoch:  # (no one waits on this call: noted, not raised)
-            self.ledger.append("stale_call", call="consumed", iteration=iteration, rank=rank, epoch=epoch)
+                 learner_start: int | None = None) -> None:
+        if learner_start is not None and learner_start != self.learner_starts:  # (no one waits on it: noted, not raised)
+            self.ledger.append("stale_call", call="consumed", iteration=iteration, rank=rank, learner_start=learner_start)
             return
         self.assigned.pop((iteration, rank), None)
         self.incarnation_of.pop((iteration, rank), None)
@@ -243,12 +256,15 @@ class RolloutCoordinator:
         return [index for index, ref in enumerate(self.readiness) if ref is True]
 
     def _answer(self, index: int, ref):
+        """True (ready), or the ref of the question asked again when the worker died or is restarting."""
         try:
             ray.get(ref)  # (answered: no wait)
-        except ray.exceptions.RayActorError as err:
-            if not getattr(err, "actor_init_failed", False):  # died or restarting meanwhile: asked again
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
+            if not getattr(err, "actor_init_failed", False):  # Ray starts it again: asked again
                 return self.workers[index].ready.remote()
             # its constructor failed, for good: its batches end the learner's try with the reason
+        except ray.exceptions.RayError:  # it cannot start where it is (its runtime_env, no node fits it): the
+            pass  # same, its batches fail with the reason rather than the healthy workers' batches here
         return True
 
     def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> None:

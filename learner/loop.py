@@ -81,19 +81,20 @@ def metrics_leaving(metrics: dict, duties: StepDuties, world: int, average: Call
 
 class FencedCoordinator:
     """The coordinator as one learner try calls it: each call that changes what the learners get carries
-    the try's epoch, so a try that a later one replaced (a learner Ray declared dead that still runs, as
-    across a network partition) is refused instead of publishing weights or taking batches."""
+    the token its start returned, so a try that a later one replaced (a learner Ray declared dead that
+    still runs, as across a network partition) is refused instead of publishing weights or taking batches."""
 
-    FENCED = frozenset({"publish", "request", "reissue", "consumed", "restart_worker"})
+    FENCED = frozenset({"publish", "request", "reissue", "consumed", "restart_worker", "learner_failed"})
 
-    def __init__(self, handle, epoch: int):
-        self.handle, self.epoch = handle, epoch
+    def __init__(self, handle, learner_start: int):
+        self.handle, self.learner_start = handle, learner_start
 
     def __getattr__(self, name: str):
         method = getattr(self.handle, name)
         if name not in self.FENCED:
             return method
-        return SimpleNamespace(remote=lambda *args, **kwargs: method.remote(*args, epoch=self.epoch, **kwargs))
+        return SimpleNamespace(remote=lambda *args, **kwargs: method.remote(*args, learner_start=self.learner_start,
+                                                                            **kwargs))
 
 
 def check_version(batch, generator_step: int, max_staleness: int) -> None:
@@ -187,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
     try:  # before the backbone loads: a restart after the coordinator died must end fast, not after minutes
         repeated_failure = ray.get(coordinator.register_learner.remote(rank, os.getpid()))
-    except ray.exceptions.RayActorError as err:
+    except ray.exceptions.ActorDiedError as err:  # (not ActorUnavailableError: it may answer again, a retry may do)
         # the try ends without an error: a raised one would be the infrastructure's, and Ray Train would
         # retry it (to ray.max_failures, or forever with -1) while the driver has already given up
         print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (it lives on the driver's node and "
@@ -201,18 +202,28 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built)
     except Exception as err:
-        if _replaced(err):  # not this run's failure: the try that replaced this one trains on
+        if _replaced(err):  # not counted as the run's failure: the try that replaced this one trains on
             print(f"dmdr_rl: learner rank {rank}: a later learner try replaced this one ({err}); stopping", flush=True)
-            return
+            raise
         own = own_error(err)
         if own is not None:
-            report_failure(coordinator, rank, built, own)
+            report_failure(built.get("coordinator", coordinator), rank, built, own)
         raise
 
 
 # failures of the infrastructure, which another try may well not meet (a lost node, a dead actor, a
 # peer gone from the process group: the rank whose own error it was reports that)
 INFRASTRUCTURE_ERRORS = (ray.exceptions.RayError, dist.DistError)
+
+
+def _share_from_rank_0(value, world: int):
+    """Rank 0's `value` on every rank, through the try's own process group (a collective: a rank of
+    another try, which has its own group, cannot take it)."""
+    if world == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _replaced(err: BaseException | None) -> bool:
@@ -277,16 +288,14 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
         load_checkpoint(learner, cfg.trainer.resume_from)
     built["learner"] = learner
     patience = cfg.ray.rollout_timeout_s
+    learner_start = None
     if rank == 0:  # first: after a restart, it cancels the lost learner's rollouts, which would delay what follows
-        ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
-    if world > 1:
-        dist.barrier()
+        learner_start = ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
     # asked before any rollout is issued, so no worker is busy: after a learner restart a worker that does
     # not answer is stuck (e.g. in a rollout of the lost learner's) and is restarted; at a launch's first
     # start it may be loading its model, and is waited for
-    epoch = ray.get(coordinator.progress.remote())["epoch"]  # this try's: rank 0's start set it
-    coordinator = FencedCoordinator(coordinator, epoch)
-    ask = {"patience_s": patience, "restart_stuck": epoch > 0}
+    coordinator = built["coordinator"] = FencedCoordinator(coordinator, _share_from_rank_0(learner_start, world))
+    ask = {"patience_s": patience, "restart_stuck": ray.get(coordinator.progress.remote())["epoch"] > 0}
     backbone.set_null(ask_a_worker(coordinator, "null_conditioning", **ask))
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, **ask) if rank == 0 else None

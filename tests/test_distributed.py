@@ -297,8 +297,9 @@ def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(t
 
 
 def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_path, monkeypatch):
-    """A learner try Ray declared dead may still run (a network partition): its calls carry its epoch and
-    are refused, or it would publish its weights over the new try's, take its batches, or kill its workers."""
+    """A learner try Ray declared dead may still run (a network partition): its calls carry the token of its
+    start and are refused, or it would publish its weights over the new try's, take its batches, kill its
+    workers or count its failures."""
     import actors.coordinator as coordinator_module
     from actors.coordinator import StaleLearnerError
     from learner.loop import FencedCoordinator, _replaced
@@ -309,23 +310,31 @@ def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_
     cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 0})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     old = coordinator.start(0)
-    coordinator.publish(0, ["old weights"], epoch=old)
-    assert coordinator.request(0, 0, epoch=old) is not None
+    coordinator.publish(0, ["old weights"], learner_start=old)
+    assert coordinator.request(0, 0, learner_start=old) is not None
     new = coordinator.start(0)  # the new try, from the checkpoint at iteration 0
-    assert (old, new) == (0, 1)
-    coordinator.publish(0, ["new weights"], epoch=new)
+    assert (old, new) == (1, 2)
+    coordinator.publish(0, ["new weights"], learner_start=new)
     for call, args in (("publish", (1, ["zombie weights"])), ("request", (0, 0)), ("reissue", (0, 0)),
                        ("restart_worker", (0, 0))):
-        with pytest.raises(StaleLearnerError, match=f"{call} from a learner try of epoch 0, which a later try \\(epoch 1\\)"):
-            getattr(coordinator, call)(*args, epoch=old)
+        with pytest.raises(StaleLearnerError, match=f"{call} from the learner try of start 1, which a later try \\(start 2\\)"):
+            getattr(coordinator, call)(*args, learner_start=old)
     assert coordinator.version == 0 and coordinator.weights == ["new weights"] and coordinator.incarnations == [0, 0]
-    ticket = coordinator.request(0, 0, epoch=new)
+    ticket = coordinator.request(0, 0, learner_start=new)
     assert ticket[0][4:7] == (0, ["new weights"], 1)  # version, weights, epoch of the new try
-    coordinator.consumed(0, 0, 0, 0, epoch=old)  # fire-and-forget: noted, not counted
-    coordinator.consumed(0, 0, 0, 0, epoch=new)
+    coordinator.consumed(0, 0, 0, 0, learner_start=old)  # fire-and-forget: noted, not counted
+    coordinator.consumed(0, 0, 0, 0, learner_start=new)
+    assert coordinator.learner_failed(0, "at iteration 0", "ValueError: x", learner_start=old) is False
+    assert coordinator.failures_by_try == {}  # the old try's failure does not count against the new one's
     events = Ledger(FileStore(tmp_path)).events()
-    assert [e["call"] for e in events if e["event"] == "stale_call"] == ["consumed"]
-    assert audit(events, 1, 1) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 1, "reissued": 0, "stale_calls": 1}
+    assert [e["call"] for e in events if e["event"] == "stale_call"] == ["consumed", "learner_failed"]
+    assert audit(events, 1, 1) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 1, "reissued": 0, "stale_calls": 2}
+    # a first try that failed before it published anything: the second is fenced from it all the same
+    fresh = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path / "b"))
+    first, second = fresh.start(0), fresh.start(0)
+    assert fresh.epoch == 0 and first != second
+    with pytest.raises(StaleLearnerError):
+        fresh.publish(0, ["the first try's"], learner_start=first)
     # the learner's side: every fenced call carries the try's epoch; a refused try ends quietly, not as a failure
     sent = []
     handle = type("Handle", (), {name: type("Method", (), {"remote": staticmethod(lambda *a, name=name, **k: sent.append((name, a, k)))})()
@@ -334,7 +343,8 @@ def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_
     fenced.publish.remote(2, ["w"])
     fenced.consumed.remote(5, 0, 2, 2)
     fenced.progress.remote()
-    assert sent == [("publish", (2, ["w"]), {"epoch": 3}), ("consumed", (5, 0, 2, 2), {"epoch": 3}), ("progress", (), {})]
+    assert sent == [("publish", (2, ["w"]), {"learner_start": 3}), ("consumed", (5, 0, 2, 2), {"learner_start": 3}),
+                    ("progress", (), {})]
     assert _replaced(RuntimeError("a failure of the try's own")) is False
     wrapped = RuntimeError("the call failed")
     wrapped.__cause__ = StaleLearnerError("publish from a learner try of epoch 0")
@@ -379,6 +389,28 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
     answered.discard(1)
     assert coordinator.ready_workers() == [0]
     assert coordinator.reissue(2, 0)[1] == 0
+    # a worker that failed a batch (it died: Ray restarts it) gets none until it answers again
+    answered.add(1)
+    assert coordinator.ready_workers() == [0, 1]
+    coordinator.assigned[(2, 0)] = 1
+    answered.discard(1)  # (restarting: its new `ready` is not answered yet)
+    assert coordinator.reissue(2, 0)[1] == 0 and coordinator.readiness[1] is not True
+    assert coordinator.ready_workers() == [0]
+    # how an answer that is an error counts: died or restarting, asked again; cannot start at all, "ready"
+    # (its batches then end the learner's try with the reason, as before)
+
+    class InitFailed(ray.exceptions.ActorDiedError):
+        actor_init_failed = True
+
+    answered.add(1)
+    for error, ready in ((ray.exceptions.ActorDiedError(), False), (ray.exceptions.ActorUnavailableError("restarting", b"0" * 16), False),
+                         (InitFailed(), True), (ray.exceptions.RuntimeEnvSetupError("no such package"), True)):
+        def fail(ref, error=error):
+            raise error
+
+        monkeypatch.setattr(coordinator_module.ray, "get", fail)
+        coordinator.readiness[1] = Question(1)
+        assert (1 in coordinator.ready_workers()) is ready, error
     # no worker started yet (a launch's first question): the round-robin over all, as before
     coordinator.readiness = [Question(0), Question(1)]
     answered.clear()
@@ -386,7 +418,6 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
 
 
 def test_a_batch_of_a_generator_version_the_learner_may_not_train_on_is_refused():
-    from dmdr_rl.rollout import RolloutBatch
     from learner.loop import check_version
 
     def batch(version):
@@ -398,7 +429,6 @@ def test_a_batch_of_a_generator_version_the_learner_may_not_train_on_is_refused(
         with pytest.raises(RuntimeError, match=rf"batch \(7, rank 1\) was sampled by generator version {version}, but the "
                                                rf"learner at generator step 3 trains on versions"):
             check_version(batch(version), 3, staleness)
-    assert "weight_version" in RolloutBatch.__dataclass_fields__
 
 
 def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
@@ -737,8 +767,15 @@ def test_a_learner_retry_after_the_coordinator_died_ends_quietly_instead_of_bein
     monkeypatch.setattr(loop.ray, "get", gone)
     monkeypatch.setattr(loop, "_train", lambda *a, **k: pytest.fail("trained without a coordinator"))
     coordinator = _fake_coordinator(register_learner=lambda rank, pid: "ref")
-    assert loop.train_loop_per_worker({"cfg": _config("/tmp/unused").model_dump(mode="json"), "coordinator": coordinator,
-                                       "output_dir": "/tmp/unused"}) is None
+    config = {"cfg": _config("/tmp/unused").model_dump(mode="json"), "coordinator": coordinator, "output_dir": "/tmp/unused"}
+    assert loop.train_loop_per_worker(config) is None
+
+    def unavailable(*_, **__):  # alive but not answering for now (a network blip): a retry may get through
+        raise ray.exceptions.ActorUnavailableError("unreachable for now", b"0" * 16)
+
+    monkeypatch.setattr(loop.ray, "get", unavailable)
+    with pytest.raises(ray.exceptions.ActorUnavailableError):
+        loop.train_loop_per_worker(config)
 
 
 def test_the_runs_actors_are_shut_down_once_whatever_fails(tmp_path, monkeypatch):
