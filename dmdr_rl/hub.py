@@ -104,7 +104,9 @@ def missed_offline(err: BaseException) -> bool:
     """Whether a load error is the hub client's "not in the cache, and no network to fetch it" (its own
     error class, or transformers' words for it), here or in what it was raised from."""
     seen: BaseException | None = err
-    while seen is not None:
+    for _ in range(16):  # (a chain set by hand may loop)
+        if seen is None:
+            break
         if type(seen).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "couldn't connect to" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
