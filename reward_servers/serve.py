@@ -237,12 +237,15 @@ def _claim_name(app: str) -> str:
 
 def claim_app(app: str, where: str, owner: str) -> None:
     """Claims `app` for this run, or says which run holds it."""
+    claim = None
     try:
         claim = AppClaim.options(name=_claim_name(app), namespace=CLAIMS_NAMESPACE).remote(owner)
         ray.get(claim.describe.remote(), timeout=120)  # through Ray Client a taken name fails only here
     except Exception as err:  # noqa: BLE001 - taken (a ValueError), or the claim could not start: which, is asked
-        holder = _holder(app)
-        if holder is None:
+        holder = _holder(app, other_than=claim)
+        if holder is None:  # not taken: our own claim did not start (no node had room for it, say)
+            if claim is not None:
+                ray.kill(claim)
             raise
         raise RewardInputError(f"reward app {app!r} is being started or served by another run ({holder}). Runs that "
                                f"share one app: deploy it once on its own (`serve deploy`) and set {where}.serve.attach=true "
@@ -251,11 +254,13 @@ def claim_app(app: str, where: str, owner: str) -> None:
     _HELD_CLAIMS[app] = claim
 
 
-def _holder(app: str) -> str | None:
-    """Who holds the claim on `app`'s name (None: nobody now)."""
+def _holder(app: str, other_than=None) -> str | None:
+    """Who holds the claim on `app`'s name (None: nobody now, or `other_than`, our own claim)."""
     try:
         other = ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE)
     except ValueError:
+        return None
+    if other_than is not None and other._actor_id == other_than._actor_id:
         return None
     try:
         return ray.get(other.describe.remote(), timeout=30)
