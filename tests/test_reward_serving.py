@@ -361,3 +361,32 @@ def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_pat
             reward_model(wrong, "rewards.3")
     finally:
         serve.delete(application["name"])
+
+
+def test_a_claim_that_cannot_start_is_not_taken_for_another_runs(monkeypatch):
+    """Our own claim actor that does not start (no node has room for it) is removed and its error raised,
+    not reported as the app being another run's; a name another run holds is refused with its owner."""
+    import reward_servers.serve as serving
+
+    ours = type("Handle", (), {"_actor_id": "ours", "describe": type("M", (), {"remote": lambda self: "ref"})()})()
+    theirs = type("Handle", (), {"_actor_id": "theirs", "describe": type("M", (), {"remote": lambda self: "their ref"})()})()
+    holder, killed = {"actor": ours}, []
+
+    def get(ref, timeout=None):
+        if ref == "their ref":
+            return "output.dir=/runs/other"
+        raise ray.exceptions.GetTimeoutError("the claim did not start")
+
+    def get_actor(name, namespace=None):
+        return holder["actor"]
+
+    monkeypatch.setattr(serving.AppClaim, "options", lambda **_: type("O", (), {"remote": lambda self, owner: ours})())
+    monkeypatch.setattr(serving.ray, "get", get)
+    monkeypatch.setattr(serving.ray, "get_actor", get_actor)
+    monkeypatch.setattr(serving.ray, "kill", killed.append)
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        serving.claim_app("reward-x", "rewards.0", "output.dir=/runs/mine")
+    assert killed == [ours] and "reward-x" not in serving._HELD_CLAIMS
+    holder["actor"] = theirs  # (through Ray Client: ours failed to register, the name is theirs)
+    with pytest.raises(RewardInputError, match=r"'reward-x' is being started or served by another run \(output.dir=/runs/other\)"):
+        serving.claim_app("reward-x", "rewards.0", "output.dir=/runs/mine")
