@@ -20,7 +20,7 @@ import torch
 
 from .backbone import TransformerBackbone
 from .conditioning import Conditioning
-from .hub import local_files_only, unreachable_note
+from .hub import expand_home, local_files_only, unreachable_note
 from .registry import torch_dtype
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -130,7 +130,7 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
         raise BackboneLoadError(f"model.path={path!r} is not a directory here: pass the model's directory in the diffusers "
                                 f"layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/), or a hub id "
                                 f"such as {DEFAULT_MODEL!r}")
-    path = str(Path(path).expanduser()) if path.startswith("~") else path
+    path = expand_home(path)
     weights_dtype = torch_dtype(dtype)
     load = {"dtype": weights_dtype, "local_files_only": local_files_only(False, path)}  # offline: the cache, at once
     check_config_files(path, resolution, local_files_only=load["local_files_only"])  # before gigabytes of weights
