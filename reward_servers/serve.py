@@ -205,7 +205,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
                   f"HTTP: http://{host}:{port}/{spec.app_name}/score", flush=True)
     except BaseException:
         stop_reward_apps(started)
-        release_claims([name for name in claimed if name not in started])
+        release_claims(claimed)  # (the started ones' are released already: a no-op for them)
         raise
     return started
 
