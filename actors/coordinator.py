@@ -53,7 +53,8 @@ class RolloutCoordinator:
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
         self.epoch = 0  # + 1 at every learner restart (the rollout workers reload their weights at a new one)
         self.learner_starts = 0  # + 1 at every start: the token that fences the calls of the try that started
-        self.pending: dict[tuple[int, int], ray.ObjectRef] = {}
+        self.pending: dict[tuple[int, int], ray.ObjectRef] = {}  # issued, not handed to a learner yet
+        self.handed_out: dict[tuple[int, int], ray.ObjectRef] = {}  # handed to a learner, not consumed yet
         self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
         self.incarnation_of: dict[tuple[int, int], int] = {}  # that worker's incarnation then
         self.next_iteration = 0  # the first iteration not issued yet
@@ -76,6 +77,9 @@ class RolloutCoordinator:
         if version <= self.version:
             return self.version
         self.version, self.weights = version, weights  # sent along with each rollout request
+        # the batches that waited for these weights go out now, not at the learner's next request: the
+        # workers sample them while the learner logs, samples grids and writes checkpoints
+        self._issue_ahead(self.consumed_upto)
         return version
 
     def null_conditioning(self, attempt: int = 0) -> list:
@@ -124,9 +128,10 @@ class RolloutCoordinator:
             # died with it); a new epoch tells the workers to reload even an older version.
             self.epoch += 1
             self.version, self.weights = -1, None
-        for ref in self.pending.values():  # rollouts for the lost learner: not worth waiting behind
-            ray.cancel(ref)
+        for ref in [*self.pending.values(), *self.handed_out.values()]:  # rollouts for the lost learner (those
+            ray.cancel(ref)  # it took too: a worker samples them one after another): not worth waiting behind
         self.pending.clear()
+        self.handed_out.clear()
         self.assigned.clear()
         self.incarnation_of.clear()
         self.next_iteration = self.consumed_upto = iteration
@@ -154,7 +159,8 @@ class RolloutCoordinator:
 
     def _batch_ticket(self, iteration: int, rank: int) -> list:
         key = (iteration, rank)
-        return [self.pending.pop(key), self.assigned[key], self.incarnation_of[key]]
+        self.handed_out[key] = self.pending.pop(key)
+        return [self.handed_out[key], self.assigned[key], self.incarnation_of[key]]
 
     def progress(self) -> dict:
         """Where the run is; `epoch` > 0 once a learner restart has happened in this launch."""
@@ -231,6 +237,7 @@ class RolloutCoordinator:
             return
         self.assigned.pop((iteration, rank), None)
         self.incarnation_of.pop((iteration, rank), None)
+        self.handed_out.pop((iteration, rank), None)
         self.ledger.append("consumed", iteration=iteration, rank=rank, weight_version=weight_version,
                            generator_step=generator_step)
 

@@ -119,23 +119,32 @@ def _ticket(answer: list) -> tuple:
     return answer[0], answer[1], answer[2]
 
 
+LOADING_CHECK_S = 10.0  # how often a question at a launch's first start looks for a worker that has started
+
+
 def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, restart_stuck: bool = True):
     """What the worker of `next_ticket()`'s ref delivers. A dead or restarting worker: the next ticket,
     after a growing wait, for up to `patience_s`. With `restart_stuck`, a worker that delivers nothing
     within `patience_s` is restarted (the incarnation the ticket names: if another rank got there first,
-    nothing is killed), once, and the next ticket waited on with the full patience again."""
+    nothing is killed), once, and the next ticket waited on with the full patience again. Without it, the
+    worker is waited for as long as it loads, unless another one starts first: then the question goes there."""
     ref, worker, incarnation = next_ticket()
     give_up, wait, restarted = time.monotonic() + patience_s, 0.5, False
     while True:
         try:
-            return ray.get(ref, timeout=patience_s if restart_stuck else None)  # each ref: the full patience
+            return ray.get(ref, timeout=patience_s if restart_stuck else LOADING_CHECK_S)  # each ref: the full patience
         except ray.exceptions.GetTimeoutError as err:
-            if restarted:
+            if not restart_stuck:  # still loading, or pending placement (a node being added) and maybe never placed
+                started = ray.get(coordinator.ready_workers.remote())
+                if not started or worker in started:
+                    continue  # no other worker to ask, or this one has started and is answering
+            elif restarted:
                 raise RuntimeError(f"{what} did not finish within {patience_s:.0f} s, also after its rollout worker was "
                                    "restarted (a worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
                                    "ray.rollout_cpus / ray.rollout_gpus)") from err
-            ray.get(coordinator.restart_worker.remote(worker, incarnation))
-            restarted, give_up = True, time.monotonic() + patience_s
+            else:
+                ray.get(coordinator.restart_worker.remote(worker, incarnation))
+                restarted, give_up = True, time.monotonic() + patience_s
         except ACTOR_ERRORS as err:
             if getattr(err, "actor_init_failed", False):  # its __init__ raised: Ray never restarts such an actor
                 reason = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or ["(no message)"]
@@ -156,7 +165,8 @@ def ask_a_worker(coordinator, method: str, *args, patience_s: float, restart_stu
     """What a rollout worker answers to `method` (e.g. null_conditioning, encode), asking the workers in
     turn. `restart_stuck`: after a learner restart, when a worker may still run a rollout of the lost
     learner's, one that does not answer within `patience_s` is restarted; at a launch's first start a
-    worker may still be loading its model, and the answer is waited for as long as it takes."""
+    worker may still be loading its model, and the answer is waited for as long as it takes (or taken from
+    another worker that has started meanwhile)."""
     attempts = itertools.count()
     return _from_a_worker(
         coordinator, lambda: _ticket(ray.get(getattr(coordinator, method).remote(*args, attempt=next(attempts)))),

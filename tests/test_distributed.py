@@ -282,16 +282,20 @@ def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(t
     cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 1})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.start(0)
-    coordinator.publish(0, ["weights of the first learner"])
+    coordinator.publish(0, ["weights of the first learner"])  # issues the batches that waited for version 0
+    issued = list(coordinator.pending.values())
+    assert issued and all(ref[5] == ["weights of the first learner"] for ref in issued)
     # the learner group dies before its first request; the new rank 0 starts again at iteration 0
     coordinator.start(0)
+    assert cancelled == issued and not coordinator.pending  # the lost learner's rollouts: not waited behind
+    cancelled.clear()
     assert coordinator.epoch == 1 and coordinator.publish(0, ["weights of the second"]) == 0
     assert coordinator.weights == ["weights of the second"]
-    coordinator.request(0, 0)
-    issued = dict(coordinator.pending)
-    assert issued and all(ref[4:7] == (0, ["weights of the second"], 1) for ref in issued.values())  # version, weights, epoch
-    coordinator.start(0)  # the rollouts issued for the lost learner are cancelled, not waited behind
-    assert cancelled == list(issued.values()) and coordinator.epoch == 2 and not coordinator.pending
+    taken = coordinator.request(0, 0)[0]
+    issued = [*coordinator.pending.values(), taken]  # issued ahead, and the one the learner took
+    assert len(issued) > 1 and all(ref[4:7] == (0, ["weights of the second"], 1) for ref in issued)  # version, weights, epoch
+    coordinator.start(0)  # a worker samples its batches one after another: the taken one is cancelled too
+    assert cancelled == issued and coordinator.epoch == 2 and not coordinator.pending and not coordinator.handed_out
     events = [e["event"] for e in Ledger(FileStore(tmp_path)).events() if e["event"] in ("start", "rewind")]
     assert events == ["start", "rewind", "rewind"]
 
@@ -478,6 +482,7 @@ def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_gen
     import actors.coordinator as coordinator_module
 
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "cancel", lambda ref: None)
     cfg = _config(tmp_path, **{"dmd.ratio": 1, "ray.max_staleness": 0})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.start(4, generator_step=2)
@@ -488,6 +493,7 @@ def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_gen
     assert coordinator.request(5, 0) is None  # iteration 5 is trained at step 3: not published yet
     assert coordinator.progress()["next_needs_version"] == 3
     coordinator.publish(3, ["weights at step 3"])
+    assert (5, 0) in coordinator.pending  # issued as the weights it waited for came, before the learner asks
     assert coordinator.request(5, 0)[0][4] == 3 and coordinator.training_step(5) == 3
     starts = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "start"]
     assert starts == [{**starts[0], "iteration": 4, "world_size": 1}]
@@ -581,14 +587,36 @@ def test_a_question_to_a_stuck_rollout_worker_restarts_it_after_a_learner_restar
 
 
 def test_at_a_first_start_a_question_waits_for_a_worker_that_loads_its_model(monkeypatch):
+    """As long as it loads (no patience: a large model's first load takes what it takes), unless another
+    worker starts first: worker 0 may wait for a node that never comes, while worker 1 could answer."""
     import learner.loop as loop
 
     timeouts = []
-    monkeypatch.setattr(loop.ray, "get", lambda obj, timeout=None: timeouts.append(timeout) or obj.value if isinstance(obj, _Ref) else obj)
-    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref("null conditioning"), 0, 0],
+    loading = {0: 3}  # worker 0 answers at its 4th look; worker 1 at once
+
+    def get(obj, timeout=None):
+        if not isinstance(obj, _Ref):
+            return obj
+        timeouts.append(timeout)
+        if loading.get(obj.value, 0) > 0:
+            loading[obj.value] -= 1
+            raise loop.ray.exceptions.GetTimeoutError("loading")
+        return f"null conditioning from worker {obj.value}"
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    asked, started_in_turn = [], iter([[], [0], [0]])  # none started yet, then worker 0 itself
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: asked.append(attempt) or [_Ref(attempt % 2), attempt % 2, 0],
+                                    ready_workers=lambda: next(started_in_turn),
                                     restart_worker=lambda *a: pytest.fail("a loading worker was killed"))
-    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=5, restart_stuck=False) == "null conditioning"
-    assert timeouts == [None]  # no timeout: the old coordinator waited as long too, but blocked while it did
+    ask = {"patience_s": 5, "restart_stuck": False}
+    # worker 0 is waited for past the patience (a first load has no timeout of its own)
+    assert loop.ask_a_worker(coordinator, "null_conditioning", **ask) == "null conditioning from worker 0"
+    assert timeouts == [loop.LOADING_CHECK_S] * 4 and asked == [0]
+    # worker 1 starts while worker 0 still loads: the question goes to worker 1
+    loading[0], timeouts[:], asked[:] = 3, [], []
+    started_in_turn = iter([[1]])
+    assert loop.ask_a_worker(coordinator, "null_conditioning", **ask) == "null conditioning from worker 1"
+    assert asked == [0, 1] and len(timeouts) == 2
 
 
 def test_a_rollout_worker_that_failed_to_start_ends_the_try_at_once_as_the_runs_own_error(monkeypatch):
