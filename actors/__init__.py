@@ -1,5 +1,4 @@
-"""Rollout workers (Ray actors): hold a generator replica and the frozen prompt encoders, turn prompt
-batches into RolloutBatches in the object store, and load new generator weights by version.
-
-Not built yet: see issue 4 (the distributed actor/learner runtime). This package is the agreed place.
-"""
+"""The run's Ray actors besides the learner: the rollout coordinator (`coordinator`: issues prompt batches,
+holds the published generator weights, keeps the ledger), the rollout workers (`rollout`: a generator
+replica and the frozen prompt encoders, turning prompt batches into RolloutBatches in the object store) and
+the claims on reward app names (`app_claim`)."""

@@ -6,23 +6,32 @@ scores give the learner its advantages).
 It is a plain class (tested without Ray); the runtime starts it as a Ray actor with
 `ray.remote(RolloutWorker)`. It never trains: it loads the learner's generator weights by version and
 samples with them, so a restarted worker only needs the latest published weights to be useful again.
+
+The model stack (torch, peft, the backbones) is imported by the worker itself, not with this module: the
+rollout coordinator imports the class to start the workers and needs none of it (about 5 s of imports
+and 0.8 GB less in that process).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from dmdr_rl import dmdr
-from dmdr_rl.conditioning import Conditioning
-from dmdr_rl.config import RunConfig
-from dmdr_rl.learning import load_adapter_state
-from dmdr_rl.registry import build_backbone
-from dmdr_rl.rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
-from reward_servers import reward_model
+if TYPE_CHECKING:
+    import torch
+
+    from dmdr_rl.conditioning import Conditioning
+    from dmdr_rl.rollout import RolloutBatch
 
 
 class RolloutWorker:
     def __init__(self, cfg: dict, threads: int | None = None):
+        import torch
+
+        from dmdr_rl import dmdr
+        from dmdr_rl.config import RunConfig
+        from dmdr_rl.registry import build_backbone
+        from reward_servers import reward_model
+
         if threads:
             torch.set_num_threads(threads)
         self.cfg = RunConfig.model_validate(cfg)
@@ -38,6 +47,9 @@ class RolloutWorker:
     def load_weights(self, version: int, state: dict[str, torch.Tensor], epoch: int = 0) -> int:
         """Hold the generator weights of (epoch, version); the epoch changes when a restarted learner
         rolls the run back to a checkpoint, so an older version of a newer epoch still replaces them."""
+        from dmdr_rl import dmdr
+        from dmdr_rl.learning import load_adapter_state
+
         load_adapter_state(self.backbone, dmdr.GENERATOR, state)
         self.weight_version, self.epoch = version, epoch
         return version
@@ -47,6 +59,8 @@ class RolloutWorker:
         """Sample the batch; `weights` = [ObjectRef of the generator weights of (epoch, version)] is
         fetched only when this worker holds other weights (so a restarted worker catches up by itself);
         `train_step`: the generator step that will train on it (default: the weights' version)."""
+        from dmdr_rl.rollout import make_rollout, policy_trains_on, rewards_to_score
+
         if version is not None and (epoch, version) != (self.epoch, self.weight_version):
             import ray
 

@@ -26,7 +26,7 @@ from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl import dmdr  # noqa: E402
 from dmdr_rl.config import RewardSpec, load_config  # noqa: E402
 from dmdr_rl.prompts import PromptSource  # noqa: E402
-from dmdr_rl.rollout import image_seeds  # noqa: E402
+from dmdr_rl.seeds import image_seeds  # noqa: E402
 from dmdr_rl.trainer import LocalTrainer, student_images  # noqa: E402
 from reward_servers import load_reward_model  # noqa: E402
 

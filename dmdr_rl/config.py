@@ -137,6 +137,9 @@ class RewardServeSpec(_Section):
     num_cpus: float = Field(1.0, ge=0)  # per replica
     num_gpus: float = Field(0.0, ge=0)  # per replica; fractions share a GPU
     runtime_env: dict[str, Any] = Field(default_factory=dict)  # e.g. {pip: [...]} to isolate conflicting dependencies
+    # replica constructor failures (over all replicas) before the app counts as failed to start; null: Serve's
+    # (3 per replica, at most 20). Each is a fresh process loading the model: 1 says at once what is wrong
+    constructor_retries: Optional[int] = Field(None, ge=1)
     timeout_s: float = Field(120.0, gt=0)  # per request
     retries: int = Field(3, ge=0)  # after the first try, with exponential backoff
     backoff_s: float = Field(0.5, ge=0)

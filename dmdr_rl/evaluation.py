@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .algo import finite_mean
 from .grid import save_grid
-from .rollout import image_seeds
+from .seeds import image_seeds
 from .toy.analytic import analytic_accuracy
 from .toy.grammar import PromptSplit, prompts_of
 from .toy.metrics import judge_fid, judge_verdicts, summarise_verdicts

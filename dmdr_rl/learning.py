@@ -15,7 +15,8 @@ import torch
 from . import dmdr
 from .algo import UpdateSchedule, finite_mean
 from .config import RunConfig
-from .rollout import LEARNER_STREAM, RolloutBatch, iteration_seed
+from .rollout import RolloutBatch
+from .seeds import LEARNER_STREAM, iteration_seed
 
 GradientHook = Callable[[list[torch.nn.Parameter]], None]
 ADAPTERS = (dmdr.GENERATOR, dmdr.CRITIC)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
-from .rollout import PROMPT_STREAM, iteration_seed
+from .seeds import PROMPT_STREAM, iteration_seed
 from .toy.grammar import PromptSplit, prompts_of
 
 FILE_SUFFIXES = (".txt", ".csv", ".parquet", ".jsonl")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from . import dmdr
@@ -21,22 +20,8 @@ from .conditioning import Conditioning
 from .algo import UpdateSchedule
 from .config import RunConfig, StudentSection
 from .flow import Trajectory
+from .seeds import ROLLOUT_STREAM, iteration_seed
 
-# Independent random streams of one iteration (evaluation: of one image).
-PROMPT_STREAM, ROLLOUT_STREAM, LEARNER_STREAM, EVALUATION_STREAM = 0, 1, 2, 3
-
-
-def iteration_seed(seed: int, iteration: int, stream: int, rank: int = 0) -> int:
-    """A 63-bit seed for one (run seed, iteration, stream, data-parallel rank), statistically
-    independent of every other combination."""
-    state = np.random.SeedSequence([seed, iteration + 1, stream, rank]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-def image_seeds(seed: int, count: int) -> list[int]:
-    """One seed per image (evaluation, sample grids, `sample`), so an image is the same whatever batch
-    samples it, and its seed alone makes it again."""
-    return [iteration_seed(seed, i, EVALUATION_STREAM) for i in range(count)]
 
 
 @dataclass

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     from .eval import load_student
     from .evaluation import generate
-    from .rollout import image_seeds
+    from .seeds import image_seeds
     from .grid import save_grid
     from .prompts import read_prompt_file
     from .registry import check_model

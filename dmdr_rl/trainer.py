@@ -21,7 +21,8 @@ from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state
 from .prompts import checked_prompt_source
 from .registry import build_backbone, resolve_device
-from .rollout import RolloutBatch, image_seeds, make_rollout, policy_trains_on, rewards_to_score
+from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
+from .seeds import image_seeds
 from .samples import write_samples
 from .store import RunLock, open_store, run_events, set_aside_earlier_run, write_text_whole
 

@@ -1,5 +1,3 @@
-"""The Ray Train learner: `train_loop_per_worker` with DDP over generator and critic, running the
-DMDR step from `dmdr_rl` on RolloutBatches and publishing generator weights by version.
-
-Not built yet: see issue 4 (the distributed actor/learner runtime). This package is the agreed place.
-"""
+"""The Ray Train learner: `loop.train_loop_per_worker` runs the math core's DMDR step (`dmdr_rl.learning`) on
+the RolloutBatches the rollout workers make, with gradients averaged over the ranks, and publishes the
+generator weights by version."""

@@ -24,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import ValidationError
 from ray import serve
 
+from actors.app_claim import AppClaim
 from dmdr_rl.config import RewardSpec, RunConfig
 
 from . import http
@@ -147,12 +148,14 @@ def reward_app(spec: RewardSpec):
     actor_options: dict[str, Any] = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
     if s.runtime_env:
         actor_options["runtime_env"] = s.runtime_env
-    scaling = {"autoscaling_config": s.autoscaling} if s.autoscaling else {"num_replicas": s.replicas}
+    options = {"autoscaling_config": s.autoscaling} if s.autoscaling else {"num_replicas": s.replicas}
+    if s.constructor_retries is not None:
+        options["max_constructor_retry_count"] = s.constructor_retries
     threads = max(1, int(s.num_cpus)) if s.num_cpus else 1
     # (Serve caps a batch at the requests a replica takes at once: keep that above max_batch_size)
     ongoing = max(64, s.max_batch_size)
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, max_ongoing_requests=ongoing,
-                                **scaling).bind(
+                                **options).bind(
         spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
         spec.max_images_per_call)
 
@@ -211,24 +214,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
 
 
 CLAIMS_NAMESPACE = "dmdr_rl"
-
-
-@ray.remote(num_cpus=0)
-class AppClaim:
-    """A run's claim on the name of a reward app it starts, held while it serves it. A named actor's name
-    is taken once per cluster and namespace, so of two runs that start an app of one name at the same
-    time (a sweep's jobs) only one deploys it: the other's serve.run would replace the app in place, and
-    each run deletes it when it ends. It lives while the run holds its handle (`_HELD_CLAIMS`), and dies
-    with the run's driver."""
-
-    def __init__(self, owner: str):
-        self.owner = owner
-
-    def describe(self) -> str:
-        return self.owner
-
-
-_HELD_CLAIMS: dict[str, Any] = {}  # app name -> this process's claim (a named actor with no handle is collected)
+_HELD_CLAIMS: dict[str, Any] = {}  # app name -> this process's AppClaim (a named actor with no handle is collected)
 
 
 def _claim_name(app: str) -> str:

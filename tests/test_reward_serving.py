@@ -227,6 +227,14 @@ def test_a_replica_takes_as_many_requests_at_once_as_a_batch_merges():
         assert app._bound_deployment.max_ongoing_requests == expected
 
 
+def test_a_reward_app_tries_a_failing_constructor_as_often_as_configured():
+    def tries(**options):
+        return reward_app(_serve_spec("toy-align", **options))._bound_deployment._deployment_config.max_constructor_retry_count
+
+    assert tries() == 20  # Serve's own default (which it caps at 3 per replica)
+    assert tries(constructor_retries=1) == 1
+
+
 def test_a_running_serve_keeps_its_http_address_and_the_run_says_where_it_is(tmp_path, local_serve, capsys):
     from reward_servers.serve import _http_address
 
@@ -307,7 +315,8 @@ def test_of_two_runs_starting_an_app_of_one_name_only_one_deploys_it(tmp_path, l
 
 
 def test_an_app_that_fails_to_start_says_why_and_is_not_left_behind(tmp_path, local_serve):
-    broken = _serve_spec("pickscore", app="reward-broken").model_copy(
+    # (one constructor try, not Serve's three: each is a process that loads transformers)
+    broken = _serve_spec("pickscore", app="reward-broken", constructor_retries=1).model_copy(
         update={"kwargs": {"path": str(tmp_path / "no-such-model"), "local_files_only": True}})
     for _ in range(2):  # the second start meets no failed app left over from the first
         with pytest.raises(RewardServerError, match=r"reward app 'reward-broken' \(pickscore\) failed to start: .*no-such-model"):

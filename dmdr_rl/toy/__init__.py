@@ -1,13 +1,22 @@
 """The embedded toy text-to-image world: scenes, prompts, renderer, text encoder, teacher,
-the `toy-align` reward and the held-out judge, with their shipped weights."""
+the `toy-align` reward and the held-out judge, with their shipped weights.
 
-from .grammar import PromptSplit, prompt_to_scene, prompts_of, scene_to_prompt
-from .render import render, render_batch
-from .scene import PairScene, SingleScene, ToyObject
-from .weights import ToyWeightsError, load_align, load_judge, load_teacher, load_text_encoder
+The names below load with their module on first use: the prompt grammar needs no torch, and the rollout
+coordinator, which only draws prompt batches, should not pay for it."""
 
-__all__ = [
-    "PairScene", "PromptSplit", "SingleScene", "ToyObject", "ToyWeightsError",
-    "load_align", "load_judge", "load_teacher", "load_text_encoder",
-    "prompt_to_scene", "prompts_of", "render", "render_batch", "scene_to_prompt",
-]
+from importlib import import_module
+
+_MODULE_OF = {
+    "PromptSplit": "grammar", "prompt_to_scene": "grammar", "prompts_of": "grammar", "scene_to_prompt": "grammar",
+    "render": "render", "render_batch": "render",
+    "PairScene": "scene", "SingleScene": "scene", "ToyObject": "scene",
+    "ToyWeightsError": "weights", "load_align": "weights", "load_judge": "weights", "load_teacher": "weights",
+    "load_text_encoder": "weights",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)

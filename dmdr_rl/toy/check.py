@@ -89,7 +89,7 @@ def judge_transfer(judge, align, images: torch.Tensor, scenes, eps: float = 4 / 
 
 def check_transfer(num_images: int, seed: int, eps: float) -> dict:
     """`judge_transfer` on the shipped teacher's 4-step samples (CFG as in the docs) of each split."""
-    from ..rollout import image_seeds
+    from ..seeds import image_seeds
     from .teacher import DEFAULT_CFG
     from .weights import load_teacher
 
