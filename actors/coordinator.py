@@ -58,6 +58,7 @@ class RolloutCoordinator:
         self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
         self.incarnation_of: dict[tuple[int, int], int] = {}  # that worker's incarnation then
         self.next_iteration = 0  # the first iteration not issued yet
+        self.requested_since_start = False  # a learner asked for a batch since the last start
         self.consumed_upto = 0
         self.started_at = (0, 0)  # (iteration, generator step) the learner last (re)started from
         self.turn = 0
@@ -78,8 +79,10 @@ class RolloutCoordinator:
             return self.version
         self.version, self.weights = version, weights  # sent along with each rollout request
         # the batches that waited for these weights go out now, not at the learner's next request: the
-        # workers sample them while the learner logs, samples grids and writes checkpoints
-        self._issue_ahead(self.consumed_upto)
+        # workers sample them while the learner logs, samples grids and writes checkpoints. Not before a
+        # try's first request: its ranks' first questions (null conditioning) must not queue behind rollouts
+        if self.requested_since_start:
+            self._issue_ahead(self.consumed_upto)
         return version
 
     def null_conditioning(self, attempt: int = 0) -> list:
@@ -135,6 +138,7 @@ class RolloutCoordinator:
         self.assigned.clear()
         self.incarnation_of.clear()
         self.next_iteration = self.consumed_upto = iteration
+        self.requested_since_start = False
         self.learner_starts += 1
         return self.learner_starts
 
@@ -152,6 +156,7 @@ class RolloutCoordinator:
             raise ValueError(f"batch ({iteration}, rank {rank}) requested out of order: the learner is at "
                              f"{self.consumed_upto}; a restarted learner calls start() first")
         self.consumed_upto = max(self.consumed_upto, iteration)
+        self.requested_since_start = True
         self._issue_ahead(iteration)
         if (iteration, rank) not in self.pending:
             return None

@@ -132,12 +132,13 @@ def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, resta
     give_up, wait, restarted = time.monotonic() + patience_s, 0.5, False
     while True:
         try:
-            return ray.get(ref, timeout=patience_s if restart_stuck else LOADING_CHECK_S)  # each ref: the full patience
+            return ray.get(ref, timeout=patience_s if restart_stuck else LOADING_CHECK_S)
         except ray.exceptions.GetTimeoutError as err:
             if not restart_stuck:  # still loading, or pending placement (a node being added) and maybe never placed
                 started = ray.get(coordinator.ready_workers.remote())
                 if not started or worker in started:
                     continue  # no other worker to ask, or this one has started and is answering
+                give_up = time.monotonic() + patience_s  # (the started worker gets the full patience)
             elif restarted:
                 raise RuntimeError(f"{what} did not finish within {patience_s:.0f} s, also after its rollout worker was "
                                    "restarted (a worker is stuck or still loading: raise ray.rollout_timeout_s, or check "
