@@ -3,8 +3,24 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when pytest runs alongside other work.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores: keep torch from oversubscribing them when pytest runs alongside other work, or in several
+# pytest-xdist workers (`make test` runs two)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+# Each of these starts Ray on this machine (a module's local Ray, or `ray start --head`), and a plain
+# ray.init() joins a cluster already running here: they run one after another, in one worker.
+RAY_MODULES = ("test_distributed.py", "test_job_submit.py", "test_reward_serving.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # (before xdist reads the group marks)
+def pytest_collection_modifyitems(config, items):
+    """The Ray tests form one xdist group, collected first: under `--dist loadgroup` one worker starts on
+    them at once (the longest part of the suite) while the others take everything else."""
+    for item in items:
+        if item.path.name in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+    items.sort(key=lambda item: item.path.name not in RAY_MODULES)  # (stable: each part keeps its order)
 
 # A run of two generator steps (the reward on from the second) on batches of two, logging every step and
 # saving nothing in between: what most end-to-end tests start from.
