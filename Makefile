@@ -34,7 +34,7 @@ redis-server:  ## the run-store tests start a real redis-server on a free loopba
 
 # pytest-xdist workers: the Ray tests in one (tests/conftest.py), everything else in the others
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test: install redis-server  ## every test, the quality checks of the shipped models included (CI runs this)
 	$(PYTEST) --durations=15

@@ -9,18 +9,32 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 # Each of these starts Ray on this machine (a module's local Ray, or `ray start --head`), and a plain
-# ray.init() joins a cluster already running here: they run one after another, in one worker.
+# ray.init() or Ray's state API finds a cluster already running here: they must run one after another.
 RAY_MODULES = ("test_distributed.py", "test_job_submit.py", "test_reward_serving.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # (before xdist reads the group marks)
+def _starts_ray(nodeid: str) -> bool:
+    return nodeid.partition("::")[0].rpartition("/")[2] in RAY_MODULES
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`make test` runs two workers): the Ray tests are one unit of work, which one
+    worker runs while the others take the remaining tests one by one. (xdist's own `--dist loadgroup`
+    would do it with marks, but its grouping is lost on pytest 9, whose node ids it cannot rewrite.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if _starts_ray(nodeid) else nodeid
+
+    return RayTestsTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The Ray tests form one xdist group, collected first: under `--dist loadgroup` one worker starts on
-    them at once (the longest part of the suite) while the others take everything else."""
-    for item in items:
-        if item.path.name in RAY_MODULES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-    items.sort(key=lambda item: item.path.name not in RAY_MODULES)  # (stable: each part keeps its order)
+    """The Ray tests first: the worker that takes them starts on the suite's longest part at once."""
+    items.sort(key=lambda item: not _starts_ray(item.nodeid))  # (stable: each part keeps its order)
+
 
 # A run of two generator steps (the reward on from the second) on batches of two, logging every step and
 # saving nothing in between: what most end-to-end tests start from.
