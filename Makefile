@@ -32,15 +32,11 @@ redis-server:  ## the run-store tests start a real redis-server on a free loopba
 	  $(SUDO) apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq >/dev/null && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }; }
 
-# pytest-xdist workers: the Ray tests in one (tests/conftest.py), everything else in the others
-TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
-
 test: install redis-server  ## every test, the quality checks of the shipped models included (CI runs this)
-	$(PYTEST) --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install redis-server  ## without the tests marked slow
-	$(PYTEST) -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

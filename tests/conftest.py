@@ -3,38 +3,8 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when pytest runs alongside other work, or in several
-# pytest-xdist workers (`make test` runs two)
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
-
-# Each of these starts Ray on this machine (a module's local Ray, or `ray start --head`), and a plain
-# ray.init() or Ray's state API finds a cluster already running here: they must run one after another.
-RAY_MODULES = ("test_distributed.py", "test_job_submit.py", "test_reward_serving.py")
-
-
-def _starts_ray(nodeid: str) -> bool:
-    return nodeid.partition("::")[0].rpartition("/")[2] in RAY_MODULES
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (`make test` runs two workers): the Ray tests are one unit of work, which one
-    worker runs while the others take the remaining tests one by one. (xdist's own `--dist loadgroup`
-    would do it with marks, but its grouping is lost on pytest 9, whose node ids it cannot rewrite.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class RayTestsTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "ray" if _starts_ray(nodeid) else nodeid
-
-    return RayTestsTogether(config, log)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The Ray tests first: the worker that takes them starts on the suite's longest part at once."""
-    items.sort(key=lambda item: not _starts_ray(item.nodeid))  # (stable: each part keeps its order)
-
+# Two cores: keep torch from oversubscribing them when pytest runs alongside other work.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # A run of two generator steps (the reward on from the second) on batches of two, logging every step and
 # saving nothing in between: what most end-to-end tests start from.
