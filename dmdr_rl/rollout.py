@@ -23,7 +23,6 @@ from .flow import Trajectory
 from .seeds import ROLLOUT_STREAM, iteration_seed
 
 
-
 @dataclass
 class RolloutBatch:
     iteration: int  # the batch index: with `rank`, the prompt ledger's key
