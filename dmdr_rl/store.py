@@ -48,8 +48,9 @@ PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.u
 REDACTED = "***"
 # scheme://user:password@ read from the text, not by urlparse: a password with an unencoded /, #, @ or ? in it
 # would otherwise not be seen as one (and be shown whole). The password runs to the last @ before any ?; one with
-# a ? in it is seen when what precedes the ? cannot be a host[:port], and then runs to the first @ that a host
-# follows. A URL with no password keeps an @ of its query (?client_name=me@box).
+# a ? in it is seen when what precedes the ? cannot be a host[:port], or when what follows the ? up to an @ cannot
+# be a query field (no = or &, as in `u:1234?x@host`), and then runs to the first @ that a host follows. A URL
+# with no password keeps an @ of its query (?client_name=me@box).
 _SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]*://)"
 _USER_PASSWORD = re.compile(_SCHEME + r"([^:@/?#]*):[^?]*@")
 _USER_PASSWORD_WITH_QUERY_MARK = re.compile(_SCHEME + r"([^:@/?#]*):.*?@(?=[^@/?#]*(?:[/?#]|$))")
@@ -70,8 +71,9 @@ def redact_url(url: str | None) -> str | None:
         return url
     user_part = _USER_PASSWORD
     if not user_part.match(url):
-        authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
-        if "@" not in authority and not _HOST_PORT.fullmatch(authority):
+        authority, mark, rest = re.split(r"([/?#])", url.partition("://")[2] + "/", maxsplit=1)
+        query_field = rest.partition("@")[0] if mark == "?" and "@" in rest else "="
+        if "@" not in authority and (not _HOST_PORT.fullmatch(authority) or not re.search(r"[=&/#]", query_field)):
             user_part = _USER_PASSWORD_WITH_QUERY_MARK
     url = user_part.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url, count=1)
     parsed = urlparse(url)
