@@ -12,6 +12,8 @@ resumed with another `dmd.ratio` is served too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
 
 from dmdr_rl.config import RunConfig
@@ -29,6 +31,21 @@ class StaleLearnerError(RuntimeError):
     """A call from a learner try that a later try has replaced: one Ray declared dead while it still ran
     (a network partition, say). Refused, so that it cannot publish weights, take batches, kill workers or
     count failures of the try that replaced it."""
+
+
+@dataclass
+class IssuedBatch:
+    """A batch sent to a rollout worker and not consumed yet: the worker and its incarnation then (a restart
+    since makes the batch's loss that worker's death), and whether a learner has taken its ref."""
+
+    ref: ray.ObjectRef
+    worker: int
+    incarnation: int
+    taken: bool = False
+
+    def ticket(self) -> list:
+        """[ObjectRef, worker, incarnation]: a list, so Ray passes the ref, not the batch."""
+        return [self.ref, self.worker, self.incarnation]
 
 
 class RolloutCoordinator:
@@ -53,10 +70,7 @@ class RolloutCoordinator:
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
         self.epoch = 0  # + 1 at every learner restart (the rollout workers reload their weights at a new one)
         self.learner_starts = 0  # + 1 at every start: the token that fences the calls of the try that started
-        self.pending: dict[tuple[int, int], ray.ObjectRef] = {}  # issued, not handed to a learner yet
-        self.handed_out: dict[tuple[int, int], ray.ObjectRef] = {}  # handed to a learner, not consumed yet
-        self.assigned: dict[tuple[int, int], int] = {}  # the worker each batch went to last
-        self.incarnation_of: dict[tuple[int, int], int] = {}  # that worker's incarnation then
+        self.batches: dict[tuple[int, int], IssuedBatch] = {}  # (iteration, rank): issued, not consumed yet
         self.next_iteration = 0  # the first iteration not issued yet
         self.requested_since_start = False  # a learner asked for a batch since the last start
         self.consumed_upto = 0
@@ -123,7 +137,7 @@ class RolloutCoordinator:
         says so, with the world size from here on). Returns the token the learner's calls carry (see
         `_fence`)."""
         # a learner that published anything (version 0 comes right after the first start) has run before
-        restart = self.version >= 0 or bool(self.pending or self.consumed_upto)
+        restart = self.version >= 0 or bool(self.batches or self.consumed_upto)
         self.started_at = (iteration, iteration // self.ratio if generator_step is None else generator_step)
         self.ledger.append("rewind" if restart else "start", iteration=iteration, world_size=self.world_size)
         if restart:
@@ -131,12 +145,9 @@ class RolloutCoordinator:
             # died with it); a new epoch tells the workers to reload even an older version.
             self.epoch += 1
             self.version, self.weights = -1, None
-        for ref in [*self.pending.values(), *self.handed_out.values()]:  # rollouts for the lost learner (those
-            ray.cancel(ref)  # it took too: a worker samples them one after another): not worth waiting behind
-        self.pending.clear()
-        self.handed_out.clear()
-        self.assigned.clear()
-        self.incarnation_of.clear()
+        for batch in self.batches.values():  # rollouts for the lost learner (those it took too: a worker
+            ray.cancel(batch.ref)  # samples them one after another): not worth waiting behind
+        self.batches.clear()
         self.next_iteration = self.consumed_upto = iteration
         self.requested_since_start = False
         self.learner_starts += 1
@@ -148,9 +159,8 @@ class RolloutCoordinator:
                                     f"{self.learner_starts}) replaced: refused")
 
     def request(self, iteration: int, rank: int, learner_start: int | None = None) -> list | None:
-        """The batch of (iteration, rank) as a ticket [ObjectRef, worker, incarnation] (a list, so Ray
-        passes the ref, not the batch), or None while the generator version it needs is not published
-        yet (ask again shortly)."""
+        """The batch of (iteration, rank) as a ticket (`IssuedBatch.ticket`), or None while the generator
+        version it needs is not published yet (ask again shortly)."""
         self._fence(learner_start, "request")
         if iteration < self.consumed_upto - 1 or iteration > self.next_iteration + self.lookahead:
             raise ValueError(f"batch ({iteration}, rank {rank}) requested out of order: the learner is at "
@@ -158,14 +168,15 @@ class RolloutCoordinator:
         self.consumed_upto = max(self.consumed_upto, iteration)
         self.requested_since_start = True
         self._issue_ahead(iteration)
-        if (iteration, rank) not in self.pending:
+        batch = self.batches.get((iteration, rank))
+        if batch is None or batch.taken:
             return None
-        return self._batch_ticket(iteration, rank)
+        return self._take(batch)
 
-    def _batch_ticket(self, iteration: int, rank: int) -> list:
-        key = (iteration, rank)
-        self.handed_out[key] = self.pending.pop(key)
-        return [self.handed_out[key], self.assigned[key], self.incarnation_of[key]]
+    @staticmethod
+    def _take(batch: IssuedBatch) -> list:
+        batch.taken = True
+        return batch.ticket()
 
     def progress(self) -> dict:
         """Where the run is; `epoch` > 0 once a learner restart has happened in this launch."""
@@ -228,21 +239,20 @@ class RolloutCoordinator:
         batch goes to another worker when there is one, rather than wait for the restart, and the failed
         one gets no batches until it answers `ready` again."""
         self._fence(learner_start, "reissue")
-        failed = self.assigned.get((iteration, rank))
+        lost = self.batches.get((iteration, rank))
+        failed = lost.worker if lost is not None else None
         if failed is not None and self.readiness[failed] is True:
             self.readiness[failed] = self.workers[failed].ready.remote()
-        self._issue(iteration, rank, avoid=failed)
+        batch = self._issue(iteration, rank, avoid=failed)
         self.ledger.append("reissued", iteration=iteration, rank=rank)
-        return self._batch_ticket(iteration, rank)
+        return self._take(batch)
 
     def consumed(self, iteration: int, rank: int, weight_version: int, generator_step: int,
                  learner_start: int | None = None) -> None:
         if learner_start is not None and learner_start != self.learner_starts:  # (no one waits on it: noted, not raised)
             self.ledger.append("stale_call", call="consumed", iteration=iteration, rank=rank, learner_start=learner_start)
             return
-        self.assigned.pop((iteration, rank), None)
-        self.incarnation_of.pop((iteration, rank), None)
-        self.handed_out.pop((iteration, rank), None)
+        self.batches.pop((iteration, rank), None)
         self.ledger.append("consumed", iteration=iteration, rank=rank, weight_version=weight_version,
                            generator_step=generator_step)
 
@@ -279,7 +289,7 @@ class RolloutCoordinator:
             pass  # same, its batches fail with the reason rather than the healthy workers' batches here
         return True
 
-    def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> None:
+    def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> IssuedBatch:
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
         prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size, self.cfg.prompt_group)
@@ -292,12 +302,11 @@ class RolloutCoordinator:
                       or set(everyone))
         worker_index = next(i for k in everyone if (i := (self.turn + k) % len(self.workers)) in candidates)
         self.turn = worker_index + 1
-        self.assigned[(iteration, rank)] = worker_index
-        self.incarnation_of[(iteration, rank)] = self.incarnations[worker_index]
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch,
                                                         self.training_step(iteration))
-        self.pending[(iteration, rank)] = ref
+        batch = self.batches[(iteration, rank)] = IssuedBatch(ref, worker_index, self.incarnations[worker_index])
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)
+        return batch
 
     def close_store(self) -> None:
         """Flush the ledger to the run store (before the driver audits it and stops this actor)."""

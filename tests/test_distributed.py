@@ -270,7 +270,7 @@ def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
         assert again[0] == "worker" and again[2:4] == (0, 0) and again[1] != first[1]
         first = again
     coordinator.consumed(0, 0, 0, 0)
-    assert (0, 0) not in coordinator.assigned
+    assert (0, 0) not in coordinator.batches
 
 
 def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(tmp_path, monkeypatch):
@@ -283,17 +283,17 @@ def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(t
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.start(0)
     coordinator.publish(0, ["weights of the first learner"])
-    assert not coordinator.pending  # a try's first publish issues nothing: its ranks' first questions go first
+    assert not coordinator.batches  # a try's first publish issues nothing: its ranks' first questions go first
     # the learner group dies before its first request; the new rank 0 starts again at iteration 0
     coordinator.start(0)
     assert coordinator.epoch == 1 and coordinator.publish(0, ["weights of the second"]) == 0
     assert coordinator.weights == ["weights of the second"]
     taken = coordinator.request(0, 0)[0]
-    issued = [*coordinator.pending.values(), taken]  # issued ahead, and the one the learner took
-    assert len(issued) > 1 and all(ref[4:7] == (0, ["weights of the second"], 1) for ref in issued)  # version, weights, epoch
+    issued = [batch.ref for batch in coordinator.batches.values()]  # issued ahead, and the one the learner took
+    assert taken in issued and len(issued) > 1 and all(ref[4:7] == (0, ["weights of the second"], 1) for ref in issued)  # version, weights, epoch
     assert not cancelled
     coordinator.start(0)  # a worker samples its batches one after another: the taken one is cancelled too
-    assert cancelled == issued and coordinator.epoch == 2 and not coordinator.pending and not coordinator.handed_out
+    assert cancelled == issued and coordinator.epoch == 2 and not coordinator.batches
     events = [e["event"] for e in Ledger(FileStore(tmp_path)).events() if e["event"] in ("start", "rewind")]
     assert events == ["start", "rewind", "rewind"]
 
@@ -382,11 +382,11 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
     coordinator.start(0)
     coordinator.publish(0, ["weights"])
     coordinator.request(0, 0)
-    assert {worker for worker in coordinator.assigned.values()} == {0}  # every batch issued so far: worker 0's
+    assert {batch.worker for batch in coordinator.batches.values()} == {0}  # every batch issued so far: worker 0's
     answered.add(1)  # worker 1 has loaded: the round-robin takes it in
     coordinator.publish(1, ["weights 1"])
     coordinator.request(2, 0)
-    assert {coordinator.assigned[(i, 0)] for i in range(coordinator.next_iteration) if (i, 0) in coordinator.assigned} == {0, 1}
+    assert {batch.worker for batch in coordinator.batches.values()} == {0, 1}
     coordinator.restart_worker(1, 0)  # killed: not ready again until the restarted worker answers
     answered.discard(1)
     assert coordinator.ready_workers() == [0]
@@ -394,7 +394,7 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
     # a worker that failed a batch (it died: Ray restarts it) gets none until it answers again
     answered.add(1)
     assert coordinator.ready_workers() == [0, 1]
-    coordinator.assigned[(2, 0)] = 1
+    coordinator.batches[(2, 0)].worker = 1
     answered.discard(1)  # (restarting: its new `ready` is not answered yet)
     assert coordinator.reissue(2, 0)[1] == 0 and coordinator.readiness[1] is not True
     assert coordinator.ready_workers() == [0]
@@ -491,7 +491,7 @@ def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_gen
     assert coordinator.request(5, 0) is None  # iteration 5 is trained at step 3: not published yet
     assert coordinator.progress()["next_needs_version"] == 3
     coordinator.publish(3, ["weights at step 3"])
-    assert (5, 0) in coordinator.pending  # issued as the weights it waited for came, before the learner asks
+    assert not coordinator.batches[(5, 0)].taken  # issued as the weights it waited for came, before the learner asks
     assert coordinator.request(5, 0)[0][4] == 3 and coordinator.training_step(5) == 3
     starts = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "start"]
     assert starts == [{**starts[0], "iteration": 4, "world_size": 1}]
