@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,10 +43,18 @@ from dmdr_rl.rollout import RolloutBatch  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone, vae_scale_factor  # noqa: E402
 from dmdr_rl.tiny import tiny_sd3_pipeline  # noqa: E402
 
-# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's tokenizers pad to 16.
-TOKENS = {"medium": 333, "tiny": 16}
+# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's 16 + 16.
+TOKENS = {"medium": 333, "tiny": 32}
 # --rl grpo: samples per prompt (the batch must hold whole groups)
 GRPO_GROUP = 2
+# FlopCounterMode counts the CUDA attention kernels but not the CPU's, which would count 0 (a smoke run's
+# TFLOP/s too low): the same formulas for those
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda query, key, value, *_, **__: sdpa_flop_count(query, key, value),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, query, key, value, *_, **__: sdpa_backward_flop_count(grad_out, query, key, value),
+}
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name; --peak-tflops overrides.
 # The first key found in the name wins, so the NVL parts come before their families.
 BF16_PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0,
@@ -112,15 +120,15 @@ def count_only(args: argparse.Namespace) -> dict:
     cfg = learner.cfg
     rng = torch.Generator().manual_seed(0)
     counts = {}
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         trajectory = dmdr.backward_simulation(backbone, cond, cfg.student, rng)
     counts["rollout"] = counter.get_total_flops()
     micro = {"micro_batch_size": cfg.trainer.micro_batch_size, "backward": torch.Tensor.backward}
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         dmdr.critic_loss(backbone, trajectory.x0, cond, 0, cfg.critic, cfg.dmd, rng, **micro)
     counts["critic_update"] = counter.get_total_flops()
     scores = rollout_scores(backbone, learner, trajectory, [""] * args.batch)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         dmdr.generator_loss(backbone, trajectory, cond, [""] * args.batch, 0, cfg.student, cfg.critic, cfg.dmd,
                             learner.rewards, True, rng, **micro, rl=cfg.rl, rollout_scores=scores)
     counts["generator_update"] = counter.get_total_flops()
@@ -155,25 +163,31 @@ def random_conditioning(backbone: SD3Backbone, shape: str, batch: int, device: t
     return Conditioning(tokens * scale, pooled * scale).to(device)
 
 
+def flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
+def peak_tflops(device: torch.device, override: float | None, precision: str = "bf16") -> float | None:
+    """The dense peak of the step's precision: `override`, else the bf16 table's (none for fp32)."""
     if override is not None:
         return override
-    if device.type != "cuda":
+    if device.type != "cuda" or precision != "bf16":
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float | None:
-    """What one large bf16 matmul reaches on this device: the practical ceiling beside the datasheet peak."""
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float | None:
+    """What one large matmul of the step's precision reaches on this device: the practical ceiling beside the
+    datasheet peak."""
     if device.type != "cuda":
         return None
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     synchronize(device)
     started = time.perf_counter()
@@ -238,22 +252,24 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     }
     write(report)
     try:
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             step()
         flops, report["flops_counted_on"] = counter.get_total_flops(), str(device)
     except Exception as err:  # the timings stand; count the same step on the meta device instead
         report["flop_count_error"] = f"{type(err).__name__}: {err}"
         flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
-    achieved, peak, ceiling = flops / median / 1e12, peak_tflops(device, args.peak_tflops), matmul_tflops(device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    achieved, peak = flops / median / 1e12, peak_tflops(device, args.peak_tflops, args.precision)
+    ceiling = matmul_tflops(device, dtype)
     if args.gradient_checkpointing:  # the step's useful work, without the recomputation: comparable with plain steps
         useful = count_only(argparse.Namespace(**{**vars(args), "gradient_checkpointing": False}))["tflop_per_step"]
         report.update({"model_tflop_per_step": useful, "model_tflops": float(f"{useful / median:.4g}"),
                        "model_fraction_of_peak": round(useful / median / peak, 4) if peak else None})
     report.update({
         "tflop_per_step": float(f"{flops / 1e12:.4g}"), "achieved_tflops": float(f"{achieved:.4g}"),
-        "peak_bf16_tflops": peak, "fraction_of_peak": round(achieved / peak, 4) if peak else None,
-        "matmul_8192_bf16_tflops": float(f"{ceiling:.4g}") if ceiling else None,
+        "peak_tflops": peak, "fraction_of_peak": round(achieved / peak, 4) if peak else None,
+        "matmul_8192_tflops": float(f"{ceiling:.4g}") if ceiling else None,  # in the step's precision
         "fraction_of_matmul": round(achieved / ceiling, 4) if ceiling else None,
     })
     write(report)
@@ -276,7 +292,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak in --precision (default: bf16's by name)")
     p.add_argument("--count-only", action="store_true",
                    help="count the step's FLOPs on the meta device (no GPU needed) instead of running it")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")

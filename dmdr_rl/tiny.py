@@ -27,7 +27,8 @@ def word_level_tokenizer(words=WORDS, max_length: int = 16):
 
 
 def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
-    """A `StableDiffusion3Pipeline` of tiny random components (VAE factor 2, patch 2, 2 layers)."""
+    """A `StableDiffusion3Pipeline` of tiny random components (VAE factor 2, patch 2, 2 layers). As in SD3, T5 is
+    wider than the two CLIPs' features side by side (64 here), which `encode_prompt` pads to its width (96)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -38,7 +39,7 @@ def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
         clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                               num_hidden_layers=2, max_position_embeddings=16, projection_dim=32, bos_token_id=0,
                               eos_token_id=1, pad_token_id=2)
-        t5 = T5Config(vocab_size=vocab_size, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+        t5 = T5Config(vocab_size=vocab_size, d_model=96, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
                       pad_token_id=2, eos_token_id=1, decoder_start_token_id=0)
         vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
@@ -46,7 +47,7 @@ def tiny_sd3_pipeline(seed: int = 0, resolution: int = 32):
                             shift_factor=0.0609, scaling_factor=1.5305)
         transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=4,
                                             num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+                                            joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
                                             pos_embed_max_size=resolution)
         return StableDiffusion3Pipeline(
             transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),

@@ -117,8 +117,9 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
     checkpointed = gpu_step.main([*tiny, "--gradient-checkpointing"])  # its useful work, without the recomputation
     assert checkpointed["model_tflop_per_step"] > 0 and "model_fraction_of_peak" in checkpointed
     counted = gpu_step.main(["--shape", "tiny", "--resolution", "32", "--count-only"])
-    # the meta device counts attention as its matmuls; the CPU's fused attention kernel is not counted
-    assert counted["tflop_per_step"] >= report["tflop_per_step"] > 0
+    # the CPU's fused attention is counted (as CUDA's is): a little more than the meta device's plain matmuls, as
+    # the fused backward computes the attention scores again
+    assert counted["tflop_per_step"] <= report["tflop_per_step"] <= 1.05 * counted["tflop_per_step"]
     assert counted["tflop_per_step"] == pytest.approx(counted["tflop_critic_update"] + counted["tflop_generator_update"],
                                                       rel=1e-3)
     # one image at a time, blocks recomputed in the backward pass: the same step (losses), more FLOPs

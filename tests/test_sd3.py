@@ -98,7 +98,7 @@ def test_decode_is_differentiable_and_matches_diffusers_and_the_empty_prompt_is_
     images.mean().backward()
     assert latents.grad.abs().sum() > 0
     cond = backbone.encode(["a red circle", "a blue square"])
-    assert cond.tokens.shape == (2, 32, 32) and cond.pooled.shape == (2, 64)  # CLIP-L/G (16) + T5 (16) tokens
+    assert cond.tokens.shape == (2, 32, 96) and cond.pooled.shape == (2, 64)  # CLIP-L/G (16) + T5 (16) tokens, T5 wide
     encoded = []
     original = backbone.text_pipeline.encode_prompt
     monkeypatch.setattr(backbone.text_pipeline, "encode_prompt", lambda prompts, *a, **k: encoded.append(prompts) or original(prompts, *a, **k))
@@ -115,7 +115,7 @@ def test_a_bf16_base_sees_the_exact_timestep(tiny_sd3):
 
     backbone = load_sd3(str(tiny_sd3), resolution=32, encoders=False, dtype="bfloat16")
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.75, 0.6])
-    cond = Conditioning(torch.randn(2, 32, 32), torch.randn(2, 64))
+    cond = Conditioning(torch.randn(2, 32, 96), torch.randn(2, 64))
     model = backbone.transformer
     with torch.no_grad():
         ours = backbone.velocity(x, t, cond)
@@ -245,7 +245,7 @@ def test_a_bf16_students_merged_export_keeps_its_lora_and_an_sde_student_says_so
     load_adapter_state(student, dmdr.GENERATOR, load_file(str(Path(settings["checkpoint"]) / "generator.safetensors")))
     exported = SD3Transformer2DModel.from_pretrained(tmp_path / "export")
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.9, 0.4])
-    cond = Conditioning(torch.randn(2, 32, 32), torch.randn(2, 64))
+    cond = Conditioning(torch.randn(2, 32, 96), torch.randn(2, 64))
     with torch.no_grad():
         ours = student.velocity(x, t, cond, adapter=dmdr.GENERATOR)
         base = student.velocity(x, t, cond)
