@@ -32,6 +32,7 @@ from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
 from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
                              save_step_samples, StepDuties, step_duties, student_images, write_checkpoint)
+from reward_servers.protocol import RewardServerError
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Data-parallel gradient averaging in one all-reduce (a parameter without a gradient counts as 0)."""
@@ -249,7 +250,11 @@ def own_error(err: BaseException) -> BaseException | None:
     """The error a learner's try ended with that a retry would meet again if it is a bug: the cause of a
     remote call's error (a coordinator or reward server raised it), None for the infrastructure's: Ray's
     own, an error raised because of one (a rollout worker that stayed lost or stuck), a broken process
-    group (gloo reports a lost peer as a plain RuntimeError)."""
+    group (gloo reports a lost peer as a plain RuntimeError). A reward app that stayed unreachable through the
+    client's retries counts, though its cause is Ray's (a timeout, a dead replica): a new learner try cannot
+    bring it back, so it ends the run after `ray.same_failure_limit` tries, not after every one."""
+    if isinstance(err, RewardServerError):
+        return err
     if isinstance(err, ray.exceptions.RayTaskError):
         return own_error(err.cause) if isinstance(err.cause, BaseException) else None
     if isinstance(err.__cause__, ray.exceptions.RayTaskError):  # e.g. a reward client naming the failed app

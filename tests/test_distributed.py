@@ -941,6 +941,14 @@ def test_a_learner_reports_its_own_errors_and_the_causes_of_remote_ones_but_not_
     assert loop.own_error(raised_from(ray.exceptions.ActorDiedError(), "no rollout worker could deliver")) is None
     client = raised_from(raised_remotely(out_of_order), "reward app 'toy' failed")  # a server's bug, wrapped by a client
     assert loop.own_error(client) is client
+    # a reward app the client could not reach through its retries: the run's own (another try cannot fix it)
+    from reward_servers.protocol import RewardServerError
+
+    for cause in (ray.exceptions.GetTimeoutError(), ray.exceptions.ActorDiedError()):
+        unreachable = RewardServerError("reward app 'reward-toy' did not answer score_and_grad() after 4 attempt(s)")
+        unreachable.__cause__ = cause
+        assert loop.own_error(unreachable) is unreachable
+        assert loop.own_error(raised_remotely(unreachable)) is unreachable  # met by a rollout worker's monitor
 
 
 def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_stopped_early(tmp_path, monkeypatch):
