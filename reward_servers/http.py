@@ -2,13 +2,15 @@
 images -- decoded with `allow_pickle=False`, never unpickled -- and scores (null where not finite) plus,
 on request, base64 .npy gradients. Network data meets only two decoders: numpy's .npy reader and
 Pillow's PNG plugin (1- and 8-bit modes); a request's body size is bounded before it is read, and its
-pixel count from the PNG headers before they are decoded (a .npy array, stored raw, is no larger than
-the body that carried it)."""
+pixel count from the PNG headers before they are decoded; a .npy array is read only once its header
+shows that it fits in the bytes that carried it (numpy allocates what the header claims before it reads
+the data)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -44,7 +46,7 @@ def decode_images(request: ScoreRequest, max_pixels: int = 2**24) -> torch.Tenso
         raise RewardInputError("give the images either as images_npy or as images_png, exactly one of them")
     if request.images_npy is not None:
         try:
-            array = np.load(io.BytesIO(base64.b64decode(request.images_npy)), allow_pickle=False)
+            array = load_npy(base64.b64decode(request.images_npy))
         except Exception as err:  # noqa: BLE001 - any malformed payload is the client's error
             raise RewardInputError(f"images_npy is not a base64 .npy array ({err})") from err
         _check_pixels(array.size // 3, max_pixels)  # values / 3 channels (the shape is checked later)
@@ -121,8 +123,26 @@ def encode_answer(answer: dict) -> dict:
 def decode_answer(body: dict) -> dict[str, torch.Tensor]:
     answer = {"scores": torch.tensor([float("nan") if s is None else s for s in body["scores"]], dtype=torch.float32)}
     if "grads_npy" in body:
-        answer["grads"] = torch.from_numpy(np.load(io.BytesIO(base64.b64decode(body["grads_npy"])), allow_pickle=False))
+        answer["grads"] = torch.from_numpy(load_npy(base64.b64decode(body["grads_npy"])))
     return answer
+
+
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """The array of one .npy file's bytes, never unpickled, and no larger than those bytes: a header that
+    claims more (a few bytes asking numpy for gigabytes) is refused before anything is allocated."""
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    read_header = NPY_HEADER_READERS.get(version)
+    if read_header is None:
+        raise ValueError(f".npy format version {version[0]}.{version[1]}: send 1.0 or 2.0 (what numpy.save writes)")
+    shape, _, dtype = read_header(buffer)
+    if math.prod(shape) * dtype.itemsize > len(data) - buffer.tell():
+        raise ValueError(f"its header claims {shape} {dtype} values, more than the {len(data):,} bytes sent hold")
+    buffer.seek(0)
+    return np.load(buffer, allow_pickle=False)
 
 
 def _b64_npy(array: np.ndarray) -> str:

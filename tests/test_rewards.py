@@ -336,7 +336,7 @@ def test_pickscore_resizes_and_crops_larger_images(pickscore):
     assert pickscore.score(big, PROMPTS[:2]).shape == (2,)
 
 
-def test_http_codec_round_trips_npy_and_png_and_never_unpickles():
+def test_http_codec_round_trips_npy_and_png_and_never_unpickles(monkeypatch):
     from PIL import Image
 
     images = _images(2)
@@ -357,6 +357,17 @@ def test_http_codec_round_trips_npy_and_png_and_never_unpickles():
         http.decode_images(request)
     with pytest.raises(RewardInputError, match="exactly one"):
         http.decode_images(http.ScoreRequest(prompts=["a"]))
+    # a header claiming 4 x 3 x 8192 x 8192 float64 (6.4 GB) over a few bytes: refused before numpy allocates it
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (4, 3, 8192, 8192)})
+    forged = http.ScoreRequest(prompts=["a"] * 4, images_npy=base64.b64encode(buffer.getvalue() + bytes(64)).decode())
+    allocations = []
+    real_empty = np.ndarray
+    monkeypatch.setattr(np, "ndarray", lambda *args, **kwargs: allocations.append(args) or real_empty(*args, **kwargs))
+    with pytest.raises(RewardInputError, match=r"claims \(4, 3, 8192, 8192\) float64 values, more than the 192 bytes"):
+        http.decode_images(forged)
+    assert allocations == []
+    monkeypatch.undo()
     answer = http.decode_answer(http.encode_answer({"scores": torch.tensor([1.0, float("nan")]),
                                                     "grads": torch.ones(2, 3, 2, 2)}))
     assert answer["scores"][0] == 1.0 and torch.isnan(answer["scores"][1]) and answer["grads"].shape == (2, 3, 2, 2)
