@@ -54,8 +54,9 @@ class Registry(Generic[T]):
             module_name, _, attr = name.partition(":")
             try:
                 module = importlib.import_module(module_name)
-            except (ImportError, ValueError) as err:  # ValueError: an empty module name (":Name")
-                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({err})") from err
+            except Exception as err:  # noqa: BLE001 - not found, an empty name (":Name"), or the module's own error
+                reason = str(err) if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
+                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason})") from err
             if not attr or not hasattr(module, attr):
                 raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)

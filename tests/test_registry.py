@@ -8,7 +8,7 @@ def test_builtins_are_registered():
     assert "toy" in BACKBONES.names() and "toy-align" in REWARDS.names()
 
 
-def test_import_paths_resolve_and_bad_ones_say_why():
+def test_import_paths_resolve_and_bad_ones_say_why(tmp_path, monkeypatch):
     registry = Registry("reward model")
     assert registry.resolve("dmdr_rl.toy.classifier:AlignReward").__name__ == "AlignReward"
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.rewards'"):
@@ -17,6 +17,13 @@ def test_import_paths_resolve_and_bad_ones_say_why():
         registry.resolve("dmdr_rl.toy.classifier:Missing")
     with pytest.raises(ValueError, match="unknown reward model 'hpsv9'; registered: none"):
         registry.resolve("hpsv9")
+    # a user's module that fails as it is imported: named with the field, its own error as the cause
+    (tmp_path / "broken_reward.py").write_text("raise RuntimeError('no weights at /models/mine')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"rewards.0.name: reward model 'broken_reward:Mine': cannot import module "
+                                         r"'broken_reward' \(RuntimeError: no weights at /models/mine\)") as caught:
+        registry.resolve("broken_reward:Mine", field="rewards.0.name")
+    assert isinstance(caught.value.__cause__, RuntimeError)
 
 
 def test_double_registration_is_an_error():
