@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .gradient import attach_gradient, drop_unusable
+from .gradient import attach_gradient, drop_unusable, wants_gradient
 from .protocol import RewardInputError, RewardServerError, first_line, validate_images, validate_scores
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,7 @@ class RemoteReward:
         self.name, self.differentiable = name, differentiable
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.requires_grad and torch.is_grad_enabled():
-            if not self.differentiable:
-                raise RewardInputError(f"reward {self.name!r} (app {self.client.app!r}) is not differentiable, so it "
-                                       "cannot give a ReFL gradient; score detached images")
+        if wants_gradient(images, self.differentiable, f"reward {self.name!r} (app {self.client.app!r})"):
             scores, grads = self.client.score_with_grad(images, prompts)
             return attach_gradient(images, scores, grads)
         return self.client.score(images, prompts)

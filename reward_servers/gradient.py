@@ -14,7 +14,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .protocol import RewardModel, RewardServerError, validate_scores
+from .protocol import RewardInputError, RewardModel, RewardServerError, validate_scores
+
+
+def wants_gradient(images: torch.Tensor, differentiable: bool, what: str) -> bool:
+    """Whether a caller asks for the ReFL gradient (images that carry one, grad mode on). A reward without
+    one is refused, in either placement, rather than scored as a constant the generator silently ignores."""
+    if not (images.requires_grad and torch.is_grad_enabled()):
+        return False
+    if not differentiable:
+        raise RewardInputError(f"{what} is not differentiable, so it cannot give a ReFL gradient; score detached images")
+    return True
 
 
 def usable(finite: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .gradient import attach_gradient, checked_scores, in_chunks, score_and_grad
+from .gradient import attach_gradient, checked_scores, in_chunks, score_and_grad, wants_gradient
 from .protocol import RewardModel, validate_images
 
 
@@ -22,6 +22,6 @@ class InProcessReward:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         validate_images(images, prompts)
-        if self.differentiable and images.requires_grad and torch.is_grad_enabled():
+        if wants_gradient(images, self.differentiable, f"reward {self.name!r}"):
             return attach_gradient(images, *score_and_grad(self.model, images, list(prompts), self.max_images))
         return in_chunks(partial(checked_scores, self.model), images, prompts, self.max_images)

@@ -312,6 +312,22 @@ def test_a_non_finite_score_leaves_the_generators_gradient_finite(placement):
     assert gain.grad.item() == pytest.approx(-0.5, rel=1e-5)
 
 
+@pytest.mark.parametrize("placement", ["in-process", "served"])
+def test_a_reward_without_a_gradient_refuses_images_that_ask_for_one_in_either_placement(placement):
+    class Blackbox(_LogBrightness):
+        name, differentiable = "blackbox", False
+
+    model = Blackbox()
+    reward = (InProcessReward(model) if placement == "in-process"
+              else RemoteReward(RewardClient(_InProcessTransport(model), "reward-blackbox")))
+    images = _images(2).requires_grad_(True)
+    with pytest.raises(RewardInputError, match="reward 'blackbox'.* is not differentiable, so it cannot give a ReFL gradient"):
+        reward.score(images, ["a", "b"])
+    assert reward.score(images.detach(), ["a", "b"]).shape == (2,)  # scored without one
+    with torch.no_grad():
+        assert reward.score(images, ["a", "b"]).shape == (2,)
+
+
 def test_pickscore_matches_clip_with_its_own_processor(tiny_clip_dir, pickscore):
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
