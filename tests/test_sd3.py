@@ -77,7 +77,9 @@ def test_grpo_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tin
         assert tuple(x_next.shape) == latent and tuple(log_ratio.shape) == (4,)
         torch.testing.assert_close(log_ratio, torch.zeros(4), atol=1e-4, rtol=0)  # on-policy: sampled by these weights
     [(_, (scores, _, _), (advantages, _))] = [c for c in calls if c[0] == "rollout_advantages"]
-    torch.testing.assert_close(advantages.view(2, 2).sum(dim=1), torch.zeros(2), atol=1e-5, rtol=0)  # per group
+    # per group (a score's rounding in the group mean, over a small std + 1e-4, may reach 1e-4 in float32)
+    torch.testing.assert_close(advantages.view(2, 2).sum(dim=1), torch.zeros(2), atol=1e-3, rtol=0)
+    assert advantages.abs().max() > 0  # (not all 0: scored)
     assert set(scores) == {"toy-align"} and tuple(scores["toy-align"].shape) == (4,)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "loss/policy" in rows[-1] and rows[-1]["rl/ratio"] == pytest.approx(1.0, abs=1e-4)
