@@ -79,7 +79,7 @@ class CriticSection(_Section):
 
 class DmdSection(_Section):
     weight: float = Field(1.0, ge=0)  # 0 turns the DMD term off (the RL-only ablation)
-    real_cfg: float = Field(4.0, ge=0)  # the real score's CFG scale, each sample's drawn from U(real_cfg +- cfg_jitter)
+    real_cfg: float = Field(4.0, ge=0)  # the real score's CFG scale, drawn from U(real_cfg +- cfg_jitter) per step
     cfg_jitter: float = Field(0.5, ge=0)  # (so no guidance at all is real_cfg=1 cfg_jitter=0)
     # the real score's CFG only where tau <= this (a guidance interval: guidance at the highest noise levels
     # darkens and over-contrasts the toy students); 1.0: at every noise level, as DESIGN section 2 writes it
