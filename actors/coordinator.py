@@ -130,12 +130,17 @@ class RolloutCoordinator:
         return True
 
     # -- batches ------------------------------------------------------------------------------
-    def start(self, iteration: int, generator_step: int | None = None) -> int:
+    def start(self, iteration: int, generator_step: int | None = None, learner_try: int | None = None) -> int:
         """Begin (or, after a learner restart, resume) issuing from `iteration`, where the learner's
         generator is at `generator_step` (default: iteration // ratio, a run at one ratio throughout):
         earlier batches are done, later ones consumed before the restart are rolled back (the ledger
         says so, with the world size from here on). Returns the token the learner's calls carry (see
-        `_fence`)."""
+        `_fence`). `learner_try`: the try `register_learner` gave the calling rank; a try that a later one
+        has replaced is refused, so that a replaced try's rank 0 that gets here late (after loading its
+        model, say) cannot take the run back from the try that replaced it (None: not checked)."""
+        if learner_try is not None and learner_try != self.try_number:
+            raise StaleLearnerError(f"start from learner try {learner_try}, which a later try ({self.try_number}) "
+                                    "replaced: refused")
         # a learner that published anything (version 0 comes right after the first start) has run before
         restart = self.version >= 0 or bool(self.batches or self.consumed_upto)
         self.started_at = (iteration, iteration // self.ratio if generator_step is None else generator_step)
@@ -195,15 +200,16 @@ class RolloutCoordinator:
         return max(0, self.training_step(iteration) - self.max_staleness)
 
     # -- processes (for operators and fault-injection tests) ----------------------------------
-    def register_learner(self, rank: int, pid: int) -> str | None:
+    def register_learner(self, rank: int, pid: int) -> tuple[str | None, int]:
         """A learner rank starts a try. The answer: the failure that ended enough tries in a row to end
-        the run (the rank returns at once, so Ray Train stops retrying), or None: train."""
+        the run (the rank returns at once, so Ray Train stops retrying), or None: train; and the try's
+        number, which rank 0's `start` carries."""
         self.learner_processes[rank] = pid
         if rank in self.registered or not self.registered:  # the first rank of a new try, whichever it is
             self.try_number += 1
             self.registered = set()
         self.registered.add(rank)
-        return self.repeated_failure
+        return self.repeated_failure, self.try_number
 
     def learner_failed(self, rank: int, where: str, error: str, key: str | None = None,
                        learner_start: int | None = None) -> bool:

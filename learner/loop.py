@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))
     try:  # before the backbone loads: a restart after the coordinator died must end fast, not after minutes
-        repeated_failure = ray.get(coordinator.register_learner.remote(rank, os.getpid()))
+        repeated_failure, learner_try = ray.get(coordinator.register_learner.remote(rank, os.getpid()))
     except ray.exceptions.ActorDiedError as err:  # (not ActorUnavailableError: it may answer again, a retry may do)
         # the try ends without an error: a raised one would be the infrastructure's, and Ray Train would
         # retry it (to ray.max_failures, or forever with -1) while the driver has already given up
@@ -212,7 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
         return
     built: dict = {}  # what restores it, then the learner: where a failure happened
     try:
-        _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built)
+        _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built, learner_try)
     except Exception as err:
         if _replaced(err):  # not counted as the run's failure: the try that replaced this one trains on
             print(f"dmdr_rl: learner rank {rank}: a later learner try replaced this one ({err}); stopping", flush=True)
@@ -291,7 +291,7 @@ def report_failure(coordinator, rank: int, built: dict, err: BaseException) -> N
         print(f"dmdr_rl: could not report the learner's failure ({type(report_err).__name__})", flush=True)
 
 
-def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built: dict) -> None:
+def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built: dict, learner_try: int) -> None:
     checkpoint = ray.train.get_checkpoint()
     built["restoring"] = checkpoint.path if checkpoint is not None else cfg.trainer.resume_from
     device = ray.train.torch.get_device() if cfg.ray.learner_gpus > 0 else torch.device("cpu")
@@ -306,7 +306,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     patience = cfg.ray.rollout_timeout_s
     learner_start = None
     if rank == 0:  # first: after a restart, it cancels the lost learner's rollouts, which would delay what follows
-        learner_start = ray.get(coordinator.start.remote(learner.iteration, learner.generator_step))
+        learner_start = ray.get(coordinator.start.remote(learner.iteration, learner.generator_step, learner_try))
     # asked before any rollout is issued, so no worker is busy: after a learner restart a worker that does
     # not answer is stuck (e.g. in a rollout of the lost learner's) and is restarted; at a launch's first
     # start it may be loading its model, and is waited for

@@ -331,6 +331,13 @@ def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_
     events = Ledger(FileStore(tmp_path)).events()
     assert [e["call"] for e in events if e["event"] == "stale_call"] == ["consumed", "learner_failed"]
     assert audit(events, 1, 1) == {"lost": [], "duplicated": [], "unexpected": [], "rewinds": 1, "reissued": 0, "stale_calls": 2}
+    # a replaced try's rank 0 that reaches start() late (it loaded its model slowly) cannot take the run back
+    late = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path / "c"))
+    (_, try_1), (_, try_2) = late.register_learner(0, 100), late.register_learner(0, 200)
+    token = late.start(0, learner_try=try_2)
+    with pytest.raises(StaleLearnerError, match="start from learner try 1, which a later try \\(2\\) replaced"):
+        late.start(0, learner_try=try_1)
+    assert late.learner_starts == token and late.epoch == 0  # the new try's token and batches stand
     # a first try that failed before it published anything: the second is fenced from it all the same
     fresh = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path / "b"))
     first, second = fresh.start(0), fresh.start(0)
@@ -792,7 +799,7 @@ def test_a_learner_retry_after_the_coordinator_died_ends_quietly_instead_of_bein
                                                                                     "get_world_size": lambda self: 1})())
     monkeypatch.setattr(loop.ray, "get", gone)
     monkeypatch.setattr(loop, "_train", lambda *a, **k: pytest.fail("trained without a coordinator"))
-    coordinator = _fake_coordinator(register_learner=lambda rank, pid: "ref")
+    coordinator = _fake_coordinator(register_learner=lambda rank, pid: "ref")  # (its answer: ray.get raises)
     config = {"cfg": _config("/tmp/unused").model_dump(mode="json"), "coordinator": coordinator, "output_dir": "/tmp/unused"}
     assert loop.train_loop_per_worker(config) is None
 
@@ -859,7 +866,7 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
         return coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
 
     def new_try(c, ranks=(1, 0)):  # rank 1 may register before rank 0
-        return [c.register_learner(rank, 100) for rank in ranks]
+        return [c.register_learner(rank, 100)[0] for rank in ranks]
 
     c = coordinator(2)
     new_try(c)
@@ -886,7 +893,7 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     assert c.learner_failed(0, here, bad) is False
     new_try(c, ranks=(0, 1))
     assert c.learner_failed(0, here, "ValueError: other") is False
-    assert c.register_learner(1, 100) is None  # rank 1 first in the third try
+    assert c.register_learner(1, 100) == (None, 3)  # rank 1 first in the third try
     assert c.learner_failed(1, here, bad) is False  # not "bad" twice in a row: the second try failed otherwise
     off = coordinator(0)
     for _ in range(5):
