@@ -22,7 +22,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 
 install: $(STAMP)
 
-demo: install  ## the main job on the embedded toy world
+demo: install  ## the main job's default, the demo: DMDR on the toy world on a local Ray (about 2 minutes)
 	$(PY) -m dmdr_rl.run
 
 SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null && echo sudo)  # root: none

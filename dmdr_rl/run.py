@@ -1,10 +1,9 @@
 """The main job: `python -m dmdr_rl.run [--preset NAME] [section.key=value ...]`.
 
-With a preset it trains, then evaluates the student: `trainer.backend=local` (the preset default) with
-the single-process trainer, `trainer.backend=ray` with the Ray runtime (rollout actors + a Ray Train
-learner), on the cluster it was submitted to (`ray job submit -- python -m dmdr_rl.run ...`) or a
-local Ray. Without a preset it trains nothing: it samples the shipped toy teacher at 32, 4 and 1 steps
-and evaluates the samples with the held-out judge.
+It trains, then evaluates the student: `trainer.backend=local` with the single-process trainer,
+`trainer.backend=ray` with the Ray runtime (rollout actors + a Ray Train learner), on the cluster it was
+submitted to (`ray job submit -- python -m dmdr_rl.run ...`) or a local Ray. Without a preset it runs
+the demo, `toy-demo`: a short DMDR run on the toy world on a local Ray.
 """
 
 from __future__ import annotations
@@ -17,30 +16,15 @@ from pathlib import Path
 
 from .config import ConfigError, available_presets, load_config
 
-TEACHER_ONLY_BANNER = (
-    "dmdr_rl: no preset given, so this run trains nothing: it samples the shipped toy teacher at 32, 4\n"
-    "and 1 steps and evaluates the samples with the held-out judge (judge accuracy, FID against fresh\n"
-    "renders, toy-align reward). Training: `--preset toy-dmdr` (single process) or `--preset toy-dmdr\n"
-    "trainer.backend=ray` (the Ray runtime); the results table: `python -m dmdr_rl.results`."
+DEMO_PRESET = "toy-demo"
+DEMO_BANNER = (
+    "dmdr_rl: no preset given: the demo (--preset toy-demo). DMDR on the toy world on a local Ray: a rollout\n"
+    "actor samples the 4-step student, a Ray Train learner updates it and the fake-score critic, 20 generator\n"
+    "steps of DMD alone, then 20 with the toy-align reward (about 2 minutes on 2 CPU cores); then the student\n"
+    "is evaluated with the held-out judge. 40 steps show the system at work, not a finished student:\n"
+    "`--preset toy-dmdr` trains one (600 steps; add trainer.backend=ray for the Ray runtime), and\n"
+    "`python -m dmdr_rl.eval --steps 32,4,1` evaluates the teacher it is distilled from."
 )
-
-
-def evaluate_teacher(out: Path, num_images: int, split: str) -> None:
-    from . import eval as toy_eval
-    from .toy.teacher import DEFAULT_CFG
-
-    print(TEACHER_ONLY_BANNER, flush=True)
-    eval_args = toy_eval.parse_args([
-        "--steps", "32,4,1", "--cfg", str(DEFAULT_CFG), "--split", split,
-        "--num-images", str(num_images), "--out", str(out),
-    ])
-    reports = toy_eval.run_sweep(eval_args)
-    print("\n" + (out / "summary.md").read_text())
-    print(f"Outputs: {out.resolve()}")
-    print("  summary.md / summary.json   the table above")
-    for r in reports:
-        print(f"  {Path(r['grid']).parent.name}/   report.json, grid.png, samples.parquet")
-    print("Nothing was trained (see the note above).")
 
 
 def toy_evaluation_applies(cfg) -> bool:
@@ -212,21 +196,19 @@ def _stop(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default=None, help=f"run preset or YAML file; presets: {', '.join(available_presets())}")
-    parser.add_argument("--out", type=Path, default=None, help="teacher evaluation: output directory (default runs/demo-TIMESTAMP)")
+    parser.add_argument("--preset", default=None, help=f"run preset or YAML file (default: the demo, {DEMO_PRESET}); "
+                                                       f"presets: {', '.join(available_presets())}")
     parser.add_argument("--num-images", type=int, default=256,
                         help="images per evaluated setting (default 256; the README's numbers use 1000)")
-    parser.add_argument("--split", default="held-in", choices=["held-in", "held-out"],
-                        help="teacher evaluation: prompt split (default held-in)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config and its plugins, print the plan, and start nothing")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     if args.num_images < 2:
         parser.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
-    if args.preset is not None and (args.out is not None or args.split != "held-in"):
-        parser.error("--out and --split choose the teacher evaluation's output and split; a training run writes to "
-                     "output.dir (e.g. output.dir=runs/mine) and evaluates its student on held-in prompts")
+    named = [word for word in args.overrides if "=" not in word and word in available_presets()]
+    if args.preset is None and named:  # (any other word without = is refused by the config, naming it)
+        parser.error(f"{named[0]!r} is a preset: --preset {named[0]}")
     from .sd3 import BackboneLoadError  # here, not at the top: --help and argument errors need no torch
     from .store import StoreError
     from .toy.weights import ToyWeightsError
@@ -235,17 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
         if args.dry_run:
-            if args.preset is None:
-                parser.error("--dry-run needs a --preset")
-            print(dry_run(args.preset, args.overrides))
-        elif args.preset is None:
-            if args.overrides:
-                named = [word for word in args.overrides if "=" not in word and word in available_presets()]
-                parser.error(f"config overrides {args.overrides} need a --preset to apply to"
-                             + (f" (did you mean --preset {named[0]}?)" if named else ""))
-            evaluate_teacher(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", args.num_images, args.split)
+            print(dry_run(args.preset or DEMO_PRESET, args.overrides))
         else:
-            train(args.preset, args.overrides, args.num_images)
+            if args.preset is None:
+                print(DEMO_BANNER, flush=True)
+            train(args.preset or DEMO_PRESET, args.overrides, args.num_images)
     except (ConfigError, BackboneLoadError, RewardInputError, RewardLoadError, RewardServerError, StoreError,
             ToyWeightsError) as err:  # what the user can fix
         parser.exit(2, f"error: {err}\n")

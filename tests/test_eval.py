@@ -8,6 +8,7 @@ import yaml
 
 from dmdr_rl import eval as toy_eval
 from dmdr_rl import run
+from dmdr_rl.config import load_config
 from dmdr_rl.samples import read_samples
 from dmdr_rl.trainer import find_run
 
@@ -55,21 +56,25 @@ def test_eval_rejects_bad_arguments_with_a_reason(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_main_job_says_it_trains_nothing_and_where_outputs_are(tmp_path, capsys):
-    run.main(["--num-images", "4", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "trains nothing" in out and "Nothing was trained" in out
-    assert f"Outputs: {tmp_path.resolve()}" in out
-    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3  # 32, 4 and 1 steps
+def test_the_main_job_without_a_preset_is_the_demo_dmdr_on_a_local_ray(monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(run, "train", lambda preset, overrides, num_images: trained.append((preset, overrides)))
+    run.main([])
+    run.main(["trainer.max_steps=10"])  # overrides apply to the demo
+    assert trained == [("toy-demo", []), ("toy-demo", ["trainer.max_steps=10"])]
+    assert "no preset given: the demo (--preset toy-demo)" in capsys.readouterr().out
+    cfg = load_config("toy-demo")  # DMDR: the DMD cold start, then the reward, on the Ray runtime
+    assert cfg.trainer.backend == "ray" and 0 < cfg.trainer.cold_start < cfg.trainer.max_steps <= 50
+    assert [spec.name for spec in cfg.rewards if spec.weight > 0] == ["toy-align"] and cfg.dmd.weight > 0
+    run.main(["--dry-run"])
+    plan = capsys.readouterr().out
+    assert "dry run of 'toy-demo'" in plan and "backend ray: 1 learner worker(s), 1 rollout actor(s)" in plan
 
 
-def test_main_job_needs_a_preset_for_overrides_and_names_bad_values(capsys):
-    with pytest.raises(SystemExit):
-        run.main(["trainer.max_steps=10"])
-    assert "need a --preset" in capsys.readouterr().err
+def test_main_job_names_bad_values(capsys):
     with pytest.raises(SystemExit):  # a preset's name without the flag, or as a file name
         run.main(["toy-dmdr"])
-    assert "(did you mean --preset toy-dmdr?)" in capsys.readouterr().err
+    assert "'toy-dmdr' is a preset: --preset toy-dmdr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr.yaml", "--dry-run"])
     assert "config file 'toy-dmdr.yaml' does not exist (the preset is --preset toy-dmdr)" in capsys.readouterr().err

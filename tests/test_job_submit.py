@@ -42,13 +42,12 @@ def head_node():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_the_toy_preset(tmp_path, head_node):
+def test_ray_job_submit_trains_the_main_jobs_default_the_demo_on_the_cluster(tmp_path, head_node):
     address, env = head_node
     out = tmp_path / "run"
-    result = subprocess.run(
+    result = subprocess.run(  # no --preset: the demo, shortened
         [RAY, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-         sys.executable, "-m", "dmdr_rl.run", "--preset", "toy-dmdr", "--num-images", "8", "trainer.backend=ray",
-         "trainer.max_steps=2", "trainer.batch_size=4", "dmd.ratio=2", "trainer.cold_start=1", "student.steps=2",
+         sys.executable, "-m", "dmdr_rl.run", "--num-images", "8", "trainer.max_steps=2", "trainer.batch_size=4", "dmd.ratio=2", "trainer.cold_start=1", "student.steps=2",
          "output.log_every=1", "output.checkpoint_every=2", f"output.dir={out}",
          # a served reward: the run starts its Serve app and stops it before evaluating the student, which
          # therefore must not need the app (only the generator is loaded)
@@ -56,7 +55,7 @@ def test_ray_job_submit_trains_the_toy_preset(tmp_path, head_node):
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout
+    assert "succeeded" in result.stdout and "the demo (--preset toy-demo)" in result.stdout
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["generator_steps"] == 2 and summary["ledger"]["lost"] == []
     assert json.loads((out / "eval" / "report.json").read_text())["num_images"] == 8

@@ -145,7 +145,6 @@ def test_a_mistyped_toy_split_names_the_field():
     "argv, message",
     [
         (["--preset", "toy-dmd", "--num-images", "1"], "--num-images must be >= 2"),
-        (["--preset", "toy-dmd", "--out", "x"], "--out and --split choose the teacher evaluation"),
         (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=:Foo"], r"rewards.0.name: reward model ':Foo': cannot import"),
         (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=toy-algin"], r"rewards.0.name: unknown reward model 'toy-algin'"),
         (["--preset", "toy-dmdr", "--dry-run", "model.backbone=nope"], r"model.backbone: unknown backbone 'nope'"),
