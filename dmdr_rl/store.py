@@ -49,8 +49,9 @@ REDACTED = "***"
 # scheme://user:password@ read from the text, not by urlparse: a password with an unencoded /, #, @ or ? in it
 # would otherwise not be seen as one (and be shown whole). The password runs to the last @ before any ?; one with
 # a ? in it is seen when what precedes the ? cannot be a host[:port], or when what follows the ? up to an @ cannot
-# be a query field (no = or &, as in `u:1234?x@host`), and then runs to the first @ that a host follows. A URL
-# with no password keeps an @ of its query (?client_name=me@box).
+# be a query field (no = or &, as in `u:1234?x@host`), and then runs to the first @ that a host follows. Either
+# way it runs on past a ? that no query field follows (`:p@ss?word@host`). A URL with no password keeps an @ of
+# its query (?client_name=me@box).
 _SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]*://)"
 _USER_PASSWORD = re.compile(_SCHEME + r"([^:@/?#]*):[^?]*@")
 _USER_PASSWORD_WITH_QUERY_MARK = re.compile(_SCHEME + r"([^:@/?#]*):.*?@(?=[^@/?#]*(?:[/?#]|$))")
@@ -75,7 +76,22 @@ def redact_url(url: str | None) -> str | None:
         query_field = rest.partition("@")[0] if mark == "?" and "@" in rest else "="
         if "@" not in authority and (not _HOST_PORT.fullmatch(authority) or not re.search(r"[=&/#]", query_field)):
             user_part = _USER_PASSWORD_WITH_QUERY_MARK
-    url = user_part.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url, count=1)
+    found = user_part.match(url)
+    if found:
+        end = found.end()
+        while True:  # past `host?word@`: a ? with no query field before the next @ is the password's, and so
+            host = re.match(r"[^/?#@]*", url[end:])[0]  # is an @ after that
+            mark = url[end + len(host):end + len(host) + 1]
+            if mark == "@":
+                end += len(host) + 1
+                continue
+            if mark != "?":
+                break
+            field, at, _ = url[end + len(host) + 1:].partition("@")
+            if not at or re.search(r"[=&/#]", field):
+                break
+            end += len(host) + len(field) + 2
+        url = f"{found[1]}{found[2]}:{REDACTED}@{url[end:]}"
     parsed = urlparse(url)
     netloc = parsed.netloc
     fields = parse_qsl(parsed.query, keep_blank_values=True)

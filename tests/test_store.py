@@ -304,6 +304,10 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     assert redact_url("redis://:p@ss@h:1/0?x=a@b") == "redis://:***@h:1/0?x=a@b"
     assert redact_url("redis://u:a@b/c@host/0") == "redis://u:***@host/0"
     assert redact_url("redis://u:1234?x@host/0") == "redis://u:***@host/0"  # `u:1234` could be a host:port
+    assert redact_url("redis://:p@ss?word@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"  # an @, then a ?
+    assert redact_url("redis://user:Tr0ub@dor?x@host") == "redis://user:***@host"
+    assert redact_url("redis://:p@ss?w?o@rd@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("redis://:pw@host?client_name=me@box") == "redis://:***@host?client_name=me@box"
     # no password: an @ in the query stays (the URL is saved redacted and connected to again)
     assert redact_url("redis://redis:6379/0?client_name=me@box") == "redis://redis:6379/0?client_name=me@box"
     assert redact_url("redis://[::1]:6379/0?x=a@b") == "redis://[::1]:6379/0?x=a@b"
