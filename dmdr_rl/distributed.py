@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
-from .store import PASSWORD_ENV, run_events, write_json_whole
+from .store import PASSWORD_ENV, directory_written_whole, run_events, write_json_whole, write_text_whole
 from .trainer import continues_in, open_run_directory
 
 PROGRESS_POLL_S = 1.0
@@ -419,7 +419,7 @@ def _keep_checkpoint(checkpoint, root: Path, step: int) -> Path | None:
     if checkpoint is None:
         return None
     target = root / f"step_{step:06d}"
-    with checkpoint.as_directory() as directory:
-        shutil.copytree(directory, target, dirs_exist_ok=True)
-    (root / "latest").write_text(target.name + "\n")
+    with checkpoint.as_directory() as directory, directory_written_whole(target) as pending:
+        shutil.copytree(directory, pending, dirs_exist_ok=True)
+    write_text_whole(root / "latest", target.name + "\n")
     return target

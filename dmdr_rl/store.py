@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -139,6 +140,31 @@ def written_whole(path: str | Path) -> Iterator[Path]:
             pass  # a file system that cannot sync a directory (some network mounts): the file is whole all the same
     finally:
         pending.unlink(missing_ok=True)
+
+
+@contextmanager
+def directory_written_whole(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary directory beside `path` to fill; on success it takes `path`'s place (an
+    older `path` moved aside, then removed), so a checkpoint that `latest` names is never half written."""
+    path = Path(path)
+    pending, aside = (path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{kind}") for kind in ("tmp", "old"))
+    shutil.rmtree(pending, ignore_errors=True)
+    pending.mkdir(parents=True)
+    try:
+        yield pending
+        for file in pending.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        if path.exists():
+            os.replace(path, aside)
+        os.replace(pending, path)
+        try:
+            _fsync(path.parent)
+        except OSError:
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(pending, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

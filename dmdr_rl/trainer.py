@@ -24,7 +24,7 @@ from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
 from .seeds import image_seeds
 from .samples import write_samples
-from .store import RunLock, open_store, run_events, set_aside_earlier_run, write_text_whole
+from .store import RunLock, directory_written_whole, open_store, run_events, set_aside_earlier_run, write_text_whole
 
 GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
@@ -267,7 +267,9 @@ def build_rewards(cfg: RunConfig) -> list[dmdr.WeightedReward]:
 
 def save_checkpoint(learner: DMDRLearner, root: Path) -> Path:
     """`root/step_N/` (see `write_checkpoint`) and `root/latest` naming it."""
-    directory = write_checkpoint(learner, root / f"step_{learner.generator_step:06d}")
+    directory = root / f"step_{learner.generator_step:06d}"
+    with directory_written_whole(directory) as pending:  # (a resume from an older step in this directory rewrites one)
+        write_checkpoint(learner, pending)
     write_text_whole(root / "latest", directory.name + "\n")  # a run killed here still names a whole checkpoint
     return directory
 

@@ -439,3 +439,22 @@ def test_late_records_are_merged_by_time_without_reordering_the_stream():
     assert [r["id"] for r in merge_by_time(stream, late)] == ["a", "x", "b", "c", "y"]
     assert merge_by_time(stream, []) == stream
     assert [r["id"] for r in merge_by_time([{"id": "sent", "time": 5.0}], [{"id": "saved", "time": 5.0}])] == ["sent", "saved"]
+
+
+def test_a_checkpoint_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    from dmdr_rl.store import directory_written_whole
+
+    target = tmp_path / "checkpoints" / "step_000002"
+    with directory_written_whole(target) as pending:
+        (pending / "generator.safetensors").write_text("first")
+        (pending / "stale.pt").write_text("only in the first")
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        with directory_written_whole(target) as pending:
+            (pending / "generator.safetensors").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert (target / "generator.safetensors").read_text() == "first"  # the whole older one stands
+    with directory_written_whole(target) as pending:
+        (pending / "generator.safetensors").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["generator.safetensors"]  # nothing left of the first
+    assert (target / "generator.safetensors").read_text() == "second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step_000002"]  # no temporary directories
