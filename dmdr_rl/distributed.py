@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
-from .store import PASSWORD_ENV, directory_written_whole, run_events, write_json_whole, write_text_whole
+from .store import PASSWORD_ENV, StoreError, directory_written_whole, run_events, write_json_whole, write_text_whole
 from .trainer import continues_in, open_run_directory
 
 PROGRESS_POLL_S = 1.0
@@ -353,13 +353,28 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
         "checkpoint": str(_keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))),
         "train_seconds": round(time.time() - started, 1),
         "replica_divergence": metrics.get("ddp/replica_divergence"),  # None with one learner worker
-        "ledger": audit(Ledger(store).events(), metrics.get("iteration", 0), r.learner_workers),
+        "ledger": audit_ledger(store, metrics.get("iteration", 0), r.learner_workers),
     }
     problems = {k: v for k, v in summary["ledger"].items() if k in ("lost", "duplicated", "unexpected") and v}
     if problems:
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     write_json_whole(out / "train_summary.json", summary)
     return summary
+
+
+def audit_ledger(store, iterations: int, world_size: int, patience_s: float = 30.0) -> dict:
+    """The prompt ledger's audit. A store that stays unreachable for `patience_s` (Redis restarting as the run
+    ends) leaves the trained run as it is, said so, rather than failing it: the audit is a check, not a step."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return audit(Ledger(store).events(), iterations, world_size)
+        except StoreError as err:
+            if time.monotonic() >= deadline:
+                print(f"dmdr_rl: WARNING: the prompt ledger could not be read to audit it ({err}); the run trained "
+                      "to the end all the same", flush=True)
+                return {"unaudited": str(err)}
+            time.sleep(2.0)
 
 
 def _how_to_continue(cfg: RunConfig, out: Path) -> str:

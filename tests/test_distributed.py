@@ -1026,3 +1026,25 @@ def test_the_coordinator_and_the_app_claims_start_without_the_model_stack():
             "print(sorted(m for m in ('torch', 'peft', 'transformers', 'diffusers') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_a_store_unreachable_as_the_run_ends_leaves_the_trained_run_unaudited_not_failed(monkeypatch, capsys):
+    import dmdr_rl.distributed as distributed
+    from dmdr_rl.store import StoreError
+
+    class FlakyStore:
+        def __init__(self, failures):
+            self.failures = failures
+
+        def read(self, stream):
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("cannot read dmdr:r1:ledger from redis://store:6380/0 (connection refused)")
+            return [{"event": "start", "iteration": 0, "world_size": 1},
+                    {"event": "consumed", "iteration": 0, "rank": 0, "weight_version": 0, "generator_step": 0}]
+
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: None)
+    assert distributed.audit_ledger(FlakyStore(2), 1, 1)["lost"] == []  # Redis back within the patience
+    assert distributed.audit_ledger(FlakyStore(10**6), 1, 1, patience_s=0) == {
+        "unaudited": "cannot read dmdr:r1:ledger from redis://store:6380/0 (connection refused)"}
+    assert "the prompt ledger could not be read to audit it" in capsys.readouterr().out
