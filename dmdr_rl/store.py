@@ -201,6 +201,9 @@ def write_json_whole(path: str | Path, value: object) -> None:
     write_text_whole(path, json_text(value))
 
 
+EARLIER_RUNS = "previous"  # where a run directory's earlier runs are set aside, each a run directory of its own
+
+
 def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
     """Before a fresh (not resumed) run writes anything: an earlier run's files in the same directory move
     to `previous/<time>/` (a run directory of its own, config.yaml included), so the new run's metrics,
@@ -210,9 +213,9 @@ def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
     if not old:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    destination, suffix = run_dir / "previous" / stamp, 1
+    destination, suffix = run_dir / EARLIER_RUNS / stamp, 1
     while destination.exists():
-        destination, suffix = run_dir / "previous" / f"{stamp}-{suffix}", suffix + 1
+        destination, suffix = run_dir / EARLIER_RUNS / f"{stamp}-{suffix}", suffix + 1
     destination.mkdir(parents=True)
     for path in old:
         path.rename(destination / path.name)

@@ -24,7 +24,7 @@ from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
 from .seeds import image_seeds
 from .samples import write_samples
-from .store import RunLock, directory_written_whole, open_store, run_events, set_aside_earlier_run, write_text_whole
+from .store import EARLIER_RUNS, RunLock, directory_written_whole, open_store, run_events, set_aside_earlier_run, write_text_whole
 
 GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
@@ -208,9 +208,11 @@ def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) ->
 def continues_in(out: Path, checkpoint: Path) -> bool:
     """Whether resuming from `checkpoint` into `out` continues the run there (its records go on); a
     checkpoint taken into another directory starts that directory's records, and an earlier run found
-    there is set aside as for a fresh run."""
-    checkpoint = Path(checkpoint).resolve()
-    return Path(out).resolve() in (checkpoint, *checkpoint.parents)
+    there is set aside as for a fresh run. So does one of `out`'s own set-aside runs (`previous/<time>/`):
+    the run now in `out` is another, whose records must not go on with the resumed one's."""
+    checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    within = (checkpoint, *checkpoint.parents)
+    return out in within and out / EARLIER_RUNS not in within
 
 
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):

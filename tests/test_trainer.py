@@ -244,6 +244,11 @@ def test_resume_from_into_another_runs_directory_sets_that_run_aside_and_a_wrong
     assert steps == [3] and sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["latest", "step_000003"]
     (previous,) = (tmp_path / "b" / "previous").iterdir()
     assert [json.loads(line)["step"] for line in (previous / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # that set-aside run resumed into its old directory: the run there now is another, set aside in its turn
+    back, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 3, "trainer.resume_from": str(previous), "trainer.seed": 7})
+    back.train()
+    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3]
+    assert len(list((tmp_path / "b" / "previous").iterdir())) == 2
     wrong, _ = _trainer(tmp_path / "c", **{"trainer.resume_from": str(tmp_path / "a"), "student.lora.rank": 8})
     with pytest.raises(ConfigError, match=r"trainer.resume_from=.*other shapes"):
         wrong.train()
