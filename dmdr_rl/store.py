@@ -376,7 +376,7 @@ class FileStore:
     def append(self, stream: str, record: dict) -> None:
         """One whole line or none: a write cut short (a full disk) is undone and raised, and a record an
         earlier write left cut short is dropped first, so the next record never joins it."""
-        append_whole_lines(self.path(stream), (json.dumps(new_record(record)) + "\n").encode())
+        append_whole_lines(self.path(stream), json_text(new_record(record), indent=None).encode())
 
     def read(self, stream: str) -> list[dict]:
         return unique(read_jsonl(self.path(stream)))
@@ -469,7 +469,7 @@ class RedisStore:
 
     def append(self, stream: str, record: dict) -> None:
         # encoded once, here: a record JSON cannot hold fails in its writer, as with files
-        entry = (stream, json.dumps(new_record(record)))
+        entry = (stream, json_text(new_record(record), indent=None).rstrip("\n"))
         with self._lock:
             if not self._closed:
                 self._buffer.append(entry)

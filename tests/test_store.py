@@ -458,3 +458,17 @@ def test_a_checkpoint_directory_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["generator.safetensors"]  # nothing left of the first
     assert (target / "generator.safetensors").read_text() == "second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["step_000002"]  # no temporary directories
+
+
+@pytest.mark.parametrize("kind", ["files", "redis"])
+def test_a_non_finite_metric_is_stored_as_strict_json(tmp_path, kind, request):
+    """null, not Python's bare NaN, which jq and other JSON readers refuse."""
+    url = request.getfixturevalue("redis_server").url if kind == "redis" else None
+    store = open_store(url, tmp_path, f"strict-{kind}")
+    store.append("metrics", {"step": 1, "loss/generator": float("nan"), "reward/x/mean": float("inf"), "loss/dmd": 0.5})
+    assert store.flush(10.0) is not False
+    (row,) = store.read("metrics")
+    assert row["loss/generator"] is None and row["reward/x/mean"] is None and row["loss/dmd"] == 0.5
+    if kind == "files":
+        assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+    store.close()
