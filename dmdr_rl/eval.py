@@ -178,14 +178,13 @@ def write_summary(reports: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import ConfigError
-    from .sd3 import BackboneLoadError
+    from .cli import fixable_errors
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         run_sweep(args)
-    except (ConfigError, BackboneLoadError, FileNotFoundError) as err:  # a run that is not one, a config that no longer loads
+    except (*fixable_errors(), FileNotFoundError) as err:  # a run that is not one, a config that no longer loads
         raise SystemExit(f"error: {err}") from None
     print(f"summary: {args.out / 'summary.md'}")
 

@@ -29,7 +29,7 @@ import torch
 from . import dmdr
 from .config import ConfigError, load_config
 from .flow import sampling_timesteps
-from .sd3 import BackboneLoadError
+from .cli import fixable_errors
 from .store import write_json_whole
 from .trainer import find_run, load_generator
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = export_student(args.run, args.format, args.out, args.dtype)
-    except (ConfigError, BackboneLoadError, FileNotFoundError, ValueError) as err:
+    except (*fixable_errors(), FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"exported the student ({args.format}) to {args.out.resolve()}")
     if settings["backbone"] != "sd3":  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, available_presets, load_config
+from .config import available_presets, load_config
 
 DEMO_PRESET = "toy-demo"
 DEMO_BANNER = (
@@ -209,10 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     named = [word for word in args.overrides if "=" not in word and word in available_presets()]
     if args.preset is None and named:  # (any other word without = is refused by the config, naming it)
         parser.error(f"{named[0]!r} is a preset: --preset {named[0]}")
-    from .sd3 import BackboneLoadError  # here, not at the top: --help and argument errors need no torch
-    from .store import StoreError
-    from .toy.weights import ToyWeightsError
-    from reward_servers.protocol import RewardInputError, RewardLoadError, RewardServerError
+    from .cli import fixable_errors
 
     previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
@@ -222,8 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.preset is None:
                 print(DEMO_BANNER, flush=True)
             train(args.preset or DEMO_PRESET, args.overrides, args.num_images)
-    except (ConfigError, BackboneLoadError, RewardInputError, RewardLoadError, RewardServerError, StoreError,
-            ToyWeightsError) as err:  # what the user can fix
+    except fixable_errors() as err:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
         parser.exit(130, "dmdr_rl: stopped\n")

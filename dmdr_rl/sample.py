@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError
-from .sd3 import BackboneLoadError
+from .cli import fixable_errors
 
 GRID_IMAGES = 64
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
             prompts += read_prompt_file(args.prompts)
         sample_fn, cfg = load_student(args.run)
         check_model(cfg.model, prompts, prompts_from="--prompt / --prompts")
-    except (ConfigError, BackboneLoadError, FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
+    except (*fixable_errors(), FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))

@@ -320,3 +320,18 @@ def test_reports_are_strict_json_with_null_for_a_number_that_is_not_finite(tmp_p
     assert written["rewards"] == {"always-nan": None} and written["rewards_nonfinite"] == {"always-nan": 8}
     assert written["nested"] == [None, {"x": None}] and written["tuple"] == [1.5, 2]
     assert written["fid"] == report["fid"] and written["judge_accuracy"] == report["judge_accuracy"]
+
+
+def test_missing_toy_weights_are_one_line_errors_in_every_command(tmp_path):
+    from dmdr_rl import sample
+
+    with pytest.raises(SystemExit, match=r"error: toy judge weights not found in .*none/judge"):
+        toy_eval.main(["--weights", str(tmp_path / "none"), "--num-images", "4"])
+    run_dir = tmp_path / "run"  # a run whose model directory has gone since
+    run.main(["--preset", "toy-dmd", "--num-images", "4", "trainer.max_steps=1", "trainer.batch_size=2", "dmd.ratio=1",
+              "student.steps=2", f"output.dir={run_dir}"])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["path"] = str(tmp_path / "gone")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"error: toy .*weights not found in .*gone"):
+        sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--out", str(tmp_path / "samples")])
