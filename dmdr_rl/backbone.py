@@ -221,7 +221,9 @@ class TransformerBackbone:
         # whole dotted segments, as peft matches them: "q_proj" is not "add_q_proj"
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
-            raise ValueError(f"LoRA target module(s) {missing} of adapter {name!r} do not exist in "
+            from .config import ConfigError
+
+            raise ConfigError(f"LoRA target module(s) {missing} of adapter {name!r} do not exist in "
                              f"{type(self.transformer).__name__}; fix student.lora.targets / critic.lora.targets "
                              f"(null: {list(DEFAULT_LORA_TARGETS)})")
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)

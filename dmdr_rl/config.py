@@ -40,7 +40,7 @@ class _Section(BaseModel):
 class LoraSpec(_Section):
     rank: int = Field(64, ge=1)
     alpha: float = Field(128.0, gt=0)
-    targets: Optional[list[str]] = None  # module names to adapt; null: the SD3 attention projections
+    targets: Optional[list[str]] = Field(None, min_length=1)  # module names to adapt; null: the SD3 attention projections
 
 
 class ModelSection(_Section):

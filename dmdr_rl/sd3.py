@@ -65,7 +65,9 @@ def _without_deprecation_noise() -> Iterator[None]:
 def check_config_files(path: str | None, resolution: int, local_files_only: bool = True) -> bool:
     """The resolution checked against the model's config files alone (no weights are read): with
     `local_files_only`, only when they are on this machine (a local directory or the hub cache), so a dry
-    run refuses it without downloading anything; False when they cannot be had (the load reports why)."""
+    run refuses it without downloading anything; False when they cannot be had (the load reports why).
+    A hub id whose files are not here is checked against the SD3 family's own geometry (VAE factor 8,
+    patch 2: every SD3 and SD3.5 model's), so a resolution they cannot take stops the dry run too."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     try:
@@ -74,6 +76,8 @@ def check_config_files(path: str | None, resolution: int, local_files_only: bool
                                                             local_files_only=local_files_only)
             vae = AutoencoderKL.load_config(path or DEFAULT_MODEL, subfolder="vae", local_files_only=local_files_only)
     except (OSError, ValueError):
+        if path is None or not Path(path).expanduser().exists():
+            check_resolution(resolution, vae_scale_factor(SD3_MEDIUM_VAE), SD3_MEDIUM_TRANSFORMER["patch_size"])
         return False
     if "patch_size" not in transformer or "block_out_channels" not in vae:  # not an SD3 layout: the load says so
         return False

@@ -149,6 +149,13 @@ def test_a_mistyped_toy_split_names_the_field():
         (["--preset", "toy-dmdr", "--dry-run", "rewards.0.name=toy-algin"], r"rewards.0.name: unknown reward model 'toy-algin'"),
         (["--preset", "toy-dmdr", "--dry-run", "model.backbone=nope"], r"model.backbone: unknown backbone 'nope'"),
         (["--preset", "toy-dmdr", "--dry-run", "model.resolution=64"], r"model.resolution must be 32 for the toy backbone"),
+        # a hub model whose files are not here: the SD3 family's geometry (VAE factor 8 x patch 2)
+        (["--preset", "sd3-medium-dmdr", "--dry-run", "model.resolution=1000"],
+         r"model.resolution=1000 is not a multiple of 16 \(VAE factor 8 x transformer patch size 2\); use e.g. 992 or 1008"),
+        (["--preset", "toy-dmd", "--dry-run", "student.lora.targets=[]"], r"student.lora.targets: List should have at least 1 item"),
+        # a LoRA target the model lacks: one line naming the fields, not a traceback
+        (["--preset", "toy-dmd", "student.lora.targets=[nope]", "trainer.max_steps=1", "output.dir=/tmp/dmdr-test-no-target"],
+         r"error: LoRA target module\(s\) \['nope'\] of adapter 'generator' do not exist .* student.lora.targets"),
         (["--preset", "toy-dmdr", "--dry-run", "trainer.resume_from=/nonexistent"],
          r"trainer.resume_from=/nonexistent: no trainer checkpoint there"),
         # a model that cannot load: one line naming the fix, not a traceback

@@ -268,9 +268,13 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
         assert re.search(message, capsys.readouterr().err)
     run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.resolution=128"])
     assert "model sd3" in capsys.readouterr().out
-    # a hub id that is not in this machine's cache cannot be checked before it is downloaded: left to the load
-    run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline",
-              "model.resolution=30"])
+    # a hub id that is not in this machine's cache: checked against the SD3 family's geometry (VAE 8 x patch 2),
+    # the rest left to the load
+    hub = ["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline"]
+    with pytest.raises(SystemExit):
+        run.main([*hub, "model.resolution=30"])
+    assert "model.resolution=30 is not a multiple of 16 (VAE factor 8 x transformer patch size 2)" in capsys.readouterr().err
+    run.main([*hub, "model.resolution=32"])
     assert "model sd3 (no-such-org/no-such-model-offline)" in capsys.readouterr().out
 
 
