@@ -114,7 +114,9 @@ def base_call_flops(backbone, x, t, cond) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from dmdr_rl.cli import command_summary
+
+    p = argparse.ArgumentParser(description=command_summary(__doc__))
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)

@@ -277,7 +277,9 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from dmdr_rl.cli import command_summary
+
+    p = argparse.ArgumentParser(description=command_summary(__doc__))
     p.add_argument("--shape", choices=sorted(TOKENS), default="medium")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2, help="images per learner step")

@@ -71,7 +71,9 @@ def scores(trainer: LocalTrainer, align, prompts: list[str], seeds: list[int], b
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from dmdr_rl.cli import command_summary
+
+    p = argparse.ArgumentParser(description=command_summary(__doc__))
     p.add_argument("--start", type=Path, required=True, help="a checkpoint directory (checkpoints/step_N) of an SDE student")
     p.add_argument("--steps", type=int, default=200, help="generator updates per direction")
     p.add_argument("--lr", type=float, default=2e-4)

@@ -92,7 +92,9 @@ def measure(make_transformer, generator_rank: int, critic_rank: int, dtype: torc
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from dmdr_rl.cli import command_summary
+
+    p = argparse.ArgumentParser(description=command_summary(__doc__))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--device", default="meta", help="meta (count only, the default) or cuda (count and allocate)")
     args = p.parse_args(argv)

@@ -65,7 +65,9 @@ def score_served(handle, images, prompts, requests: int, concurrency: int, grad:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from dmdr_rl.cli import command_summary
+
+    p = argparse.ArgumentParser(description=command_summary(__doc__))
     p.add_argument("--models", default="toy-align,tiny-clip", help="comma list: toy-align, tiny-clip")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=40, help="requests per mode and round")

@@ -58,7 +58,9 @@ def run_mode(mode: str, args, out: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from dmdr_rl.cli import command_summary
+
+    p = argparse.ArgumentParser(description=command_summary(__doc__))
     p.add_argument("--preset", default="toy-dmdr")
     p.add_argument("--steps", type=int, default=30, help="generator steps per run")
     p.add_argument("--warmup", type=int, default=5, help="generator steps left out of the rate")

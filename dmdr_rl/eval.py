@@ -47,7 +47,9 @@ def _splits(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dmdr_rl.eval", description=__doc__.split("\n")[0])
+    from .cli import command_summary
+
+    p = argparse.ArgumentParser(prog="python -m dmdr_rl.eval", description=command_summary(__doc__))
     p.add_argument("--model", choices=["teacher", "student"], default=None,
                    help="the toy teacher (with --steps/--cfg), or a trained student (with --run); default: "
                         "student when --run is given, else teacher")
@@ -83,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if not (math.isfinite(args.shift) and args.shift > 0):
         p.error(f"--shift must be > 0, got {args.shift}")
-    if not all(math.isfinite(c) for c in args.cfg):
-        p.error(f"--cfg must be finite, got {args.cfg}")
+    if not all(math.isfinite(c) and c >= 0 for c in args.cfg):
+        p.error(f"--cfg must be finite and >= 0 (1: no guidance), got {args.cfg}")
     if args.num_images < 2:
         p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
     if args.batch_size < 1:

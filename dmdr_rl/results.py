@@ -371,7 +371,9 @@ def _nan_for_null(value):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dmdr_rl.results", description=__doc__.split("\n")[0])
+    from .cli import command_summary
+
+    p = argparse.ArgumentParser(prog="python -m dmdr_rl.results", description=command_summary(__doc__))
     p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)}")
     p.add_argument("--num-images", type=int, default=1000, help="images per split and row")
     p.add_argument("--seed", type=int, default=0)

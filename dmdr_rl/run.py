@@ -195,7 +195,9 @@ def _stop(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=__doc__.split("\n")[0])
+    from .cli import command_summary
+
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=command_summary(__doc__))
     parser.add_argument("--preset", default=None, help=f"run preset or YAML file (default: the demo, {DEMO_PRESET}); "
                                                        f"presets: {', '.join(available_presets())}")
     parser.add_argument("--num-images", type=int, default=256,

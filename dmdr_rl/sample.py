@@ -24,7 +24,9 @@ GRID_IMAGES = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dmdr_rl.sample", description=__doc__.split("\n")[0])
+    from .cli import command_summary
+
+    p = argparse.ArgumentParser(prog="python -m dmdr_rl.sample", description=command_summary(__doc__))
     p.add_argument("--run", type=Path, required=True,
                    help="a training run directory (its latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")

@@ -72,7 +72,9 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.watch", description=__doc__.split("\n")[0])
+    from .cli import command_summary
+
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.watch", description=command_summary(__doc__))
     parser.add_argument("run", help="a run directory, or a run name with --store")
     parser.add_argument("--store", default=None, help="a Redis URL (default: the run's store.url, else its files)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1; default 2)")

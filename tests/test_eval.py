@@ -48,6 +48,7 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
         (["--steps", "0"], "--steps must be >= 1"),
         (["--steps", "four"], "comma-separated int"),
         (["--num-images", "1"], "--num-images must be >= 2"),
+        (["--cfg", "-1"], "--cfg must be finite and >= 0"),
     ],
 )
 def test_eval_rejects_bad_arguments_with_a_reason(argv, message, capsys):

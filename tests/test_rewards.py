@@ -82,7 +82,7 @@ def test_the_dry_run_check_refuses_what_loading_would_without_building():
     check_reward("tests.test_rewards:_NotDifferentiable", {"margin": 1.0}, "rewards.0", weight=0.0)  # a monitor
     with pytest.raises(ConfigError, match=r"rewards.0.kwargs"):
         check_reward("tests.test_rewards:_NotDifferentiable", {"gan": 2.0}, "rewards.0")
-    with pytest.raises(ConfigError, match=r"rewards.2 .*not differentiable.*rewards.2.weight=0"):
+    with pytest.raises(ConfigError, match=r"rewards.2 .*not differentiable.*rewards.2.weight=0 rewards.2.monitor=true to only"):
         check_reward("tests.test_rewards:_NotDifferentiable", {}, "rewards.2", weight=0.3)
     with pytest.raises(ConfigError, match=r"rewards.0.name: 'collections:OrderedDict' is a class without a score"):
         check_reward("collections:OrderedDict", {}, "rewards.0")

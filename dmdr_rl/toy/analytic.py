@@ -138,7 +138,9 @@ def score_samples(path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.analytic", description=__doc__.split("\n")[0])
+    from ..cli import command_summary
+
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.analytic", description=command_summary(__doc__))
     parser.add_argument("samples", nargs="+", help="samples.parquet files or directories of them (toy prompts)")
     args = parser.parse_args(argv)
     try:

@@ -210,7 +210,9 @@ def _write_recipe(directory: Path, target: str, cfg: BuildConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.build", description=__doc__.split("\n")[0])
+    from ..cli import command_summary
+
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.build", description=command_summary(__doc__))
     parser.add_argument("target", choices=[*RECIPES, "all"])
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="checkpoints for resume (default runs/build/<target>; runs/build/smoke/<target> with --steps)")

@@ -103,7 +103,9 @@ def check_transfer(num_images: int, seed: int, eps: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.check", description=__doc__.split("\n")[0])
+    from ..cli import command_summary
+
+    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.check", description=command_summary(__doc__))
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--transfer", action="store_true", help="measure how far toy-align's gradient moves the judge")
