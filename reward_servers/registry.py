@@ -122,7 +122,7 @@ def refl_needs_a_gradient(where: str, name: str):
 
     return ConfigError(f"{where} ({name}) is not differentiable, so it cannot train the generator with ReFL (it needs "
                        "d score / d image): set rl.mode=grpo and student.sampler=sde (policy gradient, which needs no "
-                       f"gradient of the reward), or {where}.weight=0 to only monitor it")
+                       f"gradient of the reward), or {where}.weight=0 {where}.monitor=true to only monitor it")
 
 
 def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]") -> RewardModel:
