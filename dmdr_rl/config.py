@@ -30,10 +30,14 @@ class _Section(BaseModel):
     @classmethod
     def _no_truth_values_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1 for a number; here it is a mistake (`trainer.batch_size=true`)."""
-        kinds = set(getattr(cls.model_fields[info.field_name].annotation, "__args__", ())) or {
-            cls.model_fields[info.field_name].annotation}
-        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(getattr(annotation, "__args__", ())) or {annotation}
+        numbers = bool not in kinds and kinds & {int, float}
+        if isinstance(value, bool) and numbers:
             raise ValueError("true/false is not a number here: give a number")
+        if (isinstance(value, (list, tuple)) and numbers and getattr(annotation, "__origin__", None) in (list, tuple)
+                and any(isinstance(item, bool) for item in value)):  # (dmd.renoise_beta=[true, 1.5])
+            raise ValueError("true/false is not a number here: give numbers")
         return value
 
 
@@ -405,6 +409,10 @@ class RunConfig(_Section):
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
+        rank_batch = self.trainer.batch_size // (self.ray.learner_workers if self.trainer.backend == "ray" else 1)
+        if self.trainer.micro_batch_size is not None and self.trainer.micro_batch_size >= rank_batch:
+            notes.append(f"trainer.micro_batch_size={self.trainer.micro_batch_size} >= the {rank_batch} samples a learner "
+                         "trains at a time: it slices nothing (it bounds memory only when smaller)")
         ignored = sorted(self.ray.model_fields_set - RaySection.APPLY_WITHOUT_THE_RUNTIME)
         if self.trainer.backend == "local" and ignored:
             notes.append(f"{', '.join('ray.' + name for name in ignored)} set, but they configure the Ray runtime, and "
@@ -509,7 +517,9 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
                                   (f" (or {key}=null)" if nullable else ""))
             value = _override_value(raw, annotation)
             if annotation is str and raw.strip() in NULL_WORDS:  # a text field's literal "null"? rarely meant
-                raise ConfigError(f"override {key!r}: {key} needs a value (it cannot be null); for the text "
+                default = fields[part].default if fields is not None else None
+                hint = f"; the default is {default!r}" if isinstance(default, str) else ""
+                raise ConfigError(f"override {key!r}: {key} needs a value (it cannot be null{hint}); for the text "
                                   f"{raw.strip()!r} write {key}='{raw.strip()}'")
             node[slot] = value
         else:

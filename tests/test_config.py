@@ -177,9 +177,12 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("rewards.0.margin=.nan", r"rewards.0.margin: Input should be a finite number"),
         ("student.lora=", r"override 'student.lora' has an empty value: .*student.lora=null"),
         ("output.dir=", r"override 'output.dir' has an empty value: give one$"),  # (null is no value for it)
-        ("output.dir=null", r"output.dir needs a value \(it cannot be null\); for the text 'null' write output.dir='null'"),
+        ("output.dir=null", r"output.dir needs a value \(it cannot be null; the default is 'runs/\{name\}'\); for the text 'null' "
+                            r"write output.dir='null'"),
+        ("trainer.device=None", r"trainer.device needs a value \(it cannot be null; the default is 'auto'\)"),
         ("trainer.max_steps=None", r"trainer.max_steps: Input should be a valid integer, .*\(got 'None'\)$"),
         ("trainer.batch_size=true", r"trainer.batch_size: true/false is not a number here"),
+        ("dmd.renoise_beta=[true, 1.5]", r"dmd.renoise_beta: true/false is not a number here: give numbers"),
         ("trainer.device=gpu", r"trainer.device: use auto, cpu, cuda or cuda:N \(got 'gpu'\)"),
         ("student.lora=None", r"student.lora: .*; write null, not None"),
         ("dmd.renoise_beta.0=", r"override 'dmd.renoise_beta.0' has an empty value: give one$"),  # an item's type
@@ -213,6 +216,11 @@ def test_settings_that_run_but_not_as_meant_are_warned_about():
                            "trainer.backend=local trains in this process")
     assert load_config("toy-dmdr", ["ray.rollout_actors=3", "trainer.backend=ray"]).warnings() == []
     assert load_config("toy-dmdr", ["ray.address=auto", "ray.local_cpus=4"]).warnings() == []  # served rewards' Ray
+    [note] = load_config("toy-dmd", ["trainer.micro_batch_size=64"]).warnings()
+    assert note.startswith("trainer.micro_batch_size=64 >= the 32 samples a learner trains at a time: it slices nothing")
+    [note] = load_config("toy-dmd", ["trainer.backend=ray", "ray.learner_workers=2", "trainer.micro_batch_size=16"]).warnings()
+    assert "the 16 samples a learner trains at a time" in note  # per rank
+    assert load_config("toy-dmd", ["trainer.micro_batch_size=8"]).warnings() == []
 
 
 def test_a_finished_runs_config_loads_for_sampling_whatever_the_rules_of_training_say_now(tmp_path):
