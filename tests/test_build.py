@@ -56,9 +56,23 @@ def test_build_commands_write_loadable_weights(tmp_path):
     assert (out / "teacher" / "build_recipe.json").exists()
 
 
-def test_snapshot_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--snapshot needs a checkpoint"):
+def test_snapshot_without_a_checkpoint_and_bad_values_are_one_line_errors(tmp_path, capsys):
+    from dmdr_rl.toy import check
+
+    with pytest.raises(SystemExit) as caught:
         build.main(["align", "--snapshot", "--work-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert caught.value.code == 2 and "error: --snapshot needs a checkpoint" in capsys.readouterr().err
+    for argv, message in ((["teacher", "--variant", "nope"], "--variant 'nope' is not a teacher variant: p4w96"),
+                          (["teacher", "--steps", "0"], "--steps must be >= 1, got 0"),
+                          (["judge", "--threads", "0"], "--threads must be >= 1, got 0")):
+        with pytest.raises(SystemExit):
+            build.main([*argv, "--work-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+        assert message in capsys.readouterr().err
+    for argv, message in ((["--num-images", "0"], "--num-images must be >= 2"), (["--eps", "0.1"], "add --transfer"),
+                          (["--transfer", "--eps", "-1"], "--eps must be in (0, 1]")):
+        with pytest.raises(SystemExit):
+            check.main(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_a_shortened_build_may_not_overwrite_the_shipped_weights(tmp_path, monkeypatch, capsys):

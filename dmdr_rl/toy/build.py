@@ -226,6 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None and args.out.resolve() == Path(WEIGHTS_DIR).resolve():
         parser.error("--steps shortens the recipe, and --out is the shipped weights' directory (the default): pass "
                      "--out DIR so a smoke build does not overwrite them")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.variant is not None:
+        from .teacher import TEACHER_VARIANTS
+
+        if args.variant not in TEACHER_VARIANTS:
+            parser.error(f"--variant {args.variant!r} is not a teacher variant: {', '.join(TEACHER_VARIANTS)}")
     if args.work_dir is None:  # a shortened build's checkpoints never become a full build's resume point
         args.work_dir = Path("runs/build/smoke") if args.steps is not None else Path("runs/build")
     if args.threads:
@@ -237,10 +246,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.variant is not None:
             cfg = BuildConfig(**{**asdict(cfg), "extra": {**cfg.extra, "variant": args.variant}})
         work_dir = args.work_dir / target
-        if target == "teacher":
-            build_teacher(cfg, work_dir, args.out, args.snapshot)
-        else:
-            build_classifier(target, cfg, work_dir, args.out, args.snapshot)
+        try:
+            if target == "teacher":
+                build_teacher(cfg, work_dir, args.out, args.snapshot)
+            else:
+                build_classifier(target, cfg, work_dir, args.out, args.snapshot)
+        except FileNotFoundError as err:  # --snapshot with no checkpoint to take it from
+            parser.exit(2, f"error: {err}\n")
         print(f"[{target}] weights written to {component_dir(target, args.out)}")
 
 

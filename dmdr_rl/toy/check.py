@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transfer", action="store_true", help="measure how far toy-align's gradient moves the judge")
     parser.add_argument("--eps", type=float, default=4 / 255, help="the L-inf budget of --transfer (default 4/255)")
     args = parser.parse_args(argv)
+    if args.num_images < 2:
+        parser.error(f"--num-images must be >= 2, got {args.num_images}")
+    if args.eps != parser.get_default("eps") and not args.transfer:
+        parser.error("--eps is --transfer's budget: add --transfer")
+    if not (0 < args.eps <= 1):
+        parser.error(f"--eps must be in (0, 1] (a pixel budget), got {args.eps}")
     report = check_transfer(args.num_images, args.seed, args.eps) if args.transfer else check_evaluators(args.num_images, args.seed)
     print(json.dumps(report, indent=2))
 
