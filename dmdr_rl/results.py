@@ -394,6 +394,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.render_only:  # it reads toy.json alone: what chooses trainings or evaluations would be ignored
+        given = [flag for flag in ("rows", "num_images", "seed", "runs", "jobs", "retrain")
+                 if getattr(args, flag) != p.get_default(flag)] + (["overrides"] if args.overrides else [])
+        if given:
+            p.error(f"--render-only rewrites toy.md from --out's toy.json, training and evaluating nothing: drop "
+                    f"{', '.join('--' + g.replace('_', '-') if g != 'overrides' else 'the config overrides' for g in given)}")
     return args
 
 

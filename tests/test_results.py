@@ -50,7 +50,7 @@ def _row(acc_in, acc_out, fid, reward, analytic=None):
     return row
 
 
-def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(tmp_path):
+def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(tmp_path, capsys):
     rows = {"teacher-32": _row(0.70, 0.64, 200.0, -0.5, (0.65, 0.57)), "dmdr-4": _row(0.80, 0.74, 220.0, -0.1, (0.66, 0.55)),
             "rl-only-4": _row(0.75, 0.70, 450.0, -0.03, (0.61, 0.49))}
     claims = {c["claim"]: c for c in results.check_claims(rows)}
@@ -81,6 +81,9 @@ def test_the_analytic_judge_checks_the_claims_a_reward_aligned_judge_could_pass(
     assert "| RL-only 4-step: toy-align reward at least DMDR's (held-in) | nan vs " in (tmp_path / "toy.md").read_text()
     with pytest.raises(SystemExit, match="does not exist"):
         results.main(["--render-only", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):  # what would choose trainings or evaluations: refused, not ignored
+        results.main(["--render-only", "--out", str(tmp_path), "--rows", "dmd-4", "trainer.max_steps=5"])
+    assert "training and evaluating nothing: drop --rows, the config overrides" in capsys.readouterr().err
 
 
 def test_claims_pass_and_fail_on_the_numbers():
