@@ -400,7 +400,11 @@ class RedisStore:
     run_lock: RunLock | None = None  # a training run's (see open_run_directory), released by close()
     _claim: str | None = None  # the token of this run's claim on its name (require_new)
 
-    def __init__(self, url: str, run: str, run_dir: str | Path | None = None, connect_timeout_s: float = 5.0):
+    def __init__(self, url: str, run: str, run_dir: str | Path | None = None, connect_timeout_s: float = 5.0,
+                 joining: bool = False):
+        """`joining`: a process that joins a run already started (a learner after a restart), whose store
+        was reachable when the run began: an outage now is waited out like one mid-run (records buffered
+        and retried), not an error. Otherwise an unreachable store stops the caller at once."""
         import redis
 
         try:
@@ -418,9 +422,12 @@ class RedisStore:
         try:
             self.client.ping()
         except redis.RedisError as err:
-            raise StoreError(f"cannot reach the run store at {self.url} ({type(err).__name__}: {err}); start Redis there "
-                             f"or fix store.url (null keeps the records in the run directory; a password goes in "
-                             f"{PASSWORD_ENV})") from err
+            if not joining:
+                raise StoreError(f"cannot reach the run store at {self.url} ({type(err).__name__}: {err}); start Redis "
+                                 f"there or fix store.url (null keeps the records in the run directory; a password goes "
+                                 f"in {PASSWORD_ENV})") from err
+            log.warning("run store %s unreachable for now (%s); its records wait and are sent when it is back",
+                        self.url, type(err).__name__)
         self._buffer: collections.deque[tuple[str, str]] = collections.deque()  # (stream, record as JSON)
         self._lock = threading.Lock()
         self._work = threading.Event()  # set by append: there is something to send
@@ -580,6 +587,7 @@ class RedisStore:
                 self._drained.notify_all()
 
 
-def open_store(url: str | None, run_dir: str | Path, run: str):
-    """The run's store: files in `run_dir` when `url` is None, else Redis at `url` (records keyed by `run`)."""
-    return FileStore(run_dir) if url is None else RedisStore(url, run, run_dir)
+def open_store(url: str | None, run_dir: str | Path, run: str, joining: bool = False):
+    """The run's store: files in `run_dir` when `url` is None, else Redis at `url` (records keyed by `run`;
+    `joining`: see RedisStore)."""
+    return FileStore(run_dir) if url is None else RedisStore(url, run, run_dir, joining=joining)

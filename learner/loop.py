@@ -320,7 +320,8 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     if world > 1:
         dist.barrier()
 
-    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name)) if rank == 0 else None
+    # (joining: a Redis outage as a restarted learner starts is waited out, or the same error in each try would end the run)
+    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name, joining=True)) if rank == 0 else None
     waited = 0.0
     try:
         while learner.generator_step < cfg.trainer.max_steps:

@@ -472,3 +472,14 @@ def test_a_non_finite_metric_is_stored_as_strict_json(tmp_path, kind, request):
     if kind == "files":
         assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
     store.close()
+
+
+def test_a_process_joining_a_started_run_waits_out_a_redis_outage_instead_of_failing(tmp_path):
+    """A learner restarted while Redis restarts: its records wait; a run's start still stops on it at once."""
+    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    with pytest.raises(StoreError, match="cannot reach the run store"):
+        RedisStore(url, "starting", tmp_path, connect_timeout_s=0.5)
+    store = open_store(url, tmp_path, "joining", joining=True)
+    store.append("metrics", {"step": 7, "loss/dmd": 0.5})
+    store.close(timeout_s=1.0)  # still down: saved in the run directory, counted again by readers with it
+    assert [row["step"] for row in FileStore(tmp_path).read("store-unflushed")] == [7]
