@@ -11,20 +11,26 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from .config import available_presets, load_config
 
 DEMO_PRESET = "toy-demo"
-DEMO_BANNER = (
-    "dmdr_rl: no preset given: the demo (--preset toy-demo). DMDR on the toy world on a local Ray: a rollout\n"
-    "actor samples the 4-step student, a Ray Train learner updates it and the fake-score critic, 20 generator\n"
-    "steps of DMD alone, then 20 with the toy-align reward (about 2 minutes on 2 CPU cores); then the student\n"
-    "is evaluated with the held-out judge. 40 steps show the system at work, not a finished student:\n"
-    "`--preset toy-dmdr` trains one (600 steps; add trainer.backend=ray for the Ray runtime), and\n"
-    "`python -m dmdr_rl.eval --steps 32,4,1` evaluates the teacher it is distilled from."
-)
+
+
+def demo_banner(cfg) -> str:
+    """What the demo (the main job without a preset) is about to do, and where to go from it."""
+    how = ("on a local Ray: rollout actors sample the {steps}-step student, a Ray Train learner updates it and the "
+           "fake-score critic" if cfg.trainer.backend == "ray" else
+           "in one process: the {steps}-step student sampled, then updated with the fake-score critic")
+    return (f"dmdr_rl: no preset given: the demo (--preset {DEMO_PRESET}). DMDR on the toy world "
+            f"{how.format(steps=cfg.student.steps)} for {cfg.trainer.max_steps} generator steps ({_stages(cfg)}); "
+            f"then the student is evaluated with the "
+            f"held-out judge. A short run shows the system at work, not a finished student: `--preset toy-dmdr` "
+            f"trains one (600 steps; add trainer.backend=ray for the Ray runtime), and `python -m dmdr_rl.eval "
+            f"--steps 32,4,1` evaluates the teacher it is distilled from.")
 
 
 def toy_evaluation_applies(cfg) -> bool:
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             print(dry_run(args.preset or DEMO_PRESET, args.overrides))
         else:
             if args.preset is None:
-                print(DEMO_BANNER, flush=True)
+                print(textwrap.fill(demo_banner(load_config(DEMO_PRESET, args.overrides)), width=110), flush=True)
             train(args.preset or DEMO_PRESET, args.overrides, args.num_images)
     except fixable_errors() as err:
         parser.exit(2, f"error: {err}\n")
