@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.utils.checkpoint
@@ -24,6 +24,29 @@ from .flow import generators, randn, sample
 
 # The attention projections of SD3 joint blocks (image and context streams).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def missing_lora_targets(module_names: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """The targets no module answers to: whole dotted segments, as peft matches them ("q_proj" is not
+    "add_q_proj")."""
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+
+
+def check_lora_targets(transformer_config: Mapping[str, Any], targets_by_field: Mapping[str, Sequence[str]]) -> None:
+    """The config's LoRA targets against a transformer built from its config alone (on the meta device: no
+    weights), as a dry run can: a ConfigError naming the field."""
+    from diffusers import SD3Transformer2DModel
+
+    from .config import ConfigError
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(transformer_config)
+    names = [n for n, _ in transformer.named_modules()]
+    for field, targets in targets_by_field.items():
+        missing = missing_lora_targets(names, targets)
+        if missing:
+            raise ConfigError(f"{field}: LoRA target module(s) {missing} do not exist in {type(transformer).__name__} "
+                              f"(null: {list(DEFAULT_LORA_TARGETS)})")
 
 
 def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -217,9 +240,7 @@ class TransformerBackbone:
 
     def add_lora(self, name: str, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> None:
         self._check_new(name)
-        names = [n for n, _ in self.transformer.named_modules()]
-        # whole dotted segments, as peft matches them: "q_proj" is not "add_q_proj"
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        missing = missing_lora_targets([n for n, _ in self.transformer.named_modules()], targets)
         if missing:
             from .config import ConfigError
 

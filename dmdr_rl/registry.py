@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -143,9 +143,10 @@ def torch_dtype(name: str, field: str = "model.kwargs.dtype") -> torch.dtype:
 
 
 def _check_toy(resolution: int = 32, prompts: Sequence[str] = (), prompts_from: str = "data.prompts",
-               path: str | None = None, **_: Any) -> None:
+               path: str | None = None, lora_targets: Mapping[str, Sequence[str]] | None = None, **_: Any) -> None:
     """The toy world draws 32 px scenes and its text encoder takes the toy grammar's words only; weights
-    other than the shipped ones are a directory with a teacher/ inside (as `toy.build --out` writes)."""
+    other than the shipped ones are a directory with a teacher/ inside (as `toy.build --out` writes).
+    `lora_targets` (config field -> module names) against the teacher's transformer."""
     from .config import ConfigError
     from .toy.render import RESOLUTION
     from .toy.text import check_prompts
@@ -160,6 +161,12 @@ def _check_toy(resolution: int = 32, prompts: Sequence[str] = (), prompts_from: 
         check_prompts(prompts)
     except ValueError as err:
         raise ConfigError(f"{prompts_from}: the toy backbone's text encoder cannot take this prompt: {err}") from None
+    if lora_targets:
+        from diffusers import SD3Transformer2DModel
+
+        from .backbone import check_lora_targets
+
+        check_lora_targets(SD3Transformer2DModel.load_config(component_dir("teacher", path)), lora_targets)
 
 
 @BACKBONES.register("toy", check=_check_toy)
@@ -173,15 +180,21 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     return backbone
 
 
-def _check_sd3(path: str | None = None, resolution: int = 1024, **_: Any) -> None:
-    """The resolution against the model's config files, when they are on this machine."""
+def _check_sd3(path: str | None = None, resolution: int = 1024, lora_targets: Mapping[str, Sequence[str]] | None = None,
+               **_: Any) -> None:
+    """The resolution and `lora_targets` (config field -> module names) against the model's config files, when
+    they are on this machine."""
+    from .backbone import check_lora_targets
     from .config import ConfigError
-    from .sd3 import check_config_files
+    from .sd3 import check_config_files, component_config
 
     try:
         check_config_files(path, resolution)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    config = component_config(path, "transformer") if lora_targets else None
+    if config is not None:
+        check_lora_targets(config, lora_targets)
 
 
 def _load_sd3():
@@ -209,13 +222,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts") -> None:
-    """What the config's backbone can refuse before anything is built: its options, and prompts it cannot encode."""
+def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts",
+                lora_targets: Mapping[str, Sequence[str]] | None = None) -> None:
+    """What the config's backbone can refuse before anything is built: its options, prompts it cannot encode,
+    and LoRA targets (config field -> module names) its model lacks."""
     BACKBONES.check_options(model.backbone, where="model.kwargs", field="model.backbone", path=model.path,
                             resolution=model.resolution, encoders=True, **model.kwargs)
     if "dtype" in model.kwargs:
         torch_dtype(model.kwargs["dtype"])
-    BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from)
+    BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from,
+                    lora_targets=lora_targets)
 
 
 def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):

@@ -153,6 +153,10 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     else:
         check_model(cfg.model)
         prompt_note = "not on this machine: checked when the run starts"
+    lora_targets = {f"{section}.lora.targets": lora.targets for section, lora in (("student", cfg.student.lora),
+                    ("critic", cfg.critic.lora)) if lora is not None and lora.targets}
+    if lora_targets:  # against the model's config (no weights), where it is on this machine
+        check_model(cfg.model, lora_targets=lora_targets)
     cpus, gpus = resources_needed(cfg)
     rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
                         f"weight {s.weight:g})" for s in cfg.rewards) or "none"

@@ -62,20 +62,28 @@ def _without_deprecation_noise() -> Iterator[None]:
         yield
 
 
+def component_config(path: str | None, component: str, local_files_only: bool = True) -> dict | None:
+    """A model component's config file ("transformer", "vae"), or None when it cannot be had (with
+    `local_files_only`: when it is not on this machine, a local directory or the hub cache)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    model_class = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL}[component]
+    try:
+        with _without_deprecation_noise():
+            return dict(model_class.load_config(path or DEFAULT_MODEL, subfolder=component, local_files_only=local_files_only))
+    except (OSError, ValueError):
+        return None
+
+
 def check_config_files(path: str | None, resolution: int, local_files_only: bool = True) -> bool:
     """The resolution checked against the model's config files alone (no weights are read): with
     `local_files_only`, only when they are on this machine (a local directory or the hub cache), so a dry
     run refuses it without downloading anything; False when they cannot be had (the load reports why).
     A hub id whose files are not here is checked against the SD3 family's own geometry (VAE factor 8,
     patch 2: every SD3 and SD3.5 model's), so a resolution they cannot take stops the dry run too."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    try:
-        with _without_deprecation_noise():
-            transformer = SD3Transformer2DModel.load_config(path or DEFAULT_MODEL, subfolder="transformer",
-                                                            local_files_only=local_files_only)
-            vae = AutoencoderKL.load_config(path or DEFAULT_MODEL, subfolder="vae", local_files_only=local_files_only)
-    except (OSError, ValueError):
+    transformer = component_config(path, "transformer", local_files_only)
+    vae = component_config(path, "vae", local_files_only) if transformer is not None else None
+    if transformer is None or vae is None:
         if path is None or not Path(path).expanduser().exists():
             check_resolution(resolution, vae_scale_factor(SD3_MEDIUM_VAE), SD3_MEDIUM_TRANSFORMER["patch_size"])
         return False

@@ -153,6 +153,8 @@ def test_a_mistyped_toy_split_names_the_field():
         (["--preset", "sd3-medium-dmdr", "--dry-run", "model.resolution=1000"],
          r"model.resolution=1000 is not a multiple of 16 \(VAE factor 8 x transformer patch size 2\); use e.g. 992 or 1008"),
         (["--preset", "toy-dmd", "--dry-run", "student.lora.targets=[]"], r"student.lora.targets: List should have at least 1 item"),
+        (["--preset", "toy-dmd", "--dry-run", "critic.lora.targets=[to_q,nope]"],
+         r"critic.lora.targets: LoRA target module\(s\) \['nope'\] do not exist in SD3Transformer2DModel"),
         # a LoRA target the model lacks: one line naming the fields, not a traceback
         (["--preset", "toy-dmd", "student.lora.targets=[nope]", "trainer.max_steps=1", "output.dir=/tmp/dmdr-test-no-target"],
          r"error: LoRA target module\(s\) \['nope'\] of adapter 'generator' do not exist .* student.lora.targets"),

@@ -268,6 +268,11 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
         assert re.search(message, capsys.readouterr().err)
     run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.resolution=128"])
     assert "model sd3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # LoRA targets against the transformer's config (no weights read)
+        run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "student.lora.targets=[to_q,q_proj]"])
+    assert "student.lora.targets: LoRA target module(s) ['q_proj'] do not exist" in capsys.readouterr().err
+    run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "student.lora.targets=[to_q,add_q_proj]"])
+    assert "the config is valid" in capsys.readouterr().out
     # a hub id that is not in this machine's cache: checked against the SD3 family's geometry (VAE 8 x patch 2),
     # the rest left to the load
     hub = ["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline"]
