@@ -47,16 +47,21 @@ PASSWORD_ENV = "DMDR_RL_STORE_PASSWORD"  # Redis's password, kept out of store.u
 
 
 REDACTED = "***"
-# scheme://user:password@ read from the text, not by urlparse: a password with an unencoded /, #, @ or ? in it
-# would otherwise not be seen as one (and be shown whole). The password runs to the last @ before any ?; one with
-# a ? in it is seen when what precedes the ? cannot be a host[:port], or when what follows the ? up to an @ cannot
-# be a query field (no = or &, as in `u:1234?x@host`), and then runs to the first @ that a host follows. Either
-# way it runs on past a ? that no query field follows (`:p@ss?word@host`). A URL with no password keeps an @ of
-# its query (?client_name=me@box).
-_SCHEME = r"^([A-Za-z][A-Za-z0-9+.-]*://)"
-_USER_PASSWORD = re.compile(_SCHEME + r"([^:@/?#]*):[^?]*@")
-_USER_PASSWORD_WITH_QUERY_MARK = re.compile(_SCHEME + r"([^:@/?#]*):.*?@(?=[^@/?#]*(?:[/?#]|$))")
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:\d*)?")
+# scheme://user:password@ says unambiguously where its password ends when every @ of the URL is in the part
+# urlparse reads as user and host (before any /, ? or #), and at most one is there. Any other @ (a password with
+# an unencoded @, /, ? or #, or an @ in the path or query) leaves it to a guess, which shown or saved would leak
+# a piece of the password one way and break the URL the other: such a URL is refused (check_store_url), and
+# shown as its scheme alone (redact_url).
+_USER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/?#]*):[^@/?#]*@")
+
+
+def password_is_ambiguous(url: str) -> bool:
+    """Whether the URL has an @ that urlparse would not read as the end of its user part (see above)."""
+    _, separator, rest = url.partition("://")
+    if not separator:
+        return "@" in url
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    return authority.count("@") > 1 or "@" in rest[len(authority):]
 
 
 def _rebuild(parsed, netloc: str, query: str) -> str:
@@ -68,38 +73,22 @@ def _rebuild(parsed, netloc: str, query: str) -> str:
 
 def redact_url(url: str | None) -> str | None:
     """`url` with its password (in the user part or a `password=` query field) shown as ***: what configs,
-    logs and errors carry."""
+    logs and errors carry. An ambiguous URL (`password_is_ambiguous`) is shown as `scheme://***`."""
     if not url:
         return url
-    user_part = _USER_PASSWORD
-    if not user_part.match(url):
-        authority, mark, rest = re.split(r"([/?#])", url.partition("://")[2] + "/", maxsplit=1)
-        query_field = rest.partition("@")[0] if mark == "?" and "@" in rest else "="
-        if "@" not in authority and (not _HOST_PORT.fullmatch(authority) or not re.search(r"[=&/#]", query_field)):
-            user_part = _USER_PASSWORD_WITH_QUERY_MARK
-    found = user_part.match(url)
-    if found:
-        end = found.end()
-        while True:  # past `host?word@`: a ? with no query field before the next @ is the password's, and so
-            host = re.match(r"[^/?#@]*", url[end:])[0]  # is an @ after that
-            mark = url[end + len(host):end + len(host) + 1]
-            if mark == "@":
-                end += len(host) + 1
-                continue
-            if mark != "?":
-                break
-            field, at, _ = url[end + len(host) + 1:].partition("@")
-            if not at or re.search(r"[=&/#]", field):
-                break
-            end += len(host) + len(field) + 2
-        url = f"{found[1]}{found[2]}:{REDACTED}@{url[end:]}"
-    parsed = urlparse(url)
-    netloc = parsed.netloc
+    scheme, separator, _ = url.partition("://")
+    hidden = f"{scheme}://{REDACTED}" if separator else REDACTED
+    if password_is_ambiguous(url):
+        return hidden
+    url = _USER_PASSWORD.sub(lambda m: f"{m[1]}{m[2]}:{REDACTED}@", url, count=1)
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # e.g. an unclosed [IPv6 host: its query cannot be read for a password field
+        return hidden if "password" in url else url
     fields = parse_qsl(parsed.query, keep_blank_values=True)
-    if netloc == parsed.netloc and not any(k == "password" for k, _ in fields):
+    if not any(k == "password" for k, _ in fields):
         return url
-    query = urlencode([(k, REDACTED if k == "password" else v) for k, v in fields], safe="*/") if fields else parsed.query
-    return _rebuild(parsed, netloc, query)
+    return _rebuild(parsed, parsed.netloc, urlencode([(k, REDACTED if k == "password" else v) for k, v in fields], safe="*/"))
 
 
 def _connect_url(url: str) -> str:
@@ -249,6 +238,11 @@ class RunLock:
 
 
 def check_store_url(url: str) -> str:
+    if password_is_ambiguous(url):
+        raise ValueError(f"store.url {redact_url(url)!r}: an @ outside its user part (a password with an unencoded "
+                         "@, /, ? or #, or an @ in the path or query) leaves where the password ends to a guess: "
+                         f"percent-encode those characters (@ %40, / %2F, ? %3F, # %23), or better, give the password "
+                         f"in {PASSWORD_ENV}")
     parsed = urlparse(url)
     if parsed.scheme not in URL_SCHEMES or (parsed.scheme != "unix" and not parsed.hostname):
         raise ValueError(f"store.url {redact_url(url)!r} is not a Redis URL: use redis://HOST:PORT/DB (e.g. redis://127.0.0.1:6380/0), "

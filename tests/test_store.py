@@ -297,20 +297,23 @@ def test_a_redis_password_stays_out_of_configs_and_messages(tmp_path, monkeypatc
     assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
     assert redact_url("unix:///run/redis.sock?password=s3cret&db=1") == "unix:///run/redis.sock?password=***&db=1"
     assert redact_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
-    # a generated password with an unencoded / or # is still a password (urlparse alone would not see it)
-    assert redact_url("redis://:s3cret/pw@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
-    assert redact_url("redis://user:p#w@h:1/0") == "redis://user:***@h:1/0"
-    assert redact_url("redis://:pa?ss@host:6379/0") == "redis://:***@host:6379/0"  # and a ?, or an @
-    assert redact_url("redis://:p@ss@h:1/0?x=a@b") == "redis://:***@h:1/0?x=a@b"
-    assert redact_url("redis://u:a@b/c@host/0") == "redis://u:***@host/0"
-    assert redact_url("redis://u:1234?x@host/0") == "redis://u:***@host/0"  # `u:1234` could be a host:port
-    assert redact_url("redis://:p@ss?word@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"  # an @, then a ?
-    assert redact_url("redis://user:Tr0ub@dor?x@host") == "redis://user:***@host"
-    assert redact_url("redis://:p@ss?w?o@rd@h:1/0") == "redis://:***@h:1/0"
-    assert redact_url("redis://:pw@host?client_name=me@box") == "redis://:***@host?client_name=me@box"
-    # no password: an @ in the query stays (the URL is saved redacted and connected to again)
-    assert redact_url("redis://redis:6379/0?client_name=me@box") == "redis://redis:6379/0?client_name=me@box"
-    assert redact_url("redis://[::1]:6379/0?x=a@b") == "redis://[::1]:6379/0?x=a@b"
+    assert redact_url("redis://u:p:w@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://:p%40ss%2Fw@h:1/0?x=a%40b") == "redis://:***@h:1/0?x=a%40b"  # percent-encoded: plain
+    # an @ outside the user part leaves where the password ends to a guess: refused, and shown as the scheme alone
+    from dmdr_rl.config import ConfigError
+    from dmdr_rl.store import check_store_url
+
+    for url in ("redis://:s3cret/pw@10.0.0.5:6379/0", "redis://user:p#w@h:1/0", "redis://:pa?ss@host:6379/0",
+                "redis://:p@ss@h:1/0?x=a@b", "redis://u:1234?x@host/0", "redis://:p@ss?word@127.0.0.1:6379/0",
+                "redis://default:2024?k=v@redis.internal:6379/0", "redis://:pw@host?x@y", "redis://[::1]:6379?x@y",
+                "redis://redis:6379/0?client_name=me@box"):
+        assert redact_url(url) == "redis://***", url
+        with pytest.raises(ConfigError, match=r"store.url 'redis://\*\*\*': an @ outside its user part .* percent-encode") as refused:
+            load_config("toy-dmdr", [f"store.url={url}"])
+        assert url[:12] not in str(refused.value) and "(got 'redis://***')" in str(refused.value)  # none of it shown
+        with pytest.raises(ValueError):
+            check_store_url(url)
+    assert redact_url("redis://[::1:6379?password=x") == "redis://***"  # unreadable by urlparse, a password field
     write_run_config(load_config("toy-dmdr", ["store.url=redis://:s3cret@redis:6379/0"]), tmp_path)
     saved = (tmp_path / "config.yaml").read_text()
     assert "s3cret" not in saved and "redis://:***@redis:6379/0" in saved
