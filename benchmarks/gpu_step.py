@@ -133,14 +133,15 @@ def count_only(args: argparse.Namespace) -> dict:
                             learner.rewards, True, rng, **micro, rl=cfg.rl, rollout_scores=scores)
     counts["generator_update"] = counter.get_total_flops()
     step = counts["critic_update"] + counts["generator_update"]
-    peak = args.peak_tflops or BF16_PEAK_TFLOPS["H200"]
+    # the target's reference: an H200's bf16 peak (no table for fp32: only a given --peak-tflops)
+    peak = args.peak_tflops or (BF16_PEAK_TFLOPS["H200"] if args.precision == "bf16" else None)
     return {
         "mode": "count-only (meta device)", "rl": args.rl, "shape": args.shape, "resolution": args.resolution,
         "batch": args.batch,
         "student_steps": args.steps, **{f"tflop_{k}": float(f"{v / 1e12:.4g}") for k, v in counts.items()},
         "tflop_per_step": float(f"{step / 1e12:.4g}"),
-        "peak_bf16_tflops": peak,
-        "step_s_at_40pct_of_peak": float(f"{step / (0.4 * peak * 1e12):.4g}"),
+        "precision": args.precision, "peak_tflops": peak,
+        "step_s_at_40pct_of_peak": float(f"{step / (0.4 * peak * 1e12):.4g}") if peak else None,
     }
 
 

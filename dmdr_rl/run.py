@@ -218,9 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     if args.num_images < 2:
         parser.error(f"--num-images must be >= 2 (FID needs a spread), got {args.num_images}")
-    named = [word for word in args.overrides if "=" not in word and word in available_presets()]
+    named = [word for word in args.overrides if "=" not in word and (word in available_presets()
+                                                                    or word.endswith((".yaml", ".yml")))]
     if args.preset is None and named:  # (any other word without = is refused by the config, naming it)
-        parser.error(f"{named[0]!r} is a preset: --preset {named[0]}")
+        parser.error(f"{named[0]!r} is a preset or a config file: --preset {named[0]}")
     from .cli import fixable_errors
 
     previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does

@@ -153,6 +153,8 @@ def directory_written_whole(path: str | Path) -> Iterator[Path]:
             pass
         shutil.rmtree(aside, ignore_errors=True)
     finally:
+        if aside.exists() and not path.exists():  # stopped between the two renames: the older one goes back
+            os.replace(aside, path)
         shutil.rmtree(pending, ignore_errors=True)
 
 

@@ -320,8 +320,9 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     if world > 1:
         dist.barrier()
 
-    # (joining: a Redis outage as a restarted learner starts is waited out, or the same error in each try would end the run)
-    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name, joining=True)) if rank == 0 else None
+    # a restarted learner waits a Redis outage out (else the same error in each try would end the run); the
+    # launch's first try stops on it, naming the URL (a store this node cannot reach, say)
+    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name, joining=learner_try > 1)) if rank == 0 else None
     waited = 0.0
     try:
         while learner.generator_step < cfg.trainer.max_steps:

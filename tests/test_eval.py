@@ -75,7 +75,10 @@ def test_the_main_job_without_a_preset_is_the_demo_dmdr_on_a_local_ray(monkeypat
 def test_main_job_names_bad_values(capsys):
     with pytest.raises(SystemExit):  # a preset's name without the flag, or as a file name
         run.main(["toy-dmdr"])
-    assert "'toy-dmdr' is a preset: --preset toy-dmdr" in capsys.readouterr().err
+    assert "'toy-dmdr' is a preset or a config file: --preset toy-dmdr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["my-run.yaml"])
+    assert "--preset my-run.yaml" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr.yaml", "--dry-run"])
     assert "config file 'toy-dmdr.yaml' does not exist (the preset is --preset toy-dmdr)" in capsys.readouterr().err

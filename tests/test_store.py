@@ -444,7 +444,7 @@ def test_late_records_are_merged_by_time_without_reordering_the_stream():
     assert [r["id"] for r in merge_by_time([{"id": "sent", "time": 5.0}], [{"id": "saved", "time": 5.0}])] == ["sent", "saved"]
 
 
-def test_a_checkpoint_directory_is_replaced_whole_or_not_at_all(tmp_path):
+def test_a_checkpoint_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     from dmdr_rl.store import directory_written_whole
 
     target = tmp_path / "checkpoints" / "step_000002"
@@ -461,6 +461,24 @@ def test_a_checkpoint_directory_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["generator.safetensors"]  # nothing left of the first
     assert (target / "generator.safetensors").read_text() == "second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["step_000002"]  # no temporary directories
+    # stopped (SIGTERM, Ctrl-C) between moving the older one aside and moving the new one in: the older one is back
+    import dmdr_rl.store as store_module
+
+    real_replace, calls = store_module.os.replace, []
+
+    def stopped_after_the_first(source, destination):
+        calls.append(source)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(source, destination)
+
+    monkeypatch.setattr(store_module.os, "replace", stopped_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        with directory_written_whole(target) as pending:
+            (pending / "generator.safetensors").write_text("third")
+    monkeypatch.undo()
+    assert (target / "generator.safetensors").read_text() == "second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step_000002"]
 
 
 @pytest.mark.parametrize("kind", ["files", "redis"])
