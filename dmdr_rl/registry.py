@@ -186,14 +186,13 @@ def _check_sd3(path: str | None = None, resolution: int = 1024, lora_targets: Ma
     they are on this machine."""
     from .backbone import check_lora_targets
     from .config import ConfigError
-    from .sd3 import check_config_files, component_config
+    from .sd3 import check_config_files
 
     try:
-        check_config_files(path, resolution)
+        config = check_config_files(path, resolution)  # (read once: the targets are checked against it too)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    config = component_config(path, "transformer") if lora_targets else None
-    if config is not None:
+    if config is not None and lora_targets:
         check_lora_targets(config, lora_targets)
 
 

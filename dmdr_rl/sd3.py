@@ -75,10 +75,11 @@ def component_config(path: str | None, component: str, local_files_only: bool = 
         return None
 
 
-def check_config_files(path: str | None, resolution: int, local_files_only: bool = True) -> bool:
+def check_config_files(path: str | None, resolution: int, local_files_only: bool = True) -> dict | None:
     """The resolution checked against the model's config files alone (no weights are read): with
     `local_files_only`, only when they are on this machine (a local directory or the hub cache), so a dry
-    run refuses it without downloading anything; False when they cannot be had (the load reports why).
+    run refuses it without downloading anything. Returns the transformer's config, None when the files
+    cannot be had (the load reports why) or are not an SD3 layout.
     A hub id whose files are not here is checked against the SD3 family's own geometry (VAE factor 8,
     patch 2: every SD3 and SD3.5 model's), so a resolution they cannot take stops the dry run too."""
     transformer = component_config(path, "transformer", local_files_only)
@@ -86,11 +87,11 @@ def check_config_files(path: str | None, resolution: int, local_files_only: bool
     if transformer is None or vae is None:
         if path is None or not Path(path).expanduser().exists():
             check_resolution(resolution, vae_scale_factor(SD3_MEDIUM_VAE), SD3_MEDIUM_TRANSFORMER["patch_size"])
-        return False
+        return None
     if "patch_size" not in transformer or "block_out_channels" not in vae:  # not an SD3 layout: the load says so
-        return False
+        return None
     check_resolution(resolution, vae_scale_factor(vae), transformer["patch_size"], transformer.get("pos_embed_max_size"))
-    return True
+    return transformer
 
 
 class SD3Backbone(TransformerBackbone):
