@@ -253,6 +253,9 @@ class RaySection(_Section):
     storage_path: Optional[str] = None
     http_host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (reward apps' HTTP endpoints)
     http_port: int = Field(8000, ge=1, le=65535)
+    # Ray Train's own log lines on the console (worker group started, each checkpoint and its metrics): the
+    # progress bar, metrics.jsonl and TensorBoard already show them; INFO brings them back
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
     # (what a local run uses too: the Ray instance and Serve proxy of its served rewards)
     APPLY_WITHOUT_THE_RUNTIME: ClassVar[frozenset[str]] = frozenset({"address", "local_cpus", "http_host", "http_port"})

@@ -46,7 +46,7 @@ def connect(cfg: RunConfig) -> str:
     else:
         cpus, _ = resources_needed(cfg)
         try:
-            ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1))
+            ray.init(num_cpus=cfg.ray.local_cpus or max(int(cpus + 0.999), 1), runtime_env=local_runtime_env())
             where = "local"
         except ValueError as err:  # `ray start` has left a cluster running on this machine: Ray joins it
             if "existing cluster" not in str(err):
@@ -63,6 +63,19 @@ def connect(cfg: RunConfig) -> str:
               "storage every node reaches: Ray Train's checkpoints would otherwise land on the node that writes them",
               flush=True)
     return where
+
+
+# Ray Train's watcher for nodes being drained (spot preemption); one machine has no such events to watch for
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def local_runtime_env() -> dict | None:
+    """The runtime_env of a Ray the run starts on this machine: Ray Train's preemption watcher off (its
+    actor's only trace on one machine is a core_worker error line on the console at each start), unless
+    the user set it."""
+    if PREEMPTION_WATCHER_ENV in os.environ:
+        return None
+    return {"env_vars": {PREEMPTION_WATCHER_ENV: "0"}}
 
 
 def _join(cfg: RunConfig, address: str) -> None:
@@ -280,7 +293,7 @@ def _once(action: Callable[[], None]) -> Callable[[], None]:
 
 
 def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from learner.loop import train_loop_per_worker
@@ -299,7 +312,8 @@ def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
         run_config=TrainRunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                                   storage_path=r.storage_path or str(out / "ray_train"),
                                   failure_config=FailureConfig(max_failures=r.max_failures),
-                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                  logging_config=LoggingConfig(log_level=r.train_log_level)),
     )
 
 

@@ -10,6 +10,7 @@ and rewards of the whole batch, over all ranks), and hands Ray Train the checkpo
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import tempfile
@@ -192,9 +193,20 @@ def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
         f"the rollout of batch ({iteration}, rank {rank})", patience_s)
 
 
+def quiet_report_lines(level: str) -> None:
+    """Ray Train's "Reporting training result N: <checkpoint and metrics>" line at each checkpoint comes from a
+    logger named by its file's path, which `ray.train.LoggingConfig` does not reach: give it the run's level."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: its lines stay as they are
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = RunConfig.model_validate(config["cfg"])
     coordinator = config["coordinator"]
+    quiet_report_lines(cfg.ray.train_log_level)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.learner_cpus)))

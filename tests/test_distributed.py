@@ -481,6 +481,61 @@ def test_a_run_started_beside_a_running_cluster_joins_it(tmp_path, monkeypatch):
     assert [c.get("address") for c in calls] == [None, "auto"]
 
 
+def test_a_local_ray_runs_without_the_preemption_watcher_unless_the_user_chose(tmp_path, monkeypatch):
+    """The Ray a run starts on this machine gets Ray Train's preemption watcher off (nothing to watch on one
+    machine, and its start prints a core_worker error line); a user's own setting is left alone, and a run
+    that joins a cluster never sets it."""
+    import dmdr_rl.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    monkeypatch.setattr(distributed, "check_reachable", lambda *a: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(distributed.PREEMPTION_WATCHER_ENV, raising=False)
+    assert distributed.connect(_config(tmp_path)) == "local"
+    assert calls[-1]["runtime_env"] == {"env_vars": {distributed.PREEMPTION_WATCHER_ENV: "0"}}
+    monkeypatch.setenv(distributed.PREEMPTION_WATCHER_ENV, "1")
+    distributed.connect(_config(tmp_path))
+    assert calls[-1]["runtime_env"] is None
+    monkeypatch.delenv(distributed.PREEMPTION_WATCHER_ENV)
+    distributed.connect(_config(tmp_path, **{"ray.address": "127.0.0.1:6379"}))
+    assert calls[-1]["address"] == "127.0.0.1:6379" and calls[-1]["runtime_env"] is None
+
+
+def test_ray_trains_log_level_comes_from_the_config(tmp_path):
+    """Ray Train's console lines (worker group, each checkpoint with its metrics) are at WARNING unless
+    ray.train_log_level says otherwise; the trainer is built without a Ray."""
+    import dmdr_rl.distributed as distributed
+
+    assert distributed._torch_trainer(_config(tmp_path), None, tmp_path).run_config.logging_config.log_level == "WARNING"
+    chatty = _config(tmp_path, **{"ray.train_log_level": "INFO"})
+    assert distributed._torch_trainer(chatty, None, tmp_path).run_config.logging_config.log_level == "INFO"
+    with pytest.raises(ConfigError, match="ray.train_log_level"):
+        _config(tmp_path, **{"ray.train_log_level": "LOUD"})
+
+
+def test_the_learner_gives_ray_trains_report_lines_the_runs_log_level():
+    """The per-checkpoint "Reporting training result" line comes from the logger of Ray Train's context module,
+    which LoggingConfig misses: the learner sets that very logger (restored afterwards)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    from learner.loop import quiet_report_lines
+
+    before = train_context.logger.level
+    try:
+        quiet_report_lines("WARNING")
+        assert train_context.logger.level == logging.WARNING
+        assert not train_context.logger.isEnabledFor(logging.INFO)
+    finally:
+        train_context.logger.setLevel(before)
+
+
 def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_generator_step(tmp_path, monkeypatch):
     """Trained at dmd.ratio=2 to iteration 4 (generator step 2), resumed at ratio 1: the batch of
     iteration 4 is trained at generator step 2, not 4 // 1 = 4 (which no published version would reach)."""

@@ -6,12 +6,14 @@ trained together with the teacher and then frozen; the empty prompt "" is the CF
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers.utils import logging as transformers_logging
 
 from ..conditioning import Conditioning
 from .grammar import vocabulary
@@ -68,6 +70,18 @@ def text_model_config(tokenizer: Tokenizer, width: int = 64) -> CLIPTextConfig:
     )
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers' loading progress bar off for one call, as it was before."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 class ToyTextEncoder(torch.nn.Module):
     """prompts -> Conditioning(tokens [B, 12, 64], pooled [B, 64])."""
 
@@ -114,4 +128,5 @@ class ToyTextEncoder(torch.nn.Module):
     def from_pretrained(cls, directory: str | Path) -> "ToyTextEncoder":
         directory = Path(directory)
         tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-        return cls(tokenizer, CLIPTextModelWithProjection.from_pretrained(directory))
+        with _no_loading_bar():  # 37 small tensors: a bar only adds a line to each actor's log
+            return cls(tokenizer, CLIPTextModelWithProjection.from_pretrained(directory))
