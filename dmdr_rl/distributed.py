@@ -114,14 +114,38 @@ def password_runtime_env(cfg: RunConfig) -> dict | None:
     return {"env_vars": {PASSWORD_ENV: password}}
 
 
-def check_job_output(cfg: RunConfig) -> None:
-    """A submitted job runs in Ray's temporary copy of its working directory, which Ray deletes when it is
-    no longer used: a relative output.dir would put the run there, where nobody finds it."""
-    if submitted_job_runtime_env() is not None and not cfg.output_dir.is_absolute():
-        raise ConfigError(f"output.dir={cfg.output.dir} is relative, and this run is a submitted Ray job, whose working "
-                          f"directory is Ray's temporary copy of the uploaded code ({Path.cwd()}): pass an absolute "
-                          f"path on the head node or a volume every node mounts, e.g. output.dir=$PWD/runs/{cfg.name} "
-                          f"when you submit to a Ray on this machine")
+def place_job_output(cfg: RunConfig) -> RunConfig:
+    """A submitted job runs in Ray's temporary copy of its working directory, which Ray deletes when it is no
+    longer used: there a relative output.dir is taken from the home directory of the node the job's driver
+    runs on (the head node, by default) instead. Elsewhere the config is returned as it is."""
+    if submitted_job_runtime_env() is None or Path(cfg.output.dir).expanduser().is_absolute():
+        return cfg
+    placed = cfg.model_copy(deep=True)
+    placed.output.dir = str(Path.home() / cfg.output.dir)
+    return placed
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The config with every local path in it made absolute: Ray Train runs its workers in a directory of
+    its own, and a cluster's actors and reward replicas start where the cluster was started, so a relative
+    path would name another file there, or none. A string is a local path when something exists there
+    (`from_pretrained` reads it the same way); hub ids and `toy:` prompt specs stay as they are."""
+    placed = cfg.model_copy(deep=True)
+    placed.data.prompts = _absolute_if_local(cfg.data.prompts)
+    placed.model.path = _absolute_if_local(cfg.model.path)
+    placed.model.kwargs = {key: _absolute_if_local(value) for key, value in cfg.model.kwargs.items()}
+    for spec in placed.rewards:
+        spec.kwargs = {key: _absolute_if_local(value) for key, value in spec.kwargs.items()}
+    storage = cfg.ray.storage_path
+    if storage is not None and "://" not in storage:  # a directory Ray Train creates: it need not exist yet
+        placed.ray.storage_path = str(Path(storage).expanduser().absolute())
+    return placed
+
+
+def _absolute_if_local(value):
+    if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def check_storage(cfg: RunConfig, nodes: int) -> None:
@@ -242,6 +266,7 @@ def train_distributed(cfg: RunConfig) -> dict:
         check_steps_left(cfg, checkpoint_generator_step(checkpoint))  # here, not after Ray and the models start
         cfg = cfg.model_copy(deep=True)
         cfg.trainer.resume_from = str(checkpoint.resolve())
+    cfg = with_absolute_paths(cfg)
     check_placement(cfg)
     where = connect(cfg)
     with serving_rewards(cfg):

@@ -441,22 +441,50 @@ def test_a_batch_of_a_generator_version_the_learner_may_not_train_on_is_refused(
 
 
 def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
-    from dmdr_rl.distributed import JOB_CONFIG_ENV, check_job_output, password_runtime_env
+    from dmdr_rl.distributed import JOB_CONFIG_ENV, password_runtime_env, place_job_output
     from dmdr_rl.store import PASSWORD_ENV
 
     cfg = _config(tmp_path, **{"store.url": "redis://127.0.0.1:6380/0"})
+    relative = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/{name}"})})
     monkeypatch.setenv(PASSWORD_ENV, "s3cret")
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
     assert password_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}  # ray.init(address=...) passes it on
-    check_job_output(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/x"})}))
+    assert place_job_output(relative) is relative  # not a submitted job: relative to where it is started
     # a submitted job given the password in its runtime_env: passing it again is a conflict ray.init refuses
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {PASSWORD_ENV: "s3cret"}}}))
     assert password_runtime_env(cfg) is None
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
     assert password_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}
-    check_job_output(cfg)  # absolute
-    with pytest.raises(ConfigError, match=r"output.dir=runs/x is relative, and this run is a submitted Ray job"):
-        check_job_output(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/x"})}))
+    assert place_job_output(cfg) is cfg  # absolute
+    # relative in a submitted job (whose directory is Ray's temporary copy): under the home directory instead
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    placed = place_job_output(relative)
+    assert placed.output_dir == tmp_path / "home" / "runs" / cfg.name and relative.output.dir == "runs/{name}"
+
+
+def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, monkeypatch):
+    """Ray Train's workers run in a directory of their own (and a cluster's actors where it was started):
+    prompt files, model directories, path kwargs and a local storage path reach them absolute; hub ids,
+    toy: specs, URIs and other strings are left as they are."""
+    from dmdr_rl.distributed import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a small red circle in the center\n")
+    (tmp_path / "weights").mkdir()
+    cfg = _config(tmp_path, **{"data.prompts": "prompts.txt", "model.path": "weights",
+                               "model.kwargs": "{dtype: float32, vae: weights}", "ray.storage_path": "ckpt",
+                               "rewards.0.kwargs": "{path: weights, cache_dir: not-there, gain: 2}"})
+    placed = with_absolute_paths(cfg)
+    assert placed.data.prompts == str(tmp_path / "prompts.txt") and placed.model.path == str(tmp_path / "weights")
+    assert placed.model.kwargs == {"dtype": "float32", "vae": str(tmp_path / "weights")}
+    assert placed.rewards[0].kwargs == {"path": str(tmp_path / "weights"), "cache_dir": "not-there", "gain": 2}
+    assert placed.ray.storage_path == str(tmp_path / "ckpt")
+    assert cfg.data.prompts == "prompts.txt"  # the original is left alone
+    hub = _config(tmp_path, **{"model.path": "stabilityai/stable-diffusion-3-medium-diffusers",
+                               "ray.storage_path": "s3://bucket/runs"})
+    placed = with_absolute_paths(hub)
+    assert placed.model.path == hub.model.path and placed.ray.storage_path == "s3://bucket/runs"
+    assert placed.data.prompts == hub.data.prompts and hub.data.prompts.startswith("toy:")
 
 
 def test_a_run_started_beside_a_running_cluster_joins_it(tmp_path, monkeypatch):
