@@ -124,10 +124,17 @@ def student_settings(student) -> dict:
 def samplers(args: argparse.Namespace):
     """(name, settings, sample_fn) for every setting to evaluate; settings go into the report."""
     if args.model == "student":
+        from .config import ConfigError, load_config
+        from .toy.render import RESOLUTION
         from .trainer import find_run
 
-        sample_fn, cfg = load_student(args.run)
-        run_dir, checkpoint = find_run(args.run)
+        run_dir, checkpoint = find_run(args.run)  # this checkpoint is the one evaluated and reported, even if
+        cfg = load_config(run_dir / "config.yaml", for_sampling=True)  # the run writes a newer one meanwhile
+        if cfg.model.resolution != RESOLUTION:  # the judge and the FID statistics know 32 px toy scenes only
+            raise ConfigError(f"{run_dir} trains a {cfg.model.backbone} student at {cfg.model.resolution} px: the toy "
+                              f"evaluation judges {RESOLUTION} px toy-world scenes only. Sample it with `python -m "
+                              f"dmdr_rl.sample --run {run_dir} --prompt TEXT`")
+        sample_fn, cfg = load_student(checkpoint)
         settings = {**student_settings(cfg.student), "run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve())}
         return [(f"student-{student_label(run_dir, checkpoint)}-steps{cfg.student.steps}", settings, sample_fn)]
     teacher = load_teacher(args.weights)

@@ -103,6 +103,13 @@ def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path):
     assert (report["run"], report["checkpoint"]) == (str(run_dir.resolve()), str(checkpoint.resolve()))
     with pytest.raises(SystemExit):
         toy_eval.parse_args(["--model", "student"])
+    # a student of other scenes than the judge's (here: its config says 64 px) is refused before any sampling
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["resolution"] = 64
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"at 64 px: the toy evaluation judges 32 px toy-world scenes only"):
+        toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(tmp_path / "e2")])
+    assert not (tmp_path / "e2").exists()
 
 
 @pytest.mark.parametrize("mode", ["ode", "sde"])
