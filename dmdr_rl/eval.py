@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1000,
                    help="images per setting and split (default 1000, as the README's numbers; FID is only "
                         "comparable at equal counts)")
-    p.add_argument("--batch-size", type=int, default=250, help="images sampled at once (default 250; the numbers do not depend on it)")
+    p.add_argument("--batch-size", type=int, default=250, help="images sampled at once (default 250; the images do not depend on it beyond float rounding)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: the prompts and each image's seed (default 0)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output directory (default runs/eval)")
     args = p.parse_args(argv)

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from dmdr_rl.toy.classifier import AttributeClassifier
@@ -24,6 +26,17 @@ def test_fid_of_a_set_against_itself_is_never_below_zero():
     judge = AttributeClassifier(arch="judge").eval()
     renders = render_batch(PromptSplit("held-in").sample(40, seed=0), range(40))
     assert 0.0 <= judge_fid(judge, renders, renders) < 1e-2
+
+
+def test_a_fid_that_is_not_a_number_stays_one_rather_than_a_perfect_zero():
+    """Features that are not finite (a broken judge) give NaN: not 0, the best FID, and not the segmentation fault
+    that the matrix square root of a NaN covariance gives."""
+    torch.manual_seed(0)
+    judge = AttributeClassifier(arch="judge").eval()
+    with torch.no_grad():
+        next(judge.parameters()).fill_(float("nan"))
+    renders = render_batch(PromptSplit("held-in").sample(40, seed=0), range(40))
+    assert math.isnan(judge_fid(judge, renders, renders))
 
 
 def test_fid_matches_a_float64_reference_on_the_same_features():

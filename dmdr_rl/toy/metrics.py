@@ -5,6 +5,7 @@ and reward means. All take images [B, 3, 32, 32] in [0, 1] and the scenes their 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import defaultdict
 from typing import Sequence
@@ -84,6 +85,9 @@ def judge_fid(judge: AttributeClassifier, generated: torch.Tensor, reference: to
         fid.update(reference[start : start + batch_size], real=True)
     for start in range(0, generated.shape[0], batch_size):
         fid.update(generated[start : start + batch_size], real=False)
+    sums = (fid.real_features_sum, fid.real_features_cov_sum, fid.fake_features_sum, fid.fake_features_cov_sum)
+    if not all(torch.isfinite(total).all() for total in sums):  # (a judge whose features are not finite: the matrix
+        return math.nan  # square root of a NaN covariance crashes the process in LAPACK; NaN is not a perfect 0 either)
     return max(0.0, float(fid.compute()))  # rounding can dip below 0 when the sets (nearly) coincide
 
 
