@@ -1,0 +1,75 @@
+"""The package's declared dependencies against its imports and the tested lock: a library install
+(`pip install dmdr-rl`) must import what the run imports, and the lock must satisfy every range."""
+
+import ast
+import importlib.metadata
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dmdr_rl", "actors", "learner", "reward_servers")
+NOT_LOCKED = {"adamw8bit"}  # extras for hardware this machine lacks (bitsandbytes: CUDA)
+FROM_AN_EXTRA = {"fastapi": "ray[serve]"}  # what an extra's own requirements bring (reward_servers/serve.py)
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_normal(Requirement(name).name)] = version.strip()
+    return pins
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level names imported when the module loads (not inside functions: those are optional features)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_module_level_import_is_a_declared_dependency():
+    project = _pyproject()["project"]
+    declared = {_normal(Requirement(spec).name) for spec in project["dependencies"]}
+    optional = {_normal(Requirement(spec).name) for specs in project["optional-dependencies"].values() for spec in specs}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for name in _module_level_imports(path):
+                if name in PACKAGES or name in sys.stdlib_module_names or name in FROM_AN_EXTRA or name == "__future__":
+                    continue
+                dists = {_normal(d) for d in distributions.get(name, [name])}
+                if not dists & (declared | optional):
+                    undeclared.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
+
+
+def test_the_lock_satisfies_every_declared_range():
+    project, pins = _pyproject()["project"], _lock()
+    specs = list(project["dependencies"]) + [spec for extra, specs in project["optional-dependencies"].items()
+                                             if extra not in NOT_LOCKED for spec in specs]
+    assert len(specs) > 15
+    unmet = []
+    for spec in specs:
+        requirement = Requirement(spec)
+        pinned = pins.get(_normal(requirement.name))
+        if pinned is None or not requirement.specifier.contains(pinned, prereleases=True):
+            unmet.append(f"{spec} (lock: {pinned})")
+    assert not unmet, f"the lock does not satisfy: {unmet}"
+    assert "setuptools" in pins  # torch needs one (>=77) and the editable install builds with it: pinned, not latest
