@@ -6,7 +6,8 @@ itself travels from the rollout worker to the learner through the object store, 
 Rollouts run ahead of the learner as far as `ray.max_staleness` allows: the batch of iteration j may
 be sampled by any generator version >= g(j) - max_staleness, where g(j) is the generator step the
 learner is at when it trains iteration j (0: exactly the version the single-process trainer would
-use, so the two produce the same losses). g counts from the step the learner (re)started at, so a run
+use, so with one learner worker the two produce the same losses; several ranks each draw their own
+shard's randomness). g counts from the step the learner (re)started at, so a run
 resumed with another `dmd.ratio` is served too.
 """
 

@@ -32,7 +32,8 @@ class RolloutBatch:
     x0: torch.Tensor  # [B, C, H, W] final samples
     x0_steps: torch.Tensor  # [K, B, C, H, W] each step's x0 prediction
     timesteps: torch.Tensor  # [K]
-    weight_version: int  # the generator version that sampled it (= the learner's generator step)
+    weight_version: int  # the generator version that sampled it (the learner's generator step, or up to
+    # ray.max_staleness versions behind it)
     seed: int  # the rollout stream's seed
     # the scores of x0 by the rewards the config has rollouts score (`RunConfig.scored_on_rollout`: monitored
     # ones, and in GRPO mode the trained ones), [B] each

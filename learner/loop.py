@@ -35,15 +35,34 @@ from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards
                              save_step_samples, StepDuties, step_duties, student_images, write_checkpoint)
 from reward_servers.protocol import RewardServerError
 
+GRADIENT_BUCKET_ELEMENTS = 1 << 24  # 64 MiB of float32 gradients per all-reduce
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Data-parallel gradient averaging in one all-reduce (a parameter without a gradient counts as 0)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    """Data-parallel gradient averaging, in buckets of about GRADIENT_BUCKET_ELEMENTS (a parameter without a
+    gradient gets zeros, which count as 0). The averages go back into the gradients themselves, so beyond
+    them only one bucket is held: a full fine-tune's gradients are as large as its weights."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if bucket and (p.grad.dtype != bucket[0].dtype or size + p.grad.numel() > GRADIENT_BUCKET_ELEMENTS):
+            _average_bucket(bucket)
+            bucket, size = [], 0
+        bucket.append(p.grad)
+        size += p.grad.numel()
+    if bucket:
+        _average_bucket(bucket)
+
+
+def _average_bucket(grads: list[torch.Tensor]) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -177,16 +196,20 @@ def ask_a_worker(coordinator, method: str, *args, patience_s: float, restart_stu
 
 
 def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
-    """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again
-    (Ray restarts the worker; it reloads the weights itself) for up to `patience_s`; a worker that does
+    """The RolloutBatch of (iteration, rank). If its rollout worker died, the batch is sampled again (by
+    another started worker, or by the restarted one, which reloads the weights itself) for up to
+    `patience_s`; a worker that does
     not finish it within `patience_s` is restarted, once, and the batch sampled again (a learner restart
     would not help: it would wait behind the stuck worker)."""
-    deadline = time.monotonic() + patience_s
+    deadline, wait = time.monotonic() + patience_s, 0.005
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         if time.monotonic() > deadline:  # the generator version this batch needs never came
             raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s (ray.rollout_timeout_s) for the "
                                f"generator weights it needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
-        time.sleep(0.01)  # the weights this batch needs are being published
+        # the weights this batch needs are being published: asked again soon, then less often (every rank asks
+        # the one coordinator, which also serves the rollout workers)
+        time.sleep(wait)
+        wait = min(2 * wait, 0.1)
     tickets = iter([answer])
     return _from_a_worker(
         coordinator, lambda: _ticket(next(tickets, None) or ray.get(coordinator.reissue.remote(iteration, rank))),
@@ -371,8 +394,8 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
 def replica_divergence(learner: DMDRLearner) -> float:
     """Largest difference between the ranks' checksums of the generator and critic weights: 0 while the
     data-parallel replicas stay identical (they start equal and apply the same averaged gradients)."""
-    checksum = torch.stack([torch.cat([p.detach().reshape(-1).double() for p in learner.backbone.trainable_parameters(a)]).sum()
-                            for a in (dmdr.GENERATOR, dmdr.CRITIC)])
+    checksum = torch.stack([sum(p.detach().sum(dtype=torch.float64) for p in learner.backbone.trainable_parameters(a))
+                            for a in (dmdr.GENERATOR, dmdr.CRITIC)])  # (per parameter: no float64 copy of the model)
     gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum)
     stacked = torch.stack(gathered)

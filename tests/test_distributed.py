@@ -564,6 +564,34 @@ def test_the_learner_gives_ray_trains_report_lines_the_runs_log_level():
         train_context.logger.setLevel(before)
 
 
+def test_gradients_are_averaged_in_place_bucket_by_bucket(monkeypatch):
+    """Each bucket is one all-reduce whose sum over the ranks, divided by their number, goes back into the very
+    gradient tensors (no second copy of a full fine-tune's gradients); a missing gradient counts as 0."""
+    import learner.loop as loop
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 4), (5,), (2, 2), (7,))]
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params[:3]]
+    grads = [p.grad for p in params[:3]]
+    sizes = []
+
+    def all_reduce(flat):  # two ranks, the other one's gradients three times these
+        sizes.append(flat.numel())
+        flat.mul_(4.0)
+
+    monkeypatch.setattr(loop.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(loop.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(loop, "GRADIENT_BUCKET_ELEMENTS", 16)
+    loop.average_gradients(params)
+    assert sizes == [12, 5 + 4 + 7]  # buckets of at most 16 elements, in order
+    for p, grad, old in zip(params, grads, before):
+        assert p.grad is grad  # averaged in place
+        torch.testing.assert_close(p.grad, 2.0 * old)  # (g + 3 g) / 2
+    assert torch.equal(params[3].grad, torch.zeros(7))
+
+
 def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_generator_step(tmp_path, monkeypatch):
     """Trained at dmd.ratio=2 to iteration 4 (generator step 2), resumed at ratio 1: the batch of
     iteration 4 is trained at generator step 2, not 4 // 1 = 4 (which no published version would reach)."""
