@@ -81,6 +81,7 @@ class RolloutCoordinator:
         self.learner_processes: dict[int, int] = {}
         self.try_number = 0  # learner tries of this launch: + 1 when a rank registers again
         self.registered: set[int] = set()  # the ranks registered in the current try
+        self.rank0_registrations = 0  # one per try that got as far as its rank 0: what its start() must carry
         self.failures_by_try: dict[int, set[tuple[str, str]]] = {}  # try -> its (where, error key)s
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
 
@@ -136,12 +137,12 @@ class RolloutCoordinator:
         generator is at `generator_step` (default: iteration // ratio, a run at one ratio throughout):
         earlier batches are done, later ones consumed before the restart are rolled back (the ledger
         says so, with the world size from here on). Returns the token the learner's calls carry (see
-        `_fence`). `learner_try`: the try `register_learner` gave the calling rank; a try that a later one
-        has replaced is refused, so that a replaced try's rank 0 that gets here late (after loading its
-        model, say) cannot take the run back from the try that replaced it (None: not checked)."""
-        if learner_try is not None and learner_try != self.try_number:
-            raise StaleLearnerError(f"start from learner try {learner_try}, which a later try ({self.try_number}) "
-                                    "replaced: refused")
+        `_fence`). `learner_try`: what `register_learner` gave the calling rank 0; one that a later rank 0 has
+        replaced is refused, so that a replaced try's rank 0 that gets here late (after loading its model,
+        say) cannot take the run back from the try that replaced it (None: not checked)."""
+        if learner_try is not None and learner_try != self.rank0_registrations:
+            raise StaleLearnerError(f"start from learner try {learner_try}, which a later try "
+                                    f"({self.rank0_registrations}) replaced: refused")
         # a learner that published anything (version 0 comes right after the first start) has run before
         restart = self.version >= 0 or bool(self.batches or self.consumed_upto)
         self.started_at = (iteration, iteration // self.ratio if generator_step is None else generator_step)
@@ -203,14 +204,18 @@ class RolloutCoordinator:
     # -- processes (for operators and fault-injection tests) ----------------------------------
     def register_learner(self, rank: int, pid: int) -> tuple[str | None, int]:
         """A learner rank starts a try. The answer: the failure that ended enough tries in a row to end
-        the run (the rank returns at once, so Ray Train stops retrying), or None: train; and the try's
-        number, which rank 0's `start` carries."""
+        the run (the rank returns at once, so Ray Train stops retrying), or None: train; and how many times
+        a rank 0 has registered in this launch, which rank 0's `start` carries. (Tries are counted, for
+        `same_failure_limit`, by any rank registering again; but a try whose rank 0 never registered leaves
+        the next try's rank 0 looking like a late member of it, so `start` is fenced by rank 0's count.)"""
         self.learner_processes[rank] = pid
         if rank in self.registered or not self.registered:  # the first rank of a new try, whichever it is
             self.try_number += 1
             self.registered = set()
         self.registered.add(rank)
-        return self.repeated_failure, self.try_number
+        if rank == 0:
+            self.rank0_registrations += 1
+        return self.repeated_failure, self.rank0_registrations
 
     def learner_failed(self, rank: int, where: str, error: str, key: str | None = None,
                        learner_start: int | None = None) -> bool:

@@ -338,6 +338,13 @@ def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_
     with pytest.raises(StaleLearnerError, match="start from learner try 1, which a later try \\(2\\) replaced"):
         late.start(0, learner_try=try_1)
     assert late.learner_starts == token and late.epoch == 0  # the new try's token and batches stand
+    # a try whose rank 1 registered but whose rank 0 never did (it died first): the next try's rank 0, which may
+    # register before that try's rank 1, still starts
+    partial = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path / "d"))
+    partial.register_learner(1, 100)  # try 1: rank 0 never comes
+    _, rank0_try = partial.register_learner(0, 200)  # try 2's rank 0 first ...
+    partial.register_learner(1, 300)  # ... then its rank 1
+    assert partial.try_number == 2 and partial.start(0, learner_try=rank0_try) == 1
     # a first try that failed before it published anything: the second is fenced from it all the same
     fresh = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path / "b"))
     first, second = fresh.start(0), fresh.start(0)
@@ -1004,7 +1011,7 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     assert c.learner_failed(0, here, bad) is False
     new_try(c, ranks=(0, 1))
     assert c.learner_failed(0, here, "ValueError: other") is False
-    assert c.register_learner(1, 100) == (None, 3)  # rank 1 first in the third try
+    assert c.register_learner(1, 100) == (None, 2) and c.try_number == 3  # rank 1 first in the third try
     assert c.learner_failed(1, here, bad) is False  # not "bad" twice in a row: the second try failed otherwise
     off = coordinator(0)
     for _ in range(5):
