@@ -164,6 +164,18 @@ def test_every_ray_pod_mounts_the_shared_runs_volume_at_output_dir():
             assert _entrypoint_config(doc).output_dir.is_relative_to("/runs")
 
 
+def test_gpu_workers_start_only_when_the_entrypoint_asks_for_gpus():
+    for doc in _kuberay_documents():
+        if doc["kind"] != "RayJob":
+            continue
+        cfg = _entrypoint_config(doc)
+        gpus = cfg.ray.learner_gpus + cfg.ray.rollout_gpus + sum(
+            spec.serve.num_gpus for spec in cfg.rewards if spec.placement == "serve")
+        gpu_pods = sum(g["replicas"] for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                       if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"]))
+        assert (gpu_pods > 0) == (gpus > 0), (gpus, gpu_pods)
+
+
 def test_the_image_and_the_launcher_install_the_pinned_dependencies():
     dockerfile = (DEPLOY / "Dockerfile").read_text().splitlines()
     for line in dockerfile:
