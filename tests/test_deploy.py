@@ -143,7 +143,7 @@ def test_the_deploy_readme_applies_what_the_ray_manifests_need_first():
     assert sorted(applied) == sorted(path.name for path in KUBERAY.glob("*.yaml"))
     secret = readme.index("kubectl create secret generic redis-password")
     assert secret < readme.index("kubectl apply -f deploy/kuberay/redis.yaml")
-    for first in ("redis.yaml", "pvc.yaml"):
+    for first in ("redis.yaml", "pvc.yaml", "networkpolicy.yaml"):
         for then in ("rayjob.yaml", "raycluster-ft.yaml"):
             assert applied.index(first) < applied.index(then), (first, then)
 
@@ -174,6 +174,25 @@ def test_gpu_workers_start_only_when_the_entrypoint_asks_for_gpus():
         gpu_pods = sum(g["replicas"] for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
                        if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"]))
         assert (gpu_pods > 0) == (gpus > 0), (gpus, gpu_pods)
+
+
+def test_the_ray_head_is_reached_only_by_its_cluster_the_operator_and_labelled_clients():
+    policies = [doc for doc in _kuberay_documents() if doc["kind"] == "NetworkPolicy"]
+    for name, cluster, labels in _ray_clusters():
+        assert labels, name  # something to select the cluster's pods by
+        assert cluster["authOptions"] == {"mode": "token"}, name
+        mine = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+                and p["spec"]["podSelector"].get("matchLabels")]
+        assert len(mine) == 1, name
+        policy = mine[0]["spec"]
+        assert policy["policyTypes"] == ["Ingress"]
+        same_cluster, *others = policy["ingress"]
+        assert same_cluster == {"from": [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]}
+        for rule in others:  # everyone else: the job API and the client port, and only from selected pods
+            assert {port["port"] for port in rule["ports"]} <= {8265, 10001}, (name, rule)
+            assert all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"]), (name, rule)
+    redis = [p for p in policies if p["spec"]["podSelector"] == {"matchLabels": {"app": "redis"}}]
+    assert len(redis) == 1 and [port["port"] for rule in redis[0]["spec"]["ingress"] for port in rule["ports"]] == [6379]
 
 
 def test_the_image_and_the_launcher_install_the_pinned_dependencies():
