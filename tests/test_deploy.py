@@ -14,6 +14,7 @@ from dmdr_rl.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
+KUBERAY = DEPLOY / "kuberay"
 
 
 def _documents(path):
@@ -60,18 +61,138 @@ def test_one_learner_may_share_a_gpu_with_the_rollout_actors(capsys):
 
 
 def test_the_fault_tolerant_cluster_points_gcs_at_its_redis():
-    docs = {doc["kind"]: doc for doc in _documents(DEPLOY / "kuberay" / "raycluster-ft.yaml")}
-    assert docs["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisAddress"] == "redis:6379"
-    assert docs["Service"]["metadata"]["name"] == "redis" and "--appendonly" in str(docs["StatefulSet"])
+    cluster = {doc["kind"]: doc for doc in _documents(KUBERAY / "raycluster-ft.yaml")}
+    redis = {doc["kind"]: doc for doc in _documents(KUBERAY / "redis.yaml")}
+    assert cluster["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisAddress"] == "redis:6379"
+    assert redis["Service"]["metadata"]["name"] == "redis" and "--appendonly" in str(redis["StatefulSet"])
     # a password from the Secret on both sides, and the append-only file on a volume
     password = {"secretKeyRef": {"name": "redis-password", "key": "password"}}
-    assert docs["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"] == password
-    redis = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--requirepass" in redis["args"] and {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
-    # the Secret is created once by hand (applying the file again must not reset a password Redis still holds)
-    assert "Secret" not in docs and "kubectl create secret generic redis-password" in (DEPLOY / "kuberay" / "raycluster-ft.yaml").read_text()
+    assert cluster["RayCluster"]["spec"]["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"] == password
+    server = redis["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in server["args"] and {"name": "data", "mountPath": "/data"} in server["volumeMounts"]
+    # the Secret is created once by hand (applying the files again must not reset a password Redis still holds)
+    assert not [doc for doc in _kuberay_documents() if doc["kind"] == "Secret"]
+    assert "kubectl create secret generic redis-password" in (KUBERAY / "redis.yaml").read_text()
     # nothing runs on the head, so reward replicas and actors outlive its restart
-    assert docs["RayCluster"]["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert cluster["RayCluster"]["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def _kuberay_documents():
+    return [doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in _documents(path)]
+
+
+def _ray_clusters():
+    """(name, RayCluster spec, the labels every one of its pods carries) of each RayCluster and RayJob."""
+    for doc in _kuberay_documents():
+        if doc["kind"] == "RayCluster":
+            yield doc["metadata"]["name"], doc["spec"], {"ray.io/cluster": doc["metadata"]["name"]}
+        elif doc["kind"] == "RayJob":
+            spec = doc["spec"]["rayClusterSpec"]
+            # KubeRay names a RayJob's RayCluster itself: its pods are found by the labels their templates set
+            templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+            common = set.intersection(*(set(t.get("metadata", {}).get("labels", {}).items()) for t in templates))
+            yield doc["metadata"]["name"], spec, dict(common)
+
+
+def _entrypoint_config(job):
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[3] == "--preset"
+    return load_config(argv[4], argv[5:])
+
+
+def _pod_specs(spec):
+    yield "head", spec["headGroupSpec"]["template"]["spec"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]["spec"]
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_every_name_a_kuberay_manifest_references_is_defined_or_created_by_hand():
+    docs = _kuberay_documents()
+    defined = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
+    text = "\n".join(path.read_text() for path in KUBERAY.glob("*.yaml")) + (DEPLOY / "README.md").read_text()
+    secrets = {node["secretKeyRef"]["name"] for node in _walk(docs) if "secretKeyRef" in node}
+    claims = {node["persistentVolumeClaim"]["claimName"] for node in _walk(docs) if "persistentVolumeClaim" in node}
+    hosts = {cluster["gcsFaultToleranceOptions"]["redisAddress"].split(":")[0]
+             for _, cluster, _ in _ray_clusters() if "gcsFaultToleranceOptions" in cluster}
+    for doc in docs:
+        if doc["kind"] == "RayJob":  # store.url=redis://HOST:PORT/DB
+            hosts.add(_entrypoint_config(doc).store.url.split("//")[1].split(":")[0])
+    assert secrets == {"redis-password"} and claims == {"dmdr-runs"} and hosts == {"redis"}
+    for secret in secrets:  # a Secret in a manifest would be reset by every apply: created by hand, documented
+        assert ("Secret", secret) in defined or f"kubectl create secret generic {secret} " in text, secret
+    for claim in claims:
+        assert ("PersistentVolumeClaim", claim) in defined, claim
+    for host in hosts:
+        assert ("Service", host) in defined, host
+
+
+def test_the_deploy_readme_applies_what_the_ray_manifests_need_first():
+    readme = (DEPLOY / "README.md").read_text()
+    applied = [line.split("deploy/kuberay/")[1].split()[0] for line in readme.splitlines()
+               if line.startswith("kubectl apply -f deploy/kuberay/")]
+    assert sorted(applied) == sorted(path.name for path in KUBERAY.glob("*.yaml"))
+    secret = readme.index("kubectl create secret generic redis-password")
+    assert secret < readme.index("kubectl apply -f deploy/kuberay/redis.yaml")
+    for first in ("redis.yaml", "pvc.yaml", "networkpolicy.yaml"):
+        for then in ("rayjob.yaml", "raycluster-ft.yaml"):
+            assert applied.index(first) < applied.index(then), (first, then)
+
+
+def test_every_ray_pod_mounts_the_shared_runs_volume_at_output_dir():
+    claims = {doc["metadata"]["name"]: doc for doc in _kuberay_documents() if doc["kind"] == "PersistentVolumeClaim"}
+    for name, cluster, _ in _ray_clusters():
+        for group, pod in _pod_specs(cluster):
+            mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            assert "/runs" in mounts, (name, group)
+            claim = volumes[mounts["/runs"]]["persistentVolumeClaim"]["claimName"]
+            # learner rank 0 writes output.dir from any pod: one claim that pods on several nodes mount at once
+            assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
+            assert pod["securityContext"]["fsGroup"] == 100, (name, group)  # the image's gid
+    for doc in _kuberay_documents():
+        if doc["kind"] == "RayJob":
+            assert _entrypoint_config(doc).output_dir.is_relative_to("/runs")
+
+
+def test_gpu_workers_start_only_when_the_entrypoint_asks_for_gpus():
+    for doc in _kuberay_documents():
+        if doc["kind"] != "RayJob":
+            continue
+        cfg = _entrypoint_config(doc)
+        gpus = cfg.ray.learner_gpus + cfg.ray.rollout_gpus + sum(
+            spec.serve.num_gpus for spec in cfg.rewards if spec.placement == "serve")
+        gpu_pods = sum(g["replicas"] for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                       if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"]))
+        assert (gpu_pods > 0) == (gpus > 0), (gpus, gpu_pods)
+
+
+def test_the_ray_head_is_reached_only_by_its_cluster_the_operator_and_labelled_clients():
+    policies = [doc for doc in _kuberay_documents() if doc["kind"] == "NetworkPolicy"]
+    for name, cluster, labels in _ray_clusters():
+        assert labels, name  # something to select the cluster's pods by
+        assert cluster["authOptions"] == {"mode": "token"}, name
+        mine = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+                and p["spec"]["podSelector"].get("matchLabels")]
+        assert len(mine) == 1, name
+        policy = mine[0]["spec"]
+        assert policy["policyTypes"] == ["Ingress"]
+        same_cluster, *others = policy["ingress"]
+        assert same_cluster == {"from": [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]}
+        for rule in others:  # everyone else: the job API and the client port, and only from selected pods
+            assert {port["port"] for port in rule["ports"]} <= {8265, 10001}, (name, rule)
+            assert all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"]), (name, rule)
+    redis = [p for p in policies if p["spec"]["podSelector"] == {"matchLabels": {"app": "redis"}}]
+    assert len(redis) == 1 and [port["port"] for rule in redis[0]["spec"]["ingress"] for port in rule["ports"]] == [6379]
 
 
 def test_the_image_and_the_launcher_install_the_pinned_dependencies():
