@@ -167,7 +167,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                   "seconds": round(time.time() - started, 1)}
         write_json_whole(args.out / name / "report.json", report)
         print(f"{name}: judge accuracy {report['judge_accuracy']:.3f}  analytic {report['analytic_accuracy']:.3f}  "
-              f"FID {report['fid']:.2f}  toy-align {report['rewards']['toy-align']:.3f}  -> {args.out / name}")
+              f"FID {report['fid']:.2f}  diversity {report['diversity']:.3f}  toy-align {report['rewards']['toy-align']:.3f}  "
+              f"-> {args.out / name}")
         if "fid_note" in report and len(reports) == 0:
             print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
         reports.append(report)
@@ -178,11 +179,12 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 def write_summary(reports: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_whole(out / "summary.json", reports)
-    lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | toy-align | images |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | diversity | toy-align | images |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         lines.append(f"| {r['model']} | {r['split']} | {r['steps']} | {r['cfg']:g} | {r['judge_accuracy']:.3f} | "
-                     f"{r['analytic_accuracy']:.3f} | {r['fid']:.2f} | {r['rewards']['toy-align']:.3f} | {r['num_images']} |")
+                     f"{r['analytic_accuracy']:.3f} | {r['fid']:.2f} | {r['diversity']:.3f} | "
+                     f"{r['rewards']['toy-align']:.3f} | {r['num_images']} |")
     write_text_whole(out / "summary.md", "\n".join(lines) + "\n")
 
 

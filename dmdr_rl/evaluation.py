@@ -16,7 +16,7 @@ from .grid import save_grid
 from .seeds import image_seeds
 from .toy.analytic import analytic_accuracy
 from .toy.grammar import PromptSplit, prompts_of
-from .toy.metrics import judge_fid, judge_verdicts, summarise_verdicts
+from .toy.metrics import judge_feature_statistics, judge_verdicts, summarise_verdicts
 from .toy.render import render_batch
 
 # sample_fn(prompts, seeds) -> images [B, 3, H, W] in [0, 1], image i from seeds[i] alone
@@ -82,14 +82,17 @@ def evaluate(
         nonfinite = {name: int((~torch.isfinite(scores)).sum()) for name, scores in reward_scores.items()}
     accuracy, by_category = summarise_verdicts(verdicts)
     analytic, by_attribute = analytic_accuracy(images, scenes)
+    features = judge_feature_statistics(judge, images, reference)
     report = {
         "judge_accuracy": accuracy,
         "judge_accuracy_by_category": by_category,
         # read off the pixels, no weights (shapes, colours, positions, sizes, layout); see toy/analytic.py
         "analytic_accuracy": analytic,
         "analytic_accuracy_by_attribute": by_attribute,
-        "fid": judge_fid(judge, images, reference),
+        "fid": features["fid"],
         "fid_reference": "fresh renders of the same prompts (judge penultimate features)",
+        # tr Cov of the judge features, generated over reference: 1 as varied as the renders, near 0 collapsed
+        "diversity": features["diversity"],
         # FID falls with the image count (renders against renders: about 25 at 1000 images, 326 at 64), so
         # FIDs compare only at equal counts
         **({"fid_note": f"FID at {num_images} images is not comparable with the README's (1000 images)"}

@@ -91,7 +91,8 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     settings = {"model": "student", **toy_eval.student_settings(cfg.student)}  # as `eval --model student` reports
     write_json_whole(out / "eval" / "report.json", {**settings, **report})
     print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, analytic accuracy "
-          f"{report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, toy-align {report['rewards']['toy-align']:.3f}")
+          f"{report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, diversity {report['diversity']:.3f}, toy-align "
+          f"{report['rewards']['toy-align']:.3f}")
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else ""))

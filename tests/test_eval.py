@@ -34,7 +34,7 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
     assert len(rows) == 1  # the whole row is that report's numbers
     cells = [float(cell) for cell in rows[0].strip().strip("|").split("|")[4:]]
     assert cells == pytest.approx([report["judge_accuracy"], report["analytic_accuracy"], report["fid"],
-                                   report["rewards"]["toy-align"], report["num_images"]], abs=6e-3)
+                                   report["diversity"], report["rewards"]["toy-align"], report["num_images"]], abs=6e-3)
     # another shift or seed is another directory, not an overwrite
     toy_eval.main(["--steps", "2", "--cfg", "1", "--shift", "2", "--seed", "1", "--num-images", "2", "--out", str(tmp_path)])
     assert (tmp_path / "teacher-steps2-cfg1-shift2-held-in-seed1" / "report.json").exists()

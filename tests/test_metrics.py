@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from dmdr_rl.toy.classifier import AttributeClassifier
@@ -37,6 +38,26 @@ def test_a_fid_that_is_not_a_number_stays_one_rather_than_a_perfect_zero():
         next(judge.parameters()).fill_(float("nan"))
     renders = render_batch(PromptSplit("held-in").sample(40, seed=0), range(40))
     assert math.isnan(judge_fid(judge, renders, renders))
+
+
+def test_diversity_is_the_generated_features_total_variance_over_the_renders(judge):
+    """tr Cov(generated) / tr Cov(reference) of the judge's features, against a float64 reference computed from the
+    features themselves; about 1 for renders of the same prompts, 0 for one image repeated, lower for a collapse
+    onto a few scenes."""
+    from dmdr_rl.toy.classifier import JudgeFeatures
+    from dmdr_rl.toy.metrics import judge_feature_statistics
+
+    scenes = PromptSplit("held-in").sample(200, seed=0)
+    reference, renders = render_batch(scenes, range(200)), render_batch(scenes, range(1000, 1200))
+    collapsed = render_batch(scenes[:3] * 67, range(2000, 2201))[:200]
+    with torch.no_grad():
+        features = JudgeFeatures(judge)
+        expected = (features(collapsed).double().var(dim=0).sum() / features(reference).double().var(dim=0).sum()).item()
+    assert judge_feature_statistics(judge, collapsed, reference)["diversity"] == pytest.approx(expected, rel=1e-6)
+    same = judge_feature_statistics(judge, renders, reference)
+    assert 0.8 < same["diversity"] < 1.25 and same["fid"] == pytest.approx(judge_fid(judge, renders, reference))
+    assert judge_feature_statistics(judge, reference[:1].repeat(200, 1, 1, 1), reference)["diversity"] == 0.0
+    assert expected < 0.9 * same["diversity"]
 
 
 def test_fid_matches_a_float64_reference_on_the_same_features():

@@ -80,6 +80,16 @@ def summarise_verdicts(verdicts: Sequence[dict[str, bool]]) -> tuple[float, dict
 @torch.no_grad()
 def judge_fid(judge: AttributeClassifier, generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float:
     """Frechet distance between judge penultimate features of generated images and fresh renders."""
+    return judge_feature_statistics(judge, generated, reference, batch_size)["fid"]
+
+
+@torch.no_grad()
+def judge_feature_statistics(judge: AttributeClassifier, generated: torch.Tensor, reference: torch.Tensor,
+                             batch_size: int = 500) -> dict[str, float]:
+    """From one pass of the judge's penultimate features over both sets: `fid`, the Frechet distance, and
+    `diversity`, the total variance of the generated images' features over that of the renders (tr Cov_gen /
+    tr Cov_ref): 1 is as varied as the renders of the same prompts, near 0 a collapse onto a few images
+    (what a reward hacked by one pattern gives), whatever the prompts asked for."""
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True, input_img_size=tuple(reference.shape[1:]))
     for start in range(0, reference.shape[0], batch_size):
         fid.update(reference[start : start + batch_size], real=True)
@@ -87,8 +97,19 @@ def judge_fid(judge: AttributeClassifier, generated: torch.Tensor, reference: to
         fid.update(generated[start : start + batch_size], real=False)
     sums = (fid.real_features_sum, fid.real_features_cov_sum, fid.fake_features_sum, fid.fake_features_cov_sum)
     if not all(torch.isfinite(total).all() for total in sums):  # (a judge whose features are not finite: the matrix
-        return math.nan  # square root of a NaN covariance crashes the process in LAPACK; NaN is not a perfect 0 either)
-    return max(0.0, float(fid.compute()))  # rounding can dip below 0 when the sets (nearly) coincide
+        return {"fid": math.nan, "diversity": math.nan}  # square root of a NaN covariance crashes the process in
+        # LAPACK; NaN is not a perfect 0 either)
+    spread = (_total_variance(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
+              / _total_variance(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples))
+    # rounding can dip the distance below 0 when the sets (nearly) coincide
+    return {"fid": max(0.0, float(fid.compute())), "diversity": spread}
+
+
+def _total_variance(features_sum: torch.Tensor, products_sum: torch.Tensor, count: torch.Tensor) -> float:
+    """tr Cov of features from their running sums (sum x, sum x x^T, n), in float64."""
+    n = float(count)
+    mean = features_sum / n
+    return max(0.0, float((products_sum.diagonal() - n * mean**2).sum() / (n - 1)))  # (identical images: 0, not -1e-15)
 
 
 def mismatch(scene: Scene, rng, hard: bool) -> Scene:
