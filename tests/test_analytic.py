@@ -55,8 +55,20 @@ def test_saved_samples_are_scored_after_the_fact(tmp_path, capsys):
     scenes = PromptSplit("held-in").sample(40, seed=9)
     write_samples(tmp_path / "samples.parquet", fresh_renders(scenes, 9), prompts_of(scenes), list(range(40)), step=-1,
                   weight_version=-1)
-    report = score_samples(tmp_path / "samples.parquet")
+    (report,) = score_samples(tmp_path / "samples.parquet")
     assert report["num_images"] == 40 and report["analytic_accuracy"] >= 0.95  # 8-bit PNGs, as stored
+    # a run's samples/ directory: grids of several steps and rollouts are reported apart, not pooled
+    run = tmp_path / "samples"
+    write_samples(run / "step_000000.parquet", torch.full((8, 3, 32, 32), 0.5), prompts_of(scenes[:8]), list(range(8)),
+                  step=0, weight_version=0, source="grid")
+    write_samples(run / "step_000100.parquet", fresh_renders(scenes[:8], 9), prompts_of(scenes[:8]), list(range(8)),
+                  step=100, weight_version=100, source="grid")
+    write_samples(run / "rollout_step_000100.parquet", fresh_renders(scenes[8:14], 9), prompts_of(scenes[8:14]),
+                  list(range(6)), step=100, weight_version=99, source="rollout")
+    reports = {(r["source"], r["step"]): r for r in score_samples(run)}
+    assert sorted(reports) == [("grid", 0), ("grid", 100), ("rollout", 100)]
+    assert reports[("grid", 0)]["analytic_accuracy"] == 0.0 and reports[("grid", 100)]["analytic_accuracy"] >= 0.95
+    assert reports[("rollout", 100)]["num_images"] == 6
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing-here")])
     assert "error: no samples in" in capsys.readouterr().err

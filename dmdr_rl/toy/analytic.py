@@ -14,7 +14,8 @@ A perturbation of a few levels per channel moves none of these by more than a pi
 
 Every evaluation reports it (`analytic_accuracy`); saved samples are scored after the fact with
 
-    python -m dmdr_rl.toy.analytic runs/eval/<setting>/samples.parquet   # or a run's samples/ directory
+    python -m dmdr_rl.toy.analytic runs/eval/<setting>/samples.parquet   # or a run's samples/ directory:
+                                                                         # one report per source and step
 """
 
 from __future__ import annotations
@@ -123,18 +124,28 @@ def analytic_accuracy(images: torch.Tensor, scenes: Sequence[Scene]) -> tuple[fl
     return summarise_verdicts([analytic_verdict(image, scene) for image, scene in zip(pixels, scenes)])
 
 
-def score_samples(path) -> dict:
-    """The analytic judge on a samples file (or a directory of them) of toy prompts: from their PNGs,
-    8-bit as stored."""
+def score_samples(path) -> list[dict]:
+    """The analytic judge on a samples file (or a directory of them) of toy prompts, from their PNGs, 8-bit
+    as stored: one report per (source, step), since a run's samples/ holds the grids and rollouts of every
+    step (untrained and trained images pooled into one number would describe neither)."""
     from ..samples import decode_png, read_samples
     from .grammar import prompt_to_scene
 
     table = read_samples(path)
-    scenes = [prompt_to_scene(p) for p in table.column("prompt").to_pylist()]
-    images = torch.stack([decode_png(png) for png in table.column("png").to_pylist()])
-    accuracy, by_attribute = analytic_accuracy(images, scenes)
-    return {"samples": str(path), "num_images": len(scenes), "analytic_accuracy": accuracy,
-            "analytic_accuracy_by_attribute": by_attribute}
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * table.num_rows
+    groups: dict[tuple, list[int]] = {}
+    for row, key in enumerate(zip(sources, table.column("step").to_pylist())):
+        groups.setdefault(key, []).append(row)
+    prompts, pngs = table.column("prompt").to_pylist(), table.column("png").to_pylist()
+    reports = []
+    for (source, step), rows in groups.items():
+        scenes = [prompt_to_scene(prompts[row]) for row in rows]
+        images = torch.stack([decode_png(pngs[row]) for row in rows])
+        accuracy, by_attribute = analytic_accuracy(images, scenes)
+        reports.append({"samples": str(path), **({"source": source} if source is not None else {}), "step": step,
+                        "num_images": len(scenes), "analytic_accuracy": accuracy,
+                        "analytic_accuracy_by_attribute": by_attribute})
+    return reports
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("samples", nargs="+", help="samples.parquet files or directories of them (toy prompts)")
     args = parser.parse_args(argv)
     try:
-        reports = [score_samples(path) for path in args.samples]
+        reports = [report for path in args.samples for report in score_samples(path)]
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
