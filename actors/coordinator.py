@@ -13,6 +13,7 @@ resumed with another `dmd.ratio` is served too.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import ray
@@ -255,7 +256,7 @@ class RolloutCoordinator:
         failed = lost.worker if lost is not None else None
         if failed is not None and self.readiness[failed] is True:
             self.readiness[failed] = self.workers[failed].ready.remote()
-        batch = self._issue(iteration, rank, avoid=failed)
+        batch = self._issue(iteration, rank, avoid=failed, urgent=True)
         self.ledger.append("reissued", iteration=iteration, rank=rank)
         return self._take(batch)
 
@@ -301,19 +302,28 @@ class RolloutCoordinator:
             pass  # same, its batches fail with the reason rather than the healthy workers' batches here
         return True
 
-    def _issue(self, iteration: int, rank: int, avoid: int | None = None) -> IssuedBatch:
+    def _issue(self, iteration: int, rank: int, avoid: int | None = None, urgent: bool = False) -> IssuedBatch:
+        """Send the batch of (iteration, rank) to a rollout worker: round-robin over the ready workers other
+        than `avoid` (the one that failed this batch), else over the ready ones, else over all (none has
+        answered yet: the batch waits for a worker to start). `urgent` (a batch a learner waits on, reissued):
+        the candidate with the fewest batches outstanding, since a worker samples its batches in turn and the
+        learner's patience runs from its question, not from when the worker gets to it."""
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
         prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size, self.cfg.prompt_group)
         shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
-        # round-robin over the ready workers other than `avoid` (the one that failed this batch), else over
-        # the ready ones, else over all (none has answered yet: the batch waits for a worker to start)
         everyone = range(len(self.workers))
         ready = set(self.ready_workers())
         candidates = ({i for i in ready if i != avoid} or ready or {i for i in everyone if i != avoid}
                       or set(everyone))
-        worker_index = next(i for k in everyone if (i := (self.turn + k) % len(self.workers)) in candidates)
-        self.turn = worker_index + 1
+        in_turn = [i for k in everyone if (i := (self.turn + k) % len(self.workers)) in candidates]
+        if urgent:
+            outstanding = collections.Counter(batch.worker for key, batch in self.batches.items()
+                                              if key != (iteration, rank))
+            worker_index = min(in_turn, key=lambda i: outstanding[i])  # (ties: in turn)
+        else:
+            worker_index = in_turn[0]
+            self.turn = worker_index + 1
         ref = self.workers[worker_index].rollout.remote(iteration, shard, rank, self.version, self.weights, self.epoch,
                                                         self.training_step(iteration))
         batch = self.batches[(iteration, rank)] = IssuedBatch(ref, worker_index, self.incarnations[worker_index])

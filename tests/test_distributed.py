@@ -273,6 +273,23 @@ def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
     assert (0, 0) not in coordinator.batches
 
 
+def test_a_reissued_batch_goes_to_the_worker_with_the_fewest_batches_outstanding(tmp_path, monkeypatch):
+    """A learner waits on a reissued batch, and a worker samples its batches in turn: it goes to the ready worker
+    with the least queued, not the next in round-robin (which would put it behind that worker's look-ahead)."""
+    import actors.coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 4, "ray.max_staleness": 1})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    coordinator.publish(0, ["weights"])
+    assert coordinator.request(0, 0)[0][1] == 0  # iterations 0-3 went to workers 0-3; worker 1 is next in turn
+    for key, worker in (((90, 0), 1), ((91, 0), 1), ((92, 0), 2)):  # workers 1 and 2 have more queued
+        coordinator.batches[key] = coordinator_module.IssuedBatch(("queued",), worker, 0)
+    assert coordinator.reissue(0, 0)[0][1] == 3
+    coordinator.batches[(93, 0)] = coordinator_module.IssuedBatch(("queued",), 0, 0)  # queued: 0: 1, 1: 3, 2: 2, 3: 1
+    assert coordinator.reissue(0, 0)[0][1] == 0  # not worker 3, which failed it this time
+
+
 def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(tmp_path, monkeypatch):
     import actors.coordinator as coordinator_module
 
