@@ -37,6 +37,17 @@ def test_renoise_samples_follow_the_schedule_and_are_seeded():
     assert torch.equal(early, again) and 0 < early.min() and early.max() < 1
 
 
+def test_renoise_samples_are_kept_inside_eps_of_the_ends():
+    """x0 = x_tau - tau v needs tau in [eps, 1 - eps] (eps = 1e-3): at Beta(0.05, 0.05), whose draws pile up
+    within 1e-3 of 0 and of 1 (about a third at each end), many land exactly on the bounds, none beyond."""
+    tau = algo.sample_renoise_timesteps(4000, 0, 0.05, 0.05, 2000, torch.Generator().manual_seed(0))
+    low, high = torch.tensor(1e-3), torch.tensor(1 - 1e-3)
+    assert tau.min() == low and tau.max() == high
+    assert (tau == low).sum() > 400 and (tau == high).sum() > 400
+    wider = algo.sample_renoise_timesteps(4000, 0, 0.05, 0.05, 2000, torch.Generator().manual_seed(0), eps=0.1)
+    assert wider.min() == torch.tensor(0.1) and wider.max() == torch.tensor(0.9)
+
+
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
     torch.manual_seed(0)
     x0 = torch.randn(2, 3, 4, 4, requires_grad=True)

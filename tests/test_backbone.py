@@ -124,9 +124,12 @@ def test_lora_scale_interpolates_the_adapter_contribution(backbone):
     x, t, cond = _inputs(backbone)
     with torch.no_grad():
         v = {s: backbone.velocity(x, t, cond, adapter="critic", scale=s) for s in (0.0, 0.5, 1.0, 2.0)}
-    # Small LoRA weights: the output is nearly linear in the scale around the base.
-    assert (v[2.0] - v[0.0]).abs().mean() > 1.5 * (v[1.0] - v[0.0]).abs().mean()
-    assert (v[0.5] - v[0.0]).abs().mean() < (v[1.0] - v[0.0]).abs().mean()
+    # Small LoRA weights: the output is nearly linear in the scale around the base, so the adapter's contribution
+    # at scale s is about s times its contribution at 1 (measured 0.503 and 1.984; scale**2 would give 0.25 and 4)
+    unit = (v[1.0] - v[0.0]).abs().mean()
+    assert unit > 1e-4
+    for s in (0.5, 2.0):
+        assert ((v[s] - v[0.0]).abs().mean() / unit).item() == pytest.approx(s, rel=0.1)
 
 
 def test_cfg_is_the_guided_combination(backbone):

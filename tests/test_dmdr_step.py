@@ -39,12 +39,18 @@ def _grads(params):
 
 
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
-def test_backward_simulation_keeps_every_step(backbone, sampler):
-    student = StudentSection(steps=3, sampler=sampler)
+def test_backward_simulation_keeps_every_step(backbone, monkeypatch, sampler):
+    """K steps of the generator (never the critic or the bare teacher) at the student's shifted schedule:
+    t' = s t / (1 + (s - 1) t) of t = 1, 2/3, 1/3 at s = 3 is 1, 6/7, 0.6."""
+    student = StudentSection(steps=3, shift=3.0, sampler=sampler)
+    calls = _spy_velocity(monkeypatch, backbone)
     traj = dmdr.backward_simulation(backbone, backbone.encode(PROMPTS), student, torch.Generator().manual_seed(0))
     assert traj.x0.shape == (2, 3, 32, 32) and traj.x0_steps.shape == (3, 2, 3, 32, 32)
     assert not traj.x0.requires_grad
     assert torch.allclose(traj.x0, traj.x0_steps[-1], atol=1e-5)
+    torch.testing.assert_close(traj.timesteps, torch.tensor([1.0, 6 / 7, 0.6]))
+    assert [(c["adapter"], c["scale"], c["cfg"], c["grad"]) for c in calls] == [(dmdr.GENERATOR, 1.0, 1.0, False)] * 3
+    torch.testing.assert_close(torch.stack([c["t"] for c in calls]), traj.timesteps.view(3, 1).expand(3, 2))
 
 
 def test_backward_simulation_samples_with_the_students_sampler(backbone):
@@ -232,18 +238,28 @@ def test_the_generator_step_queries_each_network_as_design_section_2_says(backbo
 
 
 def test_the_critic_step_trains_the_fake_score_at_its_scale(backbone, monkeypatch):
+    """With real noise: the critic's input is x_tau = (1 - tau) x0 + tau eps with the very eps (and x0, and the
+    critic's output) its flow-matching loss is given, so a target built from other noise (-eps, fresh draws),
+    other samples or another output would show."""
     from dmdr_rl import algo
 
     cond = backbone.encode(PROMPTS)
     traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=2), torch.Generator().manual_seed(0))
-    monkeypatch.setattr(dmdr, "randn", lambda shape, generator, device="cpu": torch.zeros(shape, device=device))
     calls, renoise_steps, renoise = _spy_velocity(monkeypatch, backbone), [], algo.sample_renoise_timesteps
     monkeypatch.setattr(algo, "sample_renoise_timesteps", lambda *a, **k: renoise_steps.append(a[1]) or renoise(*a, **k))
-    dmdr.critic_loss(backbone, traj.x0, cond, 7, CriticSection(fake_scale=2.0), DmdSection(), torch.Generator().manual_seed(1))
+    loss_args, flow_matching = [], algo.critic_loss
+    monkeypatch.setattr(algo, "critic_loss", lambda *args: loss_args.append(args) or flow_matching(*args))
+    loss = dmdr.critic_loss(backbone, traj.x0, cond, 7, CriticSection(fake_scale=2.0), DmdSection(),
+                            torch.Generator().manual_seed(1))
     assert renoise_steps == [7]  # DynaRS at the generator step
-    (call,) = calls
+    (call,), ((v, x0, eps),) = calls, loss_args
     assert (call["adapter"], call["scale"], call["cfg"], call["grad"]) == (dmdr.CRITIC, 2.0, 1.0, True)
-    torch.testing.assert_close(call["x"], (1 - call["t"]).view(-1, 1, 1, 1) * traj.x0)
+    assert eps.std() > 0.5  # real noise
+    torch.testing.assert_close(x0, traj.x0, rtol=0, atol=0)
+    torch.testing.assert_close(v.detach(), call["v"], rtol=0, atol=0)
+    tau = call["t"].view(-1, 1, 1, 1)
+    torch.testing.assert_close(call["x"], (1 - tau) * traj.x0 + tau * eps)
+    torch.testing.assert_close(loss, ((call["v"] - (eps - traj.x0)) ** 2).mean())
 
 
 def _accumulated(backbone, adapter, run):
@@ -256,6 +272,41 @@ def _accumulated(backbone, adapter, run):
     for p in params:
         p.grad = None
     return grads, out
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_the_reward_gradient_reaches_the_generator_through_its_own_x0(backbone, monkeypatch, sampler):
+    """ReFL (DESIGN section 2): L_r = lambda * phi(r(decode(x0))) with x0 = x_in - t G(x_in, t) WITH gradient, so
+    the generator's gradient is exactly that of -2 * mean red of decode(x0) recomputed here by autograd; a
+    detached x0 (no gradient) or scoring the rollout's own samples (other images, no gradient) would differ."""
+    cond, student = backbone.encode(PROMPTS), StudentSection(steps=2, sampler=sampler)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    rewards = [dmdr.WeightedReward(CountingReward(), RewardSpec(name="mean-red", weight=2.0, shaping="linear"))]
+    original = backbone.velocity
+    calls = _spy_velocity(monkeypatch, backbone)
+
+    def run():
+        loss, _ = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(weight=0.0),
+                                      rewards, True, torch.Generator().manual_seed(2))
+        loss.backward()
+        return loss.detach()
+
+    grads, loss = _accumulated(backbone, dmdr.GENERATOR, run)
+    (call,) = calls
+    assert call["adapter"] == dmdr.GENERATOR and call["grad"]
+    x_in, t = call["x"], call["t"].view(-1, 1, 1, 1)
+
+    def reference():
+        images = backbone.decode(x_in - t * original(x_in, call["t"], cond, adapter=dmdr.GENERATOR))
+        ref = -2.0 * images[:, 0].mean(dim=(1, 2)).mean()
+        ref.backward()
+        return ref.detach()
+
+    ref_grads, ref_loss = _accumulated(backbone, dmdr.GENERATOR, reference)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    assert sum(g.abs().sum().item() > 0 for g in grads) > 0.5 * len(grads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
 def test_the_dmd_weight_scales_the_dmd_term(backbone):

@@ -15,8 +15,21 @@ from dmdr_rl.trainer import find_run
 REPORT_KEYS = {"judge_accuracy", "judge_accuracy_by_category", "fid", "rewards", "num_images", "steps", "cfg", "split"}
 
 
-def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys):
+def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys, teacher):
+    """Each setting is sampled at its own cfg: the same prompts and seeds give other images at cfg 2.5 than at
+    cfg 1, and a row of either comes back from its seed at its setting's cfg (not the sweep's last one)."""
+    from dmdr_rl.samples import decode_png
+
     toy_eval.main(["--steps", "2", "--cfg", "1,2.5", "--num-images", "8", "--batch-size", "4", "--out", str(tmp_path)])
+    rows = {cfg: read_samples(tmp_path / f"teacher-steps2-cfg{cfg}-held-in" / "samples.parquet").to_pandas()
+            for cfg in ("1", "2.5")}
+    assert list(rows["1"]["prompt"]) == list(rows["2.5"]["prompt"]) and list(rows["1"]["seed"]) == list(rows["2.5"]["seed"])
+    unguided, guided = (torch.stack([decode_png(png) for png in rows[cfg]["png"]]) for cfg in ("1", "2.5"))
+    assert (unguided - guided).abs().mean() > 0.01
+    for cfg, i in (("1", 5), ("2.5", 2)):
+        again = teacher.sample([rows[cfg]["prompt"][i]], steps=2, cfg=float(cfg), seed=[int(rows[cfg]["seed"][i])])[0]
+        torch.testing.assert_close(decode_png(rows[cfg]["png"][i]), (again.clamp(0, 1) * 255).round() / 255,
+                                   rtol=0, atol=1.5 / 255)
     for cfg in ("1", "2.5"):
         directory = tmp_path / f"teacher-steps2-cfg{cfg}-held-in"
         report = json.loads((directory / "report.json").read_text())
@@ -251,7 +264,10 @@ def test_evaluate_samples_its_split_and_measures_fid_against_renders_of_the_same
     assert report["judge_accuracy"] > 0.9  # (and the judge reads clean renders of the prompts)
     # a score that is not finite is counted, and the mean is the others' (one chunk had a NaN first image each)
     assert report["rewards_nonfinite"] == {"nan-for-the-first": 3}
-    assert 0 < report["rewards"]["nan-for-the-first"] < 1
+    images = _RenderingSampler(seed=3, total=96)(sampler.prompts, None).clamp(0, 1)  # the same renders again
+    others = [i for i in range(96) if i not in (0, 40, 80)]  # the first image of each chunk of 40 scored NaN
+    expected = images[others].mean(dim=(1, 2, 3)).mean().item()
+    assert report["rewards"]["nan-for-the-first"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_images_with_non_finite_pixels_are_counted_and_do_not_break_the_evaluation():
@@ -268,9 +284,24 @@ def test_images_with_non_finite_pixels_are_counted_and_do_not_break_the_evaluati
         images[1, 2] = float("inf")
         return images
 
-    report = evaluate(diverging, "held-in", 8, 1, load_judge(), batch_size=4)
+    class Seen:
+        name, images = "seen", []
+
+        def score(self, images, prompts):
+            self.images.append(images.clone())
+            return images.mean(dim=(1, 2, 3))
+
+    report = evaluate(diverging, "held-in", 8, 1, load_judge(), rewards=[Seen()], batch_size=4)
     assert report["nonfinite_images"] == 4  # two per chunk of four
     assert 0 <= report["fid"] < 1e9 and 0 <= report["judge_accuracy"] <= 1
+    # what was evaluated: the renders with exactly the non-finite pixels at 0
+    expected = _RenderingSampler(seed=1, total=8)(sampler.prompts, None).clamp(0, 1)
+    for chunk in (0, 4):
+        expected[chunk, 0, 3, 3] = 0.0
+        expected[chunk + 1, 2] = 0.0
+    torch.testing.assert_close(torch.cat(Seen.images), expected, rtol=0, atol=0)
+    assert "rewards_nonfinite" not in report  # (the zeroed pixels score like any others)
+    assert report["rewards"]["seen"] == pytest.approx(expected.mean().item(), rel=1e-5)
     assert "nonfinite_images" not in evaluate(_RenderingSampler(seed=1, total=8), "held-in", 8, 1, load_judge())
 
 

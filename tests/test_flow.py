@@ -29,26 +29,47 @@ def test_sampling_timesteps_are_the_linspace_without_the_last_point():
 @pytest.mark.parametrize("mode", ["ode", "sde"])
 @pytest.mark.parametrize("steps", [1, 4, 32])
 def test_sampling_with_the_exact_velocity_of_a_point_mass_reaches_it(steps, mode):
-    # For data concentrated at x*, the exact flow velocity is v(x_t, t) = (x_t - x*) / t.
-    target = torch.randn(2, 3, 4, 4)
+    """For data concentrated at x*, the exact flow velocity is v(x_t, t) = (x_t - x*) / t: every x0 prediction is
+    x*, whatever the path. The path is what the sampler decides: the ODE stays on the straight line
+    (1 - t_k) x* + t_k eps of the first noise, the SDE re-noises x* with a fresh draw of its generator per step."""
+    target, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     exact = lambda x_t, t: (x_t - target) / t.view(-1, 1, 1, 1)
-    traj = sample(exact, torch.randn(2, 3, 4, 4), steps, shift=2.0, mode=mode, keep_steps=True)
+    traj = sample(exact, noise, steps, shift=2.0, mode=mode, generator=torch.Generator().manual_seed(3), keep_steps=True)
     assert torch.allclose(traj.x0, target, atol=1e-5)
     assert traj.x0_steps.shape == (steps, 2, 3, 4, 4) and torch.allclose(traj.x0_steps, target.expand(steps, -1, -1, -1, -1), atol=1e-5)
+    t = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1)[:-1], 2.0)
+    torch.testing.assert_close(traj.timesteps, t)
+    fresh = torch.Generator().manual_seed(3)
+    for k in range(steps):
+        eps = noise if mode == "ode" or k == 0 else torch.randn(noise.shape, generator=fresh)
+        torch.testing.assert_close(traj.inputs[k], (1 - t[k]) * target + t[k] * eps, rtol=1e-5, atol=1e-5)
 
 
 def test_ode_step_is_euler_and_sde_step_renoises_the_x0_prediction():
-    noise = torch.randn(3, 2)
-    v_const = torch.randn(3, 2)
-    ode = sample(lambda x, t: v_const, noise, 2, keep_steps=True)
-    # t = [1, 0.5]: x_1 = eps + (0.5 - 1) v; x0 = x_1 - 0.5 v = eps - v
-    assert torch.allclose(ode.inputs[1], noise - 0.5 * v_const) and torch.allclose(ode.x0, noise - v_const)
-    g = torch.Generator().manual_seed(0)
-    sde = sample(lambda x, t: v_const, noise, 2, mode="sde", generator=g, keep_steps=True)
-    fresh = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(sde.inputs[1], 0.5 * (noise - v_const) + 0.5 * fresh)
+    """Three steps at shift 3, t = 1, 6/7, 0.6 (where 1 - t != t, unlike t = 0.5), with a velocity that depends
+    on x and t, each step checked against DESIGN section 2's update."""
+    noise, w = torch.randn(3, 2), torch.randn(3, 2)
+    velocity = lambda x, t: 0.5 * x + t.view(-1, 1) * w
+    times = [1.0, 6 / 7, 0.6]
+    ode = sample(velocity, noise, 3, shift=3.0, keep_steps=True)
+    torch.testing.assert_close(ode.timesteps, torch.tensor(times))
+    x = noise
+    for k, t_now in enumerate(times):  # Euler: x <- x + (t_{k+1} - t_k) v, x0_k = x - t_k v
+        v = 0.5 * x + t_now * w
+        torch.testing.assert_close(ode.inputs[k], x)
+        torch.testing.assert_close(ode.x0_steps[k], x - t_now * v)
+        x = x + ((times + [0.0])[k + 1] - t_now) * v
+    torch.testing.assert_close(ode.x0, x)
+    sde = sample(velocity, noise, 3, shift=3.0, mode="sde", generator=torch.Generator().manual_seed(0), keep_steps=True)
+    fresh, x = torch.Generator().manual_seed(0), noise
+    for k, t_now in enumerate(times):  # SDE: x <- (1 - t_{k+1}) x0_k + t_{k+1} eps' (fresh noise), the last step to x0
+        torch.testing.assert_close(sde.inputs[k], x)
+        x0_k = x - t_now * (0.5 * x + t_now * w)
+        torch.testing.assert_close(sde.x0_steps[k], x0_k)
+        x = (1 - times[k + 1]) * x0_k + times[k + 1] * torch.randn(3, 2, generator=fresh) if k + 1 < 3 else x0_k
+    torch.testing.assert_close(sde.x0, x)
     with pytest.raises(ValueError, match="'ode' or 'sde'"):
-        sample(lambda x, t: v_const, noise, 2, mode="dpm")
+        sample(velocity, noise, 2, mode="dpm")
 
 
 def test_one_generator_per_sample_draws_each_row_from_its_own_seed():

@@ -272,6 +272,30 @@ def test_rollout_advantages_are_per_group_and_need_every_reward_finite():
     assert float(metrics["reward/b/non_finite"]) == 1.0 and float(metrics["reward/a"]) == pytest.approx(217 / 8)
 
 
+def test_rollout_advantages_normalise_the_weighted_sum_of_the_shaped_rewards():
+    """R = -sum_j lambda_j phi_j(r_j) (DESIGN section 2), then (R - mean_g) / (std_g + 1e-4) per group of 3. In
+    the first group the weights change the advantages' sizes and order, so a sum that drops a weight shows."""
+
+    class Fixed:
+        differentiable = False
+
+        def __init__(self, name, scores):
+            self.name, self.scores = name, torch.tensor(scores)
+
+    linear = dmdr.WeightedReward(Fixed("a", [0.0, 1.0, 0.5, 2.0, 2.0, 2.0]), RewardSpec(name="a", shaping="linear", weight=3.0))
+    hinge = dmdr.WeightedReward(Fixed("b", [0.7, 0.0, 0.2, 0.7, 0.0, 0.3]),
+                                RewardSpec(name="b", shaping="hinge", margin=0.7, weight=0.5))
+    scores = {reward.spec.name: reward.model.scores for reward in (linear, hinge)}
+    advantages, _ = dmdr.rollout_advantages(scores, [linear, hinge], RLSection(mode="grpo", group_size=3, adv_clip=10.0))
+    # by hand: phi_a = -a, phi_b = relu(0.7 - b) = [0, 0.7, 0.5, 0, 0.7, 0.4]; R = 3 a - 0.5 phi_b
+    rewards = torch.tensor([[0.0, 2.65, 1.25], [6.0, 5.65, 5.8]], dtype=torch.float64)
+    mean, std = rewards.mean(dim=1, keepdim=True), rewards.std(dim=1, unbiased=False, keepdim=True)
+    expected = ((rewards - mean) / (std + 1e-4)).reshape(-1).float()
+    torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-5)
+    unweighted = torch.tensor([[0.0, 0.3, 0.0]])  # -(phi_a + phi_b) of the first group: not what comes out
+    assert (advantages[:3] - (unweighted - unweighted.mean()) / (unweighted.std(unbiased=False) + 1e-4)).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("transitions", ["one", "all"])
 def test_policy_micro_batches_give_the_whole_batchs_loss_and_gradients(backbone, transitions):
     prompts, cond, student, trajectory, reward, scores = _policy_setup(backbone)

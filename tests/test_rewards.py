@@ -3,6 +3,7 @@ PickScore on a tiny CLIP, and a user's own reward class -- all without Ray (see 
 
 import base64
 import io
+import json
 import textwrap
 
 import numpy as np
@@ -455,6 +456,8 @@ USER_REWARD = textwrap.dedent('''
 
 
 def test_a_custom_reward_named_only_in_the_config_trains(tmp_path, monkeypatch):
+    """Built with its kwargs and trained at its weight and shaping: each logged step's loss has the term
+    lambda * (-r) of the logged score, added to L_dmd (a dropped weight or gain would show)."""
     from dmdr_rl.trainer import LocalTrainer
 
     (tmp_path / "user_rewards_mod.py").write_text(USER_REWARD)
@@ -462,10 +465,18 @@ def test_a_custom_reward_named_only_in_the_config_trains(tmp_path, monkeypatch):
     overrides = tiny_run("trainer.cold_start=0", f"output.dir={tmp_path / 'run'}")
     cfg = load_config("toy-dmdr", overrides)
     cfg.rewards = [RewardSpec(name="user_rewards_mod:Brightness", weight=0.5, shaping="linear", kwargs={"gain": 2.0})]
-    summary = LocalTrainer(cfg).train()
+    trainer = LocalTrainer(cfg)
+    (reward,) = trainer.learner.rewards  # built from the config with its kwargs
+    assert reward.model.model.gain == 2.0 and reward.spec.weight == 0.5  # (in-process: the user's model inside)
+    summary = trainer.train()
     assert summary["generator_steps"] == 2
-    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert '"reward/user_rewards_mod:Brightness"' in rows[-1]
+    rows = [json.loads(row) for row in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    key = "user_rewards_mod:Brightness"
+    assert len(rows) == 2
+    for row in rows:  # the reward in the loss at its weight and shaping: lambda * (-r), added to L_dmd
+        assert row[f"loss/reward/{key}"] == pytest.approx(-0.5 * row[f"reward/{key}"], rel=1e-5)
+        assert row["loss/generator"] == pytest.approx(row["loss/dmd"] + row[f"loss/reward/{key}"], rel=1e-5, abs=1e-7)
+        assert 0 < row[f"reward/{key}"] < 2.0  # gain 2 x mean brightness
     cfg.rewards = [RewardSpec(name="user_rewards_mod:Blackbox", weight=0.5)]
     with pytest.raises(ConfigError, match="rewards.0 \\(user_rewards_mod:Blackbox\\) is not differentiable"):
         LocalTrainer(cfg)

@@ -303,16 +303,20 @@ def test_gradient_checkpointing_of_the_transformer_and_the_vae_keeps_the_reward_
     traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
     rewards = [dmdr.WeightedReward(MeanRed(), RewardSpec(name="mean-red", weight=1.0, shaping="linear"))]
 
-    def gradients():
+    def gradients(reward_active=True):
         params = backbone.trainable_parameters(dmdr.GENERATOR)
         for p in params:
             p.grad = None
         loss, _ = dmdr.generator_loss(backbone, traj, cond, prompts, 0, student, CriticSection(), DmdSection(), rewards,
-                                      True, torch.Generator().manual_seed(2))
+                                      reward_active, torch.Generator().manual_seed(2))
         loss.backward()
-        return [p.grad.clone() for p in params if p.grad is not None]
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    plain = gradients()
+    plain, dmd_only = gradients(), gradients(reward_active=False)
+    assert plain and any(g.abs().sum() > 0 for g in plain)
+    # the reward's gradient (through the VAE decoder) is part of them: without it they differ
+    change = max((a - b).abs().max().item() for a, b in zip(plain, dmd_only))
+    assert change > 1e-2 * max(g.abs().max().item() for g in plain)  # (measured 0.15)
     backbone.enable_gradient_checkpointing()
     assert backbone.transformer.gradient_checkpointing and backbone.vae.decoder.gradient_checkpointing
     for a, b in zip(gradients(), plain, strict=True):
