@@ -8,6 +8,7 @@ start-up with the field's dotted name, the value given and what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from pathlib import Path
@@ -225,6 +226,12 @@ class TrainerSection(_Section):
             raise ValueError("use auto, cpu, cuda or cuda:N")
         return value
 
+    @field_validator("resume_from")
+    @classmethod
+    def _home_expanded(cls, value: Optional[str]) -> Optional[str]:
+        """`~` is the home directory, as in output.dir (a shell does not expand it in resume_from=~/...)."""
+        return os.path.expanduser(value) if value else value
+
 
 class RaySection(_Section):
     address: Optional[str] = None  # null: the cluster of `ray job submit` / RAY_ADDRESS, else a local one
@@ -400,7 +407,7 @@ class RunConfig(_Section):
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.dir.format(name=self.name))
+        return Path(self.output.dir.format(name=self.name)).expanduser()
 
     def warnings(self) -> list[str]:
         """Settings that run but probably not as meant (printed at start and by --dry-run)."""

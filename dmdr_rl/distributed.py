@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -116,26 +117,33 @@ def password_runtime_env(cfg: RunConfig) -> dict | None:
 
 def place_job_output(cfg: RunConfig) -> RunConfig:
     """A submitted job runs in Ray's temporary copy of its working directory, which Ray deletes when it is no
-    longer used: there a relative output.dir is taken from the home directory of the node the job's driver
-    runs on (the head node, by default) instead. Elsewhere the config is returned as it is."""
-    if submitted_job_runtime_env() is None or Path(cfg.output.dir).expanduser().is_absolute():
+    longer used: there a relative output.dir (and a relative local ray.storage_path) is taken from the home
+    directory of the node the job's driver runs on (the head node, by default) instead. Elsewhere the config
+    is returned as it is."""
+    storage = cfg.ray.storage_path
+    relative_storage = storage is not None and "://" not in storage and not Path(storage).expanduser().is_absolute()
+    if submitted_job_runtime_env() is None or (cfg.output_dir.is_absolute() and not relative_storage):
         return cfg
     placed = cfg.model_copy(deep=True)
-    placed.output.dir = str(Path.home() / cfg.output.dir)
+    if not cfg.output_dir.is_absolute():
+        placed.output.dir = str(Path.home() / cfg.output.dir)
+    if relative_storage:
+        placed.ray.storage_path = str(Path.home() / storage)
     return placed
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """The config with every local path in it made absolute: Ray Train runs its workers in a directory of
     its own, and a cluster's actors and reward replicas start where the cluster was started, so a relative
-    path would name another file there, or none. A string is a local path when something exists there
-    (`from_pretrained` reads it the same way); hub ids and `toy:` prompt specs stay as they are."""
+    path would name another file there, or none. A path field (data.prompts, model.path) is a local path when
+    something exists there (`from_pretrained` reads it the same way: hub ids and `toy:` prompt specs stay as
+    they are); a kwarg of the backbone or a reward when it also names one (`path_kwarg`)."""
     placed = cfg.model_copy(deep=True)
     placed.data.prompts = _absolute_if_local(cfg.data.prompts)
     placed.model.path = _absolute_if_local(cfg.model.path)
-    placed.model.kwargs = {key: _absolute_if_local(value) for key, value in cfg.model.kwargs.items()}
+    placed.model.kwargs = _absolute_path_kwargs(cfg.model.kwargs)
     for spec in placed.rewards:
-        spec.kwargs = {key: _absolute_if_local(value) for key, value in spec.kwargs.items()}
+        spec.kwargs = _absolute_path_kwargs(spec.kwargs)
     storage = cfg.ray.storage_path
     if storage is not None and "://" not in storage:  # a directory Ray Train creates: it need not exist yet
         placed.ray.storage_path = str(Path(storage).expanduser().absolute())
@@ -146,6 +154,21 @@ def _absolute_if_local(value):
     if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
         return os.path.abspath(value)
     return value
+
+
+PATH_KWARG = re.compile(r"(^|_)(path|dir|directory|file|root|checkpoint|weights)s?$")
+
+
+def path_kwarg(key: str, value) -> bool:
+    """A kwarg that names a path: by its key (path, checkpoint, cache_dir, vocab_file, ...) or by its value
+    (./x, ../x, a/b/c); not `device: cuda` beside a folder named cuda."""
+    from .hub import looks_like_a_path
+
+    return isinstance(value, str) and (bool(PATH_KWARG.search(key)) or looks_like_a_path(value))
+
+
+def _absolute_path_kwargs(kwargs: dict) -> dict:
+    return {key: _absolute_if_local(value) if path_kwarg(key, value) else value for key, value in kwargs.items()}
 
 
 def check_storage(cfg: RunConfig, nodes: int) -> None:
@@ -318,7 +341,7 @@ def _once(action: Callable[[], None]) -> Callable[[], None]:
 
 
 def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from learner.loop import train_loop_per_worker
@@ -338,8 +361,18 @@ def _torch_trainer(cfg: RunConfig, coordinator, out: Path):
                                   storage_path=r.storage_path or str(out / "ray_train"),
                                   failure_config=FailureConfig(max_failures=r.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                  logging_config=LoggingConfig(log_level=r.train_log_level)),
+                                  **_train_logging(r.train_log_level)),
     )
+
+
+def _train_logging(level: str) -> dict:
+    """RunConfig's logging_config at `level`; nothing on a Ray Train without one (before Ray 2.5x's Train v2
+    LoggingConfig, or with RAY_TRAIN_V2_ENABLED=0): its lines then stay at Ray's default."""
+    try:
+        from ray.train import LoggingConfig
+    except ImportError:
+        return {}
+    return {"logging_config": LoggingConfig(log_level=level)}
 
 
 def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,

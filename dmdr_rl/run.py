@@ -50,14 +50,16 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .distributed import place_job_output, with_absolute_paths
 
     cfg = load_config(preset, overrides)
-    for note in _warnings(cfg):
-        print(f"warning: {note}", file=sys.stderr, flush=True)
     if (placed := place_job_output(cfg)) is not cfg:
         print(f"dmdr_rl: a submitted job's working directory is Ray's temporary copy of the code: output.dir="
               f"{cfg.output.dir} goes under this node's home directory, {placed.output_dir} (pass an absolute "
               f"output.dir to choose)", flush=True)
         cfg = placed
-    cfg = with_absolute_paths(cfg)  # actors, learner workers and reward replicas run in other directories
+    # actors, learner workers and reward replicas run in other directories; and the run's config.yaml holds
+    # them absolute, so a resume compares like with like (_warnings)
+    cfg = with_absolute_paths(cfg)
+    for note in _warnings(cfg):
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     if cfg.trainer.backend == "ray":
         from .distributed import train_distributed
 
@@ -128,13 +130,13 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     """Everything that can be checked without a cluster or model weights: the config, that the backbone
     and every reward resolve (registry name or import path), and the prompt source when it is on this
     machine. Returns the plan as text."""
-    from .distributed import check_placement, place_job_output, resources_needed
+    from .distributed import check_placement, place_job_output, resources_needed, with_absolute_paths
     from .prompts import checked_prompt_source
     from .store import redact_url
     from .registry import check_model
     from reward_servers.registry import REWARDS, check_reward
 
-    cfg = place_job_output(load_config(preset, overrides))  # where a submitted job would put it
+    cfg = with_absolute_paths(place_job_output(load_config(preset, overrides)))  # as the run would have it
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
     for i, spec in enumerate(cfg.rewards):

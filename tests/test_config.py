@@ -234,3 +234,10 @@ def test_a_finished_runs_config_loads_for_sampling_whatever_the_rules_of_trainin
     assert load_config(tmp_path / "config.yaml", for_sampling=True).dmd.weight == 0.0
     with pytest.raises(ConfigError, match="student.steps"):  # the fields themselves are still checked
         load_config(tmp_path / "config.yaml", ["student.steps=0"], for_sampling=True)
+
+
+def test_a_home_relative_path_is_the_home_directory(monkeypatch, tmp_path):
+    """`~` in output.dir or trainer.resume_from is the home directory: no shell expands it inside key=~/value."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("toy-dmd", ["output.dir=~/runs/{name}", "trainer.resume_from=~/runs/old"])
+    assert cfg.output_dir == tmp_path / "runs" / cfg.name and cfg.trainer.resume_from == str(tmp_path / "runs" / "old")

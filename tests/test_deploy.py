@@ -193,6 +193,11 @@ def test_the_ray_head_is_reached_only_by_its_cluster_the_operator_and_labelled_c
             assert all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"]), (name, rule)
     redis = [p for p in policies if p["spec"]["podSelector"] == {"matchLabels": {"app": "redis"}}]
     assert len(redis) == 1 and [port["port"] for rule in redis[0]["spec"]["ingress"] for port in rule["ports"]] == [6379]
+    # the Ray pods, and KubeRay's Redis-cleanup Job (a copy of the head pod labelled redis-cleanup), which deletes a
+    # fault-tolerant cluster's GCS keys when it is deleted: no other pod
+    (node_types,) = [expression["values"] for rule in redis[0]["spec"]["ingress"] for peer in rule["from"]
+                     for expression in peer["podSelector"]["matchExpressions"] if expression["key"] == "ray.io/node-type"]
+    assert sorted(node_types) == ["head", "redis-cleanup", "worker"]
 
 
 def test_the_image_and_the_launcher_install_the_pinned_dependencies():

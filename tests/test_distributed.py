@@ -484,23 +484,32 @@ def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     placed = place_job_output(relative)
     assert placed.output_dir == tmp_path / "home" / "runs" / cfg.name and relative.output.dir == "runs/{name}"
+    # `~` is the home directory wherever the run is (no shell expands it inside output.dir=~/...)
+    tilde = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "~/elsewhere/{name}"})})
+    assert place_job_output(tilde) is tilde and tilde.output_dir == tmp_path / "home" / "elsewhere" / cfg.name
+    # a relative local storage path would be in Ray's temporary copy too; a URI stays as it is
+    storage = relative.model_copy(update={"ray": relative.ray.model_copy(update={"storage_path": "ckpt"})})
+    assert place_job_output(storage).ray.storage_path == str(tmp_path / "home" / "ckpt")
+    uri = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"storage_path": "s3://bucket/x"})})
+    assert place_job_output(uri) is uri
 
 
 def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, monkeypatch):
     """Ray Train's workers run in a directory of their own (and a cluster's actors where it was started):
     prompt files, model directories, path kwargs and a local storage path reach them absolute; hub ids,
-    toy: specs, URIs and other strings are left as they are."""
+    toy: specs, URIs and other strings are left as they are, even one that names a local folder by chance."""
     from dmdr_rl.distributed import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("a small red circle in the center\n")
     (tmp_path / "weights").mkdir()
     cfg = _config(tmp_path, **{"data.prompts": "prompts.txt", "model.path": "weights",
-                               "model.kwargs": "{dtype: float32, vae: weights}", "ray.storage_path": "ckpt",
+                               "model.kwargs": "{dtype: float32, vae_path: weights, variant: weights}",
+                               "ray.storage_path": "ckpt",
                                "rewards.0.kwargs": "{path: weights, cache_dir: not-there, gain: 2}"})
     placed = with_absolute_paths(cfg)
     assert placed.data.prompts == str(tmp_path / "prompts.txt") and placed.model.path == str(tmp_path / "weights")
-    assert placed.model.kwargs == {"dtype": "float32", "vae": str(tmp_path / "weights")}
+    assert placed.model.kwargs == {"dtype": "float32", "vae_path": str(tmp_path / "weights"), "variant": "weights"}
     assert placed.rewards[0].kwargs == {"path": str(tmp_path / "weights"), "cache_dir": "not-there", "gain": 2}
     assert placed.ray.storage_path == str(tmp_path / "ckpt")
     assert cfg.data.prompts == "prompts.txt"  # the original is left alone

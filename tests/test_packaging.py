@@ -1,13 +1,16 @@
-"""The package's declared dependencies against its imports and the tested lock: a library install
-(`pip install dmdr-rl`) must import what the run imports, and the lock must satisfy every range."""
+"""The package's declared dependencies against its imports and the tested lock: every module-level import
+is a dependency or an extra's (modules of an extra's feature, such as reward_servers/serve.py with
+`ray`, import it at the top), and the lock satisfies every range."""
 
 import ast
 import importlib.metadata
 import sys
-import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dmdr_rl", "actors", "learner", "reward_servers")

@@ -99,15 +99,18 @@ def judge_feature_statistics(judge: AttributeClassifier, generated: torch.Tensor
     if not all(torch.isfinite(total).all() for total in sums):  # (a judge whose features are not finite: the matrix
         return {"fid": math.nan, "diversity": math.nan}  # square root of a NaN covariance crashes the process in
         # LAPACK; NaN is not a perfect 0 either)
+    reference_variance = _total_variance(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
     spread = (_total_variance(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
-              / _total_variance(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples))
+              / reference_variance if reference_variance > 0 else math.nan)  # (renders the judge cannot tell apart)
     # rounding can dip the distance below 0 when the sets (nearly) coincide
     return {"fid": max(0.0, float(fid.compute())), "diversity": spread}
 
 
 def _total_variance(features_sum: torch.Tensor, products_sum: torch.Tensor, count: torch.Tensor) -> float:
-    """tr Cov of features from their running sums (sum x, sum x x^T, n), in float64."""
+    """tr Cov of features from their running sums (sum x, sum x x^T, n), in float64; NaN below 2 samples."""
     n = float(count)
+    if n < 2:
+        return math.nan
     mean = features_sum / n
     return max(0.0, float((products_sum.diagonal() - n * mean**2).sum() / (n - 1)))  # (identical images: 0, not -1e-15)
 
