@@ -407,7 +407,7 @@ class RunConfig(_Section):
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.dir.format(name=self.name)).expanduser()
+        return Path(os.path.expanduser(self.output.dir.format(name=self.name)))  # (~user of no user: left as it is)
 
     def warnings(self) -> list[str]:
         """Settings that run but probably not as meant (printed at start and by --dry-run)."""

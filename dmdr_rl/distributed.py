@@ -156,15 +156,17 @@ def _absolute_if_local(value):
     return value
 
 
-PATH_KWARG = re.compile(r"(^|_)(path|dir|directory|file|root|checkpoint|weights)s?$")
+PATH_KWARG = re.compile(r"(^|_)(path|dir|directory|folder|file|filename|root|checkpoint|ckpt|weights|config|tokenizer|"
+                        r"pretrained|name)s?$", re.IGNORECASE)
 
 
 def path_kwarg(key: str, value) -> bool:
-    """A kwarg that names a path: by its key (path, checkpoint, cache_dir, vocab_file, ...) or by its value
-    (./x, ../x, a/b/c); not `device: cuda` beside a folder named cuda."""
+    """A kwarg that names a path: by its key (path, checkpoint, cache_dir, med_config, tokenizer, ...), by its
+    value's look (./x, ../x, a/b/c) or by a file suffix (tiny.json); not `device: cuda` beside a folder cuda."""
     from .hub import looks_like_a_path
 
-    return isinstance(value, str) and (bool(PATH_KWARG.search(key)) or looks_like_a_path(value))
+    return isinstance(value, str) and (bool(PATH_KWARG.search(key)) or looks_like_a_path(value)
+                                       or bool(Path(value).suffix))
 
 
 def _absolute_path_kwargs(kwargs: dict) -> dict:

@@ -378,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)}")
     p.add_argument("--num-images", type=int, default=1000, help="images per split and row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", type=Path, default=Path("runs/results"), help="where the trainings live (reused when finished)")
+    p.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=Path("runs/results"), help="where the trainings live (reused when finished)")
     p.add_argument("--out", type=Path, default=Path("docs/results"), help="where toy.md, toy.json and the grids go")
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time (the CPU threads are split between them)")
     p.add_argument("--retrain", action="store_true", help="delete the rows' runs under --runs and train them again")

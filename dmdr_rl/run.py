@@ -50,11 +50,13 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .distributed import place_job_output, with_absolute_paths
 
     cfg = load_config(preset, overrides)
-    if (placed := place_job_output(cfg)) is not cfg:
-        print(f"dmdr_rl: a submitted job's working directory is Ray's temporary copy of the code: output.dir="
-              f"{cfg.output.dir} goes under this node's home directory, {placed.output_dir} (pass an absolute "
-              f"output.dir to choose)", flush=True)
-        cfg = placed
+    placed = place_job_output(cfg)
+    for field, before, after in (("output.dir", cfg.output_dir, placed.output_dir),
+                                 ("ray.storage_path", cfg.ray.storage_path, placed.ray.storage_path)):
+        if before != after:
+            print(f"dmdr_rl: a submitted job's working directory is Ray's temporary copy of the code: {field}={before} "
+                  f"goes under this node's home directory, {after} (pass an absolute {field} to choose)", flush=True)
+    cfg = placed
     # actors, learner workers and reward replicas run in other directories; and the run's config.yaml holds
     # them absolute, so a resume compares like with like (_warnings)
     cfg = with_absolute_paths(cfg)

@@ -492,6 +492,8 @@ def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
     assert place_job_output(storage).ray.storage_path == str(tmp_path / "home" / "ckpt")
     uri = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"storage_path": "s3://bucket/x"})})
     assert place_job_output(uri) is uri
+    only_storage = place_job_output(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"storage_path": "ckpt"})}))
+    assert only_storage.output_dir == cfg.output_dir and only_storage.ray.storage_path == str(tmp_path / "home" / "ckpt")
 
 
 def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, monkeypatch):
@@ -506,11 +508,14 @@ def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, 
     cfg = _config(tmp_path, **{"data.prompts": "prompts.txt", "model.path": "weights",
                                "model.kwargs": "{dtype: float32, vae_path: weights, variant: weights}",
                                "ray.storage_path": "ckpt",
-                               "rewards.0.kwargs": "{path: weights, cache_dir: not-there, gain: 2}"})
+                               "rewards.0.kwargs": "{path: weights, cache_dir: not-there, gain: 2, "
+                                                   "med_config: prompts.txt, device: weights, extra: prompts.txt}"})
     placed = with_absolute_paths(cfg)
     assert placed.data.prompts == str(tmp_path / "prompts.txt") and placed.model.path == str(tmp_path / "weights")
     assert placed.model.kwargs == {"dtype": "float32", "vae_path": str(tmp_path / "weights"), "variant": "weights"}
-    assert placed.rewards[0].kwargs == {"path": str(tmp_path / "weights"), "cache_dir": "not-there", "gain": 2}
+    assert placed.rewards[0].kwargs == {"path": str(tmp_path / "weights"), "cache_dir": "not-there", "gain": 2,
+                                        "med_config": str(tmp_path / "prompts.txt"), "device": "weights",
+                                        "extra": str(tmp_path / "prompts.txt")}  # (by key, not by chance, by suffix)
     assert placed.ray.storage_path == str(tmp_path / "ckpt")
     assert cfg.data.prompts == "prompts.txt"  # the original is left alone
     hub = _config(tmp_path, **{"model.path": "stabilityai/stable-diffusion-3-medium-diffusers",

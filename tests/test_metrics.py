@@ -56,7 +56,7 @@ def test_diversity_is_the_generated_features_total_variance_over_the_renders(jud
     assert judge_feature_statistics(judge, collapsed, reference)["diversity"] == pytest.approx(expected, rel=1e-6)
     same = judge_feature_statistics(judge, renders, reference)
     assert 0.8 < same["diversity"] < 1.25 and same["fid"] == pytest.approx(judge_fid(judge, renders, reference))
-    assert judge_feature_statistics(judge, reference[:1].repeat(200, 1, 1, 1), reference)["diversity"] < 1e-9
+    assert judge_feature_statistics(judge, reference[:1].repeat(200, 1, 1, 1), reference)["diversity"] == 0.0
     # renders the judge cannot tell apart: no spread to compare with (NaN, not a division by zero)
     assert math.isnan(judge_feature_statistics(judge, renders, reference[:1].repeat(200, 1, 1, 1))["diversity"])
     assert expected < 0.9 * same["diversity"]

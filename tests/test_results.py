@@ -146,6 +146,8 @@ def test_a_bad_override_stops_the_table_before_any_run_is_deleted_or_trained(tmp
     with pytest.raises(SystemExit):
         results.parse_args(["--num-images", "1"])
     assert "--num-images must be >= 2" in capsys.readouterr().err
+    # `~` in --runs is the home directory, as in the trainings' output.dir (no shell expands it in --runs=~/x)
+    assert results.parse_args(["--runs=~/table"]).runs.is_absolute()
 
 
 def test_an_accuracy_margin_is_given_in_standard_errors_of_the_image_draw():

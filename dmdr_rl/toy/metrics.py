@@ -101,18 +101,22 @@ def judge_feature_statistics(judge: AttributeClassifier, generated: torch.Tensor
         # LAPACK; NaN is not a perfect 0 either)
     reference_variance = _total_variance(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
     spread = (_total_variance(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
-              / reference_variance if reference_variance > 0 else math.nan)  # (renders the judge cannot tell apart)
+              / reference_variance if reference_variance > 0 else math.nan)  # (renders the judge cannot tell apart,
+    # or fewer than 2)
     # rounding can dip the distance below 0 when the sets (nearly) coincide
     return {"fid": max(0.0, float(fid.compute())), "diversity": spread}
 
 
 def _total_variance(features_sum: torch.Tensor, products_sum: torch.Tensor, count: torch.Tensor) -> float:
-    """tr Cov of features from their running sums (sum x, sum x x^T, n), in float64; NaN below 2 samples."""
+    """tr Cov of features from their running sums (sum x, sum x x^T, n), in float64; NaN below 2 samples. The
+    sums cancel to rounding (about 1e-13 of the features' mean square) for identical features: below 1e-9 of
+    it, the variance is 0."""
     n = float(count)
     if n < 2:
         return math.nan
     mean = features_sum / n
-    return max(0.0, float((products_sum.diagonal() - n * mean**2).sum() / (n - 1)))  # (identical images: 0, not -1e-15)
+    variance = float((products_sum.diagonal() - n * mean**2).sum() / (n - 1))
+    return variance if variance > 1e-9 * float(products_sum.diagonal().sum() / n) else 0.0
 
 
 def mismatch(scene: Scene, rng, hard: bool) -> Scene:
