@@ -120,8 +120,8 @@ def place_job_output(cfg: RunConfig) -> RunConfig:
     longer used: there a relative output.dir (and a relative local ray.storage_path) is taken from the home
     directory of the node the job's driver runs on (the head node, by default) instead. Elsewhere the config
     is returned as it is."""
-    storage = cfg.ray.storage_path
-    relative_storage = storage is not None and "://" not in storage and not Path(storage).expanduser().is_absolute()
+    storage = local_storage(cfg)
+    relative_storage = storage is not None and not storage.is_absolute()
     if submitted_job_runtime_env() is None or (cfg.output_dir.is_absolute() and not relative_storage):
         return cfg
     placed = cfg.model_copy(deep=True)
@@ -130,6 +130,12 @@ def place_job_output(cfg: RunConfig) -> RunConfig:
     if relative_storage:
         placed.ray.storage_path = str(Path.home() / storage)
     return placed
+
+
+def local_storage(cfg: RunConfig) -> Path | None:
+    """ray.storage_path when it is a local path (`~` expanded), None for a URI (s3://...) or none at all."""
+    storage = cfg.ray.storage_path
+    return None if storage is None or "://" in storage else Path(storage).expanduser()
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -144,9 +150,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     placed.model.kwargs = _absolute_path_kwargs(cfg.model.kwargs)
     for spec in placed.rewards:
         spec.kwargs = _absolute_path_kwargs(spec.kwargs)
-    storage = cfg.ray.storage_path
-    if storage is not None and "://" not in storage:  # a directory Ray Train creates: it need not exist yet
-        placed.ray.storage_path = str(Path(storage).expanduser().absolute())
+    if (storage := local_storage(cfg)) is not None:  # a directory Ray Train creates: it need not exist yet
+        placed.ray.storage_path = str(storage.absolute())
     return placed
 
 
