@@ -318,8 +318,7 @@ class RolloutCoordinator:
                       or set(everyone))
         in_turn = [i for k in everyone if (i := (self.turn + k) % len(self.workers)) in candidates]
         if urgent:
-            outstanding = collections.Counter(batch.worker for key, batch in self.batches.items()
-                                              if key != (iteration, rank))
+            outstanding = self._unfinished_batches(exclude=(iteration, rank))
             worker_index = min(in_turn, key=lambda i: outstanding[i])  # (ties: in turn)
         else:
             worker_index = in_turn[0]
@@ -329,6 +328,16 @@ class RolloutCoordinator:
         batch = self.batches[(iteration, rank)] = IssuedBatch(ref, worker_index, self.incarnations[worker_index])
         self.ledger.append("issued", iteration=iteration, rank=rank, worker=worker_index, weight_version=self.version)
         return batch
+
+    def _unfinished_batches(self, exclude: tuple[int, int]) -> collections.Counter:
+        """Per worker, its issued batches still being sampled or waiting their turn (a finished batch the
+        learner has not consumed yet costs the worker nothing: asked Ray, without waiting or fetching)."""
+        pending = [batch for key, batch in self.batches.items() if key != exclude]
+        if not pending:
+            return collections.Counter()
+        refs = [batch.ref for batch in pending]
+        _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        return collections.Counter(batch.worker for batch in pending if batch.ref in unfinished)
 
     def close_store(self) -> None:
         """Flush the ledger to the run store (before the driver audits it and stops this actor)."""

@@ -259,6 +259,7 @@ def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
     import actors.coordinator as coordinator_module
 
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: ([], refs))  # every batch still sampling
     cfg = _config(tmp_path, **{"ray.rollout_actors": 4, "ray.max_staleness": 1})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.publish(0, ["weights"])
@@ -278,7 +279,11 @@ def test_a_reissued_batch_goes_to_the_worker_with_the_fewest_batches_outstanding
     with the least queued, not the next in round-robin (which would put it behind that worker's look-ahead)."""
     import actors.coordinator as coordinator_module
 
+    finished = []  # the refs of batches sampled already (not consumed yet)
+    done = lambda ref: any(ref is f for f in finished)  # noqa: E731
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: ([r for r in refs if done(r)],
+                                                                           [r for r in refs if not done(r)]))
     cfg = _config(tmp_path, **{"ray.rollout_actors": 4, "ray.max_staleness": 1})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.publish(0, ["weights"])
@@ -288,6 +293,8 @@ def test_a_reissued_batch_goes_to_the_worker_with_the_fewest_batches_outstanding
     assert coordinator.reissue(0, 0)[0][1] == 3
     coordinator.batches[(93, 0)] = coordinator_module.IssuedBatch(("queued",), 0, 0)  # queued: 0: 1, 1: 3, 2: 2, 3: 1
     assert coordinator.reissue(0, 0)[0][1] == 0  # not worker 3, which failed it this time
+    finished += [batch.ref for batch in coordinator.batches.values() if batch.worker == 1]
+    assert coordinator.reissue(0, 0)[0][1] == 1  # its 3 batches are done: they do not hold up this one
 
 
 def test_a_learner_restart_before_any_batch_replaces_the_lost_learners_weights(tmp_path, monkeypatch):
@@ -404,7 +411,11 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
 
     workers.remote = handle_with_question
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
-    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: ([r for r in refs if r.index in answered], []))
+    def wait(refs, **_):  # a question answers once its worker is in `answered`; a batch is never done here
+        done = [r for r in refs if isinstance(r, Question) and r.index in answered]
+        return done, [r for r in refs if not any(r is d for d in done)]
+
+    monkeypatch.setattr(coordinator_module.ray, "wait", wait)
     monkeypatch.setattr(coordinator_module.ray, "get", lambda ref: True)
     monkeypatch.setattr(coordinator_module.ray, "kill", lambda *a, **k: None)
     cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 1})
@@ -824,6 +835,7 @@ def test_the_coordinator_restarts_a_worker_once_per_incarnation(tmp_path, monkey
     killed = []
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
     monkeypatch.setattr(coordinator_module.ray, "kill", lambda actor, no_restart: killed.append((actor, no_restart)))
+    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: ([], refs))  # every batch still sampling
     cfg = _config(tmp_path, **{"ray.rollout_actors": 3, "ray.max_staleness": 0})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
     coordinator.publish(0, ["weights"])
