@@ -174,8 +174,25 @@ def path_kwarg(key: str, value) -> bool:
                                        or bool(Path(value).suffix))
 
 
+# a kwarg that can only be a local directory (never a hub id), which the model may create: made absolute even
+# before it exists (a relative cache_dir would otherwise fill a new cache in each Ray Train worker's directory)
+DIRECTORY_KWARG = re.compile(r"(^|_)(dir|directory|folder|root)$", re.IGNORECASE)
+
+
 def _absolute_path_kwargs(kwargs: dict) -> dict:
-    return {key: _absolute_if_local(value) if path_kwarg(key, value) else value for key, value in kwargs.items()}
+    return {key: _absolute_path_kwarg(key, value) for key, value in kwargs.items()}
+
+
+def _absolute_path_kwarg(key: str, value):
+    """One kwarg made absolute where it names a local path, looking inside nested dicts and lists (a list is
+    judged by the key that holds it)."""
+    if isinstance(value, dict):
+        return _absolute_path_kwargs(value)
+    if isinstance(value, list):
+        return [_absolute_path_kwarg(key, item) for item in value]
+    if isinstance(value, str) and value and DIRECTORY_KWARG.search(key) and "://" not in value:
+        return os.path.abspath(os.path.expanduser(value))
+    return _absolute_if_local(value) if path_kwarg(key, value) else value
 
 
 def check_storage(cfg: RunConfig, nodes: int) -> None:

@@ -520,13 +520,18 @@ def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, 
                                "model.kwargs": "{dtype: float32, vae_path: weights, variant: weights}",
                                "ray.storage_path": "ckpt",
                                "rewards.0.kwargs": "{path: weights, cache_dir: not-there, gain: 2, "
-                                                   "med_config: prompts.txt, device: weights, extra: prompts.txt}"})
+                                                   "med_config: prompts.txt, device: weights, extra: prompts.txt, "
+                                                   "nested: {vae: {checkpoint: weights}, files: [prompts.txt, 3]}, "
+                                                   "cache: s3://bucket/cache, log_dir: s3://bucket/logs}"})
     placed = with_absolute_paths(cfg)
     assert placed.data.prompts == str(tmp_path / "prompts.txt") and placed.model.path == str(tmp_path / "weights")
     assert placed.model.kwargs == {"dtype": "float32", "vae_path": str(tmp_path / "weights"), "variant": "weights"}
-    assert placed.rewards[0].kwargs == {"path": str(tmp_path / "weights"), "cache_dir": "not-there", "gain": 2,
-                                        "med_config": str(tmp_path / "prompts.txt"), "device": "weights",
-                                        "extra": str(tmp_path / "prompts.txt")}  # (by key, not by chance, by suffix)
+    assert placed.rewards[0].kwargs == {
+        "path": str(tmp_path / "weights"), "gain": 2, "device": "weights",  # by key; not a folder's name by chance
+        "cache_dir": str(tmp_path / "not-there"),  # a directory the model creates: absolute before it exists
+        "med_config": str(tmp_path / "prompts.txt"), "extra": str(tmp_path / "prompts.txt"),  # by key, by suffix
+        "nested": {"vae": {"checkpoint": str(tmp_path / "weights")}, "files": [str(tmp_path / "prompts.txt"), 3]},
+        "cache": "s3://bucket/cache", "log_dir": "s3://bucket/logs"}  # (URIs as they are)
     assert placed.ray.storage_path == str(tmp_path / "ckpt")
     assert cfg.data.prompts == "prompts.txt"  # the original is left alone
     hub = _config(tmp_path, **{"model.path": "stabilityai/stable-diffusion-3-medium-diffusers",
