@@ -25,6 +25,9 @@ from .toy.teacher import DEFAULT_CFG
 from .toy.weights import load_align, load_judge, load_teacher
 
 
+TEACHER_STEPS = 32  # a teacher's default sampling steps (the toy tables'; SD3's own pipeline default is 28)
+
+
 def _list_of(kind):
     def parse(text: str):
         try:
@@ -78,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given:
             p.error(f"{', '.join(given)} set the teacher's sampling; a student samples as it was trained "
                     "(its run's student.steps, student.shift and student.sampler, no guidance)")
-    args.steps = args.steps if args.steps is not None else [32]
+    args.steps = args.steps if args.steps is not None else [TEACHER_STEPS]
     args.cfg = args.cfg if args.cfg is not None else [DEFAULT_CFG]
     args.shift = args.shift if args.shift is not None else 1.0
     if any(s < 1 for s in args.steps):
@@ -102,11 +105,27 @@ def load_student(run: Path):
     """A trained student as (sample_fn, its run's config): the generator adapter on the run's model,
     sampled as it was trained, on the GPU when there is one. Nothing else of the training is built
     (its reward apps, prompt file or training device need not exist here)."""
+    sample_fn, cfg, _ = load_sampler(run)
+    return sample_fn, cfg
+
+
+def load_sampler(run: Path, teacher: bool = False, steps: int | None = None, cfg: float | None = None,
+                 shift: float | None = None):
+    """(sample_fn, the run's config, how it samples) for a run's student, or with `teacher` for the model it
+    was distilled from (the base without the generator adapter): `steps` (default 32), `cfg` (default the
+    run's dmd.real_cfg, the guidance of its real score) and `shift` (default the student's)."""
     from .registry import resolve_device
     from .trainer import load_generator, student_images
 
-    backbone, cfg, _ = load_generator(run, device=resolve_device("auto"))
-    return (lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), cfg.student, seeds)), cfg
+    backbone, run_cfg, _ = load_generator(run, device=resolve_device("auto"))
+    if not teacher:
+        return ((lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), run_cfg.student, seeds)),
+                run_cfg, student_settings(run_cfg.student))
+    settings = {"steps": steps or TEACHER_STEPS, "cfg": run_cfg.dmd.real_cfg if cfg is None else cfg,
+                "shift": run_cfg.student.shift if shift is None else shift, "sampler": "ode"}
+    return ((lambda prompts, seeds: backbone.sample(list(prompts), settings["steps"], settings["cfg"], seed=list(seeds),
+                                                    shift=settings["shift"])),
+            run_cfg, settings)
 
 
 def student_label(run_dir: Path, checkpoint: Path) -> str:

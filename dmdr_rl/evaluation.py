@@ -6,7 +6,7 @@ student are evaluated by this one function, so their numbers are comparable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +47,25 @@ def generate(sample_fn: SampleFn, prompts: Sequence[str], seeds: Sequence[int], 
     return torch.cat(chunks), nonfinite
 
 
+def score_images(rewards: Mapping[str, object], images: torch.Tensor, prompts: Sequence[str],
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """Each reward model's scores of the images (by the name given), `batch_size` images a call, no gradient."""
+    with torch.no_grad():
+        return {name: torch.cat([reward.score(images[s : s + batch_size], list(prompts[s : s + batch_size]))
+                                 for s in range(0, len(prompts), batch_size)])
+                for name, reward in rewards.items()}
+
+
+def score_statistics(scores: torch.Tensor) -> dict[str, float | int]:
+    """Mean and its standard error over the finite scores, as training counts them (one failed score does
+    not void the mean), and how many were not finite."""
+    finite = scores[torch.isfinite(scores)].double()
+    n = finite.numel()
+    return {"mean": float(finite_mean(scores)),
+            "stderr": float(finite.std() / n ** 0.5) if n > 1 else float("nan"),
+            "non_finite": int(scores.numel() - n)}
+
+
 def evaluate(
     sample_fn: SampleFn,
     split: str,
@@ -72,14 +91,10 @@ def evaluate(
     with torch.no_grad():
         verdicts = [v for s in range(0, num_images, batch_size)
                     for v in judge_verdicts(judge, images[s : s + batch_size], scenes[s : s + batch_size])]
-        reward_scores = {
-            r.name: torch.cat([r.score(images[s : s + batch_size], prompts[s : s + batch_size])
-                               for s in range(0, num_images, batch_size)])
-            for r in rewards
-        }
-        # over the finite scores, as training counts them: one failed score does not void the mean
-        reward_means = {name: float(finite_mean(scores)) for name, scores in reward_scores.items()}
-        nonfinite = {name: int((~torch.isfinite(scores)).sum()) for name, scores in reward_scores.items()}
+    reward_scores = score_images({r.name: r for r in rewards}, images, prompts, batch_size)
+    statistics = {name: score_statistics(scores) for name, scores in reward_scores.items()}
+    reward_means = {name: s["mean"] for name, s in statistics.items()}
+    nonfinite = {name: s["non_finite"] for name, s in statistics.items()}
     accuracy, by_category = summarise_verdicts(verdicts)
     analytic, by_attribute = analytic_accuracy(images, scenes)
     features = judge_feature_statistics(judge, images, reference)

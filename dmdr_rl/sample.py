@@ -1,26 +1,53 @@
-"""Sample a trained student for your own prompts: a grid to look at and the images as data.
+"""Sample a trained student for your own prompts: a grid to look at and the images as data, scored by
+reward models if you ask.
 
     python -m dmdr_rl.sample --run runs/toy-dmdr --prompt "a red circle above a blue square" --num 8
     python -m dmdr_rl.sample --run runs/toy-dmdr --prompts my_prompts.txt --out runs/my-samples
+    python -m dmdr_rl.sample --run runs/sd3 --prompts eval.txt --score --out runs/sd3-student
+    python -m dmdr_rl.sample --run runs/sd3 --prompts eval.txt --score --teacher --steps 28 --out runs/sd3-teacher
 
 The student samples as it was trained (its steps, shift and sampler, no guidance), on the GPU when
-there is one. Each image has its own seed (from --seed and its index), kept in `samples.parquet`
-beside the prompt, so any one image can be made again alone; `grid.png` shows (the first 64 of) them
-with their prompts.
+there is one; `--teacher` samples the model it was distilled from instead. Each image has its own seed
+(from --seed and its index), kept in `samples.parquet` beside the prompt, so any one image can be made
+again alone, and the student and the teacher get the same noise for the same --seed. `--score` scores
+every image with the run's reward models (or those of `--reward`) in this process, into
+`samples.parquet` and `scores.json`; `grid.png` shows (the first 64 of) the images with their prompts.
 An SD3 student is better taken to diffusers with `python -m dmdr_rl.export`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from .cli import fixable_errors
+from .eval import TEACHER_STEPS
 
 GRID_IMAGES = 64
+
+
+def reward_spec(text: str):
+    """--reward's value as a rewards[] entry: a name or import path, or the entry's fields in YAML."""
+    import pydantic
+    import yaml
+
+    from .config import RewardSpec
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not a reward name or YAML mapping: {err}") from None
+    fields = {"name": text.strip()} if not isinstance(value, dict) else value
+    try:
+        return RewardSpec.model_validate({**fields, "placement": "local"})  # scored here, whatever the run did
+    except pydantic.ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in err.errors())
+        raise argparse.ArgumentTypeError(f"{text!r}: {problems}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +62,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the base seed each image's own seed derives from (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/samples-TIMESTAMP)")
+    p.add_argument("--teacher", action="store_true",
+                   help="sample the model the run distilled (its base, without the generator) instead of the student")
+    p.add_argument("--steps", type=int, default=None, help=f"teacher: sampling steps (default {TEACHER_STEPS})")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="teacher: classifier-free guidance scale (default: the run's dmd.real_cfg)")
+    p.add_argument("--shift", type=float, default=None, help="teacher: timestep shift (default: the run's student.shift)")
+    p.add_argument("--score", action="store_true",
+                   help="score every image with the run's reward models (every rewards[] entry, loaded in this "
+                        "process): a column each in samples.parquet, means in scores.json")
+    p.add_argument("--reward", action="append", default=[], type=reward_spec, metavar="SPEC",
+                   help="score with this reward model instead of the run's (repeatable; implies --score): a "
+                        "registered name or import path, or a rewards[] entry in YAML, e.g. "
+                        "'{name: pickscore, kwargs: {path: /models/pickscore}}'")
     args = p.parse_args(argv)
+    args.score = args.score or bool(args.reward)
+    if not args.teacher:
+        given = [flag for flag, value in (("--steps", args.steps), ("--cfg", args.cfg), ("--shift", args.shift))
+                 if value is not None]
+        if given:
+            p.error(f"{', '.join(given)} set the teacher's sampling (with --teacher); a student samples as it was "
+                    "trained (its run's student.steps, student.shift and student.sampler, no guidance)")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        p.error(f"--cfg must be finite and >= 0 (1: no guidance), got {args.cfg}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        p.error(f"--shift must be > 0, got {args.shift}")
     if not args.prompt and args.prompts is None:
         p.error("give --prompt TEXT (repeatable) or --prompts FILE")
     if any(not text.strip() for text in args.prompt):
@@ -50,37 +103,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def reward_models(specs, where: str) -> dict:
+    """Each entry's model in this process (a served reward too: here nothing runs on Ray), by its key."""
+    from reward_servers import reward_model
+
+    keys = [spec.key for spec in specs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"{where}: two rewards are called {max(keys, key=keys.count)!r}: give them labels")
+    return {spec.key: reward_model(spec.model_copy(update={"placement": "local"}), f"{where}[{i}]")
+            for i, spec in enumerate(specs)}
+
+
 def main(argv: list[str] | None = None) -> Path:
-    from .eval import load_student
-    from .evaluation import generate
+    from .eval import load_sampler
+    from .evaluation import generate, score_images, score_statistics
     from .seeds import image_seeds
     from .grid import save_grid
     from .prompts import read_prompt_file
     from .registry import check_model
     from .samples import write_samples
+    from .store import write_json_whole
 
     args = parse_args(argv)
     try:
         prompts = [p.strip() for p in args.prompt]
         if args.prompts is not None:
             prompts += read_prompt_file(args.prompts)
-        sample_fn, cfg = load_student(args.run)
+        sample_fn, cfg, settings = load_sampler(args.run, args.teacher, args.steps, args.cfg, args.shift)
         check_model(cfg.model, prompts, prompts_from="--prompt / --prompts")
+        rewards = {}
+        if args.score:
+            specs, where = (args.reward, "--reward") if args.reward else (cfg.rewards, "the run's rewards")
+            if not specs:
+                raise ValueError(f"--score: the run {args.run} has no rewards[]: name one with --reward NAME")
+            rewards = reward_models(specs, where)  # (before sampling: a model that cannot load stops it at once)
     except (*fixable_errors(), FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
+    model = "teacher" if args.teacher else "student"
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))
     images, nonfinite = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
     if nonfinite:
-        print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged student?); "
+        print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged {model}?); "
               "they are saved with those pixels at 0", file=sys.stderr)
     out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, source="sample")
+    try:
+        scores = score_images(rewards, images, prompts, args.batch_size)
+    except fixable_errors() as err:  # (a prompt the reward model cannot read): the images are kept all the same
+        write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, source="sample")
+        raise SystemExit(f"error: scoring: {err} (the images are in {out / 'samples.parquet'}, without scores)") from None
+    write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, rewards=scores,
+                  source="sample")
+    if args.score:
+        statistics = {name: score_statistics(values) for name, values in scores.items()}
+        write_json_whole(out / "scores.json", {"model": model, **settings, "run": str(Path(args.run).resolve()),
+                                               "num_images": len(prompts), "seed": args.seed, "rewards": statistics})
+        for name, s in statistics.items():
+            failed = f"; {s['non_finite']} not finite" if s["non_finite"] else ""
+            print(f"{name}: {s['mean']:.4f} +- {s['stderr']:.4f} (mean +- standard error over "
+                  f"{len(prompts) - s['non_finite']} images{failed})")
     shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look
     save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8,
               scale=max(1, 128 // images.shape[-1]))
-    print(f"{len(prompts)} images of the {cfg.student.steps}-step student in {out.resolve()}: samples.parquet, grid.png"
-          + (f" (the first {shown})" if shown < len(prompts) else ""))
+    print(f"{len(prompts)} images of the {settings['steps']}-step {model} in {out.resolve()}: samples.parquet, grid.png"
+          + (f" (the first {shown})" if shown < len(prompts) else "") + (", scores.json" if args.score else ""))
     return out
 
 

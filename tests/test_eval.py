@@ -214,6 +214,43 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     with pytest.raises(SystemExit):
         toy_eval.parse_args(["--model", "teacher", "--run", str(run_dir)])
 
+    # scored by the run's rewards (its served toy-align, loaded here), and its teacher on the same noise
+    from dmdr_rl.toy import load_align, load_teacher
+
+    mine = ["--run", str(run_dir), "--prompt", "a small red circle in the center", "--prompt",
+            "a blue square left of a red circle", "--num", "2"]
+    out = sample.main([*mine, "--score", "--out", str(tmp_path / "scored")])
+    rows = read_samples(out / "samples.parquet").to_pandas()
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["model"], scores["steps"], scores["num_images"]) == ("student", 2, 4)
+    align = scores["rewards"]["toy-align"]
+    assert align["mean"] == pytest.approx(rows["reward/toy-align"].mean(), rel=1e-6) and align["non_finite"] == 0
+    assert align["stderr"] == pytest.approx(rows["reward/toy-align"].std() / 2, rel=1e-6) and align["stderr"] > 0
+    images = torch.stack([decode_png(png) for png in rows["png"]])
+    torch.testing.assert_close(torch.tensor(rows["reward/toy-align"].to_numpy(), dtype=torch.float32),
+                               load_align().score(images, list(rows["prompt"])), rtol=0, atol=0.05)  # (8-bit PNGs)
+    out = sample.main([*mine, "--teacher", "--steps", "3", "--cfg", "2.5", "--reward", "{name: toy-align, label: again}",
+                       "--out", str(tmp_path / "teacher")])
+    teacher_rows = read_samples(out / "samples.parquet").to_pandas()
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["model"], scores["steps"], scores["cfg"], scores["shift"]) == ("teacher", 3, 2.5, 2.0)  # the run's shift
+    assert list(scores["rewards"]) == ["again"] and "reward/again" in teacher_rows
+    assert list(teacher_rows["seed"]) == list(rows["seed"])  # the same noise as the student's
+    expected = load_teacher().sample(list(rows["prompt"]), steps=3, cfg=2.5, seed=list(rows["seed"]), shift=2.0)
+    got = torch.stack([decode_png(png) for png in teacher_rows["png"]])
+    torch.testing.assert_close(got, (expected.clamp(0, 1) * 255).round() / 255, rtol=0, atol=1.5 / 255)
+    assert not torch.allclose(got, images, atol=0.05)  # the teacher, not the student again
+    with pytest.raises(SystemExit):
+        sample.parse_args([*mine, "--steps", "4"])  # the student samples as it was trained
+    with pytest.raises(SystemExit):
+        sample.parse_args([*mine, "--reward", "{name: toy-align, weight: -1}"])
+    with pytest.raises(SystemExit, match=r"--reward\[0\]\.name: .*no_such_module"):
+        sample.main([*mine, "--reward", "no_such_module:Reward", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()  # refused before sampling
+    with pytest.raises(SystemExit, match=r"error: scoring: .*not the toy grammar.*the images are in"):
+        sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--score", "--out", str(tmp_path / "kept")])
+    assert len(read_samples(tmp_path / "kept" / "samples.parquet")) == 4  # what was sampled is not lost
+
 
 def test_a_seed_read_back_from_the_samples_file_samples_again(teacher):
     import numpy as np
