@@ -321,3 +321,35 @@ def test_gradient_checkpointing_of_the_transformer_and_the_vae_keeps_the_reward_
     assert backbone.transformer.gradient_checkpointing and backbone.vae.decoder.gradient_checkpointing
     for a, b in zip(gradients(), plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_an_sd3_student_and_its_teacher_are_scored_by_a_reward_model_on_the_same_noise(tmp_path, tiny_sd3,
+                                                                                        tiny_sd3_overrides):
+    """`sample --score`: how a real model's student is measured against its teacher (the toy judge knows toy
+    scenes only): a tiny PickScore scores both, and the teacher is the run's base sampled with guidance."""
+    from dmdr_rl import sample as sample_command
+    from dmdr_rl.samples import decode_png, read_samples
+    from reward_servers.models.testing import save_tiny_clip
+
+    run_dir = tmp_path / "run"
+    LocalTrainer(load_config("toy-dmdr", [*TINY_RUN, *tiny_sd3_overrides, f"output.dir={run_dir}",
+                                          "trainer.max_steps=2"])).train()
+    clip = save_tiny_clip(tmp_path / "clip")
+    reward = f"{{name: pickscore, kwargs: {{path: {clip}, processor_path: {clip}}}}}"
+    common = ["--run", str(run_dir), "--prompt", "a red circle", "--prompt", "a blue square", "--num", "2",
+              "--reward", reward]
+    student = sample_command.main([*common, "--out", str(tmp_path / "student")])
+    teacher = sample_command.main([*common, "--teacher", "--steps", "3", "--cfg", "3", "--out", str(tmp_path / "teacher")])
+    rows = {name: read_samples(out / "samples.parquet").to_pandas() for name, out in
+            (("student", student), ("teacher", teacher))}
+    scores = {name: json.loads((out / "scores.json").read_text()) for name, out in (("student", student), ("teacher", teacher))}
+    assert scores["teacher"]["steps"] == 3 and scores["teacher"]["cfg"] == 3.0 and scores["student"]["steps"] == 2
+    for name in rows:
+        assert torch.isfinite(torch.tensor(rows[name]["reward/pickscore"].to_numpy())).all()
+        assert scores[name]["rewards"]["pickscore"]["mean"] == pytest.approx(rows[name]["reward/pickscore"].mean(), rel=1e-5)
+    assert list(rows["teacher"]["seed"]) == list(rows["student"]["seed"])
+    base = load_sd3(str(tiny_sd3), resolution=32, max_sequence_length=16)
+    expected = base.sample(list(rows["teacher"]["prompt"]), steps=3, cfg=3.0, seed=[int(s) for s in rows["teacher"]["seed"]],
+                           shift=load_config(run_dir / "config.yaml", for_sampling=True).student.shift)
+    got = torch.stack([decode_png(png) for png in rows["teacher"]["png"]])
+    torch.testing.assert_close(got, (expected.clamp(0, 1) * 255).round() / 255, rtol=0, atol=1.5 / 255)
