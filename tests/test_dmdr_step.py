@@ -365,18 +365,27 @@ def test_micro_batches_give_the_whole_batchs_losses_and_gradients(backbone, samp
 
 
 def test_gradient_checkpointing_keeps_the_gradients(backbone):
+    """The generator's (LoRA scale 1) and the critic's (scale fake_scale = 2, which diffusers sets on the layers
+    for the forward pass and resets after it): a recomputed block must run with the scale of its forward pass."""
     cond, student = backbone.encode(PROMPTS), StudentSection(steps=2)
     traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    critic = CriticSection()
+    assert critic.fake_scale != 1.0
 
     def run():
-        loss, _ = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(), DmdSection(), [], False,
+        loss, _ = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, critic, DmdSection(), [], False,
                                       torch.Generator().manual_seed(2))
         loss.backward()
 
+    def run_critic():
+        dmdr.critic_loss(backbone, traj.x0, cond, 0, critic, DmdSection(), torch.Generator().manual_seed(3)).backward()
+
     plain, _ = _accumulated(backbone, dmdr.GENERATOR, run)
+    plain_critic, _ = _accumulated(backbone, dmdr.CRITIC, run_critic)
     backbone.enable_gradient_checkpointing()
     assert backbone.transformer.gradient_checkpointing
     checkpointed, _ = _accumulated(backbone, dmdr.GENERATOR, run)
-    for a, b in zip(checkpointed, plain):
+    checkpointed_critic, _ = _accumulated(backbone, dmdr.CRITIC, run_critic)
+    for a, b in [*zip(checkpointed, plain), *zip(checkpointed_critic, plain_critic)]:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-    assert any(g.abs().sum() > 0 for g in plain)
+    assert any(g.abs().sum() > 0 for g in plain) and any(g.abs().sum() > 0 for g in plain_critic)
