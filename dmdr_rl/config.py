@@ -271,14 +271,23 @@ class RaySection(_Section):
     @classmethod
     def _cluster_address(cls, value: Optional[str]) -> Optional[str]:
         """Whether a cluster answers there is checked when the run starts."""
+        if value is not None and value.startswith("ray://"):
+            raise ValueError(RAY_CLIENT_REFUSED)
         if value is not None and not is_cluster_address(value):
-            raise ValueError("use host:port (e.g. 127.0.0.1:6379), auto, local, ray://host:port, or null")
+            raise ValueError("use host:port (e.g. 127.0.0.1:6379), auto, local, or null")
         return value
 
 
+# the driver writes the run directory and reads the ledger where it runs, and the coordinator lives on its node:
+# under Ray Client those are two machines (the client's files, the head's node)
+RAY_CLIENT_REFUSED = ("Ray Client (ray://) runs this driver away from the cluster, whose coordinator and learners "
+                      "write the run's records on their own machines: submit the run to the cluster instead, "
+                      "`ray job submit --address http://HOST:8265 --working-dir . -- python -m dmdr_rl.run ...`")
+
+
 def is_cluster_address(address: str) -> bool:
-    """One of the forms ray.init takes: host:port ([::1]:6379 too), auto, local, ray://host:port."""
-    if address in ("auto", "local") or address.startswith("ray://"):
+    """One of the forms ray.init takes that a run can join: host:port ([::1]:6379 too), auto, local."""
+    if address in ("auto", "local"):
         return True
     host, _, port = address.rpartition(":")
     return bool(host.strip("[]")) and port.isdigit()

@@ -24,7 +24,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig, is_cluster_address
+from .config import RAY_CLIENT_REFUSED, ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
 from .store import PASSWORD_ENV, StoreError, directory_written_whole, run_events, write_json_whole, write_text_whole
 from .trainer import continues_in, open_run_directory
@@ -57,7 +57,9 @@ def connect(cfg: RunConfig) -> str:
             print(f"dmdr_rl: joined {where} (`ray start`); set ray.address to choose another, or `ray stop` it to "
                   f"have the run start its own", flush=True)
     check_resources(cfg, ray.cluster_resources(), ray.available_resources())
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    check_node_fit(cfg, [node.get("Resources", {}) for node in alive])
+    nodes = len(alive)
     check_storage(cfg, nodes)
     if where != "local" and nodes == 1 and cfg.trainer.backend == "ray" and cfg.ray.storage_path is None:
         print("dmdr_rl: note: one node now; if this cluster adds nodes (an autoscaler), set ray.storage_path to "
@@ -275,11 +277,41 @@ def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None
                   f"now (other jobs, or reward apps already deployed, hold the rest): it waits until they are", flush=True)
 
 
+def _unit_asks(cfg: RunConfig) -> list[tuple[str, float, float]]:
+    """(the settings, CPUs, GPUs) of one of each kind of process the run places: a learner worker, a rollout
+    actor, a replica of each reward app it starts. Each must fit on one node."""
+    r, asks = cfg.ray, []
+    if cfg.trainer.backend == "ray":
+        asks += [("a learner worker (ray.learner_cpus, ray.learner_gpus)", r.learner_cpus, r.learner_gpus),
+                 ("a rollout actor (ray.rollout_cpus, ray.rollout_gpus)", r.rollout_cpus, r.rollout_gpus)]
+    for i, spec in enumerate(cfg.rewards):
+        if spec.placement == "serve" and not spec.serve.attach:
+            asks.append((f"a replica of rewards.{i} (rewards.{i}.serve.num_cpus, num_gpus)", spec.serve.num_cpus,
+                         spec.serve.num_gpus))
+    return asks
+
+
+def check_node_fit(cfg: RunConfig, nodes: list[dict]) -> None:
+    """Each learner worker, rollout actor and reward replica must fit on one node (`nodes`: each live node's
+    total resources): the cluster's totals can hold a 2-GPU rollout actor on two 1-GPU nodes, which Ray would
+    then wait to place for ever."""
+    if not nodes:
+        return
+    for what, cpus, gpus in _unit_asks(cfg):
+        if not any(cpus <= float(n.get("CPU", 0)) + 1e-9 and gpus <= float(n.get("GPU", 0)) + 1e-9 for n in nodes):
+            largest = ", ".join(f"{float(n.get('CPU', 0)):g} CPUs and {float(n.get('GPU', 0)):g} GPUs" for n in
+                                sorted(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), reverse=True)[:3])
+            raise ConfigError(f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs, more than any one node of the cluster "
+                              f"has (the largest: {largest}): lower those values, or add a node that large")
+
+
 def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:
     """A `host:port` cluster address must accept a TCP connection (else ray.init would hang for a minute)."""
-    if not is_cluster_address(address):  # RAY_ADDRESS (ray.address was checked with the config)
-        raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379), 'auto', or ray://host:port")
-    if address in ("auto", "local") or address.startswith("ray://"):
+    if address.startswith("ray://"):  # RAY_ADDRESS (ray.address was checked with the config)
+        raise ConfigError(f"{field}={address!r}: {RAY_CLIENT_REFUSED}")
+    if not is_cluster_address(address):
+        raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379) or 'auto'")
+    if address in ("auto", "local"):
         return
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # [::1]:6379

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dmdr_rl.config import ConfigError, RewardSpec, load_config
-from dmdr_rl.distributed import check_reachable, check_resources, resources_needed, train_distributed
+from dmdr_rl.distributed import check_node_fit, check_reachable, check_resources, resources_needed, train_distributed
 from dmdr_rl import run
 from dmdr_rl.prompts import PromptSource
 
@@ -57,6 +57,30 @@ def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
         check_reachable(f"localhost:{port}", "ray.address", timeout_s=2)
     with pytest.raises(ConfigError, match="no Ray cluster answers there"):
         check_reachable(f"[::1]:{port}", "ray.address", timeout_s=2)
+    # Ray Client would run the driver away from the coordinator's node: submitting the job is the way
+    with pytest.raises(ConfigError, match=r"RAY_ADDRESS='ray://head:10001': Ray Client .*ray job submit"):
+        check_reachable("ray://head:10001", "RAY_ADDRESS")
+    with pytest.raises(ConfigError, match=r"ray.address: .*Ray Client .*ray job submit"):
+        load_config("toy-dmdr", ["ray.address=ray://head:10001"])
+
+
+def test_each_learner_rollout_actor_and_reward_replica_must_fit_on_one_node():
+    """Totals that hold the run do not place it: a 2-GPU rollout actor never fits on two 1-GPU nodes."""
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.rollout_gpus=2", "ray.rollout_actors=1"])
+    two_small = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
+    check_resources(cfg, {"CPU": 16, "GPU": 2})  # the totals are enough
+    with pytest.raises(ConfigError, match=r"a rollout actor \(ray.rollout_cpus, ray.rollout_gpus\) asks for 1 CPUs and 2 "
+                                          r"GPUs, more than any one node .*the largest: 8 CPUs and 1 GPUs"):
+        check_node_fit(cfg, two_small)
+    check_node_fit(cfg, [{"CPU": 8, "GPU": 1}, {"CPU": 4, "GPU": 2}])  # one node is large enough
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.learner_cpus=12"])
+    with pytest.raises(ConfigError, match=r"a learner worker .* asks for 12 CPUs"):
+        check_node_fit(cfg, two_small)
+    cfg = load_config("toy-dmdr", ["rewards.0.placement=serve", "rewards.0.serve.num_gpus=1.5"])  # a local run's app
+    with pytest.raises(ConfigError, match=r"a replica of rewards.0 \(rewards.0.serve.num_cpus, num_gpus\) asks for 1 CPUs "
+                                          r"and 1.5 GPUs"):
+        check_node_fit(cfg, two_small)
+    check_node_fit(cfg.model_copy(update={"rewards": []}), two_small)
 
 
 def test_train_distributed_with_an_unreachable_address_fails_fast(tmp_path):
