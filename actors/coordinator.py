@@ -29,6 +29,10 @@ from .rollout import RolloutWorker
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 
 
+# fresh actors one rollout worker slot may get in a launch when its restarts fail in their constructor
+WORKER_REPLACEMENTS = 3
+
+
 class StaleLearnerError(RuntimeError):
     """A call from a learner try that a later try has replaced: one Ray declared dead while it still ran
     (a network partition, say). Refused, so that it cannot publish weights, take batches, kill workers or
@@ -63,8 +67,11 @@ class RolloutCoordinator:
         worker = ray.remote(RolloutWorker).options(
             num_cpus=ray_cfg.rollout_cpus, num_gpus=ray_cfg.rollout_gpus, max_restarts=-1, max_task_retries=0,
         )
-        self.workers = [worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus))) for _ in range(ray_cfg.rollout_actors)]
-        self.incarnations = [0] * len(self.workers)  # + 1 at each restart_worker
+        self._new_worker = lambda: worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus)))
+        self.workers = [self._new_worker() for _ in range(ray_cfg.rollout_actors)]
+        self.incarnations = [0] * len(self.workers)  # + 1 at each restart_worker and replace_failed_worker
+        self.started_once = [False] * len(self.workers)  # a worker's actor has answered `ready` (some incarnation)
+        self.replacements = [0] * len(self.workers)  # fresh actors given to each slot (replace_failed_worker)
         # True once a worker has answered `ready` (its constructor is done), else the ref of the question
         self.readiness: list = [worker.ready.remote() for worker in self.workers]
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
@@ -130,6 +137,25 @@ class RolloutCoordinator:
         self.incarnations[index] += 1
         self.readiness[index] = self.workers[index].ready.remote()  # the restarted worker's: asked again
         self.ledger.append("worker_restarted", worker=index, incarnation=self.incarnations[index])
+        return True
+
+    def replace_failed_worker(self, index: int, incarnation: int, learner_start: int | None = None) -> bool:
+        """Worker `index`'s constructor raised, and Ray never restarts such an actor. When the worker had
+        started before, the failure came with a restart (a GPU still held by the killed process, a file
+        server away for a moment): a fresh actor takes its slot, up to WORKER_REPLACEMENTS times a launch.
+        False when it never started (its model, encoders or rewards cannot be built where it is placed: the
+        run's own error, at once) or has used them up. True as well when the caller's incarnation is gone
+        (another rank, or the readiness check, replaced or restarted it first)."""
+        self._fence(learner_start, "replace_failed_worker")
+        if self.incarnations[index] != incarnation:
+            return True
+        if not self.started_once[index] or self.replacements[index] >= WORKER_REPLACEMENTS:
+            return False
+        self.workers[index] = self._new_worker()
+        self.incarnations[index] += 1
+        self.replacements[index] += 1
+        self.readiness[index] = self.workers[index].ready.remote()
+        self.ledger.append("worker_replaced", worker=index, incarnation=self.incarnations[index])
         return True
 
     # -- batches ------------------------------------------------------------------------------
@@ -291,12 +317,16 @@ class RolloutCoordinator:
         return [index for index, ref in enumerate(self.readiness) if ref is True]
 
     def _answer(self, index: int, ref):
-        """True (ready), or the ref of the question asked again when the worker died or is restarting."""
+        """True (ready), or the ref of the question asked again when the worker died or is restarting (or
+        was replaced, see `replace_failed_worker`)."""
         try:
             ray.get(ref)  # (answered: no wait)
+            self.started_once[index] = True
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
             if not getattr(err, "actor_init_failed", False):  # Ray starts it again: asked again
                 return self.workers[index].ready.remote()
+            if self.replace_failed_worker(index, self.incarnations[index]):
+                return self.readiness[index]
             # its constructor failed, for good: its batches end the learner's try with the reason
         except ray.exceptions.RayError:  # it cannot start where it is (its runtime_env, no node fits it): the
             pass  # same, its batches fail with the reason rather than the healthy workers' batches here

@@ -105,7 +105,8 @@ class FencedCoordinator:
     the token its start returned, so a try that a later one replaced (a learner Ray declared dead that
     still runs, as across a network partition) is refused instead of publishing weights or taking batches."""
 
-    FENCED = frozenset({"publish", "request", "reissue", "consumed", "restart_worker", "learner_failed"})
+    FENCED = frozenset({"publish", "request", "reissue", "consumed", "restart_worker", "replace_failed_worker",
+                        "learner_failed"})
 
     def __init__(self, handle, learner_start: int):
         self.handle, self.learner_start = handle, learner_start
@@ -168,7 +169,8 @@ def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, resta
                 ray.get(coordinator.restart_worker.remote(worker, incarnation))
                 restarted, give_up = True, time.monotonic() + patience_s
         except ACTOR_ERRORS as err:
-            if getattr(err, "actor_init_failed", False):  # its __init__ raised: Ray never restarts such an actor
+            if (getattr(err, "actor_init_failed", False)  # its __init__ raised: Ray never restarts such an actor,
+                    and not ray.get(coordinator.replace_failed_worker.remote(worker, incarnation))):  # nor the coordinator
                 reason = [line for line in str(err).strip().splitlines() if line.strip()][-1:] or ["(no message)"]
                 # (not from err: a Ray error would count as the infrastructure's, and a retry of the learner
                 # would meet the same broken worker; as the run's own error, same_failure_limit ends it)

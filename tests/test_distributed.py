@@ -454,6 +454,7 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
 
         monkeypatch.setattr(coordinator_module.ray, "get", fail)
         coordinator.readiness[1] = Question(1)
+        coordinator.started_once[1] = False  # (one that had started gets a fresh actor instead: the test below)
         assert (1 in coordinator.ready_workers()) is ready, error
     # no worker started yet (a launch's first question): the round-robin over all, as before
     coordinator.readiness = [Question(0), Question(1)]
@@ -805,11 +806,92 @@ def test_a_rollout_worker_that_failed_to_start_ends_the_try_at_once_as_the_runs_
         return obj
 
     monkeypatch.setattr(loop.ray, "get", get)
-    coordinator = _fake_coordinator(request=lambda i, r: [_Ref("never"), 0, 0], reissue=lambda i, r: pytest.fail("reissued"))
+    asked = []
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref("never"), 0, 0], reissue=lambda i, r: pytest.fail("reissued"),
+                                    replace_failed_worker=lambda *a: asked.append(a) or False)  # it never started
     with pytest.raises(RuntimeError, match=r"a rollout worker failed to start, so the rollout of batch \(0, rank 0\) "
                                            r"cannot be made: torch.OutOfMemoryError: CUDA out of memory") as caught:
         loop.fetch_batch(coordinator, 0, 0, patience_s=600)
     assert loop.own_error(caught.value) is caught.value  # counted by same_failure_limit, not retried forever
+    assert asked == [(0, 0)]  # the worker and incarnation of the ticket
+
+
+def test_a_rollout_worker_whose_restart_failed_to_construct_is_replaced_and_its_batch_sampled_again(monkeypatch):
+    """A restart's constructor can fail where the first one did not (the killed process still held the GPU):
+    the coordinator gives the slot a fresh actor, and the learner takes the batch from the next ticket."""
+    import learner.loop as loop
+
+    monkeypatch.setattr(loop.time, "sleep", lambda s: None)
+    failed = loop.ray.exceptions.RayActorError(error_msg="torch.OutOfMemoryError: CUDA out of memory",
+                                               actor_init_failed=True)
+
+    def get(obj, timeout=None):
+        if isinstance(obj, _Ref):
+            if obj.value is None:
+                raise failed
+            return obj.value
+        return obj
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    replaced, reissued = [], []
+    coordinator = _fake_coordinator(request=lambda i, r: [_Ref(None), 1, 2],
+                                    replace_failed_worker=lambda *a: replaced.append(a) or True,
+                                    reissue=lambda i, r: reissued.append((i, r)) or [_Ref("the batch"), 1, 3])
+    assert loop.fetch_batch(coordinator, 5, 0, patience_s=600) == "the batch"
+    assert replaced == [(1, 2)] and reissued == [(5, 0)]
+
+
+def test_the_coordinator_replaces_a_worker_whose_restart_failed_to_construct_a_bounded_number_of_times(tmp_path,
+                                                                                                      monkeypatch):
+    import actors.coordinator as coordinator_module
+
+    workers = _FakeWorkers()
+    broken = set()  # actors (by creation order) whose constructor raised
+
+    class Question:
+        def __init__(self, actor):
+            self.actor = actor
+
+    def new_actor(*args, **kwargs):
+        handle = _FakeWorkers.remote(workers, *args, **kwargs)
+        actor = workers.count - 1
+        handle.ready = type("Method", (), {"remote": lambda _: Question(actor)})()
+        return handle
+
+    class InitFailed(ray.exceptions.ActorDiedError):
+        actor_init_failed = True
+
+    def get(ref):
+        if ref.actor in broken:
+            raise InitFailed()
+        return True
+
+    workers.remote = new_actor
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
+    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: (list(refs), []))  # every question answered
+    monkeypatch.setattr(coordinator_module.ray, "get", get)
+    monkeypatch.setattr(coordinator_module.ray, "kill", lambda *a, **k: None)
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 2, "ray.max_staleness": 1})
+    broken.add(1)  # worker 1's first constructor fails: a setting, not bad luck
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    assert coordinator.ready_workers() == [0, 1]  # (1 "ready": its batches end the try with the reason, as before)
+    assert workers.count == 2 and coordinator.replace_failed_worker(1, 0) is False
+    # worker 0 started; its restart fails in the constructor: a fresh actor, up to WORKER_REPLACEMENTS times
+    assert coordinator.restart_worker(0, 0) is True
+    broken.update(range(2, 2 + coordinator_module.WORKER_REPLACEMENTS))  # the fresh actors fail too
+    broken.add(0)
+    coordinator.readiness[0] = Question(0)  # (the restarted actor's question: its constructor raises)
+    for _ in range(coordinator_module.WORKER_REPLACEMENTS):
+        assert coordinator.ready_workers() == [1]  # 0 replaced: its fresh actor is asked again
+    assert coordinator.ready_workers() == [0, 1]  # the replacements used up: left failed, as a first failure
+    assert coordinator.replacements[0] == coordinator_module.WORKER_REPLACEMENTS
+    assert workers.count == 2 + coordinator_module.WORKER_REPLACEMENTS
+    assert coordinator.incarnations[0] == 1 + coordinator_module.WORKER_REPLACEMENTS
+    assert coordinator.replace_failed_worker(0, coordinator.incarnations[0]) is False  # used up
+    assert coordinator.replace_failed_worker(0, 0) is True  # an old ticket's: replaced since, nothing done
+    assert workers.count == 2 + coordinator_module.WORKER_REPLACEMENTS
+    events = [r["event"] for r in coordinator.ledger.store.read("ledger")]
+    assert events.count("worker_replaced") == coordinator_module.WORKER_REPLACEMENTS
 
 
 def test_a_question_waits_for_a_restarting_rollout_worker(monkeypatch):
