@@ -425,6 +425,7 @@ class RedisStore:
             log.warning("run store %s unreachable for now (%s); its records wait and are sent when it is back",
                         self.url, type(err).__name__)
         self._buffer: collections.deque[tuple[str, str]] = collections.deque()  # (stream, record as JSON)
+        self._refused: dict[tuple[str, str], int] = {}  # how often Redis refused a buffered record
         self._lock = threading.Lock()
         self._work = threading.Event()  # set by append: there is something to send
         self._hurry = threading.Event()  # set by flush/close: cut a retry wait short
@@ -544,6 +545,33 @@ class RedisStore:
                                            for stream, text in entries).encode())
         log.error("run store %s: %d records could not be sent; saved to %s", self.url, len(entries), target)
 
+    REFUSALS_KEPT = 10  # times Redis may refuse one record (WRONGTYPE, NOPERM, OOM) before it is saved beside the run
+
+    def _keep_refused(self, batch: list[tuple[str, str]], refusals: list[tuple[tuple[str, str], Exception]]) -> None:
+        """After a send in which Redis refused some records: the others are in, so only the refused stay
+        buffered (re-sending the rest would store them again); one refused REFUSALS_KEPT times is saved
+        to store-unflushed.jsonl (read back with the stream, as at close) instead of growing the buffer for ever."""
+        given_up = []
+        with self._lock:
+            if self._closed:  # close() took the buffer meanwhile and saves it
+                return
+            for _ in batch:
+                self._buffer.popleft()
+            kept = []
+            for entry, err in refusals:
+                self._refused[entry] = self._refused.get(entry, 0) + 1
+                if self._refused[entry] >= self.REFUSALS_KEPT:
+                    given_up.append((entry, err))
+                    del self._refused[entry]
+                else:
+                    kept.append(entry)
+            self._buffer.extendleft(reversed(kept))  # in their order, before what came since
+            if given_up:  # (saved before a flush waiting on the buffer can return)
+                log.error("run store %s refused %d records %d times (%s)", self.url, len(given_up),
+                          self.REFUSALS_KEPT, given_up[0][1])
+                self._save_unflushed([entry for entry, _ in given_up])
+            self._drained.notify_all()
+
     def _flush_forever(self) -> None:
         import redis
 
@@ -561,7 +589,12 @@ class RedisStore:
                 pipe = self.client.pipeline(transaction=False)
                 for stream, text in batch:
                     pipe.xadd(self.key(stream), {"json": text})
-                pipe.execute()
+                # (a connection error still raises; a command Redis refused is its result, the others went in)
+                results = pipe.execute(raise_on_error=False)
+                refusals = [(entry, result) for entry, result in zip(batch, results) if isinstance(result, Exception)]
+                if refusals:
+                    self._keep_refused(batch, refusals)
+                    raise refusals[0][1]
             except Exception as err:  # noqa: BLE001 - Redis or not, the thread must live on and retry
                 if not isinstance(err, redis.RedisError):
                     log.exception("run store %s: unexpected error while sending; retrying", self.url)

@@ -2,6 +2,7 @@
 round-trip, many processes append without loss or duplicates, a Redis restart mid-run loses nothing,
 and bad URLs or an unreachable Redis fail with the URL in the message."""
 
+import json
 import multiprocessing
 import shutil
 import socket
@@ -127,6 +128,33 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, redis_server):
     assert store.failed_flushes < 20  # retries back off instead of one attempt per append
     assert [r["step"] for r in store.read("metrics")] == list(range(len(appended)))
     assert not (tmp_path / "store-unflushed.jsonl").exists()
+
+
+def test_records_redis_refuses_are_not_sent_again_with_the_others_and_end_up_beside_the_run(tmp_path, redis_server,
+                                                                                           monkeypatch):
+    """A command Redis refuses (here WRONGTYPE: the metrics key holds a string) while the others in the same
+    send go in: only the refused records stay buffered (the rest are not stored twice), and after
+    REFUSALS_KEPT refusals they are saved beside the run, where reading the stream finds them."""
+    import redis
+
+    monkeypatch.setattr(RedisStore, "RETRY_S", (0.01, 0.02))
+    monkeypatch.setattr(RedisStore, "REFUSALS_KEPT", 3)
+    redis.Redis.from_url(redis_server.url).set("dmdr:refused:metrics", "not a stream")
+    store = RedisStore(redis_server.url, "refused", tmp_path)
+    for i in range(3):
+        store.append("ledger", {"event": "issued", "iteration": i})
+        store.append("metrics", {"step": i})
+    assert store.flush(timeout_s=10)  # drained: the metrics records given up on, not buffered for ever
+    assert store.failed_flushes >= 2  # (the third refusal drains the buffer before it is counted)
+    raw = redis.Redis.from_url(redis_server.url).xrange("dmdr:refused:ledger")
+    assert len(raw) == 3  # each ledger record once, though it shared its sends with refused ones
+    saved = [json.loads(line) for line in (tmp_path / "store-unflushed.jsonl").read_text().splitlines()]
+    assert [(r["stream"], r["step"]) for r in saved] == [("metrics", 0), ("metrics", 1), ("metrics", 2)]
+    with pytest.raises(StoreError, match="WRONGTYPE"):  # (reading the key fails the same way: named)
+        store.read("metrics")
+    redis.Redis.from_url(redis_server.url).delete("dmdr:refused:metrics")
+    assert [r["step"] for r in store.read("metrics")] == [0, 1, 2]  # read back from beside the run
+    store.close()
 
 
 def test_nothing_is_dropped_after_close_or_mixed_into_another_run(tmp_path, redis_server):
