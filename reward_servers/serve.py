@@ -33,6 +33,10 @@ from .protocol import RewardInputError, RewardServerError, first_line, validate_
 from .registry import load_reward_model
 
 http_app = FastAPI(title="dmdr_rl reward server")
+# HTTP requests a replica reads, decodes and scores at once: each may hold a body of up to 32 bytes a pixel of
+# serve.http_max_pixels (512 MiB at the default) and its decoded images, and a replica takes up to 64 requests
+# at once; the others wait their turn (requests through Ray handles, the trainer's, are not counted)
+HTTP_REQUESTS_AT_ONCE = 4
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -50,6 +54,7 @@ class RewardServer:
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.http_max_pixels = http_max_pixels
+        self.http_slots = asyncio.Semaphore(HTTP_REQUESTS_AT_ONCE)
         self.calls = self.images = self.max_batch_images = 0
 
     def info(self) -> dict:
@@ -120,6 +125,10 @@ class RewardServer:
 
     @http_app.post("/score")
     async def score_http(self, raw: Request) -> dict:
+        async with self.http_slots:  # a bounded number of bodies and decoded images in memory at once
+            return await self._score_http(raw)
+
+    async def _score_http(self, raw: Request) -> dict:
         body = await http.read_body(raw, http.max_body_bytes(self.http_max_pixels))  # bounded before it is parsed
         try:  # off the event loop too: a large body takes a while to parse
             request = await asyncio.to_thread(http.ScoreRequest.model_validate_json, body)

@@ -1,6 +1,7 @@
 """The reward protocol, its checks, cross-process gradients, the client's retries, the HTTP codec,
 PickScore on a tiny CLIP, and a user's own reward class -- all without Ray (see test_reward_serving)."""
 
+import asyncio
 import base64
 import io
 import json
@@ -603,35 +604,75 @@ class _FailingModel:
 
 @pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")  # Serve's wrapper, never run
 def test_a_model_that_fails_over_http_is_a_500_naming_the_model_and_its_error():
-    import asyncio
-    import json
-
     from fastapi import HTTPException
-    from starlette.requests import Request
 
-    from reward_servers.serve import RewardServer
-
-    server = object.__new__(RewardServer.func_or_class)  # the replica's logic, without Serve
-    server.model, server.max_images, server.http_max_pixels = _FailingModel(), None, 2**20
-    server.calls = server.images = server.max_batch_images = 0
+    server = _replica_without_serve(_FailingModel())
 
     async def unbatched(request):  # serve.batch needs a replica's context: the merged call of one request
         return server._score_requests([request])[0]
 
     server._score_batch = unbatched
-    body = json.dumps(http.encode_request(_images(2), PROMPTS[:2])).encode()
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(_post(server, json.dumps(http.encode_request(_images(2), PROMPTS[:2])).encode()))
+    assert err.value.status_code == 500
+    assert err.value.detail == "reward model 'failing' failed: RuntimeError: CUDA out of memory (raised on purpose)"
+
+
+def _replica_without_serve(model):
+    """The replica's logic, without Serve."""
+    from reward_servers import serve as serve_module
+    from reward_servers.serve import RewardServer
+
+    server = object.__new__(RewardServer.func_or_class)
+    server.model, server.max_images, server.http_max_pixels = model, None, 2**20
+    server.http_slots = asyncio.Semaphore(serve_module.HTTP_REQUESTS_AT_ONCE)
+    server.calls = server.images = server.max_batch_images = 0
+    return server
+
+
+async def _post(server, body: bytes):
+    from starlette.requests import Request
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def post():
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        return await server.score_http(Request({"type": "http", "method": "POST", "headers": headers}, receive))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return await server.score_http(Request({"type": "http", "method": "POST", "headers": headers}, receive))
 
-    with pytest.raises(HTTPException) as err:
-        asyncio.run(post())
-    assert err.value.status_code == 500
-    assert err.value.detail == "reward model 'failing' failed: RuntimeError: CUDA out of memory (raised on purpose)"
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
+def test_a_replica_reads_decodes_and_scores_a_bounded_number_of_http_requests_at_once():
+    """Each request may hold a body of hundreds of MB and its decoded images: the rest wait their turn."""
+    from reward_servers import serve as serve_module
+
+    at_once, most, release = 0, 0, asyncio.Event()
+    server = _replica_without_serve(load_reward_model("toy-align"))
+
+    async def held(request):  # scoring, held until released
+        nonlocal at_once, most
+        at_once += 1
+        most = max(most, at_once)
+        await release.wait()
+        at_once -= 1
+        return server._score_requests([request])[0]
+
+    server._score_batch = held
+    body = json.dumps(http.encode_request(_images(2), PROMPTS[:2])).encode()
+
+    async def many():
+        posts = [asyncio.create_task(_post(server, body)) for _ in range(3 * serve_module.HTTP_REQUESTS_AT_ONCE)]
+        for _ in range(200):  # until every admitted request has reached the model
+            await asyncio.sleep(0.01)
+            if at_once == serve_module.HTTP_REQUESTS_AT_ONCE:
+                break
+        await asyncio.sleep(0.05)
+        admitted = at_once
+        release.set()
+        return admitted, await asyncio.gather(*posts)
+
+    admitted, answers = asyncio.run(many())
+    assert admitted == serve_module.HTTP_REQUESTS_AT_ONCE == most  # the others waited, none was refused
+    assert len(answers) == 3 * serve_module.HTTP_REQUESTS_AT_ONCE and all(len(a["scores"]) == 2 for a in answers)
 
 
 def test_an_image_without_pixels_is_a_clear_input_error():
