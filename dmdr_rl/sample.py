@@ -107,9 +107,11 @@ def reward_models(specs, where: str) -> dict:
     """Each entry's model in this process (a served reward too: here nothing runs on Ray), by its key."""
     from reward_servers import reward_model
 
+    from .config import ConfigError
+
     keys = [spec.key for spec in specs]
     if len(set(keys)) < len(keys):
-        raise ValueError(f"{where}: two rewards are called {max(keys, key=keys.count)!r}: give them labels")
+        raise ConfigError(f"{where}: two rewards are called {max(keys, key=keys.count)!r}: give them labels")
     return {spec.key: reward_model(spec.model_copy(update={"placement": "local"}), f"{where}[{i}]")
             for i, spec in enumerate(specs)}
 
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     from .prompts import read_prompt_file
     from .registry import check_model
     from .samples import write_samples
+    from .config import ConfigError
     from .store import write_json_whole
 
     args = parse_args(argv)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
         if args.score:
             specs, where = (args.reward, "--reward") if args.reward else (cfg.rewards, "the run's rewards")
             if not specs:
-                raise ValueError(f"--score: the run {args.run} has no rewards[]: name one with --reward NAME")
+                raise ConfigError(f"--score: the run {args.run} has no rewards[]: name one with --reward NAME")
             rewards = reward_models(specs, where)  # (before sampling: a model that cannot load stops it at once)
     except (*fixable_errors(), FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None

@@ -223,6 +223,7 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     rows = read_samples(out / "samples.parquet").to_pandas()
     scores = json.loads((out / "scores.json").read_text())
     assert (scores["model"], scores["steps"], scores["num_images"]) == ("student", 2, 4)
+    assert scores["checkpoint"].startswith(str((run_dir / "checkpoints").resolve()))  # the one scored, named
     align = scores["rewards"]["toy-align"]
     assert align["mean"] == pytest.approx(rows["reward/toy-align"].mean(), rel=1e-6) and align["non_finite"] == 0
     assert align["stderr"] == pytest.approx(rows["reward/toy-align"].std() / 2, rel=1e-6) and align["stderr"] > 0
@@ -250,6 +251,10 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     with pytest.raises(SystemExit, match=r"error: scoring: .*not the toy grammar.*the images are in"):
         sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--score", "--out", str(tmp_path / "kept")])
     assert len(read_samples(tmp_path / "kept" / "samples.parquet")) == 4  # what was sampled is not lost
+    config["rewards"] = []
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"error: --score: the run .* has no rewards\[\]: name one with --reward NAME"):
+        sample.main([*mine, "--score", "--out", str(tmp_path / "none")])
 
 
 def test_a_seed_read_back_from_the_samples_file_samples_again(teacher):
