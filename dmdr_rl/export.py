@@ -30,7 +30,7 @@ from . import dmdr
 from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .cli import fixable_errors
-from .store import write_json_whole
+from .store import readable_as_umask_allows, write_json_whole
 from .trainer import find_run, load_generator
 
 FORMATS = ("lora", "transformer")
@@ -76,6 +76,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
     }
     write_json_whole(out / "student.json", settings)
+    readable_as_umask_allows(out)
     return settings
 
 

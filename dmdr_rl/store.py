@@ -158,6 +158,30 @@ def directory_written_whole(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(pending, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """The process's umask, read where Linux tells it (os.umask only sets it: swapping it to read it would let
+    another thread create a file under the wrong mask meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask_allows(path: str | Path) -> None:
+    """`path`'s files (or the file itself) get the mode open() would have given them: safetensors writes
+    through a temporary file of mode 0600 (safetensors#782), which would keep a checkpoint or an export from
+    the other users of a shared volume, or from a container that runs as another user."""
+    path = Path(path)
+    mode = 0o666 & ~current_umask()
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, mode)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

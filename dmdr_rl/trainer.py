@@ -24,7 +24,8 @@ from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
 from .seeds import image_seeds
 from .samples import write_samples
-from .store import EARLIER_RUNS, RunLock, directory_written_whole, open_store, run_events, set_aside_earlier_run, write_text_whole
+from .store import (EARLIER_RUNS, RunLock, directory_written_whole, open_store, readable_as_umask_allows, run_events,
+                    set_aside_earlier_run, write_text_whole)
 
 GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
@@ -282,6 +283,7 @@ def write_checkpoint(learner: DMDRLearner, directory: Path) -> Path:
     for adapter in ADAPTERS:
         save_file(learner.adapter_state(adapter), str(directory / f"{adapter}.safetensors"))
     torch.save(learner.training_state(), directory / "trainer_state.pt")
+    readable_as_umask_allows(directory)
     return directory
 
 

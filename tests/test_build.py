@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -48,8 +50,13 @@ def test_learning_rate_warms_up_then_decays():
 
 def test_build_commands_write_loadable_weights(tmp_path):
     out, work = tmp_path / "weights", tmp_path / "work"
-    build.main(["teacher", "--steps", "2", "--work-dir", str(work), "--out", str(out)])
-    build.main(["judge", "--steps", "2", "--work-dir", str(work), "--out", str(out)])
+    old_mask = os.umask(0o022)
+    try:
+        build.main(["teacher", "--steps", "2", "--work-dir", str(work), "--out", str(out)])
+        build.main(["judge", "--steps", "2", "--work-dir", str(work), "--out", str(out)])
+    finally:
+        os.umask(old_mask)
+    assert {f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()} == {0o644}  # (safetensors: 0600)
     pipeline = load_teacher(out)
     assert pipeline.sample(["a small red circle in the center"], steps=1, cfg=1.0, seed=0).shape == (1, 3, 32, 32)
     assert load_judge(out).config.arch == "judge"

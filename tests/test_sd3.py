@@ -3,6 +3,7 @@ through the very functions the toy world uses, decode with gradient, the load er
 back into a diffusers `StableDiffusion3Pipeline`."""
 
 import json
+import os
 import re
 from pathlib import Path
 from collections import Counter
@@ -183,7 +184,12 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
         import dmdr_rl.export
 
         monkeypatch.setattr(dmdr_rl.export, "load_generator", lambda *a, **k: pytest.fail("loaded the model"))
-    settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
+    old_mask = os.umask(0o027)
+    try:
+        settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
+    finally:
+        os.umask(old_mask)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "export").iterdir()} == {0o640}  # as the umask allows
     assert settings["num_inference_steps"] == 4 and settings["sigmas"] == [1.0, 0.75, 0.5, 0.25]
     if fmt == "lora":  # the file holds peft's adapter-free names and values of the trained adapter, alpha / r folded in
         from safetensors.torch import load_file

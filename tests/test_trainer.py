@@ -61,7 +61,14 @@ def test_generator_moves_once_per_ratio_iterations_and_reward_waits_for_cold_sta
 
 def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
     trainer, _ = _trainer(tmp_path, **{"output.sample_every": 2})
-    summary = trainer.train()
+    old_mask = os.umask(0o022)
+    try:
+        summary = trainer.train()
+    finally:
+        os.umask(old_mask)
+    # every checkpoint file readable by the other users a umask of 022 allows (safetensors alone writes 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "checkpoints" / "step_000004").iterdir()}
+    assert modes == {"generator.safetensors": 0o644, "critic.safetensors": 0o644, "trainer_state.pt": 0o644}
     assert summary["generator_steps"] == 4 and summary["iterations"] == 12
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

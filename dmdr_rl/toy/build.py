@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import transformer_velocity
 from ..flow import add_noise, velocity_target
+from ..store import readable_as_umask_allows
 from .grammar import PromptSplit, prompts_of
 from .render import render_batch
 from .weights import WEIGHTS_DIR, component_dir
@@ -180,6 +181,8 @@ def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = 
     shipped["transformer"].save_pretrained(component_dir("teacher", out))
     shipped["text_encoder"].save_pretrained(component_dir("text_encoder", out))
     _write_recipe(component_dir("teacher", out), "teacher", cfg)
+    for component in ("teacher", "text_encoder"):
+        readable_as_umask_allows(component_dir(component, out))
 
 
 def build_classifier(target: str, cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = False) -> None:
@@ -202,6 +205,7 @@ def build_classifier(target: str, cfg: BuildConfig, work_dir: Path, out: Path, s
     shipped = train(target, cfg, {"model": model}, loss_fn, work_dir, snapshot)
     shipped["model"].eval().save_pretrained(component_dir(target, out))
     _write_recipe(component_dir(target, out), target, cfg)
+    readable_as_umask_allows(component_dir(target, out))
 
 
 def _write_recipe(directory: Path, target: str, cfg: BuildConfig) -> None:
