@@ -204,6 +204,20 @@ def test_a_check_across_fields_says_only_what_is_wrong():
     assert "Value error" not in message and "'model':" not in message and len(message) < 250
 
 
+@pytest.mark.parametrize("preset", ["toy-dmdr", "toy-dmdr-grpo"])
+def test_a_runs_own_config_file_given_back_as_its_preset_warns_about_nothing(tmp_path, preset):
+    """`--preset RUN/config.yaml` (how a run is resumed with its own settings): the file holds every field, the
+    Ray ones too, which the local backend must not take for settings of the user's."""
+    import yaml
+
+    from dmdr_rl.trainer import run_config_dump
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(run_config_dump(load_config(preset))))
+    assert load_config(str(saved)).warnings() == []
+    assert load_config(str(saved), ["ray.rollout_actors=2"]).warnings()[0].startswith("ray.rollout_actors set, but")
+
+
 def test_settings_that_run_but_not_as_meant_are_warned_about():
     assert load_config("toy-dmdr").warnings() == []
     [note] = load_config("toy-dmdr", ["trainer.max_steps=50"]).warnings()
@@ -215,6 +229,7 @@ def test_settings_that_run_but_not_as_meant_are_warned_about():
     assert note.startswith("ray.max_staleness, ray.rollout_actors set, but they configure the Ray runtime, and "
                            "trainer.backend=local trains in this process")
     assert load_config("toy-dmdr", ["ray.rollout_actors=3", "trainer.backend=ray"]).warnings() == []
+    assert load_config("toy-dmdr", ["ray.rollout_actors=1", "ray.max_staleness=1"]).warnings() == []  # the defaults
     assert load_config("toy-dmdr", ["ray.address=auto", "ray.local_cpus=4"]).warnings() == []  # served rewards' Ray
     [note] = load_config("toy-dmd", ["trainer.micro_batch_size=64"]).warnings()
     assert note.startswith("trainer.micro_batch_size=64 >= the 32 samples a learner trains at a time: it slices nothing")
