@@ -418,6 +418,12 @@ class RunConfig(_Section):
     def output_dir(self) -> Path:
         return Path(os.path.expanduser(self.output.dir.format(name=self.name)))  # (~user of no user: left as it is)
 
+    def _ray_default(self, name: str) -> Any:
+        """What ray.<name> is when not given (max_staleness's follows the RL mode, see the validator)."""
+        if name == "max_staleness":
+            return 0 if self.rl.policy_gradient else 1
+        return RaySection.model_fields[name].get_default(call_default_factory=True)
+
     def warnings(self) -> list[str]:
         """Settings that run but probably not as meant (printed at start and by --dry-run)."""
         notes = []
@@ -432,7 +438,8 @@ class RunConfig(_Section):
         if self.trainer.micro_batch_size is not None and self.trainer.micro_batch_size >= rank_batch:
             notes.append(f"trainer.micro_batch_size={self.trainer.micro_batch_size} >= the {rank_batch} samples a learner "
                          "trains at a time: it slices nothing (it bounds memory only when smaller)")
-        ignored = sorted(self.ray.model_fields_set - RaySection.APPLY_WITHOUT_THE_RUNTIME)
+        ignored = sorted(name for name in self.ray.model_fields_set - RaySection.APPLY_WITHOUT_THE_RUNTIME
+                         if getattr(self.ray, name) != self._ray_default(name))  # (a run's config.yaml sets them all)
         if self.trainer.backend == "local" and ignored:
             notes.append(f"{', '.join('ray.' + name for name in ignored)} set, but they configure the Ray runtime, and "
                          "trainer.backend=local trains in this process: set trainer.backend=ray to use them (the local "
