@@ -9,6 +9,7 @@ the demo, `toy-demo`: a short DMDR run on the toy world on a local Ray.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import textwrap
@@ -208,6 +209,24 @@ def _missing_packages(cfg) -> list[str]:
     return []
 
 
+def continue_hint(preset: str, overrides: list[str]) -> str:
+    """Where a stopped run can go on from: its newest checkpoint and the command (empty when it has none)."""
+    import contextlib
+    import io
+
+    from .distributed import place_job_output
+    from .trainer import checkpoint_generator_step, resume_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # (where a submitted job's output went: said at its start)
+            out = place_job_output(load_config(preset, overrides)).output_dir.absolute()
+        step = checkpoint_generator_step(resume_checkpoint(out))
+    except Exception:  # noqa: BLE001 - no checkpoint yet, or a config that never loaded: nothing to suggest
+        return ""
+    return (f" (its newest checkpoint is at generator step {step}; continue with `python -m dmdr_rl.run --preset "
+            f"{shlex.quote(str(out / 'config.yaml'))} {shlex.quote(f'trainer.resume_from={out}')}`)")
+
+
 def _stop(signum, frame) -> None:
     """SIGTERM as Ctrl-C: the run's events end with "stopped" and the store flushes what it holds, where the
     default would end the process on the spot, the run then shown as running forever."""
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     except fixable_errors() as err:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
-        parser.exit(130, "dmdr_rl: stopped\n")
+        parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides)}\n")
     finally:
         signal.signal(signal.SIGTERM, previous)  # a caller's own handler (main() called in-process) comes back
 

@@ -7,6 +7,9 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 from __future__ import annotations
 
 import re
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -80,6 +83,35 @@ def step_duties(step: int, cfg: RunConfig) -> StepDuties:
                       checkpoint=step % cfg.output.checkpoint_every == 0 or last)
 
 
+class StopAtStepEnd:
+    """Ctrl-C or SIGTERM while the local trainer runs: the generator step under way finishes, a checkpoint is
+    written, and the run stops (its events say "stopped"), so nothing trained is lost and a resume continues
+    from there; a second signal stops at once. Only the main thread takes signals: in another thread (a
+    caller's) the handlers stay as they are."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopAtStepEnd":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._request) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("dmdr_rl: stopping at the end of this generator step, with a checkpoint (again: at once)",
+                   file=sys.stderr)
+
+
 class LocalTrainer:
     """Rollouts made in-process by `make_rollout`, consumed by a `DMDRLearner`; the Ray runtime swaps
     the first for rollout actors and wraps the second in Ray Train, nothing else."""
@@ -138,7 +170,7 @@ class LocalTrainer:
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         try:
             with run_events(store, backend="local", generator_step=self.generator_step,
-                            max_steps=cfg.trainer.max_steps, output_dir=str(self.out)) as ending:
+                            max_steps=cfg.trainer.max_steps, output_dir=str(self.out)) as ending, StopAtStepEnd() as stop:
                 ending["generator_step"] = self.generator_step
                 while self.generator_step < cfg.trainer.max_steps:
                     metrics = self.train_iteration()
@@ -153,8 +185,10 @@ class LocalTrainer:
                     if duties.sample:
                         self.save_samples()
                         save_rollout_records(self.out, self.backbone, self.last_batch, step)
-                    if duties.checkpoint:
+                    if duties.checkpoint or stop.requested:
                         self.save_checkpoint()
+                    if stop.requested:
+                        raise KeyboardInterrupt
         finally:
             bar.close()
             log.close()

@@ -78,6 +78,39 @@ def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
+def test_ctrl_c_ends_the_generator_step_under_way_with_a_checkpoint_and_the_resumed_run_goes_on_exactly(tmp_path):
+    """The first Ctrl-C (or SIGTERM) asks to stop: the step finishes, a checkpoint is written, the run stops, and
+    nothing is redone on resuming (no metric row twice); its result is the uninterrupted run's."""
+    import signal
+
+    straight, _ = _trainer(tmp_path / "straight", **{"trainer.max_steps": 4, "output.checkpoint_every": 100})
+    straight.train()
+    stopped, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 4, "output.checkpoint_every": 100})
+    original = stopped.train_iteration
+
+    def interrupted_in_step_2():  # iterations 3-5 make generator step 2 (dmd.ratio=3): asked during iteration 4
+        if stopped.iteration == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original()
+
+    stopped.train_iteration = interrupted_in_step_2
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    assert stopped.generator_step == 2 and stopped.iteration == 6  # the step under way was finished
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_000002"  # not a checkpoint step
+    events = [json.loads(line) for line in (tmp_path / "b" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stopped" and events[-1]["generator_step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    resumed, _ = _trainer(tmp_path / "b", **{"trainer.max_steps": 4, "output.checkpoint_every": 100,
+                                             "trainer.resume_from": str(tmp_path / "b")})
+    resumed.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    for adapter in (dmdr.GENERATOR, dmdr.CRITIC):
+        for a, b in zip(_snapshot(straight, adapter), _snapshot(resumed, adapter)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("generator", [{}, {"student.lora": "null"}], ids=["lora", "full-fine-tune"])
 def test_resume_continues_exactly(tmp_path, generator):
     straight, _ = _trainer(tmp_path / "a", **generator)
