@@ -82,6 +82,7 @@ def check_config_files(path: str | None, resolution: int, local_files_only: bool
     cannot be had (the load reports why) or are not an SD3 layout.
     A hub id whose files are not here is checked against the SD3 family's own geometry (VAE factor 8,
     patch 2: every SD3 and SD3.5 model's), so a resolution they cannot take stops the dry run too."""
+    check_model_path(path or DEFAULT_MODEL)  # (the dry run's check too: a load would refuse it at once)
     transformer = component_config(path, "transformer", local_files_only)
     vae = component_config(path, "vae", local_files_only) if transformer is not None else None
     if transformer is None or vae is None:
@@ -139,10 +140,7 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     path = path or DEFAULT_MODEL
-    if _names_a_directory(path) and not Path(path).expanduser().is_dir():
-        raise BackboneLoadError(f"model.path={path!r} is not a directory here: pass the model's directory in the diffusers "
-                                f"layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/), or a hub id "
-                                f"such as {DEFAULT_MODEL!r}")
+    check_model_path(path)
     path = expand_home(path)
     weights_dtype = torch_dtype(dtype)
     load = {"dtype": weights_dtype, "local_files_only": local_files_only(False, path)}  # offline: the cache, at once
@@ -164,6 +162,14 @@ def load_sd3(path: str | None = None, resolution: int = 1024, encoders: bool = T
         raise BackboneLoadError(f"cannot load the SD3 model {path!r}: {type(err).__name__}: "
                                 f"{_first_line(err)}. {hint}") from err
     return SD3Backbone(transformer.eval(), vae, text_pipeline, resolution, max_sequence_length)
+
+
+def check_model_path(path: str) -> None:
+    """A path (not a hub id) must name a directory here; else the load would take it for a hub id."""
+    if _names_a_directory(path) and not Path(path).expanduser().is_dir():
+        raise BackboneLoadError(f"model.path={path!r} is not a directory here: pass the model's directory in the diffusers "
+                                f"layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/), or a hub id "
+                                f"such as {DEFAULT_MODEL!r}")
 
 
 def _names_a_directory(path: str) -> bool:
