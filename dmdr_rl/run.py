@@ -28,8 +28,8 @@ def demo_banner(cfg) -> str:
            "in one process: the {steps}-step student sampled, then updated with the fake-score critic")
     return (f"dmdr_rl: no preset given: the demo (--preset {DEMO_PRESET}). DMDR on the toy world "
             f"{how.format(steps=cfg.student.steps)} for {cfg.trainer.max_steps} generator steps ({_stages(cfg)}); "
-            f"then the student is evaluated with the "
-            f"held-out judge. A short run shows the system at work, not a finished student: `--preset toy-dmdr` "
+            f"then the student is evaluated on training (held-in) prompts by the judge, a classifier the "
+            f"training never sees. A short run shows the system at work, not a finished student: `--preset toy-dmdr` "
             f"trains one (600 steps; add trainer.backend=ray for the Ray runtime), and `python -m dmdr_rl.eval "
             f"--steps 32,4,1` evaluates the teacher it is distilled from.")
 
@@ -44,7 +44,7 @@ def toy_evaluation_applies(cfg) -> bool:
 def train(preset: str, overrides: list[str], num_images: int) -> None:
     from . import eval as toy_eval
     from .evaluation import evaluate
-    from .trainer import LocalTrainer
+    from .trainer import LocalTrainer, find_run
     from .store import json_text, write_json_whole
     from .toy.weights import load_align, load_judge
 
@@ -93,11 +93,15 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     report = evaluate(sample_fn, "held-in", num_images, 0, load_judge(), [load_align()],
                       grid_path=out / "eval" / "grid.png", samples_path=out / "eval" / "samples.parquet",
                       desc="evaluating the student")
-    settings = {"model": "student", **toy_eval.student_settings(cfg.student)}  # as `eval --model student` reports
+    _, checkpoint = find_run(out)  # (the final one: what the local trainer ended with, or a Ray run sampled)
+    settings = {"model": "student", **toy_eval.student_settings(cfg.student), "run": str(out.resolve()),
+                "checkpoint": str(checkpoint.resolve())}  # as `eval --model student` reports
     write_json_whole(out / "eval" / "report.json", {**settings, **report})
-    print(f"student ({cfg.student.steps} steps): judge accuracy {report['judge_accuracy']:.3f}, analytic accuracy "
-          f"{report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, diversity {report['diversity']:.3f}, toy-align "
-          f"{report['rewards']['toy-align']:.3f}")
+    print(f"student ({cfg.student.steps} steps, {num_images} held-in prompts): judge accuracy "
+          f"{report['judge_accuracy']:.3f}, analytic accuracy {report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, "
+          f"diversity {report['diversity']:.3f}, toy-align {report['rewards']['toy-align']:.3f}")
+    if "fid_note" in report:
+        print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else ""))

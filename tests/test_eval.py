@@ -103,17 +103,22 @@ def test_main_job_names_bad_values(capsys):
     assert "student.steps: Input should be less than or equal to 8" in capsys.readouterr().err
 
 
-def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path):
+def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run.main(["--preset", "toy-dmd", "--num-images", "4", "trainer.max_steps=1", "trainer.batch_size=2", "dmd.ratio=1",
               "student.steps=2", f"output.dir={run_dir}"])
-    assert json.loads((run_dir / "eval" / "report.json").read_text())["steps"] == 2
+    printed = capsys.readouterr().out
+    assert "student (2 steps, 4 held-in prompts): judge accuracy" in printed and "FID at 4 images is not comparable" in printed
+    checkpoint = find_run(run_dir)[1]
+    own = json.loads((run_dir / "eval" / "report.json").read_text())  # the run's own evaluation: as eval's below
+    assert own["steps"] == 2 and (own["run"], own["checkpoint"]) == (str(run_dir.resolve()), str(checkpoint.resolve()))
     out = tmp_path / "eval"
     toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(out)])
-    checkpoint = find_run(run_dir)[1]  # a report directory per run and checkpoint: a later one does not overwrite it
+    # a report directory per run and checkpoint: a later one does not overwrite it
     report = json.loads((out / f"student-{toy_eval.student_label(run_dir, checkpoint)}-steps2-held-in" / "report.json").read_text())
     assert report["model"] == "student" and report["steps"] == 2 and report["cfg"] == 1.0
     assert (report["run"], report["checkpoint"]) == (str(run_dir.resolve()), str(checkpoint.resolve()))
+    assert report["judge_accuracy"] == own["judge_accuracy"] and report["fid"] == pytest.approx(own["fid"], rel=1e-6)
     with pytest.raises(SystemExit):
         toy_eval.parse_args(["--model", "student"])
     # a student of other scenes than the judge's (here: its config says 64 px) is refused before any sampling
