@@ -83,6 +83,12 @@ def step_duties(step: int, cfg: RunConfig) -> StepDuties:
                       checkpoint=step % cfg.output.checkpoint_every == 0 or last)
 
 
+def loss_postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """The losses for a progress bar, each named as a loss (L_toy-align: the reward's loss term, whose sign and
+    shaping differ from the reward itself, which the run's last line reports)."""
+    return {"L_" + key.split("/")[-1]: f"{value:.3g}" for key, value in metrics.items() if key.startswith("loss/")}
+
+
 class StopAtStepEnd:
     """Ctrl-C or SIGTERM while the local trainer runs: the generator step under way finishes, a checkpoint is
     written, and the run stops (its events say "stopped"), so nothing trained is lost and a resume continues
@@ -181,7 +187,7 @@ class LocalTrainer:
                     duties = step_duties(step, cfg)
                     if duties.log:
                         log.write(step, metrics)
-                        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
+                        bar.set_postfix(loss_postfix(metrics))
                     if duties.sample:
                         self.save_samples()
                         save_rollout_records(self.out, self.backbone, self.last_batch, step)

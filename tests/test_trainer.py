@@ -59,6 +59,13 @@ def test_generator_moves_once_per_ratio_iterations_and_reward_waits_for_cold_sta
     assert reward_calls == [0] * 6 + [0, 0, 1, 1, 1, 2]
 
 
+def test_the_progress_bar_names_losses_as_losses():
+    from dmdr_rl.trainer import loss_postfix
+
+    assert loss_postfix({"loss/dmd": 0.5, "loss/reward/toy-align": 0.25, "reward/toy-align": -1.0}) == {
+        "L_dmd": "0.5", "L_toy-align": "0.25"}  # not "toy-align=0.25" beside a reward of -1
+
+
 def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
     trainer, _ = _trainer(tmp_path, **{"output.sample_every": 2})
     old_mask = os.umask(0o022)
