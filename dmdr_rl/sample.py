@@ -150,13 +150,16 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged {model}?); "
               "they are saved with those pixels at 0", file=sys.stderr)
     out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    # which weights made each image: a run that trains on samples differently from its next checkpoint
+    made_by = {"checkpoint": [settings["checkpoint"]] * len(prompts)} if "checkpoint" in settings else None
     try:
         scores = score_images(rewards, images, prompts, args.batch_size)
     except fixable_errors() as err:  # (a prompt the reward model cannot read): the images are kept all the same
-        write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, source="sample")
+        write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, extra=made_by,
+                      source="sample")
         raise SystemExit(f"error: scoring: {err} (the images are in {out / 'samples.parquet'}, without scores)") from None
     write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, rewards=scores,
-                  source="sample")
+                  extra=made_by, source="sample")
     if args.score:
         statistics = {name: score_statistics(values) for name, values in scores.items()}
         write_json_whole(out / "scores.json", {"model": model, **settings, "run": str(Path(args.run).resolve()),
@@ -168,8 +171,10 @@ def main(argv: list[str] | None = None) -> Path:
     shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look
     save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8,
               scale=max(1, 128 // images.shape[-1]))
-    print(f"{len(prompts)} images of the {settings['steps']}-step {model} in {out.resolve()}: samples.parquet, grid.png"
-          + (f" (the first {shown})" if shown < len(prompts) else "") + (", scores.json" if args.score else ""))
+    source = f" (checkpoint {settings['checkpoint']})" if "checkpoint" in settings else ""
+    print(f"{len(prompts)} image{'s' if len(prompts) != 1 else ''} of the {settings['steps']}-step {model}{source} in "
+          f"{out.resolve()}: samples.parquet, grid.png" + (f" (the first {shown})" if shown < len(prompts) else "")
+          + (", scores.json" if args.score else ""))
     return out
 
 

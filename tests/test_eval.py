@@ -207,6 +207,7 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
                        "--batch-size", "4", "--out", str(tmp_path / "mine")])
     rows = read_samples(out / "samples.parquet").to_pandas()
     assert list(rows["prompt"]) == ["a red circle"] * 3 + ["a blue square"] * 3 and rows["seed"].nunique() == 6
+    assert set(rows["checkpoint"]) == {str(find_run(run_dir)[1].resolve())}  # the weights that made them
     assert (out / "grid.png").stat().st_size > 0
     sample_fn, _ = toy_eval.load_student(run_dir)
     again = sample_fn([rows["prompt"][4]], [int(rows["seed"][4])])[0].clamp(0, 1)
