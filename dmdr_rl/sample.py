@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged {model}?); "
               "they are saved with those pixels at 0", file=sys.stderr)
     out = args.out or Path("runs") / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    # which weights made each image: a run that trains on samples differently from its next checkpoint
+    # the weights that made the images (a live run's next checkpoint samples differently)
     made_by = {"checkpoint": [settings["checkpoint"]] * len(prompts)} if "checkpoint" in settings else None
     try:
         scores = score_images(rewards, images, prompts, args.batch_size)
