@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="lora", choices=FORMATS,
                         help="lora: diffusers LoRA weights (load_lora_weights); transformer: a merged model directory (default lora)")
     parser.add_argument("--out", type=Path, required=True, help="the directory to write")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights (default float32)")
     args = parser.parse_args(argv)
     try:
         settings = export_student(args.run, args.format, args.out, args.dtype)

@@ -375,12 +375,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .cli import command_summary
 
     p = argparse.ArgumentParser(prog="python -m dmdr_rl.results", description=command_summary(__doc__))
-    p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)}")
-    p.add_argument("--num-images", type=int, default=1000, help="images per split and row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=Path("runs/results"), help="where the trainings live (reused when finished)")
-    p.add_argument("--out", type=Path, default=Path("docs/results"), help="where toy.md, toy.json and the grids go")
-    p.add_argument("--jobs", type=int, default=1, help="trainings at a time (the CPU threads are split between them)")
+    p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)} (default all)")
+    p.add_argument("--num-images", type=int, default=1000, help="images per split and row (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed: the prompts and each image's seed (default 0)")
+    p.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=Path("runs/results"),
+                   help="where the trainings live (reused when finished; default runs/results)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"),
+                   help="where toy.md, toy.json and the grids go (default docs/results)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at a time (the CPU threads are split between them; default 1)")
     p.add_argument("--retrain", action="store_true", help="delete the rows' runs under --runs and train them again")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite toy.md from the toy.json in --out: the claims checked again, nothing trained or evaluated")

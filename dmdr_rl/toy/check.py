@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     from ..cli import command_summary
 
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.check", description=command_summary(__doc__))
-    parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=2000,
+                        help="fresh renders (or, with --transfer, teacher samples) per prompt split (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="the prompts drawn and the images' seeds (default 0)")
     parser.add_argument("--transfer", action="store_true", help="measure how far toy-align's gradient moves the judge")
     parser.add_argument("--eps", type=float, default=4 / 255, help="the L-inf budget of --transfer (default 4/255)")
     args = parser.parse_args(argv)
