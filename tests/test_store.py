@@ -408,6 +408,7 @@ def test_watch_tells_a_killed_run_from_a_running_one_by_its_directory_lock(tmp_p
     import os
     import signal
     import sys
+    from pathlib import Path
 
     from dmdr_rl.store import RunLock
     from dmdr_rl.trainer import write_run_config
@@ -420,7 +421,7 @@ def test_watch_tells_a_killed_run_from_a_running_one_by_its_directory_lock(tmp_p
     assert text.startswith("running: waiting") and not ended
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dmdr_rl.store import RunLock; "
                                f"RunLock({str(tmp_path)!r}); print('held', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         assert holder.stdout.readline().strip() == "held"
         assert RunLock.held(tmp_path) is True
