@@ -31,7 +31,7 @@ from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .cli import fixable_errors
 from .store import write_json_whole
-from .trainer import find_run, load_generator
+from .trainer import find_run, load_generator, run_directory_of
 
 FORMATS = ("lora", "transformer")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,6 +46,10 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         raise ValueError("--dtype applies to --format transformer only (a LoRA file keeps its float32 weights)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory")
+    run_dir = run_directory_of(run)  # (None: find_run below says what `run` is not)
+    if run_dir is not None and run_dir.resolve() in (out.resolve(), *out.resolve().parents):
+        raise ValueError(f"--out {out} is in the run directory {run_dir}: the export's files would mix with the run's; "
+                         f"give a directory outside it, e.g. --out exports/{run_dir.resolve().name}-{fmt}")
     earlier = out / "student.json"
     if earlier.exists() and json.loads(earlier.read_text()).get("format") != fmt:  # its files would stay beside ours
         raise ValueError(f"--out {out} holds an export of another format: choose another --out")

@@ -369,6 +369,19 @@ def test_an_output_that_is_a_file_or_another_formats_export_is_refused_before_an
         export.export_student(tmp_path / "no-run", "lora", earlier)
     with pytest.raises(FileNotFoundError, match="no-run does not exist"):  # the same format may be written again
         export.export_student(tmp_path / "no-run", "transformer", earlier)
+    from dmdr_rl.trainer import write_run_config
+
+    run = tmp_path / "run"
+    write_run_config(load_config("toy-dmdr", [f"output.dir={run}"]), run)
+    for inside in (run, run / "checkpoints", run / "exports" / "lora"):  # the run's own directory, or one in it
+        for given in (run, run / "checkpoints"):
+            with pytest.raises(ValueError, match=rf"--out {inside} is in the run directory {run}: .* give a directory "
+                                                 r"outside it, e.g. --out exports/run-lora"):
+                export.export_student(given, "lora", inside)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # nothing written
+    with pytest.raises(SystemExit):
+        export.main(["--run", str(run), "--out", str(run)])
+    assert f"error: --out {run} is in the run directory" in capsys.readouterr().err
 
 
 def test_a_setting_named_twice_is_evaluated_once():
