@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean redis-server
+.PHONY: install demo test test-fast clean clean-runs redis-server
 
 # What the pinned environment takes on x86-64 (torch's CUDA build and its libraries: 6.6 GB).
 INSTALL_GB := 7
@@ -38,5 +38,9 @@ test: install redis-server  ## every test, the quality checks of the shipped mod
 test-fast: install redis-server  ## without the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-clean:
-	rm -rf $(VENV) runs .pytest_cache
+clean:  ## the virtual environment and the test cache; training runs under runs/ stay (make clean-runs)
+	rm -rf $(VENV) .pytest_cache
+
+clean-runs:  ## every training run under runs/ (checkpoints, metrics, samples): deleted, not set aside
+	@echo "deleting every training run under runs/"
+	rm -rf runs

@@ -8,6 +8,7 @@ start-up with the field's dotted name, the value given and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import string
@@ -530,7 +531,8 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
                 raise ConfigError(f"override {key!r}: {where} is a value ({node!r}), not a section with keys")
             fields = getattr(schema, "model_fields", None)
             if fields is not None and part not in fields:
-                raise ConfigError(f"unknown config key {key!r}: {where or 'the top level'} has {', '.join(fields)}")
+                raise ConfigError(f"unknown config key {key!r}: {where or 'the top level'} has {', '.join(fields)}"
+                                  + _did_you_mean(key))
             slot = part
             annotation = fields[part].annotation if fields is not None else None
             schema = _schema_of(annotation)
@@ -605,6 +607,31 @@ def _field_at(loc: tuple) -> tuple[Any, Any] | None:
     return schema, annotation
 
 
+def _dotted_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every key of the config's sections as `section.key` (the keys of list items and free-form mappings aside)."""
+    keys = []
+    for name, field in schema.model_fields.items():
+        keys.append(prefix + name)
+        inner = _schema_of(field.annotation)
+        if hasattr(inner, "model_fields"):
+            keys.extend(_dotted_keys(inner, f"{prefix}{name}."))
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    """'; did you mean trainer.resume_from?' for an unknown key: a misspelt one, or one put in the wrong
+    section (or none: `max_steps=5`)."""
+    keys = _dotted_keys()
+    name = key.split(".")[-1]
+    names = {k: k.split(".")[-1] for k in keys}
+    guesses = ([k for k in keys if names[k] == name and k != key]
+               or difflib.get_close_matches(key, keys, n=3, cutoff=0.85)
+               or [k for k in keys if names[k] in difflib.get_close_matches(name, set(names.values()), n=3, cutoff=0.8)])
+    section = key.split(".")[0] + "."
+    guesses = [k for k in guesses if k.startswith(section)] or guesses  # critic.rnk: critic.lora.rank
+    return f"; did you mean {' or '.join(guesses[:3])}?" if guesses else ""
+
+
 def _allowed_keys(loc: tuple) -> str:
     """'; <section> has <its keys>' for the section at `loc` (for an unknown key in a YAML file)."""
     schema = (_field_at(loc) or (None, None))[0]
@@ -638,7 +665,7 @@ def _describe(err: ValidationError) -> str:
 
                 value = redact_url(value)
             if e["type"] == "extra_forbidden":
-                message = "unknown key" + _allowed_keys(e["loc"][:-1])
+                message = "unknown key" + _allowed_keys(e["loc"][:-1]) + _did_you_mean(field)
             elif value == "None" and _nullable(e["loc"]):
                 message += "; write null, not None"
             elif e["type"] == "tuple_type":

@@ -31,7 +31,7 @@ from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .cli import fixable_errors
 from .store import readable_as_umask_allows, write_json_whole
-from .trainer import find_run, load_generator
+from .trainer import find_run, load_generator, run_directory_of
 
 FORMATS = ("lora", "transformer")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,6 +46,10 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         raise ValueError("--dtype applies to --format transformer only (a LoRA file keeps its float32 weights)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory")
+    run_dir = run_directory_of(run)  # (None: find_run below says what `run` is not)
+    if run_dir is not None and run_dir.resolve() in (out.resolve(), *out.resolve().parents):
+        raise ValueError(f"--out {out} is in the run directory {run_dir}: the export's files would mix with the run's; "
+                         f"give a directory outside it, e.g. --out exports/{run_dir.resolve().name}-{fmt}")
     earlier = out / "student.json"
     if earlier.exists() and json.loads(earlier.read_text()).get("format") != fmt:  # its files would stay beside ours
         raise ValueError(f"--out {out} holds an export of another format: choose another --out")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="lora", choices=FORMATS,
                         help="lora: diffusers LoRA weights (load_lora_weights); transformer: a merged model directory (default lora)")
     parser.add_argument("--out", type=Path, required=True, help="the directory to write")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights (default float32)")
     args = parser.parse_args(argv)
     try:
         settings = export_student(args.run, args.format, args.out, args.dtype)

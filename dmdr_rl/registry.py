@@ -56,7 +56,10 @@ class Registry(Generic[T]):
                 module = importlib.import_module(module_name)
             except Exception as err:  # noqa: BLE001 - not found, an empty name (":Name"), or the module's own error
                 reason = str(err) if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
-                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason})") from err
+                top_level = module_name.split(".")[0]
+                hint = (f": run from the directory that holds {top_level!r}, or put that directory on PYTHONPATH"
+                        if isinstance(err, ModuleNotFoundError) and err.name == top_level else "")
+                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason}){hint}") from err
             if not attr or not hasattr(module, attr):
                 raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)

@@ -107,6 +107,8 @@ def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...
     cfg = row_config(preset, run_path, overrides)
     _check_same_config(cfg, run_path)
     if _finished(run_path, cfg.trainer.max_steps):
+        print(f"{preset}: reusing {run_path} (trained earlier with the same config; --retrain trains it again)",
+              flush=True)
         return json.loads((run_path / "train_summary.json").read_text())
     trainer = LocalTrainer(cfg)
     previous_seconds = 0.0
@@ -127,10 +129,18 @@ def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...
     return summary
 
 
+def threads_per_training(jobs: int) -> int:
+    """The machine's CPU threads shared between `jobs` trainings, and no more than OMP_NUM_THREADS when it
+    is set: a user's cap (e.g. beside other work on the machine), which torch.set_num_threads would override."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cap = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # (OpenMP's nested form: "4,2")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
+
+
 def train_all(rows: list[Row], runs: Path, jobs: int, overrides: tuple[str, ...]) -> dict[str, dict]:
     """Train every student row; `jobs` at a time, the machine's threads shared between them."""
     students = [row for row in rows if row.preset is not None]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_training(jobs)
     if jobs <= 1 or len(students) <= 1:
         return {row.key: train_row(row.preset, str(runs / row.key), threads, overrides) for row in students}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
@@ -375,12 +385,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .cli import command_summary
 
     p = argparse.ArgumentParser(prog="python -m dmdr_rl.results", description=command_summary(__doc__))
-    p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)}")
-    p.add_argument("--num-images", type=int, default=1000, help="images per split and row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=Path("runs/results"), help="where the trainings live (reused when finished)")
-    p.add_argument("--out", type=Path, default=Path("docs/results"), help="where toy.md, toy.json and the grids go")
-    p.add_argument("--jobs", type=int, default=1, help="trainings at a time (the CPU threads are split between them)")
+    p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)} (default all)")
+    p.add_argument("--num-images", type=int, default=1000, help="images per split and row (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed: the prompts and each image's seed (default 0)")
+    p.add_argument("--runs", type=lambda text: Path(text).expanduser(), default=Path("runs/results"),
+                   help="where the trainings live (reused when finished; default runs/results)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"),
+                   help="where toy.md, toy.json and the grids go (default docs/results)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at a time (default 1): the CPU threads are split "
+                                                     "between them, each taking at most OMP_NUM_THREADS when it is set")
     p.add_argument("--retrain", action="store_true", help="delete the rows' runs under --runs and train them again")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite toy.md from the toy.json in --out: the claims checked again, nothing trained or evaluated")

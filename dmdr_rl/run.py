@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     from .cli import command_summary
 
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=command_summary(__doc__))
-    parser.add_argument("--preset", default=None, help=f"run preset or YAML file (default: the demo, {DEMO_PRESET}); "
-                                                       f"presets: {', '.join(available_presets())}")
+    parser.add_argument("--preset", default=None,
+                        help=f"run preset or YAML file (without it: the demo, {DEMO_PRESET}, a short DMDR run on the "
+                             f"toy world on a local Ray); presets: {', '.join(available_presets())}")
     parser.add_argument("--num-images", type=int, default=256,
                         help="images per evaluated setting (default 256; the README's numbers use 1000)")
     parser.add_argument("--dry-run", action="store_true",

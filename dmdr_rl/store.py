@@ -241,21 +241,48 @@ def set_aside_earlier_run(run_dir: str | Path) -> Path | None:
 class RunLock:
     """A training run's hold on its directory, from its start to its store's close (or the process's end):
     a second run started in the same directory while the first is running would set the first run's files
-    aside and then receive its records. Readers (`watch`, `sample`) take no lock."""
+    aside and then receive its records. Readers (`watch`, `sample`) take no lock; `watch` only asks
+    whether it is held (`held`)."""
 
     NAME = ".run.lock"
+    PROBE_WAIT_S = 0.5  # how long a starting run waits out a reader's probe (`held`) before it is refused
 
     def __init__(self, run_dir: str | Path):
         path = Path(run_dir) / self.NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.PROBE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(self.fd)
+                self.fd = None
+                raise StoreError(f"another run is writing to {run_dir} right now: wait for it to end, or give this "
+                                 "run another output.dir") from None
+
+    @classmethod
+    def held(cls, run_dir: str | Path) -> bool | None:
+        """Whether a live process holds `run_dir`'s lock; None when that cannot be told (no lock file: a run
+        from before the lock, or none). The probe takes a shared lock and lets go of it at once, and a run
+        starting in that instant waits it out, so asking never disturbs a run."""
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(Path(run_dir) / cls.NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise StoreError(f"another run is writing to {run_dir} right now: wait for it to end, or give this run "
-                             "another output.dir") from None
+            return True
+        except OSError:  # a file system without flock
+            return None
+        finally:
+            os.close(fd)  # closing releases the probe's lock
+        return False
 
     def release(self) -> None:
         if self.fd is not None:

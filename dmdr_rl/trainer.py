@@ -450,6 +450,9 @@ def find_run(run: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) for a run directory (its latest checkpoint, see
     `_run_checkpoint`), or any checkpoint directory inside it (checkpoints/, step_N/, a Ray Train one)."""
     run = Path(run)
+    if not run.exists():  # (a typo, most likely: not "no config.yaml")
+        raise FileNotFoundError(f"{run} does not exist: give a run directory (output.dir of a training), its "
+                                "checkpoints/ or a step_N/ in it")
     run_dir = run_directory_of(run)
     if run_dir is None:
         raise FileNotFoundError(f"{run} is not a training run (no config.yaml in it or above it)")

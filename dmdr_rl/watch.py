@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .store import StoreError, open_store
+from .store import RunLock, StoreError, open_store
 
 SHOWN_PREFIXES = ("loss/", "reward/", "rollout/", "rl/", "time/", "schedule/lr")
 
@@ -42,9 +42,18 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     rows = store.read("metrics")
     events = store.read("events")
     state = events[-1]["event"] if events else "unknown"
-    shown_state = "running" if state == "started" else state
+    # a run killed (SIGKILL, out of memory) wrote no final event; its directory's lock tells it from a live one
+    killed = state == "started" and run_dir is not None and RunLock.held(run_dir) is False
+    shown_state = "not running" if killed else "running" if state == "started" else state
+    ended = killed or state in ("finished", "failed", "stopped")
+    notes = []
+    if killed:
+        notes.append("  its process ended without a final event (killed?)")
+    if state == "failed":
+        notes.append(f"  error: {events[-1].get('error', '')}")
     if not rows:
-        return f"{shown_state}: waiting for the first generator step ...", state in ("finished", "failed", "stopped")
+        status = "no generator step recorded" if ended else "waiting for the first generator step ..."
+        return "\n".join([f"{shown_state}: {status}", *notes]), ended
     last = rows[-1]
     # since the last restart: a restarted learner writes again the steps after its checkpoint, and a run
     # launched again (a `started` event) would otherwise count its downtime
@@ -66,9 +75,8 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
         grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
         if grids:
             lines.append(f"  newest samples: {grids[-1]}")
-    if state == "failed":
-        lines.append(f"  error: {events[-1].get('error', '')}")
-    return "\n".join(lines), state in ("finished", "failed", "stopped") or (bool(max_steps) and last["step"] >= max_steps)
+    lines.extend(notes)
+    return "\n".join(lines), ended or (bool(max_steps) and last["step"] >= max_steps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,3 +135,16 @@ def test_judge_transfer_measures_what_toy_align_ascent_does_to_the_judge(judge, 
     assert unmoved["align_after"] == unmoved["align_before"] and unmoved["judge_after"] == unmoved["judge_before"]
     moved = judge_transfer(judge, align, images, scenes, eps=4 / 255)
     assert moved["align_after"] > moved["align_before"] + 0.1
+
+
+def test_the_evaluator_checks_show_their_progress(judge, align, capsys):
+    from dmdr_rl.evaluation import fresh_renders
+    from dmdr_rl.toy.check import check_evaluators, judge_transfer
+    from dmdr_rl.toy.grammar import PromptSplit
+
+    check_evaluators(num_images=8, seed=0, judge=judge, align=align)
+    shown = capsys.readouterr().err  # a bar on stderr: the 2000-image default takes ~30 s
+    assert "checking evaluators" in shown and "held-out: FID" in shown
+    scenes = PromptSplit("held-out").sample(4, seed=0)
+    judge_transfer(judge, align, fresh_renders(scenes, 0), scenes)
+    assert "toy-align ascent" in capsys.readouterr().err

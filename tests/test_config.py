@@ -86,6 +86,22 @@ def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_p
     assert load_config("toy-dmdr", ["model.path=None", "trainer.device=cuda:1"]).model.path is None
 
 
+def test_an_unknown_key_suggests_the_one_meant(tmp_path):
+    for override, meant in (("resume_from=runs/a", "trainer.resume_from"), ("max_steps=5", "trainer.max_steps"),
+                            ("student.max_steps=5", "trainer.max_steps"), ("trainer.max_step=5", "trainer.max_steps"),
+                            ("student.stepz=2", "student.steps"), ("critic.rnk=4", "critic.lora.rank"),
+                            ("rank=4", "student.lora.rank or critic.lora.rank")):
+        with pytest.raises(ConfigError, match=rf"unknown config key '{override.split('=')[0]}': .*; did you mean {meant}\?$"):
+            load_config("toy-dmdr", [override])
+    with pytest.raises(ConfigError) as err:
+        load_config("toy-dmdr", ["zzz=1"])  # nothing like it: no guess
+    assert "did you mean" not in str(err.value)
+    misplaced = tmp_path / "misplaced.yaml"
+    misplaced.write_text("base: toy-dmdr\nresume_from: runs/a\n")
+    with pytest.raises(ConfigError, match=r"resume_from: unknown key; the top level has .*; did you mean trainer.resume_from\? "):
+        load_config(str(misplaced))
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError, match="unknown preset 'toy-fast'; available: .*toy-dmdr"):
         load_config("toy-fast")

@@ -196,8 +196,11 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     [report_dir] = out.glob("student-run-step_*-*-steps2-held-in")
     report = json.loads((report_dir / "report.json").read_text())
     assert (report["steps"], report["shift"], report["sampler"], report["cfg"]) == (2, 2.0, "ode", 1.0)
-    with pytest.raises(SystemExit, match="is not a training run"):
+    with pytest.raises(SystemExit, match="nowhere does not exist: give a run directory"):
         toy_eval.main(["--model", "student", "--run", str(tmp_path / "nowhere"), "--num-images", "2"])
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(SystemExit, match=r"not-a-run is not a training run \(no config.yaml in it or above it\)"):
+        toy_eval.main(["--model", "student", "--run", str(tmp_path / "not-a-run"), "--num-images", "2"])
 
     # the same student for your own prompts: a grid, and each image again from its row's seed alone
     from dmdr_rl import sample
@@ -370,8 +373,21 @@ def test_an_output_that_is_a_file_or_another_formats_export_is_refused_before_an
     (earlier / "student.json").write_text(json.dumps({"format": "transformer"}))
     with pytest.raises(ValueError, match="holds an export of another format"):  # (before the run is even looked for)
         export.export_student(tmp_path / "no-run", "lora", earlier)
-    with pytest.raises(FileNotFoundError, match="is not a training run"):  # the same format may be written again
+    with pytest.raises(FileNotFoundError, match="no-run does not exist"):  # the same format may be written again
         export.export_student(tmp_path / "no-run", "transformer", earlier)
+    from dmdr_rl.trainer import write_run_config
+
+    run = tmp_path / "run"
+    write_run_config(load_config("toy-dmdr", [f"output.dir={run}"]), run)
+    for inside in (run, run / "checkpoints", run / "exports" / "lora"):  # the run's own directory, or one in it
+        for given in (run, run / "checkpoints"):
+            with pytest.raises(ValueError, match=rf"--out {inside} is in the run directory {run}: .* give a directory "
+                                                 r"outside it, e.g. --out exports/run-lora"):
+                export.export_student(given, "lora", inside)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # nothing written
+    with pytest.raises(SystemExit):
+        export.main(["--run", str(run), "--out", str(run)])
+    assert f"error: --out {run} is in the run directory" in capsys.readouterr().err
 
 
 def test_a_setting_named_twice_is_evaluated_once():

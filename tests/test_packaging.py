@@ -76,3 +76,18 @@ def test_the_lock_satisfies_every_declared_range():
             unmet.append(f"{spec} (lock: {pinned})")
     assert not unmet, f"the lock does not satisfy: {unmet}"
     assert "setuptools" in pins  # torch needs one (>=77) and the editable install builds with it: pinned, not latest
+
+
+def test_make_clean_keeps_the_training_runs_and_clean_runs_deletes_them():
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def removed(target: str) -> set[str]:
+        commands = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, check=True).stdout
+        return {word for line in commands.splitlines() if line.startswith("rm ") for word in line.split()[2:]}
+
+    assert "runs" not in removed("clean") and ".pytest_cache" in removed("clean")
+    assert removed("clean-runs") == {"runs"}

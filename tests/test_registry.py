@@ -11,8 +11,12 @@ def test_builtins_are_registered():
 def test_import_paths_resolve_and_bad_ones_say_why(tmp_path, monkeypatch):
     registry = Registry("reward model")
     assert registry.resolve("dmdr_rl.toy.classifier:AlignReward").__name__ == "AlignReward"
-    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.rewards'"):
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.rewards' .* run from the directory that "
+                                         "holds 'no_such_pkg', or put that directory on PYTHONPATH"):
         registry.resolve("no_such_pkg.rewards:Mine")
+    with pytest.raises(ValueError, match="cannot import module 'dmdr_rl.no_such_module'") as caught:  # the package is found
+        registry.resolve("dmdr_rl.no_such_module:Mine")
+    assert "PYTHONPATH" not in str(caught.value)
     with pytest.raises(ValueError, match="has no attribute 'Missing'"):
         registry.resolve("dmdr_rl.toy.classifier:Missing")
     with pytest.raises(ValueError, match="unknown reward model 'hpsv9'; registered: none"):

@@ -116,6 +116,31 @@ def test_a_run_trained_from_another_config_is_not_reused(tmp_path):
         results.train_row("toy-dmd-1step", str(run), 1, ("dmd.real_cfg=3.0",))
 
 
+def test_a_finished_run_is_reused_and_says_so(tmp_path, capsys):
+    from dmdr_rl.config import load_config
+    from dmdr_rl.trainer import write_run_config
+
+    run = tmp_path / "dmd-1"
+    cfg = load_config("toy-dmd-1step", [f"output.dir={run}"])
+    write_run_config(cfg, run)
+    (run / "train_summary.json").write_text(json.dumps({"generator_steps": cfg.trainer.max_steps}))
+    assert results.train_row("toy-dmd-1step", str(run), 1) == {"generator_steps": cfg.trainer.max_steps}
+    assert f"toy-dmd-1step: reusing {run} (trained earlier with the same config" in capsys.readouterr().out
+
+
+def test_the_trainings_share_the_cpu_threads_up_to_omp_num_threads(monkeypatch):
+    monkeypatch.setattr(results.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert (results.threads_per_training(1), results.threads_per_training(2), results.threads_per_training(16)) == (8, 4, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user's cap
+    assert (results.threads_per_training(1), results.threads_per_training(8)) == (2, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's nested form: the outer level counts
+    assert results.threads_per_training(1) == 3
+    for unusable in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert results.threads_per_training(2) == 4
+
+
 def test_an_exact_tie_with_a_target_meets_it_and_the_one_step_dmdr_is_judged():
     rows = {"teacher-32": _row(0.650, 0.650, 200.0, -0.5), "dmd-4": _row(0.585, 0.585, 300.0, -0.6),
             "dmdr-1": _row(0.70, 0.60, 300.0, -0.1)}

@@ -390,6 +390,69 @@ def test_watch_names_a_damaged_run_instead_of_a_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2 and "critic.lora" in capsys.readouterr().err
 
 
+def test_watch_shows_the_error_of_a_run_that_failed_before_its_first_step(tmp_path, capsys):
+    from dmdr_rl.trainer import write_run_config
+    from dmdr_rl.watch import main
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+    store = FileStore(tmp_path)
+    store.append("events", {"event": "started"})
+    store.append("events", {"event": "failed", "error": "RuntimeError: CUDA out of memory"})
+    main([str(tmp_path), "--once"])
+    shown = capsys.readouterr().out
+    assert "failed: no generator step recorded" in shown and "error: RuntimeError: CUDA out of memory" in shown
+    assert "waiting" not in shown
+
+
+def test_watch_tells_a_killed_run_from_a_running_one_by_its_directory_lock(tmp_path):
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    from dmdr_rl.store import RunLock
+    from dmdr_rl.trainer import write_run_config
+    from dmdr_rl.watch import snapshot
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+    store = FileStore(tmp_path)
+    store.append("events", {"event": "started"})
+    text, ended = snapshot(store, tmp_path, 10)  # no lock file (a run from before the lock): running, as before
+    assert text.startswith("running: waiting") and not ended
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dmdr_rl.store import RunLock; "
+                               f"RunLock({str(tmp_path)!r}); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert RunLock.held(tmp_path) is True
+        text, ended = snapshot(store, tmp_path, 10)
+        assert text.startswith("running: waiting") and not ended
+        store.append("metrics", {"step": 3})
+        text, ended = snapshot(store, tmp_path, 10)
+        assert text.startswith("[running] generator step 3/10") and not ended
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert RunLock.held(tmp_path) is False
+    text, ended = snapshot(store, tmp_path, 10)
+    assert text.startswith("[not running] generator step 3/10") and ended
+    assert "its process ended without a final event (killed?)" in text
+    assert "[running]" in snapshot(store, None, 10)[0]  # by name in a store (no directory): cannot tell
+
+
+def test_a_run_starting_while_watch_probes_its_lock_waits_the_probe_out(tmp_path):
+    import fcntl
+    import os
+
+    from dmdr_rl.store import RunLock
+
+    RunLock(tmp_path).release()
+    probe = os.open(tmp_path / RunLock.NAME, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as RunLock.held does, held here a little longer
+    threading.Timer(0.1, os.close, [probe]).start()
+    RunLock(tmp_path).release()  # not "another run is writing"
+
+
 def test_watch_measures_the_rate_since_a_learner_restart(tmp_path):
     from dmdr_rl.trainer import write_run_config
     from dmdr_rl.watch import snapshot

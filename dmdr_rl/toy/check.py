@@ -19,6 +19,7 @@ import argparse
 import json
 
 import torch
+from tqdm.auto import tqdm
 
 from ..evaluation import REFERENCE_SEED_OFFSET, fresh_renders
 from .analytic import analytic_accuracy
@@ -36,29 +37,42 @@ def render_fid_floor(judge, scenes, seed: int, images=None) -> float:
     return judge_fid(judge, images, fresh_renders(scenes, seed))
 
 
+def measured(bar, label: str, measure):
+    """`measure()`, named on `bar` while it runs and counted when done (each takes seconds at 2000 images)."""
+    bar.set_postfix_str(label)
+    value = measure()
+    bar.update()
+    return value
+
+
 def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=None) -> dict:
     judge = judge or load_judge()
     align = align or load_align()
     report: dict = {"num_images_per_split": num_images}
-    for split in SPLITS:
-        scenes = PromptSplit(split).sample(num_images, seed)
-        images = fresh_renders(scenes, seed, offset=CHECK_SEED_OFFSET)
-        with torch.no_grad():
-            accuracy, by_category = summarise_verdicts(judge_verdicts(judge, images, scenes))
-        report[split] = {
-            "judge_accuracy": accuracy,
-            "judge_accuracy_by_category": by_category,
-            "align_true_over_random_mismatch": reward_discrimination(align, images, scenes, seed, hard=False),
-            "align_true_over_one_attribute_changed": reward_discrimination(align, images, scenes, seed, hard=True),
-            "fid_renders_vs_renders": render_fid_floor(judge, scenes, seed, images),
-        }
+    with tqdm(total=4 * len(SPLITS), desc="checking evaluators", leave=False) as bar:
+        for split in SPLITS:
+            scenes = PromptSplit(split).sample(num_images, seed)
+            images = fresh_renders(scenes, seed, offset=CHECK_SEED_OFFSET)
+            with torch.no_grad():
+                accuracy, by_category = measured(bar, f"{split}: judge",
+                                                 lambda: summarise_verdicts(judge_verdicts(judge, images, scenes)))
+            report[split] = {
+                "judge_accuracy": accuracy,
+                "judge_accuracy_by_category": by_category,
+                "align_true_over_random_mismatch": measured(
+                    bar, f"{split}: toy-align", lambda: reward_discrimination(align, images, scenes, seed, hard=False)),
+                "align_true_over_one_attribute_changed": measured(
+                    bar, f"{split}: toy-align", lambda: reward_discrimination(align, images, scenes, seed, hard=True)),
+                "fid_renders_vs_renders": measured(
+                    bar, f"{split}: FID", lambda: render_fid_floor(judge, scenes, seed, images)),
+            }
     return report
 
 
 def align_ascent(align, images: torch.Tensor, prompts, eps: float, steps: int = 40) -> torch.Tensor:
     """`images` moved up toy-align's gradient (signed steps of eps/8, projected to an L-inf ball of eps)."""
     x = images.clone()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="toy-align ascent", leave=False):
         x.requires_grad_(True)
         (grad,) = torch.autograd.grad(align.score(x, prompts).sum(), x)
         with torch.no_grad():
@@ -95,9 +109,10 @@ def check_transfer(num_images: int, seed: int, eps: float) -> dict:
 
     judge, align, teacher = load_judge(), load_align(), load_teacher()
     report = {"num_images_per_split": num_images, "samples": f"teacher, 4 steps, CFG {DEFAULT_CFG:g}"}
-    for split in SPLITS:
+    for split in tqdm(SPLITS, desc="checking transfer", leave=False):
         scenes = PromptSplit(split).sample(num_images, seed)
-        images = teacher.sample(prompts_of(scenes), steps=4, cfg=DEFAULT_CFG, seed=image_seeds(seed, num_images))
+        images = teacher.sample(prompts_of(scenes), steps=4, cfg=DEFAULT_CFG, seed=image_seeds(seed, num_images),
+                                progress=True)
         report[split] = judge_transfer(judge, align, images.clamp(0, 1), scenes, eps, seed)
     return report
 
@@ -106,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     from ..cli import command_summary
 
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.check", description=command_summary(__doc__))
-    parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=2000,
+                        help="fresh renders (or, with --transfer, teacher samples) per prompt split (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="the prompts drawn and the images' seeds (default 0)")
     parser.add_argument("--transfer", action="store_true", help="measure how far toy-align's gradient moves the judge")
     parser.add_argument("--eps", type=float, default=4 / 255, help="the L-inf budget of --transfer (default 4/255)")
     args = parser.parse_args(argv)
