@@ -142,6 +142,7 @@ def _ticket(answer: list) -> tuple:
 
 
 LOADING_CHECK_S = 10.0  # how often a question at a launch's first start looks for a worker that has started
+LOADING_NOTICE_S = 120.0  # how often a question still waiting for the first worker to start says so
 
 
 def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, restart_stuck: bool = True):
@@ -152,12 +153,18 @@ def _from_a_worker(coordinator, next_ticket, what: str, patience_s: float, resta
     worker is waited for as long as it loads, unless another one starts first: then the question goes there."""
     ref, worker, incarnation = next_ticket()
     give_up, wait, restarted = time.monotonic() + patience_s, 0.5, False
+    asked_at = noticed_at = time.monotonic()
     while True:
         try:
             return ray.get(ref, timeout=patience_s if restart_stuck else LOADING_CHECK_S)
         except ray.exceptions.GetTimeoutError as err:
             if not restart_stuck:  # still loading, or pending placement (a node being added) and maybe never placed
                 started = ray.get(coordinator.ready_workers.remote())
+                if not started and time.monotonic() - noticed_at >= LOADING_NOTICE_S:  # (a hung load would be silent)
+                    noticed_at = time.monotonic()
+                    print(f"dmdr_rl: {what}: no rollout worker has started in {noticed_at - asked_at:.0f} s (each loads its "
+                          "model, encoders and rewards, or waits for a node that fits ray.rollout_cpus / "
+                          "ray.rollout_gpus; `ray status` shows pending actors)", flush=True)
                 if not started or worker in started:
                     continue  # no other worker to ask, or this one has started and is answering
                 give_up = time.monotonic() + patience_s  # (the started worker gets the full patience)

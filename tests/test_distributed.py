@@ -790,6 +790,30 @@ def test_at_a_first_start_a_question_waits_for_a_worker_that_loads_its_model(mon
     assert asked == [0, 1] and len(timeouts) == 2
 
 
+def test_a_question_waiting_long_for_the_first_rollout_worker_says_so(monkeypatch, capsys):
+    """A load that hangs (a hub download, a node that never comes) must not be silent for ever."""
+    import learner.loop as loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    looks = [0]
+
+    def get(obj, timeout=None):
+        if not isinstance(obj, _Ref):
+            return obj
+        looks[0] += 1
+        clock[0] += timeout  # each look waits its timeout out
+        if looks[0] <= 30:  # 300 s of loading
+            raise loop.ray.exceptions.GetTimeoutError("loading")
+        return "null conditioning"
+
+    monkeypatch.setattr(loop.ray, "get", get)
+    coordinator = _fake_coordinator(null_conditioning=lambda attempt: [_Ref(0), 0, 0], ready_workers=lambda: [])
+    assert loop.ask_a_worker(coordinator, "null_conditioning", patience_s=5, restart_stuck=False) == "null conditioning"
+    notices = [line for line in capsys.readouterr().out.splitlines() if "no rollout worker has started" in line]
+    assert [n.split(" in ")[1].split(" s ")[0] for n in notices] == ["120", "240"]  # every LOADING_NOTICE_S
+
+
 def test_a_rollout_worker_that_failed_to_start_ends_the_try_at_once_as_the_runs_own_error(monkeypatch):
     # Ray does not restart an actor whose __init__ raised: waiting out the patience would only delay the error
     import learner.loop as loop
