@@ -92,6 +92,7 @@ class RolloutCoordinator:
         self.rank0_registrations = 0  # one per try that got as far as its rank 0: what its start() must carry
         self.failures_by_try: dict[int, set[tuple[str, str]]] = {}  # try -> its (where, error key)s
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
+        self.stop_asked = False  # the driver was asked to stop: see request_stop
 
     # -- weights ------------------------------------------------------------------------------
     def publish(self, version: int, weights: list, learner_start: int | None = None) -> int:
@@ -216,6 +217,15 @@ class RolloutCoordinator:
         """Where the run is; `epoch` > 0 once a learner restart has happened in this launch."""
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
                 "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch}
+
+    def request_stop(self) -> None:
+        """The driver was asked to stop (Ctrl-C, SIGTERM): the learner ends at its next generator step, with
+        a checkpoint (`stop_requested`, asked by rank 0 and shared with the other ranks)."""
+        self.stop_asked = True
+        self.ledger.append("stop_requested", iteration=self.consumed_upto)
+
+    def stop_requested(self) -> bool:
+        return self.stop_asked
 
     def training_step(self, iteration: int) -> int:
         """The learner's generator step when it trains the batch of `iteration` (the generator moves after

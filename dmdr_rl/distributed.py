@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from .config import RAY_CLIENT_REFUSED, ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
 from .store import PASSWORD_ENV, StoreError, directory_written_whole, run_events, write_json_whole, write_text_whole
-from .trainer import continues_in, open_run_directory
+from .trainer import StopAtStepEnd, continues_in, open_run_directory
 
 PROGRESS_POLL_S = 1.0
 COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a named actor
@@ -38,6 +39,7 @@ def connect(cfg: RunConfig) -> str:
     then check that the cluster can hold the run (see `check_resources`)."""
     import ray
 
+    sigterm = signal.getsignal(signal.SIGTERM)
     if ray.is_initialized():
         where = "existing"
     elif address := cfg.ray.address or os.environ.get("RAY_ADDRESS"):
@@ -56,6 +58,8 @@ def connect(cfg: RunConfig) -> str:
             where = "the Ray cluster already running on this machine"
             print(f"dmdr_rl: joined {where} (`ray start`); set ray.address to choose another, or `ray stop` it to "
                   f"have the run start its own", flush=True)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init's own handler exits on the spot: the run's ends it as Ctrl-C
     check_resources(cfg, ray.cluster_resources(), ray.available_resources())
     alive = [node for node in ray.nodes() if node.get("Alive")]
     check_node_fit(cfg, [node.get("Resources", {}) for node in alive])
@@ -443,21 +447,11 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     started = time.time()
     fit.start()
     bar = tqdm(total=cfg.trainer.max_steps, desc=f"train {cfg.name} (ray)", dynamic_ncols=True)
+    # Ctrl-C or SIGTERM: the learners end their generator step with a checkpoint (a second one: at once)
+    stop = StopAtStepEnd(on_request=lambda: coordinator.request_stop.remote())
     try:
-        while fit.is_alive():
-            fit.join(PROGRESS_POLL_S)
-            try:
-                progress = ray.get(coordinator.progress.remote(), timeout=5)
-            except ray.exceptions.ActorDiedError as err:
-                # nothing can continue without it (it has no restarts): every learner retry would fail at
-                # once, and with ray.max_failures=-1 forever, so the run ends here
-                raise RuntimeError(f"the run's rollout coordinator died, so the run cannot continue; {_how_to_continue(cfg, out)} "
-                                   f"({err})") from err
-            except Exception:  # the coordinator is busy: just skip this refresh
-                continue
-            bar.n = max(0, progress["version"])
-            bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
-            bar.refresh()
+        with stop:
+            _follow(fit, coordinator, bar, cfg, out)
     finally:
         bar.close()
         repeated = _repeated_failure(coordinator)
@@ -470,6 +464,9 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
+    if stop.requested and metrics.get("generator_step", 0) < cfg.trainer.max_steps:
+        _keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))  # (as at the end)
+        raise KeyboardInterrupt
     if metrics.get("generator_step", 0) < cfg.trainer.max_steps:  # tries that ended early, and nobody said why
         raise RuntimeError(f"the learner stopped at generator step {metrics.get('generator_step', 0)} of "
                            f"trainer.max_steps={cfg.trainer.max_steps} (see the learner's log above); "
@@ -488,6 +485,26 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
         print(f"dmdr_rl: WARNING: the prompt ledger shows {problems}", flush=True)
     write_json_whole(out / "train_summary.json", summary)
     return summary
+
+
+def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path) -> None:
+    """The progress bar from the coordinator's progress until Ray Train's fit ends."""
+    import ray
+
+    while fit.is_alive():
+        fit.join(PROGRESS_POLL_S)
+        try:
+            progress = ray.get(coordinator.progress.remote(), timeout=5)
+        except ray.exceptions.ActorDiedError as err:
+            # nothing can continue without it (it has no restarts): every learner retry would fail at
+            # once, and with ray.max_failures=-1 forever, so the run ends here
+            raise RuntimeError(f"the run's rollout coordinator died, so the run cannot continue; {_how_to_continue(cfg, out)} "
+                               f"({err})") from err
+        except Exception:  # the coordinator is busy: just skip this refresh
+            continue
+        bar.n = max(0, progress["version"])
+        bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
+        bar.refresh()
 
 
 def audit_ledger(store, iterations: int, world_size: int, patience_s: float = 30.0) -> dict:

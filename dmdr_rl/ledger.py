@@ -4,7 +4,8 @@ Events: `start` (a launch begins issuing at `iteration`: 0, or a checkpoint's fo
 `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank trained on
 it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`); not counted:
 `worker_restarted` (a stuck rollout worker killed for Ray to start again), `worker_replaced` (a fresh
-actor for one whose restart failed in its constructor), `learner_failed` (the
+actor for one whose restart failed in its constructor), `stop_requested` (the driver was stopped: the
+learner ends at its next generator step), `learner_failed` (the
 error a learner's try ended with) and `stale_call` (a consumption reported by a learner try that a
 later one had replaced, refused). Starts and rewinds record the world size from there on (the audit
 checks each stretch with its own). A start or a rewind rolls back the later consumptions, with the
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-NOT_COUNTED = ("worker_restarted", "worker_replaced", "learner_failed", "stale_call")  # events about processes, not batches
+NOT_COUNTED = ("worker_restarted", "worker_replaced", "learner_failed", "stale_call", "stop_requested")  # events about processes, not batches
 
 
 class Ledger:

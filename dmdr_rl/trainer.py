@@ -97,8 +97,10 @@ class StopAtStepEnd:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, on_request=None):
+        """`on_request`: called at the first signal (the Ray runtime passes the request on to its learners)."""
         self.requested = False
+        self.on_request = on_request
         self._previous: dict = {}
 
     def __enter__(self) -> "StopAtStepEnd":
@@ -116,6 +118,8 @@ class StopAtStepEnd:
         self.requested = True
         tqdm.write("dmdr_rl: stopping at the end of this generator step, with a checkpoint (again: at once)",
                    file=sys.stderr)
+        if self.on_request is not None:
+            self.on_request()
 
 
 class LocalTrainer:

@@ -393,11 +393,25 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
                 images = student_images(backbone, grid_cond, cfg.student, GRID_SEEDS)
                 save_step_samples(out, step, images, grid_prompts, learner.rewards, GRID_SEEDS)
                 save_rollout_records(out, backbone, batch, step)
-            if duties.checkpoint:
+            stopping = stop_requested(coordinator, rank, world, device)
+            if duties.checkpoint or stopping:
                 report(learner, rank, metrics)
+            if stopping:
+                break
     finally:
         if log is not None:
             log.close()
+
+
+def stop_requested(coordinator, rank: int, world: int, device) -> bool:
+    """Whether the driver was asked to stop (Ctrl-C, SIGTERM): rank 0 asks the coordinator and every rank gets
+    its answer, so all end after the same generator step (their collectives stay paired)."""
+    asked = bool(ray.get(coordinator.stop_requested.remote())) if rank == 0 else False
+    if world > 1:
+        flag = torch.tensor([float(asked)], device=device)
+        dist.broadcast(flag, src=0)
+        asked = bool(flag.item())
+    return asked
 
 
 def replica_divergence(learner: DMDRLearner) -> float:

@@ -1320,3 +1320,67 @@ def test_a_store_unreachable_as_the_run_ends_leaves_the_trained_run_unaudited_no
     assert distributed.audit_ledger(FlakyStore(10**6), 1, 1, patience_s=0) == {
         "unaudited": "cannot read dmdr:r1:ledger from redis://store:6380/0 (connection refused)"}
     assert "the prompt ledger could not be read to audit it" in capsys.readouterr().out
+
+
+def test_a_stop_request_reaches_the_learner_through_the_coordinator_and_is_not_a_batch(tmp_path, monkeypatch):
+    """Ctrl-C on the driver: the coordinator holds the request, rank 0 reads it (and shares it with the other
+    ranks), and the ledger notes it without counting it as a batch."""
+    import actors.coordinator as coordinator_module
+    import learner.loop as loop
+    from dmdr_rl.ledger import audit
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 1, "ray.max_staleness": 0})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    assert coordinator.stop_requested() is False
+    coordinator.request_stop()
+    assert coordinator.stop_requested() is True
+    events = list(coordinator.ledger.store.read("ledger"))
+    assert [e["event"] for e in events] == ["stop_requested"] and audit(events, 0, 1)["lost"] == []
+    monkeypatch.setattr(loop.ray, "get", lambda value: value)
+    asked = _fake_coordinator(stop_requested=lambda: True)
+    assert loop.stop_requested(asked, rank=0, world=1, device="cpu") is True
+    assert loop.stop_requested(_fake_coordinator(stop_requested=lambda: False), rank=0, world=1, device="cpu") is False
+    # another rank does not ask: it takes rank 0's answer (a broadcast, with several ranks)
+    assert loop.stop_requested(_fake_coordinator(stop_requested=lambda: pytest.fail("asked")), 1, 1, "cpu") is False
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_ray_runs_generator_step_with_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
+    """Ctrl-C in a terminal reaches the driver and every process of its group: the learners finish their
+    generator step, report a checkpoint, and the run stops (rc 130, `stopped`) naming it; the resumed run
+    trains on from there, and its ledger shows no batch lost or used twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dmdr_rl.trainer import checkpoint_generator_step, resume_checkpoint
+
+    repo, out = Path(__file__).resolve().parents[1], tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(repo))
+    common = [sys.executable, "-m", "dmdr_rl.run", "--num-images", "4", "ray.address=local", "ray.local_cpus=2"]
+    stopped = subprocess.Popen([*common, "--preset", "toy-demo", "trainer.max_steps=300", "trainer.batch_size=4",
+                                "dmd.ratio=2", "trainer.cold_start=1", "student.steps=2", "output.log_every=1",
+                                "output.checkpoint_every=1000", f"output.dir={out}"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # (its own process group, as a terminal's job)
+    deadline = time.monotonic() + 600
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert stopped.poll() is None and time.monotonic() < deadline, stopped.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.killpg(stopped.pid, signal.SIGINT)
+    printed = stopped.communicate(timeout=600)[0]
+    assert stopped.returncode == 130, printed[-3000:]
+    step = checkpoint_generator_step(resume_checkpoint(out))
+    assert 3 <= step < 300 and f"its newest checkpoint is at generator step {step}; continue with" in printed
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stopped"
+    resumed = subprocess.run([*common, "--preset", str(out / "config.yaml"), f"trainer.resume_from={out}",
+                              f"trainer.max_steps={step + 2}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["generator_steps"] == step + 2
+    assert summary["ledger"]["lost"] == [] and summary["ledger"]["duplicated"] == []
