@@ -172,14 +172,16 @@ def current_umask() -> int:
     return mask
 
 
-def readable_as_umask_allows(path: str | Path) -> None:
+def readable_as_umask_allows(path: str | Path, written_since: float | None = None) -> None:
     """`path`'s files (or the file itself) get the mode open() would have given them: safetensors writes
     through a temporary file of mode 0600 (safetensors#782), which would keep a checkpoint or an export from
-    the other users of a shared volume, or from a container that runs as another user."""
+    the other users of a shared volume, or from a container that runs as another user. `written_since` (a
+    time.time()): only the files written since then, in a directory that holds others' files too."""
     path = Path(path)
     mode = 0o666 & ~current_umask()
     for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        os.chmod(file, mode)
+        if written_since is None or file.stat().st_mtime >= written_since:
+            os.chmod(file, mode)
 
 
 def _fsync(path: Path) -> None:

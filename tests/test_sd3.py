@@ -184,12 +184,18 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
         import dmdr_rl.export
 
         monkeypatch.setattr(dmdr_rl.export, "load_generator", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "export").mkdir()
+    private = tmp_path / "export" / "notes.txt"  # someone's file in --out: left as it is
+    private.write_text("mine")
+    private.chmod(0o600)
+    os.utime(private, (1, 1))  # (written before the export)
     old_mask = os.umask(0o027)
     try:
         settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
     finally:
         os.umask(old_mask)
-    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "export").iterdir()} == {0o640}  # as the umask allows
+    written = [f for f in (tmp_path / "export").iterdir() if f != private]
+    assert {f.stat().st_mode & 0o777 for f in written} == {0o640} and private.stat().st_mode & 0o777 == 0o600
     assert settings["num_inference_steps"] == 4 and settings["sigmas"] == [1.0, 0.75, 0.5, 0.25]
     if fmt == "lora":  # the file holds peft's adapter-free names and values of the trained adapter, alpha / r folded in
         from safetensors.torch import load_file
