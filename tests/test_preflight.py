@@ -62,6 +62,8 @@ def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
         check_reachable("ray://head:10001", "RAY_ADDRESS")
     with pytest.raises(ConfigError, match=r"ray.address: .*Ray Client .*ray job submit"):
         load_config("toy-dmdr", ["ray.address=ray://head:10001"])
+    # a run trained through Ray Client before: its config.yaml still loads to sample, evaluate and export it
+    assert load_config("toy-dmdr", ["ray.address=ray://head:10001"], for_sampling=True).ray.address == "ray://head:10001"
 
 
 def test_each_learner_rollout_actor_and_reward_replica_must_fit_on_one_node():
