@@ -184,13 +184,16 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
 
 
 def _check_sd3(path: str | None = None, resolution: int = 1024, lora_targets: Mapping[str, Sequence[str]] | None = None,
-               **_: Any) -> None:
+               loads_here: bool = False, **_: Any) -> None:
     """The resolution and `lora_targets` (config field -> module names) against the model's config files, when
-    they are on this machine."""
+    they are on this machine; with `loads_here` (a local run's dry run), a model.path that names no directory
+    here too (a Ray run's workers may mount it where this machine does not)."""
     from .backbone import check_lora_targets
     from .config import ConfigError
-    from .sd3 import check_config_files
+    from .sd3 import DEFAULT_MODEL, check_config_files, check_model_path
 
+    if loads_here:
+        check_model_path(path or DEFAULT_MODEL)
     try:
         config = check_config_files(path, resolution)  # (read once: the targets are checked against it too)
     except ValueError as err:
@@ -225,15 +228,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts",
-                lora_targets: Mapping[str, Sequence[str]] | None = None) -> None:
+                lora_targets: Mapping[str, Sequence[str]] | None = None, loads_here: bool = False) -> None:
     """What the config's backbone can refuse before anything is built: its options, prompts it cannot encode,
-    and LoRA targets (config field -> module names) its model lacks."""
+    and LoRA targets (config field -> module names) its model lacks; `loads_here`: the model is to load in this
+    process, so its files must be on this machine."""
     BACKBONES.check_options(model.backbone, where="model.kwargs", field="model.backbone", path=model.path,
                             resolution=model.resolution, encoders=True, **model.kwargs)
     if "dtype" in model.kwargs:
         torch_dtype(model.kwargs["dtype"])
     BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from,
-                    lora_targets=lora_targets)
+                    lora_targets=lora_targets, loads_here=loads_here)
 
 
 def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):

@@ -82,7 +82,6 @@ def check_config_files(path: str | None, resolution: int, local_files_only: bool
     cannot be had (the load reports why) or are not an SD3 layout.
     A hub id whose files are not here is checked against the SD3 family's own geometry (VAE factor 8,
     patch 2: every SD3 and SD3.5 model's), so a resolution they cannot take stops the dry run too."""
-    check_model_path(path or DEFAULT_MODEL)  # (the dry run's check too: a load would refuse it at once)
     transformer = component_config(path, "transformer", local_files_only)
     vae = component_config(path, "vae", local_files_only) if transformer is not None else None
     if transformer is None or vae is None:

@@ -293,10 +293,14 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
     assert "model.resolution=30 is not a multiple of 16 (VAE factor 8 x transformer patch size 2)" in capsys.readouterr().err
     run.main([*hub, "model.resolution=32"])
     assert "model sd3 (no-such-org/no-such-model-offline)" in capsys.readouterr().out
-    # a path (not a hub id) that is not a directory here: refused by the dry run as by the load
+    # a path (not a hub id) that is not a directory here: refused by a local run's dry run as by the load; a Ray
+    # run's workers may mount it where this machine does not
+    gone = [*tiny_sd3_overrides, f"model.path={tiny_sd3}-gone"]
     with pytest.raises(SystemExit):
-        run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, f"model.path={tiny_sd3}-gone"])
+        run.main(["--preset", "toy-dmdr", "--dry-run", *gone])
     assert "-gone' is not a directory here: pass the model's directory" in capsys.readouterr().err
+    run.main(["--preset", "toy-dmdr", "--dry-run", *gone, "trainer.backend=ray", "data.prompts=/on/the/workers.txt"])
+    assert "the config is valid" in capsys.readouterr().out
 
 
 def test_gradient_checkpointing_of_the_transformer_and_the_vae_keeps_the_reward_gradient(tiny_sd3):
