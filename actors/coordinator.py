@@ -219,7 +219,7 @@ class RolloutCoordinator:
                 "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch}
 
     def request_stop(self) -> None:
-        """The driver was asked to stop (Ctrl-C, SIGTERM): the learner ends at its next generator step, with
+        """The driver was asked to stop (Ctrl-C): the learner ends at its next generator step, with
         a checkpoint (`stop_requested`, asked by rank 0 and shared with the other ranks)."""
         self.stop_asked = True
         self.ledger.append("stop_requested", iteration=self.consumed_upto)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .config import RAY_CLIENT_REFUSED, ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
 from .store import PASSWORD_ENV, StoreError, directory_written_whole, run_events, write_json_whole, write_text_whole
-from .trainer import StopAtStepEnd, continues_in, open_run_directory
+from .trainer import StopAtStepEnd, continues_in, how_to_continue, open_run_directory
 
 PROGRESS_POLL_S = 1.0
 COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a named actor
@@ -447,7 +447,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     started = time.time()
     fit.start()
     bar = tqdm(total=cfg.trainer.max_steps, desc=f"train {cfg.name} (ray)", dynamic_ncols=True)
-    # Ctrl-C or SIGTERM: the learners end their generator step with a checkpoint (a second one: at once)
+    # Ctrl-C: the learners end their generator step with a checkpoint (a second one: at once)
     stop = StopAtStepEnd(on_request=lambda: coordinator.request_stop.remote())
     try:
         with stop:
@@ -460,7 +460,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     if repeated is not None:
         raise RuntimeError(f"the learner keeps failing the same way, so the run ends rather than retry it again "
                            f"(ray.same_failure_limit): {repeated}. Fix the cause, then "
-                           f"{_how_to_continue(cfg, out)}") from (result if isinstance(result, BaseException) else None)
+                           f"{how_to_continue(cfg, out)}") from (result if isinstance(result, BaseException) else None)
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
@@ -470,7 +470,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     if metrics.get("generator_step", 0) < cfg.trainer.max_steps:  # tries that ended early, and nobody said why
         raise RuntimeError(f"the learner stopped at generator step {metrics.get('generator_step', 0)} of "
                            f"trainer.max_steps={cfg.trainer.max_steps} (see the learner's log above); "
-                           f"{_how_to_continue(cfg, out)}")
+                           f"{how_to_continue(cfg, out)}")
     summary = {
         "output_dir": str(out),
         "generator_steps": metrics.get("generator_step"),
@@ -498,7 +498,7 @@ def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path) 
         except ray.exceptions.ActorDiedError as err:
             # nothing can continue without it (it has no restarts): every learner retry would fail at
             # once, and with ray.max_failures=-1 forever, so the run ends here
-            raise RuntimeError(f"the run's rollout coordinator died, so the run cannot continue; {_how_to_continue(cfg, out)} "
+            raise RuntimeError(f"the run's rollout coordinator died, so the run cannot continue; {how_to_continue(cfg, out)} "
                                f"({err})") from err
         except Exception:  # the coordinator is busy: just skip this refresh
             continue
@@ -520,22 +520,6 @@ def audit_ledger(store, iterations: int, world_size: int, patience_s: float = 30
                       "to the end all the same", flush=True)
                 return {"unaudited": str(err)}
             time.sleep(2.0)
-
-
-def _how_to_continue(cfg: RunConfig, out: Path) -> str:
-    """Where a run that ended early continues from: its newest checkpoint (with ray.storage_path set: the
-    place to look), else the one it started from, else nowhere (it saved none)."""
-    from .trainer import resume_checkpoint
-
-    if cfg.ray.storage_path:  # Ray Train's checkpoints are there, maybe remote: this driver does not look
-        return (f"continue with trainer.resume_from=<the newest checkpoint_* directory of this launch's Ray Train run "
-                f"under ray.storage_path={cfg.ray.storage_path} (copied to a local path if it is remote)>")
-    try:
-        return f"continue with trainer.resume_from={resume_checkpoint(out)}"
-    except ConfigError:  # no checkpoint saved in this launch
-        if cfg.trainer.resume_from:
-            return f"continue with trainer.resume_from={cfg.trainer.resume_from} (this launch saved no checkpoint)"
-        return "start it again (it saved no checkpoint)"
 
 
 def _repeated_failure(coordinator) -> str | None:

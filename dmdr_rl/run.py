@@ -9,7 +9,6 @@ the demo, `toy-demo`: a short DMDR run on the toy world on a local Ray.
 from __future__ import annotations
 
 import argparse
-import shlex
 import signal
 import sys
 import textwrap
@@ -213,22 +212,20 @@ def _missing_packages(cfg) -> list[str]:
     return []
 
 
-def continue_hint(preset: str, overrides: list[str]) -> str:
-    """Where a stopped run can go on from: its newest checkpoint and the command (empty when it has none)."""
+def continue_hint(preset: str, overrides: list[str], since: float) -> str:
+    """Where a stopped run goes on from (" (...)"; empty when its config never loaded): see how_to_continue."""
     import contextlib
     import io
 
     from .distributed import place_job_output
-    from .trainer import checkpoint_generator_step, resume_checkpoint
+    from .trainer import how_to_continue
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # (where a submitted job's output went: said at its start)
-            out = place_job_output(load_config(preset, overrides)).output_dir.absolute()
-        step = checkpoint_generator_step(resume_checkpoint(out))
-    except Exception:  # noqa: BLE001 - no checkpoint yet, or a config that never loaded: nothing to suggest
+            cfg = place_job_output(load_config(preset, overrides))
+        return f" ({how_to_continue(cfg, cfg.output_dir.absolute(), since)})"
+    except Exception:  # noqa: BLE001 - a config that never loaded: nothing to suggest
         return ""
-    return (f" (its newest checkpoint is at generator step {step}; continue with `python -m dmdr_rl.run --preset "
-            f"{shlex.quote(str(out / 'config.yaml'))} {shlex.quote(f'trainer.resume_from={out}')}`)")
 
 
 def _stop(signum, frame) -> None:
@@ -258,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{named[0]!r} is a preset or a config file: --preset {named[0]}")
     from .cli import fixable_errors
 
+    launched = time.time() - 1.0  # (what this launch writes is newer: a file system's coarse mtimes)
     previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
         if args.dry_run:
@@ -269,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     except fixable_errors() as err:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
-        parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides)}\n")
+        parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides, launched)}\n")
     finally:
         signal.signal(signal.SIGTERM, previous)  # a caller's own handler (main() called in-process) comes back
 

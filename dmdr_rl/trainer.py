@@ -7,6 +7,7 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 from __future__ import annotations
 
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -90,12 +91,14 @@ def loss_postfix(metrics: dict[str, float]) -> dict[str, str]:
 
 
 class StopAtStepEnd:
-    """Ctrl-C or SIGTERM while the local trainer runs: the generator step under way finishes, a checkpoint is
-    written, and the run stops (its events say "stopped"), so nothing trained is lost and a resume continues
-    from there; a second signal stops at once. Only the main thread takes signals: in another thread (a
+    """Ctrl-C while a run trains: the generator step under way finishes, a checkpoint is written, and the run
+    stops (its events say "stopped"), so nothing trained is lost and a resume continues from there; a second
+    Ctrl-C stops at once. Only the main thread takes signals: in another thread (a
     caller's) the handlers stay as they are."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # Ctrl-C only: SIGTERM comes from `ray job stop` or Kubernetes, which kill the process a few seconds later,
+    # often before a large model's step and checkpoint are done; it stops at once, its events and store flushed
+    SIGNALS = (signal.SIGINT,)
 
     def __init__(self, on_request=None):
         """`on_request`: called at the first signal (the Ray runtime passes the request on to its learners)."""
@@ -195,9 +198,10 @@ class LocalTrainer:
                     if duties.sample:
                         self.save_samples()
                         save_rollout_records(self.out, self.backbone, self.last_batch, step)
-                    if duties.checkpoint or stop.requested:
+                    stopping = stop.requested and step < cfg.trainer.max_steps  # (at the last step: it has finished)
+                    if duties.checkpoint or stopping:
                         self.save_checkpoint()
-                    if stop.requested:
+                    if stopping:
                         raise KeyboardInterrupt
         finally:
             bar.close()
@@ -416,6 +420,33 @@ def check_steps_left(cfg: RunConfig, generator_step: int) -> None:
         raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from} is at generator step {generator_step}, "
                           f"and trainer.max_steps={cfg.trainer.max_steps}: nothing is left to train; raise "
                           "trainer.max_steps to train on")
+
+
+def how_to_continue(cfg: RunConfig, out: Path, since: float | None = None) -> str:
+    """What a run that ended early (stopped, failed) continues from, as a phrase with the command: its newest
+    checkpoint (with `since`, a time.time(): only one this launch wrote, not an earlier run's still in the
+    directory; with ray.storage_path set: the place to look), else the one it was resumed from, else none."""
+    if cfg.ray.storage_path:  # Ray Train's checkpoints are there, maybe remote: this driver does not look
+        return (f"continue with trainer.resume_from=<the newest checkpoint_* directory of this launch's Ray Train run "
+                f"under ray.storage_path={cfg.ray.storage_path} (copied to a local path if it is remote)>")
+    try:
+        newest = resume_checkpoint(out)
+    except ConfigError:
+        newest = None
+    if newest is not None and (since is None or (newest / "trainer_state.pt").stat().st_mtime >= since):
+        if _saved_step(newest) >= cfg.trainer.max_steps:
+            return f"nothing is left to continue: it trained all trainer.max_steps={cfg.trainer.max_steps} ({newest})"
+        return f"continue with {_resume_command(newest)}"
+    if cfg.trainer.resume_from:
+        return f"continue with {_resume_command(Path(cfg.trainer.resume_from))} (this launch saved no checkpoint)"
+    return "start it again (it saved no checkpoint)"
+
+
+def _resume_command(checkpoint: Path) -> str:
+    """`--preset <its run's config.yaml> trainer.resume_from=<checkpoint>`: that run again, from there."""
+    run_dir = run_directory_of(checkpoint)
+    preset = f"--preset {shlex.quote(str(run_dir / 'config.yaml'))} " if run_dir is not None else ""
+    return f"`python -m dmdr_rl.run {preset}{shlex.quote(f'trainer.resume_from={checkpoint}')}`"
 
 
 def checkpoint_generator_step(checkpoint: Path) -> int:

@@ -404,7 +404,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
 
 
 def stop_requested(coordinator, rank: int, world: int, device) -> bool:
-    """Whether the driver was asked to stop (Ctrl-C, SIGTERM): rank 0 asks the coordinator and every rank gets
+    """Whether the driver was asked to stop (Ctrl-C): rank 0 asks the coordinator and every rank gets
     its answer, so all end after the same generator step (their collectives stay paired)."""
     asked = bool(ray.get(coordinator.stop_requested.remote())) if rank == 0 else False
     if world > 1:

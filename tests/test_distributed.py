@@ -1251,7 +1251,7 @@ def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_
     with pytest.raises(RuntimeError, match="the learner stopped at generator step 2 of trainer.max_steps=3"):
         distributed._fit_and_summarise(cfg, trainer, silent, None, tmp_path)
     cfg.ray.storage_path = "s3://bucket/runs"
-    assert "under ray.storage_path=s3://bucket/runs" in distributed._how_to_continue(cfg, tmp_path)
+    assert "under ray.storage_path=s3://bucket/runs" in distributed.how_to_continue(cfg, tmp_path)
 
 
 @pytest.mark.slow
@@ -1265,27 +1265,39 @@ def test_a_learner_that_fails_the_same_way_twice_ends_the_run_not_after_every_re
                                        "ray.max_failures": 5, "name": "corrupt"})
     with pytest.raises(RuntimeError, match=r"keeps failing the same way.*while the learner was built, restoring "
                                            rf"{re.escape(str(checkpoint))}; the same in 2 tries of the learner in a row"
-                                           rf".*continue with trainer.resume_from={re.escape(str(checkpoint))} \(this launch"):
+                                           rf".*continue with `python -m dmdr_rl.run --preset {re.escape(str(tmp_path / 'first'))}"
+                                           rf"/config.yaml trainer.resume_from={re.escape(str(checkpoint))}` \(this launch"):
         train_distributed(cfg)
     failed = [e for e in Ledger(FileStore(tmp_path / "run")).events() if e["event"] == "learner_failed"]
     assert [e["tries_in_a_row"] for e in failed] == [1, 2]  # the third try ended at once, and no other was made
 
 
 def test_a_run_that_ended_early_says_where_to_continue_from(tmp_path):
-    from dmdr_rl.distributed import _how_to_continue
+    """The command that continues it: from this launch's newest checkpoint, with its run's config (not from an
+    earlier run's still in the directory), else from where it was resumed; and nothing once all steps are done."""
+    from dmdr_rl.trainer import how_to_continue
 
     out = tmp_path / "run"
-    cfg = _config(out, **{"trainer.backend": "ray"})
-    assert _how_to_continue(cfg, out) == "start it again (it saved no checkpoint)"
-    cfg.trainer.resume_from = "/runs/earlier/checkpoints/step_000004"
-    assert _how_to_continue(cfg, out) == ("continue with trainer.resume_from=/runs/earlier/checkpoints/step_000004 "
-                                          "(this launch saved no checkpoint)")
+    cfg = _config(out, **{"trainer.backend": "ray", "trainer.max_steps": 4})
+    assert how_to_continue(cfg, out) == "start it again (it saved no checkpoint)"
+    earlier = tmp_path / "earlier"
+    LocalTrainer(_config(earlier, **{"trainer.max_steps": 2, "output.checkpoint_every": 2})).train()
+    cfg.trainer.resume_from = str(earlier / "checkpoints" / "step_000002")
+    assert how_to_continue(cfg, out) == (f"continue with `python -m dmdr_rl.run --preset {earlier}/config.yaml "
+                                         f"trainer.resume_from={cfg.trainer.resume_from}` (this launch saved no checkpoint)")
     saved = out / "ray_train" / "corrupt-1" / "checkpoint_2026"
     saved.mkdir(parents=True)
     (out / "config.yaml").write_text("name: run\n")
     for name in ("generator.safetensors", "critic.safetensors", "trainer_state.pt"):
         (saved / name).write_bytes(b"")
-    assert _how_to_continue(cfg, out) == f"continue with trainer.resume_from={saved}"  # the newest, exactly
+    started = time.time()
+    assert how_to_continue(cfg, out) == (f"continue with `python -m dmdr_rl.run --preset {out}/config.yaml "
+                                         f"trainer.resume_from={saved}`")  # the newest, exactly
+    os.utime(saved / "trainer_state.pt", (started - 60, started - 60))  # an earlier launch's, not this one's
+    assert how_to_continue(cfg, out, since=started).endswith("(this launch saved no checkpoint)")
+    cfg.trainer.max_steps = 2
+    assert how_to_continue(cfg, earlier) == ("nothing is left to continue: it trained all trainer.max_steps=2 "
+                                             f"({earlier / 'checkpoints' / 'step_000002'})")
 
 
 def test_the_coordinator_and_the_app_claims_start_without_the_model_stack():

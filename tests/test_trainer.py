@@ -118,6 +118,45 @@ def test_ctrl_c_ends_the_generator_step_under_way_with_a_checkpoint_and_the_resu
             assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_ctrl_c_in_the_last_step_lets_the_run_finish_and_sigterm_stops_at_once(tmp_path):
+    """Asked to stop in its last generator step, a run has nothing left to stop: it finishes (and is
+    evaluated). SIGTERM (`ray job stop`, Kubernetes: a kill follows within seconds) does not wait for the step."""
+    import signal
+
+    last, _ = _trainer(tmp_path / "last", **{"trainer.max_steps": 2, "output.checkpoint_every": 100})
+    original = last.train_iteration
+
+    def interrupted_in_the_last_step():  # iterations 3-5 make generator step 2, the last
+        if last.iteration == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original()
+
+    last.train_iteration = interrupted_in_the_last_step
+    assert last.train()["generator_steps"] == 2
+    events = [json.loads(line) for line in (tmp_path / "last" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "finished"
+
+    def as_run_main_does(signum, frame):  # (dmdr_rl.run's SIGTERM handler)
+        raise KeyboardInterrupt
+
+    terminated, _ = _trainer(tmp_path / "term", **{"trainer.max_steps": 4, "output.checkpoint_every": 100})
+    original_term = terminated.train_iteration
+
+    def terminated_in_step_2():
+        if terminated.iteration == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_term()
+
+    terminated.train_iteration = terminated_in_step_2
+    previous = signal.signal(signal.SIGTERM, as_run_main_does)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            terminated.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert terminated.iteration == 4 and not (tmp_path / "term" / "checkpoints").exists()  # at once, mid-step
+
+
 @pytest.mark.parametrize("generator", [{}, {"student.lora": "null"}], ids=["lora", "full-fine-tune"])
 def test_resume_continues_exactly(tmp_path, generator):
     straight, _ = _trainer(tmp_path / "a", **generator)
