@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from .evaluation import evaluate
+from .sample import TEACHER_STEPS
 from .store import write_json_whole, write_text_whole
 from .toy.grammar import SPLITS
 from .toy.teacher import DEFAULT_CFG
 from .toy.weights import load_align, load_judge, load_teacher
 
 
-TEACHER_STEPS = 32  # a teacher's default sampling steps (the toy tables'; SD3's own pipeline default is 28)
 
 
 def _list_of(kind):
@@ -118,7 +118,7 @@ def load_sampler(run: Path, teacher: bool = False, steps: int | None = None, cfg
     from .registry import resolve_device
     from .trainer import load_generator, student_images
 
-    backbone, run_cfg, checkpoint = load_generator(run, device=resolve_device("auto"))
+    backbone, run_cfg, checkpoint = load_generator(run, device=resolve_device("auto"), with_generator=not teacher)
     if not teacher:
         return ((lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), run_cfg.student, seeds)),
                 run_cfg, {**student_settings(run_cfg.student), "checkpoint": str(checkpoint.resolve())})

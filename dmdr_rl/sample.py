@@ -18,7 +18,6 @@ An SD3 student is better taken to diffusers with `python -m dmdr_rl.export`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -26,9 +25,9 @@ import time
 from pathlib import Path
 
 from .cli import fixable_errors
-from .eval import TEACHER_STEPS
 
 GRID_IMAGES = 64
+TEACHER_STEPS = 32  # a teacher's default sampling steps (the toy tables'; SD3's own pipeline default is 28)
 
 
 def reward_spec(text: str):
@@ -117,17 +116,17 @@ def reward_models(specs, where: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)  # (before torch is imported: --help and a usage error at once)
+    from .config import ConfigError
     from .eval import load_sampler
     from .evaluation import generate, score_images, score_statistics
-    from .seeds import image_seeds
     from .grid import save_grid
     from .prompts import read_prompt_file
     from .registry import check_model
     from .samples import write_samples
-    from .config import ConfigError
+    from .seeds import image_seeds
     from .store import write_json_whole
 
-    args = parse_args(argv)
     try:
         prompts = [p.strip() for p in args.prompt]
         if args.prompts is not None:
