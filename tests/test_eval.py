@@ -260,6 +260,10 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     with pytest.raises(SystemExit, match=r"error: scoring: .*not the toy grammar.*the images are in"):
         sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--score", "--out", str(tmp_path / "kept")])
     assert len(read_samples(tmp_path / "kept" / "samples.parquet")) == 4  # what was sampled is not lost
+    config["rewards"] = [{"name": "toy-align", "placement": "serve", "serve": {"attach": True}}]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))  # an app deployed on its own: its model unknown here
+    with pytest.raises(SystemExit, match=r"error: the run's rewards\[0\] \(toy-align\) was an attached Serve app"):
+        sample.main([*mine, "--score", "--out", str(tmp_path / "attached")])
     config["rewards"] = []
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"error: --score: the run .* has no rewards\[\]: name one with --reward NAME"):
