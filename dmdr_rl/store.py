@@ -608,8 +608,11 @@ class RedisStore:
         with self._lock:
             if self._closed:  # close() took the buffer meanwhile and saves it
                 return
-            for _ in batch:
+            for entry in batch:
                 self._buffer.popleft()
+            refused_now = {entry for entry, _ in refusals}
+            for entry in [e for e in self._refused if e not in refused_now]:  # went in this time
+                del self._refused[entry]
             kept = []
             for entry, err in refusals:
                 self._refused[entry] = self._refused.get(entry, 0) + 1
@@ -664,6 +667,7 @@ class RedisStore:
                     return
                 for _ in batch:
                     self._buffer.popleft()
+                self._refused.clear()  # (every record went in)
                 if not self._buffer:
                     self._work.clear()
                 self._drained.notify_all()

@@ -39,11 +39,13 @@ def locate(run: str, store_url: str | None):
 
 def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, bool]:
     """The status text and whether the run has reached its last step."""
+    # a run killed (SIGKILL, out of memory) wrote no final event; its directory's lock tells it from a live one
+    # (asked before the events are read: a run that ends in between has written its final event by then)
+    unlocked = run_dir is not None and RunLock.held(run_dir) is False
     rows = store.read("metrics")
     events = store.read("events")
     state = events[-1]["event"] if events else "unknown"
-    # a run killed (SIGKILL, out of memory) wrote no final event; its directory's lock tells it from a live one
-    killed = state == "started" and run_dir is not None and RunLock.held(run_dir) is False
+    killed = state == "started" and unlocked
     shown_state = "not running" if killed else "running" if state == "started" else state
     ended = killed or state in ("finished", "failed", "stopped")
     notes = []

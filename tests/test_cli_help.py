@@ -32,7 +32,7 @@ def test_every_option_says_what_it_is_for_and_its_default(module, monkeypatch):
             continue
         name = "/".join(action.option_strings) or action.dest
         assert action.help, f"{module} {name} has no help"
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             assert "default" in action.help, f"{module} {name}: its help does not give its default ({action.default})"
 
 

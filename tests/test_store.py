@@ -145,6 +145,7 @@ def test_records_redis_refuses_are_not_sent_again_with_the_others_and_end_up_bes
         store.append("ledger", {"event": "issued", "iteration": i})
         store.append("metrics", {"step": i})
     assert store.flush(timeout_s=10)  # drained: the metrics records given up on, not buffered for ever
+    assert store._refused == {}  # (no count kept for a record no longer buffered)
     assert store.failed_flushes >= 2  # (the third refusal drains the buffer before it is counted)
     raw = redis.Redis.from_url(redis_server.url).xrange("dmdr:refused:ledger")
     assert len(raw) == 3  # each ledger record once, though it shared its sends with refused ones
