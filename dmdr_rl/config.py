@@ -611,11 +611,14 @@ def _field_at(loc: tuple) -> tuple[Any, Any] | None:
 
 
 def _dotted_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
-    """Every key of the config's sections as `section.key` (the keys of list items and free-form mappings aside)."""
+    """Every key of the config's sections as `section.key`, a list item's as `rewards.N.weight` (the keys of
+    free-form mappings aside)."""
     keys = []
     for name, field in schema.model_fields.items():
         keys.append(prefix + name)
         inner = _schema_of(field.annotation)
+        if isinstance(inner, tuple):  # a list: its items' keys
+            inner, name = inner[1], f"{name}.N"
         if hasattr(inner, "model_fields"):
             keys.extend(_dotted_keys(inner, f"{prefix}{name}."))
     return keys
@@ -623,8 +626,17 @@ def _dotted_keys(schema: Any = RunConfig, prefix: str = "") -> list[str]:
 
 def _did_you_mean(key: str) -> str:
     """'; did you mean trainer.resume_from?' for an unknown key: a misspelt one, or one put in the wrong
-    section (or none: `max_steps=5`)."""
+    section (or none: `max_steps=5`). A list item's is guessed among that item's own keys only (an unknown
+    `rewards.0.path` is most likely a kwarg, not model.path)."""
     keys = _dotted_keys()
+    pattern = re.sub(r"(?<=\.)\d+(?=\.)", "N", key)  # rewards.0.wieght -> rewards.N.wieght
+    if ".N." in pattern:
+        item = pattern[: pattern.rindex(".N.") + 3]
+        own = [k[len(item):] for k in keys if k.startswith(item)]
+        guesses = [key[: len(key) - len(pattern) + len(item)] + close  # (the index as given)
+                   for close in difflib.get_close_matches(pattern[len(item):], own, n=3, cutoff=0.75)]
+        return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+    keys = [k for k in keys if ".N." not in k]
     name = key.split(".")[-1]
     names = {k: k.split(".")[-1] for k in keys}
     guesses = ([k for k in keys if names[k] == name and k != key]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from dmdr_rl.config import ConfigError, RunConfig, available_presets, load_config
@@ -95,6 +97,14 @@ def test_an_unknown_key_suggests_the_one_meant(tmp_path):
             load_config("toy-dmdr", [override])
     with pytest.raises(ConfigError) as err:
         load_config("toy-dmdr", ["zzz=1"])  # nothing like it: no guess
+    assert "did you mean" not in str(err.value)
+    # a list item's key: among that item's own keys (rewards.0.path is most likely a kwarg, not model.path)
+    for override, meant in (("rewards.0.wieght=1", "rewards.0.weight"), ("rewards.0.nme=x", "rewards.0.name"),
+                            ("rewards.0.serve.replica=2", "rewards.0.serve.replicas")):
+        with pytest.raises(ConfigError, match=rf"; did you mean {re.escape(meant)}\?$"):
+            load_config("toy-dmdr", [override])
+    with pytest.raises(ConfigError) as err:
+        load_config("toy-dmdr", ["rewards.0.path=/models/x"])
     assert "did you mean" not in str(err.value)
     misplaced = tmp_path / "misplaced.yaml"
     misplaced.write_text("base: toy-dmdr\nresume_from: runs/a\n")
