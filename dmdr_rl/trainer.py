@@ -107,8 +107,9 @@ class StopAtStepEnd:
         self._previous: dict = {}
 
     def __enter__(self) -> "StopAtStepEnd":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.signal(number, self._request) for number in self.SIGNALS}
+        if threading.current_thread() is threading.main_thread():  # (a signal the process ignores stays ignored:
+            self._previous = {number: signal.signal(number, self._request) for number in self.SIGNALS  # nohup, &)
+                              if signal.getsignal(number) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1376,7 +1376,8 @@ def test_ctrl_c_ends_a_ray_runs_generator_step_with_a_checkpoint_and_the_run_res
                                 "dmd.ratio=2", "trainer.cold_start=1", "student.steps=2", "output.log_every=1",
                                 "output.checkpoint_every=1000", f"output.dir={out}"],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # (its own process group, as a terminal's job)
+                               start_new_session=True,  # (its own process group, as a terminal's job)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (also under `&`)
     deadline = time.monotonic() + 600
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

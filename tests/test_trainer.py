@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -59,6 +60,28 @@ def test_generator_moves_once_per_ratio_iterations_and_reward_waits_for_cold_sta
     assert reward_calls == [0] * 6 + [0, 0, 1, 1, 1, 2]
 
 
+def test_an_ignored_ctrl_c_stays_ignored_while_training(tmp_path):
+    """A run started with SIGINT ignored (nohup, a background job) keeps it so: no stop is asked for."""
+    import signal
+
+    from dmdr_rl.trainer import StopAtStepEnd
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopAtStepEnd() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert not stop.requested
+        with_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopAtStepEnd() as stop:
+            assert signal.getsignal(signal.SIGINT) == stop._request
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert with_handler is signal.SIG_IGN
+
+
 def test_the_progress_bar_names_losses_as_losses():
     from dmdr_rl.trainer import loss_postfix
 
@@ -85,9 +108,19 @@ def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
-def test_ctrl_c_ends_the_generator_step_under_way_with_a_checkpoint_and_the_resumed_run_goes_on_exactly(tmp_path):
-    """The first Ctrl-C (or SIGTERM) asks to stop: the step finishes, a checkpoint is written, the run stops, and
-    nothing is redone on resuming (no metric row twice); its result is the uninterrupted run's."""
+@pytest.fixture()
+def ctrl_c():
+    """SIGINT as in a terminal: Python's KeyboardInterrupt (a background job, `cmd &`, starts with it ignored)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_ends_the_generator_step_under_way_with_a_checkpoint_and_the_resumed_run_goes_on_exactly(tmp_path, ctrl_c):
+    """The first Ctrl-C asks to stop: the step finishes, a checkpoint is written, the run stops, and nothing is
+    redone on resuming (no metric row twice); its result is the uninterrupted run's."""
     import signal
 
     straight, _ = _trainer(tmp_path / "straight", **{"trainer.max_steps": 4, "output.checkpoint_every": 100})
@@ -118,7 +151,7 @@ def test_ctrl_c_ends_the_generator_step_under_way_with_a_checkpoint_and_the_resu
             assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_ctrl_c_in_the_last_step_lets_the_run_finish_and_sigterm_stops_at_once(tmp_path):
+def test_ctrl_c_in_the_last_step_lets_the_run_finish_and_sigterm_stops_at_once(tmp_path, ctrl_c):
     """Asked to stop in its last generator step, a run has nothing left to stop: it finishes (and is
     evaluated). SIGTERM (`ray job stop`, Kubernetes: a kill follows within seconds) does not wait for the step."""
     import signal
