@@ -1387,7 +1387,9 @@ def test_ctrl_c_ends_a_ray_runs_generator_step_with_a_checkpoint_and_the_run_res
     printed = stopped.communicate(timeout=600)[0]
     assert stopped.returncode == 130, printed[-3000:]
     step = checkpoint_generator_step(resume_checkpoint(out))
-    assert 3 <= step < 300 and f"its newest checkpoint is at generator step {step}; continue with" in printed
+    checkpoint = out / "checkpoints" / f"step_{step:06d}"  # (Ray Train's, copied where a resume looks first)
+    assert 3 <= step < 300 and (f"dmdr_rl: stopped (continue with `python -m dmdr_rl.run --preset {out}/config.yaml "
+                                f"trainer.resume_from={checkpoint}`)") in printed
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stopped"
     resumed = subprocess.run([*common, "--preset", str(out / "config.yaml"), f"trainer.resume_from={out}",
