@@ -60,8 +60,9 @@ def test_generator_moves_once_per_ratio_iterations_and_reward_waits_for_cold_sta
     assert reward_calls == [0] * 6 + [0, 0, 1, 1, 1, 2]
 
 
-def test_an_ignored_ctrl_c_stays_ignored_while_training(tmp_path):
-    """A run started with SIGINT ignored (nohup, a background job) keeps it so: no stop is asked for."""
+def test_an_ignored_ctrl_c_stays_ignored_while_training_and_a_second_one_stops_at_once(tmp_path):
+    """A run started with SIGINT ignored (nohup, a background job) keeps it so: no stop is asked for. Else the
+    first Ctrl-C asks for a stop, and a second one stops at once."""
     import signal
 
     from dmdr_rl.trainer import StopAtStepEnd
@@ -74,8 +75,13 @@ def test_an_ignored_ctrl_c_stays_ignored_while_training(tmp_path):
             time.sleep(0.05)
             assert not stop.requested
         with_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-        with StopAtStepEnd() as stop:
+        asked = []
+        with StopAtStepEnd(on_request=lambda: asked.append(True)) as stop:
             assert signal.getsignal(signal.SIGINT) == stop._request
+            stop._request(signal.SIGINT, None)  # the first Ctrl-C asks (and tells the Ray runtime's coordinator)
+            assert stop.requested and asked == [True]
+            with pytest.raises(KeyboardInterrupt):  # the second stops at once
+                stop._request(signal.SIGINT, None)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     finally:
         signal.signal(signal.SIGINT, previous)
