@@ -58,7 +58,7 @@ def connect(cfg: RunConfig) -> str:
             where = "the Ray cluster already running on this machine"
             print(f"dmdr_rl: joined {where} (`ray start`); set ray.address to choose another, or `ray stop` it to "
                   f"have the run start its own", flush=True)
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+    if (callable(sigterm) or sigterm is signal.SIG_IGN) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)  # ray.init's own handler exits on the spot: the run's ends it as Ctrl-C
     check_resources(cfg, ray.cluster_resources(), ray.available_resources())
     alive = [node for node in ray.nodes() if node.get("Alive")]
@@ -447,11 +447,20 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     started = time.time()
     fit.start()
     bar = tqdm(total=cfg.trainer.max_steps, desc=f"train {cfg.name} (ray)", dynamic_ncols=True)
-    # Ctrl-C: the learners end their generator step with a checkpoint (a second one: at once)
-    stop = StopAtStepEnd(on_request=lambda: coordinator.request_stop.remote())
+    # Ctrl-C: the learners end their generator step with a checkpoint (a second one: at once); before this launch
+    # has trained a step (loading, starting: nothing to keep), at once
+    versions: list[int] = []  # the generator versions the progress showed, the first and the latest
+
+    def ask_to_stop() -> bool:
+        if len(versions) < 2 or versions[-1] <= versions[0]:
+            return False
+        coordinator.request_stop.remote()
+        return True
+
+    stop = StopAtStepEnd(on_request=ask_to_stop)
     try:
         with stop:
-            _follow(fit, coordinator, bar, cfg, out)
+            _follow(fit, coordinator, bar, cfg, out, versions)
     finally:
         bar.close()
         repeated = _repeated_failure(coordinator)
@@ -464,9 +473,11 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
-    if stop.requested and metrics.get("generator_step", 0) < cfg.trainer.max_steps:
+    if stop.requested and metrics.get("stopped") and metrics.get("generator_step", 0) < cfg.trainer.max_steps:
         _keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))  # (as at the end)
         raise KeyboardInterrupt
+    if metrics.get("generator_step", 0) >= cfg.trainer.max_steps:
+        stop.finished_anyway()
     if metrics.get("generator_step", 0) < cfg.trainer.max_steps:  # tries that ended early, and nobody said why
         raise RuntimeError(f"the learner stopped at generator step {metrics.get('generator_step', 0)} of "
                            f"trainer.max_steps={cfg.trainer.max_steps} (see the learner's log above); "
@@ -487,8 +498,9 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     return summary
 
 
-def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path) -> None:
-    """The progress bar from the coordinator's progress until Ray Train's fit ends."""
+def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, versions: list[int]) -> None:
+    """The progress bar from the coordinator's progress until Ray Train's fit ends; `versions` keeps the first
+    and the latest generator version seen."""
     import ray
 
     while fit.is_alive():
@@ -502,6 +514,8 @@ def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path) 
                                f"({err})") from err
         except Exception:  # the coordinator is busy: just skip this refresh
             continue
+        if progress["version"] >= 0:  # [first, latest]
+            versions[:] = [versions[0] if versions else progress["version"], progress["version"]]
         bar.n = max(0, progress["version"])
         bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
         bar.refresh()

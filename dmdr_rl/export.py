@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from . import dmdr
 from .config import ConfigError, load_config
 from .flow import sampling_timesteps
 from .cli import fixable_errors
-from .store import readable_as_umask_allows, write_json_whole
+from .store import file_states, readable_as_umask_allows, write_json_whole
 from .trainer import find_run, load_generator, run_directory_of
 
 FORMATS = ("lora", "transformer")
@@ -56,7 +55,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         raise ValueError(f"--out {out} holds an export of another format: choose another --out")
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
-    started = time.time() - 1.0  # (a file system's coarse mtimes)
+    before = file_states(out)  # (an --out with other files in it: theirs keep their modes)
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
     if fmt == "lora":  # the checkpoint's adapter file is all it takes: no base weights are read
@@ -82,7 +81,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
     }
     write_json_whole(out / "student.json", settings)
-    readable_as_umask_allows(out, written_since=started)  # (not the other files of an --out that holds some)
+    readable_as_umask_allows(out, leave=before)
     return settings
 
 

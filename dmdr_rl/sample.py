@@ -113,7 +113,7 @@ def reward_models(specs, where: str) -> dict:
         raise ConfigError(f"{where}: two rewards are called {max(keys, key=keys.count)!r}: give them labels")
     for i, spec in enumerate(specs):  # an app the run attached to was configured by its own deployment
         if spec.placement == "serve" and spec.serve.attach:
-            raise ConfigError(f"{where}[{i}] ({spec.key}) was an attached Serve app, whose own config chose its model: "
+            raise ConfigError(f"{where}[{i}] ({spec.key}) is an attached Serve app's entry, whose own config chose its model: "
                               f"name that model with --reward '{{name: {spec.name}, kwargs: {{...}}}}'")
     return {spec.key: reward_model(spec.model_copy(update={"placement": "local"}), f"{where}[{i}]")
             for i, spec in enumerate(specs)}

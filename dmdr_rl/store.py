@@ -172,15 +172,21 @@ def current_umask() -> int:
     return mask
 
 
-def readable_as_umask_allows(path: str | Path, written_since: float | None = None) -> None:
+def file_states(path: str | Path) -> dict[Path, tuple[int, int]]:
+    """(inode, mtime in ns) of every file under `path`: which of them a later write leaves as they were."""
+    path = Path(path)
+    return {p: (s.st_ino, s.st_mtime_ns) for p in path.rglob("*") if p.is_file() and (s := p.stat())} if path.is_dir() else {}
+
+
+def readable_as_umask_allows(path: str | Path, leave: dict[Path, tuple[int, int]] | None = None) -> None:
     """`path`'s files (or the file itself) get the mode open() would have given them: safetensors writes
     through a temporary file of mode 0600 (safetensors#782), which would keep a checkpoint or an export from
-    the other users of a shared volume, or from a container that runs as another user. `written_since` (a
-    time.time()): only the files written since then, in a directory that holds others' files too."""
+    the other users of a shared volume, or from a container that runs as another user. `leave`: the
+    `file_states` taken before writing into a directory that holds others' files too (those stay as they are)."""
     path = Path(path)
     mode = 0o666 & ~current_umask()
     for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        if written_since is None or file.stat().st_mtime >= written_since:
+        if leave is None or file not in leave or leave[file] != ((s := file.stat()).st_ino, s.st_mtime_ns):
             os.chmod(file, mode)
 
 

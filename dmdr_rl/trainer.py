@@ -101,7 +101,8 @@ class StopAtStepEnd:
     SIGNALS = (signal.SIGINT,)
 
     def __init__(self, on_request=None):
-        """`on_request`: called at the first signal (the Ray runtime passes the request on to its learners)."""
+        """`on_request`: called at the first signal (the Ray runtime passes the request on to its learners);
+        when it returns False, no step is under way to wait for (the run is still starting): it stops at once."""
         self.requested = False
         self.on_request = on_request
         self._previous: dict = {}
@@ -120,10 +121,16 @@ class StopAtStepEnd:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.on_request is not None and self.on_request() is False:
+            raise KeyboardInterrupt
         tqdm.write("dmdr_rl: stopping at the end of this generator step, with a checkpoint (again: at once)",
                    file=sys.stderr)
-        if self.on_request is not None:
-            self.on_request()
+
+    def finished_anyway(self) -> None:
+        """Asked to stop during the last step: the run has finished, and says so (what follows goes on)."""
+        if self.requested:
+            tqdm.write("dmdr_rl: the stop came in the last generator step: the run has finished (Ctrl-C stops what "
+                       "follows, e.g. its evaluation)", file=sys.stderr)
 
 
 class LocalTrainer:
@@ -204,6 +211,7 @@ class LocalTrainer:
                         self.save_checkpoint()
                     if stopping:
                         raise KeyboardInterrupt
+                stop.finished_anyway()
         finally:
             bar.close()
             log.close()
@@ -424,30 +432,26 @@ def check_steps_left(cfg: RunConfig, generator_step: int) -> None:
 
 
 def how_to_continue(cfg: RunConfig, out: Path, since: float | None = None) -> str:
-    """What a run that ended early (stopped, failed) continues from, as a phrase with the command: its newest
-    checkpoint (with `since`, a time.time(): only one this launch wrote, not an earlier run's still in the
-    directory; with ray.storage_path set: the place to look), else the one it was resumed from, else none."""
-    if cfg.ray.storage_path:  # Ray Train's checkpoints are there, maybe remote: this driver does not look
-        return (f"continue with trainer.resume_from=<the newest checkpoint_* directory of this launch's Ray Train run "
-                f"under ray.storage_path={cfg.ray.storage_path} (copied to a local path if it is remote)>")
+    """What a run that ended early (stopped, failed) continues from, as a phrase with the command: the newest
+    checkpoint in its directory (with `since`, a time.time(): only one this launch wrote, not an earlier run's
+    still there), with the config this launch saved beside it; else, for a Ray run with ray.storage_path, where
+    to look; else the same command again (it resumes from where this launch did, or starts afresh)."""
     try:
         newest = resume_checkpoint(out)
     except ConfigError:
         newest = None
     if newest is not None and (since is None or (newest / "trainer_state.pt").stat().st_mtime >= since):
         if _saved_step(newest) >= cfg.trainer.max_steps:
-            return f"nothing is left to continue: it trained all trainer.max_steps={cfg.trainer.max_steps} ({newest})"
-        return f"continue with {_resume_command(newest)}"
+            return f"it had trained all trainer.max_steps={cfg.trainer.max_steps}, nothing to continue: {newest}"
+        run_dir = run_directory_of(newest)
+        preset = f"--preset {shlex.quote(str(run_dir / 'config.yaml'))} " if run_dir is not None else ""
+        return f"continue with `python -m dmdr_rl.run {preset}{shlex.quote(f'trainer.resume_from={newest}')}`"
+    if cfg.trainer.backend == "ray" and cfg.ray.storage_path:  # Ray Train's checkpoints are there, maybe remote
+        return (f"continue with trainer.resume_from=<the newest checkpoint_* directory of this launch's Ray Train run "
+                f"under ray.storage_path={cfg.ray.storage_path} (copied to a local path if it is remote)>")
     if cfg.trainer.resume_from:
-        return f"continue with {_resume_command(Path(cfg.trainer.resume_from))} (this launch saved no checkpoint)"
-    return "start it again (it saved no checkpoint)"
-
-
-def _resume_command(checkpoint: Path) -> str:
-    """`--preset <its run's config.yaml> trainer.resume_from=<checkpoint>`: that run again, from there."""
-    run_dir = run_directory_of(checkpoint)
-    preset = f"--preset {shlex.quote(str(run_dir / 'config.yaml'))} " if run_dir is not None else ""
-    return f"`python -m dmdr_rl.run {preset}{shlex.quote(f'trainer.resume_from={checkpoint}')}`"
+        return f"this launch saved no checkpoint: run the same command again, which resumes from {cfg.trainer.resume_from}"
+    return "it saved no checkpoint: start it again"
 
 
 def checkpoint_generator_step(checkpoint: Path) -> int:

@@ -395,7 +395,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
                 save_rollout_records(out, backbone, batch, step)
             stopping = stop_requested(coordinator, rank, world, device)
             if duties.checkpoint or stopping:
-                report(learner, rank, metrics)
+                report(learner, rank, {**metrics, "stopped": 1.0} if stopping else metrics)
             if stopping:
                 break
     finally:
@@ -429,7 +429,7 @@ def report(learner: DMDRLearner, rank: int, metrics: dict) -> None:
     """A Ray Train report (a barrier over all ranks) carrying rank 0's checkpoint, and a check that the
     replicas' weights have not drifted apart."""
     summary = {"generator_step": learner.generator_step, "iteration": learner.iteration,
-               **{k: v for k, v in metrics.items() if k.startswith("loss/")}}
+               **{k: v for k, v in metrics.items() if k.startswith("loss/") or k == "stopped"}}  # (asked to stop)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         summary["ddp/replica_divergence"] = replica_divergence(learner)
     with tempfile.TemporaryDirectory() as tmp:

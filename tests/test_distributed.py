@@ -1245,13 +1245,15 @@ def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_
     cfg = _config(tmp_path, **{"trainer.backend": "ray", "trainer.max_steps": 3})
     repeated = _fake_coordinator(failure=lambda: "ValueError: bad (at iteration 4, generator step 2; ...)", **methods)
     with pytest.raises(RuntimeError, match=r"keeps failing the same way, .* \(ray.same_failure_limit\): ValueError: bad "
-                                           r".*Fix the cause, then start it again \(it saved no checkpoint\)"):
+                                           r".*Fix the cause, then it saved no checkpoint: start it again"):
         distributed._fit_and_summarise(cfg, trainer, repeated, None, tmp_path)
     silent = _fake_coordinator(failure=lambda: None, **methods)
     with pytest.raises(RuntimeError, match="the learner stopped at generator step 2 of trainer.max_steps=3"):
         distributed._fit_and_summarise(cfg, trainer, silent, None, tmp_path)
     cfg.ray.storage_path = "s3://bucket/runs"
     assert "under ray.storage_path=s3://bucket/runs" in distributed.how_to_continue(cfg, tmp_path)
+    cfg.trainer.backend = "local"  # (a local run has no Ray Train checkpoints there)
+    assert "storage_path" not in distributed.how_to_continue(cfg, tmp_path)
 
 
 @pytest.mark.slow
@@ -1265,26 +1267,27 @@ def test_a_learner_that_fails_the_same_way_twice_ends_the_run_not_after_every_re
                                        "ray.max_failures": 5, "name": "corrupt"})
     with pytest.raises(RuntimeError, match=r"keeps failing the same way.*while the learner was built, restoring "
                                            rf"{re.escape(str(checkpoint))}; the same in 2 tries of the learner in a row"
-                                           rf".*continue with `python -m dmdr_rl.run --preset {re.escape(str(tmp_path / 'first'))}"
-                                           rf"/config.yaml trainer.resume_from={re.escape(str(checkpoint))}` \(this launch"):
+                                           rf".*this launch saved no checkpoint: run the same command again, which "
+                                           rf"resumes from {re.escape(str(checkpoint))}"):
         train_distributed(cfg)
     failed = [e for e in Ledger(FileStore(tmp_path / "run")).events() if e["event"] == "learner_failed"]
     assert [e["tries_in_a_row"] for e in failed] == [1, 2]  # the third try ended at once, and no other was made
 
 
 def test_a_run_that_ended_early_says_where_to_continue_from(tmp_path):
-    """The command that continues it: from this launch's newest checkpoint, with its run's config (not from an
-    earlier run's still in the directory), else from where it was resumed; and nothing once all steps are done."""
+    """The command that continues it: from this launch's newest checkpoint, with the config this launch saved
+    beside it (not from an earlier run's still in the directory); without one, the same command again (not
+    another run's config); and nothing once all steps are done."""
     from dmdr_rl.trainer import how_to_continue
 
     out = tmp_path / "run"
     cfg = _config(out, **{"trainer.backend": "ray", "trainer.max_steps": 4})
-    assert how_to_continue(cfg, out) == "start it again (it saved no checkpoint)"
+    assert how_to_continue(cfg, out) == "it saved no checkpoint: start it again"
     earlier = tmp_path / "earlier"
     LocalTrainer(_config(earlier, **{"trainer.max_steps": 2, "output.checkpoint_every": 2})).train()
     cfg.trainer.resume_from = str(earlier / "checkpoints" / "step_000002")
-    assert how_to_continue(cfg, out) == (f"continue with `python -m dmdr_rl.run --preset {earlier}/config.yaml "
-                                         f"trainer.resume_from={cfg.trainer.resume_from}` (this launch saved no checkpoint)")
+    assert how_to_continue(cfg, out) == ("this launch saved no checkpoint: run the same command again, which resumes "
+                                         f"from {cfg.trainer.resume_from}")  # (not --preset earlier/config.yaml)
     saved = out / "ray_train" / "corrupt-1" / "checkpoint_2026"
     saved.mkdir(parents=True)
     (out / "config.yaml").write_text("name: run\n")
@@ -1293,11 +1296,15 @@ def test_a_run_that_ended_early_says_where_to_continue_from(tmp_path):
     started = time.time()
     assert how_to_continue(cfg, out) == (f"continue with `python -m dmdr_rl.run --preset {out}/config.yaml "
                                          f"trainer.resume_from={saved}`")  # the newest, exactly
+    cfg.ray.storage_path = "s3://bucket/runs"  # (one this launch kept in its directory comes first all the same)
+    assert how_to_continue(cfg, out).startswith("continue with `python -m dmdr_rl.run")
     os.utime(saved / "trainer_state.pt", (started - 60, started - 60))  # an earlier launch's, not this one's
-    assert how_to_continue(cfg, out, since=started).endswith("(this launch saved no checkpoint)")
+    assert "under ray.storage_path" in how_to_continue(cfg, out, since=started)
+    cfg.ray.storage_path = None
+    assert how_to_continue(cfg, out, since=started).startswith("this launch saved no checkpoint")
     cfg.trainer.max_steps = 2
-    assert how_to_continue(cfg, earlier) == ("nothing is left to continue: it trained all trainer.max_steps=2 "
-                                             f"({earlier / 'checkpoints' / 'step_000002'})")
+    assert how_to_continue(cfg, earlier) == ("it had trained all trainer.max_steps=2, nothing to continue: "
+                                             f"{earlier / 'checkpoints' / 'step_000002'}")
 
 
 def test_the_coordinator_and_the_app_claims_start_without_the_model_stack():
@@ -1399,3 +1406,73 @@ def test_ctrl_c_ends_a_ray_runs_generator_step_with_a_checkpoint_and_the_run_res
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["generator_steps"] == step + 2
     assert summary["ledger"]["lost"] == [] and summary["ledger"]["duplicated"] == []
+
+
+@pytest.mark.parametrize("case", ["under way", "starting", "ended otherwise"])
+def test_the_driver_passes_a_ctrl_c_on_to_the_learners_or_stops_at_once(tmp_path, monkeypatch, case):
+    """A first Ctrl-C while steps are being trained asks the learners to stop at a step's end (and the run then
+    stops, as asked); while the launch has trained no step yet, it stops at once (nothing to wait for); a fit
+    that ends early without having stopped as asked is the learner's failure, not a stop."""
+    import ray
+
+    import dmdr_rl.distributed as distributed
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    monkeypatch.setattr(ray, "kill", lambda *_, **__: None)
+    monkeypatch.setattr(distributed, "PROGRESS_POLL_S", 0.01)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal)
+    asked, versions = [], iter([0, 1, 2, 3] + [3] * 10_000 if case != "starting" else [0] * 10_000)
+
+    def fit(self):
+        while not asked:
+            time.sleep(0.01)
+        if case == "starting":  # (still loading: the driver must not wait for it)
+            time.sleep(30)
+        metrics = {"generator_step": 3, "iteration": 6, **({"stopped": 1.0} if case == "under way" else {})}
+        return type("Result", (), {"metrics": metrics, "checkpoint": None})()
+
+    def progress():
+        version = next(versions)
+        if version == 2 or (case == "starting" and not asked):
+            asked.append("signal") if case == "starting" else None
+            os.kill(os.getpid(), signal.SIGINT)  # (handled on the main thread, which polls this)
+        return {"version": version, "iteration": 2 * version}
+
+    coordinator = _fake_coordinator(progress=progress, close_store=lambda: None, processes=lambda: {"rollout_workers": []},
+                                    failure=lambda: None, request_stop=lambda: asked.append("request_stop"))
+    cfg = _config(tmp_path, **{"trainer.backend": "ray", "trainer.max_steps": 10})
+    trainer = type("Trainer", (), {"fit": fit})()
+    try:
+        if case == "ended otherwise":
+            with pytest.raises(RuntimeError, match="the learner stopped at generator step 3 of trainer.max_steps=10"):
+                distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ("request_stop" in asked) is (case != "starting")
+
+
+def _stop_answers_of_rank(rank: int, world: int, init_file: str, answers: str) -> None:
+    import torch.distributed as dist
+
+    import learner.loop as loop
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    loop.ray.get = lambda value: value  # (the fake coordinator's answer is the value itself)
+    got = []
+    for rank0_reads in (True, False):
+        asked = _fake_coordinator(stop_requested=lambda: rank0_reads if rank == 0 else pytest.fail("only rank 0 asks"))
+        got.append(loop.stop_requested(asked, rank, world, "cpu"))
+    with open(f"{answers}.{rank}", "w") as f:
+        f.write(repr(got))
+    dist.destroy_process_group()
+
+
+def test_every_learner_rank_gets_rank_0s_answer_to_whether_to_stop(tmp_path):
+    """Rank 0 alone asks the coordinator; the other ranks take its answer, so all end after the same step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stop_answers_of_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "answer")), nprocs=2)
+    assert [(tmp_path / f"answer.{rank}").read_text() for rank in (0, 1)] == ["[True, False]"] * 2

@@ -262,7 +262,7 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     assert len(read_samples(tmp_path / "kept" / "samples.parquet")) == 4  # what was sampled is not lost
     config["rewards"] = [{"name": "toy-align", "placement": "serve", "serve": {"attach": True}}]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))  # an app deployed on its own: its model unknown here
-    with pytest.raises(SystemExit, match=r"error: the run's rewards\[0\] \(toy-align\) was an attached Serve app"):
+    with pytest.raises(SystemExit, match=r"error: the run's rewards\[0\] \(toy-align\) is an attached Serve app's entry"):
         sample.main([*mine, "--score", "--out", str(tmp_path / "attached")])
     config["rewards"] = []
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))

@@ -145,7 +145,6 @@ def test_records_redis_refuses_are_not_sent_again_with_the_others_and_end_up_bes
         store.append("ledger", {"event": "issued", "iteration": i})
         store.append("metrics", {"step": i})
     assert store.flush(timeout_s=10)  # drained: the metrics records given up on, not buffered for ever
-    assert store._refused == {}  # (no count kept for a record no longer buffered)
     assert store.failed_flushes >= 2  # (the third refusal drains the buffer before it is counted)
     raw = redis.Redis.from_url(redis_server.url).xrange("dmdr:refused:ledger")
     assert len(raw) == 3  # each ledger record once, though it shared its sends with refused ones
@@ -155,6 +154,25 @@ def test_records_redis_refuses_are_not_sent_again_with_the_others_and_end_up_bes
         store.read("metrics")
     redis.Redis.from_url(redis_server.url).delete("dmdr:refused:metrics")
     assert [r["step"] for r in store.read("metrics")] == [0, 1, 2]  # read back from beside the run
+    store.close()
+
+
+def test_a_record_redis_refused_for_a_while_goes_in_once_it_can_and_its_count_is_forgotten(tmp_path, redis_server,
+                                                                                             monkeypatch):
+    import redis
+
+    monkeypatch.setattr(RedisStore, "RETRY_S", (0.01, 0.02))
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("dmdr:later:metrics", "not a stream")
+    store = RedisStore(redis_server.url, "later", tmp_path)
+    store.append("metrics", {"step": 1})
+    deadline = time.monotonic() + 10
+    while store.failed_flushes < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.failed_flushes >= 2 and len(store._refused) == 1  # refused twice, still buffered
+    client.delete("dmdr:later:metrics")
+    assert store.flush(timeout_s=10)
+    assert [r["step"] for r in store.read("metrics")] == [1] and store._refused == {}
     store.close()
 
 
