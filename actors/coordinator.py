@@ -216,7 +216,8 @@ class RolloutCoordinator:
     def progress(self) -> dict:
         """Where the run is; `epoch` > 0 once a learner restart has happened in this launch."""
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
-                "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch}
+                "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch,
+                "started_step": self.started_at[1]}  # (version > started_step: a step trained since the learner started)
 
     def request_stop(self) -> None:
         """The driver was asked to stop (Ctrl-C): the learner ends at its next generator step, with

@@ -449,10 +449,10 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     bar = tqdm(total=cfg.trainer.max_steps, desc=f"train {cfg.name} (ray)", dynamic_ncols=True)
     # Ctrl-C: the learners end their generator step with a checkpoint (a second one: at once); before this launch
     # has trained a step (loading, starting: nothing to keep), at once
-    versions: list[int] = []  # the generator versions the progress showed, the first and the latest
+    progress: dict = {}  # the coordinator's, as last polled
 
     def ask_to_stop() -> bool:
-        if len(versions) < 2 or versions[-1] <= versions[0]:
+        if progress.get("version", -1) <= progress.get("started_step", 0):
             return False
         coordinator.request_stop.remote()
         return True
@@ -460,7 +460,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     stop = StopAtStepEnd(on_request=ask_to_stop)
     try:
         with stop:
-            _follow(fit, coordinator, bar, cfg, out, versions)
+            _follow(fit, coordinator, bar, cfg, out, progress)
     finally:
         bar.close()
         repeated = _repeated_failure(coordinator)
@@ -498,9 +498,8 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     return summary
 
 
-def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, versions: list[int]) -> None:
-    """The progress bar from the coordinator's progress until Ray Train's fit ends; `versions` keeps the first
-    and the latest generator version seen."""
+def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, latest: dict) -> None:
+    """The progress bar from the coordinator's progress until Ray Train's fit ends (the last one kept in `latest`)."""
     import ray
 
     while fit.is_alive():
@@ -514,8 +513,7 @@ def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, 
                                f"({err})") from err
         except Exception:  # the coordinator is busy: just skip this refresh
             continue
-        if progress["version"] >= 0:  # [first, latest]
-            versions[:] = [versions[0] if versions else progress["version"], progress["version"]]
+        latest.update(progress)
         bar.n = max(0, progress["version"])
         bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
         bar.refresh()
