@@ -447,8 +447,8 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     started = time.time()
     fit.start()
     bar = tqdm(total=cfg.trainer.max_steps, desc=f"train {cfg.name} (ray)", dynamic_ncols=True)
-    # Ctrl-C: the learners end their generator step with a checkpoint (a second one: at once); before this launch
-    # has trained a step (loading, starting: nothing to keep), at once
+    # Ctrl-C: the learners end their generator step with a checkpoint (a second one: at once); before a step since
+    # the learner started (loading, starting: nothing to keep), at once
     progress: dict = {}  # the coordinator's, as last polled
 
     def ask_to_stop() -> bool:
