@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = sorted(p for p in ROOT.rglob("*.md") if not {".venv", "runs", ".git", "node_modules"} & set(p.parts))
+DOCS = sorted(p for p in ROOT.rglob("*.md")  # the repository's own: not a tool's (.pytest_cache/README.md) or a run's
+              if not any(part.startswith(".") or part in ("runs", "node_modules") for part in p.relative_to(ROOT).parts))
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
