@@ -238,11 +238,24 @@ def test_two_learner_ranks_each_train_on_their_own_shard_of_every_batch(tmp_path
     assert summary["replica_divergence"] == 0.0  # both ranks hold bit-identical generator and critic weights
 
 
-class _FakeWorkers:
-    """Stands in for `ray.remote(RolloutWorker)`: each handle's rollout "ref" names the worker that got it."""
+class _Question:
+    """A fake `ready` ref, naming the actor (by creation order) that was asked."""
 
-    def __init__(self):
+    def __init__(self, index):
+        self.index = index
+
+
+class _InitFailed(ray.exceptions.ActorDiedError):
+    actor_init_failed = True  # (Ray's mark of an actor whose constructor raised)
+
+
+class _FakeWorkers:
+    """Stands in for `ray.remote(RolloutWorker)`: each handle's rollout "ref" names the worker that got it.
+    `questions`: its `ready` gives a `_Question` (answered as the test's ray.wait / ray.get say), else True."""
+
+    def __init__(self, questions: bool = False):
         self.count = 0
+        self.questions = questions
 
     def options(self, **_):
         return self
@@ -251,7 +264,8 @@ class _FakeWorkers:
         index, self.count = self.count, self.count + 1
         rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank, *rest)})()
         null = type("Method", (), {"remote": lambda _: ("null", index)})()
-        ready = type("Method", (), {"remote": lambda _: True})()  # answered already (the coordinator's mark for it)
+        answer = _Question(index) if self.questions else True  # (True: answered already, the coordinator's mark)
+        ready = type("Method", (), {"remote": lambda _: answer})()
         return type("Handle", (), {"rollout": rollout, "null_conditioning": null, "ready": ready})()
 
 
@@ -396,23 +410,11 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
     sent one, the batch would wait there until the learner's timeout killed the worker, at each of its turns."""
     import actors.coordinator as coordinator_module
 
-    workers = _FakeWorkers()
+    workers = _FakeWorkers(questions=True)
     answered = {0}  # worker 1 has not answered `ready` yet
-
-    class Question:
-        def __init__(self, index):
-            self.index = index
-
-    def handle_with_question(*args, **kwargs):
-        handle = _FakeWorkers.remote(workers, *args, **kwargs)
-        index = workers.count - 1
-        handle.ready = type("Method", (), {"remote": lambda _: Question(index)})()
-        return handle
-
-    workers.remote = handle_with_question
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
     def wait(refs, **_):  # a question answers once its worker is in `answered`; a batch is never done here
-        done = [r for r in refs if isinstance(r, Question) and r.index in answered]
+        done = [r for r in refs if isinstance(r, _Question) and r.index in answered]
         return done, [r for r in refs if not any(r is d for d in done)]
 
     monkeypatch.setattr(coordinator_module.ray, "wait", wait)
@@ -443,21 +445,18 @@ def test_batches_go_to_the_rollout_workers_that_have_started(tmp_path, monkeypat
     # how an answer that is an error counts: died or restarting, asked again; cannot start at all, "ready"
     # (its batches then end the learner's try with the reason, as before)
 
-    class InitFailed(ray.exceptions.ActorDiedError):
-        actor_init_failed = True
-
     answered.add(1)
     for error, ready in ((ray.exceptions.ActorDiedError(), False), (ray.exceptions.ActorUnavailableError("restarting", b"0" * 16), False),
-                         (InitFailed(), True), (ray.exceptions.RuntimeEnvSetupError("no such package"), True)):
+                         (_InitFailed(), True), (ray.exceptions.RuntimeEnvSetupError("no such package"), True)):
         def fail(ref, error=error):
             raise error
 
         monkeypatch.setattr(coordinator_module.ray, "get", fail)
-        coordinator.readiness[1] = Question(1)
+        coordinator.readiness[1] = _Question(1)
         coordinator.started_once[1] = False  # (one that had started gets a fresh actor instead: the test below)
         assert (1 in coordinator.ready_workers()) is ready, error
     # no worker started yet (a launch's first question): the round-robin over all, as before
-    coordinator.readiness = [Question(0), Question(1)]
+    coordinator.readiness = [_Question(0), _Question(1)]
     answered.clear()
     assert [coordinator.null_conditioning(attempt=a)[1] for a in range(3)] == [0, 1, 0]
 
@@ -869,28 +868,14 @@ def test_the_coordinator_replaces_a_worker_whose_restart_failed_to_construct_a_b
                                                                                                       monkeypatch):
     import actors.coordinator as coordinator_module
 
-    workers = _FakeWorkers()
+    workers = _FakeWorkers(questions=True)
     broken = set()  # actors (by creation order) whose constructor raised
 
-    class Question:
-        def __init__(self, actor):
-            self.actor = actor
-
-    def new_actor(*args, **kwargs):
-        handle = _FakeWorkers.remote(workers, *args, **kwargs)
-        actor = workers.count - 1
-        handle.ready = type("Method", (), {"remote": lambda _: Question(actor)})()
-        return handle
-
-    class InitFailed(ray.exceptions.ActorDiedError):
-        actor_init_failed = True
-
     def get(ref):
-        if ref.actor in broken:
-            raise InitFailed()
+        if ref.index in broken:
+            raise _InitFailed()
         return True
 
-    workers.remote = new_actor
     monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
     monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: (list(refs), []))  # every question answered
     monkeypatch.setattr(coordinator_module.ray, "get", get)
@@ -904,7 +889,7 @@ def test_the_coordinator_replaces_a_worker_whose_restart_failed_to_construct_a_b
     assert coordinator.restart_worker(0, 0) is True
     broken.update(range(2, 2 + coordinator_module.WORKER_REPLACEMENTS))  # the fresh actors fail too
     broken.add(0)
-    coordinator.readiness[0] = Question(0)  # (the restarted actor's question: its constructor raises)
+    coordinator.readiness[0] = _Question(0)  # (the restarted actor's question: its constructor raises)
     for _ in range(coordinator_module.WORKER_REPLACEMENTS):
         assert coordinator.ready_workers() == [1]  # 0 replaced: its fresh actor is asked again
     assert coordinator.ready_workers() == [0, 1]  # the replacements used up: left failed, as a first failure
