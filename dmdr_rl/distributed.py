@@ -514,9 +514,24 @@ def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, 
         except Exception:  # the coordinator is busy: just skip this refresh
             continue
         latest.update(progress)
-        bar.n = max(0, progress["version"])
-        bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
+        show_progress(bar, progress)
+
+
+def show_progress(bar, progress: dict) -> None:
+    """The bar at the coordinator's `progress`. Its rate and time left count the generator steps trained since
+    the learner started: the loading before a launch's first step (or a restarted learner's) would pass for
+    one very slow step, and the bar said 14 minutes left of a 1-minute run."""
+    step = max(0, progress["version"])
+    if progress["version"] <= progress["started_step"]:  # no step yet since the learner (re)started
+        bar.n = bar.last_print_n = step
+        bar.last_print_t = time.time()  # (tqdm's clock: the next step's rate is measured from here)
+        bar.set_postfix_str(f"learner restarting from generator step {step}" if progress["epoch"] else
+                            "starting: learners and rollout workers load their models", refresh=False)
         bar.refresh()
+        return
+    bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
+    bar.update(step - bar.n)  # (tqdm's smoothed rate from the steps' own times)
+    bar.refresh()
 
 
 def audit_ledger(store, iterations: int, world_size: int, patience_s: float = 30.0) -> dict:

@@ -1019,6 +1019,32 @@ def test_a_checkpoint_reports_the_whole_batchs_metrics_at_a_step_that_is_not_log
         "loss/dmd": 0.5}
 
 
+def test_the_progress_bar_times_the_steps_not_the_loading_before_them():
+    """20 s of loading before the first step made a 1-minute run's bar say 14 minutes left: the rate counts
+    from the steps, and the bar says what the wait before them is (a launch's start, a learner's restart)."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    import dmdr_rl.distributed as distributed
+
+    out = io.StringIO()
+    bar = tqdm(total=40, file=out, desc="train")
+    bar.start_t -= 20.0  # (20 s of loading so far)
+    bar.last_print_t -= 20.0
+    shown = lambda: out.getvalue().split("\r")[-1]  # noqa: E731
+    distributed.show_progress(bar, {"version": 0, "started_step": 0, "epoch": 0, "iteration": 0})
+    assert "starting: learners and rollout workers load" in shown() and bar.n == 0
+    for step in (1, 2, 3):
+        time.sleep(0.05)
+        distributed.show_progress(bar, {"version": step, "started_step": 0, "epoch": 0, "iteration": 5 * step})
+    assert bar.n == 3 and "iteration=16" in shown()
+    assert bar.format_dict["rate"] > 5.0  # about 20 steps a second, not 3 in 20 s
+    assert bar.format_dict["elapsed"] >= 20.0  # (the elapsed time still counts the loading)
+    distributed.show_progress(bar, {"version": 2, "started_step": 2, "epoch": 1, "iteration": 10})
+    assert "learner restarting from generator step 2" in shown() and bar.n == 2
+
+
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
     """With it gone every learner retry fails at once (forever with ray.max_failures=-1): the driver
     sees it die and ends the run with an error naming the way to resume."""
