@@ -16,16 +16,10 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
-from .evaluation import evaluate
 from .sample import TEACHER_STEPS
 from .store import write_json_whole, write_text_whole
 from .toy.grammar import SPLITS
-from .toy.teacher import DEFAULT_CFG
-from .toy.weights import load_align, load_judge, load_teacher
-
-
+from .toy.weights import DEFAULT_CFG, load_align, load_judge, load_teacher
 
 
 def _list_of(kind):
@@ -167,6 +161,8 @@ def samplers(args: argparse.Namespace):
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict]:
+    from .evaluation import evaluate
+
     judge, align = load_judge(args.weights), load_align(args.weights)
     reports = []
     for split, (setting, settings, sample_fn) in itertools.product(args.split, samplers(args)):
@@ -211,7 +207,9 @@ def write_summary(reports: list[dict], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from .cli import fixable_errors
 
-    args = parse_args(argv)
+    args = parse_args(argv)  # (before torch is imported: --help and a usage error at once)
+    import torch
+
     torch.manual_seed(args.seed)
     try:
         run_sweep(args)

@@ -23,21 +23,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import dmdr
 from .config import ConfigError, load_config
-from .flow import sampling_timesteps
 from .cli import fixable_errors
 from .store import file_states, readable_as_umask_allows, write_json_whole
-from .trainer import find_run, load_generator, run_directory_of
+
+if TYPE_CHECKING:  # (the model stack loads when an export runs: --help answers at once)
+    import torch
 
 FORMATS = ("lora", "transformer")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> dict:
+    import torch
+
+    from . import dmdr
+    from .flow import sampling_timesteps
+    from .trainer import find_run, load_generator, run_directory_of
+
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -92,6 +97,7 @@ def lora_file(checkpoint: Path, lora) -> tuple[dict[str, torch.Tensor], dict]:
     one that does not (a bare state dict, older diffusers, other tools: scaling 1) apply the same LoRA."""
     from safetensors.torch import load_file
 
+    from . import dmdr
     from .backbone import DEFAULT_LORA_TARGETS
 
     tag, scaling = f".{dmdr.GENERATOR}.", lora.alpha / lora.rank

@@ -28,8 +28,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .store import write_json_whole, write_text_whole
 
 SPLITS = ("held-in", "held-out")
@@ -100,6 +98,8 @@ def check_rows(rows: list[Row], runs: Path, overrides: Sequence[str], retrain: b
 def train_row(preset: str, run_dir: str, threads: int, overrides: tuple[str, ...] = ()) -> dict:
     """Train (or finish training) one preset into `run_dir`; returns the training summary. Runs in a
     worker process when trainings go in parallel."""
+    import torch
+
     from .trainer import LocalTrainer
 
     torch.set_num_threads(threads)
@@ -151,8 +151,7 @@ def train_all(rows: list[Row], runs: Path, jobs: int, overrides: tuple[str, ...]
 # -- evaluation ---------------------------------------------------------------------------------
 def _sampler(row: Row, runs: Path):
     from .eval import load_student
-    from .toy.teacher import DEFAULT_CFG
-    from .toy.weights import load_teacher
+    from .toy.weights import DEFAULT_CFG, load_teacher
 
     if row.preset is None:
         teacher = load_teacher()
@@ -442,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
         if row.key in training:
             results[row.key]["training"] = training[row.key]
     command = "python -m dmdr_rl.results " + " ".join(sys.argv[1:] if argv is None else argv)
+    import torch
+
     table = {
         "meta": {"command": command.strip(), "num_images": args.num_images, "seed": args.seed,
                  "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

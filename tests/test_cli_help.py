@@ -1,9 +1,15 @@
-"""Every command's --help: each option says what it is for, and the default of each one that has one."""
+"""Every command's --help: each option says what it is for, and the default of each one that has one; and it
+answers at once, before the model stack is imported."""
 
 import argparse
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+import dmdr_rl
 
 COMMANDS = ("dmdr_rl.run", "dmdr_rl.results", "dmdr_rl.export", "dmdr_rl.toy.check")
 
@@ -39,3 +45,24 @@ def test_every_option_says_what_it_is_for_and_its_default(module, monkeypatch):
 def test_the_main_jobs_help_says_what_runs_without_a_preset(monkeypatch):
     preset = next(a for a in _parser("dmdr_rl.run", monkeypatch)._actions if "--preset" in a.option_strings)
     assert "without it: the demo" in preset.help and "on a local Ray" in preset.help
+
+
+def _all_commands() -> list[str]:
+    """Every `python -m` command in the package: each module that runs its main() as __main__."""
+    root = Path(dmdr_rl.__file__).parent
+    return sorted(".".join(("dmdr_rl", *path.relative_to(root).with_suffix("").parts)) for path in root.rglob("*.py")
+                  if 'if __name__ == "__main__":' in path.read_text())
+
+
+def test_the_commands_are_found():
+    assert {*COMMANDS, "dmdr_rl.eval", "dmdr_rl.sample", "dmdr_rl.toy.analytic", "dmdr_rl.toy.build"} <= {*_all_commands()}
+
+
+@pytest.mark.parametrize("module", _all_commands())
+def test_help_answers_without_loading_the_model_stack(module):
+    """--help answers before torch is imported (importing it first cost 4-6 s per --help)."""
+    code = (f"import runpy, sys\nsys.argv = [{module!r}, '--help']\ntry:\n"
+            f"    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'ray') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("usage: python -m ") and done.stdout.splitlines()[-1] == "[]", done.stdout[-500:]

@@ -4,7 +4,7 @@ import pytest
 
 from dmdr_rl.evaluation import evaluate
 from dmdr_rl.toy.check import check_evaluators
-from dmdr_rl.toy.teacher import DEFAULT_CFG
+from dmdr_rl.toy.weights import DEFAULT_CFG
 
 
 @pytest.fixture(scope="module")

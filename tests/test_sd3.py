@@ -181,9 +181,9 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
     trainer = LocalTrainer(cfg)
     trainer.train()
     if fmt == "lora":  # from the checkpoint's adapter file alone: no base model is loaded (16 GB for SD3.5-Large)
-        import dmdr_rl.export
+        import dmdr_rl.trainer
 
-        monkeypatch.setattr(dmdr_rl.export, "load_generator", lambda *a, **k: pytest.fail("loaded the model"))
+        monkeypatch.setattr(dmdr_rl.trainer, "load_generator", lambda *a, **k: pytest.fail("loaded the model"))
     (tmp_path / "export").mkdir()
     private = tmp_path / "export" / "notes.txt"  # someone's file in --out: left as it is
     private.write_text("mine")

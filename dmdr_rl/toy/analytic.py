@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from scipy import ndimage
 
-from .metrics import summarise_verdicts
-from .render import POLYGON_GEOMETRY, shape_coverage
 from .scene import COLOUR_NAMES, COLOURS, POSITION_NAMES, POSITIONS, SHAPES, PairScene, Scene
+
+if TYPE_CHECKING:  # (torch, scipy and the renderer load on first use: --help answers at once)
+    import torch
 
 # Saturation (max - min over RGB) above which a pixel is an object's: backgrounds stay under ~0.12,
 # the palette's colours are 0.65 or more (the renderer's soft edges give the values in between).
@@ -48,6 +47,8 @@ _CENTRES = np.asarray([POSITIONS[name] for name in POSITION_NAMES], dtype=np.flo
 
 def objects_in(image: np.ndarray) -> list[dict]:
     """The object regions of one image [3, H, W] in [0, 1], largest first: colour, pixel count, centre (x, y)."""
+    from scipy import ndimage
+
     saturation = image.max(axis=0) - image.min(axis=0)
     mask = saturation > OBJECT_SATURATION
     # nearest palette colour of each pixel (RGB distance)
@@ -68,6 +69,8 @@ def objects_in(image: np.ndarray) -> list[dict]:
 def _shape(region: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> str:
     """The ideal shape (the renderer's own geometry, same area and centre, upright or turned as the renderer
     turns polygons) that overlaps the region best."""
+    from .render import shape_coverage
+
     centre, area = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), len(xs)
     best, best_overlap = "circle", -1.0
     for shape in SHAPES:
@@ -81,6 +84,8 @@ def _shape(region: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> str:
 
 def _radius_for_area(shape: str, area: float) -> float:
     """The nominal radius at which the renderer's `shape` covers `area` pixels."""
+    from .render import POLYGON_GEOMETRY
+
     if shape == "circle":
         return float(np.sqrt(area / np.pi))
     sides, _, scale = POLYGON_GEOMETRY[shape]
@@ -120,6 +125,8 @@ def analytic_verdict(image: np.ndarray, scene: Scene) -> dict[str, bool]:
 
 def analytic_accuracy(images: torch.Tensor, scenes: Sequence[Scene]) -> tuple[float, dict[str, float]]:
     """(share of images correct on every attribute, share per attribute), summed as the learned judge's are."""
+    from .metrics import summarise_verdicts
+
     pixels = images.detach().float().clamp(0, 1).cpu().numpy()
     return summarise_verdicts([analytic_verdict(image, scene) for image, scene in zip(pixels, scenes)])
 
@@ -128,6 +135,8 @@ def score_samples(path) -> list[dict]:
     """The analytic judge on a samples file (or a directory of them) of toy prompts, from their PNGs, 8-bit
     as stored: one report per (source, step), since a run's samples/ holds the grids and rollouts of every
     step (untrained and trained images pooled into one number would describe neither)."""
+    import torch
+
     from ..samples import decode_png, read_samples
     from .grammar import prompt_to_scene
 

@@ -19,17 +19,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from tqdm.auto import tqdm
-
-from ..backbone import transformer_velocity
-from ..flow import add_noise, velocity_target
 from ..store import readable_as_umask_allows
 from .grammar import PromptSplit, prompts_of
-from .render import render_batch
 from .weights import WEIGHTS_DIR, component_dir
+
+if TYPE_CHECKING:  # (torch loads when a build runs: --help answers at once)
+    import torch
 
 
 @dataclass
@@ -65,6 +62,8 @@ class ResumableRun:
         self.step = 0
 
     def restore(self) -> bool:
+        import torch
+
         if not self.path.exists():
             return False
         state = torch.load(self.path, weights_only=True, map_location="cpu")
@@ -75,6 +74,8 @@ class ResumableRun:
         return True
 
     def save(self) -> None:
+        import torch
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
@@ -105,6 +106,9 @@ def train(
     """Run (or resume) the build loop; returns the modules to ship (EMA copies when ema_decay > 0).
 
     With snapshot=True nothing is trained: the last checkpoint is restored and returned as it is."""
+    import torch
+    from tqdm.auto import tqdm
+
     params = [p for m in trainable.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = {f"ema_{k}": _ema_copy(m) for k, m in trainable.items()} if cfg.ema_decay > 0 else {}
@@ -156,6 +160,11 @@ def _batch_seed(cfg: BuildConfig, step: int) -> int:
 
 
 def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = False) -> None:
+    import torch
+
+    from ..backbone import transformer_velocity
+    from ..flow import add_noise, velocity_target
+    from .render import render_batch
     from .teacher import create_teacher_transformer, images_to_model_space
     from .text import ToyTextEncoder
 
@@ -186,7 +195,10 @@ def build_teacher(cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = 
 
 
 def build_classifier(target: str, cfg: BuildConfig, work_dir: Path, out: Path, snapshot: bool = False) -> None:
+    import torch
+
     from .classifier import AttributeClassifier, attribute_loss, augment, scene_labels
+    from .render import render_batch
 
     torch.manual_seed(cfg.seed)
     model = AttributeClassifier(arch=cfg.extra["arch"])
@@ -242,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.work_dir is None:  # a shortened build's checkpoints never become a full build's resume point
         args.work_dir = Path("runs/build/smoke") if args.steps is not None else Path("runs/build")
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     for target in RECIPES if args.target == "all" else [args.target]:
         cfg = RECIPES[target]

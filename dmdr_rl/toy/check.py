@@ -17,23 +17,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm.auto import tqdm
-
-from ..evaluation import REFERENCE_SEED_OFFSET, fresh_renders
-from .analytic import analytic_accuracy
 from .grammar import SPLITS, PromptSplit, prompts_of
-from .metrics import judge_fid, judge_verdicts, reward_discrimination, summarise_verdicts
 from .weights import load_align, load_judge
 
-CHECK_SEED_OFFSET = 2 * REFERENCE_SEED_OFFSET  # renders no build and no evaluation used
+if TYPE_CHECKING:  # (torch and the metrics load when a check runs: --help answers at once)
+    import torch
+
+
+def check_renders(scenes, seed: int):
+    """Fresh renders of `scenes` that no build and no evaluation used."""
+    from ..evaluation import REFERENCE_SEED_OFFSET, fresh_renders
+
+    return fresh_renders(scenes, seed, offset=2 * REFERENCE_SEED_OFFSET)
 
 
 def render_fid_floor(judge, scenes, seed: int, images=None) -> float:
     """The floor any sampler's FID is measured against: two independent render sets of the same prompts
     (it grows as the sample shrinks: FID is biased upwards at small sample sizes)."""
-    images = images if images is not None else fresh_renders(scenes, seed, offset=CHECK_SEED_OFFSET)
+    from ..evaluation import fresh_renders
+    from .metrics import judge_fid
+
+    images = images if images is not None else check_renders(scenes, seed)
     return judge_fid(judge, images, fresh_renders(scenes, seed))
 
 
@@ -46,13 +52,18 @@ def measured(bar, label: str, measure):
 
 
 def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=None) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .metrics import judge_verdicts, reward_discrimination, summarise_verdicts
+
     judge = judge or load_judge()
     align = align or load_align()
     report: dict = {"num_images_per_split": num_images}
     with tqdm(total=4 * len(SPLITS), desc="checking evaluators", leave=False) as bar:
         for split in SPLITS:
             scenes = PromptSplit(split).sample(num_images, seed)
-            images = fresh_renders(scenes, seed, offset=CHECK_SEED_OFFSET)
+            images = check_renders(scenes, seed)
             with torch.no_grad():
                 accuracy, by_category = measured(bar, f"{split}: judge",
                                                  lambda: summarise_verdicts(judge_verdicts(judge, images, scenes)))
@@ -71,6 +82,9 @@ def check_evaluators(num_images: int = 2000, seed: int = 0, judge=None, align=No
 
 def align_ascent(align, images: torch.Tensor, prompts, eps: float, steps: int = 40) -> torch.Tensor:
     """`images` moved up toy-align's gradient (signed steps of eps/8, projected to an L-inf ball of eps)."""
+    import torch
+    from tqdm.auto import tqdm
+
     x = images.clone()
     for _ in tqdm(range(steps), desc="toy-align ascent", leave=False):
         x.requires_grad_(True)
@@ -84,6 +98,12 @@ def judge_transfer(judge, align, images: torch.Tensor, scenes, eps: float = 4 / 
     """toy-align, judge accuracy and judge-feature FID (against fresh renders) before and after
     `align_ascent`, and under random sign noise of the same size (the control): a judge independent of
     the reward gains nothing."""
+    import torch
+
+    from ..evaluation import fresh_renders
+    from .analytic import analytic_accuracy
+    from .metrics import judge_fid, judge_verdicts, summarise_verdicts
+
     prompts = prompts_of(scenes)
     pushed = align_ascent(align, images, prompts, eps)
     signs = torch.randint(0, 2, images.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
@@ -103,9 +123,10 @@ def judge_transfer(judge, align, images: torch.Tensor, scenes, eps: float = 4 / 
 
 def check_transfer(num_images: int, seed: int, eps: float) -> dict:
     """`judge_transfer` on the shipped teacher's 4-step samples (CFG as in the docs) of each split."""
+    from tqdm.auto import tqdm
+
     from ..seeds import image_seeds
-    from .teacher import DEFAULT_CFG
-    from .weights import load_teacher
+    from .weights import DEFAULT_CFG, load_teacher
 
     judge, align, teacher = load_judge(), load_align(), load_teacher()
     report = {"num_images_per_split": num_images, "samples": f"teacher, 4 steps, CFG {DEFAULT_CFG:g}"}

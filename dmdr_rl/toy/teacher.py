@@ -26,8 +26,6 @@ TEACHER_CONFIG = dict(
     pooled_projection_dim=64,
     pos_embed_max_size=RESOLUTION // 4,
 )
-# The guidance scale the main job and the docs use for the teacher (chosen by the CFG sweep in the README).
-DEFAULT_CFG = 4.0
 
 
 # Alternatives tried while building the shipped teacher (see README, "Rebuilding the shipped weights").
