@@ -464,18 +464,21 @@ def available_presets() -> list[str]:
 def load_config(preset: str | Path | None = None, overrides: Sequence[str] = (), for_sampling: bool = False) -> RunConfig:
     """A preset name (see `available_presets()`) or a YAML file, then `section.key=value` overrides;
     `for_sampling`: a finished run's config, checked field by field but not by the rules of training."""
-    data = _read_preset(preset, ()) if preset is not None else {}
+    inherited: dict[tuple[str, ...], str | None] = {}
+    data = _read_preset(preset, (), inherited) if preset is not None else {}
     for override in overrides:
         _apply_override(data, override)
+        _set_by(inherited, tuple(override.partition("=")[0].split(".")), None)
     try:
         return RunConfig.model_validate(data, context={"for_sampling": for_sampling})
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(_describe(err, inherited)) from None
 
 
-def _read_preset(preset: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tuple[str, ...], str | None]) -> dict[str, Any]:
     """A preset's mapping; a `base: <preset or file>` key inherits another preset, merged section by
-    section (mappings merge, everything else replaces)."""
+    section (mappings merge, everything else replaces). `inherited` records which base file set each
+    value (None: the file named itself), so that an error in an inherited value names its file."""
     path = Path(preset)
     if not path.suffix:
         path = PRESETS_DIR / f"{preset}.yaml"
@@ -493,14 +496,17 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path} as a YAML config: " + " ".join(str(err).split())) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
-    if Path(base).suffix and not Path(base).is_absolute():
-        base = str(path.parent / base)
-    return _merge(_read_preset(base, (*chain, path.resolve())), data)
+    own = data
+    base = own.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
+        if Path(base).suffix and not Path(base).is_absolute():
+            base = str(path.parent / base)
+        data = _merge(_read_preset(base, (*chain, path.resolve()), inherited), own)
+    for key in _value_keys(own):  # (after its bases': its own values replace theirs)
+        _set_by(inherited, key, str(path) if chain else None)
+    return data
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -510,6 +516,31 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
             value = _merge(merged[key], value)
         merged[key] = value
     return merged
+
+
+def _value_keys(data: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The dotted key of each value in a YAML mapping, as a tuple (a mapping's values one by one: they merge)."""
+    keys = []
+    for key, value in data.items():
+        keys.extend(_value_keys(value, (*prefix, str(key))) if isinstance(value, dict) else [(*prefix, str(key))])
+    return keys
+
+
+def _set_by(inherited: dict[tuple[str, ...], str | None], key: tuple[str, ...], source: str | None) -> None:
+    """Record `source` as where the value at `key` comes from, replacing what set the values under it."""
+    for earlier in [k for k in inherited if k[:len(key)] == key]:
+        del inherited[earlier]
+    inherited[key] = source
+
+
+def _inherited_from(inherited: dict[tuple[str, ...], str | None], loc: tuple) -> str | None:
+    """The base file that set the value at an error's `loc`: the one that set it whole (or the section it is
+    in) or every value under it; None where that is the file named, an override, a default, or several."""
+    loc = tuple(map(str, loc))
+    whole = [k for k in inherited if loc[:len(k)] == k]
+    keys = [max(whole, key=len)] if whole else []
+    sources = {inherited[k] for k in keys + [k for k in inherited if k[:len(loc)] == loc and len(k) > len(loc)]}
+    return sources.pop() if len(sources) == 1 else None
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
@@ -663,13 +694,14 @@ def _takes_null(annotation: Any) -> bool:
     return type(None) in (getattr(annotation, "__args__", ()) or ())
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, inherited: dict[tuple[str, ...], str | None]) -> str:
     lines = []
     for e in err.errors():
         message = e["msg"].removeprefix("Value error, ")
         if not e["loc"]:  # a check across fields names them itself; its input is the whole config
             lines.append(message)
-        elif e["type"] == "missing" and isinstance(e["loc"][-1], int):  # a fixed-length list (renoise_beta)
+            continue
+        if e["type"] == "missing" and isinstance(e["loc"][-1], int):  # a fixed-length list (renoise_beta)
             lines.append(f"{'.'.join(map(str, e['loc'][:-1]))}: too few values (no item {e['loc'][-1]})")
         elif e["type"] == "missing":
             lines.append(f"{'.'.join(map(str, e['loc']))}: required")
@@ -687,4 +719,7 @@ def _describe(err: ValidationError) -> str:
                 message += f"; write the values in brackets ({field}=[a, b])"
             # (a check over a whole section names its fields itself: its input, the section, says nothing more)
             lines.append(f"{field}: {message}" + ("" if isinstance(value, dict) else f" (got {value!r})"))
+        source = _inherited_from(inherited, e["loc"])
+        if source is not None:  # not in the file the user named: say where to fix it
+            lines[-1] += f"; set in {source} (inherited with base:)"
     return "invalid config:\n  " + "\n  ".join(lines)

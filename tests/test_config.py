@@ -138,6 +138,25 @@ def test_a_preset_inherits_its_base_section_by_section(tmp_path):
     assert (cfg.name, cfg.student.steps, cfg.trainer.max_steps, cfg.rewards) == ("child", 1, 9, [])
 
 
+def test_an_error_in_an_inherited_value_names_the_file_that_set_it(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("base: toy-dmdr\nstudent: {steps: 0}\ntrainer: {max_stepz: 3}\n"
+                    "rewards:\n  - {name: toy-align, weight: -1}\n  - {name: toy-align, label: other, weight: -2}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ndmd: {real_cfg: -1}\n")
+
+    def problems(overrides=()):
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / "child.yaml", overrides)
+        return {line.strip().split(":")[0]: line for line in str(err.value).splitlines()[1:]}
+
+    inherited = f"; set in {base} (inherited with base:)"
+    lines = problems()
+    assert all(lines[key].endswith(inherited) for key in ("student.steps", "trainer.max_stepz", "rewards.0.weight"))
+    assert inherited not in lines["dmd.real_cfg"]  # the file named: it says nothing more
+    lines = problems(["student.steps=-1", "rewards.0.weight=-3"])  # set on the command line instead
+    assert inherited not in lines["student.steps"] + lines["rewards.0.weight"] and lines["rewards.1.weight"].endswith(inherited)
+
+
 def test_one_step_presets_differ_from_their_bases_only_in_steps_and_name():
     for one_step, base in (("toy-dmd-1step", "toy-dmd"), ("toy-dmdr-1step", "toy-dmdr")):
         a, b = load_config(one_step).model_dump(), load_config(base).model_dump()
