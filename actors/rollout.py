@@ -40,8 +40,8 @@ class RolloutWorker:
         device = "cuda" if self.cfg.ray.rollout_gpus > 0 else "cpu"
         self.backbone = build_backbone(model, precision=self.cfg.trainer.precision, device=device)
         dmdr.add_generator(self.backbone, self.cfg.student)
-        self.rewards = [dmdr.WeightedReward(reward_model(spec), spec) for spec in self.cfg.rewards
-                        if self.cfg.scored_on_rollout(spec)]
+        self.rewards = [dmdr.WeightedReward(reward_model(spec, f"rewards.{i}"), spec)
+                        for i, spec in enumerate(self.cfg.rewards) if self.cfg.scored_on_rollout(spec)]
         self.weight_version, self.epoch = -1, 0  # nothing loaded yet: the learner publishes version 0 first
 
     def load_weights(self, version: int, state: dict[str, torch.Tensor], epoch: int = 0) -> int:

@@ -36,6 +36,11 @@ class RewardLoadError(OSError):
     """A reward model's files could not be loaded; says which config entry names them."""
 
 
+class RewardBuildError(RuntimeError):
+    """A reward model's constructor raised; says which config entry it is, with the model's own error chained
+    (not one of the errors a command shows as one line: the traceback is where a bug in the model shows)."""
+
+
 def validate_images(images: torch.Tensor, prompts: Sequence[str]) -> None:
     """Raise RewardInputError unless images is a float [B, 3, H, W] tensor in [0, 1] with B == len(prompts)."""
     if not isinstance(images, torch.Tensor):

@@ -10,7 +10,7 @@ from typing import Any
 from dmdr_rl.hub import looks_like_a_path, missed_offline, unreachable_note
 from dmdr_rl.registry import Registry, passes_options_to
 
-from .protocol import RewardLoadError, RewardModel, first_line
+from .protocol import RewardBuildError, RewardLoadError, RewardModel, first_line
 
 REWARDS: Registry = Registry("reward model")
 
@@ -135,16 +135,18 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
         model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
     except ConfigError:  # (a ValueError, but the config's own: it names its field)
         raise
-    except (OSError, ValueError) as err:  # files that cannot be had: a wrong path, or a hub id offline and not cached
+    except Exception as err:
         missing = [f"{where}.kwargs.{key}={value!r}" for key, value in (kwargs or {}).items()
                    if key not in MADE_ON_FIRST_USE and isinstance(value, str) and looks_like_a_path(value)
                    and not Path(value).expanduser().exists()]
-        if missing:  # (taken for a hub id, it may fail as a ValueError: not a valid repo id)
+        if missing and isinstance(err, (OSError, ValueError)):  # (taken for a hub id, it may fail as a ValueError)
             raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {', '.join(missing)} "
                                   f"{'does' if len(missing) == 1 else 'do'} not exist here ({type(err).__name__}: {first_line(err)})") from err
-        if isinstance(err, ValueError):
-            raise
-        raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {_why_not_loaded(err, where)}") from err
+        if isinstance(err, OSError):  # files that cannot be had: a wrong path, or a hub id offline and not cached
+            raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {_why_not_loaded(err, where)}") from err
+        # the model's own constructor (or factory) failed: which entry, with its traceback chained
+        raise RewardBuildError(f"{where} ({name}) could not be built: {type(err).__name__}: {first_line(err)} (the "
+                               f"traceback above is the model's own: fix it there or in {where}.kwargs)") from err
     if not callable(getattr(model, "score", None)):
         raise ConfigError(f"{where}.name: reward model {name!r} built a {type(model).__name__} without a "
                           "score(images, prompts) method (see reward_servers/protocol.py)")

@@ -73,6 +73,24 @@ class _NoFlag:
         return images.mean(dim=(1, 2, 3))
 
 
+class _Refuses(_NoFlag):
+    differentiable = True
+
+    def __init__(self, threshold: float = 0.5):
+        raise ValueError(f"threshold {threshold} is outside (0, 1)")
+
+
+def test_a_reward_whose_constructor_raises_is_named_by_its_entry_with_its_own_error_chained():
+    from dmdr_rl.trainer import build_rewards
+    from reward_servers import RewardBuildError
+
+    cfg = load_config("toy-dmdr", ["rewards=[{name: toy-align}, {name: 'tests.test_rewards:_Refuses', kwargs: {threshold: 2}}]"])
+    with pytest.raises(RewardBuildError, match=r"^rewards.1 \(tests.test_rewards:_Refuses\) could not be built: ValueError: "
+                                                r"threshold 2 is outside \(0, 1\) .*rewards.1.kwargs\)$") as err:
+        build_rewards(cfg)  # (the one place every placement's rewards are built from: load_reward_model)
+    assert isinstance(err.value.__cause__, ValueError) and err.value.__cause__.__traceback__ is not None
+
+
 class _NotDifferentiable(_NoFlag):
     differentiable = False
 
