@@ -276,13 +276,12 @@ def continues_in(out: Path, checkpoint: Path) -> bool:
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
     """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
     sets an earlier run's files aside and must not mix its records with another run's in the store."""
-    lock = RunLock(out)  # before anything is moved or written: one training run in a directory at a time
+    store = open_store(cfg.store.url, out, cfg.name)  # (a Redis that does not answer stops it before `out` is made)
     try:
-        store = open_store(cfg.store.url, out, cfg.name)
+        store.run_lock = RunLock(out)  # (released by store.close()) one training run in a directory at a time
     except BaseException:
-        lock.release()
+        store.close()
         raise
-    store.run_lock = lock  # released by store.close()
     try:
         if fresh:
             store.require_new()  # refused before anything of the earlier run is moved

@@ -277,6 +277,16 @@ def test_bad_urls_and_an_unreachable_redis_name_the_url(tmp_path):
         open_store(url, tmp_path, "x")
 
 
+def test_a_run_whose_redis_does_not_answer_leaves_no_run_directory_behind(tmp_path):
+    from dmdr_rl.trainer import open_run_directory
+
+    url, out = f"redis://127.0.0.1:{_free_port()}/0", tmp_path / "runs" / "new"  # nothing listens there
+    cfg = load_config("toy-dmdr", [f"store.url={url}", f"output.dir={out}"])
+    with pytest.raises(StoreError, match=f"cannot reach the run store at {url} .*start Redis there or fix store.url"):
+        open_run_directory(cfg, out, fresh=True)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_training_run_writes_its_metrics_to_redis(tmp_path, redis_server):
     from dmdr_rl.trainer import LocalTrainer
 
