@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .config import RAY_CLIENT_REFUSED, ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
-from .store import PASSWORD_ENV, StoreError, directory_written_whole, run_events, write_json_whole, write_text_whole
+from .store import (PASSWORD_ENV, StoreError, directory_written_whole, open_store, run_events, write_json_whole,
+                    write_text_whole)
 from .trainer import StopAtStepEnd, continues_in, how_to_continue, open_run_directory
 
 PROGRESS_POLL_S = 1.0
@@ -351,6 +352,8 @@ def train_distributed(cfg: RunConfig) -> dict:
         cfg.trainer.resume_from = str(checkpoint.resolve())
     cfg = with_absolute_paths(cfg)
     check_placement(cfg)
+    if cfg.store.url is not None:  # an unreachable Redis: said now, not after Ray has started and reward apps deployed
+        open_store(cfg.store.url, None, cfg.name).close()
     where = connect(cfg)
     with serving_rewards(cfg):
         return _train_on_ray(cfg, where)

@@ -287,6 +287,17 @@ def test_a_run_whose_redis_does_not_answer_leaves_no_run_directory_behind(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_ray_run_whose_redis_does_not_answer_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import dmdr_rl.distributed as distributed
+
+    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    cfg = load_config("toy-demo", [f"store.url={url}", f"output.dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(distributed, "connect", lambda cfg: pytest.fail("Ray started before the store was reached"))
+    with pytest.raises(StoreError, match=f"cannot reach the run store at {url} .*start Redis there or fix store.url"):
+        distributed.train_distributed(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_training_run_writes_its_metrics_to_redis(tmp_path, redis_server):
     from dmdr_rl.trainer import LocalTrainer
 
