@@ -11,7 +11,11 @@ import pytest
 
 import dmdr_rl
 
-COMMANDS = ("dmdr_rl.run", "dmdr_rl.results", "dmdr_rl.export", "dmdr_rl.toy.check")
+def _all_commands() -> list[str]:
+    """Every `python -m` command in the package: each module that runs its main() as __main__."""
+    root = Path(dmdr_rl.__file__).parent
+    return sorted(".".join(("dmdr_rl", *path.relative_to(root).with_suffix("").parts)) for path in root.rglob("*.py")
+                  if 'if __name__ == "__main__":' in path.read_text())
 
 
 class ParserBuilt(Exception):
@@ -31,14 +35,15 @@ def _parser(module: str, monkeypatch) -> argparse.ArgumentParser:
     return built.value.parser
 
 
-@pytest.mark.parametrize("module", COMMANDS)
+@pytest.mark.parametrize("module", _all_commands())
 def test_every_option_says_what_it_is_for_and_its_default(module, monkeypatch):
     for action in _parser(module, monkeypatch)._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         name = "/".join(action.option_strings) or action.dest
         assert action.help, f"{module} {name} has no help"
-        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                and action.default != []:  # (a repeatable option's empty list: nothing to say)
             assert "default" in action.help, f"{module} {name}: its help does not give its default ({action.default})"
 
 
@@ -47,15 +52,8 @@ def test_the_main_jobs_help_says_what_runs_without_a_preset(monkeypatch):
     assert "without it: the demo" in preset.help and "on a local Ray" in preset.help
 
 
-def _all_commands() -> list[str]:
-    """Every `python -m` command in the package: each module that runs its main() as __main__."""
-    root = Path(dmdr_rl.__file__).parent
-    return sorted(".".join(("dmdr_rl", *path.relative_to(root).with_suffix("").parts)) for path in root.rglob("*.py")
-                  if 'if __name__ == "__main__":' in path.read_text())
-
-
 def test_the_commands_are_found():
-    assert {*COMMANDS, "dmdr_rl.eval", "dmdr_rl.sample", "dmdr_rl.toy.analytic", "dmdr_rl.toy.build"} <= {*_all_commands()}
+    assert {"dmdr_rl.run", "dmdr_rl.results", "dmdr_rl.export", "dmdr_rl.toy.check", "dmdr_rl.eval", "dmdr_rl.sample", "dmdr_rl.toy.analytic", "dmdr_rl.toy.build"} <= {*_all_commands()}
 
 
 @pytest.mark.parametrize("module", _all_commands())

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     from ..cli import command_summary
 
     parser = argparse.ArgumentParser(prog="python -m dmdr_rl.toy.build", description=command_summary(__doc__))
-    parser.add_argument("target", choices=[*RECIPES, "all"])
+    parser.add_argument("target", choices=[*RECIPES, "all"],
+                        help="which model to train: the teacher, the toy-align reward, the judge, or all three in turn")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="checkpoints for resume (default runs/build/<target>; runs/build/smoke/<target> with --steps)")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
