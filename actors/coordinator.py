@@ -93,16 +93,19 @@ class RolloutCoordinator:
         self.failures_by_try: dict[int, set[tuple[str, str]]] = {}  # try -> its (where, error key)s
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
         self.stop_asked = False  # the driver was asked to stop: see request_stop
+        self.losses: dict = {}  # the last generator step's losses, for the driver's progress bar (see publish)
 
     # -- weights ------------------------------------------------------------------------------
-    def publish(self, version: int, weights: list, learner_start: int | None = None) -> int:
+    def publish(self, version: int, weights: list, learner_start: int | None = None, losses: dict | None = None) -> int:
         """New generator weights (`weights[0]` a ref to a dict of tensors) become the version rollouts use.
         `learner_start` (here and in every call that changes what the learners get): what `start` returned
-        to the calling try; a call of an earlier try's is refused (None: not checked, for operators)."""
+        to the calling try; a call of an earlier try's is refused (None: not checked, for operators).
+        `losses`: the step's, as the driver's progress bar shows them."""
         self._fence(learner_start, "publish")
         if version <= self.version:
             return self.version
         self.version, self.weights = version, weights  # sent along with each rollout request
+        self.losses = losses or {}
         # the batches that waited for these weights go out now, not at the learner's next request: the
         # workers sample them while the learner logs, samples grids and writes checkpoints. Not before a
         # try's first request: its ranks' first questions (null conditioning) must not queue behind rollouts
@@ -217,7 +220,8 @@ class RolloutCoordinator:
         """Where the run is; `epoch` > 0 once a learner restart has happened in this launch."""
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
                 "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch,
-                "started_step": self.started_at[1]}  # (version > started_step: a step trained since the learner started)
+                "started_step": self.started_at[1],  # (version > started_step: a step trained since the learner started)
+                "losses": self.losses}
 
     def request_stop(self) -> None:
         """The driver was asked to stop (Ctrl-C): the learner ends at its next generator step, with

@@ -532,7 +532,9 @@ def show_progress(bar, progress: dict) -> None:
                             "starting: learners and rollout workers load their models", refresh=False)
         bar.refresh()
         return
-    bar.set_postfix(iteration=progress["iteration"] + 1, refresh=False)  # (1-based: the one in training)
+    # as the local trainer's bar: the losses (the last generator step's, rank 0's shard) and the iteration in
+    # training (1-based)
+    bar.set_postfix({**progress.get("losses", {}), "iteration": progress["iteration"] + 1}, refresh=False)
     bar.update(step - bar.n)  # (tqdm's smoothed rate from the steps' own times)
     bar.refresh()
 

@@ -31,7 +31,7 @@ from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
-from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards, load_checkpoint, save_rollout_records,
+from dmdr_rl.trainer import (GRID_PROMPTS, GRID_SEEDS, MetricsLog, build_rewards, load_checkpoint, loss_postfix, save_rollout_records,
                              save_step_samples, StepDuties, step_duties, student_images, write_checkpoint)
 from reward_servers.protocol import RewardServerError
 
@@ -129,11 +129,12 @@ def check_version(batch, generator_step: int, max_staleness: int) -> None:
                            f"{max(0, generator_step - max_staleness)}..{generator_step} only (ray.max_staleness)")
 
 
-def publish_generator(coordinator, learner: DMDRLearner) -> None:
+def publish_generator(coordinator, learner: DMDRLearner, metrics: dict | None = None) -> None:
     """One object-store put per generator version; rollout workers fetch it by reference. (A full
-    fine-tune of a large model would broadcast instead: this is the one place to change.)"""
+    fine-tune of a large model would broadcast instead: this is the one place to change.) The step's
+    losses (rank 0's shard) go along for the driver's progress bar."""
     ref = ray.put(learner.adapter_state(dmdr.GENERATOR))
-    ray.get(coordinator.publish.remote(learner.generator_step, [ref]))
+    ray.get(coordinator.publish.remote(learner.generator_step, [ref], losses=loss_postfix(metrics or {})))
 
 
 def _ticket(answer: list) -> tuple:
@@ -380,7 +381,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
                 continue
             published = time.perf_counter()
             if rank == 0:
-                publish_generator(coordinator, learner)
+                publish_generator(coordinator, learner, metrics)
             metrics.update({"time/rollout_wait_s": waited, "time/weight_sync_s": time.perf_counter() - published})
             waited = 0.0
             step = learner.generator_step

@@ -662,7 +662,8 @@ def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_gen
     assert batch[7] == 2  # the worker is told the step that trains it (GRPO's cold start: what to score)
     assert coordinator.request(5, 0) is None  # iteration 5 is trained at step 3: not published yet
     assert coordinator.progress()["next_needs_version"] == 3
-    coordinator.publish(3, ["weights at step 3"])
+    coordinator.publish(3, ["weights at step 3"], losses={"L_dmd": "0.42"})
+    assert coordinator.progress()["losses"] == {"L_dmd": "0.42"}  # (the driver's progress bar shows them)
     assert not coordinator.batches[(5, 0)].taken  # issued as the weights it waited for came, before the learner asks
     assert coordinator.request(5, 0)[0][4] == 3 and coordinator.training_step(5) == 3
     starts = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "start"]
@@ -1037,8 +1038,9 @@ def test_the_progress_bar_times_the_steps_not_the_loading_before_them():
     assert "starting: learners and rollout workers load" in shown() and bar.n == 0
     for step in (1, 2, 3):
         time.sleep(0.05)
-        distributed.show_progress(bar, {"version": step, "started_step": 0, "epoch": 0, "iteration": 5 * step})
-    assert bar.n == 3 and "iteration=16" in shown()
+        distributed.show_progress(bar, {"version": step, "started_step": 0, "epoch": 0, "iteration": 5 * step,
+                                        "losses": {"L_dmd": f"0.4{step}"}})
+    assert bar.n == 3 and "L_dmd=0.43, iteration=16" in shown()  # (the losses, as the local trainer's bar)
     assert bar.format_dict["rate"] > 5.0  # about 20 steps a second, not 3 in 20 s
     assert bar.format_dict["elapsed"] >= 20.0  # (the elapsed time still counts the loading)
     distributed.show_progress(bar, {"version": 2, "started_step": 2, "epoch": 1, "iteration": 10})
