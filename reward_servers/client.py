@@ -107,8 +107,9 @@ class RewardClient:
                 raise RewardInputError(f"reward app {self.app!r} refused {method}(): {first_line(cause)}") from err
             except Exception as err:  # noqa: BLE001 - sorted below
                 if not _transient(err):  # the app answered with an error: report it, do not retry
-                    raise RewardServerError(f"reward app {self.app!r} failed in {method}(): {type(err).__name__}: "
-                                            f"{first_line(err)}") from err
+                    cause = getattr(err, "cause", None) or err  # (Ray's error's own first line is its process header)
+                    raise RewardServerError(f"reward app {self.app!r} failed in {method}(): {type(cause).__name__}: "
+                                            f"{first_line(cause)}") from err
                 last_error = err
                 self.failed_attempts += 1
                 if attempt < self.retries:

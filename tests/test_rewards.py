@@ -267,6 +267,23 @@ def test_client_does_not_retry_bad_requests_and_checks_answers(align):
         RewardClient(integer_grads, "reward-x", backoff_s=0.0).score_with_grad(_images(), PROMPTS)
 
 
+def test_a_replicas_own_error_is_reported_not_rays_header():
+    """Through a Serve handle a replica's exception arrives inside Ray's, whose first line is the replica
+    process's name (`ray::ServeReplica:...`): the message gives the replica's exception instead."""
+    exceptions = pytest.importorskip("ray.exceptions")
+
+    def replica_failed(method, images, prompts, timeout_s):
+        try:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(the rest of torch's message)")
+        except RuntimeError as err:
+            raise exceptions.RayTaskError("ServeReplica:reward-x:reward-x", "Traceback ...", err, pid=1,
+                                          ip="10.0.0.1").as_instanceof_cause() from None
+
+    with pytest.raises(RewardServerError, match=r"^reward app 'reward-x' failed in score\(\): RuntimeError: CUDA out "
+                                                r"of memory\. Tried to allocate 2\.00 GiB$"):
+        RewardClient(replica_failed, "reward-x", retries=3, backoff_s=0.0).score(_images(), PROMPTS)
+
+
 def test_a_sample_with_a_non_finite_served_gradient_is_dropped_and_counted_like_a_non_finite_score():
     def nan_grad_for_the_second(method, images, prompts, timeout_s):
         grads = torch.ones_like(images)
