@@ -13,10 +13,11 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -131,13 +132,34 @@ class RLSection(_Section):
         return self.mode == "grpo"
 
 
+def _serve_autoscaling_config() -> Any:
+    """Ray Serve's AutoscalingConfig, imported only when a config sets autoscaling (so this module stays light);
+    None without Ray, where no app is deployed and there is nothing to check against."""
+    try:
+        from ray.serve.config import AutoscalingConfig
+    except ImportError:
+        return None
+    return AutoscalingConfig
+
+
+def _autoscaling_key(key: str) -> str:
+    """Serve's AutoscalingConfig ignores keys it does not know: {max_replica: 4} would deploy one replica."""
+    config = _serve_autoscaling_config()
+    known = list(getattr(config, "model_fields", None) or getattr(config, "__fields__", {}))  # (pydantic 2 or 1)
+    if known and key not in known:
+        raise ValueError(f"unknown key, which Serve would ignore; its autoscaling_config has {', '.join(known)}"
+                         + _did_you_mean_among(key, known))
+    return key
+
+
 class RewardServeSpec(_Section):
     """How a reward model runs as a Ray Serve app (placement: serve)."""
 
     app: Optional[str] = None  # the Serve app's name; null: "reward-<name>"
     attach: bool = False  # true: use an app that is already running (`serve deploy deploy/serve-rewards.yaml`)
     replicas: int = Field(1, ge=1)  # ignored when autoscaling is given
-    autoscaling: Optional[dict[str, Any]] = None  # Serve's autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
+    # Serve's autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
+    autoscaling: Optional[dict[Annotated[str, AfterValidator(_autoscaling_key)], Any]] = None
     max_batch_size: int = Field(8, ge=1)  # requests merged into one model call (@serve.batch)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     num_cpus: float = Field(1.0, ge=0)  # per replica
@@ -165,6 +187,23 @@ class RewardServeSpec(_Section):
                              "working_dir and py_modules (s3://, gs://, https://...zip). A module of your own reaches the "
                              "reward apps a run starts through the run's own runtime_env: run from the directory that holds "
                              "it, or submit with `ray job submit --working-dir .`")
+        return value
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _serve_takes_it(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """Serve's own checks of the values (min_replicas <= max_replicas, numbers) before anything starts, not
+        when the app deploys."""
+        config = _serve_autoscaling_config()
+        if value is None or config is None:
+            return value
+        try:
+            config(**value)
+        except ValueError as err:  # (pydantic's ValidationError)
+            reasons = "; ".join(
+                (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+                + (f" (got {e['input']!r})" if e["loc"] and "input" in e else "") for e in err.errors()[:3])
+            raise ValueError(f"not an autoscaling_config that Serve takes ({reasons}): change the value(s) it names") from None
         return value
 
 
@@ -664,9 +703,7 @@ def _did_you_mean(key: str) -> str:
     if ".N." in pattern:
         item = pattern[: pattern.rindex(".N.") + 3]
         own = [k[len(item):] for k in keys if k.startswith(item)]
-        guesses = [key[: len(key) - len(pattern) + len(item)] + close  # (the index as given)
-                   for close in difflib.get_close_matches(pattern[len(item):], own, n=3, cutoff=0.75)]
-        return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+        return _did_you_mean_among(pattern[len(item):], own, prefix=key[: len(key) - len(pattern) + len(item)])
     keys = [k for k in keys if ".N." not in k]
     name = key.split(".")[-1]
     names = {k: k.split(".")[-1] for k in keys}
@@ -676,6 +713,13 @@ def _did_you_mean(key: str) -> str:
     section = key.split(".")[0] + "."
     guesses = [k for k in guesses if k.startswith(section)] or guesses  # critic.rnk: critic.lora.rank
     return f"; did you mean {' or '.join(guesses[:3])}?" if guesses else ""
+
+
+def _did_you_mean_among(name: str, names: Sequence[str], prefix: str = "") -> str:
+    """'; did you mean <prefix>max_replicas?' for a misspelt `name` among a few known `names` (a list item's
+    keys, a free-form mapping's that another library reads)."""
+    guesses = [prefix + close for close in difflib.get_close_matches(name, names, n=3, cutoff=0.75)]
+    return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
 
 
 def _allowed_keys(loc: tuple) -> str:
@@ -706,7 +750,8 @@ def _describe(err: ValidationError, inherited: dict[tuple[str, ...], str | None]
         elif e["type"] == "missing":
             lines.append(f"{'.'.join(map(str, e['loc']))}: required")
         else:
-            field, value = ".".join(map(str, e["loc"])), e.get("input")
+            key_refused = e["loc"][-1] == "[key]"  # a mapping's key that its validator refused: the path names it
+            field, value = ".".join(map(str, e["loc"][:-1] if key_refused else e["loc"])), e.get("input")
             if e["loc"] == ("store", "url") and isinstance(value, str):
                 from .store import redact_url
 
@@ -718,7 +763,7 @@ def _describe(err: ValidationError, inherited: dict[tuple[str, ...], str | None]
             elif e["type"] == "tuple_type":
                 message += f"; write the values in brackets ({field}=[a, b])"
             # (a check over a whole section names its fields itself: its input, the section, says nothing more)
-            lines.append(f"{field}: {message}" + ("" if isinstance(value, dict) else f" (got {value!r})"))
+            lines.append(f"{field}: {message}" + ("" if isinstance(value, dict) or key_refused else f" (got {value!r})"))
         source = _inherited_from(inherited, e["loc"])
         if source is not None:  # not in the file the user named: say where to fix it
             lines[-1] += f"; set in {source} (inherited with base:)"

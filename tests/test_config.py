@@ -241,6 +241,24 @@ def test_overrides_that_cannot_apply_are_config_errors_naming_the_field(override
         load_config("toy-dmdr", [override])
 
 
+def test_a_served_rewards_autoscaling_is_checked_against_serves_own_config():
+    """Serve's AutoscalingConfig ignores keys it does not know ({max_replica: 4} deploys one replica) and checks
+    its values only when the app deploys: both are config errors before anything starts."""
+    pytest.importorskip("ray.serve.config")
+    with pytest.raises(ConfigError, match=r"rewards.0.serve.autoscaling.max_replica: unknown key, which Serve would "
+                                          r"ignore; its autoscaling_config has min_replicas, .*; did you mean max_replicas"):
+        load_config("toy-dmdr", ["rewards.0.serve.autoscaling={min_replicas: 1, max_replica: 4}"])
+    with pytest.raises(ConfigError, match=r"rewards.0.serve.autoscaling.max_replica: unknown key"):
+        load_config("toy-dmdr", ["rewards.0.serve.autoscaling.max_replica=4"])
+    with pytest.raises(ConfigError, match=r"rewards.0.serve.autoscaling: not an autoscaling_config that Serve takes "
+                                          r"\(max_replicas \(4\) must be greater than or equal to min_replicas \(5\)!\)"):
+        load_config("toy-dmdr", ["rewards.0.serve.autoscaling={min_replicas: 5, max_replicas: 4}"])
+    with pytest.raises(ConfigError, match=r"Serve takes \(min_replicas: Input should be a valid integer.* \(got 'two'\)\)"):
+        load_config("toy-dmdr", ["rewards.0.serve.autoscaling={min_replicas: two}"])
+    autoscaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
+    assert load_config("toy-dmdr", [f"rewards.0.serve.autoscaling={autoscaling}"]).rewards[0].serve.autoscaling == autoscaling
+
+
 def test_a_check_across_fields_says_only_what_is_wrong():
     with pytest.raises(ConfigError) as caught:
         load_config("toy-dmdr", ["rewards.0.weight=0"])
