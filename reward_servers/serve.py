@@ -179,7 +179,8 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
     """Deploy every `placement: serve` reward that is not `attach`ed; check that attached ones run.
     Returns the names of the apps this run started (to be stopped with `stop_reward_apps`). An app
     of that name that already runs is not replaced (it may be someone else's): attach to it instead.
-    If one app fails to start, the ones started before it are stopped again."""
+    If one app fails to start, or the start is interrupted (Ctrl-C, SIGTERM), every app it deployed is
+    deleted again, the one being started too."""
     specs = [spec for spec in cfg.rewards if spec.placement == "serve"]
     if not specs:
         return []
@@ -197,22 +198,25 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
             claim_app(spec.app_name, f"rewards.{i}", owner=f"output.dir={cfg.output_dir}")
             claimed.append(spec.app_name)
             existing = serve.status().applications.get(spec.app_name)
-            if existing is not None:
+            if existing is not None:  # (and no run holds its name: the claim above is ours)
                 state = _status_name(existing.status)
                 raise RewardInputError(
-                    f"reward app {spec.app_name!r} already exists ({state}; started by another run or `serve deploy`): "
-                    + (f"set rewards.{i}.serve.attach=true to use it, or rewards.{i}.serve.app to another name"
-                       if state in ATTACHABLE else f"remove it with `serve shutdown` or `serve.delete({spec.app_name!r})`, "
-                                                   f"or set rewards.{i}.serve.app to another name"))
+                    f"reward app {spec.app_name!r} already exists ({state}) and no run holds it: deployed on its own "
+                    "(`serve deploy`), or left over from a run whose driver was killed (SIGKILL) before it could delete "
+                    "it. " + (f"Set rewards.{i}.serve.attach=true to use it, or delete it" if state in ATTACHABLE
+                              else "Delete it")
+                    + f" with `serve.delete({spec.app_name!r})` (`serve shutdown` deletes every app), or set "
+                      f"rewards.{i}.serve.app to another name")
+            # counted as started before it is deployed: a failed start, or a Ctrl-C or SIGTERM during a slow one,
+            # deletes it below (an app left behind would run with no owner and block the next run's start)
+            started.append(spec.app_name)
             begun = time.time()
             try:
                 serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
             except Exception as err:
-                cause = _deployment_messages(spec.app_name)
-                serve.delete(spec.app_name)  # a failed app left behind would block the next run's start
+                cause = _deployment_messages(spec.app_name)  # (before the app is deleted)
                 raise RewardServerError(f"reward app {spec.app_name!r} ({spec.name}) failed to start: "
                                         f"{cause or first_line(err)}") from err
-            started.append(spec.app_name)
             print(f"dmdr_rl: reward app {spec.app_name!r} ({spec.name}) is up in {time.time() - begun:.1f} s; "
                   f"HTTP: http://{host}:{port}/{spec.app_name}/score", flush=True)
     except BaseException:

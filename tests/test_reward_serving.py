@@ -276,7 +276,9 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
     serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")  # e.g. someone's `serve deploy`
     try:
         for _ in range(2):  # the first refusal released its claim on the name: the second is refused the same way
-            with pytest.raises(RewardInputError, match="'reward-toy-align' already exists \\(RUNNING.* rewards.0.serve.attach=true"):
+            with pytest.raises(RewardInputError, match=r"'reward-toy-align' already exists \(RUNNING\) and no run holds it: .*"
+                                                       r"left over from a run whose driver was killed .* "
+                                                       r"rewards.0.serve.attach=true .*serve.delete\('reward-toy-align'\)"):
                 start_reward_apps(_run_config(tmp_path, [spec], local_serve))
         assert spec.app_name in serve.status().applications  # still theirs, untouched
         first = _serve_spec("toy-align", app="reward-first")
@@ -287,6 +289,28 @@ def test_a_run_neither_replaces_a_running_app_nor_leaves_half_its_apps_behind(tm
         assert "reward-first" not in serve.status().applications  # started, then stopped again
     finally:
         serve.delete(spec.app_name)
+
+
+def test_a_start_interrupted_by_ctrl_c_deletes_the_app_it_was_starting(tmp_path, local_serve, monkeypatch):
+    """Ctrl-C or SIGTERM (the run's KeyboardInterrupt) while serve.run waits for a slow replica: the app goes with
+    the run, not left running with no owner, which would refuse the next run's start."""
+    import reward_servers.serve as serving
+    from ray.serve.api import _run
+
+    def interrupted(target, name, route_prefix):
+        _run(target, name=name, route_prefix=route_prefix, _blocking=False)  # deployed, its replica still starting
+        raise KeyboardInterrupt
+
+    spec = _serve_spec("toy-align", app="reward-interrupted")
+    monkeypatch.setattr(serving.serve, "run", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_reward_apps(_run_config(tmp_path, [spec], local_serve))
+        assert "reward-interrupted" not in serve.status().applications
+        with pytest.raises(ValueError):  # and the claim on its name is released
+            ray.get_actor("reward-app-claim:reward-interrupted", namespace=serving.CLAIMS_NAMESPACE)
+    finally:
+        serve.delete("reward-interrupted")  # (left behind without the fix)
 
 
 def test_of_two_runs_starting_an_app_of_one_name_only_one_deploys_it(tmp_path, local_serve):
