@@ -270,18 +270,24 @@ def _holder(app: str, other_than=None) -> str | None:
 def release_claims(apps: list[str], wait_s: float = 30.0) -> None:
     """Ends this process's claims on `apps` (no other's) and waits until each name is free or taken by
     another (a kill is asynchronous: a run started right after this one, by the same driver, would
-    otherwise find the name still taken)."""
+    otherwise find the name still taken). Never raises (it runs on a run's way out): a claim it cannot end
+    ends with this process."""
     for app in apps:
         held = _HELD_CLAIMS.pop(app, None)
         if held is None:
             continue
-        ray.kill(held)
+        try:
+            ray.kill(held)
+        except Exception as err:  # noqa: BLE001 - Ray is gone or going: so is the claim, with this driver
+            print(f"dmdr_rl: warning: could not release the claim on reward app name {app!r} ({type(err).__name__}: "
+                  f"{first_line(err)}); it ends with this process", flush=True)
+            continue
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             try:
                 if ray.get_actor(_claim_name(app), namespace=CLAIMS_NAMESPACE)._actor_id != held._actor_id:
                     break  # another run's claim already
-            except ValueError:  # free
+            except Exception:  # noqa: BLE001 - free (a ValueError), or Ray cannot say any more: nothing to wait for
                 break
             time.sleep(0.1)
         else:
@@ -308,9 +314,15 @@ def _http_address(cfg: RunConfig) -> tuple[str, int]:
 
 
 def stop_reward_apps(names: list[str]) -> None:
-    """Deletes the apps this run started and releases its claims on their names."""
+    """Deletes the apps this run started and releases its claims on their names. Never raises: it runs on the
+    run's way out, where an error would replace the run's own and leave the other apps behind; an app it
+    cannot delete is named, with how to delete it by hand."""
     for name in names:
-        serve.delete(name)
+        try:
+            serve.delete(name)
+        except Exception as err:  # noqa: BLE001 - warn and go on with the others
+            print(f"dmdr_rl: warning: could not delete reward app {name!r} ({type(err).__name__}: {first_line(err)}); "
+                  f"delete it with `serve.delete({name!r})` (`serve shutdown` deletes every app)", flush=True)
     release_claims(names)
 
 

@@ -423,3 +423,37 @@ def test_a_claim_that_cannot_start_is_not_taken_for_another_runs(monkeypatch):
     holder["actor"] = theirs  # (through Ray Client: ours failed to register, the name is theirs)
     with pytest.raises(RewardInputError, match=r"'reward-x' is being started or served by another run \(output.dir=/runs/other\)"):
         serving.claim_app("reward-x", "rewards.0", "output.dir=/runs/mine")
+
+
+def test_stopping_the_apps_deletes_each_it_can_releases_every_claim_and_never_raises(monkeypatch, capsys):
+    """It runs in the run's `finally`: an app that cannot be deleted must not leave the others behind, keep the
+    claims, or replace the run's own error."""
+    import reward_servers.serve as serving
+
+    deleted, killed = [], []
+
+    def delete(name):
+        deleted.append(name)
+        if name == "reward-a":
+            raise RuntimeError("the Serve controller did not answer\n(its traceback)")
+
+    def kill(handle):
+        killed.append(handle._actor_id)
+        if handle._actor_id == "claim-b":
+            raise ConnectionError("Ray is shutting down")
+
+    def get_actor(name, namespace=None):  # the claim's name is free
+        raise ValueError(name)
+
+    monkeypatch.setattr(serving.serve, "delete", delete)
+    monkeypatch.setattr(serving.ray, "kill", kill)
+    monkeypatch.setattr(serving.ray, "get_actor", get_actor)
+    for app in ("reward-a", "reward-b", "reward-c"):
+        monkeypatch.setitem(serving._HELD_CLAIMS, app, type("Claim", (), {"_actor_id": f"claim-{app[-1]}"})())
+    stop_reward_apps(["reward-a", "reward-b", "reward-c"])
+    assert deleted == ["reward-a", "reward-b", "reward-c"] and killed == ["claim-a", "claim-b", "claim-c"]
+    assert not {"reward-a", "reward-b", "reward-c"} & serving._HELD_CLAIMS.keys()
+    out = capsys.readouterr().out
+    assert ("could not delete reward app 'reward-a' (RuntimeError: the Serve controller did not answer); delete it "
+            "with `serve.delete('reward-a')`") in out
+    assert "could not release the claim on reward app name 'reward-b' (ConnectionError: Ray is shutting down)" in out
