@@ -32,7 +32,10 @@ def encode_request(images: torch.Tensor | None = None, prompts: Sequence[str] = 
     """The JSON body of a POST /score request (images as .npy, or PNG files' bytes)."""
     body: dict = {"prompts": list(prompts), "grad": grad}
     if images is not None:
-        body["images_npy"] = _b64_npy(images.detach().cpu().numpy())
+        images = images.detach().cpu()
+        if images.dtype == torch.bfloat16:  # numpy has no bfloat16 (float16 it has: sent as it is, half the bytes)
+            images = images.float()
+        body["images_npy"] = _b64_npy(images.numpy())
     body["images_png"] = [base64.b64encode(data).decode() for data in png]
     return body
 

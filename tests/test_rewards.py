@@ -426,6 +426,17 @@ def test_http_codec_round_trips_npy_and_png_and_never_unpickles(monkeypatch):
     assert answer["scores"][0] == 1.0 and torch.isnan(answer["scores"][1]) and answer["grads"].shape == (2, 3, 2, 2)
 
 
+def test_http_requests_carry_half_precision_images():
+    """A generator's images are often bfloat16, which numpy lacks: sent as float32; float16 goes as it is."""
+    images = _images(2)
+    for dtype, sent in ((torch.bfloat16, np.float32), (torch.float16, np.float16)):
+        body = http.encode_request(images.to(dtype), PROMPTS[:2])
+        assert http.load_npy(base64.b64decode(body["images_npy"])).dtype == sent
+        decoded = http.decode_images(http.ScoreRequest(**body))
+        assert decoded.dtype == torch.float32
+        torch.testing.assert_close(decoded, images.to(dtype).float(), rtol=0, atol=0)
+
+
 def _encoded(array: np.ndarray, fmt: str) -> bytes:
     from PIL import Image
 
