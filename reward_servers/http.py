@@ -8,6 +8,7 @@ the data)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import math
@@ -87,21 +88,36 @@ def max_body_bytes(max_pixels: int) -> int:
     return max_pixels * 32 + 2**20
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """A request's body, refused (413) as soon as it is known to be larger than `max_bytes`: by its
-    Content-Length, or while it streams in."""
+def check_declared_size(request, max_bytes: int) -> None:
+    """413 for a request whose Content-Length is larger than `max_bytes`, from its headers alone: called
+    before the request waits for anything, so one refused for its size holds nothing."""
     from fastapi import HTTPException
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HTTPException(status_code=413, detail=_too_large(max_bytes))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise HTTPException(status_code=413, detail=_too_large(max_bytes))
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+
+async def read_body(request, max_bytes: int, deadline_s: float) -> bytes:
+    """A request's body, refused (413) once more than `max_bytes` have streamed in (a body sent without a
+    Content-Length, or longer than it said), or (408) when it has not arrived whole within `deadline_s`: a
+    client that sends slowly would otherwise hold one of a replica's few HTTP slots for as long as it likes."""
+    from fastapi import HTTPException
+
+    async def streamed() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise HTTPException(status_code=413, detail=_too_large(max_bytes))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(streamed(), deadline_s)
+    except asyncio.TimeoutError:
+        raise HTTPException(status_code=408, detail=f"the request body did not arrive within {deadline_s:g} s: send it "
+                                                    "faster, or fewer or smaller images per request") from None
 
 
 def _too_large(max_bytes: int) -> str:

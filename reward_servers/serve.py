@@ -34,9 +34,11 @@ from .registry import load_reward_model
 
 http_app = FastAPI(title="dmdr_rl reward server")
 # HTTP requests a replica reads, decodes and scores at once: each may hold a body of up to 32 bytes a pixel of
-# serve.http_max_pixels (512 MiB at the default) and its decoded images, and a replica takes up to 64 requests
-# at once; the others wait their turn (requests through Ray handles, the trainer's, are not counted)
+# serve.http_max_pixels (512 MiB at the default) and its decoded images. One more is answered 503 at once, not
+# left waiting: a waiting request holds one of the replica's max_ongoing_requests, which the trainer's calls
+# through Ray handles (not counted here) need too
 HTTP_REQUESTS_AT_ONCE = 4
+HTTP_BODY_DEADLINE_S = 60.0  # for a request's body to arrive whole once it has its slot (else a 408)
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -55,6 +57,7 @@ class RewardServer:
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.http_max_pixels = http_max_pixels
         self.http_slots = asyncio.Semaphore(HTTP_REQUESTS_AT_ONCE)
+        self.http_body_deadline_s = HTTP_BODY_DEADLINE_S
         self.calls = self.images = self.max_batch_images = 0
 
     def info(self) -> dict:
@@ -125,11 +128,17 @@ class RewardServer:
 
     @http_app.post("/score")
     async def score_http(self, raw: Request) -> dict:
-        async with self.http_slots:  # a bounded number of bodies and decoded images in memory at once
-            return await self._score_http(raw)
+        max_bytes = http.max_body_bytes(self.http_max_pixels)
+        http.check_declared_size(raw, max_bytes)  # (a request refused for its size never takes a slot)
+        if self.http_slots.locked():
+            raise HTTPException(status_code=503, headers={"Retry-After": "1"},
+                                detail=f"the reward app is scoring {HTTP_REQUESTS_AT_ONCE} HTTP requests, as many as it "
+                                       "takes at once: retry after Retry-After seconds, or send fewer requests at once")
+        async with self.http_slots:  # (taken without waiting) a bounded number of bodies and images in memory at once
+            return await self._score_http(raw, max_bytes)
 
-    async def _score_http(self, raw: Request) -> dict:
-        body = await http.read_body(raw, http.max_body_bytes(self.http_max_pixels))  # bounded before it is parsed
+    async def _score_http(self, raw: Request, max_bytes: int) -> dict:
+        body = await http.read_body(raw, max_bytes, self.http_body_deadline_s)  # bounded before it is parsed
         try:  # off the event loop too: a large body takes a while to parse
             request = await asyncio.to_thread(http.ScoreRequest.model_validate_json, body)
         except ValidationError as err:

@@ -672,23 +672,29 @@ def _replica_without_serve(model):
     server = object.__new__(RewardServer.func_or_class)
     server.model, server.max_images, server.http_max_pixels = model, None, 2**20
     server.http_slots = asyncio.Semaphore(serve_module.HTTP_REQUESTS_AT_ONCE)
+    server.http_body_deadline_s = serve_module.HTTP_BODY_DEADLINE_S
     server.calls = server.images = server.max_batch_images = 0
     return server
 
 
-async def _post(server, body: bytes):
+async def _post(server, body: bytes, receive=None, declared: int | None = None):
     from starlette.requests import Request
 
-    async def receive():
+    async def whole_body():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return await server.score_http(Request({"type": "http", "method": "POST", "headers": headers}, receive))
+    length = str(len(body) if declared is None else declared).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", length)]
+    return await server.score_http(Request({"type": "http", "method": "POST", "headers": headers}, receive or whole_body))
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
 def test_a_replica_reads_decodes_and_scores_a_bounded_number_of_http_requests_at_once():
-    """Each request may hold a body of hundreds of MB and its decoded images: the rest wait their turn."""
+    """Each request may hold a body of hundreds of MB and its decoded images. One more is answered 503 at once,
+    not left waiting in one of the replica's max_ongoing_requests, which the trainer's handle calls need too;
+    and a body too large for the pixel limit is a 413 from its Content-Length, busy or not."""
+    from fastapi import HTTPException
+
     from reward_servers import serve as serve_module
 
     at_once, most, release = 0, 0, asyncio.Event()
@@ -704,21 +710,48 @@ def test_a_replica_reads_decodes_and_scores_a_bounded_number_of_http_requests_at
 
     server._score_batch = held
     body = json.dumps(http.encode_request(_images(2), PROMPTS[:2])).encode()
+    slots = serve_module.HTTP_REQUESTS_AT_ONCE
 
     async def many():
-        posts = [asyncio.create_task(_post(server, body)) for _ in range(3 * serve_module.HTTP_REQUESTS_AT_ONCE)]
+        admitted = [asyncio.create_task(_post(server, body)) for _ in range(slots)]
         for _ in range(200):  # until every admitted request has reached the model
             await asyncio.sleep(0.01)
-            if at_once == serve_module.HTTP_REQUESTS_AT_ONCE:
+            if at_once == slots:
                 break
-        await asyncio.sleep(0.05)
-        admitted = at_once
+        refused = await asyncio.gather(*(_post(server, body) for _ in range(2 * slots)), return_exceptions=True)
+        too_large = await asyncio.gather(_post(server, b"", declared=http.max_body_bytes(server.http_max_pixels) + 1),
+                                         return_exceptions=True)
         release.set()
-        return admitted, await asyncio.gather(*posts)
+        return await asyncio.gather(*admitted), refused, too_large[0]
 
-    admitted, answers = asyncio.run(many())
-    assert admitted == serve_module.HTTP_REQUESTS_AT_ONCE == most  # the others waited, none was refused
-    assert len(answers) == 3 * serve_module.HTTP_REQUESTS_AT_ONCE and all(len(a["scores"]) == 2 for a in answers)
+    answers, refused, too_large = asyncio.run(asyncio.wait_for(many(), 60))
+    assert most == slots and len(answers) == slots and all(len(a["scores"]) == 2 for a in answers)
+    assert all(isinstance(r, HTTPException) and r.status_code == 503 and r.headers == {"Retry-After": "1"}
+               and "retry after Retry-After seconds" in r.detail for r in refused)
+    assert isinstance(too_large, HTTPException) and too_large.status_code == 413
+    assert asyncio.run(_post(server, body))["scores"] is not None  # the slots are free again
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_slot():
+    from fastapi import HTTPException
+
+    from reward_servers import serve as serve_module
+
+    server = _replica_without_serve(load_reward_model("toy-align"))
+    server.http_body_deadline_s = 0.2
+
+    async def trickle():  # a first chunk, then nothing more
+        trickle.calls += 1
+        if trickle.calls == 1:
+            return {"type": "http.request", "body": b'{"prompts": ', "more_body": True}
+        await asyncio.sleep(3600)
+
+    trickle.calls = 0
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(asyncio.wait_for(_post(server, b"", receive=trickle, declared=1000), 30))
+    assert err.value.status_code == 408 and "did not arrive within 0.2 s" in err.value.detail
+    assert not server.http_slots.locked() and server.http_slots._value == serve_module.HTTP_REQUESTS_AT_ONCE
 
 
 def test_an_image_without_pixels_is_a_clear_input_error():
