@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import signal
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -275,7 +276,9 @@ def continues_in(out: Path, checkpoint: Path) -> bool:
 
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
     """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
-    sets an earlier run's files aside and must not mix its records with another run's in the store."""
+    sets an earlier run's files aside and must not mix its records with another run's in the store. A run
+    refused here leaves no directory it made (nor one holding only its lock file)."""
+    made = not out.exists()
     store = open_store(cfg.store.url, out, cfg.name)  # (a Redis that does not answer stops it before `out` is made)
     try:
         store.run_lock = RunLock(out)  # (released by store.close()) one training run in a directory at a time
@@ -289,6 +292,8 @@ def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
         write_run_config(cfg, out)
     except BaseException:
         store.close()
+        if made and out.is_dir() and {path.name for path in out.iterdir()} <= {RunLock.NAME}:
+            shutil.rmtree(out)
         raise
     return store
 

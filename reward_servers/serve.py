@@ -48,10 +48,10 @@ class RewardServer:
 
     def __init__(self, name: str, kwargs: dict[str, Any] | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005, threads: int | None = None, http_max_pixels: int = 2**24,
-                 max_images_per_call: int | None = None):
+                 max_images_per_call: int | None = None, where: str = "rewards[]"):
         if threads:
             torch.set_num_threads(threads)
-        self.model = load_reward_model(name, kwargs)
+        self.model = load_reward_model(name, kwargs, where)  # (`where`: the config entry its errors name)
         self.max_images = max_images_per_call
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -160,8 +160,9 @@ class RewardServer:
         return self.info()
 
 
-def reward_app(spec: RewardSpec):
-    """The Serve application of one reward spec (deployment options from `spec.serve`)."""
+def reward_app(spec: RewardSpec, where: str = "rewards[]"):
+    """The Serve application of one reward spec (deployment options from `spec.serve`); `where`: the config
+    entry (rewards.N) a replica's load errors name."""
     s = spec.serve
     actor_options: dict[str, Any] = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
     if s.runtime_env:
@@ -175,7 +176,7 @@ def reward_app(spec: RewardSpec):
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, max_ongoing_requests=ongoing,
                                 **options).bind(
         spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
-        spec.max_images_per_call)
+        spec.max_images_per_call, where)
 
 
 def build_app(args: dict):
@@ -221,7 +222,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
             started.append(spec.app_name)
             begun = time.time()
             try:
-                serve.run(reward_app(spec), name=spec.app_name, route_prefix=f"/{spec.app_name}")
+                serve.run(reward_app(spec, f"rewards.{i}"), name=spec.app_name, route_prefix=f"/{spec.app_name}")
             except Exception as err:
                 cause = _deployment_messages(spec.app_name)  # (before the app is deleted)
                 raise RewardServerError(f"reward app {spec.app_name!r} ({spec.name}) failed to start: "
@@ -257,7 +258,7 @@ def claim_app(app: str, where: str, owner: str) -> None:
             raise
         raise RewardInputError(f"reward app {app!r} is being started or served by another run ({holder}). Runs that "
                                f"share one app: deploy it once on its own (`serve deploy`) and set {where}.serve.attach=true "
-                               f"in each (an app a run started ends with that run); else set {where}.serve.app to a name "
+                               f"in each (an app a run started ends with that run, unless its driver is killed with SIGKILL); else set {where}.serve.app to a name "
                                "of this run's own") from err
     _HELD_CLAIMS[app] = claim
 

@@ -89,6 +89,12 @@ def test_a_reward_whose_constructor_raises_is_named_by_its_entry_with_its_own_er
                                                 r"threshold 2 is outside \(0, 1\) .*rewards.1.kwargs\)$") as err:
         build_rewards(cfg)  # (the one place every placement's rewards are built from: load_reward_model)
     assert isinstance(err.value.__cause__, ValueError) and err.value.__cause__.__traceback__ is not None
+    # a served reward's replica says the same, for the entry its run deployed it from
+    from reward_servers.serve import reward_app
+
+    app = reward_app(cfg.rewards[1].model_copy(update={"placement": "serve"}), "rewards.1")._bound_deployment
+    with pytest.raises(RewardBuildError, match=r"^rewards.1 \(tests.test_rewards:_Refuses\) could not be built"):
+        _server_class()(*app.init_args, **app.init_kwargs)  # the replica's constructor, without Serve
 
 
 class _NotDifferentiable(_NoFlag):
@@ -624,11 +630,8 @@ def test_clip_score_is_pickscores_cosine_without_the_logit_scale(tiny_clip_dir, 
     torch.testing.assert_close(clip.score(images, PROMPTS) * scale, pickscore.score(images, PROMPTS))
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")  # Serve's wrapper, never run
 def test_a_replica_scores_gradient_and_score_only_requests_apart_and_in_chunks(pickscore):
-    from reward_servers.serve import RewardServer
-
-    server = object.__new__(RewardServer.func_or_class)  # the replica's logic, without Serve
+    server = object.__new__(_server_class())  # the replica's logic, without Serve
     server.model, server.max_images, server.calls, server.images = pickscore, 2, 0, 0
     images = [_images(3, seed) for seed in range(3)]
     prompts = [PROMPTS[:3]] * 3
@@ -648,7 +651,6 @@ class _FailingModel:
         raise RuntimeError("CUDA out of memory (raised on purpose)\nTried to allocate 2.00 GiB")
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")  # Serve's wrapper, never run
 def test_a_model_that_fails_over_http_is_a_500_naming_the_model_and_its_error():
     from fastapi import HTTPException
 
@@ -664,12 +666,19 @@ def test_a_model_that_fails_over_http_is_a_500_naming_the_model_and_its_error():
     assert err.value.detail == "reward model 'failing' failed: RuntimeError: CUDA out of memory (raised on purpose)"
 
 
+def _server_class():
+    """The replica's class under Serve's HTTP ingress wrapper (whose constructor and __del__ are coroutines,
+    which only Serve runs)."""
+    from reward_servers.serve import RewardServer
+
+    return RewardServer.func_or_class.__mro__[1]
+
+
 def _replica_without_serve(model):
     """The replica's logic, without Serve."""
     from reward_servers import serve as serve_module
-    from reward_servers.serve import RewardServer
 
-    server = object.__new__(RewardServer.func_or_class)
+    server = object.__new__(_server_class())
     server.model, server.max_images, server.http_max_pixels = model, None, 2**20
     server.http_slots = asyncio.Semaphore(serve_module.HTTP_REQUESTS_AT_ONCE)
     server.http_body_deadline_s = serve_module.HTTP_BODY_DEADLINE_S
@@ -688,7 +697,6 @@ async def _post(server, body: bytes, receive=None, declared: int | None = None):
     return await server.score_http(Request({"type": "http", "method": "POST", "headers": headers}, receive or whole_body))
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
 def test_a_replica_reads_decodes_and_scores_a_bounded_number_of_http_requests_at_once():
     """Each request may hold a body of hundreds of MB and its decoded images. One more is answered 503 at once,
     not left waiting in one of the replica's max_ongoing_requests, which the trainer's handle calls need too;
@@ -732,7 +740,6 @@ def test_a_replica_reads_decodes_and_scores_a_bounded_number_of_http_requests_at
     assert asyncio.run(_post(server, body))["scores"] is not None  # the slots are free again
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")
 def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_slot():
     from fastapi import HTTPException
 

@@ -524,6 +524,10 @@ def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place
     with pytest.raises(StoreError, match="already holds records of a run named 'taken'"):
         open_run_directory(cfg, tmp_path, fresh=True)
     assert (tmp_path / "config.yaml").read_text() == "the earlier run's config\n" and not (tmp_path / "previous").exists()
+    new = tmp_path / "runs" / "new"  # a directory this run would make: not left behind, holding its lock file only
+    with pytest.raises(StoreError, match="already holds records of a run named 'taken'"):
+        open_run_directory(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(new)})}), new, fresh=True)
+    assert not new.exists()
 
 
 def test_two_runs_cannot_start_in_one_directory_or_under_one_name_at_once(tmp_path, redis_server):
