@@ -1450,7 +1450,7 @@ def test_the_driver_passes_a_ctrl_c_on_to_the_learners_or_stops_at_once(tmp_path
         if version == 2 or (case == "starting" and not asked):
             asked.append("signal") if case == "starting" else None
             os.kill(os.getpid(), signal.SIGINT)  # (handled on the main thread, which polls this)
-        return {"version": version, "iteration": 2 * version, "started_step": 0}
+        return {"version": version, "iteration": 2 * version, "started_step": 0, "epoch": 0}
 
     coordinator = _fake_coordinator(progress=progress, close_store=lambda: None, processes=lambda: {"rollout_workers": []},
                                     failure=lambda: None, request_stop=lambda: asked.append("request_stop"))
