@@ -94,6 +94,7 @@ class RolloutCoordinator:
         self.repeated_failure: str | None = None  # set once one recurs ray.same_failure_limit times
         self.stop_asked = False  # the driver was asked to stop: see request_stop
         self.losses: dict = {}  # the last generator step's losses, for the driver's progress bar (see publish)
+        self.learner_down = False  # a learner try failed and the next has not started: see progress
 
     # -- weights ------------------------------------------------------------------------------
     def publish(self, version: int, weights: list, learner_start: int | None = None, losses: dict | None = None) -> int:
@@ -188,6 +189,7 @@ class RolloutCoordinator:
         self.batches.clear()
         self.next_iteration = self.consumed_upto = iteration
         self.requested_since_start = False
+        self.learner_down = False
         self.learner_starts += 1
         return self.learner_starts
 
@@ -221,7 +223,9 @@ class RolloutCoordinator:
         return {"iteration": self.consumed_upto, "version": self.version, "issued_upto": self.next_iteration,
                 "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch,
                 "started_step": self.started_at[1],  # (version > started_step: a step trained since the learner started)
-                "losses": self.losses}
+                "losses": self.losses,
+                # a learner try failed, or another one has begun, and has not started (loading its model) yet
+                "learner_restarting": self.learner_down or 0 < self.learner_starts < self.rank0_registrations}
 
     def request_stop(self) -> None:
         """The driver was asked to stop (Ctrl-C): the learner ends at its next generator step, with
@@ -269,6 +273,7 @@ class RolloutCoordinator:
             self.ledger.append("stale_call", call="learner_failed", rank=rank, learner_start=learner_start,
                                error=error[:500])
             return self.repeated_failure is not None
+        self.learner_down = True  # (until the next try's start: the driver's progress bar says so)
         failure = (where, key or error)
         self.failures_by_try.setdefault(self.try_number, set()).add(failure)
         in_a_row, t = 0, self.try_number

@@ -125,8 +125,9 @@ step gpu_step_512 80 "$py" benchmarks/gpu_step.py --device cuda --resolution 512
 step local 60 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=local trainer.device=cuda trainer.max_steps=20 \
   trainer.cold_start=10 'rewards.0.kwargs={device: cuda}' output.dir="$work/local" output.sample_every=20 \
   output.checkpoint_every=20 --num-images 32
+step activations-1024 45 "$py" benchmarks/activations.py --device cuda --resolution 1024 \
+  --json "$work/activations-1024.json"
 # (the JSONs from here on stay in the archive: the tool brings back 8 files; the numbers print to stdout)
-step activations 45 "$py" benchmarks/activations.py --device cuda --resolution 1024 --json "$work/activations-1024.json"
 step reward_serving_cuda_grad 90 "$py" benchmarks/reward_serving.py --device cuda --rounds 2 --grad \
   --json "$work/reward_serving_cuda_grad.json"
 step gpu_step_1024_grpo 110 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --rl grpo --transitions all \

@@ -194,11 +194,13 @@ class RewardServeSpec(_Section):
     def _serve_takes_it(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
         """Serve's own checks of the values (min_replicas <= max_replicas, numbers) before anything starts, not
         when the app deploys."""
-        config = _serve_autoscaling_config()
-        if value is None or config is None:
+        if value is None:  # (the usual case: Ray Serve is not imported for nothing, 0.8 s)
             return value
-        try:
-            config(**value)
+        config = _serve_autoscaling_config()
+        if config is None:
+            return value
+        try:  # (not its policy: that imports a module of the user's, which may exist only in the app's runtime_env)
+            config(**{key: item for key, item in value.items() if key != "policy"})
         except ValueError as err:  # (pydantic's ValidationError)
             reasons = "; ".join(
                 (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")

@@ -524,18 +524,21 @@ def show_progress(bar, progress: dict) -> None:
     """The bar at the coordinator's `progress`. Its rate and time left count the generator steps trained since
     the learner started: the loading before a launch's first step (or a restarted learner's) would pass for
     one very slow step, and the bar said 14 minutes left of a 1-minute run."""
-    step = max(0, progress["version"])
-    if progress["version"] <= progress["started_step"]:  # no step yet since the learner (re)started
-        bar.n = bar.last_print_n = step
-        bar.last_print_t = time.time()  # (tqdm's clock: the next step's rate is measured from here)
-        bar.set_postfix_str(f"learner restarting from generator step {step}" if progress["epoch"] else
+    started, version = progress["started_step"], progress["version"]
+    if progress.get("learner_restarting") or version <= started:  # no step since the learner (re)started
+        if progress.get("learner_restarting") or version < started:  # loading: the next step is timed from the
+            bar.last_print_t = time.time()  # publish of the weights it starts from (tqdm's clock), not from here
+        if not progress.get("learner_restarting"):  # (until the restarted learner says where it resumes)
+            bar.n = bar.initial = bar.last_print_n = started  # (initial: steps before this launch are not its rate)
+        bar.set_postfix_str("learner restarting (from its last checkpoint)" if progress.get("learner_restarting") else
+                            f"learner restarting from generator step {started}" if progress["epoch"] else
                             "starting: learners and rollout workers load their models", refresh=False)
         bar.refresh()
         return
     # as the local trainer's bar: the losses (the last generator step's, rank 0's shard) and the iteration in
     # training (1-based)
     bar.set_postfix({**progress.get("losses", {}), "iteration": progress["iteration"] + 1}, refresh=False)
-    bar.update(step - bar.n)  # (tqdm's smoothed rate from the steps' own times)
+    bar.update(version - bar.n)  # (tqdm's smoothed rate from the steps' own times)
     bar.refresh()
 
 

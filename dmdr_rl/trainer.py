@@ -6,10 +6,10 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import signal
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -277,7 +277,7 @@ def continues_in(out: Path, checkpoint: Path) -> bool:
 def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
     """The run's directory, config and store, as every trainer starts them: a fresh (not resumed) run first
     sets an earlier run's files aside and must not mix its records with another run's in the store. A run
-    refused here leaves no directory it made (nor one holding only its lock file)."""
+    refused here leaves behind no run directory it made (one holding only its lock file; its parents stay)."""
     made = not out.exists()
     store = open_store(cfg.store.url, out, cfg.name)  # (a Redis that does not answer stops it before `out` is made)
     try:
@@ -291,9 +291,12 @@ def open_run_directory(cfg: RunConfig, out: Path, fresh: bool):
             set_aside_earlier_run(out)
         write_run_config(cfg, out)
     except BaseException:
+        if made:  # (while the lock is held: a run waiting for it would otherwise get a directory deleted under it)
+            with contextlib.suppress(OSError):
+                if {path.name for path in out.iterdir()} <= {RunLock.NAME}:
+                    (out / RunLock.NAME).unlink(missing_ok=True)
+                    out.rmdir()
         store.close()
-        if made and out.is_dir() and {path.name for path in out.iterdir()} <= {RunLock.NAME}:
-            shutil.rmtree(out)
         raise
     return store
 

@@ -129,12 +129,17 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
     """Build a reward model and check that it implements the protocol (a score method and a
     `differentiable` flag); its `name` defaults to the registry name or import path. `where`: the config
     entry (rewards.N), whose `name` / `kwargs` field an error names."""
+    from dmdr_rl.cli import fixable_errors
     from dmdr_rl.config import ConfigError
 
     try:
         model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
-    except ConfigError:  # (a ValueError, but the config's own: it names its field)
+    except fixable_errors():  # they name what to fix themselves (a config field, toy weights to rebuild, ...)
         raise
+    except ImportError as err:  # (not a bug of the model's: a package missing here)
+        raise RewardLoadError(f"{where}: reward model {name!r} needs a package that is not installed here "
+                              f"({type(err).__name__}: {first_line(err)}): install it where the model runs (the "
+                              "HPSv2 models' open_clip: pip install -e '.[rewards]')") from err
     except Exception as err:
         missing = [f"{where}.kwargs.{key}={value!r}" for key, value in (kwargs or {}).items()
                    if key not in MADE_ON_FIRST_USE and isinstance(value, str) and looks_like_a_path(value)

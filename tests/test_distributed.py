@@ -1020,31 +1020,51 @@ def test_a_checkpoint_reports_the_whole_batchs_metrics_at_a_step_that_is_not_log
         "loss/dmd": 0.5}
 
 
-def test_the_progress_bar_times_the_steps_not_the_loading_before_them():
-    """20 s of loading before the first step made a 1-minute run's bar say 14 minutes left: the rate counts
-    from the steps, and the bar says what the wait before them is (a launch's start, a learner's restart)."""
+def test_the_progress_bar_times_the_steps_not_the_loading_before_them(monkeypatch):
+    """30 s of loading before 60-s steps, polled every second: the bar's rate is a step's time from the first
+    step on (the loading once made a 1-minute run's bar say 14 minutes left); it says what the wait before the
+    first step is; a resumed launch shows no rate until it has trained; a learner restart is said as it begins."""
     import io
 
     from tqdm.auto import tqdm
 
     import dmdr_rl.distributed as distributed
 
+    clock = [1000.0]
+    monkeypatch.setattr(distributed.time, "time", lambda: clock[0])
     out = io.StringIO()
-    bar = tqdm(total=40, file=out, desc="train")
-    bar.start_t -= 20.0  # (20 s of loading so far)
-    bar.last_print_t -= 20.0
+    bar = tqdm(total=100, file=out, desc="train")
+    bar._time = lambda: clock[0]  # (tqdm's own clock)
+    bar.start_t = bar.last_print_t = clock[0]
     shown = lambda: out.getvalue().split("\r")[-1]  # noqa: E731
-    distributed.show_progress(bar, {"version": 0, "started_step": 0, "epoch": 0, "iteration": 0})
+
+    def poll(version: int, started: int = 0, epoch: int = 0, **more):
+        distributed.show_progress(bar, {"version": version, "started_step": started, "epoch": epoch,
+                                        "iteration": 5 * max(version, 0), **more})
+        clock[0] += 1.0
+
+    for _ in range(30):  # loading: nothing published yet
+        poll(-1)
     assert "starting: learners and rollout workers load" in shown() and bar.n == 0
-    for step in (1, 2, 3):
-        time.sleep(0.05)
-        distributed.show_progress(bar, {"version": step, "started_step": 0, "epoch": 0, "iteration": 5 * step,
-                                        "losses": {"L_dmd": f"0.4{step}"}})
+    for step in range(3):  # the starting weights published (version 0), then a step a minute
+        for _ in range(60):
+            poll(step, losses={"L_dmd": f"0.4{step}"})
+    poll(3, losses={"L_dmd": "0.43"})
     assert bar.n == 3 and "L_dmd=0.43, iteration=16" in shown()  # (the losses, as the local trainer's bar)
-    assert bar.format_dict["rate"] > 5.0  # about 20 steps a second, not 3 in 20 s
-    assert bar.format_dict["elapsed"] >= 20.0  # (the elapsed time still counts the loading)
-    distributed.show_progress(bar, {"version": 2, "started_step": 2, "epoch": 1, "iteration": 10})
+    assert 50.0 < 1.0 / bar.format_dict["rate"] < 70.0  # about a minute a step: from the first step on
+    assert bar.format_dict["elapsed"] > 200.0  # (the elapsed time still counts the loading)
+
+    poll(3, learner_restarting=True, losses={"L_dmd": "0.43"})  # a learner try failed: said at once
+    assert "learner restarting (from its last checkpoint)" in shown() and bar.n == 3
+    poll(-1, started=2, epoch=1)  # the restored learner started from its checkpoint at step 2
     assert "learner restarting from generator step 2" in shown() and bar.n == 2
+
+    resumed = tqdm(total=1000, file=io.StringIO(), desc="train")
+    resumed._time = lambda: clock[0]
+    resumed.start_t = resumed.last_print_t = clock[0] - 30.0
+    distributed.show_progress(resumed, {"version": -1, "started_step": 500, "epoch": 0, "iteration": 0})
+    assert resumed.n == 500 and resumed.format_dict["rate"] is None  # no rate from the 500 steps of earlier launches
+    assert "?it/s" in tqdm.format_meter(**resumed.format_dict)
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import sys
 import textwrap
 
 import numpy as np
@@ -95,6 +96,22 @@ def test_a_reward_whose_constructor_raises_is_named_by_its_entry_with_its_own_er
     app = reward_app(cfg.rewards[1].model_copy(update={"placement": "serve"}), "rewards.1")._bound_deployment
     with pytest.raises(RewardBuildError, match=r"^rewards.1 \(tests.test_rewards:_Refuses\) could not be built"):
         _server_class()(*app.init_args, **app.init_kwargs)  # the replica's constructor, without Serve
+
+
+def test_a_reward_that_cannot_load_here_says_what_to_fix_in_one_line(monkeypatch):
+    """Missing toy weights and a package not installed are the user's to fix, not the model's bugs: one-line
+    errors (cli.fixable_errors) that say what to do, not a traceback."""
+    from dmdr_rl.cli import fixable_errors
+    from dmdr_rl.toy.weights import ToyWeightsError
+    from reward_servers import RewardLoadError
+
+    with pytest.raises(ToyWeightsError, match="python -m dmdr_rl.toy.build align"):
+        load_reward_model("toy-align", {"path": "/no/such/weights"}, "rewards.0")
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # (an import of it fails: not installed)
+    with pytest.raises(RewardLoadError, match=r"^rewards.1: reward model 'hpsv2.1' needs a package that is not installed "
+                                              r"here \(ModuleNotFoundError: .*open_clip.*pip install -e '.\[rewards\]'") as err:
+        load_reward_model("hpsv2.1", {}, "rewards.1")
+    assert isinstance(err.value, fixable_errors())
 
 
 class _NotDifferentiable(_NoFlag):
