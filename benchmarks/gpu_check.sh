@@ -77,7 +77,10 @@ PY
 } 2>&1 | tee "$out/gpu.txt"
 # Every step below needs these and a GPU: without them each would fail (or fall back to the CPU, and spend
 # the whole budget on an SD3-Medium-shaped step), so stop here and say why
-if ! "$py" -c 'import torch, diffusers, peft, ray, pydantic, dmdr_rl; assert torch.cuda.is_available(), "torch sees no CUDA device"' \
+# (SD3's class imports diffusers' peft integration: the image's peft must be >= 0.18 beside transformers 5.17; 0.17
+# fails to import, as measured on CPU)
+if ! "$py" -c 'import torch, peft, ray, pydantic, dmdr_rl; from diffusers import SD3Transformer2DModel; from peft import LoraConfig
+assert torch.cuda.is_available(), "torch sees no CUDA device"' \
     2>&1 | tee -a "$out/gpu.txt"; then
   echo "== preflight failed: nothing was run (see the error above)"; exit 2
 fi

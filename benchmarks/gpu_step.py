@@ -6,7 +6,7 @@ decode on the learner; the rollout's scores are made once, outside the timing, a
 
     python benchmarks/gpu_step.py                                  # SD3-Medium shape, bf16, 1024 px, batch 2
     python benchmarks/gpu_step.py --resolution 512 --batch 4
-    python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke run of the same code on a CPU
+    python benchmarks/gpu_step.py --shape tiny --device cpu --resolution 64   # a smoke run of the same code on a CPU
     python benchmarks/gpu_step.py --count-only                     # FLOPs per step, counted without a GPU
     python benchmarks/gpu_step.py --rl grpo --transitions all      # the policy-gradient step instead of ReFL's
 

@@ -61,6 +61,7 @@ def test_only_a_hub_id_is_loaded_from_the_cache_alone_and_only_when_the_hub_cann
 
 
 def test_a_hub_reward_offline_loads_from_the_cache_alone_and_the_error_names_the_config_entry(monkeypatch, tmp_path):
+    pytest.importorskip("open_clip")  # (HPSv2's model: the [rewards] extra)
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -270,7 +270,7 @@ def test_client_does_not_retry_bad_requests_and_checks_answers(align):
 
     model_error.calls = 0
     client = RewardClient(model_error, "reward-x", retries=3, backoff_s=0.0)
-    with pytest.raises(RewardServerError, match="reward app 'reward-x' failed in score\(\): ValueError: prompt is not"):
+    with pytest.raises(RewardServerError, match=r"reward app 'reward-x' failed in score\(\): ValueError: prompt is not"):
         client.score(_images(), PROMPTS)
     assert model_error.calls == 1 and client.failed_attempts == 0
 
@@ -331,7 +331,7 @@ def test_retries_back_off_exponentially_up_to_the_cap(monkeypatch):
     assert client.score(_images(), PROMPTS).shape == (4,)
     assert waits == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0] and client.failed_attempts == 6
     transport.calls, transport.failures = 0, 10
-    with pytest.raises(RewardServerError, match="reward app 'reward-toy-align' did not answer score\(\) after 3 attempt"):
+    with pytest.raises(RewardServerError, match=r"reward app 'reward-toy-align' did not answer score\(\) after 3 attempt"):
         RewardClient(transport, "reward-toy-align", retries=2, backoff_s=0.5).score(_images(), PROMPTS)
 
 
@@ -389,6 +389,7 @@ def test_a_reward_without_a_gradient_refuses_images_that_ask_for_one_in_either_p
 
 
 def test_pickscore_matches_clip_with_its_own_processor(tiny_clip_dir, pickscore):
+    pytest.importorskip("torchvision")  # (without it transformers falls back to a PIL processor, which resizes otherwise)
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     images = _images()
