@@ -342,11 +342,21 @@ class DataSection(_Section):
     prompts: str = "toy:held-in"  # toy:<split>, or a .txt/.csv/.parquet/.jsonl file
 
 
+class WandbSpec(_Section):
+    """Weights & Biases logging of the metrics, beside metrics.jsonl and TensorBoard (needs `pip install wandb`)."""
+
+    project: str = Field(min_length=1)
+    entity: Optional[str] = None  # a team or user; null: the logged-in user's default
+    mode: Literal["online", "offline"] = "online"  # offline: written under the run directory, `wandb sync` later
+    tags: list[str] = Field(default_factory=list)
+
+
 class OutputSection(_Section):
     dir: str = Field("runs/{name}", min_length=1)  # {name}: the run's name
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(200, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    wandb: Optional[WandbSpec] = None  # e.g. {project: dmdr}: the same metrics to a W&B run (one per training run)
 
     @field_validator("dir")
     @classmethod

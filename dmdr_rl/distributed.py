@@ -340,9 +340,11 @@ def train_distributed(cfg: RunConfig) -> dict:
     from .prompts import checked_prompt_source
 
     from .learning import optimizer_class
+    from .tracking import require_trackers
 
     checked_prompt_source(cfg)  # a bad prompt file, or prompts the model cannot encode: before Ray starts
     optimizer_class(cfg.trainer.optimizer)  # e.g. adamw8bit without bitsandbytes: here, not in each learner retry
+    require_trackers(cfg)  # (the same: output.wandb without its package)
     if cfg.trainer.resume_from:  # checked here, and made absolute: the learner workers run in another directory
         from .trainer import check_steps_left, checkpoint_generator_step, resume_checkpoint
 

@@ -103,7 +103,8 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
         print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
-          + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else ""))
+          + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else "")
+          + (f", wandb/ (W&B project {cfg.output.wandb.project}, {cfg.output.wandb.mode})" if cfg.output.wandb else ""))
     print(json_text(summary, indent=None), end="")
 
 
@@ -206,10 +207,13 @@ def _missing_packages(cfg) -> list[str]:
     """Optional packages the config needs that this machine lacks (the cluster's machines may have them)."""
     from importlib.util import find_spec
 
+    from .tracking import wandb_missing
+
+    missing = [wandb_missing(cfg)]
     if cfg.trainer.optimizer == "adamw8bit" and find_spec("bitsandbytes") is None:
-        return ["trainer.optimizer=adamw8bit needs bitsandbytes, which is not installed here: install it where the "
-                "learner runs (`pip install bitsandbytes`, CUDA machines), or set trainer.optimizer=adamw"]
-    return []
+        missing.append("trainer.optimizer=adamw8bit needs bitsandbytes, which is not installed here: install it where "
+                       "the learner runs (`pip install bitsandbytes`, CUDA machines), or set trainer.optimizer=adamw")
+    return [note for note in missing if note is not None]
 
 
 def continue_hint(preset: str, overrides: list[str], since: float) -> str:

@@ -110,7 +110,8 @@ def _connect_url(url: str) -> str:
 
 # what a run leaves in its directory: its streams (files store), config and outputs
 RUN_FILES = ("metrics.jsonl", "ledger.jsonl", "events.jsonl", "store-unflushed.jsonl", "config.yaml",
-             "checkpoints", "samples", "eval", "tensorboard", "ray_train", "train_summary.json", "train_partial.json")
+             "checkpoints", "samples", "eval", "tensorboard", "wandb", "ray_train", "train_summary.json",
+             "train_partial.json")
 
 
 @contextmanager

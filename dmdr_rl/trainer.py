@@ -31,16 +31,19 @@ from .seeds import image_seeds
 from .samples import write_samples
 from .store import (EARLIER_RUNS, RunLock, directory_written_whole, open_store, readable_as_umask_allows, run_events,
                     set_aside_earlier_run, write_text_whole)
+from .tracking import open_wandb_run, require_trackers
 
 GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
 
 
 class MetricsLog:
-    """Per-step metrics to the run store (`metrics.jsonl` or Redis) and, when available, TensorBoard."""
+    """Per-step metrics to the run store (`metrics.jsonl` or Redis), when available TensorBoard, and with
+    `output.wandb` (`cfg` given) a Weights & Biases run."""
 
-    def __init__(self, directory: Path, store):
+    def __init__(self, directory: Path, store, cfg: RunConfig | None = None):
         self.store = store  # (owned from here on: closed by close(), or at once if this fails)
+        self.tensorboard = self.wandb = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
             try:
@@ -48,9 +51,11 @@ class MetricsLog:
 
                 self.tensorboard = SummaryWriter(str(directory / "tensorboard"))
             except ImportError:  # tensorboard is an optional extra
-                self.tensorboard = None
+                pass
+            if cfg is not None:
+                self.wandb = open_wandb_run(cfg, directory)
         except BaseException:
-            store.close()  # (with it the run's lock, which would otherwise hold the run directory)
+            self.close()  # (the store with the run's lock, which would otherwise hold the run directory)
             raise
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -58,11 +63,15 @@ class MetricsLog:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:  # (a step below one it already has, after a learner's rewind, W&B drops)
+            self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
         self.store.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class StepDuties(NamedTuple):
@@ -142,6 +151,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.out = cfg.output_dir
         self.prompts = checked_prompt_source(cfg)  # first: a bad prompt file fails at once
+        require_trackers(cfg)  # (and a tracker this machine cannot log to, before the models load)
         self.resume = resume_checkpoint(cfg.trainer.resume_from) if cfg.trainer.resume_from else None
         self.backbone = backbone or build_backbone(cfg.model, precision=cfg.trainer.precision,
                                                    device=resolve_device(cfg.trainer.device))
@@ -188,7 +198,7 @@ class LocalTrainer:
             check_steps_left(cfg, self.generator_step)
         fresh = self.generator_step == 0 or (self.resume is not None and not continues_in(self.out, self.resume))
         store = open_run_directory(cfg, self.out, fresh=fresh)
-        log = MetricsLog(self.out, store)
+        log = MetricsLog(self.out, store, cfg)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
         try:
             with run_events(store, backend="local", generator_step=self.generator_step,

@@ -367,7 +367,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
 
     # a restarted learner waits a Redis outage out (else the same error in each try would end the run); the
     # launch's first try stops on it, naming the URL (a store this node cannot reach, say)
-    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name, joining=learner_try > 1)) if rank == 0 else None
+    log = MetricsLog(out, open_store(cfg.store.url, out, cfg.name, joining=learner_try > 1), cfg) if rank == 0 else None
     waited = 0.0
     try:
         while learner.generator_step < cfg.trainer.max_steps:
