@@ -107,6 +107,7 @@ class RolloutCoordinator:
             return self.version
         self.version, self.weights = version, weights  # sent along with each rollout request
         self.losses = losses or {}
+        self.learner_down = False  # (a try that publishes is up: a late failure report of an earlier one is stale)
         # the batches that waited for these weights go out now, not at the learner's next request: the
         # workers sample them while the learner logs, samples grids and writes checkpoints. Not before a
         # try's first request: its ranks' first questions (null conditioning) must not queue behind rollouts

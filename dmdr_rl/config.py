@@ -345,10 +345,28 @@ class DataSection(_Section):
 class WandbSpec(_Section):
     """Weights & Biases logging of the metrics, beside metrics.jsonl and TensorBoard (needs `pip install wandb`)."""
 
-    project: str = Field(min_length=1)
+    project: str = Field(min_length=1, max_length=128)
     entity: Optional[str] = None  # a team or user; null: the logged-in user's default
-    mode: Literal["online", "offline"] = "online"  # offline: written under the run directory, `wandb sync` later
+    # offline: written under the run directory, `wandb sync` later; null: WANDB_MODE, else online
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
     tags: list[str] = Field(default_factory=list)
+
+    @field_validator("project")
+    @classmethod
+    def _a_project_name(cls, value: str) -> str:
+        """W&B refuses these in a project's name, when the run has loaded its models; here, before."""
+        bad = sorted(set(value) & set("/\\#?%:"))
+        if bad:
+            raise ValueError(f"a W&B project name cannot hold {' '.join(bad)}" + (
+                " (a team or user goes in output.wandb.entity)" if "/" in bad else ""))
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _w_and_b_tags(cls, value: list[str]) -> list[str]:
+        if any(not 1 <= len(tag) <= 64 for tag in value):
+            raise ValueError("each W&B tag must be 1 to 64 characters")
+        return value
 
 
 class OutputSection(_Section):

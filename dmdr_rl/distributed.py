@@ -90,7 +90,7 @@ def _join(cfg: RunConfig, address: str) -> None:
     """ray.init on a cluster that runs already, its actors given the run store's password."""
     import ray
 
-    ray.init(address=address, log_to_driver=True, runtime_env=password_runtime_env(cfg))
+    ray.init(address=address, log_to_driver=True, runtime_env=secrets_runtime_env(cfg))
 
 
 # set by Ray's job manager in a submitted job's driver: the job's config, with the runtime_env it was given
@@ -108,18 +108,19 @@ def submitted_job_runtime_env() -> dict | None:
         return {}
 
 
-def password_runtime_env(cfg: RunConfig) -> dict | None:
-    """The run store's password reaches the job's actors (coordinator, learners) the way Ray passes
-    environment variables on a cluster: in the job's runtime_env (the dashboard shows it to whoever may see
-    the job). A submitted job that was given it (--runtime-env-json) already passes it on: giving it again
-    would be a conflict Ray refuses at ray.init."""
-    password = os.environ.get(PASSWORD_ENV)
-    if not (password and cfg.store.url):
-        return None
-    job = submitted_job_runtime_env()
-    if job is not None and PASSWORD_ENV in (job.get("env_vars") or {}):
-        return None
-    return {"env_vars": {PASSWORD_ENV: password}}
+WANDB_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL")  # what a learner on another node needs to log to W&B
+
+
+def secrets_runtime_env(cfg: RunConfig) -> dict | None:
+    """The run store's password (with `store.url`) and W&B's key (with `output.wandb`) reach the job's actors
+    (coordinator, learners) the way Ray passes environment variables on a cluster: in the job's runtime_env
+    (the dashboard shows it to whoever may see the job). One a submitted job was given (--runtime-env-json)
+    it already passes on: giving it again would be a conflict Ray refuses at ray.init."""
+    wanted = ((PASSWORD_ENV,) if cfg.store.url else ()) + (WANDB_ENV if cfg.output.wandb else ())
+    job = submitted_job_runtime_env() or {}
+    env = {name: os.environ[name] for name in wanted
+           if os.environ.get(name) and name not in (job.get("env_vars") or {})}
+    return {"env_vars": env} if env else None
 
 
 def place_job_output(cfg: RunConfig) -> RunConfig:

@@ -104,7 +104,8 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     print(f"Outputs: {out.resolve()}")
     print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
           + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else "")
-          + (f", wandb/ (W&B project {cfg.output.wandb.project}, {cfg.output.wandb.mode})" if cfg.output.wandb else ""))
+          + (f", wandb/ (W&B project {cfg.output.wandb.project}" + (f", {cfg.output.wandb.mode}" if cfg.output.wandb.mode
+                                                                      else "") + ")" if cfg.output.wandb else ""))
     print(json_text(summary, indent=None), end="")
 
 

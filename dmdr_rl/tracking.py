@@ -1,15 +1,18 @@
 """Experiment trackers beside the run store and TensorBoard: Weights & Biases (`output.wandb`).
 
 One W&B run per training run: its id is kept in the run directory (`wandb/run-id`), so a resumed run and a
-restarted Ray learner log to the same W&B run (`resume="allow"`), and a fresh run in the same directory,
-which sets the earlier run's files aside, starts a new one.
+restarted Ray learner log to the same W&B run (`resume="allow"`; offline, each launch writes its own
+`offline-run-*` directory with that id), and a fresh run in the same directory, which sets the earlier
+run's files aside, starts a new one. Logging is the run's side line: a W&B that cannot start (no key, no
+network) is said in one line, and the run trains on with metrics.jsonl and TensorBoard.
 """
 
 from __future__ import annotations
 
+import sys
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -35,7 +38,8 @@ def require_trackers(cfg: RunConfig) -> None:
 
 
 def open_wandb_run(cfg: RunConfig, directory: Path):
-    """The W&B run of the training run in `directory` (resumed by its kept id), or None without `output.wandb`."""
+    """The W&B run of the training run in `directory` (resumed by its kept id); None without `output.wandb`,
+    or when W&B cannot start (said in one line: the run goes on without it)."""
     spec = cfg.output.wandb
     if spec is None:
         return None
@@ -46,10 +50,39 @@ def open_wandb_run(cfg: RunConfig, directory: Path):
     from .trainer import run_config_dump
 
     id_file = directory / "wandb" / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else None
+    run_id = (id_file.read_text().strip() or None) if id_file.exists() else None
     id_file.parent.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=spec.project, entity=spec.entity, name=cfg.name, tags=list(spec.tags), mode=spec.mode,
-                     dir=str(directory), config=run_config_dump(cfg), id=run_id, resume="allow" if run_id else None)
+    try:
+        run = wandb.init(project=spec.project, entity=spec.entity, name=cfg.name, tags=list(spec.tags),
+                         dir=str(directory), config=_shareable(run_config_dump(cfg)), id=run_id,
+                         resume="allow" if run_id else None,
+                         **({"mode": spec.mode} if spec.mode else {}),  # (else WANDB_MODE, or online)
+                         reinit="create_new",  # (a caller's own active run is neither reused nor finished)
+                         settings=wandb.Settings(x_disable_meta=_password_in_argv(cfg)))
+    except Exception as err:  # noqa: BLE001 - no key, no network, a refused project: the training goes on
+        print(f"dmdr_rl: WARNING: output.wandb: W&B could not start ({type(err).__name__}: {err}); the run goes on "
+              "without it (metrics.jsonl and TensorBoard have every metric)", flush=True)
+        return None
     if run_id is None:
         write_text_whole(id_file, run.id + "\n")
     return run
+
+
+def _shareable(config: Any) -> Any:
+    """The run's config as a third-party service may see it: the values of runtime_env env_vars (a reward
+    app's HF_TOKEN, say) left out. (The store password is already redacted in it.)"""
+    if isinstance(config, dict):
+        return {key: ({name: "<redacted>" for name in value} if key == "env_vars" and isinstance(value, dict)
+                      else _shareable(value)) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_shareable(item) for item in config]
+    return config
+
+
+def _password_in_argv(cfg: RunConfig) -> bool:
+    """W&B records the command line with the run: not where it carries the store's password (`store.url=
+    redis://:PASSWORD@...`); its system metadata is left out then."""
+    from urllib.parse import urlparse
+
+    password = urlparse(cfg.store.url).password if cfg.store.url else None
+    return bool(password) and any(password in arg for arg in sys.argv)

@@ -66,12 +66,16 @@ class MetricsLog:
         if self.wandb is not None:  # (a step below one it already has, after a learner's rewind, W&B drops)
             self.wandb.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.store.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run ended with an error (W&B marks it so). The store closes last, whatever happens
+        before: it releases the run directory's lock, which must outlive what still writes there."""
+        try:
+            if self.wandb is not None:
+                self.wandb.finish(exit_code=1 if failed else 0)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        finally:
+            self.store.close()
 
 
 class StepDuties(NamedTuple):
@@ -225,7 +229,7 @@ class LocalTrainer:
                 stop.finished_anyway()
         finally:
             bar.close()
-            log.close()
+            log.close(failed=sys.exc_info()[0] is not None)  # (the exception on its way out, if any)
         return {"output_dir": str(self.out), "generator_steps": self.generator_step, "iterations": self.iteration}
 
     def sample(self, prompts: Sequence[str], seed: int | Sequence[int]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -401,7 +402,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
                 break
     finally:
         if log is not None:
-            log.close()
+            log.close(failed=sys.exc_info()[0] is not None)  # (the exception on its way out, if any)
 
 
 def stop_requested(coordinator, rank: int, world: int, device) -> bool:

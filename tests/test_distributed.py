@@ -476,20 +476,25 @@ def test_a_batch_of_a_generator_version_the_learner_may_not_train_on_is_refused(
 
 
 def test_a_submitted_jobs_password_and_output_directory(tmp_path, monkeypatch):
-    from dmdr_rl.distributed import JOB_CONFIG_ENV, password_runtime_env, place_job_output
+    from dmdr_rl.config import WandbSpec
+    from dmdr_rl.distributed import JOB_CONFIG_ENV, place_job_output, secrets_runtime_env
     from dmdr_rl.store import PASSWORD_ENV
 
     cfg = _config(tmp_path, **{"store.url": "redis://127.0.0.1:6380/0"})
     relative = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": "runs/{name}"})})
     monkeypatch.setenv(PASSWORD_ENV, "s3cret")
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
-    assert password_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}  # ray.init(address=...) passes it on
+    assert secrets_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}  # ray.init(address=...) passes it on
     assert place_job_output(relative) is relative  # not a submitted job: relative to where it is started
     # a submitted job given the password in its runtime_env: passing it again is a conflict ray.init refuses
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {PASSWORD_ENV: "s3cret"}}}))
-    assert password_runtime_env(cfg) is None
+    assert secrets_runtime_env(cfg) is None
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
-    assert password_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}
+    assert secrets_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}
+    monkeypatch.setenv("WANDB_API_KEY", "k3y")  # W&B's key too, where the run logs to W&B
+    logged = cfg.model_copy(update={"output": cfg.output.model_copy(update={"wandb": WandbSpec(project="p")})})
+    assert secrets_runtime_env(cfg) == {"env_vars": {PASSWORD_ENV: "s3cret"}}
+    assert secrets_runtime_env(logged) == {"env_vars": {PASSWORD_ENV: "s3cret", "WANDB_API_KEY": "k3y"}}
     assert place_job_output(cfg) is cfg  # absolute
     # relative in a submitted job (whose directory is Ray's temporary copy): under the home directory instead
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -4,27 +4,31 @@ and without it): one W&B run per training run, resumed by its kept id, with the 
 import importlib.machinery
 import importlib.util
 import json
+import sys
 import types
 
 import pytest
 
-from dmdr_rl.config import ConfigError, load_config
 from conftest import tiny_run
+from dmdr_rl.config import ConfigError, load_config
 
 
 class _FakeWandb(types.ModuleType):
-    """The calls dmdr_rl makes: init(...) -> a run with .id, .log(metrics, step=), .finish()."""
+    """The calls dmdr_rl makes: init(...) -> a run with .id, .log(metrics, step=), .finish(exit_code=)."""
 
-    def __init__(self):
+    def __init__(self, fails: bool = False):
         super().__init__("wandb")
         self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # (found by importlib.util.find_spec)
-        self.inits, self.runs = [], []
+        self.inits, self.runs, self.fails = [], [], fails
+        self.Settings = lambda **settings: settings
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
-        run = types.SimpleNamespace(id=kwargs["id"] or f"run{len(self.runs)}", logged=[], finished=False)
+        if self.fails:
+            raise RuntimeError("api_key not configured (no-tty)")
+        run = types.SimpleNamespace(id=kwargs["id"] or f"run{len(self.runs)}", logged=[], exit_code=None)
         run.log = lambda metrics, step: run.logged.append((step, dict(metrics)))
-        run.finish = lambda: setattr(run, "finished", True)
+        run.finish = lambda exit_code=None: setattr(run, "exit_code", exit_code)
         self.runs.append(run)
         return run
 
@@ -37,16 +41,19 @@ def test_a_run_logs_its_metrics_to_one_wandb_run_which_a_resumed_run_continues(t
     from dmdr_rl.trainer import LocalTrainer
 
     wandb = _FakeWandb()
-    monkeypatch.setitem(__import__("sys").modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     out = tmp_path / "run"
-    overrides = tiny_run(f"output.dir={out}", "output.wandb={project: dmdr-tests, mode: offline, tags: [toy]}")
+    overrides = tiny_run(f"output.dir={out}", "output.wandb={project: dmdr-tests, mode: offline, tags: [toy]}",
+                         "rewards.0.serve.runtime_env={env_vars: {HF_TOKEN: t0k3n}}")
     LocalTrainer(load_config("toy-dmdr", overrides)).train()
     first = wandb.inits[0]
-    assert {k: first[k] for k in ("project", "name", "mode", "tags", "id", "resume")} == {
-        "project": "dmdr-tests", "name": "toy-dmdr", "mode": "offline", "tags": ["toy"], "id": None, "resume": None}
+    assert {k: first[k] for k in ("project", "name", "mode", "tags", "id", "resume", "reinit", "settings")} == {
+        "project": "dmdr-tests", "name": "toy-dmdr", "mode": "offline", "tags": ["toy"], "id": None, "resume": None,
+        "reinit": "create_new", "settings": {"x_disable_meta": False}}  # (a caller's own active run: left alone)
     assert first["dir"] == str(out) and first["config"]["output"]["wandb"]["project"] == "dmdr-tests"
+    assert first["config"]["rewards"][0]["serve"]["runtime_env"] == {"env_vars": {"HF_TOKEN": "<redacted>"}}
     logged = wandb.runs[0].logged
-    assert [step for step, _ in logged] == [1, 2] and wandb.runs[0].finished
+    assert [step for step, _ in logged] == [1, 2] and wandb.runs[0].exit_code == 0
     assert [{"step": step, **values} for step, values in logged] == [
         {k: v for k, v in row.items() if k not in ("id", "time")} for row in _metrics(out)]  # metrics.jsonl's
     assert (out / "wandb" / "run-id").read_text().strip() == "run0"
@@ -54,14 +61,53 @@ def test_a_run_logs_its_metrics_to_one_wandb_run_which_a_resumed_run_continues(t
     resumed = load_config("toy-dmdr", [*overrides, "trainer.max_steps=4", f"trainer.resume_from={out}"])
     LocalTrainer(resumed).train()
     assert (wandb.inits[1]["id"], wandb.inits[1]["resume"]) == ("run0", "allow")  # the same W&B run, continued
-    assert [step for step, _ in wandb.runs[1].logged] == [3, 4]
+    assert [step for step, _ in wandb.runs[1].logged] == [3, 4] and wandb.runs[1].exit_code == 0
 
-    LocalTrainer(load_config("toy-dmdr", overrides)).train()  # a fresh run in the directory: a W&B run of its own
+    fresh = load_config("toy-dmdr", [*overrides, "output.wandb.mode=null"])
+    LocalTrainer(fresh).train()  # a fresh run in the directory: a W&B run of its own
     assert wandb.inits[2]["id"] is None and (out / "wandb" / "run-id").read_text().strip() == "run2"
+    assert "mode" not in wandb.inits[2]  # (null: W&B's own choice, WANDB_MODE or online)
     assert [p.name for p in (out / "previous").iterdir() if (p / "wandb" / "run-id").exists()]  # (set aside with the rest)
 
 
-def test_output_wandb_without_its_package_is_refused_before_the_models_load(tmp_path, monkeypatch, capsys):
+def test_a_failed_run_is_marked_so_and_a_wandb_that_cannot_start_does_not_stop_training(tmp_path, monkeypatch, capsys):
+    from dmdr_rl.trainer import LocalTrainer
+
+    wandb = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    cfg = load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'a'}", "output.wandb={project: p}"))
+    trainer = LocalTrainer(cfg)
+    monkeypatch.setattr(trainer, "train_iteration", lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        trainer.train()
+    assert wandb.runs[0].exit_code == 1  # (W&B shows the run failed, not finished)
+
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(fails=True))  # no key, no network, ...
+    cfg = load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'b'}", "output.wandb={project: p}"))
+    assert LocalTrainer(cfg).train()["generator_steps"] == 2
+    assert "output.wandb: W&B could not start (RuntimeError: api_key not configured" in capsys.readouterr().out
+    assert len(_metrics(tmp_path / "b")) == 2 and not (tmp_path / "b" / "wandb" / "run-id").exists()
+
+
+def test_a_store_password_on_the_command_line_keeps_w_and_bs_metadata_off(monkeypatch):
+    from dmdr_rl.tracking import _password_in_argv
+
+    cfg = load_config("toy-dmdr", ["store.url=redis://:s3cret@127.0.0.1:6380/0", "output.wandb={project: p}"])
+    monkeypatch.setattr(sys, "argv", ["dmdr-rl", "store.url=redis://:s3cret@127.0.0.1:6380/0"])
+    assert _password_in_argv(cfg)  # W&B would record the command line
+    monkeypatch.setattr(sys, "argv", ["dmdr-rl", "--preset", "run/config.yaml"])
+    assert not _password_in_argv(cfg)
+
+
+def test_w_and_b_names_it_would_refuse_are_config_errors():
+    with pytest.raises(ConfigError, match=r"output.wandb.project: a W&B project name cannot hold / \(a team or user "
+                                          r"goes in output.wandb.entity\)"):
+        load_config("toy-dmdr", ["output.wandb={project: team/dmdr}"])
+    with pytest.raises(ConfigError, match="output.wandb.tags: each W&B tag must be 1 to 64 characters"):
+        load_config("toy-dmdr", ["output.wandb={project: p, tags: ['']}"])
+
+
+def test_output_wandb_without_its_package_is_refused_before_the_models_load(tmp_path, monkeypatch):
     import dmdr_rl.tracking as tracking
     from dmdr_rl import run
     from dmdr_rl.trainer import LocalTrainer
