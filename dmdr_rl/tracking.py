@@ -81,8 +81,9 @@ def _shareable(config: Any) -> Any:
 
 def _password_in_argv(cfg: RunConfig) -> bool:
     """W&B records the command line with the run: not where it carries the store's password (`store.url=
-    redis://:PASSWORD@...`); its system metadata is left out then."""
-    from urllib.parse import urlparse
+    redis://:PASSWORD@...`, or its `password=` field: what `redact_url` hides); its system metadata is left
+    out then."""
+    from .store import redact_url
 
-    password = urlparse(cfg.store.url).password if cfg.store.url else None
-    return bool(password) and any(password in arg for arg in sys.argv)
+    url = cfg.store.url
+    return bool(url) and redact_url(url) != url and any(url in arg for arg in sys.argv)

@@ -215,8 +215,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
                     "(`serve deploy`), or left over from a run whose driver was killed (SIGKILL) before it could delete "
                     "it. " + (f"Set rewards.{i}.serve.attach=true to use it, or delete it" if state in ATTACHABLE
                               else "Delete it")
-                    + f" with `serve.delete({spec.app_name!r})` (`serve shutdown` deletes every app), or set "
-                      f"rewards.{i}.serve.app to another name")
+                    + f" with {_by_hand(spec.app_name)}, or set rewards.{i}.serve.app to another name")
             # counted as started before it is deployed: a failed start, or a Ctrl-C or SIGTERM during a slow one,
             # deletes it below (an app left behind would run with no owner and block the next run's start)
             started.append(spec.app_name)
@@ -332,8 +331,13 @@ def stop_reward_apps(names: list[str]) -> None:
             serve.delete(name)
         except Exception as err:  # noqa: BLE001 - warn and go on with the others
             print(f"dmdr_rl: warning: could not delete reward app {name!r} ({type(err).__name__}: {first_line(err)}); "
-                  f"delete it with `serve.delete({name!r})` (`serve shutdown` deletes every app)", flush=True)
+                  f"delete it with {_by_hand(name)}", flush=True)
     release_claims(names)
+
+
+def _by_hand(app: str) -> str:
+    """How a user deletes a reward app that no run will."""
+    return f"`serve.delete({app!r})` (`serve shutdown` deletes every app)"
 
 
 @contextmanager
