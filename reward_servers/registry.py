@@ -95,7 +95,7 @@ def _why_not_loaded(err: OSError, where: str) -> str:
     else:
         reason = f"{type(err).__name__}: {first_line(err).rstrip('.')}. {offline}"
     return (f"{reason}Its files come from {where}.kwargs (e.g. `path` or `checkpoint`: a local directory or file, or "
-            "a hub id downloaded into `cache_dir`; see the README's reward models)")
+            "a hub id downloaded into `cache_dir`; see docs/rewards.md)")
 
 
 def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]", weight: float = 0.0,

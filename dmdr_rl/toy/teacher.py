@@ -28,7 +28,7 @@ TEACHER_CONFIG = dict(
 )
 
 
-# Alternatives tried while building the shipped teacher (see README, "Rebuilding the shipped weights").
+# Alternatives tried while building the shipped teacher (see docs/toy-world.md, "Rebuilding the shipped weights").
 TEACHER_VARIANTS: dict[str, dict] = {
     "p4w96": {},
     "p2w64": dict(patch_size=2, pos_embed_max_size=RESOLUTION // 2, num_attention_heads=2, caption_projection_dim=64),

@@ -15,8 +15,8 @@ COMPONENTS = ("text_encoder", "teacher", "align", "judge")
 # The component each build target trains; the teacher target also trains the text encoder.
 BUILD_TARGET = {"text_encoder": "teacher", "teacher": "teacher", "align": "align", "judge": "judge"}
 
-# The guidance scale the main job and the docs sample the shipped teacher with (chosen by the CFG sweep in the
-# README). Here, not in teacher.py, so a command's --help can show it without loading torch.
+# The guidance scale the main job and the docs sample the shipped teacher with (chosen by the CFG sweep in
+# docs/results/README.md). Here, not in teacher.py, so a command's --help can show it without loading torch.
 DEFAULT_CFG = 4.0
 
 T = TypeVar("T")
