@@ -16,14 +16,29 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, columns: int = 8, scale: int = 4) -> Path:
-    """images [B, 3, H, W] in [0, 1]; each tile is upscaled `scale` times (nearest) above its caption."""
+GRID_TILE_FROM = 128  # small images are enlarged by a whole factor to about this edge (nearest: pixels stay sharp)
+GRID_TILE_AT_MOST = 512  # large ones are shrunk to this edge: a 1024-px grid would be a 33k-px PNG at full size
+
+
+def tile_size(height: int, width: int) -> tuple[int, int]:
+    """A grid tile's (height, width) for images of this size: the full images are in the run's Parquet files."""
+    scale = max(1, GRID_TILE_FROM // max(height, width))
+    height, width = height * scale, width * scale
+    shrink = max(height, width) / GRID_TILE_AT_MOST
+    if shrink > 1:
+        height, width = max(1, round(height / shrink)), max(1, round(width / shrink))
+    return height, width
+
+
+def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, columns: int = 8) -> Path:
+    """images [B, 3, H, W] in [0, 1]; each tile (`tile_size`) above its caption."""
     if images.shape[0] != len(captions):
         raise ValueError(f"save_grid got {images.shape[0]} images but {len(captions)} captions")
     if images.shape[0] == 0:
         raise ValueError("save_grid got no images")
     font = ImageFont.load_default()
-    tile_w, tile_h = images.shape[3] * scale, images.shape[2] * scale
+    tile_h, tile_w = tile_size(images.shape[2], images.shape[3])
+    resample = Image.NEAREST if tile_w >= images.shape[3] else Image.LANCZOS
     chars_per_line = max(8, tile_w // 6)
     wrapped = [textwrap.wrap(c, chars_per_line)[:4] or [""] for c in captions]
     caption_h = 12 * max(len(lines) for lines in wrapped) + 4
@@ -35,7 +50,7 @@ def save_grid(images: torch.Tensor, captions: Sequence[str], path: str | Path, c
     for i, (tile, lines) in enumerate(zip(pixels, wrapped)):
         x = pad + (i % columns) * (tile_w + pad)
         y = pad + (i // columns) * (tile_h + caption_h + pad)
-        canvas.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        canvas.paste(Image.fromarray(tile).resize((tile_w, tile_h), resample), (x, y))
         for j, line in enumerate(lines):
             draw.text((x, y + tile_h + 2 + 12 * j), line, fill="black", font=font)
     path = Path(path)

@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"{name}: {s['mean']:.4f} +- {s['stderr']:.4f} (mean +- standard error over "
                   f"{len(prompts) - s['non_finite']} images{failed})")
     shown = min(len(prompts), GRID_IMAGES)  # every image is in the Parquet file; the grid is for a look
-    save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8,
-              scale=max(1, 128 // images.shape[-1]))
+    save_grid(images[:shown], prompts[:shown], out / "grid.png", columns=min(8, args.num) if args.num > 1 else 8)
     source = f" (checkpoint {settings['checkpoint']})" if "checkpoint" in settings else ""
     print(f"{len(prompts)} image{'s' if len(prompts) != 1 else ''} of the {settings['steps']}-step {model}{source} in "
           f"{out.resolve()}: samples.parquet, grid.png" + (f" (the first {shown})" if shown < len(prompts) else "")

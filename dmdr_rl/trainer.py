@@ -15,8 +15,10 @@ import threading
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -65,6 +67,21 @@ class MetricsLog:
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:  # (a step below one it already has, after a learner's rewind, W&B drops)
             self.wandb.log(metrics, step=step)
+
+    def write_samples(self, step: int, samples: StepSamples) -> None:
+        """The step's sample grid and its mean reward scores to TensorBoard and W&B (`samples/grid`,
+        `samples/<reward>`); the run directory has them already (samples/step_N.png and .parquet)."""
+        scalars = {f"samples/{key}": value for key, value in samples.scores.items()}
+        if self.tensorboard is not None:
+            with Image.open(samples.grid) as grid:
+                self.tensorboard.add_image("samples/grid", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples/grid": wandb.Image(str(samples.grid), caption=f"generator step {step}"),
+                            **scalars}, step=step)
 
     def close(self, failed: bool = False) -> None:
         """`failed`: the run ended with an error (W&B marks it so). The store closes last, whatever happens
@@ -219,7 +236,7 @@ class LocalTrainer:
                         log.write(step, metrics)
                         bar.set_postfix(loss_postfix(metrics))
                     if duties.sample:
-                        self.save_samples()
+                        log.write_samples(step, self.save_samples())
                         save_rollout_records(self.out, self.backbone, self.last_batch, step)
                     stopping = stop.requested and step < cfg.trainer.max_steps  # (at the last step: it has finished)
                     if duties.checkpoint or stopping:
@@ -237,7 +254,7 @@ class LocalTrainer:
         batch or one per image."""
         return student_images(self.backbone, self.backbone.encode(prompts), self.cfg.student, seed)
 
-    def save_samples(self) -> Path:
+    def save_samples(self) -> StepSamples:
         """The sample grid (PNG) and the same samples as data (Parquet, with every reward's score)."""
         images = self.sample(self.grid_prompts, GRID_SEEDS)
         return save_step_samples(self.out, self.generator_step, images, self.grid_prompts, self.learner.rewards, GRID_SEEDS)
@@ -257,14 +274,23 @@ def student_images(backbone, cond, student: StudentSection, seed: int | Sequence
                                        adapter=dmdr.GENERATOR, mode=student.sampler)
 
 
+class StepSamples(NamedTuple):
+    """A training step's sample grid, as the trackers show it: the PNG and each reward's mean score."""
+
+    grid: Path
+    scores: dict[str, float]  # reward key -> mean over the grid's images with a finite score (none: left out)
+
+
 def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Sequence[str],
-                      rewards: Sequence[dmdr.WeightedReward], seeds: Sequence[int]) -> Path:
+                      rewards: Sequence[dmdr.WeightedReward], seeds: Sequence[int]) -> StepSamples:
     """`samples/step_N.png` (the grid) and `samples/step_N.parquet` (the same samples as data, with each
-    reward model's score, no gradient); returns the grid's path."""
+    reward model's score, no gradient)."""
     with torch.no_grad():
         scores = {reward.spec.key: reward.model.score(images, list(prompts)) for reward in rewards}
     write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seeds, step, step, scores, source="grid")
-    return save_grid(images, prompts, out / "samples" / f"step_{step:06d}.png")
+    means = {key: float(values[torch.isfinite(values)].float().mean()) for key, values in scores.items()
+             if torch.isfinite(values).any()}
+    return StepSamples(save_grid(images, prompts, out / "samples" / f"step_{step:06d}.png"), means)
 
 
 def save_rollout_records(out: Path, backbone, batch: RolloutBatch, step: int) -> Path:

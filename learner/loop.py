@@ -393,7 +393,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
                 log.write(step, metrics)
             if rank == 0 and duties.sample:
                 images = student_images(backbone, grid_cond, cfg.student, GRID_SEEDS)
-                save_step_samples(out, step, images, grid_prompts, learner.rewards, GRID_SEEDS)
+                log.write_samples(step, save_step_samples(out, step, images, grid_prompts, learner.rewards, GRID_SEEDS))
                 save_rollout_records(out, backbone, batch, step)
             stopping = stop_requested(coordinator, rank, world, device)
             if duties.checkpoint or stopping:

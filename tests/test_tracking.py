@@ -11,6 +11,7 @@ import pytest
 
 from conftest import tiny_run
 from dmdr_rl.config import ConfigError, load_config
+from dmdr_rl.samples import read_samples
 
 
 class _FakeWandb(types.ModuleType):
@@ -21,6 +22,7 @@ class _FakeWandb(types.ModuleType):
         self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # (found by importlib.util.find_spec)
         self.inits, self.runs, self.fails = [], [], fails
         self.Settings = lambda **settings: settings
+        self.Image = lambda path, caption=None: types.SimpleNamespace(path=path, caption=caption)
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -52,16 +54,23 @@ def test_a_run_logs_its_metrics_to_one_wandb_run_which_a_resumed_run_continues(t
         "reinit": "create_new", "settings": {"x_disable_meta": False}}  # (a caller's own active run: left alone)
     assert first["dir"] == str(out) and first["config"]["output"]["wandb"]["project"] == "dmdr-tests"
     assert first["config"]["rewards"][0]["serve"]["runtime_env"] == {"env_vars": {"HF_TOKEN": "<redacted>"}}
-    logged = wandb.runs[0].logged
+    logged = [(step, values) for step, values in wandb.runs[0].logged if "samples/grid" not in values]
     assert [step for step, _ in logged] == [1, 2] and wandb.runs[0].exit_code == 0
     assert [{"step": step, **values} for step, values in logged] == [
         {k: v for k, v in row.items() if k not in ("id", "time")} for row in _metrics(out)]  # metrics.jsonl's
     assert (out / "wandb" / "run-id").read_text().strip() == "run0"
+    (step, samples), = [(step, values) for step, values in wandb.runs[0].logged if "samples/grid" in values]
+    grid = out / "samples" / "step_000002.png"  # (the last step's, as every run's)
+    assert (step, samples["samples/grid"].path, sorted(samples)) == (2, str(grid), ["samples/grid", "samples/toy-align"])
+    assert samples["samples/toy-align"] == pytest.approx(
+        read_samples(out / "samples" / "step_000002.parquet").to_pandas()["reward/toy-align"].mean(), rel=1e-6)
 
     resumed = load_config("toy-dmdr", [*overrides, "trainer.max_steps=4", f"trainer.resume_from={out}"])
     LocalTrainer(resumed).train()
     assert (wandb.inits[1]["id"], wandb.inits[1]["resume"]) == ("run0", "allow")  # the same W&B run, continued
-    assert [step for step, _ in wandb.runs[1].logged] == [3, 4] and wandb.runs[1].exit_code == 0
+    assert [(step, "samples/grid" in values) for step, values in wandb.runs[1].logged] == [(3, False), (4, False),
+                                                                                           (4, True)]
+    assert wandb.runs[1].exit_code == 0
 
     fresh = load_config("toy-dmdr", [*overrides, "output.wandb.mode=null"])
     LocalTrainer(fresh).train()  # a fresh run in the directory: a W&B run of its own

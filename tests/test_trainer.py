@@ -6,7 +6,9 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
+from conftest import tiny_run
 from dmdr_rl import dmdr
 from dmdr_rl.config import RewardSpec, load_config
 from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
@@ -112,6 +114,41 @@ def test_train_writes_metrics_grids_and_checkpoints(tmp_path):
     assert (tmp_path / "samples" / "step_000004.png").exists()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000004"
     assert (tmp_path / "config.yaml").exists()
+
+
+def test_sample_grids_and_their_mean_scores_reach_tensorboard(tmp_path):
+    """Each sample step's grid is a TensorBoard image and each reward's mean score over the grid a scalar,
+    the same mean as the step's Parquet file holds."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmdr_rl.samples import read_samples
+    from dmdr_rl.trainer import LocalTrainer
+
+    out = tmp_path / "run"
+    LocalTrainer(load_config("toy-dmdr", tiny_run(f"output.dir={out}", "output.sample_every=1"))).train()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    grids = events.Images("samples/grid")
+    assert [g.step for g in grids] == [1, 2]
+    with Image.open(out / "samples" / "step_000002.png") as png:
+        assert (grids[1].width, grids[1].height) == png.size
+    table = read_samples(out / "samples" / "step_000002.parquet").to_pandas()
+    scores = events.Scalars("samples/toy-align")
+    assert [s.step for s in scores] == [1, 2]
+    assert scores[1].value == pytest.approx(table["reward/toy-align"].mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("size,tile", [(32, (128, 128)), (300, (300, 300)), (1024, (512, 512)), ((512, 1024), (256, 512))])
+def test_a_grid_tile_enlarges_small_images_and_shrinks_large_ones(size, tile, tmp_path):
+    """A 1024-px grid of 16 images at 4x would be a 33k-px-wide PNG, written at every sample step."""
+    from dmdr_rl.grid import save_grid, tile_size
+
+    height, width = size if isinstance(size, tuple) else (size, size)
+    assert tile_size(height, width) == tile
+    if height <= 300:
+        return
+    path = save_grid(torch.rand(2, 3, height, width), ["a", "b"], tmp_path / "grid.png", columns=2)
+    with Image.open(path) as png:
+        assert png.size[0] < 2 * tile[1] + 20 and png.size[1] < tile[0] + 40
 
 
 @pytest.fixture()
