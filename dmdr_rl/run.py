@@ -46,6 +46,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     from .trainer import LocalTrainer, find_run
     from .store import json_text, write_json_whole
     from .toy.weights import load_align, load_judge
+    from .tracking import record_evaluation
 
     from .distributed import place_job_output, with_absolute_paths
 
@@ -96,6 +97,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     settings = {"model": "student", **toy_eval.student_settings(cfg.student), "run": str(out.resolve()),
                 "checkpoint": str(checkpoint.resolve())}  # as `eval --model student` reports
     write_json_whole(out / "eval" / "report.json", {**settings, **report})
+    record_evaluation(cfg, out, report, summary["generator_steps"], out / "eval" / "grid.png")
     print(f"student ({cfg.student.steps} steps, {num_images} held-in prompts): judge accuracy "
           f"{report['judge_accuracy']:.3f}, analytic accuracy {report['analytic_accuracy']:.3f}, FID {report['fid']:.2f}, "
           f"diversity {report['diversity']:.3f}, toy-align {report['rewards']['toy-align']:.3f}")

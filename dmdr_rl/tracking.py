@@ -4,7 +4,8 @@ One W&B run per training run: its id is kept in the run directory (`wandb/run-id
 restarted Ray learner log to the same W&B run (`resume="allow"`; offline, each launch writes its own
 `offline-run-*` directory with that id), and a fresh run in the same directory, which sets the earlier
 run's files aside, starts a new one. Logging is the run's side line: a W&B that cannot start (no key, no
-network) is said in one line, and the run trains on with metrics.jsonl and TensorBoard.
+network) is said in one line, and the run trains on with metrics.jsonl and TensorBoard. The main job's closing
+evaluation goes to the same W&B run's summary, and to TensorBoard at the last generator step.
 """
 
 from __future__ import annotations
@@ -87,3 +88,57 @@ def _password_in_argv(cfg: RunConfig) -> bool:
 
     url = cfg.store.url
     return bool(url) and redact_url(url) != url and any(url in arg for arg in sys.argv)
+
+
+EVALUATION_NUMBERS = ("judge_accuracy", "judge_accuracy_by_category", "analytic_accuracy", "analytic_accuracy_by_attribute",
+                      "fid", "diversity", "rewards", "num_images")
+
+
+def evaluation_scalars(report: dict) -> dict[str, float]:
+    """An evaluation report's numbers as flat keys: eval/fid, eval/rewards/toy-align, eval/judge_accuracy_by_category/..."""
+    flat: dict[str, float] = {}
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                add(f"{key}/{name}", item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = float(value)
+
+    for name in EVALUATION_NUMBERS:
+        if name in report:
+            add(f"eval/{name}", report[name])
+    return flat
+
+
+def record_evaluation(cfg: RunConfig, directory: Path, report: dict, step: int, grid: Path | None) -> None:
+    """The run's closing evaluation beside its training curves: TensorBoard scalars (and the grid) at the
+    last generator step; in W&B the run's summary (what its runs table compares) of the same run, continued."""
+    scalars = evaluation_scalars(report)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        SummaryWriter = None
+    if SummaryWriter is not None:
+        writer = SummaryWriter(str(directory / "tensorboard"))
+        try:
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, step)
+            if grid is not None:
+                import numpy as np
+                from PIL import Image
+
+                with Image.open(grid) as image:
+                    writer.add_image("eval/grid", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        finally:
+            writer.close()
+    run = open_wandb_run(cfg, directory)
+    if run is None:
+        return
+    import wandb
+
+    try:
+        run.summary.update({**scalars, **({"eval/grid": wandb.Image(str(grid), caption="evaluation")} if grid else {})})
+    finally:
+        run.finish(exit_code=0)
+

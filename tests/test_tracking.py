@@ -28,7 +28,7 @@ class _FakeWandb(types.ModuleType):
         self.inits.append(kwargs)
         if self.fails:
             raise RuntimeError("api_key not configured (no-tty)")
-        run = types.SimpleNamespace(id=kwargs["id"] or f"run{len(self.runs)}", logged=[], exit_code=None)
+        run = types.SimpleNamespace(id=kwargs["id"] or f"run{len(self.runs)}", logged=[], exit_code=None, summary={})
         run.log = lambda metrics, step: run.logged.append((step, dict(metrics)))
         run.finish = lambda exit_code=None: setattr(run, "exit_code", exit_code)
         self.runs.append(run)
@@ -127,3 +127,25 @@ def test_output_wandb_without_its_package_is_refused_before_the_models_load(tmp_
     with pytest.raises(ConfigError, match=r"output.wandb needs the wandb package.*pip install wandb.*output.wandb=null"):
         LocalTrainer(cfg)
     assert any("output.wandb needs the wandb package" in note for note in run._missing_packages(cfg))  # (the dry run)
+
+
+def test_the_main_jobs_evaluation_goes_to_the_runs_w_and_b_summary_and_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmdr_rl import run
+
+    wandb = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    run.train("toy-dmdr", tiny_run("trainer.backend=local", f"output.dir={out}", "output.wandb={project: p}"), 8)
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert [init["id"] for init in wandb.inits] == [None, "run0"]  # (the training's W&B run, continued)
+    summary = wandb.runs[1].summary
+    assert summary["eval/judge_accuracy"] == report["judge_accuracy"] and summary["eval/fid"] == report["fid"]
+    assert summary["eval/rewards/toy-align"] == report["rewards"]["toy-align"]
+    assert summary["eval/judge_accuracy_by_category/single/colour"] == report["judge_accuracy_by_category"]["single/colour"]
+    assert summary["eval/grid"].path == str(out / "eval" / "grid.png") and wandb.runs[1].exit_code == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [(s.step, s.value) for s in events.Scalars("eval/fid")] == [(2, pytest.approx(report["fid"], rel=1e-6))]
+    assert [image.step for image in events.Images("eval/grid")] == [2]
+
