@@ -151,7 +151,7 @@ def samplers(args: argparse.Namespace):
         sample_fn, cfg = load_student(checkpoint)
         settings = {**student_settings(cfg.student), "run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve())}
         return [(f"student-{student_label(run_dir, checkpoint)}-steps{cfg.student.steps}", settings, sample_fn)]
-    teacher = load_teacher(args.weights)
+    teacher = load_teacher(args.weights, field="--weights")
     return [
         (f"teacher-steps{steps}-cfg{cfg:g}{f'-shift{args.shift:g}' if args.shift != 1.0 else ''}",
          {"steps": steps, "cfg": cfg, "shift": args.shift, "sampler": "ode"},
@@ -163,7 +163,7 @@ def samplers(args: argparse.Namespace):
 def run_sweep(args: argparse.Namespace) -> list[dict]:
     from .evaluation import evaluate
 
-    judge, align = load_judge(args.weights), load_align(args.weights)
+    judge, align = load_judge(args.weights), load_align(args.weights, field="--weights")
     reports = []
     for split, (setting, settings, sample_fn) in itertools.product(args.split, samplers(args)):
         name = f"{setting}-{split}" + (f"-seed{args.seed}" if args.seed else "")  # other settings: other directories

@@ -35,6 +35,16 @@ def test_missing_weights_name_the_directory_and_the_build_command(tmp_path):
         load_judge(tmp_path)
 
 
+def test_missing_weights_name_the_setting_that_gave_their_directory(tmp_path):
+    """A reward's weights directory is not model.path: the error sends the user to the setting they gave."""
+    from reward_servers.registry import REWARDS
+
+    with pytest.raises(ToyWeightsError, match=r"check the directory \(rewards\[\]\.kwargs\.path; unset: the shipped"):
+        REWARDS.resolve("toy-align")(path=str(tmp_path))
+    with pytest.raises(ToyWeightsError, match=r"check the directory \(model\.path; unset: the shipped"):
+        load_teacher(tmp_path)
+
+
 def test_corrupt_weights_are_reported_as_such(tmp_path):
     shutil.copytree(WEIGHTS_DIR / "teacher", tmp_path / "teacher")
     shutil.copytree(WEIGHTS_DIR / "text_encoder", tmp_path / "text_encoder")

@@ -32,11 +32,13 @@ def component_dir(component: str, root: str | Path | None = None) -> Path:
     return Path(root or WEIGHTS_DIR) / component
 
 
-def load_component(component: str, loader: Callable[[Path], T], root: str | Path | None = None) -> T:
+def load_component(component: str, loader: Callable[[Path], T], root: str | Path | None = None,
+                   field: str = "model.path") -> T:
+    """`field`: where the user gave `root`, which the error names."""
     directory = component_dir(component, root)
     rebuild = f"rebuild it with `python -m dmdr_rl.toy.build {BUILD_TARGET[component]}`"
-    if root is not None and Path(root).resolve() != WEIGHTS_DIR.resolve():  # a user's directory (model.path)
-        rebuild = (f"check the directory (model.path; null: the shipped weights), or write it with "
+    if root is not None and Path(root).resolve() != WEIGHTS_DIR.resolve():  # a user's directory
+        rebuild = (f"check the directory ({field}; unset: the shipped weights), or write it with "
                    f"`python -m dmdr_rl.toy.build {BUILD_TARGET[component]} --out {root}`")
     if not directory.is_dir() or not any(directory.glob("*.safetensors")):
         raise ToyWeightsError(f"toy {component} weights not found in {directory}; {rebuild}")
@@ -49,35 +51,35 @@ def load_component(component: str, loader: Callable[[Path], T], root: str | Path
         ) from err
 
 
-def load_text_encoder(root: str | Path | None = None):
+def load_text_encoder(root: str | Path | None = None, field: str = "model.path"):
     from .text import ToyTextEncoder
 
-    return load_component("text_encoder", ToyTextEncoder.from_pretrained, root).eval().requires_grad_(False)
+    return load_component("text_encoder", ToyTextEncoder.from_pretrained, root, field).eval().requires_grad_(False)
 
 
-def load_teacher_transformer(root: str | Path | None = None):
+def load_teacher_transformer(root: str | Path | None = None, field: str = "model.path"):
     from diffusers import SD3Transformer2DModel
 
-    return load_component("teacher", SD3Transformer2DModel.from_pretrained, root).eval().requires_grad_(False)
+    return load_component("teacher", SD3Transformer2DModel.from_pretrained, root, field).eval().requires_grad_(False)
 
 
-def load_teacher(root: str | Path | None = None, encoders: bool = True):
+def load_teacher(root: str | Path | None = None, encoders: bool = True, field: str = "model.path"):
     """The frozen toy teacher as a `ToyBackbone` (transformer + text encoder; `encoders=False` leaves
     the text encoder out, as a learner needs)."""
     from .teacher import ToyBackbone
 
-    return ToyBackbone(load_teacher_transformer(root), load_text_encoder(root) if encoders else None)
+    return ToyBackbone(load_teacher_transformer(root, field), load_text_encoder(root, field) if encoders else None)
 
 
-def load_align(root: str | Path | None = None):
+def load_align(root: str | Path | None = None, field: str = "rewards[].kwargs.path"):
     """The `toy-align` reward model (differentiable with respect to the image)."""
     from .classifier import AlignReward, AttributeClassifier
 
-    return AlignReward(load_component("align", AttributeClassifier.from_pretrained, root).eval().requires_grad_(False))
+    return AlignReward(load_component("align", AttributeClassifier.from_pretrained, root, field).eval().requires_grad_(False))
 
 
-def load_judge(root: str | Path | None = None):
+def load_judge(root: str | Path | None = None, field: str = "--weights"):
     """The held-out judge: evaluation only, never a training reward."""
     from .classifier import AttributeClassifier
 
-    return load_component("judge", AttributeClassifier.from_pretrained, root).eval().requires_grad_(False)
+    return load_component("judge", AttributeClassifier.from_pretrained, root, field).eval().requires_grad_(False)
