@@ -45,18 +45,22 @@ class _Section(BaseModel):
 
 
 class LoraSpec(_Section):
-    rank: int = Field(64, ge=1)
-    alpha: float = Field(128.0, gt=0)
+    """A peft LoRA adapter on the frozen base transformer."""
+
+    rank: int = Field(64, ge=1)  # r: the rank of each adapted layer's update
+    alpha: float = Field(128.0, gt=0)  # the update is scaled by alpha / rank
     targets: Optional[list[str]] = Field(None, min_length=1)  # module names to adapt; null: the SD3 attention projections
 
 
 class ModelSection(_Section):
+    """The backbone: the teacher's weights, which the generator and the critic share as their frozen base."""
+
     backbone: str = "toy"  # a registered backbone name or an import path "package.module:factory"
     path: Optional[str] = None  # weights directory or hub id; null = the backbone's default
     # recompute the transformer's blocks (and an SD3 VAE decoder's) during the backward pass instead of
     # keeping their activations: much less memory for about a third more compute
     gradient_checkpointing: bool = False
-    resolution: int = Field(32, ge=8)
+    resolution: int = Field(32, ge=8)  # image side in pixels (toy: 32; sd3: a multiple of 16, the VAE factor x patch size)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the backbone's loader (sd3: dtype, max_sequence_length)
 
     @field_validator("kwargs")
@@ -72,27 +76,42 @@ class ModelSection(_Section):
 
 
 class StudentSection(_Section):
-    steps: int = Field(4, ge=1, le=8)
-    shift: float = Field(1.0, gt=0)
+    """The few-step generator: how it samples, and its adapter."""
+
+    steps: int = Field(4, ge=1, le=8)  # K: the few-step generator's sampling steps
+    shift: float = Field(1.0, gt=0)  # timestep shift of the student's schedule, t' = s t / (1 + (s - 1) t) (paper: 3)
+    # ode: each step follows the predicted velocity; sde: each step re-noises its x0 prediction with fresh noise
+    # (rl.mode=grpo needs it: the policy gradient is over those random steps)
     sampler: Literal["ode", "sde"] = "ode"
-    lora: Optional[LoraSpec] = LoraSpec(rank=64, alpha=128)  # null: full fine-tune
+    lora: Optional[LoraSpec] = LoraSpec(rank=64, alpha=128)  # the generator's adapter; null: a full fine-tune
 
 
 class CriticSection(_Section):
-    lora: LoraSpec = LoraSpec(rank=32, alpha=32)
-    fake_scale: float = Field(2.0, gt=0)
-    real_scale0: float = Field(0.5, ge=0)  # 0: the real score is the teacher from the first step (no DynaDG)
+    """The fake-score critic, which tracks the generator's distribution; at LoRA scale s_r(step) the same
+    adapter gives the real score (DynaDG)."""
+
+    lora: LoraSpec = LoraSpec(rank=32, alpha=32)  # the fake-score critic's adapter on the frozen teacher
+    fake_scale: float = Field(2.0, gt=0)  # s_f: the critic adapter's LoRA scale as the fake score
+    # s_r0: the critic adapter's scale as the real score at step 0, annealed to 0 (the teacher) over dmd.dynamic_steps;
+    # 0: the real score is the teacher from the first step (no DynaDG)
+    real_scale0: float = Field(0.5, ge=0)
 
 
 class DmdSection(_Section):
-    weight: float = Field(1.0, ge=0)  # 0 turns the DMD term off (the RL-only ablation)
+    """The distribution matching loss and its schedules (DESIGN section 2)."""
+
+    weight: float = Field(1.0, ge=0)  # the DMD term's weight in L_G; 0 turns it off (the RL-only ablation)
     real_cfg: float = Field(4.0, ge=0)  # the real score's CFG scale, drawn from U(real_cfg +- cfg_jitter) per step
-    cfg_jitter: float = Field(0.5, ge=0)  # (so no guidance at all is real_cfg=1 cfg_jitter=0)
+    cfg_jitter: float = Field(0.5, ge=0)  # half the width of that draw (no guidance at all: real_cfg=1 cfg_jitter=0)
     # the real score's CFG only where tau <= this (a guidance interval: guidance at the highest noise levels
     # darkens and over-contrasts the toy students); 1.0: at every noise level, as DESIGN section 2 writes it
     cfg_max_tau: float = Field(1.0, gt=0, le=1)
-    ratio: int = Field(5, ge=1)
+    ratio: int = Field(5, ge=1)  # a generator update every ratio-th iteration, a critic update every one (TTUR)
+    # S_dyn: generator steps over which DynaDG's real-score scale and DynaRS's Beta anneal, by c(s) from 1 to 0
+    # (0: annealed from the start: the real score is the teacher and tau uniform)
     dynamic_steps: int = Field(2000, ge=0)
+    # (a0, b0) of DynaRS: the critic's and DMD's noise levels tau ~ Beta(a, b), which starts at Beta(a0, b0)
+    # (mostly high noise) and ends uniform
     renoise_beta: tuple[float, float] = (4.0, 1.5)
 
     @field_validator("renoise_beta")
@@ -157,20 +176,20 @@ class RewardServeSpec(_Section):
 
     app: Optional[str] = None  # the Serve app's name; null: "reward-<name>"
     attach: bool = False  # true: use an app that is already running (`serve deploy deploy/serve-rewards.yaml`)
-    replicas: int = Field(1, ge=1)  # ignored when autoscaling is given
+    replicas: int = Field(1, ge=1)  # the app's replicas; ignored when autoscaling is given
     # Serve's autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
     autoscaling: Optional[dict[Annotated[str, AfterValidator(_autoscaling_key)], Any]] = None
     max_batch_size: int = Field(8, ge=1)  # requests merged into one model call (@serve.batch)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    num_cpus: float = Field(1.0, ge=0)  # per replica
-    num_gpus: float = Field(0.0, ge=0)  # per replica; fractions share a GPU
+    batch_wait_timeout_s: float = Field(0.005, ge=0)  # how long a batch waits for more requests before its call
+    num_cpus: float = Field(1.0, ge=0)  # CPUs per replica
+    num_gpus: float = Field(0.0, ge=0)  # GPUs per replica; fractions share a GPU
     runtime_env: dict[str, Any] = Field(default_factory=dict)  # e.g. {pip: [...]} to isolate conflicting dependencies
     # replica constructor failures (over all replicas) before the app counts as failed to start; null: Serve's
     # (3 per replica, at most 20). Each is a fresh process loading the model: 1 says at once what is wrong
     constructor_retries: Optional[int] = Field(None, ge=1)
-    timeout_s: float = Field(120.0, gt=0)  # per request
-    retries: int = Field(3, ge=0)  # after the first try, with exponential backoff
-    backoff_s: float = Field(0.5, ge=0)
+    timeout_s: float = Field(120.0, gt=0)  # how long the client waits for one request's answer
+    retries: int = Field(3, ge=0)  # a failed request's tries after the first, with exponential backoff
+    backoff_s: float = Field(0.5, ge=0)  # the first retry's wait, doubled at each retry
     # pixels (images x height x width) one HTTP request may carry (2^24: 64 images of 512 px, 16 of 1024);
     # bounds what a small PNG can decode to, and the body read (32 bytes a pixel: float64 .npy in base64)
     http_max_pixels: int = Field(2**24, ge=1)
@@ -210,10 +229,12 @@ class RewardServeSpec(_Section):
 
 
 class RewardSpec(_Section):
+    """One reward model of `rewards:` (a list: several combine, each with its weight)."""
+
     name: str  # a registered reward name or an import path "package.module:Class"
     weight: float = Field(1.0, ge=0)  # lambda_j; 0: scored for monitoring only, never trained on
-    shaping: Literal["hinge", "linear"] = "hinge"
-    margin: float = 0.7
+    shaping: Literal["hinge", "linear"] = "hinge"  # phi of the reward loss: hinge relu(margin - r), or linear -r
+    margin: float = 0.7  # m of the hinge (the paper's 0.7 for CLIP / HPS scores)
     placement: Literal["local", "serve"] = "local"  # in the learner's process, or a Ray Serve app
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor
     # also score the rollout batches the generator trains on (no gradient) and log rollout/reward/<name>
@@ -223,7 +244,7 @@ class RewardSpec(_Section):
     # memory of a gradient through a large reward model; null: all at once. Each image is scored on its
     # own, so chunks give the same scores and gradients.
     max_images_per_call: Optional[int] = Field(None, ge=1)
-    serve: RewardServeSpec = RewardServeSpec()
+    serve: RewardServeSpec = RewardServeSpec()  # its Ray Serve app, with placement: serve
     # what its metrics, rollout scores and sample columns are called (reward/<label>) and its default app
     # name; null: `name`. Two entries of one model (other kwargs or shaping) need a label each
     label: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -239,16 +260,19 @@ class RewardSpec(_Section):
 
 
 class TrainerSection(_Section):
-    backend: Literal["local", "ray"] = "local"
-    max_steps: int = Field(3000, ge=1)  # generator steps
-    cold_start: int = Field(2000, ge=0)  # generator steps with DMD only
-    batch_size: int = Field(32, ge=1)
-    lr_generator: float = Field(1e-6, gt=0)
-    lr_critic: float = Field(5e-7, gt=0)
-    lr_generator_rl: Optional[float] = Field(None, gt=0)  # after the cold start (paper: lower); null: lr_generator
-    lr_critic_rl: Optional[float] = Field(None, gt=0)  # after the cold start; null: lr_critic
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (GPU)
-    grad_clip: float = Field(1.0, gt=0)
+    """The training loop: steps, stages, batch, optimisers, precision, device, resuming."""
+
+    backend: Literal["local", "ray"] = "local"  # local: one process; ray: rollout actors and a Ray Train learner
+    max_steps: int = Field(3000, ge=1)  # the run's generator steps, the cold start included
+    cold_start: int = Field(2000, ge=0)  # generator steps with DMD only, before the rewards train
+    batch_size: int = Field(32, ge=1)  # images per iteration's rollout batch, over all learner workers
+    lr_generator: float = Field(1e-6, gt=0)  # the generator's AdamW learning rate (in the cold start)
+    lr_critic: float = Field(5e-7, gt=0)  # the critic's (in the cold start)
+    # the generator's learning rate after the cold start (paper: lower); null: lr_generator
+    lr_generator_rl: Optional[float] = Field(None, gt=0)
+    lr_critic_rl: Optional[float] = Field(None, gt=0)  # the critic's after the cold start; null: lr_critic
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw: torch's; adamw8bit: bitsandbytes' 8-bit AdamW (GPU)
+    grad_clip: float = Field(1.0, gt=0)  # the gradient norm each update is clipped to (generator and critic)
     # images per forward/backward pass of a learner update (gradient accumulation): each rank's batch goes
     # through the networks in slices of this size and their gradients add up to the batch's (the random
     # draws do not change, and a non-finite score counts 0 in any slicing); bounds the activation memory of
@@ -258,7 +282,7 @@ class TrainerSection(_Section):
     # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its
     # learner and rollout actors by ray.learner_gpus / ray.rollout_gpus instead
     device: str = "auto"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)  # every random draw of iteration i comes from (seed, i): a resume continues exactly
     resume_from: Optional[str] = None  # a run directory (its latest checkpoint), its checkpoints/ or one step_N/
 
     @field_validator("device")
@@ -276,16 +300,19 @@ class TrainerSection(_Section):
 
 
 class RaySection(_Section):
+    """The Ray runtime (trainer.backend=ray): cluster, workers, resources, fault tolerance; and the Serve
+    proxy of served rewards (in either backend)."""
+
     address: Optional[str] = None  # null: the cluster of `ray job submit` / RAY_ADDRESS, else a local one
     learner_workers: int = Field(1, ge=1)  # Ray Train workers (data parallel)
-    rollout_actors: int = Field(1, ge=1)
+    rollout_actors: int = Field(1, ge=1)  # rollout workers, each with a generator replica and the prompt encoders
     # generator versions a rollout may lag behind (0: on-policy); null: 1, but 0 under rl.mode=grpo, whose clipped
     # likelihood ratios need on-policy batches (one version behind, the clip drops part of the gradient)
     max_staleness: Optional[int] = Field(None, ge=0)
-    learner_cpus: float = Field(1.0, gt=0)  # per learner worker
-    learner_gpus: float = Field(0.0, ge=0)  # per learner worker; > 0 trains on GPUs with NCCL
-    rollout_cpus: float = Field(1.0, gt=0)  # per rollout actor
-    rollout_gpus: float = Field(0.0, ge=0)  # per rollout actor (fractions share a GPU)
+    learner_cpus: float = Field(1.0, gt=0)  # CPUs per learner worker
+    learner_gpus: float = Field(0.0, ge=0)  # GPUs per learner worker; > 0 trains on GPUs with NCCL
+    rollout_cpus: float = Field(1.0, gt=0)  # CPUs per rollout actor
+    rollout_gpus: float = Field(0.0, ge=0)  # GPUs per rollout actor (fractions share a GPU)
     local_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local Ray (null: enough for the actors)
     max_failures: int = Field(3, ge=-1)  # learner-group restarts from the last checkpoint (-1: no limit)
     # a learner error that recurs unchanged (same exception and message, at the same iteration) in this many
@@ -301,7 +328,7 @@ class RaySection(_Section):
     # cluster of several nodes needs a place they all reach (s3://..., gs://..., or a shared filesystem path)
     storage_path: Optional[str] = None
     http_host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (reward apps' HTTP endpoints)
-    http_port: int = Field(8000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535)  # that proxy's port
     # Ray Train's own log lines on the console (worker group started, each checkpoint and its metrics): the
     # progress bar, metrics.jsonl and TensorBoard already show them; INFO brings them back
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
@@ -339,17 +366,19 @@ def is_cluster_address(address: str) -> bool:
 
 
 class DataSection(_Section):
-    prompts: str = "toy:held-in"  # toy:<split>, or a .txt/.csv/.parquet/.jsonl file
+    """The training prompts."""
+
+    prompts: str = "toy:held-in"  # toy:<split> (held-in, held-out), or a .txt/.csv/.parquet/.jsonl file
 
 
 class WandbSpec(_Section):
     """Weights & Biases logging of the metrics, beside metrics.jsonl and TensorBoard (needs `pip install wandb`)."""
 
-    project: str = Field(min_length=1, max_length=128)
+    project: str = Field(min_length=1, max_length=128)  # the W&B project (created at the first run)
     entity: Optional[str] = None  # a team or user; null: the logged-in user's default
     # offline: written under the run directory, `wandb sync` later; null: WANDB_MODE, else online
     mode: Optional[Literal["online", "offline", "disabled"]] = None
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)  # the W&B run's tags
 
     @field_validator("project")
     @classmethod
@@ -370,10 +399,12 @@ class WandbSpec(_Section):
 
 
 class OutputSection(_Section):
-    dir: str = Field("runs/{name}", min_length=1)  # {name}: the run's name
-    log_every: int = Field(10, ge=1)
-    sample_every: int = Field(200, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
+    """What a run writes, how often, and where."""
+
+    dir: str = Field("runs/{name}", min_length=1)  # the run directory; {name}: the run's name
+    log_every: int = Field(10, ge=1)  # generator steps between metric records (and the last step)
+    sample_every: int = Field(200, ge=1)  # generator steps between sample grids (and the last step)
+    checkpoint_every: int = Field(500, ge=1)  # generator steps between checkpoints (and the last step)
     wandb: Optional[WandbSpec] = None  # e.g. {project: dmdr}: the same metrics to a W&B run (one per training run)
 
     @field_validator("dir")
@@ -390,6 +421,8 @@ class OutputSection(_Section):
 
 
 class StoreSection(_Section):
+    """Where the run's records (ledger, metrics, events) live."""
+
     url: Optional[str] = None  # null: files under output.dir; redis://host:port/db (the run's ledger, metrics, events)
 
     @field_validator("url")
@@ -401,7 +434,7 @@ class StoreSection(_Section):
 
 
 class RunConfig(_Section):
-    name: str = Field("dmdr", min_length=1)
+    name: str = Field("dmdr", min_length=1)  # the run's name: output.dir's {name}, its store records', W&B's run name
     model: ModelSection = ModelSection()
     student: StudentSection = StudentSection()
     critic: CriticSection = CriticSection()
