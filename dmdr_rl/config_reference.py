@@ -32,8 +32,8 @@ HEADER = f"""# Configuration reference
 Every field of a run's config: its type, its default and what it is for. A run's config is a preset or
 a YAML file (`--preset NAME|FILE`; a YAML file may start from another with `base: other.yaml`) plus
 dotted overrides on the command line (`trainer.max_steps=100 'rewards.0.serve={{replicas: 2}}'`);
-`python -m dmdr_rl.run --preset NAME --dry-run` checks one without starting anything, and a run keeps
-the whole of its config in `config.yaml`. Defaults here are the code's; the presets (`dmdr_rl/presets/`)
+`python -m dmdr_rl.run --preset NAME --dry-run` checks one without starting anything, `--show-config`
+prints it whole as YAML (every field, overrides applied), and a run keeps the same in its `config.yaml`. Defaults here are the code's; the presets (`dmdr_rl/presets/`)
 set many fields (the toy presets' learning rates, the paper's hyperparameters in the SD3 ones). An
 unknown field or a bad value stops the run at once, naming the field. Back to the [README](../README.md).
 

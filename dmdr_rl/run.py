@@ -200,6 +200,15 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     ])
 
 
+def show_config(preset: str, overrides: list[str]) -> str:
+    """The run's whole config as YAML (what its config.yaml will hold): a starting point for a config file."""
+    import yaml
+
+    from .trainer import run_config_dump
+
+    return yaml.safe_dump(run_config_dump(load_config(preset, overrides)), sort_keys=False)
+
+
 def _generator_plan(cfg) -> str:
     lora = cfg.student.lora
     kind = f"LoRA r{lora.rank}" if lora is not None else "full fine-tune"
@@ -252,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="images per evaluated setting (default 256; the README's numbers use 1000)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config and its plugins, print the plan, and start nothing")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the whole config (preset, base files, overrides and every default) as YAML, which "
+                             "--preset takes back, and start nothing (each field: docs/config.md)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     if args.num_images < 2:
@@ -265,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     launched = time.time() - 1.0  # (what this launch writes is newer: a file system's coarse mtimes)
     previous = signal.signal(signal.SIGTERM, _stop)  # kill, `ray job stop`, Kubernetes: end the run as Ctrl-C does
     try:
-        if args.dry_run:
+        if args.show_config:
+            print(show_config(args.preset or DEMO_PRESET, args.overrides), end="")
+        elif args.dry_run:
             print(dry_run(args.preset or DEMO_PRESET, args.overrides))
         else:
             if args.preset is None:

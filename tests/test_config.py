@@ -336,3 +336,20 @@ def test_loading_a_config_imports_no_ray():
             "print(sorted(m for m in ('ray', 'ray.serve', 'torch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset", ["toy-dmdr", "sd3-medium-dmdr-grpo"])
+def test_show_config_prints_the_whole_config_which_preset_takes_back(preset, tmp_path, capsys, monkeypatch):
+    """A starting point for one's own config file: every field, the overrides applied; nothing starts."""
+    from dmdr_rl import run
+
+    monkeypatch.chdir(tmp_path)  # (where the run directory, runs/<name>, would be made)
+
+    run.main(["--preset", preset, "--show-config", "trainer.max_steps=7", "rewards.0.weight=0.25"])
+    shown = capsys.readouterr().out
+    (tmp_path / "mine.yaml").write_text(shown)
+    again = load_config(str(tmp_path / "mine.yaml"))
+    assert again == load_config(preset, ["trainer.max_steps=7", "rewards.0.weight=0.25"])
+    assert again.trainer.max_steps == 7 and again.rewards[0].weight == 0.25
+    assert "micro_batch_size:" in shown and "http_max_pixels:" in shown  # (defaults too, not only what was set)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.yaml"]
