@@ -1,11 +1,13 @@
 """Backbones hide model families from the algorithm (DESIGN section 6).
 
 The algorithm sees a `Backbone`: encode prompts, predict velocity with a named LoRA adapter at a
-given scale and with classifier-free guidance, and decode to images in [0, 1]. `TransformerBackbone`
-implements it for diffusers SD3-family transformers: generator and critic are peft LoRA adapters
-on one shared frozen base, switched per call; scale 0 (or no adapter) is exactly the base model.
-A generator may instead be a full trainable copy of the base (`add_full_copy`, config `student.lora:
-null`); the algorithm does not see the difference.
+given scale and with classifier-free guidance, and decode to images in [0, 1]. The trainers, rollout
+actors, checkpoints and samplers need a `TrainableBackbone`: that, plus adapters to add and train,
+placement, and sampling. `TransformerBackbone` implements it for diffusers transformers with SD3's call
+signature (the toy teacher, SD3, or a user's model: docs/custom-backbone.md): generator and critic are
+peft LoRA adapters on one shared frozen base, switched per call; scale 0 (or no adapter) is exactly the
+base model. A generator may instead be a full trainable copy of the base (`add_full_copy`, config
+`student.lora: null`); the algorithm does not see the difference.
 """
 
 from __future__ import annotations
@@ -75,18 +77,102 @@ def _base_dtype(module: torch.nn.Module) -> torch.dtype:
 
 @runtime_checkable
 class Backbone(Protocol):
-    sample_shape: tuple[int, int, int]
+    """What the DMDR step functions and rollouts call (`dmdr_rl.dmdr`, `dmdr_rl.rollout`): the algorithm's
+    view of a model family, DESIGN section 6. Tensors only go in and out, so they move through the object
+    store."""
 
-    def encode(self, prompts: Sequence[str]) -> Conditioning: ...
+    sample_shape: tuple[int, int, int]  # (C, H, W) of x, the space the networks work in: the noise's shape
 
-    def null(self, batch: int) -> Conditioning: ...
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """The prompts' conditioning ([B, L, D] tokens, [B, P] pooled), without gradients: rollouts."""
+        ...
+
+    def null(self, batch: int) -> Conditioning:
+        """The empty prompt's conditioning repeated `batch` times: the unconditional half of CFG."""
+        ...
 
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, adapter: str | None = None,
         scale: float = 1.0, cfg: float | torch.Tensor = 1.0, null: Conditioning | None = None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """v = eps - x0 at x_t = (1 - t) x0 + t eps (t: [B] in [0, 1]) through `adapter` at LoRA `scale` (None
+        or scale 0: exactly the frozen base, the teacher), with guidance `cfg` (a scalar or one per sample)
+        against `null` (default `null(B)`): the generator's prediction, the critic's fake and real scores."""
+        ...
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1], differentiable in x0: what reward models score (ReFL's gradient)."""
+        ...
+
+
+@runtime_checkable
+class TrainableBackbone(Backbone, Protocol):
+    """What a backbone that `model.backbone` names must be: `Backbone`, and what the trainers (local and Ray),
+    rollout actors, checkpoints, `sample` and `eval` call besides. `build_backbone` refuses an object that
+    lacks any of it. `TransformerBackbone` implements all of it for a diffusers transformer; subclass it
+    (docs/custom-backbone.md).
+
+    Two more members are called only by some configs and commands, and looked up there:
+    `enable_gradient_checkpointing()` (model.gradient_checkpointing=true) and `standalone_transformer(name)`
+    (`export --format transformer`: a model with `save_pretrained`)."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks run: the learner moves each rollout batch there and times its steps on it."""
+        ...
+
+    def to(self, device: torch.device | str) -> TrainableBackbone:
+        """Every network moved to `device` (returns the backbone): `build_backbone` places it with this."""
+        ...
+
+    def set_null(self, null: Conditioning) -> None:
+        """The empty prompt's conditioning [1, ...] for a backbone built with `encoders=False` (a Ray learner,
+        which gets it from a rollout actor's `null(1)`), so that `null()` needs no encoder."""
+        ...
+
+    def add_lora(self, name: str, rank: int, alpha: float, targets: Sequence[str] = ...) -> None:
+        """A trainable LoRA adapter `name` on the frozen base ("generator", "critic"): student.lora and
+        critic.lora, `targets` from their `targets` field when set (else the backbone's default)."""
+        ...
+
+    def add_full_copy(self, name: str) -> None:
+        """A trainable copy of the whole base under `name`: the generator of a full fine-tune (student.lora: null)."""
+        ...
+
+    def named_trainable_parameters(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+        """An adapter's parameters by names stable across processes: checkpoints, resume, and the weights the
+        Ray learner publishes to rollout actors."""
+        ...
+
+    def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """An adapter's parameters: what its optimizer steps."""
+        ...
+
+    def sample_conditioned(
+        self, cond: Conditioning, steps: int, cfg: float, seed: int | Sequence[int], shift: float = 1.0,
+        adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
+    ) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] from encoded prompts: the student's sample grids (a Ray learner has no
+        encoders), `sample` and `eval`."""
+        ...
+
+    def sample(
+        self, prompts: Sequence[str], steps: int, cfg: float, seed: int | Sequence[int], shift: float = 1.0,
+        adapter: str | None = None, scale: float = 1.0, mode: str = "ode", progress: bool = False,
+    ) -> torch.Tensor:
+        """`sample_conditioned` of `encode(prompts)`: the teacher's images (`sample --teacher`)."""
+        ...
+
+
+# what `build_backbone` checks a built backbone for: the two protocols' members
+BACKBONE_MEMBERS = tuple(sorted({name for protocol in (Backbone, TrainableBackbone)
+                                 for name in (*vars(protocol), *protocol.__annotations__) if not name.startswith("_")}))
+
+
+def missing_backbone_members(backbone: object) -> list[str]:
+    """The members of `TrainableBackbone` that `backbone` lacks (looked up on its class, or on the object for a
+    data member): what a factory's result is checked for before any trainer uses it."""
+    return [name for name in BACKBONE_MEMBERS if not hasattr(type(backbone), name) and not hasattr(backbone, name)]
 
 
 def checkpoint_with_adapters(block: torch.nn.Module, *args):

@@ -14,6 +14,7 @@ import torch
 
 from . import dmdr
 from .algo import UpdateSchedule, finite_mean
+from .backbone import TrainableBackbone
 from .config import RunConfig
 from .rollout import RolloutBatch
 from .seeds import LEARNER_STREAM, iteration_seed
@@ -23,7 +24,7 @@ ADAPTERS = (dmdr.GENERATOR, dmdr.CRITIC)
 
 
 class DMDRLearner:
-    def __init__(self, backbone, cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward],
+    def __init__(self, backbone: TrainableBackbone, cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward],
                  reduce_gradients: GradientHook | None = None, rank: int = 0):
         self.backbone = backbone
         self.cfg = cfg

@@ -240,15 +240,33 @@ def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.pr
                     lora_targets=lora_targets, loads_here=loads_here)
 
 
+def check_backbone(backbone, name: str) -> None:
+    """A factory's result against `TrainableBackbone` (dmdr_rl/backbone.py): a ConfigError naming what it lacks,
+    before any trainer, actor or sampler calls it."""
+    from .backbone import missing_backbone_members
+
+    missing = missing_backbone_members(backbone)
+    if missing:
+        from .config import ConfigError
+
+        raise ConfigError(f"model.backbone={name!r} built a {type(backbone).__module__}.{type(backbone).__qualname__}, "
+                          f"which lacks {', '.join(missing)} of the TrainableBackbone protocol (dmdr_rl/backbone.py): "
+                          "subclass dmdr_rl.backbone.TransformerBackbone, or add them (docs/custom-backbone.md)")
+
+
 def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):
     """The config's `model:` section as a backbone on `device` (`encoders=False`: without prompt
-    encoders, as a learner); `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16)."""
+    encoders, as a learner); `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16).
+    The factory is called as `factory(path=model.path, resolution=model.resolution, encoders=encoders,
+    **model.kwargs)`, with `dtype="bfloat16"` added under bf16 unless model.kwargs sets it; what it returns must
+    be a `TrainableBackbone` (`check_backbone`)."""
     kwargs = dict(model.kwargs)
     if precision == "bf16":
         kwargs.setdefault("dtype", "bfloat16")
     where = "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
     backbone = BACKBONES.build(model.backbone, where=where, field="model.backbone", path=model.path, resolution=model.resolution,
                                encoders=encoders, **kwargs)
+    check_backbone(backbone, model.backbone)
     if model.gradient_checkpointing:
         if not hasattr(backbone, "enable_gradient_checkpointing"):
             from .config import ConfigError
