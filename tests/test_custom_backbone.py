@@ -1,0 +1,162 @@
+"""A user's own backbone, outside the package and named only by import path: the example of
+docs/custom-backbone.md, read out of the page (so the page cannot drift from what works), trained with a
+cold start and a reward step, resumed, sampled and exported."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_run
+from dmdr_rl import dmdr
+from dmdr_rl.config import ConfigError, load_config
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "custom-backbone.md"
+TARGETS = ["to_q", "to_k", "to_v", "to_out"]
+
+
+def doc_file(name: str) -> str:
+    """The fenced block of the page whose first line is `# <name>`."""
+    blocks = re.findall(r"^```\w*\n(# (\S+)\n.*?)^```", DOC.read_text(), re.S | re.M)
+    (text,) = [text for text, first in blocks if first == name]
+    return text
+
+
+@pytest.fixture()
+def user_dir(tmp_path, monkeypatch):
+    """my_dit.py and my_dit.yaml as a user would save them, in a directory on the path (not the package's)."""
+    directory = tmp_path / "user"
+    directory.mkdir()
+    for name in ("my_dit.py", "my_dit.yaml"):
+        (directory / name).write_text(doc_file(name))
+    monkeypatch.syspath_prepend(str(directory))
+    return directory
+
+
+def _config(user_dir: Path, out: Path, *overrides: str):
+    """The page's config on a tiny run: two generator steps, the reward (toy-align) from the second."""
+    return load_config(user_dir / "my_dit.yaml", tiny_run("trainer.device=cpu", "output.checkpoint_every=2",
+                                                          f"output.dir={out}", *overrides))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_path):
+    import my_dit
+
+    from dmdr_rl import sample
+    from dmdr_rl.backbone import TrainableBackbone
+    from dmdr_rl.export import export_student
+    from dmdr_rl.samples import read_samples
+    from dmdr_rl.trainer import LocalTrainer
+
+    cfg = _config(user_dir, tmp_path / "run")
+    assert cfg.model.backbone == "my_dit:build" and cfg.student.lora.targets == TARGETS
+    trainer = LocalTrainer(cfg)
+    backbone = trainer.backbone
+    assert type(backbone) is my_dit.MyBackbone and isinstance(backbone, TrainableBackbone)
+    assert backbone.transformer.config.width == 64  # model.kwargs reached the factory
+    # each call's LoRA scale reaches the adapters (the critic's fake and real scores are one LoRA at two scales)
+    other = my_dit.build()
+    other.add_lora(dmdr.CRITIC, 4, 4, TARGETS)
+    x, t, cond = torch.randn(2, *other.sample_shape), torch.tensor([0.3, 0.8]), other.encode(["a red circle"] * 2)
+    with torch.no_grad():
+        for p in other.trainable_parameters(dmdr.CRITIC):
+            p.add_(0.05 * torch.randn_like(p))
+        base, at_1, at_2 = (other.velocity(x, t, cond, adapter=dmdr.CRITIC, scale=s) for s in (0.0, 1.0, 2.0))
+    assert torch.equal(base, other.velocity(x, t, cond)) and not torch.allclose(at_1, at_2, atol=1e-3)
+
+    frozen = {n: p.clone() for n, p in backbone.transformer.named_parameters() if "lora_" not in n}
+    before = {n: p.detach().clone() for n, p in backbone.named_trainable_parameters(dmdr.GENERATOR)}
+    trainer.train()
+    rows = _metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2]
+    assert "loss/reward/toy-align" not in rows[0] and "loss/reward/toy-align" in rows[1]  # cold start, then the reward
+    for row in rows:
+        losses = {k: v for k, v in row.items() if k.startswith("loss/")}
+        assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    after = dict(backbone.named_trainable_parameters(dmdr.GENERATOR))
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the generator trained...
+    assert all(torch.equal(frozen[n], p) for n, p in backbone.transformer.named_parameters() if n in frozen)  # ...not the base
+
+    # resumed from its checkpoint, one more step lands where three steps in one go do
+    resumed = LocalTrainer(_config(user_dir, tmp_path / "run", "trainer.max_steps=3",
+                                   f"trainer.resume_from={tmp_path / 'run'}"))
+    assert resumed.train()["generator_steps"] == 3
+    straight = LocalTrainer(_config(user_dir, tmp_path / "straight", "trainer.max_steps=3"))
+    straight.train()
+    for (name, p), (_, q) in zip(resumed.backbone.named_trainable_parameters(dmdr.GENERATOR),
+                                 straight.backbone.named_trainable_parameters(dmdr.GENERATOR)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert [row["step"] for row in _metrics(tmp_path / "run")] == [1, 2, 3]
+
+    # sampled from the run directory: the factory is found by the import path in its config.yaml
+    out = sample.main(["--run", str(tmp_path / "run"), "--prompt", "a red circle above a blue square", "--num", "2",
+                       "--out", str(tmp_path / "samples")])
+    table = read_samples(out / "samples.parquet")
+    assert table.num_rows == 2 and (out / "grid.png").is_file()
+
+    # exported as a whole transformer, it is the trained generator: the page's factory loads it by model.path
+    export_student(tmp_path / "run", "transformer", tmp_path / "export")
+    student = my_dit.build(path=str(tmp_path / "export"))
+    with torch.no_grad():
+        torch.testing.assert_close(student.velocity(x, t, cond),
+                                   resumed.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), rtol=1e-4, atol=1e-5)
+    export_student(tmp_path / "run", "lora", tmp_path / "lora")  # the LoRA file: the checkpoint's adapter, renamed
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert len(lora) == len(after) and all(name.startswith("transformer.") for name in lora)
+
+
+def test_a_full_fine_tune_and_gradient_checkpointing_train_the_page_s_backbone(user_dir, tmp_path):
+    from dmdr_rl.trainer import LocalTrainer
+
+    trainer = LocalTrainer(_config(user_dir, tmp_path / "run", "student.lora=null", "model.gradient_checkpointing=true"))
+    assert trainer.backbone.transformer.gradient_checkpointing
+    before = {n: p.detach().clone() for n, p in trainer.backbone.named_trainable_parameters(dmdr.GENERATOR)}
+    base = [n for n, _ in trainer.backbone.transformer.named_parameters() if "lora_" not in n]
+    assert len(before) == len(base)  # a copy of the whole transformer
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(v)) for row in _metrics(tmp_path / "run") for k, v in row.items()
+               if k.startswith("loss/"))
+    after = dict(trainer.backbone.named_trainable_parameters(dmdr.GENERATOR))
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+HALF = '''
+import my_dit
+
+
+class Half:
+    """A backbone that forgot the adapters: what the trainers would call on it is missing."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sample_shape = inner.sample_shape
+
+    def __getattr__(self, name):
+        if name in ("encode", "null", "velocity", "decode", "device", "to"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
+
+def build(**options):
+    return Half(my_dit.build(**options))
+'''
+
+
+def test_a_factory_that_returns_less_than_a_backbone_is_refused_naming_what_it_lacks(user_dir, tmp_path):
+    from dmdr_rl.trainer import LocalTrainer
+
+    (user_dir / "half_backbone.py").write_text(HALF)
+    cfg = _config(user_dir, tmp_path / "run", "model.backbone=half_backbone:build")
+    with pytest.raises(ConfigError, match=r"model.backbone='half_backbone:build' built a half_backbone.Half, which lacks "
+                                          r"add_full_copy, add_lora, named_trainable_parameters, sample, "
+                                          r"sample_conditioned, set_null, trainable_parameters of the TrainableBackbone"):
+        LocalTrainer(cfg)
+    with pytest.raises(ConfigError, match=r"backbone 'my_dit:build' cannot be built with these options .*'widht'"):
+        LocalTrainer(_config(user_dir, tmp_path / "run", "model.kwargs={widht: 8}"))
