@@ -4,11 +4,11 @@ cold start and a reward step, resumed, sampled and exported."""
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import tiny_run
 from dmdr_rl import dmdr
@@ -33,6 +33,8 @@ def user_dir(tmp_path, monkeypatch):
     for name in ("my_dit.py", "my_dit.yaml"):
         (directory / name).write_text(doc_file(name))
     monkeypatch.syspath_prepend(str(directory))
+    for module in ("my_dit", "half_backbone"):  # each test imports the files it wrote
+        monkeypatch.delitem(sys.modules, module, raising=False)
     return directory
 
 
@@ -50,7 +52,7 @@ def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_pa
     import my_dit
 
     from dmdr_rl import sample
-    from dmdr_rl.backbone import TrainableBackbone
+    from dmdr_rl.backbone import TrainableBackbone, transformer_velocity
     from dmdr_rl.export import export_student
     from dmdr_rl.samples import read_samples
     from dmdr_rl.trainer import LocalTrainer
@@ -107,9 +109,13 @@ def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(student.velocity(x, t, cond),
                                    resumed.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), rtol=1e-4, atol=1e-5)
-    export_student(tmp_path / "run", "lora", tmp_path / "lora")  # the LoRA file: the checkpoint's adapter, renamed
-    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
-    assert len(lora) == len(after) and all(name.startswith("transformer.") for name in lora)
+    # ... and as a diffusers LoRA file, which the base model loads as diffusers' own LoRAs
+    export_student(tmp_path / "run", "lora", tmp_path / "lora")
+    base = my_dit.build().transformer
+    base.load_lora_adapter(str(tmp_path / "lora"), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(transformer_velocity(base, x, t, cond),
+                                   resumed.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), rtol=1e-4, atol=1e-5)
 
 
 def test_a_full_fine_tune_and_gradient_checkpointing_train_the_page_s_backbone(user_dir, tmp_path):
@@ -125,6 +131,18 @@ def test_a_full_fine_tune_and_gradient_checkpointing_train_the_page_s_backbone(u
                if k.startswith("loss/"))
     after = dict(trainer.backbone.named_trainable_parameters(dmdr.GENERATOR))
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_the_page_s_backbone_moves_whole(user_dir):
+    """`to(device)` takes the text encoder along (`_modules`): on the meta device, which refuses any mix with CPU
+    tensors as CUDA does, prompts encode and the student samples there."""
+    import my_dit
+
+    backbone = my_dit.build().to("meta")
+    backbone.add_lora(dmdr.GENERATOR, 4, 4, TARGETS)
+    cond = backbone.encode(["a red circle", "a blue square"])
+    assert backbone.device == cond.tokens.device == cond.pooled.device == torch.device("meta")
+    assert backbone.sample_conditioned(cond, 2, 4.0, seed=0, adapter=dmdr.GENERATOR).device == torch.device("meta")
 
 
 HALF = '''
