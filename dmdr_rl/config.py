@@ -405,6 +405,11 @@ class OutputSection(_Section):
     log_every: int = Field(10, ge=1)  # generator steps between metric records (and the last step)
     sample_every: int = Field(200, ge=1)  # generator steps between sample grids (and the last step)
     checkpoint_every: int = Field(500, ge=1)  # generator steps between checkpoints (and the last step)
+    # generator steps between evaluations of the student during training (and the last step): the toy world's
+    # judge accuracy, analytic accuracy, FID, diversity and toy-align on fixed held-in prompts and seeds, logged
+    # as val/... metrics; null: none (the main job's closing evaluation, eval/..., is apart from these)
+    eval_every: Optional[int] = Field(None, ge=1)
+    eval_images: int = Field(64, ge=2)  # images per evaluation during training (few: a curve, not the table's numbers)
     wandb: Optional[WandbSpec] = None  # e.g. {project: dmdr}: the same metrics to a W&B run (one per training run)
 
     @field_validator("dir")
@@ -431,6 +436,13 @@ class StoreSection(_Section):
         from .store import check_store_url
 
         return None if value is None else check_store_url(value)
+
+
+def toy_evaluation_applies(cfg: "RunConfig") -> bool:
+    """The judge and the reference statistics know the toy world's scenes only: toy prompts at 32 px."""
+    from .toy.render import RESOLUTION
+
+    return cfg.data.prompts.startswith("toy:") and cfg.model.resolution == RESOLUTION
 
 
 class RunConfig(_Section):
@@ -476,6 +488,10 @@ class RunConfig(_Section):
                              "backend set ray.learner_gpus / ray.rollout_gpus (> 0 puts those actors on GPUs)")
         if self.rl.policy_gradient:
             self._check_policy_gradient()
+        if self.output.eval_every is not None and not toy_evaluation_applies(self):
+            raise ValueError(f"output.eval_every evaluates with the toy world's judge, which knows toy prompts at 32 px "
+                             f"only (data.prompts={self.data.prompts}, model.resolution={self.model.resolution}): set "
+                             "output.eval_every=null (the sample grids' reward scores, samples/<reward>, follow training)")
         for i, spec in enumerate(self.rewards):
             if spec.weight == 0 and not spec.monitor:
                 raise ValueError(f"rewards.{i} ({spec.name}) has weight 0 and monitor false, so it would never be "

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .algo import finite_mean
+from .conditioning import Conditioning
 from .grid import save_grid
 from .seeds import image_seeds
 from .toy.analytic import analytic_accuracy
@@ -132,3 +133,32 @@ def evaluate(
         save_grid(images[:n], [m + p for m, p in zip(marks, prompts[:n])], grid_path)
         report["grid"] = str(grid_path)
     return report
+
+
+class TrainingEvaluation:
+    """The student evaluated during training (output.eval_every): the same held-in prompts and seeds each
+    time, so that its curves show the weights changing and nothing else. Their conditioning is encoded once,
+    by `encode` (the backbone's own, or a rollout worker's for a Ray learner, which has no text encoders)."""
+
+    SPLIT, SEED = "held-in", 0
+
+    def __init__(self, num_images: int, encode: Callable[[list[str]], Conditioning]):
+        from .toy.weights import load_align, load_judge
+
+        self.num_images = num_images
+        self.judge, self.align = load_judge(), load_align()
+        distinct = list(dict.fromkeys(prompts_of(PromptSplit(self.SPLIT).sample(num_images, self.SEED))))
+        self.row = {prompt: i for i, prompt in enumerate(distinct)}
+        self.cond = encode(distinct)
+
+    def __call__(self, sample_conditioned: Callable[[Conditioning, Sequence[int]], torch.Tensor], step: int) -> dict:
+        """The val/... metrics of the student `sample_conditioned(cond, seeds)` samples (images in [0, 1])."""
+        from .tracking import evaluation_scalars
+
+        def sample_fn(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+            return sample_conditioned(Conditioning.cat([self.cond[self.row[p] : self.row[p] + 1] for p in prompts]), seeds)
+
+        report = evaluate(sample_fn, self.SPLIT, self.num_images, self.SEED, self.judge, [self.align],
+                          desc=f"evaluating the student at step {step}")
+        return {key: value for key, value in evaluation_scalars(report, prefix="val").items() if key != "val/num_images"}
+

@@ -15,7 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from .config import available_presets, load_config
+from .config import available_presets, load_config, toy_evaluation_applies
 
 DEMO_PRESET = "toy-demo"
 
@@ -31,13 +31,6 @@ def demo_banner(cfg) -> str:
             f"training never sees. A short run shows the system at work, not a finished student: `--preset toy-dmdr` "
             f"trains one (600 steps; add trainer.backend=ray for the Ray runtime), and `python -m dmdr_rl.eval "
             f"--steps 32,4,1` evaluates the teacher it is distilled from.")
-
-
-def toy_evaluation_applies(cfg) -> bool:
-    """The judge and the reference statistics know the toy world's scenes only: toy prompts at 32 px."""
-    from .toy.render import RESOLUTION
-
-    return cfg.data.prompts.startswith("toy:") and cfg.model.resolution == RESOLUTION
 
 
 def train(preset: str, overrides: list[str], num_images: int) -> None:

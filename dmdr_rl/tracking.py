@@ -94,7 +94,7 @@ EVALUATION_NUMBERS = ("judge_accuracy", "judge_accuracy_by_category", "analytic_
                       "fid", "diversity", "rewards", "num_images")
 
 
-def evaluation_scalars(report: dict) -> dict[str, float]:
+def evaluation_scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
     """An evaluation report's numbers as flat keys: eval/fid, eval/rewards/toy-align, eval/judge_accuracy_by_category/..."""
     flat: dict[str, float] = {}
 
@@ -107,7 +107,7 @@ def evaluation_scalars(report: dict) -> dict[str, float]:
 
     for name in EVALUATION_NUMBERS:
         if name in report:
-            add(f"eval/{name}", report[name])
+            add(f"{prefix}/{name}", report[name])
     return flat
 
 

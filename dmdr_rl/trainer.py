@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import dmdr
 from .config import ConfigError, RunConfig, StudentSection, load_config
+from .evaluation import TrainingEvaluation
 from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state
 from .prompts import checked_prompt_source
@@ -101,6 +102,7 @@ class StepDuties(NamedTuple):
     log: bool
     sample: bool
     checkpoint: bool
+    evaluate: bool  # (its val/... metrics are logged with the step's: log is true then too)
 
     @property
     def shows_metrics(self) -> bool:
@@ -111,8 +113,10 @@ class StepDuties(NamedTuple):
 
 def step_duties(step: int, cfg: RunConfig) -> StepDuties:
     last = step == cfg.trainer.max_steps
-    return StepDuties(log=step % cfg.output.log_every == 0 or last, sample=step % cfg.output.sample_every == 0 or last,
-                      checkpoint=step % cfg.output.checkpoint_every == 0 or last)
+    evaluate = cfg.output.eval_every is not None and (step % cfg.output.eval_every == 0 or last)
+    return StepDuties(log=step % cfg.output.log_every == 0 or last or evaluate,
+                      sample=step % cfg.output.sample_every == 0 or last,
+                      checkpoint=step % cfg.output.checkpoint_every == 0 or last, evaluate=evaluate)
 
 
 def loss_postfix(metrics: dict[str, float]) -> dict[str, str]:
@@ -179,6 +183,8 @@ class LocalTrainer:
         rewards = list(rewards) if rewards is not None else build_rewards(cfg)
         self.learner = DMDRLearner(self.backbone, cfg, rewards)
         self.grid_prompts = self.prompts.batch(-1, GRID_PROMPTS)
+        self.evaluation = (TrainingEvaluation(cfg.output.eval_images, self.backbone.encode)
+                           if cfg.output.eval_every is not None else None)
         self._rollout_times: list[dmdr.Elapsed] = []
 
     @property
@@ -232,6 +238,8 @@ class LocalTrainer:
                     bar.update(1)
                     step = ending["generator_step"] = self.generator_step
                     duties = step_duties(step, cfg)
+                    if duties.evaluate:
+                        metrics.update(self.evaluation(self.sample_conditioned, step))
                     if duties.log:
                         log.write(step, metrics)
                         bar.set_postfix(loss_postfix(metrics))
@@ -252,7 +260,10 @@ class LocalTrainer:
     def sample(self, prompts: Sequence[str], seed: int | Sequence[int]) -> torch.Tensor:
         """Student images in [0, 1]: K steps of the generator adapter, no guidance; `seed` one for the
         batch or one per image."""
-        return student_images(self.backbone, self.backbone.encode(prompts), self.cfg.student, seed)
+        return self.sample_conditioned(self.backbone.encode(prompts), seed)
+
+    def sample_conditioned(self, cond, seed: int | Sequence[int]) -> torch.Tensor:
+        return student_images(self.backbone, cond, self.cfg.student, seed)
 
     def save_samples(self) -> StepSamples:
         """The sample grid (PNG) and the same samples as data (Parquet, with every reward's score)."""

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from actors.coordinator import ACTOR_ERRORS, StaleLearnerError
 from dmdr_rl import dmdr
 from dmdr_rl.config import RunConfig
+from dmdr_rl.evaluation import TrainingEvaluation
 from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
@@ -361,6 +362,9 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     backbone.set_null(ask_a_worker(coordinator, "null_conditioning", **ask))
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, **ask) if rank == 0 else None
+    evaluation = (TrainingEvaluation(cfg.output.eval_images, lambda prompts: ask_a_worker(coordinator, "encode", prompts,
+                                                                                         **ask))
+                  if rank == 0 and cfg.output.eval_every is not None else None)
     if rank == 0:
         publish_generator(coordinator, learner)
     if world > 1:
@@ -389,6 +393,8 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
             duties = step_duties(step, cfg)
             metrics = metrics_leaving(metrics, duties, world,
                                       lambda shard: mean_over_ranks(shard, device, cfg.trainer.batch_size // world))
+            if duties.evaluate and evaluation is not None:  # (rank 0's, after the ranks' metrics are averaged)
+                metrics.update(evaluation(lambda cond, seeds: student_images(backbone, cond, cfg.student, seeds), step))
             if duties.log and log is not None:
                 log.write(step, metrics)
             if rank == 0 and duties.sample:

@@ -38,11 +38,12 @@ def _config(out, preset="toy-dmdr", **extra):
 
 def _losses(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], {k: v for k, v in r.items() if k.startswith("loss/") or k.startswith("reward/")}) for r in rows]
+    return [(r["step"], {k: v for k, v in r.items() if k.startswith(("loss/", "reward/", "val/"))}) for r in rows]
 
 
 @pytest.mark.parametrize("preset, extra, reward_loss", [
-    ("toy-dmdr", {}, "loss/reward/toy-align"),
+    # (and evaluated during training: the same val/ metrics from a Ray learner, whose prompts a worker encodes)
+    ("toy-dmdr", {"output.eval_every": 2, "output.eval_images": 8}, "loss/reward/toy-align"),
     # policy-gradient RL: grouped prompts, each step's x carried through the object store to the learner
     ("toy-dmdr-grpo", {"rl.group_size": 2, "student.steps": 3}, "loss/policy"),
 ], ids=["refl", "grpo"])
@@ -55,6 +56,7 @@ def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray, p
     assert [s for s, _ in local] == [s for s, _ in distributed] == [1, 2, 3]
     assert reward_loss in local[2][1] and local[2][1]["reward/toy-align"] == pytest.approx(
         distributed[2][1]["reward/toy-align"], rel=1e-4)
+    assert [s for s, m in local if "val/judge_accuracy" in m] == ([2, 3] if "output.eval_every" in extra else [])
     for (_, a), (_, b) in zip(local, distributed):
         assert a.keys() == b.keys()
         for key in a:

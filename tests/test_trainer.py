@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import tiny_run
 from dmdr_rl import dmdr
-from dmdr_rl.config import RewardSpec, load_config
+from dmdr_rl.config import ConfigError, RewardSpec, load_config
 from dmdr_rl.toy.teacher import ToyBackbone, create_teacher_transformer
 from dmdr_rl.toy.text import ToyTextEncoder
 from dmdr_rl.trainer import LocalTrainer, find_run
@@ -135,6 +135,36 @@ def test_sample_grids_and_their_mean_scores_reach_tensorboard(tmp_path):
     scores = events.Scalars("samples/toy-align")
     assert [s.step for s in scores] == [1, 2]
     assert scores[1].value == pytest.approx(table["reward/toy-align"].mean(), rel=1e-6)
+
+
+def test_the_student_evaluated_during_training_is_the_student_of_that_step_and_changes_no_training_draw(tmp_path):
+    """val/ metrics at every output.eval_every steps and the last: the toy evaluation of the weights of that
+    step (the same numbers as evaluating its checkpoint afterwards), with the losses of a run without them."""
+    from dmdr_rl.evaluation import TrainingEvaluation, evaluate
+    from dmdr_rl.toy.weights import load_align, load_judge
+
+    def rows(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    LocalTrainer(load_config("toy-dmdr", tiny_run(f"output.dir={plain}", "trainer.max_steps=3"))).train()
+    trainer = LocalTrainer(load_config("toy-dmdr", tiny_run(f"output.dir={evaluated}", "trainer.max_steps=3",
+                                                             "output.eval_every=2", "output.eval_images=8")))
+    trainer.train()
+    assert [{k: v for k, v in r.items() if k.startswith("loss/")} for r in rows(evaluated)] == [
+        {k: v for k, v in r.items() if k.startswith("loss/")} for r in rows(plain)]
+    assert [r["step"] for r in rows(evaluated) if "val/judge_accuracy" in r] == [2, 3]
+    last = rows(evaluated)[-1]
+    report = evaluate(trainer.sample, TrainingEvaluation.SPLIT, 8, TrainingEvaluation.SEED, load_judge(), [load_align()])
+    assert (last["val/judge_accuracy"], last["val/fid"]) == (report["judge_accuracy"], pytest.approx(report["fid"]))
+    assert last["val/rewards/toy-align"] == pytest.approx(report["rewards"]["toy-align"])
+
+
+def test_evaluating_during_training_is_refused_where_the_toy_judge_does_not_apply(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(ConfigError, match=r"output.eval_every evaluates with the toy world's judge.*data.prompts="):
+        load_config("toy-dmdr", [f"data.prompts={prompts}", "output.eval_every=10"])
 
 
 @pytest.mark.parametrize("size,tile", [(32, (128, 128)), (300, (300, 300)), (1024, (512, 512)), ((512, 1024), (256, 512))])
