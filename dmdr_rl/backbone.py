@@ -211,6 +211,27 @@ def _set_lora_state(layers: list, state: list[tuple]) -> None:
 
 
 @contextlib.contextmanager
+def _lora_scaled(layers: list, scale: float):
+    """The active adapters' LoRA scaling times `scale` for one call, then exactly as before. diffusers' SD3
+    does the same inside its forward for `joint_attention_kwargs={"scale": s}`; done here, any transformer
+    gets it, and a custom one cannot take the argument and ignore it (the critic's fake and real scores would
+    silently be its adapter at scale 1)."""
+    if scale == 1.0:
+        yield
+        return
+    before = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for adapter in layer.active_adapters:
+            if adapter in layer.scaling:
+                layer.scaling[adapter] *= scale
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, before):
+            layer.scaling.update(scaling)
+
+
+@contextlib.contextmanager
 def _adapters_off(layers: list):
     """The LoRA layers run their base layer alone: the base's exact output (an adapter at scale 0 adds
     exact zeros) without the adapters' matmuls, input casts and saved activations."""
@@ -445,8 +466,12 @@ class TransformerBackbone:
 
     def _lora_forward(self, adapter: str, scale: float):
         self._activate(adapter)
-        kwargs = {"joint_attention_kwargs": {"scale": scale}}
-        return lambda x_t, t, cond: _in_module_precision(self.transformer, x_t, t, cond, **kwargs)
+
+        def forward(x_t, t, cond):
+            with _lora_scaled(self._lora_layers, scale):
+                return _in_module_precision(self.transformer, x_t, t, cond)
+
+        return forward
 
     def _base_forward(self):
         def forward(x_t, t, cond):

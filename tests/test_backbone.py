@@ -132,6 +132,26 @@ def test_lora_scale_interpolates_the_adapter_contribution(backbone):
         assert ((v[s] - v[0.0]).abs().mean() / unit).item() == pytest.approx(s, rel=0.1)
 
 
+def test_a_calls_lora_scale_is_applied_to_the_layers_for_that_call_only(backbone):
+    """The backbone scales the adapters itself (no joint_attention_kwargs for the transformer to honour or
+    ignore) and puts every layer's scaling back exactly, also when the call fails."""
+    backbone.add_lora("critic", rank=4, alpha=4)
+    _perturb(backbone, "critic")
+    x, t, cond = _inputs(backbone)
+    layers = backbone._lora_layers
+    before = [dict(layer.scaling) for layer in layers]
+    seen = []
+    hook = layers[0].register_forward_pre_hook(lambda module, args: seen.append(module.scaling["critic"]))
+    try:
+        with torch.no_grad():
+            backbone.velocity(x, t, cond, adapter="critic", scale=0.37)
+            with pytest.raises(RuntimeError):
+                backbone.velocity(x[:, :1], t, cond, adapter="critic", scale=0.37)  # (a wrong shape: the call fails)
+    finally:
+        hook.remove()
+    assert seen[0] == pytest.approx(0.37 * before[0]["critic"]) and [dict(layer.scaling) for layer in layers] == before
+
+
 def test_cfg_is_the_guided_combination(backbone):
     x, t, cond = _inputs(backbone)
     with torch.no_grad():
