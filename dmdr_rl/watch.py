@@ -4,8 +4,8 @@
     python -m dmdr_rl.watch toy-dmdr --store redis://127.0.0.1:6380/0       # a run by name in a Redis store
     python -m dmdr_rl.watch runs/toy-dmdr --once                            # print one snapshot and exit
 
-Shows the generator step, throughput, losses, rewards, staleness, the step-time split and the newest
-sample grid, refreshed in place every `--interval` seconds until the run's last step is reached.
+Shows the generator step, throughput, losses, rewards, staleness, the step-time split, the newest
+evaluation during training (output.eval_every) and the newest sample grid, refreshed in place every `--interval` seconds until the run's last step is reached.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
         values = {k: v for k, v in last.items() if k.startswith(prefix) and isinstance(v, (int, float))}
         if values:
             lines.append("  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+    evaluated = next((row for row in reversed(rows[restart:]) if any(k.startswith("val/") for k in row)), None)
+    if evaluated is not None:  # (every output.eval_every steps: not in most rows)
+        values = {k: v for k, v in evaluated.items() if k.startswith("val/") and "_by_" not in k}
+        lines.append(f"  evaluated at step {evaluated['step']}: "
+                     + "  ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
     if run_dir is not None:
         grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
         if grids:

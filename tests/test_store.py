@@ -509,7 +509,22 @@ def test_watch_measures_the_rate_since_a_learner_restart(tmp_path):
     for step, when in [(7, 101.0), (8, 102.0)]:
         store.append("metrics", {"step": step, "time": when})
     text, _ = snapshot(store, tmp_path, 10)
-    assert "generator step 8/10   1.000 steps/s" in text
+    assert "generator step 8/10   1.000 steps/s" in text and "evaluated" not in text
+
+
+def test_watch_shows_the_newest_evaluation_during_training(tmp_path):
+    """val/ metrics come every output.eval_every steps: the newest is shown whichever row is last."""
+    from dmdr_rl.trainer import write_run_config
+    from dmdr_rl.watch import snapshot
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+    store = FileStore(tmp_path)
+    for step in (1, 2, 3):
+        store.append("metrics", {"step": step, "time": float(step), "loss/dmd": 0.5,
+                                 **({"val/judge_accuracy": 0.625, "val/fid": 301.5,
+                                     "val/judge_accuracy_by_category/single/colour": 1.0} if step == 2 else {})})
+    text, _ = snapshot(store, tmp_path, 10)
+    assert "  evaluated at step 2: val/fid=301.5  val/judge_accuracy=0.625\n" in text + "\n"
 
 
 def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place(tmp_path, redis_server):
