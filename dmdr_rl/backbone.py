@@ -178,7 +178,7 @@ def missing_backbone_members(backbone: object) -> list[str]:
 def checkpoint_with_adapters(block: torch.nn.Module, *args):
     """Activation checkpointing of one block that recomputes it with the LoRA state of its forward pass.
     The backward pass runs after other calls have switched the active adapter (the critic's scores follow
-    the generator's prediction) and after diffusers has put the LoRA scale back; plain checkpointing would
+    the generator's prediction) and after `_lora_scaled` has put the LoRA scale back; plain checkpointing would
     recompute the block with those, and give wrong gradients."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 

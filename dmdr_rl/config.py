@@ -53,7 +53,7 @@ class LoraSpec(_Section):
 
 
 class ModelSection(_Section):
-    """The backbone: the teacher's weights, which the generator and the critic share as their frozen base."""
+    """The backbone: the teacher, whose frozen weights the critic's and a LoRA generator's adapters share."""
 
     backbone: str = "toy"  # a registered backbone name or an import path "package.module:factory"
     path: Optional[str] = None  # weights directory or hub id; null = the backbone's default
@@ -188,8 +188,10 @@ class RewardServeSpec(_Section):
     # (3 per replica, at most 20). Each is a fresh process loading the model: 1 says at once what is wrong
     constructor_retries: Optional[int] = Field(None, ge=1)
     timeout_s: float = Field(120.0, gt=0)  # how long the client waits for one request's answer
-    retries: int = Field(3, ge=0)  # a failed request's tries after the first, with exponential backoff
-    backoff_s: float = Field(0.5, ge=0)  # the first retry's wait, doubled at each retry
+    # tries after the first of a request that failed on the way (a timeout, a lost connection or replica), with
+    # exponential backoff; an error of the model's own, or of its input, is raised at once
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)  # the first retry's wait, doubled at each retry up to 10 s
     # pixels (images x height x width) one HTTP request may carry (2^24: 64 images of 512 px, 16 of 1024);
     # bounds what a small PNG can decode to, and the body read (32 bytes a pixel: float64 .npy in base64)
     http_max_pixels: int = Field(2**24, ge=1)
@@ -402,7 +404,7 @@ class OutputSection(_Section):
     """What a run writes, how often, and where."""
 
     dir: str = Field("runs/{name}", min_length=1)  # the run directory; {name}: the run's name
-    log_every: int = Field(10, ge=1)  # generator steps between metric records (and the last step)
+    log_every: int = Field(10, ge=1)  # generator steps between metric records (and the last step, and eval_every's)
     sample_every: int = Field(200, ge=1)  # generator steps between sample grids (and the last step)
     checkpoint_every: int = Field(500, ge=1)  # generator steps between checkpoints (and the last step)
     # generator steps between evaluations of the student during training (and the last step): the toy world's
@@ -440,7 +442,7 @@ class StoreSection(_Section):
 
 def toy_evaluation_applies(cfg: "RunConfig") -> bool:
     """The judge and the reference statistics know the toy world's scenes only: toy prompts at 32 px."""
-    from .toy.render import RESOLUTION
+    from .toy.scene import RESOLUTION
 
     return cfg.data.prompts.startswith("toy:") and cfg.model.resolution == RESOLUTION
 
@@ -491,7 +493,7 @@ class RunConfig(_Section):
         if self.output.eval_every is not None and not toy_evaluation_applies(self):
             raise ValueError(f"output.eval_every evaluates with the toy world's judge, which knows toy prompts at 32 px "
                              f"only (data.prompts={self.data.prompts}, model.resolution={self.model.resolution}): set "
-                             "output.eval_every=null (the sample grids' reward scores, samples/<reward>, follow training)")
+                             "output.eval_every=null (the sample grids' reward scores, samples/reward/<reward>, follow training)")
         for i, spec in enumerate(self.rewards):
             if spec.weight == 0 and not spec.monitor:
                 raise ValueError(f"rewards.{i} ({spec.name}) has weight 0 and monitor false, so it would never be "

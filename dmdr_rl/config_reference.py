@@ -159,7 +159,8 @@ def section_rows(model: type[BaseModel], prefix: str, defaults: BaseModel | None
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Text in a table cell: a | ends the cell, and <name> would be read as an HTML tag and not shown."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def reference() -> str:

@@ -73,6 +73,10 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         model = cfg.model.model_copy(update={"kwargs": {k: v for k, v in cfg.model.kwargs.items() if k != "dtype"}})
         backbone, cfg, checkpoint = load_generator(run, model, "fp32", encoders=False)
         out.mkdir(parents=True, exist_ok=True)
+        if not hasattr(backbone, "standalone_transformer"):
+            raise ConfigError(f"model.backbone={cfg.model.backbone!r} builds a {type(backbone).__name__}, which has no "
+                              "standalone_transformer(name) to export a whole transformer from: export --format lora, "
+                              "or give the backbone that method (TransformerBackbone has it)")
         student, target = backbone.standalone_transformer(dmdr.GENERATOR), getattr(torch, dtype)
         if student.dtype != target:
             student = student.to(target)

@@ -252,11 +252,13 @@ def main(argv: list[str] | None = None) -> None:
                              f"toy world on a local Ray); presets: {', '.join(available_presets())}")
     parser.add_argument("--num-images", type=int, default=256,
                         help="images per evaluated setting (default 256; the README's numbers use 1000)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config and its plugins, print the plan, and start nothing")
-    parser.add_argument("--show-config", action="store_true",
-                        help="print the whole config (preset, base files, overrides and every default) as YAML, which "
-                             "--preset takes back, and start nothing (each field: docs/config.md)")
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument("--dry-run", action="store_true",
+                         help="validate the config and its plugins, print the plan, and start nothing")
+    instead.add_argument("--show-config", action="store_true",
+                         help="print the whole config (preset, base files, overrides and every default) as YAML, which "
+                              "--preset takes back (a store password left out), and start nothing (each field: "
+                              "docs/config.md)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     if args.num_images < 2:

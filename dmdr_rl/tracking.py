@@ -91,7 +91,8 @@ def _password_in_argv(cfg: RunConfig) -> bool:
 
 
 EVALUATION_NUMBERS = ("judge_accuracy", "judge_accuracy_by_category", "analytic_accuracy", "analytic_accuracy_by_attribute",
-                      "fid", "diversity", "rewards", "num_images")
+                      "fid", "diversity", "rewards", "num_images",
+                      "nonfinite_images", "rewards_nonfinite")  # (only when some were: diverged images count 0)
 
 
 def evaluation_scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
@@ -132,6 +133,8 @@ def record_evaluation(cfg: RunConfig, directory: Path, report: dict, step: int, 
                     writer.add_image("eval/grid", np.asarray(image.convert("RGB")), step, dataformats="HWC")
         finally:
             writer.close()
+    if not (directory / "wandb" / RUN_ID_FILE).exists():  # no W&B run trained (W&B could not start, or none asked)
+        return  # (not a W&B run of the summary alone, which a resume would then continue)
     run = open_wandb_run(cfg, directory)
     if run is None:
         return

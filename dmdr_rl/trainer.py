@@ -71,8 +71,8 @@ class MetricsLog:
 
     def write_samples(self, step: int, samples: StepSamples) -> None:
         """The step's sample grid and its mean reward scores to TensorBoard and W&B (`samples/grid`,
-        `samples/<reward>`); the run directory has them already (samples/step_N.png and .parquet)."""
-        scalars = {f"samples/{key}": value for key, value in samples.scores.items()}
+        `samples/reward/<reward>`); the run directory has them already (samples/step_N.png and .parquet)."""
+        scalars = {f"samples/reward/{key}": value for key, value in samples.scores.items()}
         if self.tensorboard is not None:
             with Image.open(samples.grid) as grid:
                 self.tensorboard.add_image("samples/grid", np.asarray(grid.convert("RGB")), step, dataformats="HWC")

@@ -333,6 +333,7 @@ def test_loading_a_config_imports_no_ray():
 
     code = ("import sys\nfrom dmdr_rl.config import RunConfig, load_config\n"
             "RunConfig.model_validate(load_config('sd3-medium-dmdr').model_dump(mode='json'))\n"  # (as a saved config)
+            "load_config('toy-dmdr', ['output.eval_every=10'])\n"  # (whose check knows the toy images' size)
             "print(sorted(m for m in ('ray', 'ray.serve', 'torch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

@@ -47,3 +47,8 @@ def test_check_says_how_to_bring_the_page_up_to_date(tmp_path, monkeypatch):
     main(["--write"])
     main(["--check"])  # (current now)
     assert stale.read_text() == reference()
+
+
+def test_placeholders_in_words_are_shown_not_read_as_html():
+    """GitHub drops what looks like an HTML tag: toy:<split> would read toy: in a table cell."""
+    assert "toy:&lt;split&gt;" in reference() and "toy:<split>" not in reference().split("## data")[1]

@@ -12,6 +12,7 @@ import torch
 
 from conftest import tiny_run
 from dmdr_rl import dmdr
+from dmdr_rl.backbone import TransformerBackbone
 from dmdr_rl.config import ConfigError, load_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom-backbone.md"
@@ -48,7 +49,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_path):
+def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_path, monkeypatch):
     import my_dit
 
     from dmdr_rl import sample
@@ -109,6 +110,11 @@ def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(student.velocity(x, t, cond),
                                    resumed.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), rtol=1e-4, atol=1e-5)
+    # a backbone class without standalone_transformer cannot give a whole transformer: said, naming the way out
+    with monkeypatch.context() as patched, pytest.raises(ConfigError, match=r"no standalone_transformer\(name\).*"
+                                                                             r"export --format lora"):
+        patched.delattr(TransformerBackbone, "standalone_transformer")
+        export_student(tmp_path / "run", "transformer", tmp_path / "export-2")
     # ... and as a diffusers LoRA file, which the base model loads as diffusers' own LoRAs
     export_student(tmp_path / "run", "lora", tmp_path / "lora")
     base = my_dit.build().transformer

@@ -61,8 +61,8 @@ def test_a_run_logs_its_metrics_to_one_wandb_run_which_a_resumed_run_continues(t
     assert (out / "wandb" / "run-id").read_text().strip() == "run0"
     (step, samples), = [(step, values) for step, values in wandb.runs[0].logged if "samples/grid" in values]
     grid = out / "samples" / "step_000002.png"  # (the last step's, as every run's)
-    assert (step, samples["samples/grid"].path, sorted(samples)) == (2, str(grid), ["samples/grid", "samples/toy-align"])
-    assert samples["samples/toy-align"] == pytest.approx(
+    assert (step, samples["samples/grid"].path, sorted(samples)) == (2, str(grid), ["samples/grid", "samples/reward/toy-align"])
+    assert samples["samples/reward/toy-align"] == pytest.approx(
         read_samples(out / "samples" / "step_000002.parquet").to_pandas()["reward/toy-align"].mean(), rel=1e-6)
 
     resumed = load_config("toy-dmdr", [*overrides, "trainer.max_steps=4", f"trainer.resume_from={out}"])
@@ -149,3 +149,16 @@ def test_the_main_jobs_evaluation_goes_to_the_runs_w_and_b_summary_and_tensorboa
     assert [(s.step, s.value) for s in events.Scalars("eval/fid")] == [(2, pytest.approx(report["fid"], rel=1e-6))]
     assert [image.step for image in events.Images("eval/grid")] == [2]
 
+
+
+def test_a_closing_evaluation_starts_no_w_and_b_run_of_its_own(tmp_path, monkeypatch, capsys):
+    """W&B could not start for the training: the evaluation after it neither warns again nor makes a W&B run of
+    its summary alone (a resume would continue that one)."""
+    from dmdr_rl import run
+
+    wandb = _FakeWandb(fails=True)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    run.train("toy-dmdr", tiny_run("trainer.backend=local", f"output.dir={out}", "output.wandb={project: p}"), 8)
+    assert len(wandb.inits) == 1 and capsys.readouterr().out.count("W&B could not start") == 1
+    assert (out / "eval" / "report.json").exists() and not (out / "wandb" / "run-id").exists()

@@ -132,7 +132,7 @@ def test_sample_grids_and_their_mean_scores_reach_tensorboard(tmp_path):
     with Image.open(out / "samples" / "step_000002.png") as png:
         assert (grids[1].width, grids[1].height) == png.size
     table = read_samples(out / "samples" / "step_000002.parquet").to_pandas()
-    scores = events.Scalars("samples/toy-align")
+    scores = events.Scalars("samples/reward/toy-align")
     assert [s.step for s in scores] == [1, 2]
     assert scores[1].value == pytest.approx(table["reward/toy-align"].mean(), rel=1e-6)
 

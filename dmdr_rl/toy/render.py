@@ -14,9 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .scene import COLOURS, POSITIONS, PairScene, Scene, SingleScene, ToyObject
+from .scene import COLOURS, POSITIONS, RESOLUTION, PairScene, Scene, SingleScene, ToyObject
 
-RESOLUTION = 32
 _SMALL_RADIUS, _LARGE_RADIUS, _PAIR_RADIUS = 4.6, 8.0, 4.6
 # Per polygon: sides, upright rotation, and the scale from the nominal radius to its circumradius (so that
 # shapes look equally big).

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+RESOLUTION = 32  # the side of every toy image, in pixels (here, not in the renderer: the config reads it without torch)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.15, 0.12),
