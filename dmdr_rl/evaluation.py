@@ -19,6 +19,7 @@ from .toy.analytic import analytic_accuracy
 from .toy.grammar import PromptSplit, prompts_of
 from .toy.metrics import judge_feature_statistics, judge_verdicts, summarise_verdicts
 from .toy.render import render_batch
+from .tracking import evaluation_scalars
 
 # sample_fn(prompts, seeds) -> images [B, 3, H, W] in [0, 1], image i from seeds[i] alone
 SampleFn = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
@@ -153,12 +154,9 @@ class TrainingEvaluation:
 
     def __call__(self, sample_conditioned: Callable[[Conditioning, Sequence[int]], torch.Tensor], step: int) -> dict:
         """The val/... metrics of the student `sample_conditioned(cond, seeds)` samples (images in [0, 1])."""
-        from .tracking import evaluation_scalars
-
         def sample_fn(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
             return sample_conditioned(Conditioning.cat([self.cond[self.row[p] : self.row[p] + 1] for p in prompts]), seeds)
 
         report = evaluate(sample_fn, self.SPLIT, self.num_images, self.SEED, self.judge, [self.align],
                           desc=f"evaluating the student at step {step}")
         return {key: value for key, value in evaluation_scalars(report, prefix="val").items() if key != "val/num_images"}
-

@@ -112,6 +112,15 @@ def evaluation_scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
     return flat
 
 
+def add_png_image(writer, tag: str, path: Path, step: int) -> None:
+    """A PNG file (a sample or evaluation grid) as a TensorBoard image."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+
 def record_evaluation(cfg: RunConfig, directory: Path, report: dict, step: int, grid: Path | None) -> None:
     """The run's closing evaluation beside its training curves: TensorBoard scalars (and the grid) at the
     last generator step; in W&B the run's summary (what its runs table compares) of the same run, continued."""
@@ -126,11 +135,7 @@ def record_evaluation(cfg: RunConfig, directory: Path, report: dict, step: int, 
             for key, value in scalars.items():
                 writer.add_scalar(key, value, step)
             if grid is not None:
-                import numpy as np
-                from PIL import Image
-
-                with Image.open(grid) as image:
-                    writer.add_image("eval/grid", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+                add_png_image(writer, "eval/grid", grid, step)
         finally:
             writer.close()
     if not (directory / "wandb" / RUN_ID_FILE).exists():  # no W&B run trained (W&B could not start, or none asked)
@@ -144,4 +149,3 @@ def record_evaluation(cfg: RunConfig, directory: Path, report: dict, step: int, 
         run.summary.update({**scalars, **({"eval/grid": wandb.Image(str(grid), caption="evaluation")} if grid else {})})
     finally:
         run.finish(exit_code=0)
-

@@ -15,14 +15,13 @@ import threading
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import dmdr
+from .algo import finite_mean
 from .config import ConfigError, RunConfig, StudentSection, load_config
 from .evaluation import TrainingEvaluation
 from .grid import save_grid
@@ -34,7 +33,7 @@ from .seeds import image_seeds
 from .samples import write_samples
 from .store import (EARLIER_RUNS, RunLock, directory_written_whole, open_store, readable_as_umask_allows, run_events,
                     set_aside_earlier_run, write_text_whole)
-from .tracking import open_wandb_run, require_trackers
+from .tracking import add_png_image, open_wandb_run, require_trackers
 
 GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
@@ -74,8 +73,7 @@ class MetricsLog:
         `samples/reward/<reward>`); the run directory has them already (samples/step_N.png and .parquet)."""
         scalars = {f"samples/reward/{key}": value for key, value in samples.scores.items()}
         if self.tensorboard is not None:
-            with Image.open(samples.grid) as grid:
-                self.tensorboard.add_image("samples/grid", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+            add_png_image(self.tensorboard, "samples/grid", samples.grid, step)
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
@@ -299,8 +297,7 @@ def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Seque
     with torch.no_grad():
         scores = {reward.spec.key: reward.model.score(images, list(prompts)) for reward in rewards}
     write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seeds, step, step, scores, source="grid")
-    means = {key: float(values[torch.isfinite(values)].float().mean()) for key, values in scores.items()
-             if torch.isfinite(values).any()}
+    means = {key: float(finite_mean(values.float())) for key, values in scores.items() if torch.isfinite(values).any()}
     return StepSamples(save_grid(images, prompts, out / "samples" / f"step_{step:06d}.png"), means)
 
 
