@@ -702,7 +702,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
                 default = fields[part].default if fields is not None else None
                 hint = f"; the default is {default!r}" if isinstance(default, str) else ""
                 raise ConfigError(f"override {key!r}: {key} needs a value (it cannot be null{hint}); for the text "
-                                  f"{raw.strip()!r} write {key}='{raw.strip()}'")
+                                  f"{raw.strip()!r} write \"{key}='{raw.strip()}'\" (the shell keeps the inner quotes)")
             node[slot] = value
         else:
             node = node[slot]

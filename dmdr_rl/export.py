@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported the student ({args.format}) to {args.out.resolve()}")
     if settings["backbone"] != "sd3":  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline
         print(f"(a {settings['backbone']} student: sample it with `python -m dmdr_rl.sample --run {args.run} --prompt TEXT`; "
-              f"the files hold its transformer in diffusers' format)")
+              f"the files hold its {'LoRA' if args.format == 'lora' else 'transformer'} in diffusers' format)")
         return
     load = ("pipe.load_lora_weights(out)" if args.format == "lora" else
             "pipe.transformer = SD3Transformer2DModel.from_pretrained(out)")

@@ -58,7 +58,8 @@ def checked_prompt_source(cfg) -> PromptSource:
     from reward_servers.registry import REWARDS
 
     source = PromptSource(cfg.data.prompts, cfg.trainer.seed)
-    check_model(cfg.model, source.prompts or (), loads_here=cfg.trainer.backend == "local")  # (Ray: on the workers)
+    check_model(cfg.model, source.prompts or (), loads_here=cfg.trainer.backend == "local",  # (Ray: on the workers)
+                precision=cfg.trainer.precision)
     for spec in cfg.rewards:  # e.g. toy-align must read every prompt as a scene
         REWARDS.check(spec.name, prompts=source.prompts or ())
     return source

@@ -227,15 +227,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _factory_options(model, precision: str) -> tuple[dict, str]:
+    """The options a backbone factory gets besides path, resolution and encoders (model.kwargs, and bf16's dtype),
+    and where a user fixes one it does not take."""
+    kwargs = dict(model.kwargs)
+    if precision == "bf16":
+        kwargs.setdefault("dtype", "bfloat16")
+    return kwargs, "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
+
+
 def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts",
-                lora_targets: Mapping[str, Sequence[str]] | None = None, loads_here: bool = False) -> None:
-    """What the config's backbone can refuse before anything is built: its options, prompts it cannot encode,
-    and LoRA targets (config field -> module names) its model lacks; `loads_here`: the model is to load in this
-    process, so its files must be on this machine."""
-    BACKBONES.check_options(model.backbone, where="model.kwargs", field="model.backbone", path=model.path,
-                            resolution=model.resolution, encoders=True, **model.kwargs)
-    if "dtype" in model.kwargs:
-        torch_dtype(model.kwargs["dtype"])
+                lora_targets: Mapping[str, Sequence[str]] | None = None, loads_here: bool = False,
+                precision: str = "fp32") -> None:
+    """What the config's backbone can refuse before anything is built: its options (with `precision`'s, as
+    `build_backbone` passes them), prompts it cannot encode, and LoRA targets (config field -> module names)
+    its model lacks; `loads_here`: the model is to load in this process, so its files must be on this machine."""
+    kwargs, where = _factory_options(model, precision)
+    BACKBONES.check_options(model.backbone, where=where, field="model.backbone", path=model.path,
+                            resolution=model.resolution, encoders=True, **kwargs)
+    if "dtype" in kwargs:
+        torch_dtype(kwargs["dtype"])
     BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from,
                     lora_targets=lora_targets, loads_here=loads_here)
 
@@ -260,10 +271,7 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32", device
     The factory is called as `factory(path=model.path, resolution=model.resolution, encoders=encoders,
     **model.kwargs)`, with `dtype="bfloat16"` added under bf16 unless model.kwargs sets it; what it returns must
     be a `TrainableBackbone` (`check_backbone`)."""
-    kwargs = dict(model.kwargs)
-    if precision == "bf16":
-        kwargs.setdefault("dtype", "bfloat16")
-    where = "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
+    kwargs, where = _factory_options(model, precision)
     backbone = BACKBONES.build(model.backbone, where=where, field="model.backbone", path=model.path, resolution=model.resolution,
                                encoders=encoders, **kwargs)
     check_backbone(backbone, model.backbone)

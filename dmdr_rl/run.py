@@ -78,7 +78,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
               f"(data.prompts={cfg.data.prompts}, model.resolution={cfg.model.resolution}): skipped. Sample the student "
               f"with `python -m dmdr_rl.sample --run {out} --prompt TEXT`, or take an SD3 student to diffusers with "
               f"`python -m dmdr_rl.export --run {out} --format lora --out DIR`.")
-        print(f"Outputs: {out.resolve()}")
+        print(run_outputs(cfg, evaluated=False))
         print(json_text(summary, indent=None), end="")
         return
     if sample_fn is None:
@@ -96,12 +96,22 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
           f"diversity {report['diversity']:.3f}, toy-align {report['rewards']['toy-align']:.3f}")
     if "fid_note" in report:
         print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
-    print(f"Outputs: {out.resolve()}")
-    print("  config.yaml, metrics.jsonl, tensorboard/, checkpoints/, eval/report.json, eval/grid.png, eval/samples.parquet"
-          + ", samples/" + (", ledger.jsonl, ray_train/, train_summary.json" if cfg.trainer.backend == "ray" else "")
-          + (f", wandb/ (W&B project {cfg.output.wandb.project}" + (f", {cfg.output.wandb.mode}" if cfg.output.wandb.mode
-                                                                      else "") + ")" if cfg.output.wandb else ""))
+    print(run_outputs(cfg, evaluated=True))
     print(json_text(summary, indent=None), end="")
+
+
+def run_outputs(cfg, evaluated: bool) -> str:
+    """Where the run went and what it wrote there (docs/training.md, "What a run writes")."""
+    from .store import redact_url
+
+    ray, wandb = cfg.trainer.backend == "ray", cfg.output.wandb
+    records = ["metrics", "events", *(["ledger"] if ray else [])]  # the run store's: files, or Redis
+    files = ["config.yaml", *([f"{name}.jsonl" for name in records] if cfg.store.url is None else []), "tensorboard/",
+             "checkpoints/", "samples/", *(["eval/report.json", "eval/grid.png", "eval/samples.parquet"] if evaluated else []),
+             *(["ray_train/", "train_summary.json"] if ray else []),
+             *([f"wandb/ (W&B project {wandb.project}" + (f", {wandb.mode}" if wandb.mode else "") + ")"] if wandb else [])]
+    stored = f"\n  {', '.join(records)} in {redact_url(cfg.store.url)}" if cfg.store.url else ""
+    return f"Outputs: {cfg.output_dir.resolve()}\n  " + ", ".join(files) + stored
 
 
 def _warnings(cfg) -> list[str]:
@@ -162,20 +172,20 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         checked_prompt_source(cfg)
         prompt_note = "checked"
     else:
-        check_model(cfg.model)
+        check_model(cfg.model, precision=cfg.trainer.precision)
         prompt_note = "not on this machine: checked when the run starts"
     lora_targets = {f"{section}.lora.targets": lora.targets for section, lora in (("student", cfg.student.lora),
                     ("critic", cfg.critic.lora)) if lora is not None and lora.targets}
     if lora_targets:  # against the model's config (no weights), where it is on this machine
-        check_model(cfg.model, lora_targets=lora_targets)
+        check_model(cfg.model, lora_targets=lora_targets, precision=cfg.trainer.precision)
     cpus, gpus = resources_needed(cfg)
     rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
                         f"weight {s.weight:g})" for s in cfg.rewards) or "none"
     return "\n".join([
         f"dry run of {cfg.name!r}: the config is valid; nothing was started",
         f"  backend {cfg.trainer.backend}: {cfg.ray.learner_workers} learner worker(s), {cfg.ray.rollout_actors} "
-        f"rollout actor(s), {cpus:g} CPUs and {gpus:g} GPUs requested" if cfg.trainer.backend == "ray" else
-        f"  backend local (one process){f', reward apps need {cpus:g} CPUs / {gpus:g} GPUs' if cpus or gpus else ''}",
+        f"rollout actor(s), {cpus:g} CPU(s) and {gpus:g} GPU(s) requested" if cfg.trainer.backend == "ray" else
+        f"  backend local (one process){f', reward apps need {cpus:g} CPU(s) / {gpus:g} GPU(s)' if cpus or gpus else ''}",
         f"  model {cfg.model.backbone} ({cfg.model.path or 'default weights'}), {cfg.model.resolution} px, "
         f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({_stages(cfg)})",
         f"  generator {_generator_plan(cfg)}; batch {cfg.trainer.batch_size}"

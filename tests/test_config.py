@@ -223,7 +223,7 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("student.lora=", r"override 'student.lora' has an empty value: .*student.lora=null"),
         ("output.dir=", r"override 'output.dir' has an empty value: give one$"),  # (null is no value for it)
         ("output.dir=null", r"output.dir needs a value \(it cannot be null; the default is 'runs/\{name\}'\); for the text 'null' "
-                            r"write output.dir='null'"),
+                            r"""write "output.dir='null'" \(the shell keeps the inner quotes\)"""),
         ("trainer.device=None", r"trainer.device needs a value \(it cannot be null; the default is 'auto'\)"),
         ("trainer.max_steps=None", r"trainer.max_steps: Input should be a valid integer, .*\(got 'None'\)$"),
         ("trainer.batch_size=true", r"trainer.batch_size: true/false is not a number here"),
@@ -354,3 +354,12 @@ def test_show_config_prints_the_whole_config_which_preset_takes_back(preset, tmp
     assert again.trainer.max_steps == 7 and again.rewards[0].weight == 0.25
     assert "micro_batch_size:" in shown and "http_max_pixels:" in shown  # (defaults too, not only what was set)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.yaml"]
+
+
+def test_the_outputs_line_names_what_the_run_wrote_and_where_its_records_are():
+    from dmdr_rl.run import run_outputs
+
+    ray_files = run_outputs(load_config("toy-demo"), evaluated=True).splitlines()[1]
+    assert "events.jsonl, ledger.jsonl" in ray_files and "eval/report.json" in ray_files and "ray_train/" in ray_files
+    redis = run_outputs(load_config("toy-dmdr", ["store.url=redis://:s3cret@127.0.0.1:6380/0"]), evaluated=False)
+    assert ".jsonl" not in redis and "eval/" not in redis and redis.endswith("metrics, events in redis://:***@127.0.0.1:6380/0")

@@ -34,7 +34,7 @@ def user_dir(tmp_path, monkeypatch):
     for name in ("my_dit.py", "my_dit.yaml"):
         (directory / name).write_text(doc_file(name))
     monkeypatch.syspath_prepend(str(directory))
-    for module in ("my_dit", "half_backbone"):  # each test imports the files it wrote
+    for module in ("my_dit", "half_backbone", "no_dtype"):  # each test imports the files it wrote
         monkeypatch.delitem(sys.modules, module, raising=False)
     return directory
 
@@ -174,6 +174,7 @@ def build(**options):
 
 
 def test_a_factory_that_returns_less_than_a_backbone_is_refused_naming_what_it_lacks(user_dir, tmp_path):
+    from dmdr_rl import run
     from dmdr_rl.trainer import LocalTrainer
 
     (user_dir / "half_backbone.py").write_text(HALF)
@@ -184,3 +185,8 @@ def test_a_factory_that_returns_less_than_a_backbone_is_refused_naming_what_it_l
         LocalTrainer(cfg)
     with pytest.raises(ConfigError, match=r"backbone 'my_dit:build' cannot be built with these options .*'widht'"):
         LocalTrainer(_config(user_dir, tmp_path / "run", "model.kwargs={widht: 8}"))
+    # bf16 passes the factory dtype: one without it is refused by the dry run too, not first by the run
+    (user_dir / "no_dtype.py").write_text("def build(path=None, resolution=32, encoders=True, width=64):\n    raise AssertionError\n")
+    with pytest.raises(ConfigError, match=r"'no_dtype:build' cannot be built with these options .*'dtype'.*"
+                                          r"or set trainer.precision=fp32 \(bf16 passes dtype\)"):
+        run.dry_run(str(user_dir / "my_dit.yaml"), ["model.backbone=no_dtype:build", "trainer.precision=bf16"])

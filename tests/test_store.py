@@ -512,6 +512,18 @@ def test_watch_measures_the_rate_since_a_learner_restart(tmp_path):
     assert "generator step 8/10   1.000 steps/s" in text and "evaluated" not in text
 
 
+def test_watch_says_where_a_run_stopped_before_its_first_metrics_record(tmp_path):
+    from dmdr_rl.trainer import write_run_config
+    from dmdr_rl.watch import snapshot
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
+    store = FileStore(tmp_path)
+    store.append("events", {"event": "started", "time": 1.0, "generator_step": 0})
+    store.append("events", {"event": "stopped", "time": 9.0, "generator_step": 9})  # (Ctrl-C at step 9 of log_every 10)
+    text, ended = snapshot(store, tmp_path, 600)
+    assert text.startswith("stopped: at generator step 9, before its first metrics record") and ended
+
+
 def test_watch_shows_the_newest_evaluation_during_training(tmp_path):
     """val/ metrics come every output.eval_every steps: the newest is shown whichever row is last."""
     from dmdr_rl.trainer import write_run_config
