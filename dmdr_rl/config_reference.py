@@ -37,6 +37,16 @@ prints it whole as YAML (every field, overrides applied), and a run keeps the sa
 set many fields (the toy presets' learning rates, the paper's hyperparameters in the SD3 ones). An
 unknown field or a bad value stops the run at once, naming the field. Back to the [README](../README.md).
 
+An override changes a field that exists: `rewards.0.weight=0.5` edits the first reward, but `rewards.1=...`
+on a list of one is refused; give the whole list instead, `'rewards=[{{name: toy-align}}, {{name: toy-align,
+shaping: linear, label: align-linear}}]'` (two entries of one model need a label each). The algorithm's
+names are [DESIGN section 2](DESIGN.md#2-the-algorithm-the-contract-every-implementation-must-meet)'s:
+DynaDG (dynamic distribution guidance: the real score's LoRA scale `s_r(s) = s_r0 c(s)`), DynaRS (dynamic
+renoise sampling: the noise levels' Beta distribution), `c(s)` (the cosine factor both anneal by, from 1 to
+0 over `dmd.dynamic_steps`), TTUR (the two time-scale update rule: the critic updates every iteration, the
+generator every `dmd.ratio`-th) and ReFL (reward feedback learning: the reward's gradient through the
+decoder into the generator).
+
 This page is made from `dmdr_rl/config.py` (`{WRITE_COMMAND}`; a test fails when it is not current).
 """
 
