@@ -39,7 +39,9 @@ unknown field or a bad value stops the run at once, naming the field. Back to th
 
 An override changes a field that exists: `rewards.0.weight=0.5` edits the first reward, but `rewards.1=...`
 on a list of one is refused; give the whole list instead, `'rewards=[{{name: toy-align}}, {{name: toy-align,
-shaping: linear, label: align-linear}}]'` (two entries of one model need a label each). The algorithm's
+shaping: linear, label: align-linear}}]'`: entries written so start from the defaults here, not the
+preset's (`{{name: toy-align}}` alone is weight 1, hinge, margin 0.7), and two entries of one model need a
+label on one of them. The algorithm's
 names are [DESIGN section 2](DESIGN.md#2-the-algorithm-the-contract-every-implementation-must-meet)'s:
 DynaDG (dynamic distribution guidance: the real score's LoRA scale `s_r(s) = s_r0 c(s)`), DynaRS (dynamic
 renoise sampling: the noise levels' Beta distribution), `c(s)` (the cosine factor both anneal by, from 1 to
