@@ -386,8 +386,7 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
                   f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
             with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
                             output_dir=str(out)) as ending:
-                summary = _fit_and_summarise(cfg, trainer, coordinator, store, out, shut_down)
-                ending["generator_step"] = summary["generator_steps"]
+                summary = _fit_and_summarise(cfg, trainer, coordinator, store, out, shut_down, reached=ending)
             return summary
         finally:
             shut_down()
@@ -442,9 +441,10 @@ def _train_logging(level: str) -> dict:
 
 
 def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
-                       shut_down: Callable[[], None] | None = None) -> dict:
+                       shut_down: Callable[[], None] | None = None, reached: dict | None = None) -> dict:
     """Ray Train's fit with a progress bar; then the run's actors are shut down (`shut_down`, default
-    `_shut_down(coordinator)`: its ledger flushed before the audit) and the summary made."""
+    `_shut_down(coordinator)`: its ledger flushed before the audit) and the summary made. `reached["generator_step"]`:
+    the step the learner's last report names, also when the run then stops or ends early (its end event says it)."""
     import ray
 
     r = cfg.ray
@@ -479,6 +479,8 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
+    if reached is not None:
+        reached["generator_step"] = metrics.get("generator_step", 0)
     if stop.requested and metrics.get("stopped") and metrics.get("generator_step", 0) < cfg.trainer.max_steps:
         _keep_checkpoint(result.checkpoint, out / "checkpoints", metrics.get("generator_step", 0))  # (as at the end)
         raise KeyboardInterrupt

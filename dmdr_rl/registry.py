@@ -78,7 +78,8 @@ class Registry(Generic[T]):
             try:
                 signature.bind(**kwargs)
             except TypeError as err:
-                raise self._options_error(name, where, err) from err
+                raise self._options_error(name, where, TypeError(f"{err}; it takes {', '.join(sorted(_keywords(signature)))}"
+                                                                 if _keywords(signature) else str(err))) from err
         elif hasattr(factory, "options_target"):
             target, set_here = factory.options_target()
             taken = _keywords(signature) | (_keywords(_signature(target)) - set(set_here))

@@ -13,6 +13,7 @@ import signal
 import sys
 import textwrap
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 from .config import available_presets, load_config, toy_evaluation_applies
@@ -106,12 +107,14 @@ def run_outputs(cfg, evaluated: bool) -> str:
 
     ray, wandb = cfg.trainer.backend == "ray", cfg.output.wandb
     records = ["metrics", "events", *(["ledger"] if ray else [])]  # the run store's: files, or Redis
-    files = ["config.yaml", *([f"{name}.jsonl" for name in records] if cfg.store.url is None else []), "tensorboard/",
+    files = ["config.yaml", *([f"{name}.jsonl" for name in records] if cfg.store.url is None else []),
+             *(["tensorboard/"] if find_spec("tensorboard") else []),  # (an optional extra)
              "checkpoints/", "samples/", *(["eval/report.json", "eval/grid.png", "eval/samples.parquet"] if evaluated else []),
-             *(["ray_train/", "train_summary.json"] if ray else []),
+             *((["ray_train/"] if cfg.ray.storage_path is None else []) + ["train_summary.json"] if ray else []),
              *([f"wandb/ (W&B project {wandb.project}" + (f", {wandb.mode}" if wandb.mode else "") + ")"] if wandb else [])]
     stored = f"\n  {', '.join(records)} in {redact_url(cfg.store.url)}" if cfg.store.url else ""
-    return f"Outputs: {cfg.output_dir.resolve()}\n  " + ", ".join(files) + stored
+    elsewhere = f"\n  Ray Train's checkpoints in {cfg.ray.storage_path}" if ray and cfg.ray.storage_path else ""
+    return f"Outputs: {cfg.output_dir.resolve()}\n  " + ", ".join(files) + stored + elsewhere
 
 
 def _warnings(cfg) -> list[str]:
@@ -220,8 +223,6 @@ def _generator_plan(cfg) -> str:
 
 def _missing_packages(cfg) -> list[str]:
     """Optional packages the config needs that this machine lacks (the cluster's machines may have them)."""
-    from importlib.util import find_spec
-
     from .tracking import wandb_missing
 
     missing = [wandb_missing(cfg)]

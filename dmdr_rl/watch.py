@@ -54,7 +54,8 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     if state == "failed":
         notes.append(f"  error: {events[-1].get('error', '')}")
     if not rows:
-        reached = events[-1].get("generator_step") if events else None  # (a run's end event says where it stopped)
+        # (an end event says where the run stopped; a start event's step is where it began)
+        reached = events[-1].get("generator_step") if state in ("stopped", "failed", "finished") else None
         status = ("waiting for the first generator step ..." if not ended else "no generator step recorded" if not reached
                   else f"at generator step {reached}, before its first metrics record (every output.log_every steps)")
         return "\n".join([f"{shown_state}: {status}", *notes]), ended

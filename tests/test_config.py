@@ -361,5 +361,7 @@ def test_the_outputs_line_names_what_the_run_wrote_and_where_its_records_are():
 
     ray_files = run_outputs(load_config("toy-demo"), evaluated=True).splitlines()[1]
     assert "events.jsonl, ledger.jsonl" in ray_files and "eval/report.json" in ray_files and "ray_train/" in ray_files
+    shared = run_outputs(load_config("toy-demo", ["ray.storage_path=s3://bucket/dmdr"]), evaluated=True)
+    assert "ray_train/" not in shared and shared.endswith("Ray Train's checkpoints in s3://bucket/dmdr")
     redis = run_outputs(load_config("toy-dmdr", ["store.url=redis://:s3cret@127.0.0.1:6380/0"]), evaluated=False)
     assert ".jsonl" not in redis and "eval/" not in redis and redis.endswith("metrics, events in redis://:***@127.0.0.1:6380/0")

@@ -1484,15 +1484,17 @@ def test_the_driver_passes_a_ctrl_c_on_to_the_learners_or_stops_at_once(tmp_path
     cfg = _config(tmp_path, **{"trainer.backend": "ray", "trainer.max_steps": 10})
     trainer = type("Trainer", (), {"fit": fit})()
     try:
+        reached: dict = {}  # (what the run's end event says: watch shows it when no metrics were logged yet)
         if case == "ended otherwise":
             with pytest.raises(RuntimeError, match="the learner stopped at generator step 3 of trainer.max_steps=10"):
-                distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
+                distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path, reached=reached)
         else:
             with pytest.raises(KeyboardInterrupt):
-                distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path)
+                distributed._fit_and_summarise(cfg, trainer, coordinator, None, tmp_path, reached=reached)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert ("request_stop" in asked) is (case != "starting")
+    assert reached.get("generator_step") == (None if case == "starting" else 3)
 
 
 def _stop_answers_of_rank(rank: int, world: int, init_file: str, answers: str) -> None:

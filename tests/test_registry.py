@@ -64,7 +64,8 @@ def test_options_a_factory_does_not_take_name_the_config_field():
     with pytest.raises(ConfigError, match=r"'passes-on' cannot be built with these options .*'pth'"):
         registry.build("passes-on", where="rewards.0.kwargs", pth="x")
     cfg = load_config("toy-dmdr", ["rewards.0.kwargs={pth: x}"])
-    with pytest.raises(ConfigError, match=r"reward model 'toy-align' cannot be built with these options .*; fix rewards.0.kwargs"):
+    with pytest.raises(ConfigError, match=r"reward model 'toy-align' cannot be built with these options .*; it takes device, "
+                                          r"path\); fix rewards.0.kwargs"):
         build_rewards(cfg)
     with pytest.raises(ConfigError, match=r"'pickscore' cannot be built with these options .*'colour'"):  # PickScore(**kwargs)
         REWARDS.build("pickscore", where="rewards.0.kwargs", colour="red")
