@@ -1152,7 +1152,7 @@ def test_the_runs_actors_are_shut_down_once_whatever_fails(tmp_path, monkeypatch
     def stored(*_, **__):
         yield {}
 
-    def fit(cfg, trainer, coordinator, store, out, shut_down):
+    def fit(cfg, trainer, coordinator, store, out, shut_down, reached):
         shut_down()  # (before the audit, as the real one does)
         return {"generator_steps": 3}
 
