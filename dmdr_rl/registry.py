@@ -78,15 +78,13 @@ class Registry(Generic[T]):
             try:
                 signature.bind(**kwargs)
             except TypeError as err:
-                raise self._options_error(name, where, TypeError(f"{err}; it takes {', '.join(sorted(_keywords(signature)))}"
-                                                                 if _keywords(signature) else str(err))) from err
+                raise self._options_error(name, where, err, _keywords(signature)) from err
         elif hasattr(factory, "options_target"):
             target, set_here = factory.options_target()
             taken = _keywords(signature) | (_keywords(_signature(target)) - set(set_here))
             unknown = [key for key in kwargs if key not in taken]
             if unknown and not _takes_any_keyword(_signature(target)):
-                raise self._options_error(name, where, TypeError(
-                    f"unexpected keyword argument {unknown[0]!r}; it takes {', '.join(sorted(taken))}"))
+                raise self._options_error(name, where, f"unexpected keyword argument {unknown[0]!r}", taken)
         return factory
 
     def build(self, name: str, *, where: str | None = None, field: str | None = None, **kwargs: Any) -> T:
@@ -101,10 +99,12 @@ class Registry(Generic[T]):
                 raise
             raise self._options_error(name, where, err) from err
 
-    def _options_error(self, name: str, where: str, err: TypeError) -> Exception:
+    def _options_error(self, name: str, where: str, problem: object, taken: set[str] = frozenset()) -> Exception:
+        """`taken`: the options the factory does take, which the message names."""
         from .config import ConfigError
 
-        return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({err}); fix {where}")
+        takes = f"; it takes {', '.join(sorted(taken))}" if taken else ""
+        return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({problem}{takes}); fix {where}")
 
 
 def passes_options_to(target: Callable[[], Callable], set_here: Sequence[str] = ()):
