@@ -14,8 +14,12 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """`plugin_checks`: a plugin by import path may carry its own check (`checked_by`), which `check` imports and
+    calls as it does a registered one's."""
+
+    def __init__(self, kind: str, plugin_checks: bool = False):
         self.kind = kind
+        self.plugin_checks = plugin_checks
         self._factories: dict[str, Callable[..., T]] = {}
         self._checks: dict[str, Callable[..., None]] = {}
 
@@ -33,9 +37,13 @@ class Registry(Generic[T]):
         return decorate
 
     def check(self, name: str, **options: Any) -> None:
-        """The registered check of `name` on these options (a plugin by import path has none)."""
-        if name in self._checks:
-            self._checks[name](**options)
+        """The check of `name` on these options: the one registered with it, or, in a registry with `plugin_checks`,
+        the one a factory named by import path carries (`checked_by`); none otherwise."""
+        check = self._checks.get(name)
+        if check is None and self.plugin_checks and name not in self._factories:
+            check = getattr(self.resolve(name), "config_check", None)
+        if check is not None:
+            check(**options)
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -117,6 +125,17 @@ def passes_options_to(target: Callable[[], Callable], set_here: Sequence[str] = 
     return mark
 
 
+def checked_by(check: Callable[..., None]):
+    """Gives a factory named by import path the check a registered one gets with `register(name, check=...)`: the dry
+    run, the trainers and `sample` call `check(path=, resolution=, prompts=, prompts_from=, lora_targets=,
+    loads_here=)` (take **_ for more) before anything is built; it raises ConfigError naming the field."""
+    def mark(factory: Callable[..., T]) -> Callable[..., T]:
+        factory.config_check = check  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
 def _keywords(signature: inspect.Signature | None) -> set[str]:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {name for name, p in (signature.parameters.items() if signature else ()) if p.kind in kinds}
@@ -133,7 +152,7 @@ def _signature(factory: Callable) -> inspect.Signature | None:
         return None
 
 
-BACKBONES: Registry = Registry("backbone")
+BACKBONES: Registry = Registry("backbone", plugin_checks=True)
 # model.kwargs.dtype: the frozen base's precision (trainer.precision=bf16 passes bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -190,3 +190,16 @@ def test_a_factory_that_returns_less_than_a_backbone_is_refused_naming_what_it_l
     with pytest.raises(ConfigError, match=r"'no_dtype:build' cannot be built with these options .*'dtype'.*"
                                           r"or set trainer.precision=fp32 \(bf16 passes dtype\)"):
         run.dry_run(str(user_dir / "my_dit.yaml"), ["model.backbone=no_dtype:build", "trainer.precision=bf16"])
+
+
+def test_the_page_s_check_refuses_a_resolution_before_anything_is_built(user_dir, tmp_path):
+    """The factory's `checked_by(check)`: the dry run and the trainers call it as they call the built-ins' checks."""
+    from dmdr_rl import run
+    from dmdr_rl.trainer import LocalTrainer
+
+    refused = r"model.resolution=30: TinyDiT cuts images into 4 x 4 patches, so it must be a multiple of 4"
+    with pytest.raises(ConfigError, match=refused):
+        run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=30"])
+    with pytest.raises(ConfigError, match=refused):
+        LocalTrainer(_config(user_dir, tmp_path / "run", "model.resolution=30"))
+    assert "the config is valid" in run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=64"])

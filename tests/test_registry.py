@@ -89,3 +89,40 @@ def test_options_a_factory_does_not_take_name_the_config_field():
     for name in ("pickscore", "imagereward"):  # a precision typo is named before any loading (no weights here)
         with pytest.raises(ConfigError, match=r"rewards\[\].kwargs.dtype: 'fp16' is not a precision here; use one of float32"):
             REWARDS.build(name, where="rewards.0.kwargs", path="/nowhere", dtype="fp16")
+
+
+def test_a_plugin_by_import_path_brings_its_own_check_and_a_reward_plugin_does_not(tmp_path, monkeypatch):
+    """`checked_by` gives a backbone factory named by import path the check a registered one gets; reward plugins
+    are checked as before (REWARDS has no plugin checks: its Ray driver need not import a reward's module)."""
+    import sys
+
+    from dmdr_rl.config import ConfigError
+
+    (tmp_path / "checked_plugin.py").write_text(
+        "from dmdr_rl.config import ConfigError\n"
+        "from dmdr_rl.registry import checked_by\n"
+        "seen = []\n"
+        "def check(resolution=32, **rest):\n"
+        "    seen.append(dict(rest, resolution=resolution))\n"
+        "    if resolution % 8:\n"
+        "        raise ConfigError(f'model.resolution={resolution}: a multiple of 8')\n"
+        "@checked_by(check)\n"
+        "def build(path=None, resolution=32, encoders=True):\n"
+        "    raise AssertionError('a check builds nothing')\n"
+        "class Reward:\n"  # a reward class carrying a check of its own: never called as a config check
+        "    config_check = staticmethod(check)\n"
+        "def plain(path=None, resolution=32, encoders=True):\n"
+        "    raise AssertionError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "checked_plugin", raising=False)
+    import checked_plugin
+
+    with pytest.raises(ConfigError, match=r"model.resolution=12: a multiple of 8"):
+        BACKBONES.check("checked_plugin:build", resolution=12, prompts=["a cat"], lora_targets=None)
+    BACKBONES.check("checked_plugin:build", resolution=16, prompts=["a cat"], loads_here=True)
+    assert checked_plugin.seen[-1] == {"resolution": 16, "prompts": ["a cat"], "loads_here": True}
+    BACKBONES.check("checked_plugin:plain", resolution=12)  # no check: nothing to refuse
+    checked_plugin.seen.clear()
+    REWARDS.check("checked_plugin:Reward", prompts=["a cat"], resolution=12)
+    REWARDS.check("not_imported_here:Reward", prompts=["a cat"])  # (not even imported)
+    assert checked_plugin.seen == [] and "not_imported_here" not in sys.modules
