@@ -203,3 +203,29 @@ def test_the_page_s_check_refuses_a_resolution_before_anything_is_built(user_dir
     with pytest.raises(ConfigError, match=refused):
         LocalTrainer(_config(user_dir, tmp_path / "run", "model.resolution=30"))
     assert "the config is valid" in run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=64"])
+
+
+def test_the_page_s_backbone_trains_in_grpo_mode(user_dir, tmp_path):
+    from dmdr_rl.trainer import LocalTrainer
+
+    LocalTrainer(_config(user_dir, tmp_path / "run", "rl.mode=grpo", "student.sampler=sde", "student.steps=2",
+                         "rl.group_size=2")).train()
+    rows = _metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and "loss/policy" in rows[1]
+    assert all(torch.isfinite(torch.tensor(v)) for row in rows for k, v in row.items() if k.startswith("loss/"))
+
+
+def test_the_page_s_backbone_trains_on_a_ray_the_run_starts(user_dir, tmp_path):
+    """Its module is on this process's sys.path only (not PYTHONPATH, not the working directory, which Ray gives its
+    workers): the run sends it to the Ray it starts, whose rollout worker and learner build the backbone from it."""
+    ray = pytest.importorskip("ray")
+    from dmdr_rl.distributed import train_distributed
+
+    assert not ray.is_initialized()  # (the run starts its own, as `python -m dmdr_rl.run` does)
+    cfg = load_config(user_dir / "my_dit.yaml", tiny_run("trainer.backend=ray", f"output.dir={tmp_path / 'run'}"))
+    try:
+        assert train_distributed(cfg)["generator_steps"] == 2
+    finally:
+        ray.shutdown()
+    rows = _metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and "loss/reward/toy-align" in rows[1]
