@@ -67,6 +67,11 @@ class Registry(Generic[T]):
                 top_level = module_name.split(".")[0]
                 hint = (f": run from the directory that holds {top_level!r}, or put that directory on PYTHONPATH"
                         if isinstance(err, ModuleNotFoundError) and err.name == top_level else "")
+                if hint and _in_ray_worker():
+                    hint += (" where the run starts: it sends the module to the Ray it starts or joins (py_modules). On a "
+                             "Ray started in the run's process before it (ray.init), pass ray.init(runtime_env={'py_modules': "
+                             "[its file or package directory]}); a submitted job: `ray job submit --working-dir <the "
+                             "directory that holds it>` (docs/custom-backbone.md)")
                 raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason}){hint}") from err
             if not attr or not hasattr(module, attr):
                 raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
@@ -134,6 +139,17 @@ def checked_by(check: Callable[..., None]):
         return factory
 
     return mark
+
+
+def _in_ray_worker() -> bool:
+    """Whether this process is a Ray actor (a rollout worker, a learner), whose path is not the driver's."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - an error message's hint, never a new failure
+        return False
 
 
 def _keywords(signature: inspect.Signature | None) -> set[str]:

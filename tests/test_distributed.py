@@ -548,6 +548,31 @@ def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, 
     assert placed.data.prompts == hub.data.prompts and hub.data.prompts.startswith("toy:")
 
 
+def test_a_backbone_module_of_the_users_is_sent_to_the_ray_the_run_starts_or_joins(tmp_path, monkeypatch):
+    """Its file, or its package's directory, in the job's py_modules; never an installed package or this project's,
+    nor into a submitted job (its own runtime_env decides)."""
+    import sys
+
+    from dmdr_rl.distributed import JOB_CONFIG_ENV, user_code, with_user_code
+
+    (tmp_path / "mine.py").write_text("def build(**_): pass\n")
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "models.py").write_text("def build(**_): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("mine", "my_pkg"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    assert user_code(_config(tmp_path, **{"model.backbone": "mine:build"})) == [str(tmp_path / "mine.py")]
+    assert user_code(_config(tmp_path, **{"model.backbone": "my_pkg.models:build"})) == [str(tmp_path / "my_pkg")]
+    for installed in ("toy", "dmdr_rl.registry:BACKBONES", "torch.nn:Linear"):
+        assert user_code(_config(tmp_path, **{"model.backbone": installed})) == []
+    cfg = _config(tmp_path, **{"model.backbone": "mine:build"})
+    assert with_user_code({"env_vars": {"A": "1"}}, cfg) == {"env_vars": {"A": "1"}, "py_modules": [str(tmp_path / "mine.py")]}
+    assert with_user_code(None, _config(tmp_path)) is None
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "."}}))
+    assert with_user_code(None, cfg) is None
+
+
 def test_a_run_started_beside_a_running_cluster_joins_it(tmp_path, monkeypatch):
     """With a `ray start` cluster on the machine, ray.init(num_cpus=...) refuses to start another Ray: the
     run joins that cluster instead of failing with Ray's ValueError."""

@@ -126,3 +126,14 @@ def test_a_plugin_by_import_path_brings_its_own_check_and_a_reward_plugin_does_n
     REWARDS.check("checked_plugin:Reward", prompts=["a cat"], resolution=12)
     REWARDS.check("not_imported_here:Reward", prompts=["a cat"])  # (not even imported)
     assert checked_plugin.seen == [] and "not_imported_here" not in sys.modules
+
+
+def test_a_ray_worker_that_cannot_import_a_plugin_says_how_the_run_sends_it(monkeypatch):
+    from dmdr_rl import registry
+    from dmdr_rl.config import ConfigError
+
+    monkeypatch.setattr(registry, "_in_ray_worker", lambda: True)
+    with pytest.raises(ConfigError, match=r"model.backbone: backbone 'no_such_dit:build': cannot import module 'no_such_dit' "
+                                          r".*on PYTHONPATH where the run starts: it sends the module to the Ray it starts or "
+                                          r"joins .*ray.init\(runtime_env=.*ray job submit --working-dir"):
+        BACKBONES.resolve("no_such_dit:build", field="model.backbone")
