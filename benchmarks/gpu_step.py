@@ -40,7 +40,8 @@ from dmdr_rl.conditioning import Conditioning  # noqa: E402
 from dmdr_rl.config import load_config  # noqa: E402
 from dmdr_rl.learning import DMDRLearner  # noqa: E402
 from dmdr_rl.rollout import RolloutBatch  # noqa: E402
-from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone, vae_scale_factor  # noqa: E402
+from dmdr_rl.latent import vae_scale_factor  # noqa: E402
+from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone  # noqa: E402
 from dmdr_rl.tiny import tiny_sd3_pipeline  # noqa: E402
 
 # Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's 16 + 16.

@@ -3,8 +3,9 @@
 The algorithm sees a `Backbone`: encode prompts, predict velocity with a named LoRA adapter at a
 given scale and with classifier-free guidance, and decode to images in [0, 1]. The trainers, rollout
 actors, checkpoints and samplers need a `TrainableBackbone`: that, plus adapters to add and train,
-placement, and sampling. `TransformerBackbone` implements it for diffusers transformers with SD3's call
-signature (the toy teacher, SD3, or a user's model: docs/custom-backbone.md): generator and critic are
+placement, and sampling. `TransformerBackbone` implements it for diffusers transformers (the toy teacher,
+SD3, Flux, or a user's model: docs/custom-backbone.md; `call_transformer` says how one is called, SD3's
+signature unless a subclass says otherwise): generator and critic are
 peft LoRA adapters on one shared frozen base, switched per call; scale 0 (or no adapter) is exactly the
 base model. A generator may instead be a full trainable copy of the base (`add_full_copy`, config
 `student.lora: null`); the algorithm does not see the difference.
@@ -34,15 +35,17 @@ def missing_lora_targets(module_names: Sequence[str], targets: Sequence[str]) ->
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
 
 
-def check_lora_targets(transformer_config: Mapping[str, Any], targets_by_field: Mapping[str, Sequence[str]]) -> None:
+def check_lora_targets(transformer_config: Mapping[str, Any], targets_by_field: Mapping[str, Sequence[str]],
+                       transformer_class: type | None = None) -> None:
     """The config's LoRA targets against a transformer built from its config alone (on the meta device: no
-    weights), as a dry run can: a ConfigError naming the field."""
-    from diffusers import SD3Transformer2DModel
-
+    weights), as a dry run can: a ConfigError naming the field. `transformer_class`: the diffusers model class
+    (default SD3's)."""
     from .config import ConfigError
 
+    if transformer_class is None:
+        from diffusers import SD3Transformer2DModel as transformer_class
     with torch.device("meta"):
-        transformer = SD3Transformer2DModel.from_config(transformer_config)
+        transformer = transformer_class.from_config(transformer_config)
     names = [n for n, _ in transformer.named_modules()]
     for field, targets in targets_by_field.items():
         missing = missing_lora_targets(names, targets)
@@ -59,15 +62,15 @@ def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: tor
     ).sample
 
 
-def _in_module_precision(module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                         **kwargs) -> torch.Tensor:
-    """`transformer_velocity` in the module's own precision (a bf16 base takes bf16 inputs), with the
-    answer in the caller's: the sampler and loss arithmetic stay float32. The timestep stays float32, as
-    diffusers' pipelines pass it: 1000 t in bf16 would round (t = 0.75 to 752), away from the tau that
-    x0 = x_tau - tau v uses and from the timestep an exported student is sampled at."""
+def _in_module_precision(call: Callable, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                         cond: Conditioning) -> torch.Tensor:
+    """`call(module, x_t, t, cond)` (a backbone's `call_transformer`) in the module's own precision (a bf16
+    base takes bf16 inputs), with the answer in the caller's: the sampler and loss arithmetic stay float32.
+    The timestep stays float32, as diffusers' pipelines pass it: 1000 t in bf16 would round (t = 0.75 to
+    752), away from the tau that x0 = x_tau - tau v uses and from the timestep an exported student is
+    sampled at."""
     dtype = _base_dtype(module)
-    v = transformer_velocity(module, x_t.to(dtype), t.float(), cond.to(dtype=dtype), **kwargs)
-    return v.to(x_t.dtype)
+    return call(module, x_t.to(dtype), t.float(), cond.to(dtype=dtype)).to(x_t.dtype)
 
 
 def _base_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -272,7 +275,8 @@ def _compute_in_base_precision(layers: list, adapter: str) -> None:
 
 
 class TransformerBackbone:
-    """A diffusers SD3-family transformer, a prompt encoder, and named LoRA adapters on the transformer."""
+    """A diffusers transformer (called as `call_transformer` says), a prompt encoder, and named LoRA adapters on
+    the transformer."""
 
     def __init__(
         self,
@@ -439,6 +443,12 @@ class TransformerBackbone:
         self._active = name
 
     # -- prediction ---------------------------------------------------------------------------
+    def call_transformer(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One call of `module` (the base with its adapters as set, or a full copy): the velocity at `x_t` [B, C, H, W]
+        and `t` [B] in [0, 1], with the inputs in the module's precision. SD3's call signature; a family whose
+        transformer is called otherwise (Flux packs latents into tokens) overrides this, and nothing else."""
+        return transformer_velocity(module, x_t, t, cond)
+
     def velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, adapter: str | None = None,
         scale: float = 1.0, cfg: float | torch.Tensor = 1.0, null: Conditioning | None = None,
@@ -469,14 +479,14 @@ class TransformerBackbone:
 
         def forward(x_t, t, cond):
             with _lora_scaled(self._lora_layers, scale):
-                return _in_module_precision(self.transformer, x_t, t, cond)
+                return _in_module_precision(self.call_transformer, self.transformer, x_t, t, cond)
 
         return forward
 
     def _base_forward(self):
         def forward(x_t, t, cond):
             with _adapters_off(self._lora_layers):
-                return _in_module_precision(self.transformer, x_t, t, cond)
+                return _in_module_precision(self.call_transformer, self.transformer, x_t, t, cond)
 
         return forward
 
@@ -487,9 +497,9 @@ class TransformerBackbone:
         float16 base keeps float32 (without loss scaling small gradients would flush to 0)."""
         def forward(x_t, t, cond):
             if _base_dtype(self.transformer) != torch.bfloat16 or not torch.amp.is_autocast_available(x_t.device.type):
-                return _in_module_precision(module, x_t, t, cond)  # (e.g. the meta device: FLOPs are counted alike)
+                return _in_module_precision(self.call_transformer, module, x_t, t, cond)  # (e.g. meta: FLOPs alike)
             with torch.autocast(x_t.device.type, dtype=torch.bfloat16):
-                v = transformer_velocity(module, x_t, t.float(), cond)
+                v = self.call_transformer(module, x_t, t.float(), cond)
             return v.to(x_t.dtype)
 
         return forward

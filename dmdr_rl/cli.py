@@ -16,7 +16,7 @@ def fixable_errors() -> tuple[type[BaseException], ...]:
     from reward_servers.protocol import RewardInputError, RewardLoadError, RewardServerError
 
     from .config import ConfigError
-    from .sd3 import BackboneLoadError
+    from .latent import BackboneLoadError
     from .store import StoreError
     from .toy.weights import ToyWeightsError
 

@@ -5,11 +5,12 @@
 
 `lora` writes the generator's LoRA as a diffusers LoRA file (`pipe.load_lora_weights(out)`; LoRA
 students only), from the checkpoint alone: no base weights are read. `transformer` writes the whole
-student transformer (a LoRA merged into the base, or
-the fully fine-tuned copy) as a diffusers `SD3Transformer2DModel` directory. Both write
-`student.json` with the sampling settings the student was trained for: its K steps are the shifted
-schedule `sigmas` below, which a diffusers `FlowMatchEulerDiscreteScheduler` with `shift` reproduces
-(with `stochastic_sampling=True` for an SDE student, DESIGN's re-noising step).
+student transformer (a LoRA merged into the base, or the fully fine-tuned copy) as a directory of its
+family's diffusers model (`SD3Transformer2DModel`, `FluxTransformer2DModel`). Both write `student.json`
+with the sampling settings the student was trained for, and print how to use them with the family's
+pipeline: its K steps are the shifted schedule `sigmas` below, which a diffusers
+`FlowMatchEulerDiscreteScheduler` with `shift` reproduces (with `stochastic_sampling=True` for an SDE
+student, DESIGN's re-noising step; Flux's with its shift by the token count switched off).
 
 A LoRA is merged into a float32 copy of the base, and the transformer is written in `--dtype`
 (default float32). Writing it in bfloat16 rounds base + LoRA to bf16, which can erase much of a small
@@ -41,6 +42,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
 
     from . import dmdr
     from .flow import sampling_timesteps
+    from .registry import backbone_family
     from .trainer import find_run, load_generator, run_directory_of
 
     if fmt not in FORMATS:
@@ -63,12 +65,14 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     before = file_states(out)  # (an --out with other files in it: theirs keep their modes)
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
+    family = backbone_family(cfg.model.backbone)
     if fmt == "lora":  # the checkpoint's adapter file is all it takes: no base weights are read
         from diffusers.loaders import SD3LoraLoaderMixin
 
         out.mkdir(parents=True, exist_ok=True)
         layers, metadata = lora_file(checkpoint, cfg.student.lora)
-        SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
+        writer = family.diffusers_class("pipeline") if family is not None else SD3LoraLoaderMixin  # (the toy's is SD3's)
+        writer.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     else:  # a merge needs the base, in float32 also where the run's model.kwargs asked for another dtype
         model = cfg.model.model_copy(update={"kwargs": {k: v for k, v in cfg.model.kwargs.items() if k != "dtype"}})
         backbone, cfg, checkpoint = load_generator(run, model, "fp32", encoders=False)
@@ -83,8 +87,12 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         student.save_pretrained(out)
     steps, shift = cfg.student.steps, cfg.student.shift
     settings = {
-        "format": fmt, "base_model": cfg.model.path, "backbone": cfg.model.backbone, "checkpoint": str(checkpoint),
-        "num_inference_steps": steps, "guidance_scale": 1.0, "scheduler_shift": shift, "sampler": cfg.student.sampler,
+        "format": fmt, "base_model": cfg.model.path or (family.default_model if family else None),
+        "backbone": cfg.model.backbone, "checkpoint": str(checkpoint), "num_inference_steps": steps,
+        "pipeline": family.pipeline_class if family else None, "transformer_class": family.transformer_class if family else None,
+        "guidance_scale": family.pipeline_guidance(cfg.model.kwargs) if family else 1.0,
+        "scheduler_shift": shift, "scheduler_settings": dict(family.scheduler_settings) if family else {},
+        "sampler": cfg.student.sampler,
         "stochastic_sampling": cfg.student.sampler == "sde", "dtype": dtype if fmt == "transformer" else None,
         "sigmas": [round(float(t), 6) for t in sampling_timesteps(steps, 1.0)],  # unshifted; the scheduler shifts
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
@@ -126,17 +134,22 @@ def main(argv: list[str] | None = None) -> None:
     except (*fixable_errors(), FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"exported the student ({args.format}) to {args.out.resolve()}")
-    if settings["backbone"] != "sd3":  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline
+    if settings["pipeline"] is None:  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline
         print(f"(a {settings['backbone']} student: sample it with `python -m dmdr_rl.sample --run {args.run} --prompt TEXT`; "
               f"the files hold its {'LoRA' if args.format == 'lora' else 'transformer'} in diffusers' format)")
         return
-    load = ("pipe.load_lora_weights(out)" if args.format == "lora" else
-            "pipe.transformer = SD3Transformer2DModel.from_pretrained(out)")
-    print(f"use it with diffusers:\n"
-          f"  pipe = StableDiffusion3Pipeline.from_pretrained({settings['base_model'] or '<base model>'!r}); {load}\n"
-          f"  pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-          f"shift={settings['scheduler_shift']}{', stochastic_sampling=True' if settings['stochastic_sampling'] else ''})\n"
-          f"  pipe(prompt, sigmas={settings['sigmas']}, guidance_scale=1.0)")
+    print(f"use it with diffusers:\n{diffusers_recipe(settings)}")
+
+
+def diffusers_recipe(settings: dict) -> str:
+    """How to sample the export with its family's diffusers pipeline at the student's own steps and shift."""
+    load = ("pipe.load_lora_weights(out)" if settings["format"] == "lora" else
+            f"pipe.transformer = {settings['transformer_class']}.from_pretrained(out)")
+    scheduler = "".join(f", {k}={v!r}" for k, v in {"shift": settings["scheduler_shift"], **settings["scheduler_settings"],
+                                                  **({"stochastic_sampling": True} if settings["stochastic_sampling"] else {})}.items())
+    return (f"  pipe = {settings['pipeline']}.from_pretrained({settings['base_model'] or '<base model>'!r}); {load}\n"
+            f"  pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config{scheduler})\n"
+            f"  pipe(prompt, sigmas={settings['sigmas']}, guidance_scale={settings['guidance_scale']})")
 
 
 if __name__ == "__main__":

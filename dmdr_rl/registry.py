@@ -219,35 +219,64 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
     return backbone
 
 
-def _check_sd3(path: str | None = None, resolution: int = 1024, lora_targets: Mapping[str, Sequence[str]] | None = None,
-               loads_here: bool = False, **_: Any) -> None:
-    """The resolution and `lora_targets` (config field -> module names) against the model's config files, when
-    they are on this machine; with `loads_here` (a local run's dry run), a model.path that names no directory
-    here too (a Ray run's workers may mount it where this machine does not)."""
-    from .backbone import check_lora_targets
-    from .config import ConfigError
-    from .sd3 import DEFAULT_MODEL, check_config_files, check_model_path
+def _diffusers_check(family: Callable[[], Any]) -> Callable[..., None]:
+    """The dry run's check of a diffusers family's backbone (`family()`: its `dmdr_rl.latent.ModelFamily`): the
+    resolution and `lora_targets` (config field -> module names) against the model's config files, when they are
+    on this machine; with `loads_here` (a local run's dry run), a model.path that names no directory here too
+    (a Ray run's workers may mount it where this machine does not)."""
+    def check(path: str | None = None, resolution: int = 1024, lora_targets: Mapping[str, Sequence[str]] | None = None,
+              loads_here: bool = False, **_: Any) -> None:
+        from .backbone import check_lora_targets
+        from .config import ConfigError
+        from .latent import check_config_files, check_model_path
 
-    if loads_here:
-        check_model_path(path or DEFAULT_MODEL)
-    try:
-        config = check_config_files(path, resolution)  # (read once: the targets are checked against it too)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if config is not None and lora_targets:
-        check_lora_targets(config, lora_targets)
+        model_family = family()
+        if loads_here:
+            check_model_path(model_family, path or model_family.default_model)
+        try:
+            config = check_config_files(model_family, path, resolution)  # (read once: the targets are checked against it too)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if config is not None and lora_targets:
+            check_lora_targets(config, lora_targets, model_family.diffusers_class("transformer"))
+
+    return check
 
 
-def _load_sd3():
-    from .sd3 import load_sd3
+def builds_family(family: Callable[[], Any]):
+    """Marks a backbone factory whose models are a diffusers family (`family()`: its `dmdr_rl.latent.ModelFamily`,
+    imported when asked): `export` writes its LoRA for that family's pipeline and says how to load it there."""
+    def mark(factory: Callable[..., T]) -> Callable[..., T]:
+        factory.family = family  # type: ignore[attr-defined]
+        return factory
 
-    return load_sd3
+    return mark
 
 
-@BACKBONES.register("sd3", check=_check_sd3)
-@passes_options_to(_load_sd3)
-def _sd3_backbone(path: str | None = None, resolution: int = 1024, encoders: bool = True, **kwargs):
-    return _load_sd3()(path, resolution, encoders=encoders, **kwargs)
+def backbone_family(name: str):
+    """The diffusers family (`dmdr_rl.latent.ModelFamily`) of the backbone `name` builds, None for one that is not a
+    diffusers pipeline's (the toy world, most plugins)."""
+    family = getattr(BACKBONES.resolve(name, "model.backbone"), "family", None)
+    return family() if family is not None else None
+
+
+def _register_diffusers_family(name: str, module: str, family: str, loader: str) -> None:
+    """Registers `name` as the backbone of a diffusers family: `module` (imported when the backbone is checked or
+    built) holds its `ModelFamily` as `family` and its loader `loader(path, resolution, encoders=, **options)`."""
+    def attribute(attr: str) -> Callable[[], Any]:
+        return lambda: getattr(importlib.import_module(module, __package__), attr)
+
+    model_family, load = attribute(family), attribute(loader)
+
+    @BACKBONES.register(name, check=_diffusers_check(model_family))
+    @builds_family(model_family)
+    @passes_options_to(load)
+    def factory(path: str | None = None, resolution: int = 1024, encoders: bool = True, **kwargs):
+        return load()(path, resolution, encoders=encoders, **kwargs)
+
+
+_register_diffusers_family("sd3", ".sd3", "SD3", "load_sd3")
+_register_diffusers_family("flux", ".flux", "FLUX", "load_flux")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

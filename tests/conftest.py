@@ -68,3 +68,23 @@ def tiny_sd3(tmp_path_factory):
 def tiny_sd3_overrides(tiny_sd3):
     """Config overrides that put a run on the tiny SD3 pipeline."""
     return ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={tiny_sd3}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny random-weight FLUX.1-dev-shaped pipeline (guidance embedding) saved like a real model directory."""
+    from dmdr_rl.tiny import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_overrides(tiny_flux):
+    """Config overrides that put a run on the tiny Flux pipeline."""
+    return ["model.backbone=flux", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={tiny_flux}"]
+
+
+
+def backbone_overrides(request, backbone: str) -> list[str]:
+    """The overrides that put a run on `backbone`: toy (none), or the tiny sd3 / flux pipeline."""
+    return [] if backbone == "toy" else request.getfixturevalue(f"tiny_{backbone}_overrides")

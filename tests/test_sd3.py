@@ -15,9 +15,10 @@ import torch
 from dmdr_rl import algo, dmdr
 from dmdr_rl.config import load_config
 from dmdr_rl.flow import sample
-from dmdr_rl.sd3 import BackboneLoadError, load_sd3
+from dmdr_rl.latent import BackboneLoadError
+from dmdr_rl.sd3 import load_sd3
 from dmdr_rl.trainer import LocalTrainer
-from conftest import tiny_run
+from conftest import backbone_overrides, tiny_run
 
 TINY_RUN = tiny_run("student.steps=2", "output.checkpoint_every=2", "trainer.lr_generator=1e-3", "trainer.lr_critic=1e-3")
 
@@ -33,13 +34,13 @@ def _spy(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, wrapper)
 
 
-@pytest.mark.parametrize("backbone", ["toy", "sd3"])
-def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tiny_sd3_overrides, monkeypatch, backbone):
+@pytest.mark.parametrize("backbone", ["toy", "sd3", "flux"])
+def test_dmdr_steps_run_through_the_same_functions_for_toy_sd3_and_flux(tmp_path, request, monkeypatch, backbone):
     calls = []
     for module, name in [(dmdr, "backward_simulation"), (dmdr, "critic_loss"), (dmdr, "generator_loss"),
                          (algo, "dmd_loss"), (algo, "shape_reward")]:
         _spy(monkeypatch, module, name, calls)
-    extra = tiny_sd3_overrides if backbone == "sd3" else []
+    extra = backbone_overrides(request, backbone)
     cfg = load_config("toy-dmdr", [*TINY_RUN, *extra, f"output.dir={tmp_path}"])
     summary = LocalTrainer(cfg).train()
     assert summary["generator_steps"] == 2
@@ -50,21 +51,21 @@ def test_dmdr_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tin
     for name, (x0, x0_real, x0_fake), loss in [c for c in calls if c[0] == "dmd_loss"]:
         g = (x0_fake - x0_real) / ((x0 - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8)
         assert loss.item() == pytest.approx(0.5 * g.pow(2).mean().item(), rel=1e-5)
-        expected_shape = (2, 4, 16, 16) if backbone == "sd3" else (2, 3, 32, 32)
+        expected_shape = (2, 3, 32, 32) if backbone == "toy" else (2, 4, 16, 16)
         assert tuple(x0.shape) == expected_shape
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "loss/reward/toy-align" in rows[-1] and all(torch.isfinite(torch.tensor(r["loss/generator"])) for r in rows)
 
 
-@pytest.mark.parametrize("backbone", ["toy", "sd3"])
-def test_grpo_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tiny_sd3_overrides, monkeypatch, backbone):
+@pytest.mark.parametrize("backbone", ["toy", "sd3", "flux"])
+def test_grpo_steps_run_through_the_same_functions_for_toy_sd3_and_flux(tmp_path, request, monkeypatch, backbone):
     """The policy-gradient mode on the SD3 latents: its trajectory is the rollout's, each transition's
     log-ratio compares the current generator with the rollout's, and the rollout's scores give the advantages."""
     calls = []
     for module, name in [(dmdr, "rollout_advantages"), (dmdr, "policy_loss"), (algo, "gaussian_log_ratio"),
                          (algo, "dmd_loss")]:
         _spy(monkeypatch, module, name, calls)
-    extra = tiny_sd3_overrides if backbone == "sd3" else []
+    extra = backbone_overrides(request, backbone)
     cfg = load_config("toy-dmdr-grpo", [*TINY_RUN, "student.steps=3", "trainer.batch_size=4", "rl.group_size=2",
                                         *extra, f"output.dir={tmp_path}"])
     trainer = LocalTrainer(cfg)
@@ -72,7 +73,7 @@ def test_grpo_steps_run_through_the_same_functions_for_toy_and_sd3(tmp_path, tin
     # the cold start's step is DMD alone; then one update with both transitions of the 3-step sampler
     assert Counter(name for name, _, _ in calls) == {"dmd_loss": 2, "rollout_advantages": 1, "policy_loss": 2,
                                                      "gaussian_log_ratio": 2}
-    latent = (4, 4, 16, 16) if backbone == "sd3" else (4, 3, 32, 32)
+    latent = (4, 3, 32, 32) if backbone == "toy" else (4, 4, 16, 16)
     assert tuple(trainer.last_batch.x_steps.shape) == (3, *latent)
     for _, (x_next, mean, old_mean, std), log_ratio in [c for c in calls if c[0] == "gaussian_log_ratio"]:
         assert tuple(x_next.shape) == latent and tuple(log_ratio.shape) == (4,)
@@ -138,7 +139,7 @@ def test_load_errors_name_the_problem(tiny_sd3, monkeypatch):
     with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer patch size 2\); "
                                          r"use e.g. 28 or 32$"):
         load_sd3(str(tiny_sd3), resolution=30)
-    from dmdr_rl.sd3 import check_resolution
+    from dmdr_rl.latent import check_resolution
 
     with pytest.raises(ValueError, match=r"model.resolution=8 is not a multiple of 16 .*; use e.g. 16$"):  # not "0 or 16"
         check_resolution(8, 8, 2)

@@ -1,0 +1,191 @@
+"""FLUX.1 through diffusers on a tiny random-weight pipeline built from configs (no network). Its DMDR and
+GRPO steps run through the toy world's functions in tests/test_sd3.py (parametrized by backbone); here:
+what is Flux's own (packing, the guidance embedding, CLIP + T5), and the export back into a diffusers
+`FluxPipeline` that samples exactly like the trainer."""
+
+import re
+from unittest.mock import patch
+
+import pytest
+import torch
+
+from dmdr_rl import dmdr
+from dmdr_rl.conditioning import Conditioning
+from dmdr_rl.config import load_config
+from dmdr_rl.flow import sample
+from dmdr_rl.flux import flux_shift, image_ids, load_flux, pack, unpack
+from dmdr_rl.latent import BackboneLoadError
+from dmdr_rl.trainer import LocalTrainer
+from conftest import tiny_run
+
+TINY_RUN = tiny_run("student.steps=2", "output.checkpoint_every=2", "trainer.lr_generator=1e-3", "trainer.lr_critic=1e-3")
+
+
+def test_packing_and_position_ids_are_the_pipelines_and_the_velocity_is_its_transformer_call(tiny_flux):
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 4, 8, 12)
+    packed = pack(latents)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 2, 4, 8, 12), rtol=0, atol=0)
+    torch.testing.assert_close(unpack(packed, 8, 12), latents, rtol=0, atol=0)
+    # (the pipeline's unpack takes pixel sizes and its VAE factor)
+    torch.testing.assert_close(unpack(packed, 8, 12), FluxPipeline._unpack_latents(packed, 16, 24, 2), rtol=0, atol=0)
+    torch.testing.assert_close(image_ids(8, 12, "cpu", torch.float32),
+                               FluxPipeline._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32), rtol=0, atol=0)
+
+    backbone = load_flux(str(tiny_flux), resolution=32, max_sequence_length=16)
+    assert backbone.sample_shape == (4, 16, 16) and backbone.guidance == 3.5
+    cond = backbone.encode(["a red circle", "a blue square"])
+    assert cond.tokens.shape == (2, 16, 96) and cond.pooled.shape == (2, 32)  # T5's tokens, CLIP's pooled output
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        ours = backbone.velocity(x, t, cond)
+        # as FluxPipeline calls its transformer: packed latents, timestep / 1000 (= t), guidance, ids
+        direct = backbone.transformer(hidden_states=FluxPipeline._pack_latents(x, 2, 4, 16, 16), timestep=t,
+                                      guidance=torch.full([2], 3.5), pooled_projections=cond.pooled,
+                                      encoder_hidden_states=cond.tokens, txt_ids=torch.zeros(16, 3),
+                                      img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)).sample
+        other_guidance = load_flux(str(tiny_flux), resolution=32, encoders=False, guidance=1.0).velocity(x, t, cond)
+    torch.testing.assert_close(ours, FluxPipeline._unpack_latents(direct, 32, 32, 2), rtol=0, atol=0)
+    assert (ours - other_guidance).abs().max() > 1e-4  # the guidance embedding is an input of every call
+
+
+def test_decode_is_differentiable_and_a_model_without_guidance_embedding_refuses_the_guidance(tmp_path, tiny_flux):
+    from dmdr_rl.tiny import save_tiny_flux
+
+    backbone = load_flux(str(tiny_flux), resolution=32, max_sequence_length=16)
+    latents = torch.randn(2, 4, 16, 16, requires_grad=True)
+    images = backbone.decode(latents)
+    vae = backbone.vae
+    with torch.no_grad():  # FluxPipeline's decode: unscale, unshift, decode, [-1, 1] -> [0, 1]
+        reference = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    torch.testing.assert_close(images, (reference / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    images.mean().backward()
+    assert latents.grad.abs().sum() > 0
+
+    schnell = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    with pytest.raises(ValueError, match=r"model.kwargs.guidance=3.5: this Flux transformer has no guidance embedding"):
+        load_flux(str(schnell), resolution=32, encoders=False, guidance=3.5)
+    plain = load_flux(str(schnell), resolution=32, max_sequence_length=16)
+    assert plain.guidance is None
+    assert plain.sample(["a red circle"], steps=2, cfg=1.0, seed=0).shape == (1, 3, 32, 32)
+
+
+def test_load_and_dry_run_errors_name_the_problem(tiny_flux, tiny_flux_overrides, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    from dmdr_rl import run
+
+    with patch.object(FluxTransformer2DModel, "from_pretrained", side_effect=AssertionError("weights were loaded")):
+        with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer "
+                                             r"patch size 2\); use e.g. 28 or 32$"):
+            load_flux(str(tiny_flux), resolution=30)  # from the config files, before any weights are read
+    with pytest.raises(BackboneLoadError, match=r"cannot load the Flux model .* pass the local directory: "
+                                                r"model.path=/path/to/FLUX.1-dev"):
+        load_flux("no-such-org/no-such-flux-offline")
+    with pytest.raises(BackboneLoadError, match=r"model.path='.*no-such-dir' is not a directory here: .* or a hub id "
+                                                r"such as 'black-forest-labs/FLUX.1-dev'"):
+        load_flux(str(tiny_flux / "no-such-dir"))
+    dry = ["--preset", "toy-dmdr", "--dry-run", *tiny_flux_overrides]
+    with pytest.raises(SystemExit):
+        run.main([*dry, "model.resolution=30"])
+    assert "model.resolution=30 is not a multiple of 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # LoRA targets against FluxTransformer2DModel's config (no weights read)
+        run.main([*dry, "critic.lora.targets=[to_q,proj_nothing]"])
+    assert "critic.lora.targets: LoRA target module(s) ['proj_nothing'] do not exist in FluxTransformer2DModel" in \
+        capsys.readouterr().err
+    run.main([*dry, "critic.lora.targets=[to_q,proj_mlp]"])  # (proj_mlp: Flux's single-stream blocks)
+    assert "model flux" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a hub id not here: FLUX.1's geometry (VAE factor 8 x packing 2)
+        run.main([*dry, "model.path=no-such-org/no-such-flux-offline", "model.resolution=1000"])
+    assert re.search(r"model.resolution=1000 is not a multiple of 16 .*; use e.g. 992 or 1008", capsys.readouterr().err)
+
+
+def test_flux_shift_is_the_pipelines_dynamic_shift():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    for resolution in (512, 1024):
+        tokens = (resolution // 16) ** 2
+        assert flux_shift(resolution) == pytest.approx(float(torch.tensor(calculate_shift(tokens)).exp()), rel=1e-6)
+    assert flux_shift(1024) == pytest.approx(3.158, abs=1e-3) and flux_shift(512) == pytest.approx(1.878, abs=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["lora", "transformer"])
+def test_the_exported_student_samples_in_a_flux_pipeline_like_the_trainer(tmp_path, tiny_flux, tiny_flux_overrides, fmt):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from dmdr_rl.export import diffusers_recipe, export_student
+
+    overrides = [*tiny_flux_overrides[:-2], "model.kwargs={max_sequence_length: 16, guidance: 2.5}", tiny_flux_overrides[-1]]
+    cfg = load_config("toy-dmdr", [*TINY_RUN, *overrides, f"output.dir={tmp_path / 'run'}", "student.steps=4",
+                                   "student.shift=3.0", "trainer.max_steps=3"])
+    trainer = LocalTrainer(cfg)
+    trainer.train()
+    settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
+    assert settings["pipeline"] == "FluxPipeline" and settings["guidance_scale"] == 2.5
+    recipe = diffusers_recipe(settings)
+    assert "use_dynamic_shifting=False" in recipe and "guidance_scale=2.5" in recipe and f"FluxPipeline.from_pretrained('{tiny_flux}')" in recipe
+
+    prompts, noise = ["a red circle"], torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    cond = trainer.backbone.encode(prompts)
+    with torch.no_grad():  # the trainer's own 4-step sample of the student, in latent space ...
+        ours = sample(lambda x, t: trainer.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), noise, 4, 3.0).x0
+    # ... equals diffusers' FluxPipeline with the export loaded and the recorded settings
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    if fmt == "lora":
+        pipe.load_lora_weights(tmp_path / "export")
+    else:
+        pipe.transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "export")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=settings["scheduler_shift"],
+                                                                 **settings["scheduler_settings"])
+    theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"], height=32, width=32,
+                  latents=pack(noise.clone()), max_sequence_length=16, output_type="latent").images
+    assert not torch.allclose(ours, noise)
+    torch.testing.assert_close(unpack(theirs, 16, 16), ours, rtol=1e-4, atol=1e-4)
+    # and it is the student's, not the teacher's
+    with torch.no_grad():
+        teacher = sample(lambda x, t: trainer.backbone.velocity(x, t, cond), noise, 4, 3.0).x0
+    assert (teacher - ours).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_keeps_the_generators_gradient(tiny_flux):
+    from dmdr_rl.config import CriticSection, DmdSection, StudentSection
+
+    backbone = load_flux(str(tiny_flux), resolution=32, max_sequence_length=16)
+    torch.manual_seed(0)
+    student = StudentSection(steps=2)
+    dmdr.add_adapters(backbone, student, CriticSection())
+    with torch.no_grad():
+        for p in backbone.trainable_parameters(dmdr.GENERATOR) + backbone.trainable_parameters(dmdr.CRITIC):
+            p.add_(0.02 * torch.randn_like(p))
+    prompts = ["a red circle", "a blue square"]
+    cond = backbone.encode(prompts)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+
+    def gradients():
+        params = backbone.trainable_parameters(dmdr.GENERATOR)
+        for p in params:
+            p.grad = None
+        loss, _ = dmdr.generator_loss(backbone, traj, cond, prompts, 0, student, CriticSection(), DmdSection(), [],
+                                      False, torch.Generator().manual_seed(2))
+        loss.backward()
+        return [p.grad.clone() for p in params]
+
+    plain = gradients()
+    assert any(g.abs().sum() > 0 for g in plain)
+    backbone.enable_gradient_checkpointing()
+    assert backbone.transformer.gradient_checkpointing
+    for a, b in zip(gradients(), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_a_bf16_flux_base_trains_float32_adapters(tiny_flux):
+    backbone = load_flux(str(tiny_flux), resolution=32, encoders=False, dtype="bfloat16")
+    backbone.add_lora(dmdr.GENERATOR, 4, 4)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.9, 0.3])
+    cond = Conditioning(torch.randn(2, 16, 96), torch.randn(2, 32))
+    v = backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    grads = [p.grad for p in backbone.trainable_parameters(dmdr.GENERATOR)]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads) and any(g.abs().sum() > 0 for g in grads)
