@@ -36,7 +36,9 @@
 #      the GPU; the LoRA adapters' saved activations and step time in bf16 against peft's float32 path
 #      (benchmarks/activations.py);
 #   7. the serving benchmark again in gradient mode; the policy-gradient (rl.mode=grpo) learner step at
-#      1024 px, every transition trained.
+#      1024 px, every transition trained;
+#   8. a FLUX.1-dev-shaped learner step (12B parameters, flux-dev-dmdr) at 1024 px, batch 2, with gradient
+#      checkpointing.
 # A step whose time limit (+15 s for timeout's kill grace, +15 s for the archive) would end past BUDGET
 # seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
@@ -135,4 +137,6 @@ step reward_serving_cuda_grad 90 "$py" benchmarks/reward_serving.py --device cud
   --json "$work/reward_serving_cuda_grad.json"
 step gpu_step_1024_grpo 110 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --rl grpo --transitions all \
   --json "$work/gpu_step_1024_grpo.json"
+step gpu_step_flux_1024 150 "$py" benchmarks/gpu_step.py --shape flux-dev --device cuda --resolution 1024 --batch 2 \
+  --gradient-checkpointing --json "$work/gpu_step_flux_1024.json"
 exit $status

@@ -1,5 +1,5 @@
-"""One DMDR learner step on an SD3-Medium-shaped random-weight model: step time, achieved TFLOP/s and
-peak memory (issue 6). The step is the learner's own (`DMDRLearner.step` with `dmd.ratio=1`): a critic
+"""One DMDR learner step on an SD3-Medium-shaped (or FLUX.1-dev-shaped) random-weight model: step time,
+achieved TFLOP/s and peak memory (issue 6). The step is the learner's own (`DMDRLearner.step` with `dmd.ratio=1`): a critic
 update, then a generator update with the DMD loss and a reward term through the VAE decode (ReFL), or with
 `--rl grpo` the DMD loss and the policy term over the SDE sampler's transitions (`rl.mode=grpo`: no
 decode on the learner; the rollout's scores are made once, outside the timing, as rollouts do).
@@ -8,6 +8,7 @@ decode on the learner; the rollout's scores are made once, outside the timing, a
     python benchmarks/gpu_step.py --resolution 512 --batch 4
     python benchmarks/gpu_step.py --shape tiny --device cpu --resolution 64   # a smoke run of the same code on a CPU
     python benchmarks/gpu_step.py --count-only                     # FLOPs per step, counted without a GPU
+    python benchmarks/gpu_step.py --shape flux-dev --count-only    # the same for FLUX.1-dev's shape (12B parameters)
     python benchmarks/gpu_step.py --rl grpo --transitions all      # the policy-gradient step instead of ReFL's
 
 What is timed is the learner only: the rollout (backward simulation, made by rollout actors in a run)
@@ -40,12 +41,16 @@ from dmdr_rl.conditioning import Conditioning  # noqa: E402
 from dmdr_rl.config import load_config  # noqa: E402
 from dmdr_rl.learning import DMDRLearner  # noqa: E402
 from dmdr_rl.rollout import RolloutBatch  # noqa: E402
-from dmdr_rl.latent import vae_scale_factor  # noqa: E402
+from dmdr_rl.flux import FLUX_DEV_TRANSFORMER, FluxBackbone  # noqa: E402
+from dmdr_rl.latent import LatentBackbone, vae_scale_factor  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone  # noqa: E402
-from dmdr_rl.tiny import tiny_sd3_pipeline  # noqa: E402
+from dmdr_rl.tiny import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 
-# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; the tiny pipeline's 16 + 16.
-TOKENS = {"medium": 333, "tiny": 32}
+# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; FLUX.1's 512 T5 tokens (CLIP gives the pooled vector
+# only); the tiny pipelines' 16 + 16 and 16.
+TOKENS = {"medium": 333, "tiny": 32, "flux-dev": 512, "flux-tiny": 16}
+# FLUX.1's VAE: SD3's layout with its own factors
+FLUX_VAE = {**SD3_MEDIUM_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # --rl grpo: samples per prompt (the batch must hold whole groups)
 GRPO_GROUP = 2
 # FlopCounterMode counts the CUDA attention kernels but not the CPU's, which would count 0 (a smoke run's
@@ -74,30 +79,34 @@ class SharpnessReward:
         return dx.abs().mean(dim=(1, 2, 3))
 
 
-def random_backbone(shape: str, resolution: int, dtype: torch.dtype, device: torch.device) -> SD3Backbone:
-    """Random weights: SD3-Medium's shapes, or the tests' tiny pipeline. On the `meta` device nothing is
-    allocated (shapes only, for counting FLOPs)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+def random_backbone(shape: str, resolution: int, dtype: torch.dtype, device: torch.device) -> LatentBackbone:
+    """Random weights: SD3-Medium's or FLUX.1-dev's shapes, or the tests' tiny pipelines. On the `meta` device
+    nothing is allocated (shapes only, for counting FLOPs)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 
-    if shape == "tiny":
-        pipeline = tiny_sd3_pipeline(resolution=resolution)
+    flux = shape.startswith("flux")
+    if shape in ("tiny", "flux-tiny"):
+        pipeline = tiny_flux_pipeline(resolution=resolution) if flux else tiny_sd3_pipeline(resolution=resolution)
         transformer, vae = pipeline.transformer, pipeline.vae
     else:
-        blocks = len(SD3_MEDIUM_VAE["block_out_channels"])
+        vae_config = FLUX_VAE if flux else SD3_MEDIUM_VAE
+        blocks = len(vae_config["block_out_channels"])
         with torch.device(device):  # random init where the model runs: on a GPU it takes no time
             vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
                                 up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=resolution,
-                                use_quant_conv=False, use_post_quant_conv=False, **SD3_MEDIUM_VAE)
-            transformer = SD3Transformer2DModel(**{**SD3_MEDIUM_TRANSFORMER, "sample_size": resolution // vae_scale_factor(vae.config)})
-    backbone = SD3Backbone(transformer.to(dtype).eval(), vae.to(dtype), None, resolution)
+                                use_quant_conv=False, use_post_quant_conv=False, **vae_config)
+            transformer = (FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER) if flux else SD3Transformer2DModel(
+                **{**SD3_MEDIUM_TRANSFORMER, "sample_size": resolution // vae_scale_factor(vae.config)}))
+    family = FluxBackbone if flux else SD3Backbone
+    backbone = family(transformer.to(dtype).eval(), vae.to(dtype), None, resolution)
     return backbone.to(device)
 
 
 def setup(args: argparse.Namespace, device: torch.device):
-    """(backbone, learner, conditioning) of one learner step: the SD3-Medium preset with a critic and
+    """(backbone, learner, conditioning) of one learner step: the SD3-Medium (or FLUX.1-dev) preset with a critic and
     a generator update per step and the stand-in reward on; text conditioning random (learners hold no encoders)."""
     policy = ["rl.mode=grpo", "student.sampler=sde", f"rl.group_size={GRPO_GROUP}", f"rl.transitions={args.transitions}"]
-    cfg = load_config("sd3-medium-dmdr", [
+    cfg = load_config("flux-dev-dmdr" if args.shape.startswith("flux") else "sd3-medium-dmdr", [
         "dmd.ratio=1", "trainer.cold_start=0", f"trainer.optimizer={args.optimizer}", f"trainer.precision={args.precision}",
         f"student.steps={args.steps}", "rewards=[{name: sharpness, weight: 0.3, shaping: linear}]",
         f"trainer.micro_batch_size={args.micro_batch or 'null'}", *(policy if args.rl == "grpo" else [])])
@@ -146,7 +155,7 @@ def count_only(args: argparse.Namespace) -> dict:
     }
 
 
-def rollout_scores(backbone: SD3Backbone, learner: DMDRLearner, trajectory, prompts: list[str]) -> dict:
+def rollout_scores(backbone: LatentBackbone, learner: DMDRLearner, trajectory, prompts: list[str]) -> dict:
     """GRPO's advantages come from the rollout's scores (`RolloutBatch.reward_scores`), made by the
     rollouts in a run; none are needed for ReFL, whose learner scores with the gradient."""
     if not learner.cfg.rl.policy_gradient:
@@ -156,7 +165,7 @@ def rollout_scores(backbone: SD3Backbone, learner: DMDRLearner, trajectory, prom
         return {reward.spec.key: reward.model.score(images, prompts) for reward in learner.rewards}
 
 
-def random_conditioning(backbone: SD3Backbone, shape: str, batch: int, device: torch.device,
+def random_conditioning(backbone: LatentBackbone, shape: str, batch: int, device: torch.device,
                         scale: float = 1.0) -> Conditioning:
     config = backbone.transformer.config
     generator = torch.Generator().manual_seed(0)

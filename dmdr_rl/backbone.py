@@ -25,7 +25,8 @@ from peft import LoraConfig
 from .conditioning import Conditioning
 from .flow import generators, randn, sample
 
-# The attention projections of SD3 joint blocks (image and context streams).
+# The attention projections of SD3's joint blocks and Flux's double-stream blocks (image and context streams;
+# to_q, to_k and to_v match Flux's single-stream blocks too).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 

@@ -49,19 +49,21 @@ class LoraSpec(_Section):
 
     rank: int = Field(64, ge=1)  # r: the rank of each adapted layer's update
     alpha: float = Field(128.0, gt=0)  # the update is scaled by alpha / rank
-    targets: Optional[list[str]] = Field(None, min_length=1)  # module names to adapt; null: the SD3 attention projections
+    targets: Optional[list[str]] = Field(None, min_length=1)  # module names to adapt; null: the joint attention projections
 
 
 class ModelSection(_Section):
     """The backbone: the teacher, whose frozen weights the critic's and a LoRA generator's adapters share."""
 
-    backbone: str = "toy"  # a registered backbone name or an import path "package.module:factory"
+    backbone: str = "toy"  # a registered backbone (toy, sd3, flux) or an import path "package.module:factory"
     path: Optional[str] = None  # weights directory or hub id; null = the backbone's default
-    # recompute the transformer's blocks (and an SD3 VAE decoder's) during the backward pass instead of
+    # recompute the transformer's blocks (and an SD3 or Flux VAE decoder's) during the backward pass instead of
     # keeping their activations: much less memory for about a third more compute
     gradient_checkpointing: bool = False
-    resolution: int = Field(32, ge=8)  # image side in pixels (toy: 32; sd3: a multiple of 16, the VAE factor x patch size)
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the backbone's loader (sd3: dtype, max_sequence_length)
+    resolution: int = Field(32, ge=8)  # image side in pixels (toy: 32; sd3, flux: a multiple of 16, the VAE factor x patch size)
+    # passed to the backbone's loader (sd3: dtype, max_sequence_length; flux: those and guidance, FLUX.1-dev's
+    # embedded guidance scale, default 3.5)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("kwargs")
     @classmethod

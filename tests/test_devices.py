@@ -138,6 +138,17 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
         gpu_step.main([*tiny, "--rl", "grpo", "--batch", "3"])
 
 
+def test_the_gpu_step_benchmark_runs_a_flux_shaped_step():
+    """FLUX.1's tiny shape through the same learner step (the flux-dev-dmdr preset), and its FLOP count."""
+    gpu_step = _gpu_step_module()
+    tiny = ["--shape", "flux-tiny", "--device", "cpu", "--resolution", "32", "--warmup", "0", "--repeats", "1"]
+    report = gpu_step.main(tiny)
+    assert set(report["losses"]) == {"loss/critic", "loss/dmd", "loss/reward/sharpness", "loss/generator"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in report["losses"].values()) and report["tflop_per_step"] > 0
+    counted = gpu_step.main(["--shape", "flux-tiny", "--resolution", "32", "--count-only"])
+    assert counted["tflop_per_step"] <= report["tflop_per_step"] <= 1.05 * counted["tflop_per_step"]
+
+
 def _gpu_step_module():
     import importlib.util
     from pathlib import Path
