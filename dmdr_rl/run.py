@@ -77,7 +77,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     if not toy_evaluation_applies(cfg):
         print(f"dmdr_rl: the toy evaluation (judge accuracy and FID of 32 px toy scenes) does not apply to this run "
               f"(data.prompts={cfg.data.prompts}, model.resolution={cfg.model.resolution}): skipped. Sample the student "
-              f"with `python -m dmdr_rl.sample --run {out} --prompt TEXT`, or take an SD3 student to diffusers with "
+              f"with `python -m dmdr_rl.sample --run {out} --prompt TEXT`, or take an SD3 or Flux student to diffusers with "
               f"`python -m dmdr_rl.export --run {out} --format lora --out DIR`.")
         print(run_outputs(cfg, evaluated=False))
         print(json_text(summary, indent=None), end="")

@@ -12,7 +12,7 @@ there is one; `--teacher` samples the model it was distilled from instead. Each 
 again alone, and the student and the teacher get the same noise for the same --seed. `--score` scores
 every image with the run's reward models (or those of `--reward`) in this process, into
 `samples.parquet` and `scores.json`; `grid.png` shows (the first 64 of) the images with their prompts.
-An SD3 student is better taken to diffusers with `python -m dmdr_rl.export`.
+An SD3 or Flux student is better taken to diffusers with `python -m dmdr_rl.export`.
 """
 
 from __future__ import annotations
