@@ -2,15 +2,16 @@
 `TransformerBackbone` does) vs two copies of the base, each with its own adapter, vs a fully
 fine-tuned generator (a trainable copy + the frozen base for the critic).
 
-    python benchmarks/memory.py                    # the tiny SD3 transformer and an SD3-Medium-shaped one
+    python benchmarks/memory.py                    # the tiny SD3 transformer, SD3-Medium- and FLUX.1-dev-shaped ones
     python benchmarks/memory.py --device cuda      # also what the GPU's allocator holds for each layout
 
 Bytes are counted from the parameters the objects really hold (each storage once), built with the
-project's own adapter code: the tiny model is allocated; the SD3-Medium-shaped one (2B parameters)
-is built on the `meta` device, which has the same parameters and no allocation. AdamW state (two
+project's own adapter code: the tiny model is allocated; the SD3-Medium-shaped one (2B parameters) and
+the FLUX.1-dev-shaped one (12B) are built on the `meta` device, which has the same parameters and no
+allocation. AdamW state (two
 fp32 moments per trainable parameter) is listed apart. With `--device cuda` each layout of the
 SD3-Medium shape is also built on the GPU, one at a time, and the allocator's growth is reported beside
-the count (`*_allocated`).
+the count (`*_allocated`); the FLUX.1-dev shape is counted only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import write_report  # noqa: E402
 from dmdr_rl.backbone import TransformerBackbone  # noqa: E402
+from dmdr_rl.flux import FLUX_DEV_TRANSFORMER  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER  # noqa: E402
 
 
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="meta", help="meta (count only, the default) or cuda (count and allocate)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    from diffusers import SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     from dmdr_rl.tiny import tiny_sd3_pipeline
 
@@ -109,10 +111,15 @@ def main(argv=None) -> dict:
         with torch.device(device):
             return SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
 
+    def flux_dev():
+        with torch.device("meta"):
+            return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+
     report = {
         "tiny SD3 (fp32, LoRA r16/r16)": measure(lambda: copy.deepcopy(tiny), 16, 16, torch.float32),
         "SD3-Medium shape (bf16, LoRA r64/r32)": measure(medium, 64, 32, torch.bfloat16,
                                                          device if device.type == "cuda" else None),
+        "FLUX.1-dev shape (bf16, LoRA r64/r32)": measure(flux_dev, 64, 32, torch.bfloat16),
     }
     for name, row in report.items():
         mib = {k: v / 2**20 for k, v in row.items()}
