@@ -225,6 +225,7 @@ class LocalTrainer:
         store = open_run_directory(cfg, self.out, fresh=fresh)
         log = MetricsLog(self.out, store, cfg)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
+        stopping = False
         try:
             with run_events(store, backend="local", generator_step=self.generator_step,
                             max_steps=cfg.trainer.max_steps, output_dir=str(self.out)) as ending, StopAtStepEnd() as stop:
@@ -252,7 +253,8 @@ class LocalTrainer:
                 stop.finished_anyway()
         finally:
             bar.close()
-            log.close(failed=sys.exc_info()[0] is not None)  # (the exception on its way out, if any)
+            # (the exception on its way out, if any; a stop asked for, checkpointed, is no failure, as on Ray)
+            log.close(failed=sys.exc_info()[0] is not None and not stopping)
         return {"output_dir": str(self.out), "generator_steps": self.generator_step, "iterations": self.iteration}
 
     def sample(self, prompts: Sequence[str], seed: int | Sequence[int]) -> torch.Tensor:

@@ -79,7 +79,7 @@ def test_a_run_logs_its_metrics_to_one_wandb_run_which_a_resumed_run_continues(t
     assert [p.name for p in (out / "previous").iterdir() if (p / "wandb" / "run-id").exists()]  # (set aside with the rest)
 
 
-def test_a_failed_run_is_marked_so_and_a_wandb_that_cannot_start_does_not_stop_training(tmp_path, monkeypatch, capsys):
+def test_a_failed_run_is_marked_so_a_stopped_one_not_and_a_wandb_that_cannot_start_does_not_stop_training(tmp_path, monkeypatch, capsys):
     from dmdr_rl.trainer import LocalTrainer
 
     wandb = _FakeWandb()
@@ -90,6 +90,23 @@ def test_a_failed_run_is_marked_so_and_a_wandb_that_cannot_start_does_not_stop_t
     with pytest.raises(RuntimeError, match="a bug"):
         trainer.train()
     assert wandb.runs[0].exit_code == 1  # (W&B shows the run failed, not finished)
+
+    # a stop asked for with Ctrl-C, checkpointed to resume, is no failure (as a Ray learner's stop is not)
+    import os
+    import signal
+
+    cfg = load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'c'}", "output.wandb={project: p}", "trainer.max_steps=3"))
+    trainer = LocalTrainer(cfg)
+    original = trainer.train_iteration
+    monkeypatch.setattr(trainer, "train_iteration",
+                        lambda: (os.kill(os.getpid(), signal.SIGINT) if trainer.iteration == 0 else None, original())[1])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert trainer.generator_step == 1 and wandb.runs[1].exit_code == 0
 
     monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(fails=True))  # no key, no network, ...
     cfg = load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'b'}", "output.wandb={project: p}"))
