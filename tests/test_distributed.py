@@ -19,6 +19,7 @@ from dmdr_rl.distributed import COORDINATOR_PREFIX, train_distributed  # noqa: E
 from dmdr_rl.ledger import Ledger, audit  # noqa: E402
 from dmdr_rl.store import FileStore  # noqa: E402
 from dmdr_rl.trainer import LocalTrainer  # noqa: E402
+from conftest import backbone_overrides  # noqa: E402
 
 TINY = {"trainer.batch_size": 4, "trainer.max_steps": 3, "trainer.cold_start": 1, "dmd.ratio": 2, "student.steps": 2,
         "output.log_every": 1, "output.sample_every": 1000, "output.checkpoint_every": 3,
@@ -41,13 +42,17 @@ def _losses(out):
     return [(r["step"], {k: v for k, v in r.items() if k.startswith(("loss/", "reward/", "val/"))}) for r in rows]
 
 
-@pytest.mark.parametrize("preset, extra, reward_loss", [
+@pytest.mark.parametrize("preset, extra, reward_loss, backbone", [
     # (and evaluated during training: the same val/ metrics from a Ray learner, whose prompts a worker encodes)
-    ("toy-dmdr", {"output.eval_every": 2, "output.eval_images": 8}, "loss/reward/toy-align"),
+    ("toy-dmdr", {"output.eval_every": 2, "output.eval_images": 8}, "loss/reward/toy-align", "toy"),
     # policy-gradient RL: grouped prompts, each step's x carried through the object store to the learner
-    ("toy-dmdr-grpo", {"rl.group_size": 2, "student.steps": 3}, "loss/policy"),
-], ids=["refl", "grpo"])
-def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray, preset, extra, reward_loss):
+    ("toy-dmdr-grpo", {"rl.group_size": 2, "student.steps": 3}, "loss/policy", "toy"),
+    # a diffusers family on VAE latents (tiny FLUX.1): its learner holds no text encoders (CLIP, T5), the real
+    # score's CFG takes the empty prompt's conditioning a rollout worker encoded
+    ("toy-dmdr", {}, "loss/reward/toy-align", "flux"),
+], ids=["refl", "grpo", "flux"])
+def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray, request, preset, extra, reward_loss, backbone):
+    extra = {**extra, **dict(override.split("=", 1) for override in backbone_overrides(request, backbone))}
     LocalTrainer(_config(tmp_path / "local", preset, **extra)).train()
     summary = train_distributed(_config(tmp_path / "ray", preset, **{"trainer.backend": "ray", "ray.max_staleness": 0,
                                                                      **extra}))
