@@ -94,41 +94,22 @@ def _join(cfg: RunConfig, address: str) -> None:
     ray.init(address=address, log_to_driver=True, runtime_env=with_user_code(secrets_runtime_env(cfg), cfg))
 
 
-# this project's own packages: every Ray node must have them installed, so they are never sent
-OWN_PACKAGES = ("dmdr_rl", "actors", "learner", "reward_servers")
-
-
 def user_code(cfg: RunConfig) -> list[str]:
-    """The backbone module of the user's (model.backbone by import path, `my_dit:build`) as this process imports
-    it from outside an installed package: its file, or its top-level package's directory; empty otherwise."""
-    import importlib.util
-    import sysconfig
+    """The user's plugin modules this process imports from outside an installed package (model.backbone and every
+    reward named by import path, `my_dit:build`, `my_rewards:Brightness`): their files or top-level package
+    directories (`plugin_source`), each once; empty otherwise."""
+    from .registry import plugin_source
 
-    name = cfg.model.backbone
-    top_level = name.partition(":")[0].split(".")[0] if ":" in name else ""
-    if not top_level or top_level in OWN_PACKAGES:
-        return []
-    try:
-        spec = importlib.util.find_spec(top_level)
-    except (ImportError, ValueError):
-        return []
-    if spec is None:
-        return []
-    if spec.submodule_search_locations:  # a package (a namespace package may span several directories)
-        paths = [Path(location) for location in spec.submodule_search_locations]
-    elif spec.origin and spec.origin.endswith(".py"):
-        paths = [Path(spec.origin)]
-    else:  # built-in, frozen or compiled: no user's source
-        return []
-    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    return [str(path) for path in paths if not installed & {path.resolve(), *path.resolve().parents}]
+    sources = [path for name in (cfg.model.backbone, *(spec.name for spec in cfg.rewards)) for path in plugin_source(name)]
+    return list(dict.fromkeys(sources))
 
 
 def with_user_code(runtime_env: dict | None, cfg: RunConfig) -> dict | None:
-    """`runtime_env` for a Ray the run starts or joins, plus the user's backbone module (`user_code`) in py_modules,
-    which Ray uploads to every node: its rollout workers and learners would otherwise find it only where Ray puts
-    this process's working directory on their path (not through this process's PYTHONPATH or sys.path, nor on
-    other machines). A submitted job is left to the runtime_env it was given (`ray job submit --working-dir`)."""
+    """`runtime_env` for a Ray the run starts or joins, plus the user's plugin modules (`user_code`) in py_modules,
+    which Ray uploads to every node (the reward apps the run starts get them too): its rollout workers and learners
+    would otherwise find them only where Ray puts this process's working directory on their path (not through this
+    process's PYTHONPATH or sys.path, nor on other machines). A submitted job is left to the runtime_env it was
+    given (`ray job submit --working-dir`)."""
     modules = user_code(cfg) if submitted_job_runtime_env() is None else []
     if not modules:
         return runtime_env

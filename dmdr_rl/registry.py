@@ -130,6 +130,37 @@ def passes_options_to(target: Callable[[], Callable], set_here: Sequence[str] = 
     return mark
 
 
+# this project's own packages: every Ray node must have them installed, so they are never sent
+OWN_PACKAGES = ("dmdr_rl", "actors", "learner", "reward_servers")
+
+
+def plugin_source(name: str) -> list[str]:
+    """Where a plugin named by import path ("my_pkg.module:Name") comes from when this process imports it from
+    outside an installed package: its module's file, or its top-level package's directory (what Ray's py_modules
+    takes); empty for a registered name, this project's or an installed package's. Nothing is imported."""
+    import importlib.util
+    import sysconfig
+    from pathlib import Path
+
+    top_level = name.partition(":")[0].split(".")[0] if ":" in name else ""
+    if not top_level or top_level in OWN_PACKAGES:
+        return []
+    try:
+        spec = importlib.util.find_spec(top_level)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:  # a package (a namespace package may span several directories)
+        paths = [Path(location) for location in spec.submodule_search_locations]
+    elif spec.origin and spec.origin.endswith(".py"):
+        paths = [Path(spec.origin)]
+    else:  # built-in, frozen or compiled: no user's source
+        return []
+    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return [str(path) for path in paths if not installed & {path.resolve(), *path.resolve().parents}]
+
+
 def checked_by(check: Callable[..., None]):
     """Gives a factory named by import path the check a registered one gets with `register(name, check=...)`: the dry
     run, the trainers and `sample` call `check(path=, resolution=, prompts=, prompts_from=, lora_targets=,

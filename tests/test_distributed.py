@@ -553,24 +553,30 @@ def test_local_paths_in_the_config_are_made_absolute_for_rays_workers(tmp_path, 
     assert placed.data.prompts == hub.data.prompts and hub.data.prompts.startswith("toy:")
 
 
-def test_a_backbone_module_of_the_users_is_sent_to_the_ray_the_run_starts_or_joins(tmp_path, monkeypatch):
-    """Its file, or its package's directory, in the job's py_modules; never an installed package or this project's,
-    nor into a submitted job (its own runtime_env decides)."""
+def test_the_users_backbone_and_reward_modules_are_sent_to_the_ray_the_run_starts_or_joins(tmp_path, monkeypatch):
+    """Their files, or their packages' directories, in the job's py_modules, each once; never an installed package or
+    this project's, nor into a submitted job (its own runtime_env decides)."""
     import sys
 
     from dmdr_rl.distributed import JOB_CONFIG_ENV, user_code, with_user_code
 
     (tmp_path / "mine.py").write_text("def build(**_): pass\n")
+    (tmp_path / "my_rewards.py").write_text("class Bright: pass\n")
     (tmp_path / "my_pkg").mkdir()
     (tmp_path / "my_pkg" / "__init__.py").write_text("")
     (tmp_path / "my_pkg" / "models.py").write_text("def build(**_): pass\n")
+    (tmp_path / "my_pkg" / "rewards.py").write_text("class Bright: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for module in ("mine", "my_pkg"):
+    for module in ("mine", "my_pkg", "my_rewards"):
         monkeypatch.delitem(sys.modules, module, raising=False)
     assert user_code(_config(tmp_path, **{"model.backbone": "mine:build"})) == [str(tmp_path / "mine.py")]
     assert user_code(_config(tmp_path, **{"model.backbone": "my_pkg.models:build"})) == [str(tmp_path / "my_pkg")]
     for installed in ("toy", "dmdr_rl.registry:BACKBONES", "torch.nn:Linear"):
         assert user_code(_config(tmp_path, **{"model.backbone": installed})) == []
+    rewards = "[{name: toy-align}, {name: 'my_rewards:Bright'}, {name: 'my_pkg.rewards:Bright'}]"
+    assert user_code(_config(tmp_path, **{"model.backbone": "my_pkg.models:build", "rewards": rewards})) == [
+        str(tmp_path / "my_pkg"), str(tmp_path / "my_rewards.py")]
+    assert not any(name in sys.modules for name in ("mine", "my_pkg", "my_rewards"))  # (found, not imported)
     cfg = _config(tmp_path, **{"model.backbone": "mine:build"})
     assert with_user_code({"env_vars": {"A": "1"}}, cfg) == {"env_vars": {"A": "1"}, "py_modules": [str(tmp_path / "mine.py")]}
     assert with_user_code(None, _config(tmp_path)) is None

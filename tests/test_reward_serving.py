@@ -246,10 +246,13 @@ def test_a_running_serve_keeps_its_http_address_and_the_run_says_where_it_is(tmp
             in capsys.readouterr().out)
 
 
-def test_a_users_reward_class_named_only_in_the_config_is_served(tmp_path, local_serve):
+@pytest.mark.parametrize("runtime_env", [{}, {"env_vars": {"DMDR_TEST_ENV": "1"}}], ids=["job-env", "own-env"])
+def test_a_users_reward_class_named_only_in_the_config_is_served(tmp_path, local_serve, runtime_env):
     # the replicas import the class themselves: its module reaches them through the run's runtime_env (a reward
-    # app's own runtime_env takes no local paths: the config refuses them, see test_config)
-    spec = _serve_spec("served_user_reward:Brightness", app="reward-user").model_copy(update={"kwargs": {"gain": 2.0}})
+    # app's own runtime_env takes no local paths: the config refuses them, see test_config), also where the app
+    # has a runtime_env of its own
+    spec = _serve_spec("served_user_reward:Brightness", app="reward-user", runtime_env=runtime_env).model_copy(
+        update={"kwargs": {"gain": 2.0}})
     started = start_reward_apps(_run_config(tmp_path, [spec], local_serve))
     try:
         images = _images().requires_grad_(True)
