@@ -41,7 +41,7 @@ from dmdr_rl.conditioning import Conditioning  # noqa: E402
 from dmdr_rl.config import load_config  # noqa: E402
 from dmdr_rl.learning import DMDRLearner  # noqa: E402
 from dmdr_rl.rollout import RolloutBatch  # noqa: E402
-from dmdr_rl.flux import FLUX_DEV_TRANSFORMER, FluxBackbone  # noqa: E402
+from dmdr_rl.flux import FLUX_DEV_TRANSFORMER, FLUX_VAE, FluxBackbone  # noqa: E402
 from dmdr_rl.latent import LatentBackbone, vae_scale_factor  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone  # noqa: E402
 from dmdr_rl.tiny import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
@@ -49,8 +49,6 @@ from dmdr_rl.tiny import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 # Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; FLUX.1's 512 T5 tokens (CLIP gives the pooled vector
 # only); the tiny pipelines' 16 + 16 and 16.
 TOKENS = {"medium": 333, "tiny": 32, "flux-dev": 512, "flux-tiny": 16}
-# FLUX.1's VAE: SD3's layout with its own factors
-FLUX_VAE = {**SD3_MEDIUM_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # --rl grpo: samples per prompt (the batch must hold whole groups)
 GRPO_GROUP = 2
 # FlopCounterMode counts the CUDA attention kernels but not the CPU's, which would count 0 (a smoke run's

@@ -67,9 +67,9 @@ def _in_module_precision(call: Callable, module: torch.nn.Module, x_t: torch.Ten
                          cond: Conditioning) -> torch.Tensor:
     """`call(module, x_t, t, cond)` (a backbone's `call_transformer`) in the module's own precision (a bf16
     base takes bf16 inputs), with the answer in the caller's: the sampler and loss arithmetic stay float32.
-    The timestep stays float32, as diffusers' pipelines pass it: 1000 t in bf16 would round (t = 0.75 to
-    752), away from the tau that x0 = x_tau - tau v uses and from the timestep an exported student is
-    sampled at."""
+    The timestep stays float32, as SD3's pipelines pass it: 1000 t in bf16 would round (t = 0.75 to 752),
+    away from the tau that x0 = x_tau - tau v uses and from the timestep an exported student is sampled at.
+    (A family whose pipeline rounds it, Flux, rounds it the same way in its `call_transformer`.)"""
     dtype = _base_dtype(module)
     return call(module, x_t.to(dtype), t.float(), cond.to(dtype=dtype)).to(x_t.dtype)
 

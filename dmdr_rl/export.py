@@ -15,7 +15,8 @@ student, DESIGN's re-noising step; Flux's with its shift by the token count swit
 A LoRA is merged into a float32 copy of the base, and the transformer is written in `--dtype`
 (default float32). Writing it in bfloat16 rounds base + LoRA to bf16, which can erase much of a small
 LoRA's change; for a bf16 model prefer `--format lora`, which keeps the base as the hub has it. The
-float32 merge holds the base twice in host memory: about 16 GB for SD3-Medium, 65 GB for SD3.5-Large.
+float32 merge holds the base twice in host memory: about 16 GB for SD3-Medium, 65 GB for SD3.5-Large, 95 GB
+for FLUX.1-dev.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         "pipeline": family.pipeline_class if family else None, "transformer_class": family.transformer_class if family else None,
         "guidance_scale": family.pipeline_guidance(cfg.model.kwargs) if family else 1.0,
         "scheduler_shift": shift, "scheduler_settings": dict(family.scheduler_settings) if family else {},
-        "sampler": cfg.student.sampler,
+        "sampler": cfg.student.sampler, "height": cfg.model.resolution, "width": cfg.model.resolution,
+        # what the pipeline must be given as the run had it (T5's padding length is part of the conditioning)
+        "pipeline_options": {k: v for k, v in cfg.model.kwargs.items() if k == "max_sequence_length"},
+        "torch_dtype": "bfloat16" if cfg.trainer.precision == "bf16" else "float32",  # the base the student trained on
         "stochastic_sampling": cfg.student.sampler == "sde", "dtype": dtype if fmt == "transformer" else None,
         "sigmas": [round(float(t), 6) for t in sampling_timesteps(steps, 1.0)],  # unshifted; the scheduler shifts
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
@@ -142,14 +146,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def diffusers_recipe(settings: dict) -> str:
-    """How to sample the export with its family's diffusers pipeline at the student's own steps and shift."""
+    """How to sample the export with its family's diffusers pipeline at the student's own steps, shift, size, text
+    length and precision."""
+    dtype = ", torch_dtype=torch.bfloat16" if settings["torch_dtype"] == "bfloat16" else ""
     load = ("pipe.load_lora_weights(out)" if settings["format"] == "lora" else
-            f"pipe.transformer = {settings['transformer_class']}.from_pretrained(out)")
+            f"pipe.transformer = {settings['transformer_class']}.from_pretrained(out{dtype})")
     scheduler = "".join(f", {k}={v!r}" for k, v in {"shift": settings["scheduler_shift"], **settings["scheduler_settings"],
                                                   **({"stochastic_sampling": True} if settings["stochastic_sampling"] else {})}.items())
-    return (f"  pipe = {settings['pipeline']}.from_pretrained({settings['base_model'] or '<base model>'!r}); {load}\n"
+    call = "".join(f", {k}={v!r}" for k, v in {"height": settings["height"], "width": settings["width"],
+                                              **settings["pipeline_options"]}.items())
+    return (f"  pipe = {settings['pipeline']}.from_pretrained({settings['base_model'] or '<base model>'!r}{dtype}); {load}\n"
             f"  pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config{scheduler})\n"
-            f"  pipe(prompt, sigmas={settings['sigmas']}, guidance_scale={settings['guidance_scale']})")
+            f"  pipe(prompt, sigmas={settings['sigmas']}, guidance_scale={settings['guidance_scale']}{call})")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ What is Flux's own, beside SD3 (`dmdr_rl.latent` holds what they share):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -35,12 +35,25 @@ FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_sin
                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                             guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
+# FLUX.1's VAE (the same layout as SD3's, its own factors)
+FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def check_guidance(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """model.kwargs.guidance needs a transformer with a guidance embedding (FLUX.1-dev's; not schnell's)."""
+    if options.get("guidance") is not None and not config.get("guidance_embeds", False):
+        raise ValueError(f"model.kwargs.guidance={options['guidance']}: this Flux transformer has no guidance embedding "
+                         "(guidance_embeds: false, as FLUX.1-schnell): remove it (model.kwargs={} for schnell)")
+
+
 FLUX = ModelFamily(
     name="Flux", default_model=DEFAULT_MODEL, transformer_class="FluxTransformer2DModel", pipeline_class="FluxPipeline",
     patch_size=lambda config: PACK * config.get("patch_size", 1), max_patches=lambda config: None,  # rotary: any size
     geometry=(8, PACK),  # every FLUX.1 model's
     pipeline_guidance=lambda kwargs: kwargs.get("guidance", DEFAULT_GUIDANCE),  # the embedded guidance (schnell ignores it)
     scheduler_settings=(("use_dynamic_shifting", False),),  # else the scheduler shifts by the token count instead
+    check_options=check_guidance, patch_words="2x2 packing",
 )
 
 
@@ -57,14 +70,14 @@ def flux_shift(resolution: int, vae_factor: int = 8) -> float:
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/2)(W/2), 4C], diffusers' `FluxPipeline._pack_latents`."""
     b, c, h, w = latents.shape
-    return latents.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
+    return latents.reshape(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
 
 
 def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The inverse of `pack`, to a latent of `height` x `width`."""
     b, _, channels = tokens.shape
     c = channels // (PACK * PACK)
-    return tokens.view(b, height // PACK, width // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+    return tokens.reshape(b, height // PACK, width // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
 def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
@@ -75,24 +88,27 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 
 class FluxBackbone(LatentBackbone):
+    family = FLUX
+
     def __init__(self, transformer, vae, text_pipeline=None, resolution: int = 1024, max_sequence_length: int = 512,
                  guidance: float | None = None):
         """`text_pipeline`: a `FluxPipeline` holding CLIP and T5 (None for a learner). `guidance`: the embedded
         guidance scale of a guidance-distilled model (default 3.5); refused for a model without the embedding."""
-        if not transformer.config.guidance_embeds and guidance is not None:
-            raise ValueError(f"model.kwargs.guidance={guidance}: this Flux transformer has no guidance embedding "
-                             "(guidance_embeds: false, as FLUX.1-schnell): remove it")
+        check_guidance(transformer.config, {"guidance": guidance})
         self.guidance = (DEFAULT_GUIDANCE if guidance is None else float(guidance)) if transformer.config.guidance_embeds else None
         self.max_sequence_length = max_sequence_length
-        super().__init__(transformer, vae, text_pipeline, resolution, patch_size=PACK * transformer.config.patch_size)
+        super().__init__(transformer, vae, text_pipeline, resolution)
 
     def call_transformer(self, module: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Packed in, unpacked out; the timestep as t (Flux scales it by 1000 itself, in the model's precision, as
-        the pipeline has it), the guidance embedded when the model has it."""
+        """Packed in, unpacked out; the guidance embedded when the model has it. The timestep as FluxPipeline passes
+        it: its scheduler's 1000 t in the activations' precision, divided by 1000 there (the model multiplies by
+        1000 again, in its precision). A bf16 model then sees the timesteps an exported student is sampled at in a
+        bf16 pipeline, not t rounded once (at the preset's shift 3.16, 908 where the pipeline gives 904)."""
         batch, _, height, width = x_t.shape
         guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=x_t.device)
+        timestep = (t * 1000.0).to(x_t.dtype) / 1000.0
         out = module(hidden_states=pack(x_t), encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
-                     timestep=t, img_ids=image_ids(height, width, x_t.device, x_t.dtype),
+                     timestep=timestep, img_ids=image_ids(height, width, x_t.device, x_t.dtype),
                      txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
                      guidance=guidance).sample
         return unpack(out, height, width)
@@ -106,5 +122,5 @@ class FluxBackbone(LatentBackbone):
 def load_flux(path: str | None = None, resolution: int = 1024, encoders: bool = True, dtype: str = "float32",
               max_sequence_length: int = 512, guidance: float | None = None) -> FluxBackbone:
     """A FLUX.1 backbone (dev or schnell) from a hub id or a local directory in the diffusers layout."""
-    transformer, vae, text_pipeline = load_components(FLUX, path, resolution, encoders, dtype)
+    transformer, vae, text_pipeline = load_components(FLUX, path, resolution, encoders, dtype, {"guidance": guidance})
     return FluxBackbone(transformer, vae, text_pipeline, resolution, max_sequence_length, guidance)

@@ -46,6 +46,9 @@ class ModelFamily:
     pipeline_guidance: Callable[[Mapping[str, Any]], float] = lambda kwargs: 1.0
     # what an export's scheduler must set besides `shift` to sample at exactly the trained timesteps
     scheduler_settings: tuple[tuple[str, Any], ...] = ()
+    # the loader's options (model.kwargs) against the transformer's config, raising ValueError: before weights load
+    check_options: Callable[[Mapping[str, Any], Mapping[str, Any]], None] = lambda config, options: None
+    patch_words: str = "transformer patch size"  # what the patch is called where a resolution is refused
 
     def diffusers_class(self, which: str) -> type:
         """`which`: "transformer" or "pipeline"."""
@@ -63,14 +66,15 @@ def vae_scale_factor(vae_config) -> int:
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def check_resolution(resolution: int, vae_factor: int, patch_size: int, pos_embed_max_size: int | None = None) -> None:
+def check_resolution(resolution: int, vae_factor: int, patch_size: int, pos_embed_max_size: int | None = None,
+                     patch_words: str = "transformer patch size") -> None:
     """Refuse a resolution the transformer cannot take: the latent must split into whole patches, and
     fit the largest position-embedding grid the model was trained with."""
     multiple = vae_factor * patch_size
     if resolution % multiple:
         lower = resolution - resolution % multiple
         raise ValueError(f"model.resolution={resolution} is not a multiple of {multiple} (VAE factor {vae_factor} x "
-                         f"transformer patch size {patch_size}); use e.g. "
+                         f"{patch_words} {patch_size}); use e.g. "
                          + (f"{lower} or {lower + multiple}" if lower else f"{multiple}"))
     if pos_embed_max_size and resolution > pos_embed_max_size * multiple:
         raise ValueError(f"model.resolution={resolution} is larger than the transformer's position embeddings reach "
@@ -98,23 +102,39 @@ def component_config(family: ModelFamily, path: str | None, component: str, loca
         return None
 
 
-def check_config_files(family: ModelFamily, path: str | None, resolution: int, local_files_only: bool = True) -> dict | None:
-    """The resolution checked against the model's config files alone (no weights are read): with
-    `local_files_only`, only when they are on this machine (a local directory or the hub cache), so a dry
-    run refuses it without downloading anything. Returns the transformer's config, None when the files
-    cannot be had (the load reports why) or are not the family's layout.
+def check_config_files(family: ModelFamily, path: str | None, resolution: int, local_files_only: bool = True,
+                       options: Mapping[str, Any] | None = None) -> dict | None:
+    """The resolution and the loader's `options` (model.kwargs) checked against the model's config files alone (no
+    weights are read): with `local_files_only`, only when they are on this machine (a local directory or the hub
+    cache), so a dry run refuses them without downloading anything. Returns the transformer's config, None when
+    the files cannot be had (the load reports why) or are not the family's layout. A model of another family
+    (its transformer's class) is refused (WrongFamilyError).
     A hub id whose files are not here is checked against the family's own geometry (`ModelFamily.geometry`),
     so a resolution no model of the family can take stops the dry run too."""
     transformer = component_config(family, path, "transformer", local_files_only)
     vae = component_config(family, path, "vae", local_files_only) if transformer is not None else None
     if transformer is None or vae is None:
         if path is None or not Path(path).expanduser().exists():
-            check_resolution(resolution, *family.geometry)
+            check_resolution(resolution, *family.geometry, patch_words=family.patch_words)
         return None
     if "patch_size" not in transformer or "block_out_channels" not in vae:  # not such a layout: the load says so
         return None
-    check_resolution(resolution, vae_scale_factor(vae), family.patch_size(transformer), family.max_patches(transformer))
+    found = transformer.get("_class_name")
+    if found and found != family.transformer_class:
+        raise WrongFamilyError(found, f"model.path={path!r} holds a {found}, not the {family.name} family's "
+                                      f"{family.transformer_class}")
+    check_resolution(resolution, vae_scale_factor(vae), family.patch_size(transformer), family.max_patches(transformer),
+                     family.patch_words)
+    family.check_options(transformer, options or {})
     return transformer
+
+
+class WrongFamilyError(ValueError):
+    """A model directory of another family than model.backbone's; `found`: its transformer's class."""
+
+    def __init__(self, found: str, message: str):
+        super().__init__(message)
+        self.found = found
 
 
 def check_model_path(family: ModelFamily, path: str) -> None:
@@ -124,9 +144,11 @@ def check_model_path(family: ModelFamily, path: str) -> None:
                                 f"{family.layout}, or a hub id such as {family.default_model!r}")
 
 
-def load_components(family: ModelFamily, path: str | None, resolution: int, encoders: bool, dtype: str):
+def load_components(family: ModelFamily, path: str | None, resolution: int, encoders: bool, dtype: str,
+                    options: Mapping[str, Any] | None = None):
     """(transformer, vae, text pipeline or None) of a model in the diffusers layout, from a hub id or a local
-    directory; offline, from the hub cache at once. The resolution is checked before any weights are read.
+    directory; offline, from the hub cache at once. The resolution and the family's `options` are checked before
+    any weights are read.
     The text pipeline holds the encoders and shares the transformer and VAE objects: nothing loads twice."""
     from diffusers import AutoencoderKL
 
@@ -134,7 +156,7 @@ def load_components(family: ModelFamily, path: str | None, resolution: int, enco
     check_model_path(family, path)
     path = expand_home(path)
     load = {"dtype": torch_dtype(dtype), "local_files_only": local_files_only(False, path)}
-    check_config_files(family, path, resolution, local_files_only=load["local_files_only"])  # before gigabytes of weights
+    check_config_files(family, path, resolution, load["local_files_only"], options)  # before gigabytes of weights
     try:
         with without_deprecation_noise():
             transformer = family.diffusers_class("transformer").from_pretrained(path, subfolder="transformer", **load)
@@ -158,10 +180,12 @@ class LatentBackbone(TransformerBackbone):
     for a learner, which receives conditioning with each batch). A family's subclass gives `_encode` and, when
     its transformer is not called like SD3's, `call_transformer`."""
 
-    def __init__(self, transformer, vae, text_pipeline=None, resolution: int = 1024, *, patch_size: int,
-                 max_patches: int | None = None):
-        factor = vae_scale_factor(vae.config)
-        check_resolution(resolution, factor, patch_size, max_patches)
+    family: ModelFamily  # the subclass's
+
+    def __init__(self, transformer, vae, text_pipeline=None, resolution: int = 1024):
+        factor, config = vae_scale_factor(vae.config), transformer.config
+        check_resolution(resolution, factor, self.family.patch_size(config), self.family.max_patches(config),
+                         self.family.patch_words)
         self.vae = vae.eval().requires_grad_(False)
         self.text_pipeline = text_pipeline
         self.resolution = resolution

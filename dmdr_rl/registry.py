@@ -24,8 +24,9 @@ class Registry(Generic[T]):
         self._checks: dict[str, Callable[..., None]] = {}
 
     def register(self, name: str, check: Callable[..., None] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """`check(path=, resolution=, prompts=, prompts_from=)`: what can be refused before building (the dry run,
-        the trainers and `sample` call it through `check_model`), raising ConfigError; take **_ for more."""
+        """`check(path=, resolution=, prompts=, prompts_from=, lora_targets=, loads_here=, options=)`: what can be
+        refused before building (the dry run, the trainers and `sample` call it through `check_model`; `options`: the
+        factory's other options, model.kwargs), raising ConfigError; take **_ for more."""
         def decorate(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -164,7 +165,7 @@ def plugin_source(name: str) -> list[str]:
 def checked_by(check: Callable[..., None]):
     """Gives a factory named by import path the check a registered one gets with `register(name, check=...)`: the dry
     run, the trainers and `sample` call `check(path=, resolution=, prompts=, prompts_from=, lora_targets=,
-    loads_here=)` (take **_ for more) before anything is built; it raises ConfigError naming the field."""
+    loads_here=, options=)` (take **_ for more) before anything is built; it raises ConfigError naming the field."""
     def mark(factory: Callable[..., T]) -> Callable[..., T]:
         factory.config_check = check  # type: ignore[attr-defined]
         return factory
@@ -256,16 +257,19 @@ def _diffusers_check(family: Callable[[], Any]) -> Callable[..., None]:
     on this machine; with `loads_here` (a local run's dry run), a model.path that names no directory here too
     (a Ray run's workers may mount it where this machine does not)."""
     def check(path: str | None = None, resolution: int = 1024, lora_targets: Mapping[str, Sequence[str]] | None = None,
-              loads_here: bool = False, **_: Any) -> None:
+              loads_here: bool = False, options: Mapping[str, Any] | None = None, **_: Any) -> None:
         from .backbone import check_lora_targets
         from .config import ConfigError
-        from .latent import check_config_files, check_model_path
+        from .latent import WrongFamilyError, check_config_files, check_model_path
 
         model_family = family()
         if loads_here:
             check_model_path(model_family, path or model_family.default_model)
-        try:
-            config = check_config_files(model_family, path, resolution)  # (read once: the targets are checked against it too)
+        try:  # (the config read once: the targets are checked against it too)
+            config = check_config_files(model_family, path, resolution, options=options)
+        except WrongFamilyError as err:
+            right = [name for name in BACKBONES.names() if getattr(backbone_family(name), "transformer_class", None) == err.found]
+            raise ConfigError(f"{err}: " + (f"set model.backbone={right[0]}" if right else "choose the model.backbone for it")) from None
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if config is not None and lora_targets:
@@ -344,7 +348,7 @@ def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.pr
     if "dtype" in kwargs:
         torch_dtype(kwargs["dtype"])
     BACKBONES.check(model.backbone, path=model.path, resolution=model.resolution, prompts=prompts, prompts_from=prompts_from,
-                    lora_targets=lora_targets, loads_here=loads_here)
+                    lora_targets=lora_targets, loads_here=loads_here, options=kwargs)
 
 
 def check_backbone(backbone, name: str) -> None:

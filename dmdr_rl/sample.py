@@ -6,8 +6,8 @@ reward models if you ask.
     python -m dmdr_rl.sample --run runs/sd3 --prompts eval.txt --score --out runs/sd3-student
     python -m dmdr_rl.sample --run runs/sd3 --prompts eval.txt --score --teacher --steps 28 --out runs/sd3-teacher
 
-The student samples as it was trained (its steps, shift and sampler, no guidance), on the GPU when
-there is one; `--teacher` samples the model it was distilled from instead. Each image has its own seed
+The student samples as it was trained (its steps, shift and sampler, no classifier-free guidance; a Flux
+model's embedded guidance, model.kwargs.guidance, is always in), on the GPU when there is one; `--teacher` samples the model it was distilled from instead. Each image has its own seed
 (from --seed and its index), kept in `samples.parquet` beside the prompt, so any one image can be made
 again alone, and the student and the teacher get the same noise for the same --seed. `--score` scores
 every image with the run's reward models (or those of `--reward`) in this process, into
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sample the model the run distilled (its base, without the generator) instead of the student")
     p.add_argument("--steps", type=int, default=None, help=f"teacher: sampling steps (default {TEACHER_STEPS})")
     p.add_argument("--cfg", type=float, default=None,
-                   help="teacher: classifier-free guidance scale (default: the run's dmd.real_cfg)")
+                   help="teacher: classifier-free guidance scale, two passes a step (default: the run's dmd.real_cfg; "
+                        "a Flux model's embedded guidance is in either way)")
     p.add_argument("--shift", type=float, default=None, help="teacher: timestep shift (default: the run's student.shift)")
     p.add_argument("--score", action="store_true",
                    help="score every image with the run's reward models (every rewards[] entry, loaded in this "

@@ -33,12 +33,13 @@ SD3 = ModelFamily(
 
 
 class SD3Backbone(LatentBackbone):
+    family = SD3
+
     def __init__(self, transformer, vae, text_pipeline=None, resolution: int = 1024, max_sequence_length: int = 256):
         """`text_pipeline`: a `StableDiffusion3Pipeline` holding the text encoders and tokenizers (None
         for a learner, which receives conditioning with each batch)."""
         self.max_sequence_length = max_sequence_length
-        super().__init__(transformer, vae, text_pipeline, resolution, patch_size=transformer.config.patch_size,
-                         max_patches=transformer.config.pos_embed_max_size)
+        super().__init__(transformer, vae, text_pipeline, resolution)
 
     def _encode(self, prompts: Sequence[str]) -> Conditioning:
         tokens, _, pooled, _ = self.text_pipeline.encode_prompt(

@@ -84,7 +84,6 @@ def tiny_flux_overrides(tiny_flux):
     return ["model.backbone=flux", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={tiny_flux}"]
 
 
-
 def backbone_overrides(request, backbone: str) -> list[str]:
     """The overrides that put a run on `backbone`: toy (none), or the tiny sd3 / flux pipeline."""
     return [] if backbone == "toy" else request.getfixturevalue(f"tiny_{backbone}_overrides")

@@ -11,7 +11,7 @@ import torch
 
 from dmdr_rl import dmdr
 from dmdr_rl.conditioning import Conditioning
-from dmdr_rl.config import load_config
+from dmdr_rl.config import ConfigError, load_config
 from dmdr_rl.flow import sample
 from dmdr_rl.flux import flux_shift, image_ids, load_flux, pack, unpack
 from dmdr_rl.latent import BackboneLoadError
@@ -40,14 +40,35 @@ def test_packing_and_position_ids_are_the_pipelines_and_the_velocity_is_its_tran
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.9, 0.3])
     with torch.no_grad():
         ours = backbone.velocity(x, t, cond)
-        # as FluxPipeline calls its transformer: packed latents, timestep / 1000 (= t), guidance, ids
-        direct = backbone.transformer(hidden_states=FluxPipeline._pack_latents(x, 2, 4, 16, 16), timestep=t,
+        # as FluxPipeline calls its transformer: packed latents, its scheduler's timestep (1000 t) / 1000, guidance, ids
+        direct = backbone.transformer(hidden_states=FluxPipeline._pack_latents(x, 2, 4, 16, 16), timestep=t * 1000 / 1000,
                                       guidance=torch.full([2], 3.5), pooled_projections=cond.pooled,
                                       encoder_hidden_states=cond.tokens, txt_ids=torch.zeros(16, 3),
                                       img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)).sample
         other_guidance = load_flux(str(tiny_flux), resolution=32, encoders=False, guidance=1.0).velocity(x, t, cond)
     torch.testing.assert_close(ours, FluxPipeline._unpack_latents(direct, 32, 32, 2), rtol=0, atol=0)
     assert (ours - other_guidance).abs().max() > 1e-4  # the guidance embedding is an input of every call
+
+
+def test_a_bf16_base_sees_the_timesteps_a_bf16_flux_pipeline_gives_it(tiny_flux):
+    """FluxPipeline casts its scheduler's timestep (1000 t) to the latents' bf16 and divides by 1000 there; the model
+    multiplies by 1000 in bf16 again. t passed as it is would reach the model rounded otherwise."""
+    backbone = load_flux(str(tiny_flux), resolution=32, encoders=False, dtype="bfloat16")
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.9046, 0.6123])
+    cond = Conditioning(torch.randn(2, 16, 96), torch.randn(2, 32))
+    model = backbone.transformer
+
+    def direct(timestep):
+        return model(hidden_states=pack(x).bfloat16(), encoder_hidden_states=cond.tokens.bfloat16(),
+                     pooled_projections=cond.pooled.bfloat16(), timestep=timestep, guidance=torch.full([2], 3.5),
+                     img_ids=image_ids(16, 16, "cpu", torch.bfloat16), txt_ids=torch.zeros(16, 3, dtype=torch.bfloat16)).sample
+
+    with torch.no_grad():
+        ours = backbone.velocity(x, t, cond)
+        pipeline = unpack(direct((t * 1000).to(torch.bfloat16) / 1000), 16, 16).float()  # (the pipeline's timestep / 1000)
+        once = unpack(direct(t), 16, 16).float()
+    torch.testing.assert_close(ours, pipeline, rtol=0, atol=0)
+    assert (ours - once).abs().max() > 1e-3
 
 
 def test_decode_is_differentiable_and_a_model_without_guidance_embedding_refuses_the_guidance(tmp_path, tiny_flux):
@@ -71,14 +92,15 @@ def test_decode_is_differentiable_and_a_model_without_guidance_embedding_refuses
     assert plain.sample(["a red circle"], steps=2, cfg=1.0, seed=0).shape == (1, 3, 32, 32)
 
 
-def test_load_and_dry_run_errors_name_the_problem(tiny_flux, tiny_flux_overrides, capsys):
+def test_load_and_dry_run_errors_name_the_problem(tmp_path, tiny_flux, tiny_flux_overrides, tiny_sd3, capsys):
     from diffusers import FluxTransformer2DModel
 
     from dmdr_rl import run
+    from dmdr_rl.tiny import save_tiny_flux
 
     with patch.object(FluxTransformer2DModel, "from_pretrained", side_effect=AssertionError("weights were loaded")):
-        with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x transformer "
-                                             r"patch size 2\); use e.g. 28 or 32$"):
+        with pytest.raises(ValueError, match=r"model.resolution=30 is not a multiple of 4 \(VAE factor 2 x 2x2 "
+                                             r"packing 2\); use e.g. 28 or 32$"):
             load_flux(str(tiny_flux), resolution=30)  # from the config files, before any weights are read
     with pytest.raises(BackboneLoadError, match=r"cannot load the Flux model .* pass the local directory: "
                                                 r"model.path=/path/to/FLUX.1-dev"):
@@ -96,6 +118,21 @@ def test_load_and_dry_run_errors_name_the_problem(tiny_flux, tiny_flux_overrides
         capsys.readouterr().err
     run.main([*dry, "critic.lora.targets=[to_q,proj_mlp]"])  # (proj_mlp: Flux's single-stream blocks)
     assert "model flux" in capsys.readouterr().out
+    # a guidance for a model without the embedding, and a model of another family, before any weights load
+    schnell = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    schnell_run = [*dry[:-1], f"model.path={schnell}", "model.kwargs={max_sequence_length: 16, guidance: 3.5}"]
+    with patch.object(FluxTransformer2DModel, "from_pretrained", side_effect=AssertionError("weights were loaded")):
+        with pytest.raises(SystemExit):
+            run.main(schnell_run)
+        assert "error: model.kwargs.guidance=3.5: this Flux transformer has no guidance embedding" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="model.kwargs.guidance=3.5"):  # a run checks it before it builds anything
+            LocalTrainer(load_config("toy-dmdr", [*TINY_RUN, *schnell_run[3:], f"output.dir={tmp_path / 'run'}"]))
+        with pytest.raises(ValueError, match="model.kwargs.guidance=3.5: this Flux transformer has no guidance"):
+            load_flux(str(schnell), resolution=32, guidance=3.5)
+    with pytest.raises(SystemExit):
+        run.main([*dry[:-1], f"model.path={tiny_sd3}"])
+    assert (f"error: model.path='{tiny_sd3}' holds a SD3Transformer2DModel, not the Flux family's "
+            "FluxTransformer2DModel: set model.backbone=sd3") in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a hub id not here: FLUX.1's geometry (VAE factor 8 x packing 2)
         run.main([*dry, "model.path=no-such-org/no-such-flux-offline", "model.resolution=1000"])
     assert re.search(r"model.resolution=1000 is not a multiple of 16 .*; use e.g. 992 or 1008", capsys.readouterr().err)
@@ -124,7 +161,8 @@ def test_the_exported_student_samples_in_a_flux_pipeline_like_the_trainer(tmp_pa
     settings = export_student(tmp_path / "run", fmt, tmp_path / "export")
     assert settings["pipeline"] == "FluxPipeline" and settings["guidance_scale"] == 2.5
     recipe = diffusers_recipe(settings)
-    assert "use_dynamic_shifting=False" in recipe and "guidance_scale=2.5" in recipe and f"FluxPipeline.from_pretrained('{tiny_flux}')" in recipe
+    assert "use_dynamic_shifting=False" in recipe and f"FluxPipeline.from_pretrained('{tiny_flux}')" in recipe
+    assert "guidance_scale=2.5, height=32, width=32, max_sequence_length=16)" in recipe  # (T5's padding: the run's)
 
     prompts, noise = ["a red circle"], torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
     cond = trainer.backbone.encode(prompts)
@@ -138,8 +176,8 @@ def test_the_exported_student_samples_in_a_flux_pipeline_like_the_trainer(tmp_pa
         pipe.transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "export")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=settings["scheduler_shift"],
                                                                  **settings["scheduler_settings"])
-    theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"], height=32, width=32,
-                  latents=pack(noise.clone()), max_sequence_length=16, output_type="latent").images
+    theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"], height=settings["height"],
+                  width=settings["width"], latents=pack(noise.clone()), output_type="latent", **settings["pipeline_options"]).images
     assert not torch.allclose(ours, noise)
     torch.testing.assert_close(unpack(theirs, 16, 16), ours, rtol=1e-4, atol=1e-4)
     # and it is the student's, not the teacher's
