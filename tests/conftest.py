@@ -67,7 +67,7 @@ def tiny_sd3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_overrides(tiny_sd3):
     """Config overrides that put a run on the tiny SD3 pipeline."""
-    return ["model.backbone=sd3", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={tiny_sd3}"]
+    return _tiny_overrides("sd3", tiny_sd3)
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +81,28 @@ def tiny_flux(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_overrides(tiny_flux):
     """Config overrides that put a run on the tiny Flux pipeline."""
-    return ["model.backbone=flux", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={tiny_flux}"]
+    return _tiny_overrides("flux", tiny_flux)
+
+
+def _tiny_overrides(backbone: str, path) -> list[str]:
+    return [f"model.backbone={backbone}", "model.resolution=32", "model.kwargs={max_sequence_length: 16}", f"model.path={path}"]
 
 
 def backbone_overrides(request, backbone: str) -> list[str]:
     """The overrides that put a run on `backbone`: toy (none), or the tiny sd3 / flux pipeline."""
     return [] if backbone == "toy" else request.getfixturevalue(f"tiny_{backbone}_overrides")
+
+
+def exported_pipeline(base, export, fmt: str, settings: dict):
+    """The family's diffusers pipeline of `base` (student.json's `pipeline`) with `export` loaded as the export's
+    recipe says (`dmdr_rl.export.diffusers_recipe`): the LoRA or the transformer, and the scheduler's settings."""
+    import diffusers
+
+    pipe = getattr(diffusers, settings["pipeline"]).from_pretrained(base)
+    if fmt == "lora":
+        pipe.load_lora_weights(export)
+    else:
+        pipe.transformer = getattr(diffusers, settings["transformer_class"]).from_pretrained(export)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=settings["scheduler_shift"], **settings["scheduler_settings"])
+    return pipe

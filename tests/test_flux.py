@@ -16,7 +16,7 @@ from dmdr_rl.flow import sample
 from dmdr_rl.flux import flux_shift, image_ids, load_flux, pack, unpack
 from dmdr_rl.latent import BackboneLoadError
 from dmdr_rl.trainer import LocalTrainer
-from conftest import tiny_run
+from conftest import exported_pipeline, tiny_run
 
 TINY_RUN = tiny_run("student.steps=2", "output.checkpoint_every=2", "trainer.lr_generator=1e-3", "trainer.lr_critic=1e-3")
 
@@ -149,8 +149,6 @@ def test_flux_shift_is_the_pipelines_dynamic_shift():
 
 @pytest.mark.parametrize("fmt", ["lora", "transformer"])
 def test_the_exported_student_samples_in_a_flux_pipeline_like_the_trainer(tmp_path, tiny_flux, tiny_flux_overrides, fmt):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
     from dmdr_rl.export import diffusers_recipe, export_student
 
     overrides = [*tiny_flux_overrides[:-2], "model.kwargs={max_sequence_length: 16, guidance: 2.5}", tiny_flux_overrides[-1]]
@@ -169,13 +167,8 @@ def test_the_exported_student_samples_in_a_flux_pipeline_like_the_trainer(tmp_pa
     with torch.no_grad():  # the trainer's own 4-step sample of the student, in latent space ...
         ours = sample(lambda x, t: trainer.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), noise, 4, 3.0).x0
     # ... equals diffusers' FluxPipeline with the export loaded and the recorded settings
-    pipe = FluxPipeline.from_pretrained(tiny_flux)
-    if fmt == "lora":
-        pipe.load_lora_weights(tmp_path / "export")
-    else:
-        pipe.transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "export")
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=settings["scheduler_shift"],
-                                                                 **settings["scheduler_settings"])
+    pipe = exported_pipeline(tiny_flux, tmp_path / "export", fmt, settings)
+    assert type(pipe).__name__ == "FluxPipeline" and not pipe.scheduler.config.use_dynamic_shifting
     theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"], height=settings["height"],
                   width=settings["width"], latents=pack(noise.clone()), output_type="latent", **settings["pipeline_options"]).images
     assert not torch.allclose(ours, noise)

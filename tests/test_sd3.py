@@ -18,7 +18,7 @@ from dmdr_rl.flow import sample
 from dmdr_rl.latent import BackboneLoadError
 from dmdr_rl.sd3 import load_sd3
 from dmdr_rl.trainer import LocalTrainer
-from conftest import backbone_overrides, tiny_run
+from conftest import backbone_overrides, exported_pipeline, tiny_run
 
 TINY_RUN = tiny_run("student.steps=2", "output.checkpoint_every=2", "trainer.lr_generator=1e-3", "trainer.lr_critic=1e-3")
 
@@ -173,7 +173,7 @@ def test_load_errors_name_the_problem(tiny_sd3, monkeypatch):
 @pytest.mark.parametrize("fmt", ["lora", "transformer"])
 def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(tmp_path, tiny_sd3, tiny_sd3_overrides, fmt,
                                                                                  monkeypatch):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from dmdr_rl.export import export_student
 
@@ -212,14 +212,10 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
     with torch.no_grad():
         ours = sample(lambda x, t: trainer.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), noise, 4, 3.0).x0
     # ... equals diffusers' pipeline with the export loaded and the recorded scheduler settings.
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
-    if fmt == "lora":
-        pipe.load_lora_weights(tmp_path / "export")
-    else:
-        pipe.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "export")
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=settings["scheduler_shift"])
-    theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=1.0, latents=noise.clone(), height=32, width=32,
-                  max_sequence_length=16, output_type="latent").images
+    pipe = exported_pipeline(tiny_sd3, tmp_path / "export", fmt, settings)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    theirs = pipe(prompts, sigmas=settings["sigmas"], guidance_scale=settings["guidance_scale"], latents=noise.clone(),
+                  height=settings["height"], width=settings["width"], output_type="latent", **settings["pipeline_options"]).images
     assert not torch.allclose(ours, noise)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     if fmt == "lora":  # the LoRA's alpha / r (32 / 16) is in its weights: loaded as a bare state dict, it is the same
