@@ -53,6 +53,12 @@ def _hps_class():
     return HPSv2
 
 
+def _aesthetic_class():
+    from .models.aesthetic import LaionAesthetic
+
+    return LaionAesthetic
+
+
 @REWARDS.register("pickscore")
 @passes_options_to(_pickscore_class)
 def _pickscore(**kwargs):
@@ -77,6 +83,13 @@ def _imagereward(**kwargs):
 @passes_options_to(_hps_class, set_here=("version",))
 def _hpsv2(**kwargs):
     return _hps_class()(version="v2", **kwargs)
+
+
+@REWARDS.register("aesthetic")
+@passes_options_to(_aesthetic_class)
+def _aesthetic(**kwargs):
+    """The LAION aesthetic predictor on CLIP ViT-L/14 (prompt-independent; the reward of DDPO and AlignProp)."""
+    return _aesthetic_class()(**kwargs)
 
 
 @REWARDS.register("hpsv2.1")

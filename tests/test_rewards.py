@@ -408,6 +408,51 @@ def test_pickscore_matches_clip_with_its_own_processor(tiny_clip_dir, pickscore)
     assert x.grad.abs().sum() > 0  # the differentiable path reaches the pixels
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_the_aesthetic_predictor_matches_clip_with_its_own_processor_and_an_mlp_on_the_normalised_embedding(
+        tmp_path, tiny_clip_dir, suffix):
+    """The LAION predictor: its MLP (no activations) on CLIP's L2-normalised image embedding, from the predictor's
+    state dict (.pth read with weights_only, or safetensors); the prompt plays no part; differentiable."""
+    pytest.importorskip("torchvision")
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from reward_servers import RewardBuildError
+    from reward_servers.models.testing import save_tiny_aesthetic_head
+
+    head = save_tiny_aesthetic_head(tmp_path / f"head{suffix}")
+    reward = load_reward_model("aesthetic", {"path": str(tiny_clip_dir), "head": str(head), "local_files_only": True},
+                               "rewards.0")
+    assert reward.name == "aesthetic" and reward.differentiable
+    images = _images()
+    scores = reward.score(images, PROMPTS)
+    assert reward.score(torch.rand(2, 3, 48, 64), PROMPTS[:2]).shape == (2,)  # (any size: resized and cropped)
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    pixels = processor(images=list(images.permute(0, 2, 3, 1).numpy()), do_rescale=False, return_tensors="pt")
+    state = torch.load(head, weights_only=True) if suffix == ".pth" else load_file(str(head))
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixels["pixel_values"])
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        x = features / features.norm(dim=-1, keepdim=True)
+        for index in (0, 2, 4, 6, 7):  # the predictor's linear layers, nothing between them at inference
+            x = x @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
+    torch.testing.assert_close(scores, x.squeeze(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reward.score(images, ["other"] * 4), scores)  # the prompt plays no part
+    grad_input = images.clone().requires_grad_(True)
+    reward.score(grad_input, ["x"] * 4).sum().backward()
+    assert grad_input.grad.abs().sum() > 0
+    # a head for another embedding width, and a directory holding the head under its file name
+    wide = save_tiny_aesthetic_head(tmp_path / "wide.pth", width=768)
+    with pytest.raises(RewardBuildError, match=r"rewards.0 \(aesthetic\) could not be built: ValueError: the aesthetic "
+                                               r"head's weights do not fit its MLP on this CLIP's 16-wide embedding"):
+        load_reward_model("aesthetic", {"path": str(tiny_clip_dir), "head": str(wide), "local_files_only": True}, "rewards.0")
+    (tmp_path / "repo").mkdir()
+    save_tiny_aesthetic_head(tmp_path / "repo" / "aesthetic-model.pth")
+    again = load_reward_model("aesthetic", {"path": str(tiny_clip_dir), "head": str(tmp_path / "repo"), "local_files_only": True})
+    torch.testing.assert_close(again.score(images, ["x"] * 4), scores)
+
+
 def test_pickscore_resizes_and_crops_larger_images(pickscore):
     big = torch.rand(2, 3, 48, 64)
     assert pickscore.score(big, PROMPTS[:2]).shape == (2,)

@@ -58,3 +58,21 @@ def save_tiny_open_clip(directory: str | Path, image_size: int = 32, seed: int =
     checkpoint = directory / "HPS_tiny.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
     return {"checkpoint": str(checkpoint), "architecture": TINY_OPEN_CLIP, "model_config": str(config_path)}
+
+
+def save_tiny_aesthetic_head(file: str | Path, width: int = 16, seed: int = 0) -> Path:
+    """Random weights of the aesthetic predictor's MLP on a `width`-wide embedding (the tiny CLIP's projection),
+    saved as a state dict like the predictor's .pth (or .safetensors by the file's suffix)."""
+    from .aesthetic import aesthetic_head
+
+    file = Path(file)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = aesthetic_head(width).state_dict()
+    if file.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(file))
+    else:
+        torch.save(state, file)
+    return file
