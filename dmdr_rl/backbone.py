@@ -392,6 +392,17 @@ class TransformerBackbone:
             return list(self._copies[name].named_parameters())
         return list(self._lora_params[name])
 
+    def adapter_compute_dtype(self, name: str) -> torch.dtype | None:
+        """The precision adapter `name`'s weights take part in its computations, where it is lower than their
+        float32: a LoRA whose factors all compute in a bf16 base's precision (`_BaseDtypeLinear` casts each
+        weight to bf16 at every call), so its weights rounded to bf16 give exactly its outputs. None: all
+        digits count (a float32 base, a float16 one, a full copy, whose norms compute in float32 under autocast)."""
+        self._check_adapter(name)
+        if name in self._copies or _base_dtype(self.transformer) != torch.bfloat16:
+            return None
+        factors = [d[name] for layer in self._lora_layers for d in (layer.lora_A, layer.lora_B) if name in d]
+        return torch.bfloat16 if factors and all(type(f) is _BaseDtypeLinear for f in factors) else None
+
     def lora_config(self, name: str) -> LoraConfig:
         if name not in self._lora_params:
             raise ValueError(f"adapter {name!r} is not a LoRA adapter; LoRA adapters: {', '.join(self._lora_params) or 'none'}")

@@ -130,6 +130,16 @@ class DMDRLearner:
     def load_adapter_state(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
         load_adapter_state(self.backbone, adapter, state)
 
+    def published_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        """`adapter_state` as rollout actors need it: in the precision the adapter computes in
+        (`adapter_compute_dtype`, where the backbone has one), which samples exactly as the float32 weights do.
+        A bf16 base's LoRA goes out in half the bytes (FLUX.1-dev's r64 generator, 104.6M parameters: 209 MB a
+        generator step instead of 418; SD3-Medium's 75 instead of 150); checkpoints keep float32."""
+        state = self.adapter_state(adapter)
+        compute = getattr(self.backbone, "adapter_compute_dtype", None)
+        dtype = compute(adapter) if compute is not None else None
+        return state if dtype is None else {name: value.to(dtype) for name, value in state.items()}
+
     def training_state(self) -> dict:
         """Everything but the weights: optimizers and counters (torch.save-able, weights_only-loadable)."""
         return {"iteration": self.iteration, "generator_step": self.generator_step, "skipped_updates": self.skipped_updates,

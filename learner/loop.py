@@ -135,7 +135,7 @@ def publish_generator(coordinator, learner: DMDRLearner, metrics: dict | None = 
     """One object-store put per generator version; rollout workers fetch it by reference. (A full
     fine-tune of a large model would broadcast instead: this is the one place to change.) The step's
     losses (rank 0's shard) go along for the driver's progress bar."""
-    ref = ray.put(learner.adapter_state(dmdr.GENERATOR))
+    ref = ray.put(learner.published_state(dmdr.GENERATOR))
     ray.get(coordinator.publish.remote(learner.generator_step, [ref], losses=loss_postfix(metrics or {})))
 
 

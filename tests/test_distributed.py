@@ -50,7 +50,9 @@ def _losses(out):
     # a diffusers family on VAE latents (tiny FLUX.1): its learner holds no text encoders (CLIP, T5), the real
     # score's CFG takes the empty prompt's conditioning a rollout worker encoded
     ("toy-dmdr", {}, "loss/reward/toy-align", "flux"),
-], ids=["refl", "grpo", "flux"])
+    # a bf16 base: the learner publishes its LoRA in bf16 (half the bytes), which samples as its float32 weights do
+    ("toy-dmdr", {"trainer.precision": "bf16"}, "loss/reward/toy-align", "toy"),
+], ids=["refl", "grpo", "flux", "refl-bf16"])
 def test_synchronous_runtime_reproduces_the_local_trainer(tmp_path, local_ray, request, preset, extra, reward_loss, backbone):
     extra = {**extra, **dict(override.split("=", 1) for override in backbone_overrides(request, backbone))}
     LocalTrainer(_config(tmp_path / "local", preset, **extra)).train()

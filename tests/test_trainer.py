@@ -507,3 +507,31 @@ def test_a_changed_setting_is_named_by_its_field_and_serving_settings_are_not_ch
     write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path / 't'}", targets.format("to_out.0")]), tmp_path / "t")
     [change] = changed_settings(load_config("toy-dmdr", [targets.format("to_add_out")]), tmp_path / "t", ("output.",))
     assert change == "student.lora.targets.3: 'to_out.0' -> 'to_add_out'" and change.startswith(ADAPTER_SHAPES)
+
+
+def test_a_bf16_bases_lora_goes_to_the_rollouts_in_bf16_and_samples_exactly_as_its_float32_weights(tmp_path):
+    """The weights a Ray learner publishes each generator step: a LoRA that computes in a bf16 base's precision
+    is sent in bf16 (half the bytes), and a rollout actor that loads them predicts bit for bit what the learner's
+    float32 weights predict. Checkpoints, and a float32 base's weights, keep float32."""
+    from dmdr_rl.learning import load_adapter_state
+    from dmdr_rl.registry import build_backbone
+
+    cfg = load_config("toy-dmdr", tiny_run("trainer.precision=bf16", "trainer.lr_generator=1e-2", f"output.dir={tmp_path}"))
+    trainer = LocalTrainer(cfg)
+    trainer.train()  # (two steps: the LoRA is trained, no longer zero)
+    state, published = trainer.learner.adapter_state(dmdr.GENERATOR), trainer.learner.published_state(dmdr.GENERATOR)
+    assert {v.dtype for v in state.values()} == {torch.float32} and {v.dtype for v in published.values()} == {torch.bfloat16}
+    assert 2 * sum(v.nbytes for v in published.values()) == sum(v.nbytes for v in state.values())
+    assert any(not torch.equal(v, published[k].float()) for k, v in state.items())  # (its weights do round)
+    rollout = build_backbone(cfg.model, precision="bf16")  # as a rollout actor builds it, and loads the weights
+    dmdr.add_generator(rollout, cfg.student)
+    load_adapter_state(rollout, dmdr.GENERATOR, published)
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0.9, 0.7, 0.4, 0.1])
+    cond = trainer.backbone.encode(["a red circle", "a blue square", "a green diamond", "a small circle"])
+    with torch.no_grad():
+        ours, theirs = (b.velocity(x, t, cond, adapter=dmdr.GENERATOR) for b in (trainer.backbone, rollout))
+        base = trainer.backbone.velocity(x, t, cond)
+    assert (ours - base).abs().max() > 1e-3 and torch.equal(ours, theirs)
+    fp32 = LocalTrainer(load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'fp32'}")))
+    assert {v.dtype for v in fp32.learner.published_state(dmdr.GENERATOR).values()} == {torch.float32}
