@@ -139,8 +139,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     print(f"exported the student ({args.format}) to {args.out.resolve()}")
     if settings["pipeline"] is None:  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline
-        print(f"(a {settings['backbone']} student: sample it with `python -m dmdr_rl.sample --run {args.run} --prompt TEXT`; "
-              f"the files hold its {'LoRA' if args.format == 'lora' else 'transformer'} in diffusers' format)")
+        if args.format == "lora":
+            load = ("model.load_lora_adapter(out, prefix='transformer', weight_name='pytorch_lora_weights.safetensors') "
+                    "on the base transformer")
+        else:
+            model_class = json.loads((args.out / "config.json").read_text()).get("_class_name", "<its class>")
+            load = f"{model_class}.from_pretrained(out)"
+        print(f"(a {settings['backbone']} student, no diffusers pipeline: sample it with `python -m dmdr_rl.sample --run "
+              f"{args.run} --prompt TEXT`; the files hold its {'LoRA' if args.format == 'lora' else 'transformer'} in "
+              f"diffusers' format: {load})")
         return
     print(f"use it with diffusers:\n{diffusers_recipe(settings)}")
 
@@ -148,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
 def diffusers_recipe(settings: dict) -> str:
     """How to sample the export with its family's diffusers pipeline at the student's own steps, shift, size, text
     length and precision."""
-    dtype = ", torch_dtype=torch.bfloat16" if settings["torch_dtype"] == "bfloat16" else ""
+    # a LoRA on the base in the precision it trained on; a merged transformer as written (--dtype: float32 keeps a
+    # small LoRA's change, which bf16 would round away), the pipeline alike
+    precision = settings["torch_dtype"] if settings["format"] == "lora" else settings["dtype"]
+    dtype = f", dtype=torch.{precision}" if precision != "float32" else ""
     load = ("pipe.load_lora_weights(out)" if settings["format"] == "lora" else
             f"pipe.transformer = {settings['transformer_class']}.from_pretrained(out{dtype})")
     scheduler = "".join(f", {k}={v!r}" for k, v in {"shift": settings["scheduler_shift"], **settings["scheduler_settings"],

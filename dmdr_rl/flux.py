@@ -44,14 +44,16 @@ def check_guidance(config: Mapping[str, Any], options: Mapping[str, Any]) -> Non
     """model.kwargs.guidance needs a transformer with a guidance embedding (FLUX.1-dev's; not schnell's)."""
     if options.get("guidance") is not None and not config.get("guidance_embeds", False):
         raise ValueError(f"model.kwargs.guidance={options['guidance']}: this Flux transformer has no guidance embedding "
-                         "(guidance_embeds: false, as FLUX.1-schnell): remove it (model.kwargs={} for schnell)")
+                         "(guidance_embeds: false, as FLUX.1-schnell): set model.kwargs.guidance=null (flux-dev-dmdr "
+                         "sets 3.5; `guidance: null` under model.kwargs in a config file)")
 
 
 FLUX = ModelFamily(
     name="Flux", default_model=DEFAULT_MODEL, transformer_class="FluxTransformer2DModel", pipeline_class="FluxPipeline",
     patch_size=lambda config: PACK * config.get("patch_size", 1), max_patches=lambda config: None,  # rotary: any size
     geometry=(8, PACK),  # every FLUX.1 model's
-    pipeline_guidance=lambda kwargs: kwargs.get("guidance", DEFAULT_GUIDANCE),  # the embedded guidance (schnell ignores it)
+    # the embedded guidance (schnell's pipeline ignores it)
+    pipeline_guidance=lambda kwargs: DEFAULT_GUIDANCE if kwargs.get("guidance") is None else kwargs["guidance"],
     scheduler_settings=(("use_dynamic_shifting", False),),  # else the scheduler shifts by the token count instead
     check_options=check_guidance, patch_words="2x2 packing",
 )

@@ -60,8 +60,8 @@ def checked_prompt_source(cfg) -> PromptSource:
     source = PromptSource(cfg.data.prompts, cfg.trainer.seed)
     check_model(cfg.model, source.prompts or (), loads_here=cfg.trainer.backend == "local",  # (Ray: on the workers)
                 precision=cfg.trainer.precision)
-    for spec in cfg.rewards:  # e.g. toy-align must read every prompt as a scene
-        REWARDS.check(spec.name, prompts=source.prompts or ())
+    for i, spec in enumerate(cfg.rewards):  # e.g. toy-align must read every prompt as a scene, at its image size
+        REWARDS.check(spec.name, prompts=source.prompts or (), resolution=cfg.model.resolution, where=f"rewards.{i}")
     return source
 
 

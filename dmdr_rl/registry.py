@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import torch
@@ -80,10 +81,12 @@ class Registry(Generic[T]):
         raise error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
                     "or give an import path 'package.module:Name'")
 
-    def check_options(self, name: str, *, where: str, field: str | None = None, **kwargs: Any) -> Callable[..., T]:
+    def check_options(self, name: str, *, where: str, field: str | None = None, fixes: Mapping[str, str] | None = None,
+                      **kwargs: Any) -> Callable[..., T]:
         """The factory of `name`, once the options are known to fit its signature (what the dry run can
         check without building); a factory that passes **kwargs on is judged by what it passes them to
-        (`passes_options_to`), else not here."""
+        (`passes_options_to`), else not here. `fixes`: option -> another way to fix its refusal, for an option the
+        caller added itself (bf16's dtype: "set trainer.precision=fp32")."""
         factory = self.resolve(name, field)
         signature = _signature(factory)
         if signature is None:
@@ -92,33 +95,40 @@ class Registry(Generic[T]):
             try:
                 signature.bind(**kwargs)
             except TypeError as err:
-                raise self._options_error(name, where, err, _keywords(signature)) from err
+                raise self._options_error(name, where, err, _keywords(signature), fixes) from err
         elif hasattr(factory, "options_target"):
             target, set_here = factory.options_target()
             taken = _keywords(signature) | (_keywords(_signature(target)) - set(set_here))
             unknown = [key for key in kwargs if key not in taken]
             if unknown and not _takes_any_keyword(_signature(target)):
-                raise self._options_error(name, where, f"unexpected keyword argument {unknown[0]!r}", taken)
+                raise self._options_error(name, where, f"unexpected keyword argument {unknown[0]!r}", taken, fixes)
         return factory
 
-    def build(self, name: str, *, where: str | None = None, field: str | None = None, **kwargs: Any) -> T:
+    def build(self, name: str, *, where: str | None = None, field: str | None = None,
+              fixes: Mapping[str, str] | None = None, **kwargs: Any) -> T:
         """`where`: the config field the kwargs come from, named by the error when the factory does not
         take them (checked against its signature; a factory that passes **kwargs on is judged by the
-        TypeError of the call it makes); `field`: the one the name comes from."""
-        factory = self.check_options(name, where=where, field=field, **kwargs) if where is not None else self.resolve(name, field)
+        TypeError of the call it makes); `field`: the one the name comes from; `fixes`: as `check_options`."""
+        factory = (self.check_options(name, where=where, field=field, fixes=fixes, **kwargs) if where is not None
+                   else self.resolve(name, field))
         try:
             return factory(**kwargs)
         except TypeError as err:
             if where is None or "unexpected keyword argument" not in str(err):
                 raise
-            raise self._options_error(name, where, err) from err
+            raise self._options_error(name, where, err, fixes=fixes) from err
 
-    def _options_error(self, name: str, where: str, problem: object, taken: set[str] = frozenset()) -> Exception:
-        """`taken`: the options the factory does take, which the message names."""
+    def _options_error(self, name: str, where: str, problem: object, taken: set[str] = frozenset(),
+                       fixes: Mapping[str, str] | None = None) -> Exception:
+        """`taken`: the options the factory does take, which the message names; `fixes`: another fix for the refused
+        option, when it is one the caller added."""
         from .config import ConfigError
 
         takes = f"; it takes {', '.join(sorted(taken))}" if taken else ""
-        return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({problem}{takes}); fix {where}")
+        refused = re.search(r"unexpected keyword argument '([^']+)'", str(problem))
+        other = (fixes or {}).get(refused.group(1)) if refused else None
+        return ConfigError(f"{self.kind} {name!r} cannot be built with these options ({problem}{takes}); fix {where}"
+                           + (f" or {other}" if other else ""))
 
 
 def passes_options_to(target: Callable[[], Callable], set_here: Sequence[str] = ()):
@@ -327,13 +337,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _factory_options(model, precision: str) -> tuple[dict, str]:
+def _factory_options(model, precision: str) -> tuple[dict, dict[str, str]]:
     """The options a backbone factory gets besides path, resolution and encoders (model.kwargs, and bf16's dtype),
-    and where a user fixes one it does not take."""
+    and the other fix for the one this adds (a factory that does not take dtype)."""
     kwargs = dict(model.kwargs)
-    if precision == "bf16":
-        kwargs.setdefault("dtype", "bfloat16")
-    return kwargs, "model.kwargs" + (" or set trainer.precision=fp32 (bf16 passes dtype)" if precision == "bf16" else "")
+    if precision == "bf16" and "dtype" not in kwargs:
+        kwargs["dtype"] = "bfloat16"
+        return kwargs, {"dtype": "set trainer.precision=fp32 (bf16 passes dtype)"}
+    return kwargs, {}
 
 
 def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.prompts",
@@ -342,8 +353,8 @@ def check_model(model, prompts: Sequence[str] = (), prompts_from: str = "data.pr
     """What the config's backbone can refuse before anything is built: its options (with `precision`'s, as
     `build_backbone` passes them), prompts it cannot encode, and LoRA targets (config field -> module names)
     its model lacks; `loads_here`: the model is to load in this process, so its files must be on this machine."""
-    kwargs, where = _factory_options(model, precision)
-    BACKBONES.check_options(model.backbone, where=where, field="model.backbone", path=model.path,
+    kwargs, fixes = _factory_options(model, precision)
+    BACKBONES.check_options(model.backbone, where="model.kwargs", field="model.backbone", fixes=fixes, path=model.path,
                             resolution=model.resolution, encoders=True, **kwargs)
     if "dtype" in kwargs:
         torch_dtype(kwargs["dtype"])
@@ -371,9 +382,9 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32", device
     The factory is called as `factory(path=model.path, resolution=model.resolution, encoders=encoders,
     **model.kwargs)`, with `dtype="bfloat16"` added under bf16 unless model.kwargs sets it; what it returns must
     be a `TrainableBackbone` (`check_backbone`)."""
-    kwargs, where = _factory_options(model, precision)
-    backbone = BACKBONES.build(model.backbone, where=where, field="model.backbone", path=model.path, resolution=model.resolution,
-                               encoders=encoders, **kwargs)
+    kwargs, fixes = _factory_options(model, precision)
+    backbone = BACKBONES.build(model.backbone, where="model.kwargs", field="model.backbone", fixes=fixes, path=model.path,
+                               resolution=model.resolution, encoders=encoders, **kwargs)
     check_backbone(backbone, model.backbone)
     if model.gradient_checkpointing:
         if not hasattr(backbone, "enable_gradient_checkpointing"):

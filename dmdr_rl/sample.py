@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         given = [flag for flag, value in (("--steps", args.steps), ("--cfg", args.cfg), ("--shift", args.shift))
                  if value is not None]
         if given:
-            p.error(f"{', '.join(given)} set the teacher's sampling (with --teacher); a student samples as it was "
-                    "trained (its run's student.steps, student.shift and student.sampler, no guidance)")
+            p.error(f"{', '.join(given)}: for the teacher's sampling only (with --teacher); a student samples as it was "
+                    "trained (its run's student.steps, student.shift and student.sampler, no classifier-free guidance)")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):

@@ -15,10 +15,18 @@ from .protocol import RewardBuildError, RewardLoadError, RewardModel, first_line
 REWARDS: Registry = Registry("reward model")
 
 
-def _check_toy_align(prompts=(), prompts_from: str = "data.prompts", **_: Any) -> None:
-    """toy-align reads each prompt as a toy-world scene: one it cannot parse would fail the first reward step."""
+def _check_toy_align(prompts=(), prompts_from: str = "data.prompts", resolution: int | None = None,
+                     where: str = "rewards[]", **_: Any) -> None:
+    """toy-align reads each prompt as a toy-world scene, and scores 32 x 32 images: a prompt it cannot parse, or
+    images of another size (`resolution`, model.resolution), would fail the first reward step, after the cold start."""
     from dmdr_rl.config import ConfigError
     from dmdr_rl.toy.grammar import prompt_to_scene
+    from dmdr_rl.toy.scene import RESOLUTION
+
+    if resolution is not None and resolution != RESOLUTION:
+        raise ConfigError(f"{where}: toy-align scores the toy world's {RESOLUTION}x{RESOLUTION} images, and "
+                          f"model.resolution={resolution} makes {resolution}x{resolution} ones: choose another reward "
+                          f"for {where}.name, or model.resolution={RESOLUTION}")
 
     for prompt in prompts:
         try:

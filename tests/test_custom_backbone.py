@@ -190,6 +190,10 @@ def test_a_factory_that_returns_less_than_a_backbone_is_refused_naming_what_it_l
     with pytest.raises(ConfigError, match=r"'no_dtype:build' cannot be built with these options .*'dtype'.*"
                                           r"or set trainer.precision=fp32 \(bf16 passes dtype\)"):
         run.dry_run(str(user_dir / "my_dit.yaml"), ["model.backbone=no_dtype:build", "trainer.precision=bf16"])
+    # ... and only then: another option refused under bf16 says nothing of the precision
+    with pytest.raises(ConfigError) as refused:
+        run.dry_run(str(user_dir / "my_dit.yaml"), ["model.kwargs={widht: 8}", "trainer.precision=bf16"])
+    assert "'widht'" in str(refused.value) and str(refused.value).endswith("; fix model.kwargs")
 
 
 def test_the_page_s_check_refuses_a_resolution_before_anything_is_built(user_dir, tmp_path):
@@ -202,7 +206,11 @@ def test_the_page_s_check_refuses_a_resolution_before_anything_is_built(user_dir
         run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=30"])
     with pytest.raises(ConfigError, match=refused):
         LocalTrainer(_config(user_dir, tmp_path / "run", "model.resolution=30"))
-    assert "the config is valid" in run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=64"])
+    assert "the config is valid" in run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=32"])
+    # a size the backbone takes but the run's reward does not score: refused too, not after the cold start
+    with pytest.raises(ConfigError, match=r"rewards.0: toy-align scores the toy world's 32x32 images, and "
+                                          r"model.resolution=64 makes 64x64 ones"):
+        run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=64"])
 
 
 def test_the_page_s_backbone_trains_in_grpo_mode(user_dir, tmp_path):

@@ -274,7 +274,7 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
         with pytest.raises(SystemExit):
             run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, f"model.resolution={resolution}"])
         assert re.search(message, capsys.readouterr().err)
-    run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.resolution=128"])
+    run.main(["--preset", "toy-dmd", "--dry-run", *tiny_sd3_overrides, "model.resolution=128"])  # (toy-align: 32 px)
     assert "model sd3" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # LoRA targets against the transformer's config (no weights read)
         run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "student.lora.targets=[to_q,q_proj]"])
