@@ -17,7 +17,7 @@ import torch
 from dmdr_rl.hub import expand_home, local_files_only as hub_local_files_only
 from dmdr_rl.registry import torch_dtype
 
-from .clip import clip_preprocess, embedding
+from .clip import ProcessorGeometry, embedding
 
 HUB_CLIP = "openai/clip-vit-large-patch14"
 HUB_HEAD = "trl-lib/ddpo-aesthetic-predictor"  # the predictor's weights as TRL's DDPO example downloads them
@@ -65,9 +65,7 @@ class LaionAesthetic(torch.nn.Module):
         self.model = CLIPModel.from_pretrained(path, dtype=torch_dtype(dtype, "rewards[].kwargs.dtype"), **load)
         self.model.eval().requires_grad_(False)
         processor = CLIPImageProcessor.from_pretrained(path, **load)
-        self.size = int(processor.size["shortest_edge"])
-        self.crop = int(processor.crop_size["height"])
-        self.mean, self.std = list(processor.image_mean), list(processor.image_std)
+        self.geometry = ProcessorGeometry.of(processor)
         self.head = aesthetic_head(self.model.config.projection_dim)
         state = read_head_weights(self._head_file(head, head_file, cache_dir, offline))
         try:
@@ -96,8 +94,7 @@ class LaionAesthetic(torch.nn.Module):
         return self.model.logit_scale.device
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.size, self.crop, self.mean, self.std, crop_offset="floor",
-                                 dtype=self.model.logit_scale.dtype)  # CLIPImageProcessor's geometry
+        pixels = self.geometry.pixels(images, self.device, self.model.logit_scale.dtype)
         features = embedding(self.model.get_image_features(pixel_values=pixels))
         features = features / features.norm(dim=-1, keepdim=True)
         return self.head.layers(features).squeeze(-1).float().to(images.device)

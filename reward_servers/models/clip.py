@@ -14,6 +14,7 @@ imprecise on GPU); the normalised pixels are cast to `dtype`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -57,6 +58,27 @@ def _resize_longest_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
         images = F.interpolate(images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True)
     pad_h, pad_w = size - new_height, size - new_width
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+
+
+@dataclass(frozen=True)
+class ProcessorGeometry:
+    """A transformers `CLIPImageProcessor`'s resize, crop and normalisation, applied as `clip_preprocess` does it."""
+
+    size: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, processor) -> "ProcessorGeometry":
+        return cls(int(processor.size["shortest_edge"]), int(processor.crop_size["height"]),
+                   tuple(processor.image_mean), tuple(processor.image_std))
+
+    def pixels(self, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> the model's pixel values, differentiable (the processor floors an odd
+        crop margin)."""
+        return clip_preprocess(images.to(device), self.size, self.crop, self.mean, self.std, crop_offset="floor",
+                               dtype=dtype)
 
 
 def embedding(output) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from dmdr_rl.hub import expand_home, local_files_only as hub_local_files_only
 from dmdr_rl.registry import torch_dtype
 
-from .clip import clip_preprocess, embedding
+from .clip import ProcessorGeometry, embedding
 
 HUB_MODEL = "yuvalkirstain/PickScore_v1"
 HUB_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -36,9 +36,7 @@ class PickScore(torch.nn.Module):
         self.model = CLIPModel.from_pretrained(path, dtype=weights_dtype, **load).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path, **load)
         processor = CLIPImageProcessor.from_pretrained(processor_path, **load)
-        self.size = int(processor.size["shortest_edge"])
-        self.crop = int(processor.crop_size["height"])
-        self.mean, self.std = list(processor.image_mean), list(processor.image_std)
+        self.geometry = ProcessorGeometry.of(processor)
         self.max_length = min(int(self.tokenizer.model_max_length), self.model.config.text_config.max_position_embeddings)
         if device:
             self.model.to(device)
@@ -48,8 +46,7 @@ class PickScore(torch.nn.Module):
         return self.model.logit_scale.device
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.size, self.crop, self.mean, self.std, crop_offset="floor",
-                                 dtype=self.model.logit_scale.dtype)  # CLIPImageProcessor's geometry
+        pixels = self.geometry.pixels(images, self.device, self.model.logit_scale.dtype)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.device)
         image_embeds = embedding(self.model.get_image_features(pixel_values=pixels))
