@@ -96,7 +96,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         "sampler": cfg.student.sampler, "height": cfg.model.resolution, "width": cfg.model.resolution,
         # what the pipeline must be given as the run had it (T5's padding length is part of the conditioning)
         "pipeline_options": {k: v for k, v in cfg.model.kwargs.items() if k == "max_sequence_length"},
-        "torch_dtype": "bfloat16" if cfg.trainer.precision == "bf16" else "float32",  # the base the student trained on
+        "base_dtype": "bfloat16" if cfg.trainer.precision == "bf16" else "float32",  # the base the student trained on
         "stochastic_sampling": cfg.student.sampler == "sde", "dtype": dtype if fmt == "transformer" else None,
         "sigmas": [round(float(t), 6) for t in sampling_timesteps(steps, 1.0)],  # unshifted; the scheduler shifts
         "shifted_timesteps": [round(float(t), 6) for t in sampling_timesteps(steps, shift)],
@@ -157,7 +157,7 @@ def diffusers_recipe(settings: dict) -> str:
     length and precision."""
     # a LoRA on the base in the precision it trained on; a merged transformer as written (--dtype: float32 keeps a
     # small LoRA's change, which bf16 would round away), the pipeline alike
-    precision = settings["torch_dtype"] if settings["format"] == "lora" else settings["dtype"]
+    precision = settings["base_dtype"] if settings["format"] == "lora" else settings["dtype"]
     dtype = f", dtype=torch.{precision}" if precision != "float32" else ""
     load = ("pipe.load_lora_weights(out)" if settings["format"] == "lora" else
             f"pipe.transformer = {settings['transformer_class']}.from_pretrained(out{dtype})")
