@@ -263,9 +263,10 @@ def _toy_backbone(path: str | None = None, resolution: int = 32, encoders: bool 
 
 def _diffusers_check(family: Callable[[], Any]) -> Callable[..., None]:
     """The dry run's check of a diffusers family's backbone (`family()`: its `dmdr_rl.latent.ModelFamily`): the
-    resolution and `lora_targets` (config field -> module names) against the model's config files, when they are
-    on this machine; with `loads_here` (a local run's dry run), a model.path that names no directory here too
-    (a Ray run's workers may mount it where this machine does not)."""
+    resolution, the loader's `options` (model.kwargs), the model's family and `lora_targets` (config field ->
+    module names) against the model's config files, when they are on this machine; with `loads_here` (a local
+    run's dry run), a model.path that names no directory here too (a Ray run's workers may mount it where this
+    machine does not)."""
     def check(path: str | None = None, resolution: int = 1024, lora_targets: Mapping[str, Sequence[str]] | None = None,
               loads_here: bool = False, options: Mapping[str, Any] | None = None, **_: Any) -> None:
         from .backbone import check_lora_targets
