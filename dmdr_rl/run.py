@@ -202,8 +202,28 @@ def dry_run(preset: str, overrides: list[str]) -> str:
                                    if cfg.rl.policy_gradient else ""),
         f"  prompts: {prompts} ({prompt_note})",
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
-        *(f"  warning: {note}" for note in [*_warnings(cfg), *_missing_packages(cfg)]),
+        *(f"  warning: {note}" for note in [*_warnings(cfg), *_missing_packages(cfg), *_local_gpu_note(cfg, gpus)]),
     ])
+
+
+def _local_gpu_note(cfg, gpus: float) -> list[str]:
+    """A Ray run that would start its own Ray here (no ray.address, RAY_ADDRESS or submitted job) and asks for more
+    GPUs than this machine has: the run would refuse it only once Ray has started."""
+    import os
+
+    from .distributed import submitted_job_runtime_env
+
+    if (cfg.trainer.backend != "ray" or not gpus or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+            or submitted_job_runtime_env() is not None):
+        return []
+    import torch
+
+    here = torch.cuda.device_count()
+    if here >= gpus:
+        return []
+    return [f"the run asks for {gpus:g} GPU(s) and this machine has {here}: a Ray the run starts here cannot place them "
+            "(a `ray start` cluster it joins may have more): set ray.address to your cluster or submit with `ray job "
+            "submit`, or lower ray.learner_gpus, ray.rollout_gpus and the reward apps' rewards[].serve.num_gpus"]
 
 
 def show_config(preset: str, overrides: list[str]) -> str:

@@ -204,6 +204,18 @@ def test_the_dry_run_of_a_local_run_refuses_a_gpu_this_machine_lacks(capsys):
     assert "trainer.device=cuda but torch sees no CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_the_dry_run_of_a_ray_run_says_a_local_ray_here_cannot_place_its_gpus(capsys, monkeypatch):
+    """The run would refuse it only after starting Ray; a cluster it is given (ray.address) is not this machine."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.rollout_gpus=0.5"])
+    assert ("warning: the run asks for 0.5 GPU(s) and this machine has 0: a Ray the run starts here cannot place "
+            "them") in capsys.readouterr().out
+    for quiet in (["ray.rollout_gpus=0"], ["ray.rollout_gpus=0.5", "ray.address=head:6379"]):
+        run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", *quiet])
+        assert "this machine has" not in capsys.readouterr().out
+
+
 def test_the_dry_run_shows_how_the_generator_trains(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.micro_batch_size=8", "model.gradient_checkpointing=true",
               "student.lora=null", "dmd.weight=0.5"])
