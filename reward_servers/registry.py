@@ -146,6 +146,25 @@ def refl_needs_a_gradient(where: str, name: str):
                        f"gradient of the reward), or {where}.weight=0 {where}.monitor=true to only monitor it")
 
 
+def missing_files(kwargs: dict[str, Any] | None, where: str) -> list[str]:
+    """`{where}.kwargs.KEY='VALUE'` for each option that names a local path (not a hub id) which does not exist here
+    (`cache_dir` and the like are made on first use)."""
+    return [f"{where}.kwargs.{key}={value!r}" for key, value in (kwargs or {}).items()
+            if key not in MADE_ON_FIRST_USE and isinstance(value, str) and looks_like_a_path(value)
+            and not Path(value).expanduser().exists()]
+
+
+def check_reward_files(kwargs: dict[str, Any] | None, where: str) -> None:
+    """A reward that loads on this machine (a local run's) refuses files that are not here before anything is built:
+    with a large backbone, the load would otherwise find out minutes later."""
+    from dmdr_rl.config import ConfigError
+
+    missing = missing_files(kwargs, where)
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: {'does' if len(missing) == 1 else 'do'} not exist here; give the "
+                          "local file or directory, or a hub id (see docs/rewards.md)")
+
+
 def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: str = "rewards[]") -> RewardModel:
     """Build a reward model and check that it implements the protocol (a score method and a
     `differentiable` flag); its `name` defaults to the registry name or import path. `where`: the config
@@ -162,9 +181,7 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
                               f"({type(err).__name__}: {first_line(err)}): install it where the model runs (the "
                               "HPSv2 models' open_clip: pip install -e '.[rewards]')") from err
     except Exception as err:
-        missing = [f"{where}.kwargs.{key}={value!r}" for key, value in (kwargs or {}).items()
-                   if key not in MADE_ON_FIRST_USE and isinstance(value, str) and looks_like_a_path(value)
-                   and not Path(value).expanduser().exists()]
+        missing = missing_files(kwargs, where)
         if missing and isinstance(err, (OSError, ValueError)):  # (taken for a hub id, it may fail as a ValueError)
             raise RewardLoadError(f"{where}: cannot load reward model {name!r}: {', '.join(missing)} "
                                   f"{'does' if len(missing) == 1 else 'do'} not exist here ({type(err).__name__}: {first_line(err)})") from err

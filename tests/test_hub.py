@@ -102,9 +102,20 @@ def test_a_reward_path_that_does_not_exist_is_named(tmp_path):
         load_reward_model("pickscore", {"path": str(missing)}, "rewards.0")
     with pytest.raises(RewardLoadError, match=r"kwargs.path='.*', rewards.1.kwargs.processor_path='.*' do not exist here"):
         load_reward_model("pickscore", {"path": str(missing), "processor_path": str(missing)}, "rewards.1")
-    # a setting of the config's own stays its error, naming its field, whatever else is wrong
-    from dmdr_rl.config import ConfigError
+    # a local run's dry run, and its trainer before it builds anything (a large backbone loads first), refuse it
+    # already; a Ray run's workers may see other files
+    from dmdr_rl import run
+    from dmdr_rl.config import ConfigError, load_config
+    from dmdr_rl.trainer import LocalTrainer
 
+    reward = [f"rewards=[{{name: aesthetic, weight: 0.1, shaping: linear, kwargs: {{head: {missing}.pth}}}}]"]
+    refused = rf"rewards.0.kwargs.head='{missing}.pth': does not exist here"
+    with pytest.raises(ConfigError, match=refused):
+        run.dry_run("toy-dmdr", reward)
+    with pytest.raises(ConfigError, match=refused):
+        LocalTrainer(load_config("toy-dmdr", [*reward, f"output.dir={tmp_path / 'run'}"]))
+    assert "the config is valid" in run.dry_run("toy-dmdr", [*reward, "trainer.backend=ray"])
+    # a setting of the config's own stays its error, naming its field, whatever else is wrong
     with pytest.raises(ConfigError, match="dtype"):
         load_reward_model("pickscore", {"path": str(missing), "dtype": "float17"}, "rewards.0")
     # a local model directory's own error says nothing about the hub
