@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.score:
         statistics = {name: score_statistics(values) for name, values in scores.items()}
         write_json_whole(out / "scores.json", {"model": model, **settings, "run": str(Path(args.run).resolve()),
+                                               # (the backbone's own settings, e.g. Flux's embedded guidance)
+                                               "model_kwargs": dict(cfg.model.kwargs),
                                                "num_images": len(prompts), "seed": args.seed, "rewards": statistics})
         for name, s in statistics.items():
             failed = f"; {s['non_finite']} not finite" if s["non_finite"] else ""

@@ -360,6 +360,7 @@ def test_an_sd3_student_and_its_teacher_are_scored_by_a_reward_model_on_the_same
             (("student", student), ("teacher", teacher))}
     scores = {name: json.loads((out / "scores.json").read_text()) for name, out in (("student", student), ("teacher", teacher))}
     assert scores["teacher"]["steps"] == 3 and scores["teacher"]["cfg"] == 3.0 and scores["student"]["steps"] == 2
+    assert scores["student"]["model_kwargs"] == {"max_sequence_length": 16}  # (the backbone's own settings)
     for name in rows:
         assert torch.isfinite(torch.tensor(rows[name]["reward/pickscore"].to_numpy())).all()
         assert scores[name]["rewards"]["pickscore"]["mean"] == pytest.approx(rows[name]["reward/pickscore"].mean(), rel=1e-5)
