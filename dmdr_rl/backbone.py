@@ -36,6 +36,26 @@ def missing_lora_targets(module_names: Sequence[str], targets: Sequence[str]) ->
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
 
 
+def adaptable_layers(transformer: torch.nn.Module) -> list[str]:
+    """The names LoRA targets can take in `transformer`: the last name segment of its Linear and Conv layers (what an
+    error lists, so that a user of another model than SD3 sees its own names)."""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+    def ending(name: str) -> str:  # (an index in a Sequential keeps its parent: to_out.0, net.2)
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+    return sorted({ending(name) for name, module in transformer.named_modules() if isinstance(module, kinds)})
+
+
+def _no_such_targets(missing: Sequence[str], transformer: torch.nn.Module, adapter: str | None = None) -> str:
+    layers = adaptable_layers(transformer)
+    shown = ", ".join(layers[:24]) + (", ..." if len(layers) > 24 else "")
+    return (f"LoRA target module(s) {list(missing)}{f' of adapter {adapter!r}' if adapter else ''} do not exist in "
+            f"{type(transformer).__name__} (its Linear/Conv layers are named: {shown}; null: {list(DEFAULT_LORA_TARGETS)}, "
+            "SD3's and Flux's attention projections)")
+
+
 def check_lora_targets(transformer_config: Mapping[str, Any], targets_by_field: Mapping[str, Sequence[str]],
                        transformer_class: type | None = None) -> None:
     """The config's LoRA targets against a transformer built from its config alone (on the meta device: no
@@ -51,8 +71,7 @@ def check_lora_targets(transformer_config: Mapping[str, Any], targets_by_field: 
     for field, targets in targets_by_field.items():
         missing = missing_lora_targets(names, targets)
         if missing:
-            raise ConfigError(f"{field}: LoRA target module(s) {missing} do not exist in {type(transformer).__name__} "
-                              f"(null: {list(DEFAULT_LORA_TARGETS)})")
+            raise ConfigError(f"{field}: {_no_such_targets(missing, transformer)}")
 
 
 def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -356,9 +375,8 @@ class TransformerBackbone:
         if missing:
             from .config import ConfigError
 
-            raise ConfigError(f"LoRA target module(s) {missing} of adapter {name!r} do not exist in "
-                             f"{type(self.transformer).__name__}; fix student.lora.targets / critic.lora.targets "
-                             f"(null: {list(DEFAULT_LORA_TARGETS)})")
+            raise ConfigError(f"{_no_such_targets(missing, self.transformer, name)}; fix student.lora.targets / "
+                              "critic.lora.targets")
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
         with warnings.catch_warnings():  # several adapters on one base is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

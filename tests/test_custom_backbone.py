@@ -183,6 +183,10 @@ def test_a_factory_that_returns_less_than_a_backbone_is_refused_naming_what_it_l
                                           r"add_full_copy, add_lora, named_trainable_parameters, sample, "
                                           r"sample_conditioned, set_null, trainable_parameters of the TrainableBackbone"):
         LocalTrainer(cfg)
+    # LoRA targets the model lacks (SD3's, the default): the error names the model's own layers
+    with pytest.raises(ConfigError, match=r"LoRA target module\(s\) \['to_out.0', 'add_q_proj', .*\] of adapter 'generator' do not "
+                                          r"exist in TinyDiT \(its Linear/Conv layers are named: .*to_q.*\)"):
+        LocalTrainer(_config(user_dir, tmp_path / "run", "student.lora.targets=null"))
     with pytest.raises(ConfigError, match=r"backbone 'my_dit:build' cannot be built with these options .*'widht'"):
         LocalTrainer(_config(user_dir, tmp_path / "run", "model.kwargs={widht: 8}"))
     # bf16 passes the factory dtype: one without it is refused by the dry run too, not first by the run
