@@ -70,7 +70,8 @@ class RolloutWorker:
         step = self.weight_version if train_step is None else train_step
         batch = make_rollout(self.backbone, prompts, self.cfg.student, self.cfg.trainer.seed, iteration,
                              self.weight_version, rank, rewards_to_score(self.cfg, self.rewards, iteration, step),
-                             keep_inputs=policy_trains_on(self.cfg, iteration, step))
+                             keep_inputs=policy_trains_on(self.cfg, iteration, step),
+                             micro_batch_size=self.cfg.trainer.micro_batch_size)
         return batch.to("cpu")  # the object store carries host memory; the learner moves it to its device
 
     def ready(self) -> bool:

@@ -280,7 +280,8 @@ class TrainerSection(_Section):
     # images per forward/backward pass of a learner update (gradient accumulation): each rank's batch goes
     # through the networks in slices of this size and their gradients add up to the batch's (the random
     # draws do not change, and a non-finite score counts 0 in any slicing); bounds the activation memory of
-    # large models. null: the whole batch at once
+    # large models. A rollout samples, decodes and scores its batch in slices of this size too. null: the
+    # whole batch at once
     micro_batch_size: Optional[int] = Field(None, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # the frozen base's weights (bf16 needs a backbone that takes a dtype)
     # where backend=local runs: auto (the GPU when there is one), cpu, cuda, cuda:N; backend=ray places its

@@ -105,15 +105,23 @@ def add_adapters(backbone, student: StudentSection, critic: CriticSection) -> No
 
 
 def backward_simulation(
-    backbone: Backbone, cond: Conditioning, student: StudentSection, generator: torch.Generator
+    backbone: Backbone, cond: Conditioning, student: StudentSection, generator: torch.Generator,
+    micro_batch_size: int | None = None,
 ) -> Trajectory:
-    """Step 1: sample K steps with the current generator, no gradients, keeping every step's x0."""
+    """Step 1: sample K steps with the current generator, no gradients, keeping every step's x0.
+    `micro_batch_size`: the network sees the batch in slices of this size (the sampler's noise is drawn for the
+    whole batch, so the samples do not depend on it; a large model's batch at 1024 px would not fit at once)."""
     noise = randn((len(cond), *backbone.sample_shape), generator, cond.tokens.device)
+    parts = micro_batches(len(cond), micro_batch_size)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if len(parts) == 1:
+            return backbone.velocity(x, t, cond, adapter=GENERATOR)
+        return torch.cat([backbone.velocity(x[part], t[part], cond[part], adapter=GENERATOR) for part in parts])
+
     with torch.no_grad():
-        return sample(
-            lambda x, t: backbone.velocity(x, t, cond, adapter=GENERATOR),
-            noise, student.steps, student.shift, mode=student.sampler, generator=generator, keep_steps=True,
-        )
+        return sample(velocity, noise, student.steps, student.shift, mode=student.sampler, generator=generator,
+                      keep_steps=True)
 
 
 Backward = Callable[[torch.Tensor], None]

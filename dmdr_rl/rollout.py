@@ -79,17 +79,25 @@ def rewards_to_score(cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward], ite
 def make_rollout(
     backbone: Backbone, prompts: list[str], student: StudentSection, run_seed: int, iteration: int, weight_version: int,
     rank: int = 0, scored: Sequence[dmdr.WeightedReward] = (), keep_inputs: bool = False,
+    micro_batch_size: int | None = None,
 ) -> RolloutBatch:
     """Step 1 of DESIGN section 2 (backward simulation) for one batch of prompts (rank: which
     data-parallel learner's shard it is); `scored` rewards score the samples without gradients (for the
-    logs, and GRPO's advantages); `keep_inputs`: also keep each step's x (GRPO's trajectory)."""
+    logs, and GRPO's advantages); `keep_inputs`: also keep each step's x (GRPO's trajectory);
+    `micro_batch_size` (trainer.micro_batch_size): the networks, the decode and the scoring see the batch in
+    slices of this size (the samples and scores do not depend on it)."""
     seed = iteration_seed(run_seed, iteration, ROLLOUT_STREAM, rank)
     cond = backbone.encode(prompts)
-    trajectory = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(seed))
+    trajectory = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(seed), micro_batch_size)
     scores = {}
-    if scored:
+    if scored:  # (a decoded batch of a large model at 1024 px holds tens of GB of the VAE's activations at once)
+        parts = dmdr.micro_batches(len(prompts), micro_batch_size)
+        sliced: dict[str, list[torch.Tensor]] = {reward.spec.key: [] for reward in scored}
         with torch.no_grad():
-            images = backbone.decode(trajectory.x0)
-            scores = {reward.spec.key: reward.model.score(images, prompts).detach() for reward in scored}
+            for part in parts:
+                images = backbone.decode(trajectory.x0[part])
+                for reward in scored:
+                    sliced[reward.spec.key].append(reward.model.score(images, prompts[part]).detach())
+        scores = {key: torch.cat(values) for key, values in sliced.items()}
     return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
                         weight_version, seed, scores, trajectory.inputs if keep_inputs else None)

@@ -202,7 +202,8 @@ class LocalTrainer:
         prompts = self.prompts.batch(self.iteration, cfg.trainer.batch_size, cfg.prompt_group)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
                              scored=rewards_to_score(cfg, self.learner.rewards, self.iteration, self.generator_step),
-                             keep_inputs=policy_trains_on(cfg, self.iteration, self.generator_step))
+                             keep_inputs=policy_trains_on(cfg, self.iteration, self.generator_step),
+                             micro_batch_size=cfg.trainer.micro_batch_size)
         self._rollout_times.append(dmdr.Elapsed(started, dmdr.mark(self.backbone.device)))
         self.last_batch = batch
         metrics = self.learner.step(batch)

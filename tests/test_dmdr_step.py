@@ -34,6 +34,29 @@ class CountingReward:
         return images[:, 0].mean(dim=(1, 2)) if self.scores is None else self.scores
 
 
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_a_rollout_in_slices_samples_and_scores_what_the_whole_batch_does(backbone, monkeypatch, sampler):
+    """trainer.micro_batch_size bounds a rollout's memory too: the networks, the decode and the rewards see slices
+    of it, and the samples and scores are the whole batch's (the sampler's noise is drawn for the batch)."""
+    from dmdr_rl.rollout import make_rollout
+
+    prompts = [*PROMPTS, "a green circle", "a red square", "a blue triangle"]
+    student = StudentSection(steps=3, sampler=sampler)
+    reward = dmdr.WeightedReward(CountingReward(), RewardSpec(name="mean-red", weight=1.0, shaping="linear"))
+    whole = make_rollout(backbone, prompts, student, 0, 0, 0, scored=[reward], keep_inputs=True)
+    seen = []
+    original = backbone.velocity
+    monkeypatch.setattr(backbone, "velocity", lambda x, *a, **k: seen.append(len(x)) or original(x, *a, **k))
+    decoded = []
+    original_decode = backbone.decode
+    monkeypatch.setattr(backbone, "decode", lambda x0: decoded.append(len(x0)) or original_decode(x0))
+    sliced = make_rollout(backbone, prompts, student, 0, 0, 0, scored=[reward], keep_inputs=True, micro_batch_size=2)
+    assert set(seen) == {2, 1} and decoded == [2, 2, 1] and reward.model.calls == 1 + 3
+    for a, b in ((whole.x0, sliced.x0), (whole.x0_steps, sliced.x0_steps), (whole.x_steps, sliced.x_steps),
+                 (whole.reward_scores["mean-red"], sliced.reward_scores["mean-red"])):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def _grads(params):
     return [p.grad is not None and p.grad.abs().sum().item() > 0 for p in params]
 
