@@ -74,11 +74,10 @@ def check_lora_targets(transformer_config: Mapping[str, Any], targets_by_field: 
             raise ConfigError(f"{field}: {_no_such_targets(missing, transformer)}")
 
 
-def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                         **kwargs) -> torch.Tensor:
+def transformer_velocity(transformer: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """One SD3-family transformer call with the project's conventions (diffusers takes timestep = 1000 t)."""
     return transformer(
-        hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled, timestep=t * 1000.0, **kwargs
+        hidden_states=x_t, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled, timestep=t * 1000.0
     ).sample
 
 
