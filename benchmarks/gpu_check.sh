@@ -27,7 +27,9 @@
 #   1. benchmarks/gpu_step.py: one SD3-Medium-shaped learner step at 1024 px, batch 2 (issue 6: step time,
 #      TFLOP/s against the bf16 peak, peak memory); benchmarks/memory.py --device cuda (generator + critic
 #      on one shared base vs two copies, allocated);
-#   2. benchmarks/reward_serving.py --device cuda: in-process vs Serve batched vs unbatched (issue 5);
+#   2. benchmarks/reward_serving.py --device cuda: in-process vs Serve batched vs unbatched (issue 5); the
+#      1024-px step of 1. with model.compile (the blocks under torch.compile; its warm-up, which compiles
+#      every block variant, timed apart): eager plain diffusers reached 36% of an H200's peak, under the target;
 #   3. a short toy DMDR run on Ray with the learner and the rollout actor sharing the GPU (0.5 each);
 #   4. the learner step as the SD3 presets run it (1024 px, batch 4 in micro-batches of 2, with gradient
 #      checkpointing): its time and memory against the plain step's;
@@ -42,6 +44,8 @@
 # A step whose time limit (+15 s for timeout's kill grace, +15 s for the archive) would end past BUDGET
 # seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
+# ONLY="name name ..." runs just those steps (e.g. ONLY="gpu_step_1024 gpu_step_1024_compiled": the step-time
+# target alone, eager and compiled side by side).
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
 # archive (gpu-check.tgz, written on exit whatever happened), beside the first six benchmark JSONs, and each
 # step prints its headline numbers to stdout (the tool's output tail) as it ends.
@@ -91,7 +95,7 @@ headline() {  # the numbers that matter from a benchmark JSON, on one line
   "$py" - "$1" <<'PY' 2>/dev/null || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ("device", "resolution", "batch", "micro_batch", "gradient_checkpointing", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
+keys = ("device", "resolution", "batch", "micro_batch", "gradient_checkpointing", "compile", "warmup_s", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
         "model_tflops", "model_fraction_of_peak",
         "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
         "flop_count_error")
@@ -100,6 +104,7 @@ PY
 }
 step() {  # name, time limit in seconds, command...
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   if [ $((SECONDS + limit + 15 + 15)) -gt "$budget" ]; then  # timeout's -k 15 grace, and the archive at the end
     echo "== $name: skipped ($SECONDS s used, its limit $limit s would pass the budget of $budget s)"
     status=1; return
@@ -119,6 +124,9 @@ step() {  # name, time limit in seconds, command...
 step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --json "$work/gpu_step_1024.json"
 step memory 40 "$py" benchmarks/memory.py --device cuda --json "$work/memory.json"
 step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
+# (compiling each block variant of SD3-Medium's: not measured yet; the log keeps what the warm-up printed)
+step gpu_step_1024_compiled 180 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --compile \
+  --json "$work/gpu_step_1024_compiled.json"
 step ray 100 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.learner_gpus=0.5 ray.rollout_gpus=0.5 \
   trainer.max_steps=20 trainer.cold_start=10 output.dir="$work/ray" output.sample_every=20 output.checkpoint_every=20 \
   --num-images 32

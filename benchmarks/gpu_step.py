@@ -10,6 +10,7 @@ decode on the learner; the rollout's scores are made once, outside the timing, a
     python benchmarks/gpu_step.py --count-only                     # FLOPs per step, counted without a GPU
     python benchmarks/gpu_step.py --shape flux-dev --count-only    # the same for FLUX.1-dev's shape (12B parameters)
     python benchmarks/gpu_step.py --rl grpo --transitions all      # the policy-gradient step instead of ReFL's
+    python benchmarks/gpu_step.py --compile                        # model.compile: the blocks under torch.compile
 
 What is timed is the learner only: the rollout (backward simulation, made by rollout actors in a run)
 is timed apart, and the reward model runs in its own server in a run, so the step here uses a cheap
@@ -112,6 +113,8 @@ def setup(args: argparse.Namespace, device: torch.device):
     backbone = random_backbone(args.shape, args.resolution, dtype, device)
     if args.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
+    if getattr(args, "compile", False):  # (the meta device's count runs eager)
+        backbone.compile_blocks(mode=args.compile_mode)
     backbone.set_null(random_conditioning(backbone, args.shape, 1, device, scale=0.0))
     reward = dmdr.WeightedReward(SharpnessReward(), cfg.rewards[0])
     learner = DMDRLearner(backbone, cfg, [reward])
@@ -124,7 +127,7 @@ def count_only(args: argparse.Namespace) -> dict:
     functions the learner calls, with their backward passes (the optimizer's elementwise work is not
     counted, as FlopCounterMode counts matmuls, convolutions and attention)."""
     device = torch.device("meta")
-    backbone, learner, cond = setup(args, device)
+    backbone, learner, cond = setup(argparse.Namespace(**{**vars(args), "compile": False}), device)
     cfg = learner.cfg
     rng = torch.Generator().manual_seed(0)
     counts = {}
@@ -230,8 +233,11 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     def step() -> dict:
         return learner.step(replace(template, iteration=learner.iteration, weight_version=learner.generator_step))
 
-    for _ in range(args.warmup):
+    started = time.perf_counter()
+    for _ in range(args.warmup):  # with --compile: every block variant compiles here (the second step's real scale too)
         step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -250,6 +256,7 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         "optimizer": args.optimizer, "student_steps": args.steps, "micro_batch": args.micro_batch,
         # checkpointing recomputes the blocks: the counted FLOPs include the recomputation
         "gradient_checkpointing": args.gradient_checkpointing,
+        "compile": args.compile_mode if args.compile else None, "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 2),
         "step_s_median": round(median, 4), "step_s_all": [round(t, 4) for t in times],
         "rollout_s": round(rollout_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
@@ -260,14 +267,17 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         "torch": torch.__version__,
     }
     write(report)
-    try:
-        counter = flop_counter()
-        with counter:
-            step()
-        flops, report["flops_counted_on"] = counter.get_total_flops(), str(device)
-    except Exception as err:  # the timings stand; count the same step on the meta device instead
-        report["flop_count_error"] = f"{type(err).__name__}: {err}"
+    if args.compile:  # FlopCounterMode sees eager code's operators, not a compiled block's kernels: count on meta
         flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
+    else:
+        try:
+            counter = flop_counter()
+            with counter:
+                step()
+            flops, report["flops_counted_on"] = counter.get_total_flops(), str(device)
+        except Exception as err:  # the timings stand; count the same step on the meta device instead
+            report["flop_count_error"] = f"{type(err).__name__}: {err}"
+            flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     achieved, peak = flops / median / 1e12, peak_tflops(device, args.peak_tflops, args.precision)
     ceiling = matmul_tflops(device, dtype)
@@ -296,18 +306,22 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the frozen base's weights")
     p.add_argument("--micro-batch", type=int, default=None, help="trainer.micro_batch_size (default: the whole batch)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing")
+    p.add_argument("--compile", action="store_true", help="model.compile: torch.compile the transformer's blocks")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                   help="model.compile_mode")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--rl", choices=["refl", "grpo"], default="refl",
                    help=f"the reward term: ReFL's gradient, or the policy gradient (groups of {GRPO_GROUP})")
     p.add_argument("--transitions", choices=["one", "all"], default="all", help="rl.transitions, with --rl grpo")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 3 with --compile)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak in --precision (default: bf16's by name)")
     p.add_argument("--count-only", action="store_true",
                    help="count the step's FLOPs on the meta device (no GPU needed) instead of running it")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else 3 if args.compile else 2
     if args.rl == "grpo" and args.batch % GRPO_GROUP:
         p.error(f"--rl grpo samples each prompt {GRPO_GROUP} times: --batch must be a multiple of {GRPO_GROUP}")
 

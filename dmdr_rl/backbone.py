@@ -134,9 +134,10 @@ class TrainableBackbone(Backbone, Protocol):
     lacks any of it. `TransformerBackbone` implements all of it for a diffusers transformer; subclass it
     (docs/custom-backbone.md).
 
-    Two more members are called only by some configs and commands, and looked up there:
-    `enable_gradient_checkpointing()` (model.gradient_checkpointing=true) and `standalone_transformer(name)`
-    (`export --format transformer`: a model with `save_pretrained`)."""
+    Three more members are called only by some configs and commands, and looked up there:
+    `enable_gradient_checkpointing()` (model.gradient_checkpointing=true), `compile_blocks(**options)`
+    (model.compile=true) and `standalone_transformer(name)` (`export --format transformer`: a model with
+    `save_pretrained`)."""
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +268,33 @@ def _adapters_off(layers: list):
             layer._disable_adapters = disabled
 
 
+# recompilations allowed per block's code when a run compiles (torch's default, 8, is for one model called one
+# way): a DMDR step calls each block with grad on and off, with the generator's adapter, the critic's at two
+# scales or none, at the batch and the CFG batch, and SD3's last block differs from the others (11 variants on
+# the toy world, 18 on the tiny SD3 with gradient checkpointing), each compiled once
+RECOMPILE_LIMIT = 64
+
+
+def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks regional compilation compiles: the classes a diffusers model names in `_repeated_blocks`
+    (Flux), else the members of the model's own ModuleLists (SD3's `transformer_blocks`, a custom DiT's)."""
+    names = getattr(transformer, "_repeated_blocks", None)
+    if names:
+        return [m for m in transformer.modules() if type(m).__name__ in names]
+    return [block for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def _compile(transformer: torch.nn.Module, options: Mapping[str, Any]) -> None:
+    blocks = repeated_blocks(transformer)
+    if not blocks:
+        from .config import ConfigError
+
+        raise ConfigError(f"model.compile: {type(transformer).__name__} has no repeated blocks to compile (neither diffusers' "
+                          "`_repeated_blocks` nor a torch.nn.ModuleList of blocks); set model.compile=false")
+    for block in blocks:
+        block.compile(**options)
+
+
 class _BaseDtypeLinear(torch.nn.Linear):
     """A LoRA factor that computes in its input's precision, its weights kept in float32 for the optimizer
     (what torch.autocast does to a linear layer). Left to peft, a bf16 base's activations are cast to
@@ -311,6 +339,7 @@ class TransformerBackbone:
         self._lora_layers: list[torch.nn.Module] = []  # peft's layers in the base: switched off for base calls
         self._copies: dict[str, torch.nn.Module] = {}
         self._active: str | None = None
+        self._compile_options: dict[str, Any] | None = None  # torch.compile's options once compile_blocks ran
 
     # -- placement ----------------------------------------------------------------------------
     @property
@@ -336,6 +365,21 @@ class TransformerBackbone:
         copy made later inherits it). A subclass adds its decoder."""
         for module in [self.transformer, *self._copies.values()]:
             module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_adapters)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """torch.compile each repeated block of the transformer and of its full copies, `options` passed to
+        torch.compile (model.compile=true). Regional compilation: the blocks share their compiled code, so a
+        run compiles one block's variants rather than the whole model's, and the code between the blocks
+        (gradient checkpointing, Flux's packing) stays as it is; adapters added later and full copies made
+        later are covered. torch.compile's shapes stay automatic (no dynamic=False): after a value first changes
+        it becomes an input of the compiled code, so the real score's LoRA scale, annealed at every step
+        (DynaDG), and the CFG batch's size cost one recompilation each, not one per step."""
+        import torch._dynamo
+
+        for module in [self.transformer, *self._copies.values()]:
+            _compile(module, options)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self._compile_options = dict(options)
 
     # -- conditioning -------------------------------------------------------------------------
     @property
@@ -401,6 +445,8 @@ class TransformerBackbone:
             raise ValueError(f"add the full copy {name!r} before any LoRA adapter (it would copy them too)")
         # trained in float32 whatever the base's precision (Adam on bf16 weights loses small updates)
         self._copies[name] = copy.deepcopy(self.transformer).float().requires_grad_(True)
+        if self._compile_options is not None:  # (a deep copy of a compiled block is not compiled)
+            _compile(self._copies[name], self._compile_options)
 
     def named_trainable_parameters(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters an adapter trains, with names stable across processes (for checkpoints)."""

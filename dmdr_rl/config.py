@@ -60,6 +60,12 @@ class ModelSection(_Section):
     # recompute the transformer's blocks (and an SD3 or Flux VAE decoder's) during the backward pass instead of
     # keeping their activations: much less memory for about a third more compute
     gradient_checkpointing: bool = False
+    # torch.compile the transformer's repeated blocks (regional compilation) in the learner, rollouts, sample and
+    # eval: faster steps on a GPU once each block variant has compiled (a few dozen, in the first steps)
+    compile: bool = False
+    # torch.compile's mode for them; max-autotune-no-cudagraphs also searches matmul kernels (longer compiles).
+    # No CUDA-graph modes: their outputs live in buffers the next call overwrites, and a DMD step keeps several
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     resolution: int = Field(32, ge=8)  # image side in pixels (toy: 32; sd3, flux: a multiple of 16, the VAE factor x patch size)
     # passed to the backbone's loader (sd3: dtype, max_sequence_length; flux: those and guidance, FLUX.1-dev's
     # embedded guidance scale, default 3.5)

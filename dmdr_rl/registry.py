@@ -379,7 +379,7 @@ def check_backbone(backbone, name: str) -> None:
 
 def build_backbone(model, encoders: bool = True, precision: str = "fp32", device: torch.device | str = "cpu"):
     """The config's `model:` section as a backbone on `device` (`encoders=False`: without prompt
-    encoders, as a learner); `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16).
+    encoders, as a learner), its blocks compiled with model.compile; `precision` = trainer.precision (bf16 loads the frozen weights as bfloat16).
     The factory is called as `factory(path=model.path, resolution=model.resolution, encoders=encoders,
     **model.kwargs)`, with `dtype="bfloat16"` added under bf16 unless model.kwargs sets it; what it returns must
     be a `TrainableBackbone` (`check_backbone`)."""
@@ -394,4 +394,12 @@ def build_backbone(model, encoders: bool = True, precision: str = "fp32", device
             raise ConfigError(f"model.gradient_checkpointing: the backbone {model.backbone!r} ({type(backbone).__name__}) has "
                               f"no enable_gradient_checkpointing(); set it to false")
         backbone.enable_gradient_checkpointing()
-    return backbone.to(device)
+    backbone = backbone.to(device)
+    if model.compile:
+        if not hasattr(backbone, "compile_blocks"):
+            from .config import ConfigError
+
+            raise ConfigError(f"model.compile: the backbone {model.backbone!r} ({type(backbone).__name__}) has no "
+                              "compile_blocks(); set it to false")
+        backbone.compile_blocks(mode=model.compile_mode)
+    return backbone

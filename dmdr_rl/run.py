@@ -194,6 +194,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  generator {_generator_plan(cfg)}; batch {cfg.trainer.batch_size}"
         + (f" in micro-batches of {cfg.trainer.micro_batch_size}" if cfg.trainer.micro_batch_size else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
+        + (f", compiled blocks ({cfg.model.compile_mode}; the first steps compile)" if cfg.model.compile else "")
         + f", {cfg.trainer.precision}, {cfg.trainer.optimizer}",
         f"  rewards: {rewards}" + (f"; trained by policy gradient (GRPO): {cfg.trainer.batch_size // cfg.rl.group_size} "
                                    f"prompts x {cfg.rl.group_size} samples per batch, "

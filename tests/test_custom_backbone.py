@@ -151,6 +151,32 @@ def test_the_page_s_backbone_moves_whole(user_dir):
     assert backbone.sample_conditioned(cond, 2, 4.0, seed=0, adapter=dmdr.GENERATOR).device == torch.device("meta")
 
 
+def test_the_page_s_backbone_compiles_its_blocks(user_dir):
+    """model.compile finds TinyDiT's blocks in its ModuleList; compiled, the generator predicts as before."""
+    import torch._dynamo
+    import my_dit
+
+    from dmdr_rl.backbone import repeated_blocks
+
+    backbone = my_dit.build()
+    backbone.add_lora(dmdr.GENERATOR, 4, 4, TARGETS)
+    for _, p in backbone.named_trainable_parameters(dmdr.GENERATOR):  # (LoRA B starts at 0: make it count)
+        torch.nn.init.normal_(p, std=0.1)
+    cond = backbone.encode(["a red circle", "a blue square"])
+    x, t = torch.randn(2, *backbone.sample_shape), torch.rand(2)
+    with torch.no_grad():
+        eager = backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR, scale=0.5)
+    torch._dynamo.reset()
+    backbone.compile_blocks(backend="aot_eager")
+    blocks = repeated_blocks(backbone.transformer)
+    assert blocks == list(backbone.transformer.blocks) and all(b._compiled_call_impl is not None for b in blocks)
+    with torch.no_grad():
+        compiled = backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR, scale=0.5)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(eager, backbone.velocity(x, t, cond).detach(), atol=1e-4)  # (the adapter counts)
+
+
 HALF = '''
 import my_dit
 

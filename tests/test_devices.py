@@ -138,6 +138,31 @@ def test_the_gpu_step_benchmark_runs_the_learner_step_on_a_tiny_shape(tmp_path):
         gpu_step.main([*tiny, "--rl", "grpo", "--batch", "3"])
 
 
+def test_the_gpu_step_benchmark_compiles_the_blocks_with_compile(monkeypatch):
+    """--compile: the blocks compiled (aot_eager here, for time), the warm-up that compiles them timed apart, and
+    the FLOPs counted on the meta device's eager step (FlopCounterMode does not see a compiled block's kernels)."""
+    from dmdr_rl.backbone import TransformerBackbone
+
+    compiled = []
+    original = TransformerBackbone.compile_blocks
+
+    def compile_blocks(self, **options):
+        compiled.append(options)
+        original(self, backend="aot_eager")
+
+    monkeypatch.setattr(TransformerBackbone, "compile_blocks", compile_blocks)
+    gpu_step = _gpu_step_module()
+    tiny = ["--shape", "tiny", "--device", "cpu", "--resolution", "32", "--repeats", "1"]
+    report = gpu_step.main([*tiny, "--compile"])
+    assert compiled == [{"mode": "default"}] and report["compile"] == "default" and report["warmup_steps"] == 3
+    assert report["warmup_s"] > 0 and report["flops_counted_on"] == "meta" and "flop_count_error" not in report
+    counted = gpu_step.main(["--shape", "tiny", "--resolution", "32", "--count-only"])
+    assert report["tflop_per_step"] == pytest.approx(counted["tflop_per_step"], rel=1e-6)  # the same step's work
+    eager = gpu_step.main([*tiny, "--warmup", "0"])
+    assert eager["compile"] is None and eager["flops_counted_on"] == "cpu"
+    assert report["losses"].keys() == eager["losses"].keys()
+
+
 def test_the_gpu_step_benchmark_runs_a_flux_shaped_step():
     """FLUX.1's tiny shape through the same learner step (the flux-dev-dmdr preset), and its FLOP count."""
     gpu_step = _gpu_step_module()

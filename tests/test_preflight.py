@@ -218,9 +218,9 @@ def test_the_dry_run_of_a_ray_run_says_a_local_ray_here_cannot_place_its_gpus(ca
 
 def test_the_dry_run_shows_how_the_generator_trains(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.micro_batch_size=8", "model.gradient_checkpointing=true",
-              "student.lora=null", "dmd.weight=0.5"])
-    assert "generator full fine-tune, dmd.weight=0.5; batch 32 in micro-batches of 8, gradient checkpointing" in \
-        capsys.readouterr().out
+              "student.lora=null", "dmd.weight=0.5", "model.compile=true"])
+    assert ("generator full fine-tune, dmd.weight=0.5; batch 32 in micro-batches of 8, gradient checkpointing, "
+            "compiled blocks (default; the first steps compile)") in capsys.readouterr().out
 
 
 def test_the_dry_run_prints_warnings(capsys):
