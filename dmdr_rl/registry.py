@@ -306,6 +306,24 @@ def backbone_family(name: str):
     return family() if family is not None else None
 
 
+def backbone_notes(model, shift: float) -> list[str]:
+    """What the backbone's diffusers family says of settings that run but probably not as meant (printed with the
+    config's warnings): a student.shift (`shift`) far from the one its pipeline samples at model.resolution. Nothing
+    for a backbone that is not a family's, or one that cannot be resolved (its check says why)."""
+    from .config import ConfigError
+
+    try:
+        family = backbone_family(model.backbone)
+    except ConfigError:
+        return []
+    if family is None:
+        return []
+    from .latent import shift_note
+
+    note = shift_note(family, model.path, model.resolution, shift)
+    return [note] if note else []
+
+
 def _register_diffusers_family(name: str, module: str, family: str, loader: str) -> None:
     """Registers `name` as the backbone of a diffusers family: `module` (imported when the backbone is checked or
     built) holds its `ModelFamily` as `family` and its loader `loader(path, resolution, encoders=, **options)`."""
