@@ -571,11 +571,14 @@ class RunConfig(_Section):
         if self.trainer.micro_batch_size is not None and self.trainer.micro_batch_size >= rank_batch:
             notes.append(f"trainer.micro_batch_size={self.trainer.micro_batch_size} >= the {rank_batch} samples a learner "
                          "trains at a time: it slices nothing (it bounds memory only when smaller)")
+        # the user's settings (a shipped preset's are its own backend's, not the user's: load_config); a run's
+        # config.yaml sets them all, the defaults too
         ignored = sorted(name for name in self.ray.model_fields_set - RaySection.APPLY_WITHOUT_THE_RUNTIME
-                         if getattr(self.ray, name) != self._ray_default(name))  # (a run's config.yaml sets them all)
+                         if getattr(self.ray, name) != self._ray_default(name))
         if self.trainer.backend == "local" and ignored:
-            notes.append(f"{', '.join('ray.' + name for name in ignored)} set, but they configure the Ray runtime, and "
-                         "trainer.backend=local trains in this process: set trainer.backend=ray to use them (the local "
+            they, them = ("they configure", "them") if len(ignored) > 1 else ("it configures", "it")
+            notes.append(f"{', '.join('ray.' + name for name in ignored)} set, but {they} the Ray runtime, and "
+                         f"trainer.backend=local trains in this process: set trainer.backend=ray to use {them} (the local "
                          "trainer is placed with trainer.device)")
         if self.rl.policy_gradient:
             notes += self._policy_gradient_warnings()
@@ -594,20 +597,36 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = (),
     """A preset name (see `available_presets()`) or a YAML file, then `section.key=value` overrides;
     `for_sampling`: a finished run's config, checked field by field but not by the rules of training."""
     inherited: dict[tuple[str, ...], str | None] = {}
-    data = _read_preset(preset, (), inherited) if preset is not None else {}
+    from_presets: dict[tuple[str, ...], bool] = {}  # whether a preset shipped with dmdr_rl set the value at each key
+    data = _read_preset(preset, (), inherited, from_presets) if preset is not None else {}
     for override in overrides:
         _apply_override(data, override)
-        _set_by(inherited, tuple(override.partition("=")[0].split(".")), None)
+        key = tuple(override.partition("=")[0].split("."))
+        _set_by(inherited, key, None)
+        _set_by(from_presets, key, False)
     try:
-        return RunConfig.model_validate(data, context={"for_sampling": for_sampling})
+        cfg = RunConfig.model_validate(data, context={"for_sampling": for_sampling})
     except ValidationError as err:
         raise ConfigError(_describe(err, inherited)) from None
+    _forget_preset_values(cfg, from_presets)
+    return cfg
 
 
-def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tuple[str, ...], str | None]) -> dict[str, Any]:
+def _forget_preset_values(cfg: RunConfig, from_presets: dict[tuple[str, ...], bool]) -> None:
+    """A section's fields set are the user's settings (an override, their own file): a shipped preset's values leave
+    them, as the defaults it stands for (e.g. a Ray preset's ray.*_gpus in a run with trainer.backend=local)."""
+    for key, shipped in from_presets.items():
+        section = getattr(cfg, key[0], None) if shipped and len(key) == 2 else None
+        if isinstance(section, _Section):
+            section.__pydantic_fields_set__.discard(key[1])
+
+
+def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tuple[str, ...], str | None],
+                 from_presets: dict[tuple[str, ...], bool]) -> dict[str, Any]:
     """A preset's mapping; a `base: <preset or file>` key inherits another preset, merged section by
     section (mappings merge, everything else replaces). `inherited` records which base file set each
-    value (None: the file named itself), so that an error in an inherited value names its file."""
+    value (None: the file named itself), so that an error in an inherited value names its file;
+    `from_presets`, whether that file is a preset shipped with dmdr_rl (not the user's own)."""
     path = Path(preset)
     if not path.suffix:
         path = PRESETS_DIR / f"{preset}.yaml"
@@ -632,9 +651,11 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tu
             raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
         if Path(base).suffix and not Path(base).is_absolute():
             base = str(path.parent / base)
-        data = _merge(_read_preset(base, (*chain, path.resolve()), inherited), own)
+        data = _merge(_read_preset(base, (*chain, path.resolve()), inherited, from_presets), own)
+    shipped = path.resolve().parent == PRESETS_DIR.resolve()
     for key in _value_keys(own):  # (after its bases': its own values replace theirs)
         _set_by(inherited, key, str(path) if chain else None)
+        _set_by(from_presets, key, shipped)
     return data
 
 
@@ -655,7 +676,7 @@ def _value_keys(data: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...
     return keys
 
 
-def _set_by(inherited: dict[tuple[str, ...], str | None], key: tuple[str, ...], source: str | None) -> None:
+def _set_by(inherited: dict[tuple[str, ...], Any], key: tuple[str, ...], source: Any) -> None:
     """Record `source` as where the value at `key` comes from, replacing what set the values under it."""
     for earlier in [k for k in inherited if k[:len(key)] == key]:
         del inherited[earlier]

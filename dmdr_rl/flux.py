@@ -13,7 +13,8 @@ What is Flux's own, beside SD3 (`dmdr_rl.latent` holds what they share):
 - prompts: CLIP-L's pooled output and T5-XXL's tokens (`max_sequence_length`, diffusers' default 512).
 - the sampling shift: diffusers' Flux scheduler shifts by the image's token count (`use_dynamic_shifting`,
   shift = exp(mu): about 1.9 at 512 px, 3.2 at 1024 px); here the shift is `student.shift` (and the
-  teacher's), fixed per run, and the export says how to make diffusers use the same.
+  teacher's), fixed per run, and the export says how to make diffusers use the same. A run whose student.shift is
+  far from the pipeline's at its resolution is warned (`dmdr_rl.latent.shift_note`).
 
     backbone = load_flux("black-forest-labs/FLUX.1-dev", resolution=1024)   # or a local directory
 """
@@ -48,17 +49,6 @@ def check_guidance(config: Mapping[str, Any], options: Mapping[str, Any]) -> Non
                          "sets 3.5; `guidance: null` under model.kwargs in a config file)")
 
 
-FLUX = ModelFamily(
-    name="Flux", default_model=DEFAULT_MODEL, transformer_class="FluxTransformer2DModel", pipeline_class="FluxPipeline",
-    patch_size=lambda config: PACK * config.get("patch_size", 1), max_patches=lambda config: None,  # rotary: any size
-    geometry=(8, PACK),  # every FLUX.1 model's
-    # the embedded guidance (schnell's pipeline ignores it)
-    pipeline_guidance=lambda kwargs: DEFAULT_GUIDANCE if kwargs.get("guidance") is None else kwargs["guidance"],
-    scheduler_settings=(("use_dynamic_shifting", False),),  # else the scheduler shifts by the token count instead
-    check_options=check_guidance, patch_words="2x2 packing",
-)
-
-
 def flux_shift(resolution: int, vae_factor: int = 8) -> float:
     """The shift diffusers' Flux scheduler applies at this resolution (exp(mu), mu linear in the token count from
     0.5 at 256 tokens to 1.15 at 4096): what a run's `student.shift` should be to match FLUX.1-dev's sampling."""
@@ -67,6 +57,18 @@ def flux_shift(resolution: int, vae_factor: int = 8) -> float:
     tokens = (resolution // (vae_factor * PACK)) ** 2
     mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
     return math.exp(mu)
+
+
+FLUX = ModelFamily(
+    name="Flux", default_model=DEFAULT_MODEL, transformer_class="FluxTransformer2DModel", pipeline_class="FluxPipeline",
+    patch_size=lambda config: PACK * config.get("patch_size", 1), max_patches=lambda config: None,  # rotary: any size
+    geometry=(8, PACK),  # every FLUX.1 model's
+    # the embedded guidance (schnell's pipeline ignores it)
+    pipeline_guidance=lambda kwargs: DEFAULT_GUIDANCE if kwargs.get("guidance") is None else kwargs["guidance"],
+    scheduler_settings=(("use_dynamic_shifting", False),),  # else the scheduler shifts by the token count instead
+    check_options=check_guidance, patch_words="2x2 packing",
+    dynamic_shift=flux_shift,  # FLUX.1-dev's pipeline shifts by the image's size; a run's student.shift is fixed
+)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

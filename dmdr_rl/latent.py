@@ -49,6 +49,9 @@ class ModelFamily:
     # the loader's options (model.kwargs) against the transformer's config, raising ValueError: before weights load
     check_options: Callable[[Mapping[str, Any], Mapping[str, Any]], None] = lambda config, options: None
     patch_words: str = "transformer patch size"  # what the patch is called where a resolution is refused
+    # the shift the family's pipeline samples at when its scheduler shifts by the image's size (diffusers'
+    # use_dynamic_shifting), from (resolution, VAE factor); None: a fixed shift, the same at every resolution
+    dynamic_shift: Callable[[int, int], float] | None = None
 
     def diffusers_class(self, which: str) -> type:
         """`which`: "transformer" or "pipeline"."""
@@ -89,11 +92,12 @@ def without_deprecation_noise() -> Iterator[None]:
 
 
 def component_config(family: ModelFamily, path: str | None, component: str, local_files_only: bool = True) -> dict | None:
-    """A model component's config file ("transformer", "vae"), or None when it cannot be had (with
+    """A model component's config file ("transformer", "vae", "scheduler"), or None when it cannot be had (with
     `local_files_only`: when it is not on this machine, a local directory or the hub cache)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    model_class = family.diffusers_class("transformer") if component == "transformer" else AutoencoderKL
+    model_class = {"transformer": family.diffusers_class("transformer"), "vae": AutoencoderKL,
+                   "scheduler": FlowMatchEulerDiscreteScheduler}[component]
     try:
         with without_deprecation_noise():
             return dict(model_class.load_config(path or family.default_model, subfolder=component,
@@ -127,6 +131,37 @@ def check_config_files(family: ModelFamily, path: str | None, resolution: int, l
                      family.patch_words)
     family.check_options(transformer, options or {})
     return transformer
+
+
+def pipeline_shift(family: ModelFamily, path: str | None, resolution: int) -> float | None:
+    """The shift the model's own diffusers pipeline samples at `resolution` where the family's follows the image's size
+    (`ModelFamily.dynamic_shift`): from the model's scheduler and VAE config files when they are on this machine (None
+    for a scheduler with a fixed shift, as FLUX.1-schnell's), else for the family's default model only (None: unknown,
+    or a family whose shift is the same at every resolution)."""
+    if family.dynamic_shift is None:
+        return None
+    path = expand_home(path) if path else None
+    scheduler = component_config(family, path, "scheduler")
+    if scheduler is None:
+        return family.dynamic_shift(resolution, family.geometry[0]) if path in (None, family.default_model) else None
+    if not scheduler.get("use_dynamic_shifting", False):
+        return None
+    vae = component_config(family, path, "vae")
+    factor = vae_scale_factor(vae) if vae and "block_out_channels" in vae else family.geometry[0]
+    return family.dynamic_shift(resolution, factor)
+
+
+def shift_note(family: ModelFamily, path: str | None, resolution: int, shift: float, tolerance: float = 0.1) -> str | None:
+    """A note when `shift` (student.shift) is off by more than `tolerance` (relative) from the shift the model's own
+    pipeline samples at this resolution (`pipeline_shift`); None when it is near, or that shift is not known. A note,
+    not a refusal: another shift may be chosen on purpose."""
+    own = pipeline_shift(family, path, resolution)
+    if own is None or abs(shift - own) <= tolerance * own:
+        return None
+    model = Path(path or family.default_model).name
+    return (f"student.shift={shift:g}, but {model}'s own pipeline samples {resolution} px images at shift {own:.2f} "
+            f"(diffusers shifts its schedule by the image's size): set student.shift={own:.2f} to sample as {model} does "
+            f"at model.resolution={resolution}, or keep {shift:g} if it is chosen on purpose")
 
 
 class WrongFamilyError(ValueError):

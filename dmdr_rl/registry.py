@@ -66,15 +66,8 @@ class Registry(Generic[T]):
                 module = importlib.import_module(module_name)
             except Exception as err:  # noqa: BLE001 - not found, an empty name (":Name"), or the module's own error
                 reason = str(err) if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
-                top_level = module_name.split(".")[0]
-                hint = (f": run from the directory that holds {top_level!r}, or put that directory on PYTHONPATH"
-                        if isinstance(err, ModuleNotFoundError) and err.name == top_level else "")
-                if hint and _in_ray_worker():
-                    hint += (" where the run starts: it sends the module to the Ray it starts or joins (py_modules). On a "
-                             "Ray started in the run's process before it (ray.init), pass ray.init(runtime_env={'py_modules': "
-                             "[its file or package directory]}); a submitted job: `ray job submit --working-dir <the "
-                             "directory that holds it>` (docs/custom-backbone.md)")
-                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason}){hint}") from err
+                raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason})"
+                            f"{_import_hint(module_name, err)}") from err
             if not attr or not hasattr(module, attr):
                 raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)
@@ -181,6 +174,75 @@ def checked_by(check: Callable[..., None]):
         return factory
 
     return mark
+
+
+def _import_hint(module_name: str, err: BaseException) -> str:
+    """What a plugin module's failed import needs said beyond Python's own error: where Python looked and what to do
+    when its top-level package is not found; which module of that package is missing when it is found; and that the
+    module was found when its own import of another package fails. Empty for the module's other errors (the reason
+    says them)."""
+    if not module_name:
+        return ": an import path names a module before the colon, 'package.module:Name'"
+    if not isinstance(err, ModuleNotFoundError) or not err.name:
+        return ""
+    top_level, missing = module_name.split(".")[0], err.name
+    if missing == top_level:
+        searched, here = _searched_directories()
+        put = (f"run from the directory that holds {top_level!r}, put that directory on PYTHONPATH" if here else
+               f"put the directory that holds {top_level!r} on PYTHONPATH (e.g. PYTHONPATH=. from it)")
+        if _in_ray_worker():  # (the fix is where the run starts, not on this worker)
+            return (f": Python searched (on this worker) {searched}; run from the directory that holds {top_level!r}, or "
+                    "put that directory on PYTHONPATH where the run starts: it sends the module to the Ray it starts or "
+                    "joins (py_modules). On a Ray started in the run's process before it (ray.init), pass "
+                    "ray.init(runtime_env={'py_modules': [its file or package directory]}); a submitted job: `ray job "
+                    "submit --working-dir <the directory that holds it>`; an installed package must be installed on "
+                    "every node (docs/custom-backbone.md)")
+        return f": Python searched {searched}; {put}, or install its package into this environment (pip install)"
+    parent, _, last = missing.rpartition(".")
+    if missing.split(".")[0] == top_level:  # a module of the plugin's own package
+        importer = "" if module_name == missing or module_name.startswith(missing + ".") else \
+            f"{module_name!r} imports {missing!r}, but "
+        return f": {importer}{parent!r} ({_module_location(parent)}) has no module {last!r}"
+    return (f": {module_name!r} was found, and its own import of {missing!r} failed: install the package that provides "
+            f"{missing.split('.')[0]!r} into this environment, or put the directory that holds it on PYTHONPATH")
+
+
+def _searched_directories() -> tuple[str, bool]:
+    """sys.path as an error says it (the current directory, PYTHONPATH's and the installed packages' named as such;
+    the standard library and import hooks left out), and whether the current directory is on it."""
+    import os
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    paths = sysconfig.get_paths()
+    installed = {Path(paths[key]).resolve() for key in ("purelib", "platlib")}
+    stdlib = {Path(paths[key]).resolve() for key in ("stdlib", "platstdlib")}
+    from_env = {Path(entry).resolve() for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry}
+    cwd, shown, here = Path.cwd().resolve(), [], False
+    for entry in dict.fromkeys(sys.path):
+        path = Path(entry or ".").resolve()
+        try:
+            if not path.is_dir() or (path not in installed and stdlib & {path, *path.parents}):
+                continue
+        except OSError:  # (an error message's detail, never a new failure)
+            continue
+        here |= path == cwd
+        label = ("the current directory" if path == cwd else "PYTHONPATH" if path in from_env else
+                 "installed packages" if path in installed else None)
+        text = f"{path} ({label})" if label else str(path)
+        if text not in shown:
+            shown.append(text)
+    return ", ".join(shown) + ("" if here else f"; not the current directory ({cwd})"), here
+
+
+def _module_location(name: str) -> str:
+    """Where an imported module or package is, for an error (its directory or file)."""
+    import sys
+
+    module = sys.modules.get(name)
+    locations = list(getattr(module, "__path__", None) or []) or [getattr(module, "__file__", None) or "?"]
+    return ", ".join(map(str, locations))
 
 
 def _in_ray_worker() -> bool:
@@ -304,6 +366,24 @@ def backbone_family(name: str):
     diffusers pipeline's (the toy world, most plugins)."""
     family = getattr(BACKBONES.resolve(name, "model.backbone"), "family", None)
     return family() if family is not None else None
+
+
+def backbone_notes(model, shift: float) -> list[str]:
+    """What the backbone's diffusers family says of settings that run but probably not as meant (printed with the
+    config's warnings): a student.shift (`shift`) far from the one its pipeline samples at model.resolution. Nothing
+    for a backbone that is not a family's, or one that cannot be resolved (its check says why)."""
+    from .config import ConfigError
+
+    try:
+        family = backbone_family(model.backbone)
+    except ConfigError:
+        return []
+    if family is None:
+        return []
+    from .latent import shift_note
+
+    note = shift_note(family, model.path, model.resolution, shift)
+    return [note] if note else []
 
 
 def _register_diffusers_family(name: str, module: str, family: str, loader: str) -> None:

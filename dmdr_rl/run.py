@@ -118,9 +118,11 @@ def run_outputs(cfg, evaluated: bool) -> str:
 
 
 def _warnings(cfg) -> list[str]:
-    """Settings that run, but probably not as meant: the config's own notes, and what a resumed run
-    changes from the run it continues."""
-    notes = list(cfg.warnings())
+    """Settings that run, but probably not as meant: the config's own notes, its backbone's (a Flux student.shift
+    far from its pipeline's at the resolution), and what a resumed run changes from the run it continues."""
+    from .registry import backbone_notes
+
+    notes = [*cfg.warnings(), *backbone_notes(cfg.model, cfg.student.shift)]
     if cfg.trainer.resume_from and Path(cfg.trainer.resume_from).exists():  # (a submitted job's may be elsewhere)
         from .trainer import resume_changes
 

@@ -304,6 +304,25 @@ def test_settings_that_run_but_not_as_meant_are_warned_about():
     assert load_config("toy-dmd", ["trainer.micro_batch_size=8"]).warnings() == []
 
 
+def test_a_presets_own_ray_settings_are_not_warned_about_on_the_local_backend(tmp_path):
+    """A Ray preset run with trainer.backend=local: its ray.*_gpus are the preset's, unused there, not the user's to
+    change; the same settings given by the user (an override, their own file) are still noted."""
+    local = ["trainer.backend=local", "trainer.optimizer=adamw"]
+    for preset in ("sd3-medium-dmdr", "flux-dev-dmdr"):
+        cfg = load_config(preset, local)
+        assert cfg.ray.learner_gpus > 0 or cfg.ray.rollout_gpus > 0
+        assert "rollout_gpus" not in cfg.ray.model_fields_set and "backend" in cfg.trainer.model_fields_set
+        assert not [note for note in cfg.warnings() if "ray." in note], preset
+    [note] = load_config("sd3-medium-dmdr", [*local, "ray.learner_gpus=2"]).warnings()
+    assert note.startswith("ray.learner_gpus set, but it configures the Ray runtime, and trainer.backend=local")
+    own = tmp_path / "mine.yaml"  # the user's own file on the preset: its values are the user's, the base's are not
+    own.write_text("base: sd3-medium-dmdr\nray: {rollout_gpus: 0.25}\ntrainer: {backend: local, optimizer: adamw}\n")
+    [note] = load_config(str(own)).warnings()
+    assert note.startswith("ray.rollout_gpus set, but it configures")
+    assert load_config(str(own), ["ray={}"]).warnings() == []  # the whole section replaced: the defaults
+    assert load_config(str(own), ["ray.rollout_gpus=0"]).warnings() == []
+
+
 def test_a_finished_runs_config_loads_for_sampling_whatever_the_rules_of_training_say_now(tmp_path):
     import yaml
 

@@ -147,6 +147,45 @@ def test_flux_shift_is_the_pipelines_dynamic_shift():
     assert flux_shift(1024) == pytest.approx(3.158, abs=1e-3) and flux_shift(512) == pytest.approx(1.878, abs=1e-3)
 
 
+def test_a_student_shift_far_from_the_flux_pipelines_at_the_resolution_is_noted_not_refused(tmp_path, tiny_flux,
+                                                                                             tiny_flux_overrides):
+    """flux-dev-dmdr's student.shift (3.16) is FLUX.1-dev's at 1024 px: at another resolution the dry run and the start
+    of a run say which shift FLUX.1-dev samples at there, and run anyway; quiet when near (10%) and for SD3, whose
+    shift does not follow the resolution; a local model by its own scheduler and VAE config files."""
+    import json
+
+    from dmdr_rl.run import _warnings, dry_run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    flux = ["trainer.backend=local", "trainer.optimizer=adamw", f"data.prompts={prompts}"]
+
+    def shift_notes(preset, *overrides):
+        return [note for note in _warnings(load_config(preset, [*flux, *overrides])) if "student.shift" in note]
+
+    assert shift_notes("flux-dev-dmdr") == []  # 3.16 at 1024 px
+    [note] = shift_notes("flux-dev-dmdr", "model.resolution=512")
+    assert note.startswith("student.shift=3.16, but FLUX.1-dev's own pipeline samples 512 px images at shift 1.88")
+    assert "set student.shift=1.88 to sample as FLUX.1-dev does at model.resolution=512" in note
+    plan = dry_run("flux-dev-dmdr", [*flux, "model.resolution=512"])  # a note, not a refusal
+    assert "the config is valid" in plan and "  warning: student.shift=3.16, but FLUX.1-dev's" in plan
+    assert shift_notes("flux-dev-dmdr", "model.resolution=512", "student.shift=1.88") == []
+    assert shift_notes("flux-dev-dmdr", "model.resolution=512", "student.shift=2.0") == []  # within 10% of 1.88
+    assert shift_notes("flux-dev-dmdr", "model.path=no-such-org/no-such-flux-offline", "model.resolution=512") == []
+    assert shift_notes("sd3-medium-dmdr", "model.resolution=512") == []  # SD3's shift is fixed
+    # the tiny model's VAE factor is 2: 32 px is 64 tokens, shift 1.60 (the preset's student.shift: 1)
+    [note] = shift_notes("toy-dmdr", *tiny_flux_overrides)
+    assert f"samples 32 px images at shift {flux_shift(32, vae_factor=2):.2f}" in note
+    assert shift_notes("toy-dmdr", *tiny_flux_overrides, f"student.shift={flux_shift(32, vae_factor=2)}") == []
+    fixed = tmp_path / "fixed-shift"  # a scheduler that does not shift by the size (FLUX.1-schnell's): nothing to say
+    (fixed / "scheduler").mkdir(parents=True)
+    for part in ("transformer", "vae"):
+        (fixed / part).symlink_to(tiny_flux / part)
+    config = json.loads((tiny_flux / "scheduler" / "scheduler_config.json").read_text())
+    (fixed / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_dynamic_shifting": False}))
+    assert shift_notes("toy-dmdr", *tiny_flux_overrides, f"model.path={fixed}") == []
+
+
 @pytest.mark.parametrize("fmt", ["lora", "transformer"])
 def test_the_exported_student_samples_in_a_flux_pipeline_like_the_trainer(tmp_path, tiny_flux, tiny_flux_overrides, fmt):
     from dmdr_rl.export import diffusers_recipe, export_student

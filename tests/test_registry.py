@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from dmdr_rl.registry import BACKBONES, Registry
@@ -12,7 +15,7 @@ def test_import_paths_resolve_and_bad_ones_say_why(tmp_path, monkeypatch):
     registry = Registry("reward model")
     assert registry.resolve("dmdr_rl.toy.classifier:AlignReward").__name__ == "AlignReward"
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.rewards' .* run from the directory that "
-                                         "holds 'no_such_pkg', or put that directory on PYTHONPATH"):
+                                         "holds 'no_such_pkg', put that directory on PYTHONPATH, or install"):
         registry.resolve("no_such_pkg.rewards:Mine")
     with pytest.raises(ValueError, match="cannot import module 'dmdr_rl.no_such_module'") as caught:  # the package is found
         registry.resolve("dmdr_rl.no_such_module:Mine")
@@ -28,6 +31,53 @@ def test_import_paths_resolve_and_bad_ones_say_why(tmp_path, monkeypatch):
                                          r"'broken_reward' \(RuntimeError: no weights at /models/mine\)") as caught:
         registry.resolve("broken_reward:Mine", field="rewards.0.name")
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_a_plugin_that_cannot_be_imported_says_where_python_looked_and_what_to_do(tmp_path, monkeypatch):
+    """Not found: the directories searched (the current one, PYTHONPATH's, the installed packages'; not the standard
+    library) and the three ways to fix it; a package found but a module of it missing: where that package is; a
+    module found whose own import fails: that, not where to put the module."""
+    import sys
+    import sysconfig
+
+    registry = Registry("backbone")
+    elsewhere, work = tmp_path / "elsewhere", tmp_path / "work"
+    (work / "my_pkg").mkdir(parents=True)
+    elsewhere.mkdir()
+    (work / "my_pkg" / "__init__.py").write_text("")
+    (work / "my_pkg" / "needs_dep.py").write_text("import no_such_dependency_here\n")
+    (work / "my_pkg" / "needs_sibling.py").write_text("import my_pkg.no_such_sibling\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PYTHONPATH", str(elsewhere))
+    monkeypatch.setattr(sys, "path", [str(work), str(elsewhere), *sys.path])
+    for name in [m for m in sys.modules if m == "my_pkg" or m.startswith("my_pkg.")]:
+        monkeypatch.delitem(sys.modules, name)
+    site_packages = Path(sysconfig.get_paths()["purelib"]).resolve()
+    with pytest.raises(ValueError) as caught:
+        registry.resolve("no_such_dit.models:build")
+    message = str(caught.value)
+    assert (f"cannot import module 'no_such_dit.models' (No module named 'no_such_dit'): Python searched {work} (the "
+            f"current directory), {elsewhere} (PYTHONPATH), ") in message
+    assert f"{site_packages} (installed packages); run from the directory that holds 'no_such_dit', put that " \
+           "directory on PYTHONPATH, or install its package into this environment (pip install)" in message
+    assert sysconfig.get_paths()["stdlib"] not in message
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != work])  # e.g. a console script
+    with pytest.raises(ValueError, match=rf"; not the current directory \({re.escape(str(work))}\); put the directory "
+                                         r"that holds 'no_such_dit' on PYTHONPATH \(e.g. PYTHONPATH=. from it\), or install"):
+        registry.resolve("no_such_dit:build")
+    monkeypatch.syspath_prepend(str(work))
+    with pytest.raises(ValueError, match=rf"No module named 'my_pkg.nosuch'\): 'my_pkg' \({re.escape(str(work / 'my_pkg'))}"
+                                         r"\) has no module 'nosuch'$"):
+        registry.resolve("my_pkg.nosuch.deeper:build")
+    with pytest.raises(ValueError, match=r"'my_pkg.needs_dep' was found, and its own import of 'no_such_dependency_here' "
+                                         r"failed: install the package that provides 'no_such_dependency_here'"):
+        registry.resolve("my_pkg.needs_dep:build")
+    with pytest.raises(ValueError, match=r"'my_pkg.needs_sibling' imports 'my_pkg.no_such_sibling', but 'my_pkg' .* has "
+                                         r"no module 'no_such_sibling'") as caught:
+        registry.resolve("my_pkg.needs_sibling:build")
+    assert "PYTHONPATH" not in str(caught.value)  # (found: where to put it is not the problem)
+    with pytest.raises(ValueError, match=r"cannot import module '' .*: an import path names a module before the colon"):
+        registry.resolve(":build")
 
 
 def test_double_registration_is_an_error():
