@@ -23,6 +23,7 @@ costs the same whatever their values. Text conditioning is random too (learners 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -267,17 +268,16 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         "torch": torch.__version__,
     }
     write(report)
-    if args.compile:  # FlopCounterMode sees eager code's operators, not a compiled block's kernels: count on meta
+    try:
+        counter = flop_counter()
+        # (a compiled block's kernels are not operators FlopCounterMode sees: with --compile it counts one step of the
+        # same code run eagerly, torch.compiler's force_eager stance)
+        with torch.compiler.set_stance("force_eager") if args.compile else contextlib.nullcontext(), counter:
+            step()
+        flops, report["flops_counted_on"] = counter.get_total_flops(), str(device)
+    except Exception as err:  # the timings stand; count the same step on the meta device instead
+        report["flop_count_error"] = f"{type(err).__name__}: {err}"
         flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
-    else:
-        try:
-            counter = flop_counter()
-            with counter:
-                step()
-            flops, report["flops_counted_on"] = counter.get_total_flops(), str(device)
-        except Exception as err:  # the timings stand; count the same step on the meta device instead
-            report["flop_count_error"] = f"{type(err).__name__}: {err}"
-            flops, report["flops_counted_on"] = count_only(args)["tflop_per_step"] * 1e12, "meta"
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     achieved, peak = flops / median / 1e12, peak_tflops(device, args.peak_tflops, args.precision)
     ceiling = matmul_tflops(device, dtype)
