@@ -545,11 +545,11 @@ def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, 
         except Exception:  # the coordinator is busy: just skip this refresh
             continue
         latest.update(progress)
-        show_progress(bar, progress)
+        show_progress(bar, progress, compiles=cfg.model.compile)
 
 
-def show_progress(bar, progress: dict) -> None:
-    """The bar at the coordinator's `progress`. Its rate and time left count the generator steps trained since
+def show_progress(bar, progress: dict, compiles: bool = False) -> None:
+    """The bar at the coordinator's `progress` (`compiles`: model.compile, whose first step also compiles). Its rate and time left count the generator steps trained since
     the learner started: the loading before a launch's first step (or a restarted learner's) would pass for
     one very slow step, and the bar said 14 minutes left of a 1-minute run."""
     started, version = progress["started_step"], progress["version"]
@@ -560,7 +560,8 @@ def show_progress(bar, progress: dict) -> None:
             bar.n = bar.initial = bar.last_print_n = started  # (initial: steps before this launch are not its rate)
         bar.set_postfix_str("learner restarting (from its last checkpoint)" if progress.get("learner_restarting") else
                             f"learner restarting from generator step {started}" if progress["epoch"] else
-                            "starting: learners and rollout workers load their models", refresh=False)
+                            "starting: learners and rollout workers load their models"
+                            + (" and compile their blocks" if compiles else ""), refresh=False)
         bar.refresh()
         return
     # as the local trainer's bar: the losses (the last generator step's, rank 0's shard) and the iteration in

@@ -226,6 +226,8 @@ class LocalTrainer:
         store = open_run_directory(cfg, self.out, fresh=fresh)
         log = MetricsLog(self.out, store, cfg)
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.generator_step, desc=f"train {cfg.name}", dynamic_ncols=True)
+        if cfg.model.compile:  # (the first steps' time is mostly torch.compile's)
+            bar.set_postfix_str("the first steps compile the transformer's blocks")
         stopping = False
         try:
             with run_events(store, backend="local", generator_step=self.generator_step,

@@ -1110,6 +1110,9 @@ def test_the_progress_bar_times_the_steps_not_the_loading_before_them(monkeypatc
     distributed.show_progress(resumed, {"version": -1, "started_step": 500, "epoch": 0, "iteration": 0})
     assert resumed.n == 500 and resumed.format_dict["rate"] is None  # no rate from the 500 steps of earlier launches
     assert "?it/s" in tqdm.format_meter(**resumed.format_dict)
+    compiling = tqdm(total=10, file=io.StringIO(), desc="train")  # model.compile: the first step compiles too
+    distributed.show_progress(compiling, {"version": -1, "started_step": 0, "epoch": 0, "iteration": 0}, compiles=True)
+    assert "rollout workers load their models and compile their blocks" in compiling.postfix
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
