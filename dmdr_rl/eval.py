@@ -104,15 +104,16 @@ def load_student(run: Path):
 
 
 def load_sampler(run: Path, teacher: bool = False, steps: int | None = None, cfg: float | None = None,
-                 shift: float | None = None):
+                 shift: float | None = None, compile: bool = False):
     """(sample_fn, the run's config, how it samples) for a run's student (its settings name the checkpoint), or
     with `teacher` for the model it was distilled from (the base without the generator adapter): `steps`
     (default 32), `cfg` (default the run's dmd.real_cfg, the guidance of its real score) and `shift` (default
-    the student's)."""
+    the student's); `compile`: the transformer's blocks under torch.compile."""
     from .registry import resolve_device
     from .trainer import load_generator, student_images
 
-    backbone, run_cfg, checkpoint = load_generator(run, device=resolve_device("auto"), with_generator=not teacher)
+    backbone, run_cfg, checkpoint = load_generator(run, device=resolve_device("auto"), with_generator=not teacher,
+                                                   compile=compile)
     if not teacher:
         return ((lambda prompts, seeds: student_images(backbone, backbone.encode(prompts), run_cfg.student, seeds)),
                 run_cfg, {**student_settings(run_cfg.student), "checkpoint": str(checkpoint.resolve())})

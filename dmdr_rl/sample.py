@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="teacher: classifier-free guidance scale, two passes a step (default: the run's dmd.real_cfg; "
                         "a Flux model's embedded guidance is in either way)")
     p.add_argument("--shift", type=float, default=None, help="teacher: timestep shift (default: the run's student.shift)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer's blocks, as model.compile does in training (worth it for many "
+                        "images on a GPU: the first batch compiles; not taken from the run's config)")
     p.add_argument("--score", action="store_true",
                    help="score every image with the run's reward models (every rewards[] entry, loaded in this "
                         "process): a column each in samples.parquet, means in scores.json")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
         prompts = [p.strip() for p in args.prompt]
         if args.prompts is not None:
             prompts += read_prompt_file(args.prompts)
-        sample_fn, cfg, settings = load_sampler(args.run, args.teacher, args.steps, args.cfg, args.shift)
+        sample_fn, cfg, settings = load_sampler(args.run, args.teacher, args.steps, args.cfg, args.shift, args.compile)
         check_model(cfg.model, prompts, prompts_from="--prompt / --prompts")
         rewards = {}
         if args.score:

@@ -564,14 +564,16 @@ def find_run(run: Path) -> tuple[Path, Path]:
 
 
 def load_generator(run: str | Path, model=None, precision: str | None = None, encoders: bool = True,
-                   device: torch.device | str = "cpu", with_generator: bool = True):
+                   device: torch.device | str = "cpu", with_generator: bool = True, compile: bool = False):
     """(backbone with the run's generator adapter restored, the run's config, the checkpoint): only what
     sampling the student needs -- no optimizers, rewards, reward apps or prompt files of the training.
     `model` / `precision` replace the run's own (export merges on a float32 base); `with_generator=False`:
-    the run's base model alone, its teacher (a full fine-tune's copy is a whole transformer more)."""
+    the run's base model alone, its teacher (a full fine-tune's copy is a whole transformer more); `compile`:
+    its blocks under torch.compile whatever the run's model.compile (a few images are not worth compiling)."""
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
-    backbone = build_backbone(model or cfg.model, encoders=encoders, precision=precision or cfg.trainer.precision,
+    model = (model or cfg.model).model_copy(update={"compile": compile})
+    backbone = build_backbone(model, encoders=encoders, precision=precision or cfg.trainer.precision,
                               device=device)
     if with_generator:
         dmdr.add_generator(backbone, cfg.student)

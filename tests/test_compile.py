@@ -137,3 +137,29 @@ def test_model_compile_trains_the_toy_world_with_inductor(tmp_path):
         assert row.keys() == reference.keys()
         for key in row:  # inductor fuses and reorders float32 arithmetic: close, not identical
             assert row[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-7), key
+
+
+def test_sampling_compiles_only_when_asked(tmp_path, monkeypatch):
+    """A run trained with model.compile is sampled eagerly unless `sample --compile` asks (a few images are not
+    worth a compile); asked, the blocks compile and sample the same images."""
+    from dmdr_rl import sample
+    from dmdr_rl.trainer import load_generator
+
+    cfg = load_config("toy-dmdr", [*RUN, "trainer.max_steps=1", "output.checkpoint_every=1", f"output.dir={tmp_path / 'run'}"])
+    LocalTrainer(cfg).train()
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("compile: false", "compile: true"))
+    assert load_config(config, for_sampling=True).model.compile
+    backbone, _, _ = load_generator(tmp_path / "run")
+    assert not any(b._compiled_call_impl for b in repeated_blocks(backbone.transformer))
+    compiled = []
+    original = TransformerBackbone.compile_blocks
+    monkeypatch.setattr(TransformerBackbone, "compile_blocks",
+                        lambda self, **options: compiled.append(options) or original(self, backend="aot_eager"))
+    images = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"samples{len(flag)}"
+        sample.main(["--run", str(tmp_path / "run"), "--prompt", "a red circle", "--num", "2", "--out", str(out), *flag])
+        images[bool(flag)] = (out / "grid.png").read_bytes()
+    assert compiled == [{"mode": "default"}] and counters["stats"]["unique_graphs"] > 0
+    assert images[True] == images[False]
