@@ -69,7 +69,7 @@ class RolloutCoordinator:
         )
         self._new_worker = lambda: worker.remote(cfg, threads=max(1, int(ray_cfg.rollout_cpus)))
         self.workers = [self._new_worker() for _ in range(ray_cfg.rollout_actors)]
-        self.incarnations = [0] * len(self.workers)  # + 1 at each restart_worker and replace_failed_worker
+        self.incarnations = [0] * len(self.workers)  # + 1 at each restart: restart_worker, replace_failed_worker, reissue
         self.started_once = [False] * len(self.workers)  # a worker's actor has answered `ready` (some incarnation)
         self.replacements = [0] * len(self.workers)  # fresh actors given to each slot (replace_failed_worker)
         # True once a worker has answered `ready` (its constructor is done), else the ref of the question
@@ -301,6 +301,12 @@ class RolloutCoordinator:
         self._fence(learner_start, "reissue")
         lost = self.batches.get((iteration, rank))
         failed = lost.worker if lost is not None else None
+        if failed is not None and lost.incarnation == self.incarnations[failed]:
+            # it died, and Ray starts it again: a new incarnation, as after restart_worker, so that a ticket made
+            # before (another rank's, a stuck one's) cannot kill the restarted worker while it loads. (Not
+            # after restart_worker or replace_failed_worker, which counted the death themselves.)
+            self.incarnations[failed] += 1
+            self.ledger.append("worker_died", worker=failed, incarnation=self.incarnations[failed])
         if failed is not None and self.readiness[failed] is True:
             self.readiness[failed] = self.workers[failed].ready.remote()
         batch = self._issue(iteration, rank, avoid=failed, urgent=True)

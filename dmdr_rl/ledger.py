@@ -3,7 +3,8 @@
 Events: `start` (a launch begins issuing at `iteration`: 0, or a checkpoint's for a resumed run),
 `issued` and `reissued` (a batch handed to a rollout worker), `consumed` (a learner rank trained on
 it), `rewind` (a restarted learner resumed from a checkpoint at `iteration`); not counted:
-`worker_restarted` (a stuck rollout worker killed for Ray to start again), `worker_replaced` (a fresh
+`worker_restarted` (a stuck rollout worker killed for Ray to start again), `worker_died` (one whose batch
+failed because its process died: Ray starts it again), `worker_replaced` (a fresh
 actor for one whose restart failed in its constructor), `stop_requested` (the driver was stopped: the
 learner ends at its next generator step), `learner_failed` (the
 error a learner's try ended with) and `stale_call` (a consumption reported by a learner try that a
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-NOT_COUNTED = ("worker_restarted", "worker_replaced", "learner_failed", "stale_call", "stop_requested")  # events about processes, not batches
+NOT_COUNTED = ("worker_restarted", "worker_died", "worker_replaced", "learner_failed", "stale_call", "stop_requested")  # events about processes, not batches
 
 
 class Ledger:

@@ -297,6 +297,35 @@ def test_a_reissued_batch_goes_to_another_rollout_worker(tmp_path, monkeypatch):
     assert (0, 0) not in coordinator.batches
 
 
+def test_a_worker_that_died_is_a_new_incarnation_which_an_earlier_ticket_cannot_kill(tmp_path, monkeypatch):
+    """Ray restarts a rollout worker whose process died (max_restarts=-1) without the coordinator: the reissue of
+    the batch it failed counts the death once (however many ranks' batches it failed), so that a ticket made
+    before it cannot have the restarted worker killed while it loads; a restart the coordinator made itself is
+    not counted twice."""
+    import actors.coordinator as coordinator_module
+
+    killed = []
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: _FakeWorkers())
+    monkeypatch.setattr(coordinator_module.ray, "wait", lambda refs, **_: ([], refs))
+    monkeypatch.setattr(coordinator_module.ray, "kill", lambda handle, **_: killed.append(handle))
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 1, "ray.max_staleness": 1})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
+    coordinator.publish(0, ["weights"])
+    tickets = {rank: coordinator.request(0, rank) for rank in (0, 1)}
+    assert [t[1:] for t in tickets.values()] == [[0, 0], [0, 0]]  # both ranks' batches on worker 0, incarnation 0
+    coordinator.reissue(0, 0)  # rank 0's batch failed: worker 0 died
+    assert coordinator.incarnations == [1]
+    coordinator.reissue(0, 1)  # rank 1's failed in the same death: counted once
+    assert coordinator.incarnations == [1]
+    assert coordinator.restart_worker(0, 0) is False and killed == []  # a ticket of before: the restarted one lives
+    assert coordinator.restart_worker(0, 1) is True and len(killed) == 1 and coordinator.incarnations == [2]
+    coordinator.batches[(0, 0)] = coordinator_module.IssuedBatch(("stuck",), 0, 1)  # the batch the kill was for
+    coordinator.reissue(0, 0)  # (after restart_worker: already counted)
+    assert coordinator.incarnations == [2]
+    events = [e["event"] for e in coordinator.ledger.events()]
+    assert events.count("worker_died") == 1 and events.count("worker_restarted") == 1
+
+
 def test_a_reissued_batch_goes_to_the_worker_with_the_fewest_batches_outstanding(tmp_path, monkeypatch):
     """A learner waits on a reissued batch, and a worker samples its batches in turn: it goes to the ready worker
     with the least queued, not the next in round-robin (which would put it behind that worker's look-ahead)."""
