@@ -44,6 +44,7 @@
 # A step whose time limit (+15 s for timeout's kill grace, +15 s for the archive) would end past BUDGET
 # seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
+# (steps 1 and 2, the compiled step included, need about 470 s: T about 540 runs them whole.)
 # ONLY="name name ..." runs just those steps (e.g. ONLY="gpu_step_1024 gpu_step_1024_compiled": the step-time
 # target alone, eager and compiled side by side).
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
@@ -125,7 +126,7 @@ step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --device cuda --resolution 1
 step memory 40 "$py" benchmarks/memory.py --device cuda --json "$work/memory.json"
 step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
 # (compiling each block variant of SD3-Medium's: not measured yet; the log keeps what the warm-up printed)
-step gpu_step_1024_compiled 180 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --compile \
+step gpu_step_1024_compiled 200 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --compile \
   --json "$work/gpu_step_1024_compiled.json"
 step ray 100 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.learner_gpus=0.5 ray.rollout_gpus=0.5 \
   trainer.max_steps=20 trainer.cold_start=10 output.dir="$work/ray" output.sample_every=20 output.checkpoint_every=20 \
