@@ -48,13 +48,15 @@ def _losses(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k.startswith("loss/")} for row in rows]
 
 
-@pytest.mark.parametrize("case", ["toy-full-copy", "sd3-checkpointed", "flux"])  # (the toy LoRA run: below)
+@pytest.mark.parametrize("case", ["toy-full-copy", "toy-grpo", "sd3-checkpointed", "flux"])  # (the toy LoRA run: below)
 def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, request, case):
     backbone = case.split("-")[0]
-    extra = {"toy-full-copy": ["student.lora=null"], "sd3-checkpointed": ["model.gradient_checkpointing=true"]}.get(case, [])
+    extra = {"toy-full-copy": ["student.lora=null"], "sd3-checkpointed": ["model.gradient_checkpointing=true"],
+             "toy-grpo": ["student.steps=3", "trainer.batch_size=4", "rl.group_size=2"]}.get(case, [])
+    preset = "toy-dmdr-grpo" if case == "toy-grpo" else "toy-dmdr"  # (the policy gradient over SDE transitions)
     overrides = [*RUN, *backbone_overrides(request, backbone), *extra]
-    eager_rows, eager_weights, _ = _train(load_config("toy-dmdr", [*overrides, f"output.dir={tmp_path / 'eager'}"]), None)
-    rows, weights, compiled = _train(load_config("toy-dmdr", [*overrides, f"output.dir={tmp_path / 'compiled'}"]),
+    eager_rows, eager_weights, _ = _train(load_config(preset, [*overrides, f"output.dir={tmp_path / 'eager'}"]), None)
+    rows, weights, compiled = _train(load_config(preset, [*overrides, f"output.dir={tmp_path / 'compiled'}"]),
                                      {"backend": "aot_eager"})
     blocks = repeated_blocks(compiled.transformer)
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)  # compiled, not eager
@@ -63,8 +65,9 @@ def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, request, case):
         copy_blocks = repeated_blocks(compiled._copies[dmdr.GENERATOR])
         assert copy_blocks and all(block._compiled_call_impl is not None for block in copy_blocks)
     assert len(rows) == len(eager_rows) == 3
-    for row, eager in zip(_losses(rows), _losses(eager_rows)):
+    for step, (row, eager) in enumerate(zip(_losses(rows), _losses(eager_rows))):
         assert row.keys() == eager.keys() and "loss/dmd" in row
+        assert case != "toy-grpo" or step == 0 or "loss/policy" in row  # (after the cold start's step)
         for key in row:
             assert row[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-8), key
     for name, value in weights.items():
