@@ -96,7 +96,7 @@ headline() {  # the numbers that matter from a benchmark JSON, on one line
   "$py" - "$1" <<'PY' 2>/dev/null || true
 import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ("device", "resolution", "batch", "micro_batch", "gradient_checkpointing", "compile", "warmup_s", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
+keys = ("device", "resolution", "batch", "micro_batch", "gradient_checkpointing", "compile", "warmup_s", "graphs_compiled", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
         "model_tflops", "model_fraction_of_peak",
         "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
         "flop_count_error")

@@ -178,6 +178,13 @@ def random_conditioning(backbone: LatentBackbone, shape: str, batch: int, device
     return Conditioning(tokens * scale, pooled * scale).to(device)
 
 
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
@@ -236,11 +243,12 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     def step() -> dict:
         return learner.step(replace(template, iteration=learner.iteration, weight_version=learner.generator_step))
 
-    started = time.perf_counter()
+    started, graphs_before = time.perf_counter(), compiled_graphs()
     for _ in range(args.warmup):  # with --compile: every block variant compiles here (the second step's real scale too)
         step()
     synchronize(device)
     warmup_s = time.perf_counter() - started
+    graphs_after_warmup = compiled_graphs()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -252,6 +260,7 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         times.append(time.perf_counter() - started)
     median = statistics.median(times)
     cuda = device.type == "cuda"
+    graphs = compiled_graphs()
     report = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "rl": args.rl, "transitions": args.transitions if policy else None,
@@ -260,6 +269,8 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         # checkpointing recomputes the blocks: the counted FLOPs include the recomputation
         "gradient_checkpointing": args.gradient_checkpointing,
         "compile": args.compile_mode if args.compile else None, "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 2),
+        # graphs torch.compile made in the warm-up, and in the timed steps: any there would be timed too (must be 0)
+        "graphs_compiled": {"warmup": graphs_after_warmup - graphs_before, "timed_steps": graphs - graphs_after_warmup} if args.compile else None,
         "step_s_median": round(median, 4), "step_s_all": [round(t, 4) for t in times],
         "rollout_s": round(rollout_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
