@@ -379,6 +379,9 @@ class TransformerBackbone:
         for module in [self.transformer, *self._copies.values()]:
             _compile(module, options)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        # a float that changes becomes an input, as the scale above needs (recent torch's default; said for older)
+        if hasattr(torch._dynamo.config, "specialize_float"):
+            torch._dynamo.config.specialize_float = False
         self._compile_options = dict(options)
 
     # -- conditioning -------------------------------------------------------------------------
