@@ -270,8 +270,9 @@ def _adapters_off(layers: list):
 
 # recompilations allowed per block's code when a run compiles (torch's default, 8, is for one model called one
 # way): a DMDR step calls each block with grad on and off, with the generator's adapter, the critic's at two
-# scales or none, at the batch and the CFG batch, and SD3's last block differs from the others (11 variants on
-# the toy world, 18 on the tiny SD3 with gradient checkpointing), each compiled once
+# scales or none, at the batch and the CFG batch, and SD3's last block differs from the others (11 graphs on
+# the toy world by its second step, 14 with the final sample grid; 8 and 10 on the tiny SD3 with gradient
+# checkpointing and on the tiny Flux), each compiled once
 RECOMPILE_LIMIT = 64
 
 
