@@ -356,6 +356,8 @@ class RaySection(_Section):
             if (info.context or {}).get("for_sampling"):
                 return value
             raise ValueError(RAY_CLIENT_REFUSED)
+        if value is not None and "://" in value:
+            raise ValueError(URL_NOT_CLUSTER)
         if value is not None and not is_cluster_address(value):
             raise ValueError("use host:port (e.g. 127.0.0.1:6379), auto, local, or null")
         return value
@@ -368,10 +370,17 @@ RAY_CLIENT_REFUSED = ("Ray Client (ray://) runs this driver away from the cluste
                       "`ray job submit --address http://HOST:8265 --working-dir . -- python -m dmdr_rl.run ...`")
 
 
+# a URL (the dashboard's, which `ray job submit --address` takes) where a run needs the cluster's GCS address
+URL_NOT_CLUSTER = ("a URL is not a cluster address: give the host:port `ray start --head` printed (e.g. 127.0.0.1:6379); "
+                   "http://HOST:8265 is Ray's dashboard, which `ray job submit --address` takes")
+
+
 def is_cluster_address(address: str) -> bool:
     """One of the forms ray.init takes that a run can join: host:port ([::1]:6379 too), auto, local."""
     if address in ("auto", "local"):
         return True
+    if "://" in address:
+        return False
     host, _, port = address.rpartition(":")
     return bool(host.strip("[]")) and port.isdigit()
 

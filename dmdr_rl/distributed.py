@@ -25,7 +25,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .config import RAY_CLIENT_REFUSED, ConfigError, RunConfig, is_cluster_address
+from .config import RAY_CLIENT_REFUSED, URL_NOT_CLUSTER, ConfigError, RunConfig, is_cluster_address
 from .ledger import Ledger, audit
 from .store import (PASSWORD_ENV, StoreError, directory_written_whole, open_store, run_events, write_json_whole,
                     write_text_whole)
@@ -62,7 +62,7 @@ def connect(cfg: RunConfig) -> str:
                   f"have the run start its own", flush=True)
     if (callable(sigterm) or sigterm is signal.SIG_IGN) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)  # ray.init's own handler exits on the spot: the run's ends it as Ctrl-C
-    check_resources(cfg, ray.cluster_resources(), ray.available_resources())
+    check_resources(cfg, ray.cluster_resources(), ray.available_resources(), started_here=where == "local")
     alive = [node for node in ray.nodes() if node.get("Alive")]
     check_node_fit(cfg, [node.get("Resources", {}) for node in alive])
     nodes = len(alive)
@@ -288,19 +288,26 @@ def _initial_replicas(serve_spec) -> int:
     return max(1, int(serve_spec.autoscaling.get("initial_replicas") or serve_spec.autoscaling.get("min_replicas", 1)))
 
 
-def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None) -> None:
+def check_resources(cfg: RunConfig, cluster: dict, available: dict | None = None, started_here: bool = True) -> None:
     """Fail before any work starts when the cluster cannot place the run (its totals: other jobs may
-    finish; an autoscaling cluster's nodes that are not up yet do not count). `available`: what is free now;
-    less than the run needs is a warning (the run waits for it, e.g. behind reward apps already running)."""
+    finish; an autoscaling cluster's nodes that are not up yet do not count). `available`: what is free now
+    (Ray leaves out a resource none of which is free); less than the run needs is a warning (the run waits for
+    it, e.g. behind reward apps already running). `started_here`: the run started this Ray itself (its logical
+    CPUs are ray.local_cpus), rather than joining one."""
     cpus, gpus = resources_needed(cfg)
     for kind, needed, field in (("GPU", gpus, "gpus"), ("CPU", cpus, "cpus")):
         have = float(cluster.get(kind, 0))
         if needed > have + 1e-9:
-            fix = (", or raise ray.local_cpus (a local Ray's logical CPUs)" if kind == "CPU" and cfg.ray.address is None
-                   else f", or add {kind} nodes")
+            if kind == "CPU" and started_here:
+                fix = ", or raise ray.local_cpus (a local Ray's logical CPUs)"
+            elif kind == "CPU":
+                fix = (", or give the cluster more: add nodes, or start it with more logical CPUs (`ray start --head "
+                       "--num-cpus N`; a machine's logical CPUs need not be its cores)")
+            else:
+                fix = f", or add {kind} nodes"
             raise ConfigError(f"the run asks for {needed:g} {kind}s ({', '.join(text for text, _ in _resource_asks(cfg, field)) or 'none'}) but the cluster has "
                               f"{have:g}: lower those values{fix}")
-        free = float(available.get(kind, have)) if available is not None else have
+        free = float(available.get(kind, 0.0)) if available is not None else have
         if needed > free + 1e-9:
             print(f"dmdr_rl: WARNING: the run asks for {needed:g} {kind}s and {free:g} of the cluster's {have:g} are free "
                   f"now (other jobs, or reward apps already deployed, hold the rest): it waits until they are", flush=True)
@@ -338,6 +345,8 @@ def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:
     """A `host:port` cluster address must accept a TCP connection (else ray.init would hang for a minute)."""
     if address.startswith("ray://"):  # RAY_ADDRESS (ray.address was checked with the config)
         raise ConfigError(f"{field}={address!r}: {RAY_CLIENT_REFUSED}")
+    if "://" in address:
+        raise ConfigError(f"{field}={address!r}: {URL_NOT_CLUSTER}")
     if not is_cluster_address(address):
         raise ConfigError(f"{field}={address!r} is not host:port (e.g. 127.0.0.1:6379) or 'auto'")
     if address in ("auto", "local"):
@@ -345,10 +354,26 @@ def check_reachable(address: str, field: str, timeout_s: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # [::1]:6379
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        connection = socket.create_connection((host, int(port)), timeout=timeout_s)
     except OSError as err:
         raise ConfigError(f"{field}={address!r}: no Ray cluster answers there ({err.strerror or err}); start one with "
                           f"`ray start --head`, or fix {field}") from err
+    if _answers_http(connection):
+        raise ConfigError(f"{field}={address!r}: an HTTP server answers there, not a Ray cluster (Ray's dashboard, on 8265, "
+                          "or Serve's, on 8000; ray.init would wait on it for minutes): give the address `ray start --head` "
+                          "printed (port 6379 unless it was given another)")
+
+
+def _answers_http(connection: socket.socket, timeout_s: float = 2.0) -> bool:
+    """Whether an HTTP/1 server holds the other end of `connection` (closed here): a cluster's GCS answers a
+    plain GET with HTTP/2 frames, or nothing."""
+    with connection:
+        try:
+            connection.settimeout(timeout_s)
+            connection.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return connection.recv(5) == b"HTTP/"
+        except OSError:
+            return False
 
 
 def serving_rewards(cfg: RunConfig):

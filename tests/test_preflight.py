@@ -44,6 +44,18 @@ def test_a_run_that_must_wait_for_busy_resources_says_so(capsys):
     assert "asks for 2 CPUs and 1 of the cluster's 2 are free now" in capsys.readouterr().out
     check_resources(cfg, {"CPU": 2}, {"CPU": 2})
     assert "WARNING" not in capsys.readouterr().out
+    # none free: Ray's available_resources() then has no CPU entry at all (seen with reward apps holding both)
+    check_resources(cfg, {"CPU": 2}, {"memory": 1e9, "object_store_memory": 1e8})
+    assert "asks for 2 CPUs and 0 of the cluster's 2 are free now" in capsys.readouterr().out
+
+
+def test_too_few_cpus_say_the_fix_for_a_ray_the_run_starts_and_for_one_it_joins():
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.rollout_actors=2"])
+    with pytest.raises(ConfigError, match=r"asks for 3 CPUs .* but the cluster has 2: .*raise ray.local_cpus"):
+        check_resources(cfg, {"CPU": 2})
+    with pytest.raises(ConfigError, match=r"but the cluster has 2: lower those values, or give the cluster more: add "
+                                          r"nodes, or start it with more logical CPUs \(`ray start --head --num-cpus N`"):
+        check_resources(cfg, {"CPU": 2}, started_here=False)  # (a submitted job, or a `ray start` cluster joined)
 
 
 def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
@@ -57,6 +69,11 @@ def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
         check_reachable(f"localhost:{port}", "ray.address", timeout_s=2)
     with pytest.raises(ConfigError, match="no Ray cluster answers there"):
         check_reachable(f"[::1]:{port}", "ray.address", timeout_s=2)
+    # the dashboard's URL (what `ray job submit --address` takes) is not where a run joins
+    for refused in (lambda: check_reachable("http://127.0.0.1:8265", "RAY_ADDRESS"),
+                    lambda: load_config("toy-dmdr", ["ray.address=http://127.0.0.1:8265"])):
+        with pytest.raises(ConfigError, match=r"a URL is not a cluster address: give the host:port `ray start --head` printed"):
+            refused()
     # Ray Client would run the driver away from the coordinator's node: submitting the job is the way
     with pytest.raises(ConfigError, match=r"RAY_ADDRESS='ray://head:10001': Ray Client .*ray job submit"):
         check_reachable("ray://head:10001", "RAY_ADDRESS")
@@ -64,6 +81,35 @@ def test_an_unreachable_or_malformed_address_is_refused_before_ray_starts():
         load_config("toy-dmdr", ["ray.address=ray://head:10001"])
     # a run trained through Ray Client before: its config.yaml still loads to sample, evaluate and export it
     assert load_config("toy-dmdr", ["ray.address=ray://head:10001"], for_sampling=True).ray.address == "ray://head:10001"
+
+
+def test_an_http_server_at_the_address_is_refused_as_not_a_cluster():
+    """The dashboard's port (8265) accepts the connection, and ray.init would then wait on it for minutes; a
+    server that answers a GET with HTTP/2 frames (a GCS) or not at all passes."""
+    import http.server
+    import threading
+
+    def serve(handler_class):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    class Http2Frames(http.server.BaseHTTPRequestHandler):  # what a GCS sends back: a SETTINGS frame
+        def handle(self):
+            self.request.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00")
+
+    dashboard, gcs = serve(Quiet), serve(Http2Frames)
+    try:
+        with pytest.raises(ConfigError, match=r"an HTTP server answers there, not a Ray cluster .*dashboard, on 8265"):
+            check_reachable(f"127.0.0.1:{dashboard.server_address[1]}", "ray.address")
+        check_reachable(f"127.0.0.1:{gcs.server_address[1]}", "ray.address")
+    finally:
+        dashboard.shutdown()
+        gcs.shutdown()
 
 
 def test_each_learner_rollout_actor_and_reward_replica_must_fit_on_one_node():
