@@ -375,8 +375,12 @@ class TransformerBackbone:
         later are covered. torch.compile's shapes stay automatic (no dynamic=False): after a value first changes
         it becomes an input of the compiled code, so the real score's LoRA scale, annealed at every step
         (DynaDG), and the CFG batch's size cost one recompilation each, not one per step."""
+        import logging
+
         import torch._dynamo
 
+        if self.device.type == "cpu":  # inductor's C++ build looks for CUDA and says so at each process's first compile
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         for module in [self.transformer, *self._copies.values()]:
             _compile(module, options)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -61,7 +61,7 @@ class ModelSection(_Section):
     # keeping their activations: much less memory for about a third more compute
     gradient_checkpointing: bool = False
     # torch.compile the transformer's repeated blocks (regional compilation) in the learner and the rollouts: faster
-    # steps on a GPU once each block variant has compiled (a few dozen, in the first steps); `sample --compile` too
+    # steps on a GPU once each block variant has compiled (about ten, in the first two steps); `sample --compile` too
     compile: bool = False
     # torch.compile's mode for them; max-autotune-no-cudagraphs also searches matmul kernels (longer compiles).
     # No CUDA-graph modes: their outputs live in buffers the next call overwrites, and a DMD step keeps several

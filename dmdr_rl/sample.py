@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> Path:
     model = "teacher" if args.teacher else "student"
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = image_seeds(args.seed, len(prompts))
+    if args.compile:
+        print("compiling the transformer's blocks: the first batch takes longer", file=sys.stderr, flush=True)
     images, nonfinite = generate(sample_fn, prompts, seeds, args.batch_size, desc=f"sampling {len(prompts)} images")
     if nonfinite:
         print(f"warning: {nonfinite} of {len(prompts)} images had pixels that are not finite (a diverged {model}?); "

@@ -238,6 +238,8 @@ class LocalTrainer:
                     if metrics is None:
                         continue
                     bar.update(1)
+                    if cfg.model.compile and bar.postfix and "compile" in bar.postfix:  # (compiled by now, mostly)
+                        bar.set_postfix_str("")
                     step = ending["generator_step"] = self.generator_step
                     duties = step_duties(step, cfg)
                     if duties.evaluate:

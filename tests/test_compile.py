@@ -126,14 +126,18 @@ def test_a_backbone_that_cannot_compile_is_refused_naming_the_field(monkeypatch)
 
 
 @pytest.mark.slow
-def test_model_compile_trains_the_toy_world_with_inductor(tmp_path):
+def test_model_compile_trains_the_toy_world_with_inductor(tmp_path, capsys):
     """The config's path end to end, with torch.compile's default backend (inductor; C++ code on a CPU)."""
     overrides = [*RUN, "trainer.max_steps=2"]
     eager, _, _ = _train(load_config("toy-dmdr", [*overrides, f"output.dir={tmp_path / 'eager'}"]), None)
     cfg = load_config("toy-dmdr", [*overrides, "model.compile=true", f"output.dir={tmp_path / 'compiled'}"])
     trainer = LocalTrainer(cfg)
     assert all(block._compiled_call_impl is not None for block in repeated_blocks(trainer.backbone.transformer))
+    capsys.readouterr()  # (the eager run's bar)
     trainer.train()
+    bar = [text for text in capsys.readouterr().err.split("\r") if "train toy-dmdr" in text]
+    assert any("the first steps compile the transformer's blocks" in text for text in bar if "0/2" in text)
+    assert not any("compile" in text for text in bar if "L_dmd" in text or "2/2" in text)  # (said while they do)
     rows = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
     assert counters["stats"]["unique_graphs"] > 0 and len(rows) == len(eager) == 2
     for row, reference in zip(_losses(rows), _losses(eager)):
@@ -142,7 +146,7 @@ def test_model_compile_trains_the_toy_world_with_inductor(tmp_path):
             assert row[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-7), key
 
 
-def test_sampling_compiles_only_when_asked(tmp_path, monkeypatch):
+def test_sampling_compiles_only_when_asked(tmp_path, monkeypatch, capsys):
     """A run trained with model.compile is sampled eagerly unless `sample --compile` asks (a few images are not
     worth a compile); asked, the blocks compile and sample the same images."""
     from dmdr_rl import sample
@@ -166,3 +170,4 @@ def test_sampling_compiles_only_when_asked(tmp_path, monkeypatch):
         images[bool(flag)] = (out / "grid.png").read_bytes()
     assert compiled == [{"mode": "default"}] and counters["stats"]["unique_graphs"] > 0
     assert images[True] == images[False]
+    assert "compiling the transformer's blocks" in capsys.readouterr().err  # (said: its first batch takes longer)
