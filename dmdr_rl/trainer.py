@@ -431,7 +431,7 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
 # batching (tested), so changing these does not make a run another run (an app's name, attaching to a running
 # app and its runtime_env can change the model that scores, so they count)
 SERVING_ONLY = re.compile(r"rewards\.\d+\.(placement:|max_images_per_call:|serve\.(replicas|autoscaling|max_batch_size|"
-                          r"batch_wait_timeout_s|num_cpus|num_gpus|timeout_s|retries|backoff_s|http_max_pixels)[.:])")
+                          r"batch_wait_timeout_s|num_cpus|num_gpus|timeout_s|retries|backoff_s|http_max_pixels|access_log)[.:])")
 
 
 def changed_settings(cfg: RunConfig, run_dir: Path, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -227,6 +227,14 @@ def test_a_replica_takes_as_many_requests_at_once_as_a_batch_merges():
         assert app._bound_deployment.max_ongoing_requests == expected
 
 
+def test_a_reward_app_logs_no_line_per_request_unless_asked():
+    """Serve's access log writes a line per request: one per rollout and learner step, into the run's console."""
+    def access_log(**options):
+        return reward_app(_serve_spec("toy-align", **options))._bound_deployment.logging_config["enable_access_log"]
+
+    assert access_log() is False and access_log(access_log=True) is True
+
+
 def test_a_reward_app_tries_a_failing_constructor_as_often_as_configured():
     def tries(**options):
         return reward_app(_serve_spec("toy-align", **options))._bound_deployment._deployment_config.max_constructor_retry_count
