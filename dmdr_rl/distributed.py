@@ -91,7 +91,12 @@ def _join(cfg: RunConfig, address: str) -> None:
     """ray.init on a cluster that runs already, its actors given the run store's password."""
     import ray
 
-    ray.init(address=address, log_to_driver=True, runtime_env=with_user_code(secrets_runtime_env(cfg), cfg))
+    try:
+        ray.init(address=address, log_to_driver=True, runtime_env=with_user_code(secrets_runtime_env(cfg), cfg))
+    except ConnectionError as err:  # something answers at the address, but not a Ray cluster's GCS
+        field = "ray.address" if cfg.ray.address else "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the cluster"
+        raise ConfigError(f"{field}={address!r}: no Ray cluster could be joined there ({str(err).strip().splitlines()[0]}): "
+                          "give the address `ray start --head` printed (port 6379 unless it was given another)") from None
 
 
 def user_code(cfg: RunConfig) -> list[str]:

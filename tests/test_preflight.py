@@ -112,6 +112,23 @@ def test_an_http_server_at_the_address_is_refused_as_not_a_cluster():
         gcs.shutdown()
 
 
+def test_an_address_where_ray_init_finds_no_cluster_is_a_config_error(monkeypatch):
+    """Something answers at the address but is not a Ray cluster's GCS: ray.init's ConnectionError (after its
+    own retries) becomes the run's one-line error, naming the field."""
+    import ray
+
+    from dmdr_rl import distributed
+
+    def refuse(**_):
+        raise ConnectionError("Could not find any running Ray instance.\nmore lines")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.address=10.0.0.9:6379"])
+    with pytest.raises(ConfigError, match=r"ray.address='10.0.0.9:6379': no Ray cluster could be joined there \(Could not "
+                                          r"find any running Ray instance.\): give the address `ray start --head` printed"):
+        distributed._join(cfg, "10.0.0.9:6379")
+
+
 def test_each_learner_rollout_actor_and_reward_replica_must_fit_on_one_node():
     """Totals that hold the run do not place it: a 2-GPU rollout actor never fits on two 1-GPU nodes."""
     cfg = load_config("toy-dmdr", ["trainer.backend=ray", "ray.rollout_gpus=2", "ray.rollout_actors=1"])
