@@ -3,9 +3,13 @@
     python -m dmdr_rl.watch runs/toy-dmdr                                   # a run directory (files or its store.url)
     python -m dmdr_rl.watch toy-dmdr --store redis://127.0.0.1:6380/0       # a run by name in a Redis store
     python -m dmdr_rl.watch runs/toy-dmdr --once                            # print one snapshot and exit
+    python -m dmdr_rl.watch runs/toy-dmdr --follow                          # go on watching when it stops (a resume)
 
-Shows the generator step, throughput, losses, rewards, staleness, the step-time split, the newest
-evaluation during training (output.eval_every) and the newest sample grid, refreshed in place every `--interval` seconds until the run's last step is reached.
+Shows the last logged generator step (metrics come every output.log_every steps), throughput, losses,
+rewards, staleness, the step-time split, the newest evaluation during training (output.eval_every) and
+the newest sample grid, refreshed in place every `--interval` seconds until the run stops, fails or
+reaches its last step; with `--follow`, until Ctrl-C, so a run launched again into the same directory or
+store name (trainer.resume_from) shows once it has started.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import ConfigError, load_config
 from .store import RunLock, StoreError, open_store
@@ -37,8 +42,15 @@ def locate(run: str, store_url: str | None):
     return store, None, None
 
 
-def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, bool]:
-    """The status text and whether the run has reached its last step."""
+class Snapshot(NamedTuple):
+    text: str
+    ended: bool  # stopped, failed, killed, or at its last step: nothing more will come unless it is launched again
+    state: str  # running, not running (killed), stopped, failed, finished or unknown
+
+
+def snapshot(store, run_dir: Path | None, max_steps: int | None) -> Snapshot:
+    """The status text, whether the run has ended, and its state. `max_steps`: the config's; a launch's `started`
+    event says its own (a resume may raise it)."""
     # a run killed (SIGKILL, out of memory) wrote no final event; its directory's lock tells it from a live one
     # (asked before the events are read: a run that ends in between has written its final event by then)
     unlocked = run_dir is not None and RunLock.held(run_dir) is False
@@ -48,17 +60,20 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     killed = state == "started" and unlocked
     shown_state = "not running" if killed else "running" if state == "started" else state
     ended = killed or state in ("finished", "failed", "stopped")
+    max_steps = next((e["max_steps"] for e in reversed(events) if e["event"] == "started" and e.get("max_steps")),
+                     max_steps)
     notes = []
     if killed:
         notes.append("  its process ended without a final event (killed?)")
     if state == "failed":
         notes.append(f"  error: {events[-1].get('error', '')}")
+    # an end event says where the run ended (metrics come every output.log_every steps only); a start event's
+    # step is where it began
+    reached = events[-1].get("generator_step") if state in ("stopped", "failed", "finished") else None
     if not rows:
-        # (an end event says where the run stopped; a start event's step is where it began)
-        reached = events[-1].get("generator_step") if state in ("stopped", "failed", "finished") else None
         status = ("waiting for the first generator step ..." if not ended else "no generator step recorded" if not reached
                   else f"at generator step {reached}, before its first metrics record (every output.log_every steps)")
-        return "\n".join([f"{shown_state}: {status}", *notes]), ended
+        return Snapshot("\n".join([f"{shown_state}: {status}", *notes]), ended, shown_state)
     last = rows[-1]
     # since the last restart: a restarted learner writes again the steps after its checkpoint, and a run
     # launched again (a `started` event) would otherwise count its downtime
@@ -70,7 +85,8 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
     rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
             if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (too few records yet)")
     total = f"/{max_steps}" if max_steps else ""
-    lines = [f"[{shown_state}] generator step {last['step']}{total}   {rate}   "
+    ended_at = f" ({state} at step {reached})" if reached is not None and reached != last["step"] else ""
+    lines = [f"[{shown_state}] last logged at generator step {last['step']}{total}{ended_at}   {rate}   "
              f"last update {time.time() - last['time']:.0f} s ago   ({store.location})"]
     for prefix in SHOWN_PREFIXES:
         values = {k: v for k, v in last.items() if k.startswith(prefix) and isinstance(v, (int, float))}
@@ -86,7 +102,7 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> tuple[str, b
         if grids:
             lines.append(f"  newest samples: {grids[-1]}")
     lines.extend(notes)
-    return "\n".join(lines), ended or (bool(max_steps) and last["step"] >= max_steps)
+    return Snapshot("\n".join(lines), ended or (bool(max_steps) and last["step"] >= max_steps), shown_state)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", default=None, help="a Redis URL (default: the run's store.url, else its files)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1; default 2)")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--follow", action="store_true",
+                        help="go on watching after the run stops, fails or finishes, until Ctrl-C: a run launched again "
+                             "into the same directory or store name (trainer.resume_from) shows once it has started")
     args = parser.parse_args(argv)
     if not args.interval >= 0.1:  # (NaN too)
         parser.error(f"--interval must be >= 0.1 seconds, got {args.interval:g}")
@@ -117,15 +136,26 @@ def main(argv: list[str] | None = None) -> None:
         with Live(Text("..."), refresh_per_second=4) as live:
             while True:
                 try:
-                    text, finished = snapshot(store, run_dir, max_steps)
+                    shown = snapshot(store, run_dir, max_steps)
                 except StoreError as err:  # a damaged record (a full disk, a write cut short): say so, keep watching
-                    text, finished = f"cannot read the run's records: {err}", False
-                live.update(Text(text))
-                if finished:
+                    shown = Snapshot(f"cannot read the run's records: {err}", False, "unknown")
+                if shown.ended and args.follow:
+                    shown = shown._replace(text=f"{shown.text}\n  (--follow: waiting for it to be launched again; "
+                                                "Ctrl-C to quit)")
+                live.update(Text(shown.text))
+                if shown.ended and not args.follow:
                     break
                 time.sleep(args.interval)
     except KeyboardInterrupt:  # Ctrl-C ends watching; the run goes on
-        pass
+        return
+    if shown.state in ("stopped", "failed", "not running"):
+        print(ENDED_HINT.format(state=shown.state), flush=True)
+
+
+# (a run just launched again, a resume, has not written its `started` event yet: it shows only once it has)
+ENDED_HINT = ("watch: the run is {state}, so watching ends here. A run you have just launched again (trainer.resume_from, "
+              "into this directory or store name) shows once it has started: run watch again then, or add --follow to "
+              "keep watching across launches until Ctrl-C")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def test_watch_shows_a_run_from_files_or_redis_and_names_missing_runs(tmp_path, 
         LocalTrainer(load_config("toy-dmdr", overrides)).train()
         main([str(tmp_path / name), "--once"])
         shown = capsys.readouterr().out
-        assert "[finished] generator step 2/2" in shown and "loss/dmd=" in shown and "reward/toy-align=" in shown
+        assert "[finished] last logged at generator step 2/2" in shown and "loss/dmd=" in shown and "reward/toy-align=" in shown
         assert "newest samples:" in shown and (url or str(tmp_path)) in shown
     main(["watched", "--store", redis_server.url, "--once"])
     assert "generator step 2" in capsys.readouterr().out
@@ -457,7 +457,7 @@ def test_watch_tells_a_killed_run_from_a_running_one_by_its_directory_lock(tmp_p
     write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}"]), tmp_path)
     store = FileStore(tmp_path)
     store.append("events", {"event": "started"})
-    text, ended = snapshot(store, tmp_path, 10)  # no lock file (a run from before the lock): running, as before
+    text, ended, _ = snapshot(store, tmp_path, 10)  # no lock file (a run from before the lock): running, as before
     assert text.startswith("running: waiting") and not ended
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dmdr_rl.store import RunLock; "
                                f"RunLock({str(tmp_path)!r}); print('held', flush=True); time.sleep(120)"],
@@ -465,17 +465,17 @@ def test_watch_tells_a_killed_run_from_a_running_one_by_its_directory_lock(tmp_p
     try:
         assert holder.stdout.readline().strip() == "held"
         assert RunLock.held(tmp_path) is True
-        text, ended = snapshot(store, tmp_path, 10)
+        text, ended, _ = snapshot(store, tmp_path, 10)
         assert text.startswith("running: waiting") and not ended
         store.append("metrics", {"step": 3})
-        text, ended = snapshot(store, tmp_path, 10)
-        assert text.startswith("[running] generator step 3/10") and not ended
+        text, ended, _ = snapshot(store, tmp_path, 10)
+        assert text.startswith("[running] last logged at generator step 3/10") and not ended
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert RunLock.held(tmp_path) is False
-    text, ended = snapshot(store, tmp_path, 10)
-    assert text.startswith("[not running] generator step 3/10") and ended
+    text, ended, _ = snapshot(store, tmp_path, 10)
+    assert text.startswith("[not running] last logged at generator step 3/10") and ended
     assert "its process ended without a final event (killed?)" in text
     assert "[running]" in snapshot(store, None, 10)[0]  # by name in a store (no directory): cannot tell
 
@@ -502,13 +502,13 @@ def test_watch_measures_the_rate_since_a_learner_restart(tmp_path):
     # steps 1-6, a restart from the checkpoint of step 4, then steps 5-6 again (at 1 step/s throughout)
     for step, when in [(1, 0.0), (2, 1.0), (3, 2.0), (4, 3.0), (5, 4.0), (6, 5.0), (5, 10.0), (6, 11.0)]:
         store.append("metrics", {"step": step, "time": when})
-    text, _ = snapshot(store, tmp_path, 10)
+    text = snapshot(store, tmp_path, 10).text
     assert "generator step 6/10   1.000 steps/s" in text
     # launched again at t=100 from its last step (no step repeats): the downtime is not counted either
     store.append("events", {"event": "started", "time": 100.0})
     for step, when in [(7, 101.0), (8, 102.0)]:
         store.append("metrics", {"step": step, "time": when})
-    text, _ = snapshot(store, tmp_path, 10)
+    text = snapshot(store, tmp_path, 10).text
     assert "generator step 8/10   1.000 steps/s" in text and "evaluated" not in text
 
 
@@ -520,8 +520,44 @@ def test_watch_says_where_a_run_stopped_before_its_first_metrics_record(tmp_path
     store = FileStore(tmp_path)
     store.append("events", {"event": "started", "time": 1.0, "generator_step": 0})
     store.append("events", {"event": "stopped", "time": 9.0, "generator_step": 9})  # (Ctrl-C at step 9 of log_every 10)
-    text, ended = snapshot(store, tmp_path, 600)
+    text, ended, _ = snapshot(store, tmp_path, 600)
     assert text.startswith("stopped: at generator step 9, before its first metrics record") and ended
+
+
+def test_watch_says_its_step_is_the_last_logged_and_waits_for_a_resume_with_follow(tmp_path, capsys, monkeypatch):
+    """The step shown is the last metrics record's (every output.log_every steps), with where a stopped run ended.
+    A run stopped, then launched again (a resume) before it has written its `started` event: watch says how to
+    follow it, and with --follow goes on watching instead of exiting."""
+    from dmdr_rl import watch
+    from dmdr_rl.trainer import write_run_config
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}", "trainer.max_steps=60"]), tmp_path)
+    store = FileStore(tmp_path)
+    store.append("events", {"event": "started", "time": 1.0, "generator_step": 0, "max_steps": 60})
+    for step in (10, 20):
+        store.append("metrics", {"step": step, "time": 1.0 + step})
+    store.append("events", {"event": "stopped", "time": 30.0, "generator_step": 25})
+    shown = watch.snapshot(store, tmp_path, 60)
+    assert shown.text.startswith("[stopped] last logged at generator step 20/60 (stopped at step 25)")
+    assert shown.ended and shown.state == "stopped"
+    watch.main([str(tmp_path), "--interval", "0.1"])  # live: it ends at once, and says how to follow a resume
+    assert "the run is stopped, so watching ends here" in capsys.readouterr().out
+    sleeps = []
+
+    def launched_again(seconds):  # the resume writes its `started` event while watch waits
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            store.append("events", {"event": "started", "time": 40.0, "generator_step": 25, "max_steps": 80,
+                                    "resume_from": str(tmp_path / "checkpoints" / "step_000025")})
+        else:
+            raise KeyboardInterrupt  # (Ctrl-C ends watching)
+
+    monkeypatch.setattr(watch.time, "sleep", launched_again)
+    watch.main([str(tmp_path), "--interval", "0.1", "--follow"])
+    assert len(sleeps) == 2  # not ended at the stopped state: it went on to see the new launch
+    assert "watching ends" not in capsys.readouterr().out
+    shown = watch.snapshot(store, tmp_path, 60)  # the new launch's max_steps (a resume may raise it)
+    assert shown.text.startswith("[running] last logged at generator step 20/80") and not shown.ended
 
 
 def test_watch_shows_the_newest_evaluation_during_training(tmp_path):
@@ -535,7 +571,7 @@ def test_watch_shows_the_newest_evaluation_during_training(tmp_path):
         store.append("metrics", {"step": step, "time": float(step), "loss/dmd": 0.5,
                                  **({"val/judge_accuracy": 0.625, "val/fid": 301.5,
                                      "val/judge_accuracy_by_category/single/colour": 1.0} if step == 2 else {})})
-    text, _ = snapshot(store, tmp_path, 10)
+    text = snapshot(store, tmp_path, 10).text
     assert "  evaluated at step 2: val/fid=301.5  val/judge_accuracy=0.625\n" in text + "\n"
 
 
