@@ -29,7 +29,8 @@ from .config import RAY_CLIENT_REFUSED, URL_NOT_CLUSTER, ConfigError, RunConfig,
 from .ledger import Ledger, audit
 from .store import (PASSWORD_ENV, StoreError, directory_written_whole, open_store, run_events, write_json_whole,
                     write_text_whole)
-from .trainer import StopAtStepEnd, continues_in, how_to_continue, open_run_directory
+from .trainer import (StopAtStepEnd, checkpoint_generator_step, continues_in, how_to_continue, open_run_directory,
+                      resuming_line)
 
 PROGRESS_POLL_S = 1.0
 COORDINATOR_PREFIX = "dmdr-coordinator-"  # + run name + a unique suffix: a named actor
@@ -400,7 +401,7 @@ def train_distributed(cfg: RunConfig) -> dict:
     optimizer_class(cfg.trainer.optimizer)  # e.g. adamw8bit without bitsandbytes: here, not in each learner retry
     require_trackers(cfg)  # (the same: output.wandb without its package)
     if cfg.trainer.resume_from:  # checked here, and made absolute: the learner workers run in another directory
-        from .trainer import check_steps_left, checkpoint_generator_step, resume_checkpoint
+        from .trainer import check_steps_left, resume_checkpoint
 
         checkpoint = resume_checkpoint(cfg.trainer.resume_from)
         check_steps_left(cfg, checkpoint_generator_step(checkpoint))  # here, not after Ray and the models start
@@ -423,7 +424,8 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
 
     r = cfg.ray
     out = cfg.output_dir.resolve()
-    resume = cfg.trainer.resume_from
+    resume = cfg.trainer.resume_from  # (made a checkpoint's absolute path by train_distributed)
+    resumed_step = checkpoint_generator_step(Path(resume)) if resume else 0
     store = open_run_directory(cfg, out, fresh=not resume or not continues_in(out, Path(resume)))  # before any actor writes
     try:
         # on the driver's node, whose fate it shares anyway: its ledger file is the one the driver audits
@@ -435,16 +437,25 @@ def _train_on_ray(cfg: RunConfig, where: str) -> dict:
         shut_down = _once(lambda: _shut_down(coordinator))
         try:
             trainer = _torch_trainer(cfg, coordinator, out)
-            print(f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
-                  f"max_staleness {r.max_staleness}; outputs in {out}", flush=True)
-            with run_events(store, backend="ray", address=where, max_steps=cfg.trainer.max_steps,
-                            output_dir=str(out)) as ending:
+            print(ray_start_lines(cfg, where, out, resumed_step), flush=True)
+            with run_events(store, backend="ray", address=where, generator_step=resumed_step,
+                            max_steps=cfg.trainer.max_steps, output_dir=str(out), resume_from=resume) as ending:
                 summary = _fit_and_summarise(cfg, trainer, coordinator, store, out, shut_down, reached=ending)
             return summary
         finally:
             shut_down()
     finally:
         store.close()
+
+
+def ray_start_lines(cfg: RunConfig, where: str, out: Path, resumed_step: int = 0) -> str:
+    """What a Ray run says as it starts: where it runs, its actors and its outputs; and, resumed, where from."""
+    r = cfg.ray
+    line = (f"dmdr_rl: Ray ({where}): {r.learner_workers} learner worker(s), {r.rollout_actors} rollout actor(s), "
+            f"max_staleness {r.max_staleness}; outputs in {out}")
+    if not cfg.trainer.resume_from:
+        return line
+    return f"{line}\n{resuming_line(cfg.trainer.resume_from, resumed_step, cfg.trainer.max_steps)}"
 
 
 def _once(action: Callable[[], None]) -> Callable[[], None]:

@@ -222,6 +222,7 @@ class LocalTrainer:
                 raise ConfigError(f"trainer.resume_from={cfg.trainer.resume_from}: {err}; resume with the config "
                                   "the checkpoint was trained with (its run's config.yaml)") from None
             check_steps_left(cfg, self.generator_step)
+            print(resuming_line(self.resume, self.generator_step, cfg.trainer.max_steps), flush=True)
         fresh = self.generator_step == 0 or (self.resume is not None and not continues_in(self.out, self.resume))
         store = open_run_directory(cfg, self.out, fresh=fresh)
         log = MetricsLog(self.out, store, cfg)
@@ -231,7 +232,9 @@ class LocalTrainer:
         stopping = False
         try:
             with run_events(store, backend="local", generator_step=self.generator_step,
-                            max_steps=cfg.trainer.max_steps, output_dir=str(self.out)) as ending, StopAtStepEnd() as stop:
+                            max_steps=cfg.trainer.max_steps, output_dir=str(self.out),
+                            resume_from=str(self.resume.resolve()) if self.resume is not None else None,
+                            ) as ending, StopAtStepEnd() as stop:
                 ending["generator_step"] = self.generator_step
                 while self.generator_step < cfg.trainer.max_steps:
                     metrics = self.train_iteration()
@@ -483,6 +486,12 @@ def resume_checkpoint(resume_from: str | Path) -> Path:
                           "checkpoints/ or one checkpoints/step_N/ holding trainer_state.pt, or one of a Ray run's "
                           "ray_train/<train run>/checkpoint_<time>/)")
     return checkpoint
+
+
+def resuming_line(checkpoint: str | Path, generator_step: int, max_steps: int) -> str:
+    """What a resumed run says first (either trainer): the checkpoint it continues from and its step."""
+    return (f"dmdr_rl: resuming from {Path(checkpoint).resolve()} (generator step {generator_step} of "
+            f"trainer.max_steps={max_steps})")
 
 
 def check_steps_left(cfg: RunConfig, generator_step: int) -> None:

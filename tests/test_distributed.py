@@ -1034,6 +1034,18 @@ def test_a_ray_run_resumed_from_a_finished_checkpoint_stops_before_ray_starts(tm
         distributed.train_distributed(cfg)
 
 
+def test_a_resumed_ray_run_says_where_it_resumes_from_as_it_starts(tmp_path):
+    """(The line _train_on_ray prints once Ray has started; its `started` event gets the same resume_from.)"""
+    from dmdr_rl.distributed import ray_start_lines
+
+    cfg = _config(tmp_path / "out", **{"trainer.backend": "ray", "trainer.max_steps": 6})
+    fresh = ray_start_lines(cfg, "local", tmp_path / "out")
+    assert fresh.startswith("dmdr_rl: Ray (local): 1 learner worker(s), 1 rollout actor(s)") and "resuming" not in fresh
+    cfg.trainer.resume_from = str(tmp_path / "done" / "checkpoints" / "step_000004")  # (made absolute as train_distributed does)
+    assert ray_start_lines(cfg, "local", tmp_path / "out", 4).splitlines()[1] == (
+        f"dmdr_rl: resuming from {cfg.trainer.resume_from} (generator step 4 of trainer.max_steps=6)")
+
+
 def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
     from learner.loop import mean_over_ranks
 

@@ -263,6 +263,19 @@ def test_ctrl_c_in_the_last_step_lets_the_run_finish_and_sigterm_stops_at_once(t
     assert terminated.iteration == 4 and not (tmp_path / "term" / "checkpoints").exists()  # at once, mid-step
 
 
+def test_a_resumed_run_says_where_it_resumes_from_and_its_started_event_records_it(tmp_path, capsys):
+    first, _ = _trainer(tmp_path, **{"trainer.max_steps": 2})
+    first.train()
+    assert "resuming" not in capsys.readouterr().out
+    resumed, _ = _trainer(tmp_path, **{"trainer.resume_from": str(tmp_path)})  # (max_steps 4: two more steps)
+    resumed.train()
+    checkpoint = (tmp_path / "checkpoints" / "step_000002").resolve()
+    assert f"dmdr_rl: resuming from {checkpoint} (generator step 2 of trainer.max_steps=4)\n" in capsys.readouterr().out
+    started = [e for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines()) if e["event"] == "started"]
+    assert [(e["resume_from"], e["generator_step"], e["max_steps"]) for e in started] == [(None, 0, 2),
+                                                                                          (str(checkpoint), 2, 4)]
+
+
 @pytest.mark.parametrize("generator", [{}, {"student.lora": "null"}], ids=["lora", "full-fine-tune"])
 def test_resume_continues_exactly(tmp_path, generator):
     straight, _ = _trainer(tmp_path / "a", **generator)
