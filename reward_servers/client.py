@@ -120,7 +120,9 @@ class RewardClient:
         raise RewardServerError(
             f"reward app {self.app!r} did not answer {method}() after {self.retries + 1} attempt(s): "
             f"{type(last_error).__name__}: {first_line(last_error)}. Is it running (`serve status`)? "
-            "Start it with the run (rewards[].serve.attach: false) or with `serve deploy deploy/serve-rewards.yaml`."
+            f"Start it with the run (rewards[].serve.attach: false), or deploy a Serve config with an application "
+            f"named {self.app!r} (`serve deploy CONFIG.yaml`; deploy/serve-rewards.yaml is an example, whose app is "
+            "'reward-toy-align')"
         ) from last_error
 
 

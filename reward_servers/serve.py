@@ -203,7 +203,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
             if spec.placement != "serve":
                 continue
             if spec.serve.attach:
-                _require_running(spec.app_name)
+                print(attached_line(spec, _require_running(spec.app_name, f"rewards.{i}")), flush=True)
                 continue
             claim_app(spec.app_name, f"rewards.{i}", owner=f"output.dir={cfg.output_dir}")
             claimed.append(spec.app_name)
@@ -336,8 +336,8 @@ def stop_reward_apps(names: list[str]) -> None:
 
 
 def _by_hand(app: str) -> str:
-    """How a user deletes a reward app that no run will."""
-    return f"`serve.delete({app!r})` (`serve shutdown` deletes every app)"
+    """How a user deletes a reward app that no run will (the `serve` CLI has no command for one app)."""
+    return f"""`python -c "from ray import serve; serve.delete({app!r})"` (`serve shutdown` deletes every app)"""
 
 
 @contextmanager
@@ -369,10 +369,30 @@ def _deployment_messages(app: str) -> str:
     return "; ".join(causes)[:1000]
 
 
-def _require_running(app: str) -> None:
+def _require_running(app: str, where: str = "rewards[]"):
+    """The status of the running app `app` (a reward's `serve.app` with attach: true, `where` its entry), or an error
+    that says how to start it."""
     applications = serve.status().applications
     status = applications.get(app)
     if status is None or _status_name(status.status) not in ATTACHABLE:
         running = ", ".join(applications) or "none"
-        raise RewardInputError(f"reward app {app!r} is not running (rewards[].serve.attach is true); running apps: "
-                               f"{running}. Start it with `serve deploy deploy/serve-rewards.yaml` or set attach: false")
+        raise RewardInputError(missing_app_message(app, where, running,
+                                                   None if status is None else _status_name(status.status)))
+    return status
+
+
+def missing_app_message(app: str, where: str, running: str, state: str | None = None) -> str:
+    """Why a run cannot attach to `app`, and the two ways on: deploy an app of that name, or let the run start it."""
+    return (f"reward app {app!r} is not running{f' (it is {state})' if state else ''}, and {where}.serve.attach is true; "
+            f"running apps: {running}. Deploy a Serve config with an application named {app!r} (`serve deploy "
+            f"CONFIG.yaml`; deploy/serve-rewards.yaml is an example, whose app is 'reward-toy-align'), or set "
+            f"{where}.serve.attach=false to let the run start it")
+
+
+def attached_line(spec: RewardSpec, status) -> str:
+    """What a run says when it attaches to a running app (`status`: its serve.status() entry)."""
+    replicas = sum(count for deployment in status.deployments.values()
+                   for state, count in deployment.replica_states.items() if _status_name(state) == "RUNNING")
+    state = _status_name(status.status)
+    return (f"dmdr_rl: reward {spec.key}: attached to the running app {spec.app_name!r} ({replicas} "
+            f"replica{'s' if replicas != 1 else ''}{'' if state == 'RUNNING' else f'; the app is {state}'})")

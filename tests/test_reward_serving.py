@@ -375,7 +375,7 @@ def test_the_ray_runtime_trains_with_a_served_reward_and_monitors_rollouts(tmp_p
     assert spec.app_name not in serve.status().applications  # the run stopped the app it started
 
 
-def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_path, local_serve):
+def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_path, local_serve, capsys):
     from pathlib import Path
 
     import yaml
@@ -397,6 +397,8 @@ def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_pat
                           serve={"app": application["name"], "attach": True})
         cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.max_steps=1"])
         assert start_reward_apps(cfg) == []  # attached: nothing started, nothing to stop
+        assert ("dmdr_rl: reward toy-align: attached to the running app 'reward-toy-align' (1 replica)"
+                in capsys.readouterr().out)
         metrics = LocalTrainer(cfg).train_iteration()
         assert metrics["reward/toy-align"] < 0 and metrics["loss/reward/toy-align"] > 0
         wrong = spec.model_copy(update={"name": "hpsv2.1"})  # the config says HPSv2.1, the app serves toy-align
@@ -466,5 +468,34 @@ def test_stopping_the_apps_deletes_each_it_can_releases_every_claim_and_never_ra
     assert not {"reward-a", "reward-b", "reward-c"} & serving._HELD_CLAIMS.keys()
     out = capsys.readouterr().out
     assert ("could not delete reward app 'reward-a' (RuntimeError: the Serve controller did not answer); delete it "
-            "with `serve.delete('reward-a')`") in out
+            """with `python -c "from ray import serve; serve.delete('reward-a')"`""") in out
     assert "could not release the claim on reward app name 'reward-b' (ConnectionError: Ray is shutting down)" in out
+
+
+def test_attaching_says_so_with_the_apps_replicas_and_a_missing_app_says_how_to_deploy_one_of_its_name(monkeypatch):
+    """(Without Ray: serve.status() as Serve answers it.)"""
+    from types import SimpleNamespace
+
+    import reward_servers.serve as serving
+
+    def app(status, *replica_counts):
+        return SimpleNamespace(status=status, deployments={
+            f"d{i}": SimpleNamespace(replica_states={"RUNNING": running, "STARTING": 1}) for i, running in enumerate(replica_counts)})
+
+    applications = {"reward-toy-align": app("RUNNING", 2), "reward-rescaling": app("DEPLOYING", 1),
+                    "reward-broken": app("DEPLOY_FAILED", 0)}
+    monkeypatch.setattr(serving.serve, "status", lambda: SimpleNamespace(applications=applications))
+    spec = RewardSpec(name="toy-align", placement="serve", serve={"attach": True})
+    assert serving.attached_line(spec, serving._require_running(spec.app_name, "rewards.0")) == (
+        "dmdr_rl: reward toy-align: attached to the running app 'reward-toy-align' (2 replicas)")
+    rescaling = RewardSpec(name="toy-align", label="mine", placement="serve", serve={"app": "reward-rescaling", "attach": True})
+    assert serving.attached_line(rescaling, serving._require_running("reward-rescaling", "rewards.1")) == (
+        "dmdr_rl: reward mine: attached to the running app 'reward-rescaling' (1 replica; the app is DEPLOYING)")
+    with pytest.raises(RewardInputError, match=(
+            r"reward app 'reward-nowhere' is not running, and rewards.2.serve.attach is true; running apps: reward-toy-align, "
+            r"reward-rescaling, reward-broken. Deploy a Serve config with an application named 'reward-nowhere' \(`serve "
+            r"deploy CONFIG.yaml`; deploy/serve-rewards.yaml is an example, whose app is 'reward-toy-align'\), or set "
+            r"rewards.2.serve.attach=false to let the run start it")):
+        serving._require_running("reward-nowhere", "rewards.2")
+    with pytest.raises(RewardInputError, match=r"'reward-broken' is not running \(it is DEPLOY_FAILED\)"):
+        serving._require_running("reward-broken", "rewards.0")

@@ -246,6 +246,11 @@ def test_client_retries_transient_failures_then_gives_up_naming_the_app(align):
     client = RewardClient(_InProcessTransport(align, failures=10), "reward-toy-align", retries=1, backoff_s=0.0)
     with pytest.raises(RewardServerError, match="reward app 'reward-toy-align' did not answer score\\(\\) after 2"):
         client.score(_images(), PROMPTS)
+    # the advice deploys an app of the missing name, not the example config's app whatever the name
+    client = RewardClient(_InProcessTransport(align, failures=10), "reward-mine", retries=0, backoff_s=0.0)
+    with pytest.raises(RewardServerError, match=r"deploy a Serve config with an application named 'reward-mine' "
+                                                r"\(`serve deploy CONFIG.yaml`; deploy/serve-rewards.yaml is an example"):
+        client.score(_images(), PROMPTS)
 
 
 def test_client_does_not_retry_bad_requests_and_checks_answers(align):
