@@ -1034,16 +1034,39 @@ def test_a_ray_run_resumed_from_a_finished_checkpoint_stops_before_ray_starts(tm
         distributed.train_distributed(cfg)
 
 
-def test_a_resumed_ray_run_says_where_it_resumes_from_as_it_starts(tmp_path):
-    """(The line _train_on_ray prints once Ray has started; its `started` event gets the same resume_from.)"""
-    from dmdr_rl.distributed import ray_start_lines
+def test_a_resumed_ray_run_says_where_it_resumes_from_and_its_started_event_records_it(tmp_path, monkeypatch, capsys):
+    """(Without Ray: its actors and Ray Train stand-ins, as in the test below.)"""
+    import contextlib
+
+    import ray
+
+    import dmdr_rl.distributed as distributed
 
     cfg = _config(tmp_path / "out", **{"trainer.backend": "ray", "trainer.max_steps": 6})
-    fresh = ray_start_lines(cfg, "local", tmp_path / "out")
+    fresh = distributed.ray_start_lines(cfg, "local", tmp_path / "out")
     assert fresh.startswith("dmdr_rl: Ray (local): 1 learner worker(s), 1 rollout actor(s)") and "resuming" not in fresh
-    cfg.trainer.resume_from = str(tmp_path / "done" / "checkpoints" / "step_000004")  # (made absolute as train_distributed does)
-    assert ray_start_lines(cfg, "local", tmp_path / "out", 4).splitlines()[1] == (
-        f"dmdr_rl: resuming from {cfg.trainer.resume_from} (generator step 4 of trainer.max_steps=6)")
+    checkpoint = tmp_path / "done" / "checkpoints" / "step_000004"
+    checkpoint.mkdir(parents=True)
+    torch.save({"iteration": 8, "generator_step": 4}, checkpoint / "trainer_state.pt")
+    cfg.trainer.resume_from = str(checkpoint)  # (a checkpoint's absolute path, as train_distributed makes it)
+    remote = type("Remote", (), {"options": lambda self, **_: self, "remote": lambda self, *_: object()})()
+    monkeypatch.setattr(ray, "remote", lambda cls: remote)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Context", (), {"get_node_id": lambda self: "ab" * 28})())
+    monkeypatch.setattr(distributed, "_shut_down", lambda coordinator: None)
+    monkeypatch.setattr(distributed, "_torch_trainer", lambda *a: "trainer")
+    monkeypatch.setattr(distributed, "_fit_and_summarise", lambda *a, **k: {"generator_steps": 6})
+    started = []
+
+    @contextlib.contextmanager
+    def recorded(store, **fields):
+        started.append(fields)
+        yield {}
+
+    monkeypatch.setattr(distributed, "run_events", recorded)
+    distributed._train_on_ray(cfg, "local")
+    assert capsys.readouterr().out.splitlines()[1] == (f"dmdr_rl: resuming from {checkpoint} (generator step 4 of "
+                                                       "trainer.max_steps=6)")
+    assert started[0]["resume_from"] == str(checkpoint) and started[0]["generator_step"] == 4
 
 
 def test_logged_metrics_are_the_whole_batchs_over_the_ranks():
