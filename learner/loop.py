@@ -261,6 +261,11 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built, learner_try)
     except Exception as err:
+        if coordinator_died(err, coordinator):  # as at registration: no try can go on (e.g. `ray job stop`)
+            print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (the run was stopped, or its "
+                  "driver's node lost), so this learner ends; a stopped run continues with trainer.resume_from=<the "
+                  "run directory>", flush=True)
+            return
         if _replaced(err):  # not counted as the run's failure: the try that replaced this one trains on
             print(f"dmdr_rl: learner rank {rank}: a later learner try replaced this one ({err}); stopping", flush=True)
             raise
@@ -283,6 +288,21 @@ def _share_from_rank_0(value, world: int):
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
+
+
+def coordinator_died(err: BaseException | None, coordinator) -> bool:
+    """Whether `err`, or an error it was raised from, is the death of the run's coordinator (`ray job stop` kills
+    the driver, and the coordinator with it, a few seconds after its SIGTERM): a learner that raised it would
+    print its traceback and be retried by Ray Train, for nothing."""
+    try:
+        coordinator_id = coordinator._actor_id.hex()
+    except AttributeError:  # (a stand-in in tests)
+        return False
+    while err is not None:
+        if isinstance(err, ray.exceptions.ActorDiedError) and err.actor_id == coordinator_id:
+            return True
+        err = err.__cause__
+    return False
 
 
 def _replaced(err: BaseException | None) -> bool:

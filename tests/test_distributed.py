@@ -1202,6 +1202,39 @@ def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, mo
     never.set()
 
 
+def test_a_learner_whose_coordinator_dies_mid_run_ends_with_one_line_not_a_traceback(monkeypatch, capsys):
+    """`ray job stop` kills the driver, and its coordinator, 3 s after its SIGTERM: each learner rank's next call
+    to it fails. That ends the rank quietly (as at registration); another actor's death is still raised."""
+    import ray
+
+    import learner.loop as loop
+
+    coordinator_id = "c0ffee" * 4
+    coordinator = _fake_coordinator(register_learner=lambda rank, pid: "ref")
+    coordinator._actor_id = type("ActorID", (), {"hex": lambda self: coordinator_id})()
+
+    def died(actor_id):
+        err = ray.exceptions.ActorDiedError()
+        err.actor_id = actor_id
+        return err
+
+    def train_until(err):
+        def _train(*_, **__):
+            raise RuntimeError("the batch could not be fetched") from err
+        return _train
+
+    monkeypatch.setattr(loop.ray.train, "get_context", lambda: type("Context", (), {"get_world_rank": lambda self: 0,
+                                                                                    "get_world_size": lambda self: 1})())
+    monkeypatch.setattr(loop.ray, "get", lambda *_, **__: (None, 1))  # registered
+    config = {"cfg": _config("/tmp/unused").model_dump(mode="json"), "coordinator": coordinator, "output_dir": "/tmp/unused"}
+    monkeypatch.setattr(loop, "_train", train_until(died(coordinator_id)))
+    assert loop.train_loop_per_worker(config) is None
+    assert "learner rank 0: the run's rollout coordinator is gone (the run was stopped" in capsys.readouterr().out
+    monkeypatch.setattr(loop, "_train", train_until(died("another actor")))  # a rollout worker's, say
+    with pytest.raises(RuntimeError, match="could not be fetched"):
+        loop.train_loop_per_worker(config)
+
+
 def test_a_learner_retry_after_the_coordinator_died_ends_quietly_instead_of_being_retried(monkeypatch):
     """Raised, its error would be the infrastructure's, and Ray Train would retry (forever with
     ray.max_failures=-1) while the driver has already given up."""
