@@ -277,6 +277,18 @@ def _stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def raised_by_a_stop(err: BaseException) -> bool:
+    """Whether `err` was raised because of Ctrl-C or SIGTERM: Python wraps one that arrives in a class body's
+    `__set_name__` (a library being imported as the run starts) in a RuntimeError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     from .cli import command_summary
 
@@ -317,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     except fixable_errors() as err:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
+        parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides, launched)}\n")
+    except Exception as err:
+        if not raised_by_a_stop(err):
+            raise
         parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides, launched)}\n")
     finally:
         signal.signal(signal.SIGTERM, previous)  # a caller's own handler (main() called in-process) comes back

@@ -90,6 +90,26 @@ def test_an_ignored_ctrl_c_stays_ignored_while_training_and_a_second_one_stops_a
     assert with_handler is signal.SIG_IGN
 
 
+def test_a_stop_that_arrives_inside_an_import_stops_the_run_with_one_line(monkeypatch, capsys):
+    """SIGTERM (`ray job stop`) or Ctrl-C while a library's class body runs reaches the run as a RuntimeError
+    ("Error calling __set_name__ ...") whose cause is the KeyboardInterrupt: a stop, not a crash."""
+    from dmdr_rl import run
+
+    def interrupted_import(*_, **__):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'rho' in 'EvaConfig'") from err
+
+    monkeypatch.setattr(run, "train", interrupted_import)
+    with pytest.raises(SystemExit) as stopped:
+        run.main(["--preset", "toy-dmdr"])
+    assert stopped.value.code == 130 and "dmdr_rl: stopped" in capsys.readouterr().err
+    monkeypatch.setattr(run, "train", lambda *_, **__: (_ for _ in ()).throw(RuntimeError("a bug of its own")))
+    with pytest.raises(RuntimeError, match="a bug of its own"):  # (not taken for a stop)
+        run.main(["--preset", "toy-dmdr"])
+
+
 def test_the_progress_bar_names_losses_as_losses():
     from dmdr_rl.trainer import loss_postfix
 
