@@ -40,11 +40,15 @@
 #   7. the serving benchmark again in gradient mode; the policy-gradient (rl.mode=grpo) learner step at
 #      1024 px, every transition trained;
 #   8. a FLUX.1-dev-shaped learner step (12B parameters, flux-dev-dmdr) at 1024 px, batch 2, with gradient
-#      checkpointing.
+#      checkpointing;
+#   9. step 3's toy Ray run with model.compile=true (learner and rollout actor compiling at once).
 # A step whose time limit (+15 s for timeout's kill grace, +15 s for the archive) would end past BUDGET
 # seconds (default 500, under the call's 540) is skipped
 # and reported as such, so the run returns inside the device tool's limit with everything it measured.
-# (steps 1 and 2, the compiled step included, need about 470 s: T about 540 runs them whole.)
+# (The compiled step's compile time is unknown: 9 or more block variants, several with a backward pass; its
+# limit is 280 s. For the step-time target alone, eager and compiled side by side, run
+# ONLY="gpu_step_1024 gpu_step_1024_compiled" with T about 480 as the first call; steps 1 and 2 whole need
+# T about 620, more than one call may take.)
 # ONLY="name name ..." runs just those steps (e.g. ONLY="gpu_step_1024 gpu_step_1024_compiled": the step-time
 # target alone, eager and compiled side by side).
 # The tool brings back at most 8 files from $OUT: every log, report and run directory goes into one
@@ -99,7 +103,7 @@ r = json.load(open(sys.argv[1]))
 keys = ("device", "resolution", "batch", "micro_batch", "gradient_checkpointing", "compile", "warmup_s", "graphs_compiled", "step_s_median", "rollout_s", "tflop_per_step", "achieved_tflops", "fraction_of_peak",
         "model_tflops", "model_fraction_of_peak",
         "fraction_of_matmul", "peak_memory_gib", "peak_memory_reserved_gib", "skipped_updates", "out_of_memory_at_batch",
-        "flop_count_error")
+        "flop_count_error", "losses")
 print("   ", {k: r[k] for k in keys if k in r} if "step_s_median" in r else json.dumps(r)[:2500])
 PY
 }
@@ -122,12 +126,15 @@ step() {  # name, time limit in seconds, command...
   [ $rc -eq 0 ] || status=1
 }
 # (most important first: issue 6's step and shared-base memory, issue 5's serving ratios, then placement on the GPU)
-step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --json "$work/gpu_step_1024.json"
+# (3 warm-up steps, as the compiled step's: the losses of the two reports are then of the same step, comparable)
+step gpu_step_1024 110 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --warmup 3 \
+  --json "$work/gpu_step_1024.json"
 step memory 40 "$py" benchmarks/memory.py --device cuda --json "$work/memory.json"
 step reward_serving_cuda 100 "$py" benchmarks/reward_serving.py --device cuda --rounds 3 --json "$work/reward_serving_cuda.json"
 # (compiling each block variant of SD3-Medium's: not measured yet; the log keeps what the warm-up printed)
-step gpu_step_1024_compiled 200 "$py" benchmarks/gpu_step.py --device cuda --resolution 1024 --batch 2 --compile \
-  --json "$work/gpu_step_1024_compiled.json"
+# (its log says each warm-up step's time and graphs, and why dynamo recompiled or split a graph)
+step gpu_step_1024_compiled 280 env TORCH_LOGS=recompiles,graph_breaks "$py" benchmarks/gpu_step.py --device cuda \
+  --resolution 1024 --batch 2 --compile --json "$work/gpu_step_1024_compiled.json"
 step ray 100 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray ray.learner_gpus=0.5 ray.rollout_gpus=0.5 \
   trainer.max_steps=20 trainer.cold_start=10 output.dir="$work/ray" output.sample_every=20 output.checkpoint_every=20 \
   --num-images 32
@@ -148,4 +155,8 @@ step gpu_step_1024_grpo 110 "$py" benchmarks/gpu_step.py --device cuda --resolut
   --json "$work/gpu_step_1024_grpo.json"
 step gpu_step_flux_1024 150 "$py" benchmarks/gpu_step.py --shape flux-dev --device cuda --resolution 1024 --batch 2 \
   --gradient-checkpointing --json "$work/gpu_step_flux_1024.json"
+# (the learner and the rollout actor compiling at once on one GPU, 8 compile workers each)
+step ray_compiled 200 env TORCHINDUCTOR_COMPILE_THREADS=8 "$py" -m dmdr_rl.run --preset toy-dmdr trainer.backend=ray \
+  ray.learner_gpus=0.5 ray.rollout_gpus=0.5 model.compile=true trainer.max_steps=20 trainer.cold_start=10 \
+  output.dir="$work/ray_compiled" output.sample_every=20 output.checkpoint_every=20 --num-images 32
 exit $status

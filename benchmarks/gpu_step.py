@@ -185,6 +185,13 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def graph_breaks() -> int:
+    """How many times torch.compile has split a graph in this process (each break runs code between graphs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
 def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
@@ -243,9 +250,15 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
     def step() -> dict:
         return learner.step(replace(template, iteration=learner.iteration, weight_version=learner.generator_step))
 
+    if args.compile and hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # (else blocks past the limit run eagerly, unsaid)
     started, graphs_before = time.perf_counter(), compiled_graphs()
-    for _ in range(args.warmup):  # with --compile: every block variant compiles here (the second step's real scale too)
-        step()
+    for number in range(1, args.warmup + 1):  # with --compile: the block variants compile here (the third step's
+        step()                                # real scale too)
+        if args.compile:  # (a compile that runs out of time still says how far it got)
+            synchronize(device)
+            print(f"warm-up step {number}/{args.warmup}: {time.perf_counter() - started:.1f} s, "
+                  f"{compiled_graphs() - graphs_before} graphs compiled", file=sys.stderr, flush=True)
     synchronize(device)
     warmup_s = time.perf_counter() - started
     graphs_after_warmup = compiled_graphs()
@@ -270,7 +283,8 @@ def run(args: argparse.Namespace, write=lambda report: None) -> dict:
         "gradient_checkpointing": args.gradient_checkpointing,
         "compile": args.compile_mode if args.compile else None, "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 2),
         # graphs torch.compile made in the warm-up, and in the timed steps: any there would be timed too (must be 0)
-        "graphs_compiled": {"warmup": graphs_after_warmup - graphs_before, "timed_steps": graphs - graphs_after_warmup} if args.compile else None,
+        "graphs_compiled": {"warmup": graphs_after_warmup - graphs_before, "timed_steps": graphs - graphs_after_warmup,
+                            "graph_breaks": graph_breaks()} if args.compile else None,
         "step_s_median": round(median, 4), "step_s_all": [round(t, 4) for t in times],
         "rollout_s": round(rollout_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
@@ -358,7 +372,8 @@ def run_halving_on_oom(args: argparse.Namespace, write) -> dict:
             report = run(args, write)
             break
         except torch.cuda.OutOfMemoryError:
-            if args.batch // 2 < smallest or args.batch % (2 * smallest):
+            # (--compile: half the batch would compile every block variant again, for as long as the first time)
+            if args.compile or args.batch // 2 < smallest or args.batch % (2 * smallest):
                 raise
         # out of the handler: its traceback no longer holds the failed attempt's model and activations
         args.batch //= 2
