@@ -106,3 +106,14 @@ def exported_pipeline(base, export, fmt: str, settings: dict):
     pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config, shift=settings["scheduler_shift"], **settings["scheduler_settings"])
     return pipe
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop torch inductor's compile workers, if a test started them, before the interpreter exits."""
+    import sys
+
+    if "torch._inductor.async_compile" in sys.modules:
+        try:
+            sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
+        except Exception:  # noqa: BLE001 - (a cleanup; the tests' outcome stands)
+            pass
