@@ -15,6 +15,8 @@ import time
 import urllib.request
 from urllib.parse import urlsplit
 
+from .errors import in_cause_chain
+
 UNREACHABLE_FOR_S = 60.0  # how long a failed check stands before the next load checks again
 
 
@@ -103,14 +105,8 @@ def looks_like_a_path(text: str) -> bool:
 def missed_offline(err: BaseException) -> bool:
     """Whether a load error is the hub client's "not in the cache, and no network to fetch it" (its own
     error class, or transformers' words for it), here or in what it was raised from."""
-    seen: BaseException | None = err
-    for _ in range(16):  # (a chain set by hand may loop)
-        if seen is None:
-            break
-        if type(seen).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "couldn't connect to" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return in_cause_chain(err, lambda seen: type(seen).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+                          or "couldn't connect to" in str(seen))
 
 
 def unreachable_note() -> str:

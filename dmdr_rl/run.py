@@ -17,6 +17,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from .config import available_presets, load_config, toy_evaluation_applies
+from .errors import in_cause_chain
 
 DEMO_PRESET = "toy-demo"
 
@@ -280,13 +281,7 @@ def _stop(signum, frame) -> None:
 def raised_by_a_stop(err: BaseException) -> bool:
     """Whether `err` was raised because of Ctrl-C or SIGTERM: Python wraps one that arrives in a class body's
     `__set_name__` (a library being imported as the run starts) in a RuntimeError."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
+    return in_cause_chain(err, lambda seen: isinstance(seen, KeyboardInterrupt))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from actors.coordinator import ACTOR_ERRORS, StaleLearnerError
 from dmdr_rl import dmdr
 from dmdr_rl.config import RunConfig
+from dmdr_rl.errors import in_cause_chain
 from dmdr_rl.evaluation import TrainingEvaluation
 from dmdr_rl.learning import DMDRLearner
 from dmdr_rl.prompts import PromptSource
@@ -248,11 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
     try:  # before the backbone loads: a restart after the coordinator died must end fast, not after minutes
         repeated_failure, learner_try = ray.get(coordinator.register_learner.remote(rank, os.getpid()))
     except ray.exceptions.ActorDiedError as err:  # (not ActorUnavailableError: it may answer again, a retry may do)
-        # the try ends without an error: a raised one would be the infrastructure's, and Ray Train would
-        # retry it (to ray.max_failures, or forever with -1) while the driver has already given up
-        print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (it lives on the driver's node and "
-              f"goes with it), so the run cannot continue; start it again with trainer.resume_from=<the run "
-              f"directory> ({type(err).__name__})", flush=True)
+        _say_coordinator_gone(rank, err)
         return
     if repeated_failure is not None:  # Ray Train would retry it again: end the try, and the driver ends the run
         print(f"dmdr_rl: learner rank {rank}: not trying again: {repeated_failure}", flush=True)
@@ -262,9 +259,7 @@ def train_loop_per_worker(config: dict) -> None:
         _train(cfg, coordinator, Path(config["output_dir"]), rank, world, built, learner_try)
     except Exception as err:
         if coordinator_died(err, coordinator):  # as at registration: no try can go on (e.g. `ray job stop`)
-            print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (the run was stopped, or its "
-                  "driver's node lost), so this learner ends; a stopped run continues with trainer.resume_from=<the "
-                  "run directory>", flush=True)
+            _say_coordinator_gone(rank, err)
             return
         if _replaced(err):  # not counted as the run's failure: the try that replaced this one trains on
             print(f"dmdr_rl: learner rank {rank}: a later learner try replaced this one ({err}); stopping", flush=True)
@@ -290,6 +285,15 @@ def _share_from_rank_0(value, world: int):
     return shared[0]
 
 
+def _say_coordinator_gone(rank: int, err: BaseException) -> None:
+    """One line for a learner rank that ends because the run's coordinator died (it lives on the driver's node and
+    goes with it: a stopped run, a lost node), at registration or mid-run. The try ends without an error: a raised
+    one would be the infrastructure's, and Ray Train would retry it while the driver has already given up."""
+    print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (the run was stopped, or its driver's "
+          f"node lost), so this learner ends; the run continues with trainer.resume_from=<the run directory> "
+          f"({type(err).__name__})", flush=True)
+
+
 def coordinator_died(err: BaseException | None, coordinator) -> bool:
     """Whether `err`, or an error it was raised from, is the death of the run's coordinator (`ray job stop` kills
     the driver, and the coordinator with it, a few seconds after its SIGTERM): a learner that raised it would
@@ -298,19 +302,13 @@ def coordinator_died(err: BaseException | None, coordinator) -> bool:
         coordinator_id = coordinator._actor_id.hex()
     except AttributeError:  # (a stand-in in tests)
         return False
-    while err is not None:
-        if isinstance(err, ray.exceptions.ActorDiedError) and err.actor_id == coordinator_id:
-            return True
-        err = err.__cause__
-    return False
+    return in_cause_chain(err, lambda seen: isinstance(seen, ray.exceptions.ActorDiedError)
+                          and seen.actor_id == coordinator_id, implicit=False)
 
 
 def _replaced(err: BaseException | None) -> bool:
-    while err is not None:
-        if isinstance(err, StaleLearnerError) or isinstance(getattr(err, "cause", None), StaleLearnerError):
-            return True
-        err = err.__cause__
-    return False
+    return in_cause_chain(err, lambda seen: isinstance(seen, StaleLearnerError)
+                          or isinstance(getattr(seen, "cause", None), StaleLearnerError), implicit=False)
 
 
 def own_error(err: BaseException) -> BaseException | None:

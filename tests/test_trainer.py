@@ -110,6 +110,28 @@ def test_a_stop_that_arrives_inside_an_import_stops_the_run_with_one_line(monkey
         run.main(["--preset", "toy-dmdr"])
 
 
+def test_the_cause_chain_walk_follows_explicit_links_implicit_ones_when_asked_and_ends_on_a_loop():
+    from dmdr_rl.errors import in_cause_chain
+
+    def is_stop(err):
+        return isinstance(err, KeyboardInterrupt)
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("raised while handling it")  # (an implicit link: __context__)
+    except RuntimeError as err:
+        implicit = err
+    explicit = ValueError("raised from it")
+    explicit.__cause__ = implicit
+    assert in_cause_chain(explicit, is_stop) and in_cause_chain(implicit, is_stop)
+    assert not in_cause_chain(implicit, is_stop, implicit=False) and not in_cause_chain(explicit, is_stop, implicit=False)
+    looped_a, looped_b = ValueError("a"), ValueError("b")
+    looped_a.__cause__, looped_b.__cause__ = looped_b, looped_a
+    assert not in_cause_chain(looped_a, is_stop) and not in_cause_chain(None, is_stop)
+
+
 def test_the_progress_bar_names_losses_as_losses():
     from dmdr_rl.trainer import loss_postfix
 

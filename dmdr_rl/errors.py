@@ -1,0 +1,18 @@
+"""What an error was raised from: the one walk over an exception's chain that the run's handlers share."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def in_cause_chain(err: BaseException | None, matches: Callable[[BaseException], bool], *,
+                   implicit: bool = True) -> bool:
+    """Whether `err`, or an error it was raised from, `matches`: `raise ... from` links, and with `implicit` also
+    an error being handled when it was raised (Python wraps some in others: a Ctrl-C inside a class body's
+    `__set_name__` reaches the caller as a RuntimeError). A chain that loops (set by hand) ends the walk."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if matches(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or (err.__context__ if implicit else None)
+    return False
