@@ -225,6 +225,7 @@ class RolloutCoordinator:
                 "next_needs_version": self.needed_version(self.next_iteration), "epoch": self.epoch,
                 "started_step": self.started_at[1],  # (version > started_step: a step trained since the learner started)
                 "losses": self.losses,
+                "learners_registered": len(self.learner_processes),  # (0: Ray has not placed and started one yet)
                 # a learner try failed, or another one has begun, and has not started (loading its model) yet
                 "learner_restarting": self.learner_down or 0 < self.learner_starts < self.rank0_registrations}
 

@@ -601,8 +601,7 @@ def show_progress(bar, progress: dict, compiles: bool = False) -> None:
             bar.n = bar.initial = bar.last_print_n = started  # (initial: steps before this launch are not its rate)
         bar.set_postfix_str("learner restarting (from its last checkpoint)" if progress.get("learner_restarting") else
                             f"learner restarting from generator step {started}" if progress["epoch"] else
-                            "starting: learners and rollout workers load their models"
-                            + (" and compile their blocks" if compiles else ""), refresh=False)
+                            _starting_text(progress, compiles), refresh=False)
         bar.refresh()
         return
     # as the local trainer's bar: the losses (the last generator step's, rank 0's shard) and the iteration in
@@ -610,6 +609,14 @@ def show_progress(bar, progress: dict, compiles: bool = False) -> None:
     bar.set_postfix({**progress.get("losses", {}), "iteration": progress["iteration"] + 1}, refresh=False)
     bar.update(version - bar.n)  # (tqdm's smoothed rate from the steps' own times)
     bar.refresh()
+
+
+def _starting_text(progress: dict, compiles: bool) -> str:
+    """What a launch is doing before its first step: until a learner has started, Ray may still be waiting for
+    the CPUs or GPUs it asks for (the preflight warns when other jobs hold them), not loading anything."""
+    if not progress.get("learners_registered", 1):
+        return "starting: Ray places and starts the learners (on free CPUs/GPUs)"
+    return "starting: learners and rollout workers load their models" + (" and compile their blocks" if compiles else "")
 
 
 def audit_ledger(store, iterations: int, world_size: int, patience_s: float = 30.0) -> dict:

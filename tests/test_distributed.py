@@ -417,7 +417,9 @@ def test_a_replaced_learner_try_cannot_publish_take_batches_or_kill_workers(tmp_
     # a try whose rank 1 registered but whose rank 0 never did (it died first): the next try's rank 0, which may
     # register before that try's rank 1, still starts
     partial = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path / "d"))
+    assert partial.progress()["learners_registered"] == 0  # (the driver's bar: Ray has not started a learner yet)
     partial.register_learner(1, 100)  # try 1: rank 0 never comes
+    assert partial.progress()["learners_registered"] == 1
     _, rank0_try = partial.register_learner(0, 200)  # try 2's rank 0 first ...
     partial.register_learner(1, 300)  # ... then its rank 1
     assert partial.try_number == 2 and partial.start(0, learner_try=rank0_try) == 1
@@ -1152,8 +1154,10 @@ def test_the_progress_bar_times_the_steps_not_the_loading_before_them(monkeypatc
                                         "iteration": 5 * max(version, 0), **more})
         clock[0] += 1.0
 
+    poll(-1, learners_registered=0)  # Ray has not started a learner yet (it may be waiting for free CPUs)
+    assert "starting: Ray places and starts the learners" in shown() and bar.n == 0
     for _ in range(30):  # loading: nothing published yet
-        poll(-1)
+        poll(-1, learners_registered=1)
     assert "starting: learners and rollout workers load" in shown() and bar.n == 0
     for step in range(3):  # the starting weights published (version 0), then a step a minute
         for _ in range(60):
