@@ -70,7 +70,14 @@ class Registry(Generic[T]):
                             f"{_import_hint(module_name, err)}") from err
             if not attr or not hasattr(module, attr):
                 raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
-            return getattr(module, attr)
+            factory = getattr(module, attr)
+            if not callable(factory):  # (a submodule, a constant: it would fail only when the run builds it)
+                what = f"module {module_name}.{attr}" if inspect.ismodule(factory) else f"a {type(factory).__name__}"
+                inside = (f"; name the class or function inside it: '{module_name}.{attr}:Name'"
+                          if inspect.ismodule(factory) else "")
+                raise error(f"{self.kind} {name!r} names {what}, not a class or function that builds a {self.kind}"
+                            f"{inside}")
+            return factory
         raise error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
                     "or give an import path 'package.module:Name'")
 

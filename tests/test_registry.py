@@ -22,6 +22,12 @@ def test_import_paths_resolve_and_bad_ones_say_why(tmp_path, monkeypatch):
     assert "PYTHONPATH" not in str(caught.value)
     with pytest.raises(ValueError, match="has no attribute 'Missing'"):
         registry.resolve("dmdr_rl.toy.classifier:Missing")
+    # a submodule or a constant where a class belongs: refused when resolved (the dry run), not when the run builds it
+    with pytest.raises(ValueError, match=r"'dmdr_rl:toy' names module dmdr_rl.toy, not a class or function that builds "
+                                         r"a reward model; name the class or function inside it: 'dmdr_rl.toy:Name'"):
+        registry.resolve("dmdr_rl:toy")
+    with pytest.raises(ValueError, match=r"'dmdr_rl.toy.classifier:__name__' names a str, not a class or function"):
+        registry.resolve("dmdr_rl.toy.classifier:__name__")
     with pytest.raises(ValueError, match="unknown reward model 'hpsv9'; registered: none"):
         registry.resolve("hpsv9")
     # a user's module that fails as it is imported: named with the field, its own error as the cause
