@@ -632,6 +632,33 @@ def _forget_preset_values(cfg: RunConfig, from_presets: dict[tuple[str, ...], bo
             section.__pydantic_fields_set__.discard(key[1])
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one without a word,
+    so a section written twice in a config file lost the first one's values."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # (`<<: *anchor`: YAML's own way to repeat keys)
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first_seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if line != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping (lines {line + 1} and "
+                        f"{key_node.start_mark.line + 1}): merge them into one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, but a key repeated in one mapping is an error (a yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tuple[str, ...], str | None],
                  from_presets: dict[tuple[str, ...], bool]) -> dict[str, Any]:
     """A preset's mapping; a `base: <preset or file>` key inherits another preset, merged section by
@@ -650,7 +677,7 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tu
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base` presets form a cycle ({' -> '.join(p.name for p in chain)} -> {path.name})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {path} as a YAML config: " + " ".join(str(err).split())) from None
     if not isinstance(data, dict):

@@ -85,6 +85,15 @@ def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_p
     broken.write_text("trainer: {lr: [1, }\n")
     with pytest.raises(ConfigError, match=r"cannot read .*broken.yaml as a YAML config"):
         load_config(str(broken))
+    # a section (or key) written twice: PyYAML would keep the last one and drop the first's values without a word
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text("base: toy-dmdr\ntrainer:\n  max_steps: 4\ntrainer:\n  cold_start: 2\n")
+    with pytest.raises(ConfigError, match=r"repeated.yaml as a YAML config: the key 'trainer' is given twice in one "
+                                          r"mapping \(lines 2 and 4\): merge them into one$"):
+        load_config(str(repeated))
+    repeated.write_text("base: toy-dmdr\nx: &steps {max_steps: 4}\ntrainer:\n  <<: *steps\n  cold_start: 2\n")
+    with pytest.raises(ConfigError, match=r"\n  x: unknown key"):  # (YAML's merge key is no repetition: read, then judged)
+        load_config(str(repeated))
     assert load_config("toy-dmdr", ["model.path=None", "trainer.device=cuda:1"]).model.path is None
 
 
