@@ -15,6 +15,8 @@ store name (trainer.resume_from) shows once it has started.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,7 +85,8 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> Snapshot:
         restart = max(restart, next((i for i, row in enumerate(rows) if row["time"] >= launched), len(rows) - 1))
     recent = rows[restart:][-10:]
     rate = (f"{(recent[-1]['step'] - recent[0]['step']) / (recent[-1]['time'] - recent[0]['time']):.3f} steps/s"
-            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else "- steps/s (too few records yet)")
+            if len(recent) > 1 and recent[-1]["time"] > recent[0]["time"] else
+            "- steps/s" if ended else "- steps/s (too few records yet)")
     total = f"/{max_steps}" if max_steps else ""
     ended_at = f" ({state} at step {reached})" if reached is not None and reached != last["step"] else ""
     lines = [f"[{shown_state}] last logged at generator step {last['step']}{total}{ended_at}   {rate}   "
@@ -101,8 +104,27 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> Snapshot:
         grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
         if grids:
             lines.append(f"  newest samples: {grids[-1]}")
+        if state == "finished":
+            lines.append(_closing_evaluation(run_dir))
     lines.extend(notes)
     return Snapshot("\n".join(lines), ended or (bool(max_steps) and last["step"] >= max_steps), shown_state)
+
+
+def _closing_evaluation(run_dir: Path) -> str:
+    """The line for the evaluation `python -m dmdr_rl.run` makes once training has finished (eval/report.json), or
+    that it is still to come."""
+    import json
+
+    from .tracking import evaluation_scalars
+
+    report_path = run_dir / "eval" / "report.json"
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):  # not written yet (or never: a run whose evaluation does not apply)
+        return "  closing evaluation: none yet (the run evaluates its student after training, where it applies)"
+    values = {k.removeprefix("eval/"): v for k, v in evaluation_scalars(report).items() if "_by_" not in k and k != "eval/num_images"}
+    images = f" ({report['num_images']} images)" if "num_images" in report else ""
+    return f"  closing evaluation{images}: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,11 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         except StoreError as err:
             parser.exit(2, f"error: {err}\n")
         return
-    from rich.live import Live
-    from rich.text import Text
-
     try:
-        with Live(Text("..."), refresh_per_second=4) as live:
+        with _display() as show:
             while True:
                 try:
                     shown = snapshot(store, run_dir, max_steps)
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                 if shown.ended and args.follow:
                     shown = shown._replace(text=f"{shown.text}\n  (--follow: waiting for it to be launched again; "
                                                 "Ctrl-C to quit)")
-                live.update(Text(shown.text))
+                show(shown.text)
                 if shown.ended and not args.follow:
                     break
                 time.sleep(args.interval)
@@ -150,6 +169,28 @@ def main(argv: list[str] | None = None) -> None:
         return
     if shown.state in ("stopped", "failed", "not running"):
         print(ENDED_HINT.format(state=shown.state), flush=True)
+
+
+@contextlib.contextmanager
+def _display():
+    """show(text): in a terminal, the snapshot redrawn in place; into a file or a pipe (a log), each snapshot that
+    says something new appended whole, its lines unwrapped (a terminal's redrawing wrapped them at 80 columns)."""
+    if sys.stdout.isatty():
+        from rich.live import Live
+        from rich.text import Text
+
+        with Live(Text("..."), refresh_per_second=4) as live:
+            yield lambda text: live.update(Text(text))
+        return
+    printed = [None]
+
+    def append(text: str) -> None:
+        news = re.sub(r"last update \d+ s ago", "", text)  # (a new number each refresh, nothing new)
+        if news != printed[0]:
+            print(text, flush=True)
+            printed[0] = news
+
+    yield append
 
 
 # (a run just launched again, a resume, has not written its `started` event yet: it shows only once it has)

@@ -575,6 +575,44 @@ def test_watch_shows_the_newest_evaluation_during_training(tmp_path):
     assert "  evaluated at step 2: val/fid=301.5  val/judge_accuracy=0.625\n" in text + "\n"
 
 
+def test_watch_into_a_log_appends_what_changes_unwrapped_and_shows_the_closing_evaluation(tmp_path, capsys, monkeypatch):
+    """Piped or redirected, each snapshot that says something new is printed whole (a terminal's redrawing wrapped
+    its lines at 80 columns in a log); a finished run shows the evaluation the run made after training."""
+    from dmdr_rl import watch
+    from dmdr_rl.trainer import write_run_config
+
+    write_run_config(load_config("toy-dmdr", [f"output.dir={tmp_path}", "trainer.max_steps=3"]), tmp_path)
+    store = FileStore(tmp_path)
+    store.append("events", {"event": "started", "time": 1.0, "generator_step": 0, "max_steps": 3})
+    losses = {f"loss/{name}": 0.123456 for name in ("dmd", "generator", "critic", "reward/toy-align", "policy")}
+    store.append("metrics", {"step": 1, "time": 2.0, **losses})
+    refreshes = []
+
+    def next_refresh(_):
+        refreshes.append(1)
+        if len(refreshes) == 3:  # two refreshes with nothing new, then the run's last step and its end
+            store.append("metrics", {"step": 3, "time": 4.0, **losses})
+            store.append("events", {"event": "finished", "time": 5.0, "generator_step": 3})
+
+    monkeypatch.setattr(watch.time, "sleep", next_refresh)
+    watch.main([str(tmp_path), "--interval", "0.1"])
+    printed = capsys.readouterr().out
+    assert printed.count("last logged at generator step") == 2  # the first snapshot, then the finished one: no repeats
+    long_line = "  " + "  ".join(f"{k}=0.1235" for k in sorted(losses))
+    assert len(long_line) > 80 and long_line + "\n" in printed  # not wrapped
+    assert "[finished] last logged at generator step 3/3   1.000 steps/s" in printed
+    assert "closing evaluation: none yet" in printed
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text(json.dumps({"num_images": 256, "judge_accuracy": 0.594, "fid": 469.77,
+                                                               "judge_accuracy_by_category": {"single": 0.5}}))
+    text = watch.snapshot(FileStore(tmp_path), tmp_path, 3).text
+    assert "  closing evaluation (256 images): fid=469.8  judge_accuracy=0.594\n" in text + "\n"
+    one_record = FileStore(tmp_path / "one")
+    one_record.append("metrics", {"step": 3, "time": 4.0})
+    one_record.append("events", {"event": "finished", "time": 5.0, "generator_step": 3})
+    assert "3/3   - steps/s   last update" in watch.snapshot(one_record, None, 3).text  # (not "too few records yet")
+
+
 def test_a_fresh_run_refused_by_the_store_leaves_the_earlier_runs_files_in_place(tmp_path, redis_server):
     from dmdr_rl.config import load_config
     from dmdr_rl.trainer import open_run_directory
