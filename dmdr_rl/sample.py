@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
     from .samples import write_samples
     from .seeds import image_seeds
     from .store import write_json_whole
+    from reward_servers.registry import REWARDS
 
     try:
         prompts = [p.strip() for p in args.prompt]
@@ -146,7 +147,10 @@ def main(argv: list[str] | None = None) -> Path:
             specs, where = (args.reward, "--reward") if args.reward else (cfg.rewards, "the run's rewards")
             if not specs:
                 raise ConfigError(f"--score: the run {args.run} has no rewards[]: name one with --reward NAME")
-            rewards = reward_models(specs, where)  # (before sampling: a model that cannot load stops it at once)
+            for i, spec in enumerate(specs):  # (before sampling: a prompt a reward cannot read stops it at once)
+                REWARDS.check(spec.name, prompts=prompts, prompts_from="--prompt / --prompts",
+                              resolution=cfg.model.resolution, where=f"{where}[{i}]")
+            rewards = reward_models(specs, where)  # (so does a model that cannot load)
     except (*fixable_errors(), FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts
         raise SystemExit(f"error: {str(err).replace('data.prompts', '--prompts', 1)}") from None
     model = "teacher" if args.teacher else "student"
