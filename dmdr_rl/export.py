@@ -86,11 +86,12 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         if student.dtype != target:
             student = student.to(target)
         student.save_pretrained(out)
+    transformer_class = family.transformer_class if family else type(student).__name__ if fmt == "transformer" else None
     steps, shift = cfg.student.steps, cfg.student.shift
     settings = {
         "format": fmt, "base_model": cfg.model.path or (family.default_model if family else None),
         "backbone": cfg.model.backbone, "checkpoint": str(checkpoint), "num_inference_steps": steps,
-        "pipeline": family.pipeline_class if family else None, "transformer_class": family.transformer_class if family else None,
+        "pipeline": family.pipeline_class if family else None, "transformer_class": transformer_class,
         "guidance_scale": family.pipeline_guidance(cfg.model.kwargs) if family else 1.0,
         "scheduler_shift": shift, "scheduler_settings": dict(family.scheduler_settings) if family else {},
         "sampler": cfg.student.sampler, "height": cfg.model.resolution, "width": cfg.model.resolution,
@@ -134,17 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights (default float32)")
     args = parser.parse_args(argv)
     try:
+        earlier = json.loads((args.out / "student.json").read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    try:
         settings = export_student(args.run, args.format, args.out, args.dtype)
     except (*fixable_errors(), FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"exported the student ({args.format}) to {args.out.resolve()}")
+    replaced = f", replacing the export of {earlier} that was there" if earlier else ""
+    print(f"exported the student ({args.format}, checkpoint {settings['checkpoint']}) to {args.out.resolve()}{replaced}")
     if settings["pipeline"] is None:  # e.g. the toy world: its own text encoder and pixel space, no diffusers pipeline
         if args.format == "lora":
             load = ("model.load_lora_adapter(out, prefix='transformer', weight_name='pytorch_lora_weights.safetensors') "
                     "on the base transformer")
         else:
-            model_class = json.loads((args.out / "config.json").read_text()).get("_class_name", "<its class>")
-            load = f"{model_class}.from_pretrained(out)"
+            load = f"{settings['transformer_class']}.from_pretrained(out)"
         print(f"(a {settings['backbone']} student, no diffusers pipeline: sample it with `python -m dmdr_rl.sample --run "
               f"{args.run} --prompt TEXT`; the files hold its {'LoRA' if args.format == 'lora' else 'transformer'} in "
               f"diffusers' format: {load})")

@@ -49,12 +49,13 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_path, monkeypatch):
+def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_path, monkeypatch, capsys):
     import my_dit
 
     from dmdr_rl import sample
     from dmdr_rl.backbone import TrainableBackbone, transformer_velocity
     from dmdr_rl.export import export_student
+    from dmdr_rl.export import main as export_main
     from dmdr_rl.samples import read_samples
     from dmdr_rl.trainer import LocalTrainer
 
@@ -105,8 +106,13 @@ def test_the_page_s_backbone_trains_resumes_samples_and_exports(user_dir, tmp_pa
     assert table.num_rows == 2 and (out / "grid.png").is_file()
 
     # exported as a whole transformer, it is the trained generator: the page's factory loads it by model.path
-    export_student(tmp_path / "run", "transformer", tmp_path / "export")
+    settings = export_student(tmp_path / "run", "transformer", tmp_path / "export")
     student = my_dit.build(path=str(tmp_path / "export"))
+    assert settings["transformer_class"] == type(student.transformer).__name__ == "TinyDiT"  # (what loads it)
+    export_main(["--run", str(tmp_path / "run"), "--format", "transformer", "--out", str(tmp_path / "export")])
+    said = capsys.readouterr().out  # exported again into the same directory: the earlier export's replacement is said
+    assert f", replacing the export of {settings['checkpoint']} that was there" in said
+    assert "TinyDiT.from_pretrained(out)" in said
     with torch.no_grad():
         torch.testing.assert_close(student.velocity(x, t, cond),
                                    resumed.backbone.velocity(x, t, cond, adapter=dmdr.GENERATOR), rtol=1e-4, atol=1e-5)
