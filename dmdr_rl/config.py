@@ -481,6 +481,17 @@ class RunConfig(_Section):
     output: OutputSection = OutputSection()
     store: StoreSection = StoreSection()
 
+    @field_validator("name")
+    @classmethod
+    def _name_fits_a_path_and_a_key(cls, value: str, info: ValidationInfo) -> str:
+        """The name becomes a directory (output.dir's {name}) and the run store's keys: a '/' would nest
+        directories, a space or a ':' would make a key other tools split. (A finished run is read whatever it was
+        called.)"""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value) and not (info.context or {}).get("for_sampling"):
+            raise ValueError("a run's name becomes a directory name (output.dir's {name}) and the run store's keys: use "
+                             "letters, digits and . _ + - (starting with a letter or digit)")
+        return value
+
     @model_validator(mode="after")
     def _has_a_loss(self, info: ValidationInfo) -> "RunConfig":
         if self.ray.max_staleness is None:  # the default follows the RL mode (not a setting of the user's)

@@ -97,6 +97,15 @@ def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_p
     assert load_config("toy-dmdr", ["model.path=None", "trainer.device=cuda:1"]).model.path is None
 
 
+def test_a_run_name_that_cannot_be_a_directory_and_a_store_key_is_refused_unless_a_finished_run_is_read(tmp_path):
+    for name in ("a/b", "my run", "-x", "../up", "run:1"):
+        with pytest.raises(ConfigError, match=r"name: a run's name becomes a directory name .* use letters, digits"):
+            load_config("toy-dmdr", [f"name={name}"])
+    assert load_config("toy-dmdr", ["name=toy.v2+lr3e-4_seed1"]).output_dir.name == "toy.v2+lr3e-4_seed1"
+    (tmp_path / "config.yaml").write_text("base: toy-dmdr\nname: my run\n")  # written before the rule: still read
+    assert load_config(tmp_path / "config.yaml", for_sampling=True).name == "my run"
+
+
 def test_an_unknown_key_suggests_the_one_meant(tmp_path):
     for override, meant in (("resume_from=runs/a", "trainer.resume_from"), ("max_steps=5", "trainer.max_steps"),
                             ("student.max_steps=5", "trainer.max_steps"), ("trainer.max_step=5", "trainer.max_steps"),
