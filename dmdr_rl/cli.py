@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# the console scripts pyproject.toml installs, by the module whose main() they run
+CONSOLE_SCRIPTS = {"dmdr_rl.run": "dmdr-rl", "dmdr_rl.eval": "dmdr-rl-eval"}
+
+
+def command_name(module: str) -> str:
+    """How the user started `module`'s command, for its usage line: its console script, or `python -m module`."""
+    script = CONSOLE_SCRIPTS.get(module)
+    return script if script is not None and Path(sys.argv[0]).name == script else f"python -m {module}"
+
 
 def command_summary(doc: str) -> str:
     """A module docstring's first paragraph as one line: a command's --help description (its first line

@@ -203,9 +203,9 @@ def _table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.config_reference", description=command_summary(__doc__))
+    parser = argparse.ArgumentParser(prog=command_name("dmdr_rl.config_reference"), description=command_summary(__doc__))
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help=f"write {REFERENCE_PATH.name} under docs/ (default: print it)")
     action.add_argument("--check", action="store_true",

@@ -44,9 +44,9 @@ def _splits(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    p = argparse.ArgumentParser(prog="python -m dmdr_rl.eval", description=command_summary(__doc__))
+    p = argparse.ArgumentParser(prog=command_name("dmdr_rl.eval"), description=command_summary(__doc__))
     p.add_argument("--model", choices=["teacher", "student"], default=None,
                    help="the toy teacher (with --steps/--cfg), or a trained student (with --run); default: "
                         "student when --run is given, else teacher")

@@ -125,9 +125,9 @@ def lora_file(checkpoint: Path, lora) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.export", description=command_summary(__doc__))
+    parser = argparse.ArgumentParser(prog=command_name("dmdr_rl.export"), description=command_summary(__doc__))
     parser.add_argument("--run", type=Path, required=True, help="a run directory, its checkpoints/ or a step_N/")
     parser.add_argument("--format", default="lora", choices=FORMATS,
                         help="lora: diffusers LoRA weights (load_lora_weights); transformer: a merged model directory (default lora)")

@@ -381,9 +381,9 @@ def _nan_for_null(value):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    p = argparse.ArgumentParser(prog="python -m dmdr_rl.results", description=command_summary(__doc__))
+    p = argparse.ArgumentParser(prog=command_name("dmdr_rl.results"), description=command_summary(__doc__))
     p.add_argument("--rows", default=",".join(ROWS_BY_KEY), help=f"comma-separated rows: {', '.join(ROWS_BY_KEY)} (default all)")
     p.add_argument("--num-images", type=int, default=1000, help="images per split and row (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: the prompts and each image's seed (default 0)")

@@ -285,9 +285,9 @@ def raised_by_a_stop(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.run", description=command_summary(__doc__))
+    parser = argparse.ArgumentParser(prog=command_name("dmdr_rl.run"), description=command_summary(__doc__))
     parser.add_argument("--preset", default=None,
                         help=f"run preset or YAML file (without it: the demo, {DEMO_PRESET}, a short DMDR run on the "
                              f"toy world on a local Ray); presets: {', '.join(available_presets())}")

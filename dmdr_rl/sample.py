@@ -50,9 +50,9 @@ def reward_spec(text: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    p = argparse.ArgumentParser(prog="python -m dmdr_rl.sample", description=command_summary(__doc__))
+    p = argparse.ArgumentParser(prog=command_name("dmdr_rl.sample"), description=command_summary(__doc__))
     p.add_argument("--run", type=Path, required=True,
                    help="a training run directory (its latest checkpoint) or one checkpoints/step_* directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")

@@ -128,9 +128,9 @@ def _closing_evaluation(run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import command_summary
+    from .cli import command_name, command_summary
 
-    parser = argparse.ArgumentParser(prog="python -m dmdr_rl.watch", description=command_summary(__doc__))
+    parser = argparse.ArgumentParser(prog=command_name("dmdr_rl.watch"), description=command_summary(__doc__))
     parser.add_argument("run", help="a run directory, or a run name with --store")
     parser.add_argument("--store", default=None, help="a Redis URL (default: the run's store.url, else its files)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (>= 0.1; default 2)")

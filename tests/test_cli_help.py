@@ -64,3 +64,18 @@ def test_help_answers_without_loading_the_model_stack(module):
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'ray') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("usage: python -m ") and done.stdout.splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_a_console_script_names_itself_in_its_usage_line(monkeypatch):
+    """`dmdr-rl --help` said `usage: python -m dmdr_rl.run`; each script pyproject.toml installs is known by its module."""
+    import tomllib
+
+    from dmdr_rl.cli import CONSOLE_SCRIPTS
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {target.split(":")[0]: name for name, target in scripts.items()} == CONSOLE_SCRIPTS
+    for module, script in CONSOLE_SCRIPTS.items():
+        monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}"])
+        assert _parser(module, monkeypatch).prog == script
+        monkeypatch.setattr(sys, "argv", ["/repo/dmdr_rl/__main__.py"])
+        assert _parser(module, monkeypatch).prog == f"python -m {module}"
