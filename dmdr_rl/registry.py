@@ -4,6 +4,7 @@ Reward models register in `reward_servers.registry.REWARDS`."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import re
@@ -78,8 +79,9 @@ class Registry(Generic[T]):
                 raise error(f"{self.kind} {name!r} names {what}, not a class or function that builds a {self.kind}"
                             f"{inside}")
             return factory
-        raise error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, "
-                    "or give an import path 'package.module:Name'")
+        meant = difflib.get_close_matches(name.lower().replace("_", "-"), self.names(), n=1, cutoff=0.6)
+        raise error(f"unknown {self.kind} {name!r}" + (f" (did you mean {meant[0]!r}?)" if meant else "")
+                    + f"; registered: {', '.join(self.names()) or 'none'}, or give an import path 'package.module:Name'")
 
     def check_options(self, name: str, *, where: str, field: str | None = None, fixes: Mapping[str, str] | None = None,
                       **kwargs: Any) -> Callable[..., T]:

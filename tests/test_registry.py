@@ -30,6 +30,10 @@ def test_import_paths_resolve_and_bad_ones_say_why(tmp_path, monkeypatch):
         registry.resolve("dmdr_rl.toy.classifier:__name__")
     with pytest.raises(ValueError, match="unknown reward model 'hpsv9'; registered: none"):
         registry.resolve("hpsv9")
+    from reward_servers.registry import REWARDS
+
+    with pytest.raises(ValueError, match=r"unknown reward model 'toy_align' \(did you mean 'toy-align'\?\); registered"):
+        REWARDS.resolve("toy_align")
     # a user's module that fails as it is imported: named with the field, its own error as the cause
     (tmp_path / "broken_reward.py").write_text("raise RuntimeError('no weights at /models/mine')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
