@@ -243,6 +243,10 @@ def test_the_page_s_check_refuses_a_resolution_before_anything_is_built(user_dir
     with pytest.raises(ConfigError, match=refused):
         LocalTrainer(_config(user_dir, tmp_path / "run", "model.resolution=30"))
     assert "the config is valid" in run.dry_run(str(user_dir / "my_dit.yaml"), ["model.resolution=32"])
+    # LoRA targets the model lacks: refused by the dry run, naming the field and TinyDiT's own layer names
+    with pytest.raises(ConfigError, match=r"critic.lora.targets: LoRA target module\(s\) \['nope'\] do not exist in "
+                                          r"TinyDiT \(its Linear/Conv layers are named: .*to_q"):
+        run.dry_run(str(user_dir / "my_dit.yaml"), ["critic.lora.targets=[to_q, nope]"])
     # a size the backbone takes but the run's reward does not score: refused too, not after the cold start
     with pytest.raises(ConfigError, match=r"rewards.0: toy-align scores the toy world's 32x32 images, and "
                                           r"model.resolution=64 makes 64x64 ones"):
