@@ -922,6 +922,11 @@ def _describe(err: ValidationError, inherited: dict[tuple[str, ...], str | None]
                 message += "; write null, not None"
             elif e["type"] == "tuple_type":
                 message += f"; write the values in brackets ({field}=[a, b])"
+            elif e["type"] in ("model_type", "model_attributes_type") and value is None:
+                # (`student:` with nothing under it: YAML reads an empty key as null)
+                message = "is empty (an empty key reads as null): give the section's fields under it, or remove the key"
+            elif e["type"] in ("model_type", "model_attributes_type"):
+                message = f"is a section: give its fields as a mapping ({field}.KEY=VALUE, or KEY: VALUE under it)"
             # (a check over a whole section names its fields itself: its input, the section, says nothing more)
             lines.append(f"{field}: {message}" + ("" if isinstance(value, dict) or key_refused else f" (got {value!r})"))
         source = _inherited_from(inherited, e["loc"])

@@ -94,6 +94,12 @@ def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_p
     repeated.write_text("base: toy-dmdr\nx: &steps {max_steps: 4}\ntrainer:\n  <<: *steps\n  cold_start: 2\n")
     with pytest.raises(ConfigError, match=r"\n  x: unknown key"):  # (YAML's merge key is no repetition: read, then judged)
         load_config(str(repeated))
+    empty = tmp_path / "empty.yaml"  # a section's key with nothing under it (YAML: null), or a number in its place
+    empty.write_text("base: toy-dmdr\nstudent:\n")
+    with pytest.raises(ConfigError, match=r"student: is empty \(an empty key reads as null\): give the section's fields"):
+        load_config(str(empty))
+    with pytest.raises(ConfigError, match=r"trainer: is a section: give its fields as a mapping \(trainer.KEY=VALUE"):
+        load_config("toy-dmdr", ["trainer=3"])
     assert load_config("toy-dmdr", ["model.path=None", "trainer.device=cuda:1"]).model.path is None
 
 
