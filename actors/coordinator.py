@@ -74,6 +74,9 @@ class RolloutCoordinator:
         self.replacements = [0] * len(self.workers)  # fresh actors given to each slot (replace_failed_worker)
         # True once a worker has answered `ready` (its constructor is done), else the ref of the question
         self.readiness: list = [worker.ready.remote() for worker in self.workers]
+        # workers whose death or restart is counted (a new incarnation) and that have not answered `ready` since:
+        # a batch sent to one while Ray restarts it fails too, and is the same death, not another
+        self.restarting: set[int] = set()
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
@@ -142,6 +145,7 @@ class RolloutCoordinator:
         ray.kill(self.workers[index], no_restart=False)
         self.incarnations[index] += 1
         self.readiness[index] = self.workers[index].ready.remote()  # the restarted worker's: asked again
+        self.restarting.add(index)
         self.ledger.append("worker_restarted", worker=index, incarnation=self.incarnations[index])
         return True
 
@@ -161,6 +165,7 @@ class RolloutCoordinator:
         self.incarnations[index] += 1
         self.replacements[index] += 1
         self.readiness[index] = self.workers[index].ready.remote()
+        self.restarting.add(index)
         self.ledger.append("worker_replaced", worker=index, incarnation=self.incarnations[index])
         return True
 
@@ -302,11 +307,13 @@ class RolloutCoordinator:
         self._fence(learner_start, "reissue")
         lost = self.batches.get((iteration, rank))
         failed = lost.worker if lost is not None else None
-        if failed is not None and lost.incarnation == self.incarnations[failed]:
+        if failed is not None and lost.incarnation == self.incarnations[failed] and failed not in self.restarting:
             # it died, and Ray starts it again: a new incarnation, as after restart_worker, so that a ticket made
             # before (another rank's, a stuck one's) cannot kill the restarted worker while it loads. (Not
-            # after restart_worker or replace_failed_worker, which counted the death themselves.)
+            # after restart_worker or replace_failed_worker, which counted the death themselves, nor for a batch
+            # that went to the worker while it was restarting: the only worker gets the reissued batch back.)
             self.incarnations[failed] += 1
+            self.restarting.add(failed)
             self.ledger.append("worker_died", worker=failed, incarnation=self.incarnations[failed])
         if failed is not None and self.readiness[failed] is True:
             self.readiness[failed] = self.workers[failed].ready.remote()
@@ -342,6 +349,8 @@ class RolloutCoordinator:
             for index, ref in asked:
                 if ref in answered:
                     self.readiness[index] = self._answer(index, ref)
+                    if self.readiness[index] is True:  # up again: its next death is a new one
+                        self.restarting.discard(index)
         return [index for index, ref in enumerate(self.readiness) if ref is True]
 
     def _answer(self, index: int, ref):

@@ -326,6 +326,37 @@ def test_a_worker_that_died_is_a_new_incarnation_which_an_earlier_ticket_cannot_
     assert events.count("worker_died") == 1 and events.count("worker_restarted") == 1
 
 
+def test_a_batch_reissued_to_the_only_worker_while_it_restarts_fails_in_the_same_death(tmp_path, monkeypatch):
+    """With one rollout worker the reissued batch goes back to it while Ray restarts it, and fails as well: that is
+    the death already counted (a trial's one kill was counted three times), until the worker answers `ready` again."""
+    import actors.coordinator as coordinator_module
+
+    workers, up = _FakeWorkers(questions=True), [True]
+
+    def wait(refs, **_):  # a `ready` question answers while the worker is up; a batch never finishes here
+        done = [r for r in refs if isinstance(r, _Question) and up[0]]
+        return done, [r for r in refs if not any(r is d for d in done)]
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
+    monkeypatch.setattr(coordinator_module.ray, "wait", wait)
+    monkeypatch.setattr(coordinator_module.ray, "get", lambda ref, **_: True)
+    cfg = _config(tmp_path, **{"ray.rollout_actors": 1, "ray.max_staleness": 1})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=1, run_dir=str(tmp_path))
+    coordinator.publish(0, ["weights"])
+    assert coordinator.ready_workers() == [0]
+    coordinator.request(0, 0)
+    up[0] = False  # killed: Ray restarts it
+    for _ in range(3):  # the batch fails, goes back to the restarting worker, fails again ...
+        coordinator.reissue(0, 0)
+    assert coordinator.incarnations == [1]
+    up[0] = True  # restarted: it answers `ready`, and a later death is a new one
+    assert coordinator.ready_workers() == [0] and not coordinator.restarting
+    coordinator.reissue(0, 0)
+    assert coordinator.incarnations == [2]
+    events = [e["event"] for e in coordinator.ledger.events()]
+    assert events.count("worker_died") == 2 and events.count("reissued") == 4
+
+
 def test_a_reissued_batch_goes_to_the_worker_with_the_fewest_batches_outstanding(tmp_path, monkeypatch):
     """A learner waits on a reissued batch, and a worker samples its batches in turn: it goes to the ready worker
     with the least queued, not the next in round-robin (which would put it behind that worker's look-ahead)."""
