@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the fix."""
 
 
+class PluginImportError(ConfigError):
+    """A plugin's module (an import path's) cannot be imported in this process: where another process builds the
+    plugin (a Ray worker, a Serve replica, with its own runtime_env), that one may still import it."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 

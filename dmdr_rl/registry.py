@@ -54,10 +54,10 @@ class Registry(Generic[T]):
     def resolve(self, name: str, field: str | None = None) -> Callable[..., T]:
         """The factory of a registered name or an import path; `field`: the config field the name comes
         from, which the error names (a ConfigError, a ValueError)."""
-        from .config import ConfigError
+        from .config import ConfigError, PluginImportError
 
-        def error(message: str) -> ConfigError:
-            return ConfigError(f"{field}: {message}" if field else message)
+        def error(message: str, kind: type[ConfigError] = ConfigError) -> ConfigError:
+            return kind(f"{field}: {message}" if field else message)
 
         if name in self._factories:
             return self._factories[name]
@@ -68,7 +68,7 @@ class Registry(Generic[T]):
             except Exception as err:  # noqa: BLE001 - not found, an empty name (":Name"), or the module's own error
                 reason = str(err) if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
                 raise error(f"{self.kind} {name!r}: cannot import module {module_name!r} ({reason})"
-                            f"{_import_hint(module_name, err)}") from err
+                            f"{_import_hint(module_name, err)}", PluginImportError) from err
             if not attr or not hasattr(module, attr):
                 raise error(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             factory = getattr(module, attr)

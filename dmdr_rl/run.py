@@ -58,6 +58,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     cfg = with_absolute_paths(cfg)
     for note in _warnings(cfg):
         print(f"warning: {note}", file=sys.stderr, flush=True)
+    check_rewards(cfg, built_here_only=False)  # (as the dry run: before Ray, a reward app or a model starts)
     if cfg.trainer.backend == "ray":
         from .distributed import train_distributed
 
@@ -145,6 +146,26 @@ def _stages(cfg) -> str:
     return f"{cold} cold start, then {steps - cold} with rewards" if cold else "rewards from the first"
 
 
+def check_rewards(cfg, built_here_only: bool = True) -> None:
+    """What each rewards[] entry can refuse without building its model: its name or import path, its kwargs
+    against the factory's signature, a gradient ReFL needs. Not `built_here_only`: a module this process cannot
+    import is left to the process that builds the model where that is another (a Ray rollout worker or
+    learner, a Serve replica: their runtime_env may bring it), which says so itself."""
+    from reward_servers.registry import REWARDS, check_reward
+
+    from .config import PluginImportError
+
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            if spec.placement == "serve" and spec.serve.attach:  # the app's own kwargs decide its model
+                REWARDS.resolve(spec.name, f"rewards.{i}.name")
+            else:
+                check_reward(spec.name, spec.kwargs, f"rewards.{i}", spec.weight, cfg.rl.policy_gradient)
+        except PluginImportError:
+            if built_here_only or (cfg.trainer.backend == "local" and spec.placement == "local"):
+                raise
+
+
 def dry_run(preset: str, overrides: list[str]) -> str:
     """Everything that can be checked without a cluster or model weights: the config, that the backbone
     and every reward resolve (registry name or import path), and the prompt source when it is on this
@@ -153,16 +174,11 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     from .prompts import checked_prompt_source
     from .store import redact_url
     from .registry import check_model
-    from reward_servers.registry import REWARDS, check_reward
 
     cfg = with_absolute_paths(place_job_output(load_config(preset, overrides)))  # as the run would have it
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
-    for i, spec in enumerate(cfg.rewards):
-        if spec.placement == "serve" and spec.serve.attach:  # the app's own kwargs decide its model
-            REWARDS.resolve(spec.name, f"rewards.{i}.name")
-        else:
-            check_reward(spec.name, spec.kwargs, f"rewards.{i}", spec.weight, cfg.rl.policy_gradient)
+    check_rewards(cfg)
     prompts = cfg.data.prompts
     if cfg.trainer.backend == "local":  # what the run would refuse at start on this machine
         from .registry import resolve_device

@@ -197,3 +197,28 @@ def test_a_ray_worker_that_cannot_import_a_plugin_says_how_the_run_sends_it(monk
                                           r".*on PYTHONPATH where the run starts: it sends the module to the Ray it starts or "
                                           r"joins .*ray.init\(runtime_env=.*ray job submit --working-dir"):
         BACKBONES.resolve("no_such_dit:build", field="model.backbone")
+
+
+def test_a_run_checks_its_rewards_as_the_dry_run_does_before_anything_starts(tmp_path, monkeypatch):
+    """A kwargs typo in a Ray run's reward started Ray and failed two learner tries (50 s, a traceback) before the
+    error; a module this process cannot import is left to the Ray workers or replicas that build the model."""
+    import dmdr_rl.distributed as distributed
+    from dmdr_rl import run
+
+    (tmp_path / "my_rewards.py").write_text(
+        "import torch\n\nclass Bright:\n    name = 'bright'\n    differentiable = True\n\n"
+        "    def __init__(self, threshold: float = 0.5):\n        self.threshold = threshold\n\n"
+        "    def score(self, images, prompts):\n        return images.mean((1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = []
+    monkeypatch.setattr(distributed, "train_distributed", lambda cfg: started.append(cfg) or pytest.skip("not reached"))
+    common = ["--preset", "toy-dmdr", "trainer.backend=ray", f"output.dir={tmp_path / 'run'}", "rewards.0.name=my_rewards:Bright"]
+    with pytest.raises(SystemExit):
+        run.main([*common, "rewards.0.kwargs={threshhold: 0.6}"])
+    assert not started  # refused before Ray started
+    monkeypatch.setattr(distributed, "train_distributed", lambda cfg: started.append(cfg) or {"stop": "here"})
+    monkeypatch.setattr(run, "toy_evaluation_applies", lambda cfg: False)  # (nothing to evaluate: the fake trained none)
+    run.main([*common[:-1], "rewards.0.name=only_on_the_workers:Bright"])
+    assert len(started) == 1  # Ray's workers may import what this process cannot (their runtime_env)
+    with pytest.raises(SystemExit):  # a local run builds it here: refused
+        run.main([*common[:-1], "trainer.backend=local", "rewards.0.name=only_on_the_workers:Bright"])
