@@ -7,6 +7,7 @@ the distributed learner (`dmdr_rl.dmdr`), plus optimizers, logging, sample grids
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import shlex
 import signal
@@ -39,12 +40,17 @@ GRID_PROMPTS = 16
 GRID_SEEDS = image_seeds(0, GRID_PROMPTS)  # one per grid image: the same images at every step but for the weights
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 class MetricsLog:
     """Per-step metrics to the run store (`metrics.jsonl` or Redis), when available TensorBoard, and with
     `output.wandb` (`cfg` given) a Weights & Biases run."""
 
     def __init__(self, directory: Path, store, cfg: RunConfig | None = None):
         self.store = store  # (owned from here on: closed by close(), or at once if this fails)
+        self.warned: set[str] = set()  # rewards warned of as training nothing
         self.tensorboard = self.wandb = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -61,12 +67,27 @@ class MetricsLog:
             raise
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._warn_of_rewards_that_trained_nothing(step, metrics)
         self.store.append("metrics", {"step": step, **metrics})
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:  # (a step below one it already has, after a learner's rewind, W&B drops)
             self.wandb.log(metrics, step=step)
+
+    def _warn_of_rewards_that_trained_nothing(self, step: int, metrics: dict[str, float]) -> None:
+        """Once per reward: a step at which none of its scores (or, served, gradients) was finite. Those samples are
+        dropped from the reward term by design, and counted; all of them is a bug in the model, which would
+        otherwise train on DMD alone without a word."""
+        for key, count in metrics.items():
+            name = key.removeprefix("reward/").removesuffix("/non_finite")
+            if (key.startswith("reward/") and key.endswith("/non_finite") and count and name not in self.warned
+                    and not _finite_number(metrics.get(f"reward/{name}"))):
+                self.warned.add(name)
+                tqdm.write(f"dmdr_rl: WARNING: at generator step {step} not one of the {count:g} scores of reward "
+                           f"'{name}' was finite (with a finite gradient), so the reward trained nothing at that step: "
+                           f"check its score() and its gradient (reward/{name}/non_finite "
+                           "counts them at every logged step; this warning is not repeated)", file=sys.stderr)
 
     def write_samples(self, step: int, samples: StepSamples) -> None:
         """The step's sample grid and its mean reward scores to TensorBoard and W&B (`samples/grid`,

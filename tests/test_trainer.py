@@ -590,3 +590,23 @@ def test_a_bf16_bases_lora_goes_to_the_rollouts_in_bf16_and_samples_exactly_as_i
     assert (ours - base).abs().max() > 1e-3 and torch.equal(ours, theirs)
     fp32 = LocalTrainer(load_config("toy-dmdr", tiny_run(f"output.dir={tmp_path / 'fp32'}")))
     assert {v.dtype for v in fp32.learner.published_state(dmdr.GENERATOR).values()} == {torch.float32}
+
+
+def test_a_reward_none_of_whose_scores_is_finite_at_a_step_is_warned_of_once(tmp_path, capsys):
+    """Non-finite samples are dropped from the reward term by design; all of them at a step is a bug in the reward
+    model (a trial's NaN gradient everywhere trained DMD alone, without a word)."""
+    from dmdr_rl.store import FileStore
+    from dmdr_rl.trainer import MetricsLog
+
+    log = MetricsLog(tmp_path, FileStore(tmp_path))
+    try:
+        log.write(1, {"reward/some": 0.5, "reward/some/non_finite": 3.0})  # some dropped: as designed, quiet
+        assert "WARNING" not in capsys.readouterr().err
+        log.write(2, {"reward/all": float("nan"), "reward/all/non_finite": 8.0, "reward/some": 0.5})
+        warned = capsys.readouterr().err
+        assert ("WARNING: at generator step 2 not one of the 8 scores of reward 'all' was finite" in warned
+                and "trained nothing at that step" in warned)
+        log.write(3, {"reward/all": float("nan"), "reward/all/non_finite": 8.0})
+        assert "WARNING" not in capsys.readouterr().err  # once per reward
+    finally:
+        log.close()
