@@ -1212,6 +1212,16 @@ def test_the_progress_bar_times_the_steps_not_the_loading_before_them(monkeypatc
     compiling = tqdm(total=10, file=io.StringIO(), desc="train")  # model.compile: the first step compiles too
     distributed.show_progress(compiling, {"version": -1, "started_step": 0, "epoch": 0, "iteration": 0}, compiles=True)
     assert "rollout workers load their models and compile their blocks" in compiling.postfix
+    closed_out = io.StringIO()  # closed, the bar's last line has the steps' rate, not the average since it was made
+    closed = tqdm(total=3, file=closed_out, desc="train")
+    closed._time = lambda: clock[0]
+    closed.start_t = closed.last_print_t = clock[0]
+    for version in [-1] * 30 + [0] * 60 + [1] * 60 + [2] * 60 + [3]:  # 30 s of loading, then a step a minute
+        distributed.show_progress(closed, {"version": version, "started_step": 0, "epoch": 0, "iteration": 0})
+        clock[0] += 1.0
+    distributed.close_bar(closed)
+    last = closed_out.getvalue().split("\r")[-1]
+    assert "3/3 [03:0" in last and re.search(r"6[01]\.\d\ds/it", last), last  # (not 70 s/it: loading included)
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
