@@ -648,31 +648,37 @@ def _forget_preset_values(cfg: RunConfig, from_presets: dict[tuple[str, ...], bo
             section.__pydantic_fields_set__.discard(key[1])
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one without a word,
-    so a section written twice in a config file lost the first one's values."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first_seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # (`<<: *anchor`: YAML's own way to repeat keys)
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    line = first_seen.setdefault(key, key_node.start_mark.line)
-                except TypeError:  # an unhashable key: the base class says so
-                    break
-                if line != key_node.start_mark.line:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice in one mapping (lines {line + 1} and "
-                        f"{key_node.start_mark.line + 1}): merge them into one")
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_yaml(text: str) -> Any:
-    """YAML as `yaml.safe_load` reads it, but a key repeated in one mapping is an error (a yaml.YAMLError)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML as `yaml.safe_load` reads it, but a key given twice in one mapping is an error (a yaml.YAMLError):
+    PyYAML keeps the last one without a word, so a section written twice in a config file lost the first one's
+    values. Checked on the composed document, before PyYAML's merge keys (`<<: *anchor`) rewrite any mapping."""
+    document = yaml.compose(text, Loader=yaml.SafeLoader)
+    if document is not None:
+        _refuse_repeated_keys(document, set())
+    return yaml.safe_load(text)
+
+
+def _refuse_repeated_keys(node: yaml.Node, seen: set[int]) -> None:
+    if id(node) in seen:  # (an alias: that node was checked where its anchor is)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    where = (f"line {line}" if first_line[key] == line else f"lines {first_line[key]} and {line}")
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key_node.value!r} is given twice in one mapping ({where}): merge them "
+                        "into one")
+                first_line[key] = line
+            _refuse_repeated_keys(key_node, seen)
+            _refuse_repeated_keys(value_node, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, seen)
 
 
 def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tuple[str, ...], str | None],
@@ -781,7 +787,10 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             if not raw.strip():  # an unset shell variable, most likely: never a silent null
                 raise ConfigError(f"override {key!r} has an empty value: give one" +
                                   (f" (or {key}=null)" if nullable else ""))
-            value = _override_value(raw, annotation)
+            try:
+                value = _override_value(raw, annotation)
+            except yaml.constructor.ConstructorError as err:
+                raise ConfigError(f"override {key!r}: {err}") from None
             if annotation is str and raw.strip() in NULL_WORDS:  # a text field's literal "null"? rarely meant
                 default = fields[part].default if fields is not None else None
                 hint = f"; the default is {default!r}" if isinstance(default, str) else ""
@@ -811,7 +820,9 @@ def _override_value(raw: str, annotation: Any) -> Any:
             return unquoted if isinstance(unquoted, str) else text
         return text
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
+    except yaml.constructor.ConstructorError:  # a key given twice ('{weight: 1, weight: 2}'): the caller names it
+        raise
     except yaml.YAMLError:
         return raw  # not YAML: the field's validation says what it expects
 

@@ -35,10 +35,10 @@ def reward_spec(text: str):
     import pydantic
     import yaml
 
-    from .config import RewardSpec
+    from .config import RewardSpec, load_yaml
 
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"not a reward name or YAML mapping: {err}") from None
     fields = {"name": text.strip()} if not isinstance(value, dict) else value

@@ -91,9 +91,15 @@ def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_p
     with pytest.raises(ConfigError, match=r"repeated.yaml as a YAML config: the key 'trainer' is given twice in one "
                                           r"mapping \(lines 2 and 4\): merge them into one$"):
         load_config(str(repeated))
-    repeated.write_text("base: toy-dmdr\nx: &steps {max_steps: 4}\ntrainer:\n  <<: *steps\n  cold_start: 2\n")
-    with pytest.raises(ConfigError, match=r"\n  x: unknown key"):  # (YAML's merge key is no repetition: read, then judged)
+    repeated.write_text("base: toy-dmdr\ntrainer: {max_steps: 4, max_steps: 5}\n")  # on one line
+    with pytest.raises(ConfigError, match=r"the key 'max_steps' is given twice in one mapping \(line 2\)"):
         load_config(str(repeated))
+    with pytest.raises(ConfigError, match=r"override 'rewards': the key 'weight' is given twice in one mapping"):
+        load_config("toy-dmdr", ["rewards=[{name: toy-align, weight: 1, weight: 2}]"])
+    from dmdr_rl.config import load_yaml  # YAML's merge keys (`<<: *anchor`) are no repetition, however nested
+
+    assert load_yaml("b: &b {x: 1}\na: {i: &i {<<: *b, x: 2}}\nc: {<<: *i}\nd: [{<<: *b, y: 3}]\n")["d"] == [{"x": 1, "y": 3}]
+    assert load_yaml('1: a\n"1": b\n') == {1: "a", "1": "b"}  # (a number and a text are two keys)
     empty = tmp_path / "empty.yaml"  # a section's key with nothing under it (YAML: null), or a number in its place
     empty.write_text("base: toy-dmdr\nstudent:\n")
     with pytest.raises(ConfigError, match=r"student: is empty \(an empty key reads as null\): give the section's fields"):
