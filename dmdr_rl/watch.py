@@ -7,15 +7,17 @@
 
 Shows the last logged generator step (metrics come every output.log_every steps), throughput, losses,
 rewards, staleness, the step-time split, the newest evaluation during training (output.eval_every) and
-the newest sample grid, refreshed in place every `--interval` seconds until the run stops, fails or
-reaches its last step; with `--follow`, until Ctrl-C, so a run launched again into the same directory or
-store name (trainer.resume_from) shows once it has started.
+the newest sample grid (and, once a run has finished, the closing evaluation `python -m dmdr_rl.run` made),
+every `--interval` seconds until the run stops, fails or reaches its last step: redrawn in place in a
+terminal, appended when it says something new into a file or a pipe; with `--follow`, until Ctrl-C, so a
+run launched again into the same directory or store name (trainer.resume_from) shows once it has started.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import time
@@ -104,27 +106,30 @@ def snapshot(store, run_dir: Path | None, max_steps: int | None) -> Snapshot:
         grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
         if grids:
             lines.append(f"  newest samples: {grids[-1]}")
-        if state == "finished":
-            lines.append(_closing_evaluation(run_dir))
+        if state == "finished" and launched is not None:
+            lines.extend(_closing_evaluation(run_dir, launched))
     lines.extend(notes)
     return Snapshot("\n".join(lines), ended or (bool(max_steps) and last["step"] >= max_steps), shown_state)
 
 
-def _closing_evaluation(run_dir: Path) -> str:
-    """The line for the evaluation `python -m dmdr_rl.run` makes once training has finished (eval/report.json), or
-    that it is still to come."""
+def _closing_evaluation(run_dir: Path, launched: float) -> list[str]:
+    """The line for the evaluation `python -m dmdr_rl.run` makes once training has finished (eval/report.json, on
+    the toy world), when this launch wrote one (a resume keeps the previous launch's until then)."""
     import json
 
     from .tracking import evaluation_scalars
 
     report_path = run_dir / "eval" / "report.json"
     try:
+        if report_path.stat().st_mtime < launched:
+            return []
         report = json.loads(report_path.read_text())
-    except (OSError, ValueError):  # not written yet (or never: a run whose evaluation does not apply)
-        return "  closing evaluation: none yet (the run evaluates its student after training, where it applies)"
-    values = {k.removeprefix("eval/"): v for k, v in evaluation_scalars(report).items() if "_by_" not in k and k != "eval/num_images"}
+    except (OSError, ValueError):  # none (yet, or at all: the toy evaluation applies to toy prompts only)
+        return []
+    values = {k.removeprefix("eval/"): v for k, v in evaluation_scalars(report).items()
+              if "_by_" not in k and k != "eval/num_images"}
     images = f" ({report['num_images']} images)" if "num_images" in report else ""
-    return f"  closing evaluation{images}: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+    return [f"  closing evaluation{images}: " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(args.interval)
     except KeyboardInterrupt:  # Ctrl-C ends watching; the run goes on
         return
+    except BrokenPipeError:  # `watch DIR | head`: the reader has gone, and so does watch (quietly, at exit too)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     if shown.state in ("stopped", "failed", "not running"):
         print(ENDED_HINT.format(state=shown.state), flush=True)
 
@@ -185,7 +193,7 @@ def _display():
     printed = [None]
 
     def append(text: str) -> None:
-        news = re.sub(r"last update \d+ s ago", "", text)  # (a new number each refresh, nothing new)
+        news = re.sub(r"last update -?\d+ s ago", "", text)  # (a new number each refresh, nothing new)
         if news != printed[0]:
             print(text, flush=True)
             printed[0] = news
