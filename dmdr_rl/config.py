@@ -473,7 +473,9 @@ def toy_evaluation_applies(cfg: "RunConfig") -> bool:
 
 
 class RunConfig(_Section):
-    name: str = Field("dmdr", min_length=1)  # the run's name: output.dir's {name}, its store records', W&B's run name
+    # the run's name: output.dir's {name}, its store records', W&B's run name; letters, digits and . _ + -
+    # (starting with a letter or digit)
+    name: str = Field("dmdr", min_length=1)
     model: ModelSection = ModelSection()
     student: StudentSection = StudentSection()
     critic: CriticSection = CriticSection()
@@ -938,11 +940,14 @@ def _describe(err: ValidationError, inherited: dict[tuple[str, ...], str | None]
                 message += "; write null, not None"
             elif e["type"] == "tuple_type":
                 message += f"; write the values in brackets ({field}=[a, b])"
-            elif e["type"] in ("model_type", "model_attributes_type") and value is None:
-                # (`student:` with nothing under it: YAML reads an empty key as null)
-                message = "is empty (an empty key reads as null): give the section's fields under it, or remove the key"
             elif e["type"] in ("model_type", "model_attributes_type"):
-                message = f"is a section: give its fields as a mapping ({field}.KEY=VALUE, or KEY: VALUE under it)"
+                keyed = isinstance(e["loc"][-1], str)  # (not a list's item)
+                message = (("is null, which an empty key in YAML also reads as: give the section's fields"
+                            + (", or remove the key" if keyed else "")) if value is None else
+                           "is a section: give its fields as a mapping" + (f" ({field}.KEY=VALUE, or KEY: VALUE under "
+                                                                             "it)" if keyed else ""))
+                if _nullable(e["loc"]):
+                    message += ", or null"
             # (a check over a whole section names its fields itself: its input, the section, says nothing more)
             lines.append(f"{field}: {message}" + ("" if isinstance(value, dict) or key_refused else f" (got {value!r})"))
         source = _inherited_from(inherited, e["loc"])

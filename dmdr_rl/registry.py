@@ -4,7 +4,6 @@ Reward models register in `reward_servers.registry.REWARDS`."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import re
@@ -54,7 +53,7 @@ class Registry(Generic[T]):
     def resolve(self, name: str, field: str | None = None) -> Callable[..., T]:
         """The factory of a registered name or an import path; `field`: the config field the name comes
         from, which the error names (a ConfigError, a ValueError)."""
-        from .config import ConfigError, PluginImportError
+        from .config import ConfigError, PluginImportError, _did_you_mean_among
 
         def error(message: str, kind: type[ConfigError] = ConfigError) -> ConfigError:
             return kind(f"{field}: {message}" if field else message)
@@ -79,9 +78,8 @@ class Registry(Generic[T]):
                 raise error(f"{self.kind} {name!r} names {what}, not a class or function that builds a {self.kind}"
                             f"{inside}")
             return factory
-        meant = difflib.get_close_matches(name.lower().replace("_", "-"), self.names(), n=1, cutoff=0.6)
-        raise error(f"unknown {self.kind} {name!r}" + (f" (did you mean {meant[0]!r}?)" if meant else "")
-                    + f"; registered: {', '.join(self.names()) or 'none'}, or give an import path 'package.module:Name'")
+        raise error(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or 'none'}, or give an import "
+                    f"path 'package.module:Name'" + _did_you_mean_among(name.lower().replace("_", "-"), self.names()))
 
     def check_options(self, name: str, *, where: str, field: str | None = None, fixes: Mapping[str, str] | None = None,
                       **kwargs: Any) -> Callable[..., T]:

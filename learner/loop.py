@@ -290,7 +290,8 @@ def _say_coordinator_gone(rank: int, err: BaseException) -> None:
     goes with it: a stopped run, a lost node), at registration or mid-run. The try ends without an error: a raised
     one would be the infrastructure's, and Ray Train would retry it while the driver has already given up."""
     print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (the run was stopped, or its driver's "
-          f"node lost), so this learner ends; the run continues with trainer.resume_from=<the run directory> "
+          f"node lost), so this learner ends; launch the run again with trainer.resume_from=<the run directory> to "
+          f"continue it "
           f"({type(err).__name__})", flush=True)
 
 

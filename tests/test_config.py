@@ -102,10 +102,12 @@ def test_a_password_never_shows_in_an_error_and_a_yaml_typo_lists_the_keys(tmp_p
     assert load_yaml('1: a\n"1": b\n') == {1: "a", "1": "b"}  # (a number and a text are two keys)
     empty = tmp_path / "empty.yaml"  # a section's key with nothing under it (YAML: null), or a number in its place
     empty.write_text("base: toy-dmdr\nstudent:\n")
-    with pytest.raises(ConfigError, match=r"student: is empty \(an empty key reads as null\): give the section's fields"):
+    with pytest.raises(ConfigError, match=r"student: is null, which an empty key in YAML also reads as: give the section's fields, or remove"):
         load_config(str(empty))
     with pytest.raises(ConfigError, match=r"trainer: is a section: give its fields as a mapping \(trainer.KEY=VALUE"):
         load_config("toy-dmdr", ["trainer=3"])
+    with pytest.raises(ConfigError, match=r"student.lora: is a section: .*, or null \(got 3\)"):  # (null: full fine-tune)
+        load_config("toy-dmdr", ["student.lora=3"])
     assert load_config("toy-dmdr", ["model.path=None", "trainer.device=cuda:1"]).model.path is None
 
 

@@ -203,7 +203,7 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
         toy_eval.main(["--model", "student", "--run", str(tmp_path / "not-a-run"), "--num-images", "2"])
 
     # the same student for your own prompts: a grid, and each image again from its row's seed alone
-    from dmdr_rl import evaluation, sample
+    from dmdr_rl import sample
     from dmdr_rl.samples import decode_png
 
     out = sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--prompt", "a blue square", "--num", "3",
@@ -262,14 +262,11 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
         sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--score", "--out", str(tmp_path / "unread")])
     assert not (tmp_path / "unread").exists()  # refused before sampling (the toy backbone itself reads the words)
 
-    def unreadable(*_, **__):  # a reward that refuses a prompt only when it scores it
-        from reward_servers.protocol import RewardInputError
+    from reward_servers.registry import REWARDS  # a reward without that check refuses the prompt only as it scores
 
-        raise RewardInputError("prompt 'a red circle' is not one this reward reads")
-
-    monkeypatch.setattr(evaluation, "score_images", unreadable)
-    with pytest.raises(SystemExit, match=r"error: scoring: prompt 'a red circle' .*the images are in"):
-        sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--out", str(tmp_path / "kept")])
+    monkeypatch.setattr(REWARDS, "check", lambda *_, **__: None)
+    with pytest.raises(SystemExit, match=r"error: scoring: .*not the toy grammar.*the images are in"):
+        sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--score", "--out", str(tmp_path / "kept")])
     assert len(read_samples(tmp_path / "kept" / "samples.parquet")) == 4  # what was sampled is not lost
     config["rewards"] = [{"name": "toy-align", "placement": "serve", "serve": {"attach": True}}]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))  # an app deployed on its own: its model unknown here
