@@ -77,6 +77,7 @@ class RolloutCoordinator:
         # workers whose death or restart is counted (a new incarnation) and that have not answered `ready` since:
         # a batch sent to one while Ray restarts it fails too, and is the same death, not another
         self.restarting: set[int] = set()
+        self.notices: list[str] = []  # what happened to the rollout workers, for the driver's console
         self.ratio, self.max_staleness = self.cfg.dmd.ratio, ray_cfg.max_staleness
         self.lookahead = lookahead if lookahead is not None else self.ratio * (self.max_staleness + 1)
         self.version, self.weights = -1, None  # the latest published generator weights: [ObjectRef]
@@ -147,6 +148,8 @@ class RolloutCoordinator:
         self.readiness[index] = self.workers[index].ready.remote()  # the restarted worker's: asked again
         self.restarting.add(index)
         self.ledger.append("worker_restarted", worker=index, incarnation=self.incarnations[index])
+        self.notices.append(f"rollout worker {index} stopped answering (ray.rollout_timeout_s), so it was restarted; "
+                            "its batches are sampled again")
         return True
 
     def replace_failed_worker(self, index: int, incarnation: int, learner_start: int | None = None) -> bool:
@@ -167,6 +170,8 @@ class RolloutCoordinator:
         self.readiness[index] = self.workers[index].ready.remote()
         self.restarting.add(index)
         self.ledger.append("worker_replaced", worker=index, incarnation=self.incarnations[index])
+        self.notices.append(f"rollout worker {index} could not start again (its constructor failed), so a fresh one "
+                            f"took its place ({self.replacements[index]} of {WORKER_REPLACEMENTS} this launch)")
         return True
 
     # -- batches ------------------------------------------------------------------------------
@@ -231,6 +236,7 @@ class RolloutCoordinator:
                 "started_step": self.started_at[1],  # (version > started_step: a step trained since the learner started)
                 "losses": self.losses,
                 "learners_registered": len(self.learner_processes),  # (0: Ray has not placed and started one yet)
+                "notices": len(self.notices), "recent_notices": self.notices[-10:],
                 # a learner try failed, or another one has begun, and has not started (loading its model) yet
                 "learner_restarting": self.learner_down or 0 < self.learner_starts < self.rank0_registrations}
 
@@ -315,6 +321,7 @@ class RolloutCoordinator:
             self.incarnations[failed] += 1
             self.restarting.add(failed)
             self.ledger.append("worker_died", worker=failed, incarnation=self.incarnations[failed])
+            self.notices.append(f"rollout worker {failed} died; Ray starts it again, and its batches are sampled again")
         if failed is not None and self.readiness[failed] is True:
             self.readiness[failed] = self.workers[failed].ready.remote()
         batch = self._issue(iteration, rank, avoid=failed, urgent=True)

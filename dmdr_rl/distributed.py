@@ -585,8 +585,24 @@ def _follow(fit: threading.Thread, coordinator, bar, cfg: RunConfig, out: Path, 
                                f"({err})") from err
         except Exception:  # the coordinator is busy: just skip this refresh
             continue
+        report_events(bar, progress, latest)
         latest.update(progress)
         show_progress(bar, progress, compiles=cfg.model.compile)
+
+
+def report_events(bar, progress: dict, before: dict) -> None:
+    """A line above the bar for what befell the run's processes since the `before` poll: a rollout worker that died
+    or was restarted or replaced (the coordinator's notices), a learner try that ended and the restart from its
+    checkpoint (Ray Train's own log says why it ended)."""
+    new = progress.get("notices", 0) - before.get("notices", 0)
+    for notice in progress.get("recent_notices", [])[-new:] if new > 0 else []:
+        bar.write(f"dmdr_rl: {notice}")
+    if progress.get("learner_restarting") and not before.get("learner_restarting"):
+        bar.write("dmdr_rl: a learner try ended; Ray Train starts the learners again, from the last checkpoint "
+                  "(up to ray.max_failures times)")
+    if progress.get("epoch", 0) > before.get("epoch", 0):
+        bar.write(f"dmdr_rl: the learners restarted from generator step {progress['started_step']}; the steps after "
+                  "it are trained again")
 
 
 def show_progress(bar, progress: dict, compiles: bool = False) -> None:

@@ -355,6 +355,8 @@ def test_a_batch_reissued_to_the_only_worker_while_it_restarts_fails_in_the_same
     assert coordinator.incarnations == [2]
     events = [e["event"] for e in coordinator.ledger.events()]
     assert events.count("worker_died") == 2 and events.count("reissued") == 4
+    assert coordinator.progress()["notices"] == 2 and coordinator.progress()["recent_notices"][-1].startswith(
+        "rollout worker 0 died; Ray starts it again")
 
 
 def test_a_reissued_batch_goes_to_the_worker_with_the_fewest_batches_outstanding(tmp_path, monkeypatch):
@@ -1222,6 +1224,35 @@ def test_the_progress_bar_times_the_steps_not_the_loading_before_them(monkeypatc
     distributed.close_bar(closed)
     last = closed_out.getvalue().split("\r")[-1]
     assert "3/3 [03:0" in last and re.search(r"6[01]\.\d\ds/it", last), last  # (not 70 s/it: loading included)
+
+
+def test_the_driver_says_what_befell_the_workers_and_the_learners_above_the_bar(capsys):
+    """A killed rollout worker was silent on the console, and a learner restart showed only in the bar's postfix
+    (and Ray Train's traceback): each now has a line of its own, once."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    import dmdr_rl.distributed as distributed
+
+    bar = tqdm(total=10, file=io.StringIO())
+    polls = [{"epoch": 0, "started_step": 0, "notices": 0, "recent_notices": []},
+             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"]},
+             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"]},
+             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
+              "learner_restarting": True},
+             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
+              "learner_restarting": True},
+             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"]}]
+    latest: dict = {}
+    for progress in polls:
+        distributed.report_events(bar, progress, latest)
+        latest.update(progress)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dmdr_rl:")]
+    assert said == ["dmdr_rl: rollout worker 0 died; Ray starts it again",
+                    "dmdr_rl: a learner try ended; Ray Train starts the learners again, from the last checkpoint "
+                    "(up to ray.max_failures times)",
+                    "dmdr_rl: the learners restarted from generator step 3; the steps after it are trained again"]
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
