@@ -16,12 +16,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import RewardInputError
 
 
 class ScoreRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")  # ("grad": "yes" is refused, as a misspelt key is)
+
     prompts: list[str]
     images_npy: Optional[str] = None  # base64 of one .npy: float [B, 3, H, W] in [0, 1] or uint8 [B, 3, H, W]
     images_png: list[str] = Field(default_factory=list)  # base64 PNG (RGB) per image

@@ -484,6 +484,13 @@ def test_http_codec_round_trips_npy_and_png_and_never_unpickles(monkeypatch):
         http.decode_images(request)
     with pytest.raises(RewardInputError, match="exactly one"):
         http.decode_images(http.ScoreRequest(prompts=["a"]))
+    import pydantic  # a field of another type, or one the request does not have: refused, not read loosely or dropped
+
+    body = http.encode_request(images, PROMPTS[:2])
+    for wrong in ({"grad": "yes"}, {"grads": True}, {"prompts": "a red circle"}):
+        with pytest.raises(pydantic.ValidationError):
+            http.ScoreRequest.model_validate_json(json.dumps({**body, **wrong}))
+    assert http.ScoreRequest.model_validate_json(json.dumps({**body, "grad": True})).grad is True
     # a header claiming 4 x 3 x 8192 x 8192 float64 (6.4 GB) over a few bytes: refused before numpy allocates it
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (4, 3, 8192, 8192)})
