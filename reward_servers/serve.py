@@ -174,9 +174,15 @@ def reward_app(spec: RewardSpec, where: str = "rewards[]"):
     # (Serve caps a batch at the requests a replica takes at once: keep that above max_batch_size)
     ongoing = max(64, s.max_batch_size)
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, max_ongoing_requests=ongoing,
-                                logging_config={"enable_access_log": s.access_log}, **options).bind(
+                                logging_config=_logging(s.access_log), **options).bind(
         spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
         spec.max_images_per_call, where)
+
+
+def _logging(access_log: bool) -> dict:
+    """Serve's logging for the apps a run starts: its INFO lines (replicas and proxies starting, routers polling)
+    reach the training run's console, so warnings only, unless the access log (INFO lines) is asked for."""
+    return {"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"}
 
 
 def build_app(args: dict):
@@ -194,7 +200,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
     specs = [spec for spec in cfg.rewards if spec.placement == "serve"]
     if not specs:
         return []
-    serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port})
+    serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port}, logging_config=_logging(False))
     host, port = _http_address(cfg)
     started: list[str] = []
     claimed: list[str] = []

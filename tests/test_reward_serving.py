@@ -229,10 +229,12 @@ def test_a_replica_takes_as_many_requests_at_once_as_a_batch_merges():
 
 def test_a_reward_app_logs_no_line_per_request_unless_asked():
     """Serve's access log writes a line per request: one per rollout and learner step, into the run's console."""
-    def access_log(**options):
-        return reward_app(_serve_spec("toy-align", **options))._bound_deployment.logging_config["enable_access_log"]
+    def logging(**options):
+        config = reward_app(_serve_spec("toy-align", **options))._bound_deployment.logging_config
+        return config["enable_access_log"], config["log_level"]
 
-    assert access_log() is False and access_log(access_log=True) is True
+    assert logging() == (False, "WARNING")  # (nor its replicas' other INFO lines)
+    assert logging(access_log=True) == (True, "INFO")  # (access log lines are INFO lines)
 
 
 def test_a_reward_app_tries_a_failing_constructor_as_often_as_configured():
