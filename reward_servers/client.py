@@ -33,6 +33,9 @@ class ServeTransport:
         from ray import serve
 
         if self._handle is None:
+            # the handle's router logs INFO lines as it starts (and a line per replica change): in a learner or
+            # rollout worker they only reach the training run's console, out of order
+            logging.getLogger("ray.serve").setLevel(max(logging.WARNING, logging.getLogger("ray.serve").level))
             self._handle = serve.get_app_handle(self.app)
         call = getattr(self._handle, method)
         response = call.remote() if images is None else call.remote(images, prompts)
