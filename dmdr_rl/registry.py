@@ -343,6 +343,11 @@ def _diffusers_check(family: Callable[[], Any]) -> Callable[..., None]:
         from .latent import WrongFamilyError, check_config_files, check_model_path
 
         model_family = family()
+        length = (options or {}).get("max_sequence_length")
+        if length is not None and not (isinstance(length, int) and 1 <= length <= MAX_T5_TOKENS):
+            raise ConfigError(f"model.kwargs.max_sequence_length={length!r}: the prompt's T5 tokens, 1 to {MAX_T5_TOKENS} "
+                              f"(diffusers' {model_family.pipeline_class} refuses more, so an export could not be sampled "
+                              "there)")
         if loads_here:
             check_model_path(model_family, path or model_family.default_model)
         try:  # (the config read once: the targets are checked against it too)
@@ -391,6 +396,9 @@ def backbone_notes(model, shift: float) -> list[str]:
 
     note = shift_note(family, model.path, model.resolution, shift)
     return [note] if note else []
+
+
+MAX_T5_TOKENS = 512  # the longest T5 prompt diffusers' SD3 and Flux pipelines take (their check_inputs)
 
 
 def _register_diffusers_family(name: str, module: str, family: str, loader: str) -> None:
