@@ -4,7 +4,8 @@
     python -m dmdr_rl.eval --steps 32,4,1 --cfg 1,2,3,4 --split held-in,held-out --num-images 500
 
 Comma-separated values sweep every combination; each writes `report.json` and `grid.png` in its own
-directory under --out, and a `summary.json` / `summary.md` table collects them all.
+directory under --out, and a `summary.json` / `summary.md` table collects every setting evaluated there
+(by this call and earlier ones).
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     reports = []
     for split, (setting, settings, sample_fn) in itertools.product(args.split, samplers(args)):
         name = f"{setting}-{split}" + (f"-seed{args.seed}" if args.seed else "")  # other settings: other directories
+        _say_if_replaced(args.out / name / "report.json", args.num_images)
         started = time.time()
         report = evaluate(
             sample_fn,
@@ -189,8 +191,35 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         if "fid_note" in report and len(reports) == 0:
             print(f"  note: {report['fid_note']}; compare FIDs at equal image counts")
         reports.append(report)
-    write_summary(reports, args.out)
+    write_summary(_every_report(args.out), args.out)
     return reports
+
+
+def _say_if_replaced(path: Path, num_images: int) -> None:
+    """A setting's directory holds its latest evaluation only: say so when that replaces one at another image count
+    (FID depends on it) or of another checkpoint."""
+    import json
+
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    print(f"{path.parent.name}: replacing the evaluation there of {earlier.get('num_images', '?')} images"
+          + (f" ({earlier['checkpoint']})" if "checkpoint" in earlier else "")
+          + ("" if earlier.get("num_images") == num_images else f" with one of {num_images}"))
+
+
+def _every_report(out: Path) -> list[dict]:
+    """Every setting evaluated under `out`, by this call or an earlier one (each directory's report.json)."""
+    import json
+
+    reports = []
+    for path in sorted(out.glob("*/report.json")):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):  # (not an evaluation's: left out)
+            continue
+    return [r for r in reports if {"judge_accuracy", "fid", "split", "model"} <= set(r)]
 
 
 def write_summary(reports: list[dict], out: Path) -> None:

@@ -52,6 +52,13 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys, teach
     toy_eval.main(["--steps", "2", "--cfg", "1", "--shift", "2", "--seed", "1", "--num-images", "2", "--out", str(tmp_path)])
     assert (tmp_path / "teacher-steps2-cfg1-shift2-held-in-seed1" / "report.json").exists()
     assert (tmp_path / "teacher-steps2-cfg1-held-in" / "report.json").exists()
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3  # every setting under --out, earlier calls' too
+    capsys.readouterr()
+    toy_eval.main(["--steps", "2", "--cfg", "1", "--num-images", "4", "--out", str(tmp_path)])  # the same setting again
+    assert ("teacher-steps2-cfg1-held-in: replacing the evaluation there of 8 images with one of 4"
+            in capsys.readouterr().out)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary) == 3 and sorted(r["num_images"] for r in summary) == [2, 4, 8]
 
 
 @pytest.mark.parametrize(
