@@ -600,9 +600,10 @@ def report_events(bar, progress: dict, before: dict) -> None:
     if progress.get("learner_restarting") and not before.get("learner_restarting"):
         bar.write("dmdr_rl: a learner try ended; Ray Train starts the learners again, from the last checkpoint "
                   "(up to ray.max_failures times)")
-    if progress.get("epoch", 0) > before.get("epoch", 0):
-        bar.write(f"dmdr_rl: the learners restarted from generator step {progress['started_step']}; the steps after "
-                  "it are trained again")
+    if progress.get("epoch", 0) > before.get("epoch", 0):  # (a quick restart may fall between two polls)
+        ended = "" if before.get("learner_restarting") else "a learner try ended; "
+        bar.write(f"dmdr_rl: {ended}the learners restarted from generator step {progress['started_step']}; the steps "
+                  "after it are trained again")
 
 
 def show_progress(bar, progress: dict, compiles: bool = False) -> None:

@@ -1253,6 +1253,10 @@ def test_the_driver_says_what_befell_the_workers_and_the_learners_above_the_bar(
                     "dmdr_rl: a learner try ended; Ray Train starts the learners again, from the last checkpoint "
                     "(up to ray.max_failures times)",
                     "dmdr_rl: the learners restarted from generator step 3; the steps after it are trained again"]
+    # a restart quicker than the driver's poll: no poll saw the learner restarting, the restart says both
+    distributed.report_events(bar, {**polls[-1], "epoch": 2, "started_step": 6}, latest)
+    assert capsys.readouterr().out.strip().endswith(
+        "dmdr_rl: a learner try ended; the learners restarted from generator step 6; the steps after it are trained again")
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):
