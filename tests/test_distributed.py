@@ -1243,7 +1243,8 @@ def test_the_driver_says_what_befell_the_workers_and_the_learners_above_the_bar(
               "learner_restarting": True},
              {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
               "learner_restarting": True},
-             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"]}]
+             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
+              "learner_restarting": False}]  # (the coordinator's progress always has the key)
     latest: dict = {}
     for progress in polls:
         distributed.report_events(bar, progress, latest)
