@@ -209,7 +209,7 @@ class RewardServeSpec(_Section):
     # bounds what a small PNG can decode to, and the body read (32 bytes a pixel: float64 .npy in base64)
     http_max_pixels: int = Field(2**24, ge=1)
     # Serve's access log line for every request (one a rollout or learner step, in the training run's console too);
-    # false also keeps the app's other INFO lines (replicas starting) off that console: warnings only
+    # false also keeps an app the run starts from logging its other INFO lines (replicas starting): warnings only
     access_log: bool = False
 
     @field_validator("runtime_env")

@@ -382,13 +382,14 @@ def _answers_http(connection: socket.socket, timeout_s: float = 2.0) -> bool:
             return False
 
 
-def serving_rewards(cfg: RunConfig):
-    """A context holding the run's reward apps (placement: serve) up; nothing when every reward is local."""
+def serving_rewards(cfg: RunConfig, own_cluster: bool = False):
+    """A context holding the run's reward apps (placement: serve) up; nothing when every reward is local.
+    `own_cluster`: the run started this Ray (connect's "local")."""
     if not any(spec.placement == "serve" for spec in cfg.rewards):
         return contextlib.nullcontext([])
     from reward_servers.serve import reward_apps
 
-    return reward_apps(cfg)
+    return reward_apps(cfg, own_cluster)
 
 
 def train_distributed(cfg: RunConfig) -> dict:
@@ -412,7 +413,7 @@ def train_distributed(cfg: RunConfig) -> dict:
     if cfg.store.url is not None:  # an unreachable Redis: said now, not after Ray has started and reward apps deployed
         open_store(cfg.store.url, None, cfg.name).close()
     where = connect(cfg)
-    with serving_rewards(cfg):
+    with serving_rewards(cfg, own_cluster=where == "local"):
         return _train_on_ray(cfg, where)
 
 

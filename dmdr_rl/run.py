@@ -67,9 +67,8 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     else:
         from .distributed import connect, serving_rewards
 
-        if any(spec.placement == "serve" for spec in cfg.rewards):
-            connect(cfg)  # reward apps need a Ray cluster even for the single-process trainer
-        with serving_rewards(cfg):
+        where = connect(cfg) if any(spec.placement == "serve" for spec in cfg.rewards) else None
+        with serving_rewards(cfg, own_cluster=where == "local"):  # (reward apps need a Ray even for a local run)
             trainer = LocalTrainer(cfg)
             started = time.time()
             summary = trainer.train()

@@ -160,9 +160,10 @@ class RewardServer:
         return self.info()
 
 
-def reward_app(spec: RewardSpec, where: str = "rewards[]"):
+def reward_app(spec: RewardSpec, where: str = "rewards[]", quiet: bool = False):
     """The Serve application of one reward spec (deployment options from `spec.serve`); `where`: the config
-    entry (rewards.N) a replica's load errors name."""
+    entry (rewards.N) a replica's load errors name; `quiet`: a training run's own app, whose INFO lines would reach
+    its console (an app deployed alone, `serve deploy`, logs as Serve does)."""
     s = spec.serve
     actor_options: dict[str, Any] = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
     if s.runtime_env:
@@ -174,15 +175,15 @@ def reward_app(spec: RewardSpec, where: str = "rewards[]"):
     # (Serve caps a batch at the requests a replica takes at once: keep that above max_batch_size)
     ongoing = max(64, s.max_batch_size)
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, max_ongoing_requests=ongoing,
-                                logging_config=_logging(s.access_log), **options).bind(
+                                logging_config=_logging(s.access_log, quiet), **options).bind(
         spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
         spec.max_images_per_call, where)
 
 
-def _logging(access_log: bool) -> dict:
-    """Serve's logging for the apps a run starts: its INFO lines (replicas and proxies starting, routers polling)
-    reach the training run's console, so warnings only, unless the access log (INFO lines) is asked for."""
-    return {"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"}
+def _logging(access_log: bool, quiet: bool) -> dict:
+    """Serve's logging of an app. `quiet`: warnings only (the INFO lines of replicas starting and of routers
+    reached a training run's console), unless the access log, whose lines are INFO, is asked for."""
+    return {"enable_access_log": access_log, **({"log_level": "WARNING"} if quiet and not access_log else {})}
 
 
 def build_app(args: dict):
@@ -191,7 +192,7 @@ def build_app(args: dict):
     return reward_app(RewardSpec.model_validate(args))
 
 
-def start_reward_apps(cfg: RunConfig) -> list[str]:
+def start_reward_apps(cfg: RunConfig, own_cluster: bool = False) -> list[str]:
     """Deploy every `placement: serve` reward that is not `attach`ed; check that attached ones run.
     Returns the names of the apps this run started (to be stopped with `stop_reward_apps`). An app
     of that name that already runs is not replaced (it may be someone else's): attach to it instead.
@@ -200,7 +201,10 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
     specs = [spec for spec in cfg.rewards if spec.placement == "serve"]
     if not specs:
         return []
-    serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port}, logging_config=_logging(False))
+    # (on a Ray the run started, Serve's controller and proxies log warnings only too: that Serve ends with the run,
+    # where on a shared cluster the setting would stay for everyone's apps)
+    serve.start(http_options={"host": cfg.ray.http_host, "port": cfg.ray.http_port},
+                **({"logging_config": _logging(False, quiet=True)} if own_cluster else {}))
     host, port = _http_address(cfg)
     started: list[str] = []
     claimed: list[str] = []
@@ -227,7 +231,7 @@ def start_reward_apps(cfg: RunConfig) -> list[str]:
             started.append(spec.app_name)
             begun = time.time()
             try:
-                serve.run(reward_app(spec, f"rewards.{i}"), name=spec.app_name, route_prefix=f"/{spec.app_name}")
+                serve.run(reward_app(spec, f"rewards.{i}", quiet=True), name=spec.app_name, route_prefix=f"/{spec.app_name}")
             except Exception as err:
                 cause = _deployment_messages(spec.app_name)  # (before the app is deleted)
                 raise RewardServerError(f"reward app {spec.app_name!r} ({spec.name}) failed to start: "
@@ -347,9 +351,10 @@ def _by_hand(app: str) -> str:
 
 
 @contextmanager
-def reward_apps(cfg: RunConfig):
-    """The run's reward apps for the duration of a `with` block (attached apps are left running)."""
-    started = start_reward_apps(cfg)
+def reward_apps(cfg: RunConfig, own_cluster: bool = False):
+    """The run's reward apps for the duration of a `with` block (attached apps are left running); `own_cluster`: the
+    run started this Ray itself."""
+    started = start_reward_apps(cfg, own_cluster)
     try:
         yield started
     finally:

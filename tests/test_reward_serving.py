@@ -229,12 +229,13 @@ def test_a_replica_takes_as_many_requests_at_once_as_a_batch_merges():
 
 def test_a_reward_app_logs_no_line_per_request_unless_asked():
     """Serve's access log writes a line per request: one per rollout and learner step, into the run's console."""
-    def logging(**options):
-        config = reward_app(_serve_spec("toy-align", **options))._bound_deployment.logging_config
+    def logging(quiet: bool, **options):
+        config = reward_app(_serve_spec("toy-align", **options), quiet=quiet)._bound_deployment.logging_config
         return config["enable_access_log"], config["log_level"]
 
-    assert logging() == (False, "WARNING")  # (nor its replicas' other INFO lines)
-    assert logging(access_log=True) == (True, "INFO")  # (access log lines are INFO lines)
+    assert logging(quiet=True) == (False, "WARNING")  # a run's own app: nor its replicas' other INFO lines
+    assert logging(quiet=True, access_log=True) == (True, "INFO")  # (access log lines are INFO lines)
+    assert logging(quiet=False) == (False, "INFO")  # an app deployed alone (serve deploy) logs as Serve does
 
 
 def test_a_reward_app_tries_a_failing_constructor_as_often_as_configured():
