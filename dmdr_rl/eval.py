@@ -196,8 +196,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def _say_if_replaced(path: Path, num_images: int) -> None:
-    """A setting's directory holds its latest evaluation only: say so when that replaces one at another image count
-    (FID depends on it) or of another checkpoint."""
+    """A setting's directory holds its latest evaluation only: say so when a call replaces one, with its image count
+    (FID depends on it) and checkpoint."""
     import json
 
     try:
@@ -225,12 +225,18 @@ def _every_report(out: Path) -> list[dict]:
 def write_summary(reports: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_whole(out / "summary.json", reports)
-    lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | diversity | toy-align | images |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | split | steps | cfg | judge accuracy | analytic accuracy | FID | diversity | toy-align | images "
+             "| setting |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(value, form: str = "") -> str:  # (a report of an earlier version may lack a number: "-")
+        return "-" if value is None else format(value, form)
+
     for r in reports:
-        lines.append(f"| {r['model']} | {r['split']} | {r['steps']} | {r['cfg']:g} | {r['judge_accuracy']:.3f} | "
-                     f"{r['analytic_accuracy']:.3f} | {r['fid']:.2f} | {r['diversity']:.3f} | "
-                     f"{r['rewards']['toy-align']:.3f} | {r['num_images']} |")
+        setting = Path(r["grid"]).parent.name if r.get("grid") else "-"  # (its directory under --out)
+        lines.append(f"| {r['model']} | {r['split']} | {cell(r.get('steps'))} | {cell(r.get('cfg'), 'g')} | "
+                     f"{cell(r.get('judge_accuracy'), '.3f')} | {cell(r.get('analytic_accuracy'), '.3f')} | "
+                     f"{cell(r.get('fid'), '.2f')} | {cell(r.get('diversity'), '.3f')} | "
+                     f"{cell(r.get('rewards', {}).get('toy-align'), '.3f')} | {cell(r.get('num_images'))} | {setting} |")
     write_text_whole(out / "summary.md", "\n".join(lines) + "\n")
 
 

@@ -45,7 +45,8 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys, teach
     report = json.loads((tmp_path / "teacher-steps2-cfg2.5-held-in" / "report.json").read_text())
     rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| teacher | held-in | 2 | 2.5 |")]
     assert len(rows) == 1  # the whole row is that report's numbers
-    cells = [float(cell) for cell in rows[0].strip().strip("|").split("|")[4:]]
+    assert rows[0].endswith("| teacher-steps2-cfg2.5-held-in |")  # (the setting's directory: rows of calls told apart)
+    cells = [float(cell) for cell in rows[0].strip().strip("|").split("|")[4:-1]]
     assert cells == pytest.approx([report["judge_accuracy"], report["analytic_accuracy"], report["fid"],
                                    report["diversity"], report["rewards"]["toy-align"], report["num_images"]], abs=6e-3)
     # another shift or seed is another directory, not an overwrite
@@ -59,6 +60,12 @@ def test_eval_sweep_writes_a_report_and_grid_per_setting(tmp_path, capsys, teach
             in capsys.readouterr().out)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 3 and sorted(r["num_images"] for r in summary) == [2, 4, 8]
+    older = tmp_path / "teacher-steps2-cfg1-shift2-held-in-seed1" / "report.json"  # one of before diversity existed
+    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items() if k != "diversity"}))
+    toy_eval.main(["--steps", "2", "--cfg", "2.5", "--num-images", "2", "--out", str(tmp_path)])
+    older_row = [line for line in (tmp_path / "summary.md").read_text().splitlines()
+                 if line.endswith("| teacher-steps2-cfg1-shift2-held-in-seed1 |")]
+    assert len(older_row) == 1 and older_row[0].split("|")[8].strip() == "-"  # listed, a "-" for its diversity
 
 
 @pytest.mark.parametrize(
