@@ -237,6 +237,7 @@ class RolloutCoordinator:
                 "losses": self.losses,
                 "learners_registered": len(self.learner_processes),  # (0: Ray has not placed and started one yet)
                 "notices": len(self.notices), "recent_notices": self.notices[-10:],
+                "learner_tries": self.try_number,  # (a new try registered: the learners are being started again)
                 # a learner try failed, or another one has begun, and has not started (loading its model) yet
                 "learner_restarting": self.learner_down or 0 < self.learner_starts < self.rank0_registrations}
 

@@ -595,16 +595,18 @@ def report_events(bar, progress: dict, before: dict) -> None:
     """A line above the bar for what befell the run's processes since the `before` poll: a rollout worker that died
     or was restarted or replaced (the coordinator's notices), a learner try that ended and the restart from its
     checkpoint (Ray Train's own log says why it ended)."""
-    new = progress.get("notices", 0) - before.get("notices", 0)
-    for notice in progress.get("recent_notices", [])[-new:] if new > 0 else []:
+    new, recent = progress.get("notices", 0) - before.get("notices", 0), progress.get("recent_notices", [])
+    if new > len(recent):  # (more than the coordinator keeps for the bar between two polls)
+        bar.write(f"dmdr_rl: ({new - len(recent)} earlier events of the rollout workers: see ledger.jsonl)")
+    for notice in recent[-new:] if new > 0 else []:
         bar.write(f"dmdr_rl: {notice}")
-    if progress.get("learner_restarting") and not before.get("learner_restarting"):
-        bar.write("dmdr_rl: a learner try ended; Ray Train starts the learners again, from the last checkpoint "
-                  "(up to ray.max_failures times)")
-    if progress.get("epoch", 0) > before.get("epoch", 0):  # (a quick restart may fall between two polls)
-        ended = "" if before.get("learner_restarting") else "a learner try ended; "
-        bar.write(f"dmdr_rl: {ended}the learners restarted from generator step {progress['started_step']}; the steps "
-                  "after it are trained again")
+    tries = progress.get("learner_tries", 0) - max(before.get("learner_tries", 1), 1)  # (the first try: no news)
+    if tries > 0:
+        bar.write(f"dmdr_rl: {'a learner try' if tries == 1 else f'{tries} learner tries'} ended; Ray Train started the "
+                  "learners again, from the last checkpoint (ray.max_failures)")
+    if progress.get("epoch", 0) > before.get("epoch", 0):
+        bar.write(f"dmdr_rl: the learners restarted from generator step {progress['started_step']}; the steps after "
+                  "it are trained again")
 
 
 def show_progress(bar, progress: dict, compiles: bool = False) -> None:

@@ -344,10 +344,10 @@ def _diffusers_check(family: Callable[[], Any]) -> Callable[..., None]:
 
         model_family = family()
         length = (options or {}).get("max_sequence_length")
-        if length is not None and not (isinstance(length, int) and 1 <= length <= MAX_T5_TOKENS):
-            raise ConfigError(f"model.kwargs.max_sequence_length={length!r}: the prompt's T5 tokens, 1 to {MAX_T5_TOKENS} "
-                              f"(diffusers' {model_family.pipeline_class} refuses more, so an export could not be sampled "
-                              "there)")
+        if length is not None and not (type(length) is int and 1 <= length <= MAX_T5_TOKENS):
+            raise ConfigError(f"model.kwargs.max_sequence_length={length!r}: the prompt's T5 tokens, an integer from 1 to "
+                              f"{MAX_T5_TOKENS} (diffusers' {model_family.pipeline_class} takes no more, so an export could "
+                              "not be sampled there)")
         if loads_here:
             check_model_path(model_family, path or model_family.default_model)
         try:  # (the config read once: the targets are checked against it too)

@@ -218,7 +218,7 @@ def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
     while (answer := ray.get(coordinator.request.remote(iteration, rank))) is None:
         if time.monotonic() > deadline:  # the generator version this batch needs never came
             raise RuntimeError(f"batch ({iteration}, rank {rank}) waited {patience_s:.0f} s (ray.rollout_timeout_s) for the "
-                               f"generator weights it needs; the coordinator's progress: {ray.get(coordinator.progress.remote())}")
+                               f"generator weights it needs; the coordinator's progress: {_progress_for_errors(coordinator)}")
         # the weights this batch needs are being published: asked again soon, then less often (every rank asks
         # the one coordinator, which also serves the rollout workers)
         time.sleep(wait)
@@ -227,6 +227,12 @@ def fetch_batch(coordinator, iteration: int, rank: int, patience_s: float):
     return _from_a_worker(
         coordinator, lambda: _ticket(next(tickets, None) or ray.get(coordinator.reissue.remote(iteration, rank))),
         f"the rollout of batch ({iteration}, rank {rank})", patience_s)
+
+
+def _progress_for_errors(coordinator) -> dict:
+    """The coordinator's progress as an error names it: its counts, without the notices for the driver's console
+    (sentences that would make the same failure look different to ray.same_failure_limit)."""
+    return {k: v for k, v in ray.get(coordinator.progress.remote()).items() if k != "recent_notices"}
 
 
 def quiet_report_lines(level: str) -> None:

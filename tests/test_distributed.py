@@ -1236,28 +1236,28 @@ def test_the_driver_says_what_befell_the_workers_and_the_learners_above_the_bar(
     import dmdr_rl.distributed as distributed
 
     bar = tqdm(total=10, file=io.StringIO())
-    polls = [{"epoch": 0, "started_step": 0, "notices": 0, "recent_notices": []},
-             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"]},
-             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"]},
-             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
-              "learner_restarting": True},
-             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
-              "learner_restarting": True},
-             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": ["rollout worker 0 died; Ray starts it again"],
-              "learner_restarting": False}]  # (the coordinator's progress always has the key)
+    died = ["rollout worker 0 died; Ray starts it again"]
+    polls = [{"epoch": 0, "started_step": 0, "notices": 0, "recent_notices": [], "learner_tries": 1},
+             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": died, "learner_tries": 1},
+             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": died, "learner_tries": 1},
+             {"epoch": 0, "started_step": 0, "notices": 1, "recent_notices": died, "learner_tries": 2},  # a new try
+             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": died, "learner_tries": 2},  # it started
+             {"epoch": 1, "started_step": 3, "notices": 1, "recent_notices": died, "learner_tries": 2},
+             {"epoch": 2, "started_step": 6, "notices": 1, "recent_notices": died, "learner_tries": 3},  # between polls
+             {"epoch": 2, "started_step": 6, "notices": 14, "recent_notices": [f"n{i}" for i in range(10)],
+              "learner_tries": 3}]  # more than the coordinator keeps for the bar
     latest: dict = {}
     for progress in polls:
         distributed.report_events(bar, progress, latest)
         latest.update(progress)
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dmdr_rl:")]
-    assert said == ["dmdr_rl: rollout worker 0 died; Ray starts it again",
-                    "dmdr_rl: a learner try ended; Ray Train starts the learners again, from the last checkpoint "
-                    "(up to ray.max_failures times)",
-                    "dmdr_rl: the learners restarted from generator step 3; the steps after it are trained again"]
-    # a restart quicker than the driver's poll: no poll saw the learner restarting, the restart says both
-    distributed.report_events(bar, {**polls[-1], "epoch": 2, "started_step": 6}, latest)
-    assert capsys.readouterr().out.strip().endswith(
-        "dmdr_rl: a learner try ended; the learners restarted from generator step 6; the steps after it are trained again")
+    ended = ("dmdr_rl: a learner try ended; Ray Train started the learners again, from the last checkpoint "
+             "(ray.max_failures)")
+    assert said == ["dmdr_rl: rollout worker 0 died; Ray starts it again", ended,
+                    "dmdr_rl: the learners restarted from generator step 3; the steps after it are trained again",
+                    ended, "dmdr_rl: the learners restarted from generator step 6; the steps after it are trained again",
+                    "dmdr_rl: (3 earlier events of the rollout workers: see ledger.jsonl)",
+                    *[f"dmdr_rl: n{i}" for i in range(10)]]
 
 
 def test_a_dead_coordinator_ends_the_run_instead_of_learner_retries(tmp_path, monkeypatch):

@@ -283,8 +283,11 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
     assert "the config is valid" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # more T5 tokens than diffusers' pipeline takes: an export it could not sample
         run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.kwargs.max_sequence_length=1000"])
-    assert ("model.kwargs.max_sequence_length=1000: the prompt's T5 tokens, 1 to 512 (diffusers' "
-            "StableDiffusion3Pipeline refuses more") in capsys.readouterr().err
+    assert ("model.kwargs.max_sequence_length=1000: the prompt's T5 tokens, an integer from 1 to 512 (diffusers' "
+            "StableDiffusion3Pipeline takes no more") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.kwargs.max_sequence_length=true"])
+    assert "max_sequence_length=True: the prompt's T5 tokens, an integer" in capsys.readouterr().err
     # a hub id that is not in this machine's cache: checked against the SD3 family's geometry (VAE 8 x patch 2),
     # the rest left to the load
     hub = ["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline"]
