@@ -42,8 +42,13 @@ FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, lat
 
 
 def check_guidance(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    """model.kwargs.guidance needs a transformer with a guidance embedding (FLUX.1-dev's; not schnell's)."""
-    if options.get("guidance") is not None and not config.get("guidance_embeds", False):
+    """model.kwargs.guidance: a scale > 0 (null: the pipeline's default), for a transformer with a guidance embedding
+    (FLUX.1-dev's; not schnell's)."""
+    guidance = options.get("guidance")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0):
+        raise ValueError(f"model.kwargs.guidance={guidance!r}: FLUX.1-dev's embedded guidance scale, a number > 0 "
+                         f"(null: its pipeline's default, {DEFAULT_GUIDANCE})")
+    if guidance is not None and not config.get("guidance_embeds", False):
         raise ValueError(f"model.kwargs.guidance={options['guidance']}: this Flux transformer has no guidance embedding "
                          "(guidance_embeds: false, as FLUX.1-schnell): set model.kwargs.guidance=null (flux-dev-dmdr "
                          "sets 3.5; `guidance: null` under model.kwargs in a config file)")

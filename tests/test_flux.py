@@ -89,6 +89,13 @@ def test_decode_is_differentiable_and_a_model_without_guidance_embedding_refuses
         load_flux(str(schnell), resolution=32, encoders=False, guidance=3.5)
     plain = load_flux(str(schnell), resolution=32, max_sequence_length=16)
     assert plain.guidance is None
+    from dmdr_rl.flux import check_guidance  # a scale that is not one: refused with the config's values, as the dry run does
+
+    for wrong in (-1, 0, "high", True):
+        with pytest.raises(ValueError, match=rf"model.kwargs.guidance={wrong!r}: FLUX.1-dev's embedded guidance scale, a "
+                                             r"number > 0 \(null: its pipeline's default, 3.5\)"):
+            check_guidance({"guidance_embeds": True}, {"guidance": wrong})
+    check_guidance({"guidance_embeds": True}, {"guidance": 1.5})
     assert plain.sample(["a red circle"], steps=2, cfg=1.0, seed=0).shape == (1, 3, 32, 32)
 
 
