@@ -198,11 +198,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
 def _say_if_replaced(path: Path, num_images: int) -> None:
     """A setting's directory holds its latest evaluation only: say so when a call replaces one, with its image count
     (FID depends on it) and checkpoint."""
-    import json
-
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
+    earlier = _read_report(path)
+    if earlier is None:
         return
     print(f"{path.parent.name}: replacing the evaluation there of {earlier.get('num_images', '?')} images"
           + (f" ({earlier['checkpoint']})" if "checkpoint" in earlier else "")
@@ -211,15 +208,17 @@ def _say_if_replaced(path: Path, num_images: int) -> None:
 
 def _every_report(out: Path) -> list[dict]:
     """Every setting evaluated under `out`, by this call or an earlier one (each directory's report.json)."""
+    reports = [_read_report(path) for path in sorted(out.glob("*/report.json"))]
+    return [r for r in reports if r is not None and {"judge_accuracy", "fid", "split", "model"} <= set(r)]
+
+
+def _read_report(path: Path) -> dict | None:
     import json
 
-    reports = []
-    for path in sorted(out.glob("*/report.json")):
-        try:
-            reports.append(json.loads(path.read_text()))
-        except (OSError, ValueError):  # (not an evaluation's: left out)
-            continue
-    return [r for r in reports if {"judge_accuracy", "fid", "split", "model"} <= set(r)]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or not an evaluation's
+        return None
 
 
 def write_summary(reports: list[dict], out: Path) -> None:

@@ -58,8 +58,8 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     if run_dir is not None and run_dir.resolve() in (out.resolve(), *out.resolve().parents):
         raise ValueError(f"--out {out} is in the run directory {run_dir}: the export's files would mix with the run's; "
                          f"give a directory outside it, e.g. --out exports/{run_dir.resolve().name}-{fmt}")
-    earlier = out / "student.json"
-    if earlier.exists() and json.loads(earlier.read_text()).get("format") != fmt:  # its files would stay beside ours
+    earlier = earlier_export(out)
+    if earlier is not None and earlier.get("format") != fmt:  # its files would stay beside ours
         raise ValueError(f"--out {out} holds an export of another format: choose another --out")
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
@@ -107,6 +107,14 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     return settings
 
 
+def earlier_export(out: Path) -> dict | None:
+    """The student.json of an export already in `out`, if any."""
+    try:
+        return json.loads((out / "student.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def lora_file(checkpoint: Path, lora) -> tuple[dict[str, torch.Tensor], dict]:
     """The generator's LoRA as diffusers' LoRA file holds it, read from a checkpoint alone (its adapter file
     holds the transformer's parameter names; peft's adapter-free names drop the adapter's), and its
@@ -134,10 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the directory to write")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights (default float32)")
     args = parser.parse_args(argv)
-    try:
-        earlier = json.loads((args.out / "student.json").read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
-        earlier = None
+    earlier = (earlier_export(args.out) or {}).get("checkpoint")
     try:
         settings = export_student(args.run, args.format, args.out, args.dtype)
     except (*fixable_errors(), FileNotFoundError, ValueError) as err:

@@ -338,10 +338,8 @@ def main(argv: list[str] | None = None) -> None:
             train(args.preset or DEMO_PRESET, args.overrides, args.num_images)
     except fixable_errors() as err:
         parser.exit(2, f"error: {err}\n")
-    except KeyboardInterrupt:  # the run's events say "stopped" and its store has flushed (run_events, close)
-        parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides, launched)}\n")
-    except Exception as err:
-        if not raised_by_a_stop(err):
+    except (KeyboardInterrupt, Exception) as err:  # a stop: the run's events say "stopped", its store has flushed
+        if not raised_by_a_stop(err):  # (also one Python wrapped in another error)
             raise
         parser.exit(130, f"dmdr_rl: stopped{continue_hint(args.preset or DEMO_PRESET, args.overrides, launched)}\n")
     finally:

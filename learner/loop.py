@@ -297,8 +297,7 @@ def _say_coordinator_gone(rank: int, err: BaseException) -> None:
     one would be the infrastructure's, and Ray Train would retry it while the driver has already given up."""
     print(f"dmdr_rl: learner rank {rank}: the run's rollout coordinator is gone (the run was stopped, or its driver's "
           f"node lost), so this learner ends; launch the run again with trainer.resume_from=<the run directory> to "
-          f"continue it "
-          f"({type(err).__name__})", flush=True)
+          f"continue it ({type(err).__name__})", flush=True)
 
 
 def coordinator_died(err: BaseException | None, coordinator) -> bool:
