@@ -43,6 +43,14 @@ def sample_renoise_timesteps(
     return tau.clamp(eps, 1.0 - eps).to(device)
 
 
+def draw_guidance(real_cfg: float, jitter: float, generator: torch.Generator | None = None) -> float:
+    """The real score's CFG scale for one generator step, w ~ U(w_r - jitter, w_r + jitter). A scale of at most 1
+    is no guidance to jitter (around 1 the draw would guide away from the prompt half the time): it is used as it
+    is, as the paper's code does. The uniform number is drawn either way, so later draws do not depend on it."""
+    u = float(torch.rand((), generator=generator))
+    return real_cfg + jitter * (2 * u - 1) if real_cfg > 1 else real_cfg
+
+
 def guidance_interval(tau: torch.Tensor, cfg: float, max_tau: float) -> float | torch.Tensor:
     """One CFG scale per sample: `cfg` where tau <= max_tau, 1 (no guidance) above it (Kynkaenniemi et al.
     2024, applying guidance in a limited interval). With max_tau >= 1 every tau is inside, and the scalar

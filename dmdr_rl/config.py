@@ -114,8 +114,10 @@ class DmdSection(_Section):
     """The distribution matching loss and its schedules (DESIGN section 2)."""
 
     weight: float = Field(1.0, ge=0)  # the DMD term's weight in L_G; 0 turns it off (the RL-only ablation)
-    real_cfg: float = Field(4.0, ge=0)  # the real score's CFG scale, drawn from U(real_cfg +- cfg_jitter) per step
-    cfg_jitter: float = Field(0.5, ge=0)  # half the width of that draw (no guidance at all: real_cfg=1 cfg_jitter=0)
+    # the real score's CFG scale w_r, drawn from U(real_cfg +- cfg_jitter) per generator step; at most 1 (1: no
+    # guidance) it is not drawn but used as it is, as the paper's code does (a jitter would guide away from the prompt)
+    real_cfg: float = Field(4.0, ge=0)
+    cfg_jitter: float = Field(0.5, ge=0)  # half the width of that draw
     # the real score's CFG only where tau <= this (a guidance interval: guidance at the highest noise levels
     # darkens and over-contrasts the toy students); 1.0: at every noise level, as DESIGN section 2 writes it
     cfg_max_tau: float = Field(1.0, gt=0, le=1)
@@ -136,7 +138,7 @@ class DmdSection(_Section):
 
     @model_validator(mode="after")
     def _guidance_not_negative(self) -> "DmdSection":
-        if self.cfg_jitter > self.real_cfg:
+        if self.real_cfg > 1 and self.cfg_jitter > self.real_cfg:
             raise ValueError(f"cfg_jitter={self.cfg_jitter:g} > real_cfg={self.real_cfg:g} would draw negative guidance "
                              "scales (U(real_cfg - cfg_jitter, real_cfg + cfg_jitter)): lower dmd.cfg_jitter")
         return self
@@ -290,6 +292,9 @@ class TrainerSection(_Section):
     lr_generator_rl: Optional[float] = Field(None, gt=0)
     lr_critic_rl: Optional[float] = Field(None, gt=0)  # the critic's after the cold start; null: lr_critic
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw: torch's; adamw8bit: bitsandbytes' 8-bit AdamW (GPU)
+    weight_decay_generator: float = Field(0.01, ge=0)  # the generator's AdamW weight decay (torch's default)
+    # the critic's (the paper's code: 0, as the SD3 presets set; 0.01 for the generator)
+    weight_decay_critic: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)  # the gradient norm each update is clipped to (generator and critic)
     # images per forward/backward pass of a learner update (gradient accumulation): each rank's batch goes
     # through the networks in slices of this size and their gradients add up to the batch's (the random

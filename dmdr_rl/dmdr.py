@@ -202,7 +202,7 @@ def generator_loss(
         tau = algo.sample_renoise_timesteps(batch, generator_step, *dmd.renoise_beta, dmd.dynamic_steps, generator,
                                             device=device)
         tau_noise = randn(x_in.shape, generator, device)
-        guidance = dmd.real_cfg + dmd.cfg_jitter * (2 * float(torch.rand((), generator=generator)) - 1)
+        guidance = algo.draw_guidance(dmd.real_cfg, dmd.cfg_jitter, generator)
         real_scale = algo.real_score_scale(generator_step, critic.real_scale0, dmd.dynamic_steps)
         metrics.update({"schedule/real_scale": real_scale, "schedule/real_cfg": guidance})
     rewarded = [reward for reward in rewards if reward.spec.weight != 0] if reward_active else []  # weight 0: monitors

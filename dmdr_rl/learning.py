@@ -33,8 +33,11 @@ class DMDRLearner:
             torch.manual_seed(cfg.trainer.seed)
             dmdr.add_adapters(backbone, cfg.student, cfg.critic)
         optimizer = optimizer_class(cfg.trainer.optimizer)
-        self.opt_generator = optimizer(backbone.trainable_parameters(dmdr.GENERATOR), lr=cfg.trainer.lr_generator)
-        self.opt_critic = optimizer(backbone.trainable_parameters(dmdr.CRITIC), lr=cfg.trainer.lr_critic)
+        t = cfg.trainer
+        self.opt_generator = optimizer(backbone.trainable_parameters(dmdr.GENERATOR), lr=t.lr_generator,
+                                       weight_decay=t.weight_decay_generator)
+        self.opt_critic = optimizer(backbone.trainable_parameters(dmdr.CRITIC), lr=t.lr_critic,
+                                    weight_decay=t.weight_decay_critic)
         self.schedule = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start)
         self.reduce_gradients = reduce_gradients
         self.rank = rank
@@ -150,6 +153,10 @@ class DMDRLearner:
         self.skipped_updates = int(state.get("skipped_updates", 0))  # (absent from older checkpoints)
         self.opt_generator.load_state_dict(state["opt_generator"])
         self.opt_critic.load_state_dict(state["opt_critic"])
+        t = self.cfg.trainer  # (a state dict brings its own hyperparameters: the config's weight decay holds)
+        for optimizer, decay in ((self.opt_generator, t.weight_decay_generator), (self.opt_critic, t.weight_decay_critic)):
+            for group in optimizer.param_groups:
+                group["weight_decay"] = decay
 
 
 def load_adapter_state(backbone, adapter: str, state: dict[str, torch.Tensor]) -> None:

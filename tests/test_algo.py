@@ -125,3 +125,20 @@ def test_generator_updates_once_per_ratio_critic_updates_and_reward_waits_for_co
 def test_guidance_interval_guides_only_up_to_its_bound():
     tau = torch.tensor([0.1, 0.8, 0.81, 1.0])
     assert algo.guidance_interval(tau, 4.5, 0.8).tolist() == [4.5, 4.5, 1.0, 1.0]
+
+
+def test_the_real_scores_guidance_is_drawn_around_w_r_and_not_drawn_at_or_below_1():
+    def draws(real_cfg, jitter, n=2000):
+        generator = torch.Generator().manual_seed(0)
+        return torch.tensor([algo.draw_guidance(real_cfg, jitter, generator) for _ in range(n)])
+
+    guided = draws(4.0, 0.5)  # U(3.5, 4.5): the range filled, the mean and variance of the uniform
+    assert 3.5 <= guided.min() < 3.52 and 4.48 < guided.max() <= 4.5
+    assert guided.mean() == pytest.approx(4.0, abs=0.02) and guided.var() == pytest.approx(1 / 12, rel=0.1)
+    assert draws(1.2, 0.5).min() < 0.75  # above 1 the draw applies, even where it reaches below 1
+    for unguided in (1.0, 0.6):  # no guidance (1), or less than the conditional (< 1): the scale as it is
+        assert torch.equal(draws(unguided, 0.5), torch.full((2000,), unguided))
+    # one uniform number is drawn either way: what the generator draws next is the same
+    generators = [torch.Generator().manual_seed(5) for _ in range(2)]
+    algo.draw_guidance(4.0, 0.5, generators[0]), algo.draw_guidance(1.0, 0.5, generators[1])
+    assert torch.equal(torch.rand(3, generator=generators[0]), torch.rand(3, generator=generators[1]))

@@ -20,6 +20,7 @@ def test_the_paper_presets_carry_the_reference_hyperparameters():
     assert (medium.trainer.cold_start, medium.dmd.dynamic_steps, medium.dmd.ratio) == (2000, 2000, 5)
     assert (medium.trainer.lr_generator, medium.trainer.lr_critic) == (1e-6, 5e-7)
     assert (medium.trainer.lr_generator_rl, medium.trainer.lr_critic_rl) == (5e-7, 2e-7)
+    assert (medium.trainer.weight_decay_generator, medium.trainer.weight_decay_critic) == (0.01, 0.0)  # the paper's code
     assert [(r.name, r.weight) for r in medium.rewards] == [("clip-score", 0.3), ("hpsv2.1", 0.3)]
     assert (medium.trainer.precision, medium.trainer.optimizer) == ("bf16", "adamw8bit")
     assert (large.model.resolution, large.student.shift, large.dmd.real_cfg) == (1024, 5.0, 4.0)
@@ -242,7 +243,7 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("trainer.seed=-1", r"trainer.seed: Input should be greater than or equal to 0"),
         ("critic.fake_scale=-2", r"critic.fake_scale: Input should be greater than 0"),
         ("critic.real_scale0=-0.1", r"critic.real_scale0: Input should be greater than or equal to 0"),
-        ("dmd.real_cfg=0.2", r"dmd: cfg_jitter=0.5 > real_cfg=0.2 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
+        ("dmd={real_cfg: 1.5, cfg_jitter: 2}", r"dmd: cfg_jitter=2 > real_cfg=1.5 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
         ("dmd.renoise_beta=4,1.5", r"dmd.renoise_beta: .*valid tuple; write the values in brackets \(dmd.renoise_beta=\[a, b\]\)"),
         ("dmd.renoise_beta=[4]", r"dmd.renoise_beta: too few values \(no item 1\)"),
         ("model.kwargs={resolution: 64}", r"model.kwargs: 'resolution' is not a loader option here: set model.resolution"),

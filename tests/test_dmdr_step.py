@@ -260,6 +260,29 @@ def test_the_generator_step_queries_each_network_as_design_section_2_says(backbo
     torch.testing.assert_close(given[2], fake["x"] - tau * fake["v"])
 
 
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_the_generator_steps_two_noises_are_fresh_draws_of_their_own(backbone, monkeypatch, sampler):
+    """With real noise (the test above zeroes it): x_in = (1 - t_k) x0_src + t_k eps and the scores' input
+    x_tau = (1 - tau) x0 + tau eps', eps' a draw of its own, so one noise used twice (or negated) would show."""
+    student = StudentSection(steps=3, sampler=sampler)
+    cond = backbone.encode(PROMPTS)
+    traj = dmdr.backward_simulation(backbone, cond, student, torch.Generator().manual_seed(0))
+    draws, randn = [], dmdr.randn
+    monkeypatch.setattr(dmdr, "randn", lambda *args, **kwargs: draws.append(randn(*args, **kwargs)) or draws[-1])
+    calls = _spy_velocity(monkeypatch, backbone)
+    dmdr.generator_loss(backbone, traj, cond, PROMPTS, 3, student, CriticSection(), DmdSection(dynamic_steps=10), [],
+                        False, torch.Generator().manual_seed(3))
+    (gen, real, fake), (eps, eps_dmd) = calls, draws
+    k = [int((traj.timesteps - t).abs().argmin()) for t in gen["t"]]
+    sources = traj.x0 if sampler == "ode" else traj.x0_steps[k, torch.arange(2)]
+    t, tau = gen["t"].view(-1, 1, 1, 1), real["t"].view(-1, 1, 1, 1)
+    torch.testing.assert_close(gen["x"], (1 - t) * sources + t * eps)
+    torch.testing.assert_close(real["x"], (1 - tau) * (gen["x"] - t * gen["v"]) + tau * eps_dmd)
+    assert torch.equal(fake["x"], real["x"])
+    assert eps.std() > 0.9 and eps_dmd.std() > 0.9  # standard normal draws, uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([eps.flatten(), eps_dmd.flatten()]))[0, 1])) < 0.1
+
+
 def test_the_critic_step_trains_the_fake_score_at_its_scale(backbone, monkeypatch):
     """With real noise: the critic's input is x_tau = (1 - tau) x0 + tau eps with the very eps (and x0, and the
     critic's output) its flow-matching loss is given, so a target built from other noise (-eps, fresh draws),

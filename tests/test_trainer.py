@@ -358,6 +358,18 @@ def test_learning_rates_drop_to_the_rl_stage_values_after_the_cold_start(tmp_pat
     assert trainer.learner.opt_generator.param_groups[0]["lr"] == 2e-4
 
 
+def test_each_optimiser_decays_its_weights_by_the_config_also_after_loading_another_runs_state(tmp_path):
+    def decays(learner):
+        return [group["weight_decay"] for opt in (learner.opt_generator, learner.opt_critic) for group in opt.param_groups]
+
+    paper = _trainer(tmp_path / "a", **{"trainer.weight_decay_critic": 0.0})[0].learner
+    assert decays(paper) == [0.01, 0.0]
+    other = _trainer(tmp_path / "b", **{"trainer.weight_decay_generator": 0.2, "trainer.weight_decay_critic": 0.1})[0].learner
+    assert decays(other) == [0.2, 0.1]
+    other.load_training_state(paper.training_state())  # a state dict carries its own: the config's holds
+    assert decays(other) == [0.2, 0.1]
+
+
 def test_the_8bit_optimizer_and_unknown_backbone_options_say_what_they_need(tmp_path):
     try:
         import bitsandbytes  # noqa: F401
