@@ -22,6 +22,7 @@ from dmdr_rl.config import RunConfig
 from dmdr_rl.ledger import Ledger
 from dmdr_rl.store import open_store
 from dmdr_rl.prompts import PromptSource
+from dmdr_rl.rollout import rollout_batch_size
 
 from .rollout import RolloutWorker
 
@@ -60,10 +61,9 @@ class RolloutCoordinator:
         ray_cfg = self.cfg.ray
         self.world_size = world_size
         self.prompts = PromptSource(self.cfg.data.prompts, self.cfg.trainer.seed)
-        if self.cfg.trainer.batch_size % world_size:
-            raise ValueError(f"trainer.batch_size={self.cfg.trainer.batch_size} must divide evenly over "
-                             f"ray.learner_workers={world_size}")
-        self.shard_size = self.cfg.trainer.batch_size // world_size
+        for field, size in self.cfg.trainer.batch_size_fields():
+            if size % world_size:
+                raise ValueError(f"trainer.{field}={size} must divide evenly over ray.learner_workers={world_size}")
         worker = ray.remote(RolloutWorker).options(
             num_cpus=ray_cfg.rollout_cpus, num_gpus=ray_cfg.rollout_gpus, max_restarts=-1, max_task_retries=0,
         )
@@ -385,8 +385,10 @@ class RolloutCoordinator:
         learner's patience runs from its question, not from when the worker gets to it."""
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
-        prompts = self.prompts.batch(iteration, self.cfg.trainer.batch_size, self.cfg.prompt_group)
-        shard = prompts[rank * self.shard_size : (rank + 1) * self.shard_size]
+        size = rollout_batch_size(self.cfg, self.training_step(iteration))
+        prompts = self.prompts.batch(iteration, size, self.cfg.prompt_group)
+        shard_size = size // self.world_size
+        shard = prompts[rank * shard_size : (rank + 1) * shard_size]
         everyone = range(len(self.workers))
         ready = set(self.ready_workers())
         candidates = ({i for i in ready if i != avoid} or ready or {i for i in everyone if i != avoid}

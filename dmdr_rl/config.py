@@ -286,6 +286,8 @@ class TrainerSection(_Section):
     max_steps: int = Field(3000, ge=1)  # the run's generator steps, the cold start included
     cold_start: int = Field(2000, ge=0)  # generator steps with DMD only, before the rewards train
     batch_size: int = Field(32, ge=1)  # images per iteration's rollout batch, over all learner workers
+    # the rollout batch after the cold start (the paper's SD3 run: 192 in the cold start, 96 after); null: batch_size
+    batch_size_rl: Optional[int] = Field(None, ge=1)
     lr_generator: float = Field(1e-6, gt=0)  # the generator's AdamW learning rate (in the cold start)
     lr_critic: float = Field(5e-7, gt=0)  # the critic's (in the cold start)
     # the generator's learning rate after the cold start (paper: lower); null: lr_generator
@@ -308,6 +310,11 @@ class TrainerSection(_Section):
     device: str = "auto"
     seed: int = Field(0, ge=0)  # every random draw of iteration i comes from (seed, i): a resume continues exactly
     resume_from: Optional[str] = None  # a run directory (its latest checkpoint), its checkpoints/ or one step_N/
+
+    def batch_size_fields(self) -> list[tuple[str, int]]:
+        """The rollout batch sizes the run trains with, by field: the cold start's, and the RL stage's where set
+        (each must split into the learner ranks' shards, and GRPO's groups)."""
+        return [("batch_size", self.batch_size)] + ([("batch_size_rl", self.batch_size_rl)] if self.batch_size_rl else [])
 
     @field_validator("device")
     @classmethod
@@ -550,10 +557,11 @@ class RunConfig(_Section):
                              f"student.sampler=sde and student.steps >= 2 (got {self.student.sampler}, "
                              f"{self.student.steps} step(s))")
         group, workers = self.rl.group_size, self.ray.learner_workers if self.trainer.backend == "ray" else 1
-        if self.trainer.batch_size % (group * workers):
-            raise ValueError(f"rl.mode=grpo: trainer.batch_size={self.trainer.batch_size} must be a multiple of "
-                             f"rl.group_size={group}" + (f" times ray.learner_workers={workers}" if workers > 1 else "")
-                             + " (each learner rank's batch holds whole groups of samples of one prompt)")
+        for field, size in self.trainer.batch_size_fields():
+            if size % (group * workers):
+                raise ValueError(f"rl.mode=grpo: trainer.{field}={size} must be a multiple of rl.group_size={group}"
+                                 + (f" times ray.learner_workers={workers}" if workers > 1 else "")
+                                 + " (each learner rank's batch holds whole groups of samples of one prompt)")
         if not any(spec.weight > 0 for spec in self.rewards):
             raise ValueError("rl.mode=grpo but no reward has weight > 0: the policy term would have no reward")
 
@@ -602,7 +610,7 @@ class RunConfig(_Section):
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
-        rank_batch = self.trainer.batch_size // (self.ray.learner_workers if self.trainer.backend == "ray" else 1)
+        rank_batch = min(size for _, size in self.trainer.batch_size_fields()) // (self.ray.learner_workers if self.trainer.backend == "ray" else 1)
         if self.trainer.micro_batch_size is not None and self.trainer.micro_batch_size >= rank_batch:
             notes.append(f"trainer.micro_batch_size={self.trainer.micro_batch_size} >= the {rank_batch} samples a learner "
                          "trains at a time: it slices nothing (it bounds memory only when smaller)")

@@ -255,9 +255,10 @@ def check_placement(cfg: RunConfig) -> None:
     several learner workers need whole GPUs each. A single learner may take a fraction, which lets the
     learner and the rollout actors share one GPU."""
     gpus, workers = cfg.ray.learner_gpus, cfg.ray.learner_workers
-    if cfg.trainer.batch_size % workers:
-        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must divide evenly over ray.learner_workers="
-                          f"{workers} (each rank trains on an equal shard): change one of them")
+    for field, size in cfg.trainer.batch_size_fields():
+        if size % workers:
+            raise ConfigError(f"trainer.{field}={size} must divide evenly over ray.learner_workers={workers} (each rank "
+                              "trains on an equal shard): change one of them")
     if workers > 1 and gpus > 0 and gpus != int(gpus):
         raise ConfigError(f"ray.learner_gpus={gpus:g} with ray.learner_workers={workers}: each learner rank needs whole "
                           f"GPUs (NCCL cannot put two ranks on one GPU, and Ray would pack fractions together); use "

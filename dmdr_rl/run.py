@@ -202,6 +202,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     cpus, gpus = resources_needed(cfg)
     rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
                         f"weight {s.weight:g})" for s in cfg.rewards) or "none"
+    rl_batch = cfg.trainer.batch_size_rl or cfg.trainer.batch_size
     return "\n".join([
         f"dry run of {cfg.name!r}: the config is valid; nothing was started",
         f"  backend {cfg.trainer.backend}: {cfg.ray.learner_workers} learner worker(s), {cfg.ray.rollout_actors} "
@@ -210,11 +211,13 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  model {cfg.model.backbone} ({cfg.model.path or 'default weights'}), {cfg.model.resolution} px, "
         f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({_stages(cfg)})",
         f"  generator {_generator_plan(cfg)}; batch {cfg.trainer.batch_size}"
+        + (f" (then {cfg.trainer.batch_size_rl} with the rewards)"
+           if cfg.trainer.batch_size_rl not in (None, cfg.trainer.batch_size) else "")
         + (f" in micro-batches of {cfg.trainer.micro_batch_size}" if cfg.trainer.micro_batch_size else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
         + (f", compiled blocks ({cfg.model.compile_mode}; the first steps compile)" if cfg.model.compile else "")
         + f", {cfg.trainer.precision}, {cfg.trainer.optimizer}",
-        f"  rewards: {rewards}" + (f"; trained by policy gradient (GRPO): {cfg.trainer.batch_size // cfg.rl.group_size} "
+        f"  rewards: {rewards}" + (f"; trained by policy gradient (GRPO): {rl_batch // cfg.rl.group_size} "
                                    f"prompts x {cfg.rl.group_size} samples per batch, "
                                    f"{'every sampler transition' if cfg.rl.transitions == 'all' else 'one transition a sample'}, "
                                    f"policy weight {cfg.rl.policy_weight:g}, scored by the rollouts"

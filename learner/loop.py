@@ -416,7 +416,7 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
             step = learner.generator_step
             duties = step_duties(step, cfg)
             metrics = metrics_leaving(metrics, duties, world,
-                                      lambda shard: mean_over_ranks(shard, device, cfg.trainer.batch_size // world))
+                                      lambda shard: mean_over_ranks(shard, device, len(batch.prompts)))
             if duties.evaluate and evaluation is not None:  # (rank 0's, after the ranks' metrics are averaged)
                 metrics.update(evaluation(lambda cond, seeds: student_images(backbone, cond, cfg.student, seeds), step))
             if duties.log and log is not None:

@@ -44,7 +44,8 @@ def _losses(out):
 
 @pytest.mark.parametrize("preset, extra, reward_loss, backbone", [
     # (and evaluated during training: the same val/ metrics from a Ray learner, whose prompts a worker encodes)
-    ("toy-dmdr", {"output.eval_every": 2, "output.eval_images": 8}, "loss/reward/toy-align", "toy"),
+    # (and with a smaller batch after the cold start: the coordinator sizes each batch by the step that trains it)
+    ("toy-dmdr", {"output.eval_every": 2, "output.eval_images": 8, "trainer.batch_size_rl": 2}, "loss/reward/toy-align", "toy"),
     # policy-gradient RL: grouped prompts, each step's x carried through the object store to the learner
     ("toy-dmdr-grpo", {"rl.group_size": 2, "student.steps": 3}, "loss/policy", "toy"),
     # a diffusers family on VAE latents (tiny FLUX.1): its learner holds no text encoders (CLIP, T5), the real

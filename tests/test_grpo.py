@@ -356,6 +356,7 @@ def test_grpo_rollouts_keep_each_steps_input_and_others_do_not(backbone):
     (["student.sampler=ode"], "student.sampler=sde and student.steps >= 2"),
     (["student.steps=1"], "student.sampler=sde and student.steps >= 2"),
     (["trainer.batch_size=30"], "multiple of rl.group_size=4"),
+    (["trainer.batch_size_rl=6"], "trainer.batch_size_rl=6 must be a multiple of rl.group_size=4"),
     (["trainer.backend=ray", "trainer.device=auto", "ray.learner_workers=3", "trainer.batch_size=16"],
      "times ray.learner_workers=3"),
     (["rewards.0.weight=0", "rewards.0.monitor=true"], "no reward has weight > 0"),

@@ -286,6 +286,16 @@ def test_the_dry_run_shows_how_the_generator_trains(capsys):
             "compiled blocks (default; the first steps compile)") in capsys.readouterr().out
 
 
+def test_the_dry_run_shows_the_rl_stages_batch_and_refuses_one_the_learner_ranks_cannot_share(capsys):
+    run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.batch_size_rl=16"])
+    assert "; batch 32 (then 16 with the rewards), fp32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_workers=2", "ray.learner_cpus=0.5",
+                  "trainer.batch_size_rl=15"])
+    assert ("trainer.batch_size_rl=15 must divide evenly over ray.learner_workers=2 (each rank trains on an equal shard)"
+            in capsys.readouterr().err)
+
+
 def test_the_dry_run_prints_warnings(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.max_steps=10"])
     assert "warning: trainer.cold_start=300 >= trainer.max_steps=10" in capsys.readouterr().out

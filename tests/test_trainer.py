@@ -358,6 +358,15 @@ def test_learning_rates_drop_to_the_rl_stage_values_after_the_cold_start(tmp_pat
     assert trainer.learner.opt_generator.param_groups[0]["lr"] == 2e-4
 
 
+def test_the_rollout_batch_shrinks_to_batch_size_rl_with_the_rewards(tmp_path):
+    trainer, reward = _trainer(tmp_path, **{"trainer.batch_size_rl": 1})  # ratio 3, cold start 2 of 4 steps
+    sizes = []
+    while trainer.learner.generator_step < 4:
+        trainer.train_iteration()
+        sizes.append(len(trainer.last_batch.prompts))
+    assert sizes == [2] * 6 + [1] * 6  # the iterations of generator steps 0-1, then of steps 2-3
+
+
 def test_each_optimiser_decays_its_weights_by_the_config_also_after_loading_another_runs_state(tmp_path):
     def decays(learner):
         return [group["weight_decay"] for opt in (learner.opt_generator, learner.opt_critic) for group in opt.param_groups]
