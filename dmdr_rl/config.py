@@ -268,6 +268,20 @@ class RewardSpec(_Section):
     # what its metrics, rollout scores and sample columns are called (reward/<label>) and its default app
     # name; null: `name`. Two entries of one model (other kwargs or shaping) need a label each
     label: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    # the text this reward model reads for a prompt, "{prompt}" standing for it (the paper's HPSv2.1 reward reads
+    # "Realistic photo {prompt}"); the generator and the other rewards still read the prompt itself
+    prompt_template: str = "{prompt}"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _names_the_prompt(cls, value: str) -> str:
+        if value.count("{prompt}") != 1:
+            raise ValueError("must hold '{prompt}' once, where the prompt goes (e.g. 'Realistic photo {prompt}')")
+        return value
+
+    def reward_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts as this reward model reads them (`prompt_template`)."""
+        return [self.prompt_template.replace("{prompt}", prompt) for prompt in prompts]
 
     @property
     def key(self) -> str:

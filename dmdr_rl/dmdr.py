@@ -39,13 +39,17 @@ class WeightedReward:
         shaped, _, metrics = self.shaped(images, prompts)
         return self.spec.weight * shaped.sum() / shaped.numel(), metrics
 
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The model's scores, each image against its prompt as this reward reads it (`spec.prompt_template`)."""
+        return self.model.score(images, self.spec.reward_prompts(prompts))
+
     def shaped(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """phi(r) per sample (0 where the score is not finite), which scores were finite, and the metrics.
         Masked rather than indexed, so no host sync; the metrics are 0-d tensors and the scoring time an
         `Elapsed`, all read with float()."""
         started = mark(images.device)
         pixels = images.view_as(images)  # this reward's own node of the graph, for the hook below
-        scores = self.model.score(pixels, prompts)
+        scores = self.score(pixels, prompts)
         shaped, finite, metrics = self.shape(scores)
         if pixels.requires_grad:  # a sample whose score or gradient is not finite gets none (it would give NaN):
             pixels.register_hook(lambda grad: zero_unusable(grad, finite))  # as on the served path

@@ -104,7 +104,7 @@ def make_rollout(
             for part in parts:
                 images = backbone.decode(trajectory.x0[part])
                 for reward in scored:
-                    sliced[reward.spec.key].append(reward.model.score(images, prompts[part]).detach())
+                    sliced[reward.spec.key].append(reward.score(images, prompts[part]).detach())
         scores = {key: torch.cat(values) for key, values in sliced.items()}
     return RolloutBatch(iteration, rank, list(prompts), cond, trajectory.x0, trajectory.x0_steps, trajectory.timesteps,
                         weight_version, seed, scores, trajectory.inputs if keep_inputs else None)

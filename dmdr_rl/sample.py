@@ -107,10 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def reward_models(specs, where: str) -> dict:
-    """Each entry's model in this process (a served reward too: here nothing runs on Ray), by its key."""
+    """Each entry's model in this process (a served reward too: here nothing runs on Ray), by its key, as the
+    run scores with it (its prompt template)."""
     from reward_servers import reward_model
 
     from .config import ConfigError
+    from .dmdr import WeightedReward
 
     keys = [spec.key for spec in specs]
     if len(set(keys)) < len(keys):
@@ -119,7 +121,7 @@ def reward_models(specs, where: str) -> dict:
         if spec.placement == "serve" and spec.serve.attach:
             raise ConfigError(f"{where}[{i}] ({spec.key}) is an attached Serve app's entry, whose own config chose its model: "
                               f"name that model with --reward '{{name: {spec.name}, kwargs: {{...}}}}'")
-    return {spec.key: reward_model(spec.model_copy(update={"placement": "local"}), f"{where}[{i}]")
+    return {spec.key: WeightedReward(reward_model(spec.model_copy(update={"placement": "local"}), f"{where}[{i}]"), spec)
             for i, spec in enumerate(specs)}
 
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
             if not specs:
                 raise ConfigError(f"--score: the run {args.run} has no rewards[]: name one with --reward NAME")
             for i, spec in enumerate(specs):  # (before sampling: a prompt a reward cannot read stops it at once)
-                REWARDS.check(spec.name, prompts=prompts, prompts_from="--prompt / --prompts",
+                REWARDS.check(spec.name, prompts=spec.reward_prompts(prompts), prompts_from="--prompt / --prompts",
                               resolution=cfg.model.resolution, where=f"{where}[{i}]")
             rewards = reward_models(specs, where)  # (so does a model that cannot load)
     except (*fixable_errors(), FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts

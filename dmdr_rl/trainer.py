@@ -326,7 +326,7 @@ def save_step_samples(out: Path, step: int, images: torch.Tensor, prompts: Seque
     """`samples/step_N.png` (the grid) and `samples/step_N.parquet` (the same samples as data, with each
     reward model's score, no gradient)."""
     with torch.no_grad():
-        scores = {reward.spec.key: reward.model.score(images, list(prompts)) for reward in rewards}
+        scores = {reward.spec.key: reward.score(images, prompts) for reward in rewards}
     write_samples(out / "samples" / f"step_{step:06d}.parquet", images, prompts, seeds, step, step, scores, source="grid")
     means = {key: float(finite_mean(values.float())) for key, values in scores.items() if torch.isfinite(values).any()}
     return StepSamples(save_grid(images, prompts, out / "samples" / f"step_{step:06d}.png"), means)

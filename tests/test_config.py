@@ -244,6 +244,7 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("critic.fake_scale=-2", r"critic.fake_scale: Input should be greater than 0"),
         ("critic.real_scale0=-0.1", r"critic.real_scale0: Input should be greater than or equal to 0"),
         ("dmd={real_cfg: 1.5, cfg_jitter: 2}", r"dmd: cfg_jitter=2 > real_cfg=1.5 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
+        ("rewards.0.prompt_template=photo", r"rewards.0.prompt_template: must hold '\{prompt\}' once, where the prompt goes"),
         ("dmd.renoise_beta=4,1.5", r"dmd.renoise_beta: .*valid tuple; write the values in brackets \(dmd.renoise_beta=\[a, b\]\)"),
         ("dmd.renoise_beta=[4]", r"dmd.renoise_beta: too few values \(no item 1\)"),
         ("model.kwargs={resolution: 64}", r"model.kwargs: 'resolution' is not a loader option here: set model.resolution"),

@@ -367,6 +367,29 @@ def test_the_rollout_batch_shrinks_to_batch_size_rl_with_the_rewards(tmp_path):
     assert sizes == [2] * 6 + [1] * 6  # the iterations of generator steps 0-1, then of steps 2-3
 
 
+def test_a_reward_reads_each_prompt_through_its_template_where_it_trains_monitors_and_scores_grids(tmp_path):
+    class RecordingReward(CountingReward):
+        def __init__(self):
+            super().__init__()
+            self.prompts = []
+
+        def score(self, images, prompts):
+            self.prompts.extend(prompts)
+            return super().score(images, prompts)
+
+    cfg = load_config("toy-dmdr", [f"output.dir={tmp_path}", "trainer.batch_size=2", "trainer.max_steps=2",
+                                   "trainer.cold_start=1", "dmd.ratio=1", "student.steps=2", "output.sample_every=2"])
+    reward = RecordingReward()
+    spec = RewardSpec(name="mean-red", shaping="linear", monitor=True, prompt_template="a photo: {prompt}!")
+    trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)),
+                           [dmdr.WeightedReward(reward, spec)])
+    trainer.train()
+    # the monitored rollouts of steps 0-1 (2 each), the generator update of step 1 (2), the grid at step 2
+    assert len(reward.prompts) > 6 and all(p.startswith("a photo: ") and p.endswith("!") for p in reward.prompts)
+    assert {p[len("a photo: "):-1] for p in reward.prompts} <= set(trainer.prompts.batch(0, 2) + trainer.prompts.batch(1, 2)
+                                                                  + trainer.prompts.batch(-1, 16))
+
+
 def test_each_optimiser_decays_its_weights_by_the_config_also_after_loading_another_runs_state(tmp_path):
     def decays(learner):
         return [group["weight_decay"] for opt in (learner.opt_generator, learner.opt_critic) for group in opt.param_groups]
