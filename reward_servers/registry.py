@@ -61,6 +61,12 @@ def _hps_class():
     return HPSv2
 
 
+def _open_clip_class():
+    from .models.open_clip_score import OpenClipScore
+
+    return OpenClipScore
+
+
 def _aesthetic_class():
     from .models.aesthetic import LaionAesthetic
 
@@ -79,6 +85,13 @@ def _clip_score(path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", processor_p
     """CLIP-H's image-prompt cosine (the paper's "CLIP" reward), on the same code as PickScore."""
     return _pickscore_class()(path=path, processor_path=processor_path or path, logit_scale=False, name="clip-score",
                               **kwargs)
+
+
+@REWARDS.register("open-clip-score")
+@passes_options_to(_open_clip_class, set_here=("name",))
+def _open_clip_score(**kwargs):
+    """An open_clip model's image-prompt cosine; by default DFN5B CLIP-H, the paper's code's CLIP reward."""
+    return _open_clip_class()(name="open-clip-score", **kwargs)
 
 
 @REWARDS.register("imagereward")

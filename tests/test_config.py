@@ -21,7 +21,7 @@ def test_the_paper_presets_carry_the_reference_hyperparameters():
     assert (medium.trainer.lr_generator, medium.trainer.lr_critic) == (1e-6, 5e-7)
     assert (medium.trainer.lr_generator_rl, medium.trainer.lr_critic_rl) == (5e-7, 2e-7)
     assert (medium.trainer.weight_decay_generator, medium.trainer.weight_decay_critic) == (0.01, 0.0)  # the paper's code
-    assert [(r.name, r.weight) for r in medium.rewards] == [("clip-score", 0.3), ("hpsv2.1", 0.3)]
+    assert [(r.name, r.weight) for r in medium.rewards] == [("open-clip-score", 0.3), ("hpsv2.1", 0.3)]
     assert (medium.trainer.precision, medium.trainer.optimizer) == ("bf16", "adamw8bit")
     assert (large.model.resolution, large.student.shift, large.dmd.real_cfg) == (1024, 5.0, 4.0)
     assert (large.trainer.lr_generator, large.trainer.lr_critic, large.trainer.lr_generator_rl,
@@ -46,7 +46,7 @@ def test_the_sd3_grpo_preset_is_the_paper_recipe_with_only_the_policy_gradients_
     assert grpo.ray.model_copy(update={"max_staleness": paper.ray.max_staleness}) == paper.ray
     assert grpo.ray.max_staleness == 0
     assert (grpo.rl.mode, grpo.rl.transitions, grpo.prompt_group) == ("grpo", "all", 4)
-    assert [(r.name, r.weight, r.shaping) for r in grpo.rewards] == [("clip-score", 0.3, "linear"), ("hpsv2.1", 0.3, "linear")]
+    assert [(r.name, r.weight, r.shaping) for r in grpo.rewards] == [("open-clip-score", 0.3, "linear"), ("hpsv2.1", 0.3, "linear")]
     assert all(grpo.scored_on_rollout(spec) for spec in grpo.rewards)
     assert not [note for note in grpo.warnings() if "rl.mode=grpo" in note]  # no hinge, no staleness warning
 

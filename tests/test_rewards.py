@@ -641,6 +641,41 @@ def test_hpsv2_matches_open_clip_with_its_own_transforms(tmp_path):
         HPSv2(version="v3", **kwargs)
 
 
+def test_open_clip_score_matches_open_clip_with_its_own_squash_transform_from_a_safetensors_file(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+
+    from reward_servers.models.testing import save_tiny_open_clip
+
+    kwargs = save_tiny_open_clip(tmp_path, quick_gelu=True)  # DFN5B CLIP-H's activation
+    kwargs["checkpoint"] = str(tmp_path / "open_clip_model.safetensors")  # (a bare state dict, as a hub model's)
+    reward = load_reward_model("open-clip-score", kwargs)
+    assert (reward.name, reward.differentiable) == ("open-clip-score", True)
+    images = (torch.rand(3, 3, 24, 40) * 255).round() / 255  # not square: squashed, neither cropped nor padded
+    scores = reward.score(images, PROMPTS[:3])
+    # open_clip's own model and eval transform (resize_mode="squash", DFN5B's), on PIL images
+    model, _, preprocess = open_clip.create_model_and_transforms(kwargs["architecture"], pretrained=None,
+                                                                 load_weights=False, image_resize_mode="squash")
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(kwargs["checkpoint"]))
+    model.eval()
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(_pil(im)) for im in images]), normalize=True)
+        text_features = model.encode_text(open_clip.get_tokenizer(kwargs["architecture"])(PROMPTS[:3]), normalize=True)
+    theirs = (image_features @ text_features.T).diagonal()
+    torch.testing.assert_close(scores, theirs, rtol=0, atol=0.02)  # (tensor vs PIL bicubic resizing)
+    assert (scores - theirs).abs().max() < 0.1 * (theirs.max() - theirs.min())  # closer than the images are apart
+    x = images.clone().requires_grad_(True)
+    reward.score(x, PROMPTS[:3]).sum().backward()
+    assert x.grad.abs().sum() > 0
+    plain_gelu = save_tiny_open_clip(tmp_path / "gelu")  # the same seed's weights under GELU: other scores
+    assert not torch.allclose(load_reward_model("open-clip-score", plain_gelu).score(images, PROMPTS[:3]), scores)
+    from reward_servers import RewardBuildError
+
+    with pytest.raises(RewardBuildError, match="resize='crop' is unknown; allowed: squash, shortest, longest"):
+        load_reward_model("open-clip-score", {**kwargs, "resize": "crop"})
+
+
 @pytest.mark.parametrize("size", [(48, 64), (512, 683), (683, 512), (37, 41)])
 def test_clip_preprocess_crops_like_torchvision(size):
     transforms = pytest.importorskip("torchvision.transforms.v2")

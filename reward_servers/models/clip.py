@@ -22,14 +22,18 @@ import torch.nn.functional as F
 
 
 def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float],
-                    resize: Literal["shortest", "longest"] = "shortest", crop_offset: Literal["round", "floor"] = "round",
+                    resize: Literal["shortest", "longest", "squash"] = "shortest", crop_offset: Literal["round", "floor"] = "round",
                     dtype: torch.dtype | None = None) -> torch.Tensor:
-    """images [B, 3, H, W] in [0, 1] -> normalised pixel values [B, 3, crop, crop] (`longest`: [B, 3, size,
-    size]), with gradients; `dtype`: of the result (default: the images')."""
+    """images [B, 3, H, W] in [0, 1] -> normalised pixel values [B, 3, crop, crop] (`longest`, padded, and
+    `squash`, resized to a square whatever the aspect: [B, 3, size, size]), with gradients; `dtype`: of the result
+    (default: the images')."""
     out_dtype = dtype or images.dtype
     images = images.float() if images.dtype in (torch.bfloat16, torch.float16) else images
     if resize == "longest":
         images = _resize_longest_and_pad(images, size)
+    elif resize == "squash":
+        if tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     else:
         images = _resize_shortest_and_crop(images, size, crop, crop_offset)
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

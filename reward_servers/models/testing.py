@@ -37,27 +37,31 @@ def save_tiny_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -
 TINY_OPEN_CLIP = "dmdr-tiny-open-clip"  # the architecture name the tiny config registers under
 
 
-def save_tiny_open_clip(directory: str | Path, image_size: int = 32, seed: int = 0) -> dict:
-    """A tiny open_clip CLIP (HPSv2's classes) as a model-config JSON plus an HPS-style checkpoint
-    ({"state_dict": ...}); returns the HPSv2 kwargs that load it."""
+def save_tiny_open_clip(directory: str | Path, image_size: int = 32, seed: int = 0, quick_gelu: bool = False) -> dict:
+    """A tiny open_clip CLIP (HPSv2's classes; `quick_gelu`: DFN5B's activation) as a model-config JSON plus an
+    HPS-style checkpoint ({"state_dict": ...}), and the bare state dict as `open_clip_model.safetensors` beside
+    them; returns the HPSv2 / open-clip-score kwargs that load the checkpoint."""
     import json
 
     import open_clip
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"embed_dim": 16,
+    architecture = TINY_OPEN_CLIP + ("-quickgelu" if quick_gelu else "")
+    config = {"embed_dim": 16, "quick_gelu": quick_gelu,
               "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    config_path = directory / f"{TINY_OPEN_CLIP}.json"
+    config_path = directory / f"{architecture}.json"
     config_path.write_text(json.dumps(config))
     open_clip.add_model_config(config_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None, load_weights=False)
+        model = open_clip.create_model(architecture, pretrained=None, load_weights=False)
     checkpoint = directory / "HPS_tiny.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
-    return {"checkpoint": str(checkpoint), "architecture": TINY_OPEN_CLIP, "model_config": str(config_path)}
+    save_file({name: value.contiguous() for name, value in model.state_dict().items()}, directory / "open_clip_model.safetensors")
+    return {"checkpoint": str(checkpoint), "architecture": architecture, "model_config": str(config_path)}
 
 
 def save_tiny_aesthetic_head(file: str | Path, width: int = 16, seed: int = 0) -> Path:
