@@ -21,6 +21,8 @@ def test_the_paper_presets_carry_the_reference_hyperparameters():
     assert (medium.trainer.lr_generator, medium.trainer.lr_critic) == (1e-6, 5e-7)
     assert (medium.trainer.lr_generator_rl, medium.trainer.lr_critic_rl) == (5e-7, 2e-7)
     assert (medium.trainer.weight_decay_generator, medium.trainer.weight_decay_critic) == (0.01, 0.0)  # the paper's code
+    assert medium.model.kwargs == large.model.kwargs == {"max_sequence_length": 128}  # the paper's code's T5 length
+    assert load_config("flux-dev-dmdr").model.kwargs == {"guidance": 3.5, "max_sequence_length": 512}  # FLUX.1's own
     assert [(r.name, r.weight) for r in medium.rewards] == [("open-clip-score", 0.3), ("hpsv2.1", 0.3)]
     assert (medium.trainer.precision, medium.trainer.optimizer) == ("bf16", "adamw8bit")
     assert (large.model.resolution, large.student.shift, large.dmd.real_cfg) == (1024, 5.0, 4.0)
