@@ -108,6 +108,10 @@ class CriticSection(_Section):
     # s_r0: the critic adapter's scale as the real score at step 0, annealed to 0 (the teacher) over dmd.dynamic_steps;
     # 0: the real score is the teacher from the first step (no DynaDG)
     real_scale0: float = Field(0.5, ge=0)
+    # the samples the critic learns: final, the rollout's final x0 (DESIGN section 2); step, with
+    # student.sampler=sde, each sample's x0_k at a uniformly drawn step k, the samples whose distribution the
+    # generator step's DMD gradient is taken on (the paper's code). With the ODE sampler both are the final x0
+    samples: Literal["final", "step"] = "final"
 
 
 class DmdSection(_Section):
@@ -621,6 +625,9 @@ class RunConfig(_Section):
         if self.trainer.backend == "ray" and self.trainer.precision == "bf16" and self.ray.learner_gpus == 0:
             notes.append("trainer.precision=bf16 with ray.learner_gpus=0: the learner runs on CPUs; set "
                          "ray.learner_gpus (and ray.rollout_gpus) to train on GPUs")
+        if self.critic.samples == "step" and self.student.sampler != "sde":
+            notes.append("critic.samples=step with student.sampler=ode: the ODE sampler's generator step re-noises the "
+                         "final samples, which the critic learns either way (it differs with student.sampler=sde)")
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")

@@ -170,6 +170,17 @@ def critic_loss(
     return total
 
 
+def critic_samples(trajectory: Trajectory, sampler: str, samples: str, generator: torch.Generator) -> torch.Tensor:
+    """What step 2's critic learns from (`critic.samples`): the final samples (DESIGN section 2), or, in SDE mode
+    with samples="step", each sample's x0_k at a step k drawn uniformly from `generator`, as the generator step
+    re-noises them (the paper's code). The ODE sampler's generator step re-noises the final samples: those."""
+    if samples == "final" or sampler != "sde":
+        return trajectory.x0
+    batch, device = trajectory.x0.shape[0], trajectory.x0.device
+    k = torch.randint(0, trajectory.timesteps.shape[0], (batch,), generator=generator).to(device)
+    return trajectory.x0_steps[k, torch.arange(batch, device=device)]
+
+
 def generator_loss(
     backbone: Backbone,
     trajectory: Trajectory,

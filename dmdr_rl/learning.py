@@ -60,7 +60,8 @@ class DMDRLearner:
         started = dmdr.mark(backbone.device)
         micro = cfg.trainer.micro_batch_size
         self.opt_critic.zero_grad(set_to_none=True)
-        critic_loss = dmdr.critic_loss(backbone, batch.x0, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng,
+        samples = dmdr.critic_samples(batch.trajectory, cfg.student.sampler, cfg.critic.samples, rng)
+        critic_loss = dmdr.critic_loss(backbone, samples, batch.cond, self.generator_step, cfg.critic, cfg.dmd, rng,
                                        micro_batch_size=micro, backward=torch.Tensor.backward)
         self._step(self.opt_critic)
         critic_done = dmdr.mark(backbone.device)

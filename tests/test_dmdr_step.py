@@ -283,6 +283,17 @@ def test_the_generator_steps_two_noises_are_fresh_draws_of_their_own(backbone, m
     assert abs(float(torch.corrcoef(torch.stack([eps.flatten(), eps_dmd.flatten()]))[0, 1])) < 0.1
 
 
+def test_the_critic_learns_the_final_samples_or_with_samples_step_each_ones_x0_at_a_drawn_step(backbone):
+    cond = backbone.encode(PROMPTS)
+    traj = dmdr.backward_simulation(backbone, cond, StudentSection(steps=3, sampler="sde"), torch.Generator().manual_seed(0))
+    drawn = dmdr.critic_samples(traj, "sde", "step", torch.Generator().manual_seed(4))
+    k = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(4))  # the same draw
+    assert k.tolist() != [2, 2]  # (this seed's draw reaches an earlier step than the last, whose x0_k is the final x0)
+    assert torch.equal(drawn, traj.x0_steps[k, torch.arange(2)]) and not torch.equal(drawn, traj.x0)
+    assert dmdr.critic_samples(traj, "sde", "final", torch.Generator()) is traj.x0
+    assert dmdr.critic_samples(traj, "ode", "step", torch.Generator()) is traj.x0  # the ODE generator step's source
+
+
 def test_the_critic_step_trains_the_fake_score_at_its_scale(backbone, monkeypatch):
     """With real noise: the critic's input is x_tau = (1 - tau) x0 + tau eps with the very eps (and x0, and the
     critic's output) its flow-matching loss is given, so a target built from other noise (-eps, fresh draws),

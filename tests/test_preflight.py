@@ -299,6 +299,10 @@ def test_the_dry_run_shows_the_rl_stages_batch_and_refuses_one_the_learner_ranks
 def test_the_dry_run_prints_warnings(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.max_steps=10"])
     assert "warning: trainer.cold_start=300 >= trainer.max_steps=10" in capsys.readouterr().out
+    run.main(["--preset", "toy-dmdr", "--dry-run", "critic.samples=step"])
+    assert "warning: critic.samples=step with student.sampler=ode: " in capsys.readouterr().out
+    run.main(["--preset", "toy-dmdr", "--dry-run", "critic.samples=step", "student.sampler=sde"])
+    assert "critic.samples" not in capsys.readouterr().out
     run.main(["--preset", "toy-dmdr", "--dry-run", "rewards.0.placement=serve", "rewards.0.serve.attach=true",
               "rewards.0.max_images_per_call=8"])
     assert "rewards.0.max_images_per_call has no effect on an attached app (reward-toy-align)" in capsys.readouterr().out

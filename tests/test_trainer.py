@@ -390,6 +390,20 @@ def test_a_reward_reads_each_prompt_through_its_template_where_it_trains_monitor
                                                                   + trainer.prompts.batch(-1, 16))
 
 
+def test_the_learner_gives_the_critic_the_samples_critic_samples_names(tmp_path, monkeypatch):
+    given, critic_loss = [], dmdr.critic_loss
+    monkeypatch.setattr(dmdr, "critic_loss", lambda backbone, x0, *a, **k: given.append(x0) or critic_loss(backbone, x0, *a, **k))
+    for samples in ("final", "step"):
+        trainer, _ = _trainer(tmp_path / samples, **{"critic.samples": samples, "student.sampler": "sde"})
+        trainer.train_iteration()
+        batch = trainer.last_batch
+        rows = [[torch.equal(given[-1][i], batch.x0_steps[k, i]) for k in range(2)] for i in range(2)]
+        if samples == "final":
+            assert torch.equal(given[-1], batch.x0)
+        else:  # each sample's x0 at one of its steps (batch 2, 2 steps: this seed draws step 0 for one of them)
+            assert all(any(row) for row in rows) and not torch.equal(given[-1], batch.x0)
+
+
 def test_each_optimiser_decays_its_weights_by_the_config_also_after_loading_another_runs_state(tmp_path):
     def decays(learner):
         return [group["weight_decay"] for opt in (learner.opt_generator, learner.opt_critic) for group in opt.param_groups]
