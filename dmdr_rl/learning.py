@@ -160,6 +160,30 @@ class DMDRLearner:
                 group["weight_decay"] = decay
 
 
+def probe_rewards(rewards: Sequence[dmdr.WeightedReward], backbone, prompts: Sequence[str], refl: bool) -> None:
+    """Each reward scores two decoded samples once before training, with the gradient where ReFL trains on it
+    (`refl`), so a reward that cannot score (a wrong answer, a model that raises, an app that does not answer)
+    stops the run at its start rather than when the cold start ends, thousands of steps later. The samples
+    decode seeded noise (the run's random streams are untouched); their scores mean nothing and are not kept."""
+    from reward_servers.protocol import RewardInputError, RewardScoreError, RewardServerError
+
+    prompts = list(prompts)[:2]
+    if not rewards or not prompts:
+        return
+    noise = torch.randn((len(prompts), *backbone.sample_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = backbone.decode(noise.to(backbone.device))
+    for i, reward in enumerate(rewards):
+        pixels = images.detach().requires_grad_(refl and reward.spec.weight > 0)
+        try:
+            scores = reward.score(pixels, prompts)
+            if pixels.requires_grad:
+                scores.sum().backward()
+        except (RewardInputError, RewardServerError, RewardScoreError) as err:
+            raise type(err)(f"rewards.{i} ({reward.spec.key}), scoring two samples before training: {err}"
+                            ) from (err if isinstance(err, RewardScoreError) else None)
+
+
 def load_adapter_state(backbone, adapter: str, state: dict[str, torch.Tensor]) -> None:
     """Copy saved weights into an adapter; the names must match exactly (same model, same adapter config)."""
     params = dict(backbone.named_trainable_parameters(adapter))

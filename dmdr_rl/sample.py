@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .cli import fixable_errors
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
     from .seeds import image_seeds
     from .store import write_json_whole
     from reward_servers.registry import REWARDS
+    from reward_servers.protocol import RewardScoreError
 
     try:
         prompts = [p.strip() for p in args.prompt]
@@ -169,9 +171,11 @@ def main(argv: list[str] | None = None) -> Path:
     made_by = {"checkpoint": [settings["checkpoint"]] * len(prompts)} if "checkpoint" in settings else None
     try:
         scores = score_images(rewards, images, prompts, args.batch_size)
-    except fixable_errors() as err:  # (a prompt the reward model cannot read): the images are kept all the same
+    except (*fixable_errors(), RewardScoreError) as err:  # (a prompt the reward model cannot read, or a model that
         write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, extra=made_by,
-                      source="sample")
+                      source="sample")  # raised): the images are kept all the same
+        if isinstance(err, RewardScoreError):  # (the model's own traceback first: a bug in it shows there)
+            traceback.print_exception(err)
         raise SystemExit(f"error: scoring: {err} (the images are in {out / 'samples.parquet'}, without scores)") from None
     write_samples(out / "samples.parquet", images, prompts, seeds, step=-1, weight_version=-1, rewards=scores,
                   extra=made_by, source="sample")

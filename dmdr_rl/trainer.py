@@ -26,7 +26,7 @@ from .algo import finite_mean
 from .config import ConfigError, RunConfig, StudentSection, load_config
 from .evaluation import TrainingEvaluation
 from .grid import save_grid
-from .learning import ADAPTERS, DMDRLearner, load_adapter_state
+from .learning import ADAPTERS, DMDRLearner, load_adapter_state, probe_rewards
 from .prompts import checked_prompt_source
 from .registry import build_backbone, resolve_device
 from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score, rollout_batch_size
@@ -244,6 +244,7 @@ class LocalTrainer:
                                   "the checkpoint was trained with (its run's config.yaml)") from None
             check_steps_left(cfg, self.generator_step)
             print(resuming_line(self.resume, self.generator_step, cfg.trainer.max_steps), flush=True)
+        probe_rewards(self.learner.rewards, self.backbone, self.grid_prompts, refl=not cfg.rl.policy_gradient)
         fresh = self.generator_step == 0 or (self.resume is not None and not continues_in(self.out, self.resume))
         store = open_run_directory(cfg, self.out, fresh=fresh)
         log = MetricsLog(self.out, store, cfg)

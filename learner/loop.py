@@ -30,7 +30,7 @@ from dmdr_rl import dmdr
 from dmdr_rl.config import RunConfig
 from dmdr_rl.errors import in_cause_chain
 from dmdr_rl.evaluation import TrainingEvaluation
-from dmdr_rl.learning import DMDRLearner
+from dmdr_rl.learning import DMDRLearner, probe_rewards
 from dmdr_rl.prompts import PromptSource
 from dmdr_rl.registry import build_backbone
 from dmdr_rl.store import open_store
@@ -386,6 +386,8 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     backbone.set_null(ask_a_worker(coordinator, "null_conditioning", **ask))
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, **ask) if rank == 0 else None
+    if rank == 0:  # (a reward that cannot score fails each try alike: ray.same_failure_limit ends the run)
+        probe_rewards(learner.rewards, backbone, grid_prompts, refl=not cfg.rl.policy_gradient)
     evaluation = (TrainingEvaluation(cfg.output.eval_images, lambda prompts: ask_a_worker(coordinator, "encode", prompts,
                                                                                          **ask))
                   if rank == 0 and cfg.output.eval_every is not None else None)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dmdr_rl.config import RewardSpec
 
-from .protocol import RewardBuildError, RewardInputError, RewardLoadError, RewardModel, RewardServerError, validate_images, validate_scores
+from .protocol import (RewardBuildError, RewardInputError, RewardLoadError, RewardModel, RewardScoreError, RewardServerError,
+                       validate_images, validate_scores)
 from .registry import REWARDS, load_reward_model
 
 
@@ -37,5 +38,6 @@ def reward_model(spec: RewardSpec, where: str = "rewards[]") -> RewardModel:
     return InProcessReward(load_reward_model(spec.name, spec.kwargs, where), spec.max_images_per_call)
 
 
-__all__ = ["REWARDS", "RewardBuildError", "RewardInputError", "RewardLoadError", "RewardModel", "RewardServerError", "load_reward_model", "reward_model",
+__all__ = ["REWARDS", "RewardBuildError", "RewardInputError", "RewardLoadError", "RewardModel", "RewardScoreError",
+           "RewardServerError", "load_reward_model", "reward_model",
            "validate_images", "validate_scores"]

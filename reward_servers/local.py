@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .gradient import attach_gradient, checked_scores, in_chunks, score_and_grad, wants_gradient
-from .protocol import RewardModel, validate_images
+from .protocol import RewardInputError, RewardModel, RewardScoreError, RewardServerError, first_line, validate_images
 
 
 class InProcessReward:
@@ -22,6 +22,13 @@ class InProcessReward:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         validate_images(images, prompts)
-        if wants_gradient(images, self.differentiable, f"reward {self.name!r}"):
-            return attach_gradient(images, *score_and_grad(self.model, images, list(prompts), self.max_images))
-        return in_chunks(partial(checked_scores, self.model), images, prompts, self.max_images)
+        try:
+            if wants_gradient(images, self.differentiable, f"reward {self.name!r}"):
+                return attach_gradient(images, *score_and_grad(self.model, images, list(prompts), self.max_images))
+            return in_chunks(partial(checked_scores, self.model), images, prompts, self.max_images)
+        except (RewardInputError, RewardServerError, torch.OutOfMemoryError):  # (ours, or the device's: as they are)
+            raise
+        except Exception as err:  # the model's own: named, as a served model's failure is by its app
+            raise RewardScoreError(f"reward model {self.name!r} raised while scoring {images.shape[0]} images: "
+                                   f"{type(err).__name__}: {first_line(err)} (the traceback above is the model's own)"
+                                   ) from err

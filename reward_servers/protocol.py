@@ -36,6 +36,11 @@ class RewardLoadError(OSError):
     """A reward model's files could not be loaded; says which config entry names them."""
 
 
+class RewardScoreError(RuntimeError):
+    """A reward model's own `score` raised (not one of the checks here): names the model, with its error chained
+    (a bug in the model shows in its traceback)."""
+
+
 class RewardBuildError(RuntimeError):
     """A reward model's constructor raised; says which config entry it is, with the model's own error chained
     (not one of the errors a command shows as one line: the traceback is where a bug in the model shows)."""

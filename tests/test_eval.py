@@ -282,6 +282,14 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
     with pytest.raises(SystemExit, match=r"error: scoring: .*not the toy grammar.*the images are in"):
         sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--score", "--out", str(tmp_path / "kept")])
     assert len(read_samples(tmp_path / "kept" / "samples.parquet")) == 4  # what was sampled is not lost
+    (tmp_path / "raising_reward.py").write_text("class Raises:\n    name, differentiable = 'raises', False\n\n"
+                                                "    def score(self, images, prompts):\n        raise KeyError('no such prompt')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a model that raises: named, its traceback shown, the images kept
+    with pytest.raises(SystemExit, match=r"error: scoring: reward model 'raises' raised while scoring 4 images: KeyError: "
+                                         r"'no such prompt' .*the images are in"):
+        sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--reward", "raising_reward:Raises", "--out",
+                     str(tmp_path / "kept-too")])
+    assert len(read_samples(tmp_path / "kept-too" / "samples.parquet")) == 4
     config["rewards"] = [{"name": "toy-align", "placement": "serve", "serve": {"attach": True}}]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))  # an app deployed on its own: its model unknown here
     with pytest.raises(SystemExit, match=r"error: the run's rewards\[0\] \(toy-align\) is an attached Serve app's entry"):

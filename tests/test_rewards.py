@@ -874,3 +874,25 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_slot():
 def test_an_image_without_pixels_is_a_clear_input_error():
     with pytest.raises(RewardInputError, match="height and width of at least 1 pixel"):
         reward_model(RewardSpec(name="toy-align")).score(torch.zeros(1, 3, 0, 32), ["a red circle"])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_model_that_raises_is_named_with_its_own_error_chained_and_out_of_memory_passes_as_it_is(grad):
+    from reward_servers.protocol import RewardScoreError
+
+    class Raising:
+        name, differentiable = "raising", True
+
+        def __init__(self, error):
+            self.error = error
+
+        def score(self, images, prompts):
+            raise self.error
+
+    images = _images()[:2].requires_grad_(grad)
+    with pytest.raises(RewardScoreError, match=r"^reward model 'raising' raised while scoring 2 images: KeyError: 'x' "
+                                               r"\(the traceback above is the model's own\)$") as caught:
+        InProcessReward(Raising(KeyError("x"))).score(images, PROMPTS[:2])
+    assert isinstance(caught.value.__cause__, KeyError)
+    with pytest.raises(torch.OutOfMemoryError):  # (the device's: a caller may retry with fewer images)
+        InProcessReward(Raising(torch.OutOfMemoryError("CUDA out of memory"))).score(images, PROMPTS[:2])

@@ -404,6 +404,29 @@ def test_the_learner_gives_the_critic_the_samples_critic_samples_names(tmp_path,
             assert all(any(row) for row in rows) and not torch.equal(given[-1], batch.x0)
 
 
+@pytest.mark.parametrize("failure", ["shape", "raises"])
+def test_a_reward_that_cannot_score_stops_the_run_before_it_trains(tmp_path, failure):
+    """The cold start would otherwise train thousands of steps before the first reward step met it."""
+    from reward_servers.protocol import RewardScoreError, RewardServerError
+
+    class Broken(CountingReward):
+        def score(self, images, prompts):
+            if failure == "raises":
+                raise ZeroDivisionError("the model's own bug")
+            return images.mean(dim=(2, 3))  # [B, 3]: one score per image expected
+
+    from reward_servers.local import InProcessReward
+
+    trainer, _ = _trainer(tmp_path / "run", reward=InProcessReward(Broken()), **{"trainer.cold_start": 4})
+    error, message = ((RewardServerError, r"returned scores of shape \[2, 3\], expected \[2\]") if failure == "shape" else
+                      (RewardScoreError, r"raised while scoring 2 images: ZeroDivisionError: the model's own bug"))
+    with pytest.raises(error, match=r"^rewards.0 \(mean-red\), scoring two samples before training: .*" + message) as caught:
+        trainer.train()
+    assert trainer.learner.iteration == 0 and not (tmp_path / "run" / "metrics.jsonl").exists()
+    if failure == "raises":  # the model's own traceback is chained
+        assert isinstance(caught.value.__cause__.__cause__, ZeroDivisionError)
+
+
 def test_each_optimiser_decays_its_weights_by_the_config_also_after_loading_another_runs_state(tmp_path):
     def decays(learner):
         return [group["weight_decay"] for opt in (learner.opt_generator, learner.opt_critic) for group in opt.param_groups]
