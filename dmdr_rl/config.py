@@ -625,6 +625,10 @@ class RunConfig(_Section):
         if self.trainer.backend == "ray" and self.trainer.precision == "bf16" and self.ray.learner_gpus == 0:
             notes.append("trainer.precision=bf16 with ray.learner_gpus=0: the learner runs on CPUs; set "
                          "ray.learner_gpus (and ray.rollout_gpus) to train on GPUs")
+        if self.trainer.batch_size_rl is not None and self.trainer.cold_start >= self.trainer.max_steps:
+            notes.append(f"trainer.batch_size_rl={self.trainer.batch_size_rl} has no effect: trainer.cold_start="
+                         f"{self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}, so every batch is the "
+                         "cold start's (trainer.batch_size)")
         if self.critic.samples == "step" and self.student.sampler != "sde":
             notes.append("critic.samples=step with student.sampler=ode: the ODE sampler's generator step re-noises the "
                          "final samples, which the critic learns either way (it differs with student.sampler=sde)")

@@ -73,6 +73,8 @@ FLUX = ModelFamily(
     scheduler_settings=(("use_dynamic_shifting", False),),  # else the scheduler shifts by the token count instead
     check_options=check_guidance, patch_words="2x2 packing",
     dynamic_shift=flux_shift,  # FLUX.1-dev's pipeline shifts by the image's size; a run's student.shift is fixed
+    published_configs={"black-forest-labs/FLUX.1-dev": {"guidance_embeds": True},
+                       "black-forest-labs/FLUX.1-schnell": {"guidance_embeds": False}},
 )
 
 

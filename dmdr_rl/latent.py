@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -52,6 +52,9 @@ class ModelFamily:
     # the shift the family's pipeline samples at when its scheduler shifts by the image's size (diffusers'
     # use_dynamic_shifting), from (resolution, VAE factor); None: a fixed shift, the same at every resolution
     dynamic_shift: Callable[[int, int], float] | None = None
+    # what `check_options` reads of the transformer config of published hub ids, by id: checked when their files are
+    # not on this machine (FLUX.1-schnell has no guidance embedding)
+    published_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def diffusers_class(self, which: str) -> type:
         """`which`: "transformer" or "pipeline"."""
@@ -120,6 +123,9 @@ def check_config_files(family: ModelFamily, path: str | None, resolution: int, l
     if transformer is None or vae is None:
         if path is None or not Path(path).expanduser().exists():
             check_resolution(resolution, *family.geometry, patch_words=family.patch_words)
+            published = family.published_configs.get(path or family.default_model)
+            if published is not None:
+                family.check_options(published, options or {})
         return None
     if "patch_size" not in transformer or "block_out_channels" not in vae:  # not such a layout: the load says so
         return None

@@ -25,6 +25,7 @@ class PromptSource:
     def __init__(self, spec: str, seed: int):
         self.seed = seed
         self.split, self.prompts = None, None
+        self.skipped = 0  # a prompt file's rows without a prompt (empty, or null in a table), left out
         kind, _, name = spec.partition(":")
         if kind == "toy" and name:
             try:
@@ -32,7 +33,7 @@ class PromptSource:
             except ValueError as err:
                 raise ConfigError(f"data.prompts: {err} (e.g. data.prompts=toy:held-in)") from None
         elif Path(spec).suffix.lower() in FILE_SUFFIXES:
-            self.prompts = read_prompt_file(Path(spec))
+            self.prompts, self.skipped = read_prompt_rows(Path(spec))
         else:
             raise ConfigError(f"data.prompts {spec!r}: give toy:held-in, toy:held-out, or a prompt file "
                               f"({', '.join(FILE_SUFFIXES)})")
@@ -70,6 +71,12 @@ def checked_prompt_source(cfg) -> PromptSource:
 
 def read_prompt_file(path: Path) -> list[str]:
     """The non-empty prompts of a file; a ConfigError naming the file and the fix otherwise."""
+    return read_prompt_rows(path)[0]
+
+
+def read_prompt_rows(path: Path) -> tuple[list[str], int]:
+    """`read_prompt_file`, and how many of a table's rows held no prompt (empty or null): left out, and counted
+    so the dry run can say so (a .txt file's blank lines are not counted: they separate, not hold, prompts)."""
     if not path.is_file():
         raise ConfigError(f"data.prompts: {path} does not exist or is not a file")
     suffix = path.suffix.lower()
@@ -88,16 +95,17 @@ def read_prompt_file(path: Path) -> list[str]:
             if not _holds_text(column.type):
                 raise ConfigError(f"data.prompts: {path}'s 'prompt' column holds {column.type}, not text; write "
                                   "the prompts as strings")
-            prompts = [p for p in column.to_pylist() if isinstance(p, str)]
+            rows = column.to_pylist()
+            prompts = [p for p in rows if isinstance(p, str)]
     except ConfigError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, KeyError) as err:
         raise ConfigError(f"data.prompts: cannot read {path} as {suffix} ({type(err).__name__}: {err})") from err
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
+    kept = [p.strip() for p in prompts if p and p.strip()]
+    if not kept:
         raise ConfigError(f"data.prompts: {path} contains no prompts; put one prompt per line (.txt) or in a "
                           "'prompt' column")
-    return prompts
+    return kept, (0 if suffix == ".txt" else len(rows) - len(kept))
 
 
 def _holds_text(kind) -> bool:

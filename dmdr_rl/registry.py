@@ -16,11 +16,13 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     """`plugin_checks`: a plugin by import path may carry its own check (`checked_by`), which `check` imports and
-    calls as it does a registered one's."""
+    calls as it does a registered one's. `caller_options`: the options every caller passes itself (a backbone's
+    path, from model.path), which an error leaves out of the options the user may give."""
 
-    def __init__(self, kind: str, plugin_checks: bool = False):
+    def __init__(self, kind: str, plugin_checks: bool = False, caller_options: Sequence[str] = ()):
         self.kind = kind
         self.plugin_checks = plugin_checks
+        self.caller_options = frozenset(caller_options)
         self._factories: dict[str, Callable[..., T]] = {}
         self._checks: dict[str, Callable[..., None]] = {}
 
@@ -124,6 +126,7 @@ class Registry(Generic[T]):
         option, when it is one the caller added."""
         from .config import ConfigError
 
+        taken = set(taken) - self.caller_options
         takes = f"; it takes {', '.join(sorted(taken))}" if taken else ""
         refused = re.search(r"unexpected keyword argument '([^']+)'", str(problem))
         other = (fixes or {}).get(refused.group(1)) if refused else None
@@ -279,7 +282,7 @@ def _signature(factory: Callable) -> inspect.Signature | None:
         return None
 
 
-BACKBONES: Registry = Registry("backbone", plugin_checks=True)
+BACKBONES: Registry = Registry("backbone", plugin_checks=True, caller_options=("path", "resolution", "encoders"))
 # model.kwargs.dtype: the frozen base's precision (trainer.precision=bf16 passes bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

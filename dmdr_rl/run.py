@@ -59,6 +59,7 @@ def train(preset: str, overrides: list[str], num_images: int) -> None:
     for note in _warnings(cfg):
         print(f"warning: {note}", file=sys.stderr, flush=True)
     check_rewards(cfg, built_here_only=False)  # (as the dry run: before Ray, a reward app or a model starts)
+    check_output_dir(cfg)
     if cfg.trainer.backend == "ray":
         from .distributed import train_distributed
 
@@ -165,6 +166,20 @@ def check_rewards(cfg, built_here_only: bool = True) -> None:
                 raise
 
 
+def check_output_dir(cfg) -> None:
+    """output.dir must be a directory, or one this process can make: not a file, nor under one."""
+    from .config import ConfigError
+
+    path = cfg.output_dir.absolute()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "is" if place == path else f"is under {place}, which is"
+                raise ConfigError(f"output.dir={cfg.output.dir} {where} a file, not a directory: choose another "
+                                  "output.dir")
+            return
+
+
 def dry_run(preset: str, overrides: list[str]) -> str:
     """Everything that can be checked without a cluster or model weights: the config, that the backbone
     and every reward resolve (registry name or import path), and the prompt source when it is on this
@@ -178,6 +193,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     if cfg.trainer.backend == "ray":
         check_placement(cfg)
     check_rewards(cfg)
+    check_output_dir(cfg)
     prompts = cfg.data.prompts
     if cfg.trainer.backend == "local":  # what the run would refuse at start on this machine
         from .registry import resolve_device
@@ -190,8 +206,12 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         check_steps_left(cfg, checkpoint_generator_step(resume_checkpoint(cfg.trainer.resume_from)))
     # a local run reads its prompt file here; a Ray job's driver may run on another machine (ray job submit)
     if prompts.startswith("toy:") or Path(prompts).exists() or cfg.trainer.backend == "local":
-        checked_prompt_source(cfg)
+        source = checked_prompt_source(cfg)
         prompt_note = "checked"
+        if source.prompts is not None:
+            skipped = (f", {source.skipped} row{'s' if source.skipped != 1 else ''} without a prompt left out"
+                       if source.skipped else "")
+            prompt_note = f"{len(source.prompts):,} prompt{'s' if len(source.prompts) != 1 else ''}{skipped}; checked"
     else:
         check_model(cfg.model, precision=cfg.trainer.precision)
         prompt_note = "not on this machine: checked when the run starts"
@@ -211,8 +231,9 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  model {cfg.model.backbone} ({cfg.model.path or 'default weights'}), {cfg.model.resolution} px, "
         f"{cfg.student.steps}-step student, {cfg.trainer.max_steps} generator steps ({_stages(cfg)})",
         f"  generator {_generator_plan(cfg)}; batch {cfg.trainer.batch_size}"
-        + (f" (then {cfg.trainer.batch_size_rl} with the rewards)"
-           if cfg.trainer.batch_size_rl not in (None, cfg.trainer.batch_size) else "")
+        + (f" (then {cfg.trainer.batch_size_rl} after the cold start)"
+           if cfg.trainer.batch_size_rl not in (None, cfg.trainer.batch_size)
+           and cfg.trainer.cold_start < cfg.trainer.max_steps else "")
         + (f" in micro-batches of {cfg.trainer.micro_batch_size}" if cfg.trainer.micro_batch_size else "")
         + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")
         + (f", compiled blocks ({cfg.model.compile_mode}; the first steps compile)" if cfg.model.compile else "")

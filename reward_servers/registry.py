@@ -139,6 +139,7 @@ def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "
     the generator when `weight` > 0 (with ReFL; `policy_gradient`, rl.mode=grpo, needs no gradient)."""
     from dmdr_rl.config import ConfigError
 
+    _refuse_a_score_function(name, where)
     factory = REWARDS.check_options(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
     if not isinstance(factory, type):
         return  # a factory function: judged by what it builds
@@ -148,6 +149,20 @@ def check_reward(name: str, kwargs: dict[str, Any] | None = None, where: str = "
     differentiable = getattr(factory, "differentiable", None)
     if weight > 0 and differentiable is False and not policy_gradient:
         raise refl_needs_a_gradient(where, name)
+
+
+def _refuse_a_score_function(name: str, where: str) -> None:
+    """A function of images and prompts is a score function, not what builds a reward model: said as such, not as
+    the arguments the call to build it would miss."""
+    import inspect
+
+    from dmdr_rl.config import ConfigError
+
+    resolved = REWARDS.resolve(name, f"{where}.name")
+    if inspect.isfunction(resolved) and {"images", "prompts"} <= set(inspect.signature(resolved).parameters):
+        raise ConfigError(f"{where}.name: {name!r} is a function of images and prompts, a score function itself; name a "
+                          "reward model class with a score(images, prompts) method and a `differentiable` flag "
+                          "(reward_servers/protocol.py), or a function that builds one")
 
 
 def refl_needs_a_gradient(where: str, name: str):
@@ -185,6 +200,7 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
     from dmdr_rl.cli import fixable_errors
     from dmdr_rl.config import ConfigError
 
+    _refuse_a_score_function(name, where)
     try:
         model = REWARDS.build(name, where=f"{where}.kwargs", field=f"{where}.name", **(kwargs or {}))
     except fixable_errors():  # they name what to fix themselves (a config field, toy weights to rebuild, ...)

@@ -96,6 +96,14 @@ def test_decode_is_differentiable_and_a_model_without_guidance_embedding_refuses
                                              r"number > 0 \(null: its pipeline's default, 3.5\)"):
             check_guidance({"guidance_embeds": True}, {"guidance": wrong})
     check_guidance({"guidance_embeds": True}, {"guidance": 1.5})
+    from dmdr_rl.config import load_config
+    from dmdr_rl.registry import check_model
+
+    # a published hub id whose files are not here: its known config says it all the same
+    schnell_hub = load_config("flux-dev-dmdr", ["model.path=black-forest-labs/FLUX.1-schnell"]).model
+    with pytest.raises(ValueError, match=r"model.kwargs.guidance=3.5: this Flux transformer has no guidance embedding"):
+        check_model(schnell_hub)
+    check_model(load_config("flux-dev-dmdr").model)  # FLUX.1-dev's has one
     assert plain.sample(["a red circle"], steps=2, cfg=1.0, seed=0).shape == (1, 3, 32, 32)
 
 

@@ -288,7 +288,11 @@ def test_the_dry_run_shows_how_the_generator_trains(capsys):
 
 def test_the_dry_run_shows_the_rl_stages_batch_and_refuses_one_the_learner_ranks_cannot_share(capsys):
     run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.batch_size_rl=16"])
-    assert "; batch 32 (then 16 with the rewards), fp32" in capsys.readouterr().out
+    assert "; batch 32 (then 16 after the cold start), fp32" in capsys.readouterr().out
+    run.main(["--preset", "toy-dmd", "--dry-run", "trainer.batch_size_rl=8"])  # (a cold start as long as the run)
+    printed = capsys.readouterr().out
+    assert "; batch 32, fp32" in printed and ("warning: trainer.batch_size_rl=8 has no effect: trainer.cold_start=600 >= "
+                                              "trainer.max_steps=600") in printed
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr", "--dry-run", "trainer.backend=ray", "ray.learner_workers=2", "ray.learner_cpus=0.5",
                   "trainer.batch_size_rl=15"])
@@ -356,3 +360,23 @@ def test_a_prompt_is_one_line_of_text_whatever_the_file_holds(tmp_path):
     (tmp_path / "ints.jsonl").write_text('{"prompt": 1}\n{"prompt": 2}\n')
     with pytest.raises(ConfigError, match="'prompt' column holds int64, not text"):
         PromptSource(str(tmp_path / "ints.jsonl"), 0)
+
+
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_anything_starts(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    for out, message in ((tmp_path / "prompts.txt", "is a file"),
+                         (tmp_path / "prompts.txt" / "run", f"is under {tmp_path / 'prompts.txt'}, which is a file")):
+        for dry in (["--dry-run"], []):
+            with pytest.raises(SystemExit):
+                run.main(["--preset", "toy-dmdr", *dry, "trainer.backend=local", f"output.dir={out}"])
+            assert f"error: output.dir={out} {message}, not a directory: choose another output.dir" in capsys.readouterr().err
+
+
+def test_the_dry_run_counts_a_prompt_files_prompts_and_the_rows_without_one(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n{"prompt": null}\n{"prompt": " "}\n'
+                                      '{"prompt": "a blue square"}\n')
+    run.main(["--preset", "toy-dmdr", "--dry-run", f"data.prompts={tmp_path / 'p.jsonl'}", "rewards=[]"])
+    assert f"prompts: {tmp_path / 'p.jsonl'} (2 prompts, 2 rows without a prompt left out; checked)" in capsys.readouterr().out
+    (tmp_path / "p.txt").write_text("a red circle\n\na blue square\n")  # (blank lines separate, they are not rows)
+    run.main(["--preset", "toy-dmdr", "--dry-run", f"data.prompts={tmp_path / 'p.txt'}", "rewards=[]"])
+    assert f"prompts: {tmp_path / 'p.txt'} (2 prompts; checked)" in capsys.readouterr().out

@@ -896,3 +896,15 @@ def test_a_model_that_raises_is_named_with_its_own_error_chained_and_out_of_memo
     assert isinstance(caught.value.__cause__, KeyError)
     with pytest.raises(torch.OutOfMemoryError):  # (the device's: a caller may retry with fewer images)
         InProcessReward(Raising(torch.OutOfMemoryError("CUDA out of memory"))).score(images, PROMPTS[:2])
+
+
+def test_a_score_function_named_as_a_reward_is_told_to_name_a_class(tmp_path, monkeypatch):
+    (tmp_path / "fn_rewards.py").write_text("def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from reward_servers.registry import check_reward
+
+    refused = r"^rewards.0.name: 'fn_rewards:brightness' is a function of images and prompts, a score function itself; name a"
+    with pytest.raises(ConfigError, match=refused):
+        check_reward("fn_rewards:brightness", {}, "rewards.0")  # the dry run's check
+    with pytest.raises(ConfigError, match=refused):
+        load_reward_model("fn_rewards:brightness", {}, "rewards.0")  # and the build's (sample --reward, a replica)
