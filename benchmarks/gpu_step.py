@@ -48,8 +48,9 @@ from dmdr_rl.latent import LatentBackbone, vae_scale_factor  # noqa: E402
 from dmdr_rl.sd3 import SD3_MEDIUM_TRANSFORMER, SD3_MEDIUM_VAE, SD3Backbone  # noqa: E402
 from dmdr_rl.tiny import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 
-# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens; FLUX.1's 512 T5 tokens (CLIP gives the pooled vector
-# only); the tiny pipelines' 16 + 16 and 16.
+# Text tokens per prompt: SD3's 77 CLIP + 256 T5 tokens (diffusers' default, as the reference measurements of plain
+# diffusers; the sd3-medium-dmdr preset encodes 128 T5 tokens, as the paper's code: 205, a little less work); FLUX.1's
+# 512 T5 tokens (CLIP gives the pooled vector only); the tiny pipelines' 16 + 16 and 16.
 TOKENS = {"medium": 333, "tiny": 32, "flux-dev": 512, "flux-tiny": 16}
 # --rl grpo: samples per prompt (the batch must hold whole groups)
 GRPO_GROUP = 2
