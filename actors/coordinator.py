@@ -22,7 +22,6 @@ from dmdr_rl.config import RunConfig
 from dmdr_rl.ledger import Ledger
 from dmdr_rl.store import open_store
 from dmdr_rl.prompts import PromptSource
-from dmdr_rl.rollout import rollout_batch_size
 
 from .rollout import RolloutWorker
 
@@ -385,7 +384,7 @@ class RolloutCoordinator:
         learner's patience runs from its question, not from when the worker gets to it."""
         if self.version < 0:
             raise RuntimeError("no generator weights published yet: the learner publishes version 0 first")
-        size = rollout_batch_size(self.cfg, self.training_step(iteration))
+        size = self.cfg.trainer.rollout_batch_size(self.training_step(iteration))
         prompts = self.prompts.batch(iteration, size, self.cfg.prompt_group)
         shard_size = size // self.world_size
         shard = prompts[rank * shard_size : (rank + 1) * shard_size]

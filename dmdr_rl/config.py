@@ -329,6 +329,12 @@ class TrainerSection(_Section):
     seed: int = Field(0, ge=0)  # every random draw of iteration i comes from (seed, i): a resume continues exactly
     resume_from: Optional[str] = None  # a run directory (its latest checkpoint), its checkpoints/ or one step_N/
 
+    def rollout_batch_size(self, train_step: int) -> int:
+        """The prompts of the rollout batch that generator step `train_step` trains on (all ranks together): the
+        cold start's `batch_size`, then `batch_size_rl` where set (the paper halves it). Here, not beside the
+        update schedule, so the coordinator's process need not import torch."""
+        return (self.batch_size_rl or self.batch_size) if train_step >= self.cold_start else self.batch_size
+
     def batch_size_fields(self) -> list[tuple[str, int]]:
         """The rollout batch sizes the run trains with, by field: the cold start's, and the RL stage's where set
         (each must split into the learner ranks' shards, and GRPO's groups)."""

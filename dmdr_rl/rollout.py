@@ -64,13 +64,6 @@ def policy_trains_on(cfg: RunConfig, iteration: int, train_step: int) -> bool:
             and schedule.reward_active(train_step))
 
 
-def rollout_batch_size(cfg: RunConfig, train_step: int) -> int:
-    """The prompts of the rollout batch that generator step `train_step` trains on (all ranks together): the
-    cold start's `trainer.batch_size`, then `trainer.batch_size_rl` where set (the paper halves it)."""
-    rl_stage = UpdateSchedule(cfg.dmd.ratio, cfg.trainer.cold_start).reward_active(train_step)
-    return (cfg.trainer.batch_size_rl or cfg.trainer.batch_size) if rl_stage else cfg.trainer.batch_size
-
-
 def rewards_to_score(cfg: RunConfig, rewards: Sequence[dmdr.WeightedReward], iteration: int,
                      train_step: int) -> list[dmdr.WeightedReward]:
     """The rewards the rollout of `iteration` (trained at generator step `train_step`) scores, among those

@@ -29,7 +29,7 @@ from .grid import save_grid
 from .learning import ADAPTERS, DMDRLearner, load_adapter_state, probe_rewards
 from .prompts import checked_prompt_source
 from .registry import build_backbone, resolve_device
-from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score, rollout_batch_size
+from .rollout import RolloutBatch, make_rollout, policy_trains_on, rewards_to_score
 from .seeds import image_seeds
 from .samples import write_samples
 from .store import (EARLIER_RUNS, RunLock, directory_written_whole, open_store, readable_as_umask_allows, run_events,
@@ -220,7 +220,7 @@ class LocalTrainer:
         (then its metrics are returned, else None)."""
         cfg = self.cfg
         started = dmdr.mark(self.backbone.device)  # device time, read after the step (no host sync here)
-        prompts = self.prompts.batch(self.iteration, rollout_batch_size(cfg, self.generator_step), cfg.prompt_group)
+        prompts = self.prompts.batch(self.iteration, cfg.trainer.rollout_batch_size(self.generator_step), cfg.prompt_group)
         batch = make_rollout(self.backbone, prompts, cfg.student, cfg.trainer.seed, self.iteration, self.generator_step,
                              scored=rewards_to_score(cfg, self.learner.rewards, self.iteration, self.generator_step),
                              keep_inputs=policy_trains_on(cfg, self.iteration, self.generator_step),
