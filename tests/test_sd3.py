@@ -377,3 +377,31 @@ def test_an_sd3_student_and_its_teacher_are_scored_by_a_reward_model_on_the_same
                            shift=load_config(run_dir / "config.yaml", for_sampling=True).student.shift)
     got = torch.stack([decode_png(png) for png in rows["teacher"]["png"]])
     torch.testing.assert_close(got, (expected.clamp(0, 1) * 255).round() / 255, rtol=0, atol=1.5 / 255)
+
+
+def test_the_pages_commands_for_trying_sd3_without_the_weights_run_as_written(tmp_path, monkeypatch, capsys):
+    """docs/sd3.md's "Trying it without the weights" block, each command in this process (/tmp/ as tmp_path)."""
+    import importlib
+    import shlex
+    import subprocess
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sd3.md").read_text()
+    section = page.split("## Trying it without the weights\n", 1)[1]
+    block = re.search(r"^```bash\n(.*?)^```", section, re.S | re.M).group(1)
+    commands = block.replace("\\\n", " ").replace("/tmp/", f"{tmp_path}/").splitlines()
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[0] != ".venv/bin/python":
+            subprocess.run(["bash", "-c", command], check=True)
+        elif argv[1] == "-c":
+            exec(argv[2], {})
+        else:
+            assert argv[1] == "-m", command
+            importlib.import_module(argv[2]).main(argv[3:])
+    out = capsys.readouterr().out
+    assert "dry run of 'toy-dmdr': the config is valid" in out and "rewards: clip-score (local, weight 0.3)" in out
+    last = json.loads((tmp_path / "tiny-sd3-run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and "loss/reward/clip-score" in last  # the reward trained the second step
+    assert "clip-score" in json.loads((tmp_path / "tiny-sd3-samples" / "scores.json").read_text())["rewards"]
+    assert (tmp_path / "tiny-sd3-lora" / "pytorch_lora_weights.safetensors").exists()
