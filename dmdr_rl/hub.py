@@ -2,8 +2,8 @@
 
 Offline, huggingface_hub retries every request with backoff (about 50 s for each file) before it gives
 up or falls back to its cache. The loaders ask `hub_reachable()` first and, when the hub cannot be
-reached, load with `local_files_only=True`: from the hub cache at once, or at once an error that says
-to pass a local directory."""
+reached (or HF_HUB_OFFLINE is set), load with `local_files_only=True`: from the hub cache at once, or at once
+an error that says why only the cache was read and to pass a local directory."""
 
 from __future__ import annotations
 
@@ -109,7 +109,13 @@ def missed_offline(err: BaseException) -> bool:
                           or "couldn't connect to" in str(seen))
 
 
-def unreachable_note() -> str:
-    """Said in a load error when the hub could not be reached (empty when it could)."""
+def offline_note() -> str:
+    """Said in a load error when the files were looked for in the hub cache alone: why (the user's HF_HUB_OFFLINE,
+    or a hub that cannot be reached), and the way to the hub; empty when the hub was asked."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # the user's setting: the network may be fine
+        return ("HF_HUB_OFFLINE is set, so only the hub cache is read, and the files are not in it (to download them, "
+                "unset HF_HUB_OFFLINE on a machine that can reach the hub). ")
     return "" if hub_reachable() else (f"The hub ({hub_host()}) cannot be reached from this machine, and the files are not "
                                       "in its cache. ")

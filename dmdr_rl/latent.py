@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .backbone import TransformerBackbone
-from .hub import expand_home, local_files_only, unreachable_note
+from .errors import in_cause_chain
+from .hub import expand_home, local_files_only, missed_offline, offline_note
 from .registry import torch_dtype
 
 
@@ -207,12 +208,25 @@ def load_components(family: ModelFamily, path: str | None, resolution: int, enco
                 text_pipeline = family.diffusers_class("pipeline").from_pretrained(path, transformer=transformer, vae=vae,
                                                                                     **load)
     except (OSError, ValueError) as err:
-        hint = f"the directory must hold {family.layout}" if Path(path).is_dir() else (
-            f"There is no directory {path!r} here, so it was taken for a hub id. {unreachable_note()}Without network "
-            "access (or without accepting the model's licence on the hub), download it elsewhere and pass the local "
-            f"directory: model.path=/path/to/{family.default_model.split('/')[-1]}")
-        raise BackboneLoadError(f"cannot load the {family.name} model {path!r}: {type(err).__name__}: "
-                                f"{_first_line(err)}. {hint}") from err
+        cause = f"{type(err).__name__}: {_first_line(err)}. "
+        if Path(path).is_dir():
+            raise BackboneLoadError(f"cannot load the {family.name} model {path!r}: {cause}the directory must hold "
+                                    f"{family.layout}") from err
+        note = offline_note() if load["local_files_only"] else ""
+        # a model missing from the cache "does not appear to have a file named config.json" in diffusers' words,
+        # as if the repository lacked it: the note says what is missing instead
+        if note and missed_offline(err):
+            cause = ""
+        elif not note and in_cause_chain(err, lambda seen: type(seen).__name__ == "EntryNotFoundError"):
+            # the hub has the repository, without the file: not the network, nor a licence
+            raise BackboneLoadError(f"cannot load the {family.name} model {path!r}: {cause}There is no directory {path!r} "
+                                    f"here, so it was taken for a hub id, and that hub repository does not hold "
+                                    f"{family.layout}: pass one that does, such as {family.default_model!r}, or a local "
+                                    f"directory in that layout") from err
+        raise BackboneLoadError(
+            f"cannot load the {family.name} model {path!r}: {cause}There is no directory {path!r} here, so it was taken "
+            f"for a hub id. {note}Without network access (or without accepting the model's licence on the hub), download "
+            f"it elsewhere and pass the local directory: model.path=/path/to/{family.default_model.split('/')[-1]}") from err
     return transformer.eval(), vae, text_pipeline
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dmdr_rl.hub import looks_like_a_path, missed_offline, unreachable_note
+from dmdr_rl.hub import looks_like_a_path, missed_offline, offline_note
 from dmdr_rl.registry import Registry, passes_options_to
 
 from .protocol import RewardBuildError, RewardLoadError, RewardModel, first_line
@@ -123,8 +123,10 @@ MADE_ON_FIRST_USE = ("cache_dir", "download_root")  # where downloads go: that t
 
 
 def _why_not_loaded(err: OSError, where: str) -> str:
-    offline = unreachable_note() if missed_offline(err) else ""  # (a local model's own error: no hub involved)
-    if type(err).__name__ == "LocalEntryNotFoundError":  # (the hub client's words suggest a setting nobody made)
+    offline = offline_note() if missed_offline(err) else ""  # (a local model's own error: no hub involved)
+    # the hub client's words suggest a setting nobody made, and transformers' say it could not connect where
+    # HF_HUB_OFFLINE kept it from trying: the note says what happened
+    if offline or type(err).__name__ == "LocalEntryNotFoundError":
         reason = offline or "Its files are not in the hub cache. "
     else:
         reason = f"{type(err).__name__}: {first_line(err).rstrip('.')}. {offline}"

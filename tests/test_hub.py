@@ -57,7 +57,14 @@ def test_only_a_hub_id_is_loaded_from_the_cache_alone_and_only_when_the_hub_cann
     assert hub.local_files_only(False, str(tmp_path)) is False  # a local directory: no hub involved
     assert hub.local_files_only(False, str(tmp_path), "org/model") is (not reachable)
     assert hub.local_files_only(True, "org/model") is True  # the user's own setting stands
-    assert ("cannot be reached" in hub.unreachable_note()) is (not reachable)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert ("cannot be reached" in hub.offline_note()) is (not reachable)
+    # the user's HF_HUB_OFFLINE is what kept the hub out, whatever the network: said so, with the way back to the hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert hub.offline_note() == ("HF_HUB_OFFLINE is set, so only the hub cache is read, and the files are not in it "
+                                  "(to download them, unset HF_HUB_OFFLINE on a machine that can reach the hub). ")
 
 
 def test_a_hub_reward_offline_loads_from_the_cache_alone_and_the_error_names_the_config_entry(monkeypatch, tmp_path):
@@ -76,6 +83,7 @@ def test_a_hub_reward_offline_loads_from_the_cache_alone_and_the_error_names_the
         raise AssertionError("went to the network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # (offline by the network, not the user)
     monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(RewardLoadError, match=r"^rewards.2: cannot load reward model 'hpsv2': The hub \(.*\) cannot be "
                                               r"reached from this machine, and the files are not in its cache\. Its "
@@ -123,3 +131,65 @@ def test_a_reward_path_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(RewardLoadError) as caught:
         load_reward_model("pickscore", {"path": str(tmp_path / "empty-model"), "local_files_only": True}, "rewards.0")
     assert "hub" not in str(caught.value).split("Its files come from")[0].lower().replace("hub id", "")
+
+
+def test_with_hf_hub_offline_set_a_model_not_in_the_cache_is_said_to_be_missing_from_it_not_unreachable(monkeypatch,
+                                                                                                       tmp_path):
+    """HF_HUB_OFFLINE=1 is the user's choice: the error says so (not that the hub cannot be reached), and does not
+    quote diffusers' "does not appear to have a file named config.json", which blames the repository for the cache."""
+    import huggingface_hub.constants
+
+    from dmdr_rl.latent import BackboneLoadError
+    from dmdr_rl.sd3 import load_sd3
+    from reward_servers.registry import RewardLoadError, load_reward_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "_connects", lambda *a, **k: pytest.fail("asked the network"))
+    with pytest.raises(BackboneLoadError) as caught:
+        load_sd3("no-such-org/no-such-sd3-model", resolution=32)
+    message = str(caught.value)
+    assert message.startswith("cannot load the SD3 model 'no-such-org/no-such-sd3-model': There is no directory "
+                              "'no-such-org/no-such-sd3-model' here, so it was taken for a hub id. HF_HUB_OFFLINE is set, "
+                              "so only the hub cache is read, and the files are not in it (to download them, unset "
+                              "HF_HUB_OFFLINE on a machine that can reach the hub). ")
+    assert message.endswith("pass the local directory: model.path=/path/to/stable-diffusion-3-medium-diffusers")
+    assert "config.json" not in message and "cannot be reached" not in message
+    assert "does not appear to have a file named config.json" in str(caught.value.__cause__)  # (what it replaces)
+    with pytest.raises(RewardLoadError) as caught:  # transformers: "We couldn't connect to 'https://huggingface.co'"
+        load_reward_model("pickscore", {"cache_dir": str(tmp_path)}, "rewards.0")
+    assert str(caught.value).startswith("rewards.0: cannot load reward model 'pickscore': HF_HUB_OFFLINE is set, so only "
+                                        "the hub cache is read, and the files are not in it (to download them, unset "
+                                        "HF_HUB_OFFLINE on a machine that can reach the hub). Its files come from "
+                                        "rewards.0.kwargs")
+    assert "connect" not in str(caught.value)
+
+
+def test_a_hub_repository_without_the_diffusers_files_is_said_to_lack_them_not_to_be_out_of_reach(monkeypatch):
+    """The hub answered and the repository has no transformer/config.json (not a diffusers model): no advice about
+    network access or licences, which would send the user the wrong way."""
+    from unittest.mock import patch
+
+    from diffusers import SD3Transformer2DModel
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from dmdr_rl import latent
+    from dmdr_rl.latent import BackboneLoadError
+    from dmdr_rl.sd3 import load_sd3
+
+    def no_such_file(*args, **kwargs):
+        try:
+            raise EntryNotFoundError("404 Client Error: Entry Not Found")
+        except EntryNotFoundError as err:  # (as diffusers words it)
+            raise OSError("org/a-clip-model does not appear to have a file named config.json.") from err
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(latent, "check_config_files", lambda *a, **k: None)  # (asks the hub for the config files)
+    with patch.object(SD3Transformer2DModel, "from_pretrained", side_effect=no_such_file) as loading:
+        with pytest.raises(BackboneLoadError) as caught:
+            load_sd3("org/a-clip-model", resolution=32)
+    assert loading.call_args.kwargs["local_files_only"] is False
+    assert str(caught.value) == (
+        "cannot load the SD3 model 'org/a-clip-model': OSError: org/a-clip-model does not appear to have a file named "
+        "config.json. There is no directory 'org/a-clip-model' here, so it was taken for a hub id, and that hub repository "
+        "does not hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/): pass one "
+        "that does, such as 'stabilityai/stable-diffusion-3-medium-diffusers', or a local directory in that layout")

@@ -145,10 +145,13 @@ def test_load_errors_name_the_problem(tiny_sd3, monkeypatch):
         check_resolution(8, 8, 2)
     with pytest.raises(BackboneLoadError, match="pass the local directory: model.path="):
         load_sd3("no-such-org/no-such-model-offline")
+    import huggingface_hub.constants
+
     import dmdr_rl.hub
 
     with monkeypatch.context() as offline:  # no retries for a minute first: the hub cache alone, at once
         offline.setattr(dmdr_rl.hub, "hub_reachable", lambda *a, **k: False)
+        offline.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # (the network's doing, not the user's)
         with patch.object(SD3Transformer2DModel, "from_pretrained", side_effect=OSError("not cached")) as loading:
             with pytest.raises(BackboneLoadError, match=r"hub id\. The hub \(.*\) cannot be reached from this machine"):
                 load_sd3("no-such-org/no-such-model-offline")
