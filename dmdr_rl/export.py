@@ -61,9 +61,14 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
     earlier = earlier_export(out)
     if earlier is not None and earlier.get("format") != fmt:  # its files would stay beside ours
         raise ValueError(f"--out {out} holds an export of another format: choose another --out")
+    others = sorted(p.name for p in out.iterdir()) if earlier is None and out.is_dir() else []
+    if others:  # e.g. a folder of prompt files: the export's files would be lost among them
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"--out {out} already holds other files ({shown}) and no earlier export: give a new or empty "
+                         f"directory, e.g. --out {out / f'student-{fmt}'}")
     run_dir, checkpoint = find_run(run)
     cfg = load_config(run_dir / "config.yaml", for_sampling=True)
-    before = file_states(out)  # (an --out with other files in it: theirs keep their modes)
+    before = file_states(out)  # (an earlier export's --out may hold the user's files too: theirs keep their modes)
     if fmt == "lora" and cfg.student.lora is None:
         raise ConfigError("this student is a full fine-tune (student.lora: null): export it with --format transformer")
     family = backbone_family(cfg.model.backbone)
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run directory, its checkpoints/ or a step_N/")
     parser.add_argument("--format", default="lora", choices=FORMATS,
                         help="lora: diffusers LoRA weights (load_lora_weights); transformer: a merged model directory (default lora)")
-    parser.add_argument("--out", type=Path, required=True, help="the directory to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the directory to write: a new or empty one, or an earlier export of this format (replaced)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the transformer format's weights (default float32)")
     args = parser.parse_args(argv)
     earlier = (earlier_export(args.out) or {}).get("checkpoint")

@@ -409,6 +409,22 @@ def test_an_output_that_is_a_file_or_another_formats_export_is_refused_before_an
         export.export_student(tmp_path / "no-run", "lora", earlier)
     with pytest.raises(FileNotFoundError, match="no-run does not exist"):  # the same format may be written again
         export.export_student(tmp_path / "no-run", "transformer", earlier)
+    # a directory of other files (and no earlier export) is refused: the export's files would be lost among them
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (prompts / name).write_text("a red circle\n")
+    with pytest.raises(ValueError, match=rf"^--out {prompts} already holds other files \(a.txt, b.txt, c.txt, ...\) and no "
+                                         rf"earlier export: give a new or empty directory, e.g. --out {prompts}/student-lora$"):
+        export.export_student(tmp_path / "no-run", "lora", prompts)
+    with pytest.raises(SystemExit):
+        export.main(["--run", str(tmp_path / "no-run"), "--out", str(prompts)])
+    assert f"error: --out {prompts} already holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in prompts.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]  # nothing written
+    (tmp_path / "empty").mkdir()  # an empty directory, or a new one, is written into
+    for new in (tmp_path / "empty", tmp_path / "new"):
+        with pytest.raises(FileNotFoundError, match="no-run does not exist"):
+            export.export_student(tmp_path / "no-run", "lora", new)
     from dmdr_rl.trainer import write_run_config
 
     run = tmp_path / "run"

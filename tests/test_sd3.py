@@ -188,8 +188,9 @@ def test_the_exported_student_samples_in_a_diffusers_pipeline_like_the_trainer(t
         import dmdr_rl.trainer
 
         monkeypatch.setattr(dmdr_rl.trainer, "load_generator", lambda *a, **k: pytest.fail("loaded the model"))
-    (tmp_path / "export").mkdir()
-    private = tmp_path / "export" / "notes.txt"  # someone's file in --out: left as it is
+    (tmp_path / "export").mkdir()  # an earlier export with someone's file beside it: the file is left as it is
+    (tmp_path / "export" / "student.json").write_text(json.dumps({"format": fmt}))
+    private = tmp_path / "export" / "notes.txt"
     private.write_text("mine")
     private.chmod(0o600)
     old_mask = os.umask(0o027)
