@@ -758,6 +758,14 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tu
             raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
         if Path(base).suffix and not Path(base).is_absolute():
             base = str(path.parent / base)
+        named = Path(base) if Path(base).suffix else PRESETS_DIR / f"{base}.yaml"
+        if not named.exists():  # said with the file that names it, which may be one of several
+            presets = available_presets()
+            if Path(base).suffix:
+                hint = f" (the preset is base: {named.stem})" if named.stem in presets else ""
+                raise ConfigError(f"{path}: base: config file {base!r} does not exist{hint}")
+            raise ConfigError(f"{path}: base: unknown preset {base!r}; available: {', '.join(presets)}"
+                              f"{_did_you_mean_among(base, presets)}")
         data = _merge(_read_preset(base, (*chain, path.resolve()), inherited, from_presets), own)
     shipped = path.resolve().parent == PRESETS_DIR.resolve()
     for key in _value_keys(own):  # (after its bases': its own values replace theirs)

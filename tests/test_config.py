@@ -152,6 +152,24 @@ def test_unknown_preset_lists_the_available_ones():
         load_config("toy-fast")
 
 
+def test_a_missing_base_is_named_with_the_file_that_names_it(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: toy-dmdrr\ntrainer: {max_steps: 5}\n")
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\n")
+    for given in (child, tmp_path / "grandchild.yaml"):  # one file among several: the one that says `base: toy-dmdrr`
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: base: unknown preset 'toy-dmdrr'; available: "
+                                              r".*toy-rl-only; did you mean toy-dmdr or "):
+            load_config(given)
+    child.write_text("base: zzzz\n")  # no close name: no guess
+    with pytest.raises(ConfigError, match=r": base: unknown preset 'zzzz'; available: [a-z0-9, -]+$"):
+        load_config(child)
+    child.write_text("base: toy-dmdr.yaml\n")  # a file beside it that is not there (the preset it looks like is said)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(child))}: base: config file "
+                                          rf"'{re.escape(str(tmp_path / 'toy-dmdr.yaml'))}' does not exist \(the preset "
+                                          r"is base: toy-dmdr\)$"):
+        load_config(child)
+
+
 def test_a_run_needs_a_loss():
     with pytest.raises(ConfigError, match="no reward has weight > 0 .none is configured"):
         load_config("toy-rl-only", ["rewards=[]"])
