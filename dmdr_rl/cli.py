@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,19 @@ def command_name(module: str) -> str:
     """How the user started `module`'s command, for its usage line: its console script, or `python -m module`."""
     script = CONSOLE_SCRIPTS.get(module)
     return script if script is not None and Path(sys.argv[0]).name == script else f"python -m {module}"
+
+
+def with_article(word: str) -> str:
+    """`word` after "a" or "an" as it is read: an SD3, a Flux, an 8-step, an 11-step, a UNet, an int (a backbone, a
+    class or a count named in a message)."""
+    number = re.match(r"\d+", word)
+    if number:  # eight, eleven, eighteen (and their thousands)
+        vowel = number[0].startswith("8") or (len(number[0]) % 3 == 2 and number[0].startswith(("11", "18")))
+    elif len(word) > 1 and word[0].isupper() and (word[1].isupper() or word[1].isdigit()):  # read letter by letter
+        vowel = word[0] in "AEFHILMNORSX"
+    else:
+        vowel = word[:1].lower() in ("a", "e", "i", "o", "u")
+    return f"{'an' if vowel else 'a'} {word}"
 
 
 def command_summary(doc: str) -> str:

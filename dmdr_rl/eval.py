@@ -140,14 +140,18 @@ def student_settings(student) -> dict:
 def samplers(args: argparse.Namespace):
     """(name, settings, sample_fn) for every setting to evaluate; settings go into the report."""
     if args.model == "student":
+        from .cli import with_article
         from .config import ConfigError, load_config
+        from .registry import backbone_family
         from .toy.render import RESOLUTION
         from .trainer import find_run
 
         run_dir, checkpoint = find_run(args.run)  # this checkpoint is the one evaluated and reported, even if
         cfg = load_config(run_dir / "config.yaml", for_sampling=True)  # the run writes a newer one meanwhile
         if cfg.model.resolution != RESOLUTION:  # the judge and the FID statistics know 32 px toy scenes only
-            raise ConfigError(f"{run_dir} trains a {cfg.model.backbone} student at {cfg.model.resolution} px: the toy "
+            family = backbone_family(cfg.model.backbone)
+            model = family.name if family is not None else cfg.model.backbone
+            raise ConfigError(f"{run_dir} trains {with_article(model)} student at {cfg.model.resolution} px: the toy "
                               f"evaluation judges {RESOLUTION} px toy-world scenes only. Sample it with `python -m "
                               f"dmdr_rl.sample --run {run_dir} --prompt TEXT`")
         sample_fn, cfg = load_student(checkpoint)

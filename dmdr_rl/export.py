@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ConfigError, load_config
-from .cli import fixable_errors
+from .cli import fixable_errors, with_article
 from .store import file_states, readable_as_umask_allows, write_json_whole
 
 if TYPE_CHECKING:  # (the model stack loads when an export runs: --help answers at once)
@@ -84,7 +84,7 @@ def export_student(run: Path, fmt: str, out: Path, dtype: str = "float32") -> di
         backbone, cfg, checkpoint = load_generator(run, model, "fp32", encoders=False)
         out.mkdir(parents=True, exist_ok=True)
         if not hasattr(backbone, "standalone_transformer"):
-            raise ConfigError(f"model.backbone={cfg.model.backbone!r} builds a {type(backbone).__name__}, which has no "
+            raise ConfigError(f"model.backbone={cfg.model.backbone!r} builds {with_article(type(backbone).__name__)}, which has no "
                               "standalone_transformer(name) to export a whole transformer from: export --format lora, "
                               "or give the backbone that method (TransformerBackbone has it)")
         student, target = backbone.standalone_transformer(dmdr.GENERATOR), getattr(torch, dtype)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                     "on the base transformer")
         else:
             load = f"{settings['transformer_class']}.from_pretrained(out)"
-        print(f"(a {settings['backbone']} student, no diffusers pipeline: sample it with `python -m dmdr_rl.sample --run "
+        print(f"({with_article(settings['backbone'])} student, no diffusers pipeline: sample it with `python -m dmdr_rl.sample --run "
               f"{args.run} --prompt TEXT`; the files hold its {'LoRA' if args.format == 'lora' else 'transformer'} in "
               f"diffusers' format: {load})")
         return

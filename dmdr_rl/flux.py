@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .conditioning import Conditioning
-from .latent import LatentBackbone, ModelFamily, load_components
+from .latent import LatentBackbone, ModelFamily, load_components, option_text
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 PACK = 2  # the latent's patches, packed into tokens by the pipeline (the transformer's own patch_size is 1)
@@ -46,7 +46,7 @@ def check_guidance(config: Mapping[str, Any], options: Mapping[str, Any]) -> Non
     (FLUX.1-dev's; not schnell's)."""
     guidance = options.get("guidance")
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance > 0):
-        raise ValueError(f"model.kwargs.guidance={guidance!r}: FLUX.1-dev's embedded guidance scale, a number > 0 "
+        raise ValueError(f"model.kwargs.guidance={option_text(guidance)}: FLUX.1-dev's embedded guidance scale, a number > 0 "
                          f"(null: its pipeline's default, {DEFAULT_GUIDANCE})")
     if guidance is not None and not config.get("guidance_embeds", False):
         raise ValueError(f"model.kwargs.guidance={options['guidance']}: this Flux transformer has no guidance embedding "

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .backbone import TransformerBackbone
+from .cli import with_article
 from .errors import in_cause_chain
 from .hub import expand_home, local_files_only, missed_offline, offline_note
 from .registry import torch_dtype
@@ -132,7 +133,7 @@ def check_config_files(family: ModelFamily, path: str | None, resolution: int, l
         return None
     found = transformer.get("_class_name")
     if found and found != family.transformer_class:
-        raise WrongFamilyError(found, f"model.path={path!r} holds a {found}, not the {family.name} family's "
+        raise WrongFamilyError(found, f"model.path={path!r} holds {with_article(found)}, not the {family.name} family's "
                                       f"{family.transformer_class}")
     check_resolution(resolution, vae_scale_factor(vae), family.patch_size(transformer), family.max_patches(transformer),
                      family.patch_words)
@@ -274,6 +275,13 @@ class LatentBackbone(TransformerBackbone):
 def _names_a_directory(path: str) -> bool:
     """A path rather than a hub id ("org/name"): absolute, relative by ./ ../ ~, or with more than one '/'."""
     return Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
+
+
+def option_text(value: Any) -> str:
+    """A model.kwargs value in a message as YAML writes it (true, null, "16"), not as Python does (True, None)."""
+    import json
+
+    return json.dumps(value, default=str)  # (JSON is YAML's flow style)
 
 
 def _first_line(err: BaseException) -> str:

@@ -343,12 +343,12 @@ def _diffusers_check(family: Callable[[], Any]) -> Callable[..., None]:
               loads_here: bool = False, options: Mapping[str, Any] | None = None, **_: Any) -> None:
         from .backbone import check_lora_targets
         from .config import ConfigError
-        from .latent import WrongFamilyError, check_config_files, check_model_path
+        from .latent import WrongFamilyError, check_config_files, check_model_path, option_text
 
         model_family = family()
         length = (options or {}).get("max_sequence_length")
         if length is not None and not (type(length) is int and 1 <= length <= MAX_T5_TOKENS):
-            raise ConfigError(f"model.kwargs.max_sequence_length={length!r}: the prompt's T5 tokens, an integer from 1 to "
+            raise ConfigError(f"model.kwargs.max_sequence_length={option_text(length)}: the prompt's T5 tokens, an integer from 1 to "
                               f"{MAX_T5_TOKENS} (diffusers' {model_family.pipeline_class} takes no more, so an export could "
                               "not be sampled there)")
         if loads_here:

@@ -28,6 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
+from .cli import with_article
 from .store import write_json_whole, write_text_whole
 
 SPLITS = ("held-in", "held-out")
@@ -158,7 +159,8 @@ def _sampler(row: Row, runs: Path):
         return DEFAULT_CFG, lambda prompts, seeds: teacher.sample(prompts, steps=row.steps, cfg=DEFAULT_CFG, seed=seeds)
     sample_fn, cfg = load_student(runs / row.key)
     if cfg.student.steps != row.steps:
-        raise ValueError(f"{runs / row.key} trains a {cfg.student.steps}-step student, but row {row.key} is {row.steps}-step")
+        raise ValueError(f"{runs / row.key} trains {with_article(f'{cfg.student.steps}-step')} student, but row {row.key} "
+                         f"is {row.steps}-step")
     return 1.0, sample_fn
 
 

@@ -139,9 +139,14 @@ def test_a_trained_student_is_evaluated_from_its_run_directory(tmp_path, capsys)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["model"]["resolution"] = 64
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit, match=r"at 64 px: the toy evaluation judges 32 px toy-world scenes only"):
+    with pytest.raises(SystemExit, match=r"trains a toy student at 64 px: the toy evaluation judges 32 px toy-world "
+                                         r"scenes only"):
         toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(tmp_path / "e2")])
     assert not (tmp_path / "e2").exists()
+    config["model"]["backbone"] = "sd3"  # named as its family is, with the article it is read with (not "a sd3")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"trains an SD3 student at 64 px"):
+        toy_eval.main(["--model", "student", "--run", str(run_dir), "--num-images", "4", "--out", str(tmp_path / "e2")])
 
 
 @pytest.mark.parametrize("mode", ["ode", "sde"])

@@ -91,8 +91,8 @@ def test_decode_is_differentiable_and_a_model_without_guidance_embedding_refuses
     assert plain.guidance is None
     from dmdr_rl.flux import check_guidance  # a scale that is not one: refused with the config's values, as the dry run does
 
-    for wrong in (-1, 0, "high", True):
-        with pytest.raises(ValueError, match=rf"model.kwargs.guidance={wrong!r}: FLUX.1-dev's embedded guidance scale, a "
+    for wrong, written in ((-1, "-1"), (0, "0"), ("high", '"high"'), (True, "true")):  # (as YAML writes them)
+        with pytest.raises(ValueError, match=rf"model.kwargs.guidance={written}: FLUX.1-dev's embedded guidance scale, a "
                                              r"number > 0 \(null: its pipeline's default, 3.5\)"):
             check_guidance({"guidance_embeds": True}, {"guidance": wrong})
     check_guidance({"guidance_embeds": True}, {"guidance": 1.5})
@@ -146,7 +146,7 @@ def test_load_and_dry_run_errors_name_the_problem(tmp_path, tiny_flux, tiny_flux
             load_flux(str(schnell), resolution=32, guidance=3.5)
     with pytest.raises(SystemExit):
         run.main([*dry[:-1], f"model.path={tiny_sd3}"])
-    assert (f"error: model.path='{tiny_sd3}' holds a SD3Transformer2DModel, not the Flux family's "
+    assert (f"error: model.path='{tiny_sd3}' holds an SD3Transformer2DModel, not the Flux family's "
             "FluxTransformer2DModel: set model.backbone=sd3") in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a hub id not here: FLUX.1's geometry (VAE factor 8 x packing 2)
         run.main([*dry, "model.path=no-such-org/no-such-flux-offline", "model.resolution=1000"])

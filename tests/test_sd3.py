@@ -291,7 +291,10 @@ def test_the_dry_run_checks_the_resolution_against_the_model_config_files(tiny_s
             "StableDiffusion3Pipeline takes no more") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.kwargs.max_sequence_length=true"])
-    assert "max_sequence_length=True: the prompt's T5 tokens, an integer" in capsys.readouterr().err
+    assert "max_sequence_length=true: the prompt's T5 tokens, an integer" in capsys.readouterr().err  # as YAML writes it
+    with pytest.raises(SystemExit):  # a quoted number is text, and said so
+        run.main(["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.kwargs.max_sequence_length='16'"])
+    assert 'max_sequence_length="16": the prompt\'s T5 tokens, an integer' in capsys.readouterr().err
     # a hub id that is not in this machine's cache: checked against the SD3 family's geometry (VAE 8 x patch 2),
     # the rest left to the load
     hub = ["--preset", "toy-dmdr", "--dry-run", *tiny_sd3_overrides, "model.path=no-such-org/no-such-model-offline"]
