@@ -641,7 +641,8 @@ class RunConfig(_Section):
         if trained and self.trainer.cold_start >= self.trainer.max_steps:
             notes.append(f"trainer.cold_start={self.trainer.cold_start} >= trainer.max_steps={self.trainer.max_steps}: "
                          f"the reward term ({', '.join(trained)}) never trains; lower trainer.cold_start to train it")
-        rank_batch = min(size for _, size in self.trainer.batch_size_fields()) // (self.ray.learner_workers if self.trainer.backend == "ray" else 1)
+        # (it slices nothing only when it holds every stage's batch: the cold start's may be the larger)
+        rank_batch = max(size for _, size in self.trainer.batch_size_fields()) // (self.ray.learner_workers if self.trainer.backend == "ray" else 1)
         if self.trainer.micro_batch_size is not None and self.trainer.micro_batch_size >= rank_batch:
             notes.append(f"trainer.micro_batch_size={self.trainer.micro_batch_size} >= the {rank_batch} samples a learner "
                          "trains at a time: it slices nothing (it bounds memory only when smaller)")

@@ -218,7 +218,7 @@ def load_components(family: ModelFamily, path: str | None, resolution: int, enco
         # as if the repository lacked it: the note says what is missing instead
         if note and missed_offline(err):
             cause = ""
-        elif not note and in_cause_chain(err, lambda seen: type(seen).__name__ == "EntryNotFoundError"):
+        elif not note and in_cause_chain(err, _missing_from_the_hub):
             # the hub has the repository, without the file: not the network, nor a licence
             raise BackboneLoadError(f"cannot load the {family.name} model {path!r}: {cause}There is no directory {path!r} "
                                     f"here, so it was taken for a hub id, and that hub repository does not hold "
@@ -275,6 +275,14 @@ class LatentBackbone(TransformerBackbone):
 def _names_a_directory(path: str) -> bool:
     """A path rather than a hub id ("org/name"): absolute, relative by ./ ../ ~, or with more than one '/'."""
     return Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
+
+
+def _missing_from_the_hub(err: BaseException) -> bool:
+    """The hub answered that a file is not in the repository (huggingface_hub raises RemoteEntryNotFoundError, an
+    EntryNotFoundError), as opposed to one missing from the local cache (LocalEntryNotFoundError)."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    return isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError)
 
 
 def option_text(value: Any) -> str:

@@ -222,7 +222,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
     cpus, gpus = resources_needed(cfg)
     rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
                         f"weight {s.weight:g})" for s in cfg.rewards) or "none"
-    rl_batch = cfg.trainer.batch_size_rl or cfg.trainer.batch_size
+    rl_batch = cfg.trainer.rollout_batch_size(cfg.trainer.cold_start)
     return "\n".join([
         f"dry run of {cfg.name!r}: the config is valid; nothing was started",
         f"  backend {cfg.trainer.backend}: {cfg.ray.learner_workers} learner worker(s), {cfg.ray.rollout_actors} "

@@ -210,7 +210,7 @@ def load_reward_model(name: str, kwargs: dict[str, Any] | None = None, where: st
     except ImportError as err:  # (not a bug of the model's: a package missing here)
         raise RewardLoadError(f"{where}: reward model {name!r} needs a package that is not installed here "
                               f"({type(err).__name__}: {first_line(err)}): install it where the model runs (the "
-                              "HPSv2 models' open_clip: pip install -e '.[rewards]')") from err
+                              "HPSv2 models' and open-clip-score's open_clip: pip install -e '.[rewards]')") from err
     except Exception as err:
         missing = missing_files(kwargs, where)
         if missing and isinstance(err, (OSError, ValueError)):  # (taken for a hub id, it may fail as a ValueError)

@@ -356,6 +356,8 @@ def test_settings_that_run_but_not_as_meant_are_warned_about():
     [note] = load_config("toy-dmd", ["trainer.backend=ray", "ray.learner_workers=2", "trainer.micro_batch_size=16"]).warnings()
     assert "the 16 samples a learner trains at a time" in note  # per rank
     assert load_config("toy-dmd", ["trainer.micro_batch_size=8"]).warnings() == []
+    # the cold start's 32-image batches are sliced though the RL stage's 8 are not: no note
+    assert load_config("toy-dmdr", ["trainer.micro_batch_size=16", "trainer.batch_size_rl=8"]).warnings() == []
 
 
 def test_a_presets_own_ray_settings_are_not_warned_about_on_the_local_backend(tmp_path):

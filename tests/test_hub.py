@@ -170,16 +170,18 @@ def test_a_hub_repository_without_the_diffusers_files_is_said_to_lack_them_not_t
     from unittest.mock import patch
 
     from diffusers import SD3Transformer2DModel
-    from huggingface_hub.errors import EntryNotFoundError
+    import httpx2
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     from dmdr_rl import latent
     from dmdr_rl.latent import BackboneLoadError
     from dmdr_rl.sd3 import load_sd3
 
-    def no_such_file(*args, **kwargs):
+    def no_such_file(*args, **kwargs):  # what huggingface_hub raises for a file the hub says the repository lacks
+        response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/org/a-clip-model"))
         try:
-            raise EntryNotFoundError("404 Client Error: Entry Not Found")
-        except EntryNotFoundError as err:  # (as diffusers words it)
+            raise RemoteEntryNotFoundError("404 Client Error: Entry Not Found", response=response)
+        except RemoteEntryNotFoundError as err:  # (as diffusers words it)
             raise OSError("org/a-clip-model does not appear to have a file named config.json.") from err
 
     monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: True)

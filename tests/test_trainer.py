@@ -384,10 +384,11 @@ def test_a_reward_reads_each_prompt_through_its_template_where_it_trains_monitor
     trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)),
                            [dmdr.WeightedReward(reward, spec)])
     trainer.train()
-    # the monitored rollouts of steps 0-1 (2 each), the generator update of step 1 (2), the grid at step 2
-    assert len(reward.prompts) > 6 and all(p.startswith("a photo: ") and p.endswith("!") for p in reward.prompts)
-    assert {p[len("a photo: "):-1] for p in reward.prompts} <= set(trainer.prompts.batch(0, 2) + trainer.prompts.batch(1, 2)
-                                                                  + trainer.prompts.batch(-1, 16))
+    # in order: the start's probe (the grid's first 2 prompts), the monitored rollout of step 0 (2), that of step 1 (2)
+    # and its generator update (2, the reward trains from step 1), the grid at step 2 (16)
+    grid, batches = trainer.prompts.batch(-1, 16), [trainer.prompts.batch(i, 2) for i in range(2)]
+    expected = grid[:2] + batches[0] + batches[1] + batches[1] + grid
+    assert reward.prompts == [f"a photo: {prompt}!" for prompt in expected]
 
 
 def test_the_learner_gives_the_critic_the_samples_critic_samples_names(tmp_path, monkeypatch):
