@@ -277,11 +277,12 @@ class RolloutCoordinator:
         return self.repeated_failure, self.rank0_registrations
 
     def learner_failed(self, rank: int, where: str, error: str, key: str | None = None,
-                       learner_start: int | None = None) -> bool:
+                       learner_start: int | None = None, final: bool = False) -> bool:
         """A learner rank's try ended with `error` at `where` (`key`: the error with what varies from process
         to process masked; default the error). Ranks failing in one try count once. True once the same
-        failure has ended `ray.same_failure_limit` tries in a row: the next try ends the run with it. A
-        replaced try's failure (`learner_start` of an earlier start) is noted, not counted."""
+        failure has ended `ray.same_failure_limit` tries in a row, or at once for a `final` one (every try
+        would meet it again): the next try ends the run with it. A replaced try's failure (`learner_start`
+        of an earlier start) is noted, not counted."""
         if learner_start is not None and learner_start != self.learner_starts:
             self.ledger.append("stale_call", call="learner_failed", rank=rank, learner_start=learner_start,
                                error=error[:500])
@@ -294,6 +295,8 @@ class RolloutCoordinator:
             in_a_row, t = in_a_row + 1, t - 1
         self.ledger.append("learner_failed", rank=rank, where=where, error=error[:500], tries_in_a_row=in_a_row)
         limit = self.cfg.ray.same_failure_limit
+        if final and self.repeated_failure is None:
+            self.repeated_failure = f"{error} ({where}; another try would meet it again)"
         if limit and in_a_row >= limit and self.repeated_failure is None:
             self.repeated_failure = f"{error} ({where}; the same in {in_a_row} tries of the learner in a row)"
         return self.repeated_failure is not None

@@ -164,8 +164,10 @@ def probe_rewards(rewards: Sequence[dmdr.WeightedReward], backbone, prompts: Seq
     """Each reward scores two decoded samples once before training, with the gradient where ReFL trains on it
     (`refl`), so a reward that cannot score (a wrong answer, a model that raises, an app that does not answer)
     stops the run at its start rather than when the cold start ends, thousands of steps later. The samples
-    decode seeded noise (the run's random streams are untouched); their scores mean nothing and are not kept."""
-    from reward_servers.protocol import RewardInputError, RewardScoreError, RewardServerError
+    decode seeded noise (the run's random streams are untouched); their scores mean nothing and are not kept.
+    The model's own failures (it raised, or answered other than one float per image) carry `ends_the_run`:
+    every try would meet them again, so a Ray run ends at the first (a served app that did not answer may)."""
+    from reward_servers.protocol import RewardInputError, RewardOutputError, RewardScoreError, RewardServerError
 
     prompts = list(prompts)[:2]
     if not rewards or not prompts:
@@ -180,8 +182,9 @@ def probe_rewards(rewards: Sequence[dmdr.WeightedReward], backbone, prompts: Seq
             if pixels.requires_grad:
                 scores.sum().backward()
         except (RewardInputError, RewardServerError, RewardScoreError) as err:
-            raise type(err)(f"rewards.{i} ({reward.spec.key}), scoring two samples before training: {err}"
-                            ) from (err if isinstance(err, RewardScoreError) else None)
+            named = type(err)(f"rewards.{i} ({reward.spec.key}), scoring two samples before training: {err}")
+            named.ends_the_run = isinstance(err, (RewardInputError, RewardOutputError, RewardScoreError))
+            raise named from (err if isinstance(err, RewardScoreError) else None)
 
 
 def load_adapter_state(backbone, adapter: str, state: dict[str, torch.Tensor]) -> None:

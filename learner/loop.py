@@ -356,8 +356,9 @@ def report_failure(coordinator, rank: int, built: dict, err: BaseException) -> N
     where = (f"at iteration {learner.iteration}, generator step {learner.generator_step}" if learner is not None
              else f"while the learner was built, restoring {built.get('restoring') or 'nothing'}")
     error = f"{type(err).__name__}: {err}"[:2000]
+    final = getattr(err, "ends_the_run", False)  # (a failure every try meets again: the probe of the rewards)
     try:
-        ray.get(coordinator.learner_failed.remote(rank, where, error, failure_key(error)), timeout=30)
+        ray.get(coordinator.learner_failed.remote(rank, where, error, failure_key(error), final=final), timeout=30)
     except Exception as report_err:  # the try fails either way: with what it failed of
         print(f"dmdr_rl: could not report the learner's failure ({type(report_err).__name__})", flush=True)
 

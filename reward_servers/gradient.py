@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .protocol import RewardInputError, RewardModel, RewardServerError, validate_scores
+from .protocol import RewardInputError, RewardModel, RewardOutputError, validate_scores
 
 
 def wants_gradient(images: torch.Tensor, differentiable: bool, what: str) -> bool:
@@ -57,7 +57,7 @@ def score_and_grad(model: RewardModel, images: torch.Tensor, prompts: Sequence[s
         with torch.enable_grad():
             scores = checked_scores(model, pixels, chunk_prompts).to(pixels.device)  # a model may answer on its own device
             if not scores.requires_grad:
-                raise RewardServerError(
+                raise RewardOutputError(
                     f"reward model {model.name!r} says it is differentiable, but its scores carry no gradient (computed "
                     "outside torch's autograd, e.g. through PIL or numpy, or detached): keep the computation in torch "
                     "ops, or set its `differentiable = False` (then it monitors with weight 0, or trains with rl.mode=grpo)")

@@ -36,6 +36,10 @@ class RewardLoadError(OSError):
     """A reward model's files could not be loaded; says which config entry names them."""
 
 
+class RewardOutputError(RewardServerError):
+    """A model's answer that is not one float score per image: its bug, met again by every call."""
+
+
 class RewardScoreError(RuntimeError):
     """A reward model's own `score` raised (not one of the checks here): names the model, with its error chained
     (a bug in the model shows in its traceback)."""
@@ -73,12 +77,12 @@ def validate_images(images: torch.Tensor, prompts: Sequence[str]) -> None:
 
 def validate_scores(scores: torch.Tensor, batch: int, source: str) -> torch.Tensor:
     """A model's answer must be a float tensor of shape [batch]; non-finite values are allowed (the
-    reward term drops and counts them). Raises RewardServerError naming `source` otherwise."""
+    reward term drops and counts them). Raises RewardOutputError (a RewardServerError) naming `source` otherwise."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-        raise RewardServerError(f"{source} returned {type(scores).__name__} "
+        raise RewardOutputError(f"{source} returned {type(scores).__name__} "
                                 f"{getattr(scores, 'dtype', '')}, expected a float tensor of {batch} scores")
     if scores.shape != (batch,):
-        raise RewardServerError(f"{source} returned scores of shape {list(scores.shape)}, expected [{batch}]")
+        raise RewardOutputError(f"{source} returned scores of shape {list(scores.shape)}, expected [{batch}]")
     return scores
 
 

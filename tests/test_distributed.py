@@ -1431,6 +1431,10 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     for _ in range(5):
         new_try(off)
         assert off.learner_failed(0, "while the learner was built, restoring nothing", "OSError: disk") is False
+    # a failure every try would meet again (the probe of a reward found its model broken) ends the run at once
+    new_try(c := coordinator(2))
+    assert c.learner_failed(0, here, bad, final=True) is True
+    assert c.failure() == f"{bad} ({here}; another try would meet it again)" and new_try(c) == [c.failure()] * 2
 
 
 def test_a_learner_reports_its_own_errors_and_the_causes_of_remote_ones_but_not_the_infrastructures(monkeypatch):
@@ -1438,13 +1442,18 @@ def test_a_learner_reports_its_own_errors_and_the_causes_of_remote_ones_but_not_
 
     reported = []
     monkeypatch.setattr(loop.ray, "get", lambda ref, timeout=None: ref)
-    coordinator = _fake_coordinator(learner_failed=lambda *args: reported.append(args))
+    coordinator = _fake_coordinator(learner_failed=lambda *args, final: reported.append((*args, final)))
     learner = type("Learner", (), {"iteration": 9, "generator_step": 4})()
     loop.report_failure(coordinator, 1, {"restoring": "/ck/a", "learner": learner}, ValueError(f"bad at {hex(id(object()))}"))
     loop.report_failure(coordinator, 0, {"restoring": "/ck/a"}, OSError("no such file /tmp/tmpab12cd/x"))
-    assert [(rank, where, key) for rank, where, _, key in reported] == [
-        (1, "at iteration 9, generator step 4", "ValueError: bad at ADDRESS"),
-        (0, "while the learner was built, restoring /ck/a", "OSError: no such file /tmp/?")]
+    broken = RuntimeError("rewards.0 (mine), scoring two samples before training: ...")
+    broken.ends_the_run = True  # (as the probe of the rewards marks a model's own failure)
+    loop.report_failure(coordinator, 0, {"restoring": "/ck/a", "learner": learner}, broken)
+    assert [(rank, where, key, final) for rank, where, _, key, final in reported] == [
+        (1, "at iteration 9, generator step 4", "ValueError: bad at ADDRESS", False),
+        (0, "while the learner was built, restoring /ck/a", "OSError: no such file /tmp/?", False),
+        (0, "at iteration 9, generator step 4", "RuntimeError: rewards.N (mine), scoring two samples before training: ...",
+         True)]
     assert reported[1][2] == "OSError: no such file /tmp/tmpab12cd/x"  # the message keeps the real text
     oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; 1.31 GiB free"
     assert loop.failure_key(oom) == loop.failure_key(oom.replace("1.31", "1.29"))
