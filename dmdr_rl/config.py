@@ -729,21 +729,29 @@ def _refuse_repeated_keys(node: yaml.Node, seen: set[int]) -> None:
             _refuse_repeated_keys(item, seen)
 
 
+def _preset_file(preset: str | Path, named_by: Path | None = None) -> Path:
+    """The file of a preset name or a config file's path; one that does not exist is refused, said with the config
+    file whose `base:` names it (`named_by`, which may be one of several), else as --preset's."""
+    path = Path(preset) if Path(preset).suffix else PRESETS_DIR / f"{preset}.yaml"
+    if path.exists():
+        return path
+    presets = available_presets()
+    where, flag = (f"{named_by}: base: ", "base:") if named_by is not None else ("", "--preset")
+    if Path(preset).suffix:
+        hint = (f" (the preset is {flag} {path.stem})" if path.stem in presets else
+                "" if named_by is not None else f"; presets: {', '.join(presets)}")
+        raise ConfigError(f"{where}config file {str(path)!r} does not exist{hint}")
+    raise ConfigError(f"{where}unknown preset {str(preset)!r}; available: {', '.join(presets)}"
+                      + (_did_you_mean_among(str(preset), presets) if named_by is not None else ""))
+
+
 def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tuple[str, ...], str | None],
-                 from_presets: dict[tuple[str, ...], bool]) -> dict[str, Any]:
+                 from_presets: dict[tuple[str, ...], bool], named_by: Path | None = None) -> dict[str, Any]:
     """A preset's mapping; a `base: <preset or file>` key inherits another preset, merged section by
     section (mappings merge, everything else replaces). `inherited` records which base file set each
     value (None: the file named itself), so that an error in an inherited value names its file;
     `from_presets`, whether that file is a preset shipped with dmdr_rl (not the user's own)."""
-    path = Path(preset)
-    if not path.suffix:
-        path = PRESETS_DIR / f"{preset}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset {str(preset)!r}; available: {', '.join(available_presets())}")
-    elif not path.exists():
-        hint = (f" (the preset is --preset {path.stem})" if path.stem in available_presets() else
-                f"; presets: {', '.join(available_presets())}")
-        raise ConfigError(f"config file {str(path)!r} does not exist{hint}")
+    path = _preset_file(preset, named_by)
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base` presets form a cycle ({' -> '.join(p.name for p in chain)} -> {path.name})")
     try:
@@ -759,15 +767,7 @@ def _read_preset(preset: str | Path, chain: tuple[Path, ...], inherited: dict[tu
             raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
         if Path(base).suffix and not Path(base).is_absolute():
             base = str(path.parent / base)
-        named = Path(base) if Path(base).suffix else PRESETS_DIR / f"{base}.yaml"
-        if not named.exists():  # said with the file that names it, which may be one of several
-            presets = available_presets()
-            if Path(base).suffix:
-                hint = f" (the preset is base: {named.stem})" if named.stem in presets else ""
-                raise ConfigError(f"{path}: base: config file {base!r} does not exist{hint}")
-            raise ConfigError(f"{path}: base: unknown preset {base!r}; available: {', '.join(presets)}"
-                              f"{_did_you_mean_among(base, presets)}")
-        data = _merge(_read_preset(base, (*chain, path.resolve()), inherited, from_presets), own)
+        data = _merge(_read_preset(base, (*chain, path.resolve()), inherited, from_presets, named_by=path), own)
     shipped = path.resolve().parent == PRESETS_DIR.resolve()
     for key in _value_keys(own):  # (after its bases': its own values replace theirs)
         _set_by(inherited, key, str(path) if chain else None)
