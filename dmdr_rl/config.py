@@ -206,6 +206,10 @@ class RewardServeSpec(_Section):
     # replica constructor failures (over all replicas) before the app counts as failed to start; null: Serve's
     # (3 per replica, at most 20). Each is a fresh process loading the model: 1 says at once what is wrong
     constructor_retries: Optional[int] = Field(None, ge=1)
+    # how often a replica being stopped (its app deleted, or scaled down) looks whether its requests have finished:
+    # Serve's graceful_shutdown_wait_loop_s, whose default (2 s) adds 2 s to each app a run deletes as it ends; a
+    # request that meets a replica already stopped is tried again (retries, below)
+    shutdown_wait_loop_s: float = Field(0.2, gt=0)
     timeout_s: float = Field(120.0, gt=0)  # how long the client waits for one request's answer
     # tries after the first of a request that failed on the way (a timeout, a lost connection or replica), with
     # exponential backoff; an error of the model's own, or of its input, is raised at once

@@ -175,6 +175,7 @@ def reward_app(spec: RewardSpec, where: str = "rewards[]", quiet: bool = False):
     # (Serve caps a batch at the requests a replica takes at once: keep that above max_batch_size)
     ongoing = max(64, s.max_batch_size)
     return RewardServer.options(name=spec.app_name, ray_actor_options=actor_options, max_ongoing_requests=ongoing,
+                                graceful_shutdown_wait_loop_s=s.shutdown_wait_loop_s,
                                 logging_config=_logging(s.access_log, quiet), **options).bind(
         spec.name, spec.kwargs, s.max_batch_size, s.batch_wait_timeout_s, threads, s.http_max_pixels,
         spec.max_images_per_call, where)

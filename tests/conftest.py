@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Ray Train's controller looks at its workers every 2 s by default, so each run ends up to 2 s after its last
+# step; the tests start about 30 runs. (Set before any Ray starts: its processes and the runs' subprocesses inherit it.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 # Two cores: keep torch from oversubscribing them when pytest runs alongside other work.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -246,6 +246,15 @@ def test_a_reward_app_tries_a_failing_constructor_as_often_as_configured():
     assert tries(constructor_retries=1) == 1
 
 
+def test_a_stopping_replica_looks_for_unfinished_requests_as_often_as_configured():
+    """Serve's 2 s default would be the least each app a run deletes takes; the client retries a request that
+    meets a stopped replica (test_rewards: a dead or stopping replica is a transient error)."""
+    def loop_s(**options):
+        return reward_app(_serve_spec("toy-align", **options))._bound_deployment._deployment_config.graceful_shutdown_wait_loop_s
+
+    assert loop_s() == 0.2 and loop_s(shutdown_wait_loop_s=1.5) == 1.5
+
+
 def test_a_running_serve_keeps_its_http_address_and_the_run_says_where_it_is(tmp_path, local_serve, capsys):
     from reward_servers.serve import _http_address
 

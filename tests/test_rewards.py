@@ -253,6 +253,18 @@ def test_client_retries_transient_failures_then_gives_up_naming_the_app(align):
         client.score(_images(), PROMPTS)
 
 
+def test_a_request_that_met_a_dead_restarting_or_busy_replica_is_tried_again_and_a_models_error_is_not():
+    """What RewardClient retries when Ray says it (a replica stopped as its app scaled down, or one busy)."""
+    import ray.exceptions
+    from ray.serve.exceptions import BackPressureError
+
+    from reward_servers.client import _transient
+
+    assert _transient(ray.exceptions.ActorDiedError()) and _transient(ray.exceptions.ActorUnavailableError("restarting", None))
+    assert _transient(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert not _transient(ray.exceptions.RayTaskError("score", "traceback", ValueError("the model's own")))
+
+
 def test_client_does_not_retry_bad_requests_and_checks_answers(align):
     transport = _InProcessTransport(align)
     client = RewardClient(transport, "reward-toy-align", retries=3, backoff_s=0.0)
