@@ -298,7 +298,8 @@ class RolloutCoordinator:
         if final and self.repeated_failure is None:
             self.repeated_failure = f"{error} ({where}; another try would meet it again)"
         if limit and in_a_row >= limit and self.repeated_failure is None:
-            self.repeated_failure = f"{error} ({where}; the same in {in_a_row} tries of the learner in a row)"
+            self.repeated_failure = (f"{error} ({where}; the same in {in_a_row} tries of the learner in a row, "
+                                     "ray.same_failure_limit)")
         return self.repeated_failure is not None
 
     def failure(self) -> str | None:

@@ -539,8 +539,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
         (shut_down or (lambda: _shut_down(coordinator)))()
     result = outcome.get("result")
     if repeated is not None:
-        raise RuntimeError(f"the learner keeps failing the same way, so the run ends rather than retry it again "
-                           f"(ray.same_failure_limit): {repeated}. Fix the cause, then "
+        raise RuntimeError(f"the learner failed, and the run ends rather than try again: {repeated}. Fix the cause; "
                            f"{how_to_continue(cfg, out)}") from (result if isinstance(result, BaseException) else None)
     if isinstance(result, BaseException):
         raise result

@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -349,9 +350,24 @@ def failure_key(error: str) -> str:
     return re.sub(r"\d+", "N", error)
 
 
-def report_failure(coordinator, rank: int, built: dict, err: BaseException) -> None:
+def _probe_ends_the_run(coordinator, built: dict, backbone, prompts: list[str], cfg: RunConfig) -> bool:
+    """Rank 0's probe of the rewards (`probe_rewards`). True when it found a model's own failure, which every
+    try would meet again: reported to the coordinator as final, printed with its traceback, and the try ends
+    without an error (one raised, Ray Train would start another try, reloading the model, only to end it)."""
+    try:
+        probe_rewards(built["learner"].rewards, backbone, prompts, refl=not cfg.rl.policy_gradient)
+    except Exception as err:
+        if not getattr(err, "ends_the_run", False) or not report_failure(coordinator, 0, built, err):
+            raise  # (an app that did not answer may next time; a failure the coordinator does not hold: Ray Train's)
+        print("dmdr_rl: learner rank 0: a reward model cannot score, so the run ends:", flush=True)
+        traceback.print_exc()
+        return True
+    return False
+
+
+def report_failure(coordinator, rank: int, built: dict, err: BaseException) -> bool:
     """Tell the coordinator how this try ended, so one that recurs unchanged in consecutive tries ends the
-    run (`ray.same_failure_limit`)."""
+    run (`ray.same_failure_limit`). False: the coordinator could not be told."""
     learner = built.get("learner")
     where = (f"at iteration {learner.iteration}, generator step {learner.generator_step}" if learner is not None
              else f"while the learner was built, restoring {built.get('restoring') or 'nothing'}")
@@ -361,6 +377,8 @@ def report_failure(coordinator, rank: int, built: dict, err: BaseException) -> N
         ray.get(coordinator.learner_failed.remote(rank, where, error, failure_key(error), final=final), timeout=30)
     except Exception as report_err:  # the try fails either way: with what it failed of
         print(f"dmdr_rl: could not report the learner's failure ({type(report_err).__name__})", flush=True)
+        return False
+    return True
 
 
 def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built: dict, learner_try: int) -> None:
@@ -387,8 +405,8 @@ def _train(cfg: RunConfig, coordinator, out: Path, rank: int, world: int, built:
     backbone.set_null(ask_a_worker(coordinator, "null_conditioning", **ask))
     grid_prompts = PromptSource(cfg.data.prompts, cfg.trainer.seed).batch(-1, GRID_PROMPTS) if rank == 0 else None
     grid_cond = ask_a_worker(coordinator, "encode", grid_prompts, **ask) if rank == 0 else None
-    if rank == 0:  # (a reward that cannot score fails each try alike: ray.same_failure_limit ends the run)
-        probe_rewards(learner.rewards, backbone, grid_prompts, refl=not cfg.rl.policy_gradient)
+    if _share_from_rank_0(rank == 0 and _probe_ends_the_run(coordinator, built, backbone, grid_prompts, cfg), world):
+        return  # (every rank: the driver ends the run with the failure the coordinator holds)
     evaluation = (TrainingEvaluation(cfg.output.eval_images, lambda prompts: ask_a_worker(coordinator, "encode", prompts,
                                                                                          **ask))
                   if rank == 0 and cfg.output.eval_every is not None else None)

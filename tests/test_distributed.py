@@ -1415,7 +1415,7 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     new_try(c, ranks=(0,))
     assert c.learner_failed(0, here, "ValueError: bad, masked differently", key=bad) is True  # compared by key
     assert c.failure() == ("ValueError: bad, masked differently (at iteration 7, generator step 3; the same in 2 "
-                           "tries of the learner in a row)")
+                           "tries of the learner in a row, ray.same_failure_limit)")
     assert new_try(c) == [c.failure(), c.failure()]  # the next try is told, and ends at once
     events = [e for e in Ledger(FileStore(tmp_path)).events() if e["event"] == "learner_failed"]
     assert [(e["rank"], e["tries_in_a_row"]) for e in events] == [(0, 1), (1, 1), (1, 1), (0, 1), (1, 1), (0, 1), (0, 2)]
@@ -1499,6 +1499,36 @@ def test_a_learner_reports_its_own_errors_and_the_causes_of_remote_ones_but_not_
         assert loop.own_error(raised_remotely(unreachable)) is unreachable  # met by a rollout worker's monitor
 
 
+def test_a_reward_the_probe_finds_broken_ends_the_try_without_an_error_once_the_coordinator_holds_it(monkeypatch, capsys):
+    """Raised, Ray Train would start another try (reloading the model) only for it to end at registration."""
+    import learner.loop as loop
+    from dmdr_rl.config import RunConfig
+    from reward_servers.protocol import RewardOutputError, RewardServerError
+
+    def probe_raising(err):
+        monkeypatch.setattr(loop, "probe_rewards", lambda *a, **k: (_ for _ in ()).throw(err))
+
+    def ends(learner_failed):
+        coordinator = _fake_coordinator(learner_failed=learner_failed)
+        learner = type("Learner", (), {"iteration": 0, "generator_step": 0, "rewards": []})()
+        return loop._probe_ends_the_run(coordinator, {"learner": learner}, None, ["a"], RunConfig())
+
+    reported = []
+    monkeypatch.setattr(loop.ray, "get", lambda ref, timeout=None: ref)
+    broken = RewardOutputError("rewards.0 (mine), scoring two samples before training: scores of shape [2, 3]")
+    broken.ends_the_run = True
+    probe_raising(broken)
+    assert ends(lambda *args, final: reported.append(final)) is True and reported == [True]
+    assert "a reward model cannot score, so the run ends" in capsys.readouterr().out
+    with pytest.raises(RewardOutputError):  # the coordinator could not be told: Ray Train's retries and limit
+        ends(lambda *args, final: (_ for _ in ()).throw(ray.exceptions.ActorDiedError()))
+    probe_raising(RewardServerError("reward app 'reward-toy' did not answer"))  # (it may next time)
+    with pytest.raises(RewardServerError):
+        ends(lambda *args, final: pytest.fail("reported here"))
+    monkeypatch.setattr(loop, "probe_rewards", lambda *a, **k: None)
+    assert ends(lambda *args, final: pytest.fail("reported")) is False
+
+
 def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_stopped_early(tmp_path, monkeypatch):
     import ray
 
@@ -1513,8 +1543,8 @@ def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_
                "processes": lambda: {"rollout_workers": []}}
     cfg = _config(tmp_path, **{"trainer.backend": "ray", "trainer.max_steps": 3})
     repeated = _fake_coordinator(failure=lambda: "ValueError: bad (at iteration 4, generator step 2; ...)", **methods)
-    with pytest.raises(RuntimeError, match=r"keeps failing the same way, .* \(ray.same_failure_limit\): ValueError: bad "
-                                           r".*Fix the cause, then it saved no checkpoint: start it again"):
+    with pytest.raises(RuntimeError, match=r"^the learner failed, and the run ends rather than try again: ValueError: bad "
+                                           r".*\. Fix the cause; it saved no checkpoint: start it again$"):
         distributed._fit_and_summarise(cfg, trainer, repeated, None, tmp_path)
     silent = _fake_coordinator(failure=lambda: None, **methods)
     with pytest.raises(RuntimeError, match="the learner stopped at generator step 2 of trainer.max_steps=3"):
@@ -1534,9 +1564,10 @@ def test_a_learner_that_fails_the_same_way_twice_ends_the_run_not_after_every_re
     (checkpoint / "critic.safetensors").write_bytes(b"not a safetensors file")
     cfg = _config(tmp_path / "run", **{"trainer.backend": "ray", "trainer.resume_from": str(checkpoint),
                                        "ray.max_failures": 5, "name": "corrupt"})
-    with pytest.raises(RuntimeError, match=r"keeps failing the same way.*while the learner was built, restoring "
-                                           rf"{re.escape(str(checkpoint))}; the same in 2 tries of the learner in a row"
-                                           rf".*this launch saved no checkpoint: run the same command again, which "
+    with pytest.raises(RuntimeError, match=r"the run ends rather than try again: .*while the learner was built, restoring "
+                                           rf"{re.escape(str(checkpoint))}; the same in 2 tries of the learner in a row, "
+                                           rf"ray.same_failure_limit\)\. Fix the cause; this launch saved no checkpoint: "
+                                           rf"run the same command again, which "
                                            rf"resumes from {re.escape(str(checkpoint))}"):
         train_distributed(cfg)
     failed = [e for e in Ledger(FileStore(tmp_path / "run")).events() if e["event"] == "learner_failed"]

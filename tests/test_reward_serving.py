@@ -34,7 +34,10 @@ def _free_port():
 
 USER_MODULE = ("class Brightness:\n    differentiable = True\n\n    def __init__(self, gain=1.0):\n"
                "        self.gain = gain\n\n    def score(self, images, prompts):\n"
-               "        return self.gain * images.mean(dim=(1, 2, 3))\n")
+               "        return self.gain * images.mean(dim=(1, 2, 3))\n\n\n"
+               "class PerChannel(Brightness):  # a mistake: a score per colour channel, not one per image\n"
+               "    def score(self, images, prompts):\n"
+               "        return images.mean(dim=(2, 3))\n")
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +388,27 @@ def test_the_ray_runtime_trains_with_a_served_reward_and_monitors_rollouts(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/toy-align" in r and "rollout/reward/toy-align" in r and "time/reward/toy-align_s" in r for r in rows)
     assert spec.app_name not in serve.status().applications  # the run stopped the app it started
+
+
+@pytest.mark.slow
+def test_a_ray_run_whose_reward_cannot_score_ends_at_the_learners_first_try(tmp_path, local_serve, capsys):
+    """The learner's start-of-run probe of the rewards finds a model's own failure, which every try would meet
+    again: the run ends with it at once, not after ray.same_failure_limit tries (each reloading the model)."""
+    from dmdr_rl.distributed import train_distributed
+    from dmdr_rl.ledger import Ledger
+    from dmdr_rl.store import FileStore
+
+    spec = RewardSpec(name="served_user_reward:PerChannel", weight=0.3, placement="local")
+    cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.backend=ray", "ray.max_failures=5",
+                                                     "ray.learner_workers=2", "ray.learner_cpus=0.5"])  # (both ranks end)
+    with pytest.raises(RuntimeError, match=r"^the learner failed, and the run ends rather than try again: RewardOutputError: "
+                                           r"rewards.0 \(served_user_reward:PerChannel\), scoring two samples before "
+                                           r"training: .* returned scores of shape \[2, 3\], expected \[2\] \(at iteration "
+                                           r"0, generator step 0; another try would meet it again\)\. Fix the cause; "):
+        train_distributed(cfg)
+    events = [e["event"] for e in Ledger(FileStore(tmp_path)).events()]
+    assert [e for e in events if e in ("start", "rewind", "learner_failed")] == ["start", "learner_failed"]
+    assert "Ray Train started the learners again" not in capsys.readouterr().out  # (no second try, which ended at once)
 
 
 def test_the_serve_configs_validate_and_a_run_attaches_to_a_deployed_app(tmp_path, local_serve, capsys):
