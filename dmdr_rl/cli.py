@@ -42,9 +42,10 @@ def fixable_errors() -> tuple[type[BaseException], ...]:
     from reward_servers.protocol import RewardInputError, RewardLoadError, RewardServerError
 
     from .config import ConfigError
+    from .errors import LearnerFailedError
     from .latent import BackboneLoadError
     from .store import StoreError
     from .toy.weights import ToyWeightsError
 
-    return (ConfigError, BackboneLoadError, RewardInputError, RewardLoadError, RewardServerError, StoreError,
-            ToyWeightsError)
+    return (ConfigError, BackboneLoadError, LearnerFailedError, RewardInputError, RewardLoadError, RewardServerError,
+            StoreError, ToyWeightsError)

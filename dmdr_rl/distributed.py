@@ -26,6 +26,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from .config import RAY_CLIENT_REFUSED, URL_NOT_CLUSTER, ConfigError, RunConfig, is_cluster_address
+from .errors import LearnerFailedError
 from .ledger import Ledger, audit
 from .store import (PASSWORD_ENV, StoreError, directory_written_whole, open_store, run_events, write_json_whole,
                     write_text_whole)
@@ -539,7 +540,7 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
         (shut_down or (lambda: _shut_down(coordinator)))()
     result = outcome.get("result")
     if repeated is not None:
-        raise RuntimeError(f"the learner failed, and the run ends rather than try again: {repeated}. Fix the cause; "
+        raise LearnerFailedError(f"the learner failed, and the run ends rather than try again: {repeated}. Fix the cause; "
                            f"{how_to_continue(cfg, out)}") from (result if isinstance(result, BaseException) else None)
     if isinstance(result, BaseException):
         raise result

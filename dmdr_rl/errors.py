@@ -1,4 +1,5 @@
-"""What an error was raised from: the one walk over an exception's chain that the run's handlers share."""
+"""What an error was raised from: the one walk over an exception's chain that the run's handlers share; and the
+error a Ray run ends with when its learner fails in a way another try would meet again."""
 from __future__ import annotations
 
 from typing import Callable
@@ -16,3 +17,9 @@ def in_cause_chain(err: BaseException | None, matches: Callable[[BaseException],
         seen.add(id(err))
         err = err.__cause__ or (err.__context__ if implicit else None)
     return False
+
+
+class LearnerFailedError(RuntimeError):
+    """A Ray run's learner failed in a way another try would meet again (a reward model that cannot score, an error
+    recurring in ray.same_failure_limit tries): the run ends with it. A command shows it as one `error:` line; the
+    learner's own traceback is on the console above it."""

@@ -359,8 +359,10 @@ def _probe_ends_the_run(coordinator, built: dict, backbone, prompts: list[str], 
     except Exception as err:
         if not getattr(err, "ends_the_run", False) or not report_failure(coordinator, 0, built, err):
             raise  # (an app that did not answer may next time; a failure the coordinator does not hold: Ray Train's)
-        print("dmdr_rl: learner rank 0: a reward model cannot score, so the run ends:", flush=True)
-        traceback.print_exc()
+        # (not print: Ray Train's print in a learner also logs each line, and a traceback came out twice, interleaved)
+        sys.stdout.write("dmdr_rl: learner rank 0: a reward model cannot score, so the run ends:\n"
+                         + "".join(traceback.format_exception(err)))
+        sys.stdout.flush()
         return True
     return False
 

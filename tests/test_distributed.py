@@ -1543,7 +1543,11 @@ def test_the_driver_raises_the_repeated_failure_and_never_summarises_a_run_that_
                "processes": lambda: {"rollout_workers": []}}
     cfg = _config(tmp_path, **{"trainer.backend": "ray", "trainer.max_steps": 3})
     repeated = _fake_coordinator(failure=lambda: "ValueError: bad (at iteration 4, generator step 2; ...)", **methods)
-    with pytest.raises(RuntimeError, match=r"^the learner failed, and the run ends rather than try again: ValueError: bad "
+    from dmdr_rl.cli import fixable_errors
+    from dmdr_rl.errors import LearnerFailedError
+
+    assert LearnerFailedError in fixable_errors()  # (a command's one `error:` line: the learner's traceback is above)
+    with pytest.raises(LearnerFailedError, match=r"^the learner failed, and the run ends rather than try again: ValueError: bad "
                                            r".*\. Fix the cause; it saved no checkpoint: start it again$"):
         distributed._fit_and_summarise(cfg, trainer, repeated, None, tmp_path)
     silent = _fake_coordinator(failure=lambda: None, **methods)
