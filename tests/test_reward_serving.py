@@ -195,7 +195,7 @@ def test_http_endpoint_scores_npy_and_png_and_rejects_bad_input(tmp_path, local_
         stop_reward_apps(started)
 
 
-def test_scaling_a_reward_app_from_one_to_two_replicas_during_training_fails_no_request(tmp_path, local_serve):
+def test_scaling_a_reward_app_from_one_to_two_replicas_and_back_during_training_fails_no_request(tmp_path, local_serve):
     spec = _serve_spec("toy-align")
     cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.max_steps=100000"])  # stopped below
     started = start_reward_apps(cfg)
@@ -208,18 +208,24 @@ def test_scaling_a_reward_app_from_one_to_two_replicas_during_training_fails_no_
         while client.requests < 5 and thread.is_alive():
             time.sleep(0.05)
         before = client.requests
-        serve.run(reward_app(spec.model_copy(update={"serve": spec.serve.model_copy(update={"replicas": 2})})),
-                  name=spec.app_name, route_prefix=f"/{spec.app_name}")
-        scaled_at = client.requests
-        deployment = serve.status().applications[spec.app_name].deployments[spec.app_name]
-        while client.requests < scaled_at + 10 and thread.is_alive():
-            time.sleep(0.05)
+        def scale(replicas: int) -> tuple[int, dict]:
+            """Redeploys the app at `replicas` (serve.run returns once they run): the requests made by then, and the
+            replicas' states once 10 more were."""
+            serve.run(reward_app(spec.model_copy(update={"serve": spec.serve.model_copy(update={"replicas": replicas})})),
+                      name=spec.app_name, route_prefix=f"/{spec.app_name}")
+            at = client.requests
+            while client.requests < at + 10 and thread.is_alive():
+                time.sleep(0.05)
+            return at, dict(serve.status().applications[spec.app_name].deployments[spec.app_name].replica_states)
+
+        scaled_up_at, up = scale(2)
+        scaled_down_at, down = scale(1)  # a replica stops while requests go on (rewards[].serve.shutdown_wait_loop_s)
         trainer.cfg.trainer.max_steps = trainer.generator_step + 1  # end the run
         thread.join(timeout=600)
-        assert outcome["summary"]["generator_steps"] >= scaled_at
-        assert deployment.replica_states.get("RUNNING") == 2
-        assert before < scaled_at < client.requests  # requests ran before, during and after the scaling
-        assert client.failed_attempts == 0
+        assert outcome["summary"]["generator_steps"] >= scaled_down_at
+        assert up.get("RUNNING") == 2 and down.get("RUNNING") == 1
+        assert before < scaled_up_at < scaled_down_at < client.requests  # requests before, during and after each
+        assert client.failed_attempts == 0  # (not even one the client retried)
     finally:
         stop_reward_apps(started)
 
