@@ -540,8 +540,9 @@ def _fit_and_summarise(cfg: RunConfig, trainer, coordinator, store, out: Path,
         (shut_down or (lambda: _shut_down(coordinator)))()
     result = outcome.get("result")
     if repeated is not None:
-        raise LearnerFailedError(f"the learner failed, and the run ends rather than try again: {repeated}. Fix the cause; "
-                           f"{how_to_continue(cfg, out)}") from (result if isinstance(result, BaseException) else None)
+        cause = result if isinstance(result, BaseException) else None
+        raise LearnerFailedError(f"the learner failed, and the run ends rather than try again: {repeated}. Fix the "
+                                 f"cause; {how_to_continue(cfg, out)}") from cause
     if isinstance(result, BaseException):
         raise result
     metrics = result.metrics or {}
