@@ -165,9 +165,10 @@ def probe_rewards(rewards: Sequence[dmdr.WeightedReward], backbone, prompts: Seq
     (`refl`), so a reward that cannot score (a wrong answer, a model that raises, an app that does not answer)
     stops the run at its start rather than when the cold start ends, thousands of steps later. The samples
     decode seeded noise (the run's random streams are untouched); their scores mean nothing and are not kept.
-    The model's own failures (it raised, or answered other than one float per image) carry `ends_the_run`:
-    every try would meet them again, so a Ray run ends at the first (a served app that did not answer may)."""
-    from reward_servers.protocol import RewardInputError, RewardOutputError, RewardScoreError, RewardServerError
+    The model's own failures (it raised, in process or in its app, or answered other than one float per image)
+    carry `ends_the_run`: every try would meet them again, so a Ray run ends at the first (a served app that did not
+    answer, or whose device ran out of memory, may not)."""
+    from reward_servers.protocol import RewardInputError, RewardModelError, RewardScoreError, RewardServerError
 
     prompts = list(prompts)[:2]
     if not rewards or not prompts:
@@ -183,7 +184,7 @@ def probe_rewards(rewards: Sequence[dmdr.WeightedReward], backbone, prompts: Seq
                 scores.sum().backward()
         except (RewardInputError, RewardServerError, RewardScoreError) as err:
             named = type(err)(f"rewards.{i} ({reward.spec.key}), scoring two samples before training: {err}")
-            named.ends_the_run = isinstance(err, (RewardInputError, RewardOutputError, RewardScoreError))
+            named.ends_the_run = isinstance(err, (RewardInputError, RewardModelError, RewardScoreError))
             raise named from (err if isinstance(err, RewardScoreError) else None)
 
 

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 
 from .gradient import attach_gradient, drop_unusable, wants_gradient
-from .protocol import RewardInputError, RewardServerError, first_line, validate_images, validate_scores
+from .protocol import (RewardInputError, RewardModelError, RewardOutputError, RewardServerError, first_line, validate_images,
+                       validate_scores)
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,11 @@ class RewardClient:
             except Exception as err:  # noqa: BLE001 - sorted below
                 if not _transient(err):  # the app answered with an error: report it, do not retry
                     cause = getattr(err, "cause", None) or err  # (Ray's error's own first line is its process header)
-                    raise RewardServerError(f"reward app {self.app!r} failed in {method}(): {type(cause).__name__}: "
-                                            f"{first_line(cause)}") from err
+                    # the model's own, which every call meets again, unless its device ran out of memory
+                    error = (RewardOutputError if isinstance(cause, RewardOutputError) else
+                             RewardServerError if isinstance(cause, torch.OutOfMemoryError) else RewardModelError)
+                    raise error(f"reward app {self.app!r} failed in {method}(): {type(cause).__name__}: "
+                                f"{first_line(cause)}") from err
                 last_error = err
                 self.failed_attempts += 1
                 if attempt < self.retries:

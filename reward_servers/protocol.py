@@ -36,7 +36,12 @@ class RewardLoadError(OSError):
     """A reward model's files could not be loaded; says which config entry names them."""
 
 
-class RewardOutputError(RewardServerError):
+class RewardModelError(RewardServerError):
+    """A served reward model's own failure, met again by every call: it raised in its app (out of memory aside), or
+    answered other than one float score per image. Not retried; a run's first scoring that meets it ends the run."""
+
+
+class RewardOutputError(RewardModelError):
     """A model's answer that is not one float score per image: its bug, met again by every call."""
 
 

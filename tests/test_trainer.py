@@ -405,7 +405,8 @@ def test_the_learner_gives_the_critic_the_samples_critic_samples_names(tmp_path,
             assert all(any(row) for row in rows) and not torch.equal(given[-1], batch.x0)
 
 
-@pytest.mark.parametrize("failure", ["shape", "raises"])
+@pytest.mark.parametrize("failure", ["shape", "raises", "served-raises", "served-shape", "served-out-of-memory",
+                                     "served-unreachable"])
 def test_a_reward_that_cannot_score_stops_the_run_before_it_trains(tmp_path, failure):
     """The cold start would otherwise train thousands of steps before the first reward step met it."""
     from reward_servers.protocol import RewardScoreError, RewardServerError
@@ -416,15 +417,41 @@ def test_a_reward_that_cannot_score_stops_the_run_before_it_trains(tmp_path, fai
                 raise ZeroDivisionError("the model's own bug")
             return images.mean(dim=(2, 3))  # [B, 3]: one score per image expected
 
+    from reward_servers.client import RemoteReward, RewardClient
     from reward_servers.local import InProcessReward
+    from reward_servers.protocol import RewardOutputError, RewardModelError
 
-    trainer, _ = _trainer(tmp_path / "run", reward=InProcessReward(Broken()), **{"trainer.cold_start": 4})
-    error, message = ((RewardServerError, r"returned scores of shape \[2, 3\], expected \[2\]") if failure == "shape" else
-                      (RewardScoreError, r"raised while scoring 2 images: ZeroDivisionError: the model's own bug"))
+    def served(cause):
+        """An app whose replica raised `cause`, as Ray raises it at the caller."""
+        def transport(method, images, prompts, timeout_s):
+            if method == "info":
+                return {"name": "mean-red", "differentiable": True}
+            if isinstance(cause, ray.exceptions.RayError):  # (Ray's own: the app was not reached)
+                raise cause
+            raise ray.exceptions.RayTaskError(method, "traceback", cause).as_instanceof_cause()
+        return RemoteReward(RewardClient(transport, "reward-mean-red", retries=1, backoff_s=0.0))
+
+    ray = pytest.importorskip("ray")
+    reward, error, message, final = {
+        "shape": (InProcessReward(Broken()), RewardOutputError, r"returned scores of shape \[2, 3\], expected \[2\]", True),
+        "raises": (InProcessReward(Broken()), RewardScoreError,
+                   r"raised while scoring 2 images: ZeroDivisionError: the model's own bug", True),
+        "served-raises": (served(ZeroDivisionError("the model's own bug")), RewardModelError,
+                          r"reward app 'reward-mean-red' failed in score_with_grad\(\): ZeroDivisionError: the model's own bug",
+                          True),
+        "served-shape": (served(RewardOutputError("reward model 'mean-red' returned scores of shape [2, 3], expected [2]")),
+                         RewardOutputError, r"failed in score_with_grad\(\): RewardOutputError: .* shape \[2, 3\]", True),
+        "served-out-of-memory": (served(torch.OutOfMemoryError("CUDA out of memory")), RewardServerError,
+                                 r"failed in score_with_grad\(\): OutOfMemoryError", False),  # (another try may fit)
+        "served-unreachable": (served(ray.exceptions.ActorDiedError()), RewardServerError,
+                               r"did not answer score_with_grad\(\) after 2 attempt", False),  # (it may answer next time)
+    }[failure]
+    trainer, _ = _trainer(tmp_path / "run", reward=reward, **{"trainer.cold_start": 4})
     with pytest.raises(error, match=r"^rewards.0 \(mean-red\), scoring two samples before training: .*" + message) as caught:
         trainer.train()
     assert trainer.learner.iteration == 0 and not (tmp_path / "run" / "metrics.jsonl").exists()
-    assert caught.value.ends_the_run  # the model's own failure: a Ray run ends at its first try
+    assert caught.value.ends_the_run is final  # the model's own failure: a Ray run ends at its first try
+    assert final or not isinstance(caught.value, RewardModelError)
     if failure == "raises":  # the model's own traceback is chained
         assert isinstance(caught.value.__cause__.__cause__, ZeroDivisionError)
 
