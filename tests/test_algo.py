@@ -138,6 +138,9 @@ def test_the_real_scores_guidance_is_drawn_around_w_r_and_not_drawn_at_or_below_
     assert draws(1.2, 0.5).min() < 0.75  # above 1 the draw applies, even where it reaches below 1
     for unguided in (1.0, 0.6):  # no guidance (1), or less than the conditional (< 1): the scale as it is
         assert torch.equal(draws(unguided, 0.5), torch.full((2000,), unguided))
+    from dmdr_rl.config import load_config
+
+    assert load_config("toy-dmdr", ["dmd={real_cfg: 1.0, cfg_jitter: 2}"]).dmd.cfg_jitter == 2  # (nothing drawn: allowed)
     # one uniform number is drawn either way: what the generator draws next is the same
     generators = [torch.Generator().manual_seed(5) for _ in range(2)]
     algo.draw_guidance(4.0, 0.5, generators[0]), algo.draw_guidance(1.0, 0.5, generators[1])

@@ -24,6 +24,8 @@ def test_the_paper_presets_carry_the_reference_hyperparameters():
     assert medium.model.kwargs == large.model.kwargs == {"max_sequence_length": 128}  # the paper's code's T5 length
     assert load_config("flux-dev-dmdr").model.kwargs == {"guidance": 3.5, "max_sequence_length": 512}  # FLUX.1's own
     assert [(r.name, r.weight) for r in medium.rewards] == [("open-clip-score", 0.3), ("hpsv2.1", 0.3)]
+    for preset in (medium, large, load_config("sd3-medium-dmdr-grpo")):  # the paper's code's HPSv2.1 prompts
+        assert [r.prompt_template for r in preset.rewards] == ["{prompt}", "Realistic photo {prompt}"]
     assert (medium.trainer.precision, medium.trainer.optimizer) == ("bf16", "adamw8bit")
     assert (large.model.resolution, large.student.shift, large.dmd.real_cfg) == (1024, 5.0, 4.0)
     assert (large.trainer.lr_generator, large.trainer.lr_critic, large.trainer.lr_generator_rl,
@@ -265,6 +267,7 @@ def test_text_fields_keep_the_override_as_written_and_other_fields_parse_yaml():
         ("critic.real_scale0=-0.1", r"critic.real_scale0: Input should be greater than or equal to 0"),
         ("dmd={real_cfg: 1.5, cfg_jitter: 2}", r"dmd: cfg_jitter=2 > real_cfg=1.5 would draw negative guidance scales .*lower dmd.cfg_jitter$"),
         ("rewards.0.prompt_template=photo", r"rewards.0.prompt_template: must hold '\{prompt\}' once, where the prompt goes"),
+        ("rewards.0.prompt_template='{prompt} {prompt}'", r"rewards.0.prompt_template: must hold '\{prompt\}' once"),
         ("dmd.renoise_beta=4,1.5", r"dmd.renoise_beta: .*valid tuple; write the values in brackets \(dmd.renoise_beta=\[a, b\]\)"),
         ("dmd.renoise_beta=[4]", r"dmd.renoise_beta: too few values \(no item 1\)"),
         ("model.kwargs={resolution: 64}", r"model.kwargs: 'resolution' is not a loader option here: set model.resolution"),

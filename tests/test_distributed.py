@@ -1434,6 +1434,8 @@ def test_the_coordinator_ends_the_run_when_a_learner_failure_recurs_in_consecuti
     # a failure every try would meet again (the probe of a reward found its model broken) ends the run at once
     new_try(c := coordinator(2))
     assert c.learner_failed(0, here, bad, final=True) is True
+    new_try(never := coordinator(0))  # (ray.same_failure_limit=0 turns off the count of repeats, not this)
+    assert never.learner_failed(0, here, bad, final=True) is True
     assert c.failure() == f"{bad} ({here}; another try would meet it again)" and new_try(c) == [c.failure()] * 2
 
 

@@ -202,6 +202,12 @@ def test_the_guidance_interval_turns_the_real_scores_cfg_off_above_its_bound(bac
     assert dmd(real_cfg=4.0, cfg_max_tau=1.0 - 1e-7) == pytest.approx(everywhere, rel=1e-6)
     assert dmd(real_cfg=4.0, cfg_max_tau=1e-6) == pytest.approx(unguided, rel=1e-5)  # every tau is above the bound
     assert abs(everywhere - unguided) > 1e-3 * abs(unguided)
+    # with the default jitter: w_r = 1 is used as it is, and a scale above 1 is drawn around itself
+    for real_cfg, low, high in ((1.0, 1.0, 1.0), (4.0, 3.5, 4.5)):
+        _, metrics = dmdr.generator_loss(backbone, traj, cond, PROMPTS, 0, student, CriticSection(),
+                                         DmdSection(real_cfg=real_cfg, cfg_jitter=0.5), [], False,
+                                         torch.Generator().manual_seed(2))
+        assert low <= metrics["schedule/real_cfg"] <= high and (low == high or metrics["schedule/real_cfg"] != real_cfg)
 
 
 def _spy_velocity(monkeypatch, backbone):

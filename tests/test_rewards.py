@@ -158,8 +158,10 @@ def test_a_differentiable_model_whose_scores_carry_no_gradient_is_an_error_not_a
         def score(self, images, prompts):
             return torch.from_numpy(images.detach().numpy().mean(axis=(1, 2, 3)))
 
-    with pytest.raises(RewardServerError, match="'through-numpy' says it is differentiable, but its scores carry no gradient"):
-        score_and_grad(ThroughNumpy(), _images(2), ["a", "b"])
+    from reward_servers.protocol import RewardOutputError
+
+    with pytest.raises(RewardOutputError, match="'through-numpy' says it is differentiable, but its scores carry no gradient"):
+        score_and_grad(ThroughNumpy(), _images(2), ["a", "b"])  # (the model's own: a run's first scoring ends it)
 
 
 def test_a_sample_whose_gradient_is_not_finite_is_dropped_like_a_non_finite_score():
@@ -644,6 +646,16 @@ def test_hpsv2_matches_open_clip_with_its_own_transforms(tmp_path):
         image_features = model.encode_image(torch.stack([preprocess(p) for p in pil]), normalize=True)
         text_features = model.encode_text(open_clip.get_tokenizer(kwargs["architecture"])(PROMPTS), normalize=True)
     torch.testing.assert_close(scores, (image_features @ text_features.T).diagonal(), rtol=1e-4, atol=1e-5)
+    # not square: the longest side resized and the rest padded, neither squashed nor cropped
+    wide = (torch.rand(len(PROMPTS), 3, 24, 40, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    with torch.no_grad():
+        theirs = (model.encode_image(torch.stack([preprocess(_pil(im)) for im in wide]), normalize=True)
+                  @ text_features.T).diagonal()
+    from reward_servers.models.open_clip_score import OpenClipScore
+
+    squashed = OpenClipScore(**kwargs, resize="squash").score(wide, PROMPTS)
+    ours = hps.score(wide, PROMPTS)
+    assert (ours - theirs).abs().max() < 0.5 * (squashed - theirs).abs().max()  # (tensor vs PIL bicubic resizing)
     x = images.clone().requires_grad_(True)
     hps.score(x, PROMPTS).sum().backward()
     assert x.grad.abs().sum() > 0
@@ -662,8 +674,11 @@ def test_open_clip_score_matches_open_clip_with_its_own_squash_transform_from_a_
     kwargs["checkpoint"] = str(tmp_path / "open_clip_model.safetensors")  # (a bare state dict, as a hub model's)
     reward = load_reward_model("open-clip-score", kwargs)
     assert (reward.name, reward.differentiable) == ("open-clip-score", True)
-    images = (torch.rand(3, 3, 24, 40) * 255).round() / 255  # not square: squashed, neither cropped nor padded
-    scores = reward.score(images, PROMPTS[:3])
+    images = (torch.rand(3, 3, 24, 40, generator=torch.Generator().manual_seed(0)) * 255).round() / 255  # not square:
+    scores = reward.score(images, PROMPTS[:3])  # squashed, neither cropped nor padded
+    for other in ("shortest", "longest"):  # (the default matters at this shape)
+        assert not torch.allclose(load_reward_model("open-clip-score", {**kwargs, "resize": other}).score(images, PROMPTS[:3]),
+                                  scores, atol=1e-3)
     # open_clip's own model and eval transform (resize_mode="squash", DFN5B's), on PIL images
     model, _, preprocess = open_clip.create_model_and_transforms(kwargs["architecture"], pretrained=None,
                                                                  load_weights=False, image_resize_mode="squash")
@@ -680,6 +695,13 @@ def test_open_clip_score_matches_open_clip_with_its_own_squash_transform_from_a_
     x = images.clone().requires_grad_(True)
     reward.score(x, PROMPTS[:3]).sum().backward()
     assert x.grad.abs().sum() > 0
+    import inspect
+
+    from reward_servers.models.open_clip_score import OpenClipScore
+
+    defaults = {k: p.default for k, p in inspect.signature(OpenClipScore).parameters.items()}
+    assert (defaults["architecture"], defaults["hub_repo"], defaults["resize"]) == (
+        "ViT-H-14-quickgelu", "apple/DFN5B-CLIP-ViT-H-14", "squash")  # the paper's "CLIP": DFN5B CLIP-H, as trained
     plain_gelu = save_tiny_open_clip(tmp_path / "gelu")  # the same seed's weights under GELU: other scores
     assert not torch.allclose(load_reward_model("open-clip-score", plain_gelu).score(images, PROMPTS[:3]), scores)
     from reward_servers import RewardBuildError
