@@ -407,6 +407,20 @@ def test_a_reward_without_a_gradient_trains_with_grpo_and_is_refused_by_refl(tmp
     assert trainer.generator_step == 1 and any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
+def test_a_grpo_run_with_a_reward_without_a_gradient_trains_from_its_start(tmp_path):
+    """The start-of-run probe of the rewards asks no gradient of a reward the policy gradient trains with (ReFL's
+    probe would, and this reward has none)."""
+    cfg = load_config("toy-dmdr-grpo", ["rewards=[{name: mean-red-black-box, shaping: linear}]", "trainer.batch_size=4",
+                                        "rl.group_size=2", "student.steps=2", "trainer.cold_start=1", "dmd.ratio=1",
+                                        "trainer.max_steps=2", "output.log_every=1", "output.sample_every=1000",
+                                        "output.checkpoint_every=1000", f"output.dir={tmp_path}"])
+    torch.manual_seed(0)
+    trainer = LocalTrainer(cfg, ToyBackbone(create_teacher_transformer(seed=0), ToyTextEncoder.create(seed=0)),
+                           [dmdr.WeightedReward(MeanRedNoGradient(), cfg.rewards[0])])
+    trainer.train()
+    assert trainer.generator_step == 2 and (tmp_path / "metrics.jsonl").read_text().count("loss/policy") == 1
+
+
 def test_a_monitored_trained_reward_is_scored_once_per_generator_update_and_only_by_the_rollout(tmp_path):
     cfg = load_config("toy-dmdr-grpo", ["rewards=[{name: mean-red-black-box, shaping: linear, monitor: true}]",
                                         "trainer.batch_size=4", "rl.group_size=2", "student.steps=2",
@@ -455,6 +469,7 @@ def test_the_dry_run_accepts_a_reward_without_a_gradient_only_with_grpo(tmp_path
     plan = dry_run("toy-dmdr-grpo", [reward])
     assert ("trained by policy gradient (GRPO): 8 prompts x 4 samples per batch, every sampler transition, "
             "policy weight 10, scored by the rollouts") in plan
+    assert "(GRPO): 4 prompts x 4 samples per batch" in dry_run("toy-dmdr-grpo", [reward, "trainer.batch_size_rl=16"])
     with pytest.raises(ConfigError, match=r"rewards\.0 \(my_checked_box:Count\) is not differentiable.*rl\.mode=grpo"):
         dry_run("toy-dmdr-grpo", [reward, "rl.mode=refl", "student.sampler=ode"])
 
