@@ -756,6 +756,34 @@ def test_gradients_are_averaged_in_place_bucket_by_bucket(monkeypatch):
     assert torch.equal(params[3].grad, torch.zeros(7))
 
 
+def test_the_coordinator_sizes_each_batch_by_the_generator_step_that_trains_it_split_over_the_ranks(tmp_path, monkeypatch):
+    """trainer.batch_size in the cold start, trainer.batch_size_rl after it (as the local trainer sizes them), each
+    split evenly over the learner ranks; a size that does not split is refused before any worker starts."""
+    import actors.coordinator as coordinator_module
+
+    shards, fakes = [], _FakeWorkers()
+
+    def recording(*args, **kwargs):
+        handle = fakes.remote(*args, **kwargs)
+        sample = handle.rollout.remote
+        handle.rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: (
+            shards.append((iteration, rank, len(shard))), sample(iteration, shard, rank, *rest))[1]})()
+        return handle
+
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: type("Workers", (), {
+        "options": lambda self, **_: self, "remote": lambda self, *a, **k: recording(*a, **k)})())
+    sizes = {"trainer.batch_size": 4, "trainer.batch_size_rl": 2, "trainer.cold_start": 1, "dmd.ratio": 1}
+    cfg = _config(tmp_path, **sizes, **{"ray.max_staleness": 0})
+    coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
+    for step in range(2):
+        coordinator.publish(step, [f"weights at step {step}"])
+        coordinator.request(step, 0), coordinator.request(step, 1)
+    assert sorted(set(shards)) == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (1, 1, 1)]  # 4 prompts, then 2, over 2 ranks
+    uneven = _config(tmp_path, **{**sizes, "trainer.batch_size_rl": 3})
+    with pytest.raises(ValueError, match=r"trainer.batch_size_rl=3 must divide evenly over ray.learner_workers=2"):
+        coordinator_module.RolloutCoordinator(uneven.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
+
+
 def test_a_run_resumed_with_another_ratio_gets_its_batches_from_the_learners_generator_step(tmp_path, monkeypatch):
     """Trained at dmd.ratio=2 to iteration 4 (generator step 2), resumed at ratio 1: the batch of
     iteration 4 is trained at generator step 2, not 4 // 1 = 4 (which no published version would reach)."""
