@@ -405,8 +405,8 @@ def test_the_learner_gives_the_critic_the_samples_critic_samples_names(tmp_path,
             assert all(any(row) for row in rows) and not torch.equal(given[-1], batch.x0)
 
 
-@pytest.mark.parametrize("failure", ["shape", "raises", "served-raises", "served-shape", "served-out-of-memory",
-                                     "served-unreachable"])
+@pytest.mark.parametrize("failure", ["shape", "raises", "no-gradient", "served-raises", "served-shape",
+                                     "served-out-of-memory", "served-unreachable"])
 def test_a_reward_that_cannot_score_stops_the_run_before_it_trains(tmp_path, failure):
     """The cold start would otherwise train thousands of steps before the first reward step met it."""
     from reward_servers.protocol import RewardScoreError, RewardServerError
@@ -415,6 +415,8 @@ def test_a_reward_that_cannot_score_stops_the_run_before_it_trains(tmp_path, fai
         def score(self, images, prompts):
             if failure == "raises":
                 raise ZeroDivisionError("the model's own bug")
+            if failure == "no-gradient":  # (it says it is differentiable: ReFL's scoring asks for the gradient)
+                return images.detach().mean(dim=(1, 2, 3))
             return images.mean(dim=(2, 3))  # [B, 3]: one score per image expected
 
     from reward_servers.client import RemoteReward, RewardClient
@@ -436,6 +438,8 @@ def test_a_reward_that_cannot_score_stops_the_run_before_it_trains(tmp_path, fai
         "shape": (InProcessReward(Broken()), RewardOutputError, r"returned scores of shape \[2, 3\], expected \[2\]", True),
         "raises": (InProcessReward(Broken()), RewardScoreError,
                    r"raised while scoring 2 images: ZeroDivisionError: the model's own bug", True),
+        "no-gradient": (InProcessReward(Broken()), RewardOutputError, r"says it is differentiable, but its scores carry no "
+                        r"gradient", True),
         "served-raises": (served(ZeroDivisionError("the model's own bug")), RewardModelError,
                           r"reward app 'reward-mean-red' failed in score_with_grad\(\): ZeroDivisionError: the model's own bug",
                           True),
