@@ -195,3 +195,7 @@ def test_a_hub_repository_without_the_diffusers_files_is_said_to_lack_them_not_t
         "config.json. There is no directory 'org/a-clip-model' here, so it was taken for a hub id, and that hub repository "
         "does not hold the diffusers layout (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/): pass one "
         "that does, such as 'stabilityai/stable-diffusion-3-medium-diffusers', or a local directory in that layout")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # a file missing from the local cache (a subclass of the same error) is not the hub's answer about the repository
+    assert not latent._missing_from_the_hub(LocalEntryNotFoundError("Cannot find the requested files in the disk cache"))

@@ -389,6 +389,20 @@ def test_a_reward_reads_each_prompt_through_its_template_where_it_trains_monitor
     grid, batches = trainer.prompts.batch(-1, 16), [trainer.prompts.batch(i, 2) for i in range(2)]
     expected = grid[:2] + batches[0] + batches[1] + batches[1] + grid
     assert reward.prompts == [f"a photo: {prompt}!" for prompt in expected]
+    # and the reward's check of the run's prompts before anything starts (the dry run's too) reads them so
+    from dmdr_rl.prompts import checked_prompt_source
+    from reward_servers.registry import REWARDS
+
+    checked = []
+    original_check = REWARDS.check
+    REWARDS.check = lambda name, prompts, **kwargs: checked.extend(prompts)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    try:
+        checked_prompt_source(load_config("toy-dmdr", [f"data.prompts={tmp_path / 'prompts.txt'}",
+                                                       "rewards.0.prompt_template='a photo: {prompt}!'"]))
+    finally:
+        REWARDS.check = original_check
+    assert checked == ["a photo: a red circle!", "a photo: a blue square!"]
 
 
 def test_the_learner_gives_the_critic_the_samples_critic_samples_names(tmp_path, monkeypatch):
