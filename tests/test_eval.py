@@ -295,6 +295,15 @@ def test_a_student_is_loaded_without_its_training_setup_and_reports_how_it_sampl
         sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--reward", "raising_reward:Raises", "--out",
                      str(tmp_path / "kept-too")])
     assert len(read_samples(tmp_path / "kept-too" / "samples.parquet")) == 4
+    (tmp_path / "recording_reward.py").write_text("import torch\n\nSEEN = []\n\n\nclass Recording:\n"
+                                                  "    name, differentiable = 'recording', False\n\n"
+                                                  "    def score(self, images, prompts):\n        SEEN.extend(prompts)\n"
+                                                  "        return torch.zeros(len(prompts))\n")
+    sample.main(["--run", str(run_dir), "--prompt", "a red circle", "--reward",  # a reward's template applies here too
+                 "{name: 'recording_reward:Recording', prompt_template: 'a photo of {prompt}'}", "--out", str(tmp_path / "t")])
+    import recording_reward
+
+    assert recording_reward.SEEN == ["a photo of a red circle"] * 4
     config["rewards"] = [{"name": "toy-align", "placement": "serve", "serve": {"attach": True}}]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))  # an app deployed on its own: its model unknown here
     with pytest.raises(SystemExit, match=r"error: the run's rewards\[0\] \(toy-align\) is an attached Serve app's entry"):
