@@ -35,9 +35,9 @@ def _free_port():
 USER_MODULE = ("class Brightness:\n    differentiable = True\n\n    def __init__(self, gain=1.0):\n"
                "        self.gain = gain\n\n    def score(self, images, prompts):\n"
                "        return self.gain * images.mean(dim=(1, 2, 3))\n\n\n"
-               "class PerChannel(Brightness):  # a mistake: a score per colour channel, not one per image\n"
+               "class Raises(Brightness):  # a bug in the model\n"
                "    def score(self, images, prompts):\n"
-               "        return images.mean(dim=(2, 3))\n")
+               "        return 1 / 0\n")
 
 
 @pytest.fixture(scope="module")
@@ -398,20 +398,23 @@ def test_the_ray_runtime_trains_with_a_served_reward_and_monitors_rollouts(tmp_p
 
 @pytest.mark.slow
 def test_a_ray_run_whose_reward_cannot_score_ends_at_the_learners_first_try(tmp_path, local_serve, capsys):
-    """The learner's start-of-run probe of the rewards finds a model's own failure, which every try would meet
-    again: the run ends with it at once, not after ray.same_failure_limit tries (each reloading the model)."""
+    """The learner's start-of-run probe of the rewards finds a model's own failure (here a served one's, which its
+    app answers with), which every try would meet again: the run ends with it at once, not after
+    ray.same_failure_limit tries (each reloading the model)."""
     from dmdr_rl.distributed import train_distributed
     from dmdr_rl.ledger import Ledger
     from dmdr_rl.store import FileStore
 
-    spec = RewardSpec(name="served_user_reward:PerChannel", weight=0.3, placement="local")
+    spec = _serve_spec("served_user_reward:Raises", app="reward-raises", constructor_retries=1)
     cfg = _run_config(tmp_path, [spec], local_serve, ["trainer.backend=ray", "ray.max_failures=5",
                                                      "ray.learner_workers=2", "ray.learner_cpus=0.5"])  # (both ranks end)
-    with pytest.raises(RuntimeError, match=r"^the learner failed, and the run ends rather than try again: RewardOutputError: "
-                                           r"rewards.0 \(served_user_reward:PerChannel\), scoring two samples before "
-                                           r"training: .* returned scores of shape \[2, 3\], expected \[2\] \(at iteration "
-                                           r"0, generator step 0; another try would meet it again\)\. Fix the cause; "):
+    with pytest.raises(RuntimeError, match=r"^the learner failed, and the run ends rather than try again: RewardModelError: "
+                                           r"rewards.0 \(served_user_reward:Raises\), scoring two samples before training: "
+                                           r"reward app 'reward-raises' failed in score_with_grad\(\): ZeroDivisionError: "
+                                           r"division by zero \(at iteration 0, generator step 0; another try would meet it "
+                                           r"again\)\. Fix the cause; "):
         train_distributed(cfg)
+    assert spec.app_name not in serve.status().applications  # the run deleted the app it started
     events = [e["event"] for e in Ledger(FileStore(tmp_path)).events()]
     assert [e for e in events if e in ("start", "rewind", "learner_failed")] == ["start", "learner_failed"]
     assert "Ray Train started the learners again" not in capsys.readouterr().out  # (no second try, which ended at once)
