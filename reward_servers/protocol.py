@@ -37,8 +37,9 @@ class RewardLoadError(OSError):
 
 
 class RewardModelError(RewardServerError):
-    """A served reward model's own failure, met again by every call: it raised in its app (out of memory aside), or
-    answered other than one float score per image. Not retried; a run's first scoring that meets it ends the run."""
+    """A reward model's own failure, met again by every call: it raised in its Serve app (out of memory aside), or
+    answered other than one float score per image (in process too: RewardOutputError). Not retried; a run's first
+    scoring that meets it ends the run."""
 
 
 class RewardOutputError(RewardModelError):

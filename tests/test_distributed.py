@@ -266,13 +266,15 @@ class _FakeWorkers:
     def __init__(self, questions: bool = False):
         self.count = 0
         self.questions = questions
+        self.shards: list[tuple[int, int, int]] = []  # (iteration, rank, prompts) of each rollout sent
 
     def options(self, **_):
         return self
 
     def remote(self, *_, **__):
         index, self.count = self.count, self.count + 1
-        rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: ("worker", index, iteration, rank, *rest)})()
+        rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: (
+            self.shards.append((iteration, rank, len(shard))), ("worker", index, iteration, rank, *rest))[1]})()
         null = type("Method", (), {"remote": lambda _: ("null", index)})()
         answer = _Question(index) if self.questions else True  # (True: answered already, the coordinator's mark)
         ready = type("Method", (), {"remote": lambda _: answer})()
@@ -761,24 +763,15 @@ def test_the_coordinator_sizes_each_batch_by_the_generator_step_that_trains_it_s
     split evenly over the learner ranks; a size that does not split is refused before any worker starts."""
     import actors.coordinator as coordinator_module
 
-    shards, fakes = [], _FakeWorkers()
-
-    def recording(*args, **kwargs):
-        handle = fakes.remote(*args, **kwargs)
-        sample = handle.rollout.remote
-        handle.rollout = type("Method", (), {"remote": lambda _, iteration, shard, rank, *rest: (
-            shards.append((iteration, rank, len(shard))), sample(iteration, shard, rank, *rest))[1]})()
-        return handle
-
-    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: type("Workers", (), {
-        "options": lambda self, **_: self, "remote": lambda self, *a, **k: recording(*a, **k)})())
+    workers = _FakeWorkers()
+    monkeypatch.setattr(coordinator_module.ray, "remote", lambda cls: workers)
     sizes = {"trainer.batch_size": 4, "trainer.batch_size_rl": 2, "trainer.cold_start": 1, "dmd.ratio": 1}
     cfg = _config(tmp_path, **sizes, **{"ray.max_staleness": 0})
     coordinator = coordinator_module.RolloutCoordinator(cfg.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
     for step in range(2):
         coordinator.publish(step, [f"weights at step {step}"])
         coordinator.request(step, 0), coordinator.request(step, 1)
-    assert sorted(set(shards)) == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (1, 1, 1)]  # 4 prompts, then 2, over 2 ranks
+    assert sorted(set(workers.shards)) == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (1, 1, 1)]  # 4 prompts, then 2, over 2 ranks
     uneven = _config(tmp_path, **{**sizes, "trainer.batch_size_rl": 3})
     with pytest.raises(ValueError, match=r"trainer.batch_size_rl=3 must divide evenly over ray.learner_workers=2"):
         coordinator_module.RolloutCoordinator(uneven.model_dump(mode="json"), world_size=2, run_dir=str(tmp_path))
