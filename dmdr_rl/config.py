@@ -256,6 +256,35 @@ class RewardServeSpec(_Section):
         return value
 
 
+def _holds_the_prompt_once(template: str, which: str = "") -> str:
+    if template.count("{prompt}") != 1:
+        raise ValueError(f"{which}must hold '{{prompt}}' once, where the prompt goes (e.g. 'Realistic photo {{prompt}}')")
+    return template
+
+
+class RelativeSpec(_Section):
+    """SRPO's semantic relative preference (Shen et al. 2025, as the DMDR paper's code uses it with HPSv2.1): the
+    reward is (1 + k) r(x, positive) - r(x, negative), the prompt read once with a word of the style to reach and
+    once with one to leave, so what the two readings share (the prompt's content, the model's biases) cancels."""
+
+    # the prompt as read with a word of the style to reach ({prompt}: the prompt, after rewards[].prompt_template);
+    # training draws one of them per image, monitoring and GRPO's scores average over all
+    positive: list[str] = Field(["Natural-lighting. {prompt}", "Detailed. {prompt}", "Realistic. {prompt}"], min_length=1)
+    # the same with a word of the style to leave
+    negative: list[str] = Field(["Painting. {prompt}", "CG Render. {prompt}", "Oil. {prompt}"], min_length=1)
+    k: float = Field(0.1, ge=0)  # the positive reading's extra weight: k = 0 scores the difference alone
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _name_the_prompt(cls, templates: list[str]) -> list[str]:
+        return [_holds_the_prompt_once(template, f"item {i} ({template!r}) ") for i, template in enumerate(templates)]
+
+    def readings(self, prompts: Sequence[str]) -> list[str]:
+        """Every text the model reads, each positive template over the prompts, then each negative one."""
+        return [template.replace("{prompt}", prompt) for template in (*self.positive, *self.negative)
+                for prompt in prompts]
+
+
 class RewardSpec(_Section):
     """One reward model of `rewards:` (a list: several combine, each with its weight)."""
 
@@ -279,17 +308,24 @@ class RewardSpec(_Section):
     # the text this reward model reads for a prompt, "{prompt}" standing for it (the paper's HPSv2.1 reward reads
     # "Realistic photo {prompt}"); the generator and the other rewards still read the prompt itself
     prompt_template: str = "{prompt}"
+    # score relative to style words (SRPO's semantic relative preference, docs/rewards.md): (1 + k) r(x, positive)
+    # - r(x, negative); `relative: {}` takes the DMDR paper's code's words and k; null: the model's own score
+    relative: Optional[RelativeSpec] = None
 
     @field_validator("prompt_template")
     @classmethod
     def _names_the_prompt(cls, value: str) -> str:
-        if value.count("{prompt}") != 1:
-            raise ValueError("must hold '{prompt}' once, where the prompt goes (e.g. 'Realistic photo {prompt}')")
-        return value
+        return _holds_the_prompt_once(value)
 
     def reward_prompts(self, prompts: Sequence[str]) -> list[str]:
         """The prompts as this reward model reads them (`prompt_template`)."""
         return [self.prompt_template.replace("{prompt}", prompt) for prompt in prompts]
+
+    def texts_read(self, prompts: Sequence[str]) -> list[str]:
+        """Every text the model may read for these prompts (the template's, and with `relative` each reading of
+        them): what a check of the prompts must check."""
+        templated = self.reward_prompts(prompts)
+        return templated if self.relative is None else self.relative.readings(templated)
 
     @property
     def key(self) -> str:

@@ -32,24 +32,51 @@ class WeightedReward:
     model: RewardModel
     spec: RewardSpec
 
-    def loss(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, "torch.Tensor | Elapsed"]]:
+    def loss(self, images: torch.Tensor, prompts: Sequence[str], words: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, dict[str, "torch.Tensor | Elapsed"]]:
         """lambda * sum phi(r) / B over the samples whose score is finite: the others are counted, not used
         (they add nothing and get no gradient), and do not raise the weight of the rest. So the term is the
-        same however the batch is split, into micro-batches or DDP ranks."""
-        shaped, _, metrics = self.shaped(images, prompts)
+        same however the batch is split, into micro-batches or DDP ranks. `words`: as `score`."""
+        shaped, _, metrics = self.shaped(images, prompts, words)
         return self.spec.weight * shaped.sum() / shaped.numel(), metrics
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """The model's scores, each image against its prompt as this reward reads it (`spec.prompt_template`)."""
-        return self.model.score(images, self.spec.reward_prompts(prompts))
+    def score(self, images: torch.Tensor, prompts: Sequence[str], words: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's scores, each image against its prompt as this reward reads it (`spec.prompt_template`).
+        With `spec.relative`, SRPO's (1 + k) r(x, positive) - r(x, negative): given `words` (`draw_words`), each
+        image is read with its own drawn positive and negative template (training: two readings an image, as the
+        paper's code); without, the mean over every reading (an exact, repeatable score: monitoring, GRPO,
+        evaluation), which a draw estimates without bias. One model call either way."""
+        prompts = self.spec.reward_prompts(prompts)
+        relative = self.spec.relative
+        if relative is None:
+            return self.model.score(images, prompts)
+        if words is None:
+            readings, count = relative.readings(prompts), len(relative.positive) + len(relative.negative)
+            scores = self.model.score(images.repeat(count, 1, 1, 1), readings).reshape(count, len(prompts))
+            positive, negative = scores[: len(relative.positive)].mean(0), scores[len(relative.positive) :].mean(0)
+        else:
+            drawn = [[templates[i].replace("{prompt}", prompt) for i, prompt in zip(column.tolist(), prompts)]
+                     for templates, column in ((relative.positive, words[:, 0]), (relative.negative, words[:, 1]))]
+            positive, negative = self.model.score(torch.cat([images, images]), drawn[0] + drawn[1]).chunk(2)
+        return (1 + relative.k) * positive - negative
 
-    def shaped(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def draw_words(self, batch: int, generator: torch.Generator) -> torch.Tensor | None:
+        """[batch, 2]: each image's positive and negative template of `spec.relative`, uniformly; None (and no
+        draw) without it."""
+        relative = self.spec.relative
+        if relative is None:
+            return None
+        return torch.stack([torch.randint(0, len(relative.positive), (batch,), generator=generator),
+                            torch.randint(0, len(relative.negative), (batch,), generator=generator)], dim=1)
+
+    def shaped(self, images: torch.Tensor, prompts: Sequence[str], words: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """phi(r) per sample (0 where the score is not finite), which scores were finite, and the metrics.
         Masked rather than indexed, so no host sync; the metrics are 0-d tensors and the scoring time an
         `Elapsed`, all read with float()."""
         started = mark(images.device)
         pixels = images.view_as(images)  # this reward's own node of the graph, for the hook below
-        scores = self.score(pixels, prompts)
+        scores = self.score(pixels, prompts, words)
         shaped, finite, metrics = self.shape(scores)
         if pixels.requires_grad:  # a sample whose score or gradient is not finite gets none (it would give NaN):
             pixels.register_hook(lambda grad: zero_unusable(grad, finite))  # as on the served path
@@ -231,6 +258,8 @@ def generator_loss(
             transitions = [torch.randint(0, draws, (batch,), generator=generator).to(device)]
         else:
             transitions = [torch.full((batch,), j, device=device) for j in range(draws)]
+    # each image's style words, for a reward scored relative to them (none drawn for the others)
+    words = {} if policy else {reward.spec.key: reward.draw_words(batch, generator) for reward in rewarded}
 
     total, parts = None, micro_batches(batch, micro_batch_size)
     reward_parts: list[tuple[WeightedReward, int, dict]] = []
@@ -266,7 +295,8 @@ def generator_loss(
         if rewarded and not policy:
             images = backbone.decode(x0)
             for reward in rewarded:
-                term, reward_metrics = reward.loss(images, prompts[part])
+                drawn = words[reward.spec.key]
+                term, reward_metrics = reward.loss(images, prompts[part], None if drawn is None else drawn[part])
                 loss = loss + term * fraction
                 shares.setdefault(f"loss/reward/{reward.spec.key}", []).append(term.detach() * fraction)
                 reward_parts.append((reward, part.stop - part.start, reward_metrics))

@@ -62,7 +62,7 @@ def checked_prompt_source(cfg) -> PromptSource:
     loads_here = cfg.trainer.backend == "local"  # (Ray: on the workers, which may see other files)
     check_model(cfg.model, source.prompts or (), loads_here=loads_here, precision=cfg.trainer.precision)
     for i, spec in enumerate(cfg.rewards):  # e.g. toy-align must read every prompt as a scene, at its image size
-        REWARDS.check(spec.name, prompts=spec.reward_prompts(source.prompts or ()), resolution=cfg.model.resolution,
+        REWARDS.check(spec.name, prompts=spec.texts_read(source.prompts or ()), resolution=cfg.model.resolution,
                       where=f"rewards.{i}")
         if loads_here and not spec.serve.attach:  # (an attached app's own kwargs decide its model)
             check_reward_files(spec.kwargs, f"rewards.{i}")

@@ -221,7 +221,7 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         check_model(cfg.model, lora_targets=lora_targets, precision=cfg.trainer.precision)
     cpus, gpus = resources_needed(cfg)
     rewards = ", ".join(f"{s.name} ({s.placement}{', app ' + s.app_name if s.placement == 'serve' else ''}, "
-                        f"weight {s.weight:g})" for s in cfg.rewards) or "none"
+                        f"weight {s.weight:g}{_relative_note(s)})" for s in cfg.rewards) or "none"
     rl_batch = cfg.trainer.rollout_batch_size(cfg.trainer.cold_start)
     return "\n".join([
         f"dry run of {cfg.name!r}: the config is valid; nothing was started",
@@ -247,6 +247,14 @@ def dry_run(preset: str, overrides: list[str]) -> str:
         f"  outputs: {cfg.output_dir}; store: {redact_url(cfg.store.url) or 'files in the run directory'}",
         *(f"  warning: {note}" for note in [*_warnings(cfg), *_missing_packages(cfg), *_local_gpu_note(cfg, gpus)]),
     ])
+
+
+def _relative_note(spec) -> str:
+    relative = spec.relative
+    if relative is None:
+        return ""
+    return (f", relative to {len(relative.positive)} positive and {len(relative.negative)} negative style readings, "
+            f"k {relative.k:g}")
 
 
 def _local_gpu_note(cfg, gpus: float) -> list[str]:

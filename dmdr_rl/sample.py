@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
             if not specs:
                 raise ConfigError(f"--score: the run {args.run} has no rewards[]: name one with --reward NAME")
             for i, spec in enumerate(specs):  # (before sampling: a prompt a reward cannot read stops it at once)
-                REWARDS.check(spec.name, prompts=spec.reward_prompts(prompts), prompts_from="--prompt / --prompts",
+                REWARDS.check(spec.name, prompts=spec.texts_read(prompts), prompts_from="--prompt / --prompts",
                               resolution=cfg.model.resolution, where=f"{where}[{i}]")
             rewards = reward_models(specs, where)  # (so does a model that cannot load)
     except (*fixable_errors(), FileNotFoundError) as err:  # a prompt file's error names data.prompts: here it is --prompts

@@ -243,7 +243,7 @@ def test_the_paper_serve_config_serves_every_reward_of_the_paper_presets():
     from dmdr_rl.config import load_config
 
     apps = {app["name"] for app in _documents(DEPLOY / "serve-rewards-paper.yaml")[0]["applications"]}
-    for preset in ("sd3-medium-dmdr", "sd3-medium-dmdr-grpo", "sd35-large-dmdr"):
+    for preset in ("sd3-medium-dmdr", "sd3-medium-dmdr-grpo", "sd35-large-dmdr", "sd3-medium-dmdr-srpo", "sd35-large-dmdr-srpo"):
         served = {spec.app_name for spec in load_config(preset).rewards if spec.placement == "serve"}
         assert served and served <= apps, (preset, served - apps)
 

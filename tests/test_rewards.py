@@ -231,6 +231,23 @@ def test_remote_gradient_through_the_shaped_loss_equals_the_in_process_one(align
     assert (grads[1] - grads[0]).norm() <= 1e-5 * grads[0].norm()
 
 
+def test_a_relative_rewards_remote_gradient_equals_the_in_process_one_from_one_request(pickscore):
+    """rewards[].relative (SRPO) reads each image twice: served, both readings go in one request, and the chain
+    rule through the two copies gives the in-process gradient."""
+    spec = RewardSpec(name="pickscore", weight=5.0, margin=0.7, relative={})
+    transport = _InProcessTransport(pickscore)
+    remote = RemoteReward(RewardClient(transport, "reward-pickscore"))
+    grads, words = [], torch.tensor([[0, 1], [2, 2], [1, 0], [0, 0]])
+    for model in (pickscore, remote):
+        images = _images().requires_grad_(True)
+        loss, _ = dmdr.WeightedReward(model, spec).loss(images, PROMPTS, words)
+        loss.backward()
+        grads.append(images.grad)
+    assert transport.calls == 2  # its info, then one scoring request
+    assert grads[0].abs().max() > 0
+    assert (grads[1] - grads[0]).norm() <= 1e-5 * grads[0].norm()
+
+
 def test_attach_gradient_keeps_the_values_and_chains_the_jacobian():
     images = torch.rand(2, 3, 4, 4, requires_grad=True)
     grads = torch.randn(2, 3, 4, 4)
